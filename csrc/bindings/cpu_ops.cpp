@@ -1,0 +1,195 @@
+// Torch binding of the CPU kernels: argument checks, allocation, and the split of the output
+// into blocks run across at::parallel_for (so torch.set_num_threads applies).
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include "cpu/kernels.h"
+#include "torchslim/checks.h"
+
+namespace torchslim {
+namespace {
+
+using cpu::ScalarType;
+
+// Block sizes: the int8 activation block (kBlockM x K bytes) and the weight block
+// (kBlockN x K bytes) both fit in L2 for K up to ~4k; fp32 activations are 4x larger.
+constexpr int64_t kBlockM_I8 = 64;
+constexpr int64_t kBlockM_F32 = 32;
+constexpr int64_t kBlockN = 64;
+
+ScalarType float_type(const at::Tensor& t, const char* name) {
+  if (t.scalar_type() == at::kFloat) return ScalarType::kFloat32;
+  if (t.scalar_type() == at::kBFloat16) return ScalarType::kBFloat16;
+  TORCHSLIM_CHECK_TYPE(false, name, " must be float32 or bfloat16 on the CPU, got ",
+                       t.scalar_type());
+  return ScalarType::kFloat32;
+}
+
+void check_cpu(const at::Tensor& t, const char* name) {
+  TORCHSLIM_CHECK_RUNTIME(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
+}
+
+void check_activation(const at::Tensor& x, const char* name) {
+  check_cpu(x, name);
+  TORCHSLIM_CHECK(x.dim() == 2, name, " must be 2-D (M, K), got ", x.dim(), "-D");
+  TORCHSLIM_CHECK(x.size(1) <= 1 || x.stride(1) == 1, name,
+                  " must have unit stride in its last dim, got strides ", x.strides());
+}
+
+void check_int8_matrix(const at::Tensor& w, const char* name, int64_t K) {
+  check_cpu(w, name);
+  TORCHSLIM_CHECK_TYPE(w.scalar_type() == at::kChar, name, " must be int8, got ", w.scalar_type());
+  TORCHSLIM_CHECK(w.dim() == 2, name, " must be 2-D (N, K), got ", w.dim(), "-D");
+  TORCHSLIM_CHECK(w.size(1) == K, name, " must have K=", K, " columns, got ", w.size(1));
+  TORCHSLIM_CHECK(w.size(1) <= 1 || w.stride(1) == 1, name,
+                  " must have unit stride in its last dim, got strides ", w.strides());
+}
+
+// Returns w_scale as a (N,) fp32 contiguous tensor and bias as fp32 (or undefined).
+std::pair<at::Tensor, at::Tensor> epilogue_operands(const at::Tensor& w_scale,
+                                                    const std::optional<at::Tensor>& bias,
+                                                    int64_t N) {
+  check_cpu(w_scale, "w_scale");
+  TORCHSLIM_CHECK_TYPE(w_scale.scalar_type() == at::kFloat, "w_scale must be float32, got ",
+                       w_scale.scalar_type());
+  TORCHSLIM_CHECK(w_scale.dim() == 1 && w_scale.size(0) == N, "w_scale must have shape (N,) = (",
+                  N, ",), got ", w_scale.sizes());
+  at::Tensor b;
+  if (bias.has_value() && bias->defined()) {
+    check_cpu(*bias, "bias");
+    TORCHSLIM_CHECK(bias->dim() == 1 && bias->size(0) == N, "bias must have shape (N,) = (", N,
+                    ",), got ", bias->sizes());
+    TORCHSLIM_CHECK_TYPE(at::isFloatingType(bias->scalar_type()),
+                         "bias must be a floating-point tensor, got ", bias->scalar_type());
+    b = bias->to(at::kFloat).contiguous();
+  }
+  return {w_scale.contiguous(), b};
+}
+
+// Runs fn(m0, m1, n0, n1) over the (M, N) output in blocks. Blocks are ordered n-major so the
+// blocks one thread takes in a row share their weight rows.
+template <class F>
+void parallel_blocks(int64_t M, int64_t N, int64_t block_m, int64_t block_n, const F& fn) {
+  if (M == 0 || N == 0) return;
+  const int64_t tiles_m = (M + block_m - 1) / block_m;
+  const int64_t tiles_n = (N + block_n - 1) / block_n;
+  at::parallel_for(0, tiles_m * tiles_n, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t m0 = (t % tiles_m) * block_m, n0 = (t / tiles_m) * block_n;
+      fn(m0, std::min(m0 + block_m, M), n0, std::min(n0 + block_n, N));
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_per_token_cpu(const at::Tensor& x) {
+  check_activation(x, "x");
+  const ScalarType xt = float_type(x, "x");
+  const int64_t M = x.size(0), K = x.size(1);
+  at::Tensor q = at::empty({M, K}, x.options().dtype(at::kChar));
+  at::Tensor scale = at::empty({M}, x.options().dtype(at::kFloat));
+  const cpu::QuantizeArgs args{x.data_ptr(), x.stride(0), xt, q.data_ptr<int8_t>(), K,
+                               scale.data_ptr<float>(), K};
+  const cpu::KernelTable& kt = cpu::active_kernels();
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)),
+                   [&](int64_t m0, int64_t m1) { kt.quantize_rows(args, m0, m1); });
+  return {q, scale};
+}
+
+at::Tensor int8_mm_cpu(const at::Tensor& a, const at::Tensor& b) {
+  TORCHSLIM_CHECK(a.dim() == 2, "a must be 2-D (M, K), got ", a.dim(), "-D");
+  const int64_t M = a.size(0), K = a.size(1);
+  check_int8_matrix(a, "a", K);
+  check_int8_matrix(b, "b", K);
+  const int64_t N = b.size(0);
+  at::Tensor out = at::empty({M, N}, a.options().dtype(at::kInt));
+  const cpu::Int8GemmArgs args{a.data_ptr<int8_t>(), a.stride(0), b.data_ptr<int8_t>(),
+                               b.stride(0), nullptr, nullptr, nullptr, out.data_ptr(), N,
+                               ScalarType::kInt32, M, N, K};
+  const cpu::KernelTable& kt = cpu::active_kernels();
+  parallel_blocks(M, N, kBlockM_I8, kBlockN,
+                  [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+                    kt.int8_gemm(args, m0, m1, n0, n1);
+                  });
+  return out;
+}
+
+at::Tensor int8_dynamic_linear_cpu(const at::Tensor& x, const at::Tensor& w_q,
+                                   const at::Tensor& w_scale,
+                                   const std::optional<at::Tensor>& bias) {
+  check_activation(x, "x");
+  const ScalarType xt = float_type(x, "x");
+  const int64_t M = x.size(0), K = x.size(1), N = w_q.size(0);
+  check_int8_matrix(w_q, "w_q", K);
+  auto [scale_w, bias_f] = epilogue_operands(w_scale, bias, N);
+  at::Tensor out = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return out;
+  auto [x_q, x_scale] = quantize_per_token_cpu(x);
+  const cpu::Int8GemmArgs args{x_q.data_ptr<int8_t>(),
+                               K,
+                               w_q.data_ptr<int8_t>(),
+                               w_q.stride(0),
+                               x_scale.data_ptr<float>(),
+                               scale_w.data_ptr<float>(),
+                               bias_f.defined() ? bias_f.data_ptr<float>() : nullptr,
+                               out.data_ptr(),
+                               N,
+                               xt,
+                               M,
+                               N,
+                               K};
+  const cpu::KernelTable& kt = cpu::active_kernels();
+  parallel_blocks(M, N, kBlockM_I8, kBlockN,
+                  [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+                    kt.int8_gemm(args, m0, m1, n0, n1);
+                  });
+  return out;
+}
+
+at::Tensor int8_weight_only_linear_cpu(const at::Tensor& x, const at::Tensor& w_q,
+                                       const at::Tensor& w_scale,
+                                       const std::optional<at::Tensor>& bias) {
+  check_activation(x, "x");
+  const ScalarType xt = float_type(x, "x");
+  const int64_t M = x.size(0), K = x.size(1), N = w_q.size(0);
+  check_int8_matrix(w_q, "w_q", K);
+  auto [scale_w, bias_f] = epilogue_operands(w_scale, bias, N);
+  at::Tensor out = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return out;
+  // bf16 activations are widened once here; the kernel reads fp32 rows.
+  const at::Tensor xf = xt == ScalarType::kFloat32 ? x : x.to(at::kFloat).contiguous();
+  const cpu::W8A16Args args{xf.data_ptr<float>(),
+                            xf.stride(0),
+                            w_q.data_ptr<int8_t>(),
+                            w_q.stride(0),
+                            scale_w.data_ptr<float>(),
+                            bias_f.defined() ? bias_f.data_ptr<float>() : nullptr,
+                            out.data_ptr(),
+                            N,
+                            xt,
+                            M,
+                            N,
+                            K};
+  const cpu::KernelTable& kt = cpu::active_kernels();
+  parallel_blocks(M, N, kBlockM_F32, kBlockN,
+                  [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+                    kt.w8a16_gemm(args, m0, m1, n0, n1);
+                  });
+  return out;
+}
+
+}  // namespace
+
+void bind_cpu(pybind11::module_& m) {
+  m.def("quantize_per_token_cpu", &quantize_per_token_cpu, "x (M, K) fp32/bf16 -> (q, scale)",
+        pybind11::arg("x"));
+  m.def("int8_mm_cpu", &int8_mm_cpu, "a (M, K) int8, b (N, K) int8 -> (M, N) int32",
+        pybind11::arg("a"), pybind11::arg("b"));
+  m.def("int8_dynamic_linear_cpu", &int8_dynamic_linear_cpu, "W8A8 dynamic linear",
+        pybind11::arg("x"), pybind11::arg("w_q"), pybind11::arg("w_scale"),
+        pybind11::arg("bias") = pybind11::none());
+  m.def("int8_weight_only_linear_cpu", &int8_weight_only_linear_cpu, "W8A16 linear",
+        pybind11::arg("x"), pybind11::arg("w_q"), pybind11::arg("w_scale"),
+        pybind11::arg("bias") = pybind11::none());
+}
+
+}  // namespace torchslim

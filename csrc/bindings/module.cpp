@@ -1,0 +1,92 @@
+// The torchslim._C pybind11 module: kernels bound per backend, plus build and CPU facts.
+#include <torch/extension.h>
+
+#include <string>
+
+#include "torchslim/checks.h"
+#include "torchslim/cpu_features.h"
+
+namespace torchslim {
+void bind_cpu(pybind11::module_& m);
+#ifdef TORCHSLIM_WITH_CUDA
+void bind_cuda(pybind11::module_& m);
+#endif
+}  // namespace torchslim
+
+namespace {
+
+namespace py = pybind11;
+using torchslim::cpu::Isa;
+
+py::dict cpu_features() {
+  const auto& f = torchslim::cpu::cpu_features();
+  py::dict d;
+  d["avx2"] = f.avx2;
+  d["fma"] = f.fma;
+  d["f16c"] = f.f16c;
+  d["avx512f"] = f.avx512f;
+  d["avx512bw"] = f.avx512bw;
+  d["avx512vl"] = f.avx512vl;
+  d["avx512dq"] = f.avx512dq;
+  d["avx512vnni"] = f.avx512vnni;
+  d["avx512bf16"] = f.avx512bf16;
+  d["avx_vnni"] = f.avx_vnni;
+  d["amx_tile"] = f.amx_tile;
+  d["amx_int8"] = f.amx_int8;
+  d["amx_bf16"] = f.amx_bf16;
+  return d;
+}
+
+void set_isa(const std::string& name) {
+  Isa isa;
+  TORCHSLIM_CHECK(torchslim::cpu::parse_isa(name.c_str(), &isa),
+                  "isa must be one of 'portable', 'avx2', 'avx512', got '", name, "'");
+  TORCHSLIM_CHECK(torchslim::cpu::set_active_isa(isa), "isa '", name,
+                  "' is not supported by this CPU; the best it supports is '",
+                  torchslim::cpu::isa_name(torchslim::cpu::best_supported_isa()), "'");
+}
+
+std::vector<std::string> supported_isas() {
+  std::vector<std::string> out;
+  for (Isa isa : {Isa::kPortable, Isa::kAvx2, Isa::kAvx512}) {
+    if (torchslim::cpu::isa_supported(isa)) out.emplace_back(torchslim::cpu::isa_name(isa));
+  }
+  return out;
+}
+
+py::dict build_info() {
+  py::dict d;
+#if defined(__clang__)
+  d["compiler"] = std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+  d["compiler"] = std::string("gcc ") + __VERSION__;
+#else
+  d["compiler"] = "unknown";
+#endif
+  d["torch"] = TORCHSLIM_TORCH_VERSION;
+#ifdef TORCHSLIM_WITH_CUDA
+  d["with_cuda"] = true;
+#else
+  d["with_cuda"] = false;
+#endif
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "torchslim compiled kernels";
+  m.def("cpu_features", &cpu_features, "Features of this CPU (CPUID + XGETBV)");
+  m.def("isa", [] { return std::string(torchslim::cpu::isa_name(torchslim::cpu::active_isa())); },
+        "The ISA level the CPU kernels use now");
+  m.def("best_isa",
+        [] { return std::string(torchslim::cpu::isa_name(torchslim::cpu::best_supported_isa())); },
+        "The best ISA level this CPU supports");
+  m.def("supported_isas", &supported_isas, "ISA levels this CPU can run, lowest first");
+  m.def("set_isa", &set_isa, "Force an ISA level (portable | avx2 | avx512)", py::arg("name"));
+  m.def("build_info", &build_info, "Compiler and options of this build");
+  torchslim::bind_cpu(m);
+#ifdef TORCHSLIM_WITH_CUDA
+  torchslim::bind_cuda(m);
+#endif
+}

@@ -1,0 +1,23 @@
+// AVX2 + FMA build of the CPU kernels (Haswell, Zen and later).
+#include "isa_prelude.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c,bmi2"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,bmi2")
+#endif
+
+#define TORCHSLIM_ISA_AVX2 1
+#define TORCHSLIM_ISA_NS avx2
+#define TORCHSLIM_ISA_LEVEL Isa::kAvx2
+#include "int8_gemm.h"
+#include "isa_table.h"
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#endif

@@ -1,0 +1,26 @@
+// AVX-512 (F, BW, VL, DQ) + VNNI build of the CPU kernels (Cascade Lake, Ice Lake, Sapphire
+// Rapids, Zen 4 and later).
+#include "isa_prelude.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#if defined(__clang__)
+#pragma clang attribute push(                                                                 \
+    __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c,bmi2"))), \
+    apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c,bmi2")
+#endif
+
+#define TORCHSLIM_ISA_AVX512 1
+#define TORCHSLIM_ISA_NS avx512
+#define TORCHSLIM_ISA_LEVEL Isa::kAvx512
+#include "int8_gemm.h"
+#include "isa_table.h"
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#endif

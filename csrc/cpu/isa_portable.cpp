@@ -1,0 +1,7 @@
+// Portable build of the CPU kernels: any CPU, the compiler's baseline instructions.
+#include "isa_prelude.h"
+
+#define TORCHSLIM_ISA_NS portable
+#define TORCHSLIM_ISA_LEVEL Isa::kPortable
+#include "int8_gemm.h"
+#include "isa_table.h"

@@ -1,0 +1,11 @@
+// The kernel table of one ISA level; included last by isa_<level>.cpp.
+#pragma once
+
+namespace torchslim::cpu::TORCHSLIM_ISA_NS {
+
+const KernelTable& kernel_table() {
+  static const KernelTable table{TORCHSLIM_ISA_LEVEL, &quantize_rows, &int8_gemm, &w8a16_gemm};
+  return table;
+}
+
+}  // namespace torchslim::cpu::TORCHSLIM_ISA_NS

@@ -1,0 +1,248 @@
+// Vector primitives, one set per ISA level, behind the same static interface.
+//
+// Included by int8_gemm.h inside namespace torchslim::cpu::TORCHSLIM_ISA_NS, after the ISA's
+// target has been enabled (see isa_*.cpp). Two families:
+//
+//   Dot kinds (I8Dot, F32Dot): a K-step of a dot product between a row of A and a row of B,
+//   accumulated in a vector and reduced to one scalar at the end:
+//     AT, BT       element types of A and B       Sum   scalar result type
+//     kStep        elements of K per step         Acc   vector accumulator
+//     load_a/b     load one step                  dot   acc += a . b (lane-wise partial sums)
+//     reduce       horizontal sum                 mul   one scalar product (for the K tail)
+//     kOffset      A is loaded as (a + 128) (VNNI's u8 x s8): the kernel adds back
+//                  -128 * sum_k b, with sum_b() accumulating sum_k b per step.
+//   FVec: fp32 lanes for row-wise quantization (load fp32/bf16, abs, max, divide-round-store).
+#pragma once
+
+inline float bf16_bits_to_f32(uint16_t bits) {
+  const uint32_t u = static_cast<uint32_t>(bits) << 16;
+  float f;
+  __builtin_memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// fp32 -> bf16 bits, round to nearest even; NaN stays a (quiet) NaN.
+inline uint16_t f32_to_bf16_bits(float f) {
+  uint32_t u;
+  __builtin_memcpy(&u, &f, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+inline float load_f32(const float* p) { return *p; }
+inline float load_f32(const uint16_t* p) { return bf16_bits_to_f32(*p); }
+
+inline int8_t quantize_scalar(float v) {
+  float r = __builtin_rintf(v);  // half to even in the default rounding mode
+  r = r > 127.0f ? 127.0f : (r < -127.0f ? -127.0f : r);
+  return static_cast<int8_t>(r);
+}
+
+#if defined(TORCHSLIM_ISA_AVX512)
+
+struct I8Dot {
+  using AT = int8_t;
+  using BT = int8_t;
+  using Sum = int32_t;
+  using Acc = __m512i;
+  using AV = __m512i;
+  using BV = __m512i;
+  static constexpr int kStep = 64;
+  static constexpr bool kOffset = true;
+  static Acc zero() { return _mm512_setzero_si512(); }
+  // vpdpbusd multiplies unsigned by signed bytes: flip the sign bit, i.e. a + 128 as u8.
+  static AV load_a(const int8_t* p) {
+    return _mm512_xor_si512(_mm512_loadu_si512(p), _mm512_set1_epi8(static_cast<char>(0x80)));
+  }
+  static BV load_b(const int8_t* p) { return _mm512_loadu_si512(p); }
+  static Acc dot(Acc acc, AV a, BV b) { return _mm512_dpbusd_epi32(acc, a, b); }
+  static Acc sum_b(Acc acc, BV b) { return _mm512_dpbusd_epi32(acc, _mm512_set1_epi8(1), b); }
+  static Sum reduce(Acc v) { return _mm512_reduce_add_epi32(v); }
+  static Sum mul(int8_t a, int8_t b) { return static_cast<int32_t>(a) * b; }
+};
+
+struct F32Dot {
+  using AT = float;
+  using BT = int8_t;
+  using Sum = float;
+  using Acc = __m512;
+  using AV = __m512;
+  using BV = __m512;
+  static constexpr int kStep = 16;
+  static constexpr bool kOffset = false;
+  static Acc zero() { return _mm512_setzero_ps(); }
+  static AV load_a(const float* p) { return _mm512_loadu_ps(p); }
+  static BV load_b(const int8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+  static Acc dot(Acc acc, AV a, BV b) { return _mm512_fmadd_ps(a, b, acc); }
+  static Acc sum_b(Acc acc, BV) { return acc; }
+  static Sum reduce(Acc v) { return _mm512_reduce_add_ps(v); }
+  static Sum mul(float a, int8_t b) { return a * static_cast<float>(b); }
+};
+
+struct FVec {
+  using R = __m512;
+  static constexpr int kWidth = 16;
+  static R zero() { return _mm512_setzero_ps(); }
+  static R set1(float s) { return _mm512_set1_ps(s); }
+  static R load(const float* p) { return _mm512_loadu_ps(p); }
+  static R load(const uint16_t* p) {
+    const __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
+  }
+  static R abs(R v) { return _mm512_abs_ps(v); }
+  static R max(R a, R b) { return _mm512_max_ps(a, b); }
+  static float reduce_max(R v) { return _mm512_reduce_max_ps(v); }
+  static void quantize_store(int8_t* q, R x, R scale) {
+    R v = _mm512_roundscale_ps(_mm512_div_ps(x, scale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    v = _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(-127.0f)), _mm512_set1_ps(127.0f));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v)));
+  }
+};
+
+constexpr int kI8MR = 4, kI8NR = 4, kF32MR = 4, kF32NR = 4;
+
+#elif defined(TORCHSLIM_ISA_AVX2)
+
+inline int32_t hsum_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+  return _mm_cvtsi128_si32(s);
+}
+
+inline float hsum_ps(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// AVX2 has no int8 dot product that cannot saturate (vpmaddubsw saturates int16 pair sums),
+// so both operands are widened to int16 and multiplied with vpmaddwd: exact, 16 MACs per op.
+struct I8Dot {
+  using AT = int8_t;
+  using BT = int8_t;
+  using Sum = int32_t;
+  using Acc = __m256i;
+  using AV = __m256i;
+  using BV = __m256i;
+  static constexpr int kStep = 16;
+  static constexpr bool kOffset = false;
+  static Acc zero() { return _mm256_setzero_si256(); }
+  static __m256i widen(const int8_t* p) {
+    return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  static AV load_a(const int8_t* p) { return widen(p); }
+  static BV load_b(const int8_t* p) { return widen(p); }
+  static Acc dot(Acc acc, AV a, BV b) { return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b)); }
+  static Acc sum_b(Acc acc, BV) { return acc; }
+  static Sum reduce(Acc v) { return hsum_epi32(v); }
+  static Sum mul(int8_t a, int8_t b) { return static_cast<int32_t>(a) * b; }
+};
+
+struct F32Dot {
+  using AT = float;
+  using BT = int8_t;
+  using Sum = float;
+  using Acc = __m256;
+  using AV = __m256;
+  using BV = __m256;
+  static constexpr int kStep = 8;
+  static constexpr bool kOffset = false;
+  static Acc zero() { return _mm256_setzero_ps(); }
+  static AV load_a(const float* p) { return _mm256_loadu_ps(p); }
+  static BV load_b(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+  static Acc dot(Acc acc, AV a, BV b) { return _mm256_fmadd_ps(a, b, acc); }
+  static Acc sum_b(Acc acc, BV) { return acc; }
+  static Sum reduce(Acc v) { return hsum_ps(v); }
+  static Sum mul(float a, int8_t b) { return a * static_cast<float>(b); }
+};
+
+struct FVec {
+  using R = __m256;
+  static constexpr int kWidth = 8;
+  static R zero() { return _mm256_setzero_ps(); }
+  static R set1(float s) { return _mm256_set1_ps(s); }
+  static R load(const float* p) { return _mm256_loadu_ps(p); }
+  static R load(const uint16_t* p) {
+    const __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
+  }
+  static R abs(R v) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v); }
+  static R max(R a, R b) { return _mm256_max_ps(a, b); }
+  static float reduce_max(R v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    return _mm_cvtss_f32(m);
+  }
+  static void quantize_store(int8_t* q, R x, R scale) {
+    R v = _mm256_round_ps(_mm256_div_ps(x, scale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    v = _mm256_min_ps(_mm256_max_ps(v, _mm256_set1_ps(-127.0f)), _mm256_set1_ps(127.0f));
+    const __m256i i = _mm256_cvtps_epi32(v);
+    const __m128i p16 = _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(q), _mm_packs_epi16(p16, p16));
+  }
+};
+
+constexpr int kI8MR = 4, kI8NR = 3, kF32MR = 4, kF32NR = 3;
+
+#else  // portable: one lane, left to the compiler
+
+struct I8Dot {
+  using AT = int8_t;
+  using BT = int8_t;
+  using Sum = int32_t;
+  using Acc = int32_t;
+  using AV = int32_t;
+  using BV = int32_t;
+  static constexpr int kStep = 1;
+  static constexpr bool kOffset = false;
+  static Acc zero() { return 0; }
+  static AV load_a(const int8_t* p) { return *p; }
+  static BV load_b(const int8_t* p) { return *p; }
+  static Acc dot(Acc acc, AV a, BV b) { return acc + a * b; }
+  static Acc sum_b(Acc acc, BV) { return acc; }
+  static Sum reduce(Acc v) { return v; }
+  static Sum mul(int8_t a, int8_t b) { return static_cast<int32_t>(a) * b; }
+};
+
+struct F32Dot {
+  using AT = float;
+  using BT = int8_t;
+  using Sum = float;
+  using Acc = float;
+  using AV = float;
+  using BV = float;
+  static constexpr int kStep = 1;
+  static constexpr bool kOffset = false;
+  static Acc zero() { return 0.0f; }
+  static AV load_a(const float* p) { return *p; }
+  static BV load_b(const int8_t* p) { return static_cast<float>(*p); }
+  static Acc dot(Acc acc, AV a, BV b) { return acc + a * b; }
+  static Acc sum_b(Acc acc, BV) { return acc; }
+  static Sum reduce(Acc v) { return v; }
+  static Sum mul(float a, int8_t b) { return a * static_cast<float>(b); }
+};
+
+struct FVec {
+  using R = float;
+  static constexpr int kWidth = 1;
+  static R zero() { return 0.0f; }
+  static R set1(float s) { return s; }
+  static R load(const float* p) { return *p; }
+  static R load(const uint16_t* p) { return bf16_bits_to_f32(*p); }
+  static R abs(R v) { return __builtin_fabsf(v); }
+  static R max(R a, R b) { return a > b ? a : b; }
+  static float reduce_max(R v) { return v; }
+  static void quantize_store(int8_t* q, R x, R scale) { *q = quantize_scalar(x / scale); }
+};
+
+constexpr int kI8MR = 4, kI8NR = 4, kF32MR = 4, kF32NR = 4;
+
+#endif

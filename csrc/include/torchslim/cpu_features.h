@@ -1,0 +1,41 @@
+// CPU feature detection and run-time ISA selection.
+//
+// One build runs on any x86-64: every CPU kernel is compiled once per ISA level and the level
+// used is chosen at run time from CPUID, or forced lower with TORCHSLIM_CPU_ISA=avx2|portable
+// (so the lower paths can be tested on a machine that has the higher ones).
+#pragma once
+
+#include <cstdint>
+
+namespace torchslim::cpu {
+
+enum class Isa : int {
+  kPortable = 0,  // plain C++, whatever the compiler's baseline gives
+  kAvx2 = 1,      // AVX2 + FMA + F16C
+  kAvx512 = 2,    // AVX-512 F/BW/VL/DQ + VNNI
+};
+
+struct CpuFeatures {
+  bool avx2 = false, fma = false, f16c = false;
+  bool avx512f = false, avx512bw = false, avx512vl = false, avx512dq = false;
+  bool avx512vnni = false, avx512bf16 = false, avx_vnni = false;
+  bool amx_tile = false, amx_int8 = false, amx_bf16 = false;
+  bool os_saves_ymm = false, os_saves_zmm = false;
+};
+
+// Features of the CPU this process runs on (CPUID + XGETBV), detected once.
+const CpuFeatures& cpu_features();
+
+const char* isa_name(Isa isa);
+// Parses "portable" | "avx2" | "avx512"; returns false for anything else.
+bool parse_isa(const char* name, Isa* out);
+// Whether this CPU (and this build) can run kernels of the given level.
+bool isa_supported(Isa isa);
+Isa best_supported_isa();
+
+// The level in use: TORCHSLIM_CPU_ISA if set (it may only lower the level), else the best.
+Isa active_isa();
+// Forces a level; returns false (and changes nothing) when the CPU cannot run it.
+bool set_active_isa(Isa isa);
+
+}  // namespace torchslim::cpu

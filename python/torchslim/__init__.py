@@ -1,0 +1,26 @@
+"""torchslim: fast, cheap PyTorch inference with quantized, sparse and fused kernels.
+
+    import torchslim
+    layer = torchslim.nn.Int8Linear.from_linear(linear, mode="weight_only")
+    torchslim.info()                      # what runs here, and why not when it does not
+    with torchslim.backend("reference"):  # force a backend (cpu | triton | cuda | reference)
+        ...
+"""
+
+__version__ = "0.1.0"
+
+from torchslim import nn, ops, quant, reference
+from torchslim._info import info
+from torchslim.ops import BackendUnavailableError, backend, explain
+
+__all__ = [
+    "BackendUnavailableError",
+    "__version__",
+    "backend",
+    "explain",
+    "info",
+    "nn",
+    "ops",
+    "quant",
+    "reference",
+]

@@ -1,0 +1,40 @@
+"""The torchslim command line: ``torchslim info`` and ``torchslim bench <family>``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _info(args: argparse.Namespace) -> int:
+    import torchslim
+    from torchslim._info import format_info
+
+    data = torchslim.info()
+    print(json.dumps(data, indent=2) if args.json else format_info(data))
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from torchslim import bench
+
+    return bench.main([args.family, *args.rest])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="torchslim", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_info = sub.add_parser("info", help="versions, CPU features, ISA and backends")
+    p_info.add_argument("--json", action="store_true", help="print JSON")
+    p_info.set_defaults(fn=_info)
+    p_bench = sub.add_parser("bench", help="microbenchmarks against the baselines")
+    p_bench.add_argument("family", choices=["int8"], help="kernel family")
+    p_bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark")
+    p_bench.set_defaults(fn=_bench)
+    args = parser.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

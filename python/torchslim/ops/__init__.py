@@ -1,0 +1,31 @@
+"""The op registry: every torchslim op's schema, fake impl, backend choice and entry point."""
+
+from torchslim.ops._registry import (
+    BACKENDS,
+    BackendUnavailableError,
+    backend,
+    explain,
+    forced_backend,
+    registered_ops,
+    strict_mode,
+)
+from torchslim.ops.int8 import (
+    int8_dynamic_linear,
+    int8_mm,
+    int8_weight_only_linear,
+    quantize_per_token,
+)
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "backend",
+    "explain",
+    "forced_backend",
+    "int8_dynamic_linear",
+    "int8_mm",
+    "int8_weight_only_linear",
+    "quantize_per_token",
+    "registered_ops",
+    "strict_mode",
+]

@@ -1,0 +1,58 @@
+"""Build of torchslim's compiled extension, torchslim._C.
+
+The CPU kernels are always built (each kernel compiled once per ISA level and chosen at run time,
+so no -march=native). The CUDA kernels are added when torch was built with CUDA and nvcc is
+found; TORCH_CUDA_ARCH_LIST is honoured (default: sm_80 and sm_90a).
+
+Environment:
+    TORCHSLIM_NO_EXTENSION=1   install the pure-Python package only (reference path)
+    TORCHSLIM_NO_CUDA=1        skip the CUDA kernels even where they could be built
+    MAX_JOBS=N                 parallel compile jobs (ninja)
+"""
+
+import os
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).parent.resolve()
+CSRC = ROOT / "csrc"
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "0").lower() not in ("", "0", "false", "no")
+
+
+def _extensions():
+    if _flag("TORCHSLIM_NO_EXTENSION"):
+        return [], {}
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    sources = [str(p.relative_to(ROOT)) for p in sorted((CSRC / "cpu").glob("*.cpp"))]
+    sources += ["csrc/bindings/module.cpp", "csrc/bindings/cpu_ops.cpp"]
+    cxx = ["-O3", "-fvisibility=hidden", f'-DTORCHSLIM_TORCH_VERSION="{torch.__version__}"']
+    include_dirs = [str(CSRC / "include"), str(CSRC)]
+
+    with_cuda = torch.version.cuda is not None and CUDA_HOME is not None
+    with_cuda = with_cuda and not _flag("TORCHSLIM_NO_CUDA")
+    if not with_cuda:
+        ext = CppExtension("torchslim._C", sources, include_dirs=include_dirs,
+                           extra_compile_args={"cxx": cxx})
+        return [ext], {"build_ext": BuildExtension}
+
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+    sources += [str(p.relative_to(ROOT)) for p in sorted((CSRC / "cuda").glob("*.cu"))]
+    sources += ["csrc/bindings/cuda_ops.cpp"]
+    nvcc = ["-O3", "-lineinfo", "-DTORCHSLIM_WITH_CUDA", "--expt-relaxed-constexpr"]
+    ext = CUDAExtension(
+        "torchslim._C",
+        sources,
+        include_dirs=include_dirs,
+        extra_compile_args={"cxx": [*cxx, "-DTORCHSLIM_WITH_CUDA"], "nvcc": nvcc},
+    )
+    return [ext], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = _extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
