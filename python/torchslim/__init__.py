@@ -1,10 +1,10 @@
 """torchslim: fast, cheap PyTorch inference with quantized, sparse and fused kernels.
 
-    import torchslim
-    layer = torchslim.nn.Int8Linear.from_linear(linear, mode="weight_only")
-    torchslim.info()                      # what runs here, and why not when it does not
-    with torchslim.backend("reference"):  # force a backend (cpu | triton | cuda | reference)
-        ...
+import torchslim
+layer = torchslim.nn.Int8Linear.from_linear(linear, mode="weight_only")
+torchslim.info()                      # what runs here, and why not when it does not
+with torchslim.backend("reference"):  # force a backend (cpu | triton | cuda | reference)
+    ...
 """
 
 __version__ = "0.1.0"

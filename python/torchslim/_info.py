@@ -41,7 +41,9 @@ def info() -> dict[str, object]:
         "triton": _triton_available(),
         "reference": None,
     }
-    out["backends"] = {name: ("available" if why is None else why) for name, why in backends.items()}
+    out["backends"] = {
+        name: ("available" if why is None else why) for name, why in backends.items()
+    }
     out["forced_backend"] = _registry.forced_backend()
     out["strict"] = _registry.strict_mode()
     out["ops"] = sorted(_registry.registered_ops())

@@ -217,8 +217,12 @@ def _int8_mm_fake(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.new_empty((a.shape[0], b.shape[0]), dtype=torch.int32)
 
 
-define_op("int8_mm(Tensor a, Tensor b) -> Tensor", impl=_int8_mm_impl, fake=_int8_mm_fake,
-          backends=_INT8_MM)
+define_op(
+    "int8_mm(Tensor a, Tensor b) -> Tensor",
+    impl=_int8_mm_impl,
+    fake=_int8_mm_fake,
+    backends=_INT8_MM,
+)
 
 
 # --------------------------------------------------------------------------- linear ops
@@ -249,13 +253,22 @@ _WEIGHT_ONLY = _linear_op("int8_weight_only_linear", ref.int8_weight_only_linear
 
 
 # --------------------------------------------------------------------------- entry points
+def _require_tensors(**args: object) -> None:
+    """The dispatcher's own error for a non-tensor names no argument; this one does."""
+    for name, value in args.items():
+        if value is not None and not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+
+
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int8 quantization: x (..., K) -> (x_q (..., K) int8, x_scale (...) fp32)."""
+    """Symmetric per-row int8 quantization: x (..., K) -> (x_q (..., K) int8, x_scale (...))."""
+    _require_tensors(x=x)
     return torch.ops.torchslim.quantize_per_token(x)
 
 
 def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Exact int8 GEMM: a (M, K) int8 @ b (N, K) int8 .T -> (M, N) int32."""
+    _require_tensors(a=a, b=b)
     return torch.ops.torchslim.int8_mm(a, b)
 
 
@@ -263,6 +276,7 @@ def int8_dynamic_linear(
     x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """W8A8 linear, activations quantized per token inside the op; output in x.dtype."""
+    _require_tensors(x=x, w_q=w_q, w_scale=w_scale, bias=bias)
     return torch.ops.torchslim.int8_dynamic_linear(x, w_q, w_scale, bias)
 
 
@@ -270,4 +284,5 @@ def int8_weight_only_linear(
     x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """W8A16 linear: int8 weights dequantized per output channel inside the GEMM."""
+    _require_tensors(x=x, w_q=w_q, w_scale=w_scale, bias=bias)
     return torch.ops.torchslim.int8_weight_only_linear(x, w_q, w_scale, bias)

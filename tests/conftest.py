@@ -1,0 +1,78 @@
+"""Shared fixtures: the kernel backends this machine can run, and poisoned allocations."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import pytest
+import torch
+
+# Triton kernels run on CPU tensors through the interpreter where there is no GPU. It must be
+# chosen before triton.jit decorates the kernels, i.e. before torchslim.kernels is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torchslim
+from torchslim import _ext
+
+
+def _kernel_backends() -> list[str]:
+    """Every (backend, ISA) pair that can run here, e.g. cpu-avx2, cpu-portable, triton."""
+    out = []
+    if _ext._C is not None:
+        out += [f"cpu-{isa}" for isa in reversed(_ext._C.supported_isas())]
+    info = torchslim.info()["backends"]
+    out += [name for name in ("triton", "cuda") if info[name] == "available"]
+    return out
+
+
+KERNEL_BACKENDS = _kernel_backends()
+
+
+@contextlib.contextmanager
+def run_on(backend: str):
+    """Forces ``backend`` ("cpu-<isa>", "triton", "cuda") with strict mode: no silent fallback."""
+    name, _, isa = backend.partition("-")
+    previous = _ext._C.isa() if _ext._C is not None else None
+    if isa:
+        _ext._C.set_isa(isa)
+    try:
+        with torchslim.backend(name, strict=True):
+            yield
+    finally:
+        if isa:
+            _ext._C.set_isa(previous)
+
+
+def device_of(backend: str) -> str:
+    if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()):
+        return "cuda"
+    return "cpu"
+
+
+@pytest.fixture(params=KERNEL_BACKENDS)
+def kernel_backend(request) -> str:
+    with run_on(request.param):
+        yield request.param
+
+
+@pytest.fixture
+def poisoned_empty():
+    """Makes torch.empty (in Python and in C++) fill float memory with NaN and integer memory
+    with its max value, so outputs a kernel leaves unwritten fail the comparison."""
+    prev = torch.are_deterministic_algorithms_enabled()
+    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    prev_fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
+        torch.utils.deterministic.fill_uninitialized_memory = prev_fill
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    return torch.Generator().manual_seed(1234)

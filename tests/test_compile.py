@@ -1,0 +1,47 @@
+"""torchslim ops under torch.compile: one graph, no graph break, no recompile per layer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from torchslim.nn import Int8Linear
+
+
+def _model(mode: str, gen: torch.Generator) -> nn.Module:
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    layers = [nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 96), nn.GELU(), nn.Linear(96, 48)]
+    model = nn.Sequential(*layers)
+    for i, layer in enumerate(model):
+        if isinstance(layer, nn.Linear):
+            model[i] = Int8Linear.from_linear(layer, mode=mode)
+    return model.eval()
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "weight_only"])
+def test_whole_model_is_one_graph(mode, gen):
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    model = _model(mode, gen)
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    x = torch.randn(5, 64, generator=gen)
+    with torch.no_grad():
+        want = model(x)
+        got = compiled(x)
+        compiled(torch.randn(5, 64, generator=gen))  # same shapes: no recompile
+    assert counter.frame_count == 1
+    assert counter.op_count > 0
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "weight_only"])
+def test_inductor_matches_eager(mode, gen):
+    torch._dynamo.reset()
+    model = _model(mode, gen)
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(2, 7, 64, generator=gen)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)

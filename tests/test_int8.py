@@ -1,0 +1,237 @@
+"""int8 ops against torchslim.reference, on every kernel backend this machine can run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import KERNEL_BACKENDS, device_of, run_on
+
+from torchslim import ops
+from torchslim import reference as ref
+from torchslim.quant import quantize_weight_per_channel
+from torchslim.testing import (
+    M_FULL,
+    M_QUICK,
+    NK_FULL,
+    NK_QUICK,
+    check_close,
+    nan_padded,
+    random_int8,
+)
+
+
+def _float_dtypes(backend: str) -> tuple[torch.dtype, ...]:
+    if device_of(backend) == "cuda":
+        return (torch.float16, torch.bfloat16)
+    if backend == "triton":  # the interpreter's bf16 tl.dot is wrong; bf16 is checked on GPUs
+        return (torch.float32, torch.float16)
+    return (torch.float32, torch.bfloat16)
+
+
+def _cases(with_dtype: bool):
+    """(backend, m, (n, k)[, dtype]): the full shape list for compiled kernels, the quick one
+    for the Triton interpreter (which runs each program in Python)."""
+    cases = []
+    for backend in KERNEL_BACKENDS:
+        interpreted = backend == "triton" and device_of(backend) == "cpu"
+        ms, nks = (M_QUICK, NK_QUICK) if interpreted else (M_FULL, NK_FULL)
+        for m in ms:
+            for nk in nks:
+                if with_dtype:
+                    cases += [(backend, m, nk, dt) for dt in _float_dtypes(backend)]
+                else:
+                    cases.append((backend, m, nk))
+    return cases
+
+
+def _activations(m, k, dtype, device, gen):
+    """Gaussian rows with a spread of magnitudes and a few outlier channels, NaN-padded."""
+    x = torch.randn(m, k, generator=gen) * torch.exp(torch.randn(m, 1, generator=gen))
+    if k > 4:
+        x[:, torch.randperm(k, generator=gen)[:2]] *= 20
+    return nan_padded(x.to(dtype=dtype, device=device))
+
+
+def _weights(n, k, device, gen):
+    w = torch.randn(n, k, generator=gen) / k**0.5
+    w_q, w_scale = quantize_weight_per_channel(w)
+    bias = torch.randn(n, generator=gen)
+    return w_q.to(device), w_scale.to(device), bias.to(device)
+
+
+@pytest.mark.parametrize(("backend", "m", "nk", "dtype"), _cases(with_dtype=True))
+def test_quantize_per_token_exact(backend, m, nk, dtype, gen, poisoned_empty):
+    x = _activations(m, nk[1], dtype, device_of(backend), gen)
+    with run_on(backend):
+        x_q, x_scale = ops.quantize_per_token(x)
+    want_q, want_scale = ref.quantize_per_token(x)
+    assert torch.equal(x_q, want_q)
+    assert torch.equal(x_scale, want_scale)
+
+
+@pytest.mark.parametrize(("backend", "m", "nk"), _cases(with_dtype=False))
+def test_int8_mm_exact(backend, m, nk, gen, poisoned_empty):
+    n, k = nk
+    device = device_of(backend)
+    a = nan_padded(random_int8(m, k, generator=gen).to(device))
+    b = random_int8(n, k, generator=gen).to(device)
+    with run_on(backend):
+        out = ops.int8_mm(a, b)
+    assert out.dtype == torch.int32
+    assert torch.equal(out, ref.int8_mm(a, b))
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize(("backend", "m", "nk", "dtype"), _cases(with_dtype=True))
+def test_int8_dynamic_linear(backend, m, nk, dtype, with_bias, gen, poisoned_empty):
+    n, k = nk
+    device = device_of(backend)
+    x = _activations(m, k, dtype, device, gen)
+    w_q, w_scale, bias = _weights(n, k, device, gen)
+    bias = bias if with_bias else None
+    with run_on(backend):
+        out = ops.int8_dynamic_linear(x, w_q, w_scale, bias)
+    assert out.dtype == dtype and out.shape == (m, n)
+    ref64 = ref.int8_dynamic_linear(x.double(), w_q, w_scale, bias, compute_dtype=torch.float64)
+    check_close(out, ref64, ref.int8_dynamic_linear(x, w_q, w_scale, bias))
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize(("backend", "m", "nk", "dtype"), _cases(with_dtype=True))
+def test_int8_weight_only_linear(backend, m, nk, dtype, with_bias, gen, poisoned_empty):
+    n, k = nk
+    device = device_of(backend)
+    x = _activations(m, k, dtype, device, gen)
+    w_q, w_scale, bias = _weights(n, k, device, gen)
+    bias = bias if with_bias else None
+    with run_on(backend):
+        out = ops.int8_weight_only_linear(x, w_q, w_scale, bias)
+    assert out.dtype == dtype and out.shape == (m, n)
+    ref64 = ref.int8_weight_only_linear(x, w_q, w_scale, bias, compute_dtype=torch.float64)
+    check_close(out, ref64, ref.int8_weight_only_linear(x, w_q, w_scale, bias))
+
+
+@pytest.mark.parametrize("op", [ops.int8_dynamic_linear, ops.int8_weight_only_linear])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_leading_dims_and_strides(backend, op, gen):
+    """(B, T, K) inputs, and an x whose last dim is not contiguous, match the 2-D result."""
+    device = device_of(backend)
+    dtype = _float_dtypes(backend)[0]
+    x = torch.randn(2, 3, 40, generator=gen).to(device=device, dtype=dtype)
+    w_q, w_scale, bias = _weights(24, 40, device, gen)
+    with run_on(backend):
+        out = op(x, w_q, w_scale, bias)
+        flat = op(x.reshape(6, 40), w_q, w_scale, bias)
+        transposed = op(x.reshape(6, 40).T.contiguous().T, w_q, w_scale, bias)
+    assert out.shape == (2, 3, 24)
+    torch.testing.assert_close(out.reshape(6, 24), flat, rtol=0, atol=0)
+    torch.testing.assert_close(transposed, flat, rtol=0, atol=0)
+
+
+OPCHECK_TESTS = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_opcheck(backend, gen):
+    device = device_of(backend)
+    dtype = _float_dtypes(backend)[0]
+    x = torch.randn(5, 33, generator=gen).to(device=device, dtype=dtype)
+    w_q, w_scale, bias = _weights(17, 33, device, gen)
+    a = random_int8(5, 33, generator=gen).to(device)
+    calls = [
+        (torch.ops.torchslim.quantize_per_token.default, (x,)),
+        (torch.ops.torchslim.int8_mm.default, (a, w_q)),
+        (torch.ops.torchslim.int8_dynamic_linear.default, (x, w_q, w_scale, bias)),
+        (torch.ops.torchslim.int8_dynamic_linear.default, (x, w_q, w_scale, None)),
+        (torch.ops.torchslim.int8_weight_only_linear.default, (x, w_q, w_scale, bias)),
+    ]
+    with run_on(backend):
+        for op, args in calls:
+            torch.library.opcheck(op, args, test_utils=OPCHECK_TESTS)
+
+
+def test_backend_selection_is_inspectable(gen):
+    x = torch.randn(3, 16, generator=gen, dtype=torch.float16)
+    w_q, w_scale, _ = _weights(8, 16, "cpu", gen)
+    with ops.backend("cpu"):
+        report = ops.explain("int8_dynamic_linear", x, w_q, w_scale)
+    # fp16 on the CPU has no C++ kernel: the reference runs, and the report says why.
+    assert report["backend"] == "reference"
+    assert any("float16" in why for why in report["passed_over"])
+    with ops.backend("reference"):
+        assert ops.explain("int8_mm", w_q, w_q)["backend"] == "reference"
+    with ops.backend("cpu", strict=True), pytest.raises(ops.BackendUnavailableError, match="cpu"):
+        ops.int8_dynamic_linear(x, w_q, w_scale)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ops.backend("tpu").__enter__()
+
+
+def test_reference_fallback_is_logged_once(gen, caplog):
+    x = torch.randn(3, 16, generator=gen, dtype=torch.float16)
+    w_q, w_scale, _ = _weights(8, 16, "cpu", gen)
+    ops.registered_ops()["int8_weight_only_linear"]._logged.clear()
+    with ops.backend("cpu"), caplog.at_level("WARNING", logger="torchslim"):
+        first = ops.int8_weight_only_linear(x, w_q, w_scale)
+        ops.int8_weight_only_linear(x, w_q, w_scale)
+    messages = [r.getMessage() for r in caplog.records if "reference" in r.getMessage()]
+    assert len(messages) == 1, messages
+    assert "float16" in messages[0]
+    torch.testing.assert_close(first, ref.int8_weight_only_linear(x, w_q, w_scale))
+
+
+def _bad_inputs():
+    x = torch.randn(4, 16)
+    w_q = random_int8(8, 16)
+    s = torch.rand(8) + 0.1
+    f = ops.int8_dynamic_linear
+    g = ops.int8_weight_only_linear
+    return [
+        ("x dtype", lambda: f(x.to(torch.int32), w_q, s), TypeError, "x must be float32"),
+        ("x 0-d", lambda: f(torch.tensor(1.0), w_q, s), ValueError, "x must have at least 1 dim"),
+        ("w_q dtype", lambda: f(x, w_q.float(), s), TypeError, "w_q must be int8"),
+        ("w_q 1-D", lambda: f(x, w_q[0], s), ValueError, "w_q must be 2-D"),
+        ("w_q 3-D", lambda: g(x, w_q[None], s), ValueError, "w_q must be 2-D"),
+        ("K mismatch", lambda: f(x, w_q[:, :15], s), ValueError, "w_q must have K=16"),
+        ("scale dtype", lambda: g(x, w_q, s.double()), TypeError, "w_scale must be float32"),
+        ("scale shape", lambda: f(x, w_q, s[:7]), ValueError, r"w_scale must have shape \(N,\)"),
+        ("bias shape", lambda: f(x, w_q, s, torch.randn(9)), ValueError, "bias must have shape"),
+        ("bias dtype", lambda: g(x, w_q, s, torch.ones(8, dtype=torch.int64)), TypeError, "bias"),
+        ("mm a dtype", lambda: ops.int8_mm(x, w_q), TypeError, "a must be int8"),
+        ("mm b K", lambda: ops.int8_mm(w_q, w_q[:, :3]), ValueError, "b must have K=16"),
+        ("x not tensor", lambda: ops.quantize_per_token([1.0]), TypeError, "x"),
+    ]
+
+
+@pytest.mark.parametrize(("what", "call", "exc", "match"), _bad_inputs(), ids=lambda v: None)
+def test_bad_input_names_the_argument(what, call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_wrong_device_is_named():
+    if not torch.cuda.is_available():
+        meta_scale = torch.ones(8, device="meta")
+        with pytest.raises(RuntimeError, match="w_scale must be on x's device"):
+            ops.int8_weight_only_linear(torch.randn(2, 16), random_int8(8, 16), meta_scale)
+    else:
+        with pytest.raises(RuntimeError, match="w_q must be on x's device"):
+            ops.int8_weight_only_linear(
+                torch.randn(2, 16, device="cuda"), random_int8(8, 16), torch.ones(8)
+            )
+
+
+@pytest.mark.parametrize("backend", [b for b in KERNEL_BACKENDS if b.startswith("cpu")])
+def test_cpu_kernel_threads(backend, gen):
+    """The result does not depend on torch.set_num_threads (the work split is by output block)."""
+    x = torch.randn(70, 300, generator=gen)
+    w_q, w_scale, bias = _weights(150, 300, "cpu", gen)
+    threads = torch.get_num_threads()
+    with run_on(backend):
+        try:
+            torch.set_num_threads(1)
+            one = ops.int8_dynamic_linear(x, w_q, w_scale, bias)
+            torch.set_num_threads(max(2, threads))
+            many = ops.int8_dynamic_linear(x, w_q, w_scale, bias)
+        finally:
+            torch.set_num_threads(threads)
+    assert torch.equal(one, many)

@@ -1,0 +1,151 @@
+"""Int8Linear as a drop-in for nn.Linear: accuracy (SQNR), state_dict, dtype/device moves."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import torchslim
+from torchslim.nn import Int8Linear
+from torchslim.quant import smoothquant_factors
+from torchslim.testing import sqnr
+
+IN, OUT = 512, 384
+
+
+def _layer(gen, outlier_rows: bool = True) -> nn.Linear:
+    linear = nn.Linear(IN, OUT)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(OUT, IN, generator=gen) / IN**0.5)
+        if outlier_rows:  # a few output channels with 30x larger weights
+            linear.weight[torch.randperm(OUT, generator=gen)[:4]] *= 30
+        linear.bias.copy_(torch.randn(OUT, generator=gen) * 0.1)
+    return linear
+
+
+def _inputs(gen, outlier_channels: bool) -> torch.Tensor:
+    x = torch.randn(8, 16, IN, generator=gen)
+    if outlier_channels:  # LLM-style: a few input channels carry 20x larger activations
+        x[..., torch.randperm(IN, generator=gen)[:4]] *= 20
+    return x
+
+
+# What the math allows, for Gaussian data quantized symmetrically to 8 bits: the quantization
+# step of a row of K Gaussians is about 2 * 3.3 sigma / 254, so SQNR ≈ 10 log10(12 * 127^2 /
+# 3.3^2) ≈ 42.5 dB for the weights alone (per-channel: outlier rows only scale their own step).
+# W8A8 adds the same noise again on the activations (≈ 39.5 dB together); activation outlier
+# channels widen every token's step, which SmoothQuant moves back into the weights.
+@pytest.mark.parametrize(
+    ("mode", "outliers", "smooth", "min_db"),
+    [
+        ("weight_only", True, False, 40.0),
+        ("dynamic", False, False, 37.0),
+        ("dynamic", True, True, 35.0),
+    ],
+)
+def test_sqnr_against_float_layer(mode, outliers, smooth, min_db, gen):
+    linear = _layer(gen)
+    x = _inputs(gen, outlier_channels=outliers)
+    factors = None
+    if smooth:
+        factors = smoothquant_factors(x.abs().amax(dim=(0, 1)), linear.weight, alpha=0.5)
+    layer = Int8Linear.from_linear(linear, mode=mode, smooth=factors)
+    with torch.no_grad():
+        db = sqnr(linear(x), layer(x))
+    assert db >= min_db, f"{mode}: SQNR {db:.1f} dB < {min_db} dB"
+
+
+def test_smoothquant_helps_with_outlier_channels(gen):
+    linear = _layer(gen, outlier_rows=False)
+    x = _inputs(gen, outlier_channels=True)
+    plain = Int8Linear.from_linear(linear, mode="dynamic")
+    factors = smoothquant_factors(x.abs().amax(dim=(0, 1)), linear.weight)
+    smoothed = Int8Linear.from_linear(linear, mode="dynamic", smooth=factors)
+    with torch.no_grad():
+        want = linear(x)
+        assert sqnr(want, smoothed(x)) > sqnr(want, plain(x)) + 3.0
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "weight_only"])
+def test_drop_in_for_linear(mode, gen):
+    linear = _layer(gen)
+    layer = Int8Linear.from_linear(linear, mode=mode)
+    assert (layer.in_features, layer.out_features) == (linear.in_features, linear.out_features)
+    x = torch.randn(2, 3, 5, IN, generator=gen)
+    with torch.no_grad():
+        out = layer(x)
+    assert out.shape == (2, 3, 5, OUT) and out.dtype == x.dtype
+    assert "mode=" in repr(layer)
+    no_bias = nn.Linear(IN, OUT, bias=False)
+    assert Int8Linear.from_linear(no_bias, mode=mode).bias is None
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "weight_only"])
+def test_state_dict_round_trip_is_bit_identical(mode, gen):
+    linear = _layer(gen)
+    x = _inputs(gen, outlier_channels=True)
+    factors = smoothquant_factors(x.abs().amax(dim=(0, 1)), linear.weight)
+    layer = Int8Linear.from_linear(linear, mode=mode, smooth=factors)
+    buf = io.BytesIO()
+    torch.save(layer.state_dict(), buf)
+    buf.seek(0)
+    fresh = Int8Linear(IN, OUT, mode=mode)
+    fresh.register_buffer("smooth", torch.ones(IN))
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    for name, tensor in layer.state_dict().items():
+        assert torch.equal(tensor, fresh.state_dict()[name]), name
+        assert tensor.dtype == fresh.state_dict()[name].dtype, name
+    with torch.no_grad():
+        assert torch.equal(layer(x), fresh(x))
+
+
+def test_cast_keeps_scales_fp32(gen):
+    layer = Int8Linear.from_linear(_layer(gen), mode="weight_only").to(torch.bfloat16)
+    assert layer.weight.dtype == torch.int8
+    assert layer.weight_scale.dtype == torch.float32
+    assert layer.bias.dtype == torch.bfloat16
+    x = torch.randn(4, IN, generator=gen, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert layer(x).dtype == torch.bfloat16
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_to_cuda(gen):
+    linear = _layer(gen)
+    layer = Int8Linear.from_linear(linear, mode="weight_only").to("cuda")
+    assert layer.weight.is_cuda and layer.weight_scale.is_cuda
+    x = torch.randn(4, IN, generator=gen)
+    with torch.no_grad():
+        db = sqnr(linear(x), layer(x.cuda().half()).float().cpu())
+    assert db >= 35.0
+
+
+def test_bad_input(gen):
+    with pytest.raises(TypeError, match=r"linear must be an nn\.Linear"):
+        Int8Linear.from_linear(nn.Conv1d(2, 2, 1))
+    with pytest.raises(ValueError, match="mode must be one of"):
+        Int8Linear.from_linear(nn.Linear(4, 4), mode="int4")
+    with pytest.raises(ValueError, match="smooth must have shape"):
+        Int8Linear.from_linear(nn.Linear(4, 4), smooth=torch.ones(5))
+    bad = nn.Linear(4, 4)
+    with torch.no_grad():
+        bad.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="weight must be finite"):
+        Int8Linear.from_linear(bad)
+    layer = Int8Linear.from_linear(_layer(gen))
+    state = layer.state_dict()
+    state["weight_scale"] = state["weight_scale"].clone()
+    state["weight_scale"][3] = 0.0
+    with pytest.raises(ValueError, match="weight_scale must be finite and > 0"):
+        Int8Linear(IN, OUT).load_state_dict(state)
+    state["weight_scale"][3] = float("inf")
+    with pytest.raises(ValueError, match="weight_scale must be finite and > 0"):
+        Int8Linear(IN, OUT).load_state_dict(state)
+
+
+def test_public_api():
+    assert torchslim.nn.Int8Linear is Int8Linear
+    assert {"cpu", "reference"} <= set(torchslim.ops.BACKENDS)
