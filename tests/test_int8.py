@@ -74,7 +74,8 @@ def test_int8_mm_exact(backend, m, nk, gen, poisoned_empty):
     n, k = nk
     device = device_of(backend)
     a = nan_padded(random_int8(m, k, generator=gen).to(device))
-    b = random_int8(n, k, generator=gen).to(device)
+    # weights may use the whole int8 range, -128 included
+    b = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=gen).to(device)
     with run_on(backend):
         out = ops.int8_mm(a, b)
     assert out.dtype == torch.int32
@@ -206,6 +207,14 @@ def _bad_inputs():
 def test_bad_input_names_the_argument(what, call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+@pytest.mark.parametrize("backend", [b for b in KERNEL_BACKENDS if b.startswith("cpu")])
+def test_cpu_int8_mm_rejects_minus_128(backend):
+    a = random_int8(3, 40)
+    a[1, 7] = -128
+    with run_on(backend), pytest.raises(ValueError, match=r"a must hold symmetric int8 codes"):
+        ops.int8_mm(a, random_int8(5, 40))
 
 
 def test_wrong_device_is_named():

@@ -52,8 +52,8 @@ std::pair<at::Tensor, at::Tensor> epilogue_operands(const at::Tensor& w_scale,
   check_cpu(w_scale, "w_scale");
   TORCHSLIM_CHECK_TYPE(w_scale.scalar_type() == at::kFloat, "w_scale must be float32, got ",
                        w_scale.scalar_type());
-  TORCHSLIM_CHECK(w_scale.dim() == 1 && w_scale.size(0) == N, "w_scale must have shape (N,) = (",
-                  N, ",), got ", w_scale.sizes());
+  TORCHSLIM_CHECK(w_scale.dim() == 1 && w_scale.size(0) == N, "w_scale must have shape (N,) = (", N,
+                  ",), got ", w_scale.sizes());
   at::Tensor b;
   if (bias.has_value() && bias->defined()) {
     check_cpu(*bias, "bias");
@@ -87,8 +87,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token_cpu(const at::Tensor& x) {
   const int64_t M = x.size(0), K = x.size(1);
   at::Tensor q = at::empty({M, K}, x.options().dtype(at::kChar));
   at::Tensor scale = at::empty({M}, x.options().dtype(at::kFloat));
-  const cpu::QuantizeArgs args{x.data_ptr(), x.stride(0), xt, q.data_ptr<int8_t>(), K,
-                               scale.data_ptr<float>(), K};
+  const cpu::QuantizeArgs args{
+      x.data_ptr(), x.stride(0), xt, q.data_ptr<int8_t>(), K, scale.data_ptr<float>(), K};
   const cpu::KernelTable& kt = cpu::active_kernels();
   at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)),
                    [&](int64_t m0, int64_t m1) { kt.quantize_rows(args, m0, m1); });
@@ -101,15 +101,27 @@ at::Tensor int8_mm_cpu(const at::Tensor& a, const at::Tensor& b) {
   check_int8_matrix(a, "a", K);
   check_int8_matrix(b, "b", K);
   const int64_t N = b.size(0);
+  // The AVX2 kernel negates activation codes (see cpu/simd.h); -128 has no negation in int8.
+  TORCHSLIM_CHECK(a.numel() == 0 || a.min().item<int8_t>() > -128,
+                  "a must hold symmetric int8 codes in [-127, 127], got -128");
   at::Tensor out = at::empty({M, N}, a.options().dtype(at::kInt));
-  const cpu::Int8GemmArgs args{a.data_ptr<int8_t>(), a.stride(0), b.data_ptr<int8_t>(),
-                               b.stride(0), nullptr, nullptr, nullptr, out.data_ptr(), N,
-                               ScalarType::kInt32, M, N, K};
+  const cpu::Int8GemmArgs args{a.data_ptr<int8_t>(),
+                               a.stride(0),
+                               b.data_ptr<int8_t>(),
+                               b.stride(0),
+                               nullptr,
+                               nullptr,
+                               nullptr,
+                               out.data_ptr(),
+                               N,
+                               ScalarType::kInt32,
+                               M,
+                               N,
+                               K};
   const cpu::KernelTable& kt = cpu::active_kernels();
-  parallel_blocks(M, N, kBlockM_I8, kBlockN,
-                  [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-                    kt.int8_gemm(args, m0, m1, n0, n1);
-                  });
+  parallel_blocks(M, N, kBlockM_I8, kBlockN, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+    kt.int8_gemm(args, m0, m1, n0, n1);
+  });
   return out;
 }
 
@@ -138,10 +150,9 @@ at::Tensor int8_dynamic_linear_cpu(const at::Tensor& x, const at::Tensor& w_q,
                                N,
                                K};
   const cpu::KernelTable& kt = cpu::active_kernels();
-  parallel_blocks(M, N, kBlockM_I8, kBlockN,
-                  [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-                    kt.int8_gemm(args, m0, m1, n0, n1);
-                  });
+  parallel_blocks(M, N, kBlockM_I8, kBlockN, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+    kt.int8_gemm(args, m0, m1, n0, n1);
+  });
   return out;
 }
 
@@ -170,10 +181,9 @@ at::Tensor int8_weight_only_linear_cpu(const at::Tensor& x, const at::Tensor& w_
                             N,
                             K};
   const cpu::KernelTable& kt = cpu::active_kernels();
-  parallel_blocks(M, N, kBlockM_F32, kBlockN,
-                  [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-                    kt.w8a16_gemm(args, m0, m1, n0, n1);
-                  });
+  parallel_blocks(M, N, kBlockM_F32, kBlockN, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+    kt.w8a16_gemm(args, m0, m1, n0, n1);
+  });
   return out;
 }
 

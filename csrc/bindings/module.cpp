@@ -77,11 +77,13 @@ py::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "torchslim compiled kernels";
   m.def("cpu_features", &cpu_features, "Features of this CPU (CPUID + XGETBV)");
-  m.def("isa", [] { return std::string(torchslim::cpu::isa_name(torchslim::cpu::active_isa())); },
-        "The ISA level the CPU kernels use now");
-  m.def("best_isa",
-        [] { return std::string(torchslim::cpu::isa_name(torchslim::cpu::best_supported_isa())); },
-        "The best ISA level this CPU supports");
+  m.def(
+      "isa", [] { return std::string(torchslim::cpu::isa_name(torchslim::cpu::active_isa())); },
+      "The ISA level the CPU kernels use now");
+  m.def(
+      "best_isa",
+      [] { return std::string(torchslim::cpu::isa_name(torchslim::cpu::best_supported_isa())); },
+      "The best ISA level this CPU supports");
   m.def("supported_isas", &supported_isas, "ISA levels this CPU can run, lowest first");
   m.def("set_isa", &set_isa, "Force an ISA level (portable | avx2 | avx512)", py::arg("name"));
   m.def("build_info", &build_info, "Compiler and options of this build");

@@ -2,9 +2,9 @@
 #include "torchslim/cpu_features.h"
 
 #include <atomic>
-#include <initializer_list>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <cpuid.h>
@@ -30,8 +30,8 @@ CpuFeatures detect() {
   f.f16c = ecx & (1u << 29);
   if (osxsave) {
     const uint64_t xcr0 = xgetbv0();
-    f.os_saves_ymm = (xcr0 & 0x6) == 0x6;           // SSE + AVX state
-    f.os_saves_zmm = (xcr0 & 0xE6) == 0xE6;         // + opmask, ZMM_Hi256, Hi16_ZMM
+    f.os_saves_ymm = (xcr0 & 0x6) == 0x6;    // SSE + AVX state
+    f.os_saves_zmm = (xcr0 & 0xE6) == 0xE6;  // + opmask, ZMM_Hi256, Hi16_ZMM
   }
   if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return f;
   f.avx2 = f.os_saves_ymm && (ebx & (1u << 5));
@@ -111,8 +111,7 @@ bool isa_supported(Isa isa) {
     case Isa::kAvx2:
       return f.avx2 && f.fma && f.f16c;
     case Isa::kAvx512:
-      return f.avx2 && f.fma && f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq &&
-             f.avx512vnni;
+      return f.avx2 && f.fma && f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq && f.avx512vnni;
 #else
     default:
       (void)f;

@@ -160,8 +160,8 @@ void quantize_row(const T* x, int64_t K, int8_t* q, float* scale_out) {
 void quantize_rows(const QuantizeArgs& args, int64_t m0, int64_t m1) {
   for (int64_t m = m0; m < m1; ++m) {
     if (args.x_type == ScalarType::kBFloat16) {
-      quantize_row(static_cast<const uint16_t*>(args.x) + m * args.ldx, args.K, args.q + m * args.ldq,
-                   args.scale + m);
+      quantize_row(static_cast<const uint16_t*>(args.x) + m * args.ldx, args.K,
+                   args.q + m * args.ldq, args.scale + m);
     } else {
       quantize_row(static_cast<const float*>(args.x) + m * args.ldx, args.K, args.q + m * args.ldq,
                    args.scale + m);

@@ -4,7 +4,7 @@
 
 #if defined(__x86_64__) || defined(_M_X64)
 #if defined(__clang__)
-#pragma clang attribute push(                                                                 \
+#pragma clang attribute push(                                                                    \
     __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c,bmi2"))), \
     apply_to = function)
 #else

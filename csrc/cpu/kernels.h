@@ -31,7 +31,7 @@ struct QuantizeArgs {
 // out[m, n] = acc[m, n] * a_scale[m] * b_scale[n] + bias[n],  acc = sum_k a[m, k] * b[n, k]
 // or, with out_type kInt32 (scales and bias null), the exact int32 accumulator itself.
 struct Int8GemmArgs {
-  const int8_t* a;  // (M, K) int8 activation codes, row stride lda
+  const int8_t* a;  // (M, K) int8 activation codes in [-127, 127], row stride lda
   int64_t lda;
   const int8_t* b;  // (N, K) int8 weight codes, row stride ldb (one row per output column)
   int64_t ldb;

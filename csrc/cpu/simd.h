@@ -74,7 +74,8 @@ struct F32Dot {
   static Acc zero() { return _mm512_setzero_ps(); }
   static AV load_a(const float* p) { return _mm512_loadu_ps(p); }
   static BV load_b(const int8_t* p) {
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+    return _mm512_cvtepi32_ps(
+        _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
   }
   static Acc dot(Acc acc, AV a, BV b) { return _mm512_fmadd_ps(a, b, acc); }
   static Acc sum_b(Acc acc, BV) { return acc; }
@@ -89,14 +90,16 @@ struct FVec {
   static R set1(float s) { return _mm512_set1_ps(s); }
   static R load(const float* p) { return _mm512_loadu_ps(p); }
   static R load(const uint16_t* p) {
-    const __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    const __m512i u =
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
     return _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
   }
   static R abs(R v) { return _mm512_abs_ps(v); }
   static R max(R a, R b) { return _mm512_max_ps(a, b); }
   static float reduce_max(R v) { return _mm512_reduce_max_ps(v); }
   static void quantize_store(int8_t* q, R x, R scale) {
-    R v = _mm512_roundscale_ps(_mm512_div_ps(x, scale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    R v = _mm512_roundscale_ps(_mm512_div_ps(x, scale),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     v = _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(-127.0f)), _mm512_set1_ps(127.0f));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v)));
   }
@@ -120,25 +123,35 @@ inline float hsum_ps(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// AVX2 has no int8 dot product that cannot saturate (vpmaddubsw saturates int16 pair sums),
-// so both operands are widened to int16 and multiplied with vpmaddwd: exact, 16 MACs per op.
+// AVX2's int8 dot product, vpmaddubsw, multiplies unsigned by signed bytes and saturates the
+// int16 sum of each pair. The sign trick keeps it exact: |w| (u8, at most 128) times
+// x * sign(w) (s8) is x * w, and a pair sums to at most 2 * 128 * 127 = 32512 < 32767, provided
+// the activation codes avoid -128 (negating it overflows), which symmetric quantization
+// guarantees. vpmaddwd against ones then widens pairs to int32: 32 MACs in four ops.
 struct I8Dot {
   using AT = int8_t;
   using BT = int8_t;
   using Sum = int32_t;
   using Acc = __m256i;
   using AV = __m256i;
-  using BV = __m256i;
-  static constexpr int kStep = 16;
+  struct BV {
+    __m256i abs, raw;
+  };
+  static constexpr int kStep = 32;
   static constexpr bool kOffset = false;
   static Acc zero() { return _mm256_setzero_si256(); }
-  static __m256i widen(const int8_t* p) {
-    return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  static AV load_a(const int8_t* p) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   }
-  static AV load_a(const int8_t* p) { return widen(p); }
-  static BV load_b(const int8_t* p) { return widen(p); }
-  static Acc dot(Acc acc, AV a, BV b) { return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b)); }
-  static Acc sum_b(Acc acc, BV) { return acc; }
+  static BV load_b(const int8_t* p) {
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return {_mm256_abs_epi8(raw), raw};
+  }
+  static Acc dot(Acc acc, AV a, const BV& b) {
+    const __m256i pairs = _mm256_maddubs_epi16(b.abs, _mm256_sign_epi8(a, b.raw));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+  }
+  static Acc sum_b(Acc acc, const BV&) { return acc; }
   static Sum reduce(Acc v) { return hsum_epi32(v); }
   static Sum mul(int8_t a, int8_t b) { return static_cast<int32_t>(a) * b; }
 };
@@ -155,7 +168,8 @@ struct F32Dot {
   static Acc zero() { return _mm256_setzero_ps(); }
   static AV load_a(const float* p) { return _mm256_loadu_ps(p); }
   static BV load_b(const int8_t* p) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+    return _mm256_cvtepi32_ps(
+        _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
   }
   static Acc dot(Acc acc, AV a, BV b) { return _mm256_fmadd_ps(a, b, acc); }
   static Acc sum_b(Acc acc, BV) { return acc; }
@@ -190,25 +204,44 @@ struct FVec {
   }
 };
 
-constexpr int kI8MR = 4, kI8NR = 3, kF32MR = 4, kF32NR = 3;
+constexpr int kI8MR = 4, kI8NR = 2, kF32MR = 4, kF32NR = 3;
 
-#else  // portable: one lane, left to the compiler
+#else  // portable: eight scalar lanes, left to the compiler's auto-vectorizer
+
+// Eight independent partial sums, like one AVX2 register: the K sum is split the same way as
+// on the SIMD paths (and its rounding error grows with K/8, not K).
+template <typename T>
+struct Lanes {
+  T v[8];
+};
 
 struct I8Dot {
   using AT = int8_t;
   using BT = int8_t;
   using Sum = int32_t;
-  using Acc = int32_t;
-  using AV = int32_t;
-  using BV = int32_t;
-  static constexpr int kStep = 1;
+  using Acc = Lanes<int32_t>;
+  using AV = Lanes<int32_t>;
+  using BV = Lanes<int32_t>;
+  static constexpr int kStep = 8;
   static constexpr bool kOffset = false;
-  static Acc zero() { return 0; }
-  static AV load_a(const int8_t* p) { return *p; }
-  static BV load_b(const int8_t* p) { return *p; }
-  static Acc dot(Acc acc, AV a, BV b) { return acc + a * b; }
-  static Acc sum_b(Acc acc, BV) { return acc; }
-  static Sum reduce(Acc v) { return v; }
+  static Acc zero() { return {}; }
+  static Lanes<int32_t> load(const int8_t* p) {
+    Lanes<int32_t> r;
+    for (int l = 0; l < 8; ++l) r.v[l] = p[l];
+    return r;
+  }
+  static AV load_a(const int8_t* p) { return load(p); }
+  static BV load_b(const int8_t* p) { return load(p); }
+  static Acc dot(Acc acc, const AV& a, const BV& b) {
+    for (int l = 0; l < 8; ++l) acc.v[l] += a.v[l] * b.v[l];
+    return acc;
+  }
+  static Acc sum_b(Acc acc, const BV&) { return acc; }
+  static Sum reduce(const Acc& a) {
+    Sum s = 0;
+    for (int l = 0; l < 8; ++l) s += a.v[l];
+    return s;
+  }
   static Sum mul(int8_t a, int8_t b) { return static_cast<int32_t>(a) * b; }
 };
 
@@ -216,17 +249,32 @@ struct F32Dot {
   using AT = float;
   using BT = int8_t;
   using Sum = float;
-  using Acc = float;
-  using AV = float;
-  using BV = float;
-  static constexpr int kStep = 1;
+  using Acc = Lanes<float>;
+  using AV = Lanes<float>;
+  using BV = Lanes<float>;
+  static constexpr int kStep = 8;
   static constexpr bool kOffset = false;
-  static Acc zero() { return 0.0f; }
-  static AV load_a(const float* p) { return *p; }
-  static BV load_b(const int8_t* p) { return static_cast<float>(*p); }
-  static Acc dot(Acc acc, AV a, BV b) { return acc + a * b; }
-  static Acc sum_b(Acc acc, BV) { return acc; }
-  static Sum reduce(Acc v) { return v; }
+  static Acc zero() { return {}; }
+  static AV load_a(const float* p) {
+    Lanes<float> r;
+    for (int l = 0; l < 8; ++l) r.v[l] = p[l];
+    return r;
+  }
+  static BV load_b(const int8_t* p) {
+    Lanes<float> r;
+    for (int l = 0; l < 8; ++l) r.v[l] = static_cast<float>(p[l]);
+    return r;
+  }
+  static Acc dot(Acc acc, const AV& a, const BV& b) {
+    for (int l = 0; l < 8; ++l) acc.v[l] += a.v[l] * b.v[l];
+    return acc;
+  }
+  static Acc sum_b(Acc acc, const BV&) { return acc; }
+  static Sum reduce(const Acc& a) {
+    const float s0 = (a.v[0] + a.v[4]) + (a.v[1] + a.v[5]);
+    const float s1 = (a.v[2] + a.v[6]) + (a.v[3] + a.v[7]);
+    return s0 + s1;
+  }
   static Sum mul(float a, int8_t b) { return a * static_cast<float>(b); }
 };
 

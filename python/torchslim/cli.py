@@ -17,9 +17,10 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from torchslim import bench
+    from torchslim.benchmarks import bench_quant
 
-    return bench.main([args.family, *args.rest])
+    benchmarks = {"int8": bench_quant.main}
+    return benchmarks[args.family](args.rest)
 
 
 def main(argv: list[str] | None = None) -> int:

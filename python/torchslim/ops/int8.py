@@ -5,7 +5,8 @@ Schemas (``torch.ops.torchslim.*``); the math is in :mod:`torchslim.reference.in
     quantize_per_token(Tensor x) -> (Tensor x_q, Tensor x_scale)
         x: (..., K) fp32/bf16/fp16  ->  x_q: (..., K) int8, x_scale: (...) fp32
     int8_mm(Tensor a, Tensor b) -> Tensor
-        a: (M, K) int8, b: (N, K) int8  ->  (M, N) int32, exact
+        a: (M, K) int8 codes in [-127, 127] (symmetric; the CPU kernel rejects -128),
+        b: (N, K) int8  ->  (M, N) int32, exact
     int8_dynamic_linear(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias=None) -> Tensor
     int8_weight_only_linear(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias=None) -> Tensor
         x: (..., K) fp32/bf16/fp16, any leading dims; w_q: (N, K) int8 row-major;

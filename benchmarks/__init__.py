@@ -1,0 +1,1 @@
+"""torchslim microbenchmarks (installed as torchslim.benchmarks; run via `torchslim bench`)."""

@@ -1,0 +1,272 @@
+"""int8 linear benchmark: torchslim W8A8 / W8A16 against what users would otherwise run.
+
+    torchslim bench int8 [--quick] [--out DIR]
+    python benchmarks/bench_quant.py [--quick] [--out DIR]
+
+Baselines, in the same run: fp32 and bf16 F.linear, FBGEMM int8 dynamic
+(torch.ao.quantization.quantize_dynamic) and torch._weight_int8pack_mm (torch's W8A16).
+Per (layer, M, implementation): time, speedup over fp32, GB/s, % of the memory floor, GOP/s.
+Writes int8.csv and int8.png under benchmarks/results/<device>/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import torchslim
+from torchslim import ops
+from torchslim.benchmarks import common
+from torchslim.quant import quantize_weight_per_channel
+
+# (K in, N out): Llama-7B attention and MLP projections, and SmolLM2-135M's MLP.
+LAYERS = ((4096, 4096), (4096, 11008), (11008, 4096), (576, 1536))
+BATCH = (1, 16, 64, 512)
+QUICK_LAYERS = ((576, 1536),)
+QUICK_BATCH = (1, 16)
+GPU_LAYERS = (*LAYERS, (8192, 8192))
+GPU_BATCH = (1, 16, 128, 1024)
+
+
+@dataclass(frozen=True)
+class Impl:
+    name: str
+    weight_bytes_per_elem: float
+    x_dtype: torch.dtype
+    make: Callable[[torch.Tensor], tuple]  # fp32 weight (N, K) -> operands
+    run: Callable[[torch.Tensor, tuple], torch.Tensor]  # (x, operands) -> out
+
+
+def _fbgemm(w: torch.Tensor) -> tuple:
+    linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+    linear.weight.data.copy_(w)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = torch.ao.quantization.quantize_dynamic(
+            torch.nn.Sequential(linear), {torch.nn.Linear}, dtype=torch.qint8
+        )
+    return (q,)
+
+
+def _int8(w: torch.Tensor) -> tuple:
+    return quantize_weight_per_channel(w)
+
+
+IMPLS = (
+    Impl("fp32", 4, torch.float32, lambda w: (w.clone(),), lambda x, o: F.linear(x, o[0])),
+    Impl("bf16", 2, torch.bfloat16, lambda w: (w.bfloat16(),), lambda x, o: F.linear(x, o[0])),
+    Impl("fbgemm-w8a8", 1, torch.float32, _fbgemm, lambda x, o: o[0](x)),
+    Impl(
+        "torch-int8pack-w8a16",
+        1,
+        torch.float32,
+        _int8,
+        lambda x, o: torch._weight_int8pack_mm(x, o[0], o[1]),
+    ),
+    Impl(
+        "torchslim-w8a8",
+        1,
+        torch.float32,
+        _int8,
+        lambda x, o: ops.int8_dynamic_linear(x, o[0], o[1]),
+    ),
+    Impl(
+        "torchslim-w8a16",
+        1,
+        torch.float32,
+        _int8,
+        lambda x, o: ops.int8_weight_only_linear(x, o[0], o[1]),
+    ),
+    Impl(
+        "torchslim-w8a16-bf16",
+        1,
+        torch.bfloat16,
+        _int8,
+        lambda x, o: ops.int8_weight_only_linear(x, o[0], o[1]),
+    ),
+)
+
+
+def _ours_on(backend: str, op):
+    """Runs a torchslim op on one forced backend (strict: no silent reference fallback)."""
+
+    def run(x, o):
+        with torchslim.backend(backend, strict=True):
+            return op(x, o[0], o[1])
+
+    return run
+
+
+def _int_mm_w8a8(x, o):
+    """torch's own int8 GEMM (cuBLASLt) with per-token quantization and the scale epilogue."""
+    x_q, x_scale = torchslim.reference.quantize_per_token(x)
+    acc = torch._int_mm(x_q, o[0].T)
+    return (acc * x_scale[:, None] * o[1]).to(x.dtype)
+
+
+GPU_IMPLS = (
+    Impl("fp16", 2, torch.float16, lambda w: (w.half(),), lambda x, o: F.linear(x, o[0])),
+    Impl("bf16", 2, torch.bfloat16, lambda w: (w.bfloat16(),), lambda x, o: F.linear(x, o[0])),
+    Impl("torch-int_mm-w8a8", 1, torch.float16, _int8, _int_mm_w8a8),
+    Impl(
+        "torch-int8pack-w8a16",
+        1,
+        torch.bfloat16,
+        _int8,
+        lambda x, o: torch._weight_int8pack_mm(x, o[0], o[1].to(x.dtype)),
+    ),
+    *(
+        Impl(f"torchslim-{kind}-{backend}", 1, torch.float16, _int8, _ours_on(backend, op))
+        for kind, op in (("w8a8", ops.int8_dynamic_linear), ("w8a16", ops.int8_weight_only_linear))
+        for backend in ("triton", "cuda")
+    ),
+)
+
+
+def measure(k: int, n: int, m: int, impl: Impl, bandwidth: float, gen, device: str) -> dict:
+    w = (torch.randn(n, k, generator=gen) / k**0.5).to(device)
+    x = torch.randn(m, k, generator=gen).to(device=device, dtype=impl.x_dtype)
+    weight_bytes = n * k * impl.weight_bytes_per_elem + (
+        4 * n if impl.weight_bytes_per_elem == 1 else 0
+    )
+    operands = common.rotating(lambda: impl.make(w), int(weight_bytes))
+    try:
+        ms = common.time_ms(lambda: impl.run(x, operands()), device=device)
+    except (RuntimeError, NotImplementedError) as exc:  # a baseline that does not take this case
+        return {"layer": f"{k}x{n}", "M": m, "impl": impl.name, "error": str(exc).splitlines()[0]}
+    elem = torch.finfo(impl.x_dtype).bits // 8
+    moved = weight_bytes + m * k * elem + m * n * elem
+    floor_ms = moved / bandwidth / 1e6
+    return {
+        "layer": f"{k}x{n}",
+        "M": m,
+        "impl": impl.name,
+        "time_ms": ms,
+        "GB/s": moved / ms / 1e6,
+        "floor_ms": floor_ms,
+        "pct_floor": 100.0 * floor_ms / ms,
+        "GOP/s": 2.0 * m * n * k / ms / 1e6,
+    }
+
+
+def add_speedups(rows: list[dict], baseline: str) -> None:
+    base = {(r["layer"], r["M"]): r["time_ms"] for r in rows if r["impl"] == baseline}
+    for r in rows:
+        r["speedup"] = base[(r["layer"], r["M"])] / r["time_ms"] if "time_ms" in r else float("nan")
+
+
+def targets(rows: list[dict]) -> list[str]:
+    """The issue's CPU targets, as measured ratios."""
+    t = {(r["layer"], r["M"], r["impl"]): r for r in rows}
+    lines = []
+    for layer in dict.fromkeys(r["layer"] for r in rows):
+        for m in dict.fromkeys(r["M"] for r in rows):
+            ours8 = t.get((layer, m, "torchslim-w8a8"))
+            fb = t.get((layer, m, "fbgemm-w8a8"))
+            ours16 = t.get((layer, m, "torchslim-w8a16"))
+            pack = t.get((layer, m, "torch-int8pack-w8a16"))
+            if ours8 and fb:
+                lines.append(
+                    f"{layer} M={m}: W8A8 {fb['time_ms'] / ours8['time_ms']:.2f}x FBGEMM, "
+                    f"{ours8['pct_floor']:.0f}% of floor; "
+                    f"W8A16 {pack['time_ms'] / ours16['time_ms']:.2f}x int8pack, "
+                    f"{ours16['pct_floor']:.0f}% of floor"
+                )
+    return lines
+
+
+def plot(rows: list[dict], path, baseline: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = list(dict.fromkeys(r["layer"] for r in rows))
+    fig, axes = plt.subplots(1, len(layers), figsize=(4.5 * len(layers), 4), squeeze=False)
+    for ax, layer in zip(axes[0], layers, strict=True):
+        for impl in dict.fromkeys(r["impl"] for r in rows):
+            pts = [
+                (r["M"], r["speedup_vs_fp32"])
+                for r in rows
+                if r["layer"] == layer and r["impl"] == impl
+            ]
+            ax.plot(*zip(*pts, strict=True), marker="o", label=impl)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log", base=2)
+        ax.set_title(f"K x N = {layer}")
+        ax.set_xlabel("M (tokens)")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].set_ylabel(f"speedup over {baseline} F.linear")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="torchslim bench int8",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--quick", action="store_true", help="one small layer, M in {1, 16}")
+    parser.add_argument("--out", help="output folder (default: benchmarks/results/<device>)")
+    parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    args = parser.parse_args(argv)
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda needs a CUDA device")
+
+    env = common.Environment.capture(device)
+    if device == "cuda":
+        layers, batch, impls, baseline = GPU_LAYERS, GPU_BATCH, GPU_IMPLS, "fp16"
+        where = torch.cuda.get_device_name()
+    else:
+        layers, batch, impls, baseline = LAYERS, BATCH, IMPLS, "fp32"
+        where = f"{env.cpu}, {common.threads_note()}, ISA {env.isa}"
+    if args.quick:
+        layers, batch = QUICK_LAYERS, QUICK_BATCH
+    print(f"torchslim bench int8 on {where}")
+    bandwidth = common.copy_bandwidth_gbs(device=device)
+    peak = common.gemm_gflops(
+        device=device, dtype=torch.float32 if device == "cpu" else torch.float16
+    )
+    print(f"copy bandwidth {bandwidth:.1f} GB/s, {baseline} GEMM {peak:.0f} GFLOP/s (measured now)")
+
+    gen = torch.Generator().manual_seed(0)
+    cases = [(k, n, m, impl) for k, n in layers for m in batch for impl in impls]
+    rows = [
+        measure(k, n, m, impl, bandwidth, gen, device) for k, n, m, impl in tqdm(cases, desc="int8")
+    ]
+    add_speedups(rows, baseline)
+    for r in rows:
+        r["copy_GB/s"] = bandwidth
+        r[f"{baseline}_gemm_GFLOP/s"] = peak
+
+    timed = [r for r in rows if "time_ms" in r]
+    columns = ["layer", "M", "impl", "time_ms", "speedup", "GB/s", "pct_floor", "GOP/s"]
+    print(common.format_table(timed, columns))
+    for r in rows:
+        if "error" in r:
+            print(f"not run: {r['layer']} M={r['M']} {r['impl']}: {r['error']}")
+    if device == "cpu":
+        print("\n".join(["", "targets:", *targets(timed)]))
+    out = common.results_dir(env, args.out)
+    name = f"int8_{device}" + ("_quick" if args.quick else "")
+    common.write_csv(out / f"{name}.csv", rows, env)
+    if not args.no_plot:
+        plot(timed, out / f"{name}.png", baseline)
+    print(f"\nwrote {out / name}.csv" + ("" if args.no_plot else f" and {name}.png"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""Shared benchmark machinery: timing, memory and compute floors, environment, CSV and plots.
+
+Method (see the project's engineering guide): every figure is measured side by side with its
+baselines in one run and reported as a ratio, with achieved GB/s and GOP/s and the share of the
+memory floor (bytes that must move ÷ copy bandwidth measured in the same run).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import os
+import platform
+import re
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.benchmark import Timer
+
+RESULTS = Path(__file__).resolve().parent / "results"
+# Weights are rotated through at least this many bytes of copies so that a timed call never
+# finds its weights in cache from the previous call (the L3 of a server CPU is tens of MB).
+ROTATE_BYTES = 96 << 20
+
+
+def time_ms(fn: Callable[[], object], min_run_time: float = 0.3, device: str = "cpu") -> float:
+    """Median time of fn() in ms: blocked_autorange on the CPU, triton's do_bench (CUDA events,
+    L2 flushed between runs) on a GPU. A call slower than 2 s is timed once, after a warm-up."""
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    start = time.perf_counter()
+    fn()  # warm-up (first-call allocations, lazy init)
+    if time.perf_counter() - start > 2.0:
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+    timer = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+
+
+def rotating(make: Callable[[], object], nbytes: int) -> Callable[[], object]:
+    """Builds enough copies of make()'s operands to exceed ROTATE_BYTES; returns a getter that
+    hands out the next copy on each call."""
+    copies = [make() for _ in range(max(1, -(-ROTATE_BYTES // max(nbytes, 1))))]
+    state = {"i": 0}
+
+    def next_copy():
+        state["i"] = (state["i"] + 1) % len(copies)
+        return copies[state["i"]]
+
+    return next_copy
+
+
+def copy_bandwidth_gbs(nbytes: int = 256 << 20, device: str = "cpu") -> float:
+    """Measured memory bandwidth: a large buffer copied into a preallocated one (read + write)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), min_run_time=0.5, device=device)
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def gemm_gflops(n: int = 2048, device: str = "cpu", dtype: torch.dtype = torch.float32) -> float:
+    """Measured dense GEMM throughput (the compute roof for float kernels on this device)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    ms = time_ms(lambda: torch.mm(a, b), min_run_time=0.5, device=device)
+    return 2 * n**3 / (ms * 1e-3) / 1e9
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: str = "cpu") -> str:
+    """Folder name under results/: e.g. cpu-amd-epyc-2t, cuda-nvidia-h100-80gb-hbm3."""
+    if device == "cuda":
+        raw = f"cuda-{torch.cuda.get_device_name()}"
+    else:
+        raw = f"cpu-{cpu_model()}-{torch.get_num_threads()}t"
+    return re.sub(r"[^a-z0-9]+", "-", raw.lower()).strip("-")
+
+
+@dataclass(frozen=True)
+class Environment:
+    device: str
+    cpu: str
+    threads: int
+    torch: str
+    torchslim: str
+    isa: str
+    commit: str
+    date: str
+
+    @classmethod
+    def capture(cls, device: str = "cpu") -> Environment:
+        import torchslim
+        from torchslim import _ext
+
+        return cls(
+            device=device_name(device),
+            cpu=cpu_model(),
+            threads=torch.get_num_threads(),
+            torch=torch.__version__,
+            torchslim=torchslim.__version__,
+            isa=_ext._C.isa() if _ext._C is not None else "none",
+            commit=_git_commit(),
+            date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        )
+
+
+def write_csv(path: Path, rows: Sequence[dict], env: Environment) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fields = list(dict.fromkeys(key for row in rows for key in row)) + list(env.__dict__)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**row, **env.__dict__})
+
+
+def format_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
+    def cell(v):
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    cells = [[cell(r[c]) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(lines)
+
+
+def results_dir(env: Environment, out: str | None) -> Path:
+    return Path(out) if out else RESULTS / env.device
+
+
+def threads_note() -> str:
+    return (
+        f"{torch.get_num_threads()} threads (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')})"
+    )

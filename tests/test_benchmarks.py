@@ -1,0 +1,25 @@
+"""The benchmark harness runs end to end (quick mode) and writes its CSV with every baseline."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+from torchslim import _ext
+
+
+@pytest.mark.skipif(_ext._C is None, reason="the benchmark compares the compiled kernels")
+def test_bench_int8_quick(tmp_path, capsys):
+    from torchslim.benchmarks import bench_quant
+
+    assert bench_quant.main(["--quick", "--out", str(tmp_path), "--no-plot"]) == 0
+    with open(tmp_path / "int8_cpu_quick.csv") as f:
+        rows = list(csv.DictReader(f))
+    impls = {r["impl"] for r in rows if r.get("time_ms")}
+    assert {"fp32", "bf16", "fbgemm-w8a8", "torchslim-w8a8", "torchslim-w8a16"} <= impls
+    for r in rows:
+        if r.get("time_ms"):
+            assert float(r["time_ms"]) > 0 and float(r["pct_floor"]) > 0
+            assert r["commit"] and r["torch"] and r["device"].startswith("cpu-")
+    assert "targets:" in capsys.readouterr().out
