@@ -37,8 +37,9 @@ def _extensions():
     with_cuda = torch.version.cuda is not None and CUDA_HOME is not None
     with_cuda = with_cuda and not _flag("TORCHSLIM_NO_CUDA")
     if not with_cuda:
-        ext = CppExtension("torchslim._C", sources, include_dirs=include_dirs,
-                           extra_compile_args={"cxx": cxx})
+        ext = CppExtension(
+            "torchslim._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx}
+        )
         return [ext], {"build_ext": BuildExtension}
 
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")

@@ -155,7 +155,7 @@ def _make_backends(name: str, reference, *, float_input: bool) -> OpBackends:
 
     if float_input:
         cpu_supports = _supports_floats({"cpu": (torch.float32, torch.bfloat16)})
-        cuda_supports = _supports_floats({"cuda": (torch.float16, torch.bfloat16)})
+        cuda_supports = _supports_floats({"cuda": _FLOATS})
 
         def triton_supports(*args):
             return _supports_floats(_triton_float_devices())(*args)

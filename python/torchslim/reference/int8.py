@@ -28,7 +28,10 @@ QMAX = 127
 
 
 def _scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
-    scale = amax.to(torch.float32) / QMAX
+    amax = amax.to(torch.float32)
+    # A tensor divisor: dividing by a Python scalar is done as a multiply by its reciprocal on
+    # CUDA (not on the CPU), which would make the reference device-dependent by an ulp.
+    scale = amax / torch.full_like(amax, QMAX)
     return torch.where(scale == 0, torch.ones_like(scale), scale)
 
 

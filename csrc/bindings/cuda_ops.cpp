@@ -1,0 +1,200 @@
+// Torch binding of the CUDA int8 kernels (csrc/cuda/int8_gemm.cu): argument checks, device
+// guard, current stream, allocation, then one call into the torch-free kernel API per step.
+//
+// Every function takes 2-D tensors. Activations and int8 matrices must have unit stride in their
+// last dim; their row stride may be anything (it is passed to the kernels as the leading dim).
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/extension.h>
+
+#include <optional>
+#include <tuple>
+
+#include "cuda/int8_gemm.h"
+#include "torchslim/checks.h"
+
+namespace torchslim {
+namespace {
+
+using cuda::DType;
+
+DType float_dtype(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kHalf:
+      return DType::kFloat16;
+    case at::kBFloat16:
+      return DType::kBFloat16;
+    case at::kFloat:
+      return DType::kFloat32;
+    default:
+      break;
+  }
+  TORCHSLIM_CHECK_TYPE(false, name, " must be float16, bfloat16 or float32, got ", t.scalar_type());
+  return DType::kFloat32;
+}
+
+// `t` must be a CUDA tensor on `device` (the device of the first operand).
+void check_device(const at::Tensor& t, const char* name, const at::Device& device) {
+  TORCHSLIM_CHECK_RUNTIME(t.is_cuda(), name, " must be a CUDA tensor, got device ", t.device());
+  TORCHSLIM_CHECK_RUNTIME(t.device() == device, name, " must be on ", device,
+                          " like the other operands, got ", t.device());
+}
+
+void check_matrix(const at::Tensor& t, const char* name, const char* shape) {
+  TORCHSLIM_CHECK(t.dim() == 2, name, " must be 2-D ", shape, ", got ", t.dim(), "-D with shape ",
+                  t.sizes());
+  TORCHSLIM_CHECK(t.size(1) <= 1 || t.stride(1) == 1, name,
+                  " must have unit stride in its last dim, got strides ", t.strides());
+}
+
+// x: (M, K) fp16 / bf16 / fp32 CUDA tensor.
+DType check_activation(const at::Tensor& x, const char* name) {
+  TORCHSLIM_CHECK_RUNTIME(x.is_cuda(), name, " must be a CUDA tensor, got device ", x.device());
+  check_matrix(x, name, "(M, K)");
+  return float_dtype(x, name);
+}
+
+// w: (N, K) int8 on `device`.
+void check_int8_matrix(const at::Tensor& w, const char* name, int64_t K, const at::Device& device) {
+  check_device(w, name, device);
+  TORCHSLIM_CHECK_TYPE(w.scalar_type() == at::kChar, name, " must be int8, got ", w.scalar_type());
+  check_matrix(w, name, "(N, K)");
+  TORCHSLIM_CHECK(w.size(1) == K, name, " must have K=", K, " columns, got ", w.size(1));
+}
+
+// The row stride handed to the kernels; for a single row it is meaningless (torch may report
+// any value), so K is passed instead.
+int64_t leading_dim(const at::Tensor& t) { return t.size(0) <= 1 ? t.size(1) : t.stride(0); }
+
+// w_scale as a contiguous (N,) fp32 tensor and bias as a contiguous (N,) float tensor of its own
+// dtype (undefined when absent).
+std::pair<at::Tensor, at::Tensor> epilogue_operands(const at::Tensor& w_scale,
+                                                    const std::optional<at::Tensor>& bias,
+                                                    int64_t N, const at::Device& device) {
+  check_device(w_scale, "w_scale", device);
+  TORCHSLIM_CHECK_TYPE(w_scale.scalar_type() == at::kFloat, "w_scale must be float32, got ",
+                       w_scale.scalar_type());
+  TORCHSLIM_CHECK(w_scale.dim() == 1 && w_scale.size(0) == N, "w_scale must have shape (N,) = (", N,
+                  ",), got ", w_scale.sizes());
+  at::Tensor b;
+  if (bias.has_value() && bias->defined()) {
+    check_device(*bias, "bias", device);
+    TORCHSLIM_CHECK(bias->dim() == 1 && bias->size(0) == N, "bias must have shape (N,) = (", N,
+                    ",), got ", bias->sizes());
+    float_dtype(*bias, "bias");
+    b = bias->contiguous();
+  }
+  return {w_scale.contiguous(), b};
+}
+
+void check_status(cudaError_t status, const char* kernel) {
+  TORCHSLIM_CHECK_RUNTIME(status == cudaSuccess, "torchslim CUDA kernel ", kernel,
+                          " failed: ", cudaGetErrorString(status));
+}
+
+}  // namespace
+
+// x: (M, K) float -> (x_q (M, K) int8, x_scale (M,) fp32), bit-exact with
+// torchslim.reference.quantize_per_token (IEEE division amax / 127).
+std::tuple<at::Tensor, at::Tensor> quantize_per_token_cuda(const at::Tensor& x) {
+  const DType xt = check_activation(x, "x");
+  const int64_t M = x.size(0), K = x.size(1);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor x_q = at::empty({M, K}, x.options().dtype(at::kChar));
+  at::Tensor x_scale = at::empty({M}, x.options().dtype(at::kFloat));
+  if (M == 0) return {x_q, x_scale};
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
+  check_status(cuda::quantize_per_token(x.data_ptr(), leading_dim(x), xt, M, K,
+                                        x_q.data_ptr<int8_t>(), x_scale.data_ptr<float>(), stream),
+               "quantize_per_token");
+  return {x_q, x_scale};
+}
+
+// a: (M, K) int8, b: (N, K) int8 -> (M, N) int32 = a @ b.T, exact.
+at::Tensor int8_mm_cuda(const at::Tensor& a, const at::Tensor& b) {
+  TORCHSLIM_CHECK_RUNTIME(a.is_cuda(), "a must be a CUDA tensor, got device ", a.device());
+  TORCHSLIM_CHECK_TYPE(a.scalar_type() == at::kChar, "a must be int8, got ", a.scalar_type());
+  check_matrix(a, "a", "(M, K)");
+  const int64_t M = a.size(0), K = a.size(1);
+  check_int8_matrix(b, "b", K, a.device());
+  const int64_t N = b.size(0);
+  const c10::cuda::CUDAGuard guard(a.device());
+  at::Tensor out = at::empty({M, N}, a.options().dtype(at::kInt));
+  if (M == 0 || N == 0) return out;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
+  check_status(cuda::int8_scaled_mm(a.data_ptr<int8_t>(), leading_dim(a), b.data_ptr<int8_t>(),
+                                    leading_dim(b), nullptr, nullptr, nullptr, DType::kFloat32,
+                                    out.data_ptr(), N, DType::kInt32, M, N, K, stream),
+               "int8_scaled_mm");
+  return out;
+}
+
+// W8A8: x (M, K) float, w_q (N, K) int8, w_scale (N,) fp32, bias (N,) float or None
+// -> (M, N) in x.dtype. x is quantized per row into a torch-allocated workspace first.
+at::Tensor int8_dynamic_linear_cuda(const at::Tensor& x, const at::Tensor& w_q,
+                                    const at::Tensor& w_scale,
+                                    const std::optional<at::Tensor>& bias) {
+  const DType xt = check_activation(x, "x");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t M = x.size(0), K = x.size(1);
+  check_int8_matrix(w_q, "w_q", K, x.device());
+  const int64_t N = w_q.size(0);
+  auto [scale_w, bias_c] = epilogue_operands(w_scale, bias, N, x.device());
+  at::Tensor out = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return out;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
+  at::Tensor x_q = at::empty({M, K}, x.options().dtype(at::kChar));
+  at::Tensor x_scale = at::empty({M}, x.options().dtype(at::kFloat));
+  check_status(cuda::quantize_per_token(x.data_ptr(), leading_dim(x), xt, M, K,
+                                        x_q.data_ptr<int8_t>(), x_scale.data_ptr<float>(), stream),
+               "quantize_per_token");
+  const bool has_bias = bias_c.defined();
+  check_status(
+      cuda::int8_scaled_mm(x_q.data_ptr<int8_t>(), K, w_q.data_ptr<int8_t>(), leading_dim(w_q),
+                           x_scale.data_ptr<float>(), scale_w.data_ptr<float>(),
+                           has_bias ? bias_c.data_ptr() : nullptr,
+                           has_bias ? float_dtype(bias_c, "bias") : DType::kFloat32, out.data_ptr(),
+                           N, xt, M, N, K, stream),
+      "int8_scaled_mm");
+  return out;
+}
+
+// W8A16: x (M, K) float, w_q (N, K) int8, w_scale (N,) fp32, bias (N,) float or None
+// -> (M, N) in x.dtype = x @ (w_q * w_scale[:, None]).T + bias.
+at::Tensor int8_weight_only_linear_cuda(const at::Tensor& x, const at::Tensor& w_q,
+                                        const at::Tensor& w_scale,
+                                        const std::optional<at::Tensor>& bias) {
+  const DType xt = check_activation(x, "x");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t M = x.size(0), K = x.size(1);
+  check_int8_matrix(w_q, "w_q", K, x.device());
+  const int64_t N = w_q.size(0);
+  auto [scale_w, bias_c] = epilogue_operands(w_scale, bias, N, x.device());
+  at::Tensor out = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return out;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
+  const bool has_bias = bias_c.defined();
+  check_status(cuda::int8_weight_only_gemm(x.data_ptr(), leading_dim(x), xt, w_q.data_ptr<int8_t>(),
+                                           leading_dim(w_q), scale_w.data_ptr<float>(),
+                                           has_bias ? bias_c.data_ptr() : nullptr,
+                                           has_bias ? float_dtype(bias_c, "bias") : DType::kFloat32,
+                                           out.data_ptr(), N, M, N, K, stream),
+               "int8_weight_only_gemm");
+  return out;
+}
+
+void bind_cuda(pybind11::module_& m) {
+  namespace py = pybind11;
+  m.def("quantize_per_token_cuda", &quantize_per_token_cuda,
+        "x (M, K) fp16/bf16/fp32 CUDA -> (x_q (M, K) int8, x_scale (M,) fp32)", py::arg("x"));
+  m.def("int8_mm_cuda", &int8_mm_cuda, "a (M, K) int8, b (N, K) int8 -> (M, N) int32 = a @ b.T",
+        py::arg("a"), py::arg("b"));
+  m.def("int8_dynamic_linear_cuda", &int8_dynamic_linear_cuda,
+        "W8A8 linear with per-token dynamic quantization of x (CUDA)", py::arg("x"), py::arg("w_q"),
+        py::arg("w_scale"), py::arg("bias") = py::none());
+  m.def("int8_weight_only_linear_cuda", &int8_weight_only_linear_cuda,
+        "W8A16 linear: x @ (w_q * w_scale[:, None]).T + bias (CUDA)", py::arg("x"), py::arg("w_q"),
+        py::arg("w_scale"), py::arg("bias") = py::none());
+}
+
+}  // namespace torchslim

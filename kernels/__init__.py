@@ -1,0 +1,13 @@
+"""Triton kernels for torchslim (installed as ``torchslim.kernels``).
+
+Each module holds ``@triton.jit`` kernels and their launchers (*check → allocate → launch*):
+
+    quant_matmul   int8 × int8 → int32 GEMM, W8A8 dynamic linear, W8A16 weight-only linear
+
+Shared jit helpers live in :mod:`._common`, autotune config tables and the one prune function in
+:mod:`.autotune`. This package imports nothing heavy: import the kernel module you need. The
+kernels run on CUDA tensors, or on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``
+set before triton is imported).
+"""
+
+__all__ = ["quant_matmul"]

@@ -1,0 +1,204 @@
+"""Autotune configurations for the Triton kernels, as named data, and the one prune function.
+
+Every GEMM kernel names its operands ``a_ptr`` (M, K) and ``b_ptr`` (N, K) and takes the sizes
+``M, N, K`` plus ``M_BUCKET = m_bucket(M)``, so that one prune function and one tuning key serve
+them all:
+
+    key     (M_BUCKET, N, K) (+ the dtypes of the tensor arguments, added by Triton): one tuning
+            per power-of-two bucket of M rather than one per distinct M (a serving loop sees every
+            M from 1 to thousands).
+    prune   clamp BLOCK_M to M_BUCKET, BLOCK_N to next_pow2(N) and BLOCK_K to next_pow2(K) (never
+            below the tensor-core minimum; GROUP_M = 1 once one tile row covers M), drop split-K
+            factors larger than the number of K blocks, drop configs whose pipelined tiles exceed
+            the device's shared memory, drop duplicates.
+
+Tables (each a list of ``triton.Config``; kwargs BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SPLIT_K):
+
+    INT8_GEMM_CONFIGS       int8 x int8 -> int32 (int8_mm, W8A8 linear): large tiles for prefill
+                            and BLOCK_M = 16/32 tiles with long K for decode.
+    W8A16_TILED_CONFIGS     fp16/bf16/fp32 x int8 weights, M > DECODE_MAX_M: tiled, no split-K.
+    W8A16_DECODE_CONFIGS    the same kernel for M <= DECODE_MAX_M: BLOCK_M = 16, narrow N tiles
+                            and split-K so that a 1-row GEMM still fills every SM while streaming
+                            the weight once.
+
+The same tables serve sm_80 (164 KiB shared memory per block) and sm_90 (227 KiB): the shared
+memory prune drops what a device cannot hold. Under the Triton interpreter (TRITON_INTERPRET set)
+nothing can be benchmarked and every program runs in numpy, so each table collapses to one small
+config that still exercises masking, grouping and split-K.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import os
+from typing import Any
+
+import torch
+import triton
+
+
+def _interpreting() -> bool:
+    """Whether ``@triton.jit`` builds interpreted functions (TRITON_INTERPRET, read as Triton
+    reads it, at import time like ``triton.jit`` itself)."""
+    try:
+        return bool(triton.knobs.runtime.interpret)
+    except AttributeError:  # no knobs module
+        return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
+
+
+INTERPRET = _interpreting()
+
+# Smallest tiles used by tl.dot across Triton 3.6-3.9 (int8 MMA needs K >= 32).
+MIN_BLOCK_M = 16
+MIN_BLOCK_N = 16
+MIN_BLOCK_K = 32
+
+# Largest M routed to the decode (split-K) configs of the W8A16 kernel.
+DECODE_MAX_M = 16
+
+GEMM_KEY = ["M_BUCKET", "N", "K"]
+
+
+def _cfg(bm: int, bn: int, bk: int, group_m: int, warps: int, stages: int, split_k: int = 1):
+    kwargs = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m, "SPLIT_K": split_k}
+    return triton.Config(kwargs, num_warps=warps, num_stages=stages)
+
+
+#                 BM   BN   BK  GROUP_M warps stages
+_INT8_GEMM_GPU = [
+    _cfg(128, 256, 128, 8, 8, 3),
+    _cfg(256, 128, 128, 8, 8, 3),
+    _cfg(128, 128, 128, 8, 8, 4),
+    _cfg(128, 128, 64, 8, 4, 4),
+    _cfg(64, 128, 128, 8, 4, 4),
+    _cfg(128, 64, 128, 8, 4, 4),
+    _cfg(64, 64, 128, 8, 4, 5),
+    _cfg(32, 128, 128, 4, 4, 4),
+    _cfg(32, 64, 256, 4, 4, 4),
+    _cfg(16, 128, 256, 1, 4, 3),
+    _cfg(16, 64, 256, 1, 4, 4),
+]
+
+#                   BM   BN   BK  GROUP_M warps stages
+_W8A16_TILED_GPU = [
+    _cfg(128, 256, 64, 8, 8, 3),
+    _cfg(256, 128, 64, 8, 8, 3),
+    _cfg(128, 128, 64, 8, 4, 4),
+    _cfg(128, 128, 32, 8, 4, 4),
+    _cfg(64, 128, 64, 8, 4, 4),
+    _cfg(128, 64, 64, 8, 4, 4),
+    _cfg(64, 64, 64, 8, 4, 4),
+    _cfg(32, 128, 128, 4, 4, 4),
+    _cfg(32, 64, 128, 4, 4, 4),
+]
+
+#                    BM  BN   BK  GROUP_M warps stages split_k
+_W8A16_DECODE_GPU = [
+    _cfg(16, 64, 128, 1, 4, 4, 1),
+    _cfg(16, 128, 128, 1, 4, 4, 1),
+    _cfg(16, 32, 256, 1, 4, 4, 1),
+    _cfg(16, 64, 256, 1, 4, 3, 2),
+    _cfg(16, 32, 128, 1, 4, 4, 4),
+    _cfg(16, 64, 128, 1, 4, 4, 4),
+    _cfg(16, 32, 256, 1, 2, 4, 8),
+    _cfg(16, 64, 256, 1, 4, 3, 8),
+    _cfg(16, 128, 128, 1, 4, 4, 8),
+    _cfg(16, 128, 256, 1, 8, 3, 16),
+]
+
+
+def _for_backend(gpu: list[triton.Config], interpreter: triton.Config) -> list[triton.Config]:
+    return [interpreter] if INTERPRET else gpu
+
+
+INT8_GEMM_CONFIGS = _for_backend(_INT8_GEMM_GPU, _cfg(32, 32, 64, 2, 4, 1))
+W8A16_TILED_CONFIGS = _for_backend(_W8A16_TILED_GPU, _cfg(32, 32, 64, 2, 4, 1))
+W8A16_DECODE_CONFIGS = _for_backend(_W8A16_DECODE_GPU, _cfg(16, 32, 32, 1, 4, 1, 2))
+
+# Per-token quantization: a (BLOCK_M, BLOCK_K) tile of about _QUANTIZE_TILE elements per step,
+# whole rows of up to BLOCK_K columns; long rows take one program each. Under the interpreter
+# the K step is short so that the tests run the K loop several times.
+_QUANTIZE_TILE = 4096
+_QUANTIZE_MAX_BLOCK_K = 64 if INTERPRET else _QUANTIZE_TILE
+
+
+def quantize_config(M: int, K: int) -> dict[str, int]:
+    """Launch parameters of the per-token quantization kernel for an (M, K) input."""
+    block_k = min(triton.next_power_of_2(max(K, 1)), _QUANTIZE_MAX_BLOCK_K)
+    block_m = min(triton.next_power_of_2(max(M, 1)), max(1, _QUANTIZE_TILE // block_k))
+    return {
+        "BLOCK_M": block_m,
+        "BLOCK_K": block_k,
+        "num_warps": min(8, max(1, block_m * block_k // 256)),
+    }
+
+
+def m_bucket(M: int) -> int:
+    """Tuning bucket of M: the next power of two (1, 2, 4, ..., 16, 32, ...)."""
+    return triton.next_power_of_2(max(M, 1))
+
+
+@functools.cache
+def _max_shared_memory(device_index: int) -> int:
+    props = torch.cuda.get_device_properties(device_index)
+    smem = getattr(props, "shared_memory_per_block_optin", 0)
+    if not smem:
+        utils = triton.runtime.driver.active.utils
+        smem = utils.get_device_properties(device_index)["max_shared_mem"]
+    return int(smem)
+
+
+def _shared_memory_limit(t: torch.Tensor) -> int | None:
+    if not t.is_cuda:
+        return None
+    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    return _max_shared_memory(index)
+
+
+def prune_gemm_configs(
+    configs: list[triton.Config], named_args: dict[str, Any], **kwargs: Any
+) -> list[triton.Config]:
+    """``early_config_prune`` shared by every GEMM kernel (see the module docstring)."""
+    args = {**named_args, **kwargs}
+    a, b, K = args["a_ptr"], args["b_ptr"], args["K"]
+    m_cap = max(MIN_BLOCK_M, args["M_BUCKET"])
+    n_cap = max(MIN_BLOCK_N, triton.next_power_of_2(max(args["N"], 1)))
+    k_cap = max(MIN_BLOCK_K, triton.next_power_of_2(max(K, 1)))
+    smem_limit = _shared_memory_limit(a)
+
+    kept: dict[tuple, triton.Config] = {}
+    fallback: tuple[int, triton.Config] | None = None
+    for cfg in configs:
+        kw = dict(cfg.kwargs)
+        kw["BLOCK_M"] = min(kw["BLOCK_M"], m_cap)
+        kw["BLOCK_N"] = min(kw["BLOCK_N"], n_cap)
+        kw["BLOCK_K"] = min(kw["BLOCK_K"], k_cap)
+        if kw["BLOCK_M"] >= m_cap:  # a single row of tiles: grouping is moot
+            kw["GROUP_M"] = 1
+        new = copy.copy(cfg)
+        new.kwargs = kw
+        smem = (
+            cfg.num_stages
+            * kw["BLOCK_K"]
+            * (kw["BLOCK_M"] * a.element_size() + kw["BLOCK_N"] * b.element_size())
+        )
+        if fallback is None or smem < fallback[0]:
+            fallback = (smem, new)
+        if kw.get("SPLIT_K", 1) > max(1, triton.cdiv(K, kw["BLOCK_K"])):
+            continue
+        if smem_limit is not None and smem > smem_limit:
+            continue
+        kept.setdefault((tuple(sorted(kw.items())), cfg.num_warps, cfg.num_stages), new)
+    # Never return nothing: the smallest config is the one most likely to fit.
+    return list(kept.values()) or [fallback[1]]
+
+
+def autotune_gemm(configs: list[triton.Config], **kwargs: Any):
+    """``triton.autotune`` with the shared GEMM key and prune; kwargs go to triton.autotune."""
+    return triton.autotune(
+        configs=configs,
+        key=GEMM_KEY,
+        prune_configs_by={"early_config_prune": prune_gemm_configs},
+        **kwargs,
+    )
