@@ -31,14 +31,23 @@ def _extensions():
 
     sources = [str(p.relative_to(ROOT)) for p in sorted((CSRC / "cpu").glob("*.cpp"))]
     sources += ["csrc/bindings/module.cpp", "csrc/bindings/cpu_ops.cpp"]
-    cxx = ["-O3", "-fvisibility=hidden", f'-DTORCHSLIM_TORCH_VERSION="{torch.__version__}"']
+    # -fopenmp: at::parallel_for is a header template that parallelises only in units compiled
+    # with OpenMP; the libgomp.so.1 it links is the one torch has already loaded (same soname),
+    # so torch.set_num_threads governs our threads too.
+    cxx = ["-O3", "-fvisibility=hidden", "-fopenmp"]
+    cxx.append(f'-DTORCHSLIM_TORCH_VERSION="{torch.__version__}"')
+    link = ["-fopenmp"]
     include_dirs = [str(CSRC / "include"), str(CSRC)]
 
     with_cuda = torch.version.cuda is not None and CUDA_HOME is not None
     with_cuda = with_cuda and not _flag("TORCHSLIM_NO_CUDA")
     if not with_cuda:
         ext = CppExtension(
-            "torchslim._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx}
+            "torchslim._C",
+            sources,
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx},
+            extra_link_args=link,
         )
         return [ext], {"build_ext": BuildExtension}
 
@@ -51,6 +60,7 @@ def _extensions():
         sources,
         include_dirs=include_dirs,
         extra_compile_args={"cxx": [*cxx, "-DTORCHSLIM_WITH_CUDA"], "nvcc": nvcc},
+        extra_link_args=link,
     )
     return [ext], {"build_ext": BuildExtension}
 

@@ -210,6 +210,28 @@ def plot(rows: list[dict], path, baseline: str) -> None:
     plt.close(fig)
 
 
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"values must be >= 1, got {text!r}")
+    return values
+
+
+def _layers(text: str) -> tuple[tuple[int, int], ...]:
+    try:
+        pairs = tuple(tuple(int(v) for v in item.split("x")) for item in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected KxN[,KxN...], got {text!r}") from None
+    if any(len(p) != 2 or min(p) < 1 for p in pairs):
+        raise argparse.ArgumentTypeError(f"expected KxN[,KxN...] with K, N >= 1, got {text!r}")
+    return pairs
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="torchslim bench int8",
@@ -220,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="output folder (default: benchmarks/results/<device>)")
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--layers", type=_layers, help="e.g. 4096x4096,576x1536 (K x N)")
+    parser.add_argument("--batch", type=_ints, help="e.g. 1,16 (values of M)")
     args = parser.parse_args(argv)
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
@@ -234,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{env.cpu}, {common.threads_note()}, ISA {env.isa}"
     if args.quick:
         layers, batch = QUICK_LAYERS, QUICK_BATCH
+    layers, batch = args.layers or layers, args.batch or batch
     print(f"torchslim bench int8 on {where}")
     bandwidth = common.copy_bandwidth_gbs(device=device)
     peak = common.gemm_gflops(

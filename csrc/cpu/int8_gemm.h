@@ -27,9 +27,14 @@ namespace {
 inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 // c[i][j] = sum_k a[i, k] * b[j, k] for i < R, j < C (R <= MR, C <= NR).
+//
+// `b_next` points at the weight rows the next tile will read (C rows, stride ldb). They are
+// prefetched at the same K offset as this tile's loads: one tile ahead covers the memory
+// latency at M = 1, where the hardware prefetchers alone restart on every short row (a
+// 4096-byte row is one page, and they do not cross pages).
 template <class D, int R, int C, int MR, int NR>
 inline void dot_tile(const typename D::AT* a, int64_t lda, const typename D::BT* b, int64_t ldb,
-                     int64_t K, typename D::Sum (&c)[MR][NR]) {
+                     int64_t K, typename D::Sum (&c)[MR][NR], const typename D::BT* b_next) {
   typename D::Acc acc[R][C];
   typename D::Acc bsum[C];
 #pragma GCC unroll 16
@@ -43,6 +48,7 @@ inline void dot_tile(const typename D::AT* a, int64_t lda, const typename D::BT*
     typename D::BV bv[C];
 #pragma GCC unroll 16
     for (int j = 0; j < C; ++j) {
+      if (k % 64 < D::kStep) __builtin_prefetch(b_next + j * ldb + k);  // once per line
       bv[j] = D::load_b(b + j * ldb + k);
       if constexpr (D::kOffset) bsum[j] = D::sum_b(bsum[j], bv[j]);
     }
@@ -53,13 +59,18 @@ inline void dot_tile(const typename D::AT* a, int64_t lda, const typename D::BT*
       for (int j = 0; j < C; ++j) acc[i][j] = D::dot(acc[i][j], av, bv[j]);
     }
   }
+  // Every index into acc must be a compile-time constant (hence the unrolls): an array indexed
+  // at run time anywhere lives in memory, and the K loop would store it on every step.
+#pragma GCC unroll 16
   for (int j = 0; j < C; ++j) {
     typename D::Sum correction{};
     if constexpr (D::kOffset) correction = 128 * D::reduce(bsum[j]);
-    for (int i = 0; i < R; ++i) {
-      typename D::Sum s = D::reduce(acc[i][j]) - correction;
-      for (int64_t k = kv; k < K; ++k) s += D::mul(a[i * lda + k], b[j * ldb + k]);
-      c[i][j] = s;
+#pragma GCC unroll 16
+    for (int i = 0; i < R; ++i) c[i][j] = D::reduce(acc[i][j]) - correction;
+  }
+  for (int64_t k = kv; k < K; ++k) {
+    for (int j = 0; j < C; ++j) {
+      for (int i = 0; i < R; ++i) c[i][j] += D::mul(a[i * lda + k], b[j * ldb + k]);
     }
   }
 }
@@ -68,14 +79,18 @@ inline void dot_tile(const typename D::AT* a, int64_t lda, const typename D::BT*
 template <class D, int MR, int NR, int R = MR, int C = NR>
 inline void dot_tile_edge(int rows, int cols, const typename D::AT* a, int64_t lda,
                           const typename D::BT* b, int64_t ldb, int64_t K,
-                          typename D::Sum (&c)[MR][NR]) {
+                          typename D::Sum (&c)[MR][NR], const typename D::BT* b_next) {
   if constexpr (R > 1) {
-    if (rows < R) return dot_tile_edge<D, MR, NR, R - 1, C>(rows, cols, a, lda, b, ldb, K, c);
+    if (rows < R) {
+      return dot_tile_edge<D, MR, NR, R - 1, C>(rows, cols, a, lda, b, ldb, K, c, b_next);
+    }
   }
   if constexpr (C > 1) {
-    if (cols < C) return dot_tile_edge<D, MR, NR, R, C - 1>(rows, cols, a, lda, b, ldb, K, c);
+    if (cols < C) {
+      return dot_tile_edge<D, MR, NR, R, C - 1>(rows, cols, a, lda, b, ldb, K, c, b_next);
+    }
   }
-  dot_tile<D, R, C, MR, NR>(a, lda, b, ldb, K, c);
+  dot_tile<D, R, C, MR, NR>(a, lda, b, ldb, K, c, b_next);
 }
 
 // Walks the block n-outer, m-inner; `epilogue(m, n, rows, cols, c)` stores each finished tile.
@@ -85,13 +100,15 @@ void gemm_block(const typename D::AT* a, int64_t lda, const typename D::BT* b, i
                 const Epilogue& epilogue) {
   for (int64_t n = n0; n < n1; n += NR) {
     const int cols = static_cast<int>(min_i64(NR, n1 - n));
+    // The next tile's rows; the last tile of the block prefetches its own (already loaded).
+    const typename D::BT* b_next = b + (n + NR + cols <= n1 ? n + NR : n) * ldb;
     for (int64_t m = m0; m < m1; m += MR) {
       const int rows = static_cast<int>(min_i64(MR, m1 - m));
       typename D::Sum c[MR][NR];
       if (rows == MR && cols == NR) {
-        dot_tile<D, MR, NR, MR, NR>(a + m * lda, lda, b + n * ldb, ldb, K, c);
+        dot_tile<D, MR, NR, MR, NR>(a + m * lda, lda, b + n * ldb, ldb, K, c, b_next);
       } else {
-        dot_tile_edge<D, MR, NR>(rows, cols, a + m * lda, lda, b + n * ldb, ldb, K, c);
+        dot_tile_edge<D, MR, NR>(rows, cols, a + m * lda, lda, b + n * ldb, ldb, K, c, b_next);
       }
       epilogue(m, n, rows, cols, c);
     }
