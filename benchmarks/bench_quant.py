@@ -193,9 +193,7 @@ def plot(rows: list[dict], path, baseline: str) -> None:
     for ax, layer in zip(axes[0], layers, strict=True):
         for impl in dict.fromkeys(r["impl"] for r in rows):
             pts = [
-                (r["M"], r["speedup_vs_fp32"])
-                for r in rows
-                if r["layer"] == layer and r["impl"] == impl
+                (r["M"], r["speedup"]) for r in rows if r["layer"] == layer and r["impl"] == impl
             ]
             ax.plot(*zip(*pts, strict=True), marker="o", label=impl)
         ax.set_xscale("log", base=2)
