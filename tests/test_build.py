@@ -104,3 +104,16 @@ print("ok")
     done = _python(code)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().endswith("ok")
+
+
+def test_readme_usage_example_runs(capsys):
+    """The README's usage block is executed as written, so it stays true."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["y"].shape == (8, 4096)
+    assert "backend" in capsys.readouterr().out
