@@ -82,34 +82,28 @@ def test_int8_mm_exact(backend, m, nk, gen, poisoned_empty):
     assert torch.equal(out, ref.int8_mm(a, b))
 
 
+LINEAR_OPS = {
+    "dynamic": (ops.int8_dynamic_linear, ref.int8_dynamic_linear),
+    "weight_only": (ops.int8_weight_only_linear, ref.int8_weight_only_linear),
+}
+
+
 @pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("mode", sorted(LINEAR_OPS))
 @pytest.mark.parametrize(("backend", "m", "nk", "dtype"), _cases(with_dtype=True))
-def test_int8_dynamic_linear(backend, m, nk, dtype, with_bias, gen, poisoned_empty):
+def test_int8_linear(backend, m, nk, dtype, mode, with_bias, gen, poisoned_empty):
+    op, reference = LINEAR_OPS[mode]
     n, k = nk
     device = device_of(backend)
     x = _activations(m, k, dtype, device, gen)
     w_q, w_scale, bias = _weights(n, k, device, gen)
     bias = bias if with_bias else None
     with run_on(backend):
-        out = ops.int8_dynamic_linear(x, w_q, w_scale, bias)
+        out = op(x, w_q, w_scale, bias)
     assert out.dtype == dtype and out.shape == (m, n)
-    ref64 = ref.int8_dynamic_linear(x.double(), w_q, w_scale, bias, compute_dtype=torch.float64)
-    check_close(out, ref64, ref.int8_dynamic_linear(x, w_q, w_scale, bias))
-
-
-@pytest.mark.parametrize("with_bias", [True, False])
-@pytest.mark.parametrize(("backend", "m", "nk", "dtype"), _cases(with_dtype=True))
-def test_int8_weight_only_linear(backend, m, nk, dtype, with_bias, gen, poisoned_empty):
-    n, k = nk
-    device = device_of(backend)
-    x = _activations(m, k, dtype, device, gen)
-    w_q, w_scale, bias = _weights(n, k, device, gen)
-    bias = bias if with_bias else None
-    with run_on(backend):
-        out = ops.int8_weight_only_linear(x, w_q, w_scale, bias)
-    assert out.dtype == dtype and out.shape == (m, n)
-    ref64 = ref.int8_weight_only_linear(x, w_q, w_scale, bias, compute_dtype=torch.float64)
-    check_close(out, ref64, ref.int8_weight_only_linear(x, w_q, w_scale, bias))
+    # x.double() holds x exactly, so the float64 reference quantizes it to the same codes.
+    ref64 = reference(x.double(), w_q, w_scale, bias, compute_dtype=torch.float64)
+    check_close(out, ref64, reference(x, w_q, w_scale, bias))
 
 
 @pytest.mark.parametrize("op", [ops.int8_dynamic_linear, ops.int8_weight_only_linear])

@@ -3,6 +3,8 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include <tuple>
+
 #include "cpu/kernels.h"
 #include "torchslim/checks.h"
 
@@ -95,6 +97,13 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token_cpu(const at::Tensor& x) {
   return {q, scale};
 }
 
+void run_int8_gemm(const cpu::Int8GemmArgs& args) {
+  const cpu::KernelTable& kt = cpu::active_kernels();
+  parallel_blocks(
+      args.M, args.N, kBlockM_I8, kBlockN,
+      [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { kt.int8_gemm(args, m0, m1, n0, n1); });
+}
+
 at::Tensor int8_mm_cpu(const at::Tensor& a, const at::Tensor& b) {
   TORCHSLIM_CHECK(a.dim() == 2, "a must be 2-D (M, K), got ", a.dim(), "-D");
   const int64_t M = a.size(0), K = a.size(1);
@@ -105,86 +114,70 @@ at::Tensor int8_mm_cpu(const at::Tensor& a, const at::Tensor& b) {
   TORCHSLIM_CHECK(a.numel() == 0 || a.min().item<int8_t>() > -128,
                   "a must hold symmetric int8 codes in [-127, 127], got -128");
   at::Tensor out = at::empty({M, N}, a.options().dtype(at::kInt));
-  const cpu::Int8GemmArgs args{a.data_ptr<int8_t>(),
-                               a.stride(0),
-                               b.data_ptr<int8_t>(),
-                               b.stride(0),
-                               nullptr,
-                               nullptr,
-                               nullptr,
-                               out.data_ptr(),
-                               N,
-                               ScalarType::kInt32,
-                               M,
-                               N,
-                               K};
-  const cpu::KernelTable& kt = cpu::active_kernels();
-  parallel_blocks(M, N, kBlockM_I8, kBlockN, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-    kt.int8_gemm(args, m0, m1, n0, n1);
-  });
+  run_int8_gemm({a.data_ptr<int8_t>(), a.stride(0), b.data_ptr<int8_t>(), b.stride(0), nullptr,
+                 nullptr, nullptr, out.data_ptr(), N, ScalarType::kInt32, M, N, K});
   return out;
+}
+
+// The checked operands of a linear op: x (M, K), w_q (N, K), fp32 scale and bias, and the
+// (M, N) output in x's dtype.
+struct LinearOperands {
+  ScalarType x_type;
+  int64_t M, N, K;
+  at::Tensor w_scale, bias, out;
+  const float* bias_ptr() const { return bias.defined() ? bias.data_ptr<float>() : nullptr; }
+};
+
+LinearOperands linear_operands(const at::Tensor& x, const at::Tensor& w_q,
+                               const at::Tensor& w_scale, const std::optional<at::Tensor>& bias) {
+  check_activation(x, "x");
+  LinearOperands op;
+  op.x_type = float_type(x, "x");
+  op.M = x.size(0);
+  op.K = x.size(1);
+  op.N = w_q.size(0);
+  check_int8_matrix(w_q, "w_q", op.K);
+  std::tie(op.w_scale, op.bias) = epilogue_operands(w_scale, bias, op.N);
+  op.out = at::empty({op.M, op.N}, x.options());
+  return op;
 }
 
 at::Tensor int8_dynamic_linear_cpu(const at::Tensor& x, const at::Tensor& w_q,
                                    const at::Tensor& w_scale,
                                    const std::optional<at::Tensor>& bias) {
-  check_activation(x, "x");
-  const ScalarType xt = float_type(x, "x");
-  const int64_t M = x.size(0), K = x.size(1), N = w_q.size(0);
-  check_int8_matrix(w_q, "w_q", K);
-  auto [scale_w, bias_f] = epilogue_operands(w_scale, bias, N);
-  at::Tensor out = at::empty({M, N}, x.options());
-  if (M == 0 || N == 0) return out;
+  const LinearOperands op = linear_operands(x, w_q, w_scale, bias);
+  if (op.M == 0 || op.N == 0) return op.out;
   auto [x_q, x_scale] = quantize_per_token_cpu(x);
-  const cpu::Int8GemmArgs args{x_q.data_ptr<int8_t>(),
-                               K,
-                               w_q.data_ptr<int8_t>(),
-                               w_q.stride(0),
-                               x_scale.data_ptr<float>(),
-                               scale_w.data_ptr<float>(),
-                               bias_f.defined() ? bias_f.data_ptr<float>() : nullptr,
-                               out.data_ptr(),
-                               N,
-                               xt,
-                               M,
-                               N,
-                               K};
-  const cpu::KernelTable& kt = cpu::active_kernels();
-  parallel_blocks(M, N, kBlockM_I8, kBlockN, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-    kt.int8_gemm(args, m0, m1, n0, n1);
-  });
-  return out;
+  run_int8_gemm({x_q.data_ptr<int8_t>(), op.K, w_q.data_ptr<int8_t>(), w_q.stride(0),
+                 x_scale.data_ptr<float>(), op.w_scale.data_ptr<float>(), op.bias_ptr(),
+                 op.out.data_ptr(), op.N, op.x_type, op.M, op.N, op.K});
+  return op.out;
 }
 
 at::Tensor int8_weight_only_linear_cpu(const at::Tensor& x, const at::Tensor& w_q,
                                        const at::Tensor& w_scale,
                                        const std::optional<at::Tensor>& bias) {
-  check_activation(x, "x");
-  const ScalarType xt = float_type(x, "x");
-  const int64_t M = x.size(0), K = x.size(1), N = w_q.size(0);
-  check_int8_matrix(w_q, "w_q", K);
-  auto [scale_w, bias_f] = epilogue_operands(w_scale, bias, N);
-  at::Tensor out = at::empty({M, N}, x.options());
-  if (M == 0 || N == 0) return out;
+  const LinearOperands op = linear_operands(x, w_q, w_scale, bias);
+  if (op.M == 0 || op.N == 0) return op.out;
   // bf16 activations are widened once here; the kernel reads fp32 rows.
-  const at::Tensor xf = xt == ScalarType::kFloat32 ? x : x.to(at::kFloat).contiguous();
+  const at::Tensor xf = op.x_type == ScalarType::kFloat32 ? x : x.to(at::kFloat).contiguous();
   const cpu::W8A16Args args{xf.data_ptr<float>(),
                             xf.stride(0),
                             w_q.data_ptr<int8_t>(),
                             w_q.stride(0),
-                            scale_w.data_ptr<float>(),
-                            bias_f.defined() ? bias_f.data_ptr<float>() : nullptr,
-                            out.data_ptr(),
-                            N,
-                            xt,
-                            M,
-                            N,
-                            K};
+                            op.w_scale.data_ptr<float>(),
+                            op.bias_ptr(),
+                            op.out.data_ptr(),
+                            op.N,
+                            op.x_type,
+                            op.M,
+                            op.N,
+                            op.K};
   const cpu::KernelTable& kt = cpu::active_kernels();
-  parallel_blocks(M, N, kBlockM_F32, kBlockN, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-    kt.w8a16_gemm(args, m0, m1, n0, n1);
-  });
-  return out;
+  parallel_blocks(
+      op.M, op.N, kBlockM_F32, kBlockN,
+      [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { kt.w8a16_gemm(args, m0, m1, n0, n1); });
+  return op.out;
 }
 
 }  // namespace

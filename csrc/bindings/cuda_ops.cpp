@@ -92,6 +92,29 @@ void check_status(cudaError_t status, const char* kernel) {
                           " failed: ", cudaGetErrorString(status));
 }
 
+// The checked operands of a linear op: x (M, K), w_q (N, K), w_scale (N,) fp32, bias (N,) in
+// its own float dtype (undefined when absent), and the (M, N) output in x's dtype.
+struct LinearOperands {
+  DType x_type;
+  int64_t M, N, K;
+  at::Tensor w_scale, bias, out;
+  const void* bias_ptr() const { return bias.defined() ? bias.data_ptr() : nullptr; }
+  DType bias_type() const { return bias.defined() ? float_dtype(bias, "bias") : DType::kFloat32; }
+};
+
+LinearOperands linear_operands(const at::Tensor& x, const at::Tensor& w_q,
+                               const at::Tensor& w_scale, const std::optional<at::Tensor>& bias) {
+  LinearOperands op;
+  op.x_type = check_activation(x, "x");
+  op.M = x.size(0);
+  op.K = x.size(1);
+  check_int8_matrix(w_q, "w_q", op.K, x.device());
+  op.N = w_q.size(0);
+  std::tie(op.w_scale, op.bias) = epilogue_operands(w_scale, bias, op.N, x.device());
+  op.out = at::empty({op.M, op.N}, x.options());
+  return op;
+}
+
 }  // namespace
 
 // x: (M, K) float -> (x_q (M, K) int8, x_scale (M,) fp32), bit-exact with
@@ -134,29 +157,17 @@ at::Tensor int8_mm_cuda(const at::Tensor& a, const at::Tensor& b) {
 at::Tensor int8_dynamic_linear_cuda(const at::Tensor& x, const at::Tensor& w_q,
                                     const at::Tensor& w_scale,
                                     const std::optional<at::Tensor>& bias) {
-  const DType xt = check_activation(x, "x");
+  const LinearOperands op = linear_operands(x, w_q, w_scale, bias);
+  if (op.M == 0 || op.N == 0) return op.out;
   const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t M = x.size(0), K = x.size(1);
-  check_int8_matrix(w_q, "w_q", K, x.device());
-  const int64_t N = w_q.size(0);
-  auto [scale_w, bias_c] = epilogue_operands(w_scale, bias, N, x.device());
-  at::Tensor out = at::empty({M, N}, x.options());
-  if (M == 0 || N == 0) return out;
+  auto [x_q, x_scale] = quantize_per_token_cuda(x);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
-  at::Tensor x_q = at::empty({M, K}, x.options().dtype(at::kChar));
-  at::Tensor x_scale = at::empty({M}, x.options().dtype(at::kFloat));
-  check_status(cuda::quantize_per_token(x.data_ptr(), leading_dim(x), xt, M, K,
-                                        x_q.data_ptr<int8_t>(), x_scale.data_ptr<float>(), stream),
-               "quantize_per_token");
-  const bool has_bias = bias_c.defined();
-  check_status(
-      cuda::int8_scaled_mm(x_q.data_ptr<int8_t>(), K, w_q.data_ptr<int8_t>(), leading_dim(w_q),
-                           x_scale.data_ptr<float>(), scale_w.data_ptr<float>(),
-                           has_bias ? bias_c.data_ptr() : nullptr,
-                           has_bias ? float_dtype(bias_c, "bias") : DType::kFloat32, out.data_ptr(),
-                           N, xt, M, N, K, stream),
-      "int8_scaled_mm");
-  return out;
+  check_status(cuda::int8_scaled_mm(x_q.data_ptr<int8_t>(), op.K, w_q.data_ptr<int8_t>(),
+                                    leading_dim(w_q), x_scale.data_ptr<float>(),
+                                    op.w_scale.data_ptr<float>(), op.bias_ptr(), op.bias_type(),
+                                    op.out.data_ptr(), op.N, op.x_type, op.M, op.N, op.K, stream),
+               "int8_scaled_mm");
+  return op.out;
 }
 
 // W8A16: x (M, K) float, w_q (N, K) int8, w_scale (N,) fp32, bias (N,) float or None
@@ -164,23 +175,16 @@ at::Tensor int8_dynamic_linear_cuda(const at::Tensor& x, const at::Tensor& w_q,
 at::Tensor int8_weight_only_linear_cuda(const at::Tensor& x, const at::Tensor& w_q,
                                         const at::Tensor& w_scale,
                                         const std::optional<at::Tensor>& bias) {
-  const DType xt = check_activation(x, "x");
+  const LinearOperands op = linear_operands(x, w_q, w_scale, bias);
+  if (op.M == 0 || op.N == 0) return op.out;
   const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t M = x.size(0), K = x.size(1);
-  check_int8_matrix(w_q, "w_q", K, x.device());
-  const int64_t N = w_q.size(0);
-  auto [scale_w, bias_c] = epilogue_operands(w_scale, bias, N, x.device());
-  at::Tensor out = at::empty({M, N}, x.options());
-  if (M == 0 || N == 0) return out;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
-  const bool has_bias = bias_c.defined();
-  check_status(cuda::int8_weight_only_gemm(x.data_ptr(), leading_dim(x), xt, w_q.data_ptr<int8_t>(),
-                                           leading_dim(w_q), scale_w.data_ptr<float>(),
-                                           has_bias ? bias_c.data_ptr() : nullptr,
-                                           has_bias ? float_dtype(bias_c, "bias") : DType::kFloat32,
-                                           out.data_ptr(), N, M, N, K, stream),
+  check_status(cuda::int8_weight_only_gemm(
+                   x.data_ptr(), leading_dim(x), op.x_type, w_q.data_ptr<int8_t>(),
+                   leading_dim(w_q), op.w_scale.data_ptr<float>(), op.bias_ptr(), op.bias_type(),
+                   op.out.data_ptr(), op.N, op.M, op.N, op.K, stream),
                "int8_weight_only_gemm");
-  return out;
+  return op.out;
 }
 
 void bind_cuda(pybind11::module_& m) {
