@@ -11,6 +11,10 @@ Schemas (``torch.ops.torchslim.*``); the math is in :mod:`torchslim.reference.in
     int8_weight_only_linear(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias=None) -> Tensor
         x: (..., K) fp32/bf16/fp16, any leading dims; w_q: (N, K) int8 row-major;
         w_scale: (N,) fp32; bias: (N,) float or None  ->  (..., N) in x.dtype
+
+The ops check shapes, dtypes and devices (in eager mode and at trace time). They do not read
+the scales' values, which would cost a device synchronisation per call: torchslim.nn.Int8Linear
+checks that every scale is finite and positive when it is built or loaded.
 """
 
 from __future__ import annotations
