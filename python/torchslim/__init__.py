@@ -12,15 +12,19 @@ __version__ = "0.1.0"
 from torchslim import nn, ops, quant, reference
 from torchslim._info import info
 from torchslim.ops import BackendUnavailableError, backend, explain
+from torchslim.patching import METHODS, PatchReport, patch
 
 __all__ = [
+    "METHODS",
     "BackendUnavailableError",
+    "PatchReport",
     "__version__",
     "backend",
     "explain",
     "info",
     "nn",
     "ops",
+    "patch",
     "quant",
     "reference",
 ]

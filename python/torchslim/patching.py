@@ -1,0 +1,253 @@
+"""patch(model, ...): swap a model's layers for torchslim's, in place, with a report.
+
+One generic function for every model (plain nn.Module stacks, Hugging Face transformers, ...):
+it walks the module tree, picks the layers that the chosen method applies to and that the
+name filters select, and replaces each with the method's drop-in module. Methods live in one
+table, METHODS; a new capability (int4, sparsity, attention) is one more entry there.
+
+    model = torchslim.patch(model, quant="int8-weight", exclude="lm_head")
+    print(model.torchslim_report)      # replaced / kept (and why), bytes before and after
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from torchslim.nn import Int8Linear
+
+
+@dataclass(frozen=True)
+class Method:
+    """How one quant name turns a layer into a torchslim layer.
+
+    Attributes:
+        name: the value users pass, e.g. ``quant="int8"``.
+        applies_to: the layer type it replaces.
+        convert: builds the replacement from the float layer.
+        why_not: None when ``convert`` can take this layer, else the reason it stays.
+        describe: a short description for reports.
+    """
+
+    name: str
+    applies_to: type[nn.Module]
+    convert: Callable[[nn.Module], nn.Module]
+    why_not: Callable[[nn.Module], str | None]
+    describe: str
+
+
+def _linear_why_not(layer: nn.Module) -> str | None:
+    if type(layer) is not nn.Linear:
+        return f"{type(layer).__name__} subclasses nn.Linear (its forward may differ)"
+    if layer.weight.device.type == "meta":
+        return "weights are on the meta device (nothing to quantize)"
+    if not layer.weight.is_floating_point():
+        return f"weight dtype {layer.weight.dtype} is not floating point"
+    return None
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method(
+            "int8",
+            nn.Linear,
+            lambda layer: Int8Linear.from_linear(layer, mode="dynamic"),
+            _linear_why_not,
+            "W8A8: int8 weights per channel, activations quantized per token",
+        ),
+        Method(
+            "int8-weight",
+            nn.Linear,
+            lambda layer: Int8Linear.from_linear(layer, mode="weight_only"),
+            _linear_why_not,
+            "W8A16: int8 weights per channel, float activations",
+        ),
+    )
+}
+
+
+def module_bytes(module: nn.Module) -> int:
+    """Bytes of a module's parameters and buffers (each tensor counted once)."""
+    seen, total = set(), 0
+    for t in [*module.parameters(), *module.buffers()]:
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+@dataclass
+class PatchRow:
+    name: str
+    before: str
+    after: str | None  # None: kept as it was
+    reason: str
+    bytes_before: int
+    bytes_after: int
+
+
+@dataclass
+class PatchReport:
+    """What patch() did: one row per layer the method applies to."""
+
+    quant: str
+    rows: list[PatchRow] = field(default_factory=list)
+
+    @property
+    def replaced(self) -> list[PatchRow]:
+        return [r for r in self.rows if r.after is not None]
+
+    @property
+    def kept(self) -> list[PatchRow]:
+        return [r for r in self.rows if r.after is None]
+
+    def bytes_before(self) -> int:
+        return sum(r.bytes_before for r in self.rows)
+
+    def bytes_after(self) -> int:
+        return sum(r.bytes_after for r in self.rows)
+
+    def __str__(self) -> str:
+        head = ("layer", "before", "after", "MB before", "MB after", "note")
+        body = [
+            (
+                r.name,
+                r.before,
+                r.after or "(kept)",
+                f"{r.bytes_before / 1e6:.2f}",
+                f"{r.bytes_after / 1e6:.2f}",
+                r.reason,
+            )
+            for r in self.rows
+        ]
+        widths = [max(len(h), *(len(row[i]) for row in body)) for i, h in enumerate(head)]
+        lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
+        lines.append("  ".join("-" * w for w in widths))
+        lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in body]
+        before, after = self.bytes_before(), self.bytes_after()
+        ratio = before / after if after else float("inf")
+        lines.append(
+            f"quant={self.quant}: {len(self.replaced)} replaced, {len(self.kept)} kept; "
+            f"these layers {before / 1e6:.2f} MB -> {after / 1e6:.2f} MB ({ratio:.2f}x smaller)"
+        )
+        return "\n".join(lines)
+
+
+def _as_patterns(value: str | Iterable[str] | None, arg: str) -> list[str]:
+    if value is None:
+        return []
+    patterns = [value] if isinstance(value, str) else list(value)
+    for p in patterns:
+        if not isinstance(p, str) or not p:
+            raise TypeError(f"{arg} must be a name pattern or a list of them, got {p!r}")
+    return patterns
+
+
+def name_matches(name: str, pattern: str) -> bool:
+    """True when ``name`` equals ``pattern``, matches it as a glob, or fully as a regex."""
+    if name == pattern or fnmatch.fnmatchcase(name, pattern):
+        return True
+    try:
+        return re.fullmatch(pattern, name) is not None
+    except re.error:
+        return False
+
+
+def patch(
+    model: nn.Module,
+    quant: str | None = None,
+    *,
+    include: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] | None = None,
+    filter_fn: Callable[[str, nn.Module], bool] | None = None,
+    progress: bool = True,
+) -> nn.Module:
+    """Replaces the model's layers with torchslim layers, in place.
+
+    Args:
+        model: any nn.Module (a Hugging Face model included).
+        quant: one of METHODS ("int8", "int8-weight"), or None to change nothing.
+        include: names (exact, glob or regex) of the layers to patch; default all.
+        exclude: names (exact, glob or regex) of layers to leave alone, e.g. "lm_head".
+        filter_fn: called as filter_fn(name, module); a layer is patched only if it returns True.
+        progress: show a progress bar over the layers.
+
+    Returns:
+        ``model`` itself. Its ``torchslim_report`` attribute (a PatchReport) lists every layer
+        the method applies to: replaced, or kept and why; bytes before and after.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if quant is not None and quant not in METHODS:
+        raise ValueError(f"quant must be one of {sorted(METHODS)} or None, got {quant!r}")
+    includes = _as_patterns(include, "include")
+    excludes = _as_patterns(exclude, "exclude")
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError(f"filter_fn must be callable, got {type(filter_fn).__name__}")
+
+    report = PatchReport(quant=str(quant))
+    if quant is None:
+        model.torchslim_report = report
+        return model
+    method = METHODS[quant]
+    # Every name of every candidate: a layer reachable under two names is converted once and
+    # replaced under both, so the model keeps sharing it.
+    candidates = [
+        (name, module)
+        for name, module in model.named_modules(remove_duplicate=False)
+        if isinstance(module, method.applies_to) and name
+    ]
+    converted: dict[int, nn.Module] = {}
+    for pattern, arg in [(p, "include") for p in includes] + [(p, "exclude") for p in excludes]:
+        if not any(name_matches(name, pattern) for name, _ in candidates):
+            kind = method.applies_to.__name__
+            warnings.warn(
+                f"torchslim.patch: {arg} pattern {pattern!r} matches no {kind} in the model",
+                stacklevel=2,
+            )
+
+    for name, module in tqdm(candidates, desc=f"patch {quant}", disable=not progress):
+        why = None
+        if includes and not any(name_matches(name, p) for p in includes):
+            why = "not included"
+        elif any(name_matches(name, p) for p in excludes):
+            why = "excluded"
+        elif filter_fn is not None and not filter_fn(name, module):
+            why = "filter_fn returned False"
+        else:
+            why = method.why_not(module)
+        before = module_bytes(module)
+        if why is not None:
+            report.rows.append(PatchRow(name, type(module).__name__, None, why, before, before))
+            continue
+        if id(module) not in converted:
+            with torch.no_grad():
+                converted[id(module)] = method.convert(module)
+        new = converted[id(module)]
+        _set_submodule(model, name, new)
+        report.rows.append(
+            PatchRow(
+                name,
+                type(module).__name__,
+                type(new).__name__,
+                method.describe,
+                before,
+                module_bytes(new),
+            )
+        )
+    model.torchslim_report = report
+    return model
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)

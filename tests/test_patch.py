@@ -1,0 +1,188 @@
+"""torchslim.patch on plain module stacks and Hugging Face models: accuracy, report, filters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import torchslim
+from torchslim.nn import Int8Linear
+from torchslim.testing import sqnr
+
+# int8 per-channel weights on Gaussian data allow ~40 dB per layer (test_nn.py); through a
+# stack of layers and nonlinearities the noise adds up, so a few dB less.
+MIN_DB = {"int8-weight": 34.0, "int8": 30.0}
+
+
+class Block(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.up = nn.Linear(d, 2 * d)
+        self.down = nn.Linear(2 * d, d)
+
+    def forward(self, x):
+        return x + self.down(torch.nn.functional.gelu(self.up(x)))
+
+
+class Stack(nn.Module):
+    def __init__(self, d: int = 64, n: int = 3, vocab: int = 50) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(d) for _ in range(n))
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return self.lm_head(x)
+
+
+def _stack(gen) -> Stack:
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    return Stack().eval()
+
+
+@pytest.mark.parametrize("quant", ["int8", "int8-weight"])
+def test_plain_stack_matches_float(quant, gen):
+    model = _stack(gen)
+    x = torch.randn(4, 9, 64, generator=gen)
+    with torch.no_grad():
+        want = model(x)
+        patched = torchslim.patch(model, quant=quant, progress=False)
+        got = patched(x)
+    assert patched is model
+    assert sum(isinstance(m, Int8Linear) for m in model.modules()) == 7
+    assert sqnr(want, got) >= MIN_DB[quant]
+    report = model.torchslim_report
+    assert len(report.replaced) == 7 and not report.kept
+    # fp32 weights -> int8 codes + fp32 per-channel scales: a little under 4x smaller.
+    assert 3.5 < report.bytes_before() / report.bytes_after() < 4.0
+    text = str(report)
+    assert "blocks.0.up" in text and "7 replaced, 0 kept" in text
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "kept"),
+    [
+        ({"exclude": "lm_head"}, {"lm_head"}),  # exact name
+        ({"exclude": "blocks.*.down"}, {"blocks.0.down", "blocks.1.down", "blocks.2.down"}),  # glob
+        ({"exclude": [r"blocks\.[01]\.up", "lm_head"]}, {"blocks.0.up", "blocks.1.up", "lm_head"}),
+        (
+            {"include": "blocks.2.*"},
+            {"blocks.0.up", "blocks.0.down", "blocks.1.up", "blocks.1.down", "lm_head"},
+        ),
+        ({"filter_fn": lambda name, m: m.out_features != 50}, {"lm_head"}),
+    ],
+)
+def test_name_filters(kwargs, kept, gen):
+    model = torchslim.patch(_stack(gen), quant="int8-weight", progress=False, **kwargs)
+    report = model.torchslim_report
+    assert {r.name for r in report.kept} == kept
+    for name, module in model.named_modules():
+        if name in kept:
+            assert type(module) is nn.Linear
+    assert all(r.reason for r in report.kept)
+
+
+def test_unmatched_pattern_warns(gen):
+    with pytest.warns(UserWarning, match=r"exclude pattern 'decoder\.\*' matches no Linear"):
+        torchslim.patch(_stack(gen), quant="int8", exclude="decoder.*", progress=False)
+
+
+def test_unsupported_layers_are_kept_with_the_reason(gen):
+    class MyLinear(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    model = nn.Sequential(nn.Linear(8, 8), MyLinear(8, 8))
+    torchslim.patch(model, quant="int8", progress=False)
+    assert isinstance(model[0], Int8Linear) and type(model[1]) is MyLinear
+    (kept,) = model.torchslim_report.kept
+    assert kept.name == "1" and "MyLinear subclasses nn.Linear" in kept.reason
+
+
+def test_shared_layer_is_replaced_everywhere_once():
+    shared = nn.Linear(8, 8)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    torchslim.patch(model, quant="int8-weight", progress=False)
+    assert isinstance(model[0], Int8Linear) and model[0] is model[2]
+
+
+def test_quant_none_changes_nothing(gen):
+    model = _stack(gen)
+    torchslim.patch(model, quant=None, progress=False)
+    assert not any(isinstance(m, Int8Linear) for m in model.modules())
+    assert model.torchslim_report.rows == []
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="quant must be one of"):
+        torchslim.patch(nn.Linear(4, 4), quant="int3")
+    with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module"):
+        torchslim.patch({"w": torch.ones(2)}, quant="int8")
+    with pytest.raises(TypeError, match="exclude must be a name pattern"):
+        torchslim.patch(nn.Sequential(nn.Linear(4, 4)), quant="int8", exclude=[3])
+    with pytest.raises(TypeError, match="filter_fn must be callable"):
+        torchslim.patch(nn.Sequential(nn.Linear(4, 4)), quant="int8", filter_fn="yes")
+
+
+transformers = pytest.importorskip("transformers")
+
+
+def _tiny_bert():
+    config = transformers.BertConfig(
+        vocab_size=120,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=64,
+    )
+    return transformers.BertModel(config).eval()
+
+
+def _tiny_llama():
+    config = transformers.LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=64,
+    )
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("quant", ["int8", "int8-weight"])
+def test_hf_bert_with_padding(quant, gen):
+    torch.manual_seed(0)
+    model = _tiny_bert()
+    ids = torch.randint(0, 120, (3, 12), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0  # a padded sequence
+    mask[2, 3:] = 0
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        torchslim.patch(model, quant=quant, progress=False)
+        got = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    # 2 layers x (q, k, v, attention output, intermediate, output) + the pooler
+    assert len(model.torchslim_report.replaced) == 13
+    valid = mask.bool()
+    assert sqnr(want[valid], got[valid]) >= MIN_DB[quant]
+
+
+@pytest.mark.parametrize("quant", ["int8", "int8-weight"])
+def test_hf_llama_excluding_lm_head(quant, gen):
+    torch.manual_seed(0)
+    model = _tiny_llama()
+    ids = torch.randint(0, 128, (2, 10), generator=gen)
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        torchslim.patch(model, quant=quant, exclude="lm_head", progress=False)
+        got = model(input_ids=ids).logits
+    report = model.torchslim_report
+    assert [r.name for r in report.kept] == ["lm_head"]
+    assert len(report.replaced) == 2 * 7  # q, k, v, o, gate, up, down per layer
+    assert type(model.lm_head) is nn.Linear
+    assert sqnr(want, got) >= MIN_DB[quant]
