@@ -13,6 +13,7 @@ from torchslim import nn, ops, quant, reference
 from torchslim._info import info
 from torchslim.ops import BackendUnavailableError, backend, explain
 from torchslim.patching import METHODS, PatchReport, patch
+from torchslim.serialization import load, save
 
 __all__ = [
     "METHODS",
@@ -22,9 +23,11 @@ __all__ = [
     "backend",
     "explain",
     "info",
+    "load",
     "nn",
     "ops",
     "patch",
     "quant",
     "reference",
+    "save",
 ]

@@ -34,6 +34,11 @@ class Method:
         convert: builds the replacement from the float layer.
         why_not: None when ``convert`` can take this layer, else the reason it stays.
         describe: a short description for reports.
+        config: the replacement's constructor arguments, as JSON-able data (saved recipes).
+        empty: builds an unfilled replacement for a float layer from ``config``, on the float
+            layer's device, for ``torchslim.load`` to load packed weights into.
+        owns: whether a module is this method's replacement (how ``torchslim.save`` finds
+            them, patched or built by hand).
     """
 
     name: str
@@ -41,6 +46,9 @@ class Method:
     convert: Callable[[nn.Module], nn.Module]
     why_not: Callable[[nn.Module], str | None]
     describe: str
+    config: Callable[[nn.Module], dict]
+    empty: Callable[[nn.Module, dict], nn.Module]
+    owns: Callable[[nn.Module], bool]
 
 
 def _linear_why_not(layer: nn.Module) -> str | None:
@@ -53,23 +61,49 @@ def _linear_why_not(layer: nn.Module) -> str | None:
     return None
 
 
+def _int8_config(layer: Int8Linear) -> dict:
+    return {
+        "in_features": layer.in_features,
+        "out_features": layer.out_features,
+        "bias": layer.bias is not None,
+        "mode": layer.mode,
+        "smooth": layer.smooth is not None,
+    }
+
+
+def _int8_empty(linear: nn.Module, config: dict) -> Int8Linear:
+    shape = (config["in_features"], config["out_features"], config["bias"])
+    if (linear.in_features, linear.out_features, linear.bias is not None) != shape:
+        raise ValueError(
+            f"the model's layer is Linear(in={linear.in_features}, out={linear.out_features}, "
+            f"bias={linear.bias is not None}) but the recipe has (in={shape[0]}, out={shape[1]}, "
+            f"bias={shape[2]})"
+        )
+    device, dtype = linear.weight.device, linear.weight.dtype
+    layer = Int8Linear(*shape, mode=config["mode"], device=device, dtype=dtype)
+    if config["smooth"]:
+        layer.smooth = torch.ones(shape[0], device=device)
+    return layer
+
+
+def _int8_method(name: str, mode: str, describe: str) -> Method:
+    return Method(
+        name=name,
+        applies_to=nn.Linear,
+        convert=lambda layer: Int8Linear.from_linear(layer, mode=mode),
+        why_not=_linear_why_not,
+        describe=describe,
+        config=_int8_config,
+        empty=_int8_empty,
+        owns=lambda module: isinstance(module, Int8Linear) and module.mode == mode,
+    )
+
+
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        Method(
-            "int8",
-            nn.Linear,
-            lambda layer: Int8Linear.from_linear(layer, mode="dynamic"),
-            _linear_why_not,
-            "W8A8: int8 weights per channel, activations quantized per token",
-        ),
-        Method(
-            "int8-weight",
-            nn.Linear,
-            lambda layer: Int8Linear.from_linear(layer, mode="weight_only"),
-            _linear_why_not,
-            "W8A16: int8 weights per channel, float activations",
-        ),
+        _int8_method("int8", "dynamic", "W8A8: int8 weights per channel, tokens quantized"),
+        _int8_method("int8-weight", "weight_only", "W8A16: int8 weights per channel"),
     )
 }
 
@@ -92,6 +126,7 @@ class PatchRow:
     reason: str
     bytes_before: int
     bytes_after: int
+    method: str | None = None  # the METHODS entry that replaced it
 
 
 @dataclass
