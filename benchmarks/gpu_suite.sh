@@ -1,32 +1,84 @@
 #!/usr/bin/env bash
-# One command for a bare GPU machine: build the CUDA extension, run every test (GPU and CPU),
-# run the GPU benchmarks, and leave logs and CSVs in OUT_DIR.
+# One command for a bare GPU machine: build the CUDA extension, run the GPU tests, the GPU
+# benchmarks, the CPU benchmarks of the host (often an AVX-512 VNNI CPU) and the rest of the
+# tests, leaving one log and the CSVs in OUT_DIR. Every stage has a time limit, so a hang in
+# one still leaves the others' results.
 #
-#   bash benchmarks/gpu_suite.sh OUT_DIR
+#   bash benchmarks/gpu_suite.sh OUT_DIR [STAGE ...]
+#
+# Stages (default: all, in this order): build tests-gpu bench-gpu bench-cpu tests-all.
+# A prebuilt extension (python/torchslim/_C.cpython-*.so built with CUDA for this Python) is
+# reused when SKIP_BUILD=1; the build copies the one it makes to OUT_DIR for that purpose.
 set -uo pipefail
-out=${1:?usage: gpu_suite.sh OUT_DIR}
+out=$(realpath -m "${1:?usage: gpu_suite.sh OUT_DIR [STAGE ...]}")
+shift
+stages=${*:-build tests-gpu bench-gpu bench-cpu tests-all}
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
-export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-$(nproc)}
+# Only the GPU in hand (the sm_80 / sm_90a pair is compile-checked by tests/test_cuda_compile.py).
+arch=$(python -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}.{n}' + ('a' if m == 9 else ''))")
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch}
+log="$out/suite.log"
 
 {
-  nvidia-smi || true
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
   python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-  lscpu | grep -E 'Model name|Flags' | cut -c1-400
-} > "$out/env.log" 2>&1
+  lscpu | grep -E 'Model name|^CPU\(s\)' ; grep -o -w -E 'avx512_vnni|avx512_bf16|avx_vnni|amx_int8' /proc/cpuinfo | sort -u | tr '\n' ' '; echo
+} > "$log" 2>&1
+cat "$log"
+
+# run_stage NAME SECONDS CMD...: runs CMD under a time limit, appends its output to the log,
+# prints its tail and returns its status.
+run_stage() {
+  local name=$1 secs=$2
+  shift 2
+  local t0=$SECONDS rc
+  echo "== $name (limit ${secs} s)" | tee -a "$log"
+  timeout --signal=INT --kill-after=20 "$secs" "$@" > "$out/.stage" 2>&1
+  rc=$?
+  cat "$out/.stage" >> "$log"
+  echo "== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$log"
+  tail -n "${TAIL:-30}" "$out/.stage"
+  rm -f "$out/.stage"
+  return $rc
+}
 
 status=0
-echo "== build"
-if ! python -m pip install --no-build-isolation --no-deps -e . > "$out/build.log" 2>&1; then
-  echo "build failed: see $out/build.log"; tail -40 "$out/build.log"; exit 1
-fi
-python -m torchslim.cli info | tee "$out/info.log"
-
-echo "== tests"
-python -m pytest -q -rs tests --junitxml="$out/tests.xml" > "$out/tests.log" 2>&1 || status=1
-tail -30 "$out/tests.log"
-
-echo "== benchmarks"
-python benchmarks/bench_quant.py --device cuda --out "$out" --no-plot > "$out/bench_int8_cuda.log" 2>&1 || status=1
-tail -60 "$out/bench_int8_cuda.log"
+for stage in $stages; do
+  case $stage in
+    build)
+      if [[ ${SKIP_BUILD:-0} == 1 ]]; then
+        run_stage install 120 env TORCHSLIM_NO_EXTENSION=1 \
+          python -m pip install --no-build-isolation --no-deps -e . || exit 1
+      else
+        run_stage build 420 python -m pip install -v --no-build-isolation --no-deps -e . || exit 1
+        cp python/torchslim/_C.cpython-*.so "$out/" || true
+      fi
+      TAIL=40 run_stage info 60 python -m torchslim.cli info || status=1
+      ;;
+    tests-gpu)
+      run_stage tests-gpu "${TESTS_GPU_LIMIT:-300}" python -m pytest -q -rfEs -p no:cacheprovider \
+        -n "${TEST_WORKERS:-8}" tests/test_int8.py tests/test_triton_quant_matmul.py \
+        tests/test_nn.py tests/test_compile.py || status=1
+      ;;
+    bench-gpu)
+      run_stage bench-gpu "${BENCH_GPU_LIMIT:-300}" python benchmarks/bench_quant.py --device cuda \
+        --out "$out" --no-plot ${BENCH_GPU_ARGS:-} || status=1
+      ;;
+    bench-cpu)
+      run_stage bench-cpu "${BENCH_CPU_LIMIT:-200}" python benchmarks/bench_quant.py --device cpu \
+        --out "$out/cpu" --no-plot ${BENCH_CPU_ARGS:---layers 4096x4096,11008x4096 --batch 1,512} \
+        || status=1
+      ;;
+    tests-all)
+      run_stage tests-all "${TESTS_ALL_LIMIT:-300}" python -m pytest -q -rfEs -p no:cacheprovider \
+        -n "${TEST_WORKERS:-8}" tests || status=1
+      ;;
+    *)
+      echo "unknown stage: $stage" >&2
+      exit 2
+      ;;
+  esac
+done
 exit $status

@@ -108,13 +108,29 @@ _W8A16_DECODE_GPU = [
 ]
 
 
-def _for_backend(gpu: list[triton.Config], interpreter: triton.Config) -> list[triton.Config]:
-    return [interpreter] if INTERPRET else gpu
+# TORCHSLIM_TRITON_AUTOTUNE=0: one fixed config per table (the index below), no benchmarking.
+# For test suites that sweep hundreds of shapes, where tuning each would cost far more than the
+# tests; tests/test_triton_quant_matmul.py runs every config of every table on its own.
+AUTOTUNE = os.environ.get("TORCHSLIM_TRITON_AUTOTUNE", "1").lower() not in ("0", "false", "off")
 
 
-INT8_GEMM_CONFIGS = _for_backend(_INT8_GEMM_GPU, _cfg(32, 32, 64, 2, 4, 1))
-W8A16_TILED_CONFIGS = _for_backend(_W8A16_TILED_GPU, _cfg(32, 32, 64, 2, 4, 1))
-W8A16_DECODE_CONFIGS = _for_backend(_W8A16_DECODE_GPU, _cfg(16, 32, 32, 1, 4, 1, 2))
+def _for_backend(
+    gpu: list[triton.Config], default: int, interpreter: triton.Config
+) -> list[triton.Config]:
+    if INTERPRET:
+        return [interpreter]
+    return list(gpu) if AUTOTUNE else [gpu[default]]
+
+
+# The GPU tables, for tests that run each config.
+GPU_TABLES = {
+    "int8_gemm": _INT8_GEMM_GPU,
+    "w8a16_tiled": _W8A16_TILED_GPU,
+    "w8a16_decode": _W8A16_DECODE_GPU,
+}
+INT8_GEMM_CONFIGS = _for_backend(_INT8_GEMM_GPU, 5, _cfg(32, 32, 64, 2, 4, 1))
+W8A16_TILED_CONFIGS = _for_backend(_W8A16_TILED_GPU, 4, _cfg(32, 32, 64, 2, 4, 1))
+W8A16_DECODE_CONFIGS = _for_backend(_W8A16_DECODE_GPU, 5, _cfg(16, 32, 32, 1, 4, 1, 2))
 
 # Per-token quantization: a (BLOCK_M, BLOCK_K) tile of about _QUANTIZE_TILE elements per step,
 # whole rows of up to BLOCK_K columns; long rows take one program each. Under the interpreter

@@ -12,6 +12,9 @@ import torch
 # chosen before triton.jit decorates the kernels, i.e. before torchslim.kernels is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# On a GPU, one fixed config per Triton kernel: autotuning each of the hundreds of shapes below
+# would cost far more than the tests. test_triton_quant_matmul.py runs every config on its own.
+os.environ.setdefault("TORCHSLIM_TRITON_AUTOTUNE", "0")
 
 import torchslim
 from torchslim import _ext

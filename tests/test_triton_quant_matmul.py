@@ -1,8 +1,8 @@
 """Triton quantized matmuls (kernels/quant_matmul.py) against torchslim.reference.int8.
 
-Runs the kernels under the Triton interpreter on CPU tensors (TRITON_INTERPRET=1, set below
-before triton is imported). On a GPU machine run with TRITON_INTERPRET=0 to test the compiled
-kernels on CUDA tensors, bf16 included.
+Where there is no GPU, runs the kernels under the Triton interpreter on CPU tensors
+(TRITON_INTERPRET=1, set below before triton is imported); on a GPU machine it tests the compiled
+kernels on CUDA tensors, bf16 included (TRITON_INTERPRET=1 forces the interpreter there too).
 
 Integer results (int8_mm, the quantization codes) must match the reference exactly. Float
 outputs follow the flash-attention rule: max |out - yardstick| <= 2 * max |ref - yardstick| +
@@ -11,15 +11,14 @@ its default precision (fp32 epilogue for W8A8, x.dtype matmul for W8A16).
 """
 
 import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import sys
 import zlib
 from pathlib import Path
 
 import pytest
 import torch
+
+os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "python"))
@@ -274,6 +273,38 @@ def test_int8_mm_and_quantize_reject_bad_input():
         qm.int8_mm(a, a.tolist())
     with pytest.raises(TypeError, match=r"x must be float32, float16 or bfloat16"):
         qm.quantize_per_token(a)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every config of every GPU autotune table, each forced on its own (GPU only)
+# ---------------------------------------------------------------------------------------------
+
+_GPU_CONFIGS = [(name, i) for name, table in autotune.GPU_TABLES.items() for i in range(len(table))]
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the GPU tables compile for a GPU only")
+@pytest.mark.parametrize("table, index", _GPU_CONFIGS, ids=[f"{t}-{i}" for t, i in _GPU_CONFIGS])
+def test_every_gpu_config(table, index, monkeypatch, poisoned_empty):
+    """Each config unpruned (tiles larger than the problem, split-K with empty slices) on a
+    shape that is a multiple of no tile; whatever autotuning picks must be correct."""
+    kernel = {"int8_gemm": qm._int8_gemm, "w8a16_tiled": qm._w8a16_tiled}.get(
+        table, qm._w8a16_decode
+    )
+    monkeypatch.setattr(kernel, "configs", [autotune.GPU_TABLES[table][index]])
+    M = 3 if table == "w8a16_decode" else 33
+    N, K = 300, 1000
+    g = _gen("config", table, index)
+    if table == "int8_gemm":
+        a, b = _int8(g, M, K), _int8(g, N, K)
+        assert torch.equal(qm.int8_mm(a, b), ref.int8_mm(a, b))
+        x, w_q, w_scale, bias = _linear_inputs(g, M, N, K, torch.float16, torch.float32)
+        out = qm.int8_dynamic_linear(x, w_q, w_scale, bias)
+        _assert_flash_rule(out, ref.int8_dynamic_linear, x, w_q, w_scale, bias)
+        return
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        x, w_q, w_scale, bias = _linear_inputs(g, M, N, K, dtype, dtype)
+        out = qm.int8_weight_only_linear(x, w_q, w_scale, bias)
+        _assert_flash_rule(out, ref.int8_weight_only_linear, x, w_q, w_scale, bias)
 
 
 # ---------------------------------------------------------------------------------------------
