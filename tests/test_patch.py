@@ -143,19 +143,6 @@ def _tiny_bert():
     return transformers.BertModel(config).eval()
 
 
-def _tiny_llama():
-    config = transformers.LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(config).eval()
-
-
 @pytest.mark.parametrize("quant", ["int8", "int8-weight"])
 def test_hf_bert_with_padding(quant, gen):
     torch.manual_seed(0)
@@ -175,9 +162,8 @@ def test_hf_bert_with_padding(quant, gen):
 
 
 @pytest.mark.parametrize("quant", ["int8", "int8-weight"])
-def test_hf_llama_excluding_lm_head(quant, gen):
-    torch.manual_seed(0)
-    model = _tiny_llama()
+def test_hf_llama_excluding_lm_head(quant, gen, tiny_llama):
+    model = tiny_llama
     ids = torch.randint(0, 128, (2, 10), generator=gen)
     with torch.no_grad():
         want = model(input_ids=ids).logits

@@ -1,0 +1,284 @@
+"""The ``torchslim`` torch.compile backend: torchslim's graph passes, then Inductor.
+
+    model = torchslim.patch(model, quant="int8")
+    compiled = torch.compile(model, backend="torchslim")
+    compiled = torch.compile(model, backend="torchslim", options={"freezing": True})
+
+The backend is registered when torchslim is imported and, for an installed torchslim, through
+the ``torch_dynamo_backends`` entry point, so ``backend="torchslim"`` works without an import.
+It hands the graph to Inductor (``compile_fx``) with the passes below installed as Inductor's
+post-grad custom pass: they see the ATen graph after autograd and functionalization, where
+torchslim's ops are single nodes, and Inductor compiles the rewritten graph.
+
+Passes (run in this order; ``options={"passes": [...]}`` picks a subset, ``[]`` none):
+
+    fuse_bias       ``int8_*_linear(x, w, s) + b`` -> ``int8_*_linear(x, w, s, b)``: a bias added
+                    after the op moves into the op's epilogue (one pass over the output less).
+                    Applies when b has shape (N,) and the output's dtype and the linear has no
+                    other user.
+    fuse_siblings   linears of one kind that read the same x with frozen weights (q/k/v, or
+                    gate/up) become one op on the weights concatenated along N, followed by
+                    views of its output: x is quantized and streamed once instead of once per
+                    projection, and one launch replaces several. Needs Inductor freezing
+                    (``options={"freezing": True}``), which turns parameters into constants
+                    and so assumes they are not modified after compilation.
+
+Options (``torch.compile(..., options={...})``):
+
+    passes      names of the passes to run (default: all of them).
+    freezing    Inductor freezing (default False): parameters become compile-time constants.
+    any other   an Inductor config option, as with the default backend (e.g.
+                ``"max_autotune": True``); ``mode=`` is honoured as well.
+
+``counters`` counts the rewrites of every compilation since the last ``counters.clear()``.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import fx
+
+log = logging.getLogger(__name__)
+
+BACKEND_NAME = "torchslim"
+
+counters: collections.Counter[str] = collections.Counter()
+
+
+def _linear_ops() -> tuple:
+    ns = torch.ops.torchslim
+    return (ns.int8_dynamic_linear.default, ns.int8_weight_only_linear.default)
+
+
+def _val(node: Any) -> torch.Tensor | None:
+    """The fake tensor Inductor recorded for a node's output, if any."""
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return val if isinstance(val, torch.Tensor) else None
+
+
+def _linear_args(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node, Any]:
+    """(x, w_q, w_scale, bias) of a torchslim linear node, however the call spelled them."""
+    names = ("x", "w_q", "w_scale", "bias")
+    args = dict(zip(names, node.args, strict=False))
+    args.update({k: v for k, v in node.kwargs.items() if k in names})
+    return args["x"], args["w_q"], args["w_scale"], args.get("bias")
+
+
+# ------------------------------------------------------------------------------------ fuse_bias
+def fuse_bias(graph: fx.Graph) -> int:
+    """``linear(x, w, s) + b`` -> ``linear(x, w, s, b)``; returns the number of rewrites."""
+    linear_ops = _linear_ops()
+    add = torch.ops.aten.add.Tensor
+    rewrites = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not add or node.kwargs.get("alpha", 1) != 1:
+            continue
+        for lin, bias in (node.args, node.args[::-1]):
+            if not (isinstance(lin, fx.Node) and lin.target in linear_ops) or len(lin.users) != 1:
+                continue
+            x, w_q, w_scale, old_bias = _linear_args(lin)
+            out, b = _val(lin), _val(bias)
+            if old_bias is not None or out is None or b is None:
+                continue
+            if b.shape != (out.shape[-1],) or b.dtype != out.dtype or b.device != out.device:
+                continue
+            with graph.inserting_before(node):
+                fused = graph.call_function(lin.target, (x, w_q, w_scale, bias))
+            fused.meta.update(node.meta)
+            node.replace_all_uses_with(fused)
+            graph.erase_node(node)
+            graph.erase_node(lin)
+            rewrites += 1
+            break
+    return rewrites
+
+
+# -------------------------------------------------------------------------------- fuse_siblings
+def _constant(graph: fx.Graph, node: Any) -> torch.Tensor | None:
+    """The tensor behind a get_attr node of the graph's module (a frozen parameter)."""
+    if not isinstance(node, fx.Node) or node.op != "get_attr" or graph.owning_module is None:
+        return None
+    value = graph.owning_module
+    for part in node.target.split("."):
+        value = getattr(value, part, None)
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def fuse_siblings(graph: fx.Graph) -> int:
+    """Linears of one op on one x with constant weights -> one linear on concatenated weights,
+    then a slice of its output per original linear. Returns the number of linears removed."""
+    linear_ops = _linear_ops()
+    groups: dict[tuple, list[fx.Node]] = collections.defaultdict(list)
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target not in linear_ops or _val(node) is None:
+            continue
+        x, w_q, w_scale, bias = _linear_args(node)
+        if any(_constant(graph, a) is None for a in (w_q, w_scale)):
+            continue
+        if bias is not None and _constant(graph, bias) is None:
+            continue
+        groups[(node.target, x)].append(node)
+
+    removed = 0
+    for (target, x), nodes in groups.items():
+        biases = [_constant(graph, _linear_args(n)[3]) for n in nodes]
+        bias_dtypes = {b.dtype for b in biases if b is not None}
+        if len(nodes) < 2 or len(bias_dtypes) > 1:
+            continue
+        weights = [_constant(graph, _linear_args(n)[1]) for n in nodes]
+        scales = [_constant(graph, _linear_args(n)[2]) for n in nodes]
+        fused_consts = [torch.cat(weights), torch.cat(scales)]
+        if bias_dtypes:  # a sibling without a bias contributes zeros
+            (dtype,) = bias_dtypes
+            zeros = [w.new_zeros(len(w), dtype=dtype) for w in weights]
+            fused_consts.append(
+                torch.cat([z if b is None else b for b, z in zip(biases, zeros, strict=True)])
+            )
+        _replace_with_fused(graph, target, x, nodes, fused_consts)
+        removed += len(nodes) - 1
+    return removed
+
+
+def _replace_with_fused(graph, target, x, nodes: list[fx.Node], consts: list[torch.Tensor]):
+    """One ``target(x, *consts)`` where the first of ``nodes`` was (x is defined before it; the
+    constants become attributes of the graph's module), and a slice of its output per node."""
+    gm = graph.owning_module
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    first = min(nodes, key=order.__getitem__)
+    fake_mode = _val(first).fake_mode
+    with graph.inserting_before(first):
+        attrs = []
+        for tensor in consts:
+            name = _fresh_attr(gm, "_torchslim_fused")
+            gm.register_buffer(name, tensor)
+            attr = graph.get_attr(name)
+            attr.meta["val"] = fake_mode.from_tensor(tensor, static_shapes=True)
+            attrs.append(attr)
+        fused = graph.call_function(target, (x, *attrs))
+    out = _val(first)
+    fused.meta["val"] = out.new_empty((*out.shape[:-1], sum(_val(n).shape[-1] for n in nodes)))
+    start = 0
+    for node in nodes:
+        stop = start + _val(node).shape[-1]
+        with graph.inserting_after(fused):
+            piece = graph.call_function(torch.ops.aten.slice.Tensor, (fused, -1, start, stop))
+        piece.meta["val"] = fused.meta["val"][..., start:stop]
+        node.replace_all_uses_with(piece)
+        graph.erase_node(node)
+        start = stop
+
+
+def _fresh_attr(module: torch.nn.Module, prefix: str) -> str:
+    i = 0
+    while hasattr(module, f"{prefix}_{i}"):
+        i += 1
+    return f"{prefix}_{i}"
+
+
+PASSES: dict[str, Callable[[fx.Graph], int]] = {
+    "fuse_bias": fuse_bias,
+    "fuse_siblings": fuse_siblings,
+}
+
+
+# ------------------------------------------------------------------------------------- backend
+def _pass_class():
+    from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+
+    class TorchslimPasses(CustomGraphPass):
+        """torchslim's passes as one Inductor post-grad custom pass."""
+
+        def __init__(self, names: Sequence[str], then: Callable | None) -> None:
+            self.names = tuple(names)
+            self.then = then  # a custom pass that was configured before ours
+
+        def __call__(self, graph: fx.Graph) -> None:
+            for name in self.names:
+                done = PASSES[name](graph)
+                if done:
+                    counters[name] += done
+                    log.info("torchslim pass %s: %d rewrites", name, done)
+            if self.names:
+                graph.lint()
+            if self.then is not None:
+                self.then(graph)
+
+        def uuid(self) -> Any:
+            then = self.then.uuid() if hasattr(self.then, "uuid") else self.then
+            return (get_hash_for_files((__file__,)), self.names, then)
+
+    return TorchslimPasses
+
+
+def _pass_names(passes: Iterable[str] | None) -> tuple[str, ...]:
+    if passes is None:
+        return tuple(PASSES)
+    if isinstance(passes, str):
+        raise TypeError(
+            f"options['passes'] must be a list of pass names, got the string {passes!r}"
+        )
+    names = tuple(passes)
+    unknown = [n for n in names if n not in PASSES]
+    if unknown:
+        raise ValueError(f"options['passes']: unknown pass {unknown}; known: {sorted(PASSES)}")
+    return names
+
+
+def backend(
+    gm: fx.GraphModule,
+    example_inputs: Sequence[Any],
+    *,
+    mode: str | None = None,
+    options: dict[str, Any] | None = None,
+) -> Callable:
+    """torch.compile backend: torchslim's passes (see the module docstring), then Inductor."""
+    import torch._inductor
+    from torch._inductor import config as inductor_config
+    from torch._inductor.compile_fx import compile_fx
+
+    options = dict(options or {})
+    names = _pass_names(options.pop("passes", None))
+    patches: dict[str, Any] = {}
+    if mode is not None and mode != "default":
+        patches.update(torch._inductor.list_mode_options(mode))
+    for key in options:
+        if not hasattr(inductor_config, key):
+            raise ValueError(
+                f"options: {key!r} is neither a torchslim option ('passes') nor an Inductor "
+                "config option"
+            )
+    if options.get("freezing") and not inductor_config.freezing:
+        raise ValueError(
+            "options['freezing'] comes after Dynamo has traced the parameters as inputs; set "
+            "torch._inductor.config.freezing = True before calling torch.compile instead"
+        )
+    patches.update(options)
+    passes_cls = _pass_class()
+    previous = patches.get("post_grad_custom_pre_pass", inductor_config.post_grad_custom_pre_pass)
+    patches["post_grad_custom_pre_pass"] = passes_cls(names, previous)
+    return compile_fx(gm, example_inputs, config_patches=patches)
+
+
+@functools.cache
+def register() -> None:
+    """Makes ``torch.compile(..., backend="torchslim")`` work in this process (run on import).
+
+    An installed torchslim is found by torch through its ``torch_dynamo_backends`` entry point,
+    which costs nothing until it is used; registering it here as well would make torch's lookup
+    fail with a duplicate name when it loads the entry point. So only a torchslim that is not
+    installed (a source tree on sys.path) registers here, at the price of importing torch._dynamo.
+    """
+    from importlib.metadata import entry_points
+
+    if entry_points(group="torch_dynamo_backends", name=BACKEND_NAME):
+        return
+    import torch._dynamo
+
+    if BACKEND_NAME not in torch._dynamo.list_backends(exclude_tags=()):
+        torch._dynamo.register_backend(backend, name=BACKEND_NAME)

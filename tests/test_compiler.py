@@ -1,0 +1,148 @@
+"""The "torchslim" torch.compile backend: registration, its graph passes, its options."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from importlib.metadata import entry_points
+
+import pytest
+import torch
+from torch import nn
+
+import torchslim
+from torchslim import compiler
+from torchslim.nn import Int8Linear
+
+MODES = ["dynamic", "weight_only"]
+
+
+@pytest.fixture(autouse=True)
+def fresh_compile():
+    """Every test compiles anew and runs the passes (an FX-graph-cache hit would skip them)."""
+    torch._dynamo.reset()
+    compiler.counters.clear()
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        yield
+    torch._dynamo.reset()
+
+
+class Projections(nn.Module):
+    """q / k / v on one input (v with a bias, q with one added after the layer), combined."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.q = Int8Linear.from_linear(nn.Linear(64, 96, bias=False), mode=mode)
+        self.k = Int8Linear.from_linear(nn.Linear(64, 32, bias=False), mode=mode)
+        self.v = Int8Linear.from_linear(nn.Linear(64, 32), mode=mode)
+        self.q_bias = nn.Parameter(torch.randn(96))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.q(x) + self.q_bias
+        mixed = q[..., :32] * self.k(x) + self.v(x)
+        return mixed.view(*x.shape[:-1], 4, 8).transpose(-2, -3)  # a view of the slices
+
+
+def _projections(mode: str) -> Projections:
+    torch.manual_seed(0)
+    return Projections(mode).eval()
+
+
+def test_backend_is_registered():
+    assert "torchslim" in torch._dynamo.list_backends()
+    (entry_point,) = entry_points(group="torch_dynamo_backends", name="torchslim")
+    assert entry_point.load() is compiler.backend
+
+
+def test_backend_is_found_without_importing_torchslim():
+    code = (
+        "import sys, torch\n"
+        "fn = torch._dynamo.lookup_backend('torchslim')\n"
+        "assert 'torchslim' in sys.modules\n"
+        "print(fn.__module__, fn.__name__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["torchslim.compiler", "backend"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_fuse_bias_moves_the_add_into_the_op(mode, gen):
+    model = _projections(mode)
+    x = torch.randn(2, 5, 64, generator=gen)
+    with torch.no_grad():
+        got = torch.compile(model, backend="torchslim", fullgraph=True)(x)
+        want = model(x)
+        q = model.q
+        op = torchslim.ops.int8_dynamic_linear if mode == "dynamic" else None
+        op = op or torchslim.ops.int8_weight_only_linear
+        fused_q = op(x, q.weight, q.weight_scale, model.q_bias)  # what the rewrite calls
+    assert compiler.counters == {"fuse_bias": 1}
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # The fused epilogue rounds once: got's q part equals the op with the bias passed in.
+    mixed = fused_q[..., :32] * model.k(x) + model.v(x)
+    torch.testing.assert_close(got, mixed.view(2, 5, 4, 8).transpose(1, 2), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_fuse_siblings_with_frozen_weights(mode, gen):
+    model = _projections(mode)
+    x = torch.randn(3, 7, 64, generator=gen)
+    with torch.no_grad(), torch._inductor.config.patch(freezing=True):
+        got = torch.compile(model, backend="torchslim", fullgraph=True)(x)
+        want = model(x)
+    # q (its bias fused first), k (zeros for its missing bias) and v become one op.
+    assert compiler.counters == {"fuse_bias": 1, "fuse_siblings": 2}
+    # x is quantized per row either way and each column's dot product is the same: exact
+    # for W8A8; W8A16 may differ by an fp32 rounding of the bias add.
+    tol = 0 if mode == "dynamic" else 1e-6
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+def test_no_sibling_fusion_without_freezing(gen):
+    model = _projections("dynamic")
+    with torch.no_grad():
+        torch.compile(model, backend="torchslim")(torch.randn(4, 64, generator=gen))
+    assert "fuse_siblings" not in compiler.counters
+
+
+@pytest.mark.parametrize("quant", ["int8", "int8-weight"])
+def test_patched_llama_compiles_once_and_matches_eager(quant, gen, tiny_llama):
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    model = torchslim.patch(tiny_llama, quant=quant, exclude="lm_head", progress=False)
+    ids = torch.randint(0, 128, (2, 10), generator=gen)
+    counter = CompileCounterWithBackend("torchslim")
+    with torch.no_grad(), torch._inductor.config.patch(freezing=True):
+        want = model(input_ids=ids).logits
+        got = torch.compile(model, backend=counter, fullgraph=True)(input_ids=ids).logits
+    assert counter.frame_count == 1
+    # Per layer: q/k/v -> 1 op and gate/up -> 1 op.
+    assert compiler.counters["fuse_siblings"] == 2 * (2 + 1)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"passes": "fuse_bias"}, TypeError, "options\\['passes'\\] must be a list"),
+        ({"passes": ["fuse_everything"]}, ValueError, "unknown pass \\['fuse_everything'\\]"),
+        ({"no_such_option": 1}, ValueError, "'no_such_option' is neither"),
+        ({"freezing": True}, ValueError, "torch._inductor.config.freezing = True"),
+    ],
+)
+def test_bad_options(options, error, match, gen):
+    compiled = torch.compile(_projections("dynamic"), backend="torchslim", options=options)
+    with pytest.raises(Exception, match=match) as info, torch.no_grad():
+        compiled(torch.randn(2, 64, generator=gen))
+    # Dynamo wraps a backend's exception (BackendCompilerFailed) and names it in the message.
+    assert isinstance(info.value, error) or f"{error.__name__}: " in str(info.value)
+
+
+def test_passes_can_be_turned_off(gen):
+    model = _projections("weight_only")
+    x = torch.randn(2, 64, generator=gen)
+    with torch.no_grad():
+        got = torch.compile(model, backend="torchslim", options={"passes": []})(x)
+        torch.testing.assert_close(got, model(x), rtol=1e-5, atol=1e-5)
+    assert not compiler.counters
