@@ -6,8 +6,10 @@
 For each configuration (fp32, and every quant method of torchslim.patch, calibrated on text
 disjoint from the evaluation text): perplexity on a fixed English text that ships with Python
 (pydoc_data.topics), prefill and decode tokens/s, weight memory, and the greedy answer to a
-fixed prompt. A table on screen, CSV and PNG under
-benchmarks/results/<device>/ (or --out). Nothing is downloaded: the model is a local file.
+fixed prompt. When the model is a GGUF file and llama-cpp-python is installed, the same file
+also runs through llama.cpp, measured the same way on the same threads. A table on screen, CSV
+and PNG under benchmarks/results/<device>/ (or --out). Nothing is downloaded: the model is a
+local file.
 """
 
 from __future__ import annotations
@@ -158,6 +160,76 @@ def measure(model, tokenizer, config: str, mode: str, ids, args) -> Row:
     )
 
 
+def _timed_run(fn, repeats: int) -> float:
+    fn()  # warm-up
+    return _median_time(fn, repeats)
+
+
+def measure_llama_cpp(path: Path, tokenizer, ids, args) -> Row | None:
+    """The same GGUF file through llama.cpp (llama-cpp-python), measured like ``measure``:
+    the same token ids, perplexity windows, prefill length, prompt and greedy decode, and
+    torch's thread count. None when llama-cpp-python is missing or the model is no GGUF."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    if path.suffix != ".gguf":
+        return None
+    prompt = prompt_ids(tokenizer)[0].tolist()
+    window = 512
+    llm = llama_cpp.Llama(
+        model_path=str(path),
+        n_ctx=max(window + 1, args.prefill, len(prompt) + args.decode) + 8,
+        n_batch=max(window, args.prefill),
+        n_threads=torch.get_num_threads(),
+        n_threads_batch=torch.get_num_threads(),
+        logits_all=True,
+        verbose=False,
+    )
+
+    def evaluate(tokens: list[int]) -> None:
+        llm.reset()
+        llm.eval(tokens)
+
+    def generate(n: int) -> list[int]:
+        llm.reset()  # no KV-cache reuse across runs: each one prefills the prompt, as ours do
+        out = []
+        for token in llm.generate(prompt, top_k=1, temp=0.0, reset=True):
+            out.append(token)
+            if len(out) == n:
+                return out
+        return out
+
+    nll, count = 0.0, 0
+    for start in range(0, ids.numel() - 1, window):
+        chunk = ids[start : start + window + 1].tolist()
+        if len(chunk) < 2:
+            break
+        evaluate(chunk[:-1])
+        logits = torch.from_numpy(llm.scores[: len(chunk) - 1].copy()).float()
+        target = torch.tensor(chunk[1:])
+        nll += torch.nn.functional.cross_entropy(logits, target, reduction="sum").item()
+        count += len(chunk) - 1
+    prefill = ids[: args.prefill].tolist()
+    t_prefill = _timed_run(lambda: evaluate(prefill), args.repeats)
+    t_one = _timed_run(lambda: generate(1), args.repeats)
+    t_all = _median_time(lambda: generate(args.decode), args.repeats)
+    answer_ids = generate(args.decode)
+    if llm.token_eos() in answer_ids:  # llama.cpp's generate runs on past the end of the answer
+        answer_ids = answer_ids[: answer_ids.index(llm.token_eos())]
+    answer = tokenizer.decode(answer_ids, skip_special_tokens=True)
+    quant = path.stem.rsplit(".", 1)[-1] if "." in path.stem else "gguf"
+    return Row(
+        config=quant,
+        mode="llama.cpp",
+        perplexity=math.exp(nll / count),
+        prefill_tok_s=args.prefill / t_prefill,
+        decode_tok_s=(args.decode - 1) / max(t_all - t_one, 1e-9),
+        weight_MB=path.stat().st_size / 1e6,
+        answer=answer.strip().replace("\n", " "),
+    )
+
+
 def plot(rows: list[Row], path: Path) -> None:
     import matplotlib
 
@@ -210,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
 
     env = common.Environment.capture("cpu")
     print(f"torchslim demo on {env.cpu}, {common.threads_note()}, ISA {env.isa}")
-    base, tokenizer = load_model(args.model)
+    model_path = Path(args.model) if args.model else default_model_path()
+    base, tokenizer = load_model(model_path)
     ids = eval_ids(tokenizer, args.tokens)
     modes = ["eager", "compiled"] if args.compile else ["eager"]
     calibration = calibration_batches(tokenizer)
@@ -224,12 +297,19 @@ def main(argv: list[str] | None = None) -> int:
                 # generate() calls forward with a growing KV cache: one dynamic-shape graph.
                 model.forward = torch.compile(model.forward, dynamic=True)
             rows.append(measure(model, tokenizer, config, mode, ids, args))
+    llama = measure_llama_cpp(model_path, tokenizer, ids, args)
+    if llama is None:
+        print("no llama.cpp row: it needs a .gguf model and `pip install llama-cpp-python`")
+    else:
+        rows.append(llama)
     table = [r.__dict__ for r in rows]
     fp32 = {r.mode: r for r in rows if r.config == "fp32"}
+    nan = float("nan")
     for r in table:
-        ref = fp32.get(r["mode"])
-        r["decode_vs_fp32"] = r["decode_tok_s"] / ref.decode_tok_s if ref else float("nan")
-        r["ppl_vs_fp32"] = r["perplexity"] / ref.perplexity if ref else float("nan")
+        ref = fp32.get(r["mode"], fp32.get("eager"))
+        r["decode_vs_fp32"] = r["decode_tok_s"] / ref.decode_tok_s if ref else nan
+        r["ppl_vs_fp32"] = r["perplexity"] / ref.perplexity if ref else nan
+        r["decode_vs_llama_cpp"] = r["decode_tok_s"] / llama.decode_tok_s if llama else nan
     columns = [
         "config",
         "mode",
@@ -238,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         "prefill_tok_s",
         "decode_tok_s",
         "decode_vs_fp32",
+        "decode_vs_llama_cpp",
         "weight_MB",
     ]
     print(common.format_table(table, columns))
