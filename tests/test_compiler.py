@@ -74,8 +74,9 @@ def test_fuse_bias_moves_the_add_into_the_op(mode, gen):
         got = torch.compile(model, backend="torchslim", fullgraph=True)(x)
         want = model(x)
         q = model.q
-        op = torchslim.ops.int8_dynamic_linear if mode == "dynamic" else None
-        op = op or torchslim.ops.int8_weight_only_linear
+        op = {"dynamic": torchslim.ops.int8_dynamic_linear}.get(
+            mode, torchslim.ops.int8_weight_only_linear
+        )
         fused_q = op(x, q.weight, q.weight_scale, model.q_bias)  # what the rewrite calls
     assert compiler.counters == {"fuse_bias": 1}
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -114,25 +114,23 @@ def fuse_siblings(graph: fx.Graph) -> int:
     """Linears of one op on one x with constant weights -> one linear on concatenated weights,
     then a slice of its output per original linear. Returns the number of linears removed."""
     linear_ops = _linear_ops()
-    groups: dict[tuple, list[fx.Node]] = collections.defaultdict(list)
+    # (op, x) -> [(node, w_q, w_scale, bias or None)], every tensor a constant
+    groups: dict[tuple, list[tuple]] = collections.defaultdict(list)
     for node in graph.nodes:
         if node.op != "call_function" or node.target not in linear_ops or _val(node) is None:
             continue
-        x, w_q, w_scale, bias = _linear_args(node)
-        if any(_constant(graph, a) is None for a in (w_q, w_scale)):
+        x, *params = _linear_args(node)
+        consts = [_constant(graph, p) for p in params]  # None for a None bias too
+        if consts[0] is None or consts[1] is None or (params[2] is not None and consts[2] is None):
             continue
-        if bias is not None and _constant(graph, bias) is None:
-            continue
-        groups[(node.target, x)].append(node)
+        groups[(node.target, x)].append((node, *consts))
 
     removed = 0
-    for (target, x), nodes in groups.items():
-        biases = [_constant(graph, _linear_args(n)[3]) for n in nodes]
+    for (target, x), members in groups.items():
+        nodes, weights, scales, biases = (list(col) for col in zip(*members, strict=True))
         bias_dtypes = {b.dtype for b in biases if b is not None}
         if len(nodes) < 2 or len(bias_dtypes) > 1:
             continue
-        weights = [_constant(graph, _linear_args(n)[1]) for n in nodes]
-        scales = [_constant(graph, _linear_args(n)[2]) for n in nodes]
         fused_consts = [torch.cat(weights), torch.cat(scales)]
         if bias_dtypes:  # a sibling without a bias contributes zeros
             (dtype,) = bias_dtypes
