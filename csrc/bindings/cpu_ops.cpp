@@ -47,6 +47,17 @@ void check_int8_matrix(const at::Tensor& w, const char* name, int64_t K) {
                   " must have unit stride in its last dim, got strides ", w.strides());
 }
 
+// Returns bias as a (N,) fp32 contiguous tensor, or an undefined one without a bias.
+at::Tensor bias_operand(const std::optional<at::Tensor>& bias, int64_t N) {
+  if (!bias.has_value() || !bias->defined()) return {};
+  check_cpu(*bias, "bias");
+  TORCHSLIM_CHECK(bias->dim() == 1 && bias->size(0) == N, "bias must have shape (N,) = (", N,
+                  ",), got ", bias->sizes());
+  TORCHSLIM_CHECK_TYPE(at::isFloatingType(bias->scalar_type()),
+                       "bias must be a floating-point tensor, got ", bias->scalar_type());
+  return bias->to(at::kFloat).contiguous();
+}
+
 // Returns w_scale as a (N,) fp32 contiguous tensor and bias as fp32 (or undefined).
 std::pair<at::Tensor, at::Tensor> epilogue_operands(const at::Tensor& w_scale,
                                                     const std::optional<at::Tensor>& bias,
@@ -56,16 +67,7 @@ std::pair<at::Tensor, at::Tensor> epilogue_operands(const at::Tensor& w_scale,
                        w_scale.scalar_type());
   TORCHSLIM_CHECK(w_scale.dim() == 1 && w_scale.size(0) == N, "w_scale must have shape (N,) = (", N,
                   ",), got ", w_scale.sizes());
-  at::Tensor b;
-  if (bias.has_value() && bias->defined()) {
-    check_cpu(*bias, "bias");
-    TORCHSLIM_CHECK(bias->dim() == 1 && bias->size(0) == N, "bias must have shape (N,) = (", N,
-                    ",), got ", bias->sizes());
-    TORCHSLIM_CHECK_TYPE(at::isFloatingType(bias->scalar_type()),
-                         "bias must be a floating-point tensor, got ", bias->scalar_type());
-    b = bias->to(at::kFloat).contiguous();
-  }
-  return {w_scale.contiguous(), b};
+  return {w_scale.contiguous(), bias_operand(bias, N)};
 }
 
 // Runs fn(m0, m1, n0, n1) over the (M, N) output in blocks. Blocks are ordered n-major so the
@@ -180,6 +182,112 @@ at::Tensor int8_weight_only_linear_cpu(const at::Tensor& x, const at::Tensor& w_
   return op.out;
 }
 
+ScalarType scale_type(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return ScalarType::kFloat32;
+    case at::kBFloat16:
+      return ScalarType::kBFloat16;
+    case at::kHalf:
+      return ScalarType::kFloat16;
+    default:
+      TORCHSLIM_CHECK_TYPE(false, name, " must be float32, bfloat16 or float16, got ",
+                           t.scalar_type());
+  }
+  return ScalarType::kFloat32;
+}
+
+void check_group_params(const at::Tensor& t, const char* name, int64_t N, int64_t groups,
+                        const at::Tensor& like) {
+  check_cpu(t, name);
+  TORCHSLIM_CHECK(t.dim() == 2 && t.size(0) == N && t.size(1) == groups, name,
+                  " must have shape (N, K / group_size) = (", N, ", ", groups, "), got ",
+                  t.sizes());
+  TORCHSLIM_CHECK(t.is_contiguous(), name, " must be contiguous, got strides ", t.strides());
+  TORCHSLIM_CHECK_TYPE(t.scalar_type() == like.scalar_type(), name,
+                       " must have the dtype of scales (", like.scalar_type(), "), got ",
+                       t.scalar_type());
+}
+
+// W4A16: x (M, K) fp32/bf16, packed_w (N, K/2) uint8 (low nibble = even k), scales and zeros
+// (N, K/group_size); group_size -1 means one group per row. Activations are quantized per
+// block of 32 (see cpu/kernels.h) and meet the codes in integer dot products.
+at::Tensor int4_weight_only_linear_cpu(const at::Tensor& x, const at::Tensor& packed_w,
+                                       const at::Tensor& scales, const at::Tensor& zeros,
+                                       int64_t group_size, const std::optional<at::Tensor>& bias) {
+  check_activation(x, "x");
+  const ScalarType xt = float_type(x, "x");
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCHSLIM_CHECK(K % 2 == 0, "x must have an even K (two int4 codes per byte), got K=", K);
+  check_cpu(packed_w, "packed_w");
+  TORCHSLIM_CHECK_TYPE(packed_w.scalar_type() == at::kByte, "packed_w must be uint8, got ",
+                       packed_w.scalar_type());
+  TORCHSLIM_CHECK(packed_w.dim() == 2 && packed_w.size(1) == K / 2,
+                  "packed_w must have shape (N, K / 2) with K / 2 = ", K / 2, ", got ",
+                  packed_w.sizes());
+  TORCHSLIM_CHECK(packed_w.size(1) <= 1 || packed_w.stride(1) == 1,
+                  "packed_w must have unit stride in its last dim, got strides ",
+                  packed_w.strides());
+  const int64_t N = packed_w.size(0);
+  const int64_t G = group_size == -1 ? K : group_size;
+  TORCHSLIM_CHECK(G > 0 && K % G == 0 && (G % cpu::kQ8Block == 0 || G == K),
+                  "group_size must be -1 or a multiple of 32 that divides K=", K, ", got ",
+                  group_size);
+  const int64_t groups = K == 0 ? 0 : K / G;
+  const ScalarType st = scale_type(scales, "scales");
+  check_group_params(scales, "scales", N, groups, scales);
+  check_group_params(zeros, "zeros", N, groups, scales);
+  const at::Tensor b = bias_operand(bias, N);
+
+  at::Tensor out = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return out;
+  if (K == 0) return b.defined() ? out.copy_(b.expand({M, N})) : out.zero_();
+
+  const int64_t blocks = (K + cpu::kQ8Block - 1) / cpu::kQ8Block;
+  at::Tensor xq = at::empty({M, K}, x.options().dtype(at::kChar));
+  at::Tensor xs = at::empty({M, blocks}, x.options().dtype(at::kFloat));
+  at::Tensor xg = at::empty({M, groups}, x.options().dtype(at::kFloat));
+  const cpu::Q8BlockArgs qa{x.data_ptr(),
+                            x.stride(0),
+                            xt,
+                            xq.data_ptr<int8_t>(),
+                            K,
+                            xs.data_ptr<float>(),
+                            blocks,
+                            xg.data_ptr<float>(),
+                            groups,
+                            K,
+                            G};
+  const cpu::KernelTable& kt = cpu::active_kernels();
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / K),
+                   [&](int64_t m0, int64_t m1) { kt.quantize_q8_blocks(qa, m0, m1); });
+
+  const cpu::W4GemmArgs args{xq.data_ptr<int8_t>(),
+                             K,
+                             xs.data_ptr<float>(),
+                             blocks,
+                             xg.data_ptr<float>(),
+                             groups,
+                             packed_w.data_ptr<uint8_t>(),
+                             packed_w.stride(0),
+                             scales.data_ptr(),
+                             zeros.data_ptr(),
+                             groups,
+                             st,
+                             b.defined() ? b.data_ptr<float>() : nullptr,
+                             out.data_ptr(),
+                             N,
+                             xt,
+                             M,
+                             N,
+                             K,
+                             G};
+  parallel_blocks(M, N, kBlockM_I8, kBlockN, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+    kt.w4_gemm(args, m0, m1, n0, n1);
+  });
+  return out;
+}
+
 }  // namespace
 
 void bind_cpu(pybind11::module_& m) {
@@ -193,6 +301,10 @@ void bind_cpu(pybind11::module_& m) {
   m.def("int8_weight_only_linear_cpu", &int8_weight_only_linear_cpu, "W8A16 linear",
         pybind11::arg("x"), pybind11::arg("w_q"), pybind11::arg("w_scale"),
         pybind11::arg("bias") = pybind11::none());
+  m.def("int4_weight_only_linear_cpu", &int4_weight_only_linear_cpu,
+        "W4A16 linear (activations in Q8 blocks of 32)", pybind11::arg("x"),
+        pybind11::arg("packed_w"), pybind11::arg("scales"), pybind11::arg("zeros"),
+        pybind11::arg("group_size"), pybind11::arg("bias") = pybind11::none());
 }
 
 }  // namespace torchslim

@@ -13,7 +13,7 @@
 namespace torchslim::cpu {
 
 // Storage type of float activations and outputs; bf16 is carried as raw uint16 bits.
-enum class ScalarType : int { kFloat32 = 0, kBFloat16 = 1, kInt32 = 2 };
+enum class ScalarType : int { kFloat32 = 0, kBFloat16 = 1, kInt32 = 2, kFloat16 = 3 };
 
 // Symmetric per-row int8 quantization (torchslim.reference.quantize_per_token):
 //   scale[m] = max_k |x[m, k]| / 127  (1 if the row is all zeros)
@@ -58,11 +58,64 @@ struct W8A16Args {
   int64_t M, N, K;
 };
 
+// Activations for the int4 kernel: each run of kQ8Block values along K is quantized to int8
+// with its own scale (llama.cpp's Q8_0 idea), so the weight codes meet them in integer dot
+// products:
+//   scale[m, b] = max |x[m, 32b : 32b + 32]| / 127  (1 if the run is all zeros)
+//   q[m, k]     = clamp(round_half_even(x[m, k] / scale[m, k / 32]), -127, 127)
+//   group_sum[m, g] = sum over the weight group g of q[m, k] * scale[m, k / 32]
+// Within each full block the codes are stored permuted, the 16 even positions first and then the
+// 16 odd ones: the order in which the int4 kernel unpacks 16 bytes of nibbles (all low nibbles,
+// then all high ones). A last partial block (K % 32, per-channel groups only) keeps K's order.
+constexpr int64_t kQ8Block = 32;
+
+struct Q8BlockArgs {
+  const void* x;  // (M, K) fp32 or bf16, row stride ldx, unit column stride
+  int64_t ldx;
+  ScalarType x_type;
+  int8_t* q;  // (M, K) int8, row stride ldq
+  int64_t ldq;
+  float* scale;  // (M, ceil(K / 32)), row stride lds
+  int64_t lds;
+  float* group_sum;  // (M, K / group_size), row stride ldg
+  int64_t ldg;
+  int64_t K, group_size;
+};
+
+// W4A16 with int4 codes packed two per byte, low nibble first (packed[n, j] = code[n, 2j] |
+// code[n, 2j + 1] << 4), asymmetric groups of group_size along K:
+//   out[m, n] = sum_g scales[n, g] * sum_{k in g} (code[n, k] - zeros[n, g]) * xq[m, k] * xs[m,
+//   k/32]
+//             + bias[n]
+// The code sums run as u8 x s8 integer dot products per block of 32; the zero-point term is
+// -scales * zeros * group_sum, added once per group.
+struct W4GemmArgs {
+  const int8_t* xq;  // (M, K) Q8 block codes (Q8BlockArgs layout), row stride ldxq
+  int64_t ldxq;
+  const float* x_scale;  // (M, ceil(K / 32)), row stride ldxs
+  int64_t ldxs;
+  const float* x_group_sum;  // (M, K / group_size), row stride ldxg
+  int64_t ldxg;
+  const uint8_t* w;  // (N, K / 2) packed codes, row stride ldw
+  int64_t ldw;
+  const void* scales;  // (N, K / group_size) of s_type, row stride lds
+  const void* zeros;   // (N, K / group_size) of s_type, row stride lds
+  int64_t lds;
+  ScalarType s_type;  // kFloat32, kBFloat16 or kFloat16
+  const float* bias;  // (N,) fp32 or null
+  void* out;          // (M, N) fp32 or bf16, row stride ldo
+  int64_t ldo;
+  ScalarType out_type;
+  int64_t M, N, K, group_size;  // group_size divides K and is a multiple of 32, or equals K
+};
+
 struct KernelTable {
   Isa isa;
   void (*quantize_rows)(const QuantizeArgs& args, int64_t m0, int64_t m1);
   void (*int8_gemm)(const Int8GemmArgs& args, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
   void (*w8a16_gemm)(const W8A16Args& args, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
+  void (*quantize_q8_blocks)(const Q8BlockArgs& args, int64_t m0, int64_t m1);
+  void (*w4_gemm)(const W4GemmArgs& args, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
 };
 
 namespace portable {

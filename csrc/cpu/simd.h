@@ -30,14 +30,54 @@ inline uint16_t f32_to_bf16_bits(float f) {
   return static_cast<uint16_t>(u >> 16);
 }
 
+// IEEE fp16 bits -> fp32 (exact: every half is a float).
+inline float f16_bits_to_f32(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, u;
+  if (exp == 0x1fu) {
+    u = sign | 0x7f800000u | (man << 13);  // inf, NaN
+  } else if (exp != 0) {
+    u = sign | ((exp + 112) << 23) | (man << 13);  // normal: rebias 15 -> 127
+  } else if (man == 0) {
+    u = sign;  // +-0
+  } else {     // subnormal: normalise the mantissa
+    exp = 113;
+    while (!(man & 0x400u)) {
+      man <<= 1;
+      --exp;
+    }
+    u = sign | (exp << 23) | ((man & 0x3ffu) << 13);
+  }
+  float f;
+  __builtin_memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// An fp16 value in memory (bf16 travels as plain uint16_t bits).
+struct Half {
+  uint16_t bits;
+};
+
 inline float load_f32(const float* p) { return *p; }
 inline float load_f32(const uint16_t* p) { return bf16_bits_to_f32(*p); }
+inline float load_f32(const Half* p) { return f16_bits_to_f32(p->bits); }
 
 inline int8_t quantize_scalar(float v) {
   float r = __builtin_rintf(v);  // half to even in the default rounding mode
   r = r > 127.0f ? 127.0f : (r < -127.0f ? -127.0f : r);
   return static_cast<int8_t>(r);
 }
+
+#if defined(TORCHSLIM_ISA_AVX512) || defined(TORCHSLIM_ISA_AVX2)
+
+inline float hsum_ps(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+#endif
 
 #if defined(TORCHSLIM_ISA_AVX512)
 
@@ -105,7 +145,7 @@ struct FVec {
   }
 };
 
-constexpr int kI8MR = 4, kI8NR = 4, kF32MR = 4, kF32NR = 4;
+constexpr int kI8MR = 4, kI8NR = 4, kF32MR = 4, kF32NR = 4, kQ4MR = 4, kQ4NR = 4;
 
 #elif defined(TORCHSLIM_ISA_AVX2)
 
@@ -114,13 +154,6 @@ inline int32_t hsum_epi32(__m256i v) {
   s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
   s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
   return _mm_cvtsi128_si32(s);
-}
-
-inline float hsum_ps(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
 }
 
 // AVX2's int8 dot product, vpmaddubsw, multiplies unsigned by signed bytes and saturates the
@@ -204,7 +237,7 @@ struct FVec {
   }
 };
 
-constexpr int kI8MR = 4, kI8NR = 2, kF32MR = 4, kF32NR = 3;
+constexpr int kI8MR = 4, kI8NR = 2, kF32MR = 4, kF32NR = 3, kQ4MR = 4, kQ4NR = 2;
 
 #else  // portable: eight scalar lanes, left to the compiler's auto-vectorizer
 
@@ -291,6 +324,76 @@ struct FVec {
   static void quantize_store(int8_t* q, R x, R scale) { *q = quantize_scalar(x / scale); }
 };
 
-constexpr int kI8MR = 4, kI8NR = 4, kF32MR = 4, kF32NR = 4;
+struct Q4Dot {
+  using Acc = Lanes<float>;
+  struct WV {
+    uint8_t v[32];
+  };
+  struct XV {
+    int8_t v[32];
+  };
+  static Acc zero() { return {}; }
+  static WV load_w(const uint8_t* p) {
+    WV w;
+    for (int l = 0; l < 16; ++l) {
+      w.v[l] = p[l] & 0x0f;
+      w.v[16 + l] = p[l] >> 4;
+    }
+    return w;
+  }
+  static XV load_x(const int8_t* p) {
+    XV x;
+    for (int l = 0; l < 32; ++l) x.v[l] = p[l];
+    return x;
+  }
+  static Acc fma(Acc acc, const WV& w, const XV& x, float d) {
+    for (int l = 0; l < 8; ++l) {
+      int32_t p = 0;
+      for (int t = 0; t < 4; ++t) p += w.v[4 * l + t] * x.v[4 * l + t];
+      acc.v[l] += static_cast<float>(p) * d;
+    }
+    return acc;
+  }
+  static float reduce(const Acc& a) { return F32Dot::reduce(a); }
+};
+
+constexpr int kI8MR = 4, kI8NR = 4, kF32MR = 4, kF32NR = 4, kQ4MR = 4, kQ4NR = 4;
+
+#endif
+
+#if defined(TORCHSLIM_ISA_AVX512) || defined(TORCHSLIM_ISA_AVX2)
+
+// int4 x Q8 blocks (see int4_gemm.h): 16 bytes of nibbles unpack to 32 u8 codes, low nibbles
+// (even k) in the low 128 bits and high nibbles (odd k) in the high 128 bits, matching the
+// permuted activation block; one u8 x s8 dot product gives eight int32 partial sums.
+struct Q4Dot {
+  using Acc = __m256;
+  using WV = __m256i;
+  using XV = __m256i;
+  static Acc zero() { return _mm256_setzero_ps(); }
+  static WV load_w(const uint8_t* p) {
+    // The 16 bytes in both halves, the high half shifted right by 4, then the low nibbles kept.
+    const __m256i v =
+        _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_and_si256(_mm256_srlv_epi32(v, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)),
+                            _mm256_set1_epi8(0x0f));
+  }
+  static XV load_x(const int8_t* p) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  }
+  static __m256i dot(WV w, XV x) {
+#if defined(TORCHSLIM_ISA_AVX512)
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x);
+#else
+    // Codes are at most 15, so a pair sums to at most 2 * 15 * 127: vpmaddubsw cannot saturate.
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1));
+#endif
+  }
+  // acc += d * (w . x), lane-wise
+  static Acc fma(Acc acc, WV w, XV x, float d) {
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot(w, x)), _mm256_set1_ps(d), acc);
+  }
+  static float reduce(Acc v) { return hsum_ps(v); }
+};
 
 #endif

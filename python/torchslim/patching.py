@@ -6,6 +6,7 @@ name filters select, and replaces each with the method's drop-in module. Methods
 table, METHODS; a new capability (int4, sparsity, attention) is one more entry there.
 
     model = torchslim.patch(model, quant="int8-weight", exclude="lm_head")
+    model = torchslim.patch(model, quant="int4", group_size=32)   # a method's own options
     print(model.torchslim_report)      # replaced / kept (and why), bytes before and after
 """
 
@@ -14,14 +15,15 @@ from __future__ import annotations
 import fnmatch
 import re
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from torchslim.nn import Int8Linear
+from torchslim.nn import Int4Linear, Int8Linear
 from torchslim.quant import smoothquant_factors
 
 
@@ -32,31 +34,36 @@ class Method:
     Attributes:
         name: the value users pass, e.g. ``quant="int8"``.
         applies_to: the layer type it replaces.
-        convert: builds the replacement from the float layer and, when the method uses
-            calibration, the max |input| per input channel seen on the calibration data
-            (None without calibration).
+        convert: builds the replacement from the float layer, the max |input| per input
+            channel seen on the calibration data (None without calibration, or when the method
+            does not calibrate) and the method's options as keyword arguments.
         calibrated: whether ``convert`` uses calibration statistics.
-        why_not: None when ``convert`` can take this layer, else the reason it stays.
+        why_not: called as why_not(layer, options): None when ``convert`` can take this layer
+            with these options, else the reason it stays.
         describe: a short description for reports.
         config: the replacement's constructor arguments, as JSON-able data (saved recipes).
         empty: builds an unfilled replacement for a float layer from ``config``, on the float
             layer's device, for ``torchslim.load`` to load packed weights into.
         owns: whether a module is this method's replacement (how ``torchslim.save`` finds
             them, patched or built by hand).
+        options: the keyword options ``patch`` accepts for this method, with their defaults.
+        check_options: raises TypeError/ValueError naming a bad option value.
     """
 
     name: str
     applies_to: type[nn.Module]
-    convert: Callable[[nn.Module, torch.Tensor | None], nn.Module]
-    why_not: Callable[[nn.Module], str | None]
+    convert: Callable[..., nn.Module]
+    why_not: Callable[[nn.Module, Mapping[str, object]], str | None]
     describe: str
     config: Callable[[nn.Module], dict]
     empty: Callable[[nn.Module, dict], nn.Module]
     owns: Callable[[nn.Module], bool]
     calibrated: bool = False
+    options: Mapping[str, object] = field(default_factory=lambda: MappingProxyType({}))
+    check_options: Callable[[Mapping[str, object]], None] = lambda _options: None
 
 
-def _linear_why_not(layer: nn.Module) -> str | None:
+def _linear_why_not(layer: nn.Module, options: Mapping[str, object] | None = None) -> str | None:
     if type(layer) is not nn.Linear:
         return f"{type(layer).__name__} subclasses nn.Linear (its forward may differ)"
     if layer.weight.device.type == "meta":
@@ -76,7 +83,7 @@ def _int8_config(layer: Int8Linear) -> dict:
     }
 
 
-def _int8_empty(linear: nn.Module, config: dict) -> Int8Linear:
+def _check_same_linear(linear: nn.Module, config: dict) -> tuple[int, int, bool]:
     shape = (config["in_features"], config["out_features"], config["bias"])
     if (linear.in_features, linear.out_features, linear.bias is not None) != shape:
         raise ValueError(
@@ -84,6 +91,11 @@ def _int8_empty(linear: nn.Module, config: dict) -> Int8Linear:
             f"bias={linear.bias is not None}) but the recipe has (in={shape[0]}, out={shape[1]}, "
             f"bias={shape[2]})"
         )
+    return shape
+
+
+def _int8_empty(linear: nn.Module, config: dict) -> Int8Linear:
+    shape = _check_same_linear(linear, config)
     device, dtype = linear.weight.device, linear.weight.dtype
     layer = Int8Linear(*shape, mode=config["mode"], device=device, dtype=dtype)
     if config["smooth"]:
@@ -99,7 +111,7 @@ def _int8_method(name: str, mode: str, describe: str) -> Method:
     # data it applies SmoothQuant (alpha 0.5). W8A16 keeps float activations and needs none.
     calibrated = mode == "dynamic"
 
-    def convert(layer: nn.Linear, act_absmax: torch.Tensor | None) -> Int8Linear:
+    def convert(layer: nn.Linear, act_absmax: torch.Tensor | None) -> Int8Linear:  # no options
         smooth = None
         if calibrated and act_absmax is not None:
             smooth = smoothquant_factors(act_absmax, layer.weight, alpha=SMOOTHQUANT_ALPHA)
@@ -118,11 +130,90 @@ def _int8_method(name: str, mode: str, describe: str) -> Method:
     )
 
 
+_SCALE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _int4_config(layer: Int4Linear) -> dict:
+    return {
+        "in_features": layer.in_features,
+        "out_features": layer.out_features,
+        "bias": layer.bias is not None,
+        "group_size": layer.group_size,
+        "symmetric": layer.symmetric,
+        "scale_dtype": str(layer.scale_dtype).removeprefix("torch."),
+    }
+
+
+def _int4_empty(linear: nn.Module, config: dict) -> Int4Linear:
+    _check_same_linear(linear, config)
+    if config["scale_dtype"] not in _SCALE_DTYPES:
+        raise ValueError(
+            f"scale_dtype must be one of {sorted(_SCALE_DTYPES)}, got {config['scale_dtype']!r}"
+        )
+    return Int4Linear(
+        config["in_features"],
+        config["out_features"],
+        config["bias"],
+        group_size=config["group_size"],
+        symmetric=config["symmetric"],
+        scale_dtype=_SCALE_DTYPES[config["scale_dtype"]],
+        device=linear.weight.device,
+        dtype=linear.weight.dtype,
+    )
+
+
+def _int4_why_not(layer: nn.Module, options: Mapping[str, object]) -> str | None:
+    why = _linear_why_not(layer)
+    group_size = options["group_size"]
+    if why is None and layer.in_features % 2:
+        return f"in_features={layer.in_features} is odd (two int4 codes per byte)"
+    if why is None and group_size != -1 and layer.in_features % group_size:
+        return f"in_features={layer.in_features} is not a multiple of group_size={group_size}"
+    return why
+
+
+def _int4_check_options(options: Mapping[str, object]) -> None:
+    group_size = options["group_size"]
+    if isinstance(group_size, bool) or not isinstance(group_size, int):
+        raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
+    if group_size != -1 and (group_size < 2 or group_size % 2):
+        raise ValueError(
+            f"group_size must be -1 (per channel) or a positive even int, got {group_size}"
+        )
+    if options["scale_dtype"] not in _SCALE_DTYPES.values():
+        raise TypeError(
+            f"scale_dtype must be one of {list(_SCALE_DTYPES.values())}, "
+            f"got {options['scale_dtype']!r}"
+        )
+
+
+def _int4_convert(layer, _act_absmax, *, group_size, symmetric, scale_dtype, clip_search):
+    return Int4Linear.from_linear(
+        layer, group_size, symmetric, scale_dtype=scale_dtype, clip_search=clip_search
+    )
+
+
+INT4 = Method(
+    name="int4",
+    applies_to=nn.Linear,
+    convert=_int4_convert,
+    why_not=_int4_why_not,
+    describe="W4A16: int4 weights per group",
+    config=_int4_config,
+    empty=_int4_empty,
+    owns=lambda module: isinstance(module, Int4Linear),
+    options=MappingProxyType(
+        {"group_size": 128, "symmetric": False, "scale_dtype": torch.bfloat16, "clip_search": False}
+    ),
+    check_options=_int4_check_options,
+)
+
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
         _int8_method("int8", "dynamic", "W8A8: int8 weights per channel, tokens quantized"),
         _int8_method("int8-weight", "weight_only", "W8A16: int8 weights per channel"),
+        INT4,
     )
 }
 
@@ -224,12 +315,13 @@ def patch(
     filter_fn: Callable[[str, nn.Module], bool] | None = None,
     calibration: Iterable | Callable[[nn.Module], object] | None = None,
     progress: bool = True,
+    **options: object,
 ) -> nn.Module:
     """Replaces the model's layers with torchslim layers, in place.
 
     Args:
         model: any nn.Module (a Hugging Face model included).
-        quant: one of METHODS ("int8", "int8-weight"), or None to change nothing.
+        quant: one of METHODS ("int8", "int8-weight", "int4"), or None to change nothing.
         include: names (exact, glob or regex) of the layers to patch; default all.
         exclude: names (exact, glob or regex) of layers to leave alone, e.g. "lm_head".
         filter_fn: called as filter_fn(name, module); a layer is patched only if it returns True.
@@ -238,6 +330,9 @@ def patch(
             as model(t), a dict as model(**d)), or a callable run as calibration(model).
             Ignored by methods that do not calibrate.
         progress: show a progress bar over the layers.
+        **options: the method's own options (``METHODS[quant].options`` lists them with their
+            defaults). "int4": ``group_size`` (128; 32, 64, ... or -1 per channel),
+            ``symmetric`` (False), ``scale_dtype`` (torch.bfloat16), ``clip_search`` (False).
 
     Returns:
         ``model`` itself. Its ``torchslim_report`` attribute (a PatchReport) lists every layer
@@ -257,6 +352,14 @@ def patch(
         model.torchslim_report = report
         return model
     method = METHODS[quant]
+    unknown = sorted(set(options) - set(method.options))
+    if unknown:
+        raise TypeError(
+            f"patch(quant={quant!r}) got unknown options {unknown}; it takes "
+            f"{sorted(method.options) or 'none'}"
+        )
+    options = {**method.options, **options}
+    method.check_options(options)
     # Every name of every candidate: a layer reachable under two names is converted once and
     # replaced under both, so the model keeps sharing it.
     candidates = [
@@ -280,7 +383,7 @@ def patch(
             return "excluded"
         if filter_fn is not None and not filter_fn(name, module):
             return "filter_fn returned False"
-        return method.why_not(module)
+        return method.why_not(module, options)
 
     selected = {id(m) for name, m in candidates if why_kept(name, m) is None}
     stats = {}
@@ -296,7 +399,7 @@ def patch(
             continue
         if id(module) not in converted:
             with torch.no_grad():
-                converted[id(module)] = method.convert(module, stats.get(id(module)))
+                converted[id(module)] = method.convert(module, stats.get(id(module)), **options)
         new = converted[id(module)]
         _set_submodule(model, name, new)
         report.rows.append(

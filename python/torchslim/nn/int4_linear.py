@@ -1,0 +1,157 @@
+"""Int4Linear: a drop-in replacement for nn.Linear with group-wise int4 weights (W4A16)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from torchslim import ops
+from torchslim.quant.int4 import SCALE_DTYPES, check_group_size, quantize_int4
+from torchslim.reference.int4 import resolve_group_size
+
+
+class Int4Linear(nn.Module):
+    """y = x @ W.T + b with W stored as group-wise int4 codes, scales and zero points.
+
+    Buffers (all in the state_dict), format in :mod:`torchslim.reference.int4`:
+    ``weight`` (out, in // 2) uint8, two codes per byte; ``weight_scales`` and ``weight_zeros``
+    (out, in // G) in ``scale_dtype``; ``bias`` (out,) or None. Runs
+    torch.ops.torchslim.int4_weight_only_linear. ``module.to(dtype)`` casts the bias like
+    nn.Linear does; the scales and zeros keep their dtype.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        group_size: int = 128,
+        symmetric: bool = False,
+        scale_dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if in_features < 1 or out_features < 1:
+            raise ValueError(
+                f"in_features and out_features must be >= 1, got {in_features}, {out_features}"
+            )
+        check_group_size(group_size, in_features)
+        if scale_dtype not in SCALE_DTYPES:
+            raise TypeError(f"scale_dtype must be one of {SCALE_DTYPES}, got {scale_dtype}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.group_size = group_size
+        self.symmetric = symmetric
+        groups = in_features // resolve_group_size(group_size, in_features)
+        self.register_buffer(
+            "weight",
+            torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device),
+        )
+        self.register_buffer(
+            "weight_scales", torch.ones(out_features, groups, dtype=scale_dtype, device=device)
+        )
+        self.register_buffer(
+            "weight_zeros",
+            torch.full((out_features, groups), 8.0, dtype=scale_dtype, device=device),
+        )
+        bias_t = torch.zeros(out_features, dtype=dtype or torch.float32, device=device)
+        self.register_buffer("bias", bias_t if bias else None)
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._validate())
+
+    @property
+    def scale_dtype(self) -> torch.dtype:
+        return self.weight_scales.dtype
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        group_size: int = 128,
+        symmetric: bool = False,
+        *,
+        scale_dtype: torch.dtype = torch.bfloat16,
+        clip_search: bool = False,
+    ) -> Int4Linear:
+        """Quantizes an nn.Linear to group-wise int4 (see :func:`torchslim.quant.quantize_int4`).
+
+        Args:
+            linear: the float layer; it is left unchanged.
+            group_size: weights per group along in_features (32, 64, 128), or -1 per channel.
+            symmetric: zero point fixed at 8 instead of fitted per group.
+            scale_dtype: dtype of the scales and zero points.
+            clip_search: choose a clipping ratio per group that minimises the squared error.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        weight = linear.weight.detach()
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            group_size=group_size,
+            symmetric=symmetric,
+            scale_dtype=scale_dtype,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+        packed, scales, zeros = quantize_int4(
+            weight,
+            group_size,
+            symmetric=symmetric,
+            scale_dtype=scale_dtype,
+            clip_search=clip_search,
+        )
+        layer.weight.copy_(packed)
+        layer.weight_scales.copy_(scales)
+        layer.weight_zeros.copy_(zeros)
+        if linear.bias is not None:
+            layer.bias = linear.bias.detach().clone()
+        layer._validate()
+        return layer
+
+    def _validate(self) -> None:
+        n, k = self.out_features, self.in_features
+        if self.weight.dtype != torch.uint8 or tuple(self.weight.shape) != (n, k // 2):
+            raise ValueError(
+                f"weight must be uint8 of shape ({n}, {k // 2}), got {self.weight.dtype} "
+                f"{tuple(self.weight.shape)}"
+            )
+        groups = k // resolve_group_size(self.group_size, k)
+        for name in ("weight_scales", "weight_zeros"):
+            t = getattr(self, name)
+            if t.dtype not in SCALE_DTYPES or tuple(t.shape) != (n, groups):
+                raise ValueError(
+                    f"{name} must be float32, bfloat16 or float16 of shape ({n}, {groups}), "
+                    f"got {t.dtype} {tuple(t.shape)}"
+                )
+        if self.weight_zeros.dtype != self.weight_scales.dtype:
+            raise ValueError(
+                f"weight_zeros must have the dtype of weight_scales ({self.weight_scales.dtype}), "
+                f"got {self.weight_zeros.dtype}"
+            )
+        if not (torch.isfinite(self.weight_scales).all() and (self.weight_scales > 0).all()):
+            raise ValueError("weight_scales must be finite and > 0 everywhere")
+        if not torch.isfinite(self.weight_zeros).all():
+            raise ValueError("weight_zeros must be finite everywhere")
+
+    def _apply(self, fn, recurse=True):
+        # The scales and zeros keep their dtype when the module is cast; only their device follows.
+        scales, zeros = self.weight_scales, self.weight_zeros
+        super()._apply(fn, recurse)
+        device = self.weight.device
+        self.weight_scales = scales.to(device=device)
+        self.weight_zeros = zeros.to(device=device)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.int4_weight_only_linear(
+            x, self.weight, self.weight_scales, self.weight_zeros, self.group_size, self.bias
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, group_size={self.group_size}, "
+            f"symmetric={self.symmetric}, scale_dtype={self.scale_dtype}"
+        )

@@ -1,0 +1,114 @@
+"""int4 ops: the W4A16 linear on group-wise int4 weights.
+
+Schema (``torch.ops.torchslim.*``); format and math in :mod:`torchslim.reference.int4`:
+
+    int4_weight_only_linear(Tensor x, Tensor packed_w, Tensor scales, Tensor zeros,
+                            int group_size, Tensor? bias=None) -> Tensor
+        x: (..., K) fp32/bf16/fp16, any leading dims, K even; packed_w: (N, K // 2) uint8 (two
+        codes per byte, low nibble first); scales, zeros: (N, K // G) fp32/bf16/fp16, one dtype;
+        group_size: G dividing K, or -1 for one group per row; bias: (N,) float or None
+        ->  (..., N) in x.dtype
+
+Backends: the CPU kernel (fp32/bf16 activations; G a multiple of 32, or per channel) rounds the
+activations to int8 per block of 32 first (see the reference); anything else runs the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from torchslim import _ext
+from torchslim import reference as ref
+from torchslim.ops._registry import Kernel, OpBackends, define_op
+from torchslim.ops.int8 import _check_activation, _check_same_device, _require_tensors, _rows
+from torchslim.quant.int4 import SCALE_DTYPES, check_group_size
+from torchslim.reference.int4 import Q8_BLOCK, resolve_group_size
+
+
+def _check_int4_linear(x, packed_w, scales, zeros, group_size, bias) -> None:
+    _check_activation(x)
+    k = x.shape[-1]
+    check_group_size(group_size, k)
+    if packed_w.dtype != torch.uint8:
+        raise TypeError(f"packed_w must be uint8 (two int4 codes per byte), got {packed_w.dtype}")
+    if packed_w.dim() != 2 or packed_w.shape[1] != k // 2:
+        raise ValueError(
+            f"packed_w must have shape (N, K // 2) with K // 2 = {k // 2}, "
+            f"got {tuple(packed_w.shape)}"
+        )
+    n = packed_w.shape[0]
+    groups = k // resolve_group_size(group_size, k) if k else 0
+    for name, t in (("scales", scales), ("zeros", zeros)):
+        if t.dtype not in SCALE_DTYPES:
+            raise TypeError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
+        if tuple(t.shape) != (n, groups):
+            raise ValueError(
+                f"{name} must have shape (N, K // group_size) = ({n}, {groups}), "
+                f"got {tuple(t.shape)}"
+            )
+    if zeros.dtype != scales.dtype:
+        raise TypeError(f"zeros must have the dtype of scales ({scales.dtype}), got {zeros.dtype}")
+    if bias is not None:
+        if not bias.is_floating_point():
+            raise TypeError(f"bias must be a floating-point tensor, got {bias.dtype}")
+        if tuple(bias.shape) != (n,):
+            raise ValueError(f"bias must have shape (N,) = ({n},), got {tuple(bias.shape)}")
+    _check_same_device(x, packed_w=packed_w, scales=scales, zeros=zeros, bias=bias)
+
+
+def _cpu_supports(x, packed_w, scales, zeros, group_size, bias=None) -> str | None:
+    if x.device.type != "cpu":
+        return f"no kernel for {x.device.type} tensors"
+    if x.dtype not in (torch.float32, torch.bfloat16):
+        return f"cpu kernel takes float32, bfloat16 activations, got {x.dtype}"
+    k = x.shape[-1]
+    g = resolve_group_size(group_size, k)
+    if g != k and g % Q8_BLOCK:
+        return f"cpu kernel takes group sizes that are multiples of {Q8_BLOCK}, got {group_size}"
+    return None
+
+
+def _cpu_fn(*args):
+    return _ext._C.int4_weight_only_linear_cpu(*args)
+
+
+_INT4_LINEAR = OpBackends(
+    name="int4_weight_only_linear",
+    reference=ref.int4_weight_only_linear,
+    preference={"cpu": ("cpu",)},
+)
+_INT4_LINEAR.register(Kernel("cpu", _cpu_fn, _ext.cpu_available, _cpu_supports))
+
+
+def _impl(x, packed_w, scales, zeros, group_size, bias=None):
+    _check_int4_linear(x, packed_w, scales, zeros, group_size, bias)
+    w = packed_w if packed_w.shape[1] <= 1 or packed_w.stride(1) == 1 else packed_w.contiguous()
+    out = _INT4_LINEAR(_rows(x), w, scales.contiguous(), zeros.contiguous(), group_size, bias)
+    return out.reshape(*x.shape[:-1], packed_w.shape[0])
+
+
+def _fake(x, packed_w, scales, zeros, group_size, bias=None):
+    _check_int4_linear(x, packed_w, scales, zeros, group_size, bias)
+    return x.new_empty((*x.shape[:-1], packed_w.shape[0]))
+
+
+define_op(
+    "int4_weight_only_linear(Tensor x, Tensor packed_w, Tensor scales, Tensor zeros, "
+    "int group_size, Tensor? bias=None) -> Tensor",
+    impl=_impl,
+    fake=_fake,
+    backends=_INT4_LINEAR,
+)
+
+
+def int4_weight_only_linear(
+    x: torch.Tensor,
+    packed_w: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """W4A16 linear on group-wise int4 weights: x @ ((codes - zeros) * scales).T + bias."""
+    _require_tensors(x=x, packed_w=packed_w, scales=scales, zeros=zeros, bias=bias)
+    return torch.ops.torchslim.int4_weight_only_linear(x, packed_w, scales, zeros, group_size, bias)
