@@ -2,11 +2,12 @@
 //
 //   quantize_q8_blocks  x (M, K) fp32/bf16 -> int8 codes with one scale per 32 values along K,
 //                       stored in the order the kernel unpacks weights (kernels.h, Q8BlockArgs)
-//   w4_gemm             out = x . dequant(w).T: u8 nibble codes times the s8 activation codes,
-//                       eight int32 partial sums per 32 values (vpmaddubsw + vpmaddwd on AVX2,
-//                       vpdpbusd on AVX-512 VNNI), scaled by x_scale * w_scale per block into
-//                       fp32 accumulators; the zero point enters once per group as
-//                       -scale * zero * (sum of the group's activations)
+//   w4_gemm             out = x . dequant(w).T: (code - zero point) times the s8 activation
+//                       codes, exact, eight int32 partial sums per 32 values (vpmaddubsw +
+//                       vpmaddwd on AVX2, vpdpbusd on AVX-512 VNNI), scaled by
+//                       x_scale * w_scale per block into fp32 accumulators. A zero point that is
+//                       not an integer leaves its fraction to a per-group term
+//                       -scale * fraction * (sum of the group's activations).
 //
 // Decode (M = 1) streams the packed weight once at 4.5 to 5 bits per weight; the integer dot
 // products keep the arithmetic per byte low enough that AVX2 stays memory bound, which a
@@ -78,6 +79,12 @@ void quantize_q8_blocks(const Q8BlockArgs& a, int64_t m0, int64_t m1) {
   }
 }
 
+// The integer part of a zero point, in the code range: codes minus it stay in [-15, 15].
+inline int int_zero(float z) {
+  const float r = __builtin_rintf(z);
+  return r < 0.0f ? 0 : (r > 15.0f ? 15 : static_cast<int>(r));
+}
+
 // c[i][j] = out[m + i, n + j] before bias, for i < R, j < C. S is the scale/zero storage type.
 // `w_next` points at the weight rows the next tile reads, prefetched one tile ahead.
 template <class S, int R, int C, int MR, int NR>
@@ -98,8 +105,12 @@ void w4_tile(const W4GemmArgs& g, int64_t m, int64_t n, float (&c)[MR][NR], cons
   }
   for (int64_t gi = 0; gi < groups; ++gi) {
     float ws[C];
+    typename Q4Dot::ZV zv[C];
 #pragma GCC unroll 16
-    for (int j = 0; j < C; ++j) ws[j] = load_f32(scales + j * g.lds + gi);
+    for (int j = 0; j < C; ++j) {
+      ws[j] = load_f32(scales + j * g.lds + gi);
+      zv[j] = Q4Dot::zero_point(int_zero(load_f32(zeros + j * g.lds + gi)));
+    }
     const int64_t k_end = min_i64((gi + 1) * g.group_size, k_full);
     for (int64_t k = gi * g.group_size; k < k_end; k += kQ8Block) {
       const int64_t kb = k / 2;  // byte offset in a packed row
@@ -107,7 +118,7 @@ void w4_tile(const W4GemmArgs& g, int64_t m, int64_t n, float (&c)[MR][NR], cons
 #pragma GCC unroll 16
       for (int j = 0; j < C; ++j) {
         if (kb % 64 == 0) __builtin_prefetch(w_next + j * g.ldw + kb);  // once per line
-        wv[j] = Q4Dot::load_w(w + j * g.ldw + kb);
+        wv[j] = Q4Dot::load_w(w + j * g.ldw + kb, zv[j]);
       }
 #pragma GCC unroll 16
       for (int i = 0; i < R; ++i) {
@@ -127,21 +138,25 @@ void w4_tile(const W4GemmArgs& g, int64_t m, int64_t n, float (&c)[MR][NR], cons
   if (k_full < g.K) {
     for (int j = 0; j < C; ++j) {
       const float s = load_f32(scales + j * g.lds);
+      const int z = int_zero(load_f32(zeros + j * g.lds));
       const uint8_t* wr = w + j * g.ldw;
       for (int i = 0; i < R; ++i) {
         int32_t dot = 0;
         for (int64_t k = k_full; k < g.K; ++k) {
           const int code = (wr[k / 2] >> (4 * (k & 1))) & 0x0f;
-          dot += code * xq[i * g.ldxq + k];
+          dot += (code - z) * xq[i * g.ldxq + k];
         }
         c[i][j] += static_cast<float>(dot) * xs[i * g.ldxs + k_full / kQ8Block] * s;
       }
     }
   }
-  // Zero points: -scale * zero * sum(x) per group.
+  // A zero point off the integers: -scale * (zero - round(zero)) * sum(x) per group.
   for (int j = 0; j < C; ++j) {
     for (int64_t gi = 0; gi < groups; ++gi) {
-      const float sz = load_f32(scales + j * g.lds + gi) * load_f32(zeros + j * g.lds + gi);
+      const float z = load_f32(zeros + j * g.lds + gi);
+      const float frac = z - static_cast<float>(int_zero(z));
+      if (frac == 0.0f) continue;
+      const float sz = load_f32(scales + j * g.lds + gi) * frac;
       for (int i = 0; i < R; ++i) c[i][j] -= sz * g.x_group_sum[(m + i) * g.ldxg + gi];
     }
   }

@@ -87,8 +87,8 @@ struct Q8BlockArgs {
 //   out[m, n] = sum_g scales[n, g] * sum_{k in g} (code[n, k] - zeros[n, g]) * xq[m, k] * xs[m,
 //   k/32]
 //             + bias[n]
-// The code sums run as u8 x s8 integer dot products per block of 32; the zero-point term is
-// -scales * zeros * group_sum, added once per group.
+// (code - round(zero)) * xq runs as exact integer dot products per block of 32; a fractional
+// part of a zero point adds -scales * (zero - round(zero)) * group_sum once per group.
 struct W4GemmArgs {
   const int8_t* xq;  // (M, K) Q8 block codes (Q8BlockArgs layout), row stride ldxq
   int64_t ldxq;

@@ -326,18 +326,20 @@ struct FVec {
 
 struct Q4Dot {
   using Acc = Lanes<float>;
+  using ZV = int;
   struct WV {
-    uint8_t v[32];
+    int8_t v[32];
   };
   struct XV {
     int8_t v[32];
   };
   static Acc zero() { return {}; }
-  static WV load_w(const uint8_t* p) {
+  static ZV zero_point(int z) { return z; }
+  static WV load_w(const uint8_t* p, ZV z) {
     WV w;
     for (int l = 0; l < 16; ++l) {
-      w.v[l] = p[l] & 0x0f;
-      w.v[16 + l] = p[l] >> 4;
+      w.v[l] = static_cast<int8_t>((p[l] & 0x0f) - z);
+      w.v[16 + l] = static_cast<int8_t>((p[l] >> 4) - z);
     }
     return w;
   }
@@ -363,34 +365,43 @@ constexpr int kI8MR = 4, kI8NR = 4, kF32MR = 4, kF32NR = 4, kQ4MR = 4, kQ4NR = 4
 
 #if defined(TORCHSLIM_ISA_AVX512) || defined(TORCHSLIM_ISA_AVX2)
 
-// int4 x Q8 blocks (see int4_gemm.h): 16 bytes of nibbles unpack to 32 u8 codes, low nibbles
+// int4 x Q8 blocks (see int4_gemm.h): 16 bytes of nibbles unpack to 32 codes, low nibbles
 // (even k) in the low 128 bits and high nibbles (odd k) in the high 128 bits, matching the
-// permuted activation block; one u8 x s8 dot product gives eight int32 partial sums.
+// permuted activation block. The group's integer zero point is subtracted at once, so the
+// products are exact integers (w - z in [-15, 15]) and no large zero-point term has to cancel
+// in floating point later. The u8 x s8 dot product then takes |w - z| and x * sign(w - z).
 struct Q4Dot {
   using Acc = __m256;
-  using WV = __m256i;
+  using ZV = __m256i;
+  struct WV {
+    __m256i abs, raw;
+  };
   using XV = __m256i;
   static Acc zero() { return _mm256_setzero_ps(); }
-  static WV load_w(const uint8_t* p) {
+  static ZV zero_point(int z) { return _mm256_set1_epi8(static_cast<char>(z)); }
+  static WV load_w(const uint8_t* p, ZV z) {
     // The 16 bytes in both halves, the high half shifted right by 4, then the low nibbles kept.
     const __m256i v =
         _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    return _mm256_and_si256(_mm256_srlv_epi32(v, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)),
-                            _mm256_set1_epi8(0x0f));
+    const __m256i codes = _mm256_and_si256(
+        _mm256_srlv_epi32(v, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)), _mm256_set1_epi8(0x0f));
+    const __m256i raw = _mm256_sub_epi8(codes, z);
+    return {_mm256_abs_epi8(raw), raw};
   }
   static XV load_x(const int8_t* p) {
     return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   }
-  static __m256i dot(WV w, XV x) {
+  static __m256i dot(const WV& w, XV x) {
+    // |w - z| <= 15 and |x| <= 127: a pair sums to at most 2 * 15 * 127, no saturation.
+    const __m256i xs = _mm256_sign_epi8(x, w.raw);
 #if defined(TORCHSLIM_ISA_AVX512)
-    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x);
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), w.abs, xs);
 #else
-    // Codes are at most 15, so a pair sums to at most 2 * 15 * 127: vpmaddubsw cannot saturate.
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1));
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(w.abs, xs), _mm256_set1_epi16(1));
 #endif
   }
   // acc += d * (w . x), lane-wise
-  static Acc fma(Acc acc, WV w, XV x, float d) {
+  static Acc fma(Acc acc, const WV& w, XV x, float d) {
     return _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot(w, x)), _mm256_set1_ps(d), acc);
   }
   static float reduce(Acc v) { return hsum_ps(v); }

@@ -111,4 +111,6 @@ def int4_weight_only_linear(
 ) -> torch.Tensor:
     """W4A16 linear on group-wise int4 weights: x @ ((codes - zeros) * scales).T + bias."""
     _require_tensors(x=x, packed_w=packed_w, scales=scales, zeros=zeros, bias=bias)
+    if isinstance(group_size, bool) or not isinstance(group_size, int):
+        raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
     return torch.ops.torchslim.int4_weight_only_linear(x, packed_w, scales, zeros, group_size, bias)

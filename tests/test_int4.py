@@ -1,0 +1,266 @@
+"""int4: format, quantizer, the W4A16 op against torchslim.reference, Int4Linear."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import KERNEL_BACKENDS, run_on
+from torch import nn
+
+from torchslim import ops
+from torchslim import reference as ref
+from torchslim.nn import Int4Linear
+from torchslim.quant import dequantize_int4, pack_int4, quantize_int4, unpack_int4
+from torchslim.testing import M_FULL, M_QUICK, check_close, nan_padded, sqnr
+
+CPU_BACKENDS = [b for b in KERNEL_BACKENDS if b.startswith("cpu")]
+SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# (N, K, group sizes): N not a multiple of any tile; K a multiple of 32 or, per channel, not.
+NKG = (
+    (1, 32, (32, -1)),
+    (7, 64, (32, 64)),
+    (65, 288, (32, -1)),
+    (111, 1024, (64, 128)),
+    (59, 4224, (128, -1)),
+    (33, 130, (-1,)),  # per channel with a partial last activation block
+    (5, 2, (-1,)),
+)
+
+
+# --------------------------------------------------------------------------- format
+def test_pack_unpack_are_exact_inverses(gen):
+    codes = torch.randint(0, 16, (37, 258), dtype=torch.uint8, generator=gen)
+    packed = pack_int4(codes)
+    assert packed.shape == (37, 129) and packed.dtype == torch.uint8
+    assert torch.equal(unpack_int4(packed), codes)
+    every_byte = torch.arange(256, dtype=torch.uint8).reshape(2, 128)
+    assert torch.equal(pack_int4(unpack_int4(every_byte)), every_byte)
+    # low nibble first
+    assert pack_int4(torch.tensor([[3, 12]], dtype=torch.uint8)).item() == 3 | 12 << 4
+
+
+def test_pack_rejects_bad_codes():
+    with pytest.raises(ValueError, match="even K"):
+        pack_int4(torch.zeros(2, 5, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"codes must be in \[0, 15\]"):
+        pack_int4(torch.full((2, 4), 16, dtype=torch.uint8))
+    with pytest.raises(TypeError, match="codes must be uint8"):
+        pack_int4(torch.zeros(2, 4, dtype=torch.int8))
+
+
+# --------------------------------------------------------------------------- quantizer
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("group_size", [32, 128, -1])
+def test_quantizer_follows_its_formulas(group_size, symmetric, gen):
+    w = torch.randn(48, 256, generator=gen) * 0.02
+    packed, scales, zeros = quantize_int4(w, group_size, symmetric=symmetric)
+    g = 256 if group_size == -1 else group_size
+    assert scales.shape == zeros.shape == (48, 256 // g)
+    if symmetric:
+        assert torch.equal(zeros, torch.full_like(zeros, 8.0))
+    else:
+        assert torch.equal(zeros, zeros.round()) and zeros.min() >= 0 and zeros.max() <= 15
+    # Round to nearest: every weight inside the group's range is within half a step; the one
+    # symmetric code past the top (+max|w| / scale = 7.5 clips to 7) is within a whole step.
+    err = (dequantize_int4(packed, scales, zeros, group_size) - w).abs()
+    step = scales.float().repeat_interleave(g, dim=1)
+    limit = step * (1.0 if symmetric else 0.5) * (1 + 1e-5)
+    assert (err <= limit).all()
+
+
+# What the math allows for N(0, 1) weights: step = range / 15 with the range of a group's
+# samples (about 4 sigma at g32, 5.2 at g128, 7.2 for a 4096-long row);
+# SQNR = 10 log10(12 / step^2).
+SQNR_FLOOR_DB = {32: 21.5, 64: 20.5, 128: 19.5, -1: 16.8}
+
+
+@pytest.mark.parametrize("group_size", sorted(SQNR_FLOOR_DB))
+def test_gaussian_sqnr_meets_the_math(group_size, gen):
+    w = torch.randn(256, 4096, generator=gen)
+    plain = quantize_int4(w, group_size, scale_dtype=torch.float32)
+    clipped = quantize_int4(w, group_size, scale_dtype=torch.float32, clip_search=True)
+    db = sqnr(w, dequantize_int4(*plain, group_size))
+    db_clip = sqnr(w, dequantize_int4(*clipped, group_size))
+    assert db >= SQNR_FLOOR_DB[group_size], db
+    assert db_clip >= db  # the search includes ratio 1.0 and keeps the best per group
+    symmetric = sqnr(w, dequantize_int4(*quantize_int4(w, group_size, symmetric=True), group_size))
+    assert symmetric < db  # a fitted zero point uses the 16 levels better on Gaussian groups
+
+
+def test_quantizer_bad_input():
+    w = torch.randn(8, 96)
+    with pytest.raises(ValueError, match=r"group_size must be -1 .* that divides K=96, got 64"):
+        quantize_int4(w, 64)
+    with pytest.raises(ValueError, match="K must be even"):
+        quantize_int4(torch.randn(8, 33), -1)
+    with pytest.raises(TypeError, match="scale_dtype"):
+        quantize_int4(w, 32, scale_dtype=torch.int32)
+    with pytest.raises(ValueError, match="finite"):
+        quantize_int4(torch.full((2, 32), float("inf")), 32)
+    with pytest.raises(TypeError, match="group_size must be an int"):
+        quantize_int4(w, 32.0)
+
+
+# --------------------------------------------------------------------------- the op
+def _cases():
+    cases = []
+    for backend in CPU_BACKENDS:
+        for m in M_FULL if backend == CPU_BACKENDS[0] else M_QUICK:
+            for n, k, groups in NKG:
+                cases += [(backend, m, n, k, g) for g in groups]
+    return cases
+
+
+def _activations(m, k, dtype, gen):
+    """Rows with a spread of magnitudes and a few outlier channels (as in LLMs), NaN-padded."""
+    x = torch.randn(m, k, generator=gen) * torch.exp(torch.randn(m, 1, generator=gen))
+    if k > 8:
+        x[:, torch.randperm(k, generator=gen)[:2]] *= 20
+    return nan_padded(x.to(dtype))
+
+
+def _weights(n, k, group_size, scale_dtype, gen):
+    w = torch.randn(n, k, generator=gen) / k**0.5
+    return (*quantize_int4(w, group_size, scale_dtype=scale_dtype), torch.randn(n, generator=gen))
+
+
+@pytest.mark.parametrize(("backend", "m", "n", "k", "group_size"), _cases())
+def test_int4_linear_against_reference(backend, m, n, k, group_size, gen, poisoned_empty):
+    """The kernel computes the reference's arithmetic (activations rounded per block of 32)."""
+    scale_dtype = SCALE_DTYPES[(m + n) % 3]
+    for dtype in (torch.float32, torch.bfloat16):
+        x = _activations(m, k, dtype, gen)
+        packed, scales, zeros, bias = _weights(n, k, group_size, scale_dtype, gen)
+        bias = bias if m % 2 else None
+        with run_on(backend):
+            out = ops.int4_weight_only_linear(x, packed, scales, zeros, group_size, bias)
+        assert out.dtype == dtype and out.shape == (m, n)
+        args = (packed, scales, zeros, group_size, bias)
+        ref64 = ref.int4_weight_only_linear(
+            x.double(), *args, compute_dtype=torch.float64, activation_block=32
+        )
+        check_close(out, ref64, ref.int4_weight_only_linear(x, *args, activation_block=32))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_kernel_adds_no_measurable_error(backend, gen):
+    """Against the float layer, the kernel's SQNR is the float-activation reference's, within
+    0.1 dB: rounding activations to int8 per 32 is noise next to rounding weights to 4 bits."""
+    x = _activations(64, 1024, torch.float32, gen)
+    w = torch.randn(256, 1024, generator=gen) / 32
+    float_out = x @ w.T
+    for group_size in (32, 128):
+        packed, scales, zeros = quantize_int4(w, group_size)
+        with run_on(backend):
+            out = ops.int4_weight_only_linear(x, packed, scales, zeros, group_size)
+        want = ref.int4_weight_only_linear(
+            x.double(), packed, scales, zeros, group_size, compute_dtype=torch.float64
+        )
+        assert sqnr(float_out, out) >= sqnr(float_out, want) - 0.1
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_leading_dims_strides_and_threads(backend, gen):
+    x = torch.randn(2, 3, 256, generator=gen)
+    packed, scales, zeros, bias = _weights(40, 256, 64, torch.bfloat16, gen)
+    threads = torch.get_num_threads()
+    with run_on(backend):
+        out = ops.int4_weight_only_linear(x, packed, scales, zeros, 64, bias)
+        flat = ops.int4_weight_only_linear(x.reshape(6, 256), packed, scales, zeros, 64, bias)
+        strided = x.reshape(6, 256).T.contiguous().T
+        transposed = ops.int4_weight_only_linear(strided, packed, scales, zeros, 64, bias)
+        try:
+            torch.set_num_threads(1)
+            one = ops.int4_weight_only_linear(x, packed, scales, zeros, 64, bias)
+        finally:
+            torch.set_num_threads(threads)
+    assert out.shape == (2, 3, 40)
+    assert torch.equal(out.reshape(6, 40), flat)
+    assert torch.equal(transposed, flat)
+    assert torch.equal(one, out)
+
+
+def test_unsupported_inputs_run_the_reference(gen):
+    """fp16 activations and group sizes the CPU kernel lacks fall back, and say why."""
+    packed, scales, zeros, _ = _weights(8, 64, 16, torch.float32, gen)
+    x = torch.randn(3, 64, generator=gen)
+    report = ops.explain("int4_weight_only_linear", x, packed, scales, zeros, 16)
+    assert report["backend"] == "reference"
+    assert any("multiples of 32" in why for why in report["passed_over"])
+    out = ops.int4_weight_only_linear(x.half(), packed, scales, zeros, 16)
+    want = ref.int4_weight_only_linear(x.half(), packed, scales, zeros, 16)
+    assert torch.equal(out, want)
+
+
+def test_opcheck(gen):
+    x = torch.randn(5, 64, generator=gen)
+    packed, scales, zeros, bias = _weights(17, 64, 32, torch.bfloat16, gen)
+    op = torch.ops.torchslim.int4_weight_only_linear.default
+    tests = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+    for args in ((x, packed, scales, zeros, 32, bias), (x, packed, scales, zeros, -1, None)):
+        if args[4] == -1:
+            args = (x, packed, scales[:, :1].contiguous(), zeros[:, :1].contiguous(), -1, None)
+        torch.library.opcheck(op, args, test_utils=tests)
+
+
+def _bad_inputs():
+    x = torch.randn(4, 64)
+    p = torch.randint(0, 256, (8, 32), dtype=torch.uint8)
+    s = torch.rand(8, 2) + 0.1
+    z = torch.full((8, 2), 8.0)
+    f = ops.int4_weight_only_linear
+    return [
+        ("group not dividing K", lambda: f(x, p, s, z, 48), ValueError, "group_size must be -1"),
+        ("odd K", lambda: f(torch.randn(4, 63), p, s, z, -1), ValueError, "K must be even"),
+        ("packed dtype", lambda: f(x, p.to(torch.int8), s, z, 32), TypeError, "packed_w must be"),
+        ("packed shape", lambda: f(x, p[:, :31], s, z, 32), ValueError, r"packed_w must have"),
+        ("scales shape", lambda: f(x, p, s[:, :1], z, 32), ValueError, r"scales must have shape"),
+        ("scales dtype", lambda: f(x, p, s.double(), z, 32), TypeError, "scales must be float32"),
+        ("zeros dtype", lambda: f(x, p, s, z.half(), 32), TypeError, "zeros must have the dtype"),
+        ("x dtype", lambda: f(x.int(), p, s, z, 32), TypeError, "x must be float32"),
+        ("bias shape", lambda: f(x, p, s, z, 32, torch.randn(3)), ValueError, "bias must have"),
+        ("group type", lambda: f(x, p, s, z, 32.0), TypeError, "group_size"),
+        ("not a tensor", lambda: f(x, p.tolist(), s, z, 32), TypeError, "packed_w"),
+    ]
+
+
+@pytest.mark.parametrize(("what", "call", "exc", "match"), _bad_inputs(), ids=lambda v: None)
+def test_bad_input_names_the_argument(what, call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+# --------------------------------------------------------------------------- Int4Linear
+@pytest.mark.parametrize("group_size", [32, 128, -1])
+def test_int4_linear_module(group_size, gen):
+    torch.manual_seed(0)
+    linear = nn.Linear(256, 96)
+    layer = Int4Linear.from_linear(linear, group_size=group_size)
+    x = torch.randn(4, 7, 256, generator=gen)
+    out = layer(x)
+    assert out.shape == (4, 7, 96)
+    assert sqnr(linear(x).detach(), out) > 17.0
+    # state_dict round trip: bit-identical buffers and outputs
+    again = Int4Linear(256, 96, group_size=group_size)
+    again.load_state_dict(layer.state_dict())
+    for key, value in layer.state_dict().items():
+        assert torch.equal(again.state_dict()[key], value), key
+    assert torch.equal(again(x), out)
+    # casting the module keeps the scales' dtype
+    assert layer.to(torch.float64).weight_scales.dtype == torch.bfloat16
+
+
+def test_int4_linear_rejects_bad_state(gen):
+    state = Int4Linear.from_linear(nn.Linear(64, 8), group_size=32).state_dict()
+    with pytest.raises(ValueError, match="weight_scales must be finite and > 0"):
+        Int4Linear(64, 8, group_size=32).load_state_dict(
+            {**state, "weight_scales": -state["weight_scales"]}
+        )
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        Int4Linear(64, 8, group_size=32).load_state_dict(
+            {**state, "weight": state["weight"][:, :16]}
+        )
+    with pytest.raises(ValueError, match="group_size must be -1"):
+        Int4Linear(96, 8, group_size=64)
+    with pytest.raises(TypeError, match=r"linear must be an nn\.Linear"):
+        Int4Linear.from_linear(nn.Conv1d(4, 4, 1))
