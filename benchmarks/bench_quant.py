@@ -42,6 +42,15 @@ class Impl:
     x_dtype: torch.dtype
     make: Callable[[torch.Tensor], tuple]  # fp32 weight (N, K) -> operands
     run: Callable[[torch.Tensor, tuple], torch.Tensor]  # (x, operands) -> out
+    # bytes of the stored weight for (n, k), scales included; default: n * k * per-elem bytes,
+    # plus one fp32 scale per row for 1-byte formats
+    weight_bytes: Callable[[int, int], float] | None = None
+
+    def bytes_for(self, n: int, k: int) -> float:
+        if self.weight_bytes is not None:
+            return self.weight_bytes(n, k)
+        per_row_scale = 4 * n if self.weight_bytes_per_elem == 1 else 0
+        return n * k * self.weight_bytes_per_elem + per_row_scale
 
 
 def _fbgemm(w: torch.Tensor) -> tuple:
@@ -133,9 +142,7 @@ GPU_IMPLS = (
 def measure(k: int, n: int, m: int, impl: Impl, bandwidth: float, gen, device: str) -> dict:
     w = (torch.randn(n, k, generator=gen) / k**0.5).to(device)
     x = torch.randn(m, k, generator=gen).to(device=device, dtype=impl.x_dtype)
-    weight_bytes = n * k * impl.weight_bytes_per_elem + (
-        4 * n if impl.weight_bytes_per_elem == 1 else 0
-    )
+    weight_bytes = impl.bytes_for(n, k)
     operands = common.rotating(lambda: impl.make(w), int(weight_bytes))
     try:
         ms = common.time_ms(lambda: impl.run(x, operands()), device=device)
@@ -230,10 +237,27 @@ def _layers(text: str) -> tuple[tuple[int, int], ...]:
     return pairs
 
 
-def main(argv: list[str] | None = None) -> int:
+@dataclass(frozen=True)
+class Family:
+    """One benchmark family: its implementations, shapes and target check."""
+
+    name: str
+    doc: str
+    layers: tuple
+    batch: tuple
+    impls: tuple
+    targets: Callable[[list[dict]], list[str]]
+    quick_layers: tuple = QUICK_LAYERS
+    quick_batch: tuple = QUICK_BATCH
+    gpu_layers: tuple = GPU_LAYERS
+    gpu_batch: tuple = GPU_BATCH
+    gpu_impls: tuple = ()
+
+
+def run_family(family: Family, argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="torchslim bench int8",
-        description=__doc__,
+        prog=f"torchslim bench {family.name}",
+        description=family.doc,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--quick", action="store_true", help="one small layer, M in {1, 16}")
@@ -246,18 +270,25 @@ def main(argv: list[str] | None = None) -> int:
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda needs a CUDA device")
+    if device == "cuda" and not family.gpu_impls:
+        parser.error(f"--device cuda: the {family.name} family has no GPU implementations yet")
 
     env = common.Environment.capture(device)
     if device == "cuda":
-        layers, batch, impls, baseline = GPU_LAYERS, GPU_BATCH, GPU_IMPLS, "fp16"
+        layers, batch, impls, baseline = (
+            family.gpu_layers,
+            family.gpu_batch,
+            family.gpu_impls,
+            "fp16",
+        )
         where = torch.cuda.get_device_name()
     else:
-        layers, batch, impls, baseline = LAYERS, BATCH, IMPLS, "fp32"
+        layers, batch, impls, baseline = family.layers, family.batch, family.impls, "fp32"
         where = f"{env.cpu}, {common.threads_note()}, ISA {env.isa}"
     if args.quick:
-        layers, batch = QUICK_LAYERS, QUICK_BATCH
+        layers, batch = family.quick_layers, family.quick_batch
     layers, batch = args.layers or layers, args.batch or batch
-    print(f"torchslim bench int8 on {where}")
+    print(f"torchslim bench {family.name} on {where}")
     bandwidth = common.copy_bandwidth_gbs(device=device)
     peak = common.gemm_gflops(
         device=device, dtype=torch.float32 if device == "cpu" else torch.float16
@@ -267,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     gen = torch.Generator().manual_seed(0)
     cases = [(k, n, m, impl) for k, n in layers for m in batch for impl in impls]
     rows = [
-        measure(k, n, m, impl, bandwidth, gen, device) for k, n, m, impl in tqdm(cases, desc="int8")
+        measure(k, n, m, impl, bandwidth, gen, device)
+        for k, n, m, impl in tqdm(cases, desc=family.name)
     ]
     add_speedups(rows, baseline)
     for r in rows:
@@ -281,14 +313,29 @@ def main(argv: list[str] | None = None) -> int:
         if "error" in r:
             print(f"not run: {r['layer']} M={r['M']} {r['impl']}: {r['error']}")
     if device == "cpu":
-        print("\n".join(["", "targets:", *targets(timed)]))
+        print("\n".join(["", "targets:", *family.targets(timed)]))
     out = common.results_dir(env, args.out)
-    name = f"int8_{device}" + ("_quick" if args.quick else "")
+    name = f"{family.name}_{device}" + ("_quick" if args.quick else "")
     common.write_csv(out / f"{name}.csv", rows, env)
     if not args.no_plot:
         plot(timed, out / f"{name}.png", baseline)
     print(f"\nwrote {out / name}.csv" + ("" if args.no_plot else f" and {name}.png"))
     return 0
+
+
+INT8 = Family(
+    name="int8",
+    doc=__doc__,
+    layers=LAYERS,
+    batch=BATCH,
+    impls=IMPLS,
+    targets=targets,
+    gpu_impls=GPU_IMPLS,
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_family(INT8, argv)
 
 
 if __name__ == "__main__":

@@ -23,3 +23,17 @@ def test_bench_int8_quick(tmp_path, capsys):
             assert float(r["time_ms"]) > 0 and float(r["pct_floor"]) > 0
             assert r["commit"] and r["torch"] and r["device"].startswith("cpu-")
     assert "targets:" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(_ext._C is None, reason="the benchmark compares the compiled kernels")
+def test_bench_int4_quick(tmp_path, capsys):
+    from torchslim.benchmarks import bench_int4
+
+    assert bench_int4.main(["--quick", "--out", str(tmp_path), "--no-plot"]) == 0
+    with open(tmp_path / "int4_cpu_quick.csv") as f:
+        rows = list(csv.DictReader(f))
+    impls = {r["impl"] for r in rows if r.get("time_ms")}
+    assert {"fp32", "bf16", "torch-int4pack-w4a16", "torchslim-w4a16-g128"} <= impls
+    assert "torchslim-w4a16-g32" in impls
+    out = capsys.readouterr().out
+    assert "targets:" in out and "x torch int4" in out

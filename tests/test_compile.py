@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from torchslim.nn import Int8Linear
+from torchslim.nn import Int4Linear, Int8Linear
 
 
 def _model(mode: str, gen: torch.Generator) -> nn.Module:
@@ -15,11 +15,14 @@ def _model(mode: str, gen: torch.Generator) -> nn.Module:
     model = nn.Sequential(*layers)
     for i, layer in enumerate(model):
         if isinstance(layer, nn.Linear):
-            model[i] = Int8Linear.from_linear(layer, mode=mode)
+            if mode == "int4":
+                model[i] = Int4Linear.from_linear(layer, group_size=32)
+            else:
+                model[i] = Int8Linear.from_linear(layer, mode=mode)
     return model.eval()
 
 
-@pytest.mark.parametrize("mode", ["dynamic", "weight_only"])
+@pytest.mark.parametrize("mode", ["dynamic", "weight_only", "int4"])
 def test_whole_model_is_one_graph(mode, gen):
     from torch._dynamo.testing import CompileCounter
 
@@ -37,7 +40,7 @@ def test_whole_model_is_one_graph(mode, gen):
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("mode", ["dynamic", "weight_only"])
+@pytest.mark.parametrize("mode", ["dynamic", "weight_only", "int4"])
 def test_inductor_matches_eager(mode, gen):
     torch._dynamo.reset()
     model = _model(mode, gen)

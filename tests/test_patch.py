@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import torchslim
-from torchslim.nn import Int8Linear
+from torchslim.nn import Int4Linear, Int8Linear
 from torchslim.testing import sqnr
 
 # int8 per-channel weights on Gaussian data allow ~40 dB per layer (test_nn.py); through a
@@ -196,3 +196,55 @@ def test_calibration_applies_smoothquant_to_w8a8(gen):
 def test_weight_only_ignores_calibration(gen):
     model = torchslim.patch(_stack(gen), quant="int8-weight", calibration=[1], progress=False)
     assert all(m.smooth is None for m in model.modules() if isinstance(m, Int8Linear))
+
+
+# int4 on Gaussian weights allows ~20 dB per layer at group 32 (test_int4.py), less through a
+# stack of layers.
+def test_int4_options_and_report(gen):
+    model = _stack(gen)
+    x = torch.randn(4, 9, 64, generator=gen)
+    with torch.no_grad():
+        want = model(x)
+        torchslim.patch(model, "int4", group_size=32, symmetric=True, progress=False)
+        got = model(x)
+    layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    assert len(layers) == 7
+    assert all(m.group_size == 32 and m.symmetric for m in layers)
+    assert sqnr(want, got) >= 14.0
+    # 4-bit codes + bf16 scale and zero per 32 weights (fp32 before): about 6.4x smaller
+    report = model.torchslim_report
+    assert 5.5 < report.bytes_before() / report.bytes_after() < 7.0
+
+
+def test_int4_keeps_layers_the_group_size_does_not_fit(gen):
+    model = nn.Sequential(nn.Linear(96, 64), nn.Linear(64, 33), nn.Linear(33, 8))
+    torchslim.patch(model, "int4", group_size=64, progress=False)
+    kept = {r.name: r.reason for r in model.torchslim_report.kept}
+    assert isinstance(model[1], Int4Linear)
+    assert kept == {
+        "0": "in_features=96 is not a multiple of group_size=64",
+        "2": "in_features=33 is odd (two int4 codes per byte)",
+    }
+
+
+def test_int4_bad_options():
+    model = nn.Sequential(nn.Linear(64, 8))
+    with pytest.raises(TypeError, match=r"unknown options \['group'\]"):
+        torchslim.patch(model, "int4", group=32)
+    with pytest.raises(TypeError, match="unknown options"):
+        torchslim.patch(model, "int8", group_size=32)  # int8 takes no options
+    with pytest.raises(ValueError, match=r"group_size must be -1 .*, got 0"):
+        torchslim.patch(model, "int4", group_size=0)
+    with pytest.raises(TypeError, match="scale_dtype must be one of"):
+        torchslim.patch(model, "int4", scale_dtype="bf16")
+
+
+def test_hf_llama_int4(gen, tiny_llama):
+    model = tiny_llama
+    ids = torch.randint(0, 128, (2, 10), generator=gen)
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        torchslim.patch(model, "int4", group_size=32, exclude="lm_head", progress=False)
+        got = model(input_ids=ids).logits
+    assert len(model.torchslim_report.replaced) == 2 * 7
+    assert sqnr(want, got) >= 12.0

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import torchslim
-from torchslim.nn import Int8Linear
+from torchslim.nn import Int4Linear, Int8Linear
 
 
 def _model(seed: int = 0) -> nn.Module:
@@ -26,16 +26,18 @@ def _assert_same_state(a: nn.Module, b: nn.Module) -> None:
         assert torch.equal(sa[key], sb[key]), key
 
 
-@pytest.mark.parametrize("quant", ["int8", "int8-weight"])
+@pytest.mark.parametrize("quant", ["int8", "int8-weight", "int4"])
 def test_round_trip_is_bit_identical(quant, tmp_path, gen):
-    model = torchslim.patch(_model(), quant=quant, exclude="3", progress=False)
+    options = {"group_size": 32, "scale_dtype": torch.float16} if quant == "int4" else {}
+    model = torchslim.patch(_model(), quant=quant, exclude="3", progress=False, **options)
     torchslim.save(model, tmp_path)
     recipe = json.loads((tmp_path / "torchslim.json").read_text())
     assert set(recipe["layers"]) == {"0", "2"}
     assert recipe["layers"]["0"]["method"] == quant
 
     fresh = torchslim.load(_model(seed=1), tmp_path)  # other float weights: all overwritten
-    assert isinstance(fresh[0], Int8Linear) and type(fresh[3]) is nn.Linear
+    assert isinstance(fresh[0], Int4Linear if quant == "int4" else Int8Linear)
+    assert type(fresh[3]) is nn.Linear
     _assert_same_state(model, fresh)
     x = torch.randn(5, 32, generator=gen)
     with torch.no_grad():

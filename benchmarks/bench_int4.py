@@ -1,0 +1,119 @@
+"""int4 linear benchmark: torchslim W4A16 against what users would otherwise run.
+
+    torchslim bench int4 [--quick] [--out DIR]
+    python benchmarks/bench_int4.py [--quick] [--out DIR]
+
+Baselines, in the same run: fp32 and bf16 F.linear, torch._weight_int4pack_mm_for_cpu (torch's
+own CPU int4, group 128, on the same quantized weights), FBGEMM int8 dynamic and torchslim's
+int8 (W8A8 and W8A16). Ours: W4A16 at group sizes 32 and 128, bf16 scales and zero points.
+Per (layer, M, implementation): time, speedup over fp32, GB/s, % of the memory floor (packed
+weight + scale bytes ÷ copy bandwidth), GOP/s. Writes int4_cpu.csv and int4_cpu.png.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from torchslim import ops
+from torchslim.benchmarks.bench_quant import IMPLS as INT8_IMPLS
+from torchslim.benchmarks.bench_quant import Family, Impl, run_family
+from torchslim.quant import quantize_int4, unpack_int4
+
+# (K in, N out): Llama-7B attention and MLP projections, and SmolLM2-135M's MLP down projection
+# (its other layers have K = 576, which group 128 does not divide).
+LAYERS = ((4096, 4096), (4096, 11008), (11008, 4096), (1536, 576))
+BATCH = (1, 4, 16, 64, 512)
+TORCH_GROUP = 128
+
+
+def _ours(group_size: int) -> Impl:
+    def make(w):
+        return quantize_int4(w, group_size, scale_dtype=torch.bfloat16)
+
+    def run(x, o):
+        return ops.int4_weight_only_linear(x, o[0], o[1], o[2], group_size)
+
+    return Impl(
+        f"torchslim-w4a16-g{group_size}",
+        0.5,
+        torch.float32,
+        make,
+        run,
+        weight_bytes=lambda n, k: n * k / 2 + 2 * 2 * n * (k // group_size),
+    )
+
+
+def _torch_int4(w: torch.Tensor) -> tuple:
+    """The same group-128 weights in torch's layout: w = (q - 8) * s + zero_t, so our
+    (q - z) * s has zero_t = (8 - z) * s."""
+    packed, scales, zeros = quantize_int4(w, TORCH_GROUP, scale_dtype=torch.float32)
+    codes = unpack_int4(packed).to(torch.int32)
+    w_packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
+    zero_t = (8.0 - zeros) * scales
+    scales_and_zeros = torch.stack((scales.T, zero_t.T), dim=-1).contiguous()  # (K/G, N, 2)
+    return (w_packed, scales_and_zeros)
+
+
+TORCH_INT4 = Impl(
+    "torch-int4pack-w4a16",
+    0.5,
+    torch.float32,
+    _torch_int4,
+    lambda x, o: torch._weight_int4pack_mm_for_cpu(x, o[0], TORCH_GROUP, o[1]),
+    weight_bytes=lambda n, k: n * k / 2 + 2 * 4 * n * (k // TORCH_GROUP),
+)
+
+_INT8 = {impl.name: impl for impl in INT8_IMPLS}
+IMPLS = (
+    Impl("fp32", 4, torch.float32, lambda w: (w.clone(),), lambda x, o: F.linear(x, o[0])),
+    _INT8["bf16"],
+    TORCH_INT4,
+    _INT8["fbgemm-w8a8"],
+    _INT8["torchslim-w8a8"],
+    _INT8["torchslim-w8a16"],
+    _ours(32),
+    _ours(TORCH_GROUP),
+)
+
+
+def targets(rows: list[dict]) -> list[str]:
+    """The issue's CPU targets, as measured ratios."""
+    t = {(r["layer"], r["M"], r["impl"]): r for r in rows}
+    lines = []
+    for layer in dict.fromkeys(r["layer"] for r in rows):
+        for m in dict.fromkeys(r["M"] for r in rows):
+            ours = t.get((layer, m, f"torchslim-w4a16-g{TORCH_GROUP}"))
+            theirs = t.get((layer, m, TORCH_INT4.name))
+            bf16 = t.get((layer, m, "bf16"))
+            if not (ours and theirs and bf16):
+                continue
+            best = min(theirs["time_ms"], bf16["time_ms"])
+            lines.append(
+                f"{layer} M={m}: g{TORCH_GROUP} {theirs['time_ms'] / ours['time_ms']:.2f}x torch "
+                f"int4, {best / ours['time_ms']:.2f}x the faster of bf16 and torch int4, "
+                f"{ours['pct_floor']:.0f}% of the memory floor"
+            )
+    return lines
+
+
+INT4 = Family(
+    name="int4",
+    doc=__doc__,
+    layers=LAYERS,
+    batch=BATCH,
+    impls=IMPLS,
+    targets=targets,
+    quick_layers=((1536, 576),),
+    quick_batch=(1, 16),
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_family(INT4, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
