@@ -20,7 +20,13 @@ import torch
 from torchslim import _ext
 from torchslim import reference as ref
 from torchslim.ops._registry import Kernel, OpBackends, define_op
-from torchslim.ops.int8 import _check_activation, _check_same_device, _require_tensors, _rows
+from torchslim.ops.int8 import (
+    _check_activation,
+    _check_bias,
+    _check_same_device,
+    _require_tensors,
+    _rows,
+)
 from torchslim.quant.int4 import SCALE_DTYPES, check_group_size
 from torchslim.reference.int4 import Q8_BLOCK, resolve_group_size
 
@@ -48,11 +54,7 @@ def _check_int4_linear(x, packed_w, scales, zeros, group_size, bias) -> None:
             )
     if zeros.dtype != scales.dtype:
         raise TypeError(f"zeros must have the dtype of scales ({scales.dtype}), got {zeros.dtype}")
-    if bias is not None:
-        if not bias.is_floating_point():
-            raise TypeError(f"bias must be a floating-point tensor, got {bias.dtype}")
-        if tuple(bias.shape) != (n,):
-            raise ValueError(f"bias must have shape (N,) = ({n},), got {tuple(bias.shape)}")
+    _check_bias(bias, n)
     _check_same_device(x, packed_w=packed_w, scales=scales, zeros=zeros, bias=bias)
 
 

@@ -56,6 +56,15 @@ def _check_int8_matrix(w: torch.Tensor, name: str, k: int) -> None:
         raise ValueError(f"{name} must have K={k} columns to match x, got shape {tuple(w.shape)}")
 
 
+def _check_bias(bias: torch.Tensor | None, n: int) -> None:
+    if bias is None:
+        return
+    if not bias.is_floating_point():
+        raise TypeError(f"bias must be a floating-point tensor, got {bias.dtype}")
+    if tuple(bias.shape) != (n,):
+        raise ValueError(f"bias must have shape (N,) = ({n},), got {tuple(bias.shape)}")
+
+
 def _check_linear(x, w_q, w_scale, bias) -> None:
     _check_activation(x)
     _check_int8_matrix(w_q, "w_q", x.shape[-1])
@@ -64,11 +73,7 @@ def _check_linear(x, w_q, w_scale, bias) -> None:
         raise TypeError(f"w_scale must be float32, got {w_scale.dtype}")
     if tuple(w_scale.shape) != (n,):
         raise ValueError(f"w_scale must have shape (N,) = ({n},), got {tuple(w_scale.shape)}")
-    if bias is not None:
-        if not bias.is_floating_point():
-            raise TypeError(f"bias must be a floating-point tensor, got {bias.dtype}")
-        if tuple(bias.shape) != (n,):
-            raise ValueError(f"bias must have shape (N,) = ({n},), got {tuple(bias.shape)}")
+    _check_bias(bias, n)
     _check_same_device(x, w_q=w_q, w_scale=w_scale, bias=bias)
 
 
