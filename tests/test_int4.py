@@ -56,16 +56,37 @@ def test_quantizer_follows_its_formulas(group_size, symmetric, gen):
     packed, scales, zeros = quantize_int4(w, group_size, symmetric=symmetric)
     g = 256 if group_size == -1 else group_size
     assert scales.shape == zeros.shape == (48, 256 // g)
+    codes = unpack_int4(packed).reshape(48, 256 // g, g)
     if symmetric:
         assert torch.equal(zeros, torch.full_like(zeros, 8.0))
-    else:
-        assert torch.equal(zeros, zeros.round()) and zeros.min() >= 0 and zeros.max() <= 15
+    else:  # the group's min is code 0 and its max code 15
+        groups = w.reshape(48, 256 // g, g)
+        lo, hi = groups.amin(-1), groups.amax(-1)
+        torch.testing.assert_close(scales, (hi - lo) / 15)
+        torch.testing.assert_close(zeros, -lo / scales)
+        assert (codes.gather(-1, groups.argmin(-1, keepdim=True)) == 0).all()
+        assert (codes.gather(-1, groups.argmax(-1, keepdim=True)) == 15).all()
     # Round to nearest: every weight inside the group's range is within half a step; the one
     # symmetric code past the top (+max|w| / scale = 7.5 clips to 7) is within a whole step.
     err = (dequantize_int4(packed, scales, zeros, group_size) - w).abs()
     step = scales.float().repeat_interleave(g, dim=1)
     limit = step * (1.0 if symmetric else 0.5) * (1 + 1e-5)
     assert (err <= limit).all()
+
+
+@pytest.mark.parametrize("group_size", [32, 128])
+def test_weights_on_a_16_level_grid_come_back_exactly(group_size, gen):
+    """Weights already 4-bit per group (llama.cpp Q4_1: min + code * step, a GGUF model loaded
+    into float) are recovered code for code, whether their range spans zero or not."""
+    n, k, g = 24, 256, group_size
+    codes = torch.randint(0, 16, (n, k // g, g), generator=gen, dtype=torch.uint8)
+    codes[..., 0], codes[..., 1] = 0, 15  # every group uses its whole range
+    step = torch.rand(n, k // g, 1, generator=gen) * 0.01 + 1e-3
+    low = torch.randn(n, k // g, 1, generator=gen) * 0.05 - 7.5 * step
+    w = (low + codes * step).reshape(n, k)
+    packed, scales, zeros = quantize_int4(w, g)
+    assert torch.equal(unpack_int4(packed), codes.reshape(n, k))
+    torch.testing.assert_close(dequantize_int4(packed, scales, zeros, g), w, rtol=0, atol=1e-6)
 
 
 # What the math allows for N(0, 1) weights: step = range / 15 with the range of a group's

@@ -247,6 +247,8 @@ at::Tensor int4_weight_only_linear_cpu(const at::Tensor& x, const at::Tensor& pa
   at::Tensor xq = at::empty({M, K}, x.options().dtype(at::kChar));
   at::Tensor xs = at::empty({M, blocks}, x.options().dtype(at::kFloat));
   at::Tensor xg = at::empty({M, groups}, x.options().dtype(at::kFloat));
+  const int64_t lanes = (K + cpu::kQ4Chunk - 1) / cpu::kQ4Chunk * cpu::kQ4Lanes;
+  at::Tensor xb = at::empty({M, lanes}, x.options().dtype(at::kInt));
   const cpu::Q8BlockArgs qa{x.data_ptr(),
                             x.stride(0),
                             xt,
@@ -256,6 +258,8 @@ at::Tensor int4_weight_only_linear_cpu(const at::Tensor& x, const at::Tensor& pa
                             blocks,
                             xg.data_ptr<float>(),
                             groups,
+                            xb.data_ptr<int32_t>(),
+                            lanes,
                             K,
                             G};
   const cpu::KernelTable& kt = cpu::active_kernels();
@@ -268,6 +272,8 @@ at::Tensor int4_weight_only_linear_cpu(const at::Tensor& x, const at::Tensor& pa
                              blocks,
                              xg.data_ptr<float>(),
                              groups,
+                             xb.data_ptr<int32_t>(),
+                             lanes,
                              packed_w.data_ptr<uint8_t>(),
                              packed_w.stride(0),
                              scales.data_ptr(),

@@ -2,18 +2,20 @@
 //
 //   quantize_q8_blocks  x (M, K) fp32/bf16 -> int8 codes with one scale per 32 values along K,
 //                       stored in the order the kernel unpacks weights (kernels.h, Q8BlockArgs)
-//   w4_gemm             out = x . dequant(w).T: (code - zero point) times the s8 activation
-//                       codes, exact, eight int32 partial sums per 32 values (vpmaddubsw +
-//                       vpmaddwd on AVX2, vpdpbusd on AVX-512 VNNI), scaled by
-//                       x_scale * w_scale per block into fp32 accumulators. A zero point that is
-//                       not an integer leaves its fraction to a per-group term
-//                       -scale * fraction * (sum of the group's activations).
+//   w4_gemm             out = x . dequant(w).T: u8 codes times s8 activation codes, chunks of
+//                       64 weights (32 packed bytes) per step, eight int32 partial sums per
+//                       chunk (vpmaddubsw + vpmaddwd on AVX2, vpdpbusd on AVX-512 VNNI),
+//                       centred exactly to sums of (code - 8) * x by a per-activation lane
+//                       bias, scaled by x_scale * w_scale per block of 32 into fp32
+//                       accumulators; the zero point enters once per group as
+//                       -scale * (zero - 8) * (sum of the group's rounded activations).
 //
-// Decode (M = 1) streams the packed weight once at 4.5 to 5 bits per weight; the integer dot
-// products keep the arithmetic per byte low enough that AVX2 stays memory bound, which a
-// float dequantize-and-FMA inner loop (four conversions and FMAs per 8 weights) would not.
-// The weights stay in the plain packed layout that every backend's op takes: the activation
-// codes are permuted instead, once per call.
+// Decode (M = 1) streams the packed weight once at 4.5 to 5 bits per weight. Per 32 packed
+// bytes and output column the AVX2 loop issues about a dozen instructions (one load, two ANDs
+// and a shift to unpack, two vpmaddubsw, an add, vpmaddwd, the bias add, a conversion, the
+// scale multiply and an FMA); a float dequantize-and-FMA loop would need about four times as
+// many. The weights stay in the plain packed layout that every backend's op takes: the
+// activation codes are permuted instead, once per call.
 #pragma once
 
 #include "int8_gemm.h"  // simd.h, min_i64, store
@@ -23,7 +25,7 @@ namespace {
 
 template <typename T>
 void quantize_row_q8_blocks(const T* x, int64_t K, int64_t group_size, int8_t* q, float* scale,
-                            float* group_sum) {
+                            float* group_sum, int32_t* lane_bias) {
   using V = FVec;
   const int64_t groups = K / group_size;
   for (int64_t g = 0; g < groups; ++g) group_sum[g] = 0.0f;
@@ -55,14 +57,38 @@ void quantize_row_q8_blocks(const T* x, int64_t K, int64_t group_size, int8_t* q
     int32_t sum = 0;
     for (k = 0; k < len; ++k) sum += codes[k];
     group_sum[k0 / group_size] += static_cast<float>(sum) * s;
+    // Activation codes in the order the weights unpack (Q8BlockArgs): a chunk of 64 as its 32
+    // even then its 32 odd codes, a last lone block of 32 as 16 even then 16 odd, a partial
+    // block in natural order.
     int8_t* qb = q + k0;
-    if (len == kQ8Block) {
+    if (len < kQ8Block) {
+      for (k = 0; k < len; ++k) qb[k] = codes[k];
+    } else if (k0 % kQ4Chunk != 0) {  // the second block of a chunk of 64
+      for (int t = 0; t < kQ8Block / 2; ++t) {
+        qb[t - kQ8Block / 2] = codes[2 * t];
+        qb[kQ8Block + t - kQ8Block / 2] = codes[2 * t + 1];
+      }
+      // Lane l of a chunk's dot product meets codes 4l..4l+3 of both halves.
+      const int8_t* qc = q + (k0 - kQ8Block);
+      for (int l = 0; l < kQ4Lanes; ++l) {
+        int32_t sum = 0;
+        for (int t = 4 * l; t < 4 * l + 4; ++t) sum += qc[t] + qc[kQ8Block + t];
+        lane_bias[(k0 / kQ4Chunk) * kQ4Lanes + l] = -kQ4Center * sum;
+      }
+    } else if (k0 + kQ4Chunk <= K) {  // the first block of a chunk of 64
+      for (int t = 0; t < kQ8Block / 2; ++t) {
+        qb[t] = codes[2 * t];
+        qb[kQ8Block + t] = codes[2 * t + 1];
+      }
+    } else {  // a lone block of 32 at the end of the row; lane l meets codes 4l..4l+3
       for (int t = 0; t < kQ8Block / 2; ++t) {
         qb[t] = codes[2 * t];
         qb[kQ8Block / 2 + t] = codes[2 * t + 1];
       }
-    } else {
-      for (k = 0; k < len; ++k) qb[k] = codes[k];
+      for (int l = 0; l < kQ4Lanes; ++l) {
+        const int32_t sum = qb[4 * l] + qb[4 * l + 1] + qb[4 * l + 2] + qb[4 * l + 3];
+        lane_bias[(k0 / kQ4Chunk) * kQ4Lanes + l] = -kQ4Center * sum;
+      }
     }
   }
 }
@@ -71,93 +97,130 @@ void quantize_q8_blocks(const Q8BlockArgs& a, int64_t m0, int64_t m1) {
   for (int64_t m = m0; m < m1; ++m) {
     if (a.x_type == ScalarType::kBFloat16) {
       quantize_row_q8_blocks(static_cast<const uint16_t*>(a.x) + m * a.ldx, a.K, a.group_size,
-                             a.q + m * a.ldq, a.scale + m * a.lds, a.group_sum + m * a.ldg);
+                             a.q + m * a.ldq, a.scale + m * a.lds, a.group_sum + m * a.ldg,
+                             a.lane_bias + m * a.ldb);
     } else {
       quantize_row_q8_blocks(static_cast<const float*>(a.x) + m * a.ldx, a.K, a.group_size,
-                             a.q + m * a.ldq, a.scale + m * a.lds, a.group_sum + m * a.ldg);
+                             a.q + m * a.ldq, a.scale + m * a.lds, a.group_sum + m * a.ldg,
+                             a.lane_bias + m * a.ldb);
     }
   }
-}
-
-// The integer part of a zero point, in the code range: codes minus it stay in [-15, 15].
-inline int int_zero(float z) {
-  const float r = __builtin_rintf(z);
-  return r < 0.0f ? 0 : (r > 15.0f ? 15 : static_cast<int>(r));
 }
 
 // c[i][j] = out[m + i, n + j] before bias, for i < R, j < C. S is the scale/zero storage type.
 // `w_next` points at the weight rows the next tile reads, prefetched one tile ahead.
 template <class S, int R, int C, int MR, int NR>
 void w4_tile(const W4GemmArgs& g, int64_t m, int64_t n, float (&c)[MR][NR], const uint8_t* w_next) {
+  using D = Q4Dot;
   const int8_t* xq = g.xq + m * g.ldxq;
   const float* xs = g.x_scale + m * g.ldxs;
+  const int32_t* xb = g.x_lane_bias + m * g.ldxb;
   const uint8_t* w = g.w + n * g.ldw;
   const S* scales = static_cast<const S*>(g.scales) + n * g.lds;
   const S* zeros = static_cast<const S*>(g.zeros) + n * g.lds;
-  const int64_t groups = g.K / g.group_size;
-  const int64_t k_full = g.K - g.K % kQ8Block;  // a partial block only when group_size == K
+  const int64_t G = g.group_size, groups = g.K / G;
+  const int64_t k_chunks = g.K - g.K % kQ4Chunk;  // whole chunks of 64
+  const int64_t k_full = g.K - g.K % kQ8Block;    // a partial block only when G == K
 
-  typename Q4Dot::Acc acc[R][C];
+  typename D::Acc acc[R][C];
 #pragma GCC unroll 16
   for (int i = 0; i < R; ++i) {
 #pragma GCC unroll 16
-    for (int j = 0; j < C; ++j) acc[i][j] = Q4Dot::zero();
+    for (int j = 0; j < C; ++j) acc[i][j] = D::zero();
   }
-  for (int64_t gi = 0; gi < groups; ++gi) {
-    float ws[C];
-    typename Q4Dot::ZV zv[C];
+  // acc += (w . x) * x_scale * w_scale over one chunk of 64 at k.
+  auto chunk = [&](int64_t k, const typename D::SV(&ws)[C]) {
+    const int64_t kb = k / 2;  // byte offset in a packed row
+    typename D::WV wv[C];
 #pragma GCC unroll 16
     for (int j = 0; j < C; ++j) {
-      ws[j] = load_f32(scales + j * g.lds + gi);
-      zv[j] = Q4Dot::zero_point(int_zero(load_f32(zeros + j * g.lds + gi)));
+      if (kb % 64 == 0) __builtin_prefetch(w_next + j * g.ldw + kb);  // once per line
+      wv[j] = D::load_w(w + j * g.ldw + kb);
     }
-    const int64_t k_end = min_i64((gi + 1) * g.group_size, k_full);
-    for (int64_t k = gi * g.group_size; k < k_end; k += kQ8Block) {
-      const int64_t kb = k / 2;  // byte offset in a packed row
-      typename Q4Dot::WV wv[C];
+#pragma GCC unroll 16
+    for (int i = 0; i < R; ++i) {
+      const typename D::XV xv =
+          D::load_x(xq + i * g.ldxq + k, xb + i * g.ldxb + k / kQ4Chunk * kQ4Lanes);
+      const typename D::SV xsv = D::scales(xs + i * g.ldxs + k / kQ8Block);
+#pragma GCC unroll 16
+      for (int j = 0; j < C; ++j) acc[i][j] = D::fma(acc[i][j], wv[j], xv, D::mul(xsv, ws[j]));
+    }
+  };
+  typename D::SV ws[C];
+  if (G % kQ4Chunk == 0) {  // whole chunks per group: one weight scale per group
+    for (int64_t gi = 0; gi < groups; ++gi) {
 #pragma GCC unroll 16
       for (int j = 0; j < C; ++j) {
-        if (kb % 64 == 0) __builtin_prefetch(w_next + j * g.ldw + kb);  // once per line
-        wv[j] = Q4Dot::load_w(w + j * g.ldw + kb, zv[j]);
+        const float s = load_f32(scales + j * g.lds + gi);
+        ws[j] = D::scales(s, s);
       }
+      for (int64_t k = gi * G; k < (gi + 1) * G; k += kQ4Chunk) chunk(k, ws);
+    }
+  } else {  // a chunk may straddle two groups (G = 32, 96, ...)
+    for (int64_t k = 0; k < k_chunks; k += kQ4Chunk) {
+      const int64_t g0 = k / G, g1 = (k + kQ8Block) / G;
+#pragma GCC unroll 16
+      for (int j = 0; j < C; ++j)
+        ws[j] = D::scales(load_f32(scales + j * g.lds + g0), load_f32(scales + j * g.lds + g1));
+      chunk(k, ws);
+    }
+  }
+  // A lone block of 32 after the last chunk.
+  if (k_chunks < k_full) {
+    const int64_t gi = k_chunks / G;
+#pragma GCC unroll 16
+    for (int j = 0; j < C; ++j) {
+      const float s = load_f32(scales + j * g.lds + gi);
 #pragma GCC unroll 16
       for (int i = 0; i < R; ++i) {
-        const typename Q4Dot::XV xv = Q4Dot::load_x(xq + i * g.ldxq + k);
-        const float x_scale = xs[i * g.ldxs + k / kQ8Block];
-#pragma GCC unroll 16
-        for (int j = 0; j < C; ++j) acc[i][j] = Q4Dot::fma(acc[i][j], wv[j], xv, x_scale * ws[j]);
+        acc[i][j] =
+            D::fma_block(acc[i][j], w + j * g.ldw + k_chunks / 2, xq + i * g.ldxq + k_chunks,
+                         xb + i * g.ldxb + k_chunks / kQ4Chunk * kQ4Lanes,
+                         xs[i * g.ldxs + k_chunks / kQ8Block] * s);
       }
     }
   }
 #pragma GCC unroll 16
   for (int i = 0; i < R; ++i) {
 #pragma GCC unroll 16
-    for (int j = 0; j < C; ++j) c[i][j] = Q4Dot::reduce(acc[i][j]);
+    for (int j = 0; j < C; ++j) c[i][j] = D::reduce(acc[i][j]);
   }
   // The partial last block (K % 32 values, natural order) of a per-channel row.
   if (k_full < g.K) {
     for (int j = 0; j < C; ++j) {
       const float s = load_f32(scales + j * g.lds);
-      const int z = int_zero(load_f32(zeros + j * g.lds));
       const uint8_t* wr = w + j * g.ldw;
       for (int i = 0; i < R; ++i) {
         int32_t dot = 0;
         for (int64_t k = k_full; k < g.K; ++k) {
           const int code = (wr[k / 2] >> (4 * (k & 1))) & 0x0f;
-          dot += (code - z) * xq[i * g.ldxq + k];
+          dot += (code - kQ4Center) * xq[i * g.ldxq + k];
         }
         c[i][j] += static_cast<float>(dot) * xs[i * g.ldxs + k_full / kQ8Block] * s;
       }
     }
   }
-  // A zero point off the integers: -scale * (zero - round(zero)) * sum(x) per group.
+  // The zero points, relative to the centre the sums above used:
+  // -scale * (zero - 8) * (sum of the group's activations), a dot product along the groups.
+  using V = FVec;
   for (int j = 0; j < C; ++j) {
-    for (int64_t gi = 0; gi < groups; ++gi) {
-      const float z = load_f32(zeros + j * g.lds + gi);
-      const float frac = z - static_cast<float>(int_zero(z));
-      if (frac == 0.0f) continue;
-      const float sz = load_f32(scales + j * g.lds + gi) * frac;
-      for (int i = 0; i < R; ++i) c[i][j] -= sz * g.x_group_sum[(m + i) * g.ldxg + gi];
+    const S* s = scales + j * g.lds;
+    const S* z = zeros + j * g.lds;
+    typename V::R acc_z[R];
+    for (int i = 0; i < R; ++i) acc_z[i] = V::zero();
+    int64_t gi = 0;
+    const typename V::R center = V::set1(static_cast<float>(kQ4Center));
+    for (; gi + V::kWidth <= groups; gi += V::kWidth) {
+      const typename V::R sz = V::mul(V::load(s + gi), V::sub(V::load(z + gi), center));
+      for (int i = 0; i < R; ++i)
+        acc_z[i] = V::fma(sz, V::load(g.x_group_sum + (m + i) * g.ldxg + gi), acc_z[i]);
+    }
+    for (int i = 0; i < R; ++i) {
+      float sum = V::reduce_add(acc_z[i]);
+      for (int64_t t = gi; t < groups; ++t)
+        sum +=
+            load_f32(s + t) * (load_f32(z + t) - kQ4Center) * g.x_group_sum[(m + i) * g.ldxg + t];
+      c[i][j] -= sum;
     }
   }
 }

@@ -64,10 +64,15 @@ struct W8A16Args {
 //   scale[m, b] = max |x[m, 32b : 32b + 32]| / 127  (1 if the run is all zeros)
 //   q[m, k]     = clamp(round_half_even(x[m, k] / scale[m, k / 32]), -127, 127)
 //   group_sum[m, g] = sum over the weight group g of q[m, k] * scale[m, k / 32]
-// Within each full block the codes are stored permuted, the 16 even positions first and then the
-// 16 odd ones: the order in which the int4 kernel unpacks 16 bytes of nibbles (all low nibbles,
-// then all high ones). A last partial block (K % 32, per-channel groups only) keeps K's order.
+//   lane_bias[m, 8c + l] = -8 * (sum of the codes that meet int32 lane l of chunk c's dot product)
+// The codes are stored permuted into the order in which the int4 kernel unpacks packed bytes
+// (all low nibbles, then all high ones): each chunk of 64 as its 32 even positions then its 32
+// odd ones; a lone full block of 32 at the end of a row as 16 even then 16 odd; a last partial
+// block (K % 32, per-channel groups only) in K's order.
 constexpr int64_t kQ8Block = 32;
+constexpr int64_t kQ4Chunk = 2 * kQ8Block;  // int4 weights per inner step (32 packed bytes)
+constexpr int64_t kQ4Lanes = 8;             // int32 partial sums per chunk
+constexpr int kQ4Center = 8;                // codes enter the sums as code - 8
 
 struct Q8BlockArgs {
   const void* x;  // (M, K) fp32 or bf16, row stride ldx, unit column stride
@@ -79,16 +84,19 @@ struct Q8BlockArgs {
   int64_t lds;
   float* group_sum;  // (M, K / group_size), row stride ldg
   int64_t ldg;
+  int32_t* lane_bias;  // (M, 8 * ceil(K / 64)), row stride ldb
+  int64_t ldb;
   int64_t K, group_size;
 };
 
 // W4A16 with int4 codes packed two per byte, low nibble first (packed[n, j] = code[n, 2j] |
 // code[n, 2j + 1] << 4), asymmetric groups of group_size along K:
-//   out[m, n] = sum_g scales[n, g] * sum_{k in g} (code[n, k] - zeros[n, g]) * xq[m, k] * xs[m,
-//   k/32]
-//             + bias[n]
-// (code - round(zero)) * xq runs as exact integer dot products per block of 32; a fractional
-// part of a zero point adds -scales * (zero - round(zero)) * group_sum once per group.
+//   out[m, n] = sum_g scales[n, g] * sum_{k in g} (code[n, k] - zeros[n, g]) * xq[m, k] * xs[m, b]
+//             + bias[n]                                                      (b = k / 32)
+// The code sums run as u8 x s8 integer dot products of the unsigned codes, plus lane_bias, which
+// makes them exact sums of (code - 8) * xq: centred, so that the fp32 accumulators stay near the
+// size of the result. The zero-point term -scales * (zeros - 8) * group_sum is added once per
+// group. Zero points may be any float.
 struct W4GemmArgs {
   const int8_t* xq;  // (M, K) Q8 block codes (Q8BlockArgs layout), row stride ldxq
   int64_t ldxq;
@@ -96,6 +104,8 @@ struct W4GemmArgs {
   int64_t ldxs;
   const float* x_group_sum;  // (M, K / group_size), row stride ldxg
   int64_t ldxg;
+  const int32_t* x_lane_bias;  // (M, 8 * ceil(K / 64)), row stride ldxb
+  int64_t ldxb;
   const uint8_t* w;  // (N, K / 2) packed codes, row stride ldw
   int64_t ldw;
   const void* scales;  // (N, K / group_size) of s_type, row stride lds

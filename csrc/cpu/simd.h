@@ -134,6 +134,13 @@ struct FVec {
         _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
     return _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
   }
+  static R load(const Half* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
+  static R mul(R a, R b) { return _mm512_mul_ps(a, b); }
+  static R sub(R a, R b) { return _mm512_sub_ps(a, b); }
+  static float reduce_add(R v) { return _mm512_reduce_add_ps(v); }
   static R abs(R v) { return _mm512_abs_ps(v); }
   static R max(R a, R b) { return _mm512_max_ps(a, b); }
   static float reduce_max(R v) { return _mm512_reduce_max_ps(v); }
@@ -145,7 +152,7 @@ struct FVec {
   }
 };
 
-constexpr int kI8MR = 4, kI8NR = 4, kF32MR = 4, kF32NR = 4, kQ4MR = 4, kQ4NR = 4;
+constexpr int kI8MR = 4, kI8NR = 4, kF32MR = 4, kF32NR = 4, kQ4MR = 4, kQ4NR = 3;
 
 #elif defined(TORCHSLIM_ISA_AVX2)
 
@@ -220,6 +227,13 @@ struct FVec {
     const __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
   }
+  static R load(const Half* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  static R fma(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
+  static R mul(R a, R b) { return _mm256_mul_ps(a, b); }
+  static R sub(R a, R b) { return _mm256_sub_ps(a, b); }
+  static float reduce_add(R v) { return hsum_ps(v); }
   static R abs(R v) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v); }
   static R max(R a, R b) { return _mm256_max_ps(a, b); }
   static float reduce_max(R v) {
@@ -237,7 +251,7 @@ struct FVec {
   }
 };
 
-constexpr int kI8MR = 4, kI8NR = 2, kF32MR = 4, kF32NR = 3, kQ4MR = 4, kQ4NR = 2;
+constexpr int kI8MR = 4, kI8NR = 2, kF32MR = 4, kF32NR = 3, kQ4MR = 2, kQ4NR = 2;
 
 #else  // portable: eight scalar lanes, left to the compiler's auto-vectorizer
 
@@ -318,41 +332,75 @@ struct FVec {
   static R set1(float s) { return s; }
   static R load(const float* p) { return *p; }
   static R load(const uint16_t* p) { return bf16_bits_to_f32(*p); }
+  static R load(const Half* p) { return load_f32(p); }
+  static R fma(R a, R b, R c) { return a * b + c; }
+  static R mul(R a, R b) { return a * b; }
+  static R sub(R a, R b) { return a - b; }
+  static float reduce_add(R v) { return v; }
   static R abs(R v) { return __builtin_fabsf(v); }
   static R max(R a, R b) { return a > b ? a : b; }
   static float reduce_max(R v) { return v; }
   static void quantize_store(int8_t* q, R x, R scale) { *q = quantize_scalar(x / scale); }
 };
 
+// Portable twin of the SIMD Q4Dot below: same lanes, same integer sums.
 struct Q4Dot {
   using Acc = Lanes<float>;
-  using ZV = int;
+  using SV = Lanes<float>;
   struct WV {
-    int8_t v[32];
+    uint8_t lo[32], hi[32];
   };
   struct XV {
-    int8_t v[32];
+    int8_t lo[32], hi[32];
+    const int32_t* bias;
   };
   static Acc zero() { return {}; }
-  static ZV zero_point(int z) { return z; }
-  static WV load_w(const uint8_t* p, ZV z) {
+  static WV load_w(const uint8_t* p) {
     WV w;
-    for (int l = 0; l < 16; ++l) {
-      w.v[l] = static_cast<int8_t>((p[l] & 0x0f) - z);
-      w.v[16 + l] = static_cast<int8_t>((p[l] >> 4) - z);
+    for (int l = 0; l < 32; ++l) {
+      w.lo[l] = p[l] & 0x0f;
+      w.hi[l] = p[l] >> 4;
     }
     return w;
   }
-  static XV load_x(const int8_t* p) {
+  static XV load_x(const int8_t* p, const int32_t* bias) {
     XV x;
-    for (int l = 0; l < 32; ++l) x.v[l] = p[l];
+    for (int l = 0; l < 32; ++l) {
+      x.lo[l] = p[l];
+      x.hi[l] = p[32 + l];
+    }
+    x.bias = bias;
     return x;
   }
-  static Acc fma(Acc acc, const WV& w, const XV& x, float d) {
+  static SV scales(float first, float second) {
+    SV s;
+    for (int l = 0; l < 8; ++l) s.v[l] = l < 4 ? first : second;
+    return s;
+  }
+  static SV scales(const float* two) { return scales(two[0], two[1]); }
+  static SV mul(const SV& a, const SV& b) {
+    SV s;
+    for (int l = 0; l < 8; ++l) s.v[l] = a.v[l] * b.v[l];
+    return s;
+  }
+  static Acc fma(Acc acc, const WV& w, const XV& x, const SV& d) {
     for (int l = 0; l < 8; ++l) {
-      int32_t p = 0;
-      for (int t = 0; t < 4; ++t) p += w.v[4 * l + t] * x.v[4 * l + t];
-      acc.v[l] += static_cast<float>(p) * d;
+      int32_t p = x.bias[l];
+      for (int t = 4 * l; t < 4 * l + 4; ++t) p += w.lo[t] * x.lo[t] + w.hi[t] * x.hi[t];
+      acc.v[l] += static_cast<float>(p) * d.v[l];
+    }
+    return acc;
+  }
+  // One block of 32: 16 packed bytes against 16 even then 16 odd activation codes.
+  static Acc fma_block(Acc acc, const uint8_t* p, const int8_t* x, const int32_t* bias, float d) {
+    for (int l = 0; l < 4; ++l) {
+      int32_t lo = bias[l], hi = bias[4 + l];
+      for (int t = 4 * l; t < 4 * l + 4; ++t) {
+        lo += (p[t] & 0x0f) * x[t];
+        hi += (p[t] >> 4) * x[16 + t];
+      }
+      acc.v[l] += static_cast<float>(lo) * d;
+      acc.v[4 + l] += static_cast<float>(hi) * d;
     }
     return acc;
   }
@@ -365,44 +413,74 @@ constexpr int kI8MR = 4, kI8NR = 4, kF32MR = 4, kF32NR = 4, kQ4MR = 4, kQ4NR = 4
 
 #if defined(TORCHSLIM_ISA_AVX512) || defined(TORCHSLIM_ISA_AVX2)
 
-// int4 x Q8 blocks (see int4_gemm.h): 16 bytes of nibbles unpack to 32 codes, low nibbles
-// (even k) in the low 128 bits and high nibbles (odd k) in the high 128 bits, matching the
-// permuted activation block. The group's integer zero point is subtracted at once, so the
-// products are exact integers (w - z in [-15, 15]) and no large zero-point term has to cancel
-// in floating point later. The u8 x s8 dot product then takes |w - z| and x * sign(w - z).
+// int4 x Q8 activation blocks (see int4_gemm.h). 32 packed bytes hold 64 weights: the low
+// nibbles are the even k and the high nibbles the odd k, so one load, two ANDs and a shift
+// unpack them against an activation chunk stored as 32 even then 32 odd codes. Codes stay
+// unsigned (0..15), as a u8 x s8 dot product takes them; the activation's lane bias (-8 times
+// the lane's activation codes) turns each int32 sum into the exact sum of (code - 8) * x, and
+// the zero point enters once per group outside the loop. Bytes 0-15 of either half come from
+// the chunk's first block of 32 and bytes 16-31 from its second, so int32 lanes 0-3 carry the
+// first block and lanes 4-7 the second, each scaled by its own activation scale.
 struct Q4Dot {
   using Acc = __m256;
-  using ZV = __m256i;
+  using SV = __m256;
   struct WV {
-    __m256i abs, raw;
+    __m256i lo, hi;
   };
-  using XV = __m256i;
+  struct XV {
+    __m256i lo, hi, bias;
+  };
   static Acc zero() { return _mm256_setzero_ps(); }
-  static ZV zero_point(int z) { return _mm256_set1_epi8(static_cast<char>(z)); }
-  static WV load_w(const uint8_t* p, ZV z) {
-    // The 16 bytes in both halves, the high half shifted right by 4, then the low nibbles kept.
+  static WV load_w(const uint8_t* p) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    const __m256i mask = _mm256_set1_epi8(0x0f);
+    return {_mm256_and_si256(v, mask), _mm256_and_si256(_mm256_srli_epi16(v, 4), mask)};
+  }
+  static XV load_x(const int8_t* p, const int32_t* bias) {
+    return {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)),
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32)),
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bias))};
+  }
+  static SV scales(float first, float second) {
+    return _mm256_set_m128(_mm_set1_ps(second), _mm_set1_ps(first));
+  }
+  // scales(two[0], two[1]) in two instructions: a 64-bit load and a lane permute.
+  static SV scales(const float* two) {
+    const __m128 pair = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(two)));
+    return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(pair),
+                                    _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+  }
+  static SV mul(SV a, SV b) { return _mm256_mul_ps(a, b); }
+  static __m256i dot(const WV& w, const XV& x) {
+#if defined(TORCHSLIM_ISA_AVX512)
+    return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(x.bias, w.lo, x.lo), w.hi, x.hi);
+#else
+    // A u8 x s8 pair sums to at most 2 * 15 * 127; two of them still fit int16.
+    const __m256i pairs =
+        _mm256_add_epi16(_mm256_maddubs_epi16(w.lo, x.lo), _mm256_maddubs_epi16(w.hi, x.hi));
+    return _mm256_add_epi32(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)), x.bias);
+#endif
+  }
+  // acc += d * (w . x), lane-wise
+  static Acc fma(Acc acc, const WV& w, const XV& x, SV d) {
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot(w, x)), d, acc);
+  }
+  // One block of 32: 16 packed bytes (broadcast, the high copy shifted by 4) against 16 even
+  // then 16 odd activation codes.
+  static Acc fma_block(Acc acc, const uint8_t* p, const int8_t* x, const int32_t* bias, float d) {
     const __m256i v =
         _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     const __m256i codes = _mm256_and_si256(
         _mm256_srlv_epi32(v, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)), _mm256_set1_epi8(0x0f));
-    const __m256i raw = _mm256_sub_epi8(codes, z);
-    return {_mm256_abs_epi8(raw), raw};
-  }
-  static XV load_x(const int8_t* p) {
-    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  }
-  static __m256i dot(const WV& w, XV x) {
-    // |w - z| <= 15 and |x| <= 127: a pair sums to at most 2 * 15 * 127, no saturation.
-    const __m256i xs = _mm256_sign_epi8(x, w.raw);
+    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bias));
 #if defined(TORCHSLIM_ISA_AVX512)
-    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), w.abs, xs);
+    const __m256i sums = _mm256_dpbusd_epi32(b, codes, xv);
 #else
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(w.abs, xs), _mm256_set1_epi16(1));
+    const __m256i sums = _mm256_add_epi32(
+        _mm256_madd_epi16(_mm256_maddubs_epi16(codes, xv), _mm256_set1_epi16(1)), b);
 #endif
-  }
-  // acc += d * (w . x), lane-wise
-  static Acc fma(Acc acc, const WV& w, XV x, float d) {
-    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot(w, x)), _mm256_set1_ps(d), acc);
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(d), acc);
   }
   static float reduce(Acc v) { return hsum_ps(v); }
 };

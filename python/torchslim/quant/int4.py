@@ -3,11 +3,13 @@
 
 Round to nearest per group of ``group_size`` weights along K, all arithmetic in fp32:
 
-    asymmetric (default, GPTQ/AWQ orientation): the range [min(w, 0), max(w, 0)] maps onto the
-        codes 0..15:  scale = (hi - lo) / 15,  zero = clamp(round(-lo / scale), 0, 15)
+    asymmetric (default): the group's range [lo, hi] = [min w, max w] maps onto the codes
+        0..15:  scale = (hi - lo) / 15,  zero = -lo / scale  (a float: code 0 is exactly lo and
+        code 15 exactly hi, so a group already on a 16-level grid, such as llama.cpp's Q4_1,
+        comes back exactly; GPTQ/AWQ checkpoints with integer zeros load as they are)
     symmetric: zero = 8,  scale = max |w| / 7.5   (codes 0..15 stand for -8..7; +max|w| rounds
         to 8 and clips to 7, as in GPTQ's symmetric mode)
-    code = clamp(round(w / scale) + zero, 0, 15)        round = half to even
+    code = clamp(round(w / scale + zero), 0, 15)        round = half to even
 
 A group of zeros gets scale 1. With ``clip_search`` the range is also tried shrunk by each ratio
 in ``clip_ratios`` (lo * r, hi * r); per group the ratio with the least squared reconstruction
@@ -39,12 +41,11 @@ def _range_params(lo: torch.Tensor, hi: torch.Tensor, symmetric: bool):
         return scale, torch.full_like(scale, 8.0)
     scale = (hi - lo) / torch.full_like(lo, CODE_MAX)
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-    zero = torch.round(-lo / scale).clamp_(0, CODE_MAX)
-    return scale, zero
+    return scale, -lo / scale  # a constant group: scale 1, its value at code 0
 
 
 def _codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    return (torch.round(w / scale.unsqueeze(-1)) + zero.unsqueeze(-1)).clamp_(0, CODE_MAX)
+    return torch.round(w / scale.unsqueeze(-1) + zero.unsqueeze(-1)).clamp_(0, CODE_MAX)
 
 
 def quantize_int4(
@@ -61,14 +62,14 @@ def quantize_int4(
     Args:
         weight: (N, K) float, one row per output channel; K even.
         group_size: weights per group along K (32, 64, 128, ...), or -1 for one group per row.
-        symmetric: zero point fixed at 8 instead of fitted per group.
+        symmetric: zero point fixed at 8 instead of fitted to each group's range.
         scale_dtype: dtype of the returned scales and zeros (fp32, bf16 or fp16).
         clip_search: choose a clipping ratio per group that minimises the squared error.
         clip_ratios: the ratios tried by ``clip_search``.
 
     Returns:
-        (packed (N, K // 2) uint8, scales (N, K // G), zeros (N, K // G)). The error is measured
-        against the scales as stored (rounded to ``scale_dtype``).
+        (packed (N, K // 2) uint8, scales (N, K // G), zeros (N, K // G)). Codes are rounded,
+        and errors measured, against the scales and zeros as stored (in ``scale_dtype``).
     """
     if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
         got = weight.dtype if isinstance(weight, torch.Tensor) else type(weight).__name__
@@ -86,13 +87,15 @@ def quantize_int4(
 
     g = resolve_group_size(group_size, k)
     w = weight.detach().to(torch.float32).reshape(n, k // g, g)
-    lo = w.amin(dim=-1).clamp_max(0)
-    hi = w.amax(dim=-1).clamp_min(0)
+    lo = w.amin(dim=-1)
+    hi = w.amax(dim=-1)
     ratios = clip_ratios if clip_search else (1.0,)
     best = None
     for r in ratios:
         scale, zero = _range_params(lo * r, hi * r, symmetric)
-        scale = scale.to(scale_dtype).to(torch.float32)  # the error of the stored scales
+        # Codes and errors against the parameters as stored (rounded to scale_dtype).
+        scale = scale.to(scale_dtype).to(torch.float32)
+        zero = zero.to(scale_dtype).to(torch.float32)
         codes = _codes(w, scale, zero)
         err = ((codes - zero.unsqueeze(-1)) * scale.unsqueeze(-1) - w).square_().sum(dim=-1)
         if best is None:
