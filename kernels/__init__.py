@@ -3,6 +3,7 @@
 Each module holds ``@triton.jit`` kernels and their launchers (*check → allocate → launch*):
 
     quant_matmul   int8 × int8 → int32 GEMM, W8A8 dynamic linear, W8A16 weight-only linear
+    int4_matmul    W4A16 weight-only linear on group-wise int4 weights
 
 Shared jit helpers live in :mod:`._common`, autotune config tables and the one prune function in
 :mod:`.autotune`. This package imports nothing heavy: import the kernel module you need. The
@@ -10,4 +11,4 @@ kernels run on CUDA tensors, or on CPU tensors under the Triton interpreter (``T
 set before triton is imported).
 """
 
-__all__ = ["quant_matmul"]
+__all__ = ["int4_matmul", "quant_matmul"]

@@ -20,6 +20,9 @@ Tables (each a list of ``triton.Config``; kwargs BLOCK_M, BLOCK_N, BLOCK_K, GROU
     W8A16_DECODE_CONFIGS    the same kernel for M <= DECODE_MAX_M: BLOCK_M = 16, narrow N tiles
                             and split-K so that a 1-row GEMM still fills every SM while streaming
                             the weight once.
+    W4A16_TILED_CONFIGS     fp16/bf16/fp32 x packed int4 weights, M > DECODE_MAX_M.
+    W4A16_DECODE_CONFIGS    the same kernel for M <= DECODE_MAX_M, split-K. The W4A16 prune
+                            also cuts BLOCK_K to a divisor of the group size.
 
 The same tables serve sm_80 (164 KiB shared memory per block) and sm_90 (227 KiB): the shared
 memory prune drops what a device cannot hold. Under the Triton interpreter (TRITON_INTERPRET set)
@@ -108,6 +111,32 @@ _W8A16_DECODE_GPU = [
 ]
 
 
+#                   BM   BN   BK  GROUP_M warps stages
+_W4A16_TILED_GPU = [
+    _cfg(128, 256, 64, 8, 8, 3),
+    _cfg(128, 128, 64, 8, 4, 4),
+    _cfg(128, 128, 128, 8, 8, 3),
+    _cfg(64, 128, 128, 8, 4, 4),
+    _cfg(128, 64, 128, 8, 4, 4),
+    _cfg(64, 64, 128, 8, 4, 4),
+    _cfg(32, 128, 128, 4, 4, 4),
+    _cfg(32, 64, 256, 4, 4, 4),
+]
+
+#                    BM  BN   BK  GROUP_M warps stages split_k
+_W4A16_DECODE_GPU = [
+    _cfg(16, 64, 128, 1, 4, 4, 1),
+    _cfg(16, 128, 128, 1, 4, 4, 1),
+    _cfg(16, 64, 256, 1, 4, 3, 2),
+    _cfg(16, 32, 128, 1, 4, 4, 4),
+    _cfg(16, 64, 128, 1, 4, 4, 4),
+    _cfg(16, 32, 256, 1, 2, 4, 8),
+    _cfg(16, 64, 128, 1, 4, 4, 8),
+    _cfg(16, 128, 128, 1, 4, 4, 8),
+    _cfg(16, 64, 128, 1, 4, 3, 16),
+]
+
+
 # TORCHSLIM_TRITON_AUTOTUNE=0: one fixed config per table (the index below), no benchmarking.
 # For test suites that sweep hundreds of shapes, where tuning each would cost far more than the
 # tests; tests/test_triton_quant_matmul.py runs every config of every table on its own.
@@ -127,10 +156,14 @@ GPU_TABLES = {
     "int8_gemm": _INT8_GEMM_GPU,
     "w8a16_tiled": _W8A16_TILED_GPU,
     "w8a16_decode": _W8A16_DECODE_GPU,
+    "w4a16_tiled": _W4A16_TILED_GPU,
+    "w4a16_decode": _W4A16_DECODE_GPU,
 }
 INT8_GEMM_CONFIGS = _for_backend(_INT8_GEMM_GPU, 5, _cfg(32, 32, 64, 2, 4, 1))
 W8A16_TILED_CONFIGS = _for_backend(_W8A16_TILED_GPU, 4, _cfg(32, 32, 64, 2, 4, 1))
 W8A16_DECODE_CONFIGS = _for_backend(_W8A16_DECODE_GPU, 5, _cfg(16, 32, 32, 1, 4, 1, 2))
+W4A16_TILED_CONFIGS = _for_backend(_W4A16_TILED_GPU, 5, _cfg(32, 32, 64, 2, 4, 1))
+W4A16_DECODE_CONFIGS = _for_backend(_W4A16_DECODE_GPU, 4, _cfg(16, 32, 32, 1, 4, 1, 2))
 
 # Per-token quantization: a (BLOCK_M, BLOCK_K) tile of about _QUANTIZE_TILE elements per step,
 # whole rows of up to BLOCK_K columns; long rows take one program each. Under the interpreter
@@ -216,5 +249,46 @@ def autotune_gemm(configs: list[triton.Config], **kwargs: Any):
         configs=configs,
         key=GEMM_KEY,
         prune_configs_by={"early_config_prune": prune_gemm_configs},
+        **kwargs,
+    )
+
+
+# Smallest K tile of a float tl.dot.
+_MIN_BLOCK_K_FLOAT = 16
+
+
+def _pow2_divisor(n: int, cap: int) -> int:
+    """The largest power of two that divides n and is at most cap."""
+    return min(n & -n, cap)
+
+
+def prune_w4a16_configs(
+    configs: list[triton.Config], named_args: dict[str, Any], **kwargs: Any
+) -> list[triton.Config]:
+    """``prune_gemm_configs``, then BLOCK_K cut to a power of two that divides the group size,
+    so that a tile sits inside one group (per-channel groups, G = K, take any BLOCK_K; a group
+    size with no such divisor of at least 16 keeps the tile and reads scales per element), and
+    split-K factors cut to the number of K blocks."""
+    args = {**named_args, **kwargs}
+    K, G = args["K"], args["GROUP_SIZE"]
+    kept: dict[tuple, triton.Config] = {}
+    for cfg in prune_gemm_configs(configs, named_args, **kwargs):
+        kw = dict(cfg.kwargs)
+        if G != K and _pow2_divisor(G, kw["BLOCK_K"]) >= _MIN_BLOCK_K_FLOAT:
+            kw["BLOCK_K"] = _pow2_divisor(G, kw["BLOCK_K"])
+        if kw["SPLIT_K"] > max(1, triton.cdiv(K, kw["BLOCK_K"])):
+            kw["SPLIT_K"] = max(1, triton.cdiv(K, kw["BLOCK_K"]))
+        new = copy.copy(cfg)
+        new.kwargs = kw
+        kept.setdefault((tuple(sorted(kw.items())), cfg.num_warps, cfg.num_stages), new)
+    return list(kept.values())
+
+
+def autotune_w4a16(configs: list[triton.Config], **kwargs: Any):
+    """``triton.autotune`` for the W4A16 kernel: the GEMM key plus the group size."""
+    return triton.autotune(
+        configs=configs,
+        key=[*GEMM_KEY, "GROUP_SIZE"],
+        prune_configs_by={"early_config_prune": prune_w4a16_configs},
         **kwargs,
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import KERNEL_BACKENDS, run_on
+from conftest import KERNEL_BACKENDS, device_of, run_on
 from torch import nn
 
 from torchslim import ops
@@ -161,6 +161,24 @@ def test_int4_linear_against_reference(backend, m, n, k, group_size, gen, poison
             x.double(), *args, compute_dtype=torch.float64, activation_block=32
         )
         check_close(out, ref64, ref.int4_weight_only_linear(x, *args, activation_block=32))
+
+
+@pytest.mark.skipif("triton" not in KERNEL_BACKENDS, reason="no Triton backend here")
+def test_triton_through_the_op(gen):
+    """The op on the Triton backend (interpreter on CPU tensors, fp32/fp16; GPU: bf16 too),
+    leading dims and bias included; the kernel's own sweep is tests/test_triton_int4.py."""
+    device = device_of("triton")
+    dtypes = (torch.float32, torch.float16) + ((torch.bfloat16,) if device == "cuda" else ())
+    packed, scales, zeros, bias = _weights(24, 128, 32, torch.bfloat16, gen)
+    packed, scales, zeros, bias = (t.to(device) for t in (packed, scales, zeros, bias))
+    for dtype in dtypes:
+        x = torch.randn(2, 3, 128, generator=gen).to(device, dtype)
+        with run_on("triton"):
+            out = ops.int4_weight_only_linear(x, packed, scales, zeros, 32, bias)
+        args = (packed, scales, zeros, 32, bias)
+        assert out.shape == (2, 3, 24) and out.dtype == dtype
+        ref64 = ref.int4_weight_only_linear(x.double(), *args, compute_dtype=torch.float64)
+        check_close(out, ref64, ref.int4_weight_only_linear(x, *args))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

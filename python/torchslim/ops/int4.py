@@ -10,7 +10,9 @@ Schema (``torch.ops.torchslim.*``); format and math in :mod:`torchslim.reference
         ->  (..., N) in x.dtype
 
 Backends: the CPU kernel (fp32/bf16 activations; G a multiple of 32, or per channel) rounds the
-activations to int8 per block of 32 first (see the reference); anything else runs the reference.
+activations to int8 per block of 32 first (see the reference). The Triton kernel (CUDA tensors,
+fp16/bf16/fp32 activations, any group size) dequantizes weight tiles in registers and keeps x as
+it is. Anything else runs the reference.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ from torchslim.ops.int8 import (
     _check_same_device,
     _require_tensors,
     _rows,
+    _supports_floats,
+    _triton_available,
+    _triton_float_devices,
 )
 from torchslim.quant.int4 import SCALE_DTYPES, check_group_size
 from torchslim.reference.int4 import Q8_BLOCK, resolve_group_size
@@ -74,12 +79,23 @@ def _cpu_fn(*args):
     return _ext._C.int4_weight_only_linear_cpu(*args)
 
 
+def _triton_supports(x, *_args) -> str | None:
+    return _supports_floats(_triton_float_devices())(x)
+
+
+def _triton_fn(*args):
+    from torchslim.kernels import int4_matmul
+
+    return int4_matmul.int4_weight_only_linear(*args)
+
+
 _INT4_LINEAR = OpBackends(
     name="int4_weight_only_linear",
     reference=ref.int4_weight_only_linear,
-    preference={"cpu": ("cpu",)},
+    preference={"cpu": ("cpu",), "cuda": ("triton",)},
 )
 _INT4_LINEAR.register(Kernel("cpu", _cpu_fn, _ext.cpu_available, _cpu_supports))
+_INT4_LINEAR.register(Kernel("triton", _triton_fn, _triton_available, _triton_supports))
 
 
 def _impl(x, packed_w, scales, zeros, group_size, bias=None):

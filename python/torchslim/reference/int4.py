@@ -10,7 +10,8 @@ Format, shared by every backend's op input (the "plain" layout):
     weight[n, k] = (codes[n, k] - zeros[n, k // G]) * scales[n, k // G]
 
 This is the orientation of GPTQ/AWQ checkpoints (unsigned codes, a scale and a zero point per
-group). Zero points are usually integers (what the quantizers here produce) but any float works.
+group). Zero points may be any float: GPTQ/AWQ checkpoints carry integers; the asymmetric
+quantizer here produces -min / scale, which also holds llama.cpp's Q4_1 (min + code * step).
 
 W4A16 linear, x: (..., K) float:
 
