@@ -3,6 +3,9 @@
 jit helpers:
     round_half_even(x)      fp32 round to nearest integer, ties to even (torch.round), |x| <= 2**22
     grouped_tile(pid, ...)  program id -> (pid_m, pid_n), GROUP_M row-tiles per group for L2 reuse
+    add_bias(out, ...)      out + bias[n] in fp32 (the first K slice only, under split-K)
+    store_tile(c_ptr, ...)  masked store of an output tile, or atomic add under split-K
+    even_k(args)            heuristic: K % (BLOCK_K * SPLIT_K) == 0, so no K mask is needed
 
 launcher helpers:
     check_tensor / check_same_device   ValueError/TypeError naming the argument, rule and value
@@ -42,6 +45,32 @@ def grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
     pid_n = (pid % num_pid_in_group) // group_size_m
     return pid_m, pid_n
+
+
+@triton.jit
+def add_bias(out, bias_ptr, offs_cn, N, pid_k, SPLIT_K: tl.constexpr):
+    """out + bias[offs_cn] in fp32; with SPLIT_K > 1 only K slice 0 adds it."""
+    bias = tl.load(bias_ptr + offs_cn, mask=offs_cn < N, other=0.0).to(tl.float32)
+    if SPLIT_K > 1:
+        bias = tl.where(pid_k == 0, bias, 0.0)
+    return out.to(tl.float32) + bias[None, :]
+
+
+@triton.jit
+def store_tile(c_ptr, out, offs_cm, offs_cn, M, N, stride_cm, stride_cn, SPLIT_K: tl.constexpr):
+    """Stores the (offs_cm, offs_cn) tile of C masked to (M, N), cast to C's dtype; with
+    SPLIT_K > 1 adds it atomically instead (C fp32 and zero-filled)."""
+    c_ptrs = c_ptr + offs_cm.to(tl.int64)[:, None] * stride_cm + offs_cn[None, :] * stride_cn
+    c_mask = (offs_cm < M)[:, None] & (offs_cn < N)[None, :]
+    if SPLIT_K == 1:
+        tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=c_mask)
+    else:
+        tl.atomic_add(c_ptrs, out, mask=c_mask, sem="relaxed")
+
+
+def even_k(args) -> bool:
+    """``triton.heuristics`` EVEN_K: every K tile of every split is full."""
+    return args["K"] % (args["BLOCK_K"] * args["SPLIT_K"]) == 0
 
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

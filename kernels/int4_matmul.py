@@ -27,7 +27,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOAT_DTYPES, check_same_device, check_tensor, device_guard, grouped_tile
+from ._common import (
+    FLOAT_DTYPES,
+    add_bias,
+    check_same_device,
+    check_tensor,
+    device_guard,
+    even_k,
+    grouped_tile,
+    store_tile,
+)
 from .autotune import (
     DECODE_MAX_M,
     W4A16_DECODE_CONFIGS,
@@ -117,32 +126,17 @@ def _w4a16_kernel(
 
     offs_cm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_cn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_cm < M
-    mask_n = offs_cn < N
     out = acc
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_cn, mask=mask_n, other=0.0).to(tl.float32)
-        if SPLIT_K > 1:  # only the first K slice adds the bias
-            bias = tl.where(pid_k == 0, bias, 0.0)
-        out = out + bias[None, :]
-
-    c_ptrs = c_ptr + offs_cm.to(tl.int64)[:, None] * stride_cm + offs_cn[None, :] * stride_cn
-    c_mask = mask_m[:, None] & mask_n[None, :]
-    if SPLIT_K == 1:
-        tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=c_mask)
-    else:
-        tl.atomic_add(c_ptrs, out, mask=c_mask, sem="relaxed")
-
-
-def _even_k(args) -> bool:
-    return args["K"] % (args["BLOCK_K"] * args["SPLIT_K"]) == 0
+        out = add_bias(out, bias_ptr, offs_cn, N, pid_k, SPLIT_K)
+    store_tile(c_ptr, out, offs_cm, offs_cn, M, N, stride_cm, stride_cn, SPLIT_K)
 
 
 def _tile_in_group(args) -> bool:
     return args["GROUP_SIZE"] == args["K"] or args["GROUP_SIZE"] % args["BLOCK_K"] == 0
 
 
-_heuristic = triton.heuristics({"EVEN_K": _even_k, "TILE_IN_GROUP": _tile_in_group})
+_heuristic = triton.heuristics({"EVEN_K": even_k, "TILE_IN_GROUP": _tile_in_group})
 _w4a16_tiled = autotune_w4a16(W4A16_TILED_CONFIGS)(_heuristic(_w4a16_kernel))
 # Split-K accumulates into C: the autotuner must zero it before every trial run.
 _w4a16_decode = autotune_w4a16(W4A16_DECODE_CONFIGS, reset_to_zero=["c_ptr"])(

@@ -38,11 +38,14 @@ import triton.language as tl
 
 from ._common import (
     FLOAT_DTYPES,
+    add_bias,
     check_same_device,
     check_tensor,
     device_guard,
+    even_k,
     grouped_tile,
     round_half_even,
+    store_tile,
 )
 from .autotune import (
     DECODE_MAX_M,
@@ -180,24 +183,11 @@ def _gemm_kernel(
         b_scale = tl.load(b_scale_ptr + offs_cn, mask=mask_n, other=0.0)
         out = out.to(tl.float32) * b_scale[None, :]
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_cn, mask=mask_n, other=0.0).to(tl.float32)
-        if SPLIT_K > 1:  # only the first K slice adds the bias
-            bias = tl.where(pid_k == 0, bias, 0.0)
-        out = out.to(tl.float32) + bias[None, :]
-
-    c_ptrs = c_ptr + offs_cm.to(tl.int64)[:, None] * stride_cm + offs_cn[None, :] * stride_cn
-    c_mask = mask_m[:, None] & mask_n[None, :]
-    if SPLIT_K == 1:
-        tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=c_mask)
-    else:
-        tl.atomic_add(c_ptrs, out, mask=c_mask, sem="relaxed")
+        out = add_bias(out, bias_ptr, offs_cn, N, pid_k, SPLIT_K)
+    store_tile(c_ptr, out, offs_cm, offs_cn, M, N, stride_cm, stride_cn, SPLIT_K)
 
 
-def _even_k(args) -> bool:
-    return args["K"] % (args["BLOCK_K"] * args["SPLIT_K"]) == 0
-
-
-_gemm_heuristic = triton.heuristics({"EVEN_K": _even_k})
+_gemm_heuristic = triton.heuristics({"EVEN_K": even_k})
 _int8_gemm = autotune_gemm(INT8_GEMM_CONFIGS)(_gemm_heuristic(_gemm_kernel))
 _w8a16_tiled = autotune_gemm(W8A16_TILED_CONFIGS)(_gemm_heuristic(_gemm_kernel))
 # Split-K accumulates into C: the autotuner must zero it before every trial run.
