@@ -267,8 +267,8 @@ def prune_w4a16_configs(
 ) -> list[triton.Config]:
     """``prune_gemm_configs``, then BLOCK_K cut to a power of two that divides the group size,
     so that a tile sits inside one group (per-channel groups, G = K, take any BLOCK_K; a group
-    size with no such divisor of at least 16 keeps the tile and reads scales per element), and
-    split-K factors cut to the number of K blocks."""
+    size with no such divisor of at least 16 keeps the tile and reads scales per element). A
+    smaller BLOCK_K only adds K blocks, so the split-K factors kept stay valid."""
     args = {**named_args, **kwargs}
     K, G = args["K"], args["GROUP_SIZE"]
     kept: dict[tuple, triton.Config] = {}
@@ -276,8 +276,6 @@ def prune_w4a16_configs(
         kw = dict(cfg.kwargs)
         if G != K and _pow2_divisor(G, kw["BLOCK_K"]) >= _MIN_BLOCK_K_FLOAT:
             kw["BLOCK_K"] = _pow2_divisor(G, kw["BLOCK_K"])
-        if kw["SPLIT_K"] > max(1, triton.cdiv(K, kw["BLOCK_K"])):
-            kw["SPLIT_K"] = max(1, triton.cdiv(K, kw["BLOCK_K"]))
         new = copy.copy(cfg)
         new.kwargs = kw
         kept.setdefault((tuple(sorted(kw.items())), cfg.num_warps, cfg.num_stages), new)

@@ -23,6 +23,7 @@ NKG = (
     (111, 1024, (64, 128)),
     (59, 4224, (128, -1)),
     (33, 130, (-1,)),  # per channel with a partial last activation block
+    (5, 98, (-1,)),  # per channel: chunk, a lone block of 32, then a partial block
     (5, 2, (-1,)),
 )
 
@@ -106,6 +107,18 @@ def test_gaussian_sqnr_meets_the_math(group_size, gen):
     assert db_clip >= db  # the search includes ratio 1.0 and keeps the best per group
     symmetric = sqnr(w, dequantize_int4(*quantize_int4(w, group_size, symmetric=True), group_size))
     assert symmetric < db  # a fitted zero point uses the 16 levels better on Gaussian groups
+
+
+def test_clip_search_shrinks_groups_that_do_not_span_zero(gen):
+    """Clipping is about each group's centre: shifting every weight by a constant changes
+    neither the plain nor the clipped error."""
+    w = torch.randn(64, 1024, generator=gen)
+    for shift in (0.0, 3.0, -5.0):
+        plain = quantize_int4(w + shift, 128)
+        clipped = quantize_int4(w + shift, 128, clip_search=True)
+        db = sqnr(w, dequantize_int4(*plain, 128) - shift)
+        db_clip = sqnr(w, dequantize_int4(*clipped, 128) - shift)
+        assert db_clip > db + 0.3, (shift, db, db_clip)
 
 
 def test_quantizer_bad_input():

@@ -11,10 +11,11 @@ Round to nearest per group of ``group_size`` weights along K, all arithmetic in 
         to 8 and clips to 7, as in GPTQ's symmetric mode)
     code = clamp(round(w / scale + zero), 0, 15)        round = half to even
 
-A group of zeros gets scale 1. With ``clip_search`` the range is also tried shrunk by each ratio
-in ``clip_ratios`` (lo * r, hi * r); per group the ratio with the least squared reconstruction
-error wins. Clipping trades a few large outliers for finer steps on the rest, which lowers the
-error of most groups.
+A constant group gets scale 1. With ``clip_search`` the range is also tried shrunk by each
+ratio r in ``clip_ratios``: about its centre when asymmetric (mid -/+ r * (hi - lo) / 2, so a
+group that does not span zero is clipped too), max |w| * r when symmetric; per group the ratio
+with the least squared reconstruction error wins. Clipping trades a few large outliers for finer
+steps on the rest, which lowers the error of most groups.
 """
 
 from __future__ import annotations
@@ -91,8 +92,12 @@ def quantize_int4(
     hi = w.amax(dim=-1)
     ratios = clip_ratios if clip_search else (1.0,)
     best = None
+    mid, half = (lo + hi) / 2, (hi - lo) / 2
     for r in ratios:
-        scale, zero = _range_params(lo * r, hi * r, symmetric)
+        if symmetric:
+            scale, zero = _range_params(lo * r, hi * r, symmetric)
+        else:
+            scale, zero = _range_params(mid - half * r, mid + half * r, symmetric)
         # Codes and errors against the parameters as stored (rounded to scale_dtype).
         scale = scale.to(scale_dtype).to(torch.float32)
         zero = zero.to(scale_dtype).to(torch.float32)
