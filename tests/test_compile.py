@@ -8,21 +8,26 @@ from torch import nn
 
 from torchslim.nn import Int4Linear, Int8Linear
 
+MODES = ["dynamic", "weight_only", "int4", "int4-tc"]
+
 
 def _model(mode: str, gen: torch.Generator) -> nn.Module:
     torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
-    layers = [nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 96), nn.GELU(), nn.Linear(96, 48)]
-    model = nn.Sequential(*layers)
+    widths = (64, 128, 128, 64) if mode == "int4-tc" else (64, 96, 96, 48)  # tc: N % 64 == 0
+    layers = [nn.Linear(widths[0], widths[1]), nn.GELU(), nn.Linear(widths[1], widths[2])]
+    model = nn.Sequential(*layers, nn.GELU(), nn.Linear(widths[2], widths[3]))
     for i, layer in enumerate(model):
         if isinstance(layer, nn.Linear):
             if mode == "int4":
                 model[i] = Int4Linear.from_linear(layer, group_size=32)
+            elif mode == "int4-tc":
+                model[i] = Int4Linear.from_linear(layer, group_size=32).repack("tc")
             else:
                 model[i] = Int8Linear.from_linear(layer, mode=mode)
     return model.eval()
 
 
-@pytest.mark.parametrize("mode", ["dynamic", "weight_only", "int4"])
+@pytest.mark.parametrize("mode", MODES)
 def test_whole_model_is_one_graph(mode, gen):
     from torch._dynamo.testing import CompileCounter
 
@@ -40,7 +45,7 @@ def test_whole_model_is_one_graph(mode, gen):
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("mode", ["dynamic", "weight_only", "int4"])
+@pytest.mark.parametrize("mode", MODES)
 def test_inductor_matches_eager(mode, gen):
     torch._dynamo.reset()
     model = _model(mode, gen)

@@ -1,5 +1,5 @@
-// Torch binding of the CUDA int8 kernels (csrc/cuda/int8_gemm.cu): argument checks, device
-// guard, current stream, allocation, then one call into the torch-free kernel API per step.
+// Torch binding of the CUDA kernels (csrc/cuda/int8_gemm.cu, int4_gemm.cu): argument checks,
+// device guard, current stream, allocation, then one call into the torch-free kernel API per step.
 //
 // Every function takes 2-D tensors. Activations and int8 matrices must have unit stride in their
 // last dim; their row stride may be anything (it is passed to the kernels as the leading dim).
@@ -10,6 +10,7 @@
 #include <optional>
 #include <tuple>
 
+#include "cuda/int4_gemm.h"
 #include "cuda/int8_gemm.h"
 #include "torchslim/checks.h"
 
@@ -187,6 +188,74 @@ at::Tensor int8_weight_only_linear_cuda(const at::Tensor& x, const at::Tensor& w
   return op.out;
 }
 
+// W4A16 on the tc layout: x (M, K) fp16/bf16, packed_tc (N / 64, K / 16 * 512) uint8 (see
+// torchslim.reference.pack_int4_tc), scales and zeros (N, K / G) of one float dtype, group_size
+// G (-1: K), bias (N,) float or None -> (M, N) in x.dtype. split_k <= 0 picks the split for the
+// current GPU; a positive value forces it (tests run every path with it).
+at::Tensor int4_weight_only_linear_tc_cuda(const at::Tensor& x, const at::Tensor& packed_tc,
+                                           const at::Tensor& scales, const at::Tensor& zeros,
+                                           int64_t group_size,
+                                           const std::optional<at::Tensor>& bias, int64_t split_k) {
+  const DType xt = check_activation(x, "x");
+  TORCHSLIM_CHECK_TYPE(xt != DType::kFloat32, "x must be float16 or bfloat16, got float32");
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCHSLIM_CHECK(K > 0 && K % cuda::kInt4TcTileK == 0, "x must have K > 0 divisible by ",
+                  cuda::kInt4TcTileK, " (the tc layout's k tile), got K=", K);
+  check_device(packed_tc, "packed_tc", x.device());
+  TORCHSLIM_CHECK_TYPE(packed_tc.scalar_type() == at::kByte, "packed_tc must be uint8, got ",
+                       packed_tc.scalar_type());
+  const int64_t row_bytes = K / cuda::kInt4TcTileK * cuda::kInt4TcTileBytes;
+  TORCHSLIM_CHECK(packed_tc.dim() == 2 && packed_tc.size(1) == row_bytes,
+                  "packed_tc must have shape (N / 64, K / 16 * 512) with K / 16 * 512 = ",
+                  row_bytes, ", got ", packed_tc.sizes());
+  const int64_t N = packed_tc.size(0) * cuda::kInt4TcTileN;
+  const int64_t G = group_size == -1 ? K : group_size;
+  TORCHSLIM_CHECK(G > 0 && G % cuda::kInt4TcTileK == 0 && K % G == 0,
+                  "group_size must be -1 or a multiple of ", cuda::kInt4TcTileK, " dividing K=", K,
+                  ", got ", group_size);
+  const DType st = float_dtype(scales, "scales");
+  for (const auto& [t, name] : {std::pair{&scales, "scales"}, std::pair{&zeros, "zeros"}}) {
+    check_device(*t, name, x.device());
+    TORCHSLIM_CHECK(t->dim() == 2 && t->size(0) == N && t->size(1) == K / G, name,
+                    " must have shape (N, K / group_size) = (", N, ", ", K / G, "), got ",
+                    t->sizes());
+  }
+  TORCHSLIM_CHECK_TYPE(zeros.scalar_type() == scales.scalar_type(),
+                       "zeros must have the dtype of scales (", scales.scalar_type(), "), got ",
+                       zeros.scalar_type());
+  at::Tensor b;
+  if (bias.has_value() && bias->defined()) {
+    check_device(*bias, "bias", x.device());
+    TORCHSLIM_CHECK(bias->dim() == 1 && bias->size(0) == N, "bias must have shape (N,) = (", N,
+                    ",), got ", bias->sizes());
+    float_dtype(*bias, "bias");
+    b = bias->contiguous();
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor out = at::empty({M, N}, x.options());
+  if (M == 0) return out;
+  // The kernel reads 16 bytes per lane: the codes must be contiguous and 16-byte aligned.
+  at::Tensor w = packed_tc.contiguous();
+  if (reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 != 0) w = w.clone();
+  const at::Tensor s = scales.contiguous(), z = zeros.contiguous();
+  if (split_k <= 0) {
+    const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+    split_k = cuda::w4a16_tc_default_split_k(M, N, K, sms);
+  }
+  TORCHSLIM_CHECK(split_k <= 65535, "split_k must be at most 65535, got ", split_k);
+  at::Tensor workspace;
+  if (split_k > 1) workspace = at::empty({split_k, M, N}, x.options().dtype(at::kFloat));
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
+  check_status(
+      cuda::w4a16_tc_gemm(x.data_ptr(), leading_dim(x), xt, w.data_ptr<uint8_t>(), s.data_ptr(),
+                          z.data_ptr(), st, G, b.defined() ? b.data_ptr() : nullptr,
+                          b.defined() ? float_dtype(b, "bias") : DType::kFloat32, out.data_ptr(), N,
+                          M, N, K, static_cast<int>(split_k),
+                          split_k > 1 ? workspace.data_ptr<float>() : nullptr, stream),
+      "w4a16_tc_gemm");
+  return out;
+}
+
 void bind_cuda(pybind11::module_& m) {
   namespace py = pybind11;
   m.def("quantize_per_token_cuda", &quantize_per_token_cuda,
@@ -199,6 +268,10 @@ void bind_cuda(pybind11::module_& m) {
   m.def("int8_weight_only_linear_cuda", &int8_weight_only_linear_cuda,
         "W8A16 linear: x @ (w_q * w_scale[:, None]).T + bias (CUDA)", py::arg("x"), py::arg("w_q"),
         py::arg("w_scale"), py::arg("bias") = py::none());
+  m.def("int4_weight_only_linear_tc_cuda", &int4_weight_only_linear_tc_cuda,
+        "W4A16 linear on int4 codes in the tc layout (CUDA)", py::arg("x"), py::arg("packed_tc"),
+        py::arg("scales"), py::arg("zeros"), py::arg("group_size"), py::arg("bias") = py::none(),
+        py::arg("split_k") = 0);
 }
 
 }  // namespace torchslim

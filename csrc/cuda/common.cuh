@@ -15,7 +15,7 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "int8_gemm.h"
+#include "dtype.h"
 
 // Runs the statement block `...` (which must `return` a cudaError_t) with `T` bound to the C++
 // type of the floating DType `dtype` (__half, __nv_bfloat16 or float). Any other dtype returns
@@ -214,6 +214,21 @@ __device__ __forceinline__ void store_block(const Epilogue& ep, const int64_t (&
       store_block_as<float>(ep, rows, cols, M, N, acc);
       break;
   }
+}
+
+// Epilogue of a warp tile of kMT x kNT mma fragments (m16n8, C layout: element e of fragment
+// (mi, ni) is at row row0 + 16mi + 8(e/2), column col0 + 8ni + e%2), where row0 = first row of
+// the warp tile + lane/4 and col0 = first column + 2(lane%4).
+template <int kMT, int kNT, typename Acc>
+__device__ __forceinline__ void store_fragments(const Epilogue& ep, const Acc (&acc)[kMT][kNT][4],
+                                                int64_t row0, int64_t col0, int64_t M, int64_t N) {
+  int64_t rows[2 * kMT], cols[2 * kNT];
+#pragma unroll
+  for (int i = 0; i < 2 * kMT; ++i) rows[i] = row0 + 16 * (i / 2) + 8 * (i % 2);
+#pragma unroll
+  for (int j = 0; j < 2 * kNT; ++j) cols[j] = col0 + 8 * (j / 2) + (j % 2);
+  store_block(ep, rows, cols, M, N,
+              [&](int i, int j) { return acc[i / 2][j / 2][2 * (i % 2) + (j % 2)]; });
 }
 
 // ---------------------------------------------------------------------------------------------

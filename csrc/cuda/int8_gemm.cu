@@ -315,21 +315,6 @@ __device__ __forceinline__ int chunk_elems(int64_t row, int64_t rows, int64_t k,
   return static_cast<int>(min(K - k, int64_t(width)));
 }
 
-// Epilogue of a warp tile of kMT x kNT mma fragments (m16n8, C layout: element e of fragment
-// (mi, ni) is at row row0 + 16mi + 8(e/2), column col0 + 8ni + e%2), where row0 = first row of
-// the warp tile + lane/4 and col0 = first column + 2(lane%4).
-template <int kMT, int kNT, typename Acc>
-__device__ __forceinline__ void store_fragments(const Epilogue& ep, const Acc (&acc)[kMT][kNT][4],
-                                                int64_t row0, int64_t col0, int64_t M, int64_t N) {
-  int64_t rows[2 * kMT], cols[2 * kNT];
-#pragma unroll
-  for (int i = 0; i < 2 * kMT; ++i) rows[i] = row0 + 16 * (i / 2) + 8 * (i % 2);
-#pragma unroll
-  for (int j = 0; j < 2 * kNT; ++j) cols[j] = col0 + 8 * (j / 2) + (j % 2);
-  detail::store_block(ep, rows, cols, M, N,
-                      [&](int i, int j) { return acc[i / 2][j / 2][2 * (i % 2) + (j % 2)]; });
-}
-
 // =============================================================================================
 // int8 x int8 tensor-core GEMM (M > 8)
 // =============================================================================================
@@ -448,7 +433,8 @@ __global__ void __launch_bounds__(mm8::kThreads, 2)
   }
   detail::cp_async_wait<0>();
 
-  store_fragments(ep, acc, m0 + wm * kWM + (lane >> 2), n0 + wn * kWN + 2 * (lane & 3), M, N);
+  detail::store_fragments(ep, acc, m0 + wm * kWM + (lane >> 2), n0 + wn * kWN + 2 * (lane & 3), M,
+                          N);
 }
 
 template <bool kAligned>
@@ -597,7 +583,7 @@ __global__ void __launch_bounds__(w8::kThreads, 2)
   }
   detail::cp_async_wait<0>();
 
-  store_fragments(ep, acc, m0 + wm * kWM + g, n0 + wn * kWN + 2 * t, M, N);
+  detail::store_fragments(ep, acc, m0 + wm * kWM + g, n0 + wn * kWN + 2 * t, M, N);
 }
 
 template <typename T, bool kAligned>

@@ -23,10 +23,9 @@
 
 #include <cstdint>
 
-namespace torchslim::cuda {
+#include "dtype.h"
 
-// Element type of a float (or int32 output) operand.
-enum class DType : int32_t { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2, kInt32 = 3 };
+namespace torchslim::cuda {
 
 // Symmetric per-row int8 quantization; bit-exact with the reference (IEEE fp32 division and
 // round-half-to-even, independent of -ftz / fast-math build flags).

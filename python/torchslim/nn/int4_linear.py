@@ -7,7 +7,15 @@ from torch import nn
 
 from torchslim import ops
 from torchslim.quant.int4 import SCALE_DTYPES, check_group_size, quantize_int4
-from torchslim.reference.int4 import resolve_group_size
+from torchslim.reference.int4 import (
+    TC_TILE_K,
+    TC_TILE_N,
+    plain_to_tc,
+    resolve_group_size,
+    tc_to_plain,
+)
+
+LAYOUTS = ("plain", "tc")
 
 
 class Int4Linear(nn.Module):
@@ -18,6 +26,11 @@ class Int4Linear(nn.Module):
     (out, in // G) in ``scale_dtype``; ``bias`` (out,) or None. Runs
     torch.ops.torchslim.int4_weight_only_linear. ``module.to(dtype)`` casts the bias like
     nn.Linear does; the scales and zeros keep their dtype.
+
+    ``repack("tc")`` shuffles the codes in memory into the CUDA tensor-core kernel's layout
+    (:func:`torchslim.reference.pack_int4_tc`; out_features % 64 == 0, in_features % 16 == 0,
+    group size a multiple of 16) and runs torch.ops.torchslim.int4_weight_only_linear_tc.
+    The state_dict always holds the plain layout, so checkpoints do not depend on it.
     """
 
     def __init__(
@@ -57,6 +70,9 @@ class Int4Linear(nn.Module):
         )
         bias_t = torch.zeros(out_features, dtype=dtype or torch.float32, device=device)
         self.register_buffer("bias", bias_t if bias else None)
+        self.layout = "plain"
+        self.register_state_dict_post_hook(_weight_to_plain)
+        self.register_load_state_dict_pre_hook(_weight_from_plain)
         self.register_load_state_dict_post_hook(lambda module, _keys: module._validate())
 
     @property
@@ -110,13 +126,45 @@ class Int4Linear(nn.Module):
         layer._validate()
         return layer
 
-    def _validate(self) -> None:
+    def repack(self, layout: str) -> Int4Linear:
+        """Converts the codes in memory to ``layout`` ("plain" or "tc"); returns the module."""
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        if layout == "tc":
+            why = self._tc_why_not()
+            if why is not None:
+                raise ValueError(f"layout 'tc' does not fit this layer: {why}")
+        if layout != self.layout:
+            convert = plain_to_tc if layout == "tc" else tc_to_plain
+            self.weight = convert(self.weight)
+            self.layout = layout
+        return self
+
+    def _tc_why_not(self) -> str | None:
         n, k = self.out_features, self.in_features
-        if self.weight.dtype != torch.uint8 or tuple(self.weight.shape) != (n, k // 2):
-            raise ValueError(
-                f"weight must be uint8 of shape ({n}, {k // 2}), got {self.weight.dtype} "
-                f"{tuple(self.weight.shape)}"
+        if n % TC_TILE_N or k % TC_TILE_K:
+            return (
+                f"needs out_features % {TC_TILE_N} == 0 and in_features % {TC_TILE_K} == 0, "
+                f"got {n} and {k}"
             )
+        if resolve_group_size(self.group_size, k) % TC_TILE_K:
+            return f"needs a group size that is a multiple of {TC_TILE_K}, got {self.group_size}"
+        return None
+
+    def _weight_shape(self) -> tuple[int, int]:
+        n, k = self.out_features, self.in_features
+        if self.layout == "tc":
+            return (n // TC_TILE_N, k // TC_TILE_K * (TC_TILE_N * TC_TILE_K // 2))
+        return (n, k // 2)
+
+    def _validate(self) -> None:
+        shape = self._weight_shape()
+        if self.weight.dtype != torch.uint8 or tuple(self.weight.shape) != shape:
+            raise ValueError(
+                f"weight must be uint8 of shape {shape} (layout {self.layout!r}), got "
+                f"{self.weight.dtype} {tuple(self.weight.shape)}"
+            )
+        n, k = self.out_features, self.in_features
         groups = k // resolve_group_size(self.group_size, k)
         for name in ("weight_scales", "weight_zeros"):
             t = getattr(self, name)
@@ -145,13 +193,28 @@ class Int4Linear(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.int4_weight_only_linear(
-            x, self.weight, self.weight_scales, self.weight_zeros, self.group_size, self.bias
-        )
+        op = ops.int4_weight_only_linear_tc if self.layout == "tc" else ops.int4_weight_only_linear
+        return op(x, self.weight, self.weight_scales, self.weight_zeros, self.group_size, self.bias)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, group_size={self.group_size}, "
-            f"symmetric={self.symmetric}, scale_dtype={self.scale_dtype}"
+            f"symmetric={self.symmetric}, scale_dtype={self.scale_dtype}, layout={self.layout}"
         )
+
+
+def _weight_to_plain(module: Int4Linear, state_dict, prefix, _metadata) -> None:
+    """state_dict hook: the saved codes are in the plain layout whatever the layout in memory."""
+    key = prefix + "weight"
+    if module.layout == "tc" and key in state_dict:
+        state_dict[key] = tc_to_plain(state_dict[key])
+
+
+def _weight_from_plain(module: Int4Linear, state_dict, prefix, *_args) -> None:
+    """load_state_dict pre-hook: plain codes are repacked into the module's layout."""
+    key = prefix + "weight"
+    plain = (module.out_features, module.in_features // 2)
+    weight = state_dict.get(key)
+    if module.layout == "tc" and isinstance(weight, torch.Tensor) and tuple(weight.shape) == plain:
+        state_dict[key] = plain_to_tc(weight)

@@ -9,7 +9,7 @@ from torchslim.ops._registry import (
     registered_ops,
     strict_mode,
 )
-from torchslim.ops.int4 import int4_weight_only_linear
+from torchslim.ops.int4 import int4_weight_only_linear, int4_weight_only_linear_tc
 from torchslim.ops.int8 import (
     int8_dynamic_linear,
     int8_mm,
@@ -24,6 +24,7 @@ __all__ = [
     "explain",
     "forced_backend",
     "int4_weight_only_linear",
+    "int4_weight_only_linear_tc",
     "int8_dynamic_linear",
     "int8_mm",
     "int8_weight_only_linear",

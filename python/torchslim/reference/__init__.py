@@ -3,9 +3,14 @@
 from torchslim.reference.int4 import (
     dequantize_int4,
     int4_weight_only_linear,
+    int4_weight_only_linear_tc,
     pack_int4,
+    pack_int4_tc,
+    plain_to_tc,
     quantize_per_block,
+    tc_to_plain,
     unpack_int4,
+    unpack_int4_tc,
 )
 from torchslim.reference.int8 import (
     int8_dynamic_linear,
@@ -17,11 +22,16 @@ from torchslim.reference.int8 import (
 __all__ = [
     "dequantize_int4",
     "int4_weight_only_linear",
+    "int4_weight_only_linear_tc",
     "int8_dynamic_linear",
     "int8_mm",
     "int8_weight_only_linear",
     "pack_int4",
+    "pack_int4_tc",
+    "plain_to_tc",
     "quantize_per_block",
     "quantize_per_token",
+    "tc_to_plain",
     "unpack_int4",
+    "unpack_int4_tc",
 ]

@@ -17,6 +17,11 @@ W4A16 linear, x: (..., K) float:
 
     out = x @ dequantize(packed, scales, zeros, group_size).T + bias
 
+Backend layouts: the op above takes the plain layout. The CUDA tensor-core kernel takes the codes
+pre-shuffled into the tc layout (:func:`pack_int4_tc`), built for the B fragments of
+mma.sync m16n8k16 so that each GPU lane loads its 16 bytes per tile and dequantizes in registers;
+its op, ``int4_weight_only_linear_tc``, has the same math, scales and zeros.
+
 The CPU kernel first rounds x to int8 per block of 32 along K (llama.cpp's Q8_0 activations:
 scale = max |x| / 127 per block, codes round half to even) so that weights and activations meet
 in integer dot products; ``activation_block=32`` gives that arithmetic here, the yardstick its
@@ -39,8 +44,7 @@ def resolve_group_size(group_size: int, k: int) -> int:
     return k if group_size == -1 else group_size
 
 
-def pack_int4(codes: torch.Tensor) -> torch.Tensor:
-    """(N, K) uint8 codes in [0, 15] -> (N, K // 2) uint8, low nibble = even k."""
+def _check_codes(codes: torch.Tensor) -> None:
     if codes.dtype != torch.uint8:
         raise TypeError(f"codes must be uint8, got {codes.dtype}")
     if codes.dim() != 2:
@@ -49,6 +53,11 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"codes must have an even K (two codes per byte), got K={codes.shape[1]}")
     if codes.numel() and int(codes.max()) > CODE_MAX:
         raise ValueError(f"codes must be in [0, 15], got a maximum of {int(codes.max())}")
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """(N, K) uint8 codes in [0, 15] -> (N, K // 2) uint8, low nibble = even k."""
+    _check_codes(codes)
     return codes[:, 0::2] | (codes[:, 1::2] << 4)
 
 
@@ -59,6 +68,63 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     if packed.dim() != 2:
         raise ValueError(f"packed must be 2-D (N, K // 2), got shape {tuple(packed.shape)}")
     return torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
+
+
+# The tc layout's tile: 64 output channels x 16 k = 512 bytes, 16 per lane of a warp.
+TC_TILE_N = 64
+TC_TILE_K = 16
+TC_TILE_BYTES = TC_TILE_N * TC_TILE_K // 2
+
+
+def pack_int4_tc(codes: torch.Tensor) -> torch.Tensor:
+    """(N, K) uint8 codes -> (N // 64, K // 16 * 512) uint8 in the tc layout.
+
+    Tile (c, t) holds columns 64c .. 64c + 63 and k = 16t .. 16t + 15 as 512 contiguous bytes at
+    ``out[c, 512 t:]``; lane l of a warp reads bytes 16l .. 16l + 15 of it. With r = l // 4 and
+    q = l % 4, the lane's 32-bit word i (little endian, i = 0..3) holds at nibble s + 4e
+    (s = 0..3, e = 0..1) the code of column 64c + 8(2i + s % 2) + r at k = 16t + 8(s // 2) + 2q + e:
+    ``(word >> 4s) & 0x000f000f`` is then the (k, k + 1) pair of register s // 2 of the
+    m16n8k16 B fragment of n8 tile 2i + s % 2. Needs N % 64 == 0 and K % 16 == 0.
+    """
+    _check_codes(codes)
+    n, k = codes.shape
+    if n % TC_TILE_N or k % TC_TILE_K:
+        raise ValueError(
+            f"codes must have N divisible by {TC_TILE_N} and K by {TC_TILE_K} for the tc layout, "
+            f"got shape {tuple(codes.shape)}"
+        )
+    # codes[n, k] with n = 64c + 16i + 8jj + r and k = 16t + 8h + 2q + e
+    x = codes.reshape(n // TC_TILE_N, 4, 2, 8, k // TC_TILE_K, 2, 4, 2)
+    x = x.permute(
+        0, 4, 3, 6, 1, 7, 5, 2
+    )  # (c, t, r, q, i, e, h, jj): byte 4i + 2e + h of lane 4r + q
+    return (x[..., 0] | (x[..., 1] << 4)).reshape(n // TC_TILE_N, k // TC_TILE_K * TC_TILE_BYTES)
+
+
+def unpack_int4_tc(packed_tc: torch.Tensor) -> torch.Tensor:
+    """(N // 64, K // 16 * 512) uint8 in the tc layout -> (N, K) uint8 codes; the exact inverse
+    of :func:`pack_int4_tc`."""
+    if packed_tc.dtype != torch.uint8:
+        raise TypeError(f"packed_tc must be uint8, got {packed_tc.dtype}")
+    if packed_tc.dim() != 2 or packed_tc.shape[1] % TC_TILE_BYTES:
+        raise ValueError(
+            f"packed_tc must be 2-D (N // 64, K // 16 * 512), got shape {tuple(packed_tc.shape)}"
+        )
+    tiles_n, tiles_k = packed_tc.shape[0], packed_tc.shape[1] // TC_TILE_BYTES
+    b = packed_tc.reshape(tiles_n, tiles_k, 8, 4, 4, 2, 2)  # (c, t, r, q, i, e, h)
+    x = torch.stack((b & 0x0F, b >> 4), dim=-1)  # (..., jj)
+    x = x.permute(0, 4, 7, 2, 1, 6, 3, 5)  # (c, i, jj, r, t, h, q, e)
+    return x.reshape(tiles_n * TC_TILE_N, tiles_k * TC_TILE_K)
+
+
+def plain_to_tc(packed_w: torch.Tensor) -> torch.Tensor:
+    """(N, K // 2) plain packed codes -> the tc layout."""
+    return pack_int4_tc(unpack_int4(packed_w))
+
+
+def tc_to_plain(packed_tc: torch.Tensor) -> torch.Tensor:
+    """The tc layout -> (N, K // 2) plain packed codes."""
+    return pack_int4(unpack_int4_tc(packed_tc))
 
 
 def dequantize_int4(
@@ -132,3 +198,19 @@ def int4_weight_only_linear(
     if bias is not None:
         out = out + bias.to(cd)
     return out.to(x.dtype)
+
+
+def int4_weight_only_linear_tc(
+    x: torch.Tensor,
+    packed_tc: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+    *,
+    compute_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """:func:`int4_weight_only_linear` on codes in the tc layout (:func:`pack_int4_tc`)."""
+    return int4_weight_only_linear(
+        x, tc_to_plain(packed_tc), scales, zeros, group_size, bias, compute_dtype=compute_dtype
+    )
