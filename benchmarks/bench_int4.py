@@ -8,6 +8,10 @@ own CPU int4, group 128, on the same quantized weights), FBGEMM int8 dynamic and
 int8 (W8A8 and W8A16). Ours: W4A16 at group sizes 32 and 128, bf16 scales and zero points.
 Per (layer, M, implementation): time, speedup over fp32, GB/s, % of the memory floor (packed
 weight + scale bytes ÷ copy bandwidth), GOP/s. Writes int4_cpu.csv and int4_cpu.png.
+
+On a GPU (--device cuda): fp16 and bf16 F.linear (cuBLAS), torch._weight_int4pack_mm (torch's
+CUDA int4, bf16, group 128) and ours at group 128 with fp16 activations on the Triton kernel
+(plain layout) and the CUDA C++ tensor-core kernel (tc layout); speedups over cuBLAS fp16.
 """
 
 from __future__ import annotations
@@ -17,7 +21,10 @@ import sys
 import torch
 import torch.nn.functional as F
 
+import torchslim
 from torchslim import ops
+from torchslim import reference as ref
+from torchslim.benchmarks.bench_quant import GPU_IMPLS as INT8_GPU_IMPLS
 from torchslim.benchmarks.bench_quant import IMPLS as INT8_IMPLS
 from torchslim.benchmarks.bench_quant import Family, Impl, run_family
 from torchslim.quant import quantize_int4, unpack_int4
@@ -66,6 +73,62 @@ TORCH_INT4 = Impl(
     weight_bytes=lambda n, k: n * k / 2 + 2 * 4 * n * (k // TORCH_GROUP),
 )
 
+
+def _torch_int4_cuda(w: torch.Tensor) -> tuple:
+    """torch's CUDA int4 (tinygemm) layout of the same group-128 weights: codes packed two per
+    byte with the even k in the high nibble, scale and zero_t = (8 - z) * s as bf16."""
+    packed, scales, zeros = quantize_int4(w, TORCH_GROUP, scale_dtype=torch.float32)
+    codes = unpack_int4(packed)
+    w_packed = torch._convert_weight_to_int4pack((codes[:, 0::2] << 4) | codes[:, 1::2], 8)
+    zero_t = (8.0 - zeros) * scales
+    sz = torch.stack((scales.T, zero_t.T), dim=-1).to(torch.bfloat16).contiguous()
+    return (w_packed, sz)
+
+
+def _ours_cuda(group_size: int, backend: str) -> Impl:
+    """Ours on one forced GPU backend (strict): Triton on the plain layout, cuda on tc."""
+    tc = backend == "cuda"
+    op = ops.int4_weight_only_linear_tc if tc else ops.int4_weight_only_linear
+
+    def make(w):
+        packed, scales, zeros = quantize_int4(w, group_size, scale_dtype=torch.bfloat16)
+        return (ref.plain_to_tc(packed) if tc else packed, scales, zeros)
+
+    def run(x, o):
+        with torchslim.backend(backend, strict=True):
+            return op(x, o[0], o[1], o[2], group_size)
+
+    return Impl(
+        f"torchslim-w4a16-g{group_size}-{backend}",
+        0.5,
+        torch.float16,
+        make,
+        run,
+        weight_bytes=lambda n, k: n * k / 2 + 2 * 2 * n * (k // group_size),
+    )
+
+
+def gpu_targets(rows: list[dict]) -> list[str]:
+    """The issue's GPU targets: >= 3x cuBLAS fp16 at M <= 16 on 8192x8192, and no slower than
+    cuBLAS at M = 128."""
+    t = {(r["layer"], r["M"], r["impl"]): r for r in rows}
+    lines = []
+    for layer in dict.fromkeys(r["layer"] for r in rows):
+        for m in dict.fromkeys(r["M"] for r in rows):
+            fp16 = t.get((layer, m, "fp16"))
+            if fp16 is None:
+                continue
+            parts = [
+                f"{backend} {fp16['time_ms'] / ours['time_ms']:.2f}x cuBLAS fp16 "
+                f"({ours['pct_floor']:.0f}% of floor)"
+                for backend in ("cuda", "triton")
+                if (ours := t.get((layer, m, f"torchslim-w4a16-g{TORCH_GROUP}-{backend}")))
+            ]
+            if parts:
+                lines.append(f"{layer} M={m}: " + ", ".join(parts))
+    return lines
+
+
 _INT8 = {impl.name: impl for impl in INT8_IMPLS}
 IMPLS = (
     Impl("fp32", 4, torch.float32, lambda w: (w.clone(),), lambda x, o: F.linear(x, o[0])),
@@ -99,6 +162,23 @@ def targets(rows: list[dict]) -> list[str]:
     return lines
 
 
+_GPU_INT8 = {impl.name: impl for impl in INT8_GPU_IMPLS}
+GPU_IMPLS = (
+    _GPU_INT8["fp16"],
+    _GPU_INT8["bf16"],
+    Impl(
+        "torch-int4pack-w4a16",
+        0.5,
+        torch.bfloat16,
+        _torch_int4_cuda,
+        lambda x, o: torch._weight_int4pack_mm(x, o[0], TORCH_GROUP, o[1]),
+        weight_bytes=lambda n, k: n * k / 2 + 2 * 2 * n * (k // TORCH_GROUP),
+    ),
+    _ours_cuda(TORCH_GROUP, "triton"),
+    _ours_cuda(TORCH_GROUP, "cuda"),
+    _ours_cuda(32, "cuda"),
+)
+
 INT4 = Family(
     name="int4",
     doc=__doc__,
@@ -108,6 +188,9 @@ INT4 = Family(
     targets=targets,
     quick_layers=((1536, 576),),
     quick_batch=(1, 16),
+    gpu_batch=(1, 4, 16, 64, 128, 512),
+    gpu_impls=GPU_IMPLS,
+    gpu_targets=gpu_targets,
 )
 
 

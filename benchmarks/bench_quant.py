@@ -252,6 +252,7 @@ class Family:
     gpu_layers: tuple = GPU_LAYERS
     gpu_batch: tuple = GPU_BATCH
     gpu_impls: tuple = ()
+    gpu_targets: Callable[[list[dict]], list[str]] | None = None
 
 
 def run_family(family: Family, argv: list[str] | None = None) -> int:
@@ -312,8 +313,9 @@ def run_family(family: Family, argv: list[str] | None = None) -> int:
     for r in rows:
         if "error" in r:
             print(f"not run: {r['layer']} M={r['M']} {r['impl']}: {r['error']}")
-    if device == "cpu":
-        print("\n".join(["", "targets:", *family.targets(timed)]))
+    check = family.targets if device == "cpu" else family.gpu_targets
+    if check is not None:
+        print("\n".join(["", "targets:", *check(timed)]))
     out = common.results_dir(env, args.out)
     name = f"{family.name}_{device}" + ("_quick" if args.quick else "")
     common.write_csv(out / f"{name}.csv", rows, env)

@@ -37,3 +37,22 @@ def test_bench_int4_quick(tmp_path, capsys):
     assert "torchslim-w4a16-g32" in impls
     out = capsys.readouterr().out
     assert "targets:" in out and "x torch int4" in out
+
+
+def test_int4_gpu_targets_are_ratios_of_the_rows():
+    from torchslim.benchmarks import bench_int4
+
+    names = [impl.name for impl in bench_int4.GPU_IMPLS]
+    assert len(names) == len(set(names))
+    assert {"fp16", "torch-int4pack-w4a16", "torchslim-w4a16-g128-cuda"} <= set(names)
+    row = {"layer": "8192x8192", "M": 16}
+    rows = [
+        {**row, "impl": "fp16", "time_ms": 0.3, "pct_floor": 10.0},
+        {**row, "impl": "torchslim-w4a16-g128-cuda", "time_ms": 0.1, "pct_floor": 60.0},
+        {**row, "impl": "torchslim-w4a16-g128-triton", "time_ms": 0.15, "pct_floor": 40.0},
+    ]
+    (line,) = bench_int4.gpu_targets(rows)
+    assert line == (
+        "8192x8192 M=16: cuda 3.00x cuBLAS fp16 (60% of floor), "
+        "triton 2.00x cuBLAS fp16 (40% of floor)"
+    )
