@@ -50,29 +50,37 @@ def test_tc_pack_unpack_are_exact_inverses(n, k, gen):
     assert torch.equal(ref.tc_to_plain(packed_tc), plain)
 
 
+def _b_fragment_position(lane: int, i: int) -> tuple[int, int]:
+    """(k, n) of element b_i (i = 0..3) of lane ``lane`` in the B operand (16 x 8, "col") of
+    mma.sync.aligned.m16n8k16 for f16 / bf16, from the PTX ISA's fragment table: with
+    groupID = lane / 4 and tig = lane % 4, b0, b1 sit at k = 2 tig + (0, 1), b2, b3 at k + 8,
+    all at n = groupID. Register r of the fragment holds b_2r in its low 16 bits and b_2r+1 in
+    its high 16 bits."""
+    return 2 * (lane % 4) + (i & 1) + (8 if i >= 2 else 0), lane // 4
+
+
 def test_tc_lanes_hold_their_mma_fragments(gen):
-    """Word i of lane l = 4r + q in tile (c, t): (word >> 4s) & 0x000f000f holds, low half then
-    high half, the codes of column 64c + 8(2i + s % 2) + r at k = 16t + 8(s // 2) + 2q and k + 1:
-    the B fragment pair of mma.m16n8k16 (b0 for s < 2, b1 otherwise) of n8 tile 2i + s % 2."""
+    """Assembles, from every lane's 16 bytes, the B operands the kernel feeds to mma: for word
+    i and S = 0..3 the pair (word >> 4S) & 0x000f000f goes to register S // 2 of n8 tile
+    2i + S % 2 (int4_gemm.cu, dequant_pair). Placed by the PTX fragment table, every (k, n) of
+    every 16 x 8 operand is filled exactly once, with the code of that weight."""
     n, k = 128, 64
-    codes = _codes(n, k, gen).to(torch.int64)
-    b = ref.pack_int4_tc(codes.to(torch.uint8)).to(torch.int64)
-    b = b.reshape(n // 64, k // 16, 32, 4, 4)  # (c, t, lane, word, byte)
-    words = b[..., 0] | b[..., 1] << 8 | b[..., 2] << 16 | b[..., 3] << 24
-    c, t, lane, i = torch.meshgrid(
-        torch.arange(n // 64),
-        torch.arange(k // 16),
-        torch.arange(32),
-        torch.arange(4),
-        indexing="ij",
-    )
-    r, q = lane // 4, lane % 4
-    for s in range(4):
-        pair = (words >> (4 * s)) & 0x000F000F
-        col = 64 * c + 8 * (2 * i + s % 2) + r
-        kk = 16 * t + 8 * (s // 2) + 2 * q
-        assert torch.equal(pair & 0xFFFF, codes[col, kk]), f"s={s} low half"
-        assert torch.equal(pair >> 16, codes[col, kk + 1]), f"s={s} high half"
+    codes = _codes(n, k, gen)
+    b = ref.pack_int4_tc(codes).to(torch.int64).reshape(n // 64, k // 16, 32, 4, 4)
+    words = (b[..., 0] | b[..., 1] << 8 | b[..., 2] << 16 | b[..., 3] << 24).tolist()
+    for c in range(n // 64):
+        for t in range(k // 16):
+            operand = torch.full((8, 16, 8), -1, dtype=torch.int64)  # (n8 tile, k, n)
+            for lane in range(32):
+                for i in range(4):
+                    for s in range(4):
+                        pair = (words[c][t][lane][i] >> (4 * s)) & 0x000F000F
+                        for half, value in enumerate((pair & 0xFFFF, pair >> 16)):
+                            kk, nn = _b_fragment_position(lane, 2 * (s // 2) + half)
+                            assert operand[2 * i + s % 2, kk, nn] == -1, "filled twice"
+                            operand[2 * i + s % 2, kk, nn] = value
+            want = codes[64 * c : 64 * c + 64, 16 * t : 16 * t + 16].reshape(8, 8, 16)
+            assert torch.equal(operand, want.transpose(1, 2).to(torch.int64)), (c, t)
 
 
 def test_tc_pack_rejects_bad_input(gen):
@@ -175,7 +183,8 @@ def test_int4_linear_repack_rejects_what_does_not_fit():
 
 # ----------------------------------------------------------------------------- the CUDA kernel
 def _kernel_cases():
-    return [(m, n, k, g) for m in M_FULL for n, k, groups in TC_NKG for g in groups]
+    m_sizes = sorted({*M_FULL, 17, 32})  # 17 and 32: the two-m16-tile variant
+    return [(m, n, k, g) for m in m_sizes for n, k, groups in TC_NKG for g in groups]
 
 
 @needs_cuda_kernel
@@ -187,6 +196,8 @@ def test_tc_kernel_against_reference(m, n, k, group_size, gen, poisoned_empty):
     packed_tc, scales, zeros, bias, packed = _layer(n, k, group_size, scale_dtype, gen, "cuda")
     bias = bias if m % 2 else None
     for dtype in (torch.float16, torch.bfloat16):
+        if bias is not None and m % 4 == 1:
+            bias = bias.to(dtype)
         for pad, split_k in ((2, 0), (3, 1), (2, 3)):  # pad 3: x is not 4-byte aligned
             x = nan_padded(torch.randn(m, k, generator=gen).to("cuda", dtype), pad)
             out = _ext._C.int4_weight_only_linear_tc_cuda(
@@ -196,6 +207,22 @@ def test_tc_kernel_against_reference(m, n, k, group_size, gen, poisoned_empty):
             ref64 = ref.int4_weight_only_linear(x.double(), *args, compute_dtype=torch.float64)
             lowp = ref.int4_weight_only_linear(x, *args)
             check_close(out, ref64, lowp, name=f"{dtype} pad={pad} split_k={split_k}")
+
+
+@needs_cuda_kernel
+def test_tc_kernel_odd_row_stride_and_misaligned_codes(gen):
+    """x with an odd row stride (no pair loads) and codes at an odd address (the binding copies
+    them to an aligned buffer)."""
+    packed_tc, scales, zeros, bias, packed = _layer(128, 96, 32, torch.float16, gen, "cuda")
+    x = torch.randn(5, 97, generator=gen).to("cuda", torch.float16)[:, :96]
+    shifted = torch.empty(packed_tc.numel() + 1, dtype=torch.uint8, device="cuda")
+    shifted[1:] = packed_tc.reshape(-1)
+    odd = shifted[1:].view(packed_tc.shape)
+    assert odd.data_ptr() % 16 != 0
+    out = _ext._C.int4_weight_only_linear_tc_cuda(x, odd, scales, zeros, 32, bias, 0)
+    args = (packed, scales, zeros, 32, bias)
+    ref64 = ref.int4_weight_only_linear(x.double(), *args, compute_dtype=torch.float64)
+    check_close(out, ref64, ref.int4_weight_only_linear(x, *args))
 
 
 @needs_cuda_kernel

@@ -15,12 +15,14 @@
 //                     the k tiles of slice by. Per k tile a lane loads its 16 bytes of codes
 //                     (kPrefetch tiles ahead, evict-first: the weights are read once), turns each
 //                     pair of codes into a pair of fp16 / bf16 with one shift + lop3 + hsub2
-//                     (exact: 1024 + c and 128 + c are representable), and scales it with one
-//                     hfma2 by (s, s) and (-z s, -z s) of its group: 8 n8 tiles x 4 values. The
-//                     A fragments (x) come from global memory through L1, shared by the 4 warps.
+//                     (exact: 1024 + c and 128 + c are representable), then subtracts the group's
+//                     zero point and multiplies by its scale (hsub2, hmul2): 8 n8 tiles x 4
+//                     values. The A fragments (x) come from global memory through L1, shared by
+//                     the 4 warps.
 //   splitk_reduce     split_k > 1: out = sum of the fp32 partial slices in a fixed order + bias.
 //
-// Two roundings per weight (-z s to T, then the fma), the same as dequantizing in T.
+// The weights are rounded exactly as the reference dequantizes in T: s and z rounded to T, then
+// (c - z) and its product with s each rounded in T.
 #include <algorithm>
 #include <climits>
 #include <cstring>
@@ -86,13 +88,13 @@ __device__ __forceinline__ uint32_t splat(float v) {
   }
 }
 
-// The codes at nibbles S and S + 4 of `word`, dequantized: (c - z) * s = c * s + (-z s), as one
-// pair of T. scale2 = (s, s), neg_zs2 = (-z s, -z s).
+// The codes at nibbles S and S + 4 of `word`, dequantized to a pair of T: (c - z) * s with each
+// operation rounded in T, as the reference does. scale2 = (s, s), zero2 = (z, z).
 template <typename T, int S>
-__device__ __forceinline__ uint32_t dequant_pair(uint32_t word, uint32_t scale2, uint32_t neg_zs2) {
+__device__ __forceinline__ uint32_t dequant_pair(uint32_t word, uint32_t scale2, uint32_t zero2) {
   const uint32_t biased = ((word >> (4 * S)) & 0x000f000fu) | Pair<T>::kBias;  // (B + c0, B + c1)
   const auto codes = __hsub2(as_pair<T>(biased), as_pair<T>(Pair<T>::kBias));  // exact
-  return as_bits<T>(__hfma2(codes, as_pair<T>(scale2), as_pair<T>(neg_zs2)));
+  return as_bits<T>(__hmul2(__hsub2(codes, as_pair<T>(zero2)), as_pair<T>(scale2)));
 }
 
 // x[row, k .. k + 1] as one 32-bit word (zero for rows past M). kPairLoads: x 4-byte aligned with
@@ -112,14 +114,12 @@ __device__ __forceinline__ uint32_t load_x_pair(const T* row, int64_t k, bool va
 template <typename T>
 __device__ __forceinline__ void load_group(const void* scales, const void* zeros, DType dtype,
                                            int64_t groups, int64_t n0, int64_t g,
-                                           uint32_t (&scale2)[8], uint32_t (&neg_zs2)[8]) {
+                                           uint32_t (&scale2)[8], uint32_t (&zero2)[8]) {
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
     const int64_t i = (n0 + 8 * j) * groups + g;
-    const float s = detail::load_as_float(scales, i, dtype);
-    const float z = detail::load_as_float(zeros, i, dtype);
-    scale2[j] = splat<T>(s);
-    neg_zs2[j] = splat<T>(-__fmul_rn(z, s));
+    scale2[j] = splat<T>(detail::load_as_float(scales, i, dtype));
+    zero2[j] = splat<T>(detail::load_as_float(zeros, i, dtype));
   }
 }
 
@@ -167,13 +167,13 @@ __global__ void __launch_bounds__(kThreads)
   const uint4* wp = w_tc + c * k_tiles * 32 + lane;  // k tile t at wp[32 t]
   const int64_t groups = K / group_size, tiles_per_group = group_size / kInt4TcTileK;
   const int64_t n0 = c * kInt4TcTileN + r;
-  uint32_t scale2[8], neg_zs2[8];
+  uint32_t scale2[8], zero2[8];
   int64_t group = -1;
 
   auto step = [&](const uint4& codes, int64_t t) {
     const int64_t g = t / tiles_per_group;  // warp-uniform
     if (g != group) {
-      load_group<T>(scales, zeros, scale_dtype, groups, n0, g, scale2, neg_zs2);
+      load_group<T>(scales, zeros, scale_dtype, groups, n0, g, scale2, zero2);
       group = g;
     }
     const uint32_t words[4] = {codes.x, codes.y, codes.z, codes.w};
@@ -181,10 +181,10 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const int j0 = 2 * i, j1 = 2 * i + 1;
-      b[j0][0] = dequant_pair<T, 0>(words[i], scale2[j0], neg_zs2[j0]);
-      b[j1][0] = dequant_pair<T, 1>(words[i], scale2[j1], neg_zs2[j1]);
-      b[j0][1] = dequant_pair<T, 2>(words[i], scale2[j0], neg_zs2[j0]);
-      b[j1][1] = dequant_pair<T, 3>(words[i], scale2[j1], neg_zs2[j1]);
+      b[j0][0] = dequant_pair<T, 0>(words[i], scale2[j0], zero2[j0]);
+      b[j1][0] = dequant_pair<T, 1>(words[i], scale2[j1], zero2[j1]);
+      b[j0][1] = dequant_pair<T, 2>(words[i], scale2[j0], zero2[j0]);
+      b[j1][1] = dequant_pair<T, 3>(words[i], scale2[j1], zero2[j1]);
     }
     const int64_t k = t * kInt4TcTileK;
 #pragma unroll

@@ -38,9 +38,9 @@ int w4a16_tc_default_split_k(int64_t M, int64_t N, int64_t K, int sm_count);
 
 // out = x @ w.T + bias on tensor cores (mma.sync m16n8k16, fp32 accumulation). Each lane streams
 // its 16 bytes of codes per tile straight into registers (no shared memory), turns them into
-// fp16 / bf16 pairs with a bit trick (exact), applies the group's scale and zero point with one
-// fused multiply-add per pair, and runs 8 mma per m16 tile. Built for small M (decode): the
-// weights are read once per 64 rows of x.
+// fp16 / bf16 pairs with a bit trick (exact), subtracts the group's zero point and multiplies by
+// its scale in T (rounded as the reference rounds), and runs 8 mma per m16 tile. Built for small M
+// (decode): the weights are read once per 64 rows of x.
 //   x:        (M, K) x_dtype (kFloat16 / kBFloat16), row stride ldx.
 //   w_tc:     the codes in the tc layout, N * K / 2 bytes, 16-byte aligned.
 //   scales, zeros: (N, K / G) scale_dtype (kFloat16 / kBFloat16 / kFloat32), contiguous.
