@@ -48,6 +48,11 @@ from torchslim.reference.int4 import (
 )
 
 
+def _check_group_size_type(group_size) -> None:
+    if isinstance(group_size, bool) or not isinstance(group_size, int):
+        raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
+
+
 def _check_int4_params(x, n, scales, zeros, group_size, bias, **tensors) -> None:
     """The checks shared by both layouts: x, group size, scales / zeros (N, K // G), bias and
     one device for all."""
@@ -197,8 +202,7 @@ def int4_weight_only_linear(
 ) -> torch.Tensor:
     """W4A16 linear on group-wise int4 weights: x @ ((codes - zeros) * scales).T + bias."""
     _require_tensors(x=x, packed_w=packed_w, scales=scales, zeros=zeros, bias=bias)
-    if isinstance(group_size, bool) or not isinstance(group_size, int):
-        raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
+    _check_group_size_type(group_size)
     return torch.ops.torchslim.int4_weight_only_linear(x, packed_w, scales, zeros, group_size, bias)
 
 
@@ -236,8 +240,7 @@ def int4_weight_only_linear_tc(
     """:func:`int4_weight_only_linear` on codes in the tc layout
     (:func:`torchslim.reference.pack_int4_tc`), for the CUDA tensor-core kernel."""
     _require_tensors(x=x, packed_tc=packed_tc, scales=scales, zeros=zeros, bias=bias)
-    if isinstance(group_size, bool) or not isinstance(group_size, int):
-        raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
+    _check_group_size_type(group_size)
     return torch.ops.torchslim.int4_weight_only_linear_tc(
         x, packed_tc, scales, zeros, group_size, bias
     )
