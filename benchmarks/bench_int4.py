@@ -188,6 +188,7 @@ INT4 = Family(
     targets=targets,
     quick_layers=((1536, 576),),
     quick_batch=(1, 16),
+    gpu_layers=(*LAYERS, (8192, 8192)),  # K = 576 (in the int8 list) is not a multiple of 128
     gpu_batch=(1, 4, 16, 64, 128, 512),
     gpu_impls=GPU_IMPLS,
     gpu_targets=gpu_targets,
