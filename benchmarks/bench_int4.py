@@ -16,6 +16,7 @@ CUDA int4, bf16, group 128) and ours at group 128 with fp16 activations on the T
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import torch
@@ -36,20 +37,34 @@ BATCH = (1, 4, 16, 64, 512)
 TORCH_GROUP = 128
 
 
-def _ours(group_size: int) -> Impl:
+def _int4_bytes(group_size: int, scale_bytes: int):
+    """Packed codes plus one scale and one zero point per group, for (n, k)."""
+    return lambda n, k: n * k / 2 + 2 * scale_bytes * n * (k // group_size)
+
+
+def _ours(group_size: int, backend: str | None = None) -> Impl:
+    """Ours with bf16 scales. backend None: the automatic choice, fp32 activations (the CPU
+    rows). Otherwise that GPU backend, forced and strict, on fp16 activations: Triton on the
+    plain layout, cuda on the tc layout."""
+    tc = backend == "cuda"
+    op = ops.int4_weight_only_linear_tc if tc else ops.int4_weight_only_linear
+
     def make(w):
-        return quantize_int4(w, group_size, scale_dtype=torch.bfloat16)
+        packed, scales, zeros = quantize_int4(w, group_size, scale_dtype=torch.bfloat16)
+        return (ref.plain_to_tc(packed) if tc else packed, scales, zeros)
 
     def run(x, o):
-        return ops.int4_weight_only_linear(x, o[0], o[1], o[2], group_size)
+        forced = torchslim.backend(backend, strict=True) if backend else contextlib.nullcontext()
+        with forced:
+            return op(x, o[0], o[1], o[2], group_size)
 
     return Impl(
-        f"torchslim-w4a16-g{group_size}",
+        f"torchslim-w4a16-g{group_size}" + (f"-{backend}" if backend else ""),
         0.5,
-        torch.float32,
+        torch.float32 if backend is None else torch.float16,
         make,
         run,
-        weight_bytes=lambda n, k: n * k / 2 + 2 * 2 * n * (k // group_size),
+        weight_bytes=_int4_bytes(group_size, 2),
     )
 
 
@@ -70,7 +85,7 @@ TORCH_INT4 = Impl(
     torch.float32,
     _torch_int4,
     lambda x, o: torch._weight_int4pack_mm_for_cpu(x, o[0], TORCH_GROUP, o[1]),
-    weight_bytes=lambda n, k: n * k / 2 + 2 * 4 * n * (k // TORCH_GROUP),
+    weight_bytes=_int4_bytes(TORCH_GROUP, 4),
 )
 
 
@@ -83,29 +98,6 @@ def _torch_int4_cuda(w: torch.Tensor) -> tuple:
     zero_t = (8.0 - zeros) * scales
     sz = torch.stack((scales.T, zero_t.T), dim=-1).to(torch.bfloat16).contiguous()
     return (w_packed, sz)
-
-
-def _ours_cuda(group_size: int, backend: str) -> Impl:
-    """Ours on one forced GPU backend (strict): Triton on the plain layout, cuda on tc."""
-    tc = backend == "cuda"
-    op = ops.int4_weight_only_linear_tc if tc else ops.int4_weight_only_linear
-
-    def make(w):
-        packed, scales, zeros = quantize_int4(w, group_size, scale_dtype=torch.bfloat16)
-        return (ref.plain_to_tc(packed) if tc else packed, scales, zeros)
-
-    def run(x, o):
-        with torchslim.backend(backend, strict=True):
-            return op(x, o[0], o[1], o[2], group_size)
-
-    return Impl(
-        f"torchslim-w4a16-g{group_size}-{backend}",
-        0.5,
-        torch.float16,
-        make,
-        run,
-        weight_bytes=lambda n, k: n * k / 2 + 2 * 2 * n * (k // group_size),
-    )
 
 
 def gpu_targets(rows: list[dict]) -> list[str]:
@@ -172,11 +164,11 @@ GPU_IMPLS = (
         torch.bfloat16,
         _torch_int4_cuda,
         lambda x, o: torch._weight_int4pack_mm(x, o[0], TORCH_GROUP, o[1]),
-        weight_bytes=lambda n, k: n * k / 2 + 2 * 2 * n * (k // TORCH_GROUP),
+        weight_bytes=_int4_bytes(TORCH_GROUP, 2),
     ),
-    _ours_cuda(TORCH_GROUP, "triton"),
-    _ours_cuda(TORCH_GROUP, "cuda"),
-    _ours_cuda(32, "cuda"),
+    _ours(TORCH_GROUP, "triton"),
+    _ours(TORCH_GROUP, "cuda"),
+    _ours(32, "cuda"),
 )
 
 INT4 = Family(

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
+import sys
+import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,6 +35,24 @@ def _kernel_backends() -> list[str]:
 
 
 KERNEL_BACKENDS = _kernel_backends()
+
+
+def triton_kernel_modules(name: str):
+    """(autotune, kernels.<name>) from the installed package, or from the source tree's
+    kernels/ directory when torchslim.kernels is not installed."""
+    try:
+        package = "torchslim.kernels"
+        autotune = importlib.import_module(f"{package}.autotune")
+    except ImportError:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        package = "kernels"
+        autotune = importlib.import_module(f"{package}.autotune")
+    return autotune, importlib.import_module(f"{package}.{name}")
+
+
+def seeded(*key) -> torch.Generator:
+    """A generator seeded from a test's parameters (stable across runs, unlike hash())."""
+    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
 
 
 @contextlib.contextmanager

@@ -1,33 +1,20 @@
 """Triton W4A16 linear (kernels/int4_matmul.py) against torchslim.reference.int4.
 
 Where there is no GPU, runs the kernel under the Triton interpreter on CPU tensors
-(TRITON_INTERPRET=1, set below before triton is imported; fp16 and fp32 only, as the interpreter's
-bf16 tl.dot is wrong); on a GPU machine it tests the compiled kernel on CUDA tensors, bf16
-included. Outputs follow the flash-attention rule against the reference in float64.
+(TRITON_INTERPRET=1, set by conftest.py before triton is imported; fp16 and fp32 only, as the
+interpreter's bf16 tl.dot is wrong); on a GPU machine it tests the compiled kernel on CUDA
+tensors, bf16 included. Outputs follow the flash-attention rule against the reference in float64.
 """
-
-import os
-import sys
-import zlib
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import seeded, triton_kernel_modules
 
-os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
+from torchslim.quant import quantize_int4
+from torchslim.reference import int4 as ref
+from torchslim.testing import check_close
 
-ROOT = Path(__file__).resolve().parents[1]
-try:
-    from torchslim.kernels import autotune
-    from torchslim.kernels import int4_matmul as im
-except ImportError:  # torchslim not installed: use the source tree's kernels/ directly
-    sys.path.insert(0, str(ROOT))
-    from kernels import autotune
-    from kernels import int4_matmul as im
-
-from torchslim.quant import quantize_int4  # noqa: E402
-from torchslim.reference import int4 as ref  # noqa: E402
-from torchslim.testing import check_close  # noqa: E402
+autotune, im = triton_kernel_modules("int4_matmul")
 
 DEVICE = "cpu" if autotune.INTERPRET else "cuda"
 if DEVICE == "cuda" and not torch.cuda.is_available():
@@ -39,10 +26,6 @@ M_SIZES = [0, 1, 3, 17, 33]  # 1, 3: decode (split-K) path; 17, 33: tiled path
 # scales per element), odd N, K with a partial tile, per-channel rows that no tile divides.
 NKG = [(7, 64, (32, -1)), (65, 256, (64, 128)), (33, 288, (32, 96, -1)), (16, 30, (-1,)),
        (9, 72, (24,))]  # fmt: skip
-
-
-def _gen(*key) -> torch.Generator:
-    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
 
 
 def _inputs(g, M, N, K, group_size, dtype, scale_dtype, with_bias):
@@ -79,7 +62,7 @@ def _cases():
 @pytest.mark.parametrize(("M", "N", "K", "group_size"), _cases())
 def test_against_reference(M, N, K, group_size, poisoned_empty):
     for i, dtype in enumerate(DTYPES):
-        g = _gen("w4a16", M, N, K, group_size, str(dtype))
+        g = seeded("w4a16", M, N, K, group_size, str(dtype))
         scale_dtype = (torch.float32, torch.bfloat16, torch.float16)[(M + i) % 3]
         inputs = _inputs(g, M, N, K, group_size, dtype, scale_dtype, with_bias=(M + i) % 2 == 1)
         _check(im.int4_weight_only_linear(*inputs[:4], group_size, inputs[4]), *inputs[:4],
@@ -89,7 +72,7 @@ def test_against_reference(M, N, K, group_size, poisoned_empty):
 @pytest.mark.parametrize("M", [3, 33])
 def test_strided_operands(M, poisoned_empty):
     """x column-major and the packed weight a row slice of a padded buffer."""
-    g = _gen("strided", M)
+    g = seeded("strided", M)
     N, K, gs = 40, 128, 32
     x, packed, scales, zeros, bias = _inputs(g, M, N, K, gs, torch.float32, torch.float32, True)
     xt = x.t().contiguous().t()
@@ -162,7 +145,7 @@ def test_every_gpu_config(table, index, monkeypatch, poisoned_empty):
     N, K = 300, 1024
     for group_size in (32, 128, -1):
         for dtype in (torch.float16, torch.bfloat16, torch.float32):
-            g = _gen("config", table, index, group_size, str(dtype))
+            g = seeded("config", table, index, group_size, str(dtype))
             inputs = _inputs(g, M, N, K, group_size, dtype, torch.bfloat16, True)
             out = im.int4_weight_only_linear(*inputs[:4], group_size, inputs[4])
             _check(out, *inputs[:4], group_size, inputs[4])

@@ -1,8 +1,9 @@
 """Triton quantized matmuls (kernels/quant_matmul.py) against torchslim.reference.int8.
 
 Where there is no GPU, runs the kernels under the Triton interpreter on CPU tensors
-(TRITON_INTERPRET=1, set below before triton is imported); on a GPU machine it tests the compiled
-kernels on CUDA tensors, bf16 included (TRITON_INTERPRET=1 forces the interpreter there too).
+(TRITON_INTERPRET=1, set by conftest.py before triton is imported); on a GPU machine it tests
+the compiled kernels on CUDA tensors, bf16 included (TRITON_INTERPRET=1 forces the interpreter
+there too).
 
 Integer results (int8_mm, the quantization codes) must match the reference exactly. Float
 outputs follow the flash-attention rule: max |out - yardstick| <= 2 * max |ref - yardstick| +
@@ -10,27 +11,13 @@ outputs follow the flash-attention rule: max |out - yardstick| <= 2 * max |ref -
 its default precision (fp32 epilogue for W8A8, x.dtype matmul for W8A16).
 """
 
-import os
-import sys
-import zlib
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import seeded, triton_kernel_modules
 
-os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
+from torchslim.reference import int8 as ref
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "python"))
-try:
-    from torchslim.kernels import autotune
-    from torchslim.kernels import quant_matmul as qm
-except ImportError:  # torchslim not installed: use the source tree's kernels/ directly
-    sys.path.insert(0, str(ROOT))
-    from kernels import autotune
-    from kernels import quant_matmul as qm
-
-from torchslim.reference import int8 as ref  # noqa: E402
+autotune, qm = triton_kernel_modules("quant_matmul")
 
 DEVICE = "cpu" if autotune.INTERPRET else "cuda"
 if DEVICE == "cuda" and not torch.cuda.is_available():
@@ -44,11 +31,6 @@ NK_SIZES = [(1, 1), (7, 13), (64, 96), (65, 257)]
 QUANT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 LINEAR_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 POISON_INT = {torch.int8: -128, torch.int32: -(2**31)}  # never a code / an int8 GEMM result
-
-
-def _gen(*key) -> torch.Generator:
-    """A generator seeded from the test's parameters (stable across runs, unlike hash())."""
-    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
 
 
 def _randn(g, *shape, dtype=torch.float32) -> torch.Tensor:
@@ -102,7 +84,7 @@ def _assert_flash_rule(out, ref_fn, x, w_q, w_scale, bias):
 @pytest.mark.parametrize("N, K", [*NK_SIZES, (5, 0)])
 @pytest.mark.parametrize("M", M_SIZES)
 def test_int8_mm_exact(M, N, K, poisoned_empty):
-    g = _gen("mm", M, N, K)
+    g = seeded("mm", M, N, K)
     a, b = _int8(g, M, K), _int8(g, N, K)
     c = qm.int8_mm(a, b)
     assert c.dtype == torch.int32 and c.shape == (M, N)
@@ -111,7 +93,7 @@ def test_int8_mm_exact(M, N, K, poisoned_empty):
 
 def test_int8_mm_strided_operands(poisoned_empty):
     """a column-major, b a row slice of a buffer padded with 127s (out-of-bounds reads show)."""
-    g = _gen("mm-strided")
+    g = seeded("mm-strided")
     M, N, K = 33, 65, 257
     a = _int8(g, K, M).t()
     b_buf = torch.full((N, K + 7), 127, dtype=torch.int8, device=DEVICE)
@@ -129,7 +111,7 @@ def test_int8_mm_strided_operands(poisoned_empty):
 @pytest.mark.parametrize("dtype", QUANT_DTYPES)
 @pytest.mark.parametrize("M, K", [(0, 13), (1, 1), (3, 13), (17, 96), (33, 257), (3, 0)])
 def test_quantize_per_token_exact(M, K, dtype, poisoned_empty):
-    g = _gen("quant", M, K, str(dtype))
+    g = seeded("quant", M, K, str(dtype))
     x = _randn(g, M, K, dtype=dtype) * 3
     if M > 2:
         x[1] = 0  # all-zero row: scale 1.0
@@ -153,7 +135,7 @@ def test_quantize_rounds_half_to_even():
 
 def test_quantize_strided_input():
     """x is a column slice of a NaN-padded buffer: reading past K would poison the scale."""
-    g = _gen("quant-strided")
+    g = seeded("quant-strided")
     buf = torch.full((17, 96 + 5), float("nan"), device=DEVICE)
     buf[:, :96] = _randn(g, 17, 96)
     x = buf[:, :96]
@@ -172,7 +154,7 @@ def test_quantize_strided_input():
 @pytest.mark.parametrize("N, K", NK_SIZES)
 @pytest.mark.parametrize("M", M_SIZES)
 def test_int8_dynamic_linear(M, N, K, dtype, with_bias, poisoned_empty):
-    g = _gen("w8a8", M, N, K, str(dtype), with_bias)
+    g = seeded("w8a8", M, N, K, str(dtype), with_bias)
     x, w_q, w_scale, bias = _linear_inputs(g, M, N, K, dtype, torch.float32 if with_bias else None)
     out = qm.int8_dynamic_linear(x, w_q, w_scale, bias)
     _assert_flash_rule(out, ref.int8_dynamic_linear, x, w_q, w_scale, bias)
@@ -183,7 +165,7 @@ def test_int8_dynamic_linear(M, N, K, dtype, with_bias, poisoned_empty):
 @pytest.mark.parametrize("N, K", NK_SIZES)
 @pytest.mark.parametrize("M", M_SIZES)
 def test_int8_weight_only_linear(M, N, K, dtype, with_bias, poisoned_empty):
-    g = _gen("w8a16", M, N, K, str(dtype), with_bias)
+    g = seeded("w8a16", M, N, K, str(dtype), with_bias)
     x, w_q, w_scale, bias = _linear_inputs(g, M, N, K, dtype, dtype if with_bias else None)
     out = qm.int8_weight_only_linear(x, w_q, w_scale, bias)
     _assert_flash_rule(out, ref.int8_weight_only_linear, x, w_q, w_scale, bias)
@@ -201,7 +183,7 @@ def test_int8_weight_only_linear(M, N, K, dtype, with_bias, poisoned_empty):
 )
 def test_linear_non_contiguous(op, ref_fn, M, layout, poisoned_empty):
     """Non-contiguous x (NaN padding after each row, or column-major) and padded w_q rows."""
-    g = _gen("strided", op.__name__, M, layout)
+    g = seeded("strided", op.__name__, M, layout)
     N, K = 65, 96
     x_dense, w_dense, w_scale, bias = _linear_inputs(g, M, N, K, torch.float16, torch.float16)
     if layout == "padded-rows":
@@ -221,7 +203,7 @@ def test_linear_non_contiguous(op, ref_fn, M, layout, poisoned_empty):
 @pytest.mark.parametrize("op", [qm.int8_dynamic_linear, qm.int8_weight_only_linear])
 def test_linear_empty_k(op):
     """K = 0: the sum is empty, so the output is the bias."""
-    g = _gen("k0", op.__name__)
+    g = seeded("k0", op.__name__)
     x, w_q, w_scale, bias = _linear_inputs(g, 3, 5, 0, torch.float32, torch.float32)
     assert torch.equal(op(x, w_q, w_scale, bias), bias.expand(3, 5))
 
@@ -232,7 +214,7 @@ def test_linear_empty_k(op):
 
 
 def _valid_linear_args():
-    g = _gen("valid")
+    g = seeded("valid")
     return _linear_inputs(g, 4, 32, 64, torch.float16, torch.float32)
 
 
@@ -298,7 +280,7 @@ def test_every_gpu_config(table, index, monkeypatch, poisoned_empty):
     monkeypatch.setattr(kernel, "configs", [autotune.GPU_TABLES[table][index]])
     M = 3 if table == "w8a16_decode" else 33
     N, K = 300, 1000
-    g = _gen("config", table, index)
+    g = seeded("config", table, index)
     if table == "int8_gemm":
         a, b = _int8(g, M, K), _int8(g, N, K)
         assert torch.equal(qm.int8_mm(a, b), ref.int8_mm(a, b))

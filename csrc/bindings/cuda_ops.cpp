@@ -67,8 +67,18 @@ void check_int8_matrix(const at::Tensor& w, const char* name, int64_t K, const a
 // any value), so K is passed instead.
 int64_t leading_dim(const at::Tensor& t) { return t.size(0) <= 1 ? t.size(1) : t.stride(0); }
 
-// w_scale as a contiguous (N,) fp32 tensor and bias as a contiguous (N,) float tensor of its own
-// dtype (undefined when absent).
+// bias as a contiguous (N,) float tensor of its own dtype on `device` (undefined when absent).
+at::Tensor bias_operand(const std::optional<at::Tensor>& bias, int64_t N,
+                        const at::Device& device) {
+  if (!bias.has_value() || !bias->defined()) return at::Tensor();
+  check_device(*bias, "bias", device);
+  TORCHSLIM_CHECK(bias->dim() == 1 && bias->size(0) == N, "bias must have shape (N,) = (", N,
+                  ",), got ", bias->sizes());
+  float_dtype(*bias, "bias");
+  return bias->contiguous();
+}
+
+// w_scale as a contiguous (N,) fp32 tensor and bias as in bias_operand.
 std::pair<at::Tensor, at::Tensor> epilogue_operands(const at::Tensor& w_scale,
                                                     const std::optional<at::Tensor>& bias,
                                                     int64_t N, const at::Device& device) {
@@ -77,15 +87,7 @@ std::pair<at::Tensor, at::Tensor> epilogue_operands(const at::Tensor& w_scale,
                        w_scale.scalar_type());
   TORCHSLIM_CHECK(w_scale.dim() == 1 && w_scale.size(0) == N, "w_scale must have shape (N,) = (", N,
                   ",), got ", w_scale.sizes());
-  at::Tensor b;
-  if (bias.has_value() && bias->defined()) {
-    check_device(*bias, "bias", device);
-    TORCHSLIM_CHECK(bias->dim() == 1 && bias->size(0) == N, "bias must have shape (N,) = (", N,
-                    ",), got ", bias->sizes());
-    float_dtype(*bias, "bias");
-    b = bias->contiguous();
-  }
-  return {w_scale.contiguous(), b};
+  return {w_scale.contiguous(), bias_operand(bias, N, device)};
 }
 
 void check_status(cudaError_t status, const char* kernel) {
@@ -223,14 +225,7 @@ at::Tensor int4_weight_only_linear_tc_cuda(const at::Tensor& x, const at::Tensor
   TORCHSLIM_CHECK_TYPE(zeros.scalar_type() == scales.scalar_type(),
                        "zeros must have the dtype of scales (", scales.scalar_type(), "), got ",
                        zeros.scalar_type());
-  at::Tensor b;
-  if (bias.has_value() && bias->defined()) {
-    check_device(*bias, "bias", x.device());
-    TORCHSLIM_CHECK(bias->dim() == 1 && bias->size(0) == N, "bias must have shape (N,) = (", N,
-                    ",), got ", bias->sizes());
-    float_dtype(*bias, "bias");
-    b = bias->contiguous();
-  }
+  const at::Tensor b = bias_operand(bias, N, x.device());
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty({M, N}, x.options());
   if (M == 0) return out;

@@ -8,6 +8,7 @@ from torch import nn
 from torchslim import ops
 from torchslim.quant.int4 import SCALE_DTYPES, check_group_size, quantize_int4
 from torchslim.reference.int4 import (
+    TC_TILE_BYTES,
     TC_TILE_K,
     TC_TILE_N,
     plain_to_tc,
@@ -154,7 +155,7 @@ class Int4Linear(nn.Module):
     def _weight_shape(self) -> tuple[int, int]:
         n, k = self.out_features, self.in_features
         if self.layout == "tc":
-            return (n // TC_TILE_N, k // TC_TILE_K * (TC_TILE_N * TC_TILE_K // 2))
+            return (n // TC_TILE_N, k // TC_TILE_K * TC_TILE_BYTES)
         return (n, k // 2)
 
     def _validate(self) -> None:
