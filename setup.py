@@ -30,7 +30,7 @@ def _extensions():
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     sources = [str(p.relative_to(ROOT)) for p in sorted((CSRC / "cpu").glob("*.cpp"))]
-    sources += ["csrc/bindings/module.cpp", "csrc/bindings/cpu_ops.cpp"]
+    sources += [f"csrc/bindings/{name}.cpp" for name in ("module", "registry", "cpu_ops")]
     # -fopenmp: at::parallel_for is a header template that parallelises only in units compiled
     # with OpenMP; the libgomp.so.1 it links is the one torch has already loaded (same soname),
     # so torch.set_num_threads governs our threads too.

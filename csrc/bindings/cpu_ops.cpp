@@ -1,10 +1,15 @@
 // Torch binding of the CPU kernels: argument checks, allocation, and the split of the output
-// into blocks run across at::parallel_for (so torch.set_num_threads applies).
+// into blocks run across at::parallel_for (so torch.set_num_threads applies). The kernels are
+// bound twice: as torchslim._C functions (2-D operands) and as the CPU impls of the
+// torch.ops.torchslim ops (any leading dims, Python fallback: see registry.h).
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
+#include <torch/library.h>
 
+#include <optional>
 #include <tuple>
 
+#include "bindings/registry.h"
 #include "cpu/kernels.h"
 #include "torchslim/checks.h"
 
@@ -294,6 +299,123 @@ at::Tensor int4_weight_only_linear_cpu(const at::Tensor& x, const at::Tensor& pa
   return out;
 }
 
+// ----------------------------------------------------------------------------------------------
+// The CPU impls of torch.ops.torchslim: each takes the op's arguments as the Python impl does
+// (x with any leading dims), runs the kernel when it can prove the arguments valid and the
+// automatic choice is the CPU kernel, and calls the Python impl otherwise (see registry.h).
+// The conditions below are those of the Python checks and of the "cpu" kernel's supports().
+
+using OptTensor = std::optional<at::Tensor>;
+
+bool is_cpu_float(const at::Tensor& t) {
+  return t.device().is_cpu() && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16);
+}
+
+bool is_cpu_matrix(const at::Tensor& t, at::ScalarType dtype) {
+  return t.device().is_cpu() && t.scalar_type() == dtype && t.dim() == 2;
+}
+
+bool is_cpu_vector(const at::Tensor& t, at::ScalarType dtype, int64_t n) {
+  return t.device().is_cpu() && t.scalar_type() == dtype && t.dim() == 1 && t.size(0) == n;
+}
+
+bool is_bias(const OptTensor& bias, int64_t n) {
+  return !bias.has_value() || (bias->device().is_cpu() && at::isFloatingType(bias->scalar_type()) &&
+                               bias->dim() == 1 && bias->size(0) == n);
+}
+
+// x (..., K) as (M, K) with unit stride in K, copying only when it must.
+at::Tensor rows(const at::Tensor& x) {
+  at::Tensor x2 = x.reshape({-1, x.size(-1)});
+  return x2.size(1) <= 1 || x2.stride(1) == 1 ? x2 : x2.contiguous();
+}
+
+at::Tensor unit_last_stride(const at::Tensor& w) {
+  return w.size(1) <= 1 || w.stride(1) == 1 ? w : w.contiguous();
+}
+
+// out (M, N) as (..., N) with x's leading dims.
+at::Tensor unflatten(const at::Tensor& out, const at::Tensor& x) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
+  shape.push_back(out.size(1));
+  return out.view(shape);
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_per_token_op(const at::Tensor& x) {
+  if (!registry::automatic("cpu") || !is_cpu_float(x) || x.dim() < 1) {
+    return registry::call_python<std::tuple<at::Tensor, at::Tensor>>("quantize_per_token", x);
+  }
+  auto [q, scale] = quantize_per_token_cpu(rows(x));
+  return {q.view(x.sizes()), scale.view(x.sizes().slice(0, x.dim() - 1))};
+}
+
+at::Tensor int8_mm_op(const at::Tensor& a, const at::Tensor& b) {
+  if (!registry::automatic("cpu") || !is_cpu_matrix(a, at::kChar) || !is_cpu_matrix(b, at::kChar) ||
+      b.size(1) != a.size(1)) {
+    return registry::call_python<at::Tensor>("int8_mm", a, b);
+  }
+  return int8_mm_cpu(rows(a), unit_last_stride(b));
+}
+
+template <at::Tensor (*Kernel)(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                               const OptTensor&)>
+at::Tensor int8_linear_op(const char* op, const at::Tensor& x, const at::Tensor& w_q,
+                          const at::Tensor& w_scale, const OptTensor& bias) {
+  const bool fast = registry::automatic("cpu") && is_cpu_float(x) && x.dim() >= 1 &&
+                    is_cpu_matrix(w_q, at::kChar) && w_q.size(1) == x.size(-1) &&
+                    is_cpu_vector(w_scale, at::kFloat, w_q.size(0)) && is_bias(bias, w_q.size(0));
+  if (!fast) return registry::call_python<at::Tensor>(op, x, w_q, w_scale, bias);
+  return unflatten(Kernel(rows(x), unit_last_stride(w_q), w_scale.contiguous(), bias), x);
+}
+
+at::Tensor int8_dynamic_linear_op(const at::Tensor& x, const at::Tensor& w_q,
+                                  const at::Tensor& w_scale, const OptTensor& bias) {
+  return int8_linear_op<int8_dynamic_linear_cpu>("int8_dynamic_linear", x, w_q, w_scale, bias);
+}
+
+at::Tensor int8_weight_only_linear_op(const at::Tensor& x, const at::Tensor& w_q,
+                                      const at::Tensor& w_scale, const OptTensor& bias) {
+  return int8_linear_op<int8_weight_only_linear_cpu>("int8_weight_only_linear", x, w_q, w_scale,
+                                                     bias);
+}
+
+// group_size: -1, or an even size dividing K that the kernel takes (a multiple of its Q8 block,
+// or K itself).
+bool is_cpu_group_size(int64_t group_size, int64_t K) {
+  if (group_size == -1) return true;
+  return group_size >= 2 && group_size % 2 == 0 && K % group_size == 0 &&
+         (group_size % cpu::kQ8Block == 0 || group_size == K);
+}
+
+bool is_group_params(const at::Tensor& t, at::ScalarType dtype, int64_t N, int64_t groups) {
+  return t.device().is_cpu() && t.scalar_type() == dtype && t.dim() == 2 && t.size(0) == N &&
+         t.size(1) == groups;
+}
+
+at::Tensor int4_weight_only_linear_op(const at::Tensor& x, const at::Tensor& packed_w,
+                                      const at::Tensor& scales, const at::Tensor& zeros,
+                                      int64_t group_size, const OptTensor& bias) {
+  const int64_t K = x.dim() >= 1 ? x.size(-1) : 0;
+  const at::ScalarType st = scales.scalar_type();
+  bool fast = registry::automatic("cpu") && is_cpu_float(x) && K > 0 && K % 2 == 0 &&
+              is_cpu_group_size(group_size, K) && is_cpu_matrix(packed_w, at::kByte) &&
+              packed_w.size(1) == K / 2 &&
+              (st == at::kFloat || st == at::kBFloat16 || st == at::kHalf);
+  if (fast) {
+    const int64_t N = packed_w.size(0), groups = K / (group_size == -1 ? K : group_size);
+    fast = is_group_params(scales, st, N, groups) && is_group_params(zeros, st, N, groups) &&
+           is_bias(bias, N);
+  }
+  if (!fast) {
+    return registry::call_python<at::Tensor>("int4_weight_only_linear", x, packed_w, scales, zeros,
+                                             group_size, bias);
+  }
+  return unflatten(
+      int4_weight_only_linear_cpu(rows(x), unit_last_stride(packed_w), scales.contiguous(),
+                                  zeros.contiguous(), group_size, bias),
+      x);
+}
+
 }  // namespace
 
 void bind_cpu(pybind11::module_& m) {
@@ -314,3 +436,11 @@ void bind_cpu(pybind11::module_& m) {
 }
 
 }  // namespace torchslim
+
+TORCH_LIBRARY_IMPL(torchslim, CPU, m) {
+  m.impl("quantize_per_token", &torchslim::quantize_per_token_op);
+  m.impl("int8_mm", &torchslim::int8_mm_op);
+  m.impl("int8_dynamic_linear", &torchslim::int8_dynamic_linear_op);
+  m.impl("int8_weight_only_linear", &torchslim::int8_weight_only_linear_op);
+  m.impl("int4_weight_only_linear", &torchslim::int4_weight_only_linear_op);
+}

@@ -3,6 +3,7 @@
 
 #include <string>
 
+#include "bindings/registry.h"
 #include "torchslim/checks.h"
 #include "torchslim/cpu_features.h"
 
@@ -87,6 +88,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("supported_isas", &supported_isas, "ISA levels this CPU can run, lowest first");
   m.def("set_isa", &set_isa, "Force an ISA level (portable | avx2 | avx512)", py::arg("name"));
   m.def("build_info", &build_info, "Compiler and options of this build");
+  torchslim::registry::bind(m);
   torchslim::bind_cpu(m);
 #ifdef TORCHSLIM_WITH_CUDA
   torchslim::bind_cuda(m);

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from torchslim import _ext
+
 logger = logging.getLogger("torchslim")
 
 BACKENDS = ("cpu", "triton", "cuda", "reference")
@@ -74,9 +76,16 @@ def backend(name: str | None, *, strict: bool | None = None) -> Iterator[None]:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {name!r}")
     token = _forced.set(name)
     strict_token = _strict.set(strict) if strict is not None else None
+    # While it is open, C++ impls of other backends defer to the Python impl
+    # (csrc/bindings/registry.h).
+    scoped = name is not None and _ext._C is not None
+    if scoped:
+        _ext._C.forced_backend_scope(name, 1)
     try:
         yield
     finally:
+        if scoped:
+            _ext._C.forced_backend_scope(name, -1)
         _forced.reset(token)
         if strict_token is not None:
             _strict.reset(strict_token)
@@ -163,11 +172,18 @@ def define_op(
     backends: OpBackends,
 ) -> None:
     """Defines ``torch.ops.torchslim.<name>``: its schema, its eager impl (which validates the
-    arguments and calls ``backends``) and its fake impl (same validation, metadata only)."""
+    arguments and calls ``backends``) and its fake impl (same validation, metadata only).
+
+    Where torchslim._C registers a C++ impl for a device (CPU kernels), eager calls on that
+    device go to it directly; it takes the arguments it can run as ``impl`` would, and hands
+    everything else to ``impl`` (csrc/bindings/registry.h).
+    """
     name = schema.split("(", 1)[0]
     _LIB.define(schema)
     _LIB.impl(name, impl, "CompositeExplicitAutograd")
     torch.library.register_fake(f"torchslim::{name}", fake, lib=_LIB)
+    if _ext._C is not None:
+        _ext._C.set_python_impl(name, impl)
     _OPS[name] = backends
 
 
