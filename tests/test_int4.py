@@ -19,7 +19,8 @@ SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 NKG = (
     (1, 32, (32, -1)),
     (7, 64, (32, 64)),
-    (65, 288, (32, -1)),
+    (65, 288, (32, 96, -1)),  # 96: chunks of 64 straddle groups
+    (9, 480, (160,)),
     (111, 1024, (64, 128)),
     (59, 4224, (128, -1)),
     (33, 130, (-1,)),  # per channel with a partial last activation block

@@ -128,41 +128,54 @@ void w4_tile(const W4GemmArgs& g, int64_t m, int64_t n, float (&c)[MR][NR], cons
 #pragma GCC unroll 16
     for (int j = 0; j < C; ++j) acc[i][j] = D::zero();
   }
-  // acc += (w . x) * x_scale * w_scale over one chunk of 64 at k.
-  auto chunk = [&](int64_t k, const typename D::SV(&ws)[C]) {
-    const int64_t kb = k / 2;  // byte offset in a packed row
+  // acc += (w . x) * x_scale * w_scale over chunk c (weights 64c .. 64c + 63). Offsets are
+  // products of the chunk index: no divisions in the loop.
+  auto chunk = [&](int64_t c, const typename D::SV(&ws)[C]) {
+    const int64_t kb = c * (kQ4Chunk / 2);  // byte offset in a packed row
     typename D::WV wv[C];
 #pragma GCC unroll 16
     for (int j = 0; j < C; ++j) {
-      if (kb % 64 == 0) __builtin_prefetch(w_next + j * g.ldw + kb);  // once per line
+      if ((c & 1) == 0) __builtin_prefetch(w_next + j * g.ldw + kb);  // once per 64-byte line
       wv[j] = D::load_w(w + j * g.ldw + kb);
     }
 #pragma GCC unroll 16
     for (int i = 0; i < R; ++i) {
       const typename D::XV xv =
-          D::load_x(xq + i * g.ldxq + k, xb + i * g.ldxb + k / kQ4Chunk * kQ4Lanes);
-      const typename D::SV xsv = D::scales(xs + i * g.ldxs + k / kQ8Block);
+          D::load_x(xq + i * g.ldxq + c * kQ4Chunk, xb + i * g.ldxb + c * kQ4Lanes);
+      const typename D::SV xsv = D::scales(xs + i * g.ldxs + c * (kQ4Chunk / kQ8Block));
 #pragma GCC unroll 16
       for (int j = 0; j < C; ++j) acc[i][j] = D::fma(acc[i][j], wv[j], xv, D::mul(xsv, ws[j]));
     }
   };
   typename D::SV ws[C];
   if (G % kQ4Chunk == 0) {  // whole chunks per group: one weight scale per group
+    const int64_t chunks_per_group = G / kQ4Chunk;
     for (int64_t gi = 0; gi < groups; ++gi) {
 #pragma GCC unroll 16
       for (int j = 0; j < C; ++j) {
         const float s = load_f32(scales + j * g.lds + gi);
         ws[j] = D::scales(s, s);
       }
-      for (int64_t k = gi * G; k < (gi + 1) * G; k += kQ4Chunk) chunk(k, ws);
+      for (int64_t c = gi * chunks_per_group; c < (gi + 1) * chunks_per_group; ++c) chunk(c, ws);
     }
-  } else {  // a chunk may straddle two groups (G = 32, 96, ...)
-    for (int64_t k = 0; k < k_chunks; k += kQ4Chunk) {
-      const int64_t g0 = k / G, g1 = (k + kQ8Block) / G;
+  } else if (G == kQ8Block) {  // two groups per chunk
+    for (int64_t c = 0; c < k_chunks / kQ4Chunk; ++c) {
+#pragma GCC unroll 16
+      for (int j = 0; j < C; ++j) {
+        const S* s = scales + j * g.lds + 2 * c;
+        ws[j] = D::scales(load_f32(s), load_f32(s + 1));
+      }
+      chunk(c, ws);
+    }
+  } else {  // a chunk may straddle two groups (G = 96, 160, ...): the group of each block of 32
+    int64_t g0 = 0, g1 = 0, end0 = G, end1 = G;  // groups of weights k and k + 32, their ends
+    for (int64_t c = 0, k = 0; k < k_chunks; ++c, k += kQ4Chunk) {
+      while (k >= end0) ++g0, end0 += G;
+      while (k + kQ8Block >= end1) ++g1, end1 += G;
 #pragma GCC unroll 16
       for (int j = 0; j < C; ++j)
         ws[j] = D::scales(load_f32(scales + j * g.lds + g0), load_f32(scales + j * g.lds + g1));
-      chunk(k, ws);
+      chunk(c, ws);
     }
   }
   // A lone block of 32 after the last chunk.
