@@ -5,8 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from torchslim import ops
+from torchslim import ops  # noqa: F401 (defines the torch.ops.torchslim ops below)
 from torchslim.quant.int8 import quantize_weight_per_channel
+
+_OP_DYNAMIC = torch.ops.torchslim.int8_dynamic_linear.default
+_OP_WEIGHT_ONLY = torch.ops.torchslim.int8_weight_only_linear.default
 
 MODES = ("dynamic", "weight_only")
 
@@ -127,11 +130,12 @@ class Int8Linear(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.smooth is not None:
-            x = x / self.smooth.to(x.dtype)
-        if self.mode == "dynamic":
-            return ops.int8_dynamic_linear(x, self.weight, self.weight_scale, self.bias)
-        return ops.int8_weight_only_linear(x, self.weight, self.weight_scale, self.bias)
+        # The op itself, and the buffers from _buffers: see Int4Linear.forward.
+        b = self._buffers
+        if b["smooth"] is not None:
+            x = x / b["smooth"].to(x.dtype)
+        op = _OP_DYNAMIC if self.mode == "dynamic" else _OP_WEIGHT_ONLY
+        return op(x, b["weight"], b["weight_scale"], b["bias"])
 
     def extra_repr(self) -> str:
         return (
