@@ -158,16 +158,7 @@ void w4_tile(const W4GemmArgs& g, int64_t m, int64_t n, float (&c)[MR][NR], cons
       }
       for (int64_t c = gi * chunks_per_group; c < (gi + 1) * chunks_per_group; ++c) chunk(c, ws);
     }
-  } else if (G == kQ8Block) {  // two groups per chunk
-    for (int64_t c = 0; c < k_chunks / kQ4Chunk; ++c) {
-#pragma GCC unroll 16
-      for (int j = 0; j < C; ++j) {
-        const S* s = scales + j * g.lds + 2 * c;
-        ws[j] = D::scales(load_f32(s), load_f32(s + 1));
-      }
-      chunk(c, ws);
-    }
-  } else {  // a chunk may straddle two groups (G = 96, 160, ...): the group of each block of 32
+  } else {  // a chunk may straddle two groups (G = 32, 96, ...): the group of each block of 32
     int64_t g0 = 0, g1 = 0, end0 = G, end1 = G;  // groups of weights k and k + 32, their ends
     for (int64_t c = 0, k = 0; k < k_chunks; ++c, k += kQ4Chunk) {
       while (k >= end0) ++g0, end0 += G;

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from torchslim import ops  # noqa: F401 (defines the torch.ops.torchslim ops below)
+from torchslim.ops.int8 import _require_tensors
 from torchslim.quant.int4 import SCALE_DTYPES, check_group_size, quantize_int4
 from torchslim.reference.int4 import (
     TC_TILE_BYTES,
@@ -199,6 +200,7 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The op itself, and the buffers from _buffers: nn.Module.__getattr__ and the Python
         # entry point cost ~7 us per call, half of a decode-sized (M = 1) call on the CPU.
+        _require_tensors(x=x)
         b = self._buffers
         op = _OP_TC if self.layout == "tc" else _OP
         return op(x, b["weight"], b["weight_scales"], b["weight_zeros"], self.group_size, b["bias"])

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from torchslim import ops  # noqa: F401 (defines the torch.ops.torchslim ops below)
+from torchslim.ops.int8 import _require_tensors
 from torchslim.quant.int8 import quantize_weight_per_channel
 
 _OP_DYNAMIC = torch.ops.torchslim.int8_dynamic_linear.default
@@ -131,6 +132,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The op itself, and the buffers from _buffers: see Int4Linear.forward.
+        _require_tensors(x=x)
         b = self._buffers
         if b["smooth"] is not None:
             x = x / b["smooth"].to(x.dtype)
