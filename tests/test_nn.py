@@ -145,7 +145,7 @@ def test_bad_input(gen):
     with pytest.raises(ValueError, match="weight_scale must be finite and > 0"):
         Int8Linear(IN, OUT).load_state_dict(state)
     for layer in (Int8Linear(IN, OUT), torchslim.nn.Int4Linear(IN, OUT, group_size=32)):
-        with pytest.raises(TypeError, match="x must be a torch.Tensor, got list"):
+        with pytest.raises(TypeError, match=r"x must be a torch\.Tensor, got list"):
             layer([1.0] * IN)
 
 
