@@ -6,12 +6,14 @@ torchslim.info()                      # what runs here, and why not when it does
 with torchslim.backend("reference"):  # force a backend (cpu | triton | cuda | reference)
     ...
 torch.compile(model, backend="torchslim")  # torchslim's graph passes, then Inductor
+lm = torchslim.aot_compile(hf_model)        # prefill + decode as C++ (AOTInductor)
 """
 
 __version__ = "0.1.0"
 
 from torchslim import compiler, nn, ops, quant, reference
 from torchslim._info import info
+from torchslim.aot import AOTCausalLM, aot_compile
 from torchslim.ops import BackendUnavailableError, backend, explain
 from torchslim.patching import METHODS, PatchReport, patch
 from torchslim.serialization import load, save
@@ -20,9 +22,11 @@ compiler.register()  # torch.compile(model, backend="torchslim")
 
 __all__ = [
     "METHODS",
+    "AOTCausalLM",
     "BackendUnavailableError",
     "PatchReport",
     "__version__",
+    "aot_compile",
     "backend",
     "compiler",
     "explain",

@@ -1,0 +1,369 @@
+"""Ahead-of-time compiled generation for Hugging Face causal LMs (torch.export + AOTInductor).
+
+    model = torchslim.patch(AutoModelForCausalLM.from_pretrained(...), quant="int4", group_size=32)
+    lm = torchslim.aot_compile(model, max_cache_len=1024)   # minutes: export + C++ compilation
+    tokens = lm.generate(input_ids, max_new_tokens=64)      # greedy
+    lm.save("smollm2-int4/")                                 # later: AOTCausalLM.load(...)
+
+Why: eager decoding of a small model on a CPU is bound by the cost of each op call, not by
+arithmetic or weight bytes (benchmarks/NOTES.md, "SmolLM2-135M decode"): a decode step of
+SmolLM2-135M is ~2000 small ATen ops and 211 linear calls, each paying Python and dispatcher
+overhead. torch.compile does not remove that on the CPU (guard evaluation and the Python
+wrapper cost as much as they save). AOTInductor does: the whole step becomes one C++ function
+whose fused loops and calls into torchslim's kernels (through the dispatcher, no Python) run
+back to back.
+
+Two programs share one static KV cache, which this object owns and passes to both as mutable
+inputs (so what the prompt writes, decode reads):
+
+- prefill: ``input_ids`` of shape (batch, S) for any 2 <= S <= max_cache_len, logits of every
+  position;
+- decode: one token per sequence, every shape static (the hot loop).
+
+Both take ``position``, the cache index of their first token. Positions at or past it hold
+stale keys from an earlier sequence, and the causal mask hides them, so a new prompt simply
+starts again at position 0. All sequences of a batch share positions: prompts must have equal
+lengths (no padding mask).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from torchslim.ops.int8 import _require_tensors
+
+FORMAT = "torchslim-aot"
+VERSION = 1
+MANIFEST = "torchslim_aot.json"
+PROGRAMS = ("prefill", "decode")
+
+
+def _static_cache(model: nn.Module, batch_size: int, max_cache_len: int):
+    try:
+        from transformers import StaticCache
+    except ImportError:
+        raise ImportError("aot_compile needs transformers: pip install transformers") from None
+    if not hasattr(StaticCache, "early_initialization"):
+        import transformers
+
+        raise ImportError(
+            f"aot_compile needs transformers >= 5 (StaticCache.early_initialization), "
+            f"found {transformers.__version__}"
+        )
+    from transformers.integrations.executorch import get_head_shapes
+
+    config = model.config.get_text_config()
+    cache = StaticCache(config=config, max_cache_len=max_cache_len)
+    num_heads, head_dim = get_head_shapes(config)
+    dtype = next(model.parameters()).dtype
+    device = next(model.parameters()).device
+    cache.early_initialization(batch_size, num_heads, head_dim, dtype, device)
+    return cache
+
+
+ATTENTION = "torchslim_static_cache"
+
+
+def _static_cache_attention(
+    module, query, key, value, attention_mask, *, kv_length, scaling=None, **kwargs
+):
+    """Attention of ``query`` (batch, heads, S, dim) at positions ``kv_length - S ..
+    kv_length - 1`` over the first ``kv_length`` positions of a static cache. The rest of the
+    cache is not read, so a step costs what its context costs, not what ``max_cache_len``
+    costs. Without a mask from transformers (it passes none when it takes the attention to be
+    plainly causal) the causal mask is aligned bottom-right, so prefill may start anywhere. One
+    query token with grouped KV heads attends as (kv heads, group) queries against the
+    unexpanded cache; transformers would copy the cache once per query head while compiling."""
+    n, (batch, heads, q_len, dim) = kv_length, query.shape
+    key, value = key[:, :, :n], value[:, :, :n]
+    if attention_mask is not None:
+        attention_mask = attention_mask[..., :n]
+    elif q_len > 1:
+        rows = torch.arange(n - q_len, n, device=query.device).unsqueeze(1)
+        attention_mask = torch.arange(n, device=query.device) <= rows
+    groups = heads // key.shape[1]
+    mask_per_head = (
+        attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[1] != 1
+    )
+    if q_len == 1 and groups > 1 and not mask_per_head:
+        out = F.scaled_dot_product_attention(
+            query.reshape(batch, heads // groups, groups, dim),
+            key,
+            value,
+            attn_mask=attention_mask,
+            scale=scaling,
+        )
+        return out.reshape(batch, 1, heads, value.shape[-1]), None
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, scale=scaling, enable_gqa=groups > 1
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION, _static_cache_attention)
+
+
+class _StaticCacheLM(nn.Module):
+    """The exported module: ``(input_ids, kv_length, *kv) -> logits``.
+
+    ``input_ids`` (batch, S) are the tokens at cache positions ``n - S .. n - 1`` where ``n`` is
+    the length of ``kv_length`` (a tensor whose size, not content, is the argument: a dynamic
+    dimension, so the programs need no data-dependent shapes). ``kv`` are the keys and values of
+    each layer, in layer order; the new ones are written into them in place."""
+
+    def __init__(self, model: nn.Module, batch_size: int, max_cache_len: int) -> None:
+        super().__init__()
+        self.model = model
+        self.cache = _static_cache(model, batch_size, max_cache_len)
+
+    def kv_templates(self) -> list[torch.Tensor]:
+        return [t for layer in self.cache.layers for t in (layer.keys, layer.values)]
+
+    def forward(self, input_ids: torch.Tensor, kv_length: torch.Tensor, *kv: torch.Tensor):
+        n, length = kv_length.shape[0], input_ids.shape[1]
+        positions = torch.arange(n - length, n)
+        for i, layer in enumerate(self.cache.layers):
+            layer.keys, layer.values = kv[2 * i], kv[2 * i + 1]
+            layer.cumulative_length = positions[0].clone()  # StaticLayer.update adds to it
+        out = self.model(
+            input_ids=input_ids,
+            position_ids=positions.unsqueeze(0),
+            past_key_values=self.cache,
+            use_cache=True,
+            kv_length=n,
+        )
+        return out.logits
+
+
+def _check_model(model) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "get_text_config"):
+        raise TypeError(
+            f"model must be a Hugging Face causal LM (a transformers PreTrainedModel with a "
+            f"config), got {type(model).__name__}"
+        )
+    if not getattr(config.get_text_config(), "use_cache", True):
+        raise ValueError("model.config.use_cache is False: aot_compile needs a KV cache")
+
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def aot_compile(
+    model: nn.Module,
+    *,
+    max_cache_len: int = 1024,
+    batch_size: int = 1,
+    inductor_configs: dict | None = None,
+    progress: bool = True,
+) -> AOTCausalLM:
+    """Exports ``model`` (a Hugging Face causal LM, patched or not) with a static KV cache of
+    ``max_cache_len`` positions and compiles its prefill and decode programs with AOTInductor.
+
+    Takes minutes on a CPU (C++ compilation of the whole model, twice). The model is not
+    modified; the result does not reference it. ``inductor_configs`` go to
+    ``torch._inductor.aoti_compile_and_package``.
+    """
+    from tqdm.auto import tqdm
+
+    _check_model(model)
+    max_cache_len = _positive_int(max_cache_len, "max_cache_len")
+    batch_size = _positive_int(batch_size, "batch_size")
+    if max_cache_len < 2:
+        raise ValueError(f"max_cache_len must be >= 2, got {max_cache_len}")
+    module = _StaticCacheLM(model, batch_size, max_cache_len).eval()
+    kv = module.kv_templates()
+    examples = {  # (input_ids, kv_length): 3 tokens at positions 1..3; 1 token at position 3
+        "prefill": (torch.zeros(batch_size, 3, dtype=torch.long), torch.empty(3)),
+        "decode": (torch.zeros(batch_size, 1, dtype=torch.long), torch.empty(4)),
+    }
+    seq = torch.export.Dim("seq", min=2, max=max_cache_len)
+    filled = torch.export.Dim("filled", min=2, max=max_cache_len)
+    decoded = torch.export.Dim("decoded", min=1, max=max_cache_len)
+    dynamic = {  # *kv is one argument: a tuple of static shapes
+        "prefill": ({1: seq}, {0: filled}, (None,) * len(kv)),
+        "decode": (None, {0: decoded}, (None,) * len(kv)),
+    }
+    work = Path(tempfile.mkdtemp(prefix="torchslim-aot-"))
+    steps = tqdm(total=2 * len(PROGRAMS), desc="aot_compile", disable=not progress)
+    _register_attention()
+    attention = model.config._attn_implementation
+    model.set_attn_implementation(ATTENTION)
+    try:
+        _export_and_compile(module, examples, dynamic, kv, work, inductor_configs, steps)
+    finally:
+        model.set_attn_implementation(attention)
+        steps.close()
+    meta = {
+        "batch_size": batch_size,
+        "max_cache_len": max_cache_len,
+        "kv": [{"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for t in kv],
+    }
+    return AOTCausalLM(work, meta)
+
+
+def _export_and_compile(module, examples, dynamic, kv, work, inductor_configs, steps) -> None:
+    with torch.no_grad(), warnings.catch_warnings():
+        # Pointing the cache layers at the kv inputs is a side effect Dynamo reports; intended.
+        warnings.filterwarnings("ignore", "While compiling, we found certain side effects")
+        for name in PROGRAMS:
+            steps.set_postfix_str(f"export {name}")
+            program = torch.export.export(
+                module, (*examples[name], *kv), dynamic_shapes=dynamic[name], strict=True
+            )
+            steps.update()
+            steps.set_postfix_str(f"compile {name}")
+            torch._inductor.aoti_compile_and_package(
+                program,
+                package_path=str(work / f"{name}.pt2"),
+                inductor_configs=inductor_configs,
+            )
+            steps.update()
+
+
+class AOTCausalLM:
+    """A causal LM compiled by :func:`aot_compile`: its two programs and its KV cache."""
+
+    def __init__(self, directory: str | os.PathLike, meta: dict) -> None:
+        directory = Path(directory)
+        self.batch_size = int(meta["batch_size"])
+        self.max_cache_len = int(meta["max_cache_len"])
+        self._meta = meta
+        self._dir = directory
+        self._programs = {
+            name: torch._inductor.aoti_load_package(str(directory / f"{name}.pt2"))
+            for name in PROGRAMS
+        }
+        self._kv = [
+            torch.zeros(entry["shape"], dtype=getattr(torch, entry["dtype"]))
+            for entry in meta["kv"]
+        ]
+        self._kv_length = torch.empty(self.max_cache_len)  # only its slices' sizes are read
+
+    def __repr__(self) -> str:
+        return (
+            f"AOTCausalLM(batch_size={self.batch_size}, max_cache_len={self.max_cache_len}, "
+            f"layers={len(self._kv) // 2})"
+        )
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor, position: int = 0) -> torch.Tensor:
+        """Logits (batch, S, vocab) for ``input_ids`` (batch, S) written at cache positions
+        ``position .. position + S - 1``; what the cache holds before ``position`` is the
+        context."""
+        _require_tensors(input_ids=input_ids)
+        if input_ids.dtype != torch.long or input_ids.dim() != 2:
+            raise ValueError(
+                f"input_ids must be a 2-D int64 tensor (batch, seq), got "
+                f"{input_ids.dim()}-D {input_ids.dtype}"
+            )
+        if input_ids.shape[0] != self.batch_size:
+            raise ValueError(
+                f"input_ids has batch {input_ids.shape[0]}, but this model was compiled for "
+                f"batch_size={self.batch_size}"
+            )
+        length = input_ids.shape[1]
+        if isinstance(position, bool) or not isinstance(position, int) or position < 0:
+            raise ValueError(f"position must be a non-negative int, got {position!r}")
+        if length == 0 or position + length > self.max_cache_len:
+            raise ValueError(
+                f"input_ids of length {length} at position {position} does not fit the cache "
+                f"(max_cache_len={self.max_cache_len}, length >= 1)"
+            )
+        program = self._programs["decode" if length == 1 else "prefill"]
+        return program(input_ids.contiguous(), self._kv_length[: position + length], *self._kv)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        *,
+        eos_token_id: int | list[int] | None = None,
+        min_new_tokens: int = 0,
+    ) -> torch.Tensor:
+        """Greedy continuation of ``input_ids`` (batch, S): returns (batch, S + n) with n <=
+        ``max_new_tokens`` new tokens. Generation stops once every sequence has produced an
+        ``eos_token_id`` (later tokens of a finished sequence repeat that id), never before
+        ``min_new_tokens`` (until then an end token is not chosen, as in transformers)."""
+        _require_tensors(input_ids=input_ids)
+        max_new_tokens = _positive_int(max_new_tokens, "max_new_tokens")
+        if isinstance(min_new_tokens, bool) or not isinstance(min_new_tokens, int):
+            raise ValueError(f"min_new_tokens must be an int, got {min_new_tokens!r}")
+        if input_ids.dim() == 2 and input_ids.shape[1] + max_new_tokens > self.max_cache_len + 1:
+            raise ValueError(
+                f"input_ids of length {input_ids.shape[1]} plus max_new_tokens={max_new_tokens} "
+                f"exceeds max_cache_len={self.max_cache_len} (+1: the last token is not cached)"
+            )
+        eos = (
+            []
+            if eos_token_id is None
+            else [eos_token_id]
+            if isinstance(eos_token_id, int)
+            else list(eos_token_id)
+        )
+        eos_ids = torch.tensor(eos, dtype=torch.long)
+        logits = self(input_ids, 0)[:, -1]
+        position = input_ids.shape[1]
+        out = [input_ids]
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+        for step in range(max_new_tokens):
+            if step < min_new_tokens and eos:
+                logits[:, eos_ids] = float("-inf")
+            token = logits.argmax(-1)
+            if eos:
+                token = torch.where(done, out[-1][:, -1], token)
+                done |= torch.isin(token, eos_ids)
+            out.append(token.unsqueeze(1))
+            if step + 1 == max_new_tokens or (eos and bool(done.all())):
+                break
+            logits = self(out[-1], position)[:, -1]
+            position += 1
+        return torch.cat(out, dim=1)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Writes the two compiled packages and a manifest into the directory ``path``."""
+        import shutil
+
+        out = Path(path)
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"path must be a directory (or not exist yet), got the file {out}")
+        out.mkdir(parents=True, exist_ok=True)
+        for name in PROGRAMS:
+            shutil.copyfile(self._dir / f"{name}.pt2", out / f"{name}.pt2")
+        manifest = {"format": FORMAT, "version": VERSION, **self._meta}
+        (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        return out
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> AOTCausalLM:
+        """Loads what :meth:`save` wrote (no model and no compilation needed)."""
+        directory = Path(path)
+        for name in (MANIFEST, *(f"{p}.pt2" for p in PROGRAMS)):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(
+                    f"{directory / name} not found: was it written by AOTCausalLM.save?"
+                )
+        meta = json.loads((directory / MANIFEST).read_text())
+        if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+            raise ValueError(
+                f"{directory / MANIFEST} must have format={FORMAT!r} version={VERSION}, got "
+                f"format={meta.get('format')!r} version={meta.get('version')!r}"
+            )
+        return cls(directory, meta)

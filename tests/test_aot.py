@@ -1,0 +1,159 @@
+"""torchslim.aot_compile: a Hugging Face causal LM as two AOTInductor programs over a static KV
+cache, against the eager model it came from."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import torchslim
+from torchslim.aot import AOTCausalLM, aot_compile
+
+transformers = pytest.importorskip("transformers")
+if not hasattr(transformers.StaticCache, "early_initialization"):
+    pytest.skip("aot_compile needs transformers >= 5", allow_module_level=True)
+
+MAX_CACHE_LEN = 48
+
+
+def tiny_llama() -> torch.nn.Module:
+    """Two Llama blocks with grouped KV heads (4 query heads, 2 KV heads), int4 linears."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    return torchslim.patch(model, quant="int4", group_size=32, progress=False)
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    model = tiny_llama()
+    attention = model.config._attn_implementation
+    lm = aot_compile(model, max_cache_len=MAX_CACHE_LEN, progress=False)
+    assert model.config._attn_implementation == attention  # the model is left as it was
+    return model, lm
+
+
+def prompt(length: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 96, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+def assert_close(got: torch.Tensor, want: torch.Tensor) -> None:
+    # The same kernels in the same order; Inductor may only fuse float ops differently.
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_prefill_logits_match_eager(compiled):
+    model, lm = compiled
+    ids = prompt(11)
+    assert_close(lm(ids), model(ids).logits)
+
+
+@torch.no_grad()
+def test_chunked_prefill_and_decode_match_eager(compiled):
+    """The cache written by one call is the context of the next, at any position."""
+    model, lm = compiled
+    ids = prompt(13, seed=2)
+    want = model(ids).logits
+    got = torch.cat([lm(ids[:, :5], 0), lm(ids[:, 5:9], 5), lm(ids[:, 9:10], 9)], dim=1)
+    got = torch.cat([got, *(lm(ids[:, i : i + 1], i) for i in range(10, 13))], dim=1)
+    assert_close(got, want)
+    # A new prompt starts again at position 0: the stale cache past it is not read.
+    assert_close(lm(ids[:, :4], 0), want[:, :4])
+
+
+@pytest.mark.parametrize("length", [1, 7])
+@torch.no_grad()
+def test_generate_matches_transformers_greedy(compiled, length):
+    model, lm = compiled
+    ids = prompt(length, seed=3)
+    want = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=20,
+        min_new_tokens=20,
+        do_sample=False,
+    )
+    got = lm.generate(ids, 20, eos_token_id=model.config.eos_token_id, min_new_tokens=20)
+    assert torch.equal(got, want)
+    assert torch.equal(lm.generate(ids, 20), want)  # no end token: the same 20 tokens
+
+
+@torch.no_grad()
+def test_generate_stops_at_end_token(compiled):
+    _, lm = compiled
+    ids = prompt(5, seed=4)
+    free = lm.generate(ids, 12)[0, 5:].tolist()
+    stop = free[6]
+    first = free.index(stop)  # the first time greedy produces it
+    got = lm.generate(ids, 12, eos_token_id=[stop])
+    assert got[0, 5:].tolist() == free[: first + 1]
+    # Not before min_new_tokens: the end token is not chosen until then.
+    later = lm.generate(ids, 12, eos_token_id=stop, min_new_tokens=first + 2)
+    assert later.shape[1] > 5 + first + 1 and stop not in later[0, 5 : 5 + first + 2].tolist()
+
+
+@torch.no_grad()
+def test_save_load_round_trip(compiled, tmp_path):
+    _, lm = compiled
+    lm.save(tmp_path / "lm")
+    again = AOTCausalLM.load(tmp_path / "lm")
+    assert (again.batch_size, again.max_cache_len) == (1, MAX_CACHE_LEN)
+    ids = prompt(9, seed=5)
+    assert torch.equal(again.generate(ids, 10), lm.generate(ids, 10))
+
+
+def test_load_errors(compiled, tmp_path):
+    _, lm = compiled
+    with pytest.raises(FileNotFoundError, match=r"torchslim_aot\.json"):
+        AOTCausalLM.load(tmp_path)
+    lm.save(tmp_path / "lm")
+    manifest = tmp_path / "lm" / "torchslim_aot.json"
+    manifest.write_text(json.dumps({"format": "other", "version": 1}))
+    with pytest.raises(ValueError, match="format="):
+        AOTCausalLM.load(tmp_path / "lm")
+
+
+def test_call_errors(compiled):
+    _, lm = compiled
+    ids = prompt(4)
+    with pytest.raises(TypeError, match="input_ids"):
+        lm([[1, 2]])
+    with pytest.raises(ValueError, match="input_ids must be a 2-D int64"):
+        lm(ids[0])
+    with pytest.raises(ValueError, match="input_ids must be a 2-D int64"):
+        lm(ids.int())
+    with pytest.raises(ValueError, match="batch_size=1"):
+        lm(ids.expand(2, -1))
+    with pytest.raises(ValueError, match="position"):
+        lm(ids, -1)
+    with pytest.raises(ValueError, match="does not fit the cache"):
+        lm(ids, MAX_CACHE_LEN - 3)
+    with pytest.raises(ValueError, match="does not fit the cache"):
+        lm(ids[:, :0])
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        lm.generate(ids, MAX_CACHE_LEN)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        lm.generate(ids, 0)
+
+
+def test_compile_errors():
+    with pytest.raises(TypeError, match="model must be a Hugging Face causal LM"):
+        aot_compile(torch.nn.Linear(4, 4))
+    with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module"):
+        aot_compile("model")
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="max_cache_len"):
+        aot_compile(model, max_cache_len=1)
+    with pytest.raises(ValueError, match="batch_size"):
+        aot_compile(model, batch_size=0)
