@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import torchslim
+from torchslim import compiler
 from torchslim.aot import AOTCausalLM, aot_compile
 
 transformers = pytest.importorskip("transformers")
@@ -38,8 +39,12 @@ def tiny_llama() -> torch.nn.Module:
 def compiled():
     model = tiny_llama()
     attention = model.config._attn_implementation
-    lm = aot_compile(model, max_cache_len=MAX_CACHE_LEN, progress=False)
+    compiler.counters.clear()
+    with torch._inductor.config.patch(fx_graph_cache=False):  # a cache hit skips the passes
+        lm = aot_compile(model, max_cache_len=MAX_CACHE_LEN, progress=False)
     assert model.config._attn_implementation == attention  # the model is left as it was
+    # torchslim's passes ran on both programs: per layer, q/k/v -> 1 op and gate/up -> 1 op.
+    assert compiler.counters["fuse_siblings"] == 2 * 2 * (2 + 1)
     return model, lm
 
 
@@ -158,3 +163,5 @@ def test_compile_errors():
         aot_compile(model, max_cache_len=1)
     with pytest.raises(ValueError, match="batch_size"):
         aot_compile(model, batch_size=0)
+    with pytest.raises(TypeError, match="passes must be a list"):
+        aot_compile(model, passes="fuse_bias")

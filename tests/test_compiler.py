@@ -12,9 +12,15 @@ from torch import nn
 
 import torchslim
 from torchslim import compiler
-from torchslim.nn import Int8Linear
+from torchslim.nn import Int4Linear, Int8Linear
 
-MODES = ["dynamic", "weight_only"]
+MODES = ["dynamic", "weight_only", "int4"]
+
+
+def _layer(linear: nn.Linear, mode: str) -> nn.Module:
+    if mode == "int4":
+        return Int4Linear.from_linear(linear, group_size=32)
+    return Int8Linear.from_linear(linear, mode=mode)
 
 
 @pytest.fixture(autouse=True)
@@ -32,9 +38,9 @@ class Projections(nn.Module):
 
     def __init__(self, mode: str) -> None:
         super().__init__()
-        self.q = Int8Linear.from_linear(nn.Linear(64, 96, bias=False), mode=mode)
-        self.k = Int8Linear.from_linear(nn.Linear(64, 32, bias=False), mode=mode)
-        self.v = Int8Linear.from_linear(nn.Linear(64, 32), mode=mode)
+        self.q = _layer(nn.Linear(64, 96, bias=False), mode)
+        self.k = _layer(nn.Linear(64, 32, bias=False), mode)
+        self.v = _layer(nn.Linear(64, 32), mode)
         self.q_bias = nn.Parameter(torch.randn(96))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -74,10 +80,15 @@ def test_fuse_bias_moves_the_add_into_the_op(mode, gen):
         got = torch.compile(model, backend="torchslim", fullgraph=True)(x)
         want = model(x)
         q = model.q
-        op = {"dynamic": torchslim.ops.int8_dynamic_linear}.get(
-            mode, torchslim.ops.int8_weight_only_linear
-        )
-        fused_q = op(x, q.weight, q.weight_scale, model.q_bias)  # what the rewrite calls
+        if mode == "int4":  # what the rewrite calls
+            fused_q = torchslim.ops.int4_weight_only_linear(
+                x, q.weight, q.weight_scales, q.weight_zeros, q.group_size, model.q_bias
+            )
+        else:
+            op = {"dynamic": torchslim.ops.int8_dynamic_linear}.get(
+                mode, torchslim.ops.int8_weight_only_linear
+            )
+            fused_q = op(x, q.weight, q.weight_scale, model.q_bias)
     assert compiler.counters == {"fuse_bias": 1}
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     # The fused epilogue rounds once: got's q part equals the op with the bias passed in.
@@ -95,7 +106,7 @@ def test_fuse_siblings_with_frozen_weights(mode, gen):
     # q (its bias fused first), k (zeros for its missing bias) and v become one op.
     assert compiler.counters == {"fuse_bias": 1, "fuse_siblings": 2}
     # x is quantized per row either way and each column's dot product is the same: exact
-    # for W8A8; W8A16 may differ by an fp32 rounding of the bias add.
+    # for W8A8; W8A16 and W4A16 may differ by an fp32 rounding of the bias add.
     tol = 0 if mode == "dynamic" else 1e-6
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
@@ -107,11 +118,12 @@ def test_no_sibling_fusion_without_freezing(gen):
     assert "fuse_siblings" not in compiler.counters
 
 
-@pytest.mark.parametrize("quant", ["int8", "int8-weight"])
+@pytest.mark.parametrize("quant", ["int8", "int8-weight", "int4"])
 def test_patched_llama_compiles_once_and_matches_eager(quant, gen, tiny_llama):
     from torch._dynamo.testing import CompileCounterWithBackend
 
-    model = torchslim.patch(tiny_llama, quant=quant, exclude="lm_head", progress=False)
+    options = {"group_size": 32} if quant == "int4" else {}
+    model = torchslim.patch(tiny_llama, quant=quant, exclude="lm_head", progress=False, **options)
     ids = torch.randint(0, 128, (2, 10), generator=gen)
     counter = CompileCounterWithBackend("torchslim")
     with torch.no_grad(), torch._inductor.config.patch(freezing=True):

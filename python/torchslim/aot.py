@@ -32,12 +32,14 @@ import json
 import os
 import tempfile
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torchslim import compiler
 from torchslim.ops.int8 import _require_tensors
 
 FORMAT = "torchslim-aot"
@@ -170,6 +172,7 @@ def aot_compile(
     *,
     max_cache_len: int = 1024,
     batch_size: int = 1,
+    passes: Sequence[str] | None = None,
     inductor_configs: dict | None = None,
     progress: bool = True,
 ) -> AOTCausalLM:
@@ -177,12 +180,17 @@ def aot_compile(
     ``max_cache_len`` positions and compiles its prefill and decode programs with AOTInductor.
 
     Takes minutes on a CPU (C++ compilation of the whole model, twice). The model is not
-    modified; the result does not reference it. ``inductor_configs`` go to
-    ``torch._inductor.aoti_compile_and_package``.
+    modified; the result does not reference it. ``passes``: the graph passes of the torchslim
+    compile backend to run (torchslim.compiler; default all: a layer's q/k/v projections become
+    one op, as do gate/up); ``inductor_configs`` go to ``torch._inductor.aoti_compile_and_package``.
     """
     from tqdm.auto import tqdm
 
     _check_model(model)
+    configs = dict(inductor_configs or {})
+    configs["post_grad_custom_pre_pass"] = compiler._pass_class()(
+        compiler._pass_names(passes, "passes"), configs.get("post_grad_custom_pre_pass")
+    )
     max_cache_len = _positive_int(max_cache_len, "max_cache_len")
     batch_size = _positive_int(batch_size, "batch_size")
     if max_cache_len < 2:
@@ -206,7 +214,7 @@ def aot_compile(
     attention = model.config._attn_implementation
     model.set_attn_implementation(ATTENTION)
     try:
-        _export_and_compile(module, examples, dynamic, kv, work, inductor_configs, steps)
+        _export_and_compile(module, examples, dynamic, kv, work, configs, steps)
     finally:
         model.set_attn_implementation(attention)
         steps.close()

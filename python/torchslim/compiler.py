@@ -12,16 +12,19 @@ torchslim's ops are single nodes, and Inductor compiles the rewritten graph.
 
 Passes (run in this order; ``options={"passes": [...]}`` picks a subset, ``[]`` none):
 
-    fuse_bias       ``int8_*_linear(x, w, s) + b`` -> ``int8_*_linear(x, w, s, b)``: a bias added
+    fuse_bias       ``linear(x, w, ...) + b`` -> ``linear(x, w, ..., bias=b)`` for torchslim's
+                    int8 and int4 linears: a bias added
                     after the op moves into the op's epilogue (one pass over the output less).
                     Applies when b has shape (N,) and the output's dtype and the linear has no
                     other user.
-    fuse_siblings   linears of one kind that read the same x with frozen weights (q/k/v, or
-                    gate/up) become one op on the weights concatenated along N, followed by
-                    views of its output: x is quantized and streamed once instead of once per
-                    projection, and one launch replaces several. Needs Inductor freezing
-                    (``options={"freezing": True}``), which turns parameters into constants
-                    and so assumes they are not modified after compilation.
+    fuse_siblings   linears of one kind (int8 W8A8, int8 W8A16, or int4 with one group size)
+                    that read the same x with frozen weights (q/k/v, or gate/up) become one op
+                    on the weights concatenated along N, followed by views of its output: x is
+                    quantized and streamed once instead of once per projection, and one launch
+                    replaces several. Needs constant weights: Inductor freezing
+                    (``options={"freezing": True}``, which assumes parameters are not modified
+                    after compilation) or AOTInductor (torchslim.aot_compile runs these
+                    passes).
 
 Options (``torch.compile(..., options={...})``):
 
@@ -51,9 +54,16 @@ BACKEND_NAME = "torchslim"
 counters: collections.Counter[str] = collections.Counter()
 
 
-def _linear_ops() -> tuple:
+def _linear_ops() -> dict:
+    """torchslim's linear ops -> the names of their weight tensors (concatenated along N, dim
+    0, by fuse_siblings). Every one has ``x`` first and an optional ``bias`` last; any other
+    argument (int4's group_size) must be equal for siblings to fuse."""
     ns = torch.ops.torchslim
-    return (ns.int8_dynamic_linear.default, ns.int8_weight_only_linear.default)
+    return {
+        ns.int8_dynamic_linear.default: ("w_q", "w_scale"),
+        ns.int8_weight_only_linear.default: ("w_q", "w_scale"),
+        ns.int4_weight_only_linear.default: ("packed_w", "scales", "zeros"),
+    }
 
 
 def _val(node: Any) -> torch.Tensor | None:
@@ -62,12 +72,17 @@ def _val(node: Any) -> torch.Tensor | None:
     return val if isinstance(val, torch.Tensor) else None
 
 
-def _linear_args(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node, Any]:
-    """(x, w_q, w_scale, bias) of a torchslim linear node, however the call spelled them."""
-    names = ("x", "w_q", "w_scale", "bias")
-    args = dict(zip(names, node.args, strict=False))
-    args.update({k: v for k, v in node.kwargs.items() if k in names})
-    return args["x"], args["w_q"], args["w_scale"], args.get("bias")
+def _call_args(node: fx.Node) -> dict[str, Any]:
+    """A torchslim op node's arguments by schema name, in schema order, defaults filled in."""
+    args = {}
+    for i, arg in enumerate(node.target._schema.arguments):
+        if i < len(node.args):
+            args[arg.name] = node.args[i]
+        elif arg.name in node.kwargs:
+            args[arg.name] = node.kwargs[arg.name]
+        else:
+            args[arg.name] = arg.default_value
+    return args
 
 
 # ------------------------------------------------------------------------------------ fuse_bias
@@ -82,14 +97,15 @@ def fuse_bias(graph: fx.Graph) -> int:
         for lin, bias in (node.args, node.args[::-1]):
             if not (isinstance(lin, fx.Node) and lin.target in linear_ops) or len(lin.users) != 1:
                 continue
-            x, w_q, w_scale, old_bias = _linear_args(lin)
+            args = _call_args(lin)
             out, b = _val(lin), _val(bias)
-            if old_bias is not None or out is None or b is None:
+            if args["bias"] is not None or out is None or b is None:
                 continue
             if b.shape != (out.shape[-1],) or b.dtype != out.dtype or b.device != out.device:
                 continue
+            args["bias"] = bias
             with graph.inserting_before(node):
-                fused = graph.call_function(lin.target, (x, w_q, w_scale, bias))
+                fused = graph.call_function(lin.target, tuple(args.values()))
             fused.meta.update(node.meta)
             node.replace_all_uses_with(fused)
             graph.erase_node(node)
@@ -114,51 +130,73 @@ def fuse_siblings(graph: fx.Graph) -> int:
     """Linears of one op on one x with constant weights -> one linear on concatenated weights,
     then a slice of its output per original linear. Returns the number of linears removed."""
     linear_ops = _linear_ops()
-    # (op, x) -> [(node, w_q, w_scale, bias or None)], every tensor a constant
+    # (op, x, other args) -> [(node, {name: constant}, bias constant or None)]
     groups: dict[tuple, list[tuple]] = collections.defaultdict(list)
     for node in graph.nodes:
         if node.op != "call_function" or node.target not in linear_ops or _val(node) is None:
             continue
-        x, *params = _linear_args(node)
-        consts = [_constant(graph, p) for p in params]  # None for a None bias too
-        if consts[0] is None or consts[1] is None or (params[2] is not None and consts[2] is None):
+        args = _call_args(node)
+        names = linear_ops[node.target]
+        weights = {name: _constant(graph, args[name]) for name in names}
+        bias = args["bias"]
+        bias_const = None if bias is None else _constant(graph, bias)
+        if any(w is None for w in weights.values()) or (bias is not None and bias_const is None):
             continue
-        groups[(node.target, x)].append((node, *consts))
+        others = tuple(v for k, v in args.items() if k not in (*names, "x", "bias"))
+        groups[(node.target, args["x"], others)].append((node, weights, bias_const))
 
     removed = 0
-    for (target, x), members in groups.items():
-        nodes, weights, scales, biases = (list(col) for col in zip(*members, strict=True))
+    for (target, x, others), members in groups.items():
+        nodes = [m[0] for m in members]
+        names = linear_ops[target]
+        parts = {name: [m[1][name] for m in members] for name in names}
+        biases = [m[2] for m in members]
         bias_dtypes = {b.dtype for b in biases if b is not None}
-        if len(nodes) < 2 or len(bias_dtypes) > 1:
+        if len(nodes) < 2 or len(bias_dtypes) > 1 or not all(map(_stackable, parts.values())):
             continue
-        fused_consts = [torch.cat(weights), torch.cat(scales)]
+        fused = {name: torch.cat(tensors) for name, tensors in parts.items()}
         if bias_dtypes:  # a sibling without a bias contributes zeros
-            (dtype,) = bias_dtypes
-            zeros = [w.new_zeros(len(w), dtype=dtype) for w in weights]
-            fused_consts.append(
-                torch.cat([z if b is None else b for b, z in zip(biases, zeros, strict=True)])
+            like = next(b for b in biases if b is not None)
+            rows = [len(w) for w in parts[names[0]]]
+            fused["bias"] = torch.cat(
+                [like.new_zeros(n) if b is None else b for b, n in zip(biases, rows, strict=True)]
             )
-        _replace_with_fused(graph, target, x, nodes, fused_consts)
+        _replace_with_fused(graph, nodes, x, others, fused)
         removed += len(nodes) - 1
     return removed
 
 
-def _replace_with_fused(graph, target, x, nodes: list[fx.Node], consts: list[torch.Tensor]):
-    """One ``target(x, *consts)`` where the first of ``nodes`` was (x is defined before it; the
-    constants become attributes of the graph's module), and a slice of its output per node."""
+def _stackable(tensors: list[torch.Tensor]) -> bool:
+    """Concatenable along dim 0 as they are: one dtype, one device, equal trailing dims."""
+    first = tensors[0]
+    return all(
+        t.dtype == first.dtype and t.device == first.device and t.shape[1:] == first.shape[1:]
+        for t in tensors
+    )
+
+
+def _replace_with_fused(graph, nodes: list[fx.Node], x, others: tuple, consts: dict) -> None:
+    """One call of the nodes' op on x, the constants ``consts`` (by argument name; they become
+    attributes of the graph's module) and ``others``, where the first of ``nodes`` was (x is
+    defined before it), and a slice of its output per node."""
     gm = graph.owning_module
     order = {n: i for i, n in enumerate(graph.nodes)}
     first = min(nodes, key=order.__getitem__)
     fake_mode = _val(first).fake_mode
+    args = _call_args(first)
+    remaining = iter(others)
     with graph.inserting_before(first):
-        attrs = []
-        for tensor in consts:
-            name = _fresh_attr(gm, "_torchslim_fused")
-            gm.register_buffer(name, tensor)
-            attr = graph.get_attr(name)
-            attr.meta["val"] = fake_mode.from_tensor(tensor, static_shapes=True)
-            attrs.append(attr)
-        fused = graph.call_function(target, (x, *attrs))
+        for name in args:
+            if name in consts:
+                attr_name = _fresh_attr(gm, "_torchslim_fused")
+                gm.register_buffer(attr_name, consts[name])
+                args[name] = graph.get_attr(attr_name)
+                args[name].meta["val"] = fake_mode.from_tensor(consts[name], static_shapes=True)
+            elif name == "bias":
+                args[name] = None
+            elif name != "x":
+                args[name] = next(remaining)
+        fused = graph.call_function(first.target, tuple(args.values()))
     out = _val(first)
     fused.meta["val"] = out.new_empty((*out.shape[:-1], sum(_val(n).shape[-1] for n in nodes)))
     start = 0
@@ -214,17 +252,15 @@ def _pass_class():
     return TorchslimPasses
 
 
-def _pass_names(passes: Iterable[str] | None) -> tuple[str, ...]:
+def _pass_names(passes: Iterable[str] | None, what: str = "options['passes']") -> tuple[str, ...]:
     if passes is None:
         return tuple(PASSES)
     if isinstance(passes, str):
-        raise TypeError(
-            f"options['passes'] must be a list of pass names, got the string {passes!r}"
-        )
+        raise TypeError(f"{what} must be a list of pass names, got the string {passes!r}")
     names = tuple(passes)
     unknown = [n for n in names if n not in PASSES]
     if unknown:
-        raise ValueError(f"options['passes']: unknown pass {unknown}; known: {sorted(PASSES)}")
+        raise ValueError(f"{what}: unknown pass {unknown}; known: {sorted(PASSES)}")
     return names
 
 
