@@ -13,25 +13,34 @@ wrapper cost as much as they save). AOTInductor does: the whole step becomes one
 whose fused loops and calls into torchslim's kernels (through the dispatcher, no Python) run
 back to back.
 
-Two programs share one static KV cache, which this object owns and passes to both as mutable
-inputs (so what the prompt writes, decode reads):
+torchslim's graph passes run on both programs (torchslim.compiler: q/k/v and gate/up
+projections become one op each, since the weights are compile-time constants here).
 
-- prefill: ``input_ids`` of shape (batch, S) for any 2 <= S <= max_cache_len, logits of every
-  position;
-- decode: one token per sequence, every shape static (the hot loop).
+Two programs share one static KV cache, which the returned AOTCausalLM owns and passes to both
+as mutable inputs, so what the prompt writes, decode reads:
 
-Both take ``position``, the cache index of their first token. Positions at or past it hold
-stale keys from an earlier sequence, and the causal mask hides them, so a new prompt simply
-starts again at position 0. All sequences of a batch share positions: prompts must have equal
-lengths (no padding mask).
+- prefill: (batch, S) tokens for any 2 <= S <= max_cache_len, logits of every position;
+- decode: one token per sequence; static shapes but for the length of the filled cache.
+
+Attention reads only the filled part of the cache (its length is a dynamic dimension of both
+programs), so a step costs what its context costs, not what max_cache_len costs. A call names
+the cache position of its first token; positions past the end of a call hold stale keys that
+nothing reads, so a new prompt starts again at position 0 and a long prompt may be prefilled
+in chunks. All sequences of a batch share positions: prompts must have equal lengths (no
+padding mask).
+
+Memory: each program carries its own copy of the (packed) weights, so the compiled model holds
+twice the weight bytes of the patched one; decode streams one copy per token.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import warnings
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -225,7 +234,9 @@ def aot_compile(
         "max_cache_len": max_cache_len,
         "kv": [{"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for t in kv],
     }
-    return AOTCausalLM(work, meta)
+    lm = AOTCausalLM(work, meta)
+    weakref.finalize(lm, shutil.rmtree, work, ignore_errors=True)  # save() copies what it needs
+    return lm
 
 
 def _export_and_compile(module, examples, dynamic, kv, work, inductor_configs, steps) -> None:
@@ -348,8 +359,6 @@ class AOTCausalLM:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Writes the two compiled packages and a manifest into the directory ``path``."""
-        import shutil
-
         out = Path(path)
         if out.exists() and not out.is_dir():
             raise ValueError(f"path must be a directory (or not exist yet), got the file {out}")
