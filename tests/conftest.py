@@ -21,6 +21,7 @@ if not torch.cuda.is_available():
 os.environ.setdefault("TORCHSLIM_TRITON_AUTOTUNE", "0")
 
 import torchslim
+import torchslim.testing
 from torchslim import _ext
 
 
@@ -106,15 +107,5 @@ def gen() -> torch.Generator:
 @pytest.fixture
 def tiny_llama() -> torch.nn.Module:
     """A randomly initialised 2-layer Llama (Hugging Face transformers), in eval mode."""
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).eval()
+    pytest.importorskip("transformers")
+    return torchslim.testing.tiny_llama()

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import torchslim
+import torchslim.testing
 from torchslim import compiler
 from torchslim.aot import AOTCausalLM, aot_compile
 
@@ -20,18 +21,8 @@ MAX_CACHE_LEN = 48
 
 
 def tiny_llama() -> torch.nn.Module:
-    """Two Llama blocks with grouped KV heads (4 query heads, 2 KV heads), int4 linears."""
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    model = transformers.LlamaForCausalLM(config).eval()
+    """torchslim.testing's 2-block Llama (grouped KV heads) with int4 linears."""
+    model = torchslim.testing.tiny_llama()
     return torchslim.patch(model, quant="int4", group_size=32, progress=False)
 
 

@@ -89,3 +89,21 @@ def nan_padded(x: torch.Tensor, pad: int = 3) -> torch.Tensor:
 def random_int8(*shape: int, generator: torch.Generator | None = None, device="cpu"):
     """Uniform int8 codes in [-127, 127] (the symmetric range every torchslim format uses)."""
     return torch.randint(-127, 128, shape, dtype=torch.int8, generator=generator, device=device)
+
+
+def tiny_llama() -> torch.nn.Module:
+    """A randomly initialised 2-layer Llama (Hugging Face transformers; grouped KV heads: 4
+    query heads, 2 KV heads), in eval mode. Needs transformers."""
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).eval()
