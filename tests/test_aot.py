@@ -156,3 +156,15 @@ def test_compile_errors():
         aot_compile(model, batch_size=0)
     with pytest.raises(TypeError, match="passes must be a list"):
         aot_compile(model, passes="fuse_bias")
+    config = transformers.MistralConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=8,
+    )
+    windowed = transformers.MistralForCausalLM(config).eval()
+    with pytest.raises(NotImplementedError, match="StaticSlidingWindowLayer"):
+        aot_compile(windowed, max_cache_len=16)

@@ -70,10 +70,17 @@ def _static_cache(model: nn.Module, batch_size: int, max_cache_len: int):
             f"aot_compile needs transformers >= 5 (StaticCache.early_initialization), "
             f"found {transformers.__version__}"
         )
+    from transformers.cache_utils import StaticLayer
     from transformers.integrations.executorch import get_head_shapes
 
     config = model.config.get_text_config()
     cache = StaticCache(config=config, max_cache_len=max_cache_len)
+    other = {type(layer).__name__ for layer in cache.layers if type(layer) is not StaticLayer}
+    if other:  # sliding-window and shared-KV layers keep positions differently
+        raise NotImplementedError(
+            f"aot_compile supports models whose every layer has a full attention cache; "
+            f"{type(model).__name__} has {', '.join(sorted(other))} layers"
+        )
     num_heads, head_dim = get_head_shapes(config)
     dtype = next(model.parameters()).dtype
     device = next(model.parameters()).device
