@@ -28,12 +28,14 @@ def tiny_llama() -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def compiled():
-    model = tiny_llama()
+    model = tiny_llama().train()  # compiled for inference; left in the mode it was in
     attention = model.config._attn_implementation
     compiler.counters.clear()
     with torch._inductor.config.patch(fx_graph_cache=False):  # a cache hit skips the passes
         lm = aot_compile(model, max_cache_len=MAX_CACHE_LEN, progress=False)
     assert model.config._attn_implementation == attention  # the model is left as it was
+    assert model.training
+    model.eval()
     # torchslim's passes ran on both programs: per layer, q/k/v -> 1 op and gate/up -> 1 op.
     assert compiler.counters["fuse_siblings"] == 2 * 2 * (2 + 1)
     return model, lm

@@ -212,9 +212,9 @@ def aot_compile(
     batch_size = _positive_int(batch_size, "batch_size")
     if max_cache_len < 2:
         raise ValueError(f"max_cache_len must be >= 2, got {max_cache_len}")
-    module = _StaticCacheLM(model, batch_size, max_cache_len).eval()
+    module = _StaticCacheLM(model, batch_size, max_cache_len)
     kv = module.kv_templates()
-    examples = {  # (input_ids, kv_length): 3 tokens at positions 1..3; 1 token at position 3
+    examples = {  # (input_ids, kv_length): 3 tokens at positions 0..2; 1 token at position 3
         "prefill": (torch.zeros(batch_size, 3, dtype=torch.long), torch.empty(3)),
         "decode": (torch.zeros(batch_size, 1, dtype=torch.long), torch.empty(4)),
     }
@@ -228,12 +228,13 @@ def aot_compile(
     work = Path(tempfile.mkdtemp(prefix="torchslim-aot-"))
     steps = tqdm(total=2 * len(PROGRAMS), desc="aot_compile", disable=not progress)
     _register_attention()
-    attention = model.config._attn_implementation
+    attention, training = model.config._attn_implementation, model.training
     model.set_attn_implementation(ATTENTION)
     try:
-        _export_and_compile(module, examples, dynamic, kv, work, configs, steps)
+        _export_and_compile(module.eval(), examples, dynamic, kv, work, configs, steps)
     finally:
         model.set_attn_implementation(attention)
+        model.train(training)
         steps.close()
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     meta = {
