@@ -387,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     fp32 = {r.mode: r for r in rows if r.config == "fp32"}
     nan = float("nan")
     for r in table:
-        ref = fp32.get(r["mode"], fp32.get("eager"))
+        # fp32 in the same mode; llama.cpp's row (its own mode) against eager, else any fp32 row
+        ref = fp32.get(r["mode"]) or fp32.get("eager") or next(iter(fp32.values()), None)
         r["decode_vs_fp32"] = r["decode_tok_s"] / ref.decode_tok_s if ref else nan
         r["ppl_vs_fp32"] = r["perplexity"] / ref.perplexity if ref else nan
         r["decode_vs_llama_cpp"] = r["decode_tok_s"] / llama.decode_tok_s if llama else nan
