@@ -110,6 +110,8 @@ def test_save_load_round_trip(compiled, tmp_path):
     ids = prompt(9, seed=5)
     assert again.eos_token_id == lm.eos_token_id
     assert torch.equal(again.generate(ids, 10), lm.generate(ids, 10))
+    again.save(tmp_path / "lm")  # where it was loaded from: nothing to copy
+    assert torch.equal(AOTCausalLM.load(tmp_path / "lm").generate(ids, 10), lm.generate(ids, 10))
 
 
 def test_load_errors(compiled, tmp_path):
@@ -144,6 +146,8 @@ def test_call_errors(compiled):
         lm.generate(ids, MAX_CACHE_LEN)
     with pytest.raises(ValueError, match="max_new_tokens"):
         lm.generate(ids, 0)
+    with pytest.raises(ValueError, match="eos_token_id must be an int or a list"):
+        lm.generate(ids, 2, eos_token_id="</s>")
 
 
 def test_compile_errors():

@@ -348,7 +348,13 @@ class AOTCausalLM:
         if eos_token_id is None:
             eos = self.eos_token_id
         else:
-            eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+            eos = [eos_token_id] if isinstance(eos_token_id, int) else eos_token_id
+            if not isinstance(eos, (list, tuple)) or not all(
+                isinstance(t, int) and not isinstance(t, bool) for t in eos
+            ):
+                raise ValueError(
+                    f"eos_token_id must be an int or a list of ints, got {eos_token_id!r}"
+                )
         eos_ids = torch.tensor(eos, dtype=torch.long)
         logits = self(input_ids, 0)[:, -1]
         position = input_ids.shape[1]
@@ -375,7 +381,9 @@ class AOTCausalLM:
             raise ValueError(f"path must be a directory (or not exist yet), got the file {out}")
         out.mkdir(parents=True, exist_ok=True)
         for name in PROGRAMS:
-            shutil.copyfile(self._dir / f"{name}.pt2", out / f"{name}.pt2")
+            source, target = self._dir / f"{name}.pt2", out / f"{name}.pt2"
+            if not (target.exists() and target.samefile(source)):  # saved where it was loaded
+                shutil.copyfile(source, target)
         manifest = {"format": FORMAT, "version": VERSION, **self._meta}
         (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         return out
