@@ -107,6 +107,18 @@ void quantize_q8_blocks(const Q8BlockArgs& a, int64_t m0, int64_t m1) {
   }
 }
 
+// n group parameters of storage type S as fp32.
+template <class S>
+void to_f32(const S* s, int64_t n, float* out) {
+  using V = FVec;
+  int64_t i = 0;
+  for (; i + V::kWidth <= n; i += V::kWidth) V::store(out + i, V::load(s + i));
+  for (; i < n; ++i) out[i] = load_f32(s + i);
+}
+
+// Groups per row up to which a tile converts its scales to fp32 once, on the stack.
+constexpr int64_t kQ4MaxScaleGroups = 512;
+
 // c[i][j] = out[m + i, n + j] before bias, for i < R, j < C. S is the scale/zero storage type.
 // `w_next` points at the weight rows the next tile reads, prefetched one tile ahead.
 template <class S, int R, int C, int MR, int NR>
@@ -158,7 +170,18 @@ void w4_tile(const W4GemmArgs& g, int64_t m, int64_t n, float (&c)[MR][NR], cons
       }
       for (int64_t c = gi * chunks_per_group; c < (gi + 1) * chunks_per_group; ++c) chunk(c, ws);
     }
-  } else {  // a chunk may straddle two groups (G = 32, 96, ...): the group of each block of 32
+  } else if (G == kQ8Block && groups <= kQ4MaxScaleGroups) {
+    // One group per block of 32 (llama.cpp's Q4_0 / Q4_1 grouping), two per chunk: the tile's
+    // scales go to fp32 once, and each chunk loads its pair in two instructions.
+    float sc[C][kQ4MaxScaleGroups];
+#pragma GCC unroll 16
+    for (int j = 0; j < C; ++j) to_f32(scales + j * g.lds, groups, sc[j]);
+    for (int64_t c = 0; c * kQ4Chunk < k_chunks; ++c) {
+#pragma GCC unroll 16
+      for (int j = 0; j < C; ++j) ws[j] = D::scales(sc[j] + 2 * c);
+      chunk(c, ws);
+    }
+  } else {  // a chunk may straddle two groups (G = 96, 160, ...): the group of each block of 32
     int64_t g0 = 0, g1 = 0, end0 = G, end1 = G;  // groups of weights k and k + 32, their ends
     for (int64_t c = 0, k = 0; k < k_chunks; ++c, k += kQ4Chunk) {
       while (k >= end0) ++g0, end0 += G;

@@ -129,6 +129,7 @@ struct FVec {
   static R zero() { return _mm512_setzero_ps(); }
   static R set1(float s) { return _mm512_set1_ps(s); }
   static R load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, R v) { _mm512_storeu_ps(p, v); }
   static R load(const uint16_t* p) {
     const __m512i u =
         _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
@@ -223,6 +224,7 @@ struct FVec {
   static R zero() { return _mm256_setzero_ps(); }
   static R set1(float s) { return _mm256_set1_ps(s); }
   static R load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, R v) { _mm256_storeu_ps(p, v); }
   static R load(const uint16_t* p) {
     const __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
@@ -331,6 +333,7 @@ struct FVec {
   static R zero() { return 0.0f; }
   static R set1(float s) { return s; }
   static R load(const float* p) { return *p; }
+  static void store(float* p, R v) { *p = v; }
   static R load(const uint16_t* p) { return bf16_bits_to_f32(*p); }
   static R load(const Half* p) { return load_f32(p); }
   static R fma(R a, R b, R c) { return a * b + c; }
@@ -444,9 +447,10 @@ struct Q4Dot {
   static SV scales(float first, float second) {
     return _mm256_set_m128(_mm_set1_ps(second), _mm_set1_ps(first));
   }
-  // scales(two[0], two[1]) in two instructions: a 64-bit load and a lane permute.
+  // scales(two[0], two[1]) in two instructions: a 64-bit load and a lane permute. (The load
+  // goes through __m128i, which may alias the floats; _mm_load_sd reads a double.)
   static SV scales(const float* two) {
-    const __m128 pair = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(two)));
+    const __m128 pair = _mm_castsi128_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(two)));
     return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(pair),
                                     _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
   }
