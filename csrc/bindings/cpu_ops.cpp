@@ -6,6 +6,10 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <memory>
 #include <optional>
 #include <tuple>
 
@@ -23,6 +27,36 @@ using cpu::ScalarType;
 constexpr int64_t kBlockM_I8 = 64;
 constexpr int64_t kBlockM_F32 = 32;
 constexpr int64_t kBlockN = 64;
+
+// Scratch for what lives only inside one op call (an activation's int8 codes and scales): a
+// request up to kWorkspaceMax bytes reuses the calling thread's buffer, so a decode step does
+// not allocate four tensors per int4 layer; a larger one is held by `fallback`. 64-byte aligned.
+constexpr std::size_t kWorkspaceAlign = 64;
+constexpr std::size_t kWorkspaceMax = std::size_t{1} << 20;
+
+std::size_t align_up(std::size_t n) {
+  return (n + kWorkspaceAlign - 1) / kWorkspaceAlign * kWorkspaceAlign;
+}
+
+uint8_t* workspace(std::size_t bytes, at::Tensor& fallback) {
+  struct Free {
+    void operator()(uint8_t* p) const { std::free(p); }
+  };
+  thread_local std::unique_ptr<uint8_t, Free> buffer;
+  thread_local std::size_t capacity = 0;
+  if (bytes > kWorkspaceMax) {
+    fallback = at::empty({static_cast<int64_t>(bytes + kWorkspaceAlign)}, at::kByte);
+    const auto address = reinterpret_cast<std::uintptr_t>(fallback.data_ptr<uint8_t>());
+    return reinterpret_cast<uint8_t*>(align_up(address));
+  }
+  if (bytes > capacity) {
+    const std::size_t grown = std::max(align_up(bytes), std::size_t{64} << 10);
+    buffer.reset(static_cast<uint8_t*>(std::aligned_alloc(kWorkspaceAlign, grown)));
+    capacity = buffer ? grown : 0;
+    TORCHSLIM_CHECK_RUNTIME(buffer != nullptr, "could not allocate a ", grown, "-byte workspace");
+  }
+  return buffer.get();
+}
 
 ScalarType float_type(const at::Tensor& t, const char* name) {
   if (t.scalar_type() == at::kFloat) return ScalarType::kFloat32;
@@ -248,36 +282,30 @@ at::Tensor int4_weight_only_linear_cpu(const at::Tensor& x, const at::Tensor& pa
   if (M == 0 || N == 0) return out;
   if (K == 0) return b.defined() ? out.copy_(b.expand({M, N})) : out.zero_();
 
+  // The activation's Q8 blocks: codes, block scales, group sums, lane biases.
   const int64_t blocks = (K + cpu::kQ8Block - 1) / cpu::kQ8Block;
-  at::Tensor xq = at::empty({M, K}, x.options().dtype(at::kChar));
-  at::Tensor xs = at::empty({M, blocks}, x.options().dtype(at::kFloat));
-  at::Tensor xg = at::empty({M, groups}, x.options().dtype(at::kFloat));
   const int64_t lanes = (K + cpu::kQ4Chunk - 1) / cpu::kQ4Chunk * cpu::kQ4Lanes;
-  at::Tensor xb = at::empty({M, lanes}, x.options().dtype(at::kInt));
-  const cpu::Q8BlockArgs qa{x.data_ptr(),
-                            x.stride(0),
-                            xt,
-                            xq.data_ptr<int8_t>(),
-                            K,
-                            xs.data_ptr<float>(),
-                            blocks,
-                            xg.data_ptr<float>(),
-                            groups,
-                            xb.data_ptr<int32_t>(),
-                            lanes,
-                            K,
-                            G};
+  const std::size_t q_bytes = align_up(M * K), s_bytes = align_up(M * blocks * sizeof(float)),
+                    g_bytes = align_up(M * groups * sizeof(float));
+  at::Tensor held;
+  uint8_t* scratch = workspace(q_bytes + s_bytes + g_bytes + M * lanes * sizeof(int32_t), held);
+  int8_t* xq = reinterpret_cast<int8_t*>(scratch);
+  float* xs = reinterpret_cast<float*>(scratch + q_bytes);
+  float* xg = reinterpret_cast<float*>(scratch + q_bytes + s_bytes);
+  int32_t* xb = reinterpret_cast<int32_t*>(scratch + q_bytes + s_bytes + g_bytes);
+  const cpu::Q8BlockArgs qa{x.data_ptr(), x.stride(0), xt, xq,    K, xs, blocks,
+                            xg,           groups,      xb, lanes, K, G};
   const cpu::KernelTable& kt = cpu::active_kernels();
   at::parallel_for(0, M, std::max<int64_t>(1, 16384 / K),
                    [&](int64_t m0, int64_t m1) { kt.quantize_q8_blocks(qa, m0, m1); });
 
-  const cpu::W4GemmArgs args{xq.data_ptr<int8_t>(),
+  const cpu::W4GemmArgs args{xq,
                              K,
-                             xs.data_ptr<float>(),
+                             xs,
                              blocks,
-                             xg.data_ptr<float>(),
+                             xg,
                              groups,
-                             xb.data_ptr<int32_t>(),
+                             xb,
                              lanes,
                              packed_w.data_ptr<uint8_t>(),
                              packed_w.stride(0),
