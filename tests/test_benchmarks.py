@@ -56,3 +56,25 @@ def test_int4_gpu_targets_are_ratios_of_the_rows():
         "8192x8192 M=16: cuda 3.00x cuBLAS fp16 (60% of floor), "
         "triton 2.00x cuBLAS fp16 (40% of floor)"
     )
+
+
+def test_demo_decode_rounds_interleave_and_subtract_the_first_token(monkeypatch):
+    """decode_rounds times every generator once per round, in turn, and reports (time of n
+    tokens - time of 1) / (n - 1): checked on a fake clock that each generator advances."""
+    from torchslim import demo
+
+    clock, calls = [0.0], []
+
+    def generator(name, prefill, per_token):
+        def generate(n):
+            calls.append((name, n))
+            clock[0] += prefill + per_token * n
+
+        return generate
+
+    monkeypatch.setattr(demo.time, "perf_counter", lambda: clock[0])
+    ours, theirs = demo.decode_rounds(
+        [generator("ours", 5.0, 2.0), generator("theirs", 1.0, 3.0)], new_tokens=8, repeats=3
+    )
+    assert ours == [2.0] * 3 and theirs == [3.0] * 3
+    assert calls == [("ours", 1), ("ours", 8), ("theirs", 1), ("theirs", 8)] * 3

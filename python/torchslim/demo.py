@@ -11,7 +11,9 @@ fixed prompt, in each mode: "eager" (the patched Hugging Face model, generate())
 static KV cache) and "compiled" (torch.compile of the forward). A configuration may give the
 output head its own method: "int4-g32+int8-weight-head" is int4 in groups of 32 with an int8
 lm_head. When the model is a GGUF file and llama-cpp-python is installed, the same file also
-runs through llama.cpp, measured the same way on the same threads. A table on screen, CSV and
+runs through llama.cpp, measured the same way on the same threads, and every row's decode is
+timed in rounds interleaved with llama.cpp's: decode_vs_llama_cpp is the median of the
+per-round ratios, so the machine's load at one moment does not tilt it. A table on screen, CSV and
 PNG under benchmarks/results/<device>/ (or --out). Nothing is downloaded: the model is a local
 file.
 """
@@ -180,13 +182,27 @@ def greedy(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
     return out[0, ids.shape[1] :]
 
 
+def _seconds(fn, *args) -> float:
+    start = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - start
+
+
 def _median_time(fn, repeats: int) -> float:
-    times = []
+    return statistics.median(_seconds(fn) for _ in range(repeats))
+
+
+def decode_rounds(generators: list, new_tokens: int, repeats: int) -> list[list[float]]:
+    """Seconds per decoded token of each generator (a callable producing n greedy tokens for
+    the prompt), one figure per round: n tokens less 1 token (the prefill and the first token),
+    over n - 1. Each round times every generator back to back, so what a shared machine's load
+    does to one round it does to all of them alike: compare generators round by round."""
+    per_token = [[] for _ in generators]
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for times, generate in zip(per_token, generators, strict=True):
+            one = _seconds(generate, 1)
+            times.append((_seconds(generate, new_tokens) - one) / (new_tokens - 1))
+    return per_token
 
 
 @dataclass
@@ -198,96 +214,113 @@ class Row:
     decode_tok_s: float
     weight_MB: float
     answer: str
+    # llama.cpp's seconds per token over ours, the median of rounds interleaved with it
+    decode_vs_llama_cpp: float = math.nan
 
 
-def measure(model, tokenizer, config: str, mode: str, ids, args, weight_bytes: int) -> Row:
+class LlamaCpp:
+    """The same GGUF file through llama.cpp (llama-cpp-python): the same token ids, perplexity
+    windows, prefill length, prompt and greedy decode as ours, on torch's thread count."""
+
+    WINDOW = 512
+
+    def __init__(self, path: Path, tokenizer, args):
+        import llama_cpp
+
+        self.path, self.tokenizer, self.args = path, tokenizer, args
+        self.prompt = prompt_ids(tokenizer)[0].tolist()
+        self.llm = llama_cpp.Llama(
+            model_path=str(path),
+            n_ctx=max(self.WINDOW + 1, args.prefill, len(self.prompt) + args.decode) + 8,
+            n_batch=max(self.WINDOW, args.prefill),
+            n_threads=torch.get_num_threads(),
+            n_threads_batch=torch.get_num_threads(),
+            logits_all=True,
+            verbose=False,
+        )
+        self.generate(2)  # warm-up
+
+    @classmethod
+    def open(cls, path: Path, tokenizer, args) -> LlamaCpp | None:
+        """None when llama-cpp-python is missing or the model is no GGUF file."""
+        if path.suffix != ".gguf" or importlib.util.find_spec("llama_cpp") is None:
+            return None
+        return cls(path, tokenizer, args)
+
+    def evaluate(self, tokens: list[int]) -> None:
+        self.llm.reset()
+        self.llm.eval(tokens)
+
+    def generate(self, n: int) -> list[int]:
+        self.llm.reset()  # no KV-cache reuse across runs: each one prefills the prompt, as ours do
+        out = []
+        for token in self.llm.generate(self.prompt, top_k=1, temp=0.0, reset=True):
+            out.append(token)
+            if len(out) == n:
+                break
+        return out
+
+    def row(self, ids: torch.Tensor) -> Row:
+        args, window = self.args, self.WINDOW
+        nll, count = 0.0, 0
+        for start in range(0, ids.numel() - 1, window):
+            chunk = ids[start : start + window + 1].tolist()
+            if len(chunk) < 2:
+                break
+            self.evaluate(chunk[:-1])
+            logits = torch.from_numpy(self.llm.scores[: len(chunk) - 1].copy()).float()
+            target = torch.tensor(chunk[1:])
+            nll += torch.nn.functional.cross_entropy(logits, target, reduction="sum").item()
+            count += len(chunk) - 1
+        prefill = ids[: args.prefill].tolist()
+        self.evaluate(prefill)  # warm-up
+        t_prefill = _median_time(lambda: self.evaluate(prefill), args.repeats)
+        (per_token,) = decode_rounds([self.generate], args.decode, args.repeats)
+        answer_ids = self.generate(args.decode)
+        if self.llm.token_eos() in answer_ids:  # llama.cpp's generate runs on past the end
+            answer_ids = answer_ids[: answer_ids.index(self.llm.token_eos())]
+        answer = self.tokenizer.decode(answer_ids, skip_special_tokens=True)
+        stem = self.path.stem
+        return Row(
+            config=stem.rsplit(".", 1)[-1] if "." in stem else "gguf",
+            mode="llama.cpp",
+            perplexity=math.exp(nll / count),
+            prefill_tok_s=args.prefill / t_prefill,
+            decode_tok_s=1 / statistics.median(per_token),
+            weight_MB=self.path.stat().st_size / 1e6,
+            answer=answer.strip().replace("\n", " "),
+            decode_vs_llama_cpp=1.0,
+        )
+
+
+def measure(
+    model, tokenizer, config: str, mode: str, ids, args, weight_bytes: int, llama=None
+) -> Row:
+    """One row. With ``llama`` (a LlamaCpp), decode is timed in rounds interleaved with
+    llama.cpp's, and the row carries the median of the per-round ratios."""
     prompt = prompt_ids(tokenizer)
     prefill = ids[: args.prefill].unsqueeze(0)
     with torch.no_grad():
         model(prefill)  # warm-up (and compilation, when compiled)
         t_prefill = _median_time(lambda: model(prefill), args.repeats)
         greedy(model, prompt, 2)
-        t_one = _median_time(lambda: greedy(model, prompt, 1), args.repeats)
-        t_all = _median_time(lambda: greedy(model, prompt, args.decode), args.repeats)
+        generators = [lambda n: greedy(model, prompt, n)]
+        if llama is not None:
+            generators.append(llama.generate)
+        ours, *theirs = decode_rounds(generators, args.decode, args.repeats)
     answer = tokenizer.decode(greedy(model, prompt, args.decode), skip_special_tokens=True)
+    vs_llama = math.nan
+    if theirs:
+        vs_llama = statistics.median(t / o for t, o in zip(theirs[0], ours, strict=True))
     return Row(
         config=config,
         mode=mode,
         perplexity=perplexity(model, ids),
         prefill_tok_s=args.prefill / t_prefill,
-        decode_tok_s=(args.decode - 1) / max(t_all - t_one, 1e-9),
+        decode_tok_s=1 / statistics.median(ours),
         weight_MB=weight_bytes / 1e6,
         answer=answer.strip().replace("\n", " "),
-    )
-
-
-def _timed_run(fn, repeats: int) -> float:
-    fn()  # warm-up
-    return _median_time(fn, repeats)
-
-
-def measure_llama_cpp(path: Path, tokenizer, ids, args) -> Row | None:
-    """The same GGUF file through llama.cpp (llama-cpp-python), measured like ``measure``:
-    the same token ids, perplexity windows, prefill length, prompt and greedy decode, and
-    torch's thread count. None when llama-cpp-python is missing or the model is no GGUF."""
-    try:
-        import llama_cpp
-    except ImportError:
-        return None
-    if path.suffix != ".gguf":
-        return None
-    prompt = prompt_ids(tokenizer)[0].tolist()
-    window = 512
-    llm = llama_cpp.Llama(
-        model_path=str(path),
-        n_ctx=max(window + 1, args.prefill, len(prompt) + args.decode) + 8,
-        n_batch=max(window, args.prefill),
-        n_threads=torch.get_num_threads(),
-        n_threads_batch=torch.get_num_threads(),
-        logits_all=True,
-        verbose=False,
-    )
-
-    def evaluate(tokens: list[int]) -> None:
-        llm.reset()
-        llm.eval(tokens)
-
-    def generate(n: int) -> list[int]:
-        llm.reset()  # no KV-cache reuse across runs: each one prefills the prompt, as ours do
-        out = []
-        for token in llm.generate(prompt, top_k=1, temp=0.0, reset=True):
-            out.append(token)
-            if len(out) == n:
-                return out
-        return out
-
-    nll, count = 0.0, 0
-    for start in range(0, ids.numel() - 1, window):
-        chunk = ids[start : start + window + 1].tolist()
-        if len(chunk) < 2:
-            break
-        evaluate(chunk[:-1])
-        logits = torch.from_numpy(llm.scores[: len(chunk) - 1].copy()).float()
-        target = torch.tensor(chunk[1:])
-        nll += torch.nn.functional.cross_entropy(logits, target, reduction="sum").item()
-        count += len(chunk) - 1
-    prefill = ids[: args.prefill].tolist()
-    t_prefill = _timed_run(lambda: evaluate(prefill), args.repeats)
-    t_one = _timed_run(lambda: generate(1), args.repeats)
-    t_all = _median_time(lambda: generate(args.decode), args.repeats)
-    answer_ids = generate(args.decode)
-    if llm.token_eos() in answer_ids:  # llama.cpp's generate runs on past the end of the answer
-        answer_ids = answer_ids[: answer_ids.index(llm.token_eos())]
-    answer = tokenizer.decode(answer_ids, skip_special_tokens=True)
-    quant = path.stem.rsplit(".", 1)[-1] if "." in path.stem else "gguf"
-    return Row(
-        config=quant,
-        mode="llama.cpp",
-        perplexity=math.exp(nll / count),
-        prefill_tok_s=args.prefill / t_prefill,
-        decode_tok_s=(args.decode - 1) / max(t_all - t_one, 1e-9),
-        weight_MB=path.stat().st_size / 1e6,
-        answer=answer.strip().replace("\n", " "),
+        decode_vs_llama_cpp=vs_llama,
     )
 
 
@@ -331,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=1024, help="perplexity tokens")
     parser.add_argument("--prefill", type=int, default=256, help="prefill length")
     parser.add_argument("--decode", type=int, default=32, help="tokens to generate")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", help="output folder (default: benchmarks/results/<device>)")
     args = parser.parse_args(argv)
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
@@ -359,6 +392,9 @@ def main(argv: list[str] | None = None) -> int:
     ids = eval_ids(tokenizer, args.tokens)
     cache_len = max(513, args.prefill, prompt_ids(tokenizer).shape[1] + args.decode)
     calibration = calibration_batches(tokenizer)
+    llama = LlamaCpp.open(model_path, tokenizer, args)
+    if llama is None:
+        print("no llama.cpp rows: they need a .gguf model and `pip install llama-cpp-python`")
     rows = []
     for config in tqdm(configs, desc="configs"):
         model = copy.deepcopy(base)
@@ -375,14 +411,11 @@ def main(argv: list[str] | None = None) -> int:
             elif mode == "compiled":
                 # generate() calls forward with a growing KV cache: one dynamic-shape graph.
                 model.forward = torch.compile(model.forward, dynamic=True)
-            rows.append(measure(runner, tokenizer, config, mode, ids, args, weight_bytes))
+            rows.append(measure(runner, tokenizer, config, mode, ids, args, weight_bytes, llama))
             if mode == "compiled":
                 del model.forward  # back to the class's forward for the modes after it
-    llama = measure_llama_cpp(model_path, tokenizer, ids, args)
-    if llama is None:
-        print("no llama.cpp row: it needs a .gguf model and `pip install llama-cpp-python`")
-    else:
-        rows.append(llama)
+    if llama is not None:
+        rows.append(llama.row(ids))
     table = [r.__dict__ for r in rows]
     fp32 = {r.mode: r for r in rows if r.config == "fp32"}
     nan = float("nan")
@@ -391,7 +424,6 @@ def main(argv: list[str] | None = None) -> int:
         ref = fp32.get(r["mode"]) or fp32.get("eager") or next(iter(fp32.values()), None)
         r["decode_vs_fp32"] = r["decode_tok_s"] / ref.decode_tok_s if ref else nan
         r["ppl_vs_fp32"] = r["perplexity"] / ref.perplexity if ref else nan
-        r["decode_vs_llama_cpp"] = r["decode_tok_s"] / llama.decode_tok_s if llama else nan
     columns = [
         "config",
         "mode",
@@ -404,6 +436,11 @@ def main(argv: list[str] | None = None) -> int:
         "weight_MB",
     ]
     print(common.format_table(table, columns))
+    if llama is not None:
+        print(
+            "decode_vs_llama_cpp: llama.cpp's time per token over the row's, median of "
+            f"{args.repeats} rounds interleaved with it (> 1: faster than llama.cpp)"
+        )
     for r in rows:
         print(f"{r.config:>12} {r.mode:>8}: {r.answer}")
     out = common.results_dir(env, args.out)
