@@ -7,6 +7,7 @@ with torchslim.backend("reference"):  # force a backend (cpu | triton | cuda | r
     ...
 torch.compile(model, backend="torchslim")  # torchslim's graph passes, then Inductor
 lm = torchslim.aot_compile(hf_model)        # prefill + decode as C++ (AOTInductor)
+out = torchslim.attention(q, k, v, causal=True)  # fused attention, (B, H, S, D)
 """
 
 __version__ = "0.1.0"
@@ -14,7 +15,7 @@ __version__ = "0.1.0"
 from torchslim import compiler, nn, ops, quant, reference
 from torchslim._info import info
 from torchslim.aot import AOTCausalLM, aot_compile
-from torchslim.ops import BackendUnavailableError, backend, explain
+from torchslim.ops import BackendUnavailableError, attention, backend, explain
 from torchslim.patching import METHODS, PatchReport, patch
 from torchslim.serialization import load, save
 
@@ -27,6 +28,7 @@ __all__ = [
     "PatchReport",
     "__version__",
     "aot_compile",
+    "attention",
     "backend",
     "compiler",
     "explain",

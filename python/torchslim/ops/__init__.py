@@ -9,6 +9,7 @@ from torchslim.ops._registry import (
     registered_ops,
     strict_mode,
 )
+from torchslim.ops.attention import attention
 from torchslim.ops.int4 import int4_weight_only_linear, int4_weight_only_linear_tc
 from torchslim.ops.int8 import (
     int8_dynamic_linear,
@@ -20,6 +21,7 @@ from torchslim.ops.int8 import (
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
+    "attention",
     "backend",
     "explain",
     "forced_backend",

@@ -1,5 +1,6 @@
 """Pure-PyTorch reference implementations: the specification of every torchslim op."""
 
+from torchslim.reference.attention import attention, visible_keys
 from torchslim.reference.int4 import (
     dequantize_int4,
     int4_weight_only_linear,
@@ -20,6 +21,7 @@ from torchslim.reference.int8 import (
 )
 
 __all__ = [
+    "attention",
     "dequantize_int4",
     "int4_weight_only_linear",
     "int4_weight_only_linear_tc",
@@ -34,4 +36,5 @@ __all__ = [
     "tc_to_plain",
     "unpack_int4",
     "unpack_int4_tc",
+    "visible_keys",
 ]

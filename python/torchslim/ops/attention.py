@@ -1,0 +1,160 @@
+"""Fused attention: softmax(q k^T * scale) v without the score matrix in memory.
+
+Schema (``torch.ops.torchslim.*``); the math in :mod:`torchslim.reference.attention`:
+
+    attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask=None, bool causal=False,
+              float? scale=None, int window=-1, Tensor? kv_lens=None) -> Tensor
+        q: (B, H, Sq, D), k: (B, Hkv, Sk, D), v: (B, Hkv, Sk, Dv), one float dtype, Hkv
+        dividing H (GQA); attn_mask: bool (True = attend) or float added to the scores,
+        broadcastable to (B, H, Sq, Sk); causal: aligned bottom-right; window: the sliding
+        window with causal (-1: none); kv_lens: (B,) int32/int64 valid keys per sequence
+        ->  (B, H, Sq, Dv) in q.dtype; a row with no visible key is zeros.
+
+Backends: the reference on every device (kernels register themselves here as they land).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from torchslim import reference as ref
+from torchslim.ops._registry import OpBackends, define_op
+from torchslim.ops.int8 import _check_same_device, _require_tensors
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_attention(q, k, v, attn_mask, causal, scale, window, kv_lens) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(
+                f"{name} must be 4-D (batch, heads, seq, head_dim), got {t.dim()}-D shape "
+                f"{tuple(t.shape)}"
+            )
+        if t.dtype not in _FLOATS:
+            raise TypeError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"k and v must have q's dtype {q.dtype}, got {k.dtype} and {v.dtype}")
+    b, h, sq, d = q.shape
+    if k.shape[0] != b or v.shape[0] != b:
+        raise ValueError(
+            f"q, k and v must have one batch size, got {b}, {k.shape[0]} and {v.shape[0]}"
+        )
+    if k.shape[3] != d:
+        raise ValueError(f"k must have q's head_dim {d}, got shape {tuple(k.shape)}")
+    if v.shape[1] != k.shape[1] or v.shape[2] != k.shape[2]:
+        raise ValueError(
+            f"v must have k's heads and sequence length {tuple(k.shape[1:3])}, got shape "
+            f"{tuple(v.shape)}"
+        )
+    hkv, sk = k.shape[1], k.shape[2]
+    if hkv == 0 or h % hkv:
+        raise ValueError(f"k's heads ({hkv}) must divide q's heads ({h}) (grouped-query attention)")
+    if attn_mask is not None:
+        if attn_mask.dtype != torch.bool and attn_mask.dtype not in _FLOATS:
+            raise TypeError(f"attn_mask must be bool or floating point, got {attn_mask.dtype}")
+        try:
+            shape = torch.broadcast_shapes(attn_mask.shape, (b, h, sq, sk))
+        except RuntimeError:
+            shape = None
+        if shape != (b, h, sq, sk):
+            raise ValueError(
+                f"attn_mask must broadcast to (B, H, Sq, Sk) = {(b, h, sq, sk)}, got shape "
+                f"{tuple(attn_mask.shape)}"
+            )
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if scale is not None and not (isinstance(scale, float) and math.isfinite(scale)):
+        raise ValueError(f"scale must be a finite float or None, got {scale!r}")
+    if isinstance(window, bool) or not isinstance(window, int) or (window != -1 and window < 1):
+        raise ValueError(f"window must be a positive int or -1 (none), got {window!r}")
+    if window != -1 and not causal:
+        raise ValueError("window (a sliding window over past keys) needs causal=True")
+    if kv_lens is not None:
+        if kv_lens.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"kv_lens must be int32 or int64, got {kv_lens.dtype}")
+        if tuple(kv_lens.shape) != (b,):
+            raise ValueError(f"kv_lens must have shape (B,) = ({b},), got {tuple(kv_lens.shape)}")
+    _check_same_device(q, k=k, v=v, attn_mask=attn_mask, kv_lens=kv_lens)
+
+
+def _check_kv_lens_values(kv_lens, sk) -> None:
+    """Eager only: the values, which a fake tensor does not have."""
+    if kv_lens is not None and kv_lens.numel() and (kv_lens.min() < 0 or kv_lens.max() > sk):
+        raise ValueError(f"kv_lens must be in [0, Sk={sk}], got {kv_lens.tolist()}")
+
+
+def _reference(q, k, v, attn_mask, causal, scale, window, kv_lens):
+    return ref.attention(
+        q, k, v, attn_mask, causal, scale, None if window == -1 else window, kv_lens
+    )
+
+
+_ATTENTION = OpBackends(name="attention", reference=_reference, preference={})
+
+
+def _impl(q, k, v, attn_mask=None, causal=False, scale=None, window=-1, kv_lens=None):
+    _check_attention(q, k, v, attn_mask, causal, scale, window, kv_lens)
+    _check_kv_lens_values(kv_lens, k.shape[2])
+    return _ATTENTION(q, k, v, attn_mask, causal, scale, window, kv_lens)
+
+
+def _fake(q, k, v, attn_mask=None, causal=False, scale=None, window=-1, kv_lens=None):
+    _check_attention(q, k, v, attn_mask, causal, scale, window, kv_lens)
+    return q.new_empty((*q.shape[:3], v.shape[3]))
+
+
+define_op(
+    "attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask=None, bool causal=False, "
+    "float? scale=None, int window=-1, Tensor? kv_lens=None) -> Tensor",
+    impl=_impl,
+    fake=_fake,
+    backends=_ATTENTION,
+)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    attn_mask: torch.Tensor | None = None,
+    window: int | None = None,
+    kv_lens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention in the layout of ``F.scaled_dot_product_attention``, (B, H, S, D), with the
+    score matrix never in memory on the kernels' paths.
+
+    Args:
+        q: (B, H, Sq, D) queries; k: (B, Hkv, Sk, D) keys; v: (B, Hkv, Sk, Dv) values, all one
+            float dtype. Hkv divides H: query head h reads key/value head h // (H // Hkv).
+        causal: each query sees the keys at or before its position, aligned bottom-right
+            (the last query is the last key), as in FlashAttention: KV-cache decode and
+            chunked prefill pass the new queries against the whole cache. Note that
+            ``F.scaled_dot_product_attention(is_causal=True)`` aligns top-left instead; the
+            two agree when Sq == Sk.
+        scale: multiplies q k^T; default 1 / sqrt(D).
+        attn_mask: bool (True = attend) or float added to the scores, broadcastable to
+            (B, H, Sq, Sk); a Hugging Face padding mask fits here.
+        window: with causal, a sliding window: the last ``window`` positions up to the
+            query's own.
+        kv_lens: (B,) int: sequence b has keys 0 .. kv_lens[b] - 1, the rest is padding;
+            causal alignment then ends at kv_lens[b].
+
+    Returns:
+        (B, H, Sq, Dv) in q's dtype. A query row with no visible key gets zeros.
+    """
+    _require_tensors(q=q, k=k, v=v, attn_mask=attn_mask, kv_lens=kv_lens)
+    if not isinstance(causal, bool):  # the dispatcher would take 1 for True
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if window is None:
+        window = -1
+    elif isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be a positive int or None, got {window!r}")
+    if isinstance(scale, int) and not isinstance(scale, bool):
+        scale = float(scale)
+    return torch.ops.torchslim.attention(q, k, v, attn_mask, causal, scale, window, kv_lens)

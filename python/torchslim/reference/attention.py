@@ -1,0 +1,88 @@
+"""Attention: the specification of torchslim's fused attention.
+
+    out = softmax(q @ k.T * scale + bias, masked to the visible keys) @ v
+
+in the layout of ``F.scaled_dot_product_attention``: q (B, H, Sq, D), k (B, Hkv, Sk, D),
+v (B, Hkv, Sk, Dv) -> (B, H, Sq, Dv) in q's dtype. What a query row sees:
+
+- GQA / MQA: Hkv divides H; query head h reads key/value head h // (H // Hkv).
+- kv_lens (B,): sequence b has kv_lens[b] valid keys (0 .. kv_lens[b] - 1); the rest are
+  padding. Without it every sequence has Sk keys.
+- causal: aligned bottom-right, as FlashAttention does: query i of sequence b sits at
+  position i + L - Sq with L = kv_lens[b] (or Sk), and sees the keys at or before it. A query
+  shorter than the keys is the end of the sequence (KV-cache decode, chunked prefill).
+- window (with causal): only the last ``window`` positions up to the query's own:
+  key j is visible when position - window < j <= position.
+- attn_mask: boolean (True = attend) or additive float, broadcastable to (B, H, Sq, Sk).
+
+A row with no visible key (everything masked) produces zeros, not NaN.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def visible_keys(
+    b: int,
+    sq: int,
+    sk: int,
+    device: torch.device,
+    *,
+    causal: bool = False,
+    window: int | None = None,
+    kv_lens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(b or 1, 1, sq, sk) bool: the keys each query row may see before attn_mask."""
+    keys = torch.arange(sk, device=device)
+    if kv_lens is None:
+        lens = torch.full((1, 1, 1, 1), sk, device=device, dtype=torch.long)
+    else:
+        lens = kv_lens.to(device=device, dtype=torch.long).reshape(b, 1, 1, 1)
+    visible = keys < lens
+    if causal:
+        position = torch.arange(sq, device=device).reshape(sq, 1) + lens - sq
+        visible = visible & (keys <= position)
+        if window is not None:
+            visible = visible & (keys > position - window)
+    return visible.expand(lens.shape[0], 1, sq, sk)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+    window: int | None = None,
+    kv_lens: torch.Tensor | None = None,
+    *,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """The attention of the module docstring, computed in ``compute_dtype`` (float64 for the
+    yardstick in tests); returns q's dtype unless compute_dtype is float64."""
+    b, h, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    if hkv != h:
+        k = k.repeat_interleave(h // hkv, dim=1)
+        v = v.repeat_interleave(h // hkv, dim=1)
+    scores = (q.to(compute_dtype) @ k.to(compute_dtype).transpose(-1, -2)) * scale
+    visible = visible_keys(b, sq, sk, q.device, causal=causal, window=window, kv_lens=kv_lens)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            visible = visible & attn_mask
+        else:
+            scores = scores + attn_mask.to(compute_dtype)
+    scores = scores.masked_fill(~visible, -math.inf)
+    # Softmax that leaves a row with no visible key (all -inf) at zero instead of NaN.
+    top = scores.amax(dim=-1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    weights = torch.exp(scores - top)
+    total = weights.sum(dim=-1, keepdim=True)
+    weights = torch.where(total > 0, weights / total, torch.zeros_like(weights))
+    out = weights @ v.to(compute_dtype)
+    return out if compute_dtype == torch.float64 else out.to(q.dtype)

@@ -1,0 +1,181 @@
+"""Fused attention: the reference's semantics against PyTorch's SDPA, the op and its checks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import torchslim
+from torchslim import reference as ref
+from torchslim.testing import check_close
+
+
+def _qkv(b, h, hkv, sq, sk, d, gen, dtype=torch.float32, dv=None):
+    q = torch.randn(b, h, sq, d, generator=gen)
+    k = torch.randn(b, hkv, sk, d, generator=gen)
+    v = torch.randn(b, hkv, sk, dv or d, generator=gen)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def _bottom_right(sq, sk, window=None):
+    """The causal mask aligned bottom-right, spelled out for SDPA."""
+    position = torch.arange(sq).reshape(sq, 1) + sk - sq
+    keys = torch.arange(sk)
+    mask = keys <= position
+    if window is not None:
+        mask &= keys > position - window
+    return mask
+
+
+# --------------------------------------------------------------------------- reference
+@pytest.mark.parametrize(("sq", "sk"), [(1, 1), (5, 5), (17, 17), (1, 59), (7, 59)])
+@pytest.mark.parametrize("hkv", [6, 2, 1])
+def test_reference_is_sdpa(sq, sk, hkv, gen):
+    """Plain, causal (bottom-right), GQA and scaled: PyTorch's SDPA with the same mask."""
+    q, k, v = _qkv(2, 6, hkv, sq, sk, 32, gen)
+    gqa = hkv != 6
+    torch.testing.assert_close(
+        ref.attention(q, k, v), F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+    )
+    mask = _bottom_right(sq, sk)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa, scale=0.3)
+    torch.testing.assert_close(ref.attention(q, k, v, causal=True, scale=0.3), want)
+    if sq == sk:  # top-left and bottom-right alignment agree
+        want = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        torch.testing.assert_close(ref.attention(q, k, v, causal=True), want)
+
+
+def test_reference_masks_and_value_dim(gen):
+    q, k, v = _qkv(2, 4, 4, 9, 13, 16, gen, dv=24)
+    keep = torch.rand(2, 1, 9, 13, generator=gen) > 0.3
+    keep[..., 0] = True  # SDPA gives NaN for rows with no key; those are tested below
+    torch.testing.assert_close(
+        ref.attention(q, k, v, attn_mask=keep),
+        F.scaled_dot_product_attention(q, k, v, attn_mask=keep),
+    )
+    bias = torch.randn(1, 4, 9, 13, generator=gen)
+    torch.testing.assert_close(
+        ref.attention(q, k, v, attn_mask=bias),
+        F.scaled_dot_product_attention(q, k, v, attn_mask=bias),
+    )
+    assert ref.attention(q, k, v).shape == (2, 4, 9, 24)
+
+
+def test_reference_window(gen):
+    q, k, v = _qkv(1, 2, 2, 6, 20, 16, gen)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=_bottom_right(6, 20, window=4))
+    torch.testing.assert_close(ref.attention(q, k, v, causal=True, window=4), want)
+
+
+def test_reference_kv_lens_is_each_sequence_alone(gen):
+    """A right-padded batch: sequence b is its first kv_lens[b] keys, causal at its own end."""
+    q, k, v = _qkv(3, 4, 2, 3, 10, 16, gen)
+    lens = torch.tensor([10, 4, 7])
+    out = ref.attention(q, k, v, causal=True, kv_lens=lens)
+    for b, n in enumerate(lens.tolist()):
+        alone = ref.attention(q[b : b + 1], k[b : b + 1, :, :n], v[b : b + 1, :, :n], causal=True)
+        torch.testing.assert_close(out[b : b + 1], alone)
+
+
+def test_rows_with_no_visible_key_are_zero(gen):
+    q, k, v = _qkv(2, 2, 2, 4, 6, 8, gen)
+    keep = torch.ones(2, 2, 4, 6, dtype=torch.bool)
+    keep[0, 1, 2] = False
+    out = ref.attention(q, k, v, attn_mask=keep)
+    assert torch.isfinite(out).all() and (out[0, 1, 2] == 0).all()
+    assert out[0, 1, 1].abs().sum() > 0
+    bias = torch.zeros(2, 2, 4, 6)
+    bias[1, 0, 3] = -math.inf
+    out = ref.attention(q, k, v, attn_mask=bias)
+    assert torch.isfinite(out).all() and (out[1, 0, 3] == 0).all()
+    out = ref.attention(q, k, v, kv_lens=torch.tensor([0, 6]))
+    assert (out[0] == 0).all() and torch.isfinite(out).all()
+    # causal with more queries than keys: the first rows see nothing
+    out = ref.attention(q, k[:, :, :2], v[:, :, :2], causal=True)
+    assert (out[:, :, :2] == 0).all() and (out[:, :, 2:] != 0).any()
+
+
+# --------------------------------------------------------------------------- the op
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_op_matches_the_reference_by_the_flash_rule(dtype, gen):
+    q, k, v = _qkv(2, 6, 2, 17, 59, 64, gen, dtype)
+    keep = torch.rand(2, 1, 17, 59, generator=gen) > 0.2
+    for kwargs in ({}, {"causal": True}, {"attn_mask": keep}, {"causal": True, "window": 8}):
+        out = torchslim.attention(q, k, v, **kwargs)
+        assert out.dtype == dtype and out.shape == (2, 6, 17, 64)
+        window = kwargs.get("window")
+        args = (kwargs.get("attn_mask"), kwargs.get("causal", False), None, window)
+        ref64 = ref.attention(
+            q.double(), k.double(), v.double(), *args, compute_dtype=torch.float64
+        )
+        check_close(out, ref64, ref.attention(q, k, v, *args, compute_dtype=dtype))
+
+
+def test_op_compiles_without_graph_breaks(gen):
+    q, k, v = _qkv(1, 4, 2, 5, 9, 16, gen)
+
+    def fn(q, k, v):
+        return torchslim.attention(q, k, v, causal=True).relu()
+
+    compiled = torch.compile(fn, fullgraph=True, backend="inductor")
+    torch.testing.assert_close(compiled(q, k, v), fn(q, k, v))
+
+
+def test_opcheck(gen):
+    q, k, v = _qkv(2, 4, 2, 3, 7, 16, gen)
+    keep = torch.rand(2, 1, 3, 7, generator=gen) > 0.2
+    for args in (
+        (q, k, v),
+        (q, k, v, keep, True, 0.5, 3, torch.tensor([7, 5])),
+        (q, k, v, torch.randn(3, 7, generator=gen), False, None, -1, None),
+    ):
+        torch.library.opcheck(torch.ops.torchslim.attention.default, args)
+
+
+def test_strict_cpu_without_a_kernel_raises(gen):
+    q, k, v = _qkv(1, 2, 2, 3, 3, 8, gen)
+    with (
+        torchslim.backend("cpu", strict=True),
+        pytest.raises(torchslim.BackendUnavailableError, match="no cpu kernel"),
+    ):
+        torchslim.attention(q, k, v)
+
+
+def _bad_inputs():
+    q = torch.randn(2, 4, 3, 8)
+    k = torch.randn(2, 2, 5, 8)
+    v = torch.randn(2, 2, 5, 8)
+    a = torchslim.attention
+    return [
+        ("3-D q", lambda: a(q[0], k, v), ValueError, "q must be 4-D"),
+        ("int q", lambda: a(q.int(), k, v), TypeError, "q must be float32"),
+        ("mixed dtypes", lambda: a(q, k.half(), v), TypeError, "k and v must have q's dtype"),
+        ("batch", lambda: a(q, k[:1], v[:1]), ValueError, "one batch size"),
+        ("head dim", lambda: a(q, k[..., :4], v), ValueError, "k must have q's head_dim"),
+        ("v length", lambda: a(q, k, v[:, :, :4]), ValueError, "v must have k's heads"),
+        ("heads", lambda: a(torch.randn(2, 3, 3, 8), k, v), ValueError, "must divide q's heads"),
+        ("mask shape", lambda: a(q, k, v, attn_mask=torch.ones(3, 4, dtype=torch.bool)),
+         ValueError, "attn_mask must broadcast"),
+        ("mask dtype", lambda: a(q, k, v, attn_mask=torch.ones(3, 5, dtype=torch.int32)),
+         TypeError, "attn_mask must be bool or floating"),
+        ("window without causal", lambda: a(q, k, v, window=2), ValueError, "needs causal"),
+        ("window 0", lambda: a(q, k, v, causal=True, window=0), ValueError, "window must be"),
+        ("scale", lambda: a(q, k, v, scale=math.nan), ValueError, "scale must be"),
+        ("causal", lambda: a(q, k, v, causal=1), TypeError, "causal must be a bool"),
+        ("kv_lens dtype", lambda: a(q, k, v, kv_lens=torch.tensor([1.0, 2.0])),
+         TypeError, "kv_lens must be int32"),
+        ("kv_lens shape", lambda: a(q, k, v, kv_lens=torch.tensor([1])), ValueError,
+         r"kv_lens must have shape \(B,\)"),
+        ("kv_lens values", lambda: a(q, k, v, kv_lens=torch.tensor([1, 6])), ValueError,
+         r"kv_lens must be in \[0, Sk=5\]"),
+        ("not a tensor", lambda: a(q, k, [1.0]), TypeError, "v must be a torch.Tensor"),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(("what", "call", "exc", "match"), _bad_inputs(), ids=lambda v: None)
+def test_bad_input_names_the_argument(what, call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
