@@ -7,11 +7,15 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <tuple>
+#include <utility>
+#include <vector>
 
 #include "bindings/registry.h"
 #include "cpu/kernels.h"
@@ -444,6 +448,144 @@ at::Tensor int4_weight_only_linear_op(const at::Tensor& x, const at::Tensor& pac
       x);
 }
 
+// Fused attention (cpu/attention.h): q (B, H, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv), one
+// dtype (fp32/bf16); attn_mask bool or float, broadcastable to (B, H, Sq, Sk); window <= 0 for
+// none; kv_lens (B,) int. Work items are blocks of kAttnBlockQ query rows of one (b, h).
+at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                         const OptTensor& attn_mask, bool causal, std::optional<double> scale,
+                         int64_t window, const OptTensor& kv_lens) {
+  for (const auto& [t, name] : {std::pair{&q, "q"}, {&k, "k"}, {&v, "v"}}) {
+    check_cpu(*t, name);
+    TORCHSLIM_CHECK(t->dim() == 4, name, " must be 4-D (B, H, S, D), got ", t->dim(), "-D");
+    TORCHSLIM_CHECK_TYPE(t->scalar_type() == q.scalar_type(), name, " must have q's dtype ",
+                         q.scalar_type(), ", got ", t->scalar_type());
+  }
+  const ScalarType type = float_type(q, "q");
+  const int64_t B = q.size(0), H = q.size(1), Sq = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), Sk = k.size(2), Dv = v.size(3);
+  TORCHSLIM_CHECK(k.size(0) == B && v.size(0) == B && k.size(3) == D && v.size(1) == Hkv &&
+                      v.size(2) == Sk && Hkv > 0 && H % Hkv == 0,
+                  "q, k, v must be (B, H, Sq, D), (B, Hkv, Sk, D), (B, Hkv, Sk, Dv) with Hkv "
+                  "dividing H, got ",
+                  q.sizes(), ", ", k.sizes(), ", ", v.sizes());
+  auto unit_d = [](const at::Tensor& t) {
+    return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous();
+  };
+  const at::Tensor qc = unit_d(q), kc = unit_d(k), vc = unit_d(v);
+  at::Tensor mask;
+  if (attn_mask.has_value() && attn_mask->defined()) {
+    check_cpu(*attn_mask, "attn_mask");
+    mask = attn_mask->scalar_type() == at::kBool
+               ? at::where(*attn_mask, 0.0f, -std::numeric_limits<float>::infinity())
+               : attn_mask->to(at::kFloat);
+    mask = mask.expand({B, H, Sq, Sk});
+  }
+  at::Tensor lens;
+  if (kv_lens.has_value() && kv_lens->defined()) {
+    check_cpu(*kv_lens, "kv_lens");
+    TORCHSLIM_CHECK(kv_lens->dim() == 1 && kv_lens->size(0) == B, "kv_lens must have shape (", B,
+                    ",), got ", kv_lens->sizes());
+    lens = kv_lens->to(at::kLong).contiguous();
+    TORCHSLIM_CHECK(B == 0 || (lens.min().item<int64_t>() >= 0 && lens.max().item<int64_t>() <= Sk),
+                    "kv_lens must be in [0, Sk=", Sk, "]");
+  }
+  at::Tensor out = at::empty({B, H, Sq, Dv}, q.options());
+  if (out.numel() == 0) return out;
+  const cpu::AttentionArgs args{
+      qc.data_ptr(),
+      qc.stride(0),
+      qc.stride(1),
+      qc.stride(2),
+      kc.data_ptr(),
+      kc.stride(0),
+      kc.stride(1),
+      kc.stride(2),
+      vc.data_ptr(),
+      vc.stride(0),
+      vc.stride(1),
+      vc.stride(2),
+      out.data_ptr(),
+      out.stride(0),
+      out.stride(1),
+      out.stride(2),
+      type,
+      mask.defined() ? mask.data_ptr<float>() : nullptr,
+      mask.defined() ? mask.stride(0) : 0,
+      mask.defined() ? mask.stride(1) : 0,
+      mask.defined() ? mask.stride(2) : 0,
+      mask.defined() ? mask.stride(3) : 0,
+      lens.defined() ? lens.data_ptr<int64_t>() : nullptr,
+      B,
+      H,
+      Hkv,
+      Sq,
+      Sk,
+      D,
+      Dv,
+      static_cast<float>(scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(D))),
+      causal,
+      window > 0 ? window : 0};
+  const cpu::KernelTable& kt = cpu::active_kernels();
+  const int64_t blocks = (Sq + cpu::kAttnBlockQ - 1) / cpu::kAttnBlockQ;
+  const int64_t work_floats = cpu::attention_work_floats(D, Dv);
+  at::parallel_for(0, B * H * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> work(work_floats);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t i0 = (t % blocks) * cpu::kAttnBlockQ, bh = t / blocks;
+      kt.attention(args, bh / H, bh % H, i0, std::min(i0 + cpu::kAttnBlockQ, Sq), work.data());
+    }
+  });
+  return out;
+}
+
+// What attention_cpu takes as the Python impl would (torchslim/ops/attention.py); anything else
+// goes to the Python impl, which raises or runs the reference.
+bool is_attention_input(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                        const OptTensor& attn_mask, bool causal, std::optional<double> scale,
+                        int64_t window, const OptTensor& kv_lens) {
+  if (!is_cpu_float(q) || q.dim() != 4) return false;
+  for (const at::Tensor* t : {&k, &v}) {
+    if (!t->device().is_cpu() || t->scalar_type() != q.scalar_type() || t->dim() != 4) {
+      return false;
+    }
+  }
+  const int64_t B = q.size(0), H = q.size(1), Hkv = k.size(1), Sk = k.size(2);
+  if (k.size(0) != B || v.size(0) != B || k.size(3) != q.size(3) || v.size(1) != Hkv ||
+      v.size(2) != Sk || Hkv == 0 || H % Hkv != 0) {
+    return false;
+  }
+  if (attn_mask.has_value()) {
+    const at::Tensor& m = *attn_mask;
+    const at::ScalarType mt = m.scalar_type();
+    if (!m.device().is_cpu() || m.dim() > 4 ||
+        !(mt == at::kBool || mt == at::kFloat || mt == at::kBFloat16 || mt == at::kHalf)) {
+      return false;
+    }
+    const int64_t want[4] = {B, H, q.size(2), Sk};
+    for (int64_t d = 0; d < m.dim(); ++d) {
+      const int64_t size = m.size(m.dim() - 1 - d), target = want[3 - d];
+      if (size != target && size != 1) return false;
+    }
+  }
+  if (kv_lens.has_value() &&
+      !(kv_lens->device().is_cpu() && kv_lens->dim() == 1 && kv_lens->size(0) == B &&
+        (kv_lens->scalar_type() == at::kInt || kv_lens->scalar_type() == at::kLong))) {
+    return false;
+  }
+  return (!scale.has_value() || std::isfinite(*scale)) && (window == -1 || (window > 0 && causal));
+}
+
+at::Tensor attention_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                        const OptTensor& attn_mask, bool causal, std::optional<double> scale,
+                        int64_t window, const OptTensor& kv_lens) {
+  if (!registry::automatic("cpu") ||
+      !is_attention_input(q, k, v, attn_mask, causal, scale, window, kv_lens)) {
+    return registry::call_python<at::Tensor>("attention", q, k, v, attn_mask, causal, scale, window,
+                                             kv_lens);
+  }
+  return attention_cpu(q, k, v, attn_mask, causal, scale, window, kv_lens);
+}
+
 }  // namespace
 
 void bind_cpu(pybind11::module_& m) {
@@ -461,6 +603,11 @@ void bind_cpu(pybind11::module_& m) {
         "W4A16 linear (activations in Q8 blocks of 32)", pybind11::arg("x"),
         pybind11::arg("packed_w"), pybind11::arg("scales"), pybind11::arg("zeros"),
         pybind11::arg("group_size"), pybind11::arg("bias") = pybind11::none());
+  m.def("attention_cpu", &attention_cpu, "fused attention (online softmax over key tiles)",
+        pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"),
+        pybind11::arg("attn_mask") = pybind11::none(), pybind11::arg("causal") = false,
+        pybind11::arg("scale") = pybind11::none(), pybind11::arg("window") = -1,
+        pybind11::arg("kv_lens") = pybind11::none());
 }
 
 }  // namespace torchslim
@@ -471,4 +618,5 @@ TORCH_LIBRARY_IMPL(torchslim, CPU, m) {
   m.impl("int8_dynamic_linear", &torchslim::int8_dynamic_linear_op);
   m.impl("int8_weight_only_linear", &torchslim::int8_weight_only_linear_op);
   m.impl("int4_weight_only_linear", &torchslim::int4_weight_only_linear_op);
+  m.impl("attention", &torchslim::attention_op);
 }

@@ -12,6 +12,7 @@
 #define TORCHSLIM_ISA_AVX2 1
 #define TORCHSLIM_ISA_NS avx2
 #define TORCHSLIM_ISA_LEVEL Isa::kAvx2
+#include "attention.h"
 #include "int4_gemm.h"
 #include "int8_gemm.h"
 #include "isa_table.h"

@@ -15,6 +15,7 @@
 #define TORCHSLIM_ISA_AVX512 1
 #define TORCHSLIM_ISA_NS avx512
 #define TORCHSLIM_ISA_LEVEL Isa::kAvx512
+#include "attention.h"
 #include "int4_gemm.h"
 #include "int8_gemm.h"
 #include "isa_table.h"

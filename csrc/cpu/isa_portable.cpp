@@ -3,6 +3,7 @@
 
 #define TORCHSLIM_ISA_NS portable
 #define TORCHSLIM_ISA_LEVEL Isa::kPortable
+#include "attention.h"
 #include "int4_gemm.h"
 #include "int8_gemm.h"
 #include "isa_table.h"

@@ -119,6 +119,41 @@ struct W4GemmArgs {
   int64_t M, N, K, group_size;  // group_size divides K and is a multiple of 32, or equals K
 };
 
+// Attention (torchslim.reference.attention) for one (batch, head) and query rows [i0, i1):
+//   out[i] = sum_j p[i, j] v[j] / sum_j p[i, j],  p[i, j] = exp(s[i, j] - max_j s[i, j]),
+//   s[i, j] = scale * q[i] . k[j] + mask[i, j] over the visible keys j (zero rows: no key),
+// with query head h reading key/value head h / (H / Hkv). Strides are in elements; the last
+// dim of q, k, v and out is contiguous. The mask is additive fp32 (-inf hides a key), each of
+// its strides possibly 0 (broadcast). Visible keys of row i: j < len, and with causal
+// pos - window < j <= pos (window <= 0: unbounded) where pos = i + len - Sq, len = kv_lens[b]
+// or Sk. `work` holds attention_work_floats(D, Dv) floats for the calling thread.
+struct AttentionArgs {
+  const void* q;  // (B, H, Sq, D)
+  int64_t q_sb, q_sh, q_ss;
+  const void* k;  // (B, Hkv, Sk, D)
+  int64_t k_sb, k_sh, k_ss;
+  const void* v;  // (B, Hkv, Sk, Dv)
+  int64_t v_sb, v_sh, v_ss;
+  void* out;  // (B, H, Sq, Dv)
+  int64_t o_sb, o_sh, o_ss;
+  ScalarType type;    // of q, k, v and out: kFloat32 or kBFloat16
+  const float* mask;  // broadcast to (B, H, Sq, Sk), or null
+  int64_t m_sb, m_sh, m_sq, m_sk;
+  const int64_t* kv_lens;  // (B,) or null
+  int64_t B, H, Hkv, Sq, Sk, D, Dv;
+  float scale;
+  bool causal;
+  int64_t window;
+};
+
+// Query rows per work item, keys per tile.
+constexpr int64_t kAttnBlockQ = 32;
+constexpr int64_t kAttnBlockK = 64;
+
+inline int64_t attention_work_floats(int64_t D, int64_t Dv) {
+  return kAttnBlockQ * (D + Dv + kAttnBlockK + 2) + kAttnBlockK * (D + Dv);
+}
+
 struct KernelTable {
   Isa isa;
   void (*quantize_rows)(const QuantizeArgs& args, int64_t m0, int64_t m1);
@@ -126,6 +161,8 @@ struct KernelTable {
   void (*w8a16_gemm)(const W8A16Args& args, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
   void (*quantize_q8_blocks)(const Q8BlockArgs& args, int64_t m0, int64_t m1);
   void (*w4_gemm)(const W4GemmArgs& args, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
+  void (*attention)(const AttentionArgs& args, int64_t b, int64_t h, int64_t i0, int64_t i1,
+                    float* work);
 };
 
 namespace portable {

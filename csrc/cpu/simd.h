@@ -62,6 +62,14 @@ inline float load_f32(const float* p) { return *p; }
 inline float load_f32(const uint16_t* p) { return bf16_bits_to_f32(*p); }
 inline float load_f32(const Half* p) { return f16_bits_to_f32(p->bits); }
 
+// e^x as Cephes' expf computes it: x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two so that
+// n ln2 is exact), e^r = 1 + r + r^2 P(r) with a degree-5 P, times 2^n. About 1 ulp. Below
+// kExpLo the result would be subnormal; softmax takes it as 0.
+constexpr float kExpLo = -87.33654f, kExpHi = 88.0f, kLog2e = 1.44269504088896341f;
+constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+constexpr float kExpP[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                            4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+
 inline int8_t quantize_scalar(float v) {
   float r = __builtin_rintf(v);  // half to even in the default rounding mode
   r = r > 127.0f ? 127.0f : (r < -127.0f ? -127.0f : r);
@@ -140,7 +148,21 @@ struct FVec {
   }
   static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
   static R mul(R a, R b) { return _mm512_mul_ps(a, b); }
+  static R add(R a, R b) { return _mm512_add_ps(a, b); }
   static R sub(R a, R b) { return _mm512_sub_ps(a, b); }
+  // e^x (Cephes, see kExpP); 0 below kExpLo, NaN stays NaN.
+  static R exp(R x) {
+    const __mmask16 under = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kExpLo), _CMP_LT_OQ);
+    x = _mm512_max_ps(_mm512_set1_ps(kExpLo), _mm512_min_ps(_mm512_set1_ps(kExpHi), x));
+    const R n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    R r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
+    R y = _mm512_set1_ps(kExpP[0]);
+    for (int i = 1; i < 6; ++i) y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(kExpP[i]));
+    y = _mm512_add_ps(_mm512_fmadd_ps(y, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
+    return _mm512_maskz_mov_ps(static_cast<__mmask16>(~under), _mm512_scalef_ps(y, n));
+  }
   static float reduce_add(R v) { return _mm512_reduce_add_ps(v); }
   static R abs(R v) { return _mm512_abs_ps(v); }
   static R max(R a, R b) { return _mm512_max_ps(a, b); }
@@ -234,7 +256,23 @@ struct FVec {
   }
   static R fma(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
   static R mul(R a, R b) { return _mm256_mul_ps(a, b); }
+  static R add(R a, R b) { return _mm256_add_ps(a, b); }
   static R sub(R a, R b) { return _mm256_sub_ps(a, b); }
+  // e^x (Cephes, see kExpP); 0 below kExpLo, NaN stays NaN.
+  static R exp(R x) {
+    const R under = _mm256_cmp_ps(x, _mm256_set1_ps(kExpLo), _CMP_LT_OQ);
+    x = _mm256_max_ps(_mm256_set1_ps(kExpLo), _mm256_min_ps(_mm256_set1_ps(kExpHi), x));
+    const R n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)),
+                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    R r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
+    R y = _mm256_set1_ps(kExpP[0]);
+    for (int i = 1; i < 6; ++i) y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(kExpP[i]));
+    y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+    const __m256i two_n =
+        _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(under, _mm256_mul_ps(y, _mm256_castsi256_ps(two_n)));
+  }
   static float reduce_add(R v) { return hsum_ps(v); }
   static R abs(R v) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v); }
   static R max(R a, R b) { return _mm256_max_ps(a, b); }
@@ -338,7 +376,9 @@ struct FVec {
   static R load(const Half* p) { return load_f32(p); }
   static R fma(R a, R b, R c) { return a * b + c; }
   static R mul(R a, R b) { return a * b; }
+  static R add(R a, R b) { return a + b; }
   static R sub(R a, R b) { return a - b; }
+  static R exp(R x) { return x < kExpLo ? 0.0f : __builtin_expf(x); }
   static float reduce_add(R v) { return v; }
   static R abs(R v) { return __builtin_fabsf(v); }
   static R max(R a, R b) { return a > b ? a : b; }

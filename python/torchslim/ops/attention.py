@@ -10,7 +10,8 @@ Schema (``torch.ops.torchslim.*``); the math in :mod:`torchslim.reference.attent
         window with causal (-1: none); kv_lens: (B,) int32/int64 valid keys per sequence
         ->  (B, H, Sq, Dv) in q.dtype; a row with no visible key is zeros.
 
-Backends: the reference on every device (kernels register themselves here as they land).
+Backends: the CPU kernel (fp32/bf16, computing in fp32: csrc/cpu/attention.h); anything else
+runs the reference.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ import math
 
 import torch
 
+from torchslim import _ext
 from torchslim import reference as ref
-from torchslim.ops._registry import OpBackends, define_op
+from torchslim.ops._registry import Kernel, OpBackends, define_op
 from torchslim.ops.int8 import _check_same_device, _require_tensors
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -92,7 +94,27 @@ def _reference(q, k, v, attn_mask, causal, scale, window, kv_lens):
     )
 
 
-_ATTENTION = OpBackends(name="attention", reference=_reference, preference={})
+def _cpu_supports(q, *_args) -> str | None:
+    if q.device.type != "cpu":
+        return f"no kernel for {q.device.type} tensors"
+    if q.dtype not in (torch.float32, torch.bfloat16):
+        return f"cpu kernel takes float32, bfloat16, got {q.dtype}"
+    return None
+
+
+def _cpu_available() -> str | None:
+    why = _ext.cpu_available()
+    if why is None and not hasattr(_ext._C, "attention_cpu"):
+        return "torchslim._C has no attention_cpu (rebuild the extension)"
+    return why
+
+
+def _cpu_fn(*args):
+    return _ext._C.attention_cpu(*args)
+
+
+_ATTENTION = OpBackends(name="attention", reference=_reference, preference={"cpu": ("cpu",)})
+_ATTENTION.register(Kernel("cpu", _cpu_fn, _cpu_available, _cpu_supports))
 
 
 def _impl(q, k, v, attn_mask=None, causal=False, scale=None, window=-1, kv_lens=None):

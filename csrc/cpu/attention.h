@@ -1,0 +1,187 @@
+// Fused attention for the CPU (torchslim.reference.attention), written once and compiled per
+// ISA level (see int8_gemm.h).
+//
+// One call computes a block of up to kAttnBlockQ query rows of one (batch, head). The rows'
+// running max, running sum and output accumulate in fp32 in `work` while the visible keys
+// stream past in tiles of kAttnBlockK (online softmax, as FlashAttention does), so the
+// (Sq, Sk) score matrix never exists. Per tile:
+//   S = (scale q) k^T   4 rows at a time against a transposed fp32 copy of the key tile (one
+//                       vector of keys per load, q broadcast along d); a block of fewer than 4
+//                       rows (decode) takes each key's dot product along d instead, unpacked
+//   S += mask, and -inf outside the causal / sliding window / kv_lens range of each row
+//   m' = max(m, max S), P = exp(S - m'), l = l e^(m - m') + sum P, O = O e^(m - m') + P V
+// and at the end out = O / l (0 for a row that saw no key). Only the key tiles a block can
+// see are visited: a causal block stops at its last row's position, a sliding window starts
+// at its first row's.
+#pragma once
+
+#include "int8_gemm.h"  // simd.h, min_i64
+
+namespace torchslim::cpu::TORCHSLIM_ISA_NS {
+namespace {
+
+constexpr float kMinusInf = -__builtin_inff();
+
+// One tile's scores for R rows: s[r][c] = sum_d q[r][d] kt[d][c], c < kAttnBlockK.
+template <int R>
+void scores_packed(const float* q, int64_t D, const float* kt, float* s) {
+  using V = FVec;
+  for (int64_t c = 0; c < kAttnBlockK; c += V::kWidth) {
+    typename V::R acc[R];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) acc[r] = V::zero();
+    for (int64_t d = 0; d < D; ++d) {
+      const typename V::R kv = V::load(kt + d * kAttnBlockK + c);
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) acc[r] = V::fma(V::set1(q[r * D + d]), kv, acc[r]);
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) V::store(s + r * kAttnBlockK + c, acc[r]);
+  }
+}
+
+// sum_d q[d] k[d] with k in storage type T.
+template <class T>
+float dot_row(const float* q, const T* k, int64_t D) {
+  using V = FVec;
+  typename V::R acc = V::zero();
+  int64_t d = 0;
+  for (; d + V::kWidth <= D; d += V::kWidth) acc = V::fma(V::load(q + d), V::load(k + d), acc);
+  float sum = V::reduce_add(acc);
+  for (; d < D; ++d) sum += q[d] * load_f32(k + d);
+  return sum;
+}
+
+// o[r][:] += sum_c p[r][c] v[c][:] for R rows, c < nk; v in storage type T, row stride ldv.
+template <int R, class T>
+void accumulate_pv(const float* p, const T* v, int64_t ldv, int64_t nk, int64_t Dv, float* o) {
+  using V = FVec;
+  int64_t d = 0;
+  for (; d + V::kWidth <= Dv; d += V::kWidth) {
+    typename V::R acc[R];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) acc[r] = V::load(o + r * Dv + d);
+    for (int64_t c = 0; c < nk; ++c) {
+      const typename V::R vv = V::load(v + c * ldv + d);
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) acc[r] = V::fma(V::set1(p[r * kAttnBlockK + c]), vv, acc[r]);
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) V::store(o + r * Dv + d, acc[r]);
+  }
+  for (; d < Dv; ++d) {
+    for (int r = 0; r < R; ++r) {
+      float sum = o[r * Dv + d];
+      for (int64_t c = 0; c < nk; ++c) sum += p[r * kAttnBlockK + c] * load_f32(v + c * ldv + d);
+      o[r * Dv + d] = sum;
+    }
+  }
+}
+
+template <class T>
+void attention_block(const AttentionArgs& a, int64_t b, int64_t h, int64_t i0, int64_t i1,
+                     float* work) {
+  using V = FVec;
+  const int64_t D = a.D, Dv = a.Dv, rows = i1 - i0;
+  const int64_t hk = h / (a.H / a.Hkv);
+  const T* q = static_cast<const T*>(a.q) + b * a.q_sb + h * a.q_sh + i0 * a.q_ss;
+  const T* k = static_cast<const T*>(a.k) + b * a.k_sb + hk * a.k_sh;
+  const T* v = static_cast<const T*>(a.v) + b * a.v_sb + hk * a.v_sh;
+  float* qs = work;                          // [rows][D], scaled
+  float* o = qs + kAttnBlockQ * D;           // [rows][Dv]
+  float* s = o + kAttnBlockQ * Dv;           // [rows][kAttnBlockK]: scores, then P
+  float* m = s + kAttnBlockQ * kAttnBlockK;  // [rows] running max
+  float* l = m + kAttnBlockQ;                // [rows] running sum
+  float* kt = l + kAttnBlockQ;               // [D][kAttnBlockK] transposed key tile
+
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t d = 0; d < D; ++d) qs[r * D + d] = a.scale * load_f32(q + r * a.q_ss + d);
+    for (int64_t d = 0; d < Dv; ++d) o[r * Dv + d] = 0.0f;
+    m[r] = kMinusInf;
+    l[r] = 0.0f;
+  }
+  // The keys this block can see: j < len; with causal, row i sits at position i + len - Sq.
+  const int64_t len = a.kv_lens ? a.kv_lens[b] : a.Sk;
+  const int64_t shift = len - a.Sq;
+  int64_t j_lo = 0, j_hi = len;
+  if (a.causal) {
+    j_hi = min_i64(len, i1 + shift);  // the last row's position + 1
+    if (a.window > 0) j_lo = i0 + shift - a.window + 1 > 0 ? i0 + shift - a.window + 1 : 0;
+  }
+  const bool packed = rows >= 4;
+  for (int64_t j0 = j_lo; j0 < j_hi; j0 += kAttnBlockK) {
+    const int64_t nk = min_i64(kAttnBlockK, j_hi - j0);
+    if (packed) {
+      for (int64_t c = 0; c < kAttnBlockK; ++c) {
+        const T* kr = k + (j0 + c) * a.k_ss;
+        for (int64_t d = 0; d < D; ++d) kt[d * kAttnBlockK + c] = c < nk ? load_f32(kr + d) : 0.0f;
+      }
+      int64_t r = 0;
+      for (; r + 4 <= rows; r += 4) scores_packed<4>(qs + r * D, D, kt, s + r * kAttnBlockK);
+      for (; r < rows; ++r) scores_packed<1>(qs + r * D, D, kt, s + r * kAttnBlockK);
+    } else {
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t c = 0; c < nk; ++c)
+          s[r * kAttnBlockK + c] = dot_row(qs + r * D, k + (j0 + c) * a.k_ss, D);
+      }
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      float* sr = s + r * kAttnBlockK;
+      for (int64_t c = nk; c < kAttnBlockK; ++c) sr[c] = kMinusInf;
+      if (a.mask) {
+        const float* mr = a.mask + b * a.m_sb + h * a.m_sh + (i0 + r) * a.m_sq + j0 * a.m_sk;
+        for (int64_t c = 0; c < nk; ++c) sr[c] += mr[c * a.m_sk];
+      }
+      if (a.causal) {  // hide what lies after the row's position or before its window
+        const int64_t pos = i0 + r + shift;
+        for (int64_t c = 0; c < nk; ++c) {
+          const int64_t j = j0 + c;
+          if (j > pos || (a.window > 0 && j <= pos - a.window)) sr[c] = kMinusInf;
+        }
+      }
+      // Online softmax: rescale what the row has so far to the new max.
+      typename V::R vmax = V::set1(kMinusInf);
+      for (int64_t c = 0; c < kAttnBlockK; c += V::kWidth) vmax = V::max(vmax, V::load(sr + c));
+      const float tile_max = V::reduce_max(vmax);
+      const float m_new = tile_max > m[r] ? tile_max : m[r];
+      if (m_new == kMinusInf) {  // nothing visible yet: P = 0
+        for (int64_t c = 0; c < kAttnBlockK; ++c) sr[c] = 0.0f;
+        continue;
+      }
+      const typename V::R vm = V::set1(m_new);
+      typename V::R vsum = V::zero();
+      for (int64_t c = 0; c < kAttnBlockK; c += V::kWidth) {
+        const typename V::R p = V::exp(V::sub(V::load(sr + c), vm));
+        V::store(sr + c, p);
+        vsum = V::add(vsum, p);
+      }
+      const float alpha = m[r] == kMinusInf ? 0.0f : __builtin_expf(m[r] - m_new);
+      l[r] = l[r] * alpha + V::reduce_add(vsum);
+      m[r] = m_new;
+      if (alpha != 1.0f) {
+        for (int64_t d = 0; d < Dv; ++d) o[r * Dv + d] *= alpha;
+      }
+    }
+    const T* vt = v + j0 * a.v_ss;
+    int64_t r = 0;
+    for (; r + 4 <= rows; r += 4)
+      accumulate_pv<4>(s + r * kAttnBlockK, vt, a.v_ss, nk, Dv, o + r * Dv);
+    for (; r < rows; ++r) accumulate_pv<1>(s + r * kAttnBlockK, vt, a.v_ss, nk, Dv, o + r * Dv);
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+    const int64_t base = b * a.o_sb + h * a.o_sh + (i0 + r) * a.o_ss;
+    for (int64_t d = 0; d < Dv; ++d) store(a.out, 0, a.type, 0, base + d, o[r * Dv + d] * inv);
+  }
+}
+
+void attention(const AttentionArgs& a, int64_t b, int64_t h, int64_t i0, int64_t i1, float* work) {
+  if (a.type == ScalarType::kBFloat16) {
+    attention_block<uint16_t>(a, b, h, i0, i1, work);
+  } else {
+    attention_block<float>(a, b, h, i0, i1, work);
+  }
+}
+
+}  // namespace
+}  // namespace torchslim::cpu::TORCHSLIM_ISA_NS
