@@ -22,21 +22,30 @@ namespace {
 
 constexpr float kMinusInf = -__builtin_inff();
 
-// One tile's scores for R rows: s[r][c] = sum_d q[r][d] kt[d][c], c < kAttnBlockK.
+// One tile's scores for R rows: s[r][c] = sum_d q[r][d] kt[d][c], c < kAttnBlockK. Two vectors
+// of keys per step: each broadcast q value feeds two FMAs.
 template <int R>
 void scores_packed(const float* q, int64_t D, const float* kt, float* s) {
   using V = FVec;
-  for (int64_t c = 0; c < kAttnBlockK; c += V::kWidth) {
-    typename V::R acc[R];
+  for (int64_t c = 0; c < kAttnBlockK; c += 2 * V::kWidth) {
+    typename V::R acc[R][2];
 #pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) acc[r] = V::zero();
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = V::zero();
     for (int64_t d = 0; d < D; ++d) {
-      const typename V::R kv = V::load(kt + d * kAttnBlockK + c);
+      const typename V::R k0 = V::load(kt + d * kAttnBlockK + c);
+      const typename V::R k1 = V::load(kt + d * kAttnBlockK + c + V::kWidth);
 #pragma GCC unroll 4
-      for (int r = 0; r < R; ++r) acc[r] = V::fma(V::set1(q[r * D + d]), kv, acc[r]);
+      for (int r = 0; r < R; ++r) {
+        const typename V::R qv = V::set1(q[r * D + d]);
+        acc[r][0] = V::fma(qv, k0, acc[r][0]);
+        acc[r][1] = V::fma(qv, k1, acc[r][1]);
+      }
     }
 #pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) V::store(s + r * kAttnBlockK + c, acc[r]);
+    for (int r = 0; r < R; ++r) {
+      V::store(s + r * kAttnBlockK + c, acc[r][0]);
+      V::store(s + r * kAttnBlockK + c + V::kWidth, acc[r][1]);
+    }
   }
 }
 
@@ -52,23 +61,43 @@ float dot_row(const float* q, const T* k, int64_t D) {
   return sum;
 }
 
+// o[r][d0 : d0 + NV * width] += sum_c p[r][c] v[c][same], c < nk.
+template <int R, int NV, class T>
+void accumulate_pv_cols(const float* p, const T* v, int64_t ldv, int64_t nk, int64_t Dv, int64_t d0,
+                        float* o) {
+  using V = FVec;
+  typename V::R acc[R][NV];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 2
+    for (int j = 0; j < NV; ++j) acc[r][j] = V::load(o + r * Dv + d0 + j * V::kWidth);
+  }
+  for (int64_t c = 0; c < nk; ++c) {
+    typename V::R vv[NV];
+#pragma GCC unroll 2
+    for (int j = 0; j < NV; ++j) vv[j] = V::load(v + c * ldv + d0 + j * V::kWidth);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const typename V::R pv = V::set1(p[r * kAttnBlockK + c]);
+#pragma GCC unroll 2
+      for (int j = 0; j < NV; ++j) acc[r][j] = V::fma(pv, vv[j], acc[r][j]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 2
+    for (int j = 0; j < NV; ++j) V::store(o + r * Dv + d0 + j * V::kWidth, acc[r][j]);
+  }
+}
+
 // o[r][:] += sum_c p[r][c] v[c][:] for R rows, c < nk; v in storage type T, row stride ldv.
 template <int R, class T>
 void accumulate_pv(const float* p, const T* v, int64_t ldv, int64_t nk, int64_t Dv, float* o) {
   using V = FVec;
   int64_t d = 0;
-  for (; d + V::kWidth <= Dv; d += V::kWidth) {
-    typename V::R acc[R];
-#pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) acc[r] = V::load(o + r * Dv + d);
-    for (int64_t c = 0; c < nk; ++c) {
-      const typename V::R vv = V::load(v + c * ldv + d);
-#pragma GCC unroll 4
-      for (int r = 0; r < R; ++r) acc[r] = V::fma(V::set1(p[r * kAttnBlockK + c]), vv, acc[r]);
-    }
-#pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) V::store(o + r * Dv + d, acc[r]);
-  }
+  for (; d + 2 * V::kWidth <= Dv; d += 2 * V::kWidth)
+    accumulate_pv_cols<R, 2>(p, v, ldv, nk, Dv, d, o);
+  for (; d + V::kWidth <= Dv; d += V::kWidth) accumulate_pv_cols<R, 1>(p, v, ldv, nk, Dv, d, o);
   for (; d < Dv; ++d) {
     for (int r = 0; r < R; ++r) {
       float sum = o[r * Dv + d];
@@ -132,8 +161,9 @@ void attention_block(const AttentionArgs& a, int64_t b, int64_t h, int64_t i0, i
         const float* mr = a.mask + b * a.m_sb + h * a.m_sh + (i0 + r) * a.m_sq + j0 * a.m_sk;
         for (int64_t c = 0; c < nk; ++c) sr[c] += mr[c * a.m_sk];
       }
-      if (a.causal) {  // hide what lies after the row's position or before its window
-        const int64_t pos = i0 + r + shift;
+      const int64_t pos = i0 + r + shift;
+      const bool crossed = j0 + nk - 1 > pos || (a.window > 0 && j0 <= pos - a.window);
+      if (a.causal && crossed) {  // hide what lies after the row's position or before its window
         for (int64_t c = 0; c < nk; ++c) {
           const int64_t j = j0 + c;
           if (j > pos || (a.window > 0 && j <= pos - a.window)) sr[c] = kMinusInf;

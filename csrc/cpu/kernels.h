@@ -147,7 +147,7 @@ struct AttentionArgs {
 };
 
 // Query rows per work item, keys per tile.
-constexpr int64_t kAttnBlockQ = 32;
+constexpr int64_t kAttnBlockQ = 64;
 constexpr int64_t kAttnBlockK = 64;
 
 inline int64_t attention_work_floats(int64_t D, int64_t Dv) {
