@@ -39,6 +39,21 @@ def test_bench_int4_quick(tmp_path, capsys):
     assert "targets:" in out and "x torch int4" in out
 
 
+@pytest.mark.skipif(_ext._C is None, reason="the benchmark compares the compiled kernels")
+def test_bench_attention_quick(tmp_path):
+    from torchslim.benchmarks import bench_attention
+
+    assert bench_attention.main(["--quick", "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "attention_cpu_quick.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["kind"], r["impl"]) for r in rows} == {
+        (kind, impl) for kind in ("prefill", "decode") for impl in ("torchslim", "sdpa", "naive")
+    }
+    assert {r["dtype"] for r in rows} == {"float32", "bfloat16"}
+    assert all(float(r["time_ms"]) > 0 and float(r["speedup_vs_sdpa"]) > 0 for r in rows)
+    assert (tmp_path / "attention_cpu_quick.png").exists()
+
+
 def test_int4_gpu_targets_are_ratios_of_the_rows():
     from torchslim.benchmarks import bench_int4
 

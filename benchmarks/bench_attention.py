@@ -1,0 +1,216 @@
+"""Attention benchmark: torchslim.attention against PyTorch's SDPA and the naive math.
+
+    torchslim bench attention [--quick] [--out DIR] [--no-plot]
+    python benchmarks/bench_attention.py [--quick] [--out DIR]
+
+Prefill: q, k, v (B, H, S, D), causal and not, in GFLOP/s (4 B H S^2 D, halved for causal).
+Decode: one query token against a KV cache of 1k..32k positions, GQA 4:1 (32 query heads,
+8 key/value heads, D = 128), in GB/s of K/V read. Implementations, in the same run: ours
+(torchslim.attention), F.scaled_dot_product_attention (SDPA: on the CPU its flash kernel) and
+the naive softmax(q k^T * scale) v, which materialises the score matrix (only where that
+matrix stays under 1 GB). fp32 and bf16. Writes attention_<device>.csv and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+import torchslim
+from torchslim.benchmarks import common
+
+# (B, S) at H = 32, for D in (64, 128): the issue's grid, trimmed to what two cores finish.
+PREFILL = ((1, 512), (4, 512), (1, 2048), (1, 4096))
+HEAD_DIMS = (64, 128)
+PREFILL_HEADS = 32
+DECODE_CACHE = (1024, 4096, 16384, 32768)
+DECODE_HEADS, DECODE_KV_HEADS, DECODE_DIM = 32, 8, 128
+QUICK_PREFILL, QUICK_HEAD_DIMS, QUICK_HEADS, QUICK_CACHE = ((1, 256),), (64,), 8, (1024, 4096)
+NAIVE_MAX_SCORE_BYTES = 1 << 30
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class Case:
+    kind: str  # "prefill" or "decode"
+    batch: int
+    heads: int
+    kv_heads: int
+    q_len: int
+    kv_len: int
+    head_dim: int
+    causal: bool
+    dtype: torch.dtype
+
+    def flops(self) -> float:
+        full = 4 * self.batch * self.heads * self.q_len * self.kv_len * self.head_dim
+        return full / 2 if self.causal else full
+
+    def kv_bytes(self) -> int:
+        return 2 * self.batch * self.kv_heads * self.kv_len * self.head_dim * self.dtype.itemsize
+
+
+def naive(q, k, v, causal):
+    """softmax(q k^T * scale) v with the score matrix in memory (GQA by repeating k, v)."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
+    if causal:
+        sq, sk = scores.shape[-2:]
+        hidden = torch.ones(sq, sk, dtype=torch.bool).triu(sk - sq + 1)
+        scores = scores.masked_fill(hidden, -math.inf)
+    return torch.softmax(scores, dim=-1) @ v
+
+
+def implementations(case: Case) -> dict:
+    gqa = case.heads != case.kv_heads
+    impls = {
+        "torchslim": lambda q, k, v: torchslim.attention(q, k, v, causal=case.causal),
+        "sdpa": lambda q, k, v: F.scaled_dot_product_attention(
+            q, k, v, is_causal=case.causal, enable_gqa=gqa
+        ),
+    }
+    score_bytes = case.batch * case.heads * case.q_len * case.kv_len * 4
+    if score_bytes <= NAIVE_MAX_SCORE_BYTES:
+        impls["naive"] = lambda q, k, v: naive(q, k, v, case.causal)
+    return impls
+
+
+def cases(quick: bool) -> list[Case]:
+    prefill = QUICK_PREFILL if quick else PREFILL
+    dims = QUICK_HEAD_DIMS if quick else HEAD_DIMS
+    heads = QUICK_HEADS if quick else PREFILL_HEADS
+    out = [
+        Case("prefill", b, heads, heads, s, s, d, causal, dtype)
+        for dtype in DTYPES
+        for b, s in prefill
+        for d in dims
+        for causal in (False, True)
+    ]
+    out += [
+        Case("decode", 1, DECODE_HEADS, DECODE_KV_HEADS, 1, n, DECODE_DIM, False, dtype)
+        for dtype in DTYPES
+        for n in (QUICK_CACHE if quick else DECODE_CACHE)
+    ]
+    return out
+
+
+def measure(case: Case, gen: torch.Generator) -> list[dict]:
+    def tensor(heads, length):
+        shape = (case.batch, heads, length, case.head_dim)
+        return torch.randn(shape, generator=gen).to(case.dtype)
+
+    q = tensor(case.heads, case.q_len)
+    k, v = tensor(case.kv_heads, case.kv_len), tensor(case.kv_heads, case.kv_len)
+    rows = []
+    for name, fn in implementations(case).items():
+        ms = common.time_ms(lambda fn=fn: fn(q, k, v))
+        rows.append(
+            {
+                "kind": case.kind,
+                "B": case.batch,
+                "H": case.heads,
+                "Hkv": case.kv_heads,
+                "Sq": case.q_len,
+                "Sk": case.kv_len,
+                "D": case.head_dim,
+                "causal": case.causal,
+                "dtype": str(case.dtype).removeprefix("torch."),
+                "impl": name,
+                "time_ms": ms,
+                "GFLOP/s": case.flops() / (ms * 1e-3) / 1e9,
+                "KV_GB/s": case.kv_bytes() / (ms * 1e-3) / 1e9,
+            }
+        )
+    sdpa = next(r["time_ms"] for r in rows if r["impl"] == "sdpa")
+    for r in rows:
+        r["speedup_vs_sdpa"] = sdpa / r["time_ms"]
+    return rows
+
+
+def plot(rows: list[dict], path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 4.2))
+    prefill = [r for r in rows if r["kind"] == "prefill"]
+    labels = sorted(
+        {(r["dtype"], r["B"], r["Sk"], r["D"], r["causal"]) for r in prefill},
+        key=lambda t: (t[0], t[1] * t[2] ** 2, t[3], t[4]),
+    )
+    impls = list(dict.fromkeys(r["impl"] for r in prefill))
+    width = 0.8 / max(len(impls), 1)
+    for i, impl in enumerate(impls):
+        by = {
+            (r["dtype"], r["B"], r["Sk"], r["D"], r["causal"]): r["GFLOP/s"]
+            for r in prefill
+            if r["impl"] == impl
+        }
+        values = [by.get(lab, 0.0) for lab in labels]
+        left.bar([x + i * width for x in range(len(labels))], values, width, label=impl)
+    left.set_xticks(
+        [x + width * (len(impls) - 1) / 2 for x in range(len(labels))],
+        [f"{d} B{b} S{s}\nD{dd}{' causal' if c else ''}" for d, b, s, dd, c in labels],
+        fontsize=6,
+        rotation=90,
+    )
+    left.set_ylabel("GFLOP/s")
+    left.set_title("prefill")
+    left.legend(fontsize=7)
+    decode = [r for r in rows if r["kind"] == "decode"]
+    for impl in dict.fromkeys(r["impl"] for r in decode):
+        for dtype in dict.fromkeys(r["dtype"] for r in decode):
+            pts = [r for r in decode if r["impl"] == impl and r["dtype"] == dtype]
+            right.plot([r["Sk"] for r in pts], [r["KV_GB/s"] for r in pts], "o-",
+                       label=f"{impl} {dtype}")  # fmt: skip
+    right.set_xscale("log", base=2)
+    right.set_xlabel("cache length")
+    right.set_ylabel("K/V GB/s")
+    right.set_title(f"decode, {DECODE_HEADS}:{DECODE_KV_HEADS} GQA, D={DECODE_DIM}")
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="torchslim bench attention",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--quick", action="store_true", help="one small prefill, short caches")
+    parser.add_argument("--out", help="output folder (default: benchmarks/results/<device>)")
+    parser.add_argument("--no-plot", action="store_true")
+    args = parser.parse_args(argv)
+    env = common.Environment.capture("cpu")
+    print(f"torchslim bench attention on {env.cpu}, {common.threads_note()}, ISA {env.isa}")
+    bandwidth = common.copy_bandwidth_gbs()
+    peak = common.gemm_gflops()
+    print(f"copy bandwidth {bandwidth:.1f} GB/s, fp32 GEMM {peak:.0f} GFLOP/s (measured now)")
+    gen = torch.Generator().manual_seed(0)
+    rows = [r for case in tqdm(cases(args.quick), desc="attention") for r in measure(case, gen)]
+    for r in rows:
+        r["copy_GB/s"], r["fp32_gemm_GFLOP/s"] = bandwidth, peak
+    columns = ["kind", "dtype", "B", "Sq", "Sk", "D", "causal", "impl", "time_ms", "GFLOP/s",
+               "KV_GB/s", "speedup_vs_sdpa"]  # fmt: skip
+    print(common.format_table(rows, columns))
+    out = common.results_dir(env, args.out)
+    name = "attention_cpu" + ("_quick" if args.quick else "")
+    common.write_csv(out / f"{name}.csv", rows, env)
+    if not args.no_plot:
+        plot(rows, out / f"{name}.png")
+    print(f"\nwrote {out / name}.csv" + ("" if args.no_plot else f" and {name}.png"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
