@@ -269,3 +269,23 @@ def _bad_inputs():
 def test_bad_input_names_the_argument(what, call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("sq", [1, 4, 16])
+def test_kernel_split_kv_decode(backend, sq):
+    """One (batch, head) against a long cache: the keys are split across threads and the
+    partial softmax results merged, including splits that see no key (window, kv_lens)."""
+    gen = seeded(backend, sq)
+    q, k, v = (_nan_padded(t) for t in _qkv(2, 1, 1, sq, 2100, 64, gen))
+    lens = torch.tensor([2100, 0])
+    for dtype in (torch.float32, torch.bfloat16):
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        for opts in ({}, {"causal": True, "window": 7}, {"causal": True, "kv_lens": lens}):
+            with run_on(backend):
+                out = torchslim.attention(q, k, v, **opts)
+            args = (None, opts.get("causal", False), None, opts.get("window"), opts.get("kv_lens"))
+            ref64 = ref.attention(
+                q.double(), k.double(), v.double(), *args, compute_dtype=torch.float64
+            )
+            check_close(out, ref64, ref.attention(q, k, v, *args, compute_dtype=dtype))

@@ -448,6 +448,16 @@ at::Tensor int4_weight_only_linear_op(const at::Tensor& x, const at::Tensor& pac
       x);
 }
 
+// Key splits per (batch, head) for split-KV: only for a few query rows (decode, short chunks)
+// when there are too few (b, h) to give every thread several, and never below 4 key tiles a
+// split.
+int64_t attention_kv_splits(int64_t bh, int64_t Sq, int64_t Sk) {
+  if (Sq > 16 || bh == 0) return 1;
+  const int64_t want = (4 * at::get_num_threads() + bh - 1) / bh;
+  const int64_t most = Sk / (4 * cpu::kAttnBlockK);
+  return std::max<int64_t>(1, std::min(want, most));
+}
+
 // Fused attention (cpu/attention.h): q (B, H, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv), one
 // dtype (fp32/bf16); attn_mask bool or float, broadcastable to (B, H, Sq, Sk); window <= 0 for
 // none; kv_lens (B,) int. Work items are blocks of kAttnBlockQ query rows of one (b, h).
@@ -528,11 +538,57 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Ten
   const cpu::KernelTable& kt = cpu::active_kernels();
   const int64_t blocks = (Sq + cpu::kAttnBlockQ - 1) / cpu::kAttnBlockQ;
   const int64_t work_floats = cpu::attention_work_floats(D, Dv);
-  at::parallel_for(0, B * H * blocks, 1, [&](int64_t begin, int64_t end) {
+  const int64_t splits = attention_kv_splits(B * H, Sq, Sk);
+  if (splits == 1) {
+    at::parallel_for(0, B * H * blocks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> work(work_floats);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t i0 = (t % blocks) * cpu::kAttnBlockQ, bh = t / blocks;
+        kt.attention(args, bh / H, bh % H, i0, std::min(i0 + cpu::kAttnBlockQ, Sq), 0, Sk,
+                     work.data(), nullptr);
+      }
+    });
+    return out;
+  }
+  // Split-KV (decode; Sq <= 16 rows, one block): each (b, h, split) leaves its rows' (max, sum,
+  // unnormalised output) in `partial`, then each (b, h) merges its splits.
+  const int64_t span = (Sk + splits - 1) / splits, stride = Sq * (Dv + 2);
+  std::vector<float> partial(B * H * splits * stride);
+  at::parallel_for(0, B * H * splits, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> work(work_floats);
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t i0 = (t % blocks) * cpu::kAttnBlockQ, bh = t / blocks;
-      kt.attention(args, bh / H, bh % H, i0, std::min(i0 + cpu::kAttnBlockQ, Sq), work.data());
+      const int64_t bh = t / splits, j0 = (t % splits) * span;
+      kt.attention(args, bh / H, bh % H, 0, Sq, j0, std::min(j0 + span, Sk), work.data(),
+                   partial.data() + t * stride);
+    }
+  });
+  constexpr float kNoKey = -std::numeric_limits<float>::infinity();
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(Dv);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      for (int64_t i = 0; i < Sq; ++i) {
+        const float* part = partial.data() + bh * splits * stride + i * (Dv + 2);
+        float top = kNoKey;
+        for (int64_t s = 0; s < splits; ++s) top = std::max(top, part[s * stride]);
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        float sum = 0.0f;
+        for (int64_t s = 0; top != kNoKey && s < splits; ++s) {
+          const float* ps = part + s * stride;
+          if (ps[0] == kNoKey) continue;  // a split that saw no key
+          const float w = std::exp(ps[0] - top);
+          sum += w * ps[1];
+          for (int64_t d = 0; d < Dv; ++d) acc[d] += w * ps[2 + d];
+        }
+        const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+        const int64_t row = (bh / H) * out.stride(0) + (bh % H) * out.stride(1) + i * out.stride(2);
+        for (int64_t d = 0; d < Dv; ++d) {
+          if (type == ScalarType::kBFloat16) {
+            out.data_ptr<at::BFloat16>()[row + d] = acc[d] * inv;
+          } else {
+            out.data_ptr<float>()[row + d] = acc[d] * inv;
+          }
+        }
+      }
     }
   });
   return out;

@@ -12,7 +12,8 @@
 //   m' = max(m, max S), P = exp(S - m'), l = l e^(m - m') + sum P, O = O e^(m - m') + P V
 // and at the end out = O / l (0 for a row that saw no key). Only the key tiles a block can
 // see are visited: a causal block stops at its last row's position, a sliding window starts
-// at its first row's.
+// at its first row's. For decode the caller may split the keys among threads (split-KV) and
+// merge the rows' partial (max, sum, output) itself.
 #pragma once
 
 #include "int8_gemm.h"  // simd.h, min_i64
@@ -109,7 +110,7 @@ void accumulate_pv(const float* p, const T* v, int64_t ldv, int64_t nk, int64_t 
 
 template <class T>
 void attention_block(const AttentionArgs& a, int64_t b, int64_t h, int64_t i0, int64_t i1,
-                     float* work) {
+                     int64_t j_begin, int64_t j_end, float* work, float* partial) {
   using V = FVec;
   const int64_t D = a.D, Dv = a.Dv, rows = i1 - i0;
   const int64_t hk = h / (a.H / a.Hkv);
@@ -137,6 +138,8 @@ void attention_block(const AttentionArgs& a, int64_t b, int64_t h, int64_t i0, i
     j_hi = min_i64(len, i1 + shift);  // the last row's position + 1
     if (a.window > 0) j_lo = i0 + shift - a.window + 1 > 0 ? i0 + shift - a.window + 1 : 0;
   }
+  j_lo = j_lo > j_begin ? j_lo : j_begin;
+  j_hi = min_i64(j_hi, j_end);
   const bool packed = rows >= 4;
   for (int64_t j0 = j_lo; j0 < j_hi; j0 += kAttnBlockK) {
     const int64_t nk = min_i64(kAttnBlockK, j_hi - j0);
@@ -198,6 +201,15 @@ void attention_block(const AttentionArgs& a, int64_t b, int64_t h, int64_t i0, i
       accumulate_pv<4>(s + r * kAttnBlockK, vt, a.v_ss, nk, Dv, o + r * Dv);
     for (; r < rows; ++r) accumulate_pv<1>(s + r * kAttnBlockK, vt, a.v_ss, nk, Dv, o + r * Dv);
   }
+  if (partial) {
+    for (int64_t r = 0; r < rows; ++r) {
+      float* pr = partial + r * (Dv + 2);
+      pr[0] = m[r];
+      pr[1] = l[r];
+      for (int64_t d = 0; d < Dv; ++d) pr[2 + d] = o[r * Dv + d];
+    }
+    return;
+  }
   for (int64_t r = 0; r < rows; ++r) {
     const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
     const int64_t base = b * a.o_sb + h * a.o_sh + (i0 + r) * a.o_ss;
@@ -205,11 +217,12 @@ void attention_block(const AttentionArgs& a, int64_t b, int64_t h, int64_t i0, i
   }
 }
 
-void attention(const AttentionArgs& a, int64_t b, int64_t h, int64_t i0, int64_t i1, float* work) {
+void attention(const AttentionArgs& a, int64_t b, int64_t h, int64_t i0, int64_t i1,
+               int64_t j_begin, int64_t j_end, float* work, float* partial) {
   if (a.type == ScalarType::kBFloat16) {
-    attention_block<uint16_t>(a, b, h, i0, i1, work);
+    attention_block<uint16_t>(a, b, h, i0, i1, j_begin, j_end, work, partial);
   } else {
-    attention_block<float>(a, b, h, i0, i1, work);
+    attention_block<float>(a, b, h, i0, i1, j_begin, j_end, work, partial);
   }
 }
 

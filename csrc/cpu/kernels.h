@@ -126,7 +126,10 @@ struct W4GemmArgs {
 // dim of q, k, v and out is contiguous. The mask is additive fp32 (-inf hides a key), each of
 // its strides possibly 0 (broadcast). Visible keys of row i: j < len, and with causal
 // pos - window < j <= pos (window <= 0: unbounded) where pos = i + len - Sq, len = kv_lens[b]
-// or Sk. `work` holds attention_work_floats(D, Dv) floats for the calling thread.
+// or Sk. Only keys in [j_begin, j_end) are visited (the whole range, or one split of it).
+// Without `partial`, out[i] is written. With it (split keys, merged by the caller), row r's
+// max, sum and unnormalised output go to partial[r * (Dv + 2) + (0, 1, 2..)] instead.
+// `work` holds attention_work_floats(D, Dv) floats for the calling thread.
 struct AttentionArgs {
   const void* q;  // (B, H, Sq, D)
   int64_t q_sb, q_sh, q_ss;
@@ -162,7 +165,7 @@ struct KernelTable {
   void (*quantize_q8_blocks)(const Q8BlockArgs& args, int64_t m0, int64_t m1);
   void (*w4_gemm)(const W4GemmArgs& args, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
   void (*attention)(const AttentionArgs& args, int64_t b, int64_t h, int64_t i0, int64_t i1,
-                    float* work);
+                    int64_t j_begin, int64_t j_end, float* work, float* partial);
 };
 
 namespace portable {
