@@ -272,12 +272,13 @@ def test_bad_input_names_the_argument(what, call, exc, match):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("sq", [1, 4, 16])
-def test_kernel_split_kv_decode(backend, sq):
-    """One (batch, head) against a long cache: the keys are split across threads and the
-    partial softmax results merged, including splits that see no key (window, kv_lens)."""
-    gen = seeded(backend, sq)
-    q, k, v = (_nan_padded(t) for t in _qkv(2, 1, 1, sq, 2100, 64, gen))
+@pytest.mark.parametrize(("sq", "heads"), [(1, 1), (4, 1), (16, 1), (1, 4), (5, 4)])
+def test_kernel_split_kv_decode(backend, sq, heads):
+    """Few queries against a long cache (one k/v head, 1 or 4 query heads sharing it): the keys
+    are split across threads and the partial softmax results merged, including splits that
+    see no key (window, kv_lens)."""
+    gen = seeded(backend, sq, heads)
+    q, k, v = (_nan_padded(t) for t in _qkv(2, heads, 1, sq, 2100, 64, gen))
     lens = torch.tensor([2100, 0])
     for dtype in (torch.float32, torch.bfloat16):
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)

@@ -448,12 +448,11 @@ at::Tensor int4_weight_only_linear_op(const at::Tensor& x, const at::Tensor& pac
       x);
 }
 
-// Key splits per (batch, head) for split-KV: only for a few query rows (decode, short chunks)
-// when there are too few (b, h) to give every thread several, and never below 4 key tiles a
-// split.
-int64_t attention_kv_splits(int64_t bh, int64_t Sq, int64_t Sk) {
-  if (Sq > 16 || bh == 0) return 1;
-  const int64_t want = (4 * at::get_num_threads() + bh - 1) / bh;
+// Key splits per work item for split-KV: only for a few query rows (decode, short chunks) when
+// there are too few items to give every thread several, and never below 4 key tiles a split.
+int64_t attention_kv_splits(int64_t items, int64_t Sq, int64_t Sk) {
+  if (Sq > 16 || items == 0) return 1;
+  const int64_t want = (4 * at::get_num_threads() + items - 1) / items;
   const int64_t most = Sk / (4 * cpu::kAttnBlockK);
   return std::max<int64_t>(1, std::min(want, most));
 }
@@ -536,38 +535,57 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Ten
       causal,
       window > 0 ? window : 0};
   const cpu::KernelTable& kt = cpu::active_kernels();
-  const int64_t blocks = (Sq + cpu::kAttnBlockQ - 1) / cpu::kAttnBlockQ;
   const int64_t work_floats = cpu::attention_work_floats(D, Dv);
-  const int64_t splits = attention_kv_splits(B * H, Sq, Sk);
+  // Work items: up to kAttnBlockQ rows of one batch: nq queries of nh heads that share a key /
+  // value head (all G = H / Hkv of them when the queries are few: decode reads each K/V once).
+  struct Item {
+    int64_t b, h0, nh, i0, i1;
+  };
+  const int64_t G = H / Hkv, nq = std::min(Sq, cpu::kAttnBlockQ);
+  const int64_t nh = std::max<int64_t>(1, std::min(G, cpu::kAttnBlockQ / nq));
+  std::vector<Item> items;
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t h0 = 0; h0 < H;) {
+      const int64_t heads = std::min(nh, (h0 / G + 1) * G - h0);  // not past the k/v head
+      for (int64_t i0 = 0; i0 < Sq; i0 += nq) {
+        items.push_back({b, h0, heads, i0, std::min(i0 + nq, Sq)});
+      }
+      h0 += heads;
+    }
+  }
+  const int64_t n_items = static_cast<int64_t>(items.size());
+  const int64_t splits = attention_kv_splits(n_items, Sq, Sk);
   if (splits == 1) {
-    at::parallel_for(0, B * H * blocks, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, n_items, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> work(work_floats);
       for (int64_t t = begin; t < end; ++t) {
-        const int64_t i0 = (t % blocks) * cpu::kAttnBlockQ, bh = t / blocks;
-        kt.attention(args, bh / H, bh % H, i0, std::min(i0 + cpu::kAttnBlockQ, Sq), 0, Sk,
-                     work.data(), nullptr);
+        const Item& it = items[t];
+        kt.attention(args, it.b, it.h0, it.nh, it.i0, it.i1, 0, Sk, work.data(), nullptr);
       }
     });
     return out;
   }
-  // Split-KV (decode; Sq <= 16 rows, one block): each (b, h, split) leaves its rows' (max, sum,
-  // unnormalised output) in `partial`, then each (b, h) merges its splits.
-  const int64_t span = (Sk + splits - 1) / splits, stride = Sq * (Dv + 2);
-  std::vector<float> partial(B * H * splits * stride);
-  at::parallel_for(0, B * H * splits, 1, [&](int64_t begin, int64_t end) {
+  // Split-KV (a few queries, one block per head group): each (item, split) leaves its rows'
+  // (max, sum, unnormalised output) in `partial`, then each item merges its splits.
+  const int64_t span = (Sk + splits - 1) / splits, stride = cpu::kAttnBlockQ * (Dv + 2);
+  std::vector<float> partial(n_items * splits * stride);
+  at::parallel_for(0, n_items * splits, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> work(work_floats);
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t bh = t / splits, j0 = (t % splits) * span;
-      kt.attention(args, bh / H, bh % H, 0, Sq, j0, std::min(j0 + span, Sk), work.data(),
+      const Item& it = items[t / splits];
+      const int64_t j0 = (t % splits) * span;
+      kt.attention(args, it.b, it.h0, it.nh, it.i0, it.i1, j0, std::min(j0 + span, Sk), work.data(),
                    partial.data() + t * stride);
     }
   });
   constexpr float kNoKey = -std::numeric_limits<float>::infinity();
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n_items, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> acc(Dv);
-    for (int64_t bh = begin; bh < end; ++bh) {
-      for (int64_t i = 0; i < Sq; ++i) {
-        const float* part = partial.data() + bh * splits * stride + i * (Dv + 2);
+    for (int64_t t = begin; t < end; ++t) {
+      const Item& it = items[t];
+      const int64_t rows_q = it.i1 - it.i0;
+      for (int64_t r = 0; r < it.nh * rows_q; ++r) {
+        const float* part = partial.data() + t * splits * stride + r * (Dv + 2);
         float top = kNoKey;
         for (int64_t s = 0; s < splits; ++s) top = std::max(top, part[s * stride]);
         std::fill(acc.begin(), acc.end(), 0.0f);
@@ -580,7 +598,8 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Ten
           for (int64_t d = 0; d < Dv; ++d) acc[d] += w * ps[2 + d];
         }
         const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
-        const int64_t row = (bh / H) * out.stride(0) + (bh % H) * out.stride(1) + i * out.stride(2);
+        const int64_t row = it.b * out.stride(0) + (it.h0 + r / rows_q) * out.stride(1) +
+                            (it.i0 + r % rows_q) * out.stride(2);
         for (int64_t d = 0; d < Dv; ++d) {
           if (type == ScalarType::kBFloat16) {
             out.data_ptr<at::BFloat16>()[row + d] = acc[d] * inv;

@@ -1,7 +1,9 @@
 // Fused attention for the CPU (torchslim.reference.attention), written once and compiled per
 // ISA level (see int8_gemm.h).
 //
-// One call computes a block of up to kAttnBlockQ query rows of one (batch, head). The rows'
+// One call computes a block of up to kAttnBlockQ query rows: queries [i0, i1) of the heads
+// [h0, h0 + nh), which share one key/value head (GQA: a decode step reads each key and value
+// once for all of them, not once per query head). The rows'
 // running max, running sum and output accumulate in fp32 in `work` while the visible keys
 // stream past in tiles of kAttnBlockK (online softmax, as FlashAttention does), so the
 // (Sq, Sk) score matrix never exists. Per tile:
@@ -109,12 +111,15 @@ void accumulate_pv(const float* p, const T* v, int64_t ldv, int64_t nk, int64_t 
 }
 
 template <class T>
-void attention_block(const AttentionArgs& a, int64_t b, int64_t h, int64_t i0, int64_t i1,
-                     int64_t j_begin, int64_t j_end, float* work, float* partial) {
+void attention_block(const AttentionArgs& a, int64_t b, int64_t h0, int64_t nh, int64_t i0,
+                     int64_t i1, int64_t j_begin, int64_t j_end, float* work, float* partial) {
   using V = FVec;
-  const int64_t D = a.D, Dv = a.Dv, rows = i1 - i0;
-  const int64_t hk = h / (a.H / a.Hkv);
-  const T* q = static_cast<const T*>(a.q) + b * a.q_sb + h * a.q_sh + i0 * a.q_ss;
+  // Row r of the block is query i0 + r % nq of head h0 + r / nq: the heads share one k/v head.
+  const int64_t D = a.D, Dv = a.Dv, nq = i1 - i0, rows = nh * nq;
+  const int64_t hk = h0 / (a.H / a.Hkv);
+  auto head = [&](int64_t r) { return h0 + r / nq; };
+  auto query = [&](int64_t r) { return i0 + r % nq; };
+  const T* q = static_cast<const T*>(a.q) + b * a.q_sb;
   const T* k = static_cast<const T*>(a.k) + b * a.k_sb + hk * a.k_sh;
   const T* v = static_cast<const T*>(a.v) + b * a.v_sb + hk * a.v_sh;
   float* qs = work;                          // [rows][D], scaled
@@ -125,7 +130,8 @@ void attention_block(const AttentionArgs& a, int64_t b, int64_t h, int64_t i0, i
   float* kt = l + kAttnBlockQ;               // [D][kAttnBlockK] transposed key tile
 
   for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t d = 0; d < D; ++d) qs[r * D + d] = a.scale * load_f32(q + r * a.q_ss + d);
+    const T* qr = q + head(r) * a.q_sh + query(r) * a.q_ss;
+    for (int64_t d = 0; d < D; ++d) qs[r * D + d] = a.scale * load_f32(qr + d);
     for (int64_t d = 0; d < Dv; ++d) o[r * Dv + d] = 0.0f;
     m[r] = kMinusInf;
     l[r] = 0.0f;
@@ -161,10 +167,10 @@ void attention_block(const AttentionArgs& a, int64_t b, int64_t h, int64_t i0, i
       float* sr = s + r * kAttnBlockK;
       for (int64_t c = nk; c < kAttnBlockK; ++c) sr[c] = kMinusInf;
       if (a.mask) {
-        const float* mr = a.mask + b * a.m_sb + h * a.m_sh + (i0 + r) * a.m_sq + j0 * a.m_sk;
+        const float* mr = a.mask + b * a.m_sb + head(r) * a.m_sh + query(r) * a.m_sq + j0 * a.m_sk;
         for (int64_t c = 0; c < nk; ++c) sr[c] += mr[c * a.m_sk];
       }
-      const int64_t pos = i0 + r + shift;
+      const int64_t pos = query(r) + shift;
       const bool crossed = j0 + nk - 1 > pos || (a.window > 0 && j0 <= pos - a.window);
       if (a.causal && crossed) {  // hide what lies after the row's position or before its window
         for (int64_t c = 0; c < nk; ++c) {
@@ -212,17 +218,17 @@ void attention_block(const AttentionArgs& a, int64_t b, int64_t h, int64_t i0, i
   }
   for (int64_t r = 0; r < rows; ++r) {
     const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
-    const int64_t base = b * a.o_sb + h * a.o_sh + (i0 + r) * a.o_ss;
+    const int64_t base = b * a.o_sb + head(r) * a.o_sh + query(r) * a.o_ss;
     for (int64_t d = 0; d < Dv; ++d) store(a.out, 0, a.type, 0, base + d, o[r * Dv + d] * inv);
   }
 }
 
-void attention(const AttentionArgs& a, int64_t b, int64_t h, int64_t i0, int64_t i1,
+void attention(const AttentionArgs& a, int64_t b, int64_t h0, int64_t nh, int64_t i0, int64_t i1,
                int64_t j_begin, int64_t j_end, float* work, float* partial) {
   if (a.type == ScalarType::kBFloat16) {
-    attention_block<uint16_t>(a, b, h, i0, i1, j_begin, j_end, work, partial);
+    attention_block<uint16_t>(a, b, h0, nh, i0, i1, j_begin, j_end, work, partial);
   } else {
-    attention_block<float>(a, b, h, i0, i1, j_begin, j_end, work, partial);
+    attention_block<float>(a, b, h0, nh, i0, i1, j_begin, j_end, work, partial);
   }
 }
 

@@ -119,7 +119,8 @@ struct W4GemmArgs {
   int64_t M, N, K, group_size;  // group_size divides K and is a multiple of 32, or equals K
 };
 
-// Attention (torchslim.reference.attention) for one (batch, head) and query rows [i0, i1):
+// Attention (torchslim.reference.attention) for batch b, query rows [i0, i1) of the heads
+// [h0, h0 + nh) (one key/value head's, nh * (i1 - i0) <= kAttnBlockQ rows):
 //   out[i] = sum_j p[i, j] v[j] / sum_j p[i, j],  p[i, j] = exp(s[i, j] - max_j s[i, j]),
 //   s[i, j] = scale * q[i] . k[j] + mask[i, j] over the visible keys j (zero rows: no key),
 // with query head h reading key/value head h / (H / Hkv). Strides are in elements; the last
@@ -128,7 +129,8 @@ struct W4GemmArgs {
 // pos - window < j <= pos (window <= 0: unbounded) where pos = i + len - Sq, len = kv_lens[b]
 // or Sk. Only keys in [j_begin, j_end) are visited (the whole range, or one split of it).
 // Without `partial`, out[i] is written. With it (split keys, merged by the caller), row r's
-// max, sum and unnormalised output go to partial[r * (Dv + 2) + (0, 1, 2..)] instead.
+// max, sum and unnormalised output go to partial[r * (Dv + 2) + (0, 1, 2..)] instead, row r
+// being query i0 + r % (i1 - i0) of head h0 + r / (i1 - i0).
 // `work` holds attention_work_floats(D, Dv) floats for the calling thread.
 struct AttentionArgs {
   const void* q;  // (B, H, Sq, D)
@@ -164,8 +166,8 @@ struct KernelTable {
   void (*w8a16_gemm)(const W8A16Args& args, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
   void (*quantize_q8_blocks)(const Q8BlockArgs& args, int64_t m0, int64_t m1);
   void (*w4_gemm)(const W4GemmArgs& args, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
-  void (*attention)(const AttentionArgs& args, int64_t b, int64_t h, int64_t i0, int64_t i1,
-                    int64_t j_begin, int64_t j_end, float* work, float* partial);
+  void (*attention)(const AttentionArgs& args, int64_t b, int64_t h0, int64_t nh, int64_t i0,
+                    int64_t i1, int64_t j_begin, int64_t j_end, float* work, float* partial);
 };
 
 namespace portable {
