@@ -160,6 +160,24 @@ class OpBackends:
         return self.kernels[backend].fn(*args)
 
 
+def extension_kernel(
+    function: str, backend_available: Callable[[], str | None]
+) -> tuple[Callable[[], str | None], Callable[..., object]]:
+    """(available, fn) for a kernel bound as ``torchslim._C.<function>``: available() is the
+    backend's own check, then whether this build of the extension has the function."""
+
+    def available() -> str | None:
+        why = backend_available()
+        if why is None and not hasattr(_ext._C, function):
+            return f"torchslim._C has no {function} (rebuild the extension)"
+        return why
+
+    def fn(*args):
+        return getattr(_ext._C, function)(*args)
+
+    return available, fn
+
+
 _LIB = torch.library.Library("torchslim", "DEF")
 _OPS: dict[str, OpBackends] = {}
 

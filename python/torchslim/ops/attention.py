@@ -22,7 +22,7 @@ import torch
 
 from torchslim import _ext
 from torchslim import reference as ref
-from torchslim.ops._registry import Kernel, OpBackends, define_op
+from torchslim.ops._registry import Kernel, OpBackends, define_op, extension_kernel
 from torchslim.ops.int8 import _check_same_device, _require_tensors
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -102,17 +102,7 @@ def _cpu_supports(q, *_args) -> str | None:
     return None
 
 
-def _cpu_available() -> str | None:
-    why = _ext.cpu_available()
-    if why is None and not hasattr(_ext._C, "attention_cpu"):
-        return "torchslim._C has no attention_cpu (rebuild the extension)"
-    return why
-
-
-def _cpu_fn(*args):
-    return _ext._C.attention_cpu(*args)
-
-
+_cpu_available, _cpu_fn = extension_kernel("attention_cpu", _ext.cpu_available)
 _ATTENTION = OpBackends(name="attention", reference=_reference, preference={"cpu": ("cpu",)})
 _ATTENTION.register(Kernel("cpu", _cpu_fn, _cpu_available, _cpu_supports))
 

@@ -27,7 +27,7 @@ import torch
 
 from torchslim import _ext
 from torchslim import reference as ref
-from torchslim.ops._registry import Kernel, OpBackends, define_op
+from torchslim.ops._registry import Kernel, OpBackends, define_op, extension_kernel
 from torchslim.ops.int8 import (
     _check_activation,
     _check_bias,
@@ -152,15 +152,9 @@ def _cuda_tc_supports(x, packed_tc, scales, zeros, group_size, bias=None) -> str
     return None
 
 
-def _cuda_tc_available() -> str | None:
-    why = _ext.cuda_available()
-    if why is None and not hasattr(_ext._C, "int4_weight_only_linear_tc_cuda"):
-        return "torchslim._C has no int4_weight_only_linear_tc_cuda (rebuild the extension)"
-    return why
-
-
-def _cuda_tc_fn(*args):
-    return _ext._C.int4_weight_only_linear_tc_cuda(*args)
+_cuda_tc_available, _cuda_tc_fn = extension_kernel(
+    "int4_weight_only_linear_tc_cuda", _ext.cuda_available
+)
 
 
 _INT4_LINEAR_TC = OpBackends(

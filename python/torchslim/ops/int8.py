@@ -26,7 +26,7 @@ import torch
 
 from torchslim import _ext
 from torchslim import reference as ref
-from torchslim.ops._registry import Kernel, OpBackends, define_op
+from torchslim.ops._registry import Kernel, OpBackends, define_op, extension_kernel
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -147,20 +147,11 @@ def _make_backends(name: str, reference, *, float_input: bool) -> OpBackends:
         preference={"cpu": ("cpu",), "cuda": ("cuda", "triton")},
     )
 
-    def cpu_fn(*args):
-        return getattr(_ext._C, f"{name}_cpu")(*args)
-
-    def cuda_fn(*args):
-        return getattr(_ext._C, f"{name}_cuda")(*args)
+    cpu_available, cpu_fn = extension_kernel(f"{name}_cpu", _ext.cpu_available)
+    cuda_available, cuda_fn = extension_kernel(f"{name}_cuda", _ext.cuda_available)
 
     def triton_fn(*args):
         return getattr(_triton_module(), name)(*args)
-
-    def cuda_available() -> str | None:
-        why = _ext.cuda_available()
-        if why is None and not hasattr(_ext._C, f"{name}_cuda"):
-            return f"torchslim._C has no CUDA kernel for {name}"
-        return why
 
     if float_input:
         cpu_supports = _supports_floats({"cpu": (torch.float32, torch.bfloat16)})
@@ -175,7 +166,7 @@ def _make_backends(name: str, reference, *, float_input: bool) -> OpBackends:
         def triton_supports(*args):
             return _supports_int8(_triton_int8_devices())(*args)
 
-    backends.register(Kernel("cpu", cpu_fn, _ext.cpu_available, cpu_supports))
+    backends.register(Kernel("cpu", cpu_fn, cpu_available, cpu_supports))
     backends.register(Kernel("cuda", cuda_fn, cuda_available, cuda_supports))
     backends.register(Kernel("triton", triton_fn, _triton_available, triton_supports))
     return backends
