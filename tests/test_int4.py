@@ -23,6 +23,7 @@ NKG = (
     (9, 480, (160,)),
     (111, 1024, (64, 128)),
     (59, 4224, (128, -1)),
+    (3, 16448, (32,)),  # group 32 past the kernel's stack buffer of scales (514 groups)
     (33, 130, (-1,)),  # per channel with a partial last activation block
     (5, 98, (-1,)),  # per channel: chunk, a lone block of 32, then a partial block
     (5, 2, (-1,)),

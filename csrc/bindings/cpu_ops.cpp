@@ -459,7 +459,8 @@ int64_t attention_kv_splits(int64_t items, int64_t Sq, int64_t Sk) {
 
 // Fused attention (cpu/attention.h): q (B, H, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv), one
 // dtype (fp32/bf16); attn_mask bool or float, broadcastable to (B, H, Sq, Sk); window <= 0 for
-// none; kv_lens (B,) int. Work items are blocks of kAttnBlockQ query rows of one (b, h).
+// none; kv_lens (B,) int. Work items are blocks of up to kAttnBlockQ query rows of one batch
+// and of heads that share a key/value head.
 at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                          const OptTensor& attn_mask, bool causal, std::optional<double> scale,
                          int64_t window, const OptTensor& kv_lens) {
@@ -600,12 +601,12 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Ten
         const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
         const int64_t row = it.b * out.stride(0) + (it.h0 + r / rows_q) * out.stride(1) +
                             (it.i0 + r % rows_q) * out.stride(2);
-        for (int64_t d = 0; d < Dv; ++d) {
-          if (type == ScalarType::kBFloat16) {
-            out.data_ptr<at::BFloat16>()[row + d] = acc[d] * inv;
-          } else {
-            out.data_ptr<float>()[row + d] = acc[d] * inv;
-          }
+        if (type == ScalarType::kBFloat16) {
+          at::BFloat16* o = out.data_ptr<at::BFloat16>() + row;
+          for (int64_t d = 0; d < Dv; ++d) o[d] = acc[d] * inv;
+        } else {
+          float* o = out.data_ptr<float>() + row;
+          for (int64_t d = 0; d < Dv; ++d) o[d] = acc[d] * inv;
         }
       }
     }

@@ -3,13 +3,13 @@
 //
 // One call computes a block of up to kAttnBlockQ query rows: queries [i0, i1) of the heads
 // [h0, h0 + nh), which share one key/value head (GQA: a decode step reads each key and value
-// once for all of them, not once per query head). The rows'
-// running max, running sum and output accumulate in fp32 in `work` while the visible keys
-// stream past in tiles of kAttnBlockK (online softmax, as FlashAttention does), so the
-// (Sq, Sk) score matrix never exists. Per tile:
-//   S = (scale q) k^T   4 rows at a time against a transposed fp32 copy of the key tile (one
-//                       vector of keys per load, q broadcast along d); a block of fewer than 4
-//                       rows (decode) takes each key's dot product along d instead, unpacked
+// once for all of them, not once per query head). The rows' running max, running sum and
+// output accumulate in fp32 in `work` while the visible keys stream past in tiles of
+// kAttnBlockK (online softmax, as FlashAttention does), so the (Sq, Sk) score matrix never
+// exists. Per tile:
+//   S = (scale q) k^T   4 rows x 2 vectors of keys at a time against a transposed fp32 copy
+//                       of the key tile (q broadcast along d); a block of fewer than 4 rows
+//                       takes each key's dot product along d instead, unpacked
 //   S += mask, and -inf outside the causal / sliding window / kv_lens range of each row
 //   m' = max(m, max S), P = exp(S - m'), l = l e^(m - m') + sum P, O = O e^(m - m') + P V
 // and at the end out = O / l (0 for a row that saw no key). Only the key tiles a block can

@@ -155,8 +155,9 @@ struct AttentionArgs {
 constexpr int64_t kAttnBlockQ = 64;
 constexpr int64_t kAttnBlockK = 64;
 
+// Per block: scaled q rows, output rows, scores, max and sum per row, the transposed key tile.
 inline int64_t attention_work_floats(int64_t D, int64_t Dv) {
-  return kAttnBlockQ * (D + Dv + kAttnBlockK + 2) + kAttnBlockK * (D + Dv);
+  return kAttnBlockQ * (D + Dv + kAttnBlockK + 2) + D * kAttnBlockK;
 }
 
 struct KernelTable {

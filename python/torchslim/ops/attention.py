@@ -23,9 +23,7 @@ import torch
 from torchslim import _ext
 from torchslim import reference as ref
 from torchslim.ops._registry import Kernel, OpBackends, define_op, extension_kernel
-from torchslim.ops.int8 import _check_same_device, _require_tensors
-
-_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+from torchslim.ops.int8 import _FLOATS, _check_same_device, _require_tensors, _supports_floats
 
 
 def _check_attention(q, k, v, attn_mask, causal, scale, window, kv_lens) -> None:
@@ -66,11 +64,10 @@ def _check_attention(q, k, v, attn_mask, causal, scale, window, kv_lens) -> None
                 f"attn_mask must broadcast to (B, H, Sq, Sk) = {(b, h, sq, sk)}, got shape "
                 f"{tuple(attn_mask.shape)}"
             )
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    if scale is not None and not (isinstance(scale, float) and math.isfinite(scale)):
+    # (The schema makes causal a bool, scale a float and window an int.)
+    if scale is not None and not math.isfinite(scale):
         raise ValueError(f"scale must be a finite float or None, got {scale!r}")
-    if isinstance(window, bool) or not isinstance(window, int) or (window != -1 and window < 1):
+    if window != -1 and window < 1:
         raise ValueError(f"window must be a positive int or -1 (none), got {window!r}")
     if window != -1 and not causal:
         raise ValueError("window (a sliding window over past keys) needs causal=True")
@@ -94,14 +91,7 @@ def _reference(q, k, v, attn_mask, causal, scale, window, kv_lens):
     )
 
 
-def _cpu_supports(q, *_args) -> str | None:
-    if q.device.type != "cpu":
-        return f"no kernel for {q.device.type} tensors"
-    if q.dtype not in (torch.float32, torch.bfloat16):
-        return f"cpu kernel takes float32, bfloat16, got {q.dtype}"
-    return None
-
-
+_cpu_supports = _supports_floats({"cpu": (torch.float32, torch.bfloat16)})
 _cpu_available, _cpu_fn = extension_kernel("attention_cpu", _ext.cpu_available)
 _ATTENTION = OpBackends(name="attention", reference=_reference, preference={"cpu": ("cpu",)})
 _ATTENTION.register(Kernel("cpu", _cpu_fn, _cpu_available, _cpu_supports))
