@@ -12,6 +12,14 @@ torchslim's ops are single nodes, and Inductor compiles the rewritten graph.
 
 Passes (run in this order; ``options={"passes": [...]}`` picks a subset, ``[]`` none):
 
+    attention       on the graph Dynamo captured, before autograd: calls of
+                    ``F.scaled_dot_product_attention`` -> torchslim's drop-in of the same name
+                    (torchslim.nn.functional), and the explicit pattern
+                    ``softmax(q @ k.transpose(-2, -1) [* s | / s] [+ mask], dim=-1) @ v`` (a
+                    cast of the weights back to q's dtype allowed) -> ``torchslim.attention``,
+                    where a torchslim kernel runs those inputs (on the reference it leaves them)
+                    and nothing else reads the scores. The attention op carries its own
+                    backward, so training graphs are rewritten too.
     fuse_bias       ``linear(x, w, ...) + b`` -> ``linear(x, w, ..., bias=b)`` for torchslim's
                     int8 and int4 linears: a bias added
                     after the op moves into the op's epilogue (one pass over the output less).
@@ -41,10 +49,13 @@ from __future__ import annotations
 import collections
 import functools
 import logging
+import numbers
+import operator
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import fx
 
 log = logging.getLogger(__name__)
@@ -217,6 +228,151 @@ def _fresh_attr(module: torch.nn.Module, prefix: str) -> str:
     return f"{prefix}_{i}"
 
 
+# ------------------------------------------------------------------------------------ attention
+_MATMUL = ((operator.matmul, torch.matmul), ("matmul", "__matmul__"))
+_SOFTMAX = ((torch.softmax, F.softmax, torch.special.softmax), ("softmax",))
+_TRANSPOSE = ((torch.transpose,), ("transpose",))
+_MUL = ((operator.mul, torch.mul), ("mul", "__mul__"))
+_DIV = ((operator.truediv, torch.div), ("div", "__truediv__"))
+_ADD = ((operator.add, torch.add), ("add", "__add__"))
+_CAST = ((), ("to", "type_as"))
+_SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
+
+
+def _calls(node: Any, kind: tuple[tuple, tuple]) -> bool:
+    """Whether ``node`` (of a Dynamo graph) calls one of the functions or methods of ``kind``."""
+    if not isinstance(node, fx.Node):
+        return False
+    functions, methods = kind
+    return (node.op == "call_function" and node.target in functions) or (
+        node.op == "call_method" and node.target in methods
+    )
+
+
+def _example(node: Any) -> torch.Tensor | None:
+    """The fake tensor Dynamo recorded for a node's output, if any."""
+    val = node.meta.get("example_value") if isinstance(node, fx.Node) else None
+    return val if isinstance(val, torch.Tensor) else None
+
+
+def _only_user(node: fx.Node, user: fx.Node) -> bool:
+    return list(node.users) == [user]
+
+
+def _kernel_runs(q, k, v, mask, causal, scale) -> bool:
+    """Whether torchslim.attention would run a kernel (not the reference) for these values."""
+    from torchslim.ops.attention import _ATTENTION
+
+    values = [_example(n) for n in (q, k, v)]
+    mask_value = _example(mask) if mask is not None else None
+    if any(t is None for t in values) or (mask is not None and mask_value is None):
+        return False
+    args = (*values, mask_value, causal, scale, -1, None)
+    return _ATTENTION.select(values[0].device, args)[0] != "reference"
+
+
+def _match_explicit(out: fx.Node) -> tuple | None:
+    """``out`` = softmax(q @ k^T * scale [+ mask]) @ v -> (q, k, v, mask, scale, nodes to
+    erase), else None."""
+    if not _calls(out, _MATMUL) or len(out.args) != 2 or out.kwargs:
+        return None
+    weights, v = out.args
+    chain = [out]
+    if _calls(weights, _CAST) and _only_user(weights, chain[-1]):
+        chain.append(weights)
+        weights = weights.args[0]
+    if not (_calls(weights, _SOFTMAX) and _only_user(weights, chain[-1])):
+        return None
+    dim = weights.args[1] if len(weights.args) > 1 else weights.kwargs.get("dim")
+    if dim not in (-1, 3):
+        return None
+    chain.append(weights)
+    scores, mask, scale = weights.args[0], None, 1.0
+    if _calls(scores, _ADD) and _only_user(scores, chain[-1]) and len(scores.args) == 2:
+        chain.append(scores)
+        scores, mask = scores.args
+    scaled = _calls(scores, _MUL) or _calls(scores, _DIV)
+    if scaled and _only_user(scores, chain[-1]) and len(scores.args) == 2:
+        chain.append(scores)
+        left, right = scores.args
+        if _calls(scores, _MUL) and isinstance(left, numbers.Real):
+            left, right = right, left
+        if not isinstance(right, numbers.Real) or isinstance(right, bool) or right == 0:
+            return None
+        scale = float(right) if _calls(scores, _MUL) else 1.0 / float(right)
+        scores = left
+    if not (_calls(scores, _MATMUL) and _only_user(scores, chain[-1]) and len(scores.args) == 2):
+        return None
+    chain.append(scores)
+    q, k_t = scores.args
+    if _calls(k_t, _TRANSPOSE) and sorted(a % 4 for a in k_t.args[1:3]) == [2, 3]:
+        k = k_t.args[0]
+    elif isinstance(k_t, fx.Node) and k_t.op == "call_function" and k_t.target is getattr:
+        k = k_t.args[0] if k_t.args[1] == "mT" else None
+    else:
+        return None
+    if k is None or not _only_user(k_t, scores):
+        return None
+    chain.append(k_t)
+    shapes = [_example(n) for n in (q, k, v)]
+    if any(t is None or t.dim() != 4 for t in shapes) or _example(out) is None:
+        return None
+    if mask is not None and (_example(mask) is None or not _example(mask).is_floating_point()):
+        return None
+    return q, k, v, mask, scale, chain
+
+
+def rewrite_attention(gm: fx.GraphModule) -> int:
+    """The ``attention`` pass on a Dynamo graph; returns the number of rewrites."""
+    from torchslim.nn.functional import _why_not_sdpa, scaled_dot_product_attention
+    from torchslim.ops.attention import attention
+
+    graph = gm.graph
+    rewrites = 0
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is F.scaled_dot_product_attention:
+            bound = dict(zip(_SDPA_PARAMS, node.args, strict=False)) | dict(node.kwargs)
+            q, k, v = bound.get("query"), bound.get("key"), bound.get("value")
+            mask, dropout = bound.get("attn_mask"), bound.get("dropout_p", 0.0)
+            causal, scale = bound.get("is_causal", False), bound.get("scale")
+            if (
+                not isinstance(dropout, numbers.Real)
+                or dropout != 0.0
+                or not isinstance(causal, bool)
+            ):
+                continue
+            if (causal and mask is not None) or not isinstance(scale, (numbers.Real, type(None))):
+                continue
+            values = [_example(n) for n in (q, k, v)]
+            if any(t is None for t in values) or not _kernel_runs(q, k, v, mask, causal, scale):
+                continue
+            mask_value = _example(mask) if mask is not None else None
+            if _why_not_sdpa(*values, mask_value, 0.0, bool(bound.get("enable_gqa", False))):
+                continue
+            node.target = scaled_dot_product_attention
+            rewrites += 1
+            continue
+        match = _match_explicit(node)
+        if match is None:
+            continue
+        q, k, v, mask, scale, chain = match
+        if not _kernel_runs(q, k, v, mask, False, scale):
+            continue
+        with graph.inserting_before(node):
+            fused = graph.call_function(attention, (q, k, v), {"scale": scale, "attn_mask": mask})
+        fused.meta.update(node.meta)
+        node.replace_all_uses_with(fused)
+        for dead in chain:
+            graph.erase_node(dead)
+        rewrites += 1
+    if rewrites:
+        graph.lint()
+        gm.recompile()
+    return rewrites
+
+
+# Passes on the graph Dynamo captured (before autograd), then on the post-grad ATen graph.
+GRAPH_PASSES: dict[str, Callable[[fx.GraphModule], int]] = {"attention": rewrite_attention}
 PASSES: dict[str, Callable[[fx.Graph], int]] = {
     "fuse_bias": fuse_bias,
     "fuse_siblings": fuse_siblings,
@@ -254,13 +410,14 @@ def _pass_class():
 
 def _pass_names(passes: Iterable[str] | None, what: str = "options['passes']") -> tuple[str, ...]:
     if passes is None:
-        return tuple(PASSES)
+        return (*GRAPH_PASSES, *PASSES)
     if isinstance(passes, str):
         raise TypeError(f"{what} must be a list of pass names, got the string {passes!r}")
     names = tuple(passes)
-    unknown = [n for n in names if n not in PASSES]
+    unknown = [n for n in names if n not in PASSES and n not in GRAPH_PASSES]
     if unknown:
-        raise ValueError(f"{what}: unknown pass {unknown}; known: {sorted(PASSES)}")
+        known = sorted([*GRAPH_PASSES, *PASSES])
+        raise ValueError(f"{what}: unknown pass {unknown}; known: {known}")
     return names
 
 
@@ -293,9 +450,16 @@ def backend(
             "torch._inductor.config.freezing = True before calling torch.compile instead"
         )
     patches.update(options)
+    for name in names:
+        if name in GRAPH_PASSES:
+            done = GRAPH_PASSES[name](gm)
+            if done:
+                counters[name] += done
+                log.info("torchslim pass %s: %d rewrites", name, done)
     passes_cls = _pass_class()
     previous = patches.get("post_grad_custom_pre_pass", inductor_config.post_grad_custom_pre_pass)
-    patches["post_grad_custom_pre_pass"] = passes_cls(names, previous)
+    post_grad = [name for name in names if name in PASSES]
+    patches["post_grad_custom_pre_pass"] = passes_cls(post_grad, previous)
     return compile_fx(gm, example_inputs, config_patches=patches)
 
 

@@ -13,23 +13,18 @@ SDPA function, logged once.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
+from torchslim.ops._registry import warn_once
 from torchslim.ops.attention import attention
 
 NAME = "torchslim"
-logger = logging.getLogger("torchslim")
-_logged: set[str] = set()
 
 
 def _sdpa_fallback(why: str, *args, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if why not in _logged:
-        _logged.add(why)
-        logger.warning("torchslim attention: %s; using transformers' SDPA attention", why)
+    warn_once(f"torchslim attention: {why}; using transformers' SDPA attention")
     return sdpa_attention_forward(*args, **kwargs)
 
 

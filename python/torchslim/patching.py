@@ -7,6 +7,7 @@ table, METHODS; a new capability (int4, sparsity, attention) is one more entry t
 
     model = torchslim.patch(model, quant="int8-weight", exclude="lm_head")
     model = torchslim.patch(model, quant="int4", group_size=32)   # a method's own options
+    model = torchslim.patch(model, attention=True)  # attention on torchslim's fused kernel
     print(model.torchslim_report)      # replaced / kept (and why), bytes before and after
 """
 
@@ -23,7 +24,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from torchslim.nn import Int4Linear, Int8Linear
+from torchslim import hf_attention
+from torchslim.nn import Int4Linear, Int8Linear, MultiheadAttention
 from torchslim.quant import smoothquant_factors
 
 
@@ -241,10 +243,12 @@ class PatchRow:
 
 @dataclass
 class PatchReport:
-    """What patch() did: one row per layer the method applies to."""
+    """What patch() did: one row per layer the quant method applies to, and one per attention
+    that ``attention=True`` looked at."""
 
     quant: str
     rows: list[PatchRow] = field(default_factory=list)
+    attention: list[PatchRow] = field(default_factory=list)
 
     @property
     def replaced(self) -> list[PatchRow]:
@@ -271,8 +275,10 @@ class PatchReport:
                 f"{r.bytes_after / 1e6:.2f}",
                 r.reason,
             )
-            for r in self.rows
+            for r in self.rows + self.attention
         ]
+        if not body:
+            return f"quant={self.quant}: nothing patched"
         widths = [max(len(h), *(len(row[i]) for row in body)) for i, h in enumerate(head)]
         lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
         lines.append("  ".join("-" * w for w in widths))
@@ -283,6 +289,9 @@ class PatchReport:
             f"quant={self.quant}: {len(self.replaced)} replaced, {len(self.kept)} kept; "
             f"these layers {before / 1e6:.2f} MB -> {after / 1e6:.2f} MB ({ratio:.2f}x smaller)"
         )
+        if self.attention:
+            swapped = sum(r.after is not None for r in self.attention)
+            lines.append(f"attention: {swapped} of {len(self.attention)} on torchslim's kernel")
         return "\n".join(lines)
 
 
@@ -315,6 +324,7 @@ def patch(
     filter_fn: Callable[[str, nn.Module], bool] | None = None,
     calibration: Iterable | Callable[[nn.Module], object] | None = None,
     progress: bool = True,
+    attention: bool = False,
     **options: object,
 ) -> nn.Module:
     """Replaces the model's layers with torchslim layers, in place.
@@ -330,13 +340,18 @@ def patch(
             as model(t), a dict as model(**d)), or a callable run as calibration(model).
             Ignored by methods that do not calibrate.
         progress: show a progress bar over the layers.
+        attention: run the model's attention on torchslim's fused kernel: a Hugging Face model
+            gets ``set_attn_implementation("torchslim")`` (torchslim.hf_attention), and every
+            nn.MultiheadAttention becomes a torchslim.nn.MultiheadAttention sharing its
+            parameters. Model-wide: include, exclude and filter_fn select quant layers only.
         **options: the method's own options (``METHODS[quant].options`` lists them with their
             defaults). "int4": ``group_size`` (128; 32, 64, ... or -1 per channel),
             ``symmetric`` (False), ``scale_dtype`` (torch.bfloat16), ``clip_search`` (False).
 
     Returns:
         ``model`` itself. Its ``torchslim_report`` attribute (a PatchReport) lists every layer
-        the method applies to: replaced, or kept and why; bytes before and after.
+        the method applies to: replaced, or kept and why; bytes before and after; and, with
+        ``attention=True``, each attention it switched or could not.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -347,7 +362,12 @@ def patch(
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError(f"filter_fn must be callable, got {type(filter_fn).__name__}")
 
+    if not isinstance(attention, bool):
+        raise TypeError(f"attention must be a bool, got {type(attention).__name__}")
+
     report = PatchReport(quant=str(quant))
+    if attention:
+        report.attention = _patch_attention(model)
     if quant is None:
         model.torchslim_report = report
         return model
@@ -414,6 +434,40 @@ def patch(
         )
     model.torchslim_report = report
     return model
+
+
+def _patch_attention(model: nn.Module) -> list[PatchRow]:
+    rows = []
+    if hasattr(model, "set_attn_implementation") and hasattr(model, "config"):
+        before = str(getattr(model.config, "_attn_implementation", None))
+        hf_attention.register()
+        try:
+            model.set_attn_implementation(hf_attention.NAME)
+        except (ValueError, ImportError) as e:  # a model that takes no custom attention
+            rows.append(PatchRow("(model)", before, None, f"kept: {e}", 0, 0, "attention"))
+        else:
+            describe = "Hugging Face attention interface"
+            rows.append(PatchRow("(model)", before, hf_attention.NAME, describe, 0, 0, "attention"))
+    swapped: dict[int, nn.Module] = {}
+    for name, module in list(model.named_modules(remove_duplicate=False)):
+        if not isinstance(module, nn.MultiheadAttention) or isinstance(module, MultiheadAttention):
+            continue
+        size = module_bytes(module)
+        if type(module) is not nn.MultiheadAttention:
+            why = (
+                f"{type(module).__name__} subclasses nn.MultiheadAttention (its forward may differ)"
+            )
+            rows.append(PatchRow(name, type(module).__name__, None, why, size, size, "attention"))
+            continue
+        if id(module) not in swapped:
+            swapped[id(module)] = MultiheadAttention.from_module(module)
+        if name:
+            _set_submodule(model, name, swapped[id(module)])
+        rows.append(
+            PatchRow(name, "MultiheadAttention", "torchslim.nn.MultiheadAttention",
+                     "fused attention kernel", size, size, "attention")
+        )  # fmt: skip
+    return rows
 
 
 def _input_absmax(model, layers, calibration, progress) -> dict[int, torch.Tensor]:

@@ -160,6 +160,16 @@ class OpBackends:
         return self.kernels[backend].fn(*args)
 
 
+_warned: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """Logs ``message`` as a warning on the "torchslim" logger the first time it is seen."""
+    if message not in _warned:
+        _warned.add(message)
+        logger.warning("%s", message)
+
+
 def extension_kernel(
     function: str, backend_available: Callable[[], str | None]
 ) -> tuple[Callable[[], str | None], Callable[..., object]]:

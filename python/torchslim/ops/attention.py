@@ -10,8 +10,15 @@ Schema (``torch.ops.torchslim.*``); the math in :mod:`torchslim.reference.attent
         window with causal (-1: none); kv_lens: (B,) int32/int64 valid keys per sequence
         ->  (B, H, Sq, Dv) in q.dtype; a row with no visible key is zeros.
 
+    attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out,
+                       Tensor? attn_mask=None, bool causal=False, float? scale=None,
+                       int window=-1, Tensor? kv_lens=None) -> (Tensor, Tensor, Tensor)
+        the gradients (dq, dk, dv) of attention for grad_out (B, H, Sq, Dv); out is attention's
+        output. No gradient flows to attn_mask: attention refuses a mask that requires one.
+
 Backends: the CPU kernel (fp32/bf16, computing in fp32: csrc/cpu/attention.h); anything else
-runs the reference.
+runs the reference. float64 is accepted (the reference, for gradcheck). The backward recomputes
+the attention weights from the reference on every device so far.
 """
 
 from __future__ import annotations
@@ -22,8 +29,11 @@ import torch
 
 from torchslim import _ext
 from torchslim import reference as ref
-from torchslim.ops._registry import Kernel, OpBackends, define_op, extension_kernel
+from torchslim.ops._registry import _LIB, Kernel, OpBackends, define_op, extension_kernel
 from torchslim.ops.int8 import _FLOATS, _check_same_device, _require_tensors, _supports_floats
+
+# float64 runs the reference: it is there for gradcheck, not for speed.
+_ATTENTION_FLOATS = (*_FLOATS, torch.float64)
 
 
 def _check_attention(q, k, v, attn_mask, causal, scale, window, kv_lens) -> None:
@@ -33,8 +43,8 @@ def _check_attention(q, k, v, attn_mask, causal, scale, window, kv_lens) -> None
                 f"{name} must be 4-D (batch, heads, seq, head_dim), got {t.dim()}-D shape "
                 f"{tuple(t.shape)}"
             )
-        if t.dtype not in _FLOATS:
-            raise TypeError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
+        if t.dtype not in _ATTENTION_FLOATS:
+            raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {t.dtype}")
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"k and v must have q's dtype {q.dtype}, got {k.dtype} and {v.dtype}")
     b, h, sq, d = q.shape
@@ -53,7 +63,7 @@ def _check_attention(q, k, v, attn_mask, causal, scale, window, kv_lens) -> None
     if hkv == 0 or h % hkv:
         raise ValueError(f"k's heads ({hkv}) must divide q's heads ({h}) (grouped-query attention)")
     if attn_mask is not None:
-        if attn_mask.dtype != torch.bool and attn_mask.dtype not in _FLOATS:
+        if attn_mask.dtype != torch.bool and attn_mask.dtype not in _ATTENTION_FLOATS:
             raise TypeError(f"attn_mask must be bool or floating point, got {attn_mask.dtype}")
         try:
             shape = torch.broadcast_shapes(attn_mask.shape, (b, h, sq, sk))
@@ -117,6 +127,79 @@ define_op(
 )
 
 
+def _check_backward(grad_out, q, k, v, out, attn_mask, causal, scale, window, kv_lens) -> None:
+    _check_attention(q, k, v, attn_mask, causal, scale, window, kv_lens)
+    want = (*q.shape[:3], v.shape[3])
+    for name, t in (("grad_out", grad_out), ("out", out)):
+        if tuple(t.shape) != want:
+            raise ValueError(
+                f"{name} must have attention's output shape (B, H, Sq, Dv) = {want}, got "
+                f"{tuple(t.shape)}"
+            )
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be floating point, got {t.dtype}")
+    _check_same_device(q, grad_out=grad_out, out=out)
+
+
+def _reference_backward(grad_out, q, k, v, out, attn_mask, causal, scale, window, kv_lens):
+    window = None if window == -1 else window
+    return ref.attention_backward(grad_out, q, k, v, attn_mask, causal, scale, window, kv_lens)
+
+
+_ATTENTION_BACKWARD = OpBackends(name="attention_backward", reference=_reference_backward)
+
+
+def _backward_impl(
+    grad_out, q, k, v, out, attn_mask=None, causal=False, scale=None, window=-1, kv_lens=None
+):
+    _check_backward(grad_out, q, k, v, out, attn_mask, causal, scale, window, kv_lens)
+    _check_kv_lens_values(kv_lens, k.shape[2])
+    args = (grad_out, q, k, v, out, attn_mask, causal, scale, window, kv_lens)
+    return tuple(g.contiguous() for g in _ATTENTION_BACKWARD(*args))
+
+
+def _backward_fake(
+    grad_out, q, k, v, out, attn_mask=None, causal=False, scale=None, window=-1, kv_lens=None
+):
+    _check_backward(grad_out, q, k, v, out, attn_mask, causal, scale, window, kv_lens)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+define_op(
+    "attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
+    "Tensor? attn_mask=None, bool causal=False, float? scale=None, int window=-1, "
+    "Tensor? kv_lens=None) -> (Tensor, Tensor, Tensor)",
+    impl=_backward_impl,
+    fake=_backward_fake,
+    backends=_ATTENTION_BACKWARD,
+)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, attn_mask, causal, scale, window, kv_lens = inputs
+    if attn_mask is not None and attn_mask.requires_grad:
+        raise ValueError(
+            "attn_mask requires grad, but torchslim attention computes no gradient for it; "
+            "pass attn_mask.detach(), or use F.scaled_dot_product_attention for a learned mask"
+        )
+    ctx.save_for_backward(q, k, v, output, attn_mask, kv_lens)
+    ctx.options = (causal, scale, window)
+
+
+def _backward(ctx, grad_out):
+    q, k, v, out, attn_mask, kv_lens = ctx.saved_tensors
+    causal, scale, window = ctx.options
+    d_q, d_k, d_v = torch.ops.torchslim.attention_backward(
+        grad_out, q, k, v, out, attn_mask, causal, scale, window, kv_lens
+    )
+    return d_q, d_k, d_v, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "torchslim::attention", _backward, setup_context=_setup_context, lib=_LIB
+)
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -149,6 +232,9 @@ def attention(
 
     Returns:
         (B, H, Sq, Dv) in q's dtype. A query row with no visible key gets zeros.
+
+    Differentiable in q, k and v (``torch.ops.torchslim.attention_backward``); a mask that
+    requires grad is refused.
     """
     _require_tensors(q=q, k=k, v=v, attn_mask=attn_mask, kv_lens=kv_lens)
     if not isinstance(causal, bool):  # the dispatcher would take 1 for True

@@ -1,6 +1,6 @@
 """Pure-PyTorch reference implementations: the specification of every torchslim op."""
 
-from torchslim.reference.attention import attention, visible_keys
+from torchslim.reference.attention import attention, attention_backward, visible_keys
 from torchslim.reference.int4 import (
     dequantize_int4,
     int4_weight_only_linear,
@@ -22,6 +22,7 @@ from torchslim.reference.int8 import (
 
 __all__ = [
     "attention",
+    "attention_backward",
     "dequantize_int4",
     "int4_weight_only_linear",
     "int4_weight_only_linear_tc",
