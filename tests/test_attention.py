@@ -290,3 +290,77 @@ def test_kernel_split_kv_decode(backend, sq, heads):
                 q.double(), k.double(), v.double(), *args, compute_dtype=torch.float64
             )
             check_close(out, ref64, ref.attention(q, k, v, *args, compute_dtype=dtype))
+
+
+# --------------------------------------------------------------------------- autograd
+GRAD_OPTIONS = ("plain", "causal", "bool mask, empty rows", "additive mask + causal")
+
+
+@pytest.mark.parametrize("option", [*GRAD_OPTIONS, "window + lens"])
+@pytest.mark.parametrize(("sq", "sk", "hkv"), [(5, 5, 4), (3, 9, 2), (9, 4, 1)])
+def test_gradcheck(option, sq, sk, hkv):
+    """float64 (the reference's path): the backward against finite differences of the forward,
+    GQA included (the key/value gradients sum over the query heads of a group)."""
+    gen = seeded("gradcheck", option, sq, sk, hkv)
+    q, k, v = _qkv(2, 4, hkv, sq, sk, 6, gen, torch.float64, dv=5)
+    opts = _options(option, 2, 4, sq, sk, gen)
+    if "attn_mask" in opts and opts["attn_mask"].is_floating_point():
+        opts["attn_mask"] = opts["attn_mask"].double()
+    inputs = tuple(t.requires_grad_() for t in (q, k, v))
+    assert torch.autograd.gradcheck(lambda *a: torchslim.attention(*a, **opts), inputs)
+
+
+def test_backward_op_opcheck(gen):
+    q, k, v = _qkv(2, 4, 2, 3, 7, 16, gen)
+    out = torchslim.attention(q, k, v)
+    grad = torch.randn(out.shape, generator=gen)
+    keep = torch.rand(2, 1, 3, 7, generator=gen) > 0.2
+    for extra in ((), (keep, True, 0.5, 3, torch.tensor([7, 5]))):
+        args = (grad, q, k, v, out, *extra)
+        torch.library.opcheck(torch.ops.torchslim.attention_backward.default, args)
+    # And the forward op's autograd registration, with inputs that require grad.
+    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    torch.library.opcheck(torch.ops.torchslim.attention.default, (*inputs, keep, True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("option", GRAD_OPTIONS)
+def test_training_step_gradients_meet_the_flash_rule(dtype, option):
+    """The gradients a training step gets (kernel forward, recomputing backward) against
+    float64 autograd through the reference, by the flash rule."""
+    gen = seeded("grads", dtype, option)
+    q, k, v = _qkv(2, 6, 2, 17, 40, 32, gen, dtype)
+    opts = _options(option, 2, 6, 17, 40, gen)
+    grad = torch.randn(2, 6, 17, 32, generator=gen).to(dtype)
+
+    def grads(fn, tensors):
+        leaves = [t.detach().clone().requires_grad_() for t in tensors]
+        return torch.autograd.grad(fn(*leaves), leaves, grad.to(leaves[0].dtype))
+
+    mask, causal = opts.get("attn_mask"), opts.get("causal", False)
+    ours = grads(lambda *a: torchslim.attention(*a, **opts), (q, k, v))
+    want = grads(
+        lambda *a: ref.attention(*a, mask, causal, compute_dtype=torch.float64),
+        [t.double() for t in (q, k, v)],
+    )
+    same_dtype = ref.attention_backward(grad, q, k, v, mask, causal, compute_dtype=dtype)
+    for name, got, exp, low in zip("qkv", ours, want, same_dtype, strict=True):
+        assert got.dtype == dtype, name
+        check_close(got, exp, low)
+
+
+def test_mask_that_requires_grad_is_refused(gen):
+    q, k, v = _qkv(1, 2, 2, 3, 4, 8, gen)
+    bias = torch.randn(3, 4, generator=gen, requires_grad=True)
+    with pytest.raises(ValueError, match="attn_mask requires grad"):
+        torchslim.attention(q, k, v, attn_mask=bias)
+    torchslim.attention(q, k, v, attn_mask=bias.detach())  # detached: fine
+
+
+def test_backward_bad_input_names_the_argument(gen):
+    q, k, v = _qkv(1, 2, 2, 3, 4, 8, gen)
+    out = torchslim.attention(q, k, v)
+    with pytest.raises(ValueError, match=r"grad_out must have attention's output shape"):
+        torch.ops.torchslim.attention_backward(out[:, :, :2], q, k, v, out)
+    with pytest.raises(ValueError, match=r"out must have"):
+        torch.ops.torchslim.attention_backward(out, q, k, v, out[..., :4])

@@ -8,11 +8,13 @@ from importlib.metadata import entry_points
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import torchslim
 from torchslim import compiler
 from torchslim.nn import Int4Linear, Int8Linear
+from torchslim.testing import check_close
 
 MODES = ["dynamic", "weight_only", "int4"]
 
@@ -159,3 +161,83 @@ def test_passes_can_be_turned_off(gen):
         got = torch.compile(model, backend="torchslim", options={"passes": []})(x)
         torch.testing.assert_close(got, model(x), rtol=1e-5, atol=1e-5)
     assert not compiler.counters
+
+
+# --------------------------------------------------------------------------- attention
+def _explicit(q, k, v, mask):
+    """The softmax(q k^T) v spellings the attention pass rewrites."""
+    d = q.shape[-1]
+    return (
+        torch.softmax(q @ k.transpose(-2, -1) / d**0.5, dim=-1) @ v,
+        (torch.matmul(q, k.transpose(-1, -2)) * 0.125 + mask).softmax(dim=-1) @ v,
+        F.softmax(0.2 * (q @ k.mT), dim=-1, dtype=torch.float32).to(q.dtype) @ v,
+        torch.softmax(q @ k.transpose(2, 3), -1) @ v,
+    )
+
+
+def _sdpa(q, k, v, mask):
+    return (
+        F.scaled_dot_product_attention(q, k, v, is_causal=True),
+        F.scaled_dot_product_attention(q, k, v, attn_mask=mask > 0, scale=0.3),
+        F.scaled_dot_product_attention(q, k[:, :2], v[:, :2], enable_gqa=True),
+    )
+
+
+def _post_grad_targets():
+    """A post-grad pass (run after torchslim's) that records the graph's call targets."""
+    seen = []
+    pass_ = lambda graph: seen.extend(n.target for n in graph.nodes)  # noqa: E731
+    return seen, torch._inductor.config.patch(post_grad_custom_pre_pass=pass_)
+
+
+@pytest.mark.parametrize("fn", [_explicit, _sdpa])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_pass_rewrites_to_torchslim(fn, dtype, gen):
+    q, k, v = (torch.randn(2, 4, 24, 32, generator=gen).to(dtype) for _ in range(3))
+    mask = torch.randn(2, 1, 24, 24, generator=gen).to(dtype)
+    seen, recording = _post_grad_targets()
+    with torch.no_grad(), recording:
+        got = torch.compile(fn, backend="torchslim")(q, k, v, mask)
+    want = fn(q, k, v, mask)
+    assert compiler.counters["attention"] == len(want)
+    ours = [t for t in seen if t is torch.ops.torchslim.attention.default]
+    assert len(ours) == len(want)
+    assert not [t for t in seen if "scaled_dot_product" in str(t)]
+    # The flash rule: against float64, at most 2x the error of eager in the same dtype.
+    exact = fn(*(t.double() for t in (q, k, v, mask)))
+    for a, b, c in zip(got, exact, want, strict=True):
+        check_close(a, b, c)
+
+
+def test_attention_pass_in_training_graphs(gen):
+    q, k, v = (torch.randn(2, 4, 16, 32, generator=gen, requires_grad=True) for _ in range(3))
+    mask = torch.randn(2, 1, 16, 16, generator=gen)
+
+    def loss(fn, compiled):
+        out = (torch.compile(fn, backend="torchslim") if compiled else fn)(q, k, v, mask)
+        return torch.autograd.grad(sum(o.square().sum() for o in out), (q, k, v))
+
+    for fn in (_explicit, _sdpa):
+        for got, want in zip(loss(fn, True), loss(fn, False), strict=True):
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert compiler.counters["attention"] == 7
+
+
+def test_attention_pass_leaves_what_it_cannot_take(gen):
+    q, k, v = (torch.randn(2, 4, 16, 32, generator=gen) for _ in range(3))
+
+    def scores_used_twice(q, k, v):
+        scores = q @ k.transpose(-2, -1) * 0.1
+        return torch.softmax(scores, dim=-1) @ v, scores
+
+    def dropout_and_fp16(q, k, v):
+        return (
+            F.scaled_dot_product_attention(q, k, v, dropout_p=0.3),
+            F.scaled_dot_product_attention(q.half(), k.half(), v.half()),  # no CPU kernel
+            torch.softmax(q.half() @ k.half().transpose(-2, -1), dim=-1) @ v.half(),
+        )
+
+    with torch.no_grad():
+        for fn in (scores_used_twice, dropout_and_fp16):
+            torch.compile(fn, backend="torchslim")(q, k, v)
+    assert compiler.counters["attention"] == 0

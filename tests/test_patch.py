@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -248,3 +249,72 @@ def test_hf_llama_int4(gen, tiny_llama):
         got = model(input_ids=ids).logits
     assert len(model.torchslim_report.replaced) == 2 * 7
     assert sqnr(want, got) >= 12.0
+
+
+# --------------------------------------------------------------------------- attention=True
+@contextlib.contextmanager
+def _no_mha_fastpath():
+    """nn.TransformerEncoderLayer's inference fast path bypasses self_attn.forward."""
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
+
+
+def test_attention_swaps_multihead_attention(gen):
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, batch_first=True).eval()
+    model = nn.Sequential(layer, nn.Linear(32, 8))
+    x = torch.randn(2, 7, 32, generator=gen)
+    with torch.no_grad(), _no_mha_fastpath():
+        want = model(x)
+        torchslim.patch(model, "int8-weight", attention=True, progress=False)
+        got = model(x)
+    assert type(layer.self_attn) is torchslim.nn.MultiheadAttention
+    report = model.torchslim_report
+    assert [(r.name, r.after) for r in report.attention] == [
+        ("0.self_attn", "torchslim.nn.MultiheadAttention")
+    ]
+    assert "attention: 1 of 1 on torchslim's kernel" in str(report)
+    assert sqnr(want, got) >= MIN_DB["int8-weight"]
+
+
+def test_attention_alone_is_exact(gen, monkeypatch):
+    calls = []
+    fused = torchslim.nn.attention.scaled_dot_product_attention
+    monkeypatch.setattr(
+        torchslim.nn.attention,
+        "scaled_dot_product_attention",
+        lambda *a, **k: calls.append(k) or fused(*a, **k),
+    )
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, batch_first=True).eval()
+    x = torch.randn(2, 7, 32, generator=gen)
+    with torch.no_grad(), _no_mha_fastpath():
+        want = layer(x, src_mask=nn.Transformer.generate_square_subsequent_mask(7), is_causal=True)
+        torchslim.patch(layer, attention=True, progress=False)
+        got = layer(x, src_mask=nn.Transformer.generate_square_subsequent_mask(7), is_causal=True)
+    assert type(layer.self_attn) is torchslim.nn.MultiheadAttention
+    assert not layer.torchslim_report.rows
+    assert calls == [{"is_causal": True}]  # the causal hint reached the kernel
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_hf_llama(gen, tiny_llama):
+    model = tiny_llama
+    ids = torch.randint(0, 128, (2, 10), generator=gen)
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        torchslim.patch(model, attention=True, progress=False)
+        got = model(input_ids=ids).logits
+    assert model.config._attn_implementation == "torchslim"
+    [row] = model.torchslim_report.attention
+    assert (row.before, row.after) == ("sdpa", "torchslim")
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_attention_must_be_a_bool():
+    with pytest.raises(TypeError, match="attention must be a bool"):
+        torchslim.patch(nn.Linear(2, 2), attention="yes")
