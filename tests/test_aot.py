@@ -174,3 +174,28 @@ def test_compile_errors():
     windowed = transformers.MistralForCausalLM(config).eval()
     with pytest.raises(NotImplementedError, match="StaticSlidingWindowLayer"):
         aot_compile(windowed, max_cache_len=16)
+
+
+@torch.no_grad()
+def test_fused_attention_stays_in_the_programs(monkeypatch):
+    """A model patched with attention=True is exported with torchslim's attention op, and its
+    programs match it, prefill and decode."""
+    targets = []
+    package = torch._inductor.aoti_compile_and_package
+
+    def recording(program, **kwargs):
+        targets.append({str(n.target) for n in program.graph.nodes})
+        return package(program, **kwargs)
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", recording)
+    model = torchslim.patch(tiny_llama(), attention=True, progress=False)
+    lm = aot_compile(model, max_cache_len=MAX_CACHE_LEN, progress=False)
+    assert model.config._attn_implementation == "torchslim"
+    assert len(targets) == 2  # prefill, decode
+    for found in targets:
+        assert "torchslim.attention.default" in found
+        assert not [t for t in found if "scaled_dot_product" in t]
+    ids = prompt(9, seed=3)
+    want = model(ids).logits
+    got = torch.cat([lm(ids[:, :6], 0), *(lm(ids[:, i : i + 1], i) for i in range(6, 9))], dim=1)
+    assert_close(got, want)

@@ -49,7 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchslim import compiler
+from torchslim import compiler, hf_attention
+from torchslim.ops.attention import attention
 from torchslim.ops.int8 import _require_tensors
 
 FORMAT = "torchslim-aot"
@@ -89,6 +90,7 @@ def _static_cache(model: nn.Module, batch_size: int, max_cache_len: int):
 
 
 ATTENTION = "torchslim_static_cache"
+FUSED_ATTENTION = "torchslim_static_cache_fused"  # for models on torchslim's attention
 
 
 def _static_cache_attention(
@@ -127,10 +129,30 @@ def _static_cache_attention(
     return out.transpose(1, 2).contiguous(), None
 
 
+def _static_cache_fused_attention(
+    module, query, key, value, attention_mask, *, kv_length, scaling=None, **kwargs
+):
+    """As _static_cache_attention, on torchslim's attention op: its causal mask is aligned
+    bottom-right and it reads grouped KV heads unexpanded, so neither needs spelling out."""
+    n, q_len = kv_length, query.shape[2]
+    if attention_mask is not None:
+        attention_mask = attention_mask[..., :n]
+    out = attention(
+        query,
+        key[:, :, :n],
+        value[:, :, :n],
+        causal=attention_mask is None and q_len > 1,
+        attn_mask=attention_mask,
+        scale=None if scaling is None else float(scaling),
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
 def _register_attention() -> None:
     from transformers import AttentionInterface
 
     AttentionInterface.register(ATTENTION, _static_cache_attention)
+    AttentionInterface.register(FUSED_ATTENTION, _static_cache_fused_attention)
 
 
 class _StaticCacheLM(nn.Module):
@@ -197,9 +219,11 @@ def aot_compile(
     ``max_cache_len`` positions and compiles its prefill and decode programs with AOTInductor.
 
     Takes minutes on a CPU (C++ compilation of the whole model, twice). The model is not
-    modified; the result does not reference it. ``passes``: the graph passes of the torchslim
-    compile backend to run (torchslim.compiler; default all: a layer's q/k/v projections become
-    one op, as do gate/up); ``inductor_configs`` go to ``torch._inductor.aoti_compile_and_package``.
+    modified; the result does not reference it. A model on torchslim's attention
+    (``torchslim.patch(model, attention=True)``) keeps it in the programs. ``passes``: the
+    graph passes of the torchslim compile backend to run (torchslim.compiler; default all: a
+    layer's q/k/v projections become one op, as do gate/up); ``inductor_configs`` go to
+    ``torch._inductor.aoti_compile_and_package``.
     """
     from tqdm.auto import tqdm
 
@@ -228,12 +252,13 @@ def aot_compile(
     work = Path(tempfile.mkdtemp(prefix="torchslim-aot-"))
     steps = tqdm(total=2 * len(PROGRAMS), desc="aot_compile", disable=not progress)
     _register_attention()
-    attention, training = model.config._attn_implementation, model.training
-    model.set_attn_implementation(ATTENTION)
+    own_attention, training = model.config._attn_implementation, model.training
+    fused = own_attention == hf_attention.NAME
+    model.set_attn_implementation(FUSED_ATTENTION if fused else ATTENTION)
     try:
         _export_and_compile(module.eval(), examples, dynamic, kv, work, configs, steps)
     finally:
-        model.set_attn_implementation(attention)
+        model.set_attn_implementation(own_attention)
         model.train(training)
         steps.close()
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)

