@@ -1,19 +1,23 @@
 """Attention benchmark: torchslim.attention against PyTorch's SDPA and the naive math.
 
-    torchslim bench attention [--quick] [--out DIR] [--no-plot]
-    python benchmarks/bench_attention.py [--quick] [--out DIR]
+    torchslim bench attention [--device cpu|cuda] [--quick] [--out DIR] [--no-plot]
+    python benchmarks/bench_attention.py [--device cuda] [--quick] [--out DIR]
 
 Prefill: q, k, v (B, H, S, D), causal and not, in GFLOP/s (4 B H S^2 D, halved for causal).
 Decode: one query token against a KV cache of 1k..32k positions, GQA 4:1 (32 query heads,
 8 key/value heads, D = 128), in GB/s of K/V read. Implementations, in the same run: ours
-(torchslim.attention), F.scaled_dot_product_attention (SDPA: on the CPU its flash kernel) and
-the naive softmax(q k^T * scale) v, which materialises the score matrix (only where that
-matrix stays under 1 GB). fp32 and bf16. Writes attention_<device>.csv and .png.
+(torchslim.attention), F.scaled_dot_product_attention (SDPA: on the CPU its flash kernel, on
+a GPU whichever PyTorch picks, FlashAttention-2 for fp16/bf16) and the naive
+softmax(q k^T * scale) v, which materialises the score matrix (only where that matrix stays
+under 1 GB). CPU: fp32 and bf16. GPU: fp16 and bf16, longer sequences, and "train" rows: the
+forward and backward of a training step (3.5x the forward's FLOPs, FlashAttention's count).
+Writes attention_<device>.csv and .png.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
 from dataclasses import dataclass
@@ -33,12 +37,16 @@ DECODE_CACHE = (1024, 4096, 16384, 32768)
 DECODE_HEADS, DECODE_KV_HEADS, DECODE_DIM = 32, 8, 128
 QUICK_PREFILL, QUICK_HEAD_DIMS, QUICK_HEADS, QUICK_CACHE = ((1, 256),), (64,), 8, (1024, 4096)
 NAIVE_MAX_SCORE_BYTES = 1 << 30
-DTYPES = (torch.float32, torch.bfloat16)
+DTYPES = {"cpu": (torch.float32, torch.bfloat16), "cuda": (torch.float16, torch.bfloat16)}
+# The GPU's grid: the issue's (B 1..8, S 512..8192); its target is read at D = 128, S >= 4k.
+GPU_PREFILL = ((8, 512), (4, 1024), (2, 2048), (1, 4096), (2, 4096), (1, 8192))
+GPU_TRAIN = ((4, 1024), (1, 4096), (1, 8192))
+TRAIN_FLOPS = 3.5  # forward + backward (2.5x) over the forward
 
 
 @dataclass(frozen=True)
 class Case:
-    kind: str  # "prefill" or "decode"
+    kind: str  # "prefill", "decode" or "train" (forward + backward)
     batch: int
     heads: int
     kv_heads: int
@@ -50,6 +58,7 @@ class Case:
 
     def flops(self) -> float:
         full = 4 * self.batch * self.heads * self.q_len * self.kv_len * self.head_dim
+        full *= TRAIN_FLOPS if self.kind == "train" else 1
         return full / 2 if self.causal else full
 
     def kv_bytes(self) -> int:
@@ -63,7 +72,7 @@ def naive(q, k, v, causal):
     scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
     if causal:
         sq, sk = scores.shape[-2:]
-        hidden = torch.ones(sq, sk, dtype=torch.bool).triu(sk - sq + 1)
+        hidden = torch.ones(sq, sk, dtype=torch.bool, device=q.device).triu(sk - sq + 1)
         scores = scores.masked_fill(hidden, -math.inf)
     return torch.softmax(scores, dim=-1) @ v
 
@@ -82,35 +91,54 @@ def implementations(case: Case) -> dict:
     return impls
 
 
-def cases(quick: bool) -> list[Case]:
-    prefill = QUICK_PREFILL if quick else PREFILL
+def cases(quick: bool, device: str = "cpu") -> list[Case]:
+    gpu = device == "cuda"
+    prefill = QUICK_PREFILL if quick else GPU_PREFILL if gpu else PREFILL
     dims = QUICK_HEAD_DIMS if quick else HEAD_DIMS
     heads = QUICK_HEADS if quick else PREFILL_HEADS
+    dtypes = DTYPES[device]
     out = [
-        Case("prefill", b, heads, heads, s, s, d, causal, dtype)
-        for dtype in DTYPES
-        for b, s in prefill
+        Case(kind, b, heads, heads, s, s, d, causal, dtype)
+        for kind, grid in (("prefill", prefill), ("train", (QUICK_PREFILL if quick else GPU_TRAIN)))
+        if kind == "prefill" or gpu
+        for dtype in dtypes
+        for b, s in grid
         for d in dims
         for causal in (False, True)
     ]
     out += [
         Case("decode", 1, DECODE_HEADS, DECODE_KV_HEADS, 1, n, DECODE_DIM, False, dtype)
-        for dtype in DTYPES
+        for dtype in dtypes
         for n in (QUICK_CACHE if quick else DECODE_CACHE)
     ]
     return out
 
 
-def measure(case: Case, gen: torch.Generator) -> list[dict]:
+def training_step(fn, q, k, v):
+    """fn's forward and backward for a fixed output gradient (inputs that require grad)."""
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    grad = torch.randn_like(fn(*leaves))
+
+    def step():
+        torch.autograd.grad(fn(*leaves), leaves, grad)
+
+    return step
+
+
+def measure(case: Case, gen: torch.Generator, device: str = "cpu") -> list[dict]:
     def tensor(heads, length):
         shape = (case.batch, heads, length, case.head_dim)
-        return torch.randn(shape, generator=gen).to(case.dtype)
+        return torch.randn(shape, generator=gen).to(device, case.dtype)
 
     q = tensor(case.heads, case.q_len)
     k, v = tensor(case.kv_heads, case.kv_len), tensor(case.kv_heads, case.kv_len)
     rows = []
     for name, fn in implementations(case).items():
-        ms = common.time_ms(lambda fn=fn: fn(q, k, v))
+        if case.kind == "train":
+            step = training_step(fn, q, k, v)
+        else:
+            step = functools.partial(fn, q, k, v)
+        ms = common.time_ms(step, device=device)
         rows.append(
             {
                 "kind": case.kind,
@@ -187,24 +215,39 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--quick", action="store_true", help="one small prefill, short caches")
     parser.add_argument("--out", help="output folder (default: benchmarks/results/<device>)")
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
-    env = common.Environment.capture("cpu")
-    print(f"torchslim bench attention on {env.cpu}, {common.threads_note()}, ISA {env.isa}")
-    bandwidth = common.copy_bandwidth_gbs()
-    peak = common.gemm_gflops()
-    print(f"copy bandwidth {bandwidth:.1f} GB/s, fp32 GEMM {peak:.0f} GFLOP/s (measured now)")
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device")
+    env = common.Environment.capture(device)
+    where = (
+        common.device_name(device) if device == "cuda" else f"{env.cpu}, {common.threads_note()}"
+    )
+    print(f"torchslim bench attention on {where}, ISA {env.isa}")
+    bandwidth = common.copy_bandwidth_gbs(device=device)
+    gemm_dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    peak = common.gemm_gflops(device=device, dtype=gemm_dtype)
+    gemm_name = "bf16" if gemm_dtype == torch.bfloat16 else "fp32"
+    print(
+        f"copy bandwidth {bandwidth:.1f} GB/s, {gemm_name} GEMM {peak:.0f} GFLOP/s (measured now)"
+    )
     gen = torch.Generator().manual_seed(0)
-    rows = [r for case in tqdm(cases(args.quick), desc="attention") for r in measure(case, gen)]
+    rows = [
+        r
+        for case in tqdm(cases(args.quick, device), desc="attention")
+        for r in measure(case, gen, device)
+    ]
     for r in rows:
-        r["copy_GB/s"], r["fp32_gemm_GFLOP/s"] = bandwidth, peak
+        r["copy_GB/s"], r[f"{gemm_name}_gemm_GFLOP/s"] = bandwidth, peak
     columns = ["kind", "dtype", "B", "Sq", "Sk", "D", "causal", "impl", "time_ms", "GFLOP/s",
                "KV_GB/s", "speedup_vs_sdpa"]  # fmt: skip
     print(common.format_table(rows, columns))
     out = common.results_dir(env, args.out)
-    name = "attention_cpu" + ("_quick" if args.quick else "")
+    name = f"attention_{device}" + ("_quick" if args.quick else "")
     common.write_csv(out / f"{name}.csv", rows, env)
     if not args.no_plot:
         plot(rows, out / f"{name}.png")

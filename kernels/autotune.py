@@ -1,4 +1,4 @@
-"""Autotune configurations for the Triton kernels, as named data, and the one prune function.
+"""Autotune configurations for the Triton kernels, as named data, and their prune functions.
 
 Every GEMM kernel names its operands ``a_ptr`` (M, K) and ``b_ptr`` (N, K) and takes the sizes
 ``M, N, K`` plus ``M_BUCKET = m_bucket(M)``, so that one prune function and one tuning key serve
@@ -23,6 +23,9 @@ Tables (each a list of ``triton.Config``; kwargs BLOCK_M, BLOCK_N, BLOCK_K, GROU
     W4A16_TILED_CONFIGS     fp16/bf16/fp32 x packed int4 weights, M > DECODE_MAX_M.
     W4A16_DECODE_CONFIGS    the same kernel for M <= DECODE_MAX_M, split-K. The W4A16 prune
                             also cuts BLOCK_K to a divisor of the group size.
+
+The attention kernels have their own key, prune and tables (ATTN_*_CONFIGS, one list per
+head-dim class), described in the comment above those tables.
 
 The same tables serve sm_80 (164 KiB shared memory per block) and sm_90 (227 KiB): the shared
 memory prune drops what a device cannot hold. Under the Triton interpreter (TRITON_INTERPRET set)
@@ -289,4 +292,245 @@ def autotune_w4a16(configs: list[triton.Config], **kwargs: Any):
         key=[*GEMM_KEY, "GROUP_SIZE"],
         prune_configs_by={"early_config_prune": prune_w4a16_configs},
         **kwargs,
+    )
+
+
+# --------------------------------------------------------------------------------- attention
+# The attention kernels (kernels/attention.py) name their tiles BLOCK_M (query rows) and BLOCK_N
+# (keys), and take q_ptr, the padded head dims BLOCK_D / BLOCK_DV and the power-of-two buckets
+# SQ_BUCKET / SK_BUCKET of the query and key lengths, so that one key and one prune serve all:
+#
+#     key     (SQ_BUCKET, SK_BUCKET, BLOCK_D, BLOCK_DV, CAUSAL, MASK_KIND) (+ dtypes): a decode
+#             loop sees every key length once, and must not re-tune at each.
+#     prune   clamp BLOCK_M to SQ_BUCKET and BLOCK_N to SK_BUCKET (never below 16, the tl.dot
+#             minimum), drop configs whose pipelined tiles exceed the device's shared memory
+#             (fp32 inputs need twice the bytes), drop duplicates; never return nothing.
+#
+# Register pressure decides the tiles far more than shared memory does, and it grows with the
+# head dim, so each table comes in three classes of max(BLOCK_D, BLOCK_DV): 64 (and below), 128
+# and 256. The first config of each class, compiled ahead of time for sm_90 (fp16, Triton 3.6
+# and 3.9, no mask, MHA; not yet run on a GPU), has no register spills; the others are
+# alternatives for the autotuner. Seen in those builds: attn_mask / window / kv_lens add enough
+# live values that the forward's first D = 128 config spills where (128, 32, 8 warps) does not;
+# the dK/dV kernel spills a little under GQA (its loop over the group) at every D = 128 config
+# tried; IEEE fp32 tl.dot (fp32 inputs at "highest" precision) spills at almost any tile:
+# correct but slow.
+#
+# Tables (dicts class -> list of ``triton.Config``; kwargs BLOCK_M, BLOCK_N; the decode kernel's
+# BLOCK_M is the number of query rows it packs, set by the launcher, so its configs set BLOCK_N):
+#
+#     ATTN_FWD_CONFIGS        forward, one program per BLOCK_M query rows of one (b, h):
+#                             BLOCK_M 128 and BLOCK_N 64-128 up to D = 128 (FlashAttention-2,
+#                             the Triton tutorial; 8 warps at D = 128, where 4 spill).
+#     ATTN_DECODE_CONFIGS     split-KV decode: the rows of one kv head's query group against one
+#                             slice of the keys; memory bound, so long key tiles, deep pipelines.
+#     ATTN_BWD_KV_CONFIGS     backward dK/dV: BLOCK_N keys per program, BLOCK_M query rows a step.
+#     ATTN_BWD_Q_CONFIGS      backward dQ: BLOCK_M query rows per program, BLOCK_N keys a step.
+#
+# Autotuning (TORCHSLIM_TRITON_AUTOTUNE=1 on a GPU) benchmarks what the prune keeps. Without it,
+# and under the interpreter, the launcher takes the first config the prune keeps.
+
+ATTENTION_KEY = ["SQ_BUCKET", "SK_BUCKET", "BLOCK_D", "BLOCK_DV", "CAUSAL", "MASK_KIND"]
+ATTN_HEAD_CLASSES = (64, 128, 256)
+
+# Split-KV decode: query lengths up to ATTN_DECODE_MAX_SQ go to the decode kernel, which packs
+# the query heads of one kv head (GQA) into at most ATTN_DECODE_MAX_ROWS rows per program (half
+# that for head dims above 128), and splits the keys while there are fewer programs than
+# ATTN_DECODE_PROGRAMS_PER_SM per SM, into at most ATTN_MAX_SPLITS slices of at least
+# ATTN_SPLIT_MIN_KEYS keys. Under the interpreter the slices are short so that the tests split.
+ATTN_DECODE_MAX_SQ = 16
+ATTN_DECODE_MAX_ROWS = 32
+ATTN_DECODE_PROGRAMS_PER_SM = 2
+ATTN_MAX_SPLITS = 64
+ATTN_SPLIT_MIN_KEYS = 16 if INTERPRET else 256
+ATTN_INTERPRETER_SMS = 4
+
+
+def _attn_cfg(bm: int | None, bn: int, warps: int, stages: int) -> triton.Config:
+    kwargs = {"BLOCK_N": bn} if bm is None else {"BLOCK_M": bm, "BLOCK_N": bn}
+    return triton.Config(kwargs, num_warps=warps, num_stages=stages)
+
+
+#                  BM   BN  warps stages
+_ATTN_FWD_GPU = {
+    64: [
+        _attn_cfg(128, 64, 4, 3),
+        _attn_cfg(128, 128, 8, 3),
+        _attn_cfg(128, 64, 8, 3),
+        _attn_cfg(128, 32, 4, 4),
+        _attn_cfg(128, 64, 4, 4),
+        _attn_cfg(64, 64, 4, 3),
+        _attn_cfg(64, 32, 4, 2),
+    ],
+    128: [
+        _attn_cfg(128, 64, 8, 3),
+        _attn_cfg(128, 128, 8, 3),
+        _attn_cfg(128, 64, 8, 2),
+        _attn_cfg(128, 32, 8, 3),
+        _attn_cfg(64, 64, 4, 3),
+        _attn_cfg(64, 64, 8, 3),
+        _attn_cfg(64, 32, 4, 2),
+    ],
+    256: [
+        _attn_cfg(64, 32, 8, 3),
+        _attn_cfg(64, 64, 8, 2),
+        _attn_cfg(64, 32, 8, 2),
+        _attn_cfg(32, 32, 4, 2),
+        _attn_cfg(32, 16, 4, 2),
+    ],
+}
+
+#                      BN  warps stages (BLOCK_M: up to 32 rows, 16 at 256)
+_ATTN_DECODE_GPU = {
+    64: [
+        _attn_cfg(None, 64, 4, 3),
+        _attn_cfg(None, 128, 4, 3),
+        _attn_cfg(None, 64, 4, 4),
+        _attn_cfg(None, 128, 8, 3),
+        _attn_cfg(None, 32, 4, 4),
+    ],
+    128: [
+        _attn_cfg(None, 64, 4, 4),
+        _attn_cfg(None, 128, 8, 3),
+        _attn_cfg(None, 64, 4, 3),
+        _attn_cfg(None, 128, 4, 3),
+        _attn_cfg(None, 32, 4, 4),
+    ],
+    256: [
+        _attn_cfg(None, 32, 4, 3),
+        _attn_cfg(None, 64, 8, 2),
+        _attn_cfg(None, 64, 4, 3),
+        _attn_cfg(None, 32, 4, 2),
+    ],
+}
+
+#                     BM   BN  warps stages
+_ATTN_BWD_KV_GPU = {
+    64: [
+        _attn_cfg(32, 128, 8, 3),
+        _attn_cfg(32, 64, 4, 3),
+        _attn_cfg(64, 128, 8, 2),
+        _attn_cfg(64, 64, 4, 3),
+        _attn_cfg(16, 64, 4, 2),
+    ],
+    128: [
+        _attn_cfg(32, 128, 8, 3),
+        _attn_cfg(32, 64, 8, 2),
+        _attn_cfg(16, 64, 4, 2),
+        _attn_cfg(32, 64, 4, 3),
+        _attn_cfg(32, 128, 8, 2),
+    ],
+    256: [
+        _attn_cfg(32, 32, 8, 2),
+        _attn_cfg(16, 32, 4, 2),
+        _attn_cfg(16, 32, 4, 1),
+    ],
+}
+
+#                    BM   BN  warps stages
+_ATTN_BWD_Q_GPU = {
+    64: [
+        _attn_cfg(128, 64, 8, 2),
+        _attn_cfg(128, 32, 8, 3),
+        _attn_cfg(64, 64, 4, 3),
+        _attn_cfg(64, 32, 4, 3),
+    ],
+    128: [
+        _attn_cfg(128, 32, 8, 3),
+        _attn_cfg(128, 64, 8, 2),
+        _attn_cfg(64, 32, 4, 3),
+        _attn_cfg(128, 32, 8, 2),
+    ],
+    256: [
+        _attn_cfg(64, 16, 4, 2),
+        _attn_cfg(32, 32, 4, 2),
+        _attn_cfg(64, 32, 8, 2),
+    ],
+}
+
+GPU_TABLES.update(
+    {
+        f"attn_{name}_{cls}": table[cls]
+        for name, table in (
+            ("fwd", _ATTN_FWD_GPU),
+            ("decode", _ATTN_DECODE_GPU),
+            ("bwd_kv", _ATTN_BWD_KV_GPU),
+            ("bwd_q", _ATTN_BWD_Q_GPU),
+        )
+        for cls in ATTN_HEAD_CLASSES
+    }
+)
+
+
+def _attention_tables(
+    gpu: dict[int, list[triton.Config]], interpreter: triton.Config
+) -> dict[int, list[triton.Config]]:
+    return {cls: [interpreter] if INTERPRET else list(gpu[cls]) for cls in ATTN_HEAD_CLASSES}
+
+
+# Under the interpreter: tiles of 16 keys and 32 query rows, so that the tests' short sequences
+# still cross several key blocks, diagonal blocks and fully visible ones.
+ATTN_FWD_CONFIGS = _attention_tables(_ATTN_FWD_GPU, _attn_cfg(32, 16, 4, 1))
+ATTN_DECODE_CONFIGS = _attention_tables(_ATTN_DECODE_GPU, _attn_cfg(None, 16, 4, 1))
+ATTN_BWD_KV_CONFIGS = _attention_tables(_ATTN_BWD_KV_GPU, _attn_cfg(16, 32, 4, 1))
+ATTN_BWD_Q_CONFIGS = _attention_tables(_ATTN_BWD_Q_GPU, _attn_cfg(32, 16, 4, 1))
+
+
+def attention_head_class(block_d: int, block_dv: int) -> int:
+    """The table class (64, 128 or 256) of padded head dims BLOCK_D and BLOCK_DV."""
+    return next(c for c in ATTN_HEAD_CLASSES if max(block_d, block_dv) <= c)
+
+
+def _attention_smem(kind: str, bm: int, bn: int, d: int, dv: int, es: int, stages: int) -> int:
+    """Shared memory bytes of one config: the tiles streamed ``stages`` deep plus the tiles
+    kept resident (matches what Triton 3.9 allocates for the forward on sm_90)."""
+    if kind in ("fwd", "decode"):  # K/V streamed, Q resident
+        return stages * bn * (d + dv) * es + bm * d * es
+    if kind == "bwd_kv":  # Q/dO streamed, K/V resident
+        return stages * bm * (d + dv) * es + bn * (d + dv) * es
+    if kind == "bwd_q":  # K/V streamed, Q/dO resident
+        return stages * bn * (d + dv) * es + bm * (d + dv) * es
+    raise ValueError(f"unknown attention kernel kind {kind!r}")
+
+
+def prune_attention_configs(
+    configs: list[triton.Config], named_args: dict[str, Any], kind: str = "fwd", **kwargs: Any
+) -> list[triton.Config]:
+    """``early_config_prune`` shared by the attention kernels (see the comment above the
+    tables); ``kind`` is "fwd", "decode", "bwd_kv" or "bwd_q". Also called by the launchers to
+    pick the first fitting config when not autotuning."""
+    args = {**named_args, **kwargs}
+    q = args["q_ptr"]
+    d, dv, es = args["BLOCK_D"], args["BLOCK_DV"], q.element_size()
+    m_cap = max(MIN_BLOCK_M, args["SQ_BUCKET"])
+    n_cap = max(MIN_BLOCK_N, args["SK_BUCKET"])
+    smem_limit = _shared_memory_limit(q)
+
+    kept: dict[tuple, triton.Config] = {}
+    fallback: tuple[int, triton.Config] | None = None
+    for cfg in configs:
+        kw = dict(cfg.kwargs)
+        if "BLOCK_M" in kw:
+            kw["BLOCK_M"] = min(kw["BLOCK_M"], m_cap)
+        kw["BLOCK_N"] = min(kw["BLOCK_N"], n_cap)
+        new = copy.copy(cfg)
+        new.kwargs = kw
+        bm = kw.get("BLOCK_M", args.get("BLOCK_M"))
+        smem = _attention_smem(kind, bm, kw["BLOCK_N"], d, dv, es, cfg.num_stages)
+        if fallback is None or smem < fallback[0]:
+            fallback = (smem, new)
+        if smem_limit is not None and smem > smem_limit:
+            continue
+        kept.setdefault((tuple(sorted(kw.items())), cfg.num_warps, cfg.num_stages), new)
+    return list(kept.values()) or [fallback[1]]
+
+
+def autotune_attention(configs: list[triton.Config], kind: str):
+    """``triton.autotune`` with the attention key and prune (``kind`` as in the prune)."""
+    return triton.autotune(
+        configs=configs,
+        key=ATTENTION_KEY,
+        prune_configs_by={
+            "early_config_prune": functools.partial(prune_attention_configs, kind=kind)
+        },
     )

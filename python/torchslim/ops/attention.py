@@ -16,9 +16,12 @@ Schema (``torch.ops.torchslim.*``); the math in :mod:`torchslim.reference.attent
         the gradients (dq, dk, dv) of attention for grad_out (B, H, Sq, Dv); out is attention's
         output. No gradient flows to attn_mask: attention refuses a mask that requires one.
 
-Backends: the CPU kernel (fp32/bf16, computing in fp32: csrc/cpu/attention.h); anything else
-runs the reference. float64 is accepted (the reference, for gradcheck). The backward recomputes
-the attention weights from the reference on every device so far.
+Backends: the CPU kernel (fp32/bf16, computing in fp32: csrc/cpu/attention.h), the Triton
+kernels on CUDA (fp32/fp16/bf16, head dims up to 256: kernels/attention.py); anything else runs
+the reference. float64 is accepted (the reference, for gradcheck). The backward is Triton's
+FlashAttention-2 backward on CUDA; elsewhere the reference recomputes the attention weights.
+The forward op keeps no logsumexp for it, so the Triton backward first recomputes it with one
+forward pass.
 """
 
 from __future__ import annotations
@@ -30,7 +33,14 @@ import torch
 from torchslim import _ext
 from torchslim import reference as ref
 from torchslim.ops._registry import _LIB, Kernel, OpBackends, define_op, extension_kernel
-from torchslim.ops.int8 import _FLOATS, _check_same_device, _require_tensors, _supports_floats
+from torchslim.ops.int8 import (
+    _FLOATS,
+    _check_same_device,
+    _require_tensors,
+    _supports_floats,
+    _triton_available,
+    _triton_float_devices,
+)
 
 # float64 runs the reference: it is there for gradcheck, not for speed.
 _ATTENTION_FLOATS = (*_FLOATS, torch.float64)
@@ -103,8 +113,39 @@ def _reference(q, k, v, attn_mask, causal, scale, window, kv_lens):
 
 _cpu_supports = _supports_floats({"cpu": (torch.float32, torch.bfloat16)})
 _cpu_available, _cpu_fn = extension_kernel("attention_cpu", _ext.cpu_available)
-_ATTENTION = OpBackends(name="attention", reference=_reference, preference={"cpu": ("cpu",)})
+TRITON_MAX_HEAD_DIM = 256
+
+
+def _triton_supports(q, k, v, *_args) -> str | None:
+    why = _supports_floats(_triton_float_devices())(q)
+    if why is None and max(q.shape[3], v.shape[3]) > TRITON_MAX_HEAD_DIM:
+        why = f"triton kernel takes head dims up to {TRITON_MAX_HEAD_DIM}, got {q.shape[3]}"
+        why += f" and {v.shape[3]}"
+    return why
+
+
+def _triton_kernels():
+    from torchslim.kernels import attention as kernels
+
+    return kernels
+
+
+def _triton_forward(q, k, v, attn_mask, causal, scale, window, kv_lens):
+    return _triton_kernels().attention_forward(q, k, v, attn_mask, causal, scale, window, kv_lens)
+
+
+def _triton_backward(grad_out, q, k, v, out, attn_mask, causal, scale, window, kv_lens):
+    kernels = _triton_kernels()
+    args = (attn_mask, causal, scale, window, kv_lens)
+    out, lse = kernels.attention_forward(q, k, v, *args, return_lse=True)
+    return kernels.attention_backward(grad_out.to(q.dtype), q, k, v, out, lse, *args)
+
+
+_ATTENTION = OpBackends(
+    name="attention", reference=_reference, preference={"cpu": ("cpu",), "cuda": ("triton",)}
+)
 _ATTENTION.register(Kernel("cpu", _cpu_fn, _cpu_available, _cpu_supports))
+_ATTENTION.register(Kernel("triton", _triton_forward, _triton_available, _triton_supports))
 
 
 def _impl(q, k, v, attn_mask=None, causal=False, scale=None, window=-1, kv_lens=None):
@@ -146,7 +187,18 @@ def _reference_backward(grad_out, q, k, v, out, attn_mask, causal, scale, window
     return ref.attention_backward(grad_out, q, k, v, attn_mask, causal, scale, window, kv_lens)
 
 
-_ATTENTION_BACKWARD = OpBackends(name="attention_backward", reference=_reference_backward)
+def _triton_backward_supports(grad_out, q, k, v, *_args) -> str | None:
+    return _triton_supports(q, k, v)
+
+
+_ATTENTION_BACKWARD = OpBackends(
+    name="attention_backward",
+    reference=_reference_backward,
+    preference={"cuda": ("triton",)},
+)
+_ATTENTION_BACKWARD.register(
+    Kernel("triton", _triton_backward, _triton_available, _triton_backward_supports)
+)
 
 
 def _backward_impl(
