@@ -315,8 +315,11 @@ def test_backward_op_opcheck(gen):
     out = torchslim.attention(q, k, v)
     grad = torch.randn(out.shape, generator=gen)
     keep = torch.rand(2, 1, 3, 7, generator=gen) > 0.2
+    strided = [t.transpose(2, 3).contiguous().transpose(2, 3) for t in (q, k, v)]
     for extra in ((), (keep, True, 0.5, 3, torch.tensor([7, 5]))):
         args = (grad, q, k, v, out, *extra)
+        torch.library.opcheck(torch.ops.torchslim.attention_backward.default, args)
+        args = (grad, *strided, out, *extra)  # non-contiguous inputs, contiguous gradients
         torch.library.opcheck(torch.ops.torchslim.attention_backward.default, args)
     # And the forward op's autograd registration, with inputs that require grad.
     inputs = [t.clone().requires_grad_() for t in (q, k, v)]

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import torchslim
+import torchslim.testing
 
 transformers = pytest.importorskip("transformers")
 
@@ -51,16 +52,7 @@ def test_llama_left_padded_batch_matches_sdpa(gen):
 
 
 def test_bert_with_padding_matches_sdpa(gen):
-    config = transformers.BertConfig(
-        vocab_size=100,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        max_position_embeddings=32,
-    )
-    torch.manual_seed(0)
-    sdpa, ours = _pair(transformers.BertModel(config).eval())
+    sdpa, ours = _pair(torchslim.testing.tiny_bert())
     ids = torch.randint(1, 100, (3, 11), generator=gen)
     mask = torch.ones_like(ids)
     mask[1, 6:], mask[2, 2:] = 0, 0  # right padding

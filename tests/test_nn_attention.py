@@ -216,3 +216,13 @@ def test_mha_state_dict_is_pytorch_s(gen):
     fresh.load_state_dict(theirs.state_dict())
     x = torch.randn(2, 5, 24, generator=gen)
     torch.testing.assert_close(fresh.eval()(x, x, x, need_weights=False)[0], theirs(x, x, x)[0])
+
+
+def test_sdpa_without_a_kernel_uses_pytorch_s(gen, caplog, fresh_warnings):
+    """fp16 on the CPU has no torchslim kernel: PyTorch's SDPA, not the reference."""
+    q, k, v = _sdpa_inputs(gen, (2,), 4, 2, 5, 7, dtype=torch.float16)
+    with caplog.at_level(logging.WARNING, logger="torchslim"):
+        got = TF.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert "no kernel" in caplog.text and "reference implementation" not in caplog.text
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    torch.testing.assert_close(got, want)

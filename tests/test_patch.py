@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import torchslim
+import torchslim.testing
 from torchslim.nn import Int4Linear, Int8Linear
 from torchslim.testing import sqnr
 
@@ -132,22 +133,9 @@ def test_bad_input():
 transformers = pytest.importorskip("transformers")
 
 
-def _tiny_bert():
-    config = transformers.BertConfig(
-        vocab_size=120,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        max_position_embeddings=64,
-    )
-    return transformers.BertModel(config).eval()
-
-
 @pytest.mark.parametrize("quant", ["int8", "int8-weight"])
 def test_hf_bert_with_padding(quant, gen):
-    torch.manual_seed(0)
-    model = _tiny_bert()
+    model = torchslim.testing.tiny_bert()
     ids = torch.randint(0, 120, (3, 12), generator=gen)
     mask = torch.ones_like(ids)
     mask[1, 7:] = 0  # a padded sequence
@@ -313,6 +301,21 @@ def test_attention_hf_llama(gen, tiny_llama):
     [row] = model.torchslim_report.attention
     assert (row.before, row.after) == ("sdpa", "torchslim")
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_attention_keeps_what_it_cannot_replace(gen):
+    class Custom(nn.MultiheadAttention):
+        pass
+
+    model = nn.ModuleDict({"custom": Custom(16, 2)})
+    torchslim.patch(model, attention=True, progress=False)
+    [row] = model.torchslim_report.attention
+    assert row.after is None and "subclasses nn.MultiheadAttention" in row.reason
+    alone = nn.MultiheadAttention(16, 2)
+    torchslim.patch(alone, attention=True, progress=False)
+    [row] = alone.torchslim_report.attention
+    assert row.after is None and "the model itself" in row.reason
+    assert type(alone) is nn.MultiheadAttention
 
 
 def test_attention_must_be_a_bool():

@@ -260,15 +260,14 @@ def _only_user(node: fx.Node, user: fx.Node) -> bool:
 
 
 def _kernel_runs(q, k, v, mask, causal, scale) -> bool:
-    """Whether torchslim.attention would run a kernel (not the reference) for these values."""
-    from torchslim.ops.attention import _ATTENTION
+    """Whether torchslim.attention would run a kernel (not the reference) for these nodes."""
+    from torchslim.ops.attention import why_no_kernel
 
     values = [_example(n) for n in (q, k, v)]
     mask_value = _example(mask) if mask is not None else None
     if any(t is None for t in values) or (mask is not None and mask_value is None):
         return False
-    args = (*values, mask_value, causal, scale, -1, None)
-    return _ATTENTION.select(values[0].device, args)[0] != "reference"
+    return why_no_kernel(*values, mask_value, causal, scale) is None
 
 
 def _match_explicit(out: fx.Node) -> tuple | None:

@@ -444,7 +444,7 @@ def _patch_attention(model: nn.Module) -> list[PatchRow]:
         try:
             model.set_attn_implementation(hf_attention.NAME)
         except (ValueError, ImportError) as e:  # a model that takes no custom attention
-            rows.append(PatchRow("(model)", before, None, f"kept: {e}", 0, 0, "attention"))
+            rows.append(PatchRow("(model)", before, None, str(e), 0, 0, "attention"))
         else:
             describe = "Hugging Face attention interface"
             rows.append(PatchRow("(model)", before, hf_attention.NAME, describe, 0, 0, "attention"))
@@ -453,16 +453,19 @@ def _patch_attention(model: nn.Module) -> list[PatchRow]:
         if not isinstance(module, nn.MultiheadAttention) or isinstance(module, MultiheadAttention):
             continue
         size = module_bytes(module)
+        why = None
         if type(module) is not nn.MultiheadAttention:
             why = (
                 f"{type(module).__name__} subclasses nn.MultiheadAttention (its forward may differ)"
             )
+        elif not name:  # patch works in place; the model cannot replace itself
+            why = "the model itself: use torchslim.nn.MultiheadAttention.from_module(model)"
+        if why is not None:
             rows.append(PatchRow(name, type(module).__name__, None, why, size, size, "attention"))
             continue
         if id(module) not in swapped:
             swapped[id(module)] = MultiheadAttention.from_module(module)
-        if name:
-            _set_submodule(model, name, swapped[id(module)])
+        _set_submodule(model, name, swapped[id(module)])
         rows.append(
             PatchRow(name, "MultiheadAttention", "torchslim.nn.MultiheadAttention",
                      "fused attention kernel", size, size, "attention")

@@ -107,3 +107,20 @@ def tiny_llama() -> torch.nn.Module:
     )
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(config).eval()
+
+
+def tiny_bert() -> torch.nn.Module:
+    """A randomly initialised 2-layer BERT encoder (Hugging Face transformers), in eval mode.
+    Needs transformers."""
+    import transformers
+
+    config = transformers.BertConfig(
+        vocab_size=120,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    return transformers.BertModel(config).eval()

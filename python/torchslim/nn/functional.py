@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from torchslim.ops._registry import warn_once
-from torchslim.ops.attention import attention
+from torchslim.ops.attention import attention, broadcasts_to, why_no_kernel
 
 __all__ = ["scaled_dot_product_attention"]
 
@@ -48,11 +48,7 @@ def _why_not_sdpa(query, key, value, attn_mask, dropout_p, enable_gqa) -> str | 
         if attn_mask.dtype not in (torch.bool, query.dtype):
             return f"attn_mask dtype {attn_mask.dtype} with {query.dtype} query"
         scores = (*query.shape[:-1], key.shape[-2])
-        try:
-            broadcast = torch.broadcast_shapes(attn_mask.shape, scores)
-        except RuntimeError:
-            broadcast = None
-        if broadcast != scores:
+        if not broadcasts_to(attn_mask.shape, scores):
             return f"attn_mask shape {tuple(attn_mask.shape)} for scores {scores}"
     return None
 
@@ -75,8 +71,9 @@ def scaled_dot_product_attention(
     when L != S) and excludes ``attn_mask`` (RuntimeError, as documented); a boolean mask is
     True where attention is allowed; ``enable_gqa`` lets dim -3 of key/value divide query's; a
     row with no allowed key is zeros (as PyTorch's CPU kernels give). Dropout, inputs whose
-    batch dims broadcast, other dtypes than fp32/bf16/fp16 and a mask that requires grad go
-    to ``F.scaled_dot_product_attention``, with a warning logged once per reason.
+    batch dims broadcast, other dtypes than fp32/bf16/fp16, a mask that requires grad, and
+    inputs no torchslim kernel runs here (fp16 on the CPU, say) go to
+    ``F.scaled_dot_product_attention``, with a warning logged once per reason.
     Differentiable in query, key and value.
     """
     if is_causal and attn_mask is not None:
@@ -105,5 +102,11 @@ def scaled_dot_product_attention(
         causal = True
     elif is_causal:  # more queries than keys: the lower triangle, top-left, as a mask
         mask = torch.ones(sq, sk, dtype=torch.bool, device=query.device).tril()
+    why = why_no_kernel(q, k, v, mask, causal, scale)
+    if why is not None:
+        warn_once(f"torchslim scaled_dot_product_attention: no kernel ({why}); using PyTorch's")
+        return F.scaled_dot_product_attention(
+            query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
+        )
     out = attention(q, k, v, causal=causal, scale=scale, attn_mask=mask)
     return out.reshape(*lead, heads, sq, value.shape[-1])

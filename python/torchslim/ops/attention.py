@@ -42,6 +42,15 @@ from torchslim.ops.int8 import (
     _triton_float_devices,
 )
 
+
+def broadcasts_to(shape, target) -> bool:
+    """Whether a tensor of ``shape`` broadcasts to exactly ``target`` (a mask to the scores)."""
+    try:
+        return torch.broadcast_shapes(shape, target) == tuple(target)
+    except RuntimeError:
+        return False
+
+
 # float64 runs the reference: it is there for gradcheck, not for speed.
 _ATTENTION_FLOATS = (*_FLOATS, torch.float64)
 
@@ -75,11 +84,7 @@ def _check_attention(q, k, v, attn_mask, causal, scale, window, kv_lens) -> None
     if attn_mask is not None:
         if attn_mask.dtype != torch.bool and attn_mask.dtype not in _ATTENTION_FLOATS:
             raise TypeError(f"attn_mask must be bool or floating point, got {attn_mask.dtype}")
-        try:
-            shape = torch.broadcast_shapes(attn_mask.shape, (b, h, sq, sk))
-        except RuntimeError:
-            shape = None
-        if shape != (b, h, sq, sk):
+        if not broadcasts_to(attn_mask.shape, (b, h, sq, sk)):
             raise ValueError(
                 f"attn_mask must broadcast to (B, H, Sq, Sk) = {(b, h, sq, sk)}, got shape "
                 f"{tuple(attn_mask.shape)}"
@@ -119,8 +124,10 @@ TRITON_MAX_HEAD_DIM = 256
 def _triton_supports(q, k, v, *_args) -> str | None:
     why = _supports_floats(_triton_float_devices())(q)
     if why is None and max(q.shape[3], v.shape[3]) > TRITON_MAX_HEAD_DIM:
-        why = f"triton kernel takes head dims up to {TRITON_MAX_HEAD_DIM}, got {q.shape[3]}"
-        why += f" and {v.shape[3]}"
+        why = (
+            f"triton kernel takes head dims up to {TRITON_MAX_HEAD_DIM}, got D={q.shape[3]}, "
+            f"Dv={v.shape[3]}"
+        )
     return why
 
 
@@ -137,8 +144,8 @@ def _triton_forward(q, k, v, attn_mask, causal, scale, window, kv_lens):
 def _triton_backward(grad_out, q, k, v, out, attn_mask, causal, scale, window, kv_lens):
     kernels = _triton_kernels()
     args = (attn_mask, causal, scale, window, kv_lens)
-    out, lse = kernels.attention_forward(q, k, v, *args, return_lse=True)
-    return kernels.attention_backward(grad_out.to(q.dtype), q, k, v, out, lse, *args)
+    _, lse = kernels.attention_forward(q, k, v, *args, return_lse=True)  # the op keeps no lse
+    return kernels.attention_backward(grad_out.to(q.dtype), q, k, v, out.to(q.dtype), lse, *args)
 
 
 _ATTENTION = OpBackends(
@@ -146,6 +153,13 @@ _ATTENTION = OpBackends(
 )
 _ATTENTION.register(Kernel("cpu", _cpu_fn, _cpu_available, _cpu_supports))
 _ATTENTION.register(Kernel("triton", _triton_forward, _triton_available, _triton_supports))
+
+
+def why_no_kernel(q, k, v, attn_mask=None, causal=False, scale=None) -> str | None:
+    """None when torchslim.attention runs these inputs (fake tensors will do) on a kernel, or on
+    the reference because the user forced it; else why it would fall back to the reference."""
+    backend, reasons = _ATTENTION.select(q.device, (q, k, v, attn_mask, causal, scale, -1, None))
+    return "; ".join(reasons) if backend == "reference" and reasons else None
 
 
 def _impl(q, k, v, attn_mask=None, causal=False, scale=None, window=-1, kv_lens=None):
@@ -214,7 +228,7 @@ def _backward_fake(
     grad_out, q, k, v, out, attn_mask=None, causal=False, scale=None, window=-1, kv_lens=None
 ):
     _check_backward(grad_out, q, k, v, out, attn_mask, causal, scale, window, kv_lens)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous
 
 
 define_op(
