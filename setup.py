@@ -30,7 +30,9 @@ def _extensions():
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     sources = [str(p.relative_to(ROOT)) for p in sorted((CSRC / "cpu").glob("*.cpp"))]
-    sources += [f"csrc/bindings/{name}.cpp" for name in ("module", "registry", "cpu_ops")]
+    sources += [
+        f"csrc/bindings/{name}.cpp" for name in ("module", "registry", "cpu_ops", "cpu_sparse_ops")
+    ]
     # -fopenmp: at::parallel_for is a header template that parallelises only in units compiled
     # with OpenMP; the libgomp.so.1 it links is the one torch has already loaded (same soname),
     # so torch.set_num_threads governs our threads too.

@@ -17,6 +17,7 @@
 #include <utility>
 #include <vector>
 
+#include "bindings/cpu_common.h"
 #include "bindings/registry.h"
 #include "cpu/kernels.h"
 #include "torchslim/checks.h"
@@ -24,7 +25,7 @@
 namespace torchslim {
 namespace {
 
-using cpu::ScalarType;
+using namespace cpu_bindings;
 
 // Block sizes: the int8 activation block (kBlockM x K bytes) and the weight block
 // (kBlockN x K bytes) both fit in L2 for K up to ~4k; fp32 activations are 4x larger.
@@ -62,25 +63,6 @@ uint8_t* workspace(std::size_t bytes, at::Tensor& fallback) {
   return buffer.get();
 }
 
-ScalarType float_type(const at::Tensor& t, const char* name) {
-  if (t.scalar_type() == at::kFloat) return ScalarType::kFloat32;
-  if (t.scalar_type() == at::kBFloat16) return ScalarType::kBFloat16;
-  TORCHSLIM_CHECK_TYPE(false, name, " must be float32 or bfloat16 on the CPU, got ",
-                       t.scalar_type());
-  return ScalarType::kFloat32;
-}
-
-void check_cpu(const at::Tensor& t, const char* name) {
-  TORCHSLIM_CHECK_RUNTIME(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
-}
-
-void check_activation(const at::Tensor& x, const char* name) {
-  check_cpu(x, name);
-  TORCHSLIM_CHECK(x.dim() == 2, name, " must be 2-D (M, K), got ", x.dim(), "-D");
-  TORCHSLIM_CHECK(x.size(1) <= 1 || x.stride(1) == 1, name,
-                  " must have unit stride in its last dim, got strides ", x.strides());
-}
-
 void check_int8_matrix(const at::Tensor& w, const char* name, int64_t K) {
   check_cpu(w, name);
   TORCHSLIM_CHECK_TYPE(w.scalar_type() == at::kChar, name, " must be int8, got ", w.scalar_type());
@@ -88,17 +70,6 @@ void check_int8_matrix(const at::Tensor& w, const char* name, int64_t K) {
   TORCHSLIM_CHECK(w.size(1) == K, name, " must have K=", K, " columns, got ", w.size(1));
   TORCHSLIM_CHECK(w.size(1) <= 1 || w.stride(1) == 1, name,
                   " must have unit stride in its last dim, got strides ", w.strides());
-}
-
-// Returns bias as a (N,) fp32 contiguous tensor, or an undefined one without a bias.
-at::Tensor bias_operand(const std::optional<at::Tensor>& bias, int64_t N) {
-  if (!bias.has_value() || !bias->defined()) return {};
-  check_cpu(*bias, "bias");
-  TORCHSLIM_CHECK(bias->dim() == 1 && bias->size(0) == N, "bias must have shape (N,) = (", N,
-                  ",), got ", bias->sizes());
-  TORCHSLIM_CHECK_TYPE(at::isFloatingType(bias->scalar_type()),
-                       "bias must be a floating-point tensor, got ", bias->scalar_type());
-  return bias->to(at::kFloat).contiguous();
 }
 
 // Returns w_scale as a (N,) fp32 contiguous tensor and bias as fp32 (or undefined).
@@ -111,21 +82,6 @@ std::pair<at::Tensor, at::Tensor> epilogue_operands(const at::Tensor& w_scale,
   TORCHSLIM_CHECK(w_scale.dim() == 1 && w_scale.size(0) == N, "w_scale must have shape (N,) = (", N,
                   ",), got ", w_scale.sizes());
   return {w_scale.contiguous(), bias_operand(bias, N)};
-}
-
-// Runs fn(m0, m1, n0, n1) over the (M, N) output in blocks. Blocks are ordered n-major so the
-// blocks one thread takes in a row share their weight rows.
-template <class F>
-void parallel_blocks(int64_t M, int64_t N, int64_t block_m, int64_t block_n, const F& fn) {
-  if (M == 0 || N == 0) return;
-  const int64_t tiles_m = (M + block_m - 1) / block_m;
-  const int64_t tiles_n = (N + block_n - 1) / block_n;
-  at::parallel_for(0, tiles_m * tiles_n, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t m0 = (t % tiles_m) * block_m, n0 = (t / tiles_m) * block_n;
-      fn(m0, std::min(m0 + block_m, M), n0, std::min(n0 + block_n, N));
-    }
-  });
 }
 
 std::tuple<at::Tensor, at::Tensor> quantize_per_token_cpu(const at::Tensor& x) {
@@ -225,21 +181,6 @@ at::Tensor int8_weight_only_linear_cpu(const at::Tensor& x, const at::Tensor& w_
   return op.out;
 }
 
-ScalarType scale_type(const at::Tensor& t, const char* name) {
-  switch (t.scalar_type()) {
-    case at::kFloat:
-      return ScalarType::kFloat32;
-    case at::kBFloat16:
-      return ScalarType::kBFloat16;
-    case at::kHalf:
-      return ScalarType::kFloat16;
-    default:
-      TORCHSLIM_CHECK_TYPE(false, name, " must be float32, bfloat16 or float16, got ",
-                           t.scalar_type());
-  }
-  return ScalarType::kFloat32;
-}
-
 void check_group_params(const at::Tensor& t, const char* name, int64_t N, int64_t groups,
                         const at::Tensor& like) {
   check_cpu(t, name);
@@ -277,7 +218,7 @@ at::Tensor int4_weight_only_linear_cpu(const at::Tensor& x, const at::Tensor& pa
                   "group_size must be -1 or a multiple of 32 that divides K=", K, ", got ",
                   group_size);
   const int64_t groups = K == 0 ? 0 : K / G;
-  const ScalarType st = scale_type(scales, "scales");
+  const ScalarType st = any_float_type(scales, "scales");
   check_group_params(scales, "scales", N, groups, scales);
   check_group_params(zeros, "zeros", N, groups, scales);
   const at::Tensor b = bias_operand(bias, N);
@@ -336,42 +277,6 @@ at::Tensor int4_weight_only_linear_cpu(const at::Tensor& x, const at::Tensor& pa
 // (x with any leading dims), runs the kernel when it can prove the arguments valid and the
 // automatic choice is the CPU kernel, and calls the Python impl otherwise (see registry.h).
 // The conditions below are those of the Python checks and of the "cpu" kernel's supports().
-
-using OptTensor = std::optional<at::Tensor>;
-
-bool is_cpu_float(const at::Tensor& t) {
-  return t.device().is_cpu() && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16);
-}
-
-bool is_cpu_matrix(const at::Tensor& t, at::ScalarType dtype) {
-  return t.device().is_cpu() && t.scalar_type() == dtype && t.dim() == 2;
-}
-
-bool is_cpu_vector(const at::Tensor& t, at::ScalarType dtype, int64_t n) {
-  return t.device().is_cpu() && t.scalar_type() == dtype && t.dim() == 1 && t.size(0) == n;
-}
-
-bool is_bias(const OptTensor& bias, int64_t n) {
-  return !bias.has_value() || (bias->device().is_cpu() && at::isFloatingType(bias->scalar_type()) &&
-                               bias->dim() == 1 && bias->size(0) == n);
-}
-
-// x (..., K) as (M, K) with unit stride in K, copying only when it must.
-at::Tensor rows(const at::Tensor& x) {
-  at::Tensor x2 = x.reshape({-1, x.size(-1)});
-  return x2.size(1) <= 1 || x2.stride(1) == 1 ? x2 : x2.contiguous();
-}
-
-at::Tensor unit_last_stride(const at::Tensor& w) {
-  return w.size(1) <= 1 || w.stride(1) == 1 ? w : w.contiguous();
-}
-
-// out (M, N) as (..., N) with x's leading dims.
-at::Tensor unflatten(const at::Tensor& out, const at::Tensor& x) {
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
-  shape.push_back(out.size(1));
-  return out.view(shape);
-}
 
 std::tuple<at::Tensor, at::Tensor> quantize_per_token_op(const at::Tensor& x) {
   if (!registry::automatic("cpu") || !is_cpu_float(x) || x.dim() < 1) {

@@ -9,6 +9,7 @@
 
 namespace torchslim {
 void bind_cpu(pybind11::module_& m);
+void bind_cpu_sparse(pybind11::module_& m);
 #ifdef TORCHSLIM_WITH_CUDA
 void bind_cuda(pybind11::module_& m);
 #endif
@@ -25,6 +26,9 @@ py::dict cpu_features() {
   d["avx2"] = f.avx2;
   d["fma"] = f.fma;
   d["f16c"] = f.f16c;
+  d["popcnt"] = f.popcnt;
+  d["bmi1"] = f.bmi1;
+  d["bmi2"] = f.bmi2;
   d["avx512f"] = f.avx512f;
   d["avx512bw"] = f.avx512bw;
   d["avx512vl"] = f.avx512vl;
@@ -90,6 +94,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("build_info", &build_info, "Compiler and options of this build");
   torchslim::registry::bind(m);
   torchslim::bind_cpu(m);
+  torchslim::bind_cpu_sparse(m);
 #ifdef TORCHSLIM_WITH_CUDA
   torchslim::bind_cuda(m);
 #endif

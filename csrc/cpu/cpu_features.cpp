@@ -28,6 +28,7 @@ CpuFeatures detect() {
   const bool osxsave = ecx & (1u << 27);
   f.fma = ecx & (1u << 12);
   f.f16c = ecx & (1u << 29);
+  f.popcnt = ecx & (1u << 23);
   if (osxsave) {
     const uint64_t xcr0 = xgetbv0();
     f.os_saves_ymm = (xcr0 & 0x6) == 0x6;    // SSE + AVX state
@@ -35,6 +36,8 @@ CpuFeatures detect() {
   }
   if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return f;
   f.avx2 = f.os_saves_ymm && (ebx & (1u << 5));
+  f.bmi1 = ebx & (1u << 3);
+  f.bmi2 = ebx & (1u << 8);
   f.fma = f.fma && f.os_saves_ymm;
   f.f16c = f.f16c && f.os_saves_ymm;
   if (f.os_saves_zmm) {
@@ -109,9 +112,10 @@ bool isa_supported(Isa isa) {
       return true;
 #if TORCHSLIM_X86
     case Isa::kAvx2:
-      return f.avx2 && f.fma && f.f16c;
+      return f.avx2 && f.fma && f.f16c && f.popcnt && f.bmi1 && f.bmi2;
     case Isa::kAvx512:
-      return f.avx2 && f.fma && f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq && f.avx512vnni;
+      return isa_supported(Isa::kAvx2) && f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq &&
+             f.avx512vnni;
 #else
     default:
       (void)f;

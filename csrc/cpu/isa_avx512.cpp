@@ -5,11 +5,12 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #if defined(__clang__)
 #pragma clang attribute push(                                                                    \
-    __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c,bmi2"))), \
+    __attribute__((                                                                              \
+        target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c,popcnt,bmi,bmi2"))), \
     apply_to = function)
 #else
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c,bmi2")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c,popcnt,bmi,bmi2")
 #endif
 
 #define TORCHSLIM_ISA_AVX512 1
@@ -18,7 +19,8 @@
 #include "attention.h"
 #include "int4_gemm.h"
 #include "int8_gemm.h"
-#include "isa_table.h"
+#include "isa_table.h"  // last: it names the kernels above
+#include "sparse_gemm.h"
 
 #if defined(__clang__)
 #pragma clang attribute pop

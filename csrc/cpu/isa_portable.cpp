@@ -6,4 +6,5 @@
 #include "attention.h"
 #include "int4_gemm.h"
 #include "int8_gemm.h"
-#include "isa_table.h"
+#include "isa_table.h"  // last: it names the kernels above
+#include "sparse_gemm.h"

@@ -160,6 +160,32 @@ inline int64_t attention_work_floats(int64_t D, int64_t Dv) {
   return kAttnBlockQ * (D + Dv + kAttnBlockK + 2) + D * kAttnBlockK;
 }
 
+// Sparse linear (torchslim.reference.sparse): out[m, n] = sum_k x[m, k] * W[n, k] + bias[n], W
+// stored in one of two formats (see sparse_gemm.h):
+//   2:4      values (N, 2 * ceil(K / 4)) of v_type, row stride ldv; meta (N, ceil(K / 8)) uint8,
+//            row stride ldm: 2 bits per kept value, its column within its group of 4
+//   bitmask  meta is the mask (N, ceil(K / 8)) uint8, row stride ldm (bit j of byte b: column
+//            8b + j is stored); values (values_total,) of v_type, the nonzeros row by row;
+//            row n's are [row_offsets[n], row_offsets[n + 1]), 0 <= those <= values_total.
+//            The lowest row whose mask holds another count is written to *bad_row.
+struct SparseGemmArgs {
+  const float* x;  // (M, K) fp32, row stride ldx, unit column stride
+  int64_t ldx;
+  const void* values;
+  ScalarType v_type;  // kFloat32, kBFloat16 or kFloat16
+  int64_t ldv;
+  const uint8_t* meta;
+  int64_t ldm;
+  const int64_t* row_offsets;  // bitmask: (N + 1,); 2:4: null
+  int64_t values_total;
+  const float* bias;  // (N,) fp32 or null
+  void* out;          // (M, N) fp32 or bf16, row stride ldo
+  int64_t ldo;
+  ScalarType out_type;
+  int64_t M, N, K;
+  int64_t* bad_row;  // bitmask: -1 on entry; the lowest row whose mask and offsets disagree
+};
+
 struct KernelTable {
   Isa isa;
   void (*quantize_rows)(const QuantizeArgs& args, int64_t m0, int64_t m1);
@@ -169,6 +195,8 @@ struct KernelTable {
   void (*w4_gemm)(const W4GemmArgs& args, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
   void (*attention)(const AttentionArgs& args, int64_t b, int64_t h0, int64_t nh, int64_t i0,
                     int64_t i1, int64_t j_begin, int64_t j_end, float* work, float* partial);
+  void (*sparse24_gemm)(const SparseGemmArgs& args, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
+  void (*bitmask_gemm)(const SparseGemmArgs& args, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
 };
 
 namespace portable {

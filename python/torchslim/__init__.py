@@ -12,7 +12,7 @@ out = torchslim.attention(q, k, v, causal=True)  # fused attention, (B, H, S, D)
 
 __version__ = "0.1.0"
 
-from torchslim import compiler, hf_attention, nn, ops, quant, reference
+from torchslim import compiler, hf_attention, nn, ops, quant, reference, sparse
 from torchslim._info import info
 from torchslim.aot import AOTCausalLM, aot_compile
 from torchslim.ops import BackendUnavailableError, attention, backend, explain
@@ -41,4 +41,5 @@ __all__ = [
     "quant",
     "reference",
     "save",
+    "sparse",
 ]

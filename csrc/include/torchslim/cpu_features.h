@@ -11,12 +11,12 @@ namespace torchslim::cpu {
 
 enum class Isa : int {
   kPortable = 0,  // plain C++, whatever the compiler's baseline gives
-  kAvx2 = 1,      // AVX2 + FMA + F16C
+  kAvx2 = 1,      // AVX2 + FMA + F16C + POPCNT + BMI1/2
   kAvx512 = 2,    // AVX-512 F/BW/VL/DQ + VNNI
 };
 
 struct CpuFeatures {
-  bool avx2 = false, fma = false, f16c = false;
+  bool avx2 = false, fma = false, f16c = false, popcnt = false, bmi1 = false, bmi2 = false;
   bool avx512f = false, avx512bw = false, avx512vl = false, avx512dq = false;
   bool avx512vnni = false, avx512bf16 = false, avx_vnni = false;
   bool amx_tile = false, amx_int8 = false, amx_bf16 = false;

@@ -17,6 +17,7 @@ from torchslim.ops.int8 import (
     int8_weight_only_linear,
     quantize_per_token,
 )
+from torchslim.ops.sparse import sparse24_linear, sparse_bitmask_linear
 
 __all__ = [
     "BACKENDS",
@@ -32,5 +33,7 @@ __all__ = [
     "int8_weight_only_linear",
     "quantize_per_token",
     "registered_ops",
+    "sparse24_linear",
+    "sparse_bitmask_linear",
     "strict_mode",
 ]

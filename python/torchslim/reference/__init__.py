@@ -1,5 +1,6 @@
 """Pure-PyTorch reference implementations: the specification of every torchslim op."""
 
+from torchslim.reference import sparse
 from torchslim.reference.attention import attention, attention_backward, visible_keys
 from torchslim.reference.int4 import (
     dequantize_int4,
@@ -19,10 +20,22 @@ from torchslim.reference.int8 import (
     int8_weight_only_linear,
     quantize_per_token,
 )
+from torchslim.reference.sparse import (
+    compress_24,
+    compress_bitmask,
+    decompress_24,
+    decompress_bitmask,
+    sparse24_linear,
+    sparse_bitmask_linear,
+)
 
 __all__ = [
     "attention",
     "attention_backward",
+    "compress_24",
+    "compress_bitmask",
+    "decompress_24",
+    "decompress_bitmask",
     "dequantize_int4",
     "int4_weight_only_linear",
     "int4_weight_only_linear_tc",
@@ -34,6 +47,9 @@ __all__ = [
     "plain_to_tc",
     "quantize_per_block",
     "quantize_per_token",
+    "sparse",
+    "sparse24_linear",
+    "sparse_bitmask_linear",
     "tc_to_plain",
     "unpack_int4",
     "unpack_int4_tc",

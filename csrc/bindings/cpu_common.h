@@ -1,0 +1,117 @@
+// Helpers shared by the CPU bindings (cpu_ops.cpp, cpu_sparse_ops.cpp): argument checks,
+// operand conversion, the (M, N) block split over at::parallel_for, and the predicates the
+// torch.ops impls use to decide between the C++ kernel and the Python impl (registry.h).
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+#include "cpu/kernels.h"
+#include "torchslim/checks.h"
+
+namespace torchslim::cpu_bindings {
+
+using cpu::ScalarType;
+using OptTensor = std::optional<at::Tensor>;
+
+inline ScalarType float_type(const at::Tensor& t, const char* name) {
+  if (t.scalar_type() == at::kFloat) return ScalarType::kFloat32;
+  if (t.scalar_type() == at::kBFloat16) return ScalarType::kBFloat16;
+  TORCHSLIM_CHECK_TYPE(false, name, " must be float32 or bfloat16 on the CPU, got ",
+                       t.scalar_type());
+  return ScalarType::kFloat32;
+}
+
+// fp32, bf16 or fp16 storage (scales, sparse values).
+inline ScalarType any_float_type(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return ScalarType::kFloat32;
+    case at::kBFloat16:
+      return ScalarType::kBFloat16;
+    case at::kHalf:
+      return ScalarType::kFloat16;
+    default:
+      TORCHSLIM_CHECK_TYPE(false, name, " must be float32, bfloat16 or float16, got ",
+                           t.scalar_type());
+  }
+  return ScalarType::kFloat32;
+}
+
+inline void check_cpu(const at::Tensor& t, const char* name) {
+  TORCHSLIM_CHECK_RUNTIME(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
+}
+
+inline void check_activation(const at::Tensor& x, const char* name) {
+  check_cpu(x, name);
+  TORCHSLIM_CHECK(x.dim() == 2, name, " must be 2-D (M, K), got ", x.dim(), "-D");
+  TORCHSLIM_CHECK(x.size(1) <= 1 || x.stride(1) == 1, name,
+                  " must have unit stride in its last dim, got strides ", x.strides());
+}
+
+// Returns bias as a (N,) fp32 contiguous tensor, or an undefined one without a bias.
+inline at::Tensor bias_operand(const std::optional<at::Tensor>& bias, int64_t N) {
+  if (!bias.has_value() || !bias->defined()) return {};
+  check_cpu(*bias, "bias");
+  TORCHSLIM_CHECK(bias->dim() == 1 && bias->size(0) == N, "bias must have shape (N,) = (", N,
+                  ",), got ", bias->sizes());
+  TORCHSLIM_CHECK_TYPE(at::isFloatingType(bias->scalar_type()),
+                       "bias must be a floating-point tensor, got ", bias->scalar_type());
+  return bias->to(at::kFloat).contiguous();
+}
+
+// Runs fn(m0, m1, n0, n1) over the (M, N) output in blocks. Blocks are ordered n-major so the
+// blocks one thread takes in a row share their weight rows.
+template <class F>
+inline void parallel_blocks(int64_t M, int64_t N, int64_t block_m, int64_t block_n, const F& fn) {
+  if (M == 0 || N == 0) return;
+  const int64_t tiles_m = (M + block_m - 1) / block_m;
+  const int64_t tiles_n = (N + block_n - 1) / block_n;
+  at::parallel_for(0, tiles_m * tiles_n, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t m0 = (t % tiles_m) * block_m, n0 = (t / tiles_m) * block_n;
+      fn(m0, std::min(m0 + block_m, M), n0, std::min(n0 + block_n, N));
+    }
+  });
+}
+
+inline bool is_cpu_float(const at::Tensor& t) {
+  return t.device().is_cpu() && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16);
+}
+
+inline bool is_cpu_matrix(const at::Tensor& t, at::ScalarType dtype) {
+  return t.device().is_cpu() && t.scalar_type() == dtype && t.dim() == 2;
+}
+
+inline bool is_cpu_vector(const at::Tensor& t, at::ScalarType dtype, int64_t n) {
+  return t.device().is_cpu() && t.scalar_type() == dtype && t.dim() == 1 && t.size(0) == n;
+}
+
+inline bool is_bias(const OptTensor& bias, int64_t n) {
+  return !bias.has_value() || (bias->device().is_cpu() && at::isFloatingType(bias->scalar_type()) &&
+                               bias->dim() == 1 && bias->size(0) == n);
+}
+
+// x (..., K) as (M, K) with unit stride in K, copying only when it must.
+inline at::Tensor rows(const at::Tensor& x) {
+  at::Tensor x2 = x.reshape({-1, x.size(-1)});
+  return x2.size(1) <= 1 || x2.stride(1) == 1 ? x2 : x2.contiguous();
+}
+
+inline at::Tensor unit_last_stride(const at::Tensor& w) {
+  return w.size(1) <= 1 || w.stride(1) == 1 ? w : w.contiguous();
+}
+
+// out (M, N) as (..., N) with x's leading dims.
+inline at::Tensor unflatten(const at::Tensor& out, const at::Tensor& x) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
+  shape.push_back(out.size(1));
+  return out.view(shape);
+}
+
+}  // namespace torchslim::cpu_bindings

@@ -1,0 +1,198 @@
+// Torch binding of the sparse CPU kernels (cpu/sparse_gemm.h): the 2:4 and bitmask linear ops,
+// as torchslim._C functions (2-D x) and as the CPU impls of torch.ops.torchslim (any leading
+// dims, Python fallback: see registry.h).
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <cstdint>
+
+#include "bindings/cpu_common.h"
+#include "bindings/registry.h"
+#include "cpu/kernels.h"
+#include "torchslim/checks.h"
+
+namespace torchslim {
+namespace {
+
+using namespace cpu_bindings;
+
+// Rows of x per block (fp32 rows of K stay in L2) and weight rows per block.
+constexpr int64_t kBlockM = 32;
+constexpr int64_t kBlockN = 16;
+
+int64_t mask_bytes(int64_t K) { return (K + 7) / 8; }
+int64_t kept_24(int64_t K) { return 2 * ((K + 3) / 4); }
+
+void check_rows(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t cols) {
+  check_cpu(t, name);
+  TORCHSLIM_CHECK_TYPE(t.scalar_type() == dtype, name, " must be ", dtype, ", got ",
+                       t.scalar_type());
+  TORCHSLIM_CHECK(t.dim() == 2 && t.size(1) == cols, name, " must be 2-D with ", cols,
+                  " columns, got shape ", t.sizes());
+  TORCHSLIM_CHECK(t.size(1) <= 1 || t.stride(1) == 1, name,
+                  " must have unit stride in its last dim, got strides ", t.strides());
+}
+
+// The arguments both formats share: x (M, K) widened to fp32, the output, bias.
+struct SparseOperands {
+  at::Tensor x, bias, out;
+  cpu::SparseGemmArgs args;
+};
+
+SparseOperands sparse_operands(const at::Tensor& x, const at::Tensor& values, int64_t N,
+                               const OptTensor& bias) {
+  check_activation(x, "x");
+  const ScalarType out_type = float_type(x, "x");
+  SparseOperands op;
+  op.x = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat).contiguous();
+  op.bias = bias_operand(bias, N);
+  op.out = at::empty({x.size(0), N}, x.options());
+  check_cpu(values, "values");
+  op.args = {};
+  op.args.x = op.x.data_ptr<float>();
+  op.args.ldx = op.x.stride(0);
+  op.args.values = values.data_ptr();
+  op.args.v_type = any_float_type(values, "values");
+  op.args.bias = op.bias.defined() ? op.bias.data_ptr<float>() : nullptr;
+  op.args.out = op.out.data_ptr();
+  op.args.ldo = N;
+  op.args.out_type = out_type;
+  op.args.M = x.size(0);
+  op.args.N = N;
+  op.args.K = x.size(1);
+  return op;
+}
+
+// 2:4: x (M, K) fp32/bf16; values (N, 2 * ceil(K / 4)) fp32/bf16/fp16; meta (N, ceil(K / 8))
+// uint8; bias (N,) or None.
+at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values,
+                               const at::Tensor& meta, const OptTensor& bias) {
+  TORCHSLIM_CHECK(x.dim() == 2, "x must be 2-D (M, K), got ", x.dim(), "-D");
+  const int64_t K = x.size(1);
+  TORCHSLIM_CHECK(values.dim() == 2, "values must be 2-D (N, 2 * ceil(K / 4)), got ", values.dim(),
+                  "-D");
+  const int64_t N = values.size(0);
+  SparseOperands op = sparse_operands(x, values, N, bias);
+  TORCHSLIM_CHECK(values.size(1) == kept_24(K), "values must have 2 * ceil(K / 4) = ", kept_24(K),
+                  " columns, got shape ", values.sizes());
+  TORCHSLIM_CHECK(values.size(1) <= 1 || values.stride(1) == 1,
+                  "values must have unit stride in its last dim, got strides ", values.strides());
+  check_rows(meta, "meta", at::kByte, mask_bytes(K));
+  TORCHSLIM_CHECK(meta.size(0) == N, "meta must have N = ", N, " rows, got ", meta.size(0));
+  op.args.ldv = values.stride(0);
+  op.args.meta = meta.data_ptr<uint8_t>();
+  op.args.ldm = meta.stride(0);
+  const cpu::KernelTable& kt = cpu::active_kernels();
+  parallel_blocks(op.args.M, N, kBlockM, kBlockN,
+                  [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+                    kt.sparse24_gemm(op.args, m0, m1, n0, n1);
+                  });
+  return op.out;
+}
+
+// Bitmask: x (M, K) fp32/bf16; values (nnz,) fp32/bf16/fp16 contiguous; mask (N, ceil(K / 8))
+// uint8; row_offsets (N + 1,) int64 from 0, non-decreasing, at most nnz; bias (N,) or None.
+at::Tensor sparse_bitmask_linear_cpu(const at::Tensor& x, const at::Tensor& values,
+                                     const at::Tensor& mask, const at::Tensor& row_offsets,
+                                     const OptTensor& bias) {
+  TORCHSLIM_CHECK(x.dim() == 2, "x must be 2-D (M, K), got ", x.dim(), "-D");
+  const int64_t K = x.size(1);
+  check_rows(mask, "mask", at::kByte, mask_bytes(K));
+  const int64_t N = mask.size(0);
+  TORCHSLIM_CHECK(values.dim() == 1 && values.is_contiguous(),
+                  "values must be a contiguous 1-D tensor (nnz,), got shape ", values.sizes(),
+                  " and strides ", values.strides());
+  SparseOperands op = sparse_operands(x, values, N, bias);
+  check_cpu(row_offsets, "row_offsets");
+  TORCHSLIM_CHECK_TYPE(row_offsets.scalar_type() == at::kLong, "row_offsets must be int64, got ",
+                       row_offsets.scalar_type());
+  TORCHSLIM_CHECK(row_offsets.dim() == 1 && row_offsets.size(0) == N + 1,
+                  "row_offsets must have shape (N + 1,) = (", N + 1, ",), got ",
+                  row_offsets.sizes());
+  const at::Tensor offsets = row_offsets.contiguous();
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  const int64_t total = values.numel();
+  TORCHSLIM_CHECK(off[0] == 0, "row_offsets must start at 0, got ", off[0]);
+  for (int64_t n = 0; n < N; ++n) {
+    TORCHSLIM_CHECK(off[n] <= off[n + 1] && off[n + 1] <= total,
+                    "row_offsets must be non-decreasing and at most values.numel() = ", total,
+                    ", got row_offsets[", n, "] = ", off[n], ", row_offsets[", n + 1,
+                    "] = ", off[n + 1]);
+  }
+  int64_t bad_row = -1;
+  op.args.meta = mask.data_ptr<uint8_t>();
+  op.args.ldm = mask.stride(0);
+  op.args.row_offsets = off;
+  op.args.values_total = total;
+  op.args.bad_row = &bad_row;
+  const cpu::KernelTable& kt = cpu::active_kernels();
+  parallel_blocks(op.args.M, N, kBlockM, kBlockN,
+                  [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+                    kt.bitmask_gemm(op.args, m0, m1, n0, n1);
+                  });
+  if (bad_row >= 0) {
+    int64_t bits = 0;
+    const uint8_t* row = mask.data_ptr<uint8_t>() + bad_row * mask.stride(0);
+    for (int64_t k = 0; k < K; ++k) bits += row[k / 8] >> (k % 8) & 1;
+    TORCHSLIM_CHECK(false, "mask and row_offsets disagree: row ", bad_row, " has ",
+                    off[bad_row + 1] - off[bad_row], " values by row_offsets and ", bits,
+                    " set bits in mask");
+  }
+  return op.out;
+}
+
+// ----------------------------------------------------------------------------------------------
+// torch.ops.torchslim impls: the kernel for what it takes (the Python checks and the "cpu"
+// kernel's supports()), the Python impl for everything else.
+
+bool is_sparse_input(const at::Tensor& x, const at::Tensor& values, const OptTensor& bias,
+                     int64_t N) {
+  const at::ScalarType vt = values.scalar_type();
+  return registry::automatic("cpu") && is_cpu_float(x) && x.dim() >= 1 &&
+         values.device().is_cpu() && (vt == at::kFloat || vt == at::kBFloat16 || vt == at::kHalf) &&
+         is_bias(bias, N);
+}
+
+at::Tensor sparse24_linear_op(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
+                              const OptTensor& bias) {
+  const int64_t K = x.dim() >= 1 ? x.size(-1) : 0;
+  const bool fast = values.dim() == 2 && is_sparse_input(x, values, bias, values.size(0)) &&
+                    values.size(1) == kept_24(K) && is_cpu_matrix(meta, at::kByte) &&
+                    meta.size(0) == values.size(0) && meta.size(1) == mask_bytes(K);
+  if (!fast) return registry::call_python<at::Tensor>("sparse24_linear", x, values, meta, bias);
+  return unflatten(
+      sparse24_linear_cpu(rows(x), unit_last_stride(values), unit_last_stride(meta), bias), x);
+}
+
+at::Tensor sparse_bitmask_linear_op(const at::Tensor& x, const at::Tensor& values,
+                                    const at::Tensor& mask, const at::Tensor& row_offsets,
+                                    const OptTensor& bias) {
+  const int64_t K = x.dim() >= 1 ? x.size(-1) : 0;
+  const bool fast = is_cpu_matrix(mask, at::kByte) && mask.size(1) == mask_bytes(K) &&
+                    values.dim() == 1 && is_sparse_input(x, values, bias, mask.size(0)) &&
+                    is_cpu_vector(row_offsets, at::kLong, mask.size(0) + 1);
+  if (!fast) {
+    return registry::call_python<at::Tensor>("sparse_bitmask_linear", x, values, mask, row_offsets,
+                                             bias);
+  }
+  return unflatten(sparse_bitmask_linear_cpu(rows(x), values.contiguous(), unit_last_stride(mask),
+                                             row_offsets, bias),
+                   x);
+}
+
+}  // namespace
+
+void bind_cpu_sparse(pybind11::module_& m) {
+  m.def("sparse24_linear_cpu", &sparse24_linear_cpu, "2:4 sparse linear", pybind11::arg("x"),
+        pybind11::arg("values"), pybind11::arg("meta"), pybind11::arg("bias") = pybind11::none());
+  m.def("sparse_bitmask_linear_cpu", &sparse_bitmask_linear_cpu, "bitmask sparse linear",
+        pybind11::arg("x"), pybind11::arg("values"), pybind11::arg("mask"),
+        pybind11::arg("row_offsets"), pybind11::arg("bias") = pybind11::none());
+}
+
+}  // namespace torchslim
+
+TORCH_LIBRARY_IMPL(torchslim, CPU, m) {
+  m.impl("sparse24_linear", &torchslim::sparse24_linear_op);
+  m.impl("sparse_bitmask_linear", &torchslim::sparse_bitmask_linear_op);
+}

@@ -1,0 +1,333 @@
+// Sparse GEMM for pruned weights (torchslim.reference.sparse), written once and compiled per ISA
+// level (see int8_gemm.h):
+//
+//   sparse24_gemm  out = x . W^T + bias, W in the 2:4 format: per group of 4 columns two kept
+//                  values and their 2-bit column indices (meta)
+//   bitmask_gemm   the same, W in the bitmask format: a bit per weight, the nonzeros packed
+//                  row by row, and each row's offset into them
+//
+// Both are dot-product kernels on the compressed rows: no dense weight is formed, an MR-row
+// tile of x meets one weight row at a time, and M = 1 streams each compressed row once, so at
+// decode the time follows the format's bytes.
+//
+// 2:4 gathers x rather than expanding W. One step takes kLanes kept values (8 on AVX2, 16 on
+// AVX-512), i.e. 2 * kLanes columns: the step's 2-bit indices, shifted out of one meta word,
+// pick the x that each value meets (AVX2: vpermps on each 8-column half and a blend; AVX-512:
+// one vpermt2ps over 32 columns), and one FMA does kLanes multiply-adds: half the FMAs of a
+// dense dot product, the index arithmetic shared by the MR rows of x.
+//
+// Bitmask chooses per row by its density d = nnz / K:
+//   d >= 1/16 expand: each kLanes columns' mask bits place the next popcount values in their
+//             lanes (AVX2: a 256-entry table of vpermps indices, then a lane mask; AVX-512:
+//             vexpandps) for one FMA per row of x;
+//   d <  1/16 walk: visit the set bits of each 64-bit mask word (tzcnt, clear lowest), one
+//             scalar FMA per nonzero and row of x, four independent sums: the work follows
+//             the nonzeros, not K.
+// Neither reads a value outside the row's [row_offsets[n], row_offsets[n + 1]) plus at most
+// kLanes - 1 past it (never past the array); a row whose mask holds another count than its
+// offsets give is reported in bad_row (the lowest such row).
+#pragma once
+
+#include "int8_gemm.h"  // simd.h, min_i64, store
+
+namespace torchslim::cpu::TORCHSLIM_ISA_NS {
+namespace {
+
+constexpr int kSpMR = 4;  // rows of x per tile
+// Rows with nnz * kWalkDensity < K are walked bit by bit, the rest expanded (see the top).
+constexpr int64_t kWalkDensity = 16;
+
+template <typename T>
+inline const T* typed(const void* p) {
+  return static_cast<const T*>(p);
+}
+
+// ------------------------------------------------------------------------------ ISA pieces
+#if defined(TORCHSLIM_ISA_AVX512)
+
+constexpr int64_t kLanes = 16;
+
+// The column (0..31) of each of the step's 16 kept values, from its 32 meta bits.
+inline __m512i sp24_columns(const uint8_t* meta) {
+  uint32_t bits;
+  __builtin_memcpy(&bits, meta, sizeof bits);
+  const __m512i shift =
+      _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i group = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
+  const __m512i index = _mm512_and_si512(
+      _mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(bits)), shift), _mm512_set1_epi32(3));
+  return _mm512_add_epi32(index, group);
+}
+
+inline __m512 sp24_gather(const float* x, __m512i columns) {
+  return _mm512_permutex2var_ps(_mm512_loadu_ps(x), columns, _mm512_loadu_ps(x + 16));
+}
+
+inline int expand_bits(const uint8_t* mask) {
+  uint16_t bits;
+  __builtin_memcpy(&bits, mask, sizeof bits);
+  return bits;
+}
+
+// The next popcount(bits) values placed in the lanes whose bit is set, zeros elsewhere.
+inline __m512 expand(__m512 packed, int bits) {
+  return _mm512_maskz_expand_ps(static_cast<__mmask16>(bits), packed);
+}
+
+#elif defined(TORCHSLIM_ISA_AVX2)
+
+constexpr int64_t kLanes = 8;
+
+inline __m256i sp24_columns(const uint8_t* meta) {
+  uint16_t bits;
+  __builtin_memcpy(&bits, meta, sizeof bits);
+  // Lanes 0-3 index the step's first 8 columns, lanes 4-7 its second 8 (each from 0).
+  const __m256i shift = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+  const __m256i group = _mm256_setr_epi32(0, 0, 4, 4, 0, 0, 4, 4);
+  const __m256i index =
+      _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(bits), shift), _mm256_set1_epi32(3));
+  return _mm256_add_epi32(index, group);
+}
+
+inline __m256 sp24_gather(const float* x, __m256i columns) {
+  const __m256 lo = _mm256_permutevar8x32_ps(_mm256_loadu_ps(x), columns);
+  const __m256 hi = _mm256_permutevar8x32_ps(_mm256_loadu_ps(x + 8), columns);
+  return _mm256_blend_ps(lo, hi, 0xf0);
+}
+
+inline int expand_bits(const uint8_t* mask) { return *mask; }
+
+// Entry m: lane j's position among m's set bits (the packed value it takes), and whether bit j
+// is set (all ones) or not (zero), so an expand costs two table loads, vpermps and vandps.
+struct ExpandTable {
+  alignas(32) int32_t index[256][8];
+  alignas(32) int32_t keep[256][8];
+  constexpr ExpandTable() : index(), keep() {
+    for (int m = 0; m < 256; ++m) {
+      int next = 0;
+      for (int j = 0; j < 8; ++j) {
+        if (m >> j & 1) {
+          index[m][j] = next++;
+          keep[m][j] = -1;
+        }
+      }
+    }
+  }
+};
+constexpr ExpandTable kExpandTable{};
+
+inline __m256 expand(__m256 packed, int bits) {
+  const __m256i index =
+      _mm256_load_si256(reinterpret_cast<const __m256i*>(kExpandTable.index[bits]));
+  const __m256 keep = _mm256_load_ps(reinterpret_cast<const float*>(kExpandTable.keep[bits]));
+  return _mm256_and_ps(_mm256_permutevar8x32_ps(packed, index), keep);
+}
+
+#endif
+
+#if defined(TORCHSLIM_ISA_AVX512) || defined(TORCHSLIM_ISA_AVX2)
+#define TORCHSLIM_SPARSE_VECTOR 1  // else portable: the scalar loops below do all the work
+#endif
+
+// ------------------------------------------------------------------------------ 2:4
+// sums[i] += the row's groups [g0, K / 4 rounded up) against x row i, one value at a time;
+// columns past K (a short last group's padding) are skipped.
+// Four partial sums (by group % 4) keep the rounding error growing with K / 4, not K, as the
+// vector lanes do.
+template <typename T, int R>
+inline void sp24_scalar(const T* v, const uint8_t* meta, const float* x, int64_t ldx, int64_t K,
+                        int64_t g0, float (&sums)[kSpMR]) {
+  const int64_t groups = (K + 3) / 4;
+  float part[4][kSpMR] = {};
+  for (int64_t grp = g0; grp < groups; ++grp) {
+    const int nibble = meta[grp / 2] >> (4 * (grp & 1));
+    for (int t = 0; t < 2; ++t) {
+      const int64_t col = 4 * grp + (nibble >> (2 * t) & 3);
+      if (col >= K) continue;
+      const float w = load_f32(v + 2 * grp + t);
+      for (int i = 0; i < R; ++i) part[grp & 3][i] += w * x[i * ldx + col];
+    }
+  }
+  for (int i = 0; i < R; ++i) sums[i] += (part[0][i] + part[1][i]) + (part[2][i] + part[3][i]);
+}
+
+template <typename T, int R>
+inline void sp24_tile(const SparseGemmArgs& g, const float* x, int64_t ldx, int64_t n,
+                      float (&sums)[kSpMR]) {
+  const T* v = typed<T>(g.values) + n * g.ldv;
+  const uint8_t* meta = g.meta + n * g.ldm;
+  for (int i = 0; i < kSpMR; ++i) sums[i] = 0.0f;
+  int64_t g0 = 0;
+#if defined(TORCHSLIM_SPARSE_VECTOR)
+  {
+    // A step covers 2 * kLanes columns: kLanes / 2 groups, kLanes / 4 meta bytes.
+    const int64_t steps = g.K / (2 * kLanes);
+    typename FVec::R acc[R];
+#pragma GCC unroll 4
+    for (int i = 0; i < R; ++i) acc[i] = FVec::zero();
+    for (int64_t s = 0; s < steps; ++s) {
+      const auto columns = sp24_columns(meta + s * (kLanes / 4));
+      const typename FVec::R w = FVec::load(v + s * kLanes);
+#pragma GCC unroll 4
+      for (int i = 0; i < R; ++i) {
+        acc[i] = FVec::fma(w, sp24_gather(x + i * ldx + s * 2 * kLanes, columns), acc[i]);
+      }
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < R; ++i) sums[i] = FVec::reduce_add(acc[i]);
+    g0 = steps * (kLanes / 2);
+  }
+#endif
+  sp24_scalar<T, R>(v, meta, x, ldx, g.K, g0, sums);
+}
+
+// ------------------------------------------------------------------------------ bitmask
+// Walk: sums[i] += every nonzero of mask bytes [b0, ceil(K / 8)) against x row i (bits past K
+// are not weights and are ignored). Returns the value pointer past the last one read, or null
+// when the mask asks for values past `end`.
+template <typename T, int R>
+inline const T* walk_bits(const uint8_t* mask, int64_t b0, int64_t K, const T* v, const T* end,
+                          const float* x, int64_t ldx, float (&sums)[kSpMR]) {
+  float part[4][kSpMR] = {};
+  const int64_t bytes = (K + 7) / 8;
+  for (int64_t b = b0; b < bytes; b += 8) {
+    uint64_t word = 0;
+    const int64_t take = min_i64(8, bytes - b);
+    __builtin_memcpy(&word, mask + b, static_cast<unsigned long>(take));  // little endian
+    if (K - 8 * b < 64) word &= (uint64_t{1} << (K - 8 * b)) - 1;
+    if (v + __builtin_popcountll(word) > end) return nullptr;
+    const float* xb = x + 8 * b;
+    while (__builtin_popcountll(word) >= 4) {
+      int64_t col[4];
+#pragma GCC unroll 4
+      for (int t = 0; t < 4; ++t) {
+        col[t] = __builtin_ctzll(word);
+        word &= word - 1;
+      }
+#pragma GCC unroll 4
+      for (int t = 0; t < 4; ++t) {
+        const float w = load_f32(v + t);
+#pragma GCC unroll 4
+        for (int i = 0; i < R; ++i) part[t][i] += w * xb[i * ldx + col[t]];
+      }
+      v += 4;
+    }
+    for (; word; word &= word - 1, ++v) {
+      const int64_t col = __builtin_ctzll(word);
+      const float w = load_f32(v);
+#pragma GCC unroll 4
+      for (int i = 0; i < R; ++i) part[0][i] += w * xb[i * ldx + col];
+    }
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < R; ++i) sums[i] += (part[0][i] + part[1][i]) + (part[2][i] + part[3][i]);
+  return v;
+}
+
+template <typename T, int R>
+inline void bitmask_tile(const SparseGemmArgs& g, const float* x, int64_t ldx, int64_t n,
+                         float (&sums)[kSpMR]) {
+  const uint8_t* mask = g.meta + n * g.ldm;
+  const T* values = typed<T>(g.values);
+  const T* v = values + g.row_offsets[n];
+  const T* end = values + g.row_offsets[n + 1];
+  for (int i = 0; i < kSpMR; ++i) sums[i] = 0.0f;
+  int64_t b = 0;
+#if defined(TORCHSLIM_SPARSE_VECTOR)
+  {
+    if (kWalkDensity * (end - v) >= g.K) {
+      // Whole vectors of columns, while a full vector of values can be loaded in the array.
+      constexpr int64_t kBytes = kLanes / 8;
+      const int64_t vector_bytes = g.K / kLanes * kBytes;
+      typename FVec::R acc[R];
+#pragma GCC unroll 4
+      for (int i = 0; i < R; ++i) acc[i] = FVec::zero();
+      for (; b < vector_bytes && (v - values) + kLanes <= g.values_total; b += kBytes) {
+        const int bits = expand_bits(mask + b);
+        const typename FVec::R w = expand(FVec::load(v), bits);
+        v += __builtin_popcount(static_cast<unsigned>(bits));
+#pragma GCC unroll 4
+        for (int i = 0; i < R; ++i) acc[i] = FVec::fma(w, FVec::load(x + i * ldx + 8 * b), acc[i]);
+      }
+#pragma GCC unroll 4
+      for (int i = 0; i < R; ++i) sums[i] = FVec::reduce_add(acc[i]);
+      if (v > end) v = nullptr;
+    }
+  }
+#endif
+  if (v != nullptr) v = walk_bits<T, R>(mask, b, g.K, v, end, x, ldx, sums);
+  if (v != end) {  // keep the lowest such row
+    int64_t seen = __atomic_load_n(g.bad_row, __ATOMIC_RELAXED);
+    while ((seen < 0 || n < seen) &&
+           !__atomic_compare_exchange_n(g.bad_row, &seen, n, true, __ATOMIC_RELAXED,
+                                        __ATOMIC_RELAXED)) {
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------ driver
+template <typename T, template <typename, int> class Tile>
+void sparse_block(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const float bias = g.bias ? g.bias[n] : 0.0f;
+    for (int64_t m = m0; m < m1; m += kSpMR) {
+      const float* x = g.x + m * g.ldx;
+      float sums[kSpMR];
+      switch (min_i64(kSpMR, m1 - m)) {
+        case 1:
+          Tile<T, 1>::run(g, x, g.ldx, n, sums);
+          break;
+        case 2:
+          Tile<T, 2>::run(g, x, g.ldx, n, sums);
+          break;
+        case 3:
+          Tile<T, 3>::run(g, x, g.ldx, n, sums);
+          break;
+        default:
+          Tile<T, 4>::run(g, x, g.ldx, n, sums);
+      }
+      for (int64_t i = 0; i < min_i64(kSpMR, m1 - m); ++i) {
+        store(g.out, g.ldo, g.out_type, m + i, n, sums[i] + bias);
+      }
+    }
+  }
+}
+
+template <typename T, int R>
+struct Sp24Tile {
+  static void run(const SparseGemmArgs& g, const float* x, int64_t ldx, int64_t n,
+                  float (&sums)[kSpMR]) {
+    sp24_tile<T, R>(g, x, ldx, n, sums);
+  }
+};
+
+template <typename T, int R>
+struct BitmaskTile {
+  static void run(const SparseGemmArgs& g, const float* x, int64_t ldx, int64_t n,
+                  float (&sums)[kSpMR]) {
+    bitmask_tile<T, R>(g, x, ldx, n, sums);
+  }
+};
+
+template <template <typename, int> class Tile>
+void sparse_dispatch(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  switch (g.v_type) {
+    case ScalarType::kBFloat16:
+      return sparse_block<uint16_t, Tile>(g, m0, m1, n0, n1);
+    case ScalarType::kFloat16:
+      return sparse_block<Half, Tile>(g, m0, m1, n0, n1);
+    default:
+      return sparse_block<float, Tile>(g, m0, m1, n0, n1);
+  }
+}
+
+void sparse24_gemm(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  sparse_dispatch<Sp24Tile>(g, m0, m1, n0, n1);
+}
+
+void bitmask_gemm(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  sparse_dispatch<BitmaskTile>(g, m0, m1, n0, n1);
+}
+
+}  // namespace
+}  // namespace torchslim::cpu::TORCHSLIM_ISA_NS

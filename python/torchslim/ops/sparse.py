@@ -1,0 +1,171 @@
+"""Sparse linear ops on pruned weights; formats and math in :mod:`torchslim.reference.sparse`.
+
+Schemas (``torch.ops.torchslim.*``):
+
+    sparse24_linear(Tensor x, Tensor values, Tensor meta, Tensor? bias=None) -> Tensor
+        x: (..., K) fp32/bf16/fp16, any leading dims; values: (N, 2 * ceil(K / 4))
+        fp32/bf16/fp16, the two kept values of each group of 4 columns; meta: (N, ceil(K / 8))
+        uint8, their 2-bit column indices; bias: (N,) float or None  ->  (..., N) in x.dtype
+
+    sparse_bitmask_linear(Tensor x, Tensor values, Tensor mask, Tensor row_offsets,
+                          Tensor? bias=None) -> Tensor
+        x: (..., K) as above; values: (nnz,) fp32/bf16/fp16, the nonzeros row by row; mask:
+        (N, ceil(K / 8)) uint8, a bit per weight; row_offsets: (N + 1,) int64, row n's values
+        at [row_offsets[n], row_offsets[n + 1]); bias as above  ->  (..., N) in x.dtype
+
+The values may have another float dtype than x (bf16 values for fp32 activations halve the
+bytes a decode step reads). The ops check shapes, dtypes and devices; the bitmask kernels also
+check that row_offsets agrees with the mask, as they read it (a ValueError, never a read past
+the values). Backends: the CPU kernel (fp32/bf16 activations: csrc/cpu/sparse_gemm.h);
+anything else runs the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from torchslim import _ext
+from torchslim import reference as ref
+from torchslim.ops._registry import Kernel, OpBackends, define_op, extension_kernel
+from torchslim.ops.int8 import (
+    _FLOATS,
+    _check_activation,
+    _check_bias,
+    _check_same_device,
+    _require_tensors,
+    _rows,
+    _supports_floats,
+)
+
+
+def _check_values(values: torch.Tensor) -> None:
+    if values.dtype not in _FLOATS:
+        raise TypeError(f"values must be float32, bfloat16 or float16, got {values.dtype}")
+
+
+def _check_byte_rows(t: torch.Tensor, name: str, n: int, k: int) -> None:
+    cols = -(-k // ref.sparse.MASK_BITS)
+    if t.dtype != torch.uint8:
+        raise TypeError(f"{name} must be uint8, got {t.dtype}")
+    if tuple(t.shape) != (n, cols):
+        raise ValueError(
+            f"{name} must have shape (N, ceil(K / 8)) = ({n}, {cols}), got {tuple(t.shape)}"
+        )
+
+
+def _check_sparse24(x, values, meta, bias) -> None:
+    _check_activation(x)
+    _check_values(values)
+    k = x.shape[-1]
+    (_, kept), _ = ref.sparse.sparse24_shapes(0, k)
+    if values.dim() != 2 or values.shape[1] != kept:
+        raise ValueError(
+            f"values must have shape (N, 2 * ceil(K / 4)) with 2 * ceil(K / 4) = {kept}, "
+            f"got {tuple(values.shape)}"
+        )
+    n = values.shape[0]
+    _check_byte_rows(meta, "meta", n, k)
+    _check_bias(bias, n)
+    _check_same_device(x, values=values, meta=meta, bias=bias)
+
+
+def _check_bitmask(x, values, mask, row_offsets, bias) -> None:
+    _check_activation(x)
+    _check_values(values)
+    if values.dim() != 1:
+        raise ValueError(f"values must be 1-D (nnz,), got shape {tuple(values.shape)}")
+    if mask.dim() != 2:
+        raise ValueError(f"mask must be 2-D (N, ceil(K / 8)), got shape {tuple(mask.shape)}")
+    n = mask.shape[0]
+    _check_byte_rows(mask, "mask", n, x.shape[-1])
+    if row_offsets.dtype != torch.int64:
+        raise TypeError(f"row_offsets must be int64, got {row_offsets.dtype}")
+    if tuple(row_offsets.shape) != (n + 1,):
+        raise ValueError(
+            f"row_offsets must have shape (N + 1,) = ({n + 1},), got {tuple(row_offsets.shape)}"
+        )
+    _check_bias(bias, n)
+    _check_same_device(x, values=values, mask=mask, row_offsets=row_offsets, bias=bias)
+
+
+def _backends(name: str, reference) -> OpBackends:
+    backends = OpBackends(name=name, reference=reference, preference={"cpu": ("cpu",)})
+    available, fn = extension_kernel(f"{name}_cpu", _ext.cpu_available)
+    supports = _supports_floats({"cpu": (torch.float32, torch.bfloat16)})
+    backends.register(Kernel("cpu", fn, available, supports))
+    return backends
+
+
+def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
+
+
+# --------------------------------------------------------------------------- 2:4
+_SPARSE24 = _backends("sparse24_linear", ref.sparse24_linear)
+
+
+def _sparse24_impl(x, values, meta, bias=None):
+    _check_sparse24(x, values, meta, bias)
+    out = _SPARSE24(_rows(x), _unit_last_stride(values), _unit_last_stride(meta), bias)
+    return out.reshape(*x.shape[:-1], values.shape[0])
+
+
+def _sparse24_fake(x, values, meta, bias=None):
+    _check_sparse24(x, values, meta, bias)
+    return x.new_empty((*x.shape[:-1], values.shape[0]))
+
+
+define_op(
+    "sparse24_linear(Tensor x, Tensor values, Tensor meta, Tensor? bias=None) -> Tensor",
+    impl=_sparse24_impl,
+    fake=_sparse24_fake,
+    backends=_SPARSE24,
+)
+
+
+# --------------------------------------------------------------------------- bitmask
+_BITMASK = _backends("sparse_bitmask_linear", ref.sparse_bitmask_linear)
+
+
+def _bitmask_impl(x, values, mask, row_offsets, bias=None):
+    _check_bitmask(x, values, mask, row_offsets, bias)
+    out = _BITMASK(
+        _rows(x), values.contiguous(), _unit_last_stride(mask), row_offsets.contiguous(), bias
+    )
+    return out.reshape(*x.shape[:-1], mask.shape[0])
+
+
+def _bitmask_fake(x, values, mask, row_offsets, bias=None):
+    _check_bitmask(x, values, mask, row_offsets, bias)
+    return x.new_empty((*x.shape[:-1], mask.shape[0]))
+
+
+define_op(
+    "sparse_bitmask_linear(Tensor x, Tensor values, Tensor mask, Tensor row_offsets, "
+    "Tensor? bias=None) -> Tensor",
+    impl=_bitmask_impl,
+    fake=_bitmask_fake,
+    backends=_BITMASK,
+)
+
+
+# --------------------------------------------------------------------------- entry points
+def sparse24_linear(
+    x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x @ W.T + bias`` with W in the 2:4 format (:func:`torchslim.sparse.compress_24`)."""
+    _require_tensors(x=x, values=values, meta=meta, bias=bias)
+    return torch.ops.torchslim.sparse24_linear(x, values, meta, bias)
+
+
+def sparse_bitmask_linear(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    row_offsets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x @ W.T + bias`` with W in the bitmask format
+    (:func:`torchslim.sparse.compress_bitmask`)."""
+    _require_tensors(x=x, values=values, mask=mask, row_offsets=row_offsets, bias=bias)
+    return torch.ops.torchslim.sparse_bitmask_linear(x, values, mask, row_offsets, bias)

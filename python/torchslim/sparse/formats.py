@@ -1,0 +1,72 @@
+"""Compression of pruned weights into the formats the sparse kernels read.
+
+The formats are specified in :mod:`torchslim.reference.sparse`; these are their checked entry
+points. A weight that breaks the declared pattern is rejected (never silently re-pruned):
+prune it first with :func:`torchslim.sparse.prune_`.
+
+    values, meta = compress_24(w)                     # w: (N, K), <= 2 nonzeros per 4
+    values, mask, row_offsets = compress_bitmask(w)   # any w
+    format_bytes("2:4", N, K, dtype=torch.bfloat16)   # what the compressed weight takes
+"""
+
+from __future__ import annotations
+
+import torch
+
+from torchslim.reference import sparse as ref
+from torchslim.sparse.patterns import check_pattern
+
+FORMATS = ("2:4", "bitmask")
+VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_weight(weight: torch.Tensor, dtype: torch.dtype | None) -> None:
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (N, K), got shape {tuple(weight.shape)}")
+    if not weight.is_floating_point():
+        raise TypeError(f"weight must be a floating-point tensor, got {weight.dtype}")
+    if dtype is not None and dtype not in VALUE_DTYPES:
+        raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+
+
+def compress_24(
+    weight: torch.Tensor, dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) weight with at most 2 nonzeros in every group of 4 columns -> (values (N, 2G),
+    meta (N, ceil(G / 2)) uint8), G = ceil(K / 4); values in ``dtype`` (default weight's)."""
+    _check_weight(weight, dtype)
+    check_pattern(weight, "2:4")
+    with torch.no_grad():
+        return ref.compress_24(weight.detach(), dtype)
+
+
+def compress_bitmask(
+    weight: torch.Tensor, dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N, K) weight -> (values (nnz,), mask (N, ceil(K / 8)) uint8, row_offsets (N + 1,))."""
+    _check_weight(weight, dtype)
+    with torch.no_grad():
+        return ref.compress_bitmask(weight.detach(), dtype)
+
+
+decompress_24 = ref.decompress_24
+decompress_bitmask = ref.decompress_bitmask
+
+
+def format_bytes(
+    fmt: str, n: int, k: int, *, sparsity: float = 0.5, dtype: torch.dtype = torch.float32
+) -> int:
+    """Bytes of an (N, K) weight in format ``fmt`` ("2:4", "bitmask" at ``sparsity``, or
+    "dense") with values in ``dtype``: what a decode step must read."""
+    item = torch.empty((), dtype=dtype).element_size()
+    if fmt == "dense":
+        return n * k * item
+    if fmt == "2:4":
+        (_, kept), (_, meta) = ref.sparse24_shapes(n, k)
+        return n * (kept * item + meta)
+    if fmt == "bitmask":
+        nnz = round((1.0 - sparsity) * k) * n
+        return nnz * item + n * -(-k // ref.MASK_BITS) + 8 * (n + 1)
+    raise ValueError(f"fmt must be one of {('dense', *FORMATS)}, got {fmt!r}")

@@ -1,0 +1,258 @@
+"""Sparse formats (2:4, bitmask) and the sparse linear ops against torchslim.reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import KERNEL_BACKENDS, run_on, seeded
+
+import torchslim
+from torchslim import ops
+from torchslim import reference as ref
+from torchslim.sparse import compress_24, compress_bitmask, format_bytes, prune_
+from torchslim.testing import M_QUICK, check_close, nan_padded
+
+CPU_BACKENDS = [b for b in KERNEL_BACKENDS if b.startswith("cpu")]
+SPARSE_BACKENDS = [*CPU_BACKENDS, "reference"]
+# (N, K): K not a multiple of the 16 / 32 columns of a vector step, of 8 (a mask byte) or of 4
+# (a 2:4 group); K = 1..3 are a lone short group.
+NK = ((1, 1), (3, 2), (7, 13), (5, 36), (65, 257), (33, 1030), (17, 4099))
+
+
+def _weight_24(n: int, k: int, g: torch.Generator) -> torch.Tensor:
+    w = torch.randn(n, k, generator=g)
+    return prune_(w, "2:4", progress=False)
+
+
+def _weight_unstructured(n: int, k: int, sparsity: float, g: torch.Generator) -> torch.Tensor:
+    w = torch.randn(n, k, generator=g)
+    return prune_(w, "unstructured", sparsity=sparsity, progress=False) if k > 1 else w
+
+
+# --------------------------------------------------------------------------- formats
+@pytest.mark.parametrize(("n", "k"), NK)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_24_round_trip_is_exact(n, k, dtype):
+    w = _weight_24(n, k, seeded("24", n, k)).to(dtype)
+    values, meta = compress_24(w)
+    groups = -(-k // 4)
+    assert values.shape == (n, 2 * groups) and values.dtype == dtype
+    assert meta.shape == (n, -(-k // 8)) and meta.dtype == torch.uint8
+    assert torch.equal(ref.decompress_24(values, meta, k), w)
+    # the two indices of a group are distinct and increasing
+    index = ref.sparse.meta_indices(meta, groups).reshape(n, groups, 2)
+    assert (index[..., 0] < index[..., 1]).all()
+
+
+def test_24_layout_by_hand():
+    # group 0 keeps columns 1 and 3, group 1 columns 0 and 2; group 2 (K = 10: columns 8, 9)
+    # keeps column 9 and pads with column 8 (a zero)
+    w = torch.tensor([[0.0, 1.0, 0.0, 2.0, 3.0, 0.0, 4.0, 0.0, 0.0, 5.0]])
+    values, meta = compress_24(w)
+    assert values.tolist() == [[1.0, 2.0, 3.0, 4.0, 0.0, 5.0]]
+    assert meta.tolist() == [[1 | 3 << 2 | 0 << 4 | 2 << 6, 0 | 1 << 2]]
+
+
+def test_24_every_meta_byte_decodes():
+    # any byte whose two nibbles hold increasing pairs is a valid pair of groups
+    pairs = [(a, b) for a in range(4) for b in range(a + 1, 4)]
+    nibbles = [a | b << 2 for a, b in pairs]
+    meta = torch.tensor([[lo | hi << 4 for lo in nibbles for hi in nibbles]], dtype=torch.uint8)
+    k = 8 * meta.shape[1]
+    values = torch.arange(1, 2 * k // 4 + 1, dtype=torch.float32).reshape(1, -1)
+    dense = ref.decompress_24(values, meta, k)
+    assert torch.equal(ref.compress_24(dense)[1], meta)
+
+
+@pytest.mark.parametrize(("n", "k"), NK)
+@pytest.mark.parametrize("sparsity", [0.5, 0.9])
+def test_bitmask_round_trip_is_exact(n, k, sparsity):
+    w = _weight_unstructured(n, k, sparsity, seeded("bm", n, k, sparsity))
+    values, mask, row_offsets = compress_bitmask(w, torch.bfloat16)
+    assert values.dtype == torch.bfloat16 and values.shape == (int((w != 0).sum()),)
+    assert mask.shape == (n, -(-k // 8)) and row_offsets.shape == (n + 1,)
+    assert torch.equal(ref.decompress_bitmask(values, mask, row_offsets, k), w.bfloat16())
+    # bit j of byte b is column 8b + j
+    assert torch.equal(ref.sparse.mask_bits(mask, k), w != 0)
+
+
+def test_format_bytes_match_the_tensors():
+    g = seeded("bytes")
+    w24 = _weight_24(64, 256, g)
+    values, meta = compress_24(w24, torch.bfloat16)
+    assert format_bytes("2:4", 64, 256, dtype=torch.bfloat16) == values.nbytes + meta.nbytes
+    w = _weight_unstructured(64, 256, 0.75, g)
+    parts = compress_bitmask(w)
+    assert format_bytes("bitmask", 64, 256, sparsity=0.75) == sum(t.nbytes for t in parts)
+    assert format_bytes("2:4", 4096, 4096) / 4096**2 == 2.125  # bytes per weight, fp32
+    with pytest.raises(ValueError, match="fmt must be one of"):
+        format_bytes("csr", 4, 4)
+
+
+def test_compress_24_rejects_a_weight_off_the_pattern():
+    w = _weight_24(8, 16, seeded("reject"))
+    w[3, 5] = w[3, 4] = w[3, 6] = 1.0  # three nonzeros in row 3, columns 4..7
+    with pytest.raises(ValueError, match=r"2:4 pattern.*row 3, columns 4\.\.7 have 3"):
+        compress_24(w)
+    with pytest.raises(ValueError, match="weight must be 2-D"):
+        compress_24(torch.zeros(4))
+    with pytest.raises(TypeError, match="dtype must be float32, bfloat16 or float16"):
+        compress_bitmask(w, torch.int8)
+
+
+# --------------------------------------------------------------------------- ops
+def _inputs(m, k, dtype, g):
+    return (
+        nan_padded(torch.randn(m, k, generator=g).to(dtype))
+        if m
+        else torch.randn(0, k, dtype=dtype)
+    )
+
+
+@pytest.mark.parametrize("backend", SPARSE_BACKENDS)
+@pytest.mark.parametrize(("n", "k"), NK)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sparse24_linear_matches_reference(backend, n, k, dtype, poisoned_empty):
+    g = seeded("op24", backend, n, k, dtype)
+    w = _weight_24(n, k, g)
+    values, meta = compress_24(w, dtype)
+    bias = torch.randn(n, generator=g)
+    for m in M_QUICK:
+        x = _inputs(m, k, dtype, g)
+        with run_on(backend):
+            out = ops.sparse24_linear(x, values, meta, bias)
+        ref64 = ref.sparse24_linear(x, values, meta, bias, compute_dtype=torch.float64)
+        check_close(out, ref64, ref.sparse24_linear(x, values, meta, bias), name=f"M={m}")
+        assert out.dtype == dtype
+
+
+@pytest.mark.parametrize("backend", SPARSE_BACKENDS)
+@pytest.mark.parametrize(("n", "k"), NK)
+@pytest.mark.parametrize("sparsity", [0.5, 0.97])  # expanded rows; walked rows (< 1/16 dense)
+def test_bitmask_linear_matches_reference(backend, n, k, sparsity, poisoned_empty):
+    g = seeded("opbm", backend, n, k, sparsity)
+    w = _weight_unstructured(n, k, sparsity, g)
+    if n > 2:
+        w[1] = 0.0  # an empty row
+        w[2] = torch.randn(k, generator=g)  # a dense one
+    bias = torch.randn(n, generator=g)
+    for dtype in (torch.float32, torch.bfloat16):
+        values, mask, row_offsets = compress_bitmask(w, dtype)
+        for m in M_QUICK:
+            x = _inputs(m, k, dtype, g)
+            with run_on(backend):
+                out = ops.sparse_bitmask_linear(x, values, mask, row_offsets, bias)
+            args = (x, values, mask, row_offsets, bias)
+            ref64 = ref.sparse_bitmask_linear(*args, compute_dtype=torch.float64)
+            check_close(out, ref64, ref.sparse_bitmask_linear(*args), name=f"{dtype} M={m}")
+
+
+@pytest.mark.parametrize("backend", SPARSE_BACKENDS)
+def test_values_in_another_dtype_than_x(backend):
+    g = seeded("mixed", backend)
+    w = _weight_24(33, 100, g)
+    x = torch.randn(2, 5, 100, generator=g)  # leading dims
+    for vdtype in (torch.bfloat16, torch.float16):
+        values, meta = compress_24(w, vdtype)
+        with run_on(backend):
+            out = ops.sparse24_linear(x, values, meta)
+        assert out.shape == (2, 5, 33) and out.dtype == torch.float32
+        ref64 = ref.sparse24_linear(x, values, meta, compute_dtype=torch.float64)
+        check_close(out, ref64, ref.sparse24_linear(x, values, meta))
+        parts = compress_bitmask(w, vdtype)
+        with run_on(backend):
+            out = ops.sparse_bitmask_linear(x.transpose(0, 1), *parts)  # non-contiguous
+        ref64 = ref.sparse_bitmask_linear(x.transpose(0, 1), *parts, compute_dtype=torch.float64)
+        check_close(out, ref64, ref.sparse_bitmask_linear(x.transpose(0, 1), *parts))
+
+
+def test_ops_pass_opcheck():
+    g = seeded("opcheck")
+    w = _weight_unstructured(9, 40, 0.75, g)
+    x, bias = torch.randn(3, 40, generator=g), torch.randn(9, generator=g)
+    values, meta = compress_24(_weight_24(9, 40, g))
+    torch.library.opcheck(torch.ops.torchslim.sparse24_linear, (x, values, meta, bias))
+    torch.library.opcheck(torch.ops.torchslim.sparse_bitmask_linear, (x, *compress_bitmask(w)))
+
+
+def test_ops_compile_without_graph_breaks():
+    g = seeded("compile")
+    values, meta = compress_24(_weight_24(16, 64, g))
+    parts = compress_bitmask(_weight_unstructured(16, 64, 0.9, g))
+
+    def f(x):
+        return ops.sparse24_linear(x, values, meta) + ops.sparse_bitmask_linear(x, *parts)
+
+    x = torch.randn(4, 64, generator=g)
+    compiled = torch.compile(f, fullgraph=True, backend="inductor")
+    torch.testing.assert_close(compiled(x), f(x))
+
+
+# --------------------------------------------------------------------------- bad input
+def test_bad_arguments_name_themselves():
+    g = seeded("bad")
+    x = torch.randn(2, 16, generator=g)
+    values, meta = compress_24(_weight_24(4, 16, g))
+    with pytest.raises(ValueError, match=r"meta must have shape \(N, ceil\(K / 8\)\) = \(4, 2\)"):
+        ops.sparse24_linear(x, values, meta[:, :1])
+    with pytest.raises(TypeError, match="meta must be uint8"):
+        ops.sparse24_linear(x, values, meta.to(torch.int8))
+    with pytest.raises(ValueError, match=r"values must have shape \(N, 2 \* ceil\(K / 4\)\)"):
+        ops.sparse24_linear(x, values[:, :4], meta)
+    with pytest.raises(TypeError, match="values must be float32, bfloat16 or float16"):
+        ops.sparse24_linear(x, values.double(), meta)
+    with pytest.raises(ValueError, match=r"bias must have shape \(N,\) = \(4,\)"):
+        ops.sparse24_linear(x, values, meta, torch.zeros(5))
+    with pytest.raises(TypeError, match=r"meta must be a torch\.Tensor"):
+        ops.sparse24_linear(x, values, meta.tolist())
+
+    w = _weight_unstructured(4, 16, 0.5, g)
+    vals, mask, offsets = compress_bitmask(w)
+    with pytest.raises(TypeError, match="row_offsets must be int64"):
+        ops.sparse_bitmask_linear(x, vals, mask, offsets.int())
+    with pytest.raises(ValueError, match=r"row_offsets must have shape \(N \+ 1,\) = \(5,\)"):
+        ops.sparse_bitmask_linear(x, vals, mask, offsets[:-1])
+    with pytest.raises(ValueError, match=r"values must be 1-D \(nnz,\)"):
+        ops.sparse_bitmask_linear(x, vals.reshape(4, -1), mask, offsets)
+
+
+@pytest.mark.parametrize("backend", SPARSE_BACKENDS)
+def test_bitmask_offsets_that_disagree_with_the_mask_raise(backend):
+    g = seeded("offsets", backend)
+    w = _weight_unstructured(6, 64, 0.5, g)
+    vals, mask, offsets = compress_bitmask(w)
+    x = torch.randn(1, 64, generator=g)
+    shifted = offsets.clone()
+    shifted[3] += 1  # row 2 one value longer, row 3 one shorter: total unchanged
+    with run_on(backend), pytest.raises(ValueError, match="mask and row_offsets disagree: row 2"):
+        ops.sparse_bitmask_linear(x, vals, mask, shifted)
+    beyond = offsets.clone()
+    beyond[-1] += 100  # past the values
+    with run_on(backend), pytest.raises(ValueError, match="row_offsets must"):
+        ops.sparse_bitmask_linear(x, vals, mask, beyond)
+    dense_mask = torch.full_like(mask, 255)  # more set bits than values
+    with run_on(backend), pytest.raises(ValueError, match="disagree"):
+        ops.sparse_bitmask_linear(x, vals, dense_mask, offsets)
+
+
+def test_backend_choice_is_explained():
+    g = seeded("explain")
+    values, meta = compress_24(_weight_24(4, 16, g))
+    x = torch.randn(2, 16, generator=g)
+    chosen = torchslim.explain("sparse24_linear", x, values, meta)["backend"]
+    assert chosen == ("cpu" if CPU_BACKENDS else "reference")
+    half = torchslim.explain("sparse24_linear", x.half(), values, meta)
+    assert half["backend"] == "reference"  # fp16 activations: no CPU kernel
+
+
+@pytest.mark.parametrize("backend", SPARSE_BACKENDS)
+def test_bitmask_bits_past_k_are_ignored(backend):
+    g = seeded("pad-bits", backend)
+    w = _weight_unstructured(5, 13, 0.5, g)  # K = 13: bits 5..7 of the last byte are padding
+    vals, mask, offsets = compress_bitmask(w)
+    x = nan_padded(torch.randn(3, 13, generator=g))  # a read past K meets NaN
+    with run_on(backend):
+        padded = mask | torch.tensor([0, 0xE0], dtype=torch.uint8)
+        out = ops.sparse_bitmask_linear(x, vals, padded, offsets)
+    ref64 = ref.sparse_bitmask_linear(x, vals, mask, offsets, compute_dtype=torch.float64)
+    check_close(out, ref64, ref.sparse_bitmask_linear(x, vals, mask, offsets))
