@@ -1,0 +1,193 @@
+"""SparseLinear: a drop-in replacement for nn.Linear whose pruned weight is stored compressed."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from torchslim import ops  # noqa: F401 (defines the torch.ops.torchslim ops below)
+from torchslim.ops.int8 import _require_tensors
+from torchslim.reference import sparse as ref
+from torchslim.sparse.formats import FORMATS, VALUE_DTYPES, compress_24, compress_bitmask
+from torchslim.sparse.patterns import parse_pattern
+
+_OP_24 = torch.ops.torchslim.sparse24_linear.default
+_OP_BITMASK = torch.ops.torchslim.sparse_bitmask_linear.default
+
+# The buffers of each format, besides bias.
+_BUFFERS = {"2:4": ("values", "meta"), "bitmask": ("values", "mask", "row_offsets")}
+
+
+class SparseLinear(nn.Module):
+    """y = x @ W.T + b with the pruned W stored compressed (torchslim.reference.sparse):
+
+        "2:4"      ``values`` (out, 2 * ceil(in / 4)), ``meta`` (out, ceil(in / 8)) uint8
+                   (torch.ops.torchslim.sparse24_linear)
+        "bitmask"  ``values`` (nnz,), ``mask`` (out, ceil(in / 8)) uint8, ``row_offsets``
+                   (out + 1,) int64 (torch.ops.torchslim.sparse_bitmask_linear)
+
+    All are buffers in the state_dict, with ``bias`` (out,) or None; loading a state_dict keeps
+    its values' and bias' dtypes, and a bitmask layer takes its number of values from it.
+    Values are fp32, bf16 or fp16 and need not match the activations' dtype: bf16 values under
+    fp32 activations halve the bytes read.
+    ``module.to(dtype)`` casts the values and the bias, like nn.Linear's weight and bias.
+    ``dense_weight()`` decompresses W.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        format: str = "2:4",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if format not in FORMATS:
+            raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+        if in_features < 1 or out_features < 1:
+            raise ValueError(
+                f"in_features and out_features must be >= 1, got {in_features}, {out_features}"
+            )
+        dtype = dtype or torch.float32
+        if dtype not in VALUE_DTYPES:
+            raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.format = format
+        n, k = out_features, in_features
+        byte_cols = -(-k // ref.MASK_BITS)
+        if format == "2:4":
+            (_, kept), _ = ref.sparse24_shapes(n, k)
+            self.register_buffer("values", torch.zeros(n, kept, dtype=dtype, device=device))
+            self.register_buffer("meta", self._empty_meta(n, k, device))
+        else:
+            self.register_buffer("values", torch.zeros(0, dtype=dtype, device=device))
+            self.register_buffer(
+                "mask", torch.zeros(n, byte_cols, dtype=torch.uint8, device=device)
+            )
+            self.register_buffer(
+                "row_offsets", torch.zeros(n + 1, dtype=torch.int64, device=device)
+            )
+        self.register_buffer("bias", torch.zeros(n, dtype=dtype, device=device) if bias else None)
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._validate())
+
+    @staticmethod
+    def _empty_meta(n: int, k: int, device) -> torch.Tensor:
+        # An all-zero weight: every group keeps columns 0 and 1 (meta pairs (0, 1) = 0b0100).
+        _, (_, cols) = ref.sparse24_shapes(n, k)
+        return torch.full((n, cols), 0x44, dtype=torch.uint8, device=device)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        pattern: str = "2:4",
+        *,
+        format: str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> SparseLinear:
+        """Compresses an already pruned nn.Linear (see torchslim.sparse.prune_); it is left
+        unchanged. A layer pruned with torch.nn.utils.prune is read through its mask.
+
+        Args:
+            linear: the float layer, its weight already zero where pruned.
+            pattern: the pattern the weight is declared to follow: "2:4" (checked: a weight
+                off the pattern raises ValueError, it is never re-pruned) or "unstructured".
+            format: "2:4" or "bitmask"; default "2:4" for the 2:4 pattern, else "bitmask".
+            dtype: dtype of the stored values (default the weight's).
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        parsed = parse_pattern(pattern)
+        if str(parsed) not in ("2:4", "unstructured"):
+            raise ValueError(
+                f"pattern must be '2:4' or 'unstructured' for SparseLinear, got {pattern!r} "
+                "(a block-pruned weight is stored as 'unstructured')"
+            )
+        format = format or ("2:4" if str(parsed) == "2:4" else "bitmask")
+        if format not in FORMATS:
+            raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+        weight = linear.weight.detach()  # with torch.nn.utils.prune: weight_orig * weight_mask
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            format=format,
+            device=weight.device,
+            dtype=dtype or weight.dtype,
+        )
+        if format == "2:4":
+            layer.values, layer.meta = compress_24(weight, dtype)
+        else:
+            layer.values, layer.mask, layer.row_offsets = compress_bitmask(weight, dtype)
+        if linear.bias is not None:
+            layer.bias = linear.bias.detach().clone()
+        layer._validate()
+        return layer
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The values and the bias keep the dtypes they were saved in, and a bitmask layer's
+        # number of values comes with the weights it loads.
+        for name in ("values", "bias"):
+            incoming, own = state_dict.get(prefix + name), self._buffers.get(name)
+            if not (isinstance(incoming, torch.Tensor) and own is not None):
+                continue
+            shape = incoming.shape if name == "values" and self.format == "bitmask" else own.shape
+            if incoming.dtype in VALUE_DTYPES and incoming.dim() == own.dim():
+                self._buffers[name] = own.new_empty(shape, dtype=incoming.dtype)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _validate(self) -> None:
+        n, k = self.out_features, self.in_features
+        b = self._buffers
+        if b["values"].dtype not in VALUE_DTYPES:
+            raise ValueError(
+                f"values must be float32, bfloat16 or float16, got {b['values'].dtype}"
+            )
+        if self.format == "2:4":
+            (_, kept), (_, cols) = ref.sparse24_shapes(n, k)
+            if tuple(b["values"].shape) != (n, kept):
+                raise ValueError(
+                    f"values must have shape ({n}, {kept}), got {tuple(b['values'].shape)}"
+                )
+            if b["meta"].dtype != torch.uint8 or tuple(b["meta"].shape) != (n, cols):
+                raise ValueError(
+                    f"meta must be uint8 of shape ({n}, {cols}), got {b['meta'].dtype} "
+                    f"{tuple(b['meta'].shape)}"
+                )
+            index = ref.meta_indices(b["meta"], kept // 2).reshape(n, -1, 2)
+            if not bool((index[..., 0] < index[..., 1]).all()):
+                raise ValueError("meta must hold two increasing column indices per group of 4")
+        else:
+            ref.check_bitmask(b["values"], b["mask"], b["row_offsets"], k)
+
+    def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The decompressed (out_features, in_features) weight."""
+        b = self._buffers
+        if self.format == "2:4":
+            return ref.decompress_24(b["values"], b["meta"], self.in_features, dtype)
+        return ref.decompress_bitmask(
+            b["values"], b["mask"], b["row_offsets"], self.in_features, dtype
+        )
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of W's weights that are zero."""
+        return 1.0 - int((self.dense_weight() != 0).sum()) / (self.in_features * self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The op itself, and the buffers from _buffers: see Int4Linear.forward.
+        _require_tensors(x=x)
+        b = self._buffers
+        if self.format == "2:4":
+            return _OP_24(x, b["values"], b["meta"], b["bias"])
+        return _OP_BITMASK(x, b["values"], b["mask"], b["row_offsets"], b["bias"])
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, format={self.format!r}, "
+            f"values={str(self.values.dtype).removeprefix('torch.')}"
+        )

@@ -1,0 +1,100 @@
+"""SparseLinear: compression of pruned nn.Linear layers, outputs, state_dict, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import seeded
+from torch import nn
+
+from torchslim import sparse
+from torchslim.nn import SparseLinear
+from torchslim.testing import check_close
+
+CASES = [("2:4", "2:4", None), ("unstructured", "bitmask", 0.75), ("2:4", "bitmask", None)]
+
+
+def _pruned_linear(k: int, n: int, pattern: str, amount: float | None, key) -> nn.Linear:
+    torch.manual_seed(seeded(*key).initial_seed() % 2**31)
+    linear = nn.Linear(k, n)
+    sparse.prune_(linear, pattern, sparsity=amount, progress=False)
+    return linear
+
+
+@pytest.mark.parametrize(("pattern", "fmt", "amount"), CASES)
+@pytest.mark.parametrize(("k", "n"), [(64, 48), (257, 65)])
+def test_from_linear_matches_the_pruned_layer(pattern, fmt, amount, k, n):
+    linear = _pruned_linear(k, n, pattern, amount, ("from", pattern, fmt, k))
+    layer = SparseLinear.from_linear(linear, pattern, format=fmt)
+    assert layer.format == fmt and torch.equal(layer.dense_weight(), linear.weight.detach())
+    x = torch.randn(3, 5, k, generator=seeded("x", k))
+    with torch.no_grad():
+        out = layer(x)
+        ref64 = linear.double()(x.double())
+        check_close(out, ref64, linear.float()(x))
+    expected = 0.5 if pattern == "2:4" else amount
+    assert abs(layer.sparsity - expected) < 0.02
+
+
+@pytest.mark.parametrize(("pattern", "fmt", "amount"), CASES)
+def test_state_dict_round_trip_is_exact(pattern, fmt, amount):
+    linear = _pruned_linear(100, 30, pattern, amount, ("sd", fmt))
+    layer = SparseLinear.from_linear(linear, pattern, format=fmt, dtype=torch.bfloat16)
+    fresh = SparseLinear(100, 30, format=fmt)  # fp32 until it loads
+    fresh.load_state_dict(layer.state_dict())
+    for name, buf in layer.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], buf), name
+    x = torch.randn(4, 100, generator=seeded("sd-x"))
+    with torch.no_grad():
+        assert torch.equal(fresh(x), layer(x))
+
+
+def test_bf16_values_under_fp32_activations_and_module_casts():
+    linear = _pruned_linear(128, 32, "2:4", None, ("cast",))
+    layer = SparseLinear.from_linear(linear, dtype=torch.bfloat16)
+    assert layer.values.dtype == torch.bfloat16 and layer.values.nbytes == 32 * 64 * 2
+    x = torch.randn(2, 128, generator=seeded("cast-x"))
+    with torch.no_grad():
+        assert layer(x).dtype == torch.float32
+        half = layer.to(torch.float16)
+    assert half.values.dtype == torch.float16 and half.meta.dtype == torch.uint8
+
+
+def test_torch_prune_layer_is_read_through_its_mask():
+    linear = nn.Linear(32, 8)
+    torch.nn.utils.prune.l1_unstructured(linear, "weight", amount=0.6)
+    layer = SparseLinear.from_linear(linear, "unstructured")
+    assert torch.equal(layer.dense_weight(), linear.weight.detach())
+    assert hasattr(linear, "weight_orig")  # left unchanged
+
+
+def test_errors_name_the_argument():
+    dense = nn.Linear(16, 4)
+    with pytest.raises(ValueError, match="does not satisfy the 2:4 pattern"):
+        SparseLinear.from_linear(dense, "2:4")
+    with pytest.raises(ValueError, match="pattern must be '2:4' or 'unstructured'"):
+        SparseLinear.from_linear(dense, "4x4")
+    with pytest.raises(ValueError, match="format must be one of"):
+        SparseLinear(16, 4, format="csr")
+    with pytest.raises(TypeError, match=r"linear must be an nn\.Linear"):
+        SparseLinear.from_linear(nn.Conv1d(1, 1, 1))
+    layer = SparseLinear.from_linear(_pruned_linear(16, 4, "2:4", None, ("err",)))
+    state = layer.state_dict()
+    state["meta"] = torch.zeros_like(state["meta"])  # pairs (0, 0): not two columns
+    with pytest.raises(ValueError, match="two increasing column indices"):
+        SparseLinear(16, 4).load_state_dict(state)
+    bm = SparseLinear.from_linear(
+        _pruned_linear(16, 4, "unstructured", 0.5, ("e2",)), "unstructured"
+    )
+    state = bm.state_dict()
+    state["row_offsets"] = state["row_offsets"].flip(0)
+    with pytest.raises(ValueError, match="row_offsets must start at 0"):
+        SparseLinear(16, 4, format="bitmask").load_state_dict(state)
+
+
+def test_compiles_without_graph_breaks():
+    layer = SparseLinear.from_linear(_pruned_linear(64, 16, "2:4", None, ("compile",)))
+    x = torch.randn(4, 64, generator=seeded("compile-x"))
+    compiled = torch.compile(layer, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), layer(x))
