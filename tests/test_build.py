@@ -115,6 +115,19 @@ def test_readme_usage_example_runs(capsys):
     assert "backend" in capsys.readouterr().out
 
 
+def test_readme_sparse_example_runs():
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    code = next(b for b in blocks if "torchslim.sparse as sp" in b)
+    scope: dict = {}
+    exec(compile("import torch\nimport torchslim\n" + code, "README.md", "exec"), scope)
+    assert scope["y"].shape == (8, 64)
+    assert scope["sp"].sparsity(scope["model"][0].weight) == 0.5
+
+
 def test_ci_runs_the_readme_test_command():
     from pathlib import Path
 
