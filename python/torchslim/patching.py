@@ -8,13 +8,12 @@ table, METHODS; a new capability (int4, sparsity, attention) is one more entry t
     model = torchslim.patch(model, quant="int8-weight", exclude="lm_head")
     model = torchslim.patch(model, quant="int4", group_size=32)   # a method's own options
     model = torchslim.patch(model, attention=True)  # attention on torchslim's fused kernel
+    model = torchslim.patch(model, sparsity="2:4", sparsity_method="wanda", calibration=data)
     print(model.torchslim_report)      # replaced / kept (and why), bytes before and after
 """
 
 from __future__ import annotations
 
-import fnmatch
-import re
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -25,8 +24,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from torchslim import hf_attention
+from torchslim._names import as_patterns, name_matches
 from torchslim.nn import Int4Linear, Int8Linear, MultiheadAttention
+from torchslim.nn.sparse_linear import SparseLinear
 from torchslim.quant import smoothquant_factors
+from torchslim.sparse.patterns import check_pattern
+from torchslim.sparse.prune import prune_
 
 
 @dataclass(frozen=True)
@@ -210,12 +213,65 @@ INT4 = Method(
     check_options=_int4_check_options,
 )
 
+
+def _sparse_config(layer: SparseLinear) -> dict:
+    return {
+        "in_features": layer.in_features,
+        "out_features": layer.out_features,
+        "bias": layer.bias is not None,
+        "format": layer.format,
+        "dtype": str(layer.values.dtype).removeprefix("torch."),
+    }
+
+
+def _sparse_empty(linear: nn.Module, config: dict) -> SparseLinear:
+    shape = _check_same_linear(linear, config)
+    if config["dtype"] not in _SCALE_DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_SCALE_DTYPES)}, got {config['dtype']!r}")
+    return SparseLinear(
+        *shape,
+        format=config["format"],
+        device=linear.weight.device,
+        dtype=_SCALE_DTYPES[config["dtype"]],
+    )
+
+
+SPARSE_PATTERNS = ("2:4", "unstructured")
+
+
+def _sparse_check_options(options: Mapping[str, object]) -> None:
+    if options["pattern"] not in SPARSE_PATTERNS:
+        raise ValueError(f"pattern must be one of {SPARSE_PATTERNS}, got {options['pattern']!r}")
+    if options["dtype"] is not None and options["dtype"] not in _SCALE_DTYPES.values():
+        raise TypeError(
+            f"dtype must be None or one of {list(_SCALE_DTYPES.values())}, got {options['dtype']!r}"
+        )
+
+
+def _sparse_convert(layer, _act_absmax, *, pattern, dtype):
+    return SparseLinear.from_linear(layer, pattern, dtype=dtype)
+
+
+SPARSE = Method(
+    name="sparse",
+    applies_to=nn.Linear,
+    convert=_sparse_convert,
+    why_not=lambda layer, _options: _linear_why_not(layer),
+    describe="sparse weights, compressed (2:4 or bitmask)",
+    config=_sparse_config,
+    empty=_sparse_empty,
+    owns=lambda module: isinstance(module, SparseLinear),
+    options=MappingProxyType({"pattern": "2:4", "dtype": None}),
+    check_options=_sparse_check_options,
+)
+
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
         _int8_method("int8", "dynamic", "W8A8: int8 weights per channel, tokens quantized"),
         _int8_method("int8-weight", "weight_only", "W8A16: int8 weights per channel"),
         INT4,
+        SPARSE,
     )
 }
 
@@ -295,26 +351,6 @@ class PatchReport:
         return "\n".join(lines)
 
 
-def _as_patterns(value: str | Iterable[str] | None, arg: str) -> list[str]:
-    if value is None:
-        return []
-    patterns = [value] if isinstance(value, str) else list(value)
-    for p in patterns:
-        if not isinstance(p, str) or not p:
-            raise TypeError(f"{arg} must be a name pattern or a list of them, got {p!r}")
-    return patterns
-
-
-def name_matches(name: str, pattern: str) -> bool:
-    """True when ``name`` equals ``pattern``, matches it as a glob, or fully as a regex."""
-    if name == pattern or fnmatch.fnmatchcase(name, pattern):
-        return True
-    try:
-        return re.fullmatch(pattern, name) is not None
-    except re.error:
-        return False
-
-
 def patch(
     model: nn.Module,
     quant: str | None = None,
@@ -325,13 +361,18 @@ def patch(
     calibration: Iterable | Callable[[nn.Module], object] | None = None,
     progress: bool = True,
     attention: bool = False,
+    sparsity: str | float | None = None,
+    sparsity_method: str = "magnitude",
     **options: object,
 ) -> nn.Module:
     """Replaces the model's layers with torchslim layers, in place.
 
     Args:
         model: any nn.Module (a Hugging Face model included).
-        quant: one of METHODS ("int8", "int8-weight", "int4"), or None to change nothing.
+        quant: one of METHODS ("int8", "int8-weight", "int4", "sparse"), or None to change
+            nothing. "sparse" compresses layers already pruned (torchslim.sparse.prune_) into
+            SparseLinear; options ``pattern`` ("2:4" or "unstructured") and ``dtype`` of the
+            stored values (default the weight's).
         include: names (exact, glob or regex) of the layers to patch; default all.
         exclude: names (exact, glob or regex) of layers to leave alone, e.g. "lm_head".
         filter_fn: called as filter_fn(name, module); a layer is patched only if it returns True.
@@ -344,6 +385,12 @@ def patch(
             gets ``set_attn_implementation("torchslim")`` (torchslim.hf_attention), and every
             nn.MultiheadAttention becomes a torchslim.nn.MultiheadAttention sharing its
             parameters. Model-wide: include, exclude and filter_fn select quant layers only.
+        sparsity: prune the selected layers first, then store them compressed (quant
+            "sparse"): "2:4", or a float in (0, 1) for unstructured sparsity per output row
+            (bitmask format). No quantized kernel takes sparse weights yet, so it does not
+            combine with another quant.
+        sparsity_method: "magnitude" or "wanda" (|W| times the input norm per channel, from
+            ``calibration``); see torchslim.sparse.prune_.
         **options: the method's own options (``METHODS[quant].options`` lists them with their
             defaults). "int4": ``group_size`` (128; 32, 64, ... or -1 per channel),
             ``symmetric`` (False), ``scale_dtype`` (torch.bfloat16), ``clip_search`` (False).
@@ -357,13 +404,24 @@ def patch(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if quant is not None and quant not in METHODS:
         raise ValueError(f"quant must be one of {sorted(METHODS)} or None, got {quant!r}")
-    includes = _as_patterns(include, "include")
-    excludes = _as_patterns(exclude, "exclude")
+    includes = as_patterns(include, "include")
+    excludes = as_patterns(exclude, "exclude")
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError(f"filter_fn must be callable, got {type(filter_fn).__name__}")
 
     if not isinstance(attention, bool):
         raise TypeError(f"attention must be a bool, got {type(attention).__name__}")
+
+    if sparsity is not None:
+        if quant not in (None, "sparse"):
+            raise ValueError(
+                f"sparsity={sparsity!r} does not combine with quant={quant!r}: no torchslim "
+                "kernel runs sparse quantized weights yet"
+            )
+        quant = "sparse"
+        pattern = "2:4" if sparsity == "2:4" else "unstructured"
+        if options.setdefault("pattern", pattern) != pattern:
+            raise ValueError(f"pattern={options['pattern']!r} contradicts sparsity={sparsity!r}")
 
     report = PatchReport(quant=str(quant))
     if attention:
@@ -406,6 +464,20 @@ def patch(
         return method.why_not(module, options)
 
     selected = {id(m) for name, m in candidates if why_kept(name, m) is None}
+    if sparsity is not None:
+        prune_(
+            model,
+            options["pattern"],
+            sparsity=None if sparsity == "2:4" else sparsity,
+            method=sparsity_method,
+            calibration=calibration if sparsity_method == "wanda" else None,
+            filter_fn=lambda _name, module: id(module) in selected,
+            progress=progress,
+        )
+    elif quant == "sparse" and options["pattern"] == "2:4":
+        for name, module in candidates:  # before any layer is replaced
+            if id(module) in selected:
+                check_pattern(module.weight.detach(), "2:4", name=f"{name}.weight")
     stats = {}
     if calibration is not None and method.calibrated:
         chosen = [(n, m) for n, m in candidates if id(m) in selected]

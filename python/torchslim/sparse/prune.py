@@ -48,7 +48,7 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 from tqdm.auto import tqdm
 
-from torchslim.patching import _as_patterns, name_matches
+from torchslim._names import as_patterns, name_matches
 from torchslim.sparse.patterns import Pattern, parse_pattern, resolve_sparsity
 
 __all__ = ["METHODS", "fold_torch_prune", "prune_", "sparsity"]
@@ -153,8 +153,8 @@ def prune_(
             f"target must be a torch.nn.Module or a 2-D weight tensor, got {type(target).__name__}"
         )
 
-    includes = _as_patterns(include, "include")
-    excludes = _as_patterns(exclude, "exclude")
+    includes = as_patterns(include, "include")
+    excludes = as_patterns(exclude, "exclude")
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError(f"filter_fn must be callable, got {type(filter_fn).__name__}")
     layers = _select_linears(target, includes, excludes, filter_fn)

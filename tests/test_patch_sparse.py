@@ -1,0 +1,77 @@
+"""patch(model, sparsity=...): prune, compress into SparseLinear, save and load."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import seeded
+
+import torchslim
+from torchslim import sparse
+from torchslim.nn import SparseLinear
+
+
+def _batches(n: int, g: torch.Generator) -> list[torch.Tensor]:
+    return [torch.randint(0, 128, (2, 16), generator=g) for _ in range(n)]
+
+
+@pytest.mark.parametrize(("amount", "method"), [("2:4", "wanda"), (0.75, "magnitude")])
+def test_patch_prunes_and_compresses_a_hugging_face_model(tiny_llama, amount, method, tmp_path):
+    g = seeded("patch-sparse", amount)
+    calibration = _batches(2, g) if method == "wanda" else None
+    reference = copy.deepcopy(tiny_llama)
+    pattern = "2:4" if amount == "2:4" else "unstructured"
+    sparse.prune_(
+        reference,
+        pattern,
+        sparsity=None if amount == "2:4" else amount,
+        method=method,
+        calibration=calibration,
+        exclude="lm_head",
+        progress=False,
+    )
+    model = torchslim.patch(
+        tiny_llama,
+        sparsity=amount,
+        sparsity_method=method,
+        calibration=calibration,
+        exclude="lm_head",
+        progress=False,
+    )
+    report = model.torchslim_report
+    assert len(report.replaced) == 2 * 7 and report.bytes_after() < report.bytes_before()
+    assert [r.name for r in report.kept] == ["lm_head"]
+    for name, module in model.named_modules():
+        if isinstance(module, SparseLinear):  # the same weights prune_ alone gives
+            assert torch.equal(module.dense_weight(), reference.get_submodule(name).weight)
+    ids = _batches(1, g)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-4)
+    torchslim.save(model, tmp_path)
+    fresh = torchslim.load(torchslim.testing.tiny_llama(), tmp_path)
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, model(ids).logits)
+
+
+def test_quant_sparse_takes_a_pruned_model_and_refuses_an_unpruned_one():
+    model = torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
+    with pytest.raises(ValueError, match=r"2\.weight does not satisfy the 2:4 pattern"):
+        torchslim.patch(copy.deepcopy(model), quant="sparse", include="2", progress=False)
+    sparse.prune_(model, "2:4", progress=False)
+    torchslim.patch(model, quant="sparse", dtype=torch.bfloat16, progress=False)
+    assert isinstance(model[0], SparseLinear) and model[0].values.dtype == torch.bfloat16
+
+
+def test_sparsity_arguments_are_checked():
+    model = torch.nn.Sequential(torch.nn.Linear(32, 16))
+    with pytest.raises(ValueError, match="does not combine with quant='int8'"):
+        torchslim.patch(model, "int8", sparsity="2:4")
+    with pytest.raises(ValueError, match="contradicts sparsity"):
+        torchslim.patch(model, sparsity=0.5, pattern="2:4")
+    with pytest.raises(ValueError, match="sparsity must be in"):
+        torchslim.patch(model, sparsity=1.5, progress=False)
+    with pytest.raises(ValueError, match="calibration"):
+        torchslim.patch(model, sparsity="2:4", sparsity_method="wanda", progress=False)
+    assert type(model[0]) is torch.nn.Linear  # nothing changed
