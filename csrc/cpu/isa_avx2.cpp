@@ -13,11 +13,13 @@
 #define TORCHSLIM_ISA_AVX2 1
 #define TORCHSLIM_ISA_NS avx2
 #define TORCHSLIM_ISA_LEVEL Isa::kAvx2
+// clang-format off: isa_table.h comes last, it names the kernels of the others
 #include "attention.h"
 #include "int4_gemm.h"
 #include "int8_gemm.h"
-#include "isa_table.h"  // last: it names the kernels above
 #include "sparse_gemm.h"
+#include "isa_table.h"
+// clang-format on
 
 #if defined(__clang__)
 #pragma clang attribute pop

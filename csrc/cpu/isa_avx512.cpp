@@ -16,11 +16,13 @@
 #define TORCHSLIM_ISA_AVX512 1
 #define TORCHSLIM_ISA_NS avx512
 #define TORCHSLIM_ISA_LEVEL Isa::kAvx512
+// clang-format off: isa_table.h comes last, it names the kernels of the others
 #include "attention.h"
 #include "int4_gemm.h"
 #include "int8_gemm.h"
-#include "isa_table.h"  // last: it names the kernels above
 #include "sparse_gemm.h"
+#include "isa_table.h"
+// clang-format on
 
 #if defined(__clang__)
 #pragma clang attribute pop

@@ -3,8 +3,10 @@
 
 #define TORCHSLIM_ISA_NS portable
 #define TORCHSLIM_ISA_LEVEL Isa::kPortable
+// clang-format off: isa_table.h comes last, it names the kernels of the others
 #include "attention.h"
 #include "int4_gemm.h"
 #include "int8_gemm.h"
-#include "isa_table.h"  // last: it names the kernels above
 #include "sparse_gemm.h"
+#include "isa_table.h"
+// clang-format on
