@@ -255,10 +255,12 @@ class Family:
     gpu_targets: Callable[[list[dict]], list[str]] | None = None
 
 
-def run_family(family: Family, argv: list[str] | None = None) -> int:
+def make_parser(name: str, doc: str) -> argparse.ArgumentParser:
+    """The options of every linear-layer benchmark (`torchslim bench <name>`): --quick, --out,
+    --no-plot, --device, --layers, --batch."""
     parser = argparse.ArgumentParser(
-        prog=f"torchslim bench {family.name}",
-        description=family.doc,
+        prog=f"torchslim bench {name}",
+        description=doc,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--quick", action="store_true", help="one small layer, M in {1, 16}")
@@ -267,6 +269,11 @@ def run_family(family: Family, argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--layers", type=_layers, help="e.g. 4096x4096,576x1536 (K x N)")
     parser.add_argument("--batch", type=_ints, help="e.g. 1,16 (values of M)")
+    return parser
+
+
+def run_family(family: Family, argv: list[str] | None = None) -> int:
+    parser = make_parser(family.name, family.doc)
     args = parser.parse_args(argv)
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():

@@ -54,6 +54,121 @@ def test_bench_attention_quick(tmp_path):
     assert (tmp_path / "attention_cpu_quick.png").exists()
 
 
+@pytest.mark.skipif(_ext._C is None, reason="the benchmark compares the compiled kernels")
+def test_bench_sparse_quick(tmp_path, capsys):
+    """`torchslim bench sparse` on a tiny layer: every (M, pattern, implementation) row is
+    timed, with positive finite figures and each format's own weight bytes."""
+    import torch
+
+    import torchslim.sparse as sp
+    from torchslim import cli
+    from torchslim.benchmarks import bench_sparse
+
+    argv = ["bench", "sparse", "--quick", "--layers", "256x384", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    with open(tmp_path / "sparse_cpu_quick.csv") as f:
+        rows = list(csv.DictReader(f))
+    columns = {"layer", "M", "pattern", "sparsity", "impl", "format", "w_dtype", "x_dtype",
+               "time_ms", "speedup", "vs", "GB/s", "weight_bytes", "floor_ms", "pct_floor",
+               "compute_floor_ms", "binds", "GFLOP/s", "nnz", "copy_GB/s", "device", "torch",
+               "commit"}  # fmt: skip
+    assert columns <= set(rows[0])
+    ours = ("torchslim-fp32", "torchslim-bf16", "torchslim-bf16-fp32x")
+    per_pattern = {"dense": ("dense-fp32", "dense-bf16")}
+    per_pattern.update({p: (*ours, "torch-csr-fp32") for p in ("50%", "75%", "90%", "2:4")})
+    expected = {(m, p, i) for m in ("1", "16") for p, impls in per_pattern.items() for i in impls}
+    assert [r.get("error") for r in rows if r.get("error")] == []
+    assert sorted((r["M"], r["pattern"], r["impl"]) for r in rows) == sorted(expected)
+    for r in rows:
+        for col in ("time_ms", "speedup", "GB/s", "weight_bytes", "pct_floor", "GFLOP/s"):
+            assert 0 < float(r[col]) < float("inf"), (r["impl"], r["pattern"], col, r[col])
+        assert r["layer"] == "256x384" and r["device"].startswith("cpu-")
+        assert r["vs"] in ("dense-fp32", "dense-bf16")
+        nominal = 0.0 if r["pattern"] == "dense" else bench_sparse.percent(r["pattern"])
+        assert abs(float(r["sparsity"]) - nominal) < 1
+    by = {(r["M"], r["pattern"], r["impl"]): r for r in rows}
+    bf16_24 = by[("1", "2:4", "torchslim-bf16")]
+    assert int(bf16_24["weight_bytes"]) == sp.format_bytes("2:4", 384, 256, dtype=torch.bfloat16)
+    fp32_90 = by[("1", "90%", "torchslim-fp32")]
+    nnz = int(fp32_90["nnz"])
+    assert int(fp32_90["weight_bytes"]) == 4 * nnz + 384 * 256 // 8 + 8 * 385
+    csr = by[("1", "90%", "torch-csr-fp32")]
+    assert int(csr["weight_bytes"]) == (4 + 8) * nnz + 8 * 385
+    out = capsys.readouterr().out
+    assert "crossover" in out and "targets:" in out and "2:4 >= 3x dense" in out
+    assert (tmp_path / "sparse_cpu_quick.png").exists()
+
+
+def test_sparse_targets_and_crossover_are_read_from_the_rows():
+    from torchslim.benchmarks import bench_sparse
+
+    def row(pattern, impl, ms, pct_floor=80.0, m=1):
+        fmt = {"dense": "dense", "2:4": "2:4"}.get(pattern, "bitmask")
+        fmt = "csr" if impl.startswith("torch-csr") else fmt
+        return {"layer": "4096x4096", "M": m, "pattern": pattern, "impl": impl, "format": fmt,
+                "time_ms": ms, "pct_floor": pct_floor}  # fmt: skip
+
+    rows = [
+        row("dense", "dense-fp32", 2.0),
+        row("dense", "dense-bf16", 1.2),
+        row("50%", "torchslim-fp32", 1.5),  # slower than dense-bf16
+        row("50%", "torchslim-bf16", 1.0),
+        row("75%", "torchslim-bf16", 0.6),
+        row("90%", "torchslim-bf16", 0.1, pct_floor=70.0),
+        row("90%", "torch-csr-fp32", 0.6),
+        row("2:4", "torchslim-bf16", 0.3),
+        row("dense", "dense-fp32", 3.0, m=16),
+        row("dense", "dense-bf16", 4.0, m=16),
+        row("50%", "torchslim-bf16", 4.0, m=16),
+        row("90%", "torchslim-bf16", 1.0, m=16),
+    ]
+    bench_sparse.add_speedups(rows, {"dense-fp32", "dense-bf16"})
+    assert [r["vs"] for r in rows[:2]] == ["dense-bf16"] * 2 and rows[-1]["vs"] == "dense-fp32"
+    assert rows[3]["speedup"] == pytest.approx(1.2)
+    lines = bench_sparse.targets(rows)
+    assert lines[1] == "4096x4096: dense = dense-bf16, 1.2 ms"
+    assert lines[2:] == [
+        "  2:4 >= 3x dense: 4.00x (torchslim-bf16): met",
+        "  90% >= 8x dense: 12.00x (torchslim-bf16): met",
+        "  90% >= 5x torch CSR: 6.00x torch-csr-fp32 (torchslim-bf16): met",
+        "  beats dense from 50% up: 1.20x at 50%, 2.00x at 75%, 12.00x at 90%: met",
+        "  >= 75% of its memory floor: 50% 80%, 75% 80%, 90% 70%, 2:4 80%: NOT met",
+    ]
+    cross = {(r["M"], r["impl"]): r for r in bench_sparse.crossovers(rows)}
+    assert cross[(1, "torchslim-fp32")]["crossover"] == "none"
+    assert cross[(1, "torchslim-bf16")]["crossover"] == "50%"
+    assert cross[(16, "torchslim-bf16")]["crossover"] == "90%"
+    assert cross[(16, "torchslim-bf16")]["75%"] == "-"
+
+
+def test_sparse_gpu_lines_compare_eager_with_eager_and_graph_with_graph():
+    from torchslim.benchmarks import bench_sparse
+
+    # ours carry one name for both formats: a row is keyed by (impl, format)
+    keys = [(impl.name, impl.fmt) for impl in (*bench_sparse.GPU_DENSE, *bench_sparse.GPU_IMPLS)]
+    assert len(keys) == len(set(keys))
+    names = {name for name, _ in keys}
+    assert {"dense-fp16", "torch-2:4-cusparselt-fp16-graph", "torchslim-fp16"} <= names
+    row = {"layer": "8192x8192", "M": 16, "pct_floor": 40.0}
+    rows = [
+        {**row, "impl": "dense-fp16", "format": "dense", "time_ms": 0.06},
+        {**row, "impl": "dense-bf16-graph", "format": "dense", "time_ms": 0.05},
+        {**row, "impl": "torch-2:4-cusparselt-fp16", "format": "semi-structured", "time_ms": 1.2},
+        {
+            **row,
+            "impl": "torch-2:4-cutlass-fp16-graph",
+            "format": "semi-structured",
+            "time_ms": 0.04,
+        },
+    ]
+    (line,) = bench_sparse.gpu_targets(rows)[1:]
+    assert line == (
+        "8192x8192 M=16: eager 0.05x dense-fp16 (torch-2:4-cusparselt-fp16, 40% of its memory "
+        "floor); graph 1.25x dense-bf16-graph (torch-2:4-cutlass-fp16-graph, 40% of its memory "
+        "floor)"
+    )
+
+
 def test_int4_gpu_targets_are_ratios_of_the_rows():
     from torchslim.benchmarks import bench_int4
 

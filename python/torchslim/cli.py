@@ -17,11 +17,12 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from torchslim.benchmarks import bench_attention, bench_int4, bench_quant
+    from torchslim.benchmarks import bench_attention, bench_int4, bench_quant, bench_sparse
 
     benchmarks = {
         "int8": bench_quant.main,
         "int4": bench_int4.main,
+        "sparse": bench_sparse.main,
         "attention": bench_attention.main,
     }
     return benchmarks[args.family](args.rest)
@@ -40,7 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     p_info.add_argument("--json", action="store_true", help="print JSON")
     p_info.set_defaults(fn=_info)
     p_bench = sub.add_parser("bench", help="microbenchmarks against the baselines", add_help=False)
-    p_bench.add_argument("family", choices=["int8", "int4", "attention"], help="kernel family")
+    p_bench.add_argument(
+        "family", choices=["int8", "int4", "sparse", "attention"], help="kernel family"
+    )
     p_bench.set_defaults(fn=_bench)
     p_demo = sub.add_parser(
         "demo", help="a real LLM: float vs torchslim layers, side by side", add_help=False

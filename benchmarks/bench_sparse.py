@@ -1,0 +1,681 @@
+"""Sparse linear benchmark: torchslim's 2:4 and bitmask kernels against dense and torch.sparse.
+
+    torchslim bench sparse [--quick] [--layers KxN,...] [--batch M,...] [--sparsity 50,90,2:4]
+                           [--device cpu|cuda] [--out DIR] [--no-plot]
+    python benchmarks/bench_sparse.py [same options]
+
+Weights: the int8 benchmark's layers (K in, N out, random normal), pruned with
+torchslim.sparse.prune_ (magnitude) once per (layer, pattern) on the fp32 weight, then
+compressed once per value dtype: "unstructured" at 50 / 75 / 90% (every row keeps the same
+count; the bitmask format) and "2:4" (the 2:4 format). M in {1, 16, 64, 512}.
+
+CPU implementations, in the same run:
+
+    dense-fp32, dense-bf16  F.linear on the unpruned weight, timed once per (layer, M): dense
+                            time does not depend on the zeros
+    torch-csr-fp32          torch.sparse CSR (w.to_sparse_csr(): fp32 values, int64 column
+                            indices and row pointers) as torch.mm(csr, x.T).T, MKL's sparse mm.
+                            The fastest torch path measured: torch.sparse.mm, torch.sparse.addmm
+                            and torch.mm(csr, x.T.contiguous()) time the same (the same MKL
+                            call); F.linear(x, csr) ties at M = 1 and is 4-9x slower at M >= 16;
+                            x @ csr.T (CSC) is 5-50x slower. No bf16 CSR: torch's CPU CSR mm
+                            ("addmm_out_sparse_csr_impl_mkl") is not implemented for bf16.
+    torchslim-fp32          ours, fp32 values and fp32 x
+    torchslim-bf16          ours, bf16 values and bf16 x
+    torchslim-bf16-fp32x    ours, bf16 values and fp32 x (half the value bytes, fp32 activations)
+
+Ours run sparse_bitmask_linear at the unstructured patterns and sparse24_linear at 2:4; CSR runs
+at every pattern.
+
+GPU (--device cuda): dense-fp16 and dense-bf16 (cuBLAS) and, at 2:4, torch's semi-structured
+sparsity (torch.sparse.to_sparse_semi_structured's classes) on each backend, cuSPARSELt and
+CUTLASS, fp16 and bf16, as F.linear(x, w_sparse); a backend this torch or GPU lacks is reported
+as not run (torch's CUTLASS 2:4 runs on sm_8x only). Eager cuSPARSELt spends ~0.6-1 ms of host
+time per call setting up its descriptors (torch 2.11, H100), which hides the kernel, so the
+"-graph" rows replay the call from a CUDA graph (captured once per rotated weight copy): the
+kernel's own time. dense-*-graph does the same for cuBLAS, to compare like with like; speedups
+stay over the faster eager dense. Ours appear only where torchslim.ops.explain picks a kernel:
+the sparse ops have no GPU kernel yet (on CUDA they would run the reference), so today their
+rows are "not run"; a GPU kernel, once registered, makes them appear with no change here. Run
+on an H100 (torch 2.11) when this was written; no GPU results recorded under results/ yet.
+
+Per row: time (median ms: torch.utils.benchmark's blocked_autorange at the process's thread
+count; on a GPU triton's do_bench), speedup over the faster of dense fp32 and bf16 F.linear (fp16
+and bf16 on a GPU; the `vs` column names which), GB/s, weight_bytes of the row's own format
+(torchslim.sparse.format_bytes for ours and torch's 2:4; CSR: values + int64 column indices +
+int64 row pointers; dense: N K elements), % of its memory floor (weight + x + out bytes ÷ the
+copy bandwidth measured in this run), the compute floor (useful FLOPs ÷ the dense GEMM rate
+measured in this run) and which of the two binds, and GFLOP/s of useful work (2 M nnz; 2 M N K
+for dense). Weights are rotated through 96 MB of copies so that a timed call does not find them
+in cache. Each path's output is checked once against fp32 F.linear on the pruned weight (a
+wiring check: the kernels' accuracy is tests/test_sparse.py's job).
+
+Prints the table, the crossover sparsity (per layer, M and variant of ours: the lowest measured
+unstructured sparsity at which it beats the faster dense) and the issue's CPU targets at M = 1.
+Writes sparse_<device>.csv and .png under benchmarks/results/<device>/ (sparse_<device>_quick.*
+with --quick).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import torchslim.sparse as sp
+from torchslim import ops
+from torchslim.benchmarks import common
+from torchslim.benchmarks.bench_quant import (
+    BATCH,
+    GPU_BATCH,
+    GPU_LAYERS,
+    LAYERS,
+    QUICK_BATCH,
+    QUICK_LAYERS,
+    make_parser,
+)
+
+PATTERNS = ("50%", "75%", "90%", "2:4")  # unstructured percentages (bitmask format) and 2:4
+DENSE = "dense"  # the pseudo-pattern of the unpruned weight
+# The wiring check: relative Frobenius error of each path's output against fp32 F.linear on the
+# pruned weight (bf16 / fp16 inputs give ~0.5%; a wrong layout gives ~100%).
+MAX_REL_ERR = 3e-2
+# The issue's CPU targets, read at M = 1 against the faster of dense fp32 and bf16.
+TARGET_M = 1
+SPEEDUP_TARGETS = (("2:4", 3.0), ("90%", 8.0))
+CSR_TARGET = ("90%", 5.0)
+FLOOR_TARGET = 75.0  # % of the memory floor
+# What a baseline may raise for a case it does not take (shape or dtype limits, a missing
+# backend): the row is reported as not run.
+NOT_RUN = (RuntimeError, NotImplementedError, ValueError, TypeError, AssertionError)
+
+_SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+@dataclass(frozen=True)
+class Impl:
+    """One way to compute x @ W.T with W (N, K) a pruned weight.
+
+    fmt: "dense" (the unpruned weight), "bitmask" (the unstructured patterns), "2:4", "csr"
+    (every pattern) or "semi-structured" (2:4). op: the torchslim op it calls, None for the
+    baselines; ours run only where ops.explain(op, ...) picks a kernel (not the reference).
+    clones: the operands' rotated copies are clones (else each is made again from the weight:
+    torch's semi-structured tensors do not all support clone()). graphed: time the replay of a
+    CUDA graph of the call (captured per rotated copy) instead of the eager call.
+    """
+
+    name: str
+    fmt: str
+    w_dtype: torch.dtype
+    x_dtype: torch.dtype
+    make: Callable[[torch.Tensor], tuple]  # pruned (N, K) fp32 weight -> operands, made once
+    run: Callable[[torch.Tensor, tuple], torch.Tensor]  # (x (M, K), operands) -> (M, N)
+    op: str | None = None
+    clones: bool = True
+    graphed: bool = False
+
+    def applies(self, pattern: str) -> bool:
+        if self.fmt == DENSE:
+            return pattern == DENSE
+        if pattern == DENSE:
+            return False
+        if self.fmt in ("2:4", "semi-structured"):
+            return pattern == "2:4"
+        if self.fmt == "bitmask":
+            return pattern != "2:4"
+        return True  # csr
+
+
+def _dense(dtype: torch.dtype, graphed: bool = False) -> Impl:
+    return Impl(
+        f"dense-{_SHORT[dtype]}" + ("-graph" if graphed else ""),
+        DENSE,
+        dtype,
+        dtype,
+        lambda w: (w.to(dtype),),
+        lambda x, o: F.linear(x, o[0]),
+        graphed=graphed,
+    )
+
+
+def _to_csr(w: torch.Tensor) -> tuple:
+    with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
+        warnings.simplefilter("ignore", UserWarning)
+        return (w.to_sparse_csr(),)
+
+
+TORCH_CSR = Impl(
+    "torch-csr-fp32",
+    "csr",
+    torch.float32,
+    torch.float32,
+    _to_csr,
+    lambda x, o: torch.mm(o[0], x.T).T,  # (N, K) CSR @ (K, M) dense -> (N, M), viewed as (M, N)
+)
+
+_OURS = {  # format -> (op name, entry point, compression)
+    "bitmask": ("sparse_bitmask_linear", ops.sparse_bitmask_linear, sp.compress_bitmask),
+    "2:4": ("sparse24_linear", ops.sparse24_linear, sp.compress_24),
+}
+
+
+def _ours(fmt: str, w_dtype: torch.dtype, x_dtype: torch.dtype) -> Impl:
+    """Ours in one format; the name is the same for both formats (the pattern tells them
+    apart), so that a variant's unstructured and 2:4 points belong together."""
+    op_name, op, compress = _OURS[fmt]
+    suffix = "" if x_dtype == w_dtype else f"-{_SHORT[x_dtype]}x"
+    return Impl(
+        f"torchslim-{_SHORT[w_dtype]}{suffix}",
+        fmt,
+        w_dtype,
+        x_dtype,
+        lambda w: compress(w, w_dtype),
+        lambda x, o: op(x, *o),
+        op=op_name,
+    )
+
+
+def _semi_structured(backend: str, dtype: torch.dtype, graphed: bool = False) -> Impl:
+    """torch's 2:4 on a GPU, on one backend ("cusparselt" or "cutlass")."""
+
+    def make(w):
+        cls = (
+            torch.sparse.SparseSemiStructuredTensorCUSPARSELT
+            if backend == "cusparselt"
+            else torch.sparse.SparseSemiStructuredTensorCUTLASS
+        )
+        with warnings.catch_warnings():  # "The PyTorch API of SparseSemiStructuredTensors
+            warnings.simplefilter("ignore", UserWarning)  # is in prototype stage"
+            return (cls.from_dense(w.to(dtype)),)
+
+    return Impl(
+        f"torch-2:4-{backend}-{_SHORT[dtype]}" + ("-graph" if graphed else ""),
+        "semi-structured",
+        dtype,
+        dtype,
+        make,
+        lambda x, o: F.linear(x, o[0]),
+        clones=False,
+        graphed=graphed,
+    )
+
+
+_F32, _BF16, _F16 = torch.float32, torch.bfloat16, torch.float16
+CPU_DENSE = (_dense(_F32), _dense(_BF16))
+IMPLS = (
+    TORCH_CSR,
+    *(
+        _ours(fmt, w, x)
+        for w, x in ((_F32, _F32), (_BF16, _BF16), (_BF16, _F32))
+        for fmt in ("bitmask", "2:4")
+    ),
+)
+GPU_DENSE = (_dense(_F16), _dense(_BF16))
+GPU_IMPLS = (
+    *(_dense(d, graphed=True) for d in (_F16, _BF16)),
+    *(_semi_structured(b, d) for b in ("cusparselt", "cutlass") for d in (_F16, _BF16)),
+    *(_semi_structured("cusparselt", d, graphed=True) for d in (_F16, _BF16)),
+    *(_ours(fmt, d, d) for d in (_F16, _BF16) for fmt in ("bitmask", "2:4")),
+)
+
+
+def percent(pattern: str) -> float:
+    """The sparsity a pattern label stands for, in %: "90%" -> 90, "2:4" -> 50."""
+    return 50.0 if pattern == "2:4" else float(pattern.rstrip("%"))
+
+
+def prune(w: torch.Tensor, pattern: str) -> torch.Tensor:
+    """A pruned copy of the fp32 weight w (N, K) (w itself for the dense pseudo-pattern)."""
+    if pattern == DENSE:
+        return w
+    pruned = w.clone()
+    if pattern == "2:4":
+        return sp.prune_(pruned, "2:4")
+    return sp.prune_(pruned, "unstructured", sparsity=percent(pattern) / 100)
+
+
+def weight_bytes(impl: Impl, operands: tuple, n: int, k: int, zeros: float) -> int:
+    """Bytes of the row's own weight format; zeros: the weight's fraction of zeros."""
+    if impl.fmt == "csr":
+        (csr,) = operands
+        return sum(t.nbytes for t in (csr.values(), csr.col_indices(), csr.crow_indices()))
+    # torch's 2:4 keeps the same values and 2-bit indices as ours (cuSPARSELt may pad its buffer)
+    fmt = "2:4" if impl.fmt == "semi-structured" else impl.fmt
+    return sp.format_bytes(fmt, n, k, sparsity=zeros, dtype=impl.w_dtype)
+
+
+def _clone(operands: tuple) -> tuple:
+    return tuple(t.clone() for t in operands)
+
+
+def _cuda_graph(fn: Callable[[], object]) -> Callable[[], None]:
+    """fn captured in a CUDA graph (after a warm-up on a side stream); returns its replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def _timed_call(impl: Impl, x: torch.Tensor, operands: tuple, remake: Callable[[], tuple]):
+    """(make one rotated copy, the timed call on a copy). A copy is a clone of the operands or,
+    where they do not clone, made again from the weight; for a graphed impl it is a CUDA graph
+    of the call on such a copy, and the timed call is its replay alone."""
+    make_copy = (lambda: _clone(operands)) if impl.clones else remake
+    if not impl.graphed:
+        return make_copy, lambda copy: impl.run(x, copy)
+    return (
+        lambda: _cuda_graph(functools.partial(impl.run, x, make_copy())),
+        lambda replay: replay(),
+    )
+
+
+def _check_output(out: torch.Tensor, expected: torch.Tensor) -> None:
+    if tuple(out.shape) != tuple(expected.shape):
+        raise RuntimeError(f"wrong output shape {tuple(out.shape)}, {tuple(expected.shape)}")
+    err = float((out.float() - expected).norm() / expected.norm().clamp_min(1e-30))
+    if not err <= MAX_REL_ERR:
+        raise RuntimeError(f"wrong output: relative error {err:.2g} against fp32 F.linear")
+
+
+def _why_not_ours(impl: Impl, x: torch.Tensor, operands: tuple) -> str | None:
+    """None when ours has a kernel for this input, else why not (it would run the reference)."""
+    if impl.op is None:
+        return None
+    chosen = ops.explain(impl.op, x, *operands)
+    if chosen["backend"] != "reference":
+        return None
+    why = "; ".join(chosen["passed_over"]) or f"no {x.device.type} kernel"
+    return f"no kernel, the op would run the reference ({why})"
+
+
+def measure(
+    impl: Impl,
+    operands: tuple | Exception,
+    remake: Callable[[], tuple],
+    x: torch.Tensor,
+    expected: torch.Tensor | None,
+    case: dict,
+    n: int,
+    nnz: int,
+    bandwidth: float,
+    peak: float,
+    device: str,
+) -> dict:
+    """One row: x (M, K); remake() makes the operands again from the pruned weight; case:
+    layer, M, pattern, sparsity (% of zeros); expected: fp32 F.linear on the pruned weight, or
+    None to skip the wiring check."""
+    m, k = x.shape
+    row = {
+        **case,
+        "impl": impl.name,
+        "format": impl.fmt,
+        "w_dtype": _SHORT[impl.w_dtype],
+        "x_dtype": _SHORT[impl.x_dtype],
+    }
+    if isinstance(operands, Exception):
+        return {**row, "error": str(operands).splitlines()[0]}
+    x = x.to(impl.x_dtype)
+    why = _why_not_ours(impl, x, operands)
+    if why is not None:
+        return {**row, "error": why}
+    nbytes = weight_bytes(impl, operands, n, k, case["sparsity"] / 100)
+    try:
+        if expected is not None:
+            _check_output(impl.run(x, operands), expected)
+        make_copy, call = _timed_call(impl, x, operands, remake)
+        copies = common.rotating(make_copy, nbytes)
+        ms = common.time_ms(lambda: call(copies()), device=device)
+    except NOT_RUN as exc:
+        return {**row, "error": str(exc).splitlines()[0]}
+    moved = nbytes + m * k * x.element_size() + m * n * x.element_size()
+    floor_ms = moved / bandwidth / 1e6
+    flops = 2.0 * m * nnz
+    compute_floor_ms = flops / peak / 1e6
+    return {
+        **row,
+        "time_ms": ms,
+        "GB/s": moved / ms / 1e6,
+        "weight_bytes": nbytes,
+        "floor_ms": floor_ms,
+        "pct_floor": 100.0 * floor_ms / ms,
+        "compute_floor_ms": compute_floor_ms,
+        "binds": "memory" if floor_ms >= compute_floor_ms else "compute",
+        "GFLOP/s": flops / ms / 1e6,
+        "nnz": nnz,
+    }
+
+
+def _make(impl: Impl, pruned: torch.Tensor) -> tuple | Exception:
+    try:
+        return impl.make(pruned)
+    except NOT_RUN as exc:  # e.g. a semi-structured backend this torch does not have
+        return exc
+
+
+def run(
+    layers: tuple,
+    batch: tuple,
+    patterns: tuple,
+    impls: tuple,
+    bandwidth: float,
+    peak: float,
+    device: str,
+    gen: torch.Generator,
+) -> list[dict]:
+    """Every (layer, pattern, M, impl) row. Per layer the fp32 weight is pruned once per
+    pattern and compressed once per (format, value dtype); at each M the implementations are
+    timed one after another, so that noise hits them alike."""
+    grid = [(p, impl) for p in (DENSE, *patterns) for impl in impls if impl.applies(p)]
+    rows = []
+    with tqdm(total=len(layers) * len(grid) * len(batch), desc="sparse") as bar:
+        for k, n in layers:
+            w = (torch.randn(n, k, generator=gen) / k**0.5).to(device)
+            xs = {m: torch.randn(m, k, generator=gen).to(device) for m in batch}
+            for pattern in (DENSE, *patterns):
+                todo = [impl for p, impl in grid if p == pattern]
+                bar.set_postfix_str(f"{k}x{n} {pattern}: prune, compress")
+                pruned = prune(w, pattern)
+                nnz = int(torch.count_nonzero(pruned))
+                case = {
+                    "layer": f"{k}x{n}",
+                    "pattern": pattern,
+                    "sparsity": 100 * sp.sparsity(pruned),
+                }
+                made = {}  # (format, value dtype) -> operands: one compression per value dtype
+                for impl in todo:
+                    key = (impl.fmt, impl.w_dtype)
+                    if key not in made:
+                        made[key] = _make(impl, pruned)
+                bar.set_postfix_str(f"{k}x{n} {pattern}")
+                for i, m in enumerate(batch):
+                    expected = F.linear(xs[m], pruned) if i == 0 else None
+                    for impl in todo:
+                        operands = made[(impl.fmt, impl.w_dtype)]
+                        rows.append(
+                            measure(
+                                impl,
+                                operands,
+                                lambda impl=impl, w=pruned: impl.make(w),
+                                xs[m],
+                                expected,
+                                {**case, "M": m},
+                                n,
+                                nnz,
+                                bandwidth,
+                                peak,
+                                device,
+                            )
+                        )
+                        bar.update()
+    return rows
+
+
+def add_speedups(rows: list[dict], dense_names: set[str]) -> None:
+    """speedup = the faster dense time at the row's (layer, M) ÷ the row's time; vs names it."""
+    best: dict[tuple, dict] = {}
+    for r in rows:
+        key = (r["layer"], r["M"])
+        timed_dense = r["impl"] in dense_names and "time_ms" in r
+        if timed_dense and (key not in best or r["time_ms"] < best[key]["time_ms"]):
+            best[key] = r
+    for r in rows:
+        b = best.get((r["layer"], r["M"]))
+        r["vs"] = b["impl"] if b else ""
+        r["speedup"] = b["time_ms"] / r["time_ms"] if b and "time_ms" in r else float("nan")
+
+
+def _is_ours(row: dict) -> bool:
+    return row["impl"].startswith("torchslim")
+
+
+def crossovers(rows: list[dict]) -> list[dict]:
+    """Per (layer, M, variant of ours): its speedup at each measured unstructured sparsity and
+    the crossover, the lowest of them at which it beats the faster dense ("none" if none)."""
+    points: dict[tuple, dict[str, float]] = {}
+    for r in rows:
+        if _is_ours(r) and "time_ms" in r and r["pattern"] not in (DENSE, "2:4"):
+            points.setdefault((r["layer"], r["M"], r["impl"]), {})[r["pattern"]] = r["speedup"]
+    labels = sorted({p for pts in points.values() for p in pts}, key=percent)
+    out = []
+    for (layer, m, impl), pts in points.items():
+        faster = [p for p in sorted(pts, key=percent) if pts[p] > 1.0]
+        out.append(
+            {
+                "layer": layer,
+                "M": m,
+                "impl": impl,
+                "crossover": faster[0] if faster else "none",
+                **{p: f"{pts[p]:.2f}x" if p in pts else "-" for p in labels},
+            }
+        )
+    return out
+
+
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+def targets(rows: list[dict]) -> list[str]:
+    """The issue's CPU targets at M = 1, each as its measured figure and met / NOT met. "ours"
+    is the fastest torchslim variant at each pattern; "dense" the faster of fp32 and bf16."""
+    timed = [r for r in rows if "time_ms" in r and r["M"] == TARGET_M]
+    if not timed:
+        return [f"not measured: the targets are read at M = {TARGET_M}"]
+    lines = [
+        f"(M = {TARGET_M}; ours = the fastest torchslim variant at each pattern, "
+        "dense = the faster of dense fp32 and bf16 F.linear)"
+    ]
+    for layer in dict.fromkeys(r["layer"] for r in timed):
+        here = [r for r in timed if r["layer"] == layer]
+        best: dict[str, dict] = {}
+        for r in here:
+            if _is_ours(r) and (
+                r["pattern"] not in best or r["time_ms"] < best[r["pattern"]]["time_ms"]
+            ):
+                best[r["pattern"]] = r
+        dense = next((r for r in here if r["impl"] == here[0]["vs"]), None)
+        if dense is None or not best:
+            lines.append(f"{layer}: not measured (no dense or no torchslim row)")
+            continue
+        lines.append(f"{layer}: dense = {dense['impl']}, {dense['time_ms']:.3g} ms")
+        for pattern, goal in SPEEDUP_TARGETS:
+            if b := best.get(pattern):
+                lines.append(
+                    f"  {pattern} >= {goal:g}x dense: {b['speedup']:.2f}x ({b['impl']}): "
+                    f"{_verdict(b['speedup'] >= goal)}"
+                )
+        pattern, goal = CSR_TARGET
+        csr = next((r for r in here if r["pattern"] == pattern and r["format"] == "csr"), None)
+        if (b := best.get(pattern)) and csr:
+            ratio = csr["time_ms"] / b["time_ms"]
+            lines.append(
+                f"  {pattern} >= {goal:g}x torch CSR: {ratio:.2f}x {csr['impl']} ({b['impl']}): "
+                f"{_verdict(ratio >= goal)}"
+            )
+        unstructured = sorted((p for p in best if p != "2:4" and percent(p) >= 50), key=percent)
+        if unstructured:
+            figures = ", ".join(f"{best[p]['speedup']:.2f}x at {p}" for p in unstructured)
+            ok = all(best[p]["speedup"] > 1.0 for p in unstructured)
+            lines.append(f"  beats dense from 50% up: {figures}: {_verdict(ok)}")
+        floors = sorted(best.values(), key=lambda r: (r["pattern"] == "2:4", percent(r["pattern"])))
+        figures = ", ".join(f"{r['pattern']} {r['pct_floor']:.0f}%" for r in floors)
+        ok = all(r["pct_floor"] >= FLOOR_TARGET for r in floors)
+        lines.append(f"  >= {FLOOR_TARGET:g}% of its memory floor: {figures}: {_verdict(ok)}")
+    return lines
+
+
+def gpu_targets(rows: list[dict]) -> list[str]:
+    """No GPU targets are set yet: torch's 2:4 against cuBLAS for reference, eager against the
+    faster eager dense and graph-replayed against the faster graph-replayed dense."""
+    lines = ["none set on the GPU yet; torch's 2:4 over cuBLAS (the faster of fp16 and bf16):"]
+    for layer in dict.fromkeys(r["layer"] for r in rows):
+        for m in dict.fromkeys(r["M"] for r in rows):
+            here = [r for r in rows if r["layer"] == layer and r["M"] == m]
+            parts = []
+            for mode, graphed in (("eager", False), ("graph", True)):
+                pick = [r for r in here if r["impl"].endswith("-graph") == graphed]
+                semi = [r for r in pick if r["format"] == "semi-structured"]
+                dense = [r for r in pick if r["format"] == DENSE]
+                if semi and dense:
+                    s, d = (min(rs, key=lambda r: r["time_ms"]) for rs in (semi, dense))
+                    parts.append(
+                        f"{mode} {d['time_ms'] / s['time_ms']:.2f}x {d['impl']} ({s['impl']}, "
+                        f"{s['pct_floor']:.0f}% of its memory floor)"
+                    )
+            if parts:
+                lines.append(f"{layer} M={m}: " + "; ".join(parts))
+    return lines
+
+
+def plot(rows: list[dict], path, dense: str) -> None:
+    """Speedup over the faster dense against sparsity, one panel per (M, layer): a line per
+    implementation through its unstructured points, a star at its 2:4 point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = list(dict.fromkeys(r["layer"] for r in rows))
+    batch = list(dict.fromkeys(r["M"] for r in rows))
+    impls = list(dict.fromkeys(r["impl"] for r in rows if r["pattern"] != DENSE))
+    color = {impl: f"C{i}" for i, impl in enumerate(impls)}
+    fig, axes = plt.subplots(
+        len(batch),
+        len(layers),
+        figsize=(4.2 * len(layers), 3.2 * len(batch)),
+        squeeze=False,
+        sharex=True,
+    )
+    for axes_row, m in zip(axes, batch, strict=True):
+        for ax, layer in zip(axes_row, layers, strict=True):
+            for impl in impls:
+                here = [r for r in rows if (r["layer"], r["M"], r["impl"]) == (layer, m, impl)]
+                pts = sorted(
+                    (percent(r["pattern"]), r["speedup"]) for r in here if r["pattern"] != "2:4"
+                )
+                if pts:
+                    ax.plot(*zip(*pts, strict=True), marker="o", color=color[impl], label=impl)
+                s24 = [r["speedup"] for r in here if r["pattern"] == "2:4"]
+                if s24:
+                    ax.plot([50.0] * len(s24), s24, "*", ms=11, color=color[impl], label=None)
+            ax.axhline(1.0, color="k", lw=0.8, ls="--")
+            ax.set_yscale("log", base=2)
+            ax.set_title(f"K x N = {layer}, M = {m}", fontsize=9)
+            ax.grid(True, which="both", alpha=0.3)
+        axes_row[0].set_ylabel(f"speedup over {dense}", fontsize=8)
+    for ax in axes[-1]:
+        ax.set_xlabel("sparsity % (o unstructured, * 2:4)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    for ax in axes.flat:  # the panel with the most lines carries the legend
+        h, lab = ax.get_legend_handles_labels()
+        if len(h) > len(handles):
+            handles, labels = h, lab
+    axes[0][-1].legend(handles, labels, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _patterns(text: str) -> tuple[str, ...]:
+    """--sparsity: comma-separated unstructured percentages and/or 2:4 -> pattern labels."""
+    out = []
+    for item in (s.strip() for s in text.split(",")):
+        if item == "2:4":
+            out.append(item)
+            continue
+        try:
+            value = float(item.removesuffix("%"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected unstructured percentages and/or 2:4, e.g. 50,90,2:4, got {text!r}"
+            ) from None
+        if not 1.0 <= value < 100.0:
+            raise argparse.ArgumentTypeError(
+                f"sparsity must be a percentage in [1, 100) (90 for 90%), got {item!r}"
+            )
+        out.append(f"{value:g}%")
+    return tuple(dict.fromkeys(out))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser("sparse", __doc__)
+    parser.add_argument(
+        "--sparsity",
+        type=_patterns,
+        help="unstructured percentages and/or 2:4 (default: 50,75,90,2:4)",
+    )
+    args = parser.parse_args(argv)
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda needs a CUDA device")
+
+    env = common.Environment.capture(device)
+    if device == "cuda":
+        layers, batch, dense, impls = GPU_LAYERS, GPU_BATCH, GPU_DENSE, GPU_IMPLS
+        where, gemm_dtype = torch.cuda.get_device_name(), torch.float16
+    else:
+        layers, batch, dense, impls = LAYERS, BATCH, CPU_DENSE, IMPLS
+        where, gemm_dtype = f"{env.cpu}, {common.threads_note()}, ISA {env.isa}", torch.float32
+    if args.quick:
+        layers, batch = QUICK_LAYERS, QUICK_BATCH
+    layers, batch = args.layers or layers, args.batch or batch
+    patterns = args.sparsity or PATTERNS
+    print(f"torchslim bench sparse on {where}")
+    bandwidth = common.copy_bandwidth_gbs(device=device)
+    peak = common.gemm_gflops(device=device, dtype=gemm_dtype)
+    gemm = _SHORT[gemm_dtype]
+    print(f"copy bandwidth {bandwidth:.1f} GB/s, {gemm} GEMM {peak:.0f} GFLOP/s (measured now)")
+
+    gen = torch.Generator().manual_seed(0)
+    rows = run(layers, batch, patterns, (*dense, *impls), bandwidth, peak, device, gen)
+    add_speedups(rows, {impl.name for impl in dense})
+    for r in rows:
+        r["copy_GB/s"] = bandwidth
+        r[f"{gemm}_gemm_GFLOP/s"] = peak
+
+    timed = [r for r in rows if "time_ms" in r]
+    dense_names = " and ".join(_SHORT[impl.w_dtype] for impl in dense)
+    columns = ["layer", "M", "pattern", "impl", "time_ms", "speedup", "vs", "GB/s", "weight_MB",
+               "pct_floor", "binds", "GFLOP/s"]  # fmt: skip
+    print(f"\nspeedup: over the faster of dense {dense_names} F.linear (vs)")
+    print(
+        common.format_table([{**r, "weight_MB": r["weight_bytes"] / 1e6} for r in timed], columns)
+    )
+    not_run: dict[tuple[str, str], list[str]] = {}
+    for r in rows:
+        if "error" in r:
+            case = f"{r['layer']} M={r['M']} {r['pattern']}"
+            not_run.setdefault((r["impl"], r["error"]), []).append(case)
+    for (impl, error), cases in not_run.items():
+        where = cases[0] if len(cases) == 1 else f"{len(cases)} cases, e.g. {cases[0]}"
+        print(f"not run: {impl} ({where}): {error}")
+    cross = crossovers(timed)
+    if cross:
+        print("\ncrossover: the lowest measured unstructured sparsity at which ours beats dense")
+        print(common.format_table(cross, list(cross[0])))
+    check = targets if device == "cpu" else gpu_targets
+    print("\n".join(["", "targets:", *check(timed)]))
+
+    out = common.results_dir(env, args.out)
+    name = f"sparse_{device}" + ("_quick" if args.quick else "")
+    common.write_csv(out / f"{name}.csv", rows, env)
+    if not args.no_plot and timed:
+        plot(timed, out / f"{name}.png", f"the faster of dense {dense_names}")
+    print(f"\nwrote {out / name}.csv" + ("" if args.no_plot else f" and {name}.png"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
