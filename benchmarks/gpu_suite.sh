@@ -59,7 +59,7 @@ for stage in $stages; do
       TAIL=40 run_stage info 60 python -m torchslim.cli info || status=1
       ;;
     tests-gpu)
-      run_stage tests-gpu "${TESTS_GPU_LIMIT:-300}" python -m pytest -q -rfEs -p no:cacheprovider \
+      run_stage tests-gpu "${TESTS_GPU_LIMIT:-420}" python -m pytest -q -rfEs -p no:cacheprovider \
         -n "${TEST_WORKERS:-8}" tests/test_int8.py tests/test_triton_quant_matmul.py \
         tests/test_int4_tc.py tests/test_triton_int4.py tests/test_int4.py \
         tests/test_nn.py tests/test_compile.py tests/test_triton_attention.py \
