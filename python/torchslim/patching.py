@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from torchslim import hf_attention
+from torchslim._calibration import watch_inputs
 from torchslim._names import as_patterns, name_matches
 from torchslim.nn import Int4Linear, Int8Linear, MultiheadAttention
 from torchslim.nn.sparse_linear import SparseLinear
@@ -550,32 +551,12 @@ def _input_absmax(model, layers, calibration, progress) -> dict[int, torch.Tenso
     |input| per input channel (the last dim of the layer's input)."""
     stats: dict[int, torch.Tensor] = {}
 
-    def hook(module, args, _output):
-        x = args[0].detach()
+    def collect(module, x):
         amax = x.abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
         key = id(module)
         stats[key] = torch.maximum(stats[key], amax) if key in stats else amax
 
-    unique = {id(m): m for _, m in layers}
-    handles = [m.register_forward_hook(hook) for m in unique.values()]
-    try:
-        with torch.no_grad():
-            if callable(calibration):
-                calibration(model)
-            else:
-                for batch in tqdm(calibration, desc="calibrate", disable=not progress):
-                    if isinstance(batch, dict):
-                        model(**batch)
-                    elif isinstance(batch, torch.Tensor):
-                        model(batch)
-                    else:
-                        raise TypeError(
-                            "calibration must yield tensors or dicts of model inputs, got "
-                            f"{type(batch).__name__}"
-                        )
-    finally:
-        for handle in handles:
-            handle.remove()
+    watch_inputs(model, (m for _, m in layers), collect, calibration, progress)
     if not stats and layers:
         raise ValueError("calibration ran no data through the selected layers")
     return stats

@@ -48,6 +48,7 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 from tqdm.auto import tqdm
 
+from torchslim._calibration import watch_inputs
 from torchslim._names import as_patterns, name_matches
 from torchslim.sparse.patterns import Pattern, parse_pattern, resolve_sparsity
 
@@ -256,31 +257,12 @@ def _input_square_sums(
         )
     sums: dict[int, torch.Tensor] = {}
 
-    def hook(module, args, kwargs):
-        x = (args[0] if args else kwargs["input"]).detach()
+    def collect(module, x):
         sq = x.reshape(-1, x.shape[-1]).double().square().sum(0)
         key = id(module)
         sums[key] = sums[key] + sq if key in sums else sq
 
-    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for _, m in layers]
-    try:
-        with torch.no_grad():
-            if callable(calibration):
-                calibration(model)
-            else:
-                for batch in tqdm(calibration, desc="calibrate", disable=not progress):
-                    if isinstance(batch, dict):
-                        model(**batch)
-                    elif isinstance(batch, torch.Tensor):
-                        model(batch)
-                    else:
-                        raise TypeError(
-                            "calibration must yield tensors or dicts of model inputs, got "
-                            f"{type(batch).__name__}"
-                        )
-    finally:
-        for handle in handles:
-            handle.remove()
+    watch_inputs(model, (m for _, m in layers), collect, calibration, progress)
     return sums
 
 
