@@ -68,6 +68,8 @@ def test_sparsity_arguments_are_checked():
     model = torch.nn.Sequential(torch.nn.Linear(32, 16))
     with pytest.raises(ValueError, match="does not combine with quant='int8'"):
         torchslim.patch(model, "int8", sparsity="2:4")
+    with pytest.raises(ValueError, match="sparsity must be '2:4' or a float"):
+        torchslim.patch(model, sparsity="3:4")
     with pytest.raises(ValueError, match="contradicts sparsity"):
         torchslim.patch(model, sparsity=0.5, pattern="2:4")
     with pytest.raises(ValueError, match="sparsity must be in"):

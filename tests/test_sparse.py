@@ -84,6 +84,9 @@ def test_format_bytes_match_the_tensors():
     w = _weight_unstructured(64, 256, 0.75, g)
     parts = compress_bitmask(w)
     assert format_bytes("bitmask", 64, 256, sparsity=0.75) == sum(t.nbytes for t in parts)
+    w = _weight_unstructured(4, 10, 0.25, g)  # 2.5 weights a row: prune_ rounds halves up
+    parts = compress_bitmask(w)
+    assert format_bytes("bitmask", 4, 10, sparsity=0.25) == sum(t.nbytes for t in parts)
     assert format_bytes("2:4", 4096, 4096) / 4096**2 == 2.125  # bytes per weight, fp32
     with pytest.raises(ValueError, match="fmt must be one of"):
         format_bytes("csr", 4, 4)

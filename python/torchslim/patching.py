@@ -79,11 +79,18 @@ def _linear_why_not(layer: nn.Module, options: Mapping[str, object] | None = Non
     return None
 
 
-def _int8_config(layer: Int8Linear) -> dict:
+def _shape_config(layer: nn.Module) -> dict:
+    """The part of every layer's recipe config that _check_same_linear compares."""
     return {
         "in_features": layer.in_features,
         "out_features": layer.out_features,
         "bias": layer.bias is not None,
+    }
+
+
+def _int8_config(layer: Int8Linear) -> dict:
+    return {
+        **_shape_config(layer),
         "mode": layer.mode,
         "smooth": layer.smooth is not None,
     }
@@ -141,9 +148,7 @@ _SCALE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16"
 
 def _int4_config(layer: Int4Linear) -> dict:
     return {
-        "in_features": layer.in_features,
-        "out_features": layer.out_features,
-        "bias": layer.bias is not None,
+        **_shape_config(layer),
         "group_size": layer.group_size,
         "symmetric": layer.symmetric,
         "scale_dtype": str(layer.scale_dtype).removeprefix("torch."),
@@ -217,9 +222,7 @@ INT4 = Method(
 
 def _sparse_config(layer: SparseLinear) -> dict:
     return {
-        "in_features": layer.in_features,
-        "out_features": layer.out_features,
-        "bias": layer.bias is not None,
+        **_shape_config(layer),
         "format": layer.format,
         "dtype": str(layer.values.dtype).removeprefix("torch."),
     }
@@ -419,6 +422,8 @@ def patch(
                 f"sparsity={sparsity!r} does not combine with quant={quant!r}: no torchslim "
                 "kernel runs sparse quantized weights yet"
             )
+        if isinstance(sparsity, str) and sparsity != "2:4":
+            raise ValueError(f"sparsity must be '2:4' or a float in (0, 1), got {sparsity!r}")
         quant = "sparse"
         pattern = "2:4" if sparsity == "2:4" else "unstructured"
         if options.setdefault("pattern", pattern) != pattern:

@@ -37,6 +37,7 @@ from torchslim.ops.int8 import (
     _supports_floats,
     _triton_available,
     _triton_float_devices,
+    _unit_last_stride,
 )
 from torchslim.quant.int4 import SCALE_DTYPES, check_group_size
 from torchslim.reference.int4 import (
@@ -167,7 +168,7 @@ _INT4_LINEAR_TC.register(Kernel("cuda", _cuda_tc_fn, _cuda_tc_available, _cuda_t
 
 def _impl(x, packed_w, scales, zeros, group_size, bias=None):
     _check_int4_linear(x, packed_w, scales, zeros, group_size, bias)
-    w = packed_w if packed_w.shape[1] <= 1 or packed_w.stride(1) == 1 else packed_w.contiguous()
+    w = _unit_last_stride(packed_w)
     out = _INT4_LINEAR(_rows(x), w, scales.contiguous(), zeros.contiguous(), group_size, bias)
     return out.reshape(*x.shape[:-1], packed_w.shape[0])
 

@@ -77,10 +77,14 @@ def _check_linear(x, w_q, w_scale, bias) -> None:
     _check_same_device(x, w_q=w_q, w_scale=w_scale, bias=bias)
 
 
+def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    """t with unit stride in its last dim (copies only when it must)."""
+    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """x as a 2-D (M, K) view with unit stride in K (copies only when it must)."""
-    x2 = x.reshape(-1, x.shape[-1])
-    return x2 if x2.shape[1] <= 1 or x2.stride(1) == 1 else x2.contiguous()
+    return _unit_last_stride(x.reshape(-1, x.shape[-1]))
 
 
 # --------------------------------------------------------------------------- backends
@@ -210,7 +214,7 @@ def _check_int8_mm(a: torch.Tensor, b: torch.Tensor) -> None:
 
 def _int8_mm_impl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     _check_int8_mm(a, b)
-    return _INT8_MM(_rows(a), b if b.shape[1] <= 1 or b.stride(1) == 1 else b.contiguous())
+    return _INT8_MM(_rows(a), _unit_last_stride(b))
 
 
 def _int8_mm_fake(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -232,8 +236,7 @@ def _linear_op(name: str, reference) -> OpBackends:
 
     def impl(x, w_q, w_scale, bias=None):
         _check_linear(x, w_q, w_scale, bias)
-        w = w_q if w_q.shape[1] <= 1 or w_q.stride(1) == 1 else w_q.contiguous()
-        out = backends(_rows(x), w, w_scale.contiguous(), bias)
+        out = backends(_rows(x), _unit_last_stride(w_q), w_scale.contiguous(), bias)
         return out.reshape(*x.shape[:-1], w_q.shape[0])
 
     def fake(x, w_q, w_scale, bias=None):

@@ -35,6 +35,7 @@ from torchslim.ops.int8 import (
     _require_tensors,
     _rows,
     _supports_floats,
+    _unit_last_stride,
 )
 
 
@@ -94,10 +95,6 @@ def _backends(name: str, reference) -> OpBackends:
     supports = _supports_floats({"cpu": (torch.float32, torch.bfloat16)})
     backends.register(Kernel("cpu", fn, available, supports))
     return backends
-
-
-def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
-    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
 
 
 # --------------------------------------------------------------------------- 2:4

@@ -145,7 +145,15 @@ def check_bitmask(
 ) -> None:
     """Raises ValueError unless row_offsets starts at 0, stays within values and gives every
     row as many values as its mask has set bits (reads the data: a device sync on a GPU)."""
-    counts = mask_bits(mask, k).sum(dim=1)
+    _bitmask_nonzero(values, mask, row_offsets, k)
+
+
+def _bitmask_nonzero(
+    values: torch.Tensor, mask: torch.Tensor, row_offsets: torch.Tensor, k: int
+) -> torch.Tensor:
+    """check_bitmask's checks; returns the (N, K) bool nonzero pattern it read."""
+    nonzero = mask_bits(mask, k)
+    counts = nonzero.sum(dim=1)
     offsets = row_offsets.to(torch.int64)
     if offsets.numel() and int(offsets[0]) != 0:
         raise ValueError(f"row_offsets must start at 0, got {int(offsets[0])}")
@@ -161,6 +169,7 @@ def check_bitmask(
             f"mask and row_offsets disagree: row {row} has {int(offsets[row + 1] - offsets[row])} "
             f"values by row_offsets and {int(counts[row])} set bits in mask"
         )
+    return nonzero
 
 
 def decompress_bitmask(
@@ -171,8 +180,7 @@ def decompress_bitmask(
     dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """(values, mask, row_offsets) -> the dense (N, K) weight (``dtype``, default the values')."""
-    check_bitmask(values, mask, row_offsets, k)
-    nonzero = mask_bits(mask, k)
+    nonzero = _bitmask_nonzero(values, mask, row_offsets, k)
     dense = values.new_zeros(nonzero.shape, dtype=dtype or values.dtype)
     dense[nonzero] = values[: int(row_offsets[-1])].to(dense.dtype)
     return dense

@@ -67,6 +67,6 @@ def format_bytes(
         (_, kept), (_, meta) = ref.sparse24_shapes(n, k)
         return n * (kept * item + meta)
     if fmt == "bitmask":
-        nnz = round((1.0 - sparsity) * k) * n
+        nnz = (k - int(sparsity * k + 0.5)) * n  # per row, as prune_ rounds (halves up)
         return nnz * item + n * -(-k // ref.MASK_BITS) + 8 * (n + 1)
     raise ValueError(f"fmt must be one of {('dense', *FORMATS)}, got {fmt!r}")
