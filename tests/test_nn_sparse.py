@@ -11,7 +11,13 @@ from torchslim import sparse
 from torchslim.nn import SparseLinear
 from torchslim.testing import check_close
 
-CASES = [("2:4", "2:4", None), ("unstructured", "bitmask", 0.75), ("2:4", "bitmask", None)]
+CASES = [
+    ("2:4", "2:4", None),
+    ("unstructured", "bitmask", 0.75),
+    ("2:4", "bitmask", None),
+    ("unstructured", "csr", 0.75),
+    ("unstructured", "csr", 0.95),
+]
 
 
 def _pruned_linear(k: int, n: int, pattern: str, amount: float | None, key) -> nn.Linear:
@@ -75,7 +81,7 @@ def test_errors_name_the_argument():
     with pytest.raises(ValueError, match="pattern must be '2:4' or 'unstructured'"):
         SparseLinear.from_linear(dense, "4x4")
     with pytest.raises(ValueError, match="format must be one of"):
-        SparseLinear(16, 4, format="csr")
+        SparseLinear(16, 4, format="coo")
     with pytest.raises(TypeError, match=r"linear must be an nn\.Linear"):
         SparseLinear.from_linear(nn.Conv1d(1, 1, 1))
     layer = SparseLinear.from_linear(_pruned_linear(16, 4, "2:4", None, ("err",)))
@@ -90,6 +96,25 @@ def test_errors_name_the_argument():
     state["row_offsets"] = state["row_offsets"].flip(0)
     with pytest.raises(ValueError, match="row_offsets must start at 0"):
         SparseLinear(16, 4, format="bitmask").load_state_dict(state)
+    csr = SparseLinear.from_linear(
+        _pruned_linear(300, 4, "unstructured", 0.5, ("e3",)), "unstructured", format="csr"
+    )
+    state = csr.state_dict()
+    state["bases"] = torch.full_like(state["bases"], 40)  # columns from 320: past K = 300
+    with pytest.raises(ValueError, match="csr row 0 points past K = 300"):
+        SparseLinear(300, 4, format="csr").load_state_dict(state)
+
+
+def test_the_default_unstructured_format_reads_the_fewer_bytes():
+    for amount, fmt in ((0.5, "bitmask"), (0.8, "bitmask"), (0.95, "csr")):
+        linear = _pruned_linear(4096, 4, "unstructured", amount, ("default", amount))
+        layer = SparseLinear.from_linear(linear, "unstructured")
+        assert layer.format == fmt, amount
+        other = SparseLinear.from_linear(
+            linear, "unstructured", format="csr" if fmt == "bitmask" else "bitmask"
+        )
+        mine = sum(b.nbytes for b in layer.buffers())
+        assert mine < sum(b.nbytes for b in other.buffers()), amount
 
 
 def test_compiles_without_graph_breaks():

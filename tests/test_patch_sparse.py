@@ -17,7 +17,9 @@ def _batches(n: int, g: torch.Generator) -> list[torch.Tensor]:
     return [torch.randint(0, 128, (2, 16), generator=g) for _ in range(n)]
 
 
-@pytest.mark.parametrize(("amount", "method"), [("2:4", "wanda"), (0.75, "magnitude")])
+@pytest.mark.parametrize(
+    ("amount", "method"), [("2:4", "wanda"), (0.75, "magnitude"), (0.95, "magnitude")]
+)
 def test_patch_prunes_and_compresses_a_hugging_face_model(tiny_llama, amount, method, tmp_path):
     g = seeded("patch-sparse", amount)
     calibration = _batches(2, g) if method == "wanda" else None
@@ -62,6 +64,20 @@ def test_quant_sparse_takes_a_pruned_model_and_refuses_an_unpruned_one():
     sparse.prune_(model, "2:4", progress=False)
     torchslim.patch(model, quant="sparse", dtype=torch.bfloat16, progress=False)
     assert isinstance(model[0], SparseLinear) and model[0].values.dtype == torch.bfloat16
+
+
+def test_the_format_is_an_option_and_survives_save_and_load(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(300, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
+    torchslim.patch(model, sparsity=0.5, format="csr", progress=False)
+    assert [m.format for m in model if isinstance(m, SparseLinear)] == ["csr", "csr"]
+    torchslim.save(model, tmp_path)
+    fresh = torch.nn.Sequential(torch.nn.Linear(300, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
+    torchslim.load(fresh, tmp_path)
+    x = torch.randn(20, 300, generator=seeded("csr-save"))
+    with torch.no_grad():
+        assert fresh[0].format == "csr" and torch.equal(fresh(x), model(x))
+    with pytest.raises(ValueError, match="format must be None or one of"):
+        torchslim.patch(torch.nn.Linear(8, 8), sparsity=0.5, format="coo", progress=False)
 
 
 def test_sparsity_arguments_are_checked():

@@ -1,4 +1,4 @@
-"""Sparse formats (2:4, bitmask) and the sparse linear ops against torchslim.reference."""
+"""Sparse formats (2:4, bitmask, csr) and the sparse linear ops against torchslim.reference."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from conftest import KERNEL_BACKENDS, run_on, seeded
 import torchslim
 from torchslim import ops
 from torchslim import reference as ref
-from torchslim.sparse import compress_24, compress_bitmask, format_bytes, prune_
+from torchslim.sparse import compress_24, compress_bitmask, compress_csr, format_bytes, prune_
 from torchslim.testing import M_QUICK, check_close, nan_padded
 
 CPU_BACKENDS = [b for b in KERNEL_BACKENDS if b.startswith("cpu")]
@@ -76,6 +76,46 @@ def test_bitmask_round_trip_is_exact(n, k, sparsity):
     assert torch.equal(ref.sparse.mask_bits(mask, k), w != 0)
 
 
+@pytest.mark.parametrize(("n", "k"), NK)
+@pytest.mark.parametrize("sparsity", [0.5, 0.97])
+def test_csr_round_trip_is_exact(n, k, sparsity):
+    w = _weight_unstructured(n, k, sparsity, seeded("csr", n, k, sparsity))
+    if n > 2:
+        w[1] = 0.0  # an empty row: no groups
+    values, columns, bases, offsets = compress_csr(w, torch.bfloat16)
+    groups = values.shape[0]
+    assert values.shape == columns.shape == (groups, 8) and values.dtype == torch.bfloat16
+    assert columns.dtype == torch.uint8 and bases.shape == (groups,) and bases.dtype == torch.int16
+    assert offsets.shape == (n + 1,) and int(offsets[-1]) == groups
+    assert torch.equal(ref.decompress_csr(values, columns, bases, offsets, k), w.bfloat16())
+    # every nonzero stored once; runs of 8 where no window is exceeded
+    assert int((values != 0).sum()) == int((w != 0).sum())
+    rows = (w != 0).sum(dim=1)
+    assert groups >= int((-(-rows // 8)).sum())
+
+
+def test_csr_layout_by_hand():
+    # row 0: 10 nonzeros in columns 3..12 -> a group of 8 from base column 0 (offsets 3..10)
+    # and one of 2 from base column 8 (offsets 3, 4); row 1: columns 5 and 700 are 695 apart,
+    # more than a group's window of 256 -> two groups of one, bases 0 and 696 (700 // 8 * 8)
+    w = torch.zeros(2, 800)
+    w[0, 3:13] = torch.arange(1.0, 11.0)
+    w[1, 5], w[1, 700] = -1.0, -2.0
+    values, columns, bases, offsets = compress_csr(w)
+    assert offsets.tolist() == [0, 2, 4]
+    assert bases.tolist() == [0, 1, 0, 87]
+    assert columns.tolist() == [
+        [3, 4, 5, 6, 7, 8, 9, 10],
+        [3, 4, 0, 0, 0, 0, 0, 0],
+        [5, 0, 0, 0, 0, 0, 0, 0],
+        [4, 0, 0, 0, 0, 0, 0, 0],
+    ]
+    assert values[:, 0].tolist() == [1.0, 9.0, -1.0, -2.0]
+    assert values[1:, 2:].abs().sum() == 0 and values[2:, 1:].abs().sum() == 0
+    with pytest.raises(ValueError, match="K <= 262144"):
+        compress_csr(torch.ones(1, 262145))
+
+
 def test_format_bytes_match_the_tensors():
     g = seeded("bytes")
     w24 = _weight_24(64, 256, g)
@@ -87,9 +127,13 @@ def test_format_bytes_match_the_tensors():
     w = _weight_unstructured(4, 10, 0.25, g)  # 2.5 weights a row: prune_ rounds halves up
     parts = compress_bitmask(w)
     assert format_bytes("bitmask", 4, 10, sparsity=0.25) == sum(t.nbytes for t in parts)
+    w = _weight_unstructured(64, 256, 0.9, g)
+    parts = compress_csr(w, torch.bfloat16)
+    csr = format_bytes("csr", 64, 256, sparsity=0.9, dtype=torch.bfloat16)
+    assert csr == sum(t.nbytes for t in parts)
     assert format_bytes("2:4", 4096, 4096) / 4096**2 == 2.125  # bytes per weight, fp32
     with pytest.raises(ValueError, match="fmt must be one of"):
-        format_bytes("csr", 4, 4)
+        format_bytes("coo", 4, 4)
 
 
 def test_compress_24_rejects_a_weight_off_the_pattern():
@@ -151,6 +195,52 @@ def test_bitmask_linear_matches_reference(backend, n, k, sparsity, poisoned_empt
 
 
 @pytest.mark.parametrize("backend", SPARSE_BACKENDS)
+@pytest.mark.parametrize(("n", "k"), NK)
+@pytest.mark.parametrize("sparsity", [0.5, 0.97])
+def test_csr_linear_matches_reference(backend, n, k, sparsity, poisoned_empty):
+    g = seeded("opcsr", backend, n, k, sparsity)
+    w = _weight_unstructured(n, k, sparsity, g)
+    if n > 2:
+        w[1] = 0.0  # an empty row
+        w[2] = torch.randn(k, generator=g)  # a dense one
+    bias = torch.randn(n, generator=g)
+    for dtype in (torch.float32, torch.bfloat16):
+        parts = compress_csr(w, dtype)
+        for m in (*M_QUICK, 5):  # up to 4 rows: the dot kernel; more: the SpMM on panels
+            x = nan_padded(_inputs(m, k, dtype, g)) if m else _inputs(m, k, dtype, g)
+            with run_on(backend):
+                out = ops.sparse_csr_linear(x, *parts, bias)
+            ref64 = ref.sparse_csr_linear(x, *parts, bias, compute_dtype=torch.float64)
+            check_close(out, ref64, ref.sparse_csr_linear(x, *parts, bias), name=f"{dtype} M={m}")
+
+
+@pytest.mark.parametrize("backend", SPARSE_BACKENDS)
+@pytest.mark.parametrize("m", [1, 20])
+def test_csr_columns_past_k_raise(backend, m):
+    g = seeded("csr-past", backend, m)
+    w = _weight_unstructured(6, 300, 0.5, g)
+    values, columns, bases, offsets = compress_csr(w)
+    x = torch.randn(m, 300, generator=g)
+    late = bases.clone()
+    row3 = int(offsets[3])
+    late[row3] = 300 // 8  # row 3's first group starts at column 296: offsets >= 4 are past K
+    with run_on(backend), pytest.raises(ValueError, match="csr row 3 points past K = 300"):
+        ops.sparse_csr_linear(x, values, columns, late, offsets)
+    negative = bases.clone()
+    negative[int(offsets[5])] = -1
+    with run_on(backend), pytest.raises(ValueError, match="csr row 5 points past K = 300"):
+        ops.sparse_csr_linear(x, values, columns, negative, offsets)
+    shifted = offsets.clone()
+    shifted[2] = shifted[3] + 1  # decreasing
+    with run_on(backend), pytest.raises(ValueError, match="group_offsets must be non-decreasing"):
+        ops.sparse_csr_linear(x, values, columns, bases, shifted)
+    beyond = offsets.clone()
+    beyond[-1] += 1
+    with run_on(backend), pytest.raises(ValueError, match="group_offsets must be non-decreasing"):
+        ops.sparse_csr_linear(x, values, columns, bases, beyond)
+
+
+@pytest.mark.parametrize("backend", SPARSE_BACKENDS)
 def test_values_in_another_dtype_than_x(backend):
     g = seeded("mixed", backend)
     w = _weight_24(33, 100, g)
@@ -167,6 +257,12 @@ def test_values_in_another_dtype_than_x(backend):
             out = ops.sparse_bitmask_linear(x.transpose(0, 1), *parts)  # non-contiguous
         ref64 = ref.sparse_bitmask_linear(x.transpose(0, 1), *parts, compute_dtype=torch.float64)
         check_close(out, ref64, ref.sparse_bitmask_linear(x.transpose(0, 1), *parts))
+        parts = compress_csr(w, vdtype)
+        for rows in (x[:1, :3], x):  # the dot kernel, the SpMM
+            with run_on(backend):
+                out = ops.sparse_csr_linear(rows, *parts)
+            ref64 = ref.sparse_csr_linear(rows, *parts, compute_dtype=torch.float64)
+            check_close(out, ref64, ref.sparse_csr_linear(rows, *parts))
 
 
 def test_ops_pass_opcheck():
@@ -176,15 +272,21 @@ def test_ops_pass_opcheck():
     values, meta = compress_24(_weight_24(9, 40, g))
     torch.library.opcheck(torch.ops.torchslim.sparse24_linear, (x, values, meta, bias))
     torch.library.opcheck(torch.ops.torchslim.sparse_bitmask_linear, (x, *compress_bitmask(w)))
+    torch.library.opcheck(torch.ops.torchslim.sparse_csr_linear, (x, *compress_csr(w), bias))
 
 
 def test_ops_compile_without_graph_breaks():
     g = seeded("compile")
     values, meta = compress_24(_weight_24(16, 64, g))
-    parts = compress_bitmask(_weight_unstructured(16, 64, 0.9, g))
+    w = _weight_unstructured(16, 64, 0.9, g)
+    parts, csr = compress_bitmask(w), compress_csr(w)
 
     def f(x):
-        return ops.sparse24_linear(x, values, meta) + ops.sparse_bitmask_linear(x, *parts)
+        return (
+            ops.sparse24_linear(x, values, meta)
+            + ops.sparse_bitmask_linear(x, *parts)
+            + ops.sparse_csr_linear(x, *csr)
+        )
 
     x = torch.randn(4, 64, generator=g)
     compiled = torch.compile(f, fullgraph=True, backend="inductor")
@@ -217,6 +319,22 @@ def test_bad_arguments_name_themselves():
         ops.sparse_bitmask_linear(x, vals, mask, offsets[:-1])
     with pytest.raises(ValueError, match=r"values must be 1-D \(nnz,\)"):
         ops.sparse_bitmask_linear(x, vals.reshape(4, -1), mask, offsets)
+
+    vals, cols, bases, offsets = compress_csr(w)
+    with pytest.raises(TypeError, match="columns must be uint8"):
+        ops.sparse_csr_linear(x, vals, cols.to(torch.int8), bases, offsets)
+    with pytest.raises(ValueError, match="columns must have the shape of values"):
+        ops.sparse_csr_linear(x, vals, cols[:, :4], bases, offsets)
+    with pytest.raises(ValueError, match=r"values must have shape \(G, 8\)"):
+        ops.sparse_csr_linear(x, vals.reshape(-1, 4), cols, bases, offsets)
+    with pytest.raises(TypeError, match="bases must be int16"):
+        ops.sparse_csr_linear(x, vals, cols, bases.int(), offsets)
+    with pytest.raises(ValueError, match=r"bases must have shape \(G,\)"):
+        ops.sparse_csr_linear(x, vals, cols, bases[:-1], offsets)
+    with pytest.raises(TypeError, match="group_offsets must be int64"):
+        ops.sparse_csr_linear(x, vals, cols, bases, offsets.int())
+    with pytest.raises(ValueError, match=r"bias must have shape \(N,\) = \(4,\)"):
+        ops.sparse_csr_linear(x, vals, cols, bases, offsets, torch.zeros(3))
 
 
 @pytest.mark.parametrize("backend", SPARSE_BACKENDS)

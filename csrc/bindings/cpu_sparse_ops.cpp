@@ -1,4 +1,4 @@
-// Torch binding of the sparse CPU kernels (cpu/sparse_gemm.h): the 2:4 and bitmask linear ops,
+// Torch binding of the sparse CPU kernels (cpu/sparse_gemm.h): the 2:4, bitmask and csr linear ops,
 // as torchslim._C functions (2-D x) and as the CPU impls of torch.ops.torchslim (any leading
 // dims, Python fallback: see registry.h).
 #include <torch/extension.h>
@@ -16,9 +16,11 @@ namespace {
 
 using namespace cpu_bindings;
 
-// Rows of x per block (fp32 rows of K stay in L2) and weight rows per block.
+// Rows of x per block (fp32 rows of K stay in L2) and weight rows per block; the csr SpMM
+// takes more weight rows per block, each x panel read from L3 serving them all.
 constexpr int64_t kBlockM = 32;
 constexpr int64_t kBlockN = 16;
+constexpr int64_t kSpmmBlockN = 64;
 
 int64_t mask_bytes(int64_t K) { return (K + 7) / 8; }
 int64_t kept_24(int64_t K) { return 2 * ((K + 3) / 4); }
@@ -141,6 +143,79 @@ at::Tensor sparse_bitmask_linear_cpu(const at::Tensor& x, const at::Tensor& valu
   return op.out;
 }
 
+// CSR: x (M, K) fp32/bf16; values (G, 8) fp32/bf16/fp16 and columns (G, 8) uint8, contiguous;
+// bases (G,) int16; group_offsets (N + 1,) int64 from 0, non-decreasing, at most G; bias (N,)
+// or None. More than kCsrMaxTileM rows of x are packed into transposed panels for the SpMM.
+at::Tensor sparse_csr_linear_cpu(const at::Tensor& x, const at::Tensor& values,
+                                 const at::Tensor& columns, const at::Tensor& bases,
+                                 const at::Tensor& group_offsets, const OptTensor& bias) {
+  TORCHSLIM_CHECK(x.dim() == 2, "x must be 2-D (M, K), got ", x.dim(), "-D");
+  const int64_t K = x.size(1);
+  TORCHSLIM_CHECK(values.dim() == 2 && values.size(1) == 8 && values.is_contiguous(),
+                  "values must be a contiguous (G, 8) tensor, got shape ", values.sizes(),
+                  " and strides ", values.strides());
+  const int64_t G = values.size(0);
+  check_cpu(columns, "columns");
+  TORCHSLIM_CHECK_TYPE(columns.scalar_type() == at::kByte, "columns must be uint8, got ",
+                       columns.scalar_type());
+  TORCHSLIM_CHECK(columns.sizes() == values.sizes() && columns.is_contiguous(),
+                  "columns must be contiguous with the shape of values ", values.sizes(), ", got ",
+                  columns.sizes());
+  check_cpu(bases, "bases");
+  TORCHSLIM_CHECK_TYPE(bases.scalar_type() == at::kShort, "bases must be int16, got ",
+                       bases.scalar_type());
+  TORCHSLIM_CHECK(bases.dim() == 1 && bases.size(0) == G && bases.is_contiguous(),
+                  "bases must be contiguous with shape (G,) = (", G, ",), got ", bases.sizes());
+  check_cpu(group_offsets, "group_offsets");
+  TORCHSLIM_CHECK_TYPE(group_offsets.scalar_type() == at::kLong,
+                       "group_offsets must be int64, got ", group_offsets.scalar_type());
+  TORCHSLIM_CHECK(group_offsets.dim() == 1 && group_offsets.size(0) >= 1,
+                  "group_offsets must have shape (N + 1,), got ", group_offsets.sizes());
+  const int64_t N = group_offsets.size(0) - 1;
+  SparseOperands op = sparse_operands(x, values, N, bias);
+  const at::Tensor offsets = group_offsets.contiguous();
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  TORCHSLIM_CHECK(off[0] == 0, "group_offsets must start at 0, got ", off[0]);
+  for (int64_t n = 0; n < N; ++n) {
+    TORCHSLIM_CHECK(off[n] <= off[n + 1] && off[n + 1] <= G,
+                    "group_offsets must be non-decreasing and at most values.shape[0] = ", G,
+                    ", got group_offsets[", n, "] = ", off[n], ", group_offsets[", n + 1,
+                    "] = ", off[n + 1]);
+  }
+  at::Tensor panels;
+  if (op.args.M > cpu::kCsrMaxTileM) {  // (P, K, kCsrPanel): x transposed, zero rows past M
+    const int64_t P = (op.args.M + cpu::kCsrPanel - 1) / cpu::kCsrPanel;
+    panels = at::zeros({P * cpu::kCsrPanel, K}, op.x.options());
+    panels.narrow(0, 0, op.args.M).copy_(op.x);
+    panels = panels.view({P, cpu::kCsrPanel, K}).transpose(1, 2).contiguous();
+    op.args.panels = panels.data_ptr<float>();
+  }
+  int64_t bad_row = -1;
+  op.args.meta = columns.data_ptr<uint8_t>();
+  op.args.ldm = 8;
+  op.args.bases = bases.data_ptr<int16_t>();
+  op.args.row_offsets = off;
+  op.args.values_total = G;
+  op.args.bad_row = &bad_row;
+  const cpu::KernelTable& kt = cpu::active_kernels();
+  parallel_blocks(op.args.M, N, kBlockM, panels.defined() ? kSpmmBlockN : kBlockN,
+                  [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+                    kt.csr_gemm(op.args, m0, m1, n0, n1);
+                  });
+  if (bad_row >= 0) {
+    int64_t col = 0;
+    for (int64_t g = off[bad_row]; g < off[bad_row + 1]; ++g) {
+      for (int64_t t = 0; t < 8; ++t) {
+        col = 8 * int64_t{op.args.bases[g]} + op.args.meta[8 * g + t];
+        if (col < 0 || col >= K) break;
+      }
+      if (col < 0 || col >= K) break;
+    }
+    TORCHSLIM_CHECK(false, "csr row ", bad_row, " points past K = ", K, ": column ", col);
+  }
+  return op.out;
+}
+
 // ----------------------------------------------------------------------------------------------
 // torch.ops.torchslim impls: the kernel for what it takes (the Python checks and the "cpu"
 // kernel's supports()), the Python impl for everything else.
@@ -180,6 +255,24 @@ at::Tensor sparse_bitmask_linear_op(const at::Tensor& x, const at::Tensor& value
                    x);
 }
 
+at::Tensor sparse_csr_linear_op(const at::Tensor& x, const at::Tensor& values,
+                                const at::Tensor& columns, const at::Tensor& bases,
+                                const at::Tensor& group_offsets, const OptTensor& bias) {
+  const bool fast = values.dim() == 2 && values.size(1) == 8 && group_offsets.dim() == 1 &&
+                    group_offsets.size(0) >= 1 &&
+                    is_sparse_input(x, values, bias, group_offsets.size(0) - 1) &&
+                    is_cpu_matrix(columns, at::kByte) && columns.sizes() == values.sizes() &&
+                    is_cpu_vector(bases, at::kShort, values.size(0)) &&
+                    group_offsets.device().is_cpu() && group_offsets.scalar_type() == at::kLong;
+  if (!fast) {
+    return registry::call_python<at::Tensor>("sparse_csr_linear", x, values, columns, bases,
+                                             group_offsets, bias);
+  }
+  return unflatten(sparse_csr_linear_cpu(rows(x), values.contiguous(), columns.contiguous(),
+                                         bases.contiguous(), group_offsets, bias),
+                   x);
+}
+
 }  // namespace
 
 void bind_cpu_sparse(pybind11::module_& m) {
@@ -188,6 +281,9 @@ void bind_cpu_sparse(pybind11::module_& m) {
   m.def("sparse_bitmask_linear_cpu", &sparse_bitmask_linear_cpu, "bitmask sparse linear",
         pybind11::arg("x"), pybind11::arg("values"), pybind11::arg("mask"),
         pybind11::arg("row_offsets"), pybind11::arg("bias") = pybind11::none());
+  m.def("sparse_csr_linear_cpu", &sparse_csr_linear_cpu, "csr sparse linear", pybind11::arg("x"),
+        pybind11::arg("values"), pybind11::arg("columns"), pybind11::arg("bases"),
+        pybind11::arg("group_offsets"), pybind11::arg("bias") = pybind11::none());
 }
 
 }  // namespace torchslim
@@ -195,4 +291,5 @@ void bind_cpu_sparse(pybind11::module_& m) {
 TORCH_LIBRARY_IMPL(torchslim, CPU, m) {
   m.impl("sparse24_linear", &torchslim::sparse24_linear_op);
   m.impl("sparse_bitmask_linear", &torchslim::sparse_bitmask_linear_op);
+  m.impl("sparse_csr_linear", &torchslim::sparse_csr_linear_op);
 }

@@ -161,13 +161,18 @@ inline int64_t attention_work_floats(int64_t D, int64_t Dv) {
 }
 
 // Sparse linear (torchslim.reference.sparse): out[m, n] = sum_k x[m, k] * W[n, k] + bias[n], W
-// stored in one of two formats (see sparse_gemm.h):
+// stored in one of three formats (see sparse_gemm.h):
 //   2:4      values (N, 2 * ceil(K / 4)) of v_type, row stride ldv; meta (N, ceil(K / 8)) uint8,
 //            row stride ldm: 2 bits per kept value, its column within its group of 4
 //   bitmask  meta is the mask (N, ceil(K / 8)) uint8, row stride ldm (bit j of byte b: column
 //            8b + j is stored); values (values_total,) of v_type, the nonzeros row by row;
 //            row n's are [row_offsets[n], row_offsets[n + 1]), 0 <= those <= values_total.
 //            The lowest row whose mask holds another count is written to *bad_row.
+//   csr      values (G, 8) of v_type and meta (G, 8) uint8 (the column offsets), both
+//            contiguous; bases (G,) int16; row n's groups are [row_offsets[n],
+//            row_offsets[n + 1]). Group g's slot t is column 8 * bases[g] + meta[g, t]. The
+//            lowest row with a column outside [0, K) is written to *bad_row (its group skipped).
+//            With panels set (M > kCsrMaxTileM), x is read from them instead: see kCsrPanel.
 struct SparseGemmArgs {
   const float* x;  // (M, K) fp32, row stride ldx, unit column stride
   int64_t ldx;
@@ -176,15 +181,21 @@ struct SparseGemmArgs {
   int64_t ldv;
   const uint8_t* meta;
   int64_t ldm;
-  const int64_t* row_offsets;  // bitmask: (N + 1,); 2:4: null
+  const int64_t* row_offsets;  // bitmask: (N + 1,) into the values; csr: into the groups
   int64_t values_total;
-  const float* bias;  // (N,) fp32 or null
-  void* out;          // (M, N) fp32 or bf16, row stride ldo
+  const int16_t* bases;  // csr: (G,)
+  const float* panels;   // csr: null, or x as (ceil(M / kCsrPanel), K, kCsrPanel) fp32
+  const float* bias;     // (N,) fp32 or null
+  void* out;             // (M, N) fp32 or bf16, row stride ldo
   int64_t ldo;
   ScalarType out_type;
   int64_t M, N, K;
-  int64_t* bad_row;  // bitmask: -1 on entry; the lowest row whose mask and offsets disagree
+  int64_t* bad_row;  // bitmask, csr: -1 on entry; the lowest bad row (see above)
 };
+
+// csr: rows of x per panel of the SpMM kernel, and the most rows of x the dot kernel takes.
+constexpr int64_t kCsrPanel = 16;
+constexpr int64_t kCsrMaxTileM = 4;
 
 struct KernelTable {
   Isa isa;
@@ -197,6 +208,7 @@ struct KernelTable {
                     int64_t i1, int64_t j_begin, int64_t j_end, float* work, float* partial);
   void (*sparse24_gemm)(const SparseGemmArgs& args, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
   void (*bitmask_gemm)(const SparseGemmArgs& args, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
+  void (*csr_gemm)(const SparseGemmArgs& args, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
 };
 
 namespace portable {

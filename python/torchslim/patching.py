@@ -29,6 +29,7 @@ from torchslim._names import as_patterns, name_matches
 from torchslim.nn import Int4Linear, Int8Linear, MultiheadAttention
 from torchslim.nn.sparse_linear import SparseLinear
 from torchslim.quant import smoothquant_factors
+from torchslim.sparse.formats import FORMATS
 from torchslim.sparse.patterns import check_pattern
 from torchslim.sparse.prune import prune_
 
@@ -246,14 +247,16 @@ SPARSE_PATTERNS = ("2:4", "unstructured")
 def _sparse_check_options(options: Mapping[str, object]) -> None:
     if options["pattern"] not in SPARSE_PATTERNS:
         raise ValueError(f"pattern must be one of {SPARSE_PATTERNS}, got {options['pattern']!r}")
+    if options["format"] is not None and options["format"] not in FORMATS:
+        raise ValueError(f"format must be None or one of {FORMATS}, got {options['format']!r}")
     if options["dtype"] is not None and options["dtype"] not in _SCALE_DTYPES.values():
         raise TypeError(
             f"dtype must be None or one of {list(_SCALE_DTYPES.values())}, got {options['dtype']!r}"
         )
 
 
-def _sparse_convert(layer, _act_absmax, *, pattern, dtype):
-    return SparseLinear.from_linear(layer, pattern, dtype=dtype)
+def _sparse_convert(layer, _act_absmax, *, pattern, dtype, format):
+    return SparseLinear.from_linear(layer, pattern, format=format, dtype=dtype)
 
 
 SPARSE = Method(
@@ -261,11 +264,11 @@ SPARSE = Method(
     applies_to=nn.Linear,
     convert=_sparse_convert,
     why_not=lambda layer, _options: _linear_why_not(layer),
-    describe="sparse weights, compressed (2:4 or bitmask)",
+    describe="sparse weights, compressed (2:4, bitmask or csr)",
     config=_sparse_config,
     empty=_sparse_empty,
     owns=lambda module: isinstance(module, SparseLinear),
-    options=MappingProxyType({"pattern": "2:4", "dtype": None}),
+    options=MappingProxyType({"pattern": "2:4", "dtype": None, "format": None}),
     check_options=_sparse_check_options,
 )
 
@@ -375,8 +378,9 @@ def patch(
         model: any nn.Module (a Hugging Face model included).
         quant: one of METHODS ("int8", "int8-weight", "int4", "sparse"), or None to change
             nothing. "sparse" compresses layers already pruned (torchslim.sparse.prune_) into
-            SparseLinear; options ``pattern`` ("2:4" or "unstructured") and ``dtype`` of the
-            stored values (default the weight's).
+            SparseLinear; options ``pattern`` ("2:4" or "unstructured"), ``dtype`` of the
+            stored values (default the weight's) and ``format`` (default: "2:4" for that
+            pattern, else per layer the one of "bitmask" and "csr" with the fewer bytes).
         include: names (exact, glob or regex) of the layers to patch; default all.
         exclude: names (exact, glob or regex) of layers to leave alone, e.g. "lm_head".
         filter_fn: called as filter_fn(name, module); a layer is patched only if it returns True.
@@ -391,7 +395,7 @@ def patch(
             parameters. Model-wide: include, exclude and filter_fn select quant layers only.
         sparsity: prune the selected layers first, then store them compressed (quant
             "sparse"): "2:4", or a float in (0, 1) for unstructured sparsity per output row
-            (bitmask format). No quantized kernel takes sparse weights yet, so it does not
+            (bitmask or csr format). No quantized kernel takes sparse weights yet, so it does not
             combine with another quant.
         sparsity_method: "magnitude" or "wanda" (|W| times the input norm per channel, from
             ``calibration``); see torchslim.sparse.prune_.

@@ -8,14 +8,27 @@ from torch import nn
 from torchslim import ops  # noqa: F401 (defines the torch.ops.torchslim ops below)
 from torchslim.ops.int8 import _require_tensors
 from torchslim.reference import sparse as ref
-from torchslim.sparse.formats import FORMATS, VALUE_DTYPES, compress_24, compress_bitmask
+from torchslim.sparse.formats import (
+    FORMATS,
+    VALUE_DTYPES,
+    compress_24,
+    compress_bitmask,
+    compress_csr,
+)
 from torchslim.sparse.patterns import parse_pattern
 
 _OP_24 = torch.ops.torchslim.sparse24_linear.default
 _OP_BITMASK = torch.ops.torchslim.sparse_bitmask_linear.default
+_OP_CSR = torch.ops.torchslim.sparse_csr_linear.default
 
 # The buffers of each format, besides bias.
-_BUFFERS = {"2:4": ("values", "meta"), "bitmask": ("values", "mask", "row_offsets")}
+_BUFFERS = {
+    "2:4": ("values", "meta"),
+    "bitmask": ("values", "mask", "row_offsets"),
+    "csr": ("values", "columns", "bases", "group_offsets"),
+}
+# The buffers whose length depends on the weight: a loaded state_dict brings theirs.
+_SIZED_BY_WEIGHT = {"2:4": (), "bitmask": ("values",), "csr": ("values", "columns", "bases")}
 
 
 class SparseLinear(nn.Module):
@@ -25,9 +38,11 @@ class SparseLinear(nn.Module):
                    (torch.ops.torchslim.sparse24_linear)
         "bitmask"  ``values`` (nnz,), ``mask`` (out, ceil(in / 8)) uint8, ``row_offsets``
                    (out + 1,) int64 (torch.ops.torchslim.sparse_bitmask_linear)
+        "csr"      ``values`` (G, 8), ``columns`` (G, 8) uint8, ``bases`` (G,) int16,
+                   ``group_offsets`` (out + 1,) int64 (torch.ops.torchslim.sparse_csr_linear)
 
     All are buffers in the state_dict, with ``bias`` (out,) or None; loading a state_dict keeps
-    its values' and bias' dtypes, and a bitmask layer takes its number of values from it.
+    its values' and bias' dtypes, and a bitmask or csr layer takes its number of values from it.
     Values are fp32, bf16 or fp16 and need not match the activations' dtype: bf16 values under
     fp32 activations halve the bytes read.
     ``module.to(dtype)`` casts the values and the bias, like nn.Linear's weight and bias.
@@ -62,13 +77,21 @@ class SparseLinear(nn.Module):
             (_, kept), _ = ref.sparse24_shapes(n, k)
             self.register_buffer("values", torch.zeros(n, kept, dtype=dtype, device=device))
             self.register_buffer("meta", self._empty_meta(n, k, device))
-        else:
+        elif format == "bitmask":
             self.register_buffer("values", torch.zeros(0, dtype=dtype, device=device))
             self.register_buffer(
                 "mask", torch.zeros(n, byte_cols, dtype=torch.uint8, device=device)
             )
             self.register_buffer(
                 "row_offsets", torch.zeros(n + 1, dtype=torch.int64, device=device)
+            )
+        else:
+            group = ref.CSR_GROUP
+            self.register_buffer("values", torch.zeros(0, group, dtype=dtype, device=device))
+            self.register_buffer("columns", torch.zeros(0, group, dtype=torch.uint8, device=device))
+            self.register_buffer("bases", torch.zeros(0, dtype=torch.int16, device=device))
+            self.register_buffer(
+                "group_offsets", torch.zeros(n + 1, dtype=torch.int64, device=device)
             )
         self.register_buffer("bias", torch.zeros(n, dtype=dtype, device=device) if bias else None)
         self.register_load_state_dict_post_hook(lambda module, _keys: module._validate())
@@ -95,7 +118,9 @@ class SparseLinear(nn.Module):
             linear: the float layer, its weight already zero where pruned.
             pattern: the pattern the weight is declared to follow: "2:4" (checked: a weight
                 off the pattern raises ValueError, it is never re-pruned) or "unstructured".
-            format: "2:4" or "bitmask"; default "2:4" for the 2:4 pattern, else "bitmask".
+            format: "2:4", "bitmask" or "csr"; default "2:4" for the 2:4 pattern, else the
+                one that reads the fewer bytes (csr from about 90% sparsity, see
+                default_format).
             dtype: dtype of the stored values (default the weight's).
         """
         if not isinstance(linear, nn.Linear):
@@ -106,10 +131,10 @@ class SparseLinear(nn.Module):
                 f"pattern must be '2:4' or 'unstructured' for SparseLinear, got {pattern!r} "
                 "(a block-pruned weight is stored as 'unstructured')"
             )
-        format = format or ("2:4" if str(parsed) == "2:4" else "bitmask")
+        weight = linear.weight.detach()  # with torch.nn.utils.prune: weight_orig * weight_mask
+        format = format or ("2:4" if str(parsed) == "2:4" else default_format(weight, dtype))
         if format not in FORMATS:
             raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
-        weight = linear.weight.detach()  # with torch.nn.utils.prune: weight_orig * weight_mask
         layer = cls(
             linear.in_features,
             linear.out_features,
@@ -120,23 +145,32 @@ class SparseLinear(nn.Module):
         )
         if format == "2:4":
             layer.values, layer.meta = compress_24(weight, dtype)
-        else:
+        elif format == "bitmask":
             layer.values, layer.mask, layer.row_offsets = compress_bitmask(weight, dtype)
+        else:
+            layer.values, layer.columns, layer.bases, layer.group_offsets = compress_csr(
+                weight, dtype
+            )
         if linear.bias is not None:
             layer.bias = linear.bias.detach().clone()
         layer._validate()
         return layer
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # The values and the bias keep the dtypes they were saved in, and a bitmask layer's
-        # number of values comes with the weights it loads.
-        for name in ("values", "bias"):
+        # The values and the bias keep the dtypes they were saved in, and a bitmask or csr
+        # layer's number of values comes with the weights it loads.
+        sized = _SIZED_BY_WEIGHT[self.format]
+        for name in {"values", "bias", *sized}:
             incoming, own = state_dict.get(prefix + name), self._buffers.get(name)
             if not (isinstance(incoming, torch.Tensor) and own is not None):
                 continue
-            shape = incoming.shape if name == "values" and self.format == "bitmask" else own.shape
-            if incoming.dtype in VALUE_DTYPES and incoming.dim() == own.dim():
-                self._buffers[name] = own.new_empty(shape, dtype=incoming.dtype)
+            if incoming.dim() != own.dim():
+                continue  # the load reports the mismatch
+            shape = incoming.shape if name in sized else own.shape
+            float_value = name in ("values", "bias") and incoming.dtype in VALUE_DTYPES
+            self._buffers[name] = own.new_empty(
+                shape, dtype=incoming.dtype if float_value else own.dtype
+            )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _validate(self) -> None:
@@ -160,16 +194,22 @@ class SparseLinear(nn.Module):
             index = ref.meta_indices(b["meta"], kept // 2).reshape(n, -1, 2)
             if not bool((index[..., 0] < index[..., 1]).all()):
                 raise ValueError("meta must hold two increasing column indices per group of 4")
-        else:
+        elif self.format == "bitmask":
             ref.check_bitmask(b["values"], b["mask"], b["row_offsets"], k)
+        else:
+            ref.check_csr(b["values"], b["columns"], b["bases"], b["group_offsets"], k)
 
     def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The decompressed (out_features, in_features) weight."""
         b = self._buffers
         if self.format == "2:4":
             return ref.decompress_24(b["values"], b["meta"], self.in_features, dtype)
-        return ref.decompress_bitmask(
-            b["values"], b["mask"], b["row_offsets"], self.in_features, dtype
+        if self.format == "bitmask":
+            return ref.decompress_bitmask(
+                b["values"], b["mask"], b["row_offsets"], self.in_features, dtype
+            )
+        return ref.decompress_csr(
+            b["values"], b["columns"], b["bases"], b["group_offsets"], self.in_features, dtype
         )
 
     @property
@@ -184,7 +224,9 @@ class SparseLinear(nn.Module):
         b = self._buffers
         if self.format == "2:4":
             return _OP_24(x, b["values"], b["meta"], b["bias"])
-        return _OP_BITMASK(x, b["values"], b["mask"], b["row_offsets"], b["bias"])
+        if self.format == "bitmask":
+            return _OP_BITMASK(x, b["values"], b["mask"], b["row_offsets"], b["bias"])
+        return _OP_CSR(x, b["values"], b["columns"], b["bases"], b["group_offsets"], b["bias"])
 
     def extra_repr(self) -> str:
         return (
@@ -192,3 +234,16 @@ class SparseLinear(nn.Module):
             f"bias={self.bias is not None}, format={self.format!r}, "
             f"values={str(self.values.dtype).removeprefix('torch.')}"
         )
+
+
+def default_format(weight: torch.Tensor, dtype: torch.dtype | None = None) -> str:
+    """The unstructured format that stores ``weight`` (values in ``dtype``, default its own) in
+    fewer bytes: "bitmask" (an item per nonzero, 1/8 per weight) or "csr" (8 items + 10 bytes
+    per group of up to 8 nonzeros: fewer from about 90% sparsity on long rows). The kernels'
+    work follows the bytes at decode, and csr's SpMM is the one that scales at large M."""
+    item = torch.empty((), dtype=dtype or weight.dtype).element_size()
+    per_row = torch.count_nonzero(weight, dim=1)
+    groups = int((-(-per_row // ref.CSR_GROUP)).sum())
+    csr = groups * (ref.CSR_GROUP * (item + 1) + 2)
+    bitmask = int(per_row.sum()) * item + weight.shape[0] * -(-weight.shape[1] // ref.MASK_BITS)
+    return "csr" if csr < bitmask else "bitmask"

@@ -13,11 +13,18 @@ Schemas (``torch.ops.torchslim.*``):
         (N, ceil(K / 8)) uint8, a bit per weight; row_offsets: (N + 1,) int64, row n's values
         at [row_offsets[n], row_offsets[n + 1]); bias as above  ->  (..., N) in x.dtype
 
+    sparse_csr_linear(Tensor x, Tensor values, Tensor columns, Tensor bases,
+                      Tensor group_offsets, Tensor? bias=None) -> Tensor
+        x: (..., K) as above; values: (G, 8) fp32/bf16/fp16, the nonzeros row by row in
+        groups of 8; columns: (G, 8) uint8, each value's column from its group's base column;
+        bases: (G,) int16, the base column / 8; group_offsets: (N + 1,) int64, row n's groups
+        at [group_offsets[n], group_offsets[n + 1]); bias as above  ->  (..., N) in x.dtype
+
 The values may have another float dtype than x (bf16 values for fp32 activations halve the
 bytes a decode step reads). The ops check shapes, dtypes and devices; the bitmask kernels also
-check that row_offsets agrees with the mask, as they read it (a ValueError, never a read past
-the values). Backends: the CPU kernel (fp32/bf16 activations: csrc/cpu/sparse_gemm.h);
-anything else runs the reference.
+check that row_offsets agrees with the mask, and the csr kernels that every column is below K,
+as they read them (a ValueError, never a read out of bounds). Backends: the CPU kernel
+(fp32/bf16 activations: csrc/cpu/sparse_gemm.h); anything else runs the reference.
 """
 
 from __future__ import annotations
@@ -89,6 +96,37 @@ def _check_bitmask(x, values, mask, row_offsets, bias) -> None:
     _check_same_device(x, values=values, mask=mask, row_offsets=row_offsets, bias=bias)
 
 
+def _check_csr(x, values, columns, bases, group_offsets, bias) -> None:
+    _check_activation(x)
+    _check_values(values)
+    group = ref.sparse.CSR_GROUP
+    if values.dim() != 2 or values.shape[1] != group:
+        raise ValueError(f"values must have shape (G, {group}), got {tuple(values.shape)}")
+    if columns.dtype != torch.uint8:
+        raise TypeError(f"columns must be uint8, got {columns.dtype}")
+    if columns.shape != values.shape:
+        raise ValueError(
+            f"columns must have the shape of values {tuple(values.shape)}, "
+            f"got {tuple(columns.shape)}"
+        )
+    if bases.dtype != torch.int16:
+        raise TypeError(f"bases must be int16, got {bases.dtype}")
+    if tuple(bases.shape) != (values.shape[0],):
+        raise ValueError(
+            f"bases must have shape (G,) = ({values.shape[0]},), got {tuple(bases.shape)}"
+        )
+    if group_offsets.dtype != torch.int64:
+        raise TypeError(f"group_offsets must be int64, got {group_offsets.dtype}")
+    if group_offsets.dim() != 1 or group_offsets.numel() < 1:
+        raise ValueError(
+            f"group_offsets must have shape (N + 1,), got {tuple(group_offsets.shape)}"
+        )
+    _check_bias(bias, group_offsets.numel() - 1)
+    _check_same_device(
+        x, values=values, columns=columns, bases=bases, group_offsets=group_offsets, bias=bias
+    )
+
+
 def _backends(name: str, reference) -> OpBackends:
     backends = OpBackends(name=name, reference=reference, preference={"cpu": ("cpu",)})
     available, fn = extension_kernel(f"{name}_cpu", _ext.cpu_available)
@@ -146,6 +184,37 @@ define_op(
 )
 
 
+# --------------------------------------------------------------------------- csr
+_CSR = _backends("sparse_csr_linear", ref.sparse_csr_linear)
+
+
+def _csr_impl(x, values, columns, bases, group_offsets, bias=None):
+    _check_csr(x, values, columns, bases, group_offsets, bias)
+    out = _CSR(
+        _rows(x),
+        values.contiguous(),
+        columns.contiguous(),
+        bases.contiguous(),
+        group_offsets.contiguous(),
+        bias,
+    )
+    return out.reshape(*x.shape[:-1], group_offsets.numel() - 1)
+
+
+def _csr_fake(x, values, columns, bases, group_offsets, bias=None):
+    _check_csr(x, values, columns, bases, group_offsets, bias)
+    return x.new_empty((*x.shape[:-1], group_offsets.shape[0] - 1))
+
+
+define_op(
+    "sparse_csr_linear(Tensor x, Tensor values, Tensor columns, Tensor bases, "
+    "Tensor group_offsets, Tensor? bias=None) -> Tensor",
+    impl=_csr_impl,
+    fake=_csr_fake,
+    backends=_CSR,
+)
+
+
 # --------------------------------------------------------------------------- entry points
 def sparse24_linear(
     x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None = None
@@ -166,3 +235,18 @@ def sparse_bitmask_linear(
     (:func:`torchslim.sparse.compress_bitmask`)."""
     _require_tensors(x=x, values=values, mask=mask, row_offsets=row_offsets, bias=bias)
     return torch.ops.torchslim.sparse_bitmask_linear(x, values, mask, row_offsets, bias)
+
+
+def sparse_csr_linear(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    columns: torch.Tensor,
+    bases: torch.Tensor,
+    group_offsets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x @ W.T + bias`` with W in the csr format (:func:`torchslim.sparse.compress_csr`)."""
+    _require_tensors(
+        x=x, values=values, columns=columns, bases=bases, group_offsets=group_offsets, bias=bias
+    )
+    return torch.ops.torchslim.sparse_csr_linear(x, values, columns, bases, group_offsets, bias)

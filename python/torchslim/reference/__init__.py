@@ -23,10 +23,13 @@ from torchslim.reference.int8 import (
 from torchslim.reference.sparse import (
     compress_24,
     compress_bitmask,
+    compress_csr,
     decompress_24,
     decompress_bitmask,
+    decompress_csr,
     sparse24_linear,
     sparse_bitmask_linear,
+    sparse_csr_linear,
 )
 
 __all__ = [
@@ -34,8 +37,10 @@ __all__ = [
     "attention_backward",
     "compress_24",
     "compress_bitmask",
+    "compress_csr",
     "decompress_24",
     "decompress_bitmask",
+    "decompress_csr",
     "dequantize_int4",
     "int4_weight_only_linear",
     "int4_weight_only_linear_tc",
@@ -50,6 +55,7 @@ __all__ = [
     "sparse",
     "sparse24_linear",
     "sparse_bitmask_linear",
+    "sparse_csr_linear",
     "tc_to_plain",
     "unpack_int4",
     "unpack_int4_tc",

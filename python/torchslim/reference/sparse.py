@@ -26,6 +26,22 @@ Bitmask (unstructured, any sparsity): one bit per weight, and the nonzeros packe
 Bytes per weight at sparsity s: (1 - s) * itemsize + 1/8 (+ 8 per row): for fp32 values 2.125
 at 50% and 0.525 at 90%, for bf16 1.125 and 0.325.
 
+CSR (unstructured, for high sparsity): the nonzeros of each row in groups of 8, each with an
+8-bit column relative to its group's base column, so a kernel's work follows the nonzeros:
+
+    values         (G, 8) the nonzeros row by row, in column order (fp32/bf16/fp16)
+    columns        (G, 8) uint8: each value's column minus its group's base column
+    bases          (G,) int16: the group's base column / 8
+    group_offsets  (N + 1,) int64: row n's groups are [group_offsets[n], group_offsets[n + 1])
+
+    W[n, 8 * bases[g] + columns[g, i]] += values[g, i]  for every group g of row n, i < 8.
+
+A group starts at a row's next nonzero c0 (base c0 // 8) and takes up to 8 of the row's
+following nonzeros in its window of 256 columns [8 * base, 8 * base + 256); a short group's
+unused slots hold zero values at column offset 0. Every column must be < K; K at most
+CSR_MAX_K. Bytes per nonzero: itemsize + 1.25 (+ the short groups' slots, + 8 per row): per
+weight for bf16 values 0.325 at 90% (as the bitmask) and 0.16 at 95% (bitmask 0.225).
+
 The linear ops compute ``x @ W.T + bias`` on the decompressed W. The kernels visit only the
 stored values, so their sums run in a different order than a dense matmul: they are judged
 against the float64 reference (testing.check_close), not bit for bit.
@@ -38,6 +54,10 @@ import torch
 GROUP = 4  # 2:4: columns per group
 KEPT = 2  # 2:4: values kept per group
 MASK_BITS = 8  # bitmask: columns per mask byte
+CSR_GROUP = 8  # csr: values per group
+CSR_WINDOW = 256  # csr: columns a group spans from its base (8-bit offsets)
+CSR_BASE_UNIT = 8  # csr: a base counts columns in units of 8
+CSR_MAX_K = CSR_BASE_UNIT * (2**15)  # int16 bases
 
 
 # --------------------------------------------------------------------------- 2:4
@@ -207,6 +227,152 @@ def sparse_bitmask_linear(
     """
     cd = compute_dtype or x.dtype
     w = decompress_bitmask(values, mask, row_offsets, x.shape[-1], dtype=cd)
+    return _linear(x, w, bias, cd)
+
+
+# --------------------------------------------------------------------------- csr
+def _csr_assign(
+    cols: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(group within its row, slot in the group) of each nonzero, grouped as the format says:
+    runs of 8, except in rows where a run spans more than a window, which are grouped greedily
+    (a loop over the groups of those rows only: rare below ~95% sparsity)."""
+    nnz = cols.numel()
+    rows = torch.repeat_interleave(torch.arange(counts.numel(), device=cols.device), counts)
+    pos = torch.arange(nnz, device=cols.device) - starts[rows]
+    group, slot = pos // CSR_GROUP, pos % CSR_GROUP
+    first = cols[(starts[rows] + group * CSR_GROUP)]
+    too_far = cols - first // CSR_BASE_UNIT * CSR_BASE_UNIT >= CSR_WINDOW
+    bad = torch.unique(rows[too_far])
+    if bad.numel():
+        ptr, end = starts[bad].clone(), starts[bad] + counts[bad]
+        lanes = torch.arange(CSR_GROUP, device=cols.device)
+        for it in range(int(counts[bad].max())):
+            live = ptr < end
+            if not bool(live.any()):
+                break
+            index = ptr[live, None] + lanes
+            inside = index < end[live, None]
+            c = cols[index.clamp(max=nnz - 1)]
+            base = c[:, :1] // CSR_BASE_UNIT * CSR_BASE_UNIT
+            take = inside & (c - base < CSR_WINDOW)  # a prefix: columns increase
+            group[index[take]] = it
+            slot[index[take]] = lanes.expand_as(index)[take]
+            ptr[live] += take.sum(dim=1)
+    return group, slot
+
+
+def compress_csr(
+    weight: torch.Tensor, dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N, K) weight -> (values (G, 8), columns (G, 8) uint8, bases (G,) int16,
+    group_offsets (N + 1,) int64); ``dtype`` converts the values (default the weight's)."""
+    n, k = weight.shape
+    if k > CSR_MAX_K:
+        raise ValueError(f"the csr format takes K <= {CSR_MAX_K}, got K = {k}")
+    nonzero = weight != 0
+    counts = nonzero.sum(dim=1)
+    starts = counts.cumsum(0) - counts
+    cols = nonzero.nonzero()[:, 1]  # row-major: each row's columns in order
+    group, slot = _csr_assign(cols, starts, counts)
+    rows = torch.repeat_interleave(torch.arange(n, device=weight.device), counts)
+    per_row = torch.zeros(n, dtype=torch.int64, device=weight.device)
+    per_row.scatter_reduce_(0, rows, group + 1, reduce="amax")
+    group_offsets = torch.zeros(n + 1, dtype=torch.int64, device=weight.device)
+    group_offsets[1:] = per_row.cumsum(0)
+    g = group_offsets[rows] + group
+    total = int(group_offsets[-1])
+    base = torch.zeros(total, dtype=torch.int64, device=weight.device)
+    base[g[slot == 0]] = cols[slot == 0] // CSR_BASE_UNIT
+    values = weight.new_zeros((total, CSR_GROUP), dtype=dtype or weight.dtype)
+    values[g, slot] = weight[nonzero].to(values.dtype)
+    columns = torch.zeros((total, CSR_GROUP), dtype=torch.uint8, device=weight.device)
+    columns[g, slot] = (cols - CSR_BASE_UNIT * base[g]).to(torch.uint8)
+    return values, columns, base.to(torch.int16), group_offsets
+
+
+def _csr_columns(
+    values: torch.Tensor,
+    columns: torch.Tensor,
+    bases: torch.Tensor,
+    group_offsets: torch.Tensor,
+    k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """check_csr's checks; returns (row, column) of every slot, (G, 8) int64 each."""
+    groups = values.shape[0]
+    offsets = group_offsets.to(torch.int64)
+    if offsets.numel() and int(offsets[0]) != 0:
+        raise ValueError(f"group_offsets must start at 0, got {int(offsets[0])}")
+    if bool((offsets.diff() < 0).any()) or int(offsets[-1]) > groups:
+        raise ValueError(
+            f"group_offsets must be non-decreasing and at most values.shape[0] = {groups}, "
+            f"got {offsets.tolist() if offsets.numel() <= 8 else 'otherwise'}"
+        )
+    used = int(offsets[-1])
+    rows = torch.repeat_interleave(
+        torch.arange(offsets.numel() - 1, device=values.device), offsets.diff()
+    )
+    col = CSR_BASE_UNIT * bases[:used].to(torch.int64)[:, None] + columns[:used].to(torch.int64)
+    past = (col >= k) | (col < 0)
+    if bool(past.any()):
+        g = int(past.any(dim=1).nonzero()[0, 0])
+        raise ValueError(
+            f"csr row {int(rows[g])} points past K = {k}: column {int(col[g][past[g]][0])}"
+        )
+    return rows[:, None].expand(-1, CSR_GROUP), col
+
+
+def check_csr(
+    values: torch.Tensor,
+    columns: torch.Tensor,
+    bases: torch.Tensor,
+    group_offsets: torch.Tensor,
+    k: int,
+) -> None:
+    """Raises ValueError unless group_offsets starts at 0, is non-decreasing, stays within the
+    groups, and every used group's columns are in [0, K) (a device sync on a GPU)."""
+    _csr_columns(values, columns, bases, group_offsets, k)
+
+
+def decompress_csr(
+    values: torch.Tensor,
+    columns: torch.Tensor,
+    bases: torch.Tensor,
+    group_offsets: torch.Tensor,
+    k: int,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """(values, columns, bases, group_offsets) -> the dense (N, K) weight (``dtype``, default
+    the values')."""
+    rows, col = _csr_columns(values, columns, bases, group_offsets, k)
+    dense = values.new_zeros((group_offsets.numel() - 1, k), dtype=dtype or values.dtype)
+    used = rows.shape[0]
+    dense.index_put_((rows, col), values[:used].to(dense.dtype), accumulate=True)
+    return dense
+
+
+def sparse_csr_linear(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    columns: torch.Tensor,
+    bases: torch.Tensor,
+    group_offsets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    compute_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """``x @ decompress_csr(values, columns, bases, group_offsets).T + bias``.
+
+    Args:
+        x: (..., K) fp32/bf16/fp16. values: (G, 8). columns: (G, 8) uint8. bases: (G,) int16.
+        group_offsets: (N + 1,) int64. bias: (N,) or None.
+        compute_dtype: dtype of the matmul; defaults to ``x.dtype``, float64 for the yardstick.
+
+    Returns:
+        (..., N) in ``x.dtype``.
+    """
+    cd = compute_dtype or x.dtype
+    w = decompress_csr(values, columns, bases, group_offsets, x.shape[-1], dtype=cd)
     return _linear(x, w, bias, cd)
 
 

@@ -10,8 +10,10 @@ from torchslim.sparse.formats import (
     FORMATS,
     compress_24,
     compress_bitmask,
+    compress_csr,
     decompress_24,
     decompress_bitmask,
+    decompress_csr,
     format_bytes,
 )
 from torchslim.sparse.patterns import Pattern, check_pattern, parse_pattern
@@ -24,8 +26,10 @@ __all__ = [
     "check_pattern",
     "compress_24",
     "compress_bitmask",
+    "compress_csr",
     "decompress_24",
     "decompress_bitmask",
+    "decompress_csr",
     "fold_torch_prune",
     "format_bytes",
     "parse_pattern",

@@ -6,6 +6,7 @@ prune it first with :func:`torchslim.sparse.prune_`.
 
     values, meta = compress_24(w)                     # w: (N, K), <= 2 nonzeros per 4
     values, mask, row_offsets = compress_bitmask(w)   # any w
+    values, columns, bases, group_offsets = compress_csr(w)  # any w, K <= 262144
     format_bytes("2:4", N, K, dtype=torch.bfloat16)   # what the compressed weight takes
 """
 
@@ -16,7 +17,7 @@ import torch
 from torchslim.reference import sparse as ref
 from torchslim.sparse.patterns import check_pattern
 
-FORMATS = ("2:4", "bitmask")
+FORMATS = ("2:4", "bitmask", "csr")
 VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -51,22 +52,38 @@ def compress_bitmask(
         return ref.compress_bitmask(weight.detach(), dtype)
 
 
+def compress_csr(
+    weight: torch.Tensor, dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N, K) weight -> (values (G, 8), columns (G, 8) uint8, bases (G,) int16,
+    group_offsets (N + 1,) int64): the nonzeros in groups of 8 with 8-bit columns."""
+    _check_weight(weight, dtype)
+    with torch.no_grad():
+        return ref.compress_csr(weight.detach(), dtype)
+
+
 decompress_24 = ref.decompress_24
 decompress_bitmask = ref.decompress_bitmask
+decompress_csr = ref.decompress_csr
 
 
 def format_bytes(
     fmt: str, n: int, k: int, *, sparsity: float = 0.5, dtype: torch.dtype = torch.float32
 ) -> int:
-    """Bytes of an (N, K) weight in format ``fmt`` ("2:4", "bitmask" at ``sparsity``, or
-    "dense") with values in ``dtype``: what a decode step must read."""
+    """Bytes of an (N, K) weight in format ``fmt`` ("2:4", "bitmask" or "csr" at
+    ``sparsity``, or "dense") with values in ``dtype``: what a decode step must read. For
+    "csr" it counts ceil(nnz / 8) groups per row, exact unless 8 nonzeros of a row span more
+    than 256 columns (rare below ~95% sparsity, where a few more groups follow)."""
     item = torch.empty((), dtype=dtype).element_size()
     if fmt == "dense":
         return n * k * item
     if fmt == "2:4":
         (_, kept), (_, meta) = ref.sparse24_shapes(n, k)
         return n * (kept * item + meta)
+    kept = k - int(sparsity * k + 0.5)  # per row, as prune_ rounds (halves up)
     if fmt == "bitmask":
-        nnz = (k - int(sparsity * k + 0.5)) * n  # per row, as prune_ rounds (halves up)
-        return nnz * item + n * -(-k // ref.MASK_BITS) + 8 * (n + 1)
+        return n * kept * item + n * -(-k // ref.MASK_BITS) + 8 * (n + 1)
+    if fmt == "csr":
+        groups = n * -(-kept // ref.CSR_GROUP)
+        return groups * (ref.CSR_GROUP * (item + 1) + 2) + 8 * (n + 1)
     raise ValueError(f"fmt must be one of {('dense', *FORMATS)}, got {fmt!r}")
