@@ -35,10 +35,20 @@ void check_rows(const at::Tensor& t, const char* name, at::ScalarType dtype, int
                   " must have unit stride in its last dim, got strides ", t.strides());
 }
 
-// The arguments both formats share: x (M, K) widened to fp32, the output, bias.
+// The arguments every format shares: x (M, K) widened to fp32, the output, bias, and x packed
+// in transposed panels when M > kSpMaxTileM (the SpMM kernels').
 struct SparseOperands {
-  at::Tensor x, bias, out;
+  at::Tensor x, bias, out, panels;
   cpu::SparseGemmArgs args;
+
+  // The kernel over every (rows of x, weight rows) block, the SpMM's blocks with more weight
+  // rows: each panel, read from L3, serves them all.
+  template <class Kernel>
+  void run(const Kernel& kernel) {
+    parallel_blocks(
+        args.M, args.N, kBlockM, panels.defined() ? kSpmmBlockN : kBlockN,
+        [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { kernel(args, m0, m1, n0, n1); });
+  }
 };
 
 SparseOperands sparse_operands(const at::Tensor& x, const at::Tensor& values, int64_t N,
@@ -62,6 +72,13 @@ SparseOperands sparse_operands(const at::Tensor& x, const at::Tensor& values, in
   op.args.M = x.size(0);
   op.args.N = N;
   op.args.K = x.size(1);
+  if (op.args.M > cpu::kSpMaxTileM) {  // (P, K, kSpPanel): x transposed, zero rows past M
+    const int64_t P = (op.args.M + cpu::kSpPanel - 1) / cpu::kSpPanel;
+    at::Tensor padded = at::zeros({P * cpu::kSpPanel, op.args.K}, op.x.options());
+    padded.narrow(0, 0, op.args.M).copy_(op.x);
+    op.panels = padded.view({P, cpu::kSpPanel, op.args.K}).transpose(1, 2).contiguous();
+    op.args.panels = op.panels.data_ptr<float>();
+  }
   return op;
 }
 
@@ -84,11 +101,7 @@ at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values,
   op.args.ldv = values.stride(0);
   op.args.meta = meta.data_ptr<uint8_t>();
   op.args.ldm = meta.stride(0);
-  const cpu::KernelTable& kt = cpu::active_kernels();
-  parallel_blocks(op.args.M, N, kBlockM, kBlockN,
-                  [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-                    kt.sparse24_gemm(op.args, m0, m1, n0, n1);
-                  });
+  op.run(cpu::active_kernels().sparse24_gemm);
   return op.out;
 }
 
@@ -127,11 +140,7 @@ at::Tensor sparse_bitmask_linear_cpu(const at::Tensor& x, const at::Tensor& valu
   op.args.row_offsets = off;
   op.args.values_total = total;
   op.args.bad_row = &bad_row;
-  const cpu::KernelTable& kt = cpu::active_kernels();
-  parallel_blocks(op.args.M, N, kBlockM, kBlockN,
-                  [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-                    kt.bitmask_gemm(op.args, m0, m1, n0, n1);
-                  });
+  op.run(cpu::active_kernels().bitmask_gemm);
   if (bad_row >= 0) {
     int64_t bits = 0;
     const uint8_t* row = mask.data_ptr<uint8_t>() + bad_row * mask.stride(0);
@@ -145,7 +154,7 @@ at::Tensor sparse_bitmask_linear_cpu(const at::Tensor& x, const at::Tensor& valu
 
 // CSR: x (M, K) fp32/bf16; values (G, 8) fp32/bf16/fp16 and columns (G, 8) uint8, contiguous;
 // bases (G,) int16; group_offsets (N + 1,) int64 from 0, non-decreasing, at most G; bias (N,)
-// or None. More than kCsrMaxTileM rows of x are packed into transposed panels for the SpMM.
+// or None.
 at::Tensor sparse_csr_linear_cpu(const at::Tensor& x, const at::Tensor& values,
                                  const at::Tensor& columns, const at::Tensor& bases,
                                  const at::Tensor& group_offsets, const OptTensor& bias) {
@@ -182,14 +191,6 @@ at::Tensor sparse_csr_linear_cpu(const at::Tensor& x, const at::Tensor& values,
                     ", got group_offsets[", n, "] = ", off[n], ", group_offsets[", n + 1,
                     "] = ", off[n + 1]);
   }
-  at::Tensor panels;
-  if (op.args.M > cpu::kCsrMaxTileM) {  // (P, K, kCsrPanel): x transposed, zero rows past M
-    const int64_t P = (op.args.M + cpu::kCsrPanel - 1) / cpu::kCsrPanel;
-    panels = at::zeros({P * cpu::kCsrPanel, K}, op.x.options());
-    panels.narrow(0, 0, op.args.M).copy_(op.x);
-    panels = panels.view({P, cpu::kCsrPanel, K}).transpose(1, 2).contiguous();
-    op.args.panels = panels.data_ptr<float>();
-  }
   int64_t bad_row = -1;
   op.args.meta = columns.data_ptr<uint8_t>();
   op.args.ldm = 8;
@@ -197,11 +198,7 @@ at::Tensor sparse_csr_linear_cpu(const at::Tensor& x, const at::Tensor& values,
   op.args.row_offsets = off;
   op.args.values_total = G;
   op.args.bad_row = &bad_row;
-  const cpu::KernelTable& kt = cpu::active_kernels();
-  parallel_blocks(op.args.M, N, kBlockM, panels.defined() ? kSpmmBlockN : kBlockN,
-                  [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-                    kt.csr_gemm(op.args, m0, m1, n0, n1);
-                  });
+  op.run(cpu::active_kernels().csr_gemm);
   if (bad_row >= 0) {
     int64_t col = 0;
     for (int64_t g = off[bad_row]; g < off[bad_row + 1]; ++g) {

@@ -172,7 +172,9 @@ inline int64_t attention_work_floats(int64_t D, int64_t Dv) {
 //            contiguous; bases (G,) int16; row n's groups are [row_offsets[n],
 //            row_offsets[n + 1]). Group g's slot t is column 8 * bases[g] + meta[g, t]. The
 //            lowest row with a column outside [0, K) is written to *bad_row (its group skipped).
-//            With panels set (M > kCsrMaxTileM), x is read from them instead: see kCsrPanel.
+// With panels set (M > kSpMaxTileM), every format reads x from them instead (an SpMM): x as
+// (ceil(M / kSpPanel), K, kSpPanel) fp32, panel p rows [p * kSpPanel, (p + 1) * kSpPanel) of x
+// transposed, zeros past M; m0 of a call is then a multiple of kSpPanel.
 struct SparseGemmArgs {
   const float* x;  // (M, K) fp32, row stride ldx, unit column stride
   int64_t ldx;
@@ -184,7 +186,7 @@ struct SparseGemmArgs {
   const int64_t* row_offsets;  // bitmask: (N + 1,) into the values; csr: into the groups
   int64_t values_total;
   const int16_t* bases;  // csr: (G,)
-  const float* panels;   // csr: null, or x as (ceil(M / kCsrPanel), K, kCsrPanel) fp32
+  const float* panels;   // null, or x packed (see above)
   const float* bias;     // (N,) fp32 or null
   void* out;             // (M, N) fp32 or bf16, row stride ldo
   int64_t ldo;
@@ -193,9 +195,9 @@ struct SparseGemmArgs {
   int64_t* bad_row;  // bitmask, csr: -1 on entry; the lowest bad row (see above)
 };
 
-// csr: rows of x per panel of the SpMM kernel, and the most rows of x the dot kernel takes.
-constexpr int64_t kCsrPanel = 16;
-constexpr int64_t kCsrMaxTileM = 4;
+// Sparse: rows of x per panel of the SpMM kernels, and the most rows of x the dot kernels take.
+constexpr int64_t kSpPanel = 16;
+constexpr int64_t kSpMaxTileM = 4;
 
 struct KernelTable {
   Isa isa;

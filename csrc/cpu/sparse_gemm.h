@@ -30,15 +30,19 @@
 //   csr_gemm       the same, W in the csr format: groups of 8 nonzeros, each group an 8-bit
 //                  column per value from a base column; the work follows the nonzeros
 //
-// csr has two kernels. Up to kSpMR rows of x (decode): per group, the 8 x values it meets are
-// loaded one by one into a vector (vinsertps: faster than vgatherdps on AMD Zen) for one FMA
-// per row of x. More rows: an SpMM on x packed in panels of kCsrPanel rows, transposed to
-// (K, kCsrPanel), so each nonzero broadcasts its value against one contiguous panel row: two
-// FMAs per nonzero for 16 rows of x, and no work at all for the zeros (nnz * M / 8 FMAs where
-// a dense GEMM does K * N * M / 8). Both check every group's columns against K before reading
-// x (one compare per group unless it lies in the last 256 columns), skip a bad group and
-// report its row in bad_row.
+// Past kSpMaxTileM rows of x, every format runs an SpMM instead (see "SpMM" below): x packed in
+// panels of kSpPanel rows transposed to (K, kSpPanel), so each nonzero broadcasts its value
+// against one contiguous panel row: two FMAs per nonzero for 16 rows of x, and no work for the
+// zeros (nnz * M / 8 FMAs where a dense GEMM does K * N * M / 8). A bitmask row is decoded into
+// columns first (a table of bit positions per mask byte).
+//
+// For csr's dot kernel, the 8 x values a group meets are loaded one by one into a vector
+// (vinsertps: faster than vgatherdps on AMD Zen) for one FMA per row of x. Both csr kernels
+// check every group's columns against K before reading x (one compare per group unless it lies
+// in the last 256 columns), skip a bad group and report its row in bad_row.
 #pragma once
+
+#include <vector>
 
 #include "int8_gemm.h"  // simd.h, min_i64, store
 
@@ -406,72 +410,180 @@ inline void csr_tile(const SparseGemmArgs& g, const float* x, int64_t ldx, int64
   if (!fits) report_bad_row(g, n);
 }
 
-// SpMM on packed x: panels (ceil(M / kCsrPanel), K, kCsrPanel) fp32, panel p holding rows
-// [p * kCsrPanel, (p + 1) * kCsrPanel) of x transposed (zeros past M). Rows [m0, m1) with m0
-// a multiple of kCsrPanel.
+// ------------------------------------------------------------------------------ SpMM
+// x packed in panels (ceil(M / kSpPanel), K, kSpPanel) fp32: panel p holds rows
+// [p * kSpPanel, (p + 1) * kSpPanel) of x transposed (zeros past M). One weight row against one
+// panel: per nonzero, its value broadcast times the panel row of its column, kSpPanel sums.
+
+// Slot t of a group of 8 feeds accumulator pair t % 4: eight independent FMA chains.
 template <typename T>
-void csr_spmm(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-  const T* v = typed<T>(g.values);
-  for (int64_t p = m0 / kCsrPanel; p * kCsrPanel < m1; ++p) {
-    const float* panel = g.panels + p * g.K * kCsrPanel;
-    const int64_t rows = min_i64(kCsrPanel, m1 - p * kCsrPanel);
-    for (int64_t n = n0; n < n1; ++n) {
-      alignas(32) float sums[kCsrPanel];
-      bool fits;
+struct PanelSums {
+  const float* panel;
 #if defined(TORCHSLIM_SPARSE_VECTOR)
-      // Four pairs of accumulators (slot t feeds pair t % 4): eight independent FMA chains.
-      __m256 acc[4][2], total[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+  __m256 acc[4][2], total[2];
+  explicit PanelSums(const float* p) : panel(p) {
+    total[0] = total[1] = _mm256_setzero_ps();
 #pragma GCC unroll 4
-      for (int a = 0; a < 4; ++a) acc[a][0] = acc[a][1] = _mm256_setzero_ps();
-      fits = for_csr_groups(
-          g, n,
-          [&](int64_t grp, int64_t first, uint64_t o) {
-            alignas(32) float w[kCsrGroup];
-            _mm256_store_ps(w, load8(v + kCsrGroup * grp));
-            const float* base = panel + first * kCsrPanel;
+    for (int a = 0; a < 4; ++a) acc[a][0] = acc[a][1] = _mm256_setzero_ps();
+  }
+  template <class Col>
+  void group(const T* v, const Col& col) {  // 8 values, slot t in column col(t)
+    alignas(32) float w[kCsrGroup];
+    _mm256_store_ps(w, load8(v));
 #pragma GCC unroll 8
-            for (int t = 0; t < kCsrGroup; ++t) {
-              const float* row = base + static_cast<int64_t>(o >> (8 * t) & 255) * kCsrPanel;
-              const __m256 wt = _mm256_broadcast_ss(w + t);
-              acc[t % 4][0] = _mm256_fmadd_ps(wt, _mm256_loadu_ps(row), acc[t % 4][0]);
-              acc[t % 4][1] = _mm256_fmadd_ps(wt, _mm256_loadu_ps(row + 8), acc[t % 4][1]);
-            }
-          },
-          [&] {
+    for (int t = 0; t < kCsrGroup; ++t) {
+      const float* row = panel + col(t) * kSpPanel;
+      const __m256 wt = _mm256_broadcast_ss(w + t);
+      acc[t % 4][0] = _mm256_fmadd_ps(wt, _mm256_loadu_ps(row), acc[t % 4][0]);
+      acc[t % 4][1] = _mm256_fmadd_ps(wt, _mm256_loadu_ps(row + 8), acc[t % 4][1]);
+    }
+  }
+  void one(float w, int64_t col) {
+    const float* row = panel + col * kSpPanel;
+    const __m256 wt = _mm256_set1_ps(w);
+    acc[0][0] = _mm256_fmadd_ps(wt, _mm256_loadu_ps(row), acc[0][0]);
+    acc[0][1] = _mm256_fmadd_ps(wt, _mm256_loadu_ps(row + 8), acc[0][1]);
+  }
+  void flush() {
 #pragma GCC unroll 2
-            for (int h = 0; h < 2; ++h) {
-              total[h] =
-                  _mm256_add_ps(total[h], _mm256_add_ps(_mm256_add_ps(acc[0][h], acc[1][h]),
-                                                        _mm256_add_ps(acc[2][h], acc[3][h])));
-              acc[0][h] = acc[1][h] = acc[2][h] = acc[3][h] = _mm256_setzero_ps();
-            }
-          });
-      _mm256_store_ps(sums, total[0]);
-      _mm256_store_ps(sums + 8, total[1]);
+    for (int h = 0; h < 2; ++h) {
+      total[h] = _mm256_add_ps(total[h], _mm256_add_ps(_mm256_add_ps(acc[0][h], acc[1][h]),
+                                                       _mm256_add_ps(acc[2][h], acc[3][h])));
+      acc[0][h] = acc[1][h] = acc[2][h] = acc[3][h] = _mm256_setzero_ps();
+    }
+  }
+  void sums(float* out) {
+    flush();
+    _mm256_storeu_ps(out, total[0]);
+    _mm256_storeu_ps(out + 8, total[1]);
+  }
 #else
-      float acc[4][kCsrPanel] = {};  // per slot % 4, as the vector path
-      for (int j = 0; j < kCsrPanel; ++j) sums[j] = 0.0f;
-      fits = for_csr_groups(
-          g, n,
-          [&](int64_t grp, int64_t first, uint64_t o) {
-            for (int t = 0; t < kCsrGroup; ++t) {
-              const float w = load_f32(v + kCsrGroup * grp + t);
-              const float* row =
-                  panel + (first + static_cast<int64_t>(o >> (8 * t) & 255)) * kCsrPanel;
-              for (int j = 0; j < kCsrPanel; ++j) acc[t % 4][j] += w * row[j];
-            }
-          },
-          [&] {
-            for (int j = 0; j < kCsrPanel; ++j) {
-              sums[j] += (acc[0][j] + acc[1][j]) + (acc[2][j] + acc[3][j]);
-              acc[0][j] = acc[1][j] = acc[2][j] = acc[3][j] = 0.0f;
-            }
-          });
+  float acc[4][kSpPanel] = {}, total[kSpPanel] = {};
+  explicit PanelSums(const float* p) : panel(p) {}
+  template <class Col>
+  void group(const T* v, const Col& col) {
+    for (int t = 0; t < kCsrGroup; ++t) {
+      const float w = load_f32(v + t);
+      const float* row = panel + col(t) * kSpPanel;
+      for (int j = 0; j < kSpPanel; ++j) acc[t % 4][j] += w * row[j];
+    }
+  }
+  void one(float w, int64_t col) {
+    const float* row = panel + col * kSpPanel;
+    for (int j = 0; j < kSpPanel; ++j) acc[0][j] += w * row[j];
+  }
+  void flush() {
+    for (int j = 0; j < kSpPanel; ++j) {
+      total[j] += (acc[0][j] + acc[1][j]) + (acc[2][j] + acc[3][j]);
+      acc[0][j] = acc[1][j] = acc[2][j] = acc[3][j] = 0.0f;
+    }
+  }
+  void sums(float* out) {
+    flush();
+    for (int j = 0; j < kSpPanel; ++j) out[j] = total[j];
+  }
 #endif
-      if (!fits) report_bad_row(g, n);
+};
+
+// One weight row into `sums` per format; false when the row is bad (see each format).
+template <typename T>
+inline bool csr_spmm_row(const SparseGemmArgs& g, int64_t n, PanelSums<T>& sums, int32_t*) {
+  const T* v = typed<T>(g.values);
+  return for_csr_groups(
+      g, n,
+      [&](int64_t grp, int64_t first, uint64_t o) {
+        sums.group(v + kCsrGroup * grp,
+                   [&](int t) { return first + static_cast<int64_t>(o >> (8 * t) & 255); });
+      },
+      [&] { sums.flush(); });
+}
+
+// 2:4: 8 kept values per 16 columns (one 16-bit meta word), then the short tail one by one.
+template <typename T>
+inline bool sp24_spmm_row(const SparseGemmArgs& g, int64_t n, PanelSums<T>& sums, int32_t*) {
+  const T* v = typed<T>(g.values) + n * g.ldv;
+  const uint8_t* meta = g.meta + n * g.ldm;
+  const int64_t steps = g.K / 16, groups = (g.K + 3) / 4;
+  for (int64_t s = 0; s < steps; ++s) {
+    uint16_t m;
+    __builtin_memcpy(&m, meta + 2 * s, sizeof m);
+    sums.group(v + 8 * s, [&](int t) { return 16 * s + 4 * (t >> 1) + (m >> (2 * t) & 3); });
+    if (s % kCsrBlock == kCsrBlock - 1) sums.flush();
+  }
+  for (int64_t grp = 4 * steps; grp < groups; ++grp) {
+    for (int t = 0; t < 2; ++t) {
+      const int64_t col = 4 * grp + (meta[grp / 2] >> (4 * (grp & 1) + 2 * t) & 3);
+      if (col < g.K) sums.one(load_f32(v + 2 * grp + t), col);
+    }
+  }
+  return true;
+}
+
+#if defined(TORCHSLIM_SPARSE_VECTOR)
+// Entry m: the positions of m's set bits, lowest first.
+struct BitPositions {
+  uint8_t at[256][8];
+  constexpr BitPositions() : at() {
+    for (int m = 0; m < 256; ++m) {
+      for (int j = 0, next = 0; j < 8; ++j) {
+        if (m >> j & 1) at[m][next++] = static_cast<uint8_t>(j);
+      }
+    }
+  }
+};
+constexpr BitPositions kBitPositions{};
+#endif
+
+// Bitmask: the row's set bits decoded into columns (cols: K + 8 entries), then groups of 8.
+// A row whose mask holds another count than its offsets give is bad and not read.
+template <typename T>
+inline bool bitmask_spmm_row(const SparseGemmArgs& g, int64_t n, PanelSums<T>& sums,
+                             int32_t* cols) {
+  const uint8_t* mask = g.meta + n * g.ldm;
+  int64_t count = 0;
+  for (int64_t b = 0; b < (g.K + 7) / 8; ++b) {
+    const int bits = mask[b] & (g.K - 8 * b >= 8 ? 255 : (1 << (g.K - 8 * b)) - 1);
+#if defined(TORCHSLIM_SPARSE_VECTOR)
+    uint64_t at;
+    __builtin_memcpy(&at, kBitPositions.at[bits], sizeof at);
+    const __m256i pos = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(at)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(cols + count),
+                        _mm256_add_epi32(pos, _mm256_set1_epi32(static_cast<int>(8 * b))));
+    count += __builtin_popcount(static_cast<unsigned>(bits));
+#else
+    for (int j = 0; j < 8; ++j) {
+      if (bits >> j & 1) cols[count++] = static_cast<int32_t>(8 * b + j);
+    }
+#endif
+  }
+  const int64_t first = g.row_offsets[n];
+  if (count != g.row_offsets[n + 1] - first) return false;
+  const T* v = typed<T>(g.values) + first;
+  int64_t i = 0;
+  for (; i + kCsrGroup <= count; i += kCsrGroup) {
+    const int32_t* c = cols + i;
+    sums.group(v + i, [&](int t) { return static_cast<int64_t>(c[t]); });
+    if (i % (kCsrGroup * kCsrBlock) == kCsrGroup * (kCsrBlock - 1)) sums.flush();
+  }
+  for (; i < count; ++i) sums.one(load_f32(v + i), cols[i]);
+  return true;
+}
+
+// Rows [m0, m1) of x (m0 a multiple of kSpPanel) against weight rows [n0, n1): a panel stays
+// in L2 while the block's weight rows pass it.
+template <typename T, bool (*Row)(const SparseGemmArgs&, int64_t, PanelSums<T>&, int32_t*)>
+void spmm(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  std::vector<int32_t> cols(Row == bitmask_spmm_row<T> ? g.K + 8 : 0);
+  for (int64_t p = m0 / kSpPanel; p * kSpPanel < m1; ++p) {
+    const int64_t rows = min_i64(kSpPanel, m1 - p * kSpPanel);
+    for (int64_t n = n0; n < n1; ++n) {
+      PanelSums<T> acc(g.panels + p * g.K * kSpPanel);
+      if (!Row(g, n, acc, cols.data())) report_bad_row(g, n);
+      float sums[kSpPanel];
+      acc.sums(sums);
       const float bias = g.bias ? g.bias[n] : 0.0f;
       for (int64_t j = 0; j < rows; ++j) {
-        store(g.out, g.ldo, g.out_type, p * kCsrPanel + j, n, sums[j] + bias);
+        store(g.out, g.ldo, g.out_type, p * kSpPanel + j, n, sums[j] + bias);
       }
     }
   }
@@ -529,36 +641,52 @@ struct CsrTile {
   }
 };
 
-template <template <typename, int> class Tile>
+template <template <typename, int> class Tile, template <typename> class SpmmRow>
 void sparse_dispatch(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   switch (g.v_type) {
     case ScalarType::kBFloat16:
-      return sparse_block<uint16_t, Tile>(g, m0, m1, n0, n1);
+      return g.panels ? SpmmRow<uint16_t>::run(g, m0, m1, n0, n1)
+                      : sparse_block<uint16_t, Tile>(g, m0, m1, n0, n1);
     case ScalarType::kFloat16:
-      return sparse_block<Half, Tile>(g, m0, m1, n0, n1);
+      return g.panels ? SpmmRow<Half>::run(g, m0, m1, n0, n1)
+                      : sparse_block<Half, Tile>(g, m0, m1, n0, n1);
     default:
-      return sparse_block<float, Tile>(g, m0, m1, n0, n1);
+      return g.panels ? SpmmRow<float>::run(g, m0, m1, n0, n1)
+                      : sparse_block<float, Tile>(g, m0, m1, n0, n1);
   }
 }
 
+template <typename T>
+struct Sp24Spmm {
+  static void run(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+    spmm<T, sp24_spmm_row<T>>(g, m0, m1, n0, n1);
+  }
+};
+
+template <typename T>
+struct BitmaskSpmm {
+  static void run(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+    spmm<T, bitmask_spmm_row<T>>(g, m0, m1, n0, n1);
+  }
+};
+
+template <typename T>
+struct CsrSpmm {
+  static void run(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+    spmm<T, csr_spmm_row<T>>(g, m0, m1, n0, n1);
+  }
+};
+
 void sparse24_gemm(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-  sparse_dispatch<Sp24Tile>(g, m0, m1, n0, n1);
+  sparse_dispatch<Sp24Tile, Sp24Spmm>(g, m0, m1, n0, n1);
 }
 
 void bitmask_gemm(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-  sparse_dispatch<BitmaskTile>(g, m0, m1, n0, n1);
+  sparse_dispatch<BitmaskTile, BitmaskSpmm>(g, m0, m1, n0, n1);
 }
 
 void csr_gemm(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-  if (g.panels == nullptr) return sparse_dispatch<CsrTile>(g, m0, m1, n0, n1);
-  switch (g.v_type) {
-    case ScalarType::kBFloat16:
-      return csr_spmm<uint16_t>(g, m0, m1, n0, n1);
-    case ScalarType::kFloat16:
-      return csr_spmm<Half>(g, m0, m1, n0, n1);
-    default:
-      return csr_spmm<float>(g, m0, m1, n0, n1);
-  }
+  sparse_dispatch<CsrTile, CsrSpmm>(g, m0, m1, n0, n1);
 }
 
 }  // namespace

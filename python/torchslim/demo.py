@@ -4,12 +4,14 @@
     torchslim demo --model DIR_OR_GGUF --configs fp32,int8-weight,int4-g32 --modes eager
     torchslim demo --attention on               # torchslim's fused attention only
 
-For each configuration (fp32, and every quant method of torchslim.patch, calibrated on text
-disjoint from the evaluation text): perplexity on a fixed English text that ships with Python
-(pydoc_data.topics), prefill and decode tokens/s, weight memory, and the greedy answer to a
-fixed prompt, in each mode: "eager" (the patched Hugging Face model, generate()), "aot"
-(torchslim.aot_compile: prefill and decode compiled ahead of time by AOTInductor, over a
-static KV cache) and "compiled" (torch.compile of the forward). A configuration may give the
+For each configuration (fp32, every quant method of torchslim.patch, and sparse weights:
+"sparse-2:4", "sparse-50%", "sparse-75%", pruned with Wanda, the output head left dense;
+calibrated on text disjoint from the evaluation text): perplexity on a fixed English text that
+ships with Python (pydoc_data.topics), prefill and decode tokens/s, weight memory (of a sparse
+layer, its compressed buffers), and the greedy answer to a fixed prompt, in each mode: "eager"
+(the patched Hugging Face model, generate()), "aot" (torchslim.aot_compile: prefill and decode
+compiled ahead of time by AOTInductor, over a static KV cache) and "compiled" (torch.compile of
+the forward). A configuration may give the
 output head its own method: "int4-g32+int8-weight-head" is int4 in groups of 32 with an int8
 lm_head. Each configuration runs with the model's own attention (PyTorch's SDPA) and with
 torchslim's fused attention (``torchslim.patch(model, attention=True)``): ``--attention``. When
@@ -465,7 +467,10 @@ def main(argv: list[str] | None = None) -> int:
             apply_config(model, config, calibration)
             kept = model.torchslim_report.kept
             if kept:
-                print(f"{config}: {len(kept)} layers kept in float, e.g. {kept[0].reason}")
+                print(
+                    f"{config}: {len(kept)} layers kept in float, e.g. {kept[0].name} "
+                    f"({kept[0].reason})"
+                )
         weight_bytes = module_bytes(model)
         own_attention = model.config._attn_implementation
         for mode, fused in itertools.product(modes, attention):
