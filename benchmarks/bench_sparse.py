@@ -1,4 +1,4 @@
-"""Sparse linear benchmark: torchslim's 2:4 and bitmask kernels against dense and torch.sparse.
+"""Sparse linear benchmark: torchslim's 2:4, bitmask and csr kernels against dense and torch.sparse.
 
     torchslim bench sparse [--quick] [--layers KxN,...] [--batch M,...] [--sparsity 50,90,2:4]
                            [--device cpu|cuda] [--out DIR] [--no-plot]
@@ -7,7 +7,7 @@
 Weights: the int8 benchmark's layers (K in, N out, random normal), pruned with
 torchslim.sparse.prune_ (magnitude) once per (layer, pattern) on the fp32 weight, then
 compressed once per value dtype: "unstructured" at 50 / 75 / 90% (every row keeps the same
-count; the bitmask format) and "2:4" (the 2:4 format). M in {1, 16, 64, 512}.
+count; the bitmask and csr formats) and "2:4" (the 2:4 format). M in {1, 16, 64, 512}.
 
 CPU implementations, in the same run:
 
@@ -20,12 +20,13 @@ CPU implementations, in the same run:
                             call); F.linear(x, csr) ties at M = 1 and is 4-9x slower at M >= 16;
                             x @ csr.T (CSC) is 5-50x slower. No bf16 CSR: torch's CPU CSR mm
                             ("addmm_out_sparse_csr_impl_mkl") is not implemented for bf16.
-    torchslim-fp32          ours, fp32 values and fp32 x
-    torchslim-bf16          ours, bf16 values and bf16 x
-    torchslim-bf16-fp32x    ours, bf16 values and fp32 x (half the value bytes, fp32 activations)
+    torchslim-<fmt>-fp32        ours, fp32 values and fp32 x
+    torchslim-<fmt>-bf16        ours, bf16 values and bf16 x
+    torchslim-<fmt>-bf16-fp32x  ours, bf16 values and fp32 x (half the value bytes, fp32
+                                activations)
 
-Ours run sparse_bitmask_linear at the unstructured patterns and sparse24_linear at 2:4; CSR runs
-at every pattern.
+Ours run sparse_bitmask_linear and sparse_csr_linear (<fmt> bitmask, csr) at the unstructured
+patterns and sparse24_linear (2:4) at 2:4; torch's CSR runs at every pattern.
 
 GPU (--device cuda): dense-fp16 and dense-bf16 (cuBLAS) and, at 2:4, torch's semi-structured
 sparsity (torch.sparse.to_sparse_semi_structured's classes) on each backend, cuSPARSELt and
@@ -82,7 +83,7 @@ from torchslim.benchmarks.bench_quant import (
     make_parser,
 )
 
-PATTERNS = ("50%", "75%", "90%", "2:4")  # unstructured percentages (bitmask format) and 2:4
+PATTERNS = ("50%", "75%", "90%", "2:4")  # unstructured percentages (bitmask, csr) and 2:4
 DENSE = "dense"  # the pseudo-pattern of the unpruned weight
 # The wiring check: relative Frobenius error of each path's output against fp32 F.linear on the
 # pruned weight (bf16 / fp16 inputs give ~0.5%; a wrong layout gives ~100%).
@@ -103,9 +104,9 @@ _SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 class Impl:
     """One way to compute x @ W.T with W (N, K) a pruned weight.
 
-    fmt: "dense" (the unpruned weight), "bitmask" (the unstructured patterns), "2:4", "csr"
-    (every pattern) or "semi-structured" (2:4). op: the torchslim op it calls, None for the
-    baselines; ours run only where ops.explain(op, ...) picks a kernel (not the reference).
+    fmt: "dense" (the unpruned weight), "bitmask" or "csr" (the unstructured patterns), "2:4",
+    "torch-csr" (every pattern) or "semi-structured" (2:4). op: the torchslim op it calls, None
+    for the baselines; ours run only where ops.explain(op, ...) picks a kernel (not the reference).
     clones: the operands' rotated copies are clones (else each is made again from the weight:
     torch's semi-structured tensors do not all support clone()). graphed: time the replay of a
     CUDA graph of the call (captured per rotated copy) instead of the eager call.
@@ -128,9 +129,9 @@ class Impl:
             return False
         if self.fmt in ("2:4", "semi-structured"):
             return pattern == "2:4"
-        if self.fmt == "bitmask":
+        if self.fmt in ("bitmask", "csr"):
             return pattern != "2:4"
-        return True  # csr
+        return True  # torch-csr
 
 
 def _dense(dtype: torch.dtype, graphed: bool = False) -> Impl:
@@ -153,7 +154,7 @@ def _to_csr(w: torch.Tensor) -> tuple:
 
 TORCH_CSR = Impl(
     "torch-csr-fp32",
-    "csr",
+    "torch-csr",
     torch.float32,
     torch.float32,
     _to_csr,
@@ -163,16 +164,16 @@ TORCH_CSR = Impl(
 _OURS = {  # format -> (op name, entry point, compression)
     "bitmask": ("sparse_bitmask_linear", ops.sparse_bitmask_linear, sp.compress_bitmask),
     "2:4": ("sparse24_linear", ops.sparse24_linear, sp.compress_24),
+    "csr": ("sparse_csr_linear", ops.sparse_csr_linear, sp.compress_csr),
 }
 
 
 def _ours(fmt: str, w_dtype: torch.dtype, x_dtype: torch.dtype) -> Impl:
-    """Ours in one format; the name is the same for both formats (the pattern tells them
-    apart), so that a variant's unstructured and 2:4 points belong together."""
+    """Ours in one format: torchslim-<format>-<value dtype>[-<x dtype>x]."""
     op_name, op, compress = _OURS[fmt]
     suffix = "" if x_dtype == w_dtype else f"-{_SHORT[x_dtype]}x"
     return Impl(
-        f"torchslim-{_SHORT[w_dtype]}{suffix}",
+        f"torchslim-{fmt}-{_SHORT[w_dtype]}{suffix}",
         fmt,
         w_dtype,
         x_dtype,
@@ -214,7 +215,7 @@ IMPLS = (
     *(
         _ours(fmt, w, x)
         for w, x in ((_F32, _F32), (_BF16, _BF16), (_BF16, _F32))
-        for fmt in ("bitmask", "2:4")
+        for fmt in ("bitmask", "csr", "2:4")
     ),
 )
 GPU_DENSE = (_dense(_F16), _dense(_BF16))
@@ -222,7 +223,7 @@ GPU_IMPLS = (
     *(_dense(d, graphed=True) for d in (_F16, _BF16)),
     *(_semi_structured(b, d) for b in ("cusparselt", "cutlass") for d in (_F16, _BF16)),
     *(_semi_structured("cusparselt", d, graphed=True) for d in (_F16, _BF16)),
-    *(_ours(fmt, d, d) for d in (_F16, _BF16) for fmt in ("bitmask", "2:4")),
+    *(_ours(fmt, d, d) for d in (_F16, _BF16) for fmt in ("bitmask", "csr", "2:4")),
 )
 
 
@@ -243,7 +244,7 @@ def prune(w: torch.Tensor, pattern: str) -> torch.Tensor:
 
 def weight_bytes(impl: Impl, operands: tuple, n: int, k: int, zeros: float) -> int:
     """Bytes of the row's own weight format; zeros: the weight's fraction of zeros."""
-    if impl.fmt == "csr":
+    if impl.fmt == "torch-csr":
         (csr,) = operands
         return sum(t.nbytes for t in (csr.values(), csr.col_indices(), csr.crow_indices()))
     # torch's 2:4 keeps the same values and 2-bit indices as ours (cuSPARSELt may pad its buffer)
@@ -497,7 +498,9 @@ def targets(rows: list[dict]) -> list[str]:
                     f"{_verdict(b['speedup'] >= goal)}"
                 )
         pattern, goal = CSR_TARGET
-        csr = next((r for r in here if r["pattern"] == pattern and r["format"] == "csr"), None)
+        csr = next(
+            (r for r in here if r["pattern"] == pattern and r["format"] == "torch-csr"), None
+        )
         if (b := best.get(pattern)) and csr:
             ratio = csr["time_ms"] / b["time_ms"]
             lines.append(

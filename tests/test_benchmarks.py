@@ -73,9 +73,11 @@ def test_bench_sparse_quick(tmp_path, capsys):
                "compute_floor_ms", "binds", "GFLOP/s", "nnz", "copy_GB/s", "device", "torch",
                "commit"}  # fmt: skip
     assert columns <= set(rows[0])
-    ours = ("torchslim-fp32", "torchslim-bf16", "torchslim-bf16-fp32x")
+    variants = ("fp32", "bf16", "bf16-fp32x")
+    unstructured = tuple(f"torchslim-{f}-{v}" for f in ("bitmask", "csr") for v in variants)
     per_pattern = {"dense": ("dense-fp32", "dense-bf16")}
-    per_pattern.update({p: (*ours, "torch-csr-fp32") for p in ("50%", "75%", "90%", "2:4")})
+    per_pattern.update({p: (*unstructured, "torch-csr-fp32") for p in ("50%", "75%", "90%")})
+    per_pattern["2:4"] = (*(f"torchslim-2:4-{v}" for v in variants), "torch-csr-fp32")
     expected = {(m, p, i) for m in ("1", "16") for p, impls in per_pattern.items() for i in impls}
     assert [r.get("error") for r in rows if r.get("error")] == []
     assert sorted((r["M"], r["pattern"], r["impl"]) for r in rows) == sorted(expected)
@@ -87,11 +89,13 @@ def test_bench_sparse_quick(tmp_path, capsys):
         nominal = 0.0 if r["pattern"] == "dense" else bench_sparse.percent(r["pattern"])
         assert abs(float(r["sparsity"]) - nominal) < 1
     by = {(r["M"], r["pattern"], r["impl"]): r for r in rows}
-    bf16_24 = by[("1", "2:4", "torchslim-bf16")]
+    bf16_24 = by[("1", "2:4", "torchslim-2:4-bf16")]
     assert int(bf16_24["weight_bytes"]) == sp.format_bytes("2:4", 384, 256, dtype=torch.bfloat16)
-    fp32_90 = by[("1", "90%", "torchslim-fp32")]
+    fp32_90 = by[("1", "90%", "torchslim-bitmask-fp32")]
     nnz = int(fp32_90["nnz"])
     assert int(fp32_90["weight_bytes"]) == 4 * nnz + 384 * 256 // 8 + 8 * 385
+    bf16_csr = by[("1", "90%", "torchslim-csr-bf16")]  # 26 nonzeros a row: 4 groups of 8
+    assert int(bf16_csr["weight_bytes"]) == 384 * 4 * (8 * 3 + 2) + 8 * 385
     csr = by[("1", "90%", "torch-csr-fp32")]
     assert int(csr["weight_bytes"]) == (4 + 8) * nnz + 8 * 385
     out = capsys.readouterr().out
@@ -104,7 +108,7 @@ def test_sparse_targets_and_crossover_are_read_from_the_rows():
 
     def row(pattern, impl, ms, pct_floor=80.0, m=1):
         fmt = {"dense": "dense", "2:4": "2:4"}.get(pattern, "bitmask")
-        fmt = "csr" if impl.startswith("torch-csr") else fmt
+        fmt = "torch-csr" if impl.startswith("torch-csr") else fmt
         return {"layer": "4096x4096", "M": m, "pattern": pattern, "impl": impl, "format": fmt,
                 "time_ms": ms, "pct_floor": pct_floor}  # fmt: skip
 
@@ -148,7 +152,7 @@ def test_sparse_gpu_lines_compare_eager_with_eager_and_graph_with_graph():
     keys = [(impl.name, impl.fmt) for impl in (*bench_sparse.GPU_DENSE, *bench_sparse.GPU_IMPLS)]
     assert len(keys) == len(set(keys))
     names = {name for name, _ in keys}
-    assert {"dense-fp16", "torch-2:4-cusparselt-fp16-graph", "torchslim-fp16"} <= names
+    assert {"dense-fp16", "torch-2:4-cusparselt-fp16-graph", "torchslim-2:4-fp16"} <= names
     row = {"layer": "8192x8192", "M": 16, "pct_floor": 40.0}
     rows = [
         {**row, "impl": "dense-fp16", "format": "dense", "time_ms": 0.06},
