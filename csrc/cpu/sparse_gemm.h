@@ -289,13 +289,17 @@ constexpr int64_t kCsrWindow = 256;
 
 // Whether every column of a group (8 offsets, byte t of `offsets`, from column `first`) is in
 // [0, K). One compare unless the group's window reaches past K.
-inline bool csr_group_fits(int64_t first, uint64_t offsets, int64_t K) {
-  if (first >= 0 && first + kCsrWindow <= K) return true;
+__attribute__((noinline)) bool csr_columns_fit(int64_t first, uint64_t offsets, int64_t K) {
   for (int t = 0; t < kCsrGroup; ++t) {
     const int64_t col = first + static_cast<int64_t>(offsets >> (8 * t) & 255);
     if (col < 0 || col >= K) return false;
   }
   return true;
+}
+
+inline bool csr_group_fits(int64_t first, uint64_t offsets, int64_t K) {
+  // Out of line, the rare check keeps the hot loop's registers to itself.
+  return (first >= 0 && first + kCsrWindow <= K) || csr_columns_fit(first, offsets, K);
 }
 
 inline uint64_t csr_offsets(const uint8_t* columns) {
