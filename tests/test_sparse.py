@@ -173,45 +173,32 @@ def test_sparse24_linear_matches_reference(backend, n, k, dtype, poisoned_empty)
         assert out.dtype == dtype
 
 
+_UNSTRUCTURED = {  # format -> (compression, op, reference)
+    "bitmask": (compress_bitmask, ops.sparse_bitmask_linear, ref.sparse_bitmask_linear),
+    "csr": (compress_csr, ops.sparse_csr_linear, ref.sparse_csr_linear),
+}
+
+
 @pytest.mark.parametrize("backend", SPARSE_BACKENDS)
 @pytest.mark.parametrize(("n", "k"), NK)
-@pytest.mark.parametrize("sparsity", [0.5, 0.97])  # expanded rows; walked rows (< 1/16 dense)
-def test_bitmask_linear_matches_reference(backend, n, k, sparsity, poisoned_empty):
-    g = seeded("opbm", backend, n, k, sparsity)
+@pytest.mark.parametrize("sparsity", [0.5, 0.97])  # bitmask: expanded rows; walked rows
+@pytest.mark.parametrize("fmt", sorted(_UNSTRUCTURED))
+def test_unstructured_linear_matches_reference(backend, n, k, sparsity, fmt, poisoned_empty):
+    compress, op, reference = _UNSTRUCTURED[fmt]
+    g = seeded("op", fmt, backend, n, k, sparsity)
     w = _weight_unstructured(n, k, sparsity, g)
     if n > 2:
         w[1] = 0.0  # an empty row
         w[2] = torch.randn(k, generator=g)  # a dense one
     bias = torch.randn(n, generator=g)
     for dtype in (torch.float32, torch.bfloat16):
-        values, mask, row_offsets = compress_bitmask(w, dtype)
-        for m in M_QUICK:
-            x = _inputs(m, k, dtype, g)
-            with run_on(backend):
-                out = ops.sparse_bitmask_linear(x, values, mask, row_offsets, bias)
-            args = (x, values, mask, row_offsets, bias)
-            ref64 = ref.sparse_bitmask_linear(*args, compute_dtype=torch.float64)
-            check_close(out, ref64, ref.sparse_bitmask_linear(*args), name=f"{dtype} M={m}")
-
-
-@pytest.mark.parametrize("backend", SPARSE_BACKENDS)
-@pytest.mark.parametrize(("n", "k"), NK)
-@pytest.mark.parametrize("sparsity", [0.5, 0.97])
-def test_csr_linear_matches_reference(backend, n, k, sparsity, poisoned_empty):
-    g = seeded("opcsr", backend, n, k, sparsity)
-    w = _weight_unstructured(n, k, sparsity, g)
-    if n > 2:
-        w[1] = 0.0  # an empty row
-        w[2] = torch.randn(k, generator=g)  # a dense one
-    bias = torch.randn(n, generator=g)
-    for dtype in (torch.float32, torch.bfloat16):
-        parts = compress_csr(w, dtype)
-        for m in (*M_QUICK, 5):  # up to 4 rows: the dot kernel; more: the SpMM on panels
+        parts = compress(w, dtype)
+        for m in (*M_QUICK, 5):  # up to 4 rows: the dot kernels; more: the SpMM on panels
             x = nan_padded(_inputs(m, k, dtype, g)) if m else _inputs(m, k, dtype, g)
             with run_on(backend):
-                out = ops.sparse_csr_linear(x, *parts, bias)
-            ref64 = ref.sparse_csr_linear(x, *parts, bias, compute_dtype=torch.float64)
-            check_close(out, ref64, ref.sparse_csr_linear(x, *parts, bias), name=f"{dtype} M={m}")
+                out = op(x, *parts, bias)
+            ref64 = reference(x, *parts, bias, compute_dtype=torch.float64)
+            check_close(out, ref64, reference(x, *parts, bias), name=f"{dtype} M={m}")
 
 
 @pytest.mark.parametrize("backend", SPARSE_BACKENDS)

@@ -35,6 +35,17 @@ void check_rows(const at::Tensor& t, const char* name, at::ScalarType dtype, int
                   " must have unit stride in its last dim, got strides ", t.strides());
 }
 
+// Row offsets (N + 1 of them) into `limit` entries: from 0, non-decreasing, at most the limit.
+void check_offsets(const int64_t* off, int64_t N, int64_t limit, const char* name,
+                   const char* limit_name) {
+  TORCHSLIM_CHECK(off[0] == 0, name, " must start at 0, got ", off[0]);
+  for (int64_t n = 0; n < N; ++n) {
+    TORCHSLIM_CHECK(off[n] <= off[n + 1] && off[n + 1] <= limit, name,
+                    " must be non-decreasing and at most ", limit_name, " = ", limit, ", got ",
+                    name, "[", n, "] = ", off[n], ", ", name, "[", n + 1, "] = ", off[n + 1]);
+  }
+}
+
 // The arguments every format shares: x (M, K) widened to fp32, the output, bias, and x packed
 // in transposed panels when M > kSpMaxTileM (the SpMM kernels').
 struct SparseOperands {
@@ -127,13 +138,7 @@ at::Tensor sparse_bitmask_linear_cpu(const at::Tensor& x, const at::Tensor& valu
   const at::Tensor offsets = row_offsets.contiguous();
   const int64_t* off = offsets.data_ptr<int64_t>();
   const int64_t total = values.numel();
-  TORCHSLIM_CHECK(off[0] == 0, "row_offsets must start at 0, got ", off[0]);
-  for (int64_t n = 0; n < N; ++n) {
-    TORCHSLIM_CHECK(off[n] <= off[n + 1] && off[n + 1] <= total,
-                    "row_offsets must be non-decreasing and at most values.numel() = ", total,
-                    ", got row_offsets[", n, "] = ", off[n], ", row_offsets[", n + 1,
-                    "] = ", off[n + 1]);
-  }
+  check_offsets(off, N, total, "row_offsets", "values.numel()");
   int64_t bad_row = -1;
   op.args.meta = mask.data_ptr<uint8_t>();
   op.args.ldm = mask.stride(0);
@@ -184,13 +189,7 @@ at::Tensor sparse_csr_linear_cpu(const at::Tensor& x, const at::Tensor& values,
   SparseOperands op = sparse_operands(x, values, N, bias);
   const at::Tensor offsets = group_offsets.contiguous();
   const int64_t* off = offsets.data_ptr<int64_t>();
-  TORCHSLIM_CHECK(off[0] == 0, "group_offsets must start at 0, got ", off[0]);
-  for (int64_t n = 0; n < N; ++n) {
-    TORCHSLIM_CHECK(off[n] <= off[n + 1] && off[n + 1] <= G,
-                    "group_offsets must be non-decreasing and at most values.shape[0] = ", G,
-                    ", got group_offsets[", n, "] = ", off[n], ", group_offsets[", n + 1,
-                    "] = ", off[n + 1]);
-  }
+  check_offsets(off, N, G, "group_offsets", "values.shape[0]");
   int64_t bad_row = -1;
   op.args.meta = columns.data_ptr<uint8_t>();
   op.args.ldm = 8;
