@@ -325,11 +325,12 @@ def test_bad_arguments_name_themselves():
 
 
 @pytest.mark.parametrize("backend", SPARSE_BACKENDS)
-def test_bitmask_offsets_that_disagree_with_the_mask_raise(backend):
-    g = seeded("offsets", backend)
+@pytest.mark.parametrize("m", [1, 20])  # the dot kernel; the SpMM
+def test_bitmask_offsets_that_disagree_with_the_mask_raise(backend, m):
+    g = seeded("offsets", backend, m)
     w = _weight_unstructured(6, 64, 0.5, g)
     vals, mask, offsets = compress_bitmask(w)
-    x = torch.randn(1, 64, generator=g)
+    x = torch.randn(m, 64, generator=g)
     shifted = offsets.clone()
     shifted[3] += 1  # row 2 one value longer, row 3 one shorter: total unchanged
     with run_on(backend), pytest.raises(ValueError, match="mask and row_offsets disagree: row 2"):
@@ -354,11 +355,12 @@ def test_backend_choice_is_explained():
 
 
 @pytest.mark.parametrize("backend", SPARSE_BACKENDS)
-def test_bitmask_bits_past_k_are_ignored(backend):
-    g = seeded("pad-bits", backend)
+@pytest.mark.parametrize("m", [3, 20])  # the dot kernel; the SpMM
+def test_bitmask_bits_past_k_are_ignored(backend, m):
+    g = seeded("pad-bits", backend, m)
     w = _weight_unstructured(5, 13, 0.5, g)  # K = 13: bits 5..7 of the last byte are padding
     vals, mask, offsets = compress_bitmask(w)
-    x = nan_padded(torch.randn(3, 13, generator=g))  # a read past K meets NaN
+    x = nan_padded(torch.randn(m, 13, generator=g))  # a read past K meets NaN
     with run_on(backend):
         padded = mask | torch.tensor([0, 0xE0], dtype=torch.uint8)
         out = ops.sparse_bitmask_linear(x, vals, padded, offsets)

@@ -195,7 +195,6 @@ at::Tensor sparse_csr_linear_cpu(const at::Tensor& x, const at::Tensor& values,
   op.args.ldm = 8;
   op.args.bases = bases.data_ptr<int16_t>();
   op.args.row_offsets = off;
-  op.args.values_total = G;
   op.args.bad_row = &bad_row;
   op.run(cpu::active_kernels().csr_gemm);
   if (bad_row >= 0) {

@@ -303,10 +303,13 @@ def _csr_columns(
     offsets = group_offsets.to(torch.int64)
     if offsets.numel() and int(offsets[0]) != 0:
         raise ValueError(f"group_offsets must start at 0, got {int(offsets[0])}")
-    if bool((offsets.diff() < 0).any()) or int(offsets[-1]) > groups:
+    bad = ((offsets.diff() < 0) | (offsets[1:] > groups)).nonzero()
+    if bad.numel():
+        n = int(bad[0, 0])
         raise ValueError(
             f"group_offsets must be non-decreasing and at most values.shape[0] = {groups}, "
-            f"got {offsets.tolist() if offsets.numel() <= 8 else 'otherwise'}"
+            f"got group_offsets[{n}] = {int(offsets[n])}, "
+            f"group_offsets[{n + 1}] = {int(offsets[n + 1])}"
         )
     used = int(offsets[-1])
     rows = torch.repeat_interleave(
