@@ -9,6 +9,7 @@ from conftest import KERNEL_BACKENDS, run_on, seeded
 import torchslim
 from torchslim import ops
 from torchslim import reference as ref
+from torchslim.quant.int8 import quantize_weight_per_channel
 from torchslim.sparse import compress_24, compress_bitmask, compress_csr, format_bytes, prune_
 from torchslim.testing import M_QUICK, check_close, nan_padded
 
@@ -144,7 +145,13 @@ def test_compress_24_rejects_a_weight_off_the_pattern():
     with pytest.raises(ValueError, match="weight must be 2-D"):
         compress_24(torch.zeros(4))
     with pytest.raises(TypeError, match="dtype must be float32, bfloat16 or float16"):
-        compress_bitmask(w, torch.int8)
+        compress_bitmask(w, torch.int16)
+    with pytest.raises(TypeError, match=r"dtype=torch\.int8 would truncate a float weight"):
+        compress_csr(w, torch.int8)
+    with pytest.raises(TypeError, match=r"dtype must be None or torch\.int8 for an int8 weight"):
+        compress_24(w.to(torch.int8), torch.float32)
+    with pytest.raises(TypeError, match="weight must be a floating-point or int8 tensor"):
+        compress_bitmask(w.to(torch.int32))
 
 
 # --------------------------------------------------------------------------- ops
@@ -199,6 +206,42 @@ def test_unstructured_linear_matches_reference(backend, n, k, sparsity, fmt, poi
                 out = op(x, *parts, bias)
             ref64 = reference(x, *parts, bias, compute_dtype=torch.float64)
             check_close(out, ref64, reference(x, *parts, bias), name=f"{dtype} M={m}")
+
+
+_COMPRESS = {"2:4": compress_24, "bitmask": compress_bitmask, "csr": compress_csr}
+_DECOMPRESS = {
+    "2:4": ref.decompress_24,
+    "bitmask": ref.decompress_bitmask,
+    "csr": ref.decompress_csr,
+}
+_OPS = {
+    "2:4": (ops.sparse24_linear, ref.sparse24_linear),
+    "bitmask": (ops.sparse_bitmask_linear, ref.sparse_bitmask_linear),
+    "csr": (ops.sparse_csr_linear, ref.sparse_csr_linear),
+}
+
+
+@pytest.mark.parametrize("backend", SPARSE_BACKENDS)
+@pytest.mark.parametrize(("n", "k"), NK)
+@pytest.mark.parametrize("fmt", sorted(_COMPRESS))
+def test_int8_values_match_reference(backend, n, k, fmt, poisoned_empty):
+    # int8 codes with a scale per row: W = codes * scales[:, None] (the W8A16 rule)
+    g = seeded("int8-values", fmt, backend, n, k)
+    w = _weight_24(n, k, g) if fmt == "2:4" else _weight_unstructured(n, k, 0.8, g)
+    codes, scales = quantize_weight_per_channel(w)
+    parts = _COMPRESS[fmt](codes)
+    assert parts[0].dtype == torch.int8
+    op, reference = _OPS[fmt]
+    bias = torch.randn(n, generator=g)
+    for dtype in (torch.float32, torch.bfloat16):
+        for m in (*M_QUICK, 5, 17):  # the dot kernels, then the SpMM on panels
+            x = _inputs(m, k, dtype, g)
+            with run_on(backend):
+                out = op(x, *parts, bias, scales)
+            ref64 = reference(x, *parts, bias, scales, compute_dtype=torch.float64)
+            check_close(out, ref64, reference(x, *parts, bias, scales), name=f"{dtype} M={m}")
+            assert out.dtype == dtype
+    assert torch.equal(_DECOMPRESS[fmt](*parts, k), codes)  # the codes, exactly
 
 
 @pytest.mark.parametrize("backend", SPARSE_BACKENDS)
@@ -260,6 +303,14 @@ def test_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.torchslim.sparse24_linear, (x, values, meta, bias))
     torch.library.opcheck(torch.ops.torchslim.sparse_bitmask_linear, (x, *compress_bitmask(w)))
     torch.library.opcheck(torch.ops.torchslim.sparse_csr_linear, (x, *compress_csr(w), bias))
+    codes, scales = quantize_weight_per_channel(w)  # int8 values
+    torch.library.opcheck(
+        torch.ops.torchslim.sparse_csr_linear, (x, *compress_csr(codes), bias, scales)
+    )
+    codes, scales = quantize_weight_per_channel(_weight_24(9, 40, g))
+    torch.library.opcheck(
+        torch.ops.torchslim.sparse24_linear, (x, *compress_24(codes), None, scales)
+    )
 
 
 def test_ops_compile_without_graph_breaks():
@@ -268,11 +319,15 @@ def test_ops_compile_without_graph_breaks():
     w = _weight_unstructured(16, 64, 0.9, g)
     parts, csr = compress_bitmask(w), compress_csr(w)
 
+    codes, scales = quantize_weight_per_channel(w)
+    csr8 = compress_csr(codes)
+
     def f(x):
         return (
             ops.sparse24_linear(x, values, meta)
             + ops.sparse_bitmask_linear(x, *parts)
             + ops.sparse_csr_linear(x, *csr)
+            + ops.sparse_csr_linear(x, *csr8, None, scales)
         )
 
     x = torch.randn(4, 64, generator=g)
@@ -291,8 +346,15 @@ def test_bad_arguments_name_themselves():
         ops.sparse24_linear(x, values, meta.to(torch.int8))
     with pytest.raises(ValueError, match=r"values must have shape \(N, 2 \* ceil\(K / 4\)\)"):
         ops.sparse24_linear(x, values[:, :4], meta)
-    with pytest.raises(TypeError, match="values must be float32, bfloat16 or float16"):
+    with pytest.raises(TypeError, match="values must be float32, bfloat16, float16 or int8"):
         ops.sparse24_linear(x, values.double(), meta)
+    codes = values.round().clamp(-127, 127).to(torch.int8)
+    with pytest.raises(ValueError, match="int8 values need scales"):
+        ops.sparse24_linear(x, codes, meta)
+    with pytest.raises(TypeError, match=r"scales must be float32, got torch\.float16"):
+        ops.sparse24_linear(x, codes, meta, None, torch.ones(4, dtype=torch.float16))
+    with pytest.raises(ValueError, match=r"scales must have shape \(N,\) = \(4,\), got \(3,\)"):
+        ops.sparse24_linear(x, codes, meta, None, torch.ones(3))
     with pytest.raises(ValueError, match=r"bias must have shape \(N,\) = \(4,\)"):
         ops.sparse24_linear(x, values, meta, torch.zeros(5))
     with pytest.raises(TypeError, match=r"meta must be a torch\.Tensor"):
@@ -306,6 +368,8 @@ def test_bad_arguments_name_themselves():
         ops.sparse_bitmask_linear(x, vals, mask, offsets[:-1])
     with pytest.raises(ValueError, match=r"values must be 1-D \(nnz,\)"):
         ops.sparse_bitmask_linear(x, vals.reshape(4, -1), mask, offsets)
+    with pytest.raises(ValueError, match="int8 values need scales"):
+        ops.sparse_bitmask_linear(x, vals.to(torch.int8), mask, offsets)
 
     vals, cols, bases, offsets = compress_csr(w)
     with pytest.raises(TypeError, match="columns must be uint8"):
@@ -322,6 +386,8 @@ def test_bad_arguments_name_themselves():
         ops.sparse_csr_linear(x, vals, cols, bases, offsets.int())
     with pytest.raises(ValueError, match=r"bias must have shape \(N,\) = \(4,\)"):
         ops.sparse_csr_linear(x, vals, cols, bases, offsets, torch.zeros(3))
+    with pytest.raises(ValueError, match=r"scales must have shape \(N,\) = \(4,\)"):
+        ops.sparse_csr_linear(x, vals.to(torch.int8), cols, bases, offsets, None, torch.ones(5))
 
 
 @pytest.mark.parametrize("backend", SPARSE_BACKENDS)

@@ -46,10 +46,19 @@ void check_offsets(const int64_t* off, int64_t N, int64_t limit, const char* nam
   }
 }
 
-// The arguments every format shares: x (M, K) widened to fp32, the output, bias, and x packed
-// in transposed panels when M > kSpMaxTileM (the SpMM kernels').
+// The values' element type: a float type, or int8 codes (which need scales).
+ScalarType value_type(const at::Tensor& values) {
+  if (values.scalar_type() == at::kChar) return ScalarType::kInt8;
+  TORCHSLIM_CHECK_TYPE(at::isFloatingType(values.scalar_type()),
+                       "values must be float32, bfloat16, float16 or int8, got ",
+                       values.scalar_type());
+  return any_float_type(values, "values");
+}
+
+// The arguments every format shares: x (M, K) widened to fp32, the output, bias, scales, and x
+// packed in transposed panels when M > kSpMaxTileM (the SpMM kernels').
 struct SparseOperands {
-  at::Tensor x, bias, out, panels;
+  at::Tensor x, bias, scales, out, panels;
   cpu::SparseGemmArgs args;
 
   // The kernel over every (rows of x, weight rows) block, the SpMM's blocks with more weight
@@ -63,7 +72,7 @@ struct SparseOperands {
 };
 
 SparseOperands sparse_operands(const at::Tensor& x, const at::Tensor& values, int64_t N,
-                               const OptTensor& bias) {
+                               const OptTensor& bias, const OptTensor& scales) {
   check_activation(x, "x");
   const ScalarType out_type = float_type(x, "x");
   SparseOperands op;
@@ -75,7 +84,18 @@ SparseOperands sparse_operands(const at::Tensor& x, const at::Tensor& values, in
   op.args.x = op.x.data_ptr<float>();
   op.args.ldx = op.x.stride(0);
   op.args.values = values.data_ptr();
-  op.args.v_type = any_float_type(values, "values");
+  op.args.v_type = value_type(values);
+  if (scales.has_value() && scales->defined()) {
+    check_cpu(*scales, "scales");
+    TORCHSLIM_CHECK_TYPE(scales->scalar_type() == at::kFloat, "scales must be float32, got ",
+                         scales->scalar_type());
+    TORCHSLIM_CHECK(scales->dim() == 1 && scales->size(0) == N, "scales must have shape (N,) = (",
+                    N, ",), got ", scales->sizes());
+    op.scales = scales->contiguous();
+    op.args.scales = op.scales.data_ptr<float>();
+  }
+  TORCHSLIM_CHECK(op.args.scales != nullptr || op.args.v_type != ScalarType::kInt8,
+                  "int8 values need scales (N,) float32, got scales=None");
   op.args.bias = op.bias.defined() ? op.bias.data_ptr<float>() : nullptr;
   op.args.out = op.out.data_ptr();
   op.args.ldo = N;
@@ -93,16 +113,17 @@ SparseOperands sparse_operands(const at::Tensor& x, const at::Tensor& values, in
   return op;
 }
 
-// 2:4: x (M, K) fp32/bf16; values (N, 2 * ceil(K / 4)) fp32/bf16/fp16; meta (N, ceil(K / 8))
-// uint8; bias (N,) or None.
+// 2:4: x (M, K) fp32/bf16; values (N, 2 * ceil(K / 4)) fp32/bf16/fp16/int8; meta
+// (N, ceil(K / 8)) uint8; bias (N,) or None; scales (N,) fp32 or None (needed for int8 values).
 at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values,
-                               const at::Tensor& meta, const OptTensor& bias) {
+                               const at::Tensor& meta, const OptTensor& bias,
+                               const OptTensor& scales) {
   TORCHSLIM_CHECK(x.dim() == 2, "x must be 2-D (M, K), got ", x.dim(), "-D");
   const int64_t K = x.size(1);
   TORCHSLIM_CHECK(values.dim() == 2, "values must be 2-D (N, 2 * ceil(K / 4)), got ", values.dim(),
                   "-D");
   const int64_t N = values.size(0);
-  SparseOperands op = sparse_operands(x, values, N, bias);
+  SparseOperands op = sparse_operands(x, values, N, bias, scales);
   TORCHSLIM_CHECK(values.size(1) == kept_24(K), "values must have 2 * ceil(K / 4) = ", kept_24(K),
                   " columns, got shape ", values.sizes());
   TORCHSLIM_CHECK(values.size(1) <= 1 || values.stride(1) == 1,
@@ -112,15 +133,24 @@ at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values,
   op.args.ldv = values.stride(0);
   op.args.meta = meta.data_ptr<uint8_t>();
   op.args.ldm = meta.stride(0);
+  const auto order_x = cpu::active_kernels().sparse24_order_x;
+  if (order_x != nullptr && !op.panels.defined()) {  // the dot kernels' column order
+    at::Tensor ordered = at::empty({op.args.M, K}, op.x.options());
+    order_x(op.args.x, op.args.ldx, ordered.data_ptr<float>(), op.args.M, K);
+    op.x = ordered;
+    op.args.x = ordered.data_ptr<float>();
+    op.args.ldx = K;
+  }
   op.run(cpu::active_kernels().sparse24_gemm);
   return op.out;
 }
 
-// Bitmask: x (M, K) fp32/bf16; values (nnz,) fp32/bf16/fp16 contiguous; mask (N, ceil(K / 8))
-// uint8; row_offsets (N + 1,) int64 from 0, non-decreasing, at most nnz; bias (N,) or None.
+// Bitmask: x (M, K) fp32/bf16; values (nnz,) fp32/bf16/fp16/int8 contiguous; mask
+// (N, ceil(K / 8)) uint8; row_offsets (N + 1,) int64 from 0, non-decreasing, at most nnz; bias
+// and scales as for 2:4.
 at::Tensor sparse_bitmask_linear_cpu(const at::Tensor& x, const at::Tensor& values,
                                      const at::Tensor& mask, const at::Tensor& row_offsets,
-                                     const OptTensor& bias) {
+                                     const OptTensor& bias, const OptTensor& scales) {
   TORCHSLIM_CHECK(x.dim() == 2, "x must be 2-D (M, K), got ", x.dim(), "-D");
   const int64_t K = x.size(1);
   check_rows(mask, "mask", at::kByte, mask_bytes(K));
@@ -128,7 +158,7 @@ at::Tensor sparse_bitmask_linear_cpu(const at::Tensor& x, const at::Tensor& valu
   TORCHSLIM_CHECK(values.dim() == 1 && values.is_contiguous(),
                   "values must be a contiguous 1-D tensor (nnz,), got shape ", values.sizes(),
                   " and strides ", values.strides());
-  SparseOperands op = sparse_operands(x, values, N, bias);
+  SparseOperands op = sparse_operands(x, values, N, bias, scales);
   check_cpu(row_offsets, "row_offsets");
   TORCHSLIM_CHECK_TYPE(row_offsets.scalar_type() == at::kLong, "row_offsets must be int64, got ",
                        row_offsets.scalar_type());
@@ -157,12 +187,13 @@ at::Tensor sparse_bitmask_linear_cpu(const at::Tensor& x, const at::Tensor& valu
   return op.out;
 }
 
-// CSR: x (M, K) fp32/bf16; values (G, 8) fp32/bf16/fp16 and columns (G, 8) uint8, contiguous;
-// bases (G,) int16; group_offsets (N + 1,) int64 from 0, non-decreasing, at most G; bias (N,)
-// or None.
+// CSR: x (M, K) fp32/bf16; values (G, 8) fp32/bf16/fp16/int8 and columns (G, 8) uint8,
+// contiguous; bases (G,) int16; group_offsets (N + 1,) int64 from 0, non-decreasing, at most G;
+// bias and scales as for 2:4.
 at::Tensor sparse_csr_linear_cpu(const at::Tensor& x, const at::Tensor& values,
                                  const at::Tensor& columns, const at::Tensor& bases,
-                                 const at::Tensor& group_offsets, const OptTensor& bias) {
+                                 const at::Tensor& group_offsets, const OptTensor& bias,
+                                 const OptTensor& scales) {
   TORCHSLIM_CHECK(x.dim() == 2, "x must be 2-D (M, K), got ", x.dim(), "-D");
   const int64_t K = x.size(1);
   TORCHSLIM_CHECK(values.dim() == 2 && values.size(1) == 8 && values.is_contiguous(),
@@ -186,7 +217,7 @@ at::Tensor sparse_csr_linear_cpu(const at::Tensor& x, const at::Tensor& values,
   TORCHSLIM_CHECK(group_offsets.dim() == 1 && group_offsets.size(0) >= 1,
                   "group_offsets must have shape (N + 1,), got ", group_offsets.sizes());
   const int64_t N = group_offsets.size(0) - 1;
-  SparseOperands op = sparse_operands(x, values, N, bias);
+  SparseOperands op = sparse_operands(x, values, N, bias, scales);
   const at::Tensor offsets = group_offsets.contiguous();
   const int64_t* off = offsets.data_ptr<int64_t>();
   check_offsets(off, N, G, "group_offsets", "values.shape[0]");
@@ -216,55 +247,62 @@ at::Tensor sparse_csr_linear_cpu(const at::Tensor& x, const at::Tensor& values,
 // kernel's supports()), the Python impl for everything else.
 
 bool is_sparse_input(const at::Tensor& x, const at::Tensor& values, const OptTensor& bias,
-                     int64_t N) {
+                     const OptTensor& scales, int64_t N) {
   const at::ScalarType vt = values.scalar_type();
+  const bool has_scales = scales.has_value() && scales->defined();
+  const bool scales_ok = has_scales ? is_cpu_vector(*scales, at::kFloat, N) : vt != at::kChar;
   return registry::automatic("cpu") && is_cpu_float(x) && x.dim() >= 1 &&
-         values.device().is_cpu() && (vt == at::kFloat || vt == at::kBFloat16 || vt == at::kHalf) &&
-         is_bias(bias, N);
+         values.device().is_cpu() &&
+         (vt == at::kFloat || vt == at::kBFloat16 || vt == at::kHalf || vt == at::kChar) &&
+         is_bias(bias, N) && scales_ok;
 }
 
 at::Tensor sparse24_linear_op(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
-                              const OptTensor& bias) {
+                              const OptTensor& bias, const OptTensor& scales) {
   const int64_t K = x.dim() >= 1 ? x.size(-1) : 0;
-  const bool fast = values.dim() == 2 && is_sparse_input(x, values, bias, values.size(0)) &&
+  const bool fast = values.dim() == 2 && is_sparse_input(x, values, bias, scales, values.size(0)) &&
                     values.size(1) == kept_24(K) && is_cpu_matrix(meta, at::kByte) &&
                     meta.size(0) == values.size(0) && meta.size(1) == mask_bytes(K);
-  if (!fast) return registry::call_python<at::Tensor>("sparse24_linear", x, values, meta, bias);
+  if (!fast) {
+    return registry::call_python<at::Tensor>("sparse24_linear", x, values, meta, bias, scales);
+  }
   return unflatten(
-      sparse24_linear_cpu(rows(x), unit_last_stride(values), unit_last_stride(meta), bias), x);
+      sparse24_linear_cpu(rows(x), unit_last_stride(values), unit_last_stride(meta), bias, scales),
+      x);
 }
 
 at::Tensor sparse_bitmask_linear_op(const at::Tensor& x, const at::Tensor& values,
                                     const at::Tensor& mask, const at::Tensor& row_offsets,
-                                    const OptTensor& bias) {
+                                    const OptTensor& bias, const OptTensor& scales) {
   const int64_t K = x.dim() >= 1 ? x.size(-1) : 0;
   const bool fast = is_cpu_matrix(mask, at::kByte) && mask.size(1) == mask_bytes(K) &&
-                    values.dim() == 1 && is_sparse_input(x, values, bias, mask.size(0)) &&
+                    values.dim() == 1 && is_sparse_input(x, values, bias, scales, mask.size(0)) &&
                     is_cpu_vector(row_offsets, at::kLong, mask.size(0) + 1);
   if (!fast) {
     return registry::call_python<at::Tensor>("sparse_bitmask_linear", x, values, mask, row_offsets,
-                                             bias);
+                                             bias, scales);
   }
   return unflatten(sparse_bitmask_linear_cpu(rows(x), values.contiguous(), unit_last_stride(mask),
-                                             row_offsets, bias),
+                                             row_offsets, bias, scales),
                    x);
 }
 
 at::Tensor sparse_csr_linear_op(const at::Tensor& x, const at::Tensor& values,
                                 const at::Tensor& columns, const at::Tensor& bases,
-                                const at::Tensor& group_offsets, const OptTensor& bias) {
+                                const at::Tensor& group_offsets, const OptTensor& bias,
+                                const OptTensor& scales) {
   const bool fast = values.dim() == 2 && values.size(1) == 8 && group_offsets.dim() == 1 &&
                     group_offsets.size(0) >= 1 &&
-                    is_sparse_input(x, values, bias, group_offsets.size(0) - 1) &&
+                    is_sparse_input(x, values, bias, scales, group_offsets.size(0) - 1) &&
                     is_cpu_matrix(columns, at::kByte) && columns.sizes() == values.sizes() &&
                     is_cpu_vector(bases, at::kShort, values.size(0)) &&
                     group_offsets.device().is_cpu() && group_offsets.scalar_type() == at::kLong;
   if (!fast) {
     return registry::call_python<at::Tensor>("sparse_csr_linear", x, values, columns, bases,
-                                             group_offsets, bias);
+                                             group_offsets, bias, scales);
   }
   return unflatten(sparse_csr_linear_cpu(rows(x), values.contiguous(), columns.contiguous(),
-                                         bases.contiguous(), group_offsets, bias),
+                                         bases.contiguous(), group_offsets, bias, scales),
                    x);
 }
 
@@ -272,13 +310,16 @@ at::Tensor sparse_csr_linear_op(const at::Tensor& x, const at::Tensor& values,
 
 void bind_cpu_sparse(pybind11::module_& m) {
   m.def("sparse24_linear_cpu", &sparse24_linear_cpu, "2:4 sparse linear", pybind11::arg("x"),
-        pybind11::arg("values"), pybind11::arg("meta"), pybind11::arg("bias") = pybind11::none());
+        pybind11::arg("values"), pybind11::arg("meta"), pybind11::arg("bias") = pybind11::none(),
+        pybind11::arg("scales") = pybind11::none());
   m.def("sparse_bitmask_linear_cpu", &sparse_bitmask_linear_cpu, "bitmask sparse linear",
         pybind11::arg("x"), pybind11::arg("values"), pybind11::arg("mask"),
-        pybind11::arg("row_offsets"), pybind11::arg("bias") = pybind11::none());
+        pybind11::arg("row_offsets"), pybind11::arg("bias") = pybind11::none(),
+        pybind11::arg("scales") = pybind11::none());
   m.def("sparse_csr_linear_cpu", &sparse_csr_linear_cpu, "csr sparse linear", pybind11::arg("x"),
         pybind11::arg("values"), pybind11::arg("columns"), pybind11::arg("bases"),
-        pybind11::arg("group_offsets"), pybind11::arg("bias") = pybind11::none());
+        pybind11::arg("group_offsets"), pybind11::arg("bias") = pybind11::none(),
+        pybind11::arg("scales") = pybind11::none());
 }
 
 }  // namespace torchslim

@@ -13,7 +13,7 @@
 namespace torchslim::cpu {
 
 // Storage type of float activations and outputs; bf16 is carried as raw uint16 bits.
-enum class ScalarType : int { kFloat32 = 0, kBFloat16 = 1, kInt32 = 2, kFloat16 = 3 };
+enum class ScalarType : int { kFloat32 = 0, kBFloat16 = 1, kInt32 = 2, kFloat16 = 3, kInt8 = 4 };
 
 // Symmetric per-row int8 quantization (torchslim.reference.quantize_per_token):
 //   scale[m] = max_k |x[m, k]| / 127  (1 if the row is all zeros)
@@ -172,6 +172,8 @@ inline int64_t attention_work_floats(int64_t D, int64_t Dv) {
 //            contiguous; bases (G,) int16; row n's groups are [row_offsets[n],
 //            row_offsets[n + 1]). Group g's slot t is column 8 * bases[g] + meta[g, t]. The
 //            lowest row with a column outside [0, K) is written to *bad_row (its group skipped).
+// Values may be int8 codes with per-row scales (W = codes * scales[n], the W8A16 rule): scales
+// (N,) fp32 or null multiplies row n's sums before the bias is added.
 // With panels set (M > kSpMaxTileM), every format reads x from them instead (an SpMM): x as
 // (ceil(M / kSpPanel), K, kSpPanel) fp32, panel p rows [p * kSpPanel, (p + 1) * kSpPanel) of x
 // transposed, zeros past M; m0 of a call is then a multiple of kSpPanel.
@@ -179,8 +181,9 @@ struct SparseGemmArgs {
   const float* x;  // (M, K) fp32, row stride ldx, unit column stride
   int64_t ldx;
   const void* values;
-  ScalarType v_type;  // kFloat32, kBFloat16 or kFloat16
+  ScalarType v_type;  // kFloat32, kBFloat16, kFloat16 or kInt8
   int64_t ldv;
+  const float* scales;  // (N,) fp32 or null
   const uint8_t* meta;
   int64_t ldm;
   const int64_t* row_offsets;  // bitmask: (N + 1,) into the values; csr: into the groups
@@ -211,6 +214,9 @@ struct KernelTable {
   void (*sparse24_gemm)(const SparseGemmArgs& args, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
   void (*bitmask_gemm)(const SparseGemmArgs& args, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
   void (*csr_gemm)(const SparseGemmArgs& args, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
+  // Null, or x (M, K) (row stride ldx) written to out (M, K) in the column order that
+  // sparse24_gemm's dot kernels (M <= kSpMaxTileM) read it: then they take that copy.
+  void (*sparse24_order_x)(const float* x, int64_t ldx, float* out, int64_t M, int64_t K);
 };
 
 namespace portable {

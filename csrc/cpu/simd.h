@@ -61,6 +61,7 @@ struct Half {
 inline float load_f32(const float* p) { return *p; }
 inline float load_f32(const uint16_t* p) { return bf16_bits_to_f32(*p); }
 inline float load_f32(const Half* p) { return f16_bits_to_f32(p->bits); }
+inline float load_f32(const int8_t* p) { return static_cast<float>(*p); }
 
 // e^x as Cephes' expf computes it: x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two so that
 // n ln2 is exact), e^r = 1 + r + r^2 P(r) with a degree-5 P, times 2^n. About 1 ulp. Below
@@ -145,6 +146,10 @@ struct FVec {
   }
   static R load(const Half* p) {
     return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  static R load(const int8_t* p) {
+    return _mm512_cvtepi32_ps(
+        _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
   }
   static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
   static R mul(R a, R b) { return _mm512_mul_ps(a, b); }
@@ -253,6 +258,10 @@ struct FVec {
   }
   static R load(const Half* p) {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  static R load(const int8_t* p) {
+    return _mm256_cvtepi32_ps(
+        _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
   }
   static R fma(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
   static R mul(R a, R b) { return _mm256_mul_ps(a, b); }
@@ -374,6 +383,7 @@ struct FVec {
   static void store(float* p, R v) { *p = v; }
   static R load(const uint16_t* p) { return bf16_bits_to_f32(*p); }
   static R load(const Half* p) { return load_f32(p); }
+  static R load(const int8_t* p) { return load_f32(p); }
   static R fma(R a, R b, R c) { return a * b + c; }
   static R mul(R a, R b) { return a * b; }
   static R add(R a, R b) { return a + b; }

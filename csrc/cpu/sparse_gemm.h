@@ -75,9 +75,17 @@ inline __m512i sp24_columns(const uint8_t* meta) {
   return _mm512_add_epi32(index, group);
 }
 
+// Two steps' columns (meta: their 8 bytes).
+inline void sp24_columns2(const uint8_t* meta, __m512i& first, __m512i& second) {
+  first = sp24_columns(meta);
+  second = sp24_columns(meta + 4);
+}
+
 inline __m512 sp24_gather(const float* x, __m512i columns) {
   return _mm512_permutex2var_ps(_mm512_loadu_ps(x), columns, _mm512_loadu_ps(x + 16));
 }
+
+constexpr void (*kSparse24OrderX)(const float*, int64_t, float*, int64_t, int64_t) = nullptr;
 
 inline int expand_bits(const uint8_t* mask) {
   uint16_t bits;
@@ -94,21 +102,46 @@ inline __m512 expand(__m512 packed, int bits) {
 
 constexpr int64_t kLanes = 8;
 
+// Lane j's column within its group of 4 (in its low 2 bits, all vpermilps reads), from the
+// step's 16 meta bits.
 inline __m256i sp24_columns(const uint8_t* meta) {
   uint16_t bits;
   __builtin_memcpy(&bits, meta, sizeof bits);
-  // Lanes 0-3 index the step's first 8 columns, lanes 4-7 its second 8 (each from 0).
-  const __m256i shift = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
-  const __m256i group = _mm256_setr_epi32(0, 0, 4, 4, 0, 0, 4, 4);
-  const __m256i index =
-      _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(bits), shift), _mm256_set1_epi32(3));
-  return _mm256_add_epi32(index, group);
+  return _mm256_srlv_epi32(_mm256_set1_epi32(bits), _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14));
 }
 
+// Two steps' columns from their 32 meta bits, broadcast by the load unit (vbroadcastss).
+inline void sp24_columns2(const uint8_t* meta, __m256i& first, __m256i& second) {
+  const __m256i bits =
+      _mm256_castps_si256(_mm256_broadcast_ss(reinterpret_cast<const float*>(meta)));
+  first = _mm256_srlv_epi32(bits, _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14));
+  second = _mm256_srlv_epi32(bits, _mm256_setr_epi32(16, 18, 20, 22, 24, 26, 28, 30));
+}
+
+// x in 2:4 step order: each 16 columns as their groups of 4 in the order 0, 2, 1, 3 (the last
+// K % 16 as they are), so a step's [groups 0 | 2] and [groups 1 | 3] are two plain loads.
+void sparse24_order_x(const float* x, int64_t ldx, float* out, int64_t M, int64_t K) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* src = x + m * ldx;
+    float* dst = out + m * K;
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+      _mm_storeu_ps(dst + k, _mm_loadu_ps(src + k));
+      _mm_storeu_ps(dst + k + 4, _mm_loadu_ps(src + k + 8));
+      _mm_storeu_ps(dst + k + 8, _mm_loadu_ps(src + k + 4));
+      _mm_storeu_ps(dst + k + 12, _mm_loadu_ps(src + k + 12));
+    }
+    for (; k < K; ++k) dst[k] = src[k];
+  }
+}
+constexpr auto kSparse24OrderX = &sparse24_order_x;
+
+// Lanes 0-1 take group 0, 2-3 group 1, 4-5 group 2, 6-7 group 3: in-lane permutes (vpermilps,
+// cheaper than the lane-crossing vpermps on AMD Zen) of [groups 0 | 2] and [groups 1 | 3], x
+// in step order, and a blend.
 inline __m256 sp24_gather(const float* x, __m256i columns) {
-  const __m256 lo = _mm256_permutevar8x32_ps(_mm256_loadu_ps(x), columns);
-  const __m256 hi = _mm256_permutevar8x32_ps(_mm256_loadu_ps(x + 8), columns);
-  return _mm256_blend_ps(lo, hi, 0xf0);
+  return _mm256_blend_ps(_mm256_permutevar_ps(_mm256_loadu_ps(x), columns),
+                         _mm256_permutevar_ps(_mm256_loadu_ps(x + 8), columns), 0xcc);
 }
 
 inline int expand_bits(const uint8_t* mask) { return *mask; }
@@ -143,6 +176,8 @@ inline __m256 expand(__m256 packed, int bits) {
 
 #if defined(TORCHSLIM_ISA_AVX512) || defined(TORCHSLIM_ISA_AVX2)
 #define TORCHSLIM_SPARSE_VECTOR 1  // else portable: the scalar loops below do all the work
+#else
+constexpr void (*kSparse24OrderX)(const float*, int64_t, float*, int64_t, int64_t) = nullptr;
 #endif
 
 // ------------------------------------------------------------------------------ 2:4
@@ -167,6 +202,23 @@ inline void sp24_scalar(const T* v, const uint8_t* meta, const float* x, int64_t
   for (int i = 0; i < R; ++i) sums[i] += (part[0][i] + part[1][i]) + (part[2][i] + part[3][i]);
 }
 
+// Independent accumulators per row of x for a tile of R rows: one FMA chain per row would wait
+// out the FMA latency every step (4 cycles on Zen 3), so small tiles take several chains.
+template <int R>
+constexpr int kChains = R == 1 ? 4 : (R == 2 ? 2 : 1);
+
+// body(i, chain) for i in [0, count), chain = i % A, the chains unrolled.
+template <int A, class Body>
+inline void over_chains(int64_t count, const Body& body) {
+  int64_t i = 0;
+  for (; i + A <= count; i += A) {
+#pragma GCC unroll 4
+    for (int a = 0; a < A; ++a) body(i + a, a);
+  }
+#pragma GCC unroll 4
+  for (int a = 0; i < count; ++i, ++a) body(i, a);
+}
+
 template <typename T, int R>
 inline void sp24_tile(const SparseGemmArgs& g, const float* x, int64_t ldx, int64_t n,
                       float (&sums)[kSpMR]) {
@@ -178,19 +230,35 @@ inline void sp24_tile(const SparseGemmArgs& g, const float* x, int64_t ldx, int6
   {
     // A step covers 2 * kLanes columns: kLanes / 2 groups, kLanes / 4 meta bytes.
     const int64_t steps = g.K / (2 * kLanes);
-    typename FVec::R acc[R];
+    constexpr int A = kChains<R>;
+    typename FVec::R acc[R][A];
 #pragma GCC unroll 4
-    for (int i = 0; i < R; ++i) acc[i] = FVec::zero();
-    for (int64_t s = 0; s < steps; ++s) {
-      const auto columns = sp24_columns(meta + s * (kLanes / 4));
+    for (int i = 0; i < R; ++i) {
+#pragma GCC unroll 4
+      for (int a = 0; a < A; ++a) acc[i][a] = FVec::zero();
+    }
+    const auto step = [&](int64_t s, const auto& columns, int a) {
       const typename FVec::R w = FVec::load(v + s * kLanes);
 #pragma GCC unroll 4
       for (int i = 0; i < R; ++i) {
-        acc[i] = FVec::fma(w, sp24_gather(x + i * ldx + s * 2 * kLanes, columns), acc[i]);
+        acc[i][a] = FVec::fma(w, sp24_gather(x + i * ldx + s * 2 * kLanes, columns), acc[i][a]);
       }
-    }
+    };
+    // Steps in pairs (one meta load for both), pair chain c feeding chains 2c and 2c + 1.
+    constexpr int C = A > 1 ? A / 2 : 1;
+    over_chains<C>(steps / 2, [&](int64_t p, int c) {
+      decltype(sp24_columns(meta)) first, second;
+      sp24_columns2(meta + 2 * p * (kLanes / 4), first, second);
+      step(2 * p, first, (2 * c) % A);
+      step(2 * p + 1, second, (2 * c + 1) % A);
+    });
+    if (steps % 2) step(steps - 1, sp24_columns(meta + (steps - 1) * (kLanes / 4)), 0);
 #pragma GCC unroll 4
-    for (int i = 0; i < R; ++i) sums[i] = FVec::reduce_add(acc[i]);
+    for (int i = 0; i < R; ++i) {
+#pragma GCC unroll 4
+      for (int a = 1; a < A; ++a) acc[i][0] = FVec::add(acc[i][0], acc[i][a]);
+      sums[i] = FVec::reduce_add(acc[i][0]);
+    }
     g0 = steps * (kLanes / 2);
   }
 #endif
@@ -317,6 +385,10 @@ inline __m256 load8(const uint16_t* p) {
 }
 inline __m256 load8(const Half* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline __m256 load8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(
+      _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
 
 // x[offset t] for the 8 offsets of a group, from the group's first column.
@@ -585,9 +657,9 @@ void spmm(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n
       if (!Row(g, n, acc, cols.data())) report_bad_row(g, n);
       float sums[kSpPanel];
       acc.sums(sums);
-      const float bias = g.bias ? g.bias[n] : 0.0f;
+      const float scale = g.scales ? g.scales[n] : 1.0f, bias = g.bias ? g.bias[n] : 0.0f;
       for (int64_t j = 0; j < rows; ++j) {
-        store(g.out, g.ldo, g.out_type, p * kSpPanel + j, n, sums[j] + bias);
+        store(g.out, g.ldo, g.out_type, p * kSpPanel + j, n, sums[j] * scale + bias);
       }
     }
   }
@@ -597,7 +669,7 @@ void spmm(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n
 template <typename T, template <typename, int> class Tile>
 void sparse_block(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) {
-    const float bias = g.bias ? g.bias[n] : 0.0f;
+    const float scale = g.scales ? g.scales[n] : 1.0f, bias = g.bias ? g.bias[n] : 0.0f;
     for (int64_t m = m0; m < m1; m += kSpMR) {
       const float* x = g.x + m * g.ldx;
       float sums[kSpMR];
@@ -615,7 +687,7 @@ void sparse_block(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, i
           Tile<T, 4>::run(g, x, g.ldx, n, sums);
       }
       for (int64_t i = 0; i < min_i64(kSpMR, m1 - m); ++i) {
-        store(g.out, g.ldo, g.out_type, m + i, n, sums[i] + bias);
+        store(g.out, g.ldo, g.out_type, m + i, n, sums[i] * scale + bias);
       }
     }
   }
@@ -654,6 +726,9 @@ void sparse_dispatch(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0
     case ScalarType::kFloat16:
       return g.panels ? SpmmRow<Half>::run(g, m0, m1, n0, n1)
                       : sparse_block<Half, Tile>(g, m0, m1, n0, n1);
+    case ScalarType::kInt8:
+      return g.panels ? SpmmRow<int8_t>::run(g, m0, m1, n0, n1)
+                      : sparse_block<int8_t, Tile>(g, m0, m1, n0, n1);
     default:
       return g.panels ? SpmmRow<float>::run(g, m0, m1, n0, n1)
                       : sparse_block<float, Tile>(g, m0, m1, n0, n1);

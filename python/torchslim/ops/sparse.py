@@ -2,26 +2,29 @@
 
 Schemas (``torch.ops.torchslim.*``):
 
-    sparse24_linear(Tensor x, Tensor values, Tensor meta, Tensor? bias=None) -> Tensor
-        x: (..., K) fp32/bf16/fp16, any leading dims; values: (N, 2 * ceil(K / 4))
-        fp32/bf16/fp16, the two kept values of each group of 4 columns; meta: (N, ceil(K / 8))
-        uint8, their 2-bit column indices; bias: (N,) float or None  ->  (..., N) in x.dtype
+    sparse24_linear(Tensor x, Tensor values, Tensor meta, Tensor? bias=None,
+                    Tensor? scales=None) -> Tensor
+        x: (..., K) fp32/bf16/fp16, any leading dims; values: (N, 2 * ceil(K / 4)), the two
+        kept values of each group of 4 columns; meta: (N, ceil(K / 8)) uint8, their 2-bit
+        column indices; bias: (N,) float or None; scales: (N,) fp32 or None  ->  (..., N) in
+        x.dtype
 
     sparse_bitmask_linear(Tensor x, Tensor values, Tensor mask, Tensor row_offsets,
-                          Tensor? bias=None) -> Tensor
-        x: (..., K) as above; values: (nnz,) fp32/bf16/fp16, the nonzeros row by row; mask:
-        (N, ceil(K / 8)) uint8, a bit per weight; row_offsets: (N + 1,) int64, row n's values
-        at [row_offsets[n], row_offsets[n + 1]); bias as above  ->  (..., N) in x.dtype
+                          Tensor? bias=None, Tensor? scales=None) -> Tensor
+        x: (..., K) as above; values: (nnz,), the nonzeros row by row; mask: (N, ceil(K / 8))
+        uint8, a bit per weight; row_offsets: (N + 1,) int64, row n's values at
+        [row_offsets[n], row_offsets[n + 1]); bias, scales as above  ->  (..., N) in x.dtype
 
     sparse_csr_linear(Tensor x, Tensor values, Tensor columns, Tensor bases,
-                      Tensor group_offsets, Tensor? bias=None) -> Tensor
-        x: (..., K) as above; values: (G, 8) fp32/bf16/fp16, the nonzeros row by row in
-        groups of 8; columns: (G, 8) uint8, each value's column from its group's base column;
-        bases: (G,) int16, the base column / 8; group_offsets: (N + 1,) int64, row n's groups
-        at [group_offsets[n], group_offsets[n + 1]); bias as above  ->  (..., N) in x.dtype
+                      Tensor group_offsets, Tensor? bias=None, Tensor? scales=None) -> Tensor
+        x: (..., K) as above; values: (G, 8), the nonzeros row by row in groups of 8; columns:
+        (G, 8) uint8, each value's column from its group's base column; bases: (G,) int16, the
+        base column / 8; group_offsets: (N + 1,) int64, row n's groups at
+        [group_offsets[n], group_offsets[n + 1]); bias, scales as above  ->  (..., N) in x.dtype
 
-The values may have another float dtype than x (bf16 values for fp32 activations halve the
-bytes a decode step reads). The ops check shapes, dtypes and devices; the bitmask kernels also
+The values are fp32/bf16/fp16, possibly another dtype than x (bf16 values for fp32 activations
+halve the bytes a decode step reads), or int8 codes, which need ``scales``: row n of the weight
+is its codes times scales[n]. The ops check shapes, dtypes and devices; the bitmask kernels also
 check that row_offsets agrees with the mask, and the csr kernels that every column is below K,
 as they read them (a ValueError, never a read out of bounds). Backends: the CPU kernel
 (fp32/bf16 activations: csrc/cpu/sparse_gemm.h); anything else runs the reference.
@@ -46,9 +49,17 @@ from torchslim.ops.int8 import (
 )
 
 
-def _check_values(values: torch.Tensor) -> None:
-    if values.dtype not in _FLOATS:
-        raise TypeError(f"values must be float32, bfloat16 or float16, got {values.dtype}")
+def _check_values(values: torch.Tensor, scales: torch.Tensor | None, n: int) -> None:
+    if values.dtype not in (*_FLOATS, torch.int8):
+        raise TypeError(f"values must be float32, bfloat16, float16 or int8, got {values.dtype}")
+    if scales is None:
+        if values.dtype == torch.int8:
+            raise ValueError("int8 values need scales (N,) float32, got scales=None")
+        return
+    if scales.dtype != torch.float32:
+        raise TypeError(f"scales must be float32, got {scales.dtype}")
+    if tuple(scales.shape) != (n,):
+        raise ValueError(f"scales must have shape (N,) = ({n},), got {tuple(scales.shape)}")
 
 
 def _check_byte_rows(t: torch.Tensor, name: str, n: int, k: int) -> None:
@@ -61,9 +72,8 @@ def _check_byte_rows(t: torch.Tensor, name: str, n: int, k: int) -> None:
         )
 
 
-def _check_sparse24(x, values, meta, bias) -> None:
+def _check_sparse24(x, values, meta, bias, scales) -> None:
     _check_activation(x)
-    _check_values(values)
     k = x.shape[-1]
     (_, kept), _ = ref.sparse.sparse24_shapes(0, k)
     if values.dim() != 2 or values.shape[1] != kept:
@@ -72,19 +82,20 @@ def _check_sparse24(x, values, meta, bias) -> None:
             f"got {tuple(values.shape)}"
         )
     n = values.shape[0]
+    _check_values(values, scales, n)
     _check_byte_rows(meta, "meta", n, k)
     _check_bias(bias, n)
-    _check_same_device(x, values=values, meta=meta, bias=bias)
+    _check_same_device(x, values=values, meta=meta, bias=bias, scales=scales)
 
 
-def _check_bitmask(x, values, mask, row_offsets, bias) -> None:
+def _check_bitmask(x, values, mask, row_offsets, bias, scales) -> None:
     _check_activation(x)
-    _check_values(values)
     if values.dim() != 1:
         raise ValueError(f"values must be 1-D (nnz,), got shape {tuple(values.shape)}")
     if mask.dim() != 2:
         raise ValueError(f"mask must be 2-D (N, ceil(K / 8)), got shape {tuple(mask.shape)}")
     n = mask.shape[0]
+    _check_values(values, scales, n)
     _check_byte_rows(mask, "mask", n, x.shape[-1])
     if row_offsets.dtype != torch.int64:
         raise TypeError(f"row_offsets must be int64, got {row_offsets.dtype}")
@@ -93,12 +104,13 @@ def _check_bitmask(x, values, mask, row_offsets, bias) -> None:
             f"row_offsets must have shape (N + 1,) = ({n + 1},), got {tuple(row_offsets.shape)}"
         )
     _check_bias(bias, n)
-    _check_same_device(x, values=values, mask=mask, row_offsets=row_offsets, bias=bias)
+    _check_same_device(
+        x, values=values, mask=mask, row_offsets=row_offsets, bias=bias, scales=scales
+    )
 
 
-def _check_csr(x, values, columns, bases, group_offsets, bias) -> None:
+def _check_csr(x, values, columns, bases, group_offsets, bias, scales) -> None:
     _check_activation(x)
-    _check_values(values)
     group = ref.sparse.CSR_GROUP
     if values.dim() != 2 or values.shape[1] != group:
         raise ValueError(f"values must have shape (G, {group}), got {tuple(values.shape)}")
@@ -121,9 +133,16 @@ def _check_csr(x, values, columns, bases, group_offsets, bias) -> None:
         raise ValueError(
             f"group_offsets must have shape (N + 1,), got {tuple(group_offsets.shape)}"
         )
+    _check_values(values, scales, group_offsets.numel() - 1)
     _check_bias(bias, group_offsets.numel() - 1)
     _check_same_device(
-        x, values=values, columns=columns, bases=bases, group_offsets=group_offsets, bias=bias
+        x,
+        values=values,
+        columns=columns,
+        bases=bases,
+        group_offsets=group_offsets,
+        bias=bias,
+        scales=scales,
     )
 
 
@@ -135,23 +154,30 @@ def _backends(name: str, reference) -> OpBackends:
     return backends
 
 
+def _vector(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.contiguous()
+
+
 # --------------------------------------------------------------------------- 2:4
 _SPARSE24 = _backends("sparse24_linear", ref.sparse24_linear)
 
 
-def _sparse24_impl(x, values, meta, bias=None):
-    _check_sparse24(x, values, meta, bias)
-    out = _SPARSE24(_rows(x), _unit_last_stride(values), _unit_last_stride(meta), bias)
+def _sparse24_impl(x, values, meta, bias=None, scales=None):
+    _check_sparse24(x, values, meta, bias, scales)
+    out = _SPARSE24(
+        _rows(x), _unit_last_stride(values), _unit_last_stride(meta), bias, _vector(scales)
+    )
     return out.reshape(*x.shape[:-1], values.shape[0])
 
 
-def _sparse24_fake(x, values, meta, bias=None):
-    _check_sparse24(x, values, meta, bias)
+def _sparse24_fake(x, values, meta, bias=None, scales=None):
+    _check_sparse24(x, values, meta, bias, scales)
     return x.new_empty((*x.shape[:-1], values.shape[0]))
 
 
 define_op(
-    "sparse24_linear(Tensor x, Tensor values, Tensor meta, Tensor? bias=None) -> Tensor",
+    "sparse24_linear(Tensor x, Tensor values, Tensor meta, Tensor? bias=None, "
+    "Tensor? scales=None) -> Tensor",
     impl=_sparse24_impl,
     fake=_sparse24_fake,
     backends=_SPARSE24,
@@ -162,22 +188,27 @@ define_op(
 _BITMASK = _backends("sparse_bitmask_linear", ref.sparse_bitmask_linear)
 
 
-def _bitmask_impl(x, values, mask, row_offsets, bias=None):
-    _check_bitmask(x, values, mask, row_offsets, bias)
+def _bitmask_impl(x, values, mask, row_offsets, bias=None, scales=None):
+    _check_bitmask(x, values, mask, row_offsets, bias, scales)
     out = _BITMASK(
-        _rows(x), values.contiguous(), _unit_last_stride(mask), row_offsets.contiguous(), bias
+        _rows(x),
+        values.contiguous(),
+        _unit_last_stride(mask),
+        row_offsets.contiguous(),
+        bias,
+        _vector(scales),
     )
     return out.reshape(*x.shape[:-1], mask.shape[0])
 
 
-def _bitmask_fake(x, values, mask, row_offsets, bias=None):
-    _check_bitmask(x, values, mask, row_offsets, bias)
+def _bitmask_fake(x, values, mask, row_offsets, bias=None, scales=None):
+    _check_bitmask(x, values, mask, row_offsets, bias, scales)
     return x.new_empty((*x.shape[:-1], mask.shape[0]))
 
 
 define_op(
     "sparse_bitmask_linear(Tensor x, Tensor values, Tensor mask, Tensor row_offsets, "
-    "Tensor? bias=None) -> Tensor",
+    "Tensor? bias=None, Tensor? scales=None) -> Tensor",
     impl=_bitmask_impl,
     fake=_bitmask_fake,
     backends=_BITMASK,
@@ -188,8 +219,8 @@ define_op(
 _CSR = _backends("sparse_csr_linear", ref.sparse_csr_linear)
 
 
-def _csr_impl(x, values, columns, bases, group_offsets, bias=None):
-    _check_csr(x, values, columns, bases, group_offsets, bias)
+def _csr_impl(x, values, columns, bases, group_offsets, bias=None, scales=None):
+    _check_csr(x, values, columns, bases, group_offsets, bias, scales)
     out = _CSR(
         _rows(x),
         values.contiguous(),
@@ -197,18 +228,19 @@ def _csr_impl(x, values, columns, bases, group_offsets, bias=None):
         bases.contiguous(),
         group_offsets.contiguous(),
         bias,
+        _vector(scales),
     )
     return out.reshape(*x.shape[:-1], group_offsets.numel() - 1)
 
 
-def _csr_fake(x, values, columns, bases, group_offsets, bias=None):
-    _check_csr(x, values, columns, bases, group_offsets, bias)
+def _csr_fake(x, values, columns, bases, group_offsets, bias=None, scales=None):
+    _check_csr(x, values, columns, bases, group_offsets, bias, scales)
     return x.new_empty((*x.shape[:-1], group_offsets.shape[0] - 1))
 
 
 define_op(
     "sparse_csr_linear(Tensor x, Tensor values, Tensor columns, Tensor bases, "
-    "Tensor group_offsets, Tensor? bias=None) -> Tensor",
+    "Tensor group_offsets, Tensor? bias=None, Tensor? scales=None) -> Tensor",
     impl=_csr_impl,
     fake=_csr_fake,
     backends=_CSR,
@@ -217,11 +249,16 @@ define_op(
 
 # --------------------------------------------------------------------------- entry points
 def sparse24_linear(
-    x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None = None
+    x: torch.Tensor,
+    values: torch.Tensor,
+    meta: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``x @ W.T + bias`` with W in the 2:4 format (:func:`torchslim.sparse.compress_24`)."""
-    _require_tensors(x=x, values=values, meta=meta, bias=bias)
-    return torch.ops.torchslim.sparse24_linear(x, values, meta, bias)
+    """``x @ W.T + bias`` with W in the 2:4 format (:func:`torchslim.sparse.compress_24`);
+    int8 values take per-row ``scales`` (:func:`torchslim.sparse.quantize_values`)."""
+    _require_tensors(x=x, values=values, meta=meta, bias=bias, scales=scales)
+    return torch.ops.torchslim.sparse24_linear(x, values, meta, bias, scales)
 
 
 def sparse_bitmask_linear(
@@ -230,11 +267,14 @@ def sparse_bitmask_linear(
     mask: torch.Tensor,
     row_offsets: torch.Tensor,
     bias: torch.Tensor | None = None,
+    scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``x @ W.T + bias`` with W in the bitmask format
-    (:func:`torchslim.sparse.compress_bitmask`)."""
-    _require_tensors(x=x, values=values, mask=mask, row_offsets=row_offsets, bias=bias)
-    return torch.ops.torchslim.sparse_bitmask_linear(x, values, mask, row_offsets, bias)
+    (:func:`torchslim.sparse.compress_bitmask`); int8 values take per-row ``scales``."""
+    _require_tensors(
+        x=x, values=values, mask=mask, row_offsets=row_offsets, bias=bias, scales=scales
+    )
+    return torch.ops.torchslim.sparse_bitmask_linear(x, values, mask, row_offsets, bias, scales)
 
 
 def sparse_csr_linear(
@@ -244,9 +284,19 @@ def sparse_csr_linear(
     bases: torch.Tensor,
     group_offsets: torch.Tensor,
     bias: torch.Tensor | None = None,
+    scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``x @ W.T + bias`` with W in the csr format (:func:`torchslim.sparse.compress_csr`)."""
+    """``x @ W.T + bias`` with W in the csr format (:func:`torchslim.sparse.compress_csr`);
+    int8 values take per-row ``scales``."""
     _require_tensors(
-        x=x, values=values, columns=columns, bases=bases, group_offsets=group_offsets, bias=bias
+        x=x,
+        values=values,
+        columns=columns,
+        bases=bases,
+        group_offsets=group_offsets,
+        bias=bias,
+        scales=scales,
     )
-    return torch.ops.torchslim.sparse_csr_linear(x, values, columns, bases, group_offsets, bias)
+    return torch.ops.torchslim.sparse_csr_linear(
+        x, values, columns, bases, group_offsets, bias, scales
+    )

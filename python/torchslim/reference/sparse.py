@@ -42,6 +42,11 @@ unused slots hold zero values at column offset 0. Every column must be < K; K at
 CSR_MAX_K. Bytes per nonzero: itemsize + 1.25 (+ the short groups' slots, + 8 per row): per
 weight for bf16 values 0.325 at 90% (as the bitmask) and 0.16 at 95% (bitmask 0.225).
 
+Quantized values: in every format the values may be int8 codes with a scale per row, (N,)
+fp32 ``scales``: W[n] = codes[n] * scales[n] (the int8 weight-only rule of
+:func:`torchslim.reference.int8.int8_weight_only_linear`, on the pruned weight). A value byte
+per nonzero: 2:4 with int8 values takes 0.625 bytes per weight, a third of dense bf16.
+
 The linear ops compute ``x @ W.T + bias`` on the decompressed W. The kernels visit only the
 stored values, so their sums run in a different order than a dense matmul: they are judged
 against the float64 reference (testing.check_close), not bit for bit.
@@ -116,14 +121,16 @@ def sparse24_linear(
     values: torch.Tensor,
     meta: torch.Tensor,
     bias: torch.Tensor | None = None,
+    scales: torch.Tensor | None = None,
     *,
     compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """``x @ decompress_24(values, meta).T + bias``.
+    """``x @ (decompress_24(values, meta) * scales[:, None]).T + bias``.
 
     Args:
         x: (..., K) fp32/bf16/fp16. values: (N, 2 * ceil(K / 4)). meta: (N, ceil(K / 8)) uint8.
         bias: (N,) or None.
+        scales: (N,) fp32 or None: row n of W times scales[n] (needed for int8 values).
         compute_dtype: dtype of the matmul; defaults to ``x.dtype`` (what PyTorch would do),
             float64 for the test yardstick.
 
@@ -132,7 +139,7 @@ def sparse24_linear(
     """
     cd = compute_dtype or x.dtype
     w = decompress_24(values, meta, x.shape[-1], dtype=cd)
-    return _linear(x, w, bias, cd)
+    return _linear(x, w, bias, cd, scales)
 
 
 # --------------------------------------------------------------------------- bitmask
@@ -212,14 +219,16 @@ def sparse_bitmask_linear(
     mask: torch.Tensor,
     row_offsets: torch.Tensor,
     bias: torch.Tensor | None = None,
+    scales: torch.Tensor | None = None,
     *,
     compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """``x @ decompress_bitmask(values, mask, row_offsets).T + bias``.
+    """``x @ (decompress_bitmask(values, mask, row_offsets) * scales[:, None]).T + bias``.
 
     Args:
         x: (..., K) fp32/bf16/fp16. values: (nnz,). mask: (N, ceil(K / 8)) uint8.
         row_offsets: (N + 1,) int64. bias: (N,) or None.
+        scales: (N,) fp32 or None: row n of W times scales[n] (needed for int8 values).
         compute_dtype: dtype of the matmul; defaults to ``x.dtype``, float64 for the yardstick.
 
     Returns:
@@ -227,7 +236,7 @@ def sparse_bitmask_linear(
     """
     cd = compute_dtype or x.dtype
     w = decompress_bitmask(values, mask, row_offsets, x.shape[-1], dtype=cd)
-    return _linear(x, w, bias, cd)
+    return _linear(x, w, bias, cd, scales)
 
 
 # --------------------------------------------------------------------------- csr
@@ -361,14 +370,16 @@ def sparse_csr_linear(
     bases: torch.Tensor,
     group_offsets: torch.Tensor,
     bias: torch.Tensor | None = None,
+    scales: torch.Tensor | None = None,
     *,
     compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """``x @ decompress_csr(values, columns, bases, group_offsets).T + bias``.
+    """``x @ (decompress_csr(...) * scales[:, None]).T + bias`` (scales: 1 when None).
 
     Args:
         x: (..., K) fp32/bf16/fp16. values: (G, 8). columns: (G, 8) uint8. bases: (G,) int16.
         group_offsets: (N + 1,) int64. bias: (N,) or None.
+        scales: (N,) fp32 or None: row n of W times scales[n] (needed for int8 values).
         compute_dtype: dtype of the matmul; defaults to ``x.dtype``, float64 for the yardstick.
 
     Returns:
@@ -376,10 +387,18 @@ def sparse_csr_linear(
     """
     cd = compute_dtype or x.dtype
     w = decompress_csr(values, columns, bases, group_offsets, x.shape[-1], dtype=cd)
-    return _linear(x, w, bias, cd)
+    return _linear(x, w, bias, cd, scales)
 
 
-def _linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, cd: torch.dtype):
+def _linear(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    cd: torch.dtype,
+    scales: torch.Tensor | None = None,
+) -> torch.Tensor:
+    if scales is not None:
+        w = w * scales.to(cd).unsqueeze(1)
     out = x.to(cd) @ w.T
     if bias is not None:
         out = out + bias.to(cd)

@@ -8,6 +8,12 @@ prune it first with :func:`torchslim.sparse.prune_`.
     values, mask, row_offsets = compress_bitmask(w)   # any w
     values, columns, bases, group_offsets = compress_csr(w)  # any w, K <= 262144
     format_bytes("2:4", N, K, dtype=torch.bfloat16)   # what the compressed weight takes
+
+Quantized values: compress int8 codes, and pass their per-row scales to the op:
+
+    codes, scales = quantize_weight_per_channel(w)    # torchslim.quant: zeros stay zeros
+    values, meta = compress_24(codes)                 # int8 values
+    y = torchslim.ops.sparse24_linear(x, values, meta, bias, scales)
 """
 
 from __future__ import annotations
@@ -26,8 +32,17 @@ def _check_weight(weight: torch.Tensor, dtype: torch.dtype | None) -> None:
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (N, K), got shape {tuple(weight.shape)}")
+    if weight.dtype == torch.int8:  # quantized codes: the values stay int8
+        if dtype not in (None, torch.int8):
+            raise TypeError(f"dtype must be None or torch.int8 for an int8 weight, got {dtype}")
+        return
     if not weight.is_floating_point():
-        raise TypeError(f"weight must be a floating-point tensor, got {weight.dtype}")
+        raise TypeError(f"weight must be a floating-point or int8 tensor, got {weight.dtype}")
+    if dtype == torch.int8:
+        raise TypeError(
+            "dtype=torch.int8 would truncate a float weight: quantize it first "
+            "(torchslim.quant.quantize_weight_per_channel) and compress the int8 codes"
+        )
     if dtype is not None and dtype not in VALUE_DTYPES:
         raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
 
@@ -36,7 +51,9 @@ def compress_24(
     weight: torch.Tensor, dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, K) weight with at most 2 nonzeros in every group of 4 columns -> (values (N, 2G),
-    meta (N, ceil(G / 2)) uint8), G = ceil(K / 4); values in ``dtype`` (default weight's)."""
+    meta (N, ceil(G / 2)) uint8), G = ceil(K / 4); values in ``dtype`` (default weight's).
+
+    The weight is float, or int8 codes (their values stay int8)."""
     _check_weight(weight, dtype)
     check_pattern(weight, "2:4")
     with torch.no_grad():
@@ -73,10 +90,13 @@ def format_bytes(
     """Bytes of an (N, K) weight in format ``fmt`` ("2:4", "bitmask" or "csr" at
     ``sparsity``, or "dense") with values in ``dtype``: what a decode step must read. For
     "csr" it counts ceil(nnz / 8) groups per row, exact unless 8 nonzeros of a row span more
-    than 256 columns (rare below ~95% sparsity, where a few more groups follow)."""
+    than 256 columns (rare below ~95% sparsity, where a few more groups follow). int8 values
+    add their (N,) fp32 scales."""
     item = torch.empty((), dtype=dtype).element_size()
     if fmt == "dense":
         return n * k * item
+    if fmt in FORMATS and dtype == torch.int8:
+        return format_bytes(fmt, n, k, sparsity=sparsity, dtype=torch.uint8) + 4 * n
     if fmt == "2:4":
         (_, kept), (_, meta) = ref.sparse24_shapes(n, k)
         return n * (kept * item + meta)
