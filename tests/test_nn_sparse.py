@@ -9,7 +9,8 @@ from torch import nn
 
 from torchslim import sparse
 from torchslim.nn import SparseLinear
-from torchslim.testing import check_close
+from torchslim.quant.int8 import dequantize_weight, quantize_weight_per_channel
+from torchslim.testing import check_close, sqnr
 
 CASES = [
     ("2:4", "2:4", None),
@@ -123,3 +124,56 @@ def test_compiles_without_graph_breaks():
     compiled = torch.compile(layer, fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), layer(x))
+
+
+@pytest.mark.parametrize(("pattern", "fmt", "amount"), CASES)
+def test_int8_values_follow_the_quantized_weight(pattern, fmt, amount):
+    linear = _pruned_linear(257, 65, pattern, amount, ("int8", pattern, fmt))
+    layer = SparseLinear.from_linear(linear, pattern, format=fmt, dtype=torch.int8)
+    assert layer.values.dtype == torch.int8 and layer.scales.dtype == torch.float32
+    codes, scales = quantize_weight_per_channel(linear.weight.detach())
+    assert torch.equal(layer.scales, scales)
+    assert torch.equal(layer.dense_weight(), dequantize_weight(codes, scales))
+    quantized = nn.Linear(257, 65)
+    with torch.no_grad():
+        quantized.weight.copy_(dequantize_weight(codes, scales))
+        quantized.bias.copy_(linear.bias)
+    x = torch.randn(3, 5, 257, generator=seeded("int8-x", fmt))
+    with torch.no_grad():
+        out = layer(x)
+        check_close(out, quantized.double()(x.double()), quantized.float()(x))
+        # against the float pruned layer: int8 per-channel rounding only
+        assert sqnr(linear(x), out) > 35.0
+    # a nonzero may round to a zero code: never more nonzeros
+    assert layer.sparsity >= SparseLinear.from_linear(linear, pattern, format=fmt).sparsity
+
+
+@pytest.mark.parametrize("fmt", ["2:4", "csr"])
+def test_int8_state_dict_round_trip_and_casts(fmt):
+    pattern = "2:4" if fmt == "2:4" else "unstructured"
+    linear = _pruned_linear(100, 30, pattern, None if fmt == "2:4" else 0.9, ("int8-sd", fmt))
+    layer = SparseLinear.from_linear(linear, pattern, format=fmt, dtype=torch.int8)
+    fresh = SparseLinear(100, 30, format=fmt, dtype=torch.int8)
+    fresh.load_state_dict(layer.state_dict())
+    for name, buf in layer.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], buf), name
+    x = torch.randn(4, 100, generator=seeded("int8-sd-x"))
+    with torch.no_grad():
+        assert torch.equal(fresh(x), layer(x))
+        half = layer.to(torch.bfloat16)  # the bias follows; codes and scales stay
+        assert half.values.dtype == torch.int8 and half.scales.dtype == torch.float32
+        assert half.bias.dtype == torch.bfloat16
+        assert half(x.bfloat16()).dtype == torch.bfloat16
+    with pytest.raises(
+        RuntimeError, match=r"holds torch\.int8 values .* make it with dtype=torch\.int8"
+    ):
+        SparseLinear(100, 30, format=fmt).load_state_dict(layer.state_dict(), strict=False)
+    floats = SparseLinear.from_linear(linear, pattern, format=fmt)
+    with pytest.raises(RuntimeError, match=r"holds torch\.float32 values"):
+        fresh.load_state_dict(floats.state_dict(), strict=False)
+    with pytest.raises(TypeError, match="dtype must be float32, bfloat16, float16 or int8"):
+        SparseLinear.from_linear(linear, pattern, format=fmt, dtype=torch.int16)
+    state = layer.state_dict()
+    state["scales"] = -state["scales"]
+    with pytest.raises(ValueError, match="scales must be finite and > 0"):
+        fresh.load_state_dict(state)

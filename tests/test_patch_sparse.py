@@ -11,6 +11,7 @@ from conftest import seeded
 import torchslim
 from torchslim import sparse
 from torchslim.nn import SparseLinear
+from torchslim.quant.int8 import dequantize_weight, quantize_weight_per_channel
 
 
 def _batches(n: int, g: torch.Generator) -> list[torch.Tensor]:
@@ -93,3 +94,34 @@ def test_sparsity_arguments_are_checked():
     with pytest.raises(ValueError, match="calibration"):
         torchslim.patch(model, sparsity="2:4", sparsity_method="wanda", progress=False)
     assert type(model[0]) is torch.nn.Linear  # nothing changed
+
+
+def test_sparsity_with_int8_weight_stores_int8_codes(tiny_llama, tmp_path):
+    g = seeded("patch-sparse-int8")
+    reference = copy.deepcopy(tiny_llama)
+    sparse.prune_(reference, "2:4", exclude="lm_head", progress=False)
+    for name, module in reference.named_modules():  # the W8A16 rule on the pruned weights
+        if isinstance(module, torch.nn.Linear) and name != "lm_head":
+            codes, scales = quantize_weight_per_channel(module.weight.detach())
+            with torch.no_grad():
+                module.weight.copy_(dequantize_weight(codes, scales))
+    model = torchslim.patch(
+        tiny_llama, "int8-weight", sparsity="2:4", exclude="lm_head", progress=False
+    )
+    layers = [m for m in model.modules() if isinstance(m, SparseLinear)]
+    assert len(layers) == 2 * 7 and all(m.values.dtype == torch.int8 for m in layers)
+    for name, module in model.named_modules():
+        if isinstance(module, SparseLinear):
+            weight = reference.get_submodule(name).weight
+            assert torch.equal(module.dense_weight(), weight)
+    ids = _batches(1, g)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-4)
+    torchslim.save(model, tmp_path)
+    fresh = torchslim.load(torchslim.testing.tiny_llama(), tmp_path)
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, model(ids).logits)
+    with pytest.raises(ValueError, match="contradicts quant='int8-weight'"):
+        torchslim.patch(model, "int8-weight", sparsity=0.5, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="does not combine with quant='int4'"):
+        torchslim.patch(model, "int4", sparsity=0.5)

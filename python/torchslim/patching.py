@@ -221,6 +221,10 @@ INT4 = Method(
 )
 
 
+# The values SparseLinear stores: float, or int8 codes with per-row scales.
+_SPARSE_DTYPES = {**_SCALE_DTYPES, "int8": torch.int8}
+
+
 def _sparse_config(layer: SparseLinear) -> dict:
     return {
         **_shape_config(layer),
@@ -231,13 +235,13 @@ def _sparse_config(layer: SparseLinear) -> dict:
 
 def _sparse_empty(linear: nn.Module, config: dict) -> SparseLinear:
     shape = _check_same_linear(linear, config)
-    if config["dtype"] not in _SCALE_DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_SCALE_DTYPES)}, got {config['dtype']!r}")
+    if config["dtype"] not in _SPARSE_DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_SPARSE_DTYPES)}, got {config['dtype']!r}")
     return SparseLinear(
         *shape,
         format=config["format"],
         device=linear.weight.device,
-        dtype=_SCALE_DTYPES[config["dtype"]],
+        dtype=_SPARSE_DTYPES[config["dtype"]],
     )
 
 
@@ -249,9 +253,10 @@ def _sparse_check_options(options: Mapping[str, object]) -> None:
         raise ValueError(f"pattern must be one of {SPARSE_PATTERNS}, got {options['pattern']!r}")
     if options["format"] is not None and options["format"] not in FORMATS:
         raise ValueError(f"format must be None or one of {FORMATS}, got {options['format']!r}")
-    if options["dtype"] is not None and options["dtype"] not in _SCALE_DTYPES.values():
+    if options["dtype"] is not None and options["dtype"] not in _SPARSE_DTYPES.values():
         raise TypeError(
-            f"dtype must be None or one of {list(_SCALE_DTYPES.values())}, got {options['dtype']!r}"
+            f"dtype must be None or one of {list(_SPARSE_DTYPES.values())}, "
+            f"got {options['dtype']!r}"
         )
 
 
@@ -379,8 +384,9 @@ def patch(
         quant: one of METHODS ("int8", "int8-weight", "int4", "sparse"), or None to change
             nothing. "sparse" compresses layers already pruned (torchslim.sparse.prune_) into
             SparseLinear; options ``pattern`` ("2:4" or "unstructured"), ``dtype`` of the
-            stored values (default the weight's) and ``format`` (default: "2:4" for that
-            pattern, else per layer the one of "bitmask" and "csr" with the fewer bytes).
+            stored values (default the weight's; torch.int8: codes quantized per output
+            channel, W8A16) and ``format`` (default: "2:4" for that pattern, else per layer
+            the one of "bitmask" and "csr" with the fewer bytes).
         include: names (exact, glob or regex) of the layers to patch; default all.
         exclude: names (exact, glob or regex) of layers to leave alone, e.g. "lm_head".
         filter_fn: called as filter_fn(name, module); a layer is patched only if it returns True.
@@ -395,8 +401,9 @@ def patch(
             parameters. Model-wide: include, exclude and filter_fn select quant layers only.
         sparsity: prune the selected layers first, then store them compressed (quant
             "sparse"): "2:4", or a float in (0, 1) for unstructured sparsity per output row
-            (bitmask or csr format). No quantized kernel takes sparse weights yet, so it does not
-            combine with another quant.
+            (bitmask or csr format). With quant="int8-weight" the kept weights are stored as
+            int8 codes per output channel (the sparse kernels' int8 values); no other quant
+            combines with it.
         sparsity_method: "magnitude" or "wanda" (|W| times the input norm per channel, from
             ``calibration``); see torchslim.sparse.prune_.
         **options: the method's own options (``METHODS[quant].options`` lists them with their
@@ -421,10 +428,15 @@ def patch(
         raise TypeError(f"attention must be a bool, got {type(attention).__name__}")
 
     if sparsity is not None:
-        if quant not in (None, "sparse"):
+        if quant == "int8-weight":  # sparse int8 values: W8A16 on the pruned weight
+            if options.setdefault("dtype", torch.int8) != torch.int8:
+                raise ValueError(
+                    f"dtype={options['dtype']!r} contradicts quant='int8-weight' with sparsity"
+                )
+        elif quant not in (None, "sparse"):
             raise ValueError(
-                f"sparsity={sparsity!r} does not combine with quant={quant!r}: no torchslim "
-                "kernel runs sparse quantized weights yet"
+                f"sparsity={sparsity!r} does not combine with quant={quant!r}: the sparse "
+                "kernels take float or int8 weight-only values (quant=None or 'int8-weight')"
             )
         if isinstance(sparsity, str) and sparsity != "2:4":
             raise ValueError(f"sparsity must be '2:4' or a float in (0, 1), got {sparsity!r}")

@@ -7,6 +7,7 @@ from torch import nn
 
 from torchslim import ops  # noqa: F401 (defines the torch.ops.torchslim ops below)
 from torchslim.ops.int8 import _require_tensors
+from torchslim.quant.int8 import quantize_weight_per_channel
 from torchslim.reference import sparse as ref
 from torchslim.sparse.formats import (
     FORMATS,
@@ -44,8 +45,11 @@ class SparseLinear(nn.Module):
     All are buffers in the state_dict, with ``bias`` (out,) or None; loading a state_dict keeps
     its values' and bias' dtypes, and a bitmask or csr layer takes its number of values from it.
     Values are fp32, bf16 or fp16 and need not match the activations' dtype: bf16 values under
-    fp32 activations halve the bytes read.
-    ``module.to(dtype)`` casts the values and the bias, like nn.Linear's weight and bias.
+    fp32 activations halve the bytes read. With ``dtype=torch.int8`` they are int8 codes of the
+    pruned weight quantized per output channel, with ``scales`` (out,) fp32 (W8A16: W[n] =
+    codes[n] * scales[n]): a byte per nonzero, so 2:4 reads 0.625 bytes per weight.
+    ``module.to(dtype)`` casts float values and the bias, like nn.Linear's weight and bias;
+    int8 codes and their fp32 scales stay as they are.
     ``dense_weight()`` decompresses W.
     """
 
@@ -66,8 +70,8 @@ class SparseLinear(nn.Module):
                 f"in_features and out_features must be >= 1, got {in_features}, {out_features}"
             )
         dtype = dtype or torch.float32
-        if dtype not in VALUE_DTYPES:
-            raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+        if dtype not in (*VALUE_DTYPES, torch.int8):
+            raise TypeError(f"dtype must be float32, bfloat16, float16 or int8, got {dtype}")
         self.in_features = in_features
         self.out_features = out_features
         self.format = format
@@ -93,7 +97,13 @@ class SparseLinear(nn.Module):
             self.register_buffer(
                 "group_offsets", torch.zeros(n + 1, dtype=torch.int64, device=device)
             )
-        self.register_buffer("bias", torch.zeros(n, dtype=dtype, device=device) if bias else None)
+        quantized = dtype == torch.int8
+        scales = torch.ones(n, dtype=torch.float32, device=device) if quantized else None
+        self.register_buffer("scales", scales)
+        bias_dtype = torch.float32 if quantized else dtype
+        self.register_buffer(
+            "bias", torch.zeros(n, dtype=bias_dtype, device=device) if bias else None
+        )
         self.register_load_state_dict_post_hook(lambda module, _keys: module._validate())
 
     @staticmethod
@@ -121,7 +131,9 @@ class SparseLinear(nn.Module):
             format: "2:4", "bitmask" or "csr"; default "2:4" for the 2:4 pattern, else the
                 one that reads the fewer bytes (csr from about 90% sparsity, see
                 default_format).
-            dtype: dtype of the stored values (default the weight's).
+            dtype: dtype of the stored values (default the weight's); torch.int8 stores the
+                weight quantized per output channel (int8 codes and fp32 scales, see
+                torchslim.quant.quantize_weight_per_channel; zeros stay zeros).
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
@@ -132,6 +144,11 @@ class SparseLinear(nn.Module):
                 "(a block-pruned weight is stored as 'unstructured')"
             )
         weight = linear.weight.detach()  # with torch.nn.utils.prune: weight_orig * weight_mask
+        if dtype is not None and dtype not in (*VALUE_DTYPES, torch.int8):
+            raise TypeError(f"dtype must be float32, bfloat16, float16 or int8, got {dtype}")
+        scales = None
+        if dtype == torch.int8:
+            weight, scales = quantize_weight_per_channel(weight)
         format = format or ("2:4" if str(parsed) == "2:4" else default_format(weight, dtype))
         if format not in FORMATS:
             raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
@@ -143,6 +160,8 @@ class SparseLinear(nn.Module):
             device=weight.device,
             dtype=dtype or weight.dtype,
         )
+        if scales is not None:
+            layer.scales = scales
         if format == "2:4":
             layer.values, layer.meta = compress_24(weight, dtype)
         elif format == "bitmask":
@@ -152,13 +171,29 @@ class SparseLinear(nn.Module):
                 weight, dtype
             )
         if linear.bias is not None:
-            layer.bias = linear.bias.detach().clone()
+            bias = linear.bias.detach()
+            layer.bias = bias.float() if scales is not None else bias.clone()
         layer._validate()
         return layer
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs
+    ):
         # The values and the bias keep the dtypes they were saved in, and a bitmask or csr
-        # layer's number of values comes with the weights it loads.
+        # layer's number of values comes with the weights it loads. int8 codes load only into
+        # a layer made with dtype=torch.int8 (they need its scales), float values only into
+        # one with float values.
+        values = state_dict.get(prefix + "values")
+        if isinstance(values, torch.Tensor) and (values.dtype == torch.int8) != (
+            self.scales is not None
+        ):
+            own = "int8" if self.scales is not None else "float"
+            error_msgs.append(
+                f"values of {prefix or 'the layer'}: the state_dict holds {values.dtype} values "
+                f"and this SparseLinear {own} ones: make it with "
+                f"dtype={values.dtype if values.dtype == torch.int8 else 'a float dtype'}"
+            )
+            return
         sized = _SIZED_BY_WEIGHT[self.format]
         for name in {"values", "bias", *sized}:
             incoming, own = state_dict.get(prefix + name), self._buffers.get(name)
@@ -171,15 +206,29 @@ class SparseLinear(nn.Module):
             self._buffers[name] = own.new_empty(
                 shape, dtype=incoming.dtype if float_value else own.dtype
             )
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs
+        )
 
     def _validate(self) -> None:
         n, k = self.out_features, self.in_features
         b = self._buffers
-        if b["values"].dtype not in VALUE_DTYPES:
-            raise ValueError(
-                f"values must be float32, bfloat16 or float16, got {b['values'].dtype}"
-            )
+        scales = b["scales"]
+        if scales is None:
+            if b["values"].dtype not in VALUE_DTYPES:
+                raise ValueError(
+                    f"values must be float32, bfloat16 or float16, got {b['values'].dtype}"
+                )
+        else:
+            if b["values"].dtype != torch.int8:
+                raise ValueError(f"values must be int8 codes, got {b['values'].dtype}")
+            if scales.dtype != torch.float32 or tuple(scales.shape) != (n,):
+                raise ValueError(
+                    f"scales must be float32 of shape ({n},), got {scales.dtype} "
+                    f"{tuple(scales.shape)}"
+                )
+            if not (torch.isfinite(scales).all() and (scales > 0).all()):
+                raise ValueError("scales must be finite and > 0 everywhere")
         if self.format == "2:4":
             (_, kept), (_, cols) = ref.sparse24_shapes(n, k)
             if tuple(b["values"].shape) != (n, kept):
@@ -200,17 +249,31 @@ class SparseLinear(nn.Module):
             ref.check_csr(b["values"], b["columns"], b["bases"], b["group_offsets"], k)
 
     def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The decompressed (out_features, in_features) weight."""
+        """The decompressed (out_features, in_features) weight (int8 codes times their scales,
+        in fp32 unless ``dtype`` says otherwise)."""
         b = self._buffers
+        scales = b["scales"]
+        dtype = dtype or (torch.float32 if scales is not None else None)
         if self.format == "2:4":
-            return ref.decompress_24(b["values"], b["meta"], self.in_features, dtype)
-        if self.format == "bitmask":
-            return ref.decompress_bitmask(
+            w = ref.decompress_24(b["values"], b["meta"], self.in_features, dtype)
+        elif self.format == "bitmask":
+            w = ref.decompress_bitmask(
                 b["values"], b["mask"], b["row_offsets"], self.in_features, dtype
             )
-        return ref.decompress_csr(
-            b["values"], b["columns"], b["bases"], b["group_offsets"], self.in_features, dtype
-        )
+        else:
+            w = ref.decompress_csr(
+                b["values"], b["columns"], b["bases"], b["group_offsets"], self.in_features, dtype
+            )
+        return w if scales is None else w * scales.to(w.dtype).unsqueeze(1)
+
+    def _apply(self, fn, recurse=True):
+        # Keep int8 codes' scales fp32 when the module is cast (module.to(torch.bfloat16)):
+        # only their device follows the module.
+        scales = self.scales
+        super()._apply(fn, recurse)
+        if scales is not None:
+            self.scales = scales.to(device=self.values.device, dtype=torch.float32)
+        return self
 
     @property
     def sparsity(self) -> float:
@@ -222,11 +285,12 @@ class SparseLinear(nn.Module):
         # The op itself, and the buffers from _buffers: see Int4Linear.forward.
         _require_tensors(x=x)
         b = self._buffers
+        values, bias, scales = b["values"], b["bias"], b["scales"]
         if self.format == "2:4":
-            return _OP_24(x, b["values"], b["meta"], b["bias"])
+            return _OP_24(x, values, b["meta"], bias, scales)
         if self.format == "bitmask":
-            return _OP_BITMASK(x, b["values"], b["mask"], b["row_offsets"], b["bias"])
-        return _OP_CSR(x, b["values"], b["columns"], b["bases"], b["group_offsets"], b["bias"])
+            return _OP_BITMASK(x, values, b["mask"], b["row_offsets"], bias, scales)
+        return _OP_CSR(x, values, b["columns"], b["bases"], b["group_offsets"], bias, scales)
 
     def extra_repr(self) -> str:
         return (
@@ -237,10 +301,11 @@ class SparseLinear(nn.Module):
 
 
 def default_format(weight: torch.Tensor, dtype: torch.dtype | None = None) -> str:
-    """The unstructured format that stores ``weight`` (values in ``dtype``, default its own) in
-    fewer bytes: "bitmask" (an item per nonzero, 1/8 per weight) or "csr" (8 items + 10 bytes
-    per group of up to 8 nonzeros: fewer from about 90% sparsity on long rows). The kernels'
-    work follows the bytes at decode, and csr's SpMM is the one that scales at large M."""
+    """The unstructured format that stores ``weight`` (values in ``dtype``, default its own;
+    int8 for quantized codes) in fewer bytes: "bitmask" (an item per nonzero, 1/8 per weight)
+    or "csr" (8 items + 10 bytes per group of up to 8 nonzeros: fewer from about 90% sparsity
+    on long rows). The kernels' work follows the bytes at decode, and csr's SpMM is the one
+    that scales at large M."""
     item = torch.empty((), dtype=dtype or weight.dtype).element_size()
     per_row = torch.count_nonzero(weight, dim=1)
     groups = int((-(-per_row // ref.CSR_GROUP)).sum())
