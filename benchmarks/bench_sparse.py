@@ -24,6 +24,8 @@ CPU implementations, in the same run:
     torchslim-<fmt>-bf16        ours, bf16 values and bf16 x
     torchslim-<fmt>-bf16-fp32x  ours, bf16 values and fp32 x (half the value bytes, fp32
                                 activations)
+    torchslim-<fmt>-int8-fp32x  ours, int8 values (the pruned weight quantized per output
+                                channel, fp32 scales: W8A16) and fp32 x
 
 Ours run sparse_bitmask_linear and sparse_csr_linear (<fmt> bitmask, csr) at the unstructured
 patterns and sparse24_linear (2:4) at 2:4; torch's CSR runs at every pattern.
@@ -82,6 +84,7 @@ from torchslim.benchmarks.bench_quant import (
     QUICK_LAYERS,
     make_parser,
 )
+from torchslim.quant.int8 import quantize_weight_per_channel
 
 PATTERNS = ("50%", "75%", "90%", "2:4")  # unstructured percentages (bitmask, csr) and 2:4
 DENSE = "dense"  # the pseudo-pattern of the unpruned weight
@@ -97,7 +100,7 @@ FLOOR_TARGET = 75.0  # % of the memory floor
 # backend): the row is reported as not run.
 NOT_RUN = (RuntimeError, NotImplementedError, ValueError, TypeError, AssertionError)
 
-_SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+_SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int8: "int8"}
 
 
 @dataclass(frozen=True)
@@ -109,7 +112,8 @@ class Impl:
     for the baselines; ours run only where ops.explain(op, ...) picks a kernel (not the reference).
     clones: the operands' rotated copies are clones (else each is made again from the weight:
     torch's semi-structured tensors do not all support clone()). graphed: time the replay of a
-    CUDA graph of the call (captured per rotated copy) instead of the eager call.
+    CUDA graph of the call (captured per rotated copy) instead of the eager call. op_args: the
+    op's arguments after x, from the operands.
     """
 
     name: str
@@ -121,6 +125,7 @@ class Impl:
     op: str | None = None
     clones: bool = True
     graphed: bool = False
+    op_args: Callable[[tuple], tuple] = lambda operands: operands
 
     def applies(self, pattern: str) -> bool:
         if self.fmt == DENSE:
@@ -169,17 +174,36 @@ _OURS = {  # format -> (op name, entry point, compression)
 
 
 def _ours(fmt: str, w_dtype: torch.dtype, x_dtype: torch.dtype) -> Impl:
-    """Ours in one format: torchslim-<format>-<value dtype>[-<x dtype>x]."""
+    """Ours in one format: torchslim-<format>-<value dtype>[-<x dtype>x]. int8 values are the
+    pruned weight's codes per output channel, their scales passed to the op."""
     op_name, op, compress = _OURS[fmt]
     suffix = "" if x_dtype == w_dtype else f"-{_SHORT[x_dtype]}x"
+    if w_dtype == torch.int8:
+
+        def make(w):
+            codes, scales = quantize_weight_per_channel(w)
+            return (*compress(codes), scales)
+
+        def op_args(o):
+            return (*o[:-1], None, o[-1])  # no bias
+
+    else:
+
+        def make(w):
+            return compress(w, w_dtype)
+
+        def op_args(o):
+            return o
+
     return Impl(
         f"torchslim-{fmt}-{_SHORT[w_dtype]}{suffix}",
         fmt,
         w_dtype,
         x_dtype,
-        lambda w: compress(w, w_dtype),
-        lambda x, o: op(x, *o),
+        make,
+        lambda x, o: op(x, *op_args(o)),
         op=op_name,
+        op_args=op_args,
     )
 
 
@@ -208,13 +232,13 @@ def _semi_structured(backend: str, dtype: torch.dtype, graphed: bool = False) ->
     )
 
 
-_F32, _BF16, _F16 = torch.float32, torch.bfloat16, torch.float16
+_F32, _BF16, _F16, _I8 = torch.float32, torch.bfloat16, torch.float16, torch.int8
 CPU_DENSE = (_dense(_F32), _dense(_BF16))
 IMPLS = (
     TORCH_CSR,
     *(
         _ours(fmt, w, x)
-        for w, x in ((_F32, _F32), (_BF16, _BF16), (_BF16, _F32))
+        for w, x in ((_F32, _F32), (_BF16, _BF16), (_BF16, _F32), (_I8, _F32))
         for fmt in ("bitmask", "csr", "2:4")
     ),
 )
@@ -294,7 +318,7 @@ def _why_not_ours(impl: Impl, x: torch.Tensor, operands: tuple) -> str | None:
     """None when ours has a kernel for this input, else why not (it would run the reference)."""
     if impl.op is None:
         return None
-    chosen = ops.explain(impl.op, x, *operands)
+    chosen = ops.explain(impl.op, x, *impl.op_args(operands))
     if chosen["backend"] != "reference":
         return None
     why = "; ".join(chosen["passed_over"]) or f"no {x.device.type} kernel"
