@@ -207,7 +207,8 @@ inline void sp24_scalar(const T* v, const uint8_t* meta, const float* x, int64_t
 template <int R>
 constexpr int kChains = R == 1 ? 4 : (R == 2 ? 2 : 1);
 
-// body(i, chain) for i in [0, count), chain = i % A, the chains unrolled.
+// body(i, chain) for i in [0, count): A at a time on chains 0..A-1 (unrolled, so each chain
+// stays a register), the last count % A on chain 0.
 template <int A, class Body>
 inline void over_chains(int64_t count, const Body& body) {
   int64_t i = 0;
@@ -215,9 +216,29 @@ inline void over_chains(int64_t count, const Body& body) {
 #pragma GCC unroll 4
     for (int a = 0; a < A; ++a) body(i + a, a);
   }
-#pragma GCC unroll 4
-  for (int a = 0; i < count; ++i, ++a) body(i, a);
+  for (; i < count; ++i) body(i, 0);
 }
+
+// R rows' sums, each in A independent vector chains (V: FVec).
+template <class V, int R, int A = kChains<R>>
+struct ChainedSums {
+  typename V::R acc[R][A];
+  ChainedSums() {
+#pragma GCC unroll 4
+    for (int i = 0; i < R; ++i) {
+#pragma GCC unroll 4
+      for (int a = 0; a < A; ++a) acc[i][a] = V::zero();
+    }
+  }
+  void reduce(float (&sums)[kSpMR]) {
+#pragma GCC unroll 4
+    for (int i = 0; i < R; ++i) {
+#pragma GCC unroll 4
+      for (int a = 1; a < A; ++a) acc[i][0] = V::add(acc[i][0], acc[i][a]);
+      sums[i] = V::reduce_add(acc[i][0]);
+    }
+  }
+};
 
 template <typename T, int R>
 inline void sp24_tile(const SparseGemmArgs& g, const float* x, int64_t ldx, int64_t n,
@@ -231,12 +252,8 @@ inline void sp24_tile(const SparseGemmArgs& g, const float* x, int64_t ldx, int6
     // A step covers 2 * kLanes columns: kLanes / 2 groups, kLanes / 4 meta bytes.
     const int64_t steps = g.K / (2 * kLanes);
     constexpr int A = kChains<R>;
-    typename FVec::R acc[R][A];
-#pragma GCC unroll 4
-    for (int i = 0; i < R; ++i) {
-#pragma GCC unroll 4
-      for (int a = 0; a < A; ++a) acc[i][a] = FVec::zero();
-    }
+    ChainedSums<FVec, R> chains;
+    auto& acc = chains.acc;
     const auto step = [&](int64_t s, const auto& columns, int a) {
       const typename FVec::R w = FVec::load(v + s * kLanes);
 #pragma GCC unroll 4
@@ -253,12 +270,7 @@ inline void sp24_tile(const SparseGemmArgs& g, const float* x, int64_t ldx, int6
       step(2 * p + 1, second, (2 * c + 1) % A);
     });
     if (steps % 2) step(steps - 1, sp24_columns(meta + (steps - 1) * (kLanes / 4)), 0);
-#pragma GCC unroll 4
-    for (int i = 0; i < R; ++i) {
-#pragma GCC unroll 4
-      for (int a = 1; a < A; ++a) acc[i][0] = FVec::add(acc[i][0], acc[i][a]);
-      sums[i] = FVec::reduce_add(acc[i][0]);
-    }
+    chains.reduce(sums);
     g0 = steps * (kLanes / 2);
   }
 #endif
@@ -331,18 +343,24 @@ inline void bitmask_tile(const SparseGemmArgs& g, const float* x, int64_t ldx, i
       // Whole vectors of columns, while a full vector of values can be loaded in the array.
       constexpr int64_t kBytes = kLanes / 8;
       const int64_t vector_bytes = g.K / kLanes * kBytes;
-      typename FVec::R acc[R];
-#pragma GCC unroll 4
-      for (int i = 0; i < R; ++i) acc[i] = FVec::zero();
-      for (; b < vector_bytes && (v - values) + kLanes <= g.values_total; b += kBytes) {
+      ChainedSums<FVec, R> chains;
+      const auto step = [&](int a) {
         const int bits = expand_bits(mask + b);
         const typename FVec::R w = expand(FVec::load(v), bits);
         v += __builtin_popcount(static_cast<unsigned>(bits));
 #pragma GCC unroll 4
-        for (int i = 0; i < R; ++i) acc[i] = FVec::fma(w, FVec::load(x + i * ldx + 8 * b), acc[i]);
-      }
+        for (int i = 0; i < R; ++i) {
+          chains.acc[i][a] = FVec::fma(w, FVec::load(x + i * ldx + 8 * b), chains.acc[i][a]);
+        }
+        b += kBytes;
+      };
+      constexpr int A = kChains<R>;  // a step reads at most kLanes values
+      while (b + A * kBytes <= vector_bytes && (v - values) + A * kLanes <= g.values_total) {
 #pragma GCC unroll 4
-      for (int i = 0; i < R; ++i) sums[i] = FVec::reduce_add(acc[i]);
+        for (int a = 0; a < A; ++a) step(a);
+      }
+      while (b < vector_bytes && (v - values) + kLanes <= g.values_total) step(0);
+      chains.reduce(sums);
       if (v > end) v = nullptr;
     }
   }
@@ -355,25 +373,20 @@ inline void bitmask_tile(const SparseGemmArgs& g, const float* x, int64_t ldx, i
 constexpr int64_t kCsrGroup = 8;
 constexpr int64_t kCsrWindow = 256;
 
-// Whether every column of a group (8 offsets, byte t of `offsets`, from column `first`) is in
-// [0, K). One compare unless the group's window reaches past K.
-__attribute__((noinline)) bool csr_columns_fit(int64_t first, uint64_t offsets, int64_t K) {
+// Whether every column of a group (its 8 offsets from column `first`) is in [0, K): the rare
+// check, out of line so that the hot loops keep their registers.
+__attribute__((noinline)) bool csr_columns_fit(int64_t first, const uint8_t* columns, int64_t K) {
   for (int t = 0; t < kCsrGroup; ++t) {
-    const int64_t col = first + static_cast<int64_t>(offsets >> (8 * t) & 255);
+    const int64_t col = first + columns[t];
     if (col < 0 || col >= K) return false;
   }
   return true;
 }
 
-inline bool csr_group_fits(int64_t first, uint64_t offsets, int64_t K) {
-  // Out of line, the rare check keeps the hot loop's registers to itself.
-  return (first >= 0 && first + kCsrWindow <= K) || csr_columns_fit(first, offsets, K);
-}
-
-inline uint64_t csr_offsets(const uint8_t* columns) {
-  uint64_t o;
-  __builtin_memcpy(&o, columns, sizeof o);  // little endian: byte t is slot t
-  return o;
+// The highest base whose whole window [8 * base, 8 * base + 256) lies in [0, K), or -1: a
+// group with a base in [0, that] fits whatever its offsets (one unsigned compare).
+inline int64_t csr_safe_base(int64_t K) {
+  return K >= kCsrWindow ? (K - kCsrWindow) / kCsrGroup : -1;
 }
 
 #if defined(TORCHSLIM_SPARSE_VECTOR)
@@ -391,16 +404,20 @@ inline __m256 load8(const int8_t* p) {
       _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
 
-// x[offset t] for the 8 offsets of a group, from the group's first column.
-inline __m256 csr_gather(const float* x, uint64_t o) {
-  __m128 lo = _mm_load_ss(x + (o & 255));
-  lo = _mm_insert_ps(lo, _mm_load_ss(x + (o >> 8 & 255)), 0x10);
-  lo = _mm_insert_ps(lo, _mm_load_ss(x + (o >> 16 & 255)), 0x20);
-  lo = _mm_insert_ps(lo, _mm_load_ss(x + (o >> 24 & 255)), 0x30);
-  __m128 hi = _mm_load_ss(x + (o >> 32 & 255));
-  hi = _mm_insert_ps(hi, _mm_load_ss(x + (o >> 40 & 255)), 0x10);
-  hi = _mm_insert_ps(hi, _mm_load_ss(x + (o >> 48 & 255)), 0x20);
-  hi = _mm_insert_ps(hi, _mm_load_ss(x + (o >> 56)), 0x30);
+// x[columns[t]] for the 8 column offsets of a group, x from the group's first column. The
+// first four offsets are byte loads, the last four shifted out of one 32-bit load: the
+// address work split between the load and the integer units.
+inline __m256 csr_gather(const float* x, const uint8_t* columns) {
+  __m128 lo = _mm_load_ss(x + columns[0]);
+  lo = _mm_insert_ps(lo, _mm_load_ss(x + columns[1]), 0x10);
+  lo = _mm_insert_ps(lo, _mm_load_ss(x + columns[2]), 0x20);
+  lo = _mm_insert_ps(lo, _mm_load_ss(x + columns[3]), 0x30);
+  uint32_t o;
+  __builtin_memcpy(&o, columns + 4, sizeof o);
+  __m128 hi = _mm_load_ss(x + (o & 255));
+  hi = _mm_insert_ps(hi, _mm_load_ss(x + (o >> 8 & 255)), 0x10);
+  hi = _mm_insert_ps(hi, _mm_load_ss(x + (o >> 16 & 255)), 0x20);
+  hi = _mm_insert_ps(hi, _mm_load_ss(x + (o >> 24)), 0x30);
   return _mm256_set_m128(hi, lo);
 }
 #endif
@@ -409,23 +426,33 @@ inline __m256 csr_gather(const float* x, uint64_t o) {
 // error grows with the groups per block plus the blocks, not with the row's nonzeros.
 constexpr int64_t kCsrBlock = 32;
 
-// body(group, first column, offsets) for every group of row n whose columns fit in [0, K),
-// flush() after each kCsrBlock groups; false when a group did not fit (it was skipped).
-template <class Body, class Flush>
+// body(group, first column, offsets, chain) for every group of row n whose columns fit in
+// [0, K), A groups at a time on chains 0..A-1 (unrolled), the rest of a block on chain 0;
+// flush() after each kCsrBlock groups. False when a group did not fit (it was skipped).
+template <int A, class Body, class Flush>
 inline bool for_csr_groups(const SparseGemmArgs& g, int64_t n, const Body& body,
                            const Flush& flush) {
   bool fits = true;
+  const int64_t safe = csr_safe_base(g.K);
+  const auto visit = [&](int64_t grp, int a) {
+    const int16_t base = g.bases[grp];
+    const int64_t first = kCsrGroup * int64_t{base};
+    const uint8_t* columns = g.meta + kCsrGroup * grp;
+    if (int64_t{static_cast<uint16_t>(base)} <= safe || csr_columns_fit(first, columns, g.K)) {
+      body(grp, first, columns, a);
+    } else {
+      fits = false;
+    }
+  };
   const int64_t end = g.row_offsets[n + 1];
   for (int64_t block = g.row_offsets[n]; block < end; block += kCsrBlock) {
-    for (int64_t grp = block; grp < min_i64(block + kCsrBlock, end); ++grp) {
-      const int64_t first = kCsrGroup * int64_t{g.bases[grp]};
-      const uint64_t o = csr_offsets(g.meta + kCsrGroup * grp);
-      if (csr_group_fits(first, o, g.K)) {
-        body(grp, first, o);
-      } else {
-        fits = false;
-      }
+    const int64_t stop = min_i64(block + kCsrBlock, end);
+    int64_t grp = block;
+    for (; grp + A <= stop; grp += A) {
+#pragma GCC unroll 4
+      for (int a = 0; a < A; ++a) visit(grp + a, a);
     }
+    for (; grp < stop; ++grp) visit(grp, 0);
     flush();
   }
   return fits;
@@ -437,35 +464,43 @@ inline void csr_tile(const SparseGemmArgs& g, const float* x, int64_t ldx, int64
   const T* v = typed<T>(g.values);
   bool fits;
 #if defined(TORCHSLIM_SPARSE_VECTOR)
-  __m256 acc[R], total[R];
+  constexpr int A = kChains<R>;
+  __m256 acc[R][A], total[R];
 #pragma GCC unroll 4
-  for (int i = 0; i < R; ++i) acc[i] = total[i] = _mm256_setzero_ps();
-  fits = for_csr_groups(
+  for (int i = 0; i < R; ++i) {
+    total[i] = _mm256_setzero_ps();
+#pragma GCC unroll 4
+    for (int a = 0; a < A; ++a) acc[i][a] = _mm256_setzero_ps();
+  }
+  fits = for_csr_groups<A>(
       g, n,
-      [&](int64_t grp, int64_t first, uint64_t o) {
+      [&](int64_t grp, int64_t first, const uint8_t* columns, int a) {
         const __m256 w = load8(v + kCsrGroup * grp);
 #pragma GCC unroll 4
         for (int i = 0; i < R; ++i) {
-          acc[i] = _mm256_fmadd_ps(w, csr_gather(x + i * ldx + first, o), acc[i]);
+          acc[i][a] = _mm256_fmadd_ps(w, csr_gather(x + i * ldx + first, columns), acc[i][a]);
         }
       },
       [&] {
 #pragma GCC unroll 4
         for (int i = 0; i < R; ++i) {
-          total[i] = _mm256_add_ps(total[i], acc[i]);
-          acc[i] = _mm256_setzero_ps();
+#pragma GCC unroll 4
+          for (int a = 0; a < A; ++a) {
+            total[i] = _mm256_add_ps(total[i], acc[i][a]);
+            acc[i][a] = _mm256_setzero_ps();
+          }
         }
       });
 #pragma GCC unroll 4
   for (int i = 0; i < R; ++i) sums[i] = hsum_ps(total[i]);
 #else
   float acc[kCsrGroup][kSpMR] = {}, total[kCsrGroup][kSpMR] = {};  // per slot, as the lanes
-  fits = for_csr_groups(
+  fits = for_csr_groups<1>(
       g, n,
-      [&](int64_t grp, int64_t first, uint64_t o) {
+      [&](int64_t grp, int64_t first, const uint8_t* columns, int) {
         for (int t = 0; t < kCsrGroup; ++t) {
           const float w = load_f32(v + kCsrGroup * grp + t);
-          const float* xt = x + first + static_cast<int64_t>(o >> (8 * t) & 255);
+          const float* xt = x + first + columns[t];
           for (int i = 0; i < R; ++i) acc[t][i] += w * xt[i * ldx];
         }
       },
@@ -565,11 +600,10 @@ struct PanelSums {
 template <typename T>
 inline bool csr_spmm_row(const SparseGemmArgs& g, int64_t n, PanelSums<T>& sums, int32_t*) {
   const T* v = typed<T>(g.values);
-  return for_csr_groups(
+  return for_csr_groups<1>(
       g, n,
-      [&](int64_t grp, int64_t first, uint64_t o) {
-        sums.group(v + kCsrGroup * grp,
-                   [&](int t) { return first + static_cast<int64_t>(o >> (8 * t) & 255); });
+      [&](int64_t grp, int64_t first, const uint8_t* columns, int) {
+        sums.group(v + kCsrGroup * grp, [&](int t) { return first + columns[t]; });
       },
       [&] { sums.flush(); });
 }
