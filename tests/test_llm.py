@@ -107,7 +107,13 @@ def test_parse_sparse_configs():
         {"sparsity": 0.75, **wanda},
         "int8-weight",
     )
-    assert {"sparse-2:4", "sparse-50%", "sparse-75%"} <= set(demo.CONFIGS)
+    assert demo.parse_config("sparse-2:4-int8") == (
+        "sparse",
+        {"sparsity": "2:4", **wanda, "dtype": torch.int8},
+        None,
+    )
+    assert demo.parse_config("sparse-90%-int8")[1]["dtype"] == torch.int8
+    assert {"sparse-2:4", "sparse-2:4-int8", "sparse-50%", "sparse-75%"} <= set(demo.CONFIGS)
     for bad in (
         "sparse-120%",
         "sparse-3:4",
@@ -117,6 +123,8 @@ def test_parse_sparse_configs():
         "sparse--50%",
         "sparse",
         "sparse-g32",
+        "sparse-int8",
+        "sparse-2:4-int4",
         "int8-g32",  # int8 takes no group size
         "int4-g32+sparse-head",
     ):
@@ -130,8 +138,12 @@ def test_demo_cli_names_a_bad_sparse_config(capsys):
     assert "--configs: 'sparse-120%'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("config", "fmt"), [("sparse-2:4", "2:4"), ("sparse-50%", "bitmask")])
-def test_sparse_config_prunes_the_body_and_counts_compressed_bytes(tiny_llama, config, fmt):
+@pytest.mark.parametrize(
+    ("config", "fmt", "ratio"),
+    [("sparse-2:4", "2:4", (0.5, 0.6)), ("sparse-50%", "bitmask", (0.5, 0.6)),
+     ("sparse-2:4-int8", "2:4", (0.15, 0.18))],
+)  # fmt: skip
+def test_sparse_config_prunes_the_body_and_counts_compressed_bytes(tiny_llama, config, fmt, ratio):
     """Every decoder-layer linear becomes a SparseLinear at 50% sparsity (Wanda on the
     calibration batches); the output head stays dense; the model's bytes are the compressed
     ones; the perplexity stays finite."""
@@ -148,6 +160,7 @@ def test_sparse_config_prunes_the_body_and_counts_compressed_bytes(tiny_llama, c
     assert [(r.name, r.reason) for r in model.torchslim_report.kept] == [("lm_head", "excluded")]
     report = model.torchslim_report
     before = sum(r.bytes_before for r in report.replaced)
-    assert 0.5 < sum(r.bytes_after for r in report.replaced) / before < 0.6  # fp32 values, masks
+    # fp32 values and masks; int8: codes and meta (0.625 of 4 bytes a weight), scales
+    assert ratio[0] < sum(r.bytes_after for r in report.replaced) / before < ratio[1]
     assert module_bytes(model) == base_bytes - report.bytes_before() + report.bytes_after()
     assert math.isfinite(demo.perplexity(model, ids))

@@ -5,7 +5,8 @@
     torchslim demo --attention on               # torchslim's fused attention only
 
 For each configuration (fp32, every quant method of torchslim.patch, and sparse weights:
-"sparse-2:4", "sparse-50%", "sparse-75%", pruned with Wanda, the output head left dense;
+"sparse-2:4", "sparse-50%", "sparse-75%", pruned with Wanda, the output head left dense, and
+"sparse-2:4-int8", the 2:4 weights stored as int8 codes per output channel;
 calibrated on text disjoint from the evaluation text): perplexity on a fixed English text that
 ships with Python (pydoc_data.topics), prefill and decode tokens/s, weight memory (of a sparse
 layer, its compressed buffers), and the greedy answer to a fixed prompt, in each mode: "eager"
@@ -54,6 +55,7 @@ CONFIGS = (
     "int4-g32+int8-weight-head",
     "int4-g128",
     "sparse-2:4",
+    "sparse-2:4-int8",
     "sparse-50%",
     "sparse-75%",
 )
@@ -62,6 +64,7 @@ ATTENTION = ("off", "on")  # the model's own attention (SDPA), torchslim's
 HEAD_SUFFIX = "-head"
 QUANTS = tuple(name for name in METHODS if name != "sparse")  # "sparse" comes as SPARSE_PREFIX
 SPARSE_PREFIX = "sparse-"
+INT8_SUFFIX = "-int8"  # sparse values stored as int8 codes per output channel
 SPARSITY_METHOD = "wanda"
 
 
@@ -69,17 +72,21 @@ def sparse_args(config: str) -> dict:
     """torchslim.patch options of a sparse configuration, pruned with Wanda on the calibration
     batches and stored compressed (SparseLinear): "sparse-2:4" (2 of every 4 weights kept,
     the 2:4 format) or "sparse-<P>%" (P% of each output row pruned, 0 < P < 100; the bitmask
-    format): "sparse-50%" -> sparsity=0.5, sparsity_method="wanda"."""
+    or csr format), with "-int8" the values as int8 codes per output channel: "sparse-50%" ->
+    sparsity=0.5, sparsity_method="wanda"; "sparse-2:4-int8" adds dtype=torch.int8."""
     spec = config.removeprefix(SPARSE_PREFIX)
+    values = {}
+    if spec.endswith(INT8_SUFFIX):
+        spec, values = spec.removesuffix(INT8_SUFFIX), {"dtype": torch.int8}
     if spec == "2:4":
-        return {"sparsity": "2:4", "sparsity_method": SPARSITY_METHOD}
+        return {"sparsity": "2:4", "sparsity_method": SPARSITY_METHOD, **values}
     match = re.fullmatch(r"(\d+(?:\.\d+)?)%", spec)
     if match is None or not 0 < float(match[1]) < 100:
         raise ValueError(
             f"{config!r} is not {SPARSE_PREFIX}2:4 or {SPARSE_PREFIX}<P>% with 0 < P < 100 "
-            f"(e.g. {SPARSE_PREFIX}50%)"
+            f"(e.g. {SPARSE_PREFIX}50%), optionally ending in {INT8_SUFFIX}"
         )
-    return {"sparsity": float(match[1]) / 100, "sparsity_method": SPARSITY_METHOD}
+    return {"sparsity": float(match[1]) / 100, "sparsity_method": SPARSITY_METHOD, **values}
 
 
 def patch_args(config: str) -> tuple[str, dict]:
@@ -95,7 +102,7 @@ def patch_args(config: str) -> tuple[str, dict]:
         return config, {}
     raise ValueError(
         f"{config!r} is not fp32, one of {sorted(QUANTS)} (int4 with -g<group size>), "
-        f"{SPARSE_PREFIX}2:4 or {SPARSE_PREFIX}<P>%"
+        f"{SPARSE_PREFIX}2:4 or {SPARSE_PREFIX}<P>% (either ending in {INT8_SUFFIX})"
     )
 
 
