@@ -18,6 +18,20 @@ def _batches(n: int, g: torch.Generator) -> list[torch.Tensor]:
     return [torch.randint(0, 128, (2, 16), generator=g) for _ in range(n)]
 
 
+def _check_against(model, reference, ids, tmp_path) -> None:
+    """Every SparseLinear holds its reference layer's weight, the logits match, and a save and
+    load gives the same logits."""
+    for name, module in model.named_modules():
+        if isinstance(module, SparseLinear):
+            assert torch.equal(module.dense_weight(), reference.get_submodule(name).weight)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-4)
+    torchslim.save(model, tmp_path)
+    fresh = torchslim.load(torchslim.testing.tiny_llama(), tmp_path)
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, model(ids).logits)
+
+
 @pytest.mark.parametrize(
     ("amount", "method"), [("2:4", "wanda"), (0.75, "magnitude"), (0.95, "magnitude")]
 )
@@ -46,16 +60,7 @@ def test_patch_prunes_and_compresses_a_hugging_face_model(tiny_llama, amount, me
     report = model.torchslim_report
     assert len(report.replaced) == 2 * 7 and report.bytes_after() < report.bytes_before()
     assert [r.name for r in report.kept] == ["lm_head"]
-    for name, module in model.named_modules():
-        if isinstance(module, SparseLinear):  # the same weights prune_ alone gives
-            assert torch.equal(module.dense_weight(), reference.get_submodule(name).weight)
-    ids = _batches(1, g)[0]
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-4)
-    torchslim.save(model, tmp_path)
-    fresh = torchslim.load(torchslim.testing.tiny_llama(), tmp_path)
-    with torch.no_grad():
-        assert torch.equal(fresh(ids).logits, model(ids).logits)
+    _check_against(model, reference, _batches(1, g)[0], tmp_path)  # the weights prune_ gives
 
 
 def test_quant_sparse_takes_a_pruned_model_and_refuses_an_unpruned_one():
@@ -110,17 +115,7 @@ def test_sparsity_with_int8_weight_stores_int8_codes(tiny_llama, tmp_path):
     )
     layers = [m for m in model.modules() if isinstance(m, SparseLinear)]
     assert len(layers) == 2 * 7 and all(m.values.dtype == torch.int8 for m in layers)
-    for name, module in model.named_modules():
-        if isinstance(module, SparseLinear):
-            weight = reference.get_submodule(name).weight
-            assert torch.equal(module.dense_weight(), weight)
-    ids = _batches(1, g)[0]
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-4)
-    torchslim.save(model, tmp_path)
-    fresh = torchslim.load(torchslim.testing.tiny_llama(), tmp_path)
-    with torch.no_grad():
-        assert torch.equal(fresh(ids).logits, model(ids).logits)
+    _check_against(model, reference, _batches(1, g)[0], tmp_path)
     with pytest.raises(ValueError, match="contradicts quant='int8-weight'"):
         torchslim.patch(model, "int8-weight", sparsity=0.5, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="does not combine with quant='int4'"):
