@@ -73,7 +73,7 @@ def test_bench_sparse_quick(tmp_path, capsys):
                "compute_floor_ms", "binds", "GFLOP/s", "nnz", "copy_GB/s", "device", "torch",
                "commit"}  # fmt: skip
     assert columns <= set(rows[0])
-    variants = ("fp32", "bf16", "bf16-fp32x")
+    variants = ("fp32", "bf16", "bf16-fp32x", "int8-fp32x")
     unstructured = tuple(f"torchslim-{f}-{v}" for f in ("bitmask", "csr") for v in variants)
     per_pattern = {"dense": ("dense-fp32", "dense-bf16")}
     per_pattern.update({p: (*unstructured, "torch-csr-fp32") for p in ("50%", "75%", "90%")})
