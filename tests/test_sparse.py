@@ -432,3 +432,22 @@ def test_bitmask_bits_past_k_are_ignored(backend, m):
         out = ops.sparse_bitmask_linear(x, vals, padded, offsets)
     ref64 = ref.sparse_bitmask_linear(x, vals, mask, offsets, compute_dtype=torch.float64)
     check_close(out, ref64, ref.sparse_bitmask_linear(x, vals, mask, offsets))
+
+
+@pytest.mark.skipif(not CPU_BACKENDS, reason="no torchslim CPU extension")
+def test_the_binding_names_bad_values_and_scales():
+    # torchslim._C directly: the C++ checks, not the Python ones in front of them
+    from torchslim import _ext
+
+    g = seeded("binding")
+    x = torch.randn(1, 16, generator=g)
+    values, meta = compress_24(_weight_24(4, 16, g))
+    with pytest.raises(TypeError, match="values must be float32, bfloat16, float16 or int8"):
+        _ext._C.sparse24_linear_cpu(x, values.double(), meta)
+    codes = values.round().clamp(-127, 127).to(torch.int8)
+    with pytest.raises(ValueError, match="int8 values need scales"):
+        _ext._C.sparse24_linear_cpu(x, codes, meta)
+    with pytest.raises(ValueError, match=r"scales must have shape \(N,\) = \(4,\)"):
+        _ext._C.sparse24_linear_cpu(x, codes, meta, None, torch.ones(3))
+    with pytest.raises(TypeError, match="scales must be float32"):
+        _ext._C.sparse24_linear_cpu(x, codes, meta, None, torch.ones(4, dtype=torch.float64))

@@ -48,11 +48,18 @@ void check_offsets(const int64_t* off, int64_t N, int64_t limit, const char* nam
 
 // The values' element type: a float type, or int8 codes (which need scales).
 ScalarType value_type(const at::Tensor& values) {
-  if (values.scalar_type() == at::kChar) return ScalarType::kInt8;
-  TORCHSLIM_CHECK_TYPE(at::isFloatingType(values.scalar_type()),
-                       "values must be float32, bfloat16, float16 or int8, got ",
-                       values.scalar_type());
-  return any_float_type(values, "values");
+  switch (values.scalar_type()) {
+    case at::kChar:
+      return ScalarType::kInt8;
+    case at::kFloat:
+    case at::kBFloat16:
+    case at::kHalf:
+      return any_float_type(values, "values");
+    default:
+      TORCHSLIM_CHECK_TYPE(false, "values must be float32, bfloat16, float16 or int8, got ",
+                           values.scalar_type());
+  }
+  return ScalarType::kFloat32;
 }
 
 // The arguments every format shares: x (M, K) widened to fp32, the output, bias, scales, and x

@@ -12,9 +12,12 @@
 //
 // 2:4 gathers x rather than expanding W. One step takes kLanes kept values (8 on AVX2, 16 on
 // AVX-512), i.e. 2 * kLanes columns: the step's 2-bit indices, shifted out of one meta word,
-// pick the x that each value meets (AVX2: vpermps on each 8-column half and a blend; AVX-512:
-// one vpermt2ps over 32 columns), and one FMA does kLanes multiply-adds: half the FMAs of a
-// dense dot product, the index arithmetic shared by the MR rows of x.
+// pick the x that each value meets (AVX2: x in step order, see sparse24_order_x, so an in-lane
+// vpermilps on each of two plain loads and a blend; AVX-512: one vpermt2ps over 32 columns),
+// and one FMA does kLanes multiply-adds: half the FMAs of a dense dot product, the index
+// arithmetic shared by the MR rows of x. Small tiles (M = 1, 2) sum in several independent FMA
+// chains per row of x (kChains), as do the bitmask and csr dot kernels, so that no step waits
+// out the previous one's FMA latency.
 //
 // Bitmask chooses per row by its density d = nnz / K:
 //   d >= 1/16 expand: each kLanes columns' mask bits place the next popcount values in their
@@ -38,8 +41,11 @@
 //
 // For csr's dot kernel, the 8 x values a group meets are loaded one by one into a vector
 // (vinsertps: faster than vgatherdps on AMD Zen) for one FMA per row of x. Both csr kernels
-// check every group's columns against K before reading x (one compare per group unless it lies
-// in the last 256 columns), skip a bad group and report its row in bad_row.
+// check every group's columns against K before reading x (one unsigned compare of the base
+// unless the group's window reaches past K), skip a bad group and report its row in bad_row.
+//
+// Every format's values may be fp32, bf16, fp16 or int8 codes; a row's sum is multiplied by
+// its scale (when scales are given) before the bias is added.
 #pragma once
 
 #include <vector>
