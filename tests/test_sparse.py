@@ -171,7 +171,7 @@ def test_sparse24_linear_matches_reference(backend, n, k, dtype, poisoned_empty)
     w = _weight_24(n, k, g)
     values, meta = compress_24(w, dtype)
     bias = torch.randn(n, generator=g)
-    for m in M_QUICK:
+    for m in (*M_QUICK, 64, 300):  # 2:4 SpMM: 4 panels, and several blocks of rows
         x = _inputs(m, k, dtype, g)
         with run_on(backend):
             out = ops.sparse24_linear(x, values, meta, bias)
@@ -200,7 +200,9 @@ def test_unstructured_linear_matches_reference(backend, n, k, sparsity, fmt, poi
     bias = torch.randn(n, generator=g)
     for dtype in (torch.float32, torch.bfloat16):
         parts = compress(w, dtype)
-        for m in (*M_QUICK, 5):  # up to 4 rows: the dot kernels; more: the SpMM on panels
+        # up to 4 rows: the dot kernels; more: the SpMM on panels, from 64 rows (4 panels) in
+        # slices of K where dense enough, past 256 rows in several blocks
+        for m in (*M_QUICK, 5, *((64, 300) if n * k < 100_000 else ())):
             x = nan_padded(_inputs(m, k, dtype, g)) if m else _inputs(m, k, dtype, g)
             with run_on(backend):
                 out = op(x, *parts, bias)
@@ -234,7 +236,7 @@ def test_int8_values_match_reference(backend, n, k, fmt, poisoned_empty):
     op, reference = _OPS[fmt]
     bias = torch.randn(n, generator=g)
     for dtype in (torch.float32, torch.bfloat16):
-        for m in (*M_QUICK, 5, 17):  # the dot kernels, then the SpMM on panels
+        for m in (*M_QUICK, 5, 17, 64):  # the dot kernels, then the SpMM on panels
             x = _inputs(m, k, dtype, g)
             with run_on(backend):
                 out = op(x, *parts, bias, scales)
@@ -245,7 +247,7 @@ def test_int8_values_match_reference(backend, n, k, fmt, poisoned_empty):
 
 
 @pytest.mark.parametrize("backend", SPARSE_BACKENDS)
-@pytest.mark.parametrize("m", [1, 20])
+@pytest.mark.parametrize("m", [1, 20, 64])  # the dot kernel; the SpMM; in slices
 def test_csr_columns_past_k_raise(backend, m):
     g = seeded("csr-past", backend, m)
     w = _weight_unstructured(6, 300, 0.5, g)
@@ -391,7 +393,7 @@ def test_bad_arguments_name_themselves():
 
 
 @pytest.mark.parametrize("backend", SPARSE_BACKENDS)
-@pytest.mark.parametrize("m", [1, 20])  # the dot kernel; the SpMM
+@pytest.mark.parametrize("m", [1, 20, 64])  # the dot kernel; the SpMM; in slices
 def test_bitmask_offsets_that_disagree_with_the_mask_raise(backend, m):
     g = seeded("offsets", backend, m)
     w = _weight_unstructured(6, 64, 0.5, g)
@@ -421,7 +423,7 @@ def test_backend_choice_is_explained():
 
 
 @pytest.mark.parametrize("backend", SPARSE_BACKENDS)
-@pytest.mark.parametrize("m", [3, 20])  # the dot kernel; the SpMM
+@pytest.mark.parametrize("m", [3, 20, 64])  # the dot kernel; the SpMM; in slices
 def test_bitmask_bits_past_k_are_ignored(backend, m):
     g = seeded("pad-bits", backend, m)
     w = _weight_unstructured(5, 13, 0.5, g)  # K = 13: bits 5..7 of the last byte are padding

@@ -16,10 +16,12 @@ namespace {
 
 using namespace cpu_bindings;
 
-// Rows of x per block (fp32 rows of K stay in L2) and weight rows per block; the csr SpMM
-// takes more weight rows per block, each x panel read from L3 serving them all.
+// Rows of x per block (fp32 rows of K stay in L2) and weight rows per block. The SpMM takes
+// bigger blocks: each slice of the block's weight rows serves 16 panels of x (see
+// sparse_gemm.h), and each x panel read from L3 serves 64 weight rows.
 constexpr int64_t kBlockM = 32;
 constexpr int64_t kBlockN = 16;
+constexpr int64_t kSpmmBlockM = 256;
 constexpr int64_t kSpmmBlockN = 64;
 
 int64_t mask_bytes(int64_t K) { return (K + 7) / 8; }
@@ -73,7 +75,8 @@ struct SparseOperands {
   template <class Kernel>
   void run(const Kernel& kernel) {
     parallel_blocks(
-        args.M, args.N, kBlockM, panels.defined() ? kSpmmBlockN : kBlockN,
+        args.M, args.N, panels.defined() ? kSpmmBlockM : kBlockM,
+        panels.defined() ? kSpmmBlockN : kBlockN,
         [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { kernel(args, m0, m1, n0, n1); });
   }
 };

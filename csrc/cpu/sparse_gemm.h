@@ -35,9 +35,9 @@
 //
 // Past kSpMaxTileM rows of x, every format runs an SpMM instead (see "SpMM" below): x packed in
 // panels of kSpPanel rows transposed to (K, kSpPanel), so each nonzero broadcasts its value
-// against one contiguous panel row: two FMAs per nonzero for 16 rows of x, and no work for the
-// zeros (nnz * M / 8 FMAs where a dense GEMM does K * N * M / 8). A bitmask row is decoded into
-// columns first (a table of bit positions per mask byte).
+// against one contiguous panel row: four FMAs per nonzero for two panels (32 rows of x), and no
+// work for the zeros (nnz * M / 8 FMAs where a dense GEMM does K * N * M / 8). K is walked in
+// slices so that the panels' x stays in L1 while the block's weight rows pass it.
 //
 // For csr's dot kernel, the 8 x values a group meets are loaded one by one into a vector
 // (vinsertps: faster than vgatherdps on AMD Zen) for one FMA per row of x. Both csr kernels
@@ -47,8 +47,6 @@
 // Every format's values may be fp32, bf16, fp16 or int8 codes; a row's sum is multiplied by
 // its scale (when scales are given) before the bias is added.
 #pragma once
-
-#include <vector>
 
 #include "int8_gemm.h"  // simd.h, min_i64, store
 
@@ -432,12 +430,11 @@ inline __m256 csr_gather(const float* x, const uint8_t* columns) {
 // error grows with the groups per block plus the blocks, not with the row's nonzeros.
 constexpr int64_t kCsrBlock = 32;
 
-// body(group, first column, offsets, chain) for every group of row n whose columns fit in
-// [0, K), A groups at a time on chains 0..A-1 (unrolled), the rest of a block on chain 0;
-// flush() after each kCsrBlock groups. False when a group did not fit (it was skipped).
-template <int A, class Body, class Flush>
-inline bool for_csr_groups(const SparseGemmArgs& g, int64_t n, const Body& body,
-                           const Flush& flush) {
+// body(group, first column, offsets, chain) for groups [begin, end) whose columns fit in
+// [0, K), A groups at a time on chains 0..A-1 (unrolled), the rest on chain 0. False when a
+// group did not fit (it was skipped).
+template <int A, class Body>
+inline bool for_csr_range(const SparseGemmArgs& g, int64_t begin, int64_t end, const Body& body) {
   bool fits = true;
   const int64_t safe = csr_safe_base(g.K);
   const auto visit = [&](int64_t grp, int a) {
@@ -450,15 +447,23 @@ inline bool for_csr_groups(const SparseGemmArgs& g, int64_t n, const Body& body,
       fits = false;
     }
   };
+  int64_t grp = begin;
+  for (; grp + A <= end; grp += A) {
+#pragma GCC unroll 4
+    for (int a = 0; a < A; ++a) visit(grp + a, a);
+  }
+  for (; grp < end; ++grp) visit(grp, 0);
+  return fits;
+}
+
+// for_csr_range over row n's groups, flush() after each kCsrBlock of them.
+template <int A, class Body, class Flush>
+inline bool for_csr_groups(const SparseGemmArgs& g, int64_t n, const Body& body,
+                           const Flush& flush) {
+  bool fits = true;
   const int64_t end = g.row_offsets[n + 1];
   for (int64_t block = g.row_offsets[n]; block < end; block += kCsrBlock) {
-    const int64_t stop = min_i64(block + kCsrBlock, end);
-    int64_t grp = block;
-    for (; grp + A <= stop; grp += A) {
-#pragma GCC unroll 4
-      for (int a = 0; a < A; ++a) visit(grp + a, a);
-    }
-    for (; grp < stop; ++grp) visit(grp, 0);
+    fits &= for_csr_range<A>(g, block, min_i64(block + kCsrBlock, end), body);
     flush();
   }
   return fits;
@@ -529,113 +534,184 @@ inline void csr_tile(const SparseGemmArgs& g, const float* x, int64_t ldx, int64
 
 // ------------------------------------------------------------------------------ SpMM
 // x packed in panels (ceil(M / kSpPanel), K, kSpPanel) fp32: panel p holds rows
-// [p * kSpPanel, (p + 1) * kSpPanel) of x transposed (zeros past M). One weight row against one
-// panel: per nonzero, its value broadcast times the panel row of its column, kSpPanel sums.
+// [p * kSpPanel, (p + 1) * kSpPanel) of x transposed (zeros past M). A nonzero's value,
+// broadcast, times the panel row of its column gives its kSpPanel products at once.
+//
+// K is walked in slices of kSpSlice columns, and within a slice the block's panels in pairs:
+// the pair's slice of x (16 KB) stays in L1 while every weight row of the block passes it.
+// Each row's nonzeros in the slice are summed in registers (a broadcast, four loads from L1 and
+// four FMAs per nonzero: FMA-bound) and added to the row's sums in memory. Unsliced, a panel
+// (256 KB at K = 4096) sat in L2, and each nonzero waited on 64 bytes from it.
+constexpr int64_t kSpSlice = 128;
 
-// Slot t of a group of 8 feeds accumulator pair t % 4: eight independent FMA chains.
-template <typename T>
+// One weight row's sums over a slice against P panels (1 or 2; the second `stride` floats
+// past the first). Slot t of a group feeds chain t % C: 8 accumulators, 4 / P chains. A group
+// names each slot's panel row (row(t), from at(column)); its 8 values are broadcast from one
+// register (lane copies and in-lane shuffles) rather than stored and reloaded: the reloads
+// cost a quarter more loads and waited on the store.
+template <typename T, int P>
 struct PanelSums {
-  const float* panel;
+  const float* x;  // panel row c at x + c * kSpPanel
+  int64_t stride;
+  const float* at(int64_t col) const { return x + col * kSpPanel; }
 #if defined(TORCHSLIM_SPARSE_VECTOR)
-  __m256 acc[4][2], total[2];
-  explicit PanelSums(const float* p) : panel(p) {
-    total[0] = total[1] = _mm256_setzero_ps();
+  static constexpr int C = 4 / P;
+  __m256 acc[C][2 * P];
+  PanelSums(const float* x_, int64_t stride_) : x(x_), stride(stride_) {
 #pragma GCC unroll 4
-    for (int a = 0; a < 4; ++a) acc[a][0] = acc[a][1] = _mm256_setzero_ps();
-  }
-  template <class Col>
-  void group(const T* v, const Col& col) {  // 8 values, slot t in column col(t)
-    alignas(32) float w[kCsrGroup];
-    _mm256_store_ps(w, load8(v));
-#pragma GCC unroll 8
-    for (int t = 0; t < kCsrGroup; ++t) {
-      const float* row = panel + col(t) * kSpPanel;
-      const __m256 wt = _mm256_broadcast_ss(w + t);
-      acc[t % 4][0] = _mm256_fmadd_ps(wt, _mm256_loadu_ps(row), acc[t % 4][0]);
-      acc[t % 4][1] = _mm256_fmadd_ps(wt, _mm256_loadu_ps(row + 8), acc[t % 4][1]);
+    for (int c = 0; c < C; ++c) {
+#pragma GCC unroll 4
+      for (int j = 0; j < 2 * P; ++j) acc[c][j] = _mm256_setzero_ps();
     }
   }
-  void one(float w, int64_t col) {
-    const float* row = panel + col * kSpPanel;
-    const __m256 wt = _mm256_set1_ps(w);
-    acc[0][0] = _mm256_fmadd_ps(wt, _mm256_loadu_ps(row), acc[0][0]);
-    acc[0][1] = _mm256_fmadd_ps(wt, _mm256_loadu_ps(row + 8), acc[0][1]);
-  }
-  void flush() {
+  void fma(__m256 w, int c, const float* row) {
 #pragma GCC unroll 2
-    for (int h = 0; h < 2; ++h) {
-      total[h] = _mm256_add_ps(total[h], _mm256_add_ps(_mm256_add_ps(acc[0][h], acc[1][h]),
-                                                       _mm256_add_ps(acc[2][h], acc[3][h])));
-      acc[0][h] = acc[1][h] = acc[2][h] = acc[3][h] = _mm256_setzero_ps();
+    for (int q = 0; q < P; ++q) {
+      acc[c][2 * q] = _mm256_fmadd_ps(w, _mm256_loadu_ps(row + q * stride), acc[c][2 * q]);
+      acc[c][2 * q + 1] =
+          _mm256_fmadd_ps(w, _mm256_loadu_ps(row + q * stride + 8), acc[c][2 * q + 1]);
     }
   }
-  void sums(float* out) {
-    flush();
-    _mm256_storeu_ps(out, total[0]);
-    _mm256_storeu_ps(out + 8, total[1]);
+  template <class Row>
+  void group(const T* v, const Row& row) {  // 8 values, slot t against panel row row(t)
+    const __m256 w = load8(v);
+    const __m256 lo = _mm256_permute2f128_ps(w, w, 0x00), hi = _mm256_permute2f128_ps(w, w, 0x11);
+    fma(_mm256_shuffle_ps(lo, lo, 0x00), 0, row(0));
+    fma(_mm256_shuffle_ps(lo, lo, 0x55), 1 % C, row(1));
+    fma(_mm256_shuffle_ps(lo, lo, 0xaa), 2 % C, row(2));
+    fma(_mm256_shuffle_ps(lo, lo, 0xff), 3 % C, row(3));
+    fma(_mm256_shuffle_ps(hi, hi, 0x00), 4 % C, row(4));
+    fma(_mm256_shuffle_ps(hi, hi, 0x55), 5 % C, row(5));
+    fma(_mm256_shuffle_ps(hi, hi, 0xaa), 6 % C, row(6));
+    fma(_mm256_shuffle_ps(hi, hi, 0xff), 7 % C, row(7));
+  }
+  void one(float w, int64_t col) { fma(_mm256_set1_ps(w), 0, at(col)); }
+  void add_to(float* out) const {  // out[0, P * kSpPanel) += the sums
+#pragma GCC unroll 4
+    for (int j = 0; j < 2 * P; ++j) {
+      __m256 s = acc[0][j];
+#pragma GCC unroll 4
+      for (int c = 1; c < C; ++c) s = _mm256_add_ps(s, acc[c][j]);
+      _mm256_storeu_ps(out + 8 * j, _mm256_add_ps(_mm256_loadu_ps(out + 8 * j), s));
+    }
   }
 #else
-  float acc[4][kSpPanel] = {}, total[kSpPanel] = {};
-  explicit PanelSums(const float* p) : panel(p) {}
-  template <class Col>
-  void group(const T* v, const Col& col) {
-    for (int t = 0; t < kCsrGroup; ++t) {
-      const float w = load_f32(v + t);
-      const float* row = panel + col(t) * kSpPanel;
-      for (int j = 0; j < kSpPanel; ++j) acc[t % 4][j] += w * row[j];
+  float acc[4][P * kSpPanel] = {};  // by slot % 4, as the vector chains
+  PanelSums(const float* x_, int64_t stride_) : x(x_), stride(stride_) {}
+  void fma(float w, int c, const float* row) {
+    for (int q = 0; q < P; ++q) {
+      for (int j = 0; j < kSpPanel; ++j) acc[c][q * kSpPanel + j] += w * row[q * stride + j];
     }
   }
-  void one(float w, int64_t col) {
-    const float* row = panel + col * kSpPanel;
-    for (int j = 0; j < kSpPanel; ++j) acc[0][j] += w * row[j];
+  template <class Row>
+  void group(const T* v, const Row& row) {
+    for (int t = 0; t < kCsrGroup; ++t) fma(load_f32(v + t), t % 4, row(t));
   }
-  void flush() {
-    for (int j = 0; j < kSpPanel; ++j) {
-      total[j] += (acc[0][j] + acc[1][j]) + (acc[2][j] + acc[3][j]);
-      acc[0][j] = acc[1][j] = acc[2][j] = acc[3][j] = 0.0f;
+  void one(float w, int64_t col) { fma(w, 0, at(col)); }
+  void add_to(float* out) const {
+    for (int j = 0; j < P * kSpPanel; ++j) {
+      out[j] += (acc[0][j] + acc[1][j]) + (acc[2][j] + acc[3][j]);
     }
-  }
-  void sums(float* out) {
-    flush();
-    for (int j = 0; j < kSpPanel; ++j) out[j] = total[j];
   }
 #endif
 };
 
-// One weight row into `sums` per format; false when the row is bad (see each format).
-template <typename T>
-inline bool csr_spmm_row(const SparseGemmArgs& g, int64_t n, PanelSums<T>& sums, int32_t*) {
-  const T* v = typed<T>(g.values);
-  return for_csr_groups<1>(
-      g, n,
-      [&](int64_t grp, int64_t first, const uint8_t* columns, int) {
-        sums.group(v + kCsrGroup * grp, [&](int t) { return first + columns[t]; });
-      },
-      [&] { sums.flush(); });
-}
+// Each format's rows as slices: Rows(g, n0, n1) for the block's weight rows, slice(k0, k1)
+// before a slice's passes (locate each row's nonzeros in it), row(n, k0, k1, sums) for one
+// pass of row n. A bad row is reported and its bad part not read.
 
-// 2:4: 8 kept values per 16 columns (one 16-bit meta word), then the short tail one by one.
+// 2:4: a slice's steps of 16 columns (one 16-bit meta word, 8 values each); the last slice
+// also takes the short tail one value at a time. Each slice's steps are first copied out of
+// every row of the block into one tile: rows ldv apart (4 KB at K = 4096, bf16) fall in the
+// same few L1 sets, so the rows themselves would not stay in L1 from one pass to the next.
 template <typename T>
-inline bool sp24_spmm_row(const SparseGemmArgs& g, int64_t n, PanelSums<T>& sums, int32_t*) {
-  const T* v = typed<T>(g.values) + n * g.ldv;
-  const uint8_t* meta = g.meta + n * g.ldm;
-  const int64_t steps = g.K / 16, groups = (g.K + 3) / 4;
-  for (int64_t s = 0; s < steps; ++s) {
-    uint16_t m;
-    __builtin_memcpy(&m, meta + 2 * s, sizeof m);
-    sums.group(v + 8 * s, [&](int t) { return 16 * s + 4 * (t >> 1) + (m >> (2 * t) & 3); });
-    if (s % kCsrBlock == kCsrBlock - 1) sums.flush();
-  }
-  for (int64_t grp = 4 * steps; grp < groups; ++grp) {
-    for (int t = 0; t < 2; ++t) {
-      const int64_t col = 4 * grp + (meta[grp / 2] >> (4 * (grp & 1) + 2 * t) & 3);
-      if (col < g.K) sums.one(load_f32(v + 2 * grp + t), col);
+struct Sp24Rows {
+  static constexpr int64_t kSteps = kSpSlice / 16;
+  const SparseGemmArgs& g;
+  int64_t n0;
+  std::vector<T> values;       // per row: the slice's 8 * kSteps values
+  std::vector<uint16_t> meta;  // per row: its kSteps meta words
+  Sp24Rows(const SparseGemmArgs& args, int64_t n0_, int64_t n1)
+      : g(args), n0(n0_), values((n1 - n0_) * 8 * kSteps), meta((n1 - n0_) * kSteps) {}
+  int64_t slice_width(int64_t) const { return kSpSlice; }
+  void slice(int64_t k0, int64_t k1) {
+    const int64_t s0 = k0 / 16, steps = k1 / 16 - s0;  // k0 is a multiple of 16
+    for (size_t r = 0; r < meta.size() / kSteps; ++r) {
+      const int64_t n = n0 + static_cast<int64_t>(r);
+      __builtin_memcpy(values.data() + r * 8 * kSteps, typed<T>(g.values) + n * g.ldv + 8 * s0,
+                       8 * steps * sizeof(T));
+      __builtin_memcpy(meta.data() + r * kSteps, g.meta + n * g.ldm + 2 * s0, 2 * steps);
     }
   }
-  return true;
-}
+  template <class Sums>
+  void row(int64_t n, int64_t k0, int64_t k1, Sums& sums) const {
+    const int64_t r = n - n0, s0 = k0 / 16, steps = k1 / 16 - s0;
+    const T* v = values.data() + r * 8 * kSteps;
+    for (int64_t s = 0; s < steps; ++s) {
+      // slot t: column 16 s + 4 (t / 2) + its 2 meta bits, the bits as a byte offset
+      static_assert(kSpPanel * sizeof(float) == 64, "a panel row is 2^6 bytes");
+      const uint32_t bytes = uint32_t{meta[r * kSteps + s]} << 6;
+      const float* step = sums.at(16 * (s0 + s));
+      sums.group(v + 8 * s, [&](int t) {
+        return step + 4 * kSpPanel * (t >> 1) + ((bytes >> (2 * t)) & 0xC0) / sizeof(float);
+      });
+    }
+    if (k1 < g.K) return;
+    const T* row_v = typed<T>(g.values) + n * g.ldv;
+    const uint8_t* row_m = g.meta + n * g.ldm;
+    for (int64_t grp = 4 * (s0 + steps); grp < (g.K + 3) / 4; ++grp) {
+      for (int t = 0; t < 2; ++t) {
+        const int64_t col = 4 * grp + (row_m[grp / 2] >> (4 * (grp & 1) + 2 * t) & 3);
+        if (col < g.K) sums.one(load_f32(row_v + 2 * grp + t), col);
+      }
+    }
+  }
+};
 
-#if defined(TORCHSLIM_SPARSE_VECTOR)
+// csr: a slice takes the groups whose first column is below its end (the last slice all the
+// rest), so each group is summed once whatever its bases' order; a group may reach past the
+// slice into x that is not in L1.
+template <typename T>
+struct CsrRows {
+  const SparseGemmArgs& g;
+  int64_t n0;
+  std::vector<int64_t> begin, end;  // per row: the slice's groups
+  CsrRows(const SparseGemmArgs& args, int64_t n0_, int64_t n1)
+      : g(args),
+        n0(n0_),
+        begin(g.row_offsets + n0_, g.row_offsets + n1),
+        end(g.row_offsets + n0_, g.row_offsets + n1) {}
+  // Sliced only for half-dense rows and 4 panels or more; else K is one slice (panels one at a
+  // time, each read from L2). A sliced csr row pays for every slice's pass: its groups located
+  // (a scan of the bases) and a group count that branches cannot predict. Measured at
+  // 2048 x 4096, that beat the single slice only at 50% density and M >= 64.
+  int64_t slice_width(int64_t panels) const {
+    const int64_t rows = static_cast<int64_t>(end.size());
+    const int64_t nnz = kCsrGroup * (g.row_offsets[n0 + rows] - g.row_offsets[n0]);
+    return panels >= 4 && 2 * nnz >= rows * g.K ? kSpSlice : g.K;
+  }
+  void slice(int64_t, int64_t k1) {
+    for (size_t r = 0; r < end.size(); ++r) {
+      begin[r] = end[r];
+      const int64_t stop = g.row_offsets[n0 + static_cast<int64_t>(r) + 1];
+      int64_t e = k1 == g.K ? stop : begin[r];
+      while (e < stop && kCsrGroup * int64_t{g.bases[e]} < k1) ++e;
+      end[r] = e;
+    }
+  }
+  template <class Sums>
+  void row(int64_t n, int64_t, int64_t, Sums& sums) const {
+    const T* v = typed<T>(g.values);
+    const bool fits = for_csr_range<1>(
+        g, begin[n - n0], end[n - n0],
+        [&](int64_t grp, int64_t first, const uint8_t* columns, int) {
+          const float* base = sums.at(first);
+          sums.group(v + kCsrGroup * grp, [&](int t) { return base + columns[t] * kSpPanel; });
+        });
+    if (!fits) report_bad_row(g, n);
+  }
+};
+
 // Entry m: the positions of m's set bits, lowest first.
 struct BitPositions {
   uint8_t at[256][8];
@@ -648,60 +724,100 @@ struct BitPositions {
   }
 };
 constexpr BitPositions kBitPositions{};
-#endif
 
-// Bitmask: the row's set bits decoded into columns (cols: K + 8 entries), then groups of 8.
-// A row whose mask holds another count than its offsets give is bad and not read.
+// Bitmask: each slice's set bits decoded once into column offsets from the slice's start (8
+// per mask byte through a table), then groups of 8 as csr. A row whose mask holds another count
+// than its offsets give is bad and not read at all.
 template <typename T>
-inline bool bitmask_spmm_row(const SparseGemmArgs& g, int64_t n, PanelSums<T>& sums,
-                             int32_t* cols) {
-  const uint8_t* mask = g.meta + n * g.ldm;
-  int64_t count = 0;
-  for (int64_t b = 0; b < (g.K + 7) / 8; ++b) {
-    const int bits = mask[b] & (g.K - 8 * b >= 8 ? 255 : (1 << (g.K - 8 * b)) - 1);
-#if defined(TORCHSLIM_SPARSE_VECTOR)
-    uint64_t at;
-    __builtin_memcpy(&at, kBitPositions.at[bits], sizeof at);
-    const __m256i pos = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(at)));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(cols + count),
-                        _mm256_add_epi32(pos, _mm256_set1_epi32(static_cast<int>(8 * b))));
-    count += __builtin_popcount(static_cast<unsigned>(bits));
-#else
-    for (int j = 0; j < 8; ++j) {
-      if (bits >> j & 1) cols[count++] = static_cast<int32_t>(8 * b + j);
-    }
-#endif
-  }
-  const int64_t first = g.row_offsets[n];
-  if (count != g.row_offsets[n + 1] - first) return false;
-  const T* v = typed<T>(g.values) + first;
-  int64_t i = 0;
-  for (; i + kCsrGroup <= count; i += kCsrGroup) {
-    const int32_t* c = cols + i;
-    sums.group(v + i, [&](int t) { return static_cast<int64_t>(c[t]); });
-    if (i % (kCsrGroup * kCsrBlock) == kCsrGroup * (kCsrBlock - 1)) sums.flush();
-  }
-  for (; i < count; ++i) sums.one(load_f32(v + i), cols[i]);
-  return true;
-}
-
-// Rows [m0, m1) of x (m0 a multiple of kSpPanel) against weight rows [n0, n1): a panel stays
-// in L2 while the block's weight rows pass it.
-template <typename T, bool (*Row)(const SparseGemmArgs&, int64_t, PanelSums<T>&, int32_t*)>
-void spmm(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-  std::vector<int32_t> cols(Row == bitmask_spmm_row<T> ? g.K + 8 : 0);
-  for (int64_t p = m0 / kSpPanel; p * kSpPanel < m1; ++p) {
-    const int64_t rows = min_i64(kSpPanel, m1 - p * kSpPanel);
+struct BitmaskRows {
+  static constexpr int64_t kStride = kSpSlice + 8;  // a row's offsets, room for 8 past the last
+  const SparseGemmArgs& g;
+  int64_t n0;
+  std::vector<int64_t> next;  // per row: its first value in the slice, -1 for a bad row
+  std::vector<int64_t> count;
+  std::vector<uint8_t> cols;
+  BitmaskRows(const SparseGemmArgs& args, int64_t n0_, int64_t n1)
+      : g(args), n0(n0_), next(n1 - n0_), count(n1 - n0_, 0), cols((n1 - n0_) * kStride) {
     for (int64_t n = n0; n < n1; ++n) {
-      PanelSums<T> acc(g.panels + p * g.K * kSpPanel);
-      if (!Row(g, n, acc, cols.data())) report_bad_row(g, n);
-      float sums[kSpPanel];
-      acc.sums(sums);
-      const float scale = g.scales ? g.scales[n] : 1.0f, bias = g.bias ? g.bias[n] : 0.0f;
-      for (int64_t j = 0; j < rows; ++j) {
-        store(g.out, g.ldo, g.out_type, p * kSpPanel + j, n, sums[j] * scale + bias);
+      const uint8_t* mask = g.meta + n * g.ldm;
+      int64_t set = 0;
+      for (int64_t b = 0; b < (g.K + 7) / 8; ++b) set += __builtin_popcount(byte(mask, b, g.K));
+      const bool ok = set == g.row_offsets[n + 1] - g.row_offsets[n];
+      next[n - n0] = ok ? g.row_offsets[n] : -1;
+      if (!ok) report_bad_row(g, n);
+    }
+  }
+  static unsigned byte(const uint8_t* mask, int64_t b, int64_t K) {  // bits past K cleared
+    return mask[b] & (K - 8 * b >= 8 ? 255u : (1u << (K - 8 * b)) - 1);
+  }
+  int64_t slice_width(int64_t) const { return kSpSlice; }
+  void slice(int64_t k0, int64_t k1) {
+    for (size_t r = 0; r < next.size(); ++r) {
+      if (next[r] < 0) continue;
+      next[r] += count[r];
+      const uint8_t* mask = g.meta + (n0 + static_cast<int64_t>(r)) * g.ldm;
+      uint8_t* out = cols.data() + r * kStride;
+      int64_t c = 0;
+      for (int64_t b = k0 / 8; b < (k1 + 7) / 8; ++b) {
+        const unsigned bits = byte(mask, b, g.K);
+        uint64_t at;  // positions 0..7 plus 8 * (b - k0 / 8) < 128 in every byte: no carries
+        __builtin_memcpy(&at, kBitPositions.at[bits], sizeof at);
+        at += 0x0101010101010101ull * static_cast<uint64_t>(b * 8 - k0);
+        __builtin_memcpy(out + c, &at, sizeof at);
+        c += __builtin_popcount(bits);
+      }
+      count[r] = c;
+    }
+  }
+  template <class Sums>
+  void row(int64_t n, int64_t k0, int64_t, Sums& sums) const {
+    const int64_t r = n - n0;
+    if (next[r] < 0) return;
+    const T* v = typed<T>(g.values) + next[r];
+    const uint8_t* c = cols.data() + r * kStride;
+    int64_t i = 0;
+    for (; i + kCsrGroup <= count[r]; i += kCsrGroup) {
+      const float* base = sums.at(k0);
+      sums.group(v + i, [&](int t) { return base + c[i + t] * kSpPanel; });
+    }
+    for (; i < count[r]; ++i) sums.one(load_f32(v + i), k0 + c[i]);
+  }
+};
+
+// Rows [m0, m1) of x (m0 a multiple of kSpPanel) against weight rows [n0, n1): slice by
+// slice, panel pair by pair, every weight row (see the top of this section).
+template <typename T, template <typename> class Rows>
+void spmm(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  const int64_t p0 = m0 / kSpPanel, panels = (m1 - m0 + kSpPanel - 1) / kSpPanel;
+  const int64_t stride = g.K * kSpPanel;                         // floats per panel
+  std::vector<float> sums((n1 - n0) * panels * kSpPanel, 0.0f);  // [weight row][panel][16]
+  Rows<T> rows(g, n0, n1);
+  const auto pass = [&](auto panel_count, int64_t p, int64_t k0, int64_t k1) {
+    constexpr int P = decltype(panel_count)::value;
+    for (int64_t n = n0; n < n1; ++n) {
+      PanelSums<T, P> acc(g.panels + (p0 + p) * stride, stride);
+      rows.row(n, k0, k1, acc);
+      acc.add_to(sums.data() + ((n - n0) * panels + p) * kSpPanel);
+    }
+  };
+  const int64_t width = rows.slice_width(panels);
+  const bool pairs = width <= 2 * kSpSlice;  // a pair's slice of x fits in L1
+  for (int64_t k0 = 0; k0 < g.K; k0 += width) {
+    const int64_t k1 = min_i64(k0 + width, g.K);
+    rows.slice(k0, k1);
+    for (int64_t p = 0; p < panels; p += pairs ? 2 : 1) {
+      if (pairs && p + 1 < panels) {
+        pass(std::integral_constant<int, 2>{}, p, k0, k1);
+      } else {
+        pass(std::integral_constant<int, 1>{}, p, k0, k1);
       }
     }
+  }
+  for (int64_t n = n0; n < n1; ++n) {
+    const float scale = g.scales ? g.scales[n] : 1.0f, bias = g.bias ? g.bias[n] : 0.0f;
+    const float* s = sums.data() + (n - n0) * panels * kSpPanel;
+    for (int64_t m = m0; m < m1; ++m)
+      store(g.out, g.ldo, g.out_type, m, n, s[m - m0] * scale + bias);
   }
 }
 
@@ -778,21 +894,21 @@ void sparse_dispatch(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0
 template <typename T>
 struct Sp24Spmm {
   static void run(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-    spmm<T, sp24_spmm_row<T>>(g, m0, m1, n0, n1);
+    spmm<T, Sp24Rows>(g, m0, m1, n0, n1);
   }
 };
 
 template <typename T>
 struct BitmaskSpmm {
   static void run(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-    spmm<T, bitmask_spmm_row<T>>(g, m0, m1, n0, n1);
+    spmm<T, BitmaskRows>(g, m0, m1, n0, n1);
   }
 };
 
 template <typename T>
 struct CsrSpmm {
   static void run(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-    spmm<T, csr_spmm_row<T>>(g, m0, m1, n0, n1);
+    spmm<T, CsrRows>(g, m0, m1, n0, n1);
   }
 };
 
