@@ -543,6 +543,7 @@ inline void csr_tile(const SparseGemmArgs& g, const float* x, int64_t ldx, int64
 // four FMAs per nonzero: FMA-bound) and added to the row's sums in memory. Unsliced, a panel
 // (256 KB at K = 4096) sat in L2, and each nonzero waited on 64 bytes from it.
 constexpr int64_t kSpSlice = 128;
+constexpr int64_t kSpWideSlice = 2048;  // csr where slicing does not pay (see CsrRows)
 
 // One weight row's sums over a slice against P panels (1 or 2; the second `stride` floats
 // past the first). Slot t of a group feeds chain t % C: 8 accumulators, 4 / P chains. A group
@@ -681,14 +682,16 @@ struct CsrRows {
         n0(n0_),
         begin(g.row_offsets + n0_, g.row_offsets + n1),
         end(g.row_offsets + n0_, g.row_offsets + n1) {}
-  // Sliced only for half-dense rows and 4 panels or more; else K is one slice (panels one at a
-  // time, each read from L2). A sliced csr row pays for every slice's pass: its groups located
-  // (a scan of the bases) and a group count that branches cannot predict. Measured at
-  // 2048 x 4096, that beat the single slice only at 50% density and M >= 64.
+  // Sliced only for half-dense rows and 4 panels or more; else in slices of kSpWideSlice,
+  // panels one at a time, each read from L2: wide enough that locating each slice's groups
+  // costs little, and a row's sums are still added up in blocks (as kCsrBlock does for the dot
+  // kernel). A sliced csr row pays for every slice's pass: its groups located (a scan of the
+  // bases) and a group count that branches cannot predict. Measured at 2048 x 4096, that beat
+  // one pass over K only at 50% density and M >= 64.
   int64_t slice_width(int64_t panels) const {
     const int64_t rows = static_cast<int64_t>(end.size());
     const int64_t nnz = kCsrGroup * (g.row_offsets[n0 + rows] - g.row_offsets[n0]);
-    return panels >= 4 && 2 * nnz >= rows * g.K ? kSpSlice : g.K;
+    return panels >= 4 && 2 * nnz >= rows * g.K ? kSpSlice : kSpWideSlice;
   }
   void slice(int64_t, int64_t k1) {
     for (size_t r = 0; r < end.size(); ++r) {
@@ -775,9 +778,9 @@ struct BitmaskRows {
     if (next[r] < 0) return;
     const T* v = typed<T>(g.values) + next[r];
     const uint8_t* c = cols.data() + r * kStride;
+    const float* base = sums.at(k0);
     int64_t i = 0;
     for (; i + kCsrGroup <= count[r]; i += kCsrGroup) {
-      const float* base = sums.at(k0);
       sums.group(v + i, [&](int t) { return base + c[i + t] * kSpPanel; });
     }
     for (; i < count[r]; ++i) sums.one(load_f32(v + i), k0 + c[i]);
@@ -816,8 +819,9 @@ void spmm(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n
   for (int64_t n = n0; n < n1; ++n) {
     const float scale = g.scales ? g.scales[n] : 1.0f, bias = g.bias ? g.bias[n] : 0.0f;
     const float* s = sums.data() + (n - n0) * panels * kSpPanel;
-    for (int64_t m = m0; m < m1; ++m)
+    for (int64_t m = m0; m < m1; ++m) {
       store(g.out, g.ldo, g.out_type, m, n, s[m - m0] * scale + bias);
+    }
   }
 }
 
