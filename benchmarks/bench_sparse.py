@@ -38,9 +38,10 @@ time per call setting up its descriptors (torch 2.11, H100), which hides the ker
 "-graph" rows replay the call from a CUDA graph (captured once per rotated weight copy): the
 kernel's own time. dense-*-graph does the same for cuBLAS, to compare like with like; speedups
 stay over the faster eager dense. Ours appear only where torchslim.ops.explain picks a kernel:
-the sparse ops have no GPU kernel yet (on CUDA they would run the reference), so today their
-rows are "not run"; a GPU kernel, once registered, makes them appear with no change here. Run
-on an H100 (torch 2.11) when this was written; no GPU results recorded under results/ yet.
+on CUDA, sparse24_linear runs the Triton kernel (torchslim-2:4-fp16, -bf16, and
+torchslim-2:4-int8-fp16x with int8 values), while bitmask and csr have no GPU kernel yet (they
+would run the reference) and their rows are "not run". The GPU target line reads ours on 2:4
+against dense fp16, both eager, on 8192 x 8192 from M = 1024 up.
 
 Per row: time (median ms: torch.utils.benchmark's blocked_autorange at the process's thread
 count; on a GPU triton's do_bench), speedup over the faster of dense fp32 and bf16 F.linear (fp16
@@ -54,7 +55,8 @@ in cache. Each path's output is checked once against fp32 F.linear on the pruned
 wiring check: the kernels' accuracy is tests/test_sparse.py's job).
 
 Prints the table, the crossover sparsity (per layer, M and variant of ours: the lowest measured
-unstructured sparsity at which it beats the faster dense) and the issue's CPU targets at M = 1.
+unstructured sparsity at which it beats the faster dense) and the issue's targets: on the CPU
+at M = 1, on a GPU the 2:4 target above.
 Writes sparse_<device>.csv and .png under benchmarks/results/<device>/ (sparse_<device>_quick.*
 with --quick).
 """
@@ -95,6 +97,7 @@ MAX_REL_ERR = 3e-2
 TARGET_M = 1
 SPEEDUP_TARGETS = (("2:4", 3.0), ("90%", 8.0))
 CSR_TARGET = ("90%", 5.0)
+GPU_TARGET = ("8192x8192", 1024, 1.2)  # layer, from this M up, 2:4 over dense fp16
 FLOOR_TARGET = 75.0  # % of the memory floor
 # What a baseline may raise for a case it does not take (shape or dtype limits, a missing
 # backend): the row is reported as not run.
@@ -248,6 +251,7 @@ GPU_IMPLS = (
     *(_semi_structured(b, d) for b in ("cusparselt", "cutlass") for d in (_F16, _BF16)),
     *(_semi_structured("cusparselt", d, graphed=True) for d in (_F16, _BF16)),
     *(_ours(fmt, d, d) for d in (_F16, _BF16) for fmt in ("bitmask", "csr", "2:4")),
+    _ours("2:4", torch.int8, _F16),
 )
 
 
@@ -544,9 +548,22 @@ def targets(rows: list[dict]) -> list[str]:
 
 
 def gpu_targets(rows: list[dict]) -> list[str]:
-    """No GPU targets are set yet: torch's 2:4 against cuBLAS for reference, eager against the
-    faster eager dense and graph-replayed against the faster graph-replayed dense."""
-    lines = ["none set on the GPU yet; torch's 2:4 over cuBLAS (the faster of fp16 and bf16):"]
+    """The issue's GPU target (ours on 2:4, eager, over eager dense fp16 on GPU_TARGET's layer
+    from its M up), then torch's 2:4 against cuBLAS for reference: eager against the faster eager
+    dense and graph-replayed against the faster graph-replayed dense."""
+    layer, min_m, want = GPU_TARGET
+    lines = [f"2:4 >= {want:g}x dense fp16 on {layer} at M >= {min_m} (eager):"]
+    for m in sorted({r["M"] for r in rows if r["layer"] == layer and r["M"] >= min_m}):
+        here = [r for r in rows if r["layer"] == layer and r["M"] == m]
+        ours = [r for r in here if _is_ours(r) and r["pattern"] == "2:4"]
+        dense = [r for r in here if r["impl"] == "dense-fp16"]
+        if ours and dense:
+            best = min(ours, key=lambda r: r["time_ms"])
+            ratio = dense[0]["time_ms"] / best["time_ms"]
+            lines.append(f"  M={m}: {ratio:.2f}x ({best['impl']}): {_verdict(ratio >= want)}")
+    if len(lines) == 1:
+        lines.append("  not measured")
+    lines.append("torch's 2:4 over cuBLAS (the faster of fp16 and bf16):")
     for layer in dict.fromkeys(r["layer"] for r in rows):
         for m in dict.fromkeys(r["M"] for r in rows):
             here = [r for r in rows if r["layer"] == layer and r["M"] == m]

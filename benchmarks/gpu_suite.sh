@@ -7,13 +7,13 @@
 #   bash benchmarks/gpu_suite.sh OUT_DIR [STAGE ...]
 #
 # Stages (default: all, in this order): build tests-gpu bench-gpu bench-gpu-int4
-# bench-gpu-attention bench-cpu tests-all.
+# bench-gpu-attention bench-gpu-sparse bench-cpu tests-all.
 # A prebuilt extension (python/torchslim/_C.cpython-*.so built with CUDA for this Python) is
 # reused when SKIP_BUILD=1; the build copies the one it makes to OUT_DIR for that purpose.
 set -uo pipefail
 out=$(realpath -m "${1:?usage: gpu_suite.sh OUT_DIR [STAGE ...]}")
 shift
-stages=${*:-build tests-gpu bench-gpu bench-gpu-int4 bench-gpu-attention bench-cpu tests-all}
+stages=${*:-build tests-gpu bench-gpu bench-gpu-int4 bench-gpu-attention bench-gpu-sparse bench-cpu tests-all}
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-$(nproc)}
@@ -63,7 +63,7 @@ for stage in $stages; do
         -n "${TEST_WORKERS:-8}" tests/test_int8.py tests/test_triton_quant_matmul.py \
         tests/test_int4_tc.py tests/test_triton_int4.py tests/test_int4.py \
         tests/test_nn.py tests/test_compile.py tests/test_triton_attention.py \
-        tests/test_attention.py || status=1
+        tests/test_attention.py tests/test_triton_sparse.py || status=1
       ;;
     bench-gpu)
       run_stage bench-gpu "${BENCH_GPU_LIMIT:-300}" python benchmarks/bench_quant.py --device cuda \
@@ -76,6 +76,10 @@ for stage in $stages; do
     bench-gpu-attention)
       run_stage bench-gpu-attention "${BENCH_GPU_LIMIT:-300}" python benchmarks/bench_attention.py \
         --device cuda --out "$out" --no-plot ${BENCH_GPU_ATTENTION_ARGS:-} || status=1
+      ;;
+    bench-gpu-sparse)
+      run_stage bench-gpu-sparse "${BENCH_GPU_LIMIT:-300}" python benchmarks/bench_sparse.py \
+        --device cuda --out "$out" --no-plot ${BENCH_GPU_SPARSE_ARGS:-} || status=1
       ;;
     bench-cpu)
       run_stage bench-cpu "${BENCH_CPU_LIMIT:-200}" python benchmarks/bench_quant.py --device cpu \

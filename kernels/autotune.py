@@ -23,6 +23,10 @@ Tables (each a list of ``triton.Config``; kwargs BLOCK_M, BLOCK_N, BLOCK_K, GROU
     W4A16_TILED_CONFIGS     fp16/bf16/fp32 x packed int4 weights, M > DECODE_MAX_M.
     W4A16_DECODE_CONFIGS    the same kernel for M <= DECODE_MAX_M, split-K. The W4A16 prune
                             also cuts BLOCK_K to a divisor of the group size.
+    SP24_TILED_CONFIGS      fp16/bf16/fp32 x 2:4 sparse weights expanded in registers, M >
+                            DECODE_MAX_M; SP24_DECODE_CONFIGS the same for M <= DECODE_MAX_M,
+                            split-K. A weight tile expanded before tl.dot, as W4A16 dequantizes
+                            one: the W4A16 tables, with the shared GEMM prune.
 
 The attention kernels have their own key, prune and tables (ATTN_*_CONFIGS, one list per
 head-dim class), described in the comment above those tables.
@@ -161,12 +165,16 @@ GPU_TABLES = {
     "w8a16_decode": _W8A16_DECODE_GPU,
     "w4a16_tiled": _W4A16_TILED_GPU,
     "w4a16_decode": _W4A16_DECODE_GPU,
+    "sp24_tiled": _W4A16_TILED_GPU,
+    "sp24_decode": _W4A16_DECODE_GPU,
 }
 INT8_GEMM_CONFIGS = _for_backend(_INT8_GEMM_GPU, 5, _cfg(32, 32, 64, 2, 4, 1))
 W8A16_TILED_CONFIGS = _for_backend(_W8A16_TILED_GPU, 4, _cfg(32, 32, 64, 2, 4, 1))
 W8A16_DECODE_CONFIGS = _for_backend(_W8A16_DECODE_GPU, 5, _cfg(16, 32, 32, 1, 4, 1, 2))
 W4A16_TILED_CONFIGS = _for_backend(_W4A16_TILED_GPU, 5, _cfg(32, 32, 64, 2, 4, 1))
 W4A16_DECODE_CONFIGS = _for_backend(_W4A16_DECODE_GPU, 4, _cfg(16, 32, 32, 1, 4, 1, 2))
+SP24_TILED_CONFIGS = _for_backend(_W4A16_TILED_GPU, 5, _cfg(32, 32, 64, 2, 4, 1))
+SP24_DECODE_CONFIGS = _for_backend(_W4A16_DECODE_GPU, 4, _cfg(16, 32, 32, 1, 4, 1, 2))
 
 # Per-token quantization: a (BLOCK_M, BLOCK_K) tile of about _QUANTIZE_TILE elements per step,
 # whole rows of up to BLOCK_K columns; long rows take one program each. Under the interpreter

@@ -56,6 +56,20 @@ def seeded(*key) -> torch.Generator:
     return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
 
 
+def dense_from_24(values: torch.Tensor, meta: torch.Tensor, k: int) -> torch.Tensor:
+    """The 2:4 layout decoded one value at a time, in float64: value 2 g + t of a row sits in
+    column 4 g + its 2-bit index (bits 4 (g % 2) + 2 t of meta byte g // 2); two values that
+    name one column add up."""
+    n, kept = values.shape
+    dense = torch.zeros(n, kept * 2, dtype=torch.float64)
+    for row in range(n):
+        for j in range(kept):
+            g, t = divmod(j, 2)
+            index = int(meta[row, g // 2]) >> (4 * (g % 2) + 2 * t) & 3
+            dense[row, 4 * g + index] += float(values[row, j])
+    return dense[:, :k]
+
+
 @contextlib.contextmanager
 def run_on(backend: str):
     """Forces ``backend`` ("cpu-<isa>", "triton", "cuda") with strict mode: no silent fallback."""

@@ -145,6 +145,36 @@ def test_sparse_targets_and_crossover_are_read_from_the_rows():
     assert cross[(16, "torchslim-bf16")]["75%"] == "-"
 
 
+def test_sparse_gpu_target_is_ours_over_dense_fp16_from_m_1024():
+    from torchslim.benchmarks import bench_sparse
+
+    def row(m, impl, ms, pattern="2:4", layer="8192x8192"):
+        fmt = "dense" if impl.startswith("dense") else "2:4"
+        return {"layer": layer, "M": m, "pattern": pattern, "impl": impl, "format": fmt,
+                "time_ms": ms, "pct_floor": 50.0}  # fmt: skip
+
+    rows = [
+        row(1024, "dense-fp16", 1.2, "dense"),
+        row(1024, "dense-bf16", 0.6, "dense"),  # not the target's baseline
+        row(1024, "torchslim-2:4-fp16", 1.1),
+        row(1024, "torchslim-2:4-int8-fp16x", 0.9),
+        row(1024, "torch-2:4-cusparselt-fp16", 0.5),  # torch's, not ours
+        row(128, "dense-fp16", 1.0, "dense"),  # below the target's M
+        row(128, "torchslim-2:4-fp16", 0.1),
+        row(1024, "dense-fp16", 1.0, "dense", layer="4096x4096"),  # another layer
+        row(1024, "torchslim-2:4-fp16", 0.1, layer="4096x4096"),
+    ]
+    lines = bench_sparse.gpu_targets(rows)
+    assert lines[:2] == [
+        "2:4 >= 1.2x dense fp16 on 8192x8192 at M >= 1024 (eager):",
+        "  M=1024: 1.33x (torchslim-2:4-int8-fp16x): met",
+    ]
+    rows[3]["time_ms"] = 1.05
+    assert (
+        bench_sparse.gpu_targets(rows)[1] == "  M=1024: 1.14x (torchslim-2:4-int8-fp16x): NOT met"
+    )
+
+
 def test_sparse_gpu_lines_compare_eager_with_eager_and_graph_with_graph():
     from torchslim.benchmarks import bench_sparse
 
@@ -165,7 +195,12 @@ def test_sparse_gpu_lines_compare_eager_with_eager_and_graph_with_graph():
             "time_ms": 0.04,
         },
     ]
-    (line,) = bench_sparse.gpu_targets(rows)[1:]
+    lines = bench_sparse.gpu_targets(rows)
+    assert lines[:2] == [
+        "2:4 >= 1.2x dense fp16 on 8192x8192 at M >= 1024 (eager):",
+        "  not measured",
+    ]
+    (line,) = lines[3:]
     assert line == (
         "8192x8192 M=16: eager 0.05x dense-fp16 (torch-2:4-cusparselt-fp16, 40% of its memory "
         "floor); graph 1.25x dense-bf16-graph (torch-2:4-cutlass-fp16-graph, 40% of its memory "

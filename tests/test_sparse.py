@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import KERNEL_BACKENDS, run_on, seeded
+from conftest import KERNEL_BACKENDS, dense_from_24, run_on, seeded
 
 import torchslim
 from torchslim import ops
@@ -434,6 +434,25 @@ def test_bitmask_bits_past_k_are_ignored(backend, m):
         out = ops.sparse_bitmask_linear(x, vals, padded, offsets)
     ref64 = ref.sparse_bitmask_linear(x, vals, mask, offsets, compute_dtype=torch.float64)
     check_close(out, ref64, ref.sparse_bitmask_linear(x, vals, mask, offsets))
+
+
+@pytest.mark.parametrize("backend", SPARSE_BACKENDS)
+@pytest.mark.parametrize("m", [1, 3, 20, 64])  # the dot kernel; the SpMM; in slices
+def test_24_indices_that_agree_add_up(backend, m):
+    """Meta that names one column twice in a group (compress_24 never writes it): both values
+    meet x there, in the reference and every kernel. K = 38: the last group's columns 38, 39
+    are past K and hold no weight."""
+    g = seeded("24-same-column", backend, m)
+    n, k = 6, 38
+    values = torch.randn(n, 2 * -(-k // 4), generator=g)
+    meta = torch.randint(0, 256, (n, -(-k // 8)), generator=g, dtype=torch.uint8)
+    meta[:, 0] = 0b0101_0000  # group 0: indices 0, 0; group 1: indices 0, 1
+    dense = dense_from_24(values, meta, k)
+    assert torch.equal(ref.decompress_24(values, meta, k, dtype=torch.float64), dense)
+    x = nan_padded(torch.randn(m, k, generator=g))  # a read past K meets NaN
+    with run_on(backend):
+        out = ops.sparse24_linear(x, values, meta)
+    check_close(out, x.double() @ dense.T, ref.sparse24_linear(x, values, meta))
 
 
 @pytest.mark.skipif(not CPU_BACKENDS, reason="no torchslim CPU extension")

@@ -27,7 +27,9 @@ halve the bytes a decode step reads), or int8 codes, which need ``scales``: row 
 is its codes times scales[n]. The ops check shapes, dtypes and devices; the bitmask kernels also
 check that row_offsets agrees with the mask, and the csr kernels that every column is below K,
 as they read them (a ValueError, never a read out of bounds). Backends: the CPU kernel
-(fp32/bf16 activations: csrc/cpu/sparse_gemm.h); anything else runs the reference.
+(fp32/bf16 activations: csrc/cpu/sparse_gemm.h); for sparse24_linear also the Triton kernel (CUDA
+tensors, fp32/bf16/fp16 activations: kernels/sparse_matmul.py, the weight tile expanded in
+registers); anything else runs the reference.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ from torchslim.ops.int8 import (
     _require_tensors,
     _rows,
     _supports_floats,
+    _triton_available,
+    _triton_float_devices,
     _unit_last_stride,
 )
 
@@ -146,11 +150,19 @@ def _check_csr(x, values, columns, bases, group_offsets, bias, scales) -> None:
     )
 
 
-def _backends(name: str, reference) -> OpBackends:
-    backends = OpBackends(name=name, reference=reference, preference={"cpu": ("cpu",)})
+def _triton_supports(x, *_args) -> str | None:
+    return _supports_floats(_triton_float_devices())(x)
+
+
+def _backends(name: str, reference, triton_fn=None) -> OpBackends:
+    """The CPU kernel from _C, and a Triton kernel for CUDA tensors where there is one."""
+    preference = {"cpu": ("cpu",), **({"cuda": ("triton",)} if triton_fn else {})}
+    backends = OpBackends(name=name, reference=reference, preference=preference)
     available, fn = extension_kernel(f"{name}_cpu", _ext.cpu_available)
     supports = _supports_floats({"cpu": (torch.float32, torch.bfloat16)})
     backends.register(Kernel("cpu", fn, available, supports))
+    if triton_fn is not None:
+        backends.register(Kernel("triton", triton_fn, _triton_available, _triton_supports))
     return backends
 
 
@@ -159,7 +171,13 @@ def _vector(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 # --------------------------------------------------------------------------- 2:4
-_SPARSE24 = _backends("sparse24_linear", ref.sparse24_linear)
+def _sparse24_triton(*args):
+    from torchslim.kernels import sparse_matmul
+
+    return sparse_matmul.sparse24_linear(*args)
+
+
+_SPARSE24 = _backends("sparse24_linear", ref.sparse24_linear, _sparse24_triton)
 
 
 def _sparse24_impl(x, values, meta, bias=None, scales=None):

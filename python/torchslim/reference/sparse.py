@@ -105,14 +105,16 @@ def meta_indices(meta: torch.Tensor, groups: int) -> torch.Tensor:
 def decompress_24(
     values: torch.Tensor, meta: torch.Tensor, k: int, dtype: torch.dtype | None = None
 ) -> torch.Tensor:
-    """(values (N, 2G), meta) -> the dense (N, K) weight (in ``dtype``, default the values')."""
+    """(values (N, 2G), meta) -> the dense (N, K) weight (in ``dtype``, default the values').
+    Two values of a group that name one column add up there, as they do in the kernels (each
+    kept value meets x at its column); compress_24 never writes such meta."""
     n, kept = values.shape
     groups = kept // KEPT
     column = meta_indices(meta, groups) + GROUP * torch.arange(
         groups, device=values.device
     ).repeat_interleave(KEPT)
     dense = values.new_zeros((n, groups * GROUP), dtype=dtype or values.dtype)
-    dense.scatter_(1, column, values.to(dense.dtype))
+    dense.scatter_add_(1, column, values.to(dense.dtype))
     return dense[:, :k]
 
 
