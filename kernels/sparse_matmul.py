@@ -1,4 +1,6 @@
-"""Linear on 2:4 sparse weights in Triton: the compressed weight expanded in registers.
+"""Linear on sparse weights in Triton: 2:4 expanded in registers, and block-sparse.
+
+2:4
 
 The format and the math (the specification is :mod:`torchslim.reference.sparse`), for x: (M, K)
 and a weight (N, K) with at most 2 nonzeros in each group of 4 columns, stored as
@@ -21,7 +23,15 @@ work the dense GEMM does not do, and sparse tensor cores (mma.sp) are the way to
 int8 values are codes: they meet x exactly (|code| <= 127 fits fp16 and bf16), and each output
 column is multiplied by scales[n] in fp32 after the K loop.
 
+Block-sparse (the block format of :mod:`torchslim.reference.sparse`: whole R x C blocks,
+values (B, R, C), col_blocks (B,) int32, row_offsets (ceil(N / R) + 1,) int64): one program per
+block row and tile of BLOCK_M rows of x walks only that row's stored blocks, a tl.dot per block
+against the x columns it covers; empty blocks cost nothing. Blocks of at least 16 x 16 fill the
+tensor cores; smaller blocks (1 x 16, 4 x 4) are padded to 16 in registers, so they save the
+bytes but not the arithmetic.
+
 Kernels:
+    _block_kernel       C = A @ W^T (* scales) (+ bias), W block-sparse; BLOCK_M by the size of M
     _sp24_kernel        C = A @ expand(values, meta)^T (* scales) (+ bias). Two autotuned entry
                         points share it, as in int4_matmul:
         _sp24_tiled         M > DECODE_MAX_M (SP24_TILED_CONFIGS)
@@ -47,13 +57,14 @@ from ._common import (
 )
 from .autotune import (
     DECODE_MAX_M,
+    INTERPRET,
     SP24_DECODE_CONFIGS,
     SP24_TILED_CONFIGS,
     autotune_gemm,
     m_bucket,
 )
 
-__all__ = ["sparse24_linear"]
+__all__ = ["sparse24_linear", "sparse_block_linear"]
 
 VALUE_DTYPES = (*FLOAT_DTYPES, torch.int8)
 
@@ -245,3 +256,140 @@ def sparse24_linear(
             DOT_PRECISION=precision,
         )  # fmt: skip
     return out.to(x.dtype)
+
+
+@triton.jit
+def _block_kernel(
+    a_ptr,  # A: (M, K) fp32/fp16/bf16; strides (stride_am, stride_ak)
+    v_ptr,  # values: (B, R, C) float or int8, contiguous
+    col_ptr,  # col_blocks: (B,) int32
+    off_ptr,  # row_offsets: (ceil(N / R) + 1,) int64
+    c_ptr,  # C: (M, N) x.dtype
+    scales_ptr,  # (N,) fp32 (HAS_SCALES)
+    bias_ptr,  # (N,) any float dtype (HAS_BIAS)
+    M,
+    N,
+    K,
+    R,
+    C,
+    stride_am,
+    stride_ak,
+    stride_cm,
+    stride_cn,
+    HAS_SCALES: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,  # R padded to a power of two >= 16
+    BLOCK_C: tl.constexpr,  # C padded to a power of two >= 16
+):
+    pid_m = tl.program_id(0)
+    block_row = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_i = tl.arange(0, BLOCK_R)
+    offs_j = tl.arange(0, BLOCK_C)
+    in_m = offs_m < M
+    in_c = offs_j < C
+    a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am
+    w_tile = offs_i[:, None] * C + offs_j[None, :]  # within a (R, C) block
+    in_block = (offs_i < R)[:, None] & in_c[None, :]
+    first = tl.load(off_ptr + block_row)
+    last = tl.load(off_ptr + block_row + 1)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for b in range(first, last):
+        col = tl.load(col_ptr + b).to(tl.int64) * C + offs_j  # the block's columns of x
+        in_k = in_c & (col >= 0) & (col < K)
+        a = tl.load(
+            a_rows + col[None, :] * stride_ak, mask=in_m[:, None] & in_k[None, :], other=0.0
+        )
+        w = tl.load(v_ptr + b * R * C + w_tile, mask=in_block, other=0)  # b: int64, as the offsets
+        acc = tl.dot(a, tl.trans(w.to(a.dtype)), acc, input_precision=DOT_PRECISION)
+
+    offs_n = block_row * R + offs_i
+    out = acc
+    if HAS_SCALES:
+        out = out * tl.load(scales_ptr + offs_n, mask=offs_n < N, other=0.0)[None, :]
+    if HAS_BIAS:
+        out = add_bias(out, bias_ptr, offs_n, N, 0, 1)
+    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    c_mask = in_m[:, None] & ((offs_i < R) & (offs_n < N))[None, :]
+    tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
+def _check_block(x, values, col_blocks, row_offsets, n, bias, scales) -> None:
+    check_tensor("x", x, FLOAT_DTYPES, (None, None), "(M, K)")
+    check_tensor("values", values, VALUE_DTYPES, (None, None, None), "(B, R, C)")
+    blocks, rows, cols = values.shape
+    if rows < 1 or cols < 1:
+        raise ValueError(f"values must be (B, R, C) with R, C >= 1, got {tuple(values.shape)}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be an int >= 0 (the output features), got {n!r}")
+    check_tensor("col_blocks", col_blocks, (torch.int32,), (blocks,), "(B,)",
+                 " to match values' B")  # fmt: skip
+    check_tensor("row_offsets", row_offsets, (torch.int64,), (-(-n // rows) + 1,),
+                 "(ceil(N / R) + 1,)", f" for N = {n} and R = {rows}")  # fmt: skip
+    if scales is not None:
+        check_tensor("scales", scales, (torch.float32,), (n,), "(N,)", " to match n")
+    elif values.dtype == torch.int8:
+        raise ValueError("int8 values need scales (N,) float32, got scales=None")
+    if bias is not None:
+        check_tensor("bias", bias, None, (n,), "(N,)", " to match n")
+    check_same_device(x=x, values=values, col_blocks=col_blocks, row_offsets=row_offsets,
+                      bias=bias, scales=scales)  # fmt: skip
+
+
+def sparse_block_linear(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    col_blocks: torch.Tensor,
+    row_offsets: torch.Tensor,
+    n: int,
+    bias: torch.Tensor | None = None,
+    scales: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """out = x @ (decompress_block(values, col_blocks, row_offsets, n, K) * scales[:, None]).T
+    + bias, visiting only the stored blocks.
+
+    The block format's contents (offsets within the blocks, columns of blocks inside K) are
+    the caller's to check (torchslim.reference.sparse.check_block; the op does): a column of
+    blocks past K reads no x (it is masked) but would be silently dropped.
+
+    Args:
+        x: (M, K) fp32/fp16/bf16, any strides.
+        values: (B, R, C) fp32/fp16/bf16, or int8 codes (then ``scales`` is needed).
+        col_blocks: (B,) int32. row_offsets: (ceil(N / R) + 1,) int64. n: N.
+        bias: (N,) any float dtype, or None. scales: (N,) fp32, or None.
+
+    Returns:
+        out: (M, N) in x.dtype, row-major.
+    """
+    _check_block(x, values, col_blocks, row_offsets, n, bias, scales)
+    M, K = x.shape
+    _, R, C = values.shape
+    out = torch.empty((M, n), dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
+        return out
+    values = values.contiguous()
+    col_blocks, row_offsets = col_blocks.contiguous(), row_offsets.contiguous()
+    scales = None if scales is None else scales.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    precision = "tf32"
+    if x.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        precision = "ieee"
+    block_m = 16 if M <= DECODE_MAX_M or INTERPRET else 64
+    grid = (triton.cdiv(M, block_m), row_offsets.numel() - 1)
+    with device_guard(x):
+        _block_kernel[grid](
+            x, values, col_blocks, row_offsets, out,
+            scales if scales is not None else out, bias if bias is not None else out,
+            M, n, K, R, C,
+            x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+            HAS_SCALES=scales is not None,
+            HAS_BIAS=bias is not None,
+            DOT_PRECISION=precision,
+            BLOCK_M=block_m,
+            BLOCK_R=max(16, triton.next_power_of_2(R)),
+            BLOCK_C=max(16, triton.next_power_of_2(C)),
+        )  # fmt: skip
+    return out

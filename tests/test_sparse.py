@@ -10,7 +10,14 @@ import torchslim
 from torchslim import ops
 from torchslim import reference as ref
 from torchslim.quant.int8 import quantize_weight_per_channel
-from torchslim.sparse import compress_24, compress_bitmask, compress_csr, format_bytes, prune_
+from torchslim.sparse import (
+    compress_24,
+    compress_bitmask,
+    compress_block,
+    compress_csr,
+    format_bytes,
+    prune_,
+)
 from torchslim.testing import M_QUICK, check_close, nan_padded
 
 CPU_BACKENDS = [b for b in KERNEL_BACKENDS if b.startswith("cpu")]
@@ -115,6 +122,60 @@ def test_csr_layout_by_hand():
     assert values[1:, 2:].abs().sum() == 0 and values[2:, 1:].abs().sum() == 0
     with pytest.raises(ValueError, match="K <= 262144"):
         compress_csr(torch.ones(1, 262145))
+
+
+# (N, K, block): blocks that divide neither N nor K (cut-off edge blocks), 1 x 16 rows, a block
+# taller than N, one wider than K.
+BLOCK_CASES = ((10, 37, (4, 4)), (33, 64, (16, 16)), (5, 40, (1, 16)), (17, 30, (2, 8)),
+               (3, 50, (8, 4)), (6, 9, (2, 16)))  # fmt: skip
+
+
+def _weight_block(n: int, k: int, block: tuple[int, int], g: torch.Generator) -> torch.Tensor:
+    w = torch.randn(n, k, generator=g)
+    return prune_(w, block, sparsity=0.5, progress=False)
+
+
+@pytest.mark.parametrize(("n", "k", "block"), BLOCK_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_round_trip_is_exact(n, k, block, dtype):
+    w = _weight_block(n, k, block, seeded("block", n, k, block)).to(dtype)
+    values, col_blocks, row_offsets = compress_block(w, block)
+    rows, cols = block
+    tiles = torch.nn.functional.pad(w, (0, -k % cols, 0, -n % rows))
+    tiles = tiles.reshape(-(-n // rows), rows, -(-k // cols), cols).transpose(1, 2)
+    kept = (tiles != 0).flatten(2).any(2)
+    assert values.shape == (int(kept.sum()), rows, cols) and values.dtype == dtype
+    assert col_blocks.dtype == torch.int32 and row_offsets.tolist() == [
+        0,
+        *kept.sum(1).cumsum(0).tolist(),
+    ]
+    assert torch.equal(ref.decompress_block(values, col_blocks, row_offsets, n, k), w)
+    assert torch.equal(values, tiles[kept])  # block rows in order, columns in order
+
+
+def test_block_layout_by_hand():
+    # 2 x 2 blocks of a 3 x 5 weight: block row 0 keeps block columns 0 and 2 (the cut-off
+    # column 4), block row 1 (the cut-off row 2) keeps block column 1
+    w = torch.tensor(
+        [[1.0, 0.0, 0.0, 0.0, 2.0], [0.0, 3.0, 0.0, 0.0, 0.0], [0.0, 0.0, 4.0, 0.0, 0.0]]
+    )
+    values, col_blocks, row_offsets = compress_block(w, "2x2")
+    assert values.tolist() == [
+        [[1.0, 0.0], [0.0, 3.0]],
+        [[2.0, 0.0], [0.0, 0.0]],
+        [[4.0, 0.0], [0.0, 0.0]],
+    ]
+    assert col_blocks.tolist() == [0, 2, 1] and row_offsets.tolist() == [0, 2, 3]
+
+
+def test_compress_block_takes_only_blocks():
+    w = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="block must be 'RxC'"):
+        compress_block(w, "2:4")
+    with pytest.raises(ValueError, match="R, C >= 1"):
+        compress_block(w, (0, 4))
+    with pytest.raises(TypeError, match=r"dtype=torch\.int8 would truncate"):
+        compress_block(w, "2x2", torch.int8)
 
 
 def test_format_bytes_match_the_tensors():
@@ -297,6 +358,52 @@ def test_values_in_another_dtype_than_x(backend):
             check_close(out, ref64, ref.sparse_csr_linear(rows, *parts))
 
 
+@pytest.mark.parametrize(("n", "k", "block"), BLOCK_CASES)
+def test_block_linear_matches_reference(n, k, block, poisoned_empty):
+    """On the CPU the op runs the reference (no CPU kernel yet): this pins its plumbing (leading
+    dims, bias, int8 values with scales) against the dense float64 product."""
+    g = seeded("op-block", n, k, block)
+    w = _weight_block(n, k, block, g)
+    bias = torch.randn(n, generator=g)
+    codes, scales = quantize_weight_per_channel(w)
+    for m in (1, 7):
+        x = torch.randn(2, m, k, generator=g)
+        out = ops.sparse_block_linear(x, *compress_block(w, block), n, bias)
+        check_close(out, x.double() @ w.double().T + bias.double(), x @ w.T + bias)
+        out8 = ops.sparse_block_linear(x, *compress_block(codes, block), n, None, scales)
+        w8 = codes.double() * scales.double()[:, None]
+        check_close(out8, x.double() @ w8.T, x @ w8.float().T)
+
+
+def test_block_contents_are_checked():
+    g = seeded("block-bad")
+    x = torch.randn(2, 20, generator=g)
+    values, col_blocks, row_offsets = compress_block(_weight_block(8, 20, (4, 4), g), "4x4")
+    f = ops.sparse_block_linear
+    with pytest.raises(ValueError, match=r"col_blocks\[\d+\] = 5 points past K = 20"):
+        f(x, values, torch.full_like(col_blocks, 5), row_offsets, 8)
+    with pytest.raises(ValueError, match=r"col_blocks.* points past K"):
+        f(x, values, torch.full_like(col_blocks, -1), row_offsets, 8)
+    with pytest.raises(ValueError, match="row_offsets must be non-decreasing"):
+        f(x, values, col_blocks, torch.tensor([0, values.shape[0] + 1, values.shape[0]]), 8)
+    with pytest.raises(ValueError, match="row_offsets must start at 0"):
+        f(x, values, col_blocks, row_offsets + 1, 8)
+    with pytest.raises(
+        ValueError, match=r"row_offsets must have shape \(ceil\(N / R\) \+ 1,\) = \(4,\)"
+    ):
+        f(x, values, col_blocks, row_offsets, 9)
+    with pytest.raises(TypeError, match="col_blocks must be int32"):
+        f(x, values, col_blocks.long(), row_offsets, 8)
+    with pytest.raises(ValueError, match=r"values must have shape \(B, R, C\)"):
+        f(x, values[:, 0], col_blocks, row_offsets, 8)
+    with pytest.raises(ValueError, match="n must be an int >= 0"):
+        f(x, values, col_blocks, row_offsets, -1)
+    with pytest.raises(TypeError, match="n must be an int"):
+        f(x, values, col_blocks, row_offsets, 8.0)
+    with pytest.raises(ValueError, match="int8 values need scales"):
+        f(x, values.to(torch.int8), col_blocks, row_offsets, 8)
+
+
 def test_ops_pass_opcheck():
     g = seeded("opcheck")
     w = _weight_unstructured(9, 40, 0.75, g)
@@ -313,6 +420,8 @@ def test_ops_pass_opcheck():
     torch.library.opcheck(
         torch.ops.torchslim.sparse24_linear, (x, *compress_24(codes), None, scales)
     )
+    block = compress_block(_weight_block(9, 40, (4, 8), g), "4x8")
+    torch.library.opcheck(torch.ops.torchslim.sparse_block_linear, (x, *block, 9, bias))
 
 
 def test_ops_compile_without_graph_breaks():
@@ -323,6 +432,7 @@ def test_ops_compile_without_graph_breaks():
 
     codes, scales = quantize_weight_per_channel(w)
     csr8 = compress_csr(codes)
+    block = compress_block(_weight_block(16, 64, (4, 16), g), "4x16")
 
     def f(x):
         return (
@@ -330,6 +440,7 @@ def test_ops_compile_without_graph_breaks():
             + ops.sparse_bitmask_linear(x, *parts)
             + ops.sparse_csr_linear(x, *csr)
             + ops.sparse_csr_linear(x, *csr8, None, scales)
+            + ops.sparse_block_linear(x, *block, 16)
         )
 
     x = torch.randn(4, 64, generator=g)

@@ -1,4 +1,5 @@
-"""Triton 2:4 sparse linear (kernels/sparse_matmul.py) against torchslim.reference.sparse.
+"""Triton sparse linear (kernels/sparse_matmul.py: 2:4 and block-sparse) against
+torchslim.reference.sparse.
 
 Where there is no GPU, runs the kernel under the Triton interpreter on CPU tensors
 (TRITON_INTERPRET=1, set by conftest.py before triton is imported; fp16 and fp32 activations
@@ -15,7 +16,7 @@ import torchslim
 from torchslim import ops
 from torchslim.quant.int8 import quantize_weight_per_channel
 from torchslim.reference import sparse as ref
-from torchslim.sparse import compress_24, prune_
+from torchslim.sparse import compress_24, compress_block, prune_
 from torchslim.testing import check_close
 
 autotune, sm = triton_kernel_modules("sparse_matmul")
@@ -150,6 +151,89 @@ def test_the_op_runs_it():
         out = ops.sparse24_linear(x, values, meta, None, scales)
     assert out.shape == (2, 5, 32)
     _check(out.reshape(10, 32), x.reshape(10, 96), values, meta, None, scales)
+
+
+# --------------------------------------------------------------------------- block-sparse
+# (N, K, block): cut-off edge blocks, blocks of 16 x 16 and 32 x 64 (tensor-core sized), 1 x 16
+# and 4 x 4 (padded to 16 in registers), a block taller than N.
+BLOCK_CASES = [(10, 37, (4, 4)), (33, 64, (16, 16)), (40, 200, (32, 64)), (5, 40, (1, 16)),
+               (3, 50, (8, 4))]  # fmt: skip
+
+
+def _block_operands(w, block, value_dtype):
+    if value_dtype == torch.int8:
+        codes, scales = quantize_weight_per_channel(w)
+        parts = compress_block(codes, block)
+        return tuple(t.to(DEVICE) for t in parts), scales.to(DEVICE)
+    return tuple(t.to(DEVICE) for t in compress_block(w, block, value_dtype)), None
+
+
+def _check_block(out, x, parts, n, bias, scales):
+    assert out.shape == (x.shape[0], n) and out.dtype == x.dtype
+    args = (*parts, n, bias, scales)
+    ref64 = ref.sparse_block_linear(x.double(), *args, compute_dtype=torch.float64)
+    check_close(out, ref64, ref.sparse_block_linear(x, *args))
+
+
+@pytest.mark.parametrize(("N", "K", "block"), BLOCK_CASES)
+@pytest.mark.parametrize("M", [0, 1, 17, 33])
+def test_block_against_reference(M, N, K, block, poisoned_empty):
+    g = seeded("block-triton", M, N, K, block)
+    w = prune_(torch.randn(N, K, generator=g) / K**0.5, block, sparsity=0.6, progress=False)
+    for i, value_dtype in enumerate(VALUE_DTYPES):
+        dtype = X_DTYPES[(M + i) % len(X_DTYPES)]
+        parts, scales = _block_operands(w, block, value_dtype)
+        x = torch.randn(M, K, generator=g).to(DEVICE, dtype)
+        bias = torch.randn(N, generator=g).to(DEVICE, dtype) if (M + i) % 2 else None
+        out = sm.sparse_block_linear(x, *parts, N, bias, scales)
+        _check_block(out, x, parts, N, bias, scales)
+
+
+def test_block_empty_rows_and_strided_x(poisoned_empty):
+    """A block row with no blocks gives the bias alone; x column-major."""
+    g = seeded("block-empty")
+    N, K, block = 48, 64, (16, 16)
+    w = prune_(torch.randn(N, K, generator=g), block, sparsity=0.5, progress=False)
+    w[16:32] = 0  # block row 1 stores nothing
+    parts, _ = _block_operands(w, block, torch.float32)
+    assert int(parts[2][2] - parts[2][1]) == 0
+    x = torch.randn(5, K, generator=g).to(DEVICE)
+    bias = torch.randn(N, generator=g).to(DEVICE)
+    out = sm.sparse_block_linear(x.t().contiguous().t(), *parts, N, bias)
+    _check_block(out, x, parts, N, bias, None)
+    assert torch.equal(out[:, 16:32], bias[16:32].expand(5, 16))
+
+
+def test_block_rejects_bad_input():
+    x = torch.randn(2, 32, device=DEVICE)
+    v = torch.zeros(3, 4, 8, device=DEVICE)
+    c = torch.zeros(3, dtype=torch.int32, device=DEVICE)
+    o = torch.tensor([0, 1, 3], device=DEVICE)
+    f = sm.sparse_block_linear
+    with pytest.raises(ValueError, match=r"values must be 3-D \(B, R, C\)"):
+        f(x, v[0], c, o, 8)
+    with pytest.raises(TypeError, match="col_blocks must be int32"):
+        f(x, v, c.long(), o, 8)
+    with pytest.raises(ValueError, match=r"col_blocks must be \(B,\) = \(3,\)"):
+        f(x, v, c[:2], o, 8)
+    with pytest.raises(ValueError, match=r"row_offsets must be \(ceil\(N / R\) \+ 1,\) = \(4,\)"):
+        f(x, v, c, o, 9)
+    with pytest.raises(ValueError, match="n must be an int >= 0"):
+        f(x, v, c, o, -2)
+    with pytest.raises(ValueError, match="int8 values need scales"):
+        f(x, v.to(torch.int8), c, o, 8)
+
+
+def test_the_block_op_runs_it():
+    g = seeded("block-op")
+    w = prune_(torch.randn(32, 96, generator=g), "16x16", sparsity=0.5, progress=False)
+    parts, scales = _block_operands(w, (16, 16), torch.int8)
+    x = torch.randn(2, 3, 96, generator=g).to(DEVICE, torch.float16)
+    with torchslim.backend("triton" if DEVICE == "cpu" else None, strict=DEVICE == "cpu"):
+        assert torchslim.explain("sparse_block_linear", x, *parts, 32)["backend"] == "triton"
+        out = ops.sparse_block_linear(x, *parts, 32, None, scales)
+    assert out.shape == (2, 3, 32)
+    _check_block(out.reshape(6, 32), x.reshape(6, 96), parts, 32, None, scales)
 
 
 _GPU_CONFIGS = [

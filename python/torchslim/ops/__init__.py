@@ -17,7 +17,12 @@ from torchslim.ops.int8 import (
     int8_weight_only_linear,
     quantize_per_token,
 )
-from torchslim.ops.sparse import sparse24_linear, sparse_bitmask_linear, sparse_csr_linear
+from torchslim.ops.sparse import (
+    sparse24_linear,
+    sparse_bitmask_linear,
+    sparse_block_linear,
+    sparse_csr_linear,
+)
 
 __all__ = [
     "BACKENDS",
@@ -35,6 +40,7 @@ __all__ = [
     "registered_ops",
     "sparse24_linear",
     "sparse_bitmask_linear",
+    "sparse_block_linear",
     "sparse_csr_linear",
     "strict_mode",
 ]

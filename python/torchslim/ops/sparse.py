@@ -22,6 +22,13 @@ Schemas (``torch.ops.torchslim.*``):
         base column / 8; group_offsets: (N + 1,) int64, row n's groups at
         [group_offsets[n], group_offsets[n + 1]); bias, scales as above  ->  (..., N) in x.dtype
 
+    sparse_block_linear(Tensor x, Tensor values, Tensor col_blocks, Tensor row_offsets, int n,
+                        Tensor? bias=None, Tensor? scales=None) -> Tensor
+        x: (..., K) as above; values: (B, R, C), the stored R x C blocks; col_blocks: (B,) int32,
+        each block's first column / C; row_offsets: (ceil(N / R) + 1,) int64, block row r's
+        blocks at [row_offsets[r], row_offsets[r + 1]); n: N; bias, scales as above  ->  (..., N)
+        in x.dtype
+
 The values are fp32/bf16/fp16, possibly another dtype than x (bf16 values for fp32 activations
 halve the bytes a decode step reads), or int8 codes, which need ``scales``: row n of the weight
 is its codes times scales[n]. The ops check shapes, dtypes and devices; the bitmask kernels also
@@ -29,7 +36,9 @@ check that row_offsets agrees with the mask, and the csr kernels that every colu
 as they read them (a ValueError, never a read out of bounds). Backends: the CPU kernel
 (fp32/bf16 activations: csrc/cpu/sparse_gemm.h); for sparse24_linear also the Triton kernel (CUDA
 tensors, fp32/bf16/fp16 activations: kernels/sparse_matmul.py, the weight tile expanded in
-registers); anything else runs the reference.
+registers), and for sparse_block_linear a Triton kernel that visits only the stored blocks
+(CUDA tensors); anything else runs the reference. sparse_block_linear checks its offsets and
+columns of blocks on every call (torchslim.reference.sparse.check_block: a device sync on a GPU).
 """
 
 from __future__ import annotations
@@ -265,6 +274,72 @@ define_op(
 )
 
 
+# --------------------------------------------------------------------------- block
+def _check_block_args(x, values, col_blocks, row_offsets, n, bias, scales) -> None:
+    _check_activation(x)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be an int >= 0 (the output features), got {n!r}")
+    if values.dim() != 3 or min(values.shape[1:], default=0) < 1:
+        raise ValueError(
+            f"values must have shape (B, R, C) with R, C >= 1, got {tuple(values.shape)}"
+        )
+    blocks, rows = values.shape[0], values.shape[1]
+    _check_values(values, scales, n)
+    if col_blocks.dtype != torch.int32:
+        raise TypeError(f"col_blocks must be int32, got {col_blocks.dtype}")
+    if tuple(col_blocks.shape) != (blocks,):
+        raise ValueError(
+            f"col_blocks must have shape (B,) = ({blocks},), got {tuple(col_blocks.shape)}"
+        )
+    if row_offsets.dtype != torch.int64:
+        raise TypeError(f"row_offsets must be int64, got {row_offsets.dtype}")
+    want = ref.sparse.block_rows(n, (rows, 1)) + 1
+    if tuple(row_offsets.shape) != (want,):
+        raise ValueError(
+            f"row_offsets must have shape (ceil(N / R) + 1,) = ({want},) for N = {n} and "
+            f"R = {rows}, got {tuple(row_offsets.shape)}"
+        )
+    _check_bias(bias, n)
+    _check_same_device(
+        x, values=values, col_blocks=col_blocks, row_offsets=row_offsets, bias=bias, scales=scales
+    )
+
+
+def _block_triton(*args):
+    from torchslim.kernels import sparse_matmul
+
+    return sparse_matmul.sparse_block_linear(*args)
+
+
+_BLOCK = OpBackends(
+    name="sparse_block_linear",
+    reference=ref.sparse_block_linear,
+    preference={"cuda": ("triton",)},  # on the CPU: the reference
+)
+_BLOCK.register(Kernel("triton", _block_triton, _triton_available, _triton_supports))
+
+
+def _block_impl(x, values, col_blocks, row_offsets, n, bias=None, scales=None):
+    _check_block_args(x, values, col_blocks, row_offsets, n, bias, scales)
+    ref.sparse.check_block(values, col_blocks, row_offsets, n, x.shape[-1])
+    out = _BLOCK(_rows(x), values, col_blocks, row_offsets, n, bias, _vector(scales))
+    return out.reshape(*x.shape[:-1], n)
+
+
+def _block_fake(x, values, col_blocks, row_offsets, n, bias=None, scales=None):
+    _check_block_args(x, values, col_blocks, row_offsets, n, bias, scales)
+    return x.new_empty((*x.shape[:-1], n))
+
+
+define_op(
+    "sparse_block_linear(Tensor x, Tensor values, Tensor col_blocks, Tensor row_offsets, int n, "
+    "Tensor? bias=None, Tensor? scales=None) -> Tensor",
+    impl=_block_impl,
+    fake=_block_fake,
+    backends=_BLOCK,
+)
+
+
 # --------------------------------------------------------------------------- entry points
 def sparse24_linear(
     x: torch.Tensor,
@@ -317,4 +392,25 @@ def sparse_csr_linear(
     )
     return torch.ops.torchslim.sparse_csr_linear(
         x, values, columns, bases, group_offsets, bias, scales
+    )
+
+
+def sparse_block_linear(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    col_blocks: torch.Tensor,
+    row_offsets: torch.Tensor,
+    n: int,
+    bias: torch.Tensor | None = None,
+    scales: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x @ W.T + bias`` with W (``n`` rows) in the block format
+    (:func:`torchslim.sparse.compress_block`); int8 values take per-row ``scales``."""
+    _require_tensors(
+        x=x, values=values, col_blocks=col_blocks, row_offsets=row_offsets, bias=bias, scales=scales
+    )
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"n must be an int (the output features), got {type(n).__name__}")
+    return torch.ops.torchslim.sparse_block_linear(
+        x, values, col_blocks, row_offsets, n, bias, scales
     )

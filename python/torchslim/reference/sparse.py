@@ -42,6 +42,22 @@ unused slots hold zero values at column offset 0. Every column must be < K; K at
 CSR_MAX_K. Bytes per nonzero: itemsize + 1.25 (+ the short groups' slots, + 8 per row): per
 weight for bf16 values 0.325 at 90% (as the bitmask) and 0.16 at 95% (bitmask 0.225).
 
+Block (block-sparse, R x C blocks, for weights pruned in blocks such as "16x16"): W is tiled
+into R x C blocks from (0, 0), the blocks at the bottom and right edges cut off by N and K, and
+every block that holds a nonzero is stored whole, block row by block row in column order:
+
+    values       (B, R, C) the stored blocks (an edge block's rows >= N and columns >= K zero)
+    col_blocks   (B,) int32: each block's column of blocks (its first column / C)
+    row_offsets  (ceil(N / R) + 1,) int64: block row r's blocks are [row_offsets[r],
+                 row_offsets[r + 1])
+
+    W[R r + i, C col_blocks[b] + j] += values[b, i, j]  for every block b of block row r, i < R,
+    j < C, inside (N, K).
+
+N is not implied by the tensors when R does not divide it: the op takes it. Bytes per weight at
+block sparsity s: (1 - s) * itemsize + 4 / (R C) (+ 8 per block row): a kernel reads whole
+blocks of x and W, with no index per value.
+
 Quantized values: in every format the values may be int8 codes with a scale per row, (N,)
 fp32 ``scales``: W[n] = codes[n] * scales[n] (the int8 weight-only rule of
 :func:`torchslim.reference.int8.int8_weight_only_linear`, on the pruned weight). A value byte
@@ -389,6 +405,116 @@ def sparse_csr_linear(
     """
     cd = compute_dtype or x.dtype
     w = decompress_csr(values, columns, bases, group_offsets, x.shape[-1], dtype=cd)
+    return _linear(x, w, bias, cd, scales)
+
+
+# --------------------------------------------------------------------------- block
+def block_rows(n: int, block: tuple[int, int]) -> int:
+    """Block rows of an N-row weight in R x C blocks: ceil(N / R)."""
+    return -(-n // block[0])
+
+
+def compress_block(
+    weight: torch.Tensor, block: tuple[int, int], dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N, K) weight -> (values (B, R, C), col_blocks (B,) int32, row_offsets (ceil(N / R) + 1,)
+    int64): every R x C block with a nonzero; ``dtype`` converts the values (default the
+    weight's)."""
+    rows, cols = block
+    n, k = weight.shape
+    nb, kb = block_rows(n, block), -(-k // cols)
+    padded = torch.nn.functional.pad(weight, (0, kb * cols - k, 0, nb * rows - n))
+    tiles = padded.reshape(nb, rows, kb, cols).transpose(1, 2)  # (nb, kb, R, C)
+    kept = (tiles != 0).flatten(2).any(dim=2)  # (nb, kb)
+    row_offsets = torch.zeros(nb + 1, dtype=torch.int64, device=weight.device)
+    row_offsets[1:] = kept.sum(dim=1).cumsum(0)
+    where = kept.nonzero()  # block row major, columns in order
+    values = tiles[where[:, 0], where[:, 1]].to(dtype or weight.dtype)
+    return values.contiguous(), where[:, 1].to(torch.int32), row_offsets
+
+
+def check_block(
+    values: torch.Tensor, col_blocks: torch.Tensor, row_offsets: torch.Tensor, n: int, k: int
+) -> None:
+    """Raises ValueError unless row_offsets has ceil(N / R) + 1 entries, starts at 0, is
+    non-decreasing and stays within the blocks, and every used block's column of blocks is in
+    [0, ceil(K / C)) (a device sync on a GPU)."""
+    blocks, rows, cols = values.shape
+    if row_offsets.numel() != block_rows(n, (rows, cols)) + 1:
+        raise ValueError(
+            f"row_offsets must have ceil(N / R) + 1 = {block_rows(n, (rows, cols)) + 1} entries "
+            f"for N = {n} and R = {rows}, got {row_offsets.numel()}"
+        )
+    offsets = row_offsets.to(torch.int64)
+    if int(offsets[0]) != 0:
+        raise ValueError(f"row_offsets must start at 0, got {int(offsets[0])}")
+    bad = ((offsets.diff() < 0) | (offsets[1:] > blocks)).nonzero()
+    if bad.numel():
+        r = int(bad[0, 0])
+        raise ValueError(
+            f"row_offsets must be non-decreasing and at most values.shape[0] = {blocks}, "
+            f"got row_offsets[{r}] = {int(offsets[r])}, row_offsets[{r + 1}] = "
+            f"{int(offsets[r + 1])}"
+        )
+    used = col_blocks[: int(offsets[-1])].to(torch.int64)
+    past = ((used < 0) | (used * cols >= k)).nonzero()
+    if past.numel():
+        b = int(past[0, 0])
+        raise ValueError(
+            f"col_blocks[{b}] = {int(used[b])} points past K = {k} (blocks of {cols} columns)"
+        )
+
+
+def decompress_block(
+    values: torch.Tensor,
+    col_blocks: torch.Tensor,
+    row_offsets: torch.Tensor,
+    n: int,
+    k: int,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """(values, col_blocks, row_offsets) -> the dense (N, K) weight (``dtype``, default the
+    values')."""
+    check_block(values, col_blocks, row_offsets, n, k)
+    _, rows, cols = values.shape
+    nb, kb = block_rows(n, (rows, cols)), -(-k // cols)
+    used = int(row_offsets[-1])
+    block_row = torch.repeat_interleave(
+        torch.arange(nb, device=values.device), row_offsets.to(torch.int64).diff()
+    )
+    tiles = values.new_zeros((nb, kb, rows, cols), dtype=dtype or values.dtype)
+    tiles.index_put_(
+        (block_row, col_blocks[:used].to(torch.int64)),
+        values[:used].to(tiles.dtype),
+        accumulate=True,
+    )
+    return tiles.transpose(1, 2).reshape(nb * rows, kb * cols)[:n, :k]
+
+
+def sparse_block_linear(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    col_blocks: torch.Tensor,
+    row_offsets: torch.Tensor,
+    n: int,
+    bias: torch.Tensor | None = None,
+    scales: torch.Tensor | None = None,
+    *,
+    compute_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """``x @ (decompress_block(...) * scales[:, None]).T + bias`` (scales: 1 when None).
+
+    Args:
+        x: (..., K) fp32/bf16/fp16. values: (B, R, C). col_blocks: (B,) int32.
+        row_offsets: (ceil(N / R) + 1,) int64. n: N, the output features. bias: (N,) or None.
+        scales: (N,) fp32 or None: row n of W times scales[n] (needed for int8 values).
+        compute_dtype: dtype of the matmul; defaults to ``x.dtype``, float64 for the yardstick.
+
+    Returns:
+        (..., N) in ``x.dtype``.
+    """
+    cd = compute_dtype or x.dtype
+    w = decompress_block(values, col_blocks, row_offsets, n, x.shape[-1], dtype=cd)
     return _linear(x, w, bias, cd, scales)
 
 

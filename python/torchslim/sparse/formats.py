@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from torchslim.reference import sparse as ref
-from torchslim.sparse.patterns import check_pattern
+from torchslim.sparse.patterns import check_pattern, parse_pattern
 
 FORMATS = ("2:4", "bitmask", "csr")
 VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -79,8 +79,23 @@ def compress_csr(
         return ref.compress_csr(weight.detach(), dtype)
 
 
+def compress_block(
+    weight: torch.Tensor, block: str | tuple[int, int], dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N, K) weight -> (values (B, R, C), col_blocks (B,) int32, row_offsets (ceil(N / R) + 1,)
+    int64): every R x C block that holds a nonzero, whole. ``block`` as prune_ takes it: "16x16"
+    or (16, 16). Holds for any weight; pruned in the same blocks, it stores only the kept ones."""
+    _check_weight(weight, dtype)
+    pattern = parse_pattern(block)
+    if pattern.kind != "block":
+        raise ValueError(f"block must be 'RxC' such as '16x16' or (R, C), got {block!r}")
+    with torch.no_grad():
+        return ref.compress_block(weight.detach(), pattern.block, dtype)
+
+
 decompress_24 = ref.decompress_24
 decompress_bitmask = ref.decompress_bitmask
+decompress_block = ref.decompress_block
 decompress_csr = ref.decompress_csr
 
 
