@@ -358,21 +358,56 @@ def test_values_in_another_dtype_than_x(backend):
             check_close(out, ref64, ref.sparse_csr_linear(rows, *parts))
 
 
-@pytest.mark.parametrize(("n", "k", "block"), BLOCK_CASES)
-def test_block_linear_matches_reference(n, k, block, poisoned_empty):
-    """On the CPU the op runs the reference (no CPU kernel yet): this pins its plumbing (leading
-    dims, bias, int8 values with scales) against the dense float64 product."""
-    g = seeded("op-block", n, k, block)
+@pytest.mark.parametrize("backend", SPARSE_BACKENDS)
+@pytest.mark.parametrize(("n", "k", "block"), (*BLOCK_CASES, (40, 300, (8, 24))))
+def test_block_linear_matches_reference(backend, n, k, block, poisoned_empty):
+    g = seeded("op-block", backend, n, k, block)
     w = _weight_block(n, k, block, g)
     bias = torch.randn(n, generator=g)
     codes, scales = quantize_weight_per_channel(w)
-    for m in (1, 7):
-        x = torch.randn(2, m, k, generator=g)
-        out = ops.sparse_block_linear(x, *compress_block(w, block), n, bias)
-        check_close(out, x.double() @ w.double().T + bias.double(), x @ w.T + bias)
-        out8 = ops.sparse_block_linear(x, *compress_block(codes, block), n, None, scales)
-        w8 = codes.double() * scales.double()[:, None]
-        check_close(out8, x.double() @ w8.T, x @ w8.float().T)
+    for i, m in enumerate((*M_QUICK, 64, 300)):  # the dot kernels; the SpMM, several blocks
+        dtype = (torch.float32, torch.bfloat16)[i % 2]
+        x = _inputs(m, k, dtype, g)
+        parts = compress_block(w, block, (torch.float32, torch.bfloat16)[i // 2 % 2])
+        with run_on(backend):
+            out = ops.sparse_block_linear(x, *parts, n, bias)
+        ref64 = ref.sparse_block_linear(x, *parts, n, bias, compute_dtype=torch.float64)
+        check_close(out, ref64, ref.sparse_block_linear(x, *parts, n, bias), name=f"M={m}")
+        assert out.dtype == dtype
+        with run_on(backend):  # int8 values
+            out8 = ops.sparse_block_linear(x, *compress_block(codes, block), n, None, scales)
+        parts8 = (*compress_block(codes, block), n, None, scales)
+        ref64 = ref.sparse_block_linear(x, *parts8, compute_dtype=torch.float64)
+        check_close(out8, ref64, ref.sparse_block_linear(x, *parts8), name=f"int8 M={m}")
+
+
+def test_block_linear_takes_leading_dims():
+    g = seeded("op-block-dims")
+    w = _weight_block(12, 40, (4, 8), g)
+    x = torch.randn(2, 3, 40, generator=g)
+    out = ops.sparse_block_linear(x, *compress_block(w, "4x8"), 12)
+    assert out.shape == (2, 3, 12)
+    check_close(out, x.double() @ w.double().T, x @ w.T)
+
+
+@pytest.mark.parametrize("backend", SPARSE_BACKENDS)
+@pytest.mark.parametrize("m", [1, 20, 64])  # the dot kernel; the SpMM
+def test_block_columns_past_k_raise(backend, m):
+    """A column of blocks outside [0, ceil(K / C)) is an error naming it, in every backend; no
+    kernel reads x there (the NaN padding would show in the output if it did)."""
+    g = seeded("block-past-k", backend, m)
+    values, col_blocks, row_offsets = compress_block(_weight_block(16, 40, (4, 8), g), "4x8")
+    x = nan_padded(torch.randn(m, 40, generator=g))
+    for bad in (5, -1, 2**20):
+        cols = col_blocks.clone()
+        cols[-1] = bad
+        with (
+            run_on(backend),
+            pytest.raises(
+                ValueError, match=rf"col_blocks\[{cols.numel() - 1}\] = {bad} points past K = 40"
+            ),
+        ):
+            ops.sparse_block_linear(x, values, cols, row_offsets, 16)
 
 
 def test_block_contents_are_checked():

@@ -1,6 +1,6 @@
-// Torch binding of the sparse CPU kernels (cpu/sparse_gemm.h): the 2:4, bitmask and csr linear ops,
-// as torchslim._C functions (2-D x) and as the CPU impls of torch.ops.torchslim (any leading
-// dims, Python fallback: see registry.h).
+// Torch binding of the sparse CPU kernels (cpu/sparse_gemm.h): the 2:4, bitmask, csr and block
+// linear ops, as torchslim._C functions (2-D x) and as the CPU impls of torch.ops.torchslim (any
+// leading dims, Python fallback: see registry.h).
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -252,6 +252,52 @@ at::Tensor sparse_csr_linear_cpu(const at::Tensor& x, const at::Tensor& values,
   return op.out;
 }
 
+// Block: x (M, K) fp32/bf16; values (B, R, C) fp32/bf16/fp16/int8, contiguous; col_blocks (B,)
+// int32; row_offsets (ceil(N / R) + 1,) int64 from 0, non-decreasing, at most B; n = N; bias and
+// scales as for 2:4.
+at::Tensor sparse_block_linear_cpu(const at::Tensor& x, const at::Tensor& values,
+                                   const at::Tensor& col_blocks, const at::Tensor& row_offsets,
+                                   int64_t n, const OptTensor& bias, const OptTensor& scales) {
+  TORCHSLIM_CHECK(x.dim() == 2, "x must be 2-D (M, K), got ", x.dim(), "-D");
+  const int64_t K = x.size(1);
+  TORCHSLIM_CHECK(n >= 0, "n must be an int >= 0 (the output features), got ", n);
+  TORCHSLIM_CHECK(values.dim() == 3 && values.size(1) >= 1 && values.size(2) >= 1,
+                  "values must have shape (B, R, C) with R, C >= 1, got ", values.sizes());
+  const int64_t B = values.size(0), R = values.size(1), C = values.size(2);
+  check_cpu(col_blocks, "col_blocks");
+  TORCHSLIM_CHECK_TYPE(col_blocks.scalar_type() == at::kInt, "col_blocks must be int32, got ",
+                       col_blocks.scalar_type());
+  TORCHSLIM_CHECK(col_blocks.dim() == 1 && col_blocks.size(0) == B,
+                  "col_blocks must have shape (B,) = (", B, ",), got ", col_blocks.sizes());
+  check_cpu(row_offsets, "row_offsets");
+  TORCHSLIM_CHECK_TYPE(row_offsets.scalar_type() == at::kLong, "row_offsets must be int64, got ",
+                       row_offsets.scalar_type());
+  const int64_t block_rows = (n + R - 1) / R;
+  TORCHSLIM_CHECK(row_offsets.dim() == 1 && row_offsets.size(0) == block_rows + 1,
+                  "row_offsets must have shape (ceil(N / R) + 1,) = (", block_rows + 1,
+                  ",) for N = ", n, " and R = ", R, ", got ", row_offsets.sizes());
+  const at::Tensor blocks = values.contiguous();
+  SparseOperands op = sparse_operands(x, blocks, n, bias, scales);
+  const at::Tensor offsets = row_offsets.contiguous(), cols = col_blocks.contiguous();
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  check_offsets(off, block_rows, B, "row_offsets", "values.shape[0]");
+  int64_t bad_row = -1;
+  op.args.row_offsets = off;
+  op.args.col_blocks = cols.data_ptr<int32_t>();
+  op.args.block_rows = R;
+  op.args.block_cols = C;
+  op.args.bad_row = &bad_row;
+  op.run(cpu::active_kernels().block_gemm);
+  if (bad_row >= 0) {
+    const int32_t* col = op.args.col_blocks;
+    int64_t b = off[bad_row / R];
+    while (b + 1 < off[bad_row / R + 1] && col[b] >= 0 && C * int64_t{col[b]} < K) ++b;
+    TORCHSLIM_CHECK(false, "col_blocks[", b, "] = ", col[b], " points past K = ", K, " (blocks of ",
+                    C, " columns)");
+  }
+  return op.out;
+}
+
 // ----------------------------------------------------------------------------------------------
 // torch.ops.torchslim impls: the kernel for what it takes (the Python checks and the "cpu"
 // kernel's supports()), the Python impl for everything else.
@@ -316,6 +362,22 @@ at::Tensor sparse_csr_linear_op(const at::Tensor& x, const at::Tensor& values,
                    x);
 }
 
+at::Tensor sparse_block_linear_op(const at::Tensor& x, const at::Tensor& values,
+                                  const at::Tensor& col_blocks, const at::Tensor& row_offsets,
+                                  int64_t n, const OptTensor& bias, const OptTensor& scales) {
+  const bool fast =
+      n >= 0 && values.dim() == 3 && values.size(1) >= 1 && values.size(2) >= 1 &&
+      is_sparse_input(x, values, bias, scales, n) &&
+      is_cpu_vector(col_blocks, at::kInt, values.size(0)) &&
+      is_cpu_vector(row_offsets, at::kLong, (n + values.size(1) - 1) / values.size(1) + 1);
+  if (!fast) {
+    return registry::call_python<at::Tensor>("sparse_block_linear", x, values, col_blocks,
+                                             row_offsets, n, bias, scales);
+  }
+  return unflatten(
+      sparse_block_linear_cpu(rows(x), values, col_blocks, row_offsets, n, bias, scales), x);
+}
+
 }  // namespace
 
 void bind_cpu_sparse(pybind11::module_& m) {
@@ -330,6 +392,10 @@ void bind_cpu_sparse(pybind11::module_& m) {
         pybind11::arg("values"), pybind11::arg("columns"), pybind11::arg("bases"),
         pybind11::arg("group_offsets"), pybind11::arg("bias") = pybind11::none(),
         pybind11::arg("scales") = pybind11::none());
+  m.def("sparse_block_linear_cpu", &sparse_block_linear_cpu, "block-sparse linear",
+        pybind11::arg("x"), pybind11::arg("values"), pybind11::arg("col_blocks"),
+        pybind11::arg("row_offsets"), pybind11::arg("n"), pybind11::arg("bias") = pybind11::none(),
+        pybind11::arg("scales") = pybind11::none());
 }
 
 }  // namespace torchslim
@@ -338,4 +404,5 @@ TORCH_LIBRARY_IMPL(torchslim, CPU, m) {
   m.impl("sparse24_linear", &torchslim::sparse24_linear_op);
   m.impl("sparse_bitmask_linear", &torchslim::sparse_bitmask_linear_op);
   m.impl("sparse_csr_linear", &torchslim::sparse_csr_linear_op);
+  m.impl("sparse_block_linear", &torchslim::sparse_block_linear_op);
 }

@@ -172,6 +172,11 @@ inline int64_t attention_work_floats(int64_t D, int64_t Dv) {
 //            contiguous; bases (G,) int16; row n's groups are [row_offsets[n],
 //            row_offsets[n + 1]). Group g's slot t is column 8 * bases[g] + meta[g, t]. The
 //            lowest row with a column outside [0, K) is written to *bad_row (its group skipped).
+//   block    values (B, R, C) of v_type, contiguous (R = block_rows, C = block_cols); block row
+//            r's blocks are [row_offsets[r], row_offsets[r + 1]), block b covering columns
+//            [C * col_blocks[b], + C) (cut off at K); weight row n is row n % R of block row
+//            n / R. The lowest row with a block outside [0, ceil(K / C)) is written to *bad_row
+//            (the block skipped).
 // Values may be int8 codes with per-row scales (W = codes * scales[n], the W8A16 rule): scales
 // (N,) fp32 or null multiplies row n's sums before the bias is added.
 // With panels set (M > kSpMaxTileM), every format reads x from them instead (an SpMM): x as
@@ -195,7 +200,10 @@ struct SparseGemmArgs {
   int64_t ldo;
   ScalarType out_type;
   int64_t M, N, K;
-  int64_t* bad_row;  // bitmask, csr: -1 on entry; the lowest bad row (see above)
+  int64_t* bad_row;  // bitmask, csr, block: -1 on entry; the lowest bad row (see above)
+  // block: R x C blocks, values (B, R, C) contiguous, row_offsets (ceil(N / R) + 1,) into them
+  const int32_t* col_blocks;  // (B,): each block's first column / C
+  int64_t block_rows, block_cols;
 };
 
 // Sparse: rows of x per panel of the SpMM kernels, and the most rows of x the dot kernels take.
@@ -214,6 +222,7 @@ struct KernelTable {
   void (*sparse24_gemm)(const SparseGemmArgs& args, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
   void (*bitmask_gemm)(const SparseGemmArgs& args, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
   void (*csr_gemm)(const SparseGemmArgs& args, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
+  void (*block_gemm)(const SparseGemmArgs& args, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
   // Null, or x (M, K) (row stride ldx) written to out (M, K) in the column order that
   // sparse24_gemm's dot kernels (M <= kSpMaxTileM) read it: then they take that copy.
   void (*sparse24_order_x)(const float* x, int64_t ldx, float* out, int64_t M, int64_t K);

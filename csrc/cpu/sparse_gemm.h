@@ -32,6 +32,8 @@
 //
 //   csr_gemm       the same, W in the csr format: groups of 8 nonzeros, each group an 8-bit
 //                  column per value from a base column; the work follows the nonzeros
+//   block_gemm     the same, W in the block format: whole R x C blocks, each row of a block C
+//                  contiguous values against C contiguous columns of x (plain loads)
 //
 // Past kSpMaxTileM rows of x, every format runs an SpMM instead (see "SpMM" below): x packed in
 // panels of kSpPanel rows transposed to (K, kSpPanel), so each nonzero broadcasts its value
@@ -532,6 +534,88 @@ inline void csr_tile(const SparseGemmArgs& g, const float* x, int64_t ldx, int64
   if (!fits) report_bad_row(g, n);
 }
 
+// ------------------------------------------------------------------------------ block
+// Weight row n is row n % R of block row n / R: in each of that block row's blocks, C
+// contiguous values against C contiguous columns of x, so a block costs C / 8 plain loads of x
+// and C / 8 FMAs per row of x, with no index per value. A block whose column of blocks is
+// outside [0, ceil(K / C)) is skipped and its row reported; an edge block reads only its
+// columns below K.
+struct BlockRow {
+  int64_t first, last;  // the block row's blocks
+  int64_t offset;       // the row's values within a block: (n % R) * C
+};
+
+inline BlockRow block_row(const SparseGemmArgs& g, int64_t n) {
+  const int64_t r = n / g.block_rows;
+  return {g.row_offsets[r], g.row_offsets[r + 1], (n % g.block_rows) * g.block_cols};
+}
+
+// The first column of block b, or -1 when its column of blocks is outside [0, ceil(K / C)).
+inline int64_t block_first_column(const SparseGemmArgs& g, int64_t b) {
+  const int64_t first = g.block_cols * int64_t{g.col_blocks[b]};
+  return first >= 0 && first < g.K ? first : -1;
+}
+
+template <typename T, int R>
+inline void block_tile(const SparseGemmArgs& g, const float* x, int64_t ldx, int64_t n,
+                       float (&sums)[kSpMR]) {
+  const BlockRow row = block_row(g, n);
+  const T* v = typed<T>(g.values) + row.offset;
+  const int64_t C = g.block_cols, block_size = g.block_rows * C;
+  float tail[kSpMR] = {};  // columns past the last whole 8 of a block
+  bool fits = true;
+  const auto scalar = [&](const T* w, const float* xb, int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      const float wj = load_f32(w + j);
+      for (int i = 0; i < R; ++i) tail[i] += wj * xb[i * ldx + j];
+    }
+  };
+#if defined(TORCHSLIM_SPARSE_VECTOR)
+  constexpr int A = kChains<R>;  // blocks A at a time, block a's FMAs on chain a
+  __m256 acc[R][A];
+#pragma GCC unroll 4
+  for (int i = 0; i < R; ++i) {
+#pragma GCC unroll 4
+    for (int a = 0; a < A; ++a) acc[i][a] = _mm256_setzero_ps();
+  }
+  over_chains<A>(row.last - row.first, [&](int64_t k, int a) {
+    const int64_t b = row.first + k, first = block_first_column(g, b);
+    if (first < 0) {
+      fits = false;
+      return;
+    }
+    const int64_t width = min_i64(C, g.K - first), whole = width / 8 * 8;
+    const T* w = v + b * block_size;
+    const float* xb = x + first;
+    for (int64_t j = 0; j < whole; j += 8) {
+      const __m256 wj = load8(w + j);
+#pragma GCC unroll 4
+      for (int i = 0; i < R; ++i) {
+        acc[i][a] = _mm256_fmadd_ps(wj, _mm256_loadu_ps(xb + i * ldx + j), acc[i][a]);
+      }
+    }
+    scalar(w, xb, whole, width);
+  });
+#pragma GCC unroll 4
+  for (int i = 0; i < R; ++i) {
+#pragma GCC unroll 4
+    for (int a = 1; a < A; ++a) acc[i][0] = _mm256_add_ps(acc[i][0], acc[i][a]);
+    sums[i] = hsum_ps(acc[i][0]) + tail[i];
+  }
+#else
+  for (int64_t b = row.first; b < row.last; ++b) {
+    const int64_t first = block_first_column(g, b);
+    if (first < 0) {
+      fits = false;
+      continue;
+    }
+    scalar(v + b * block_size, x + first, 0, min_i64(C, g.K - first));
+  }
+  for (int i = 0; i < R; ++i) sums[i] = tail[i];
+#endif
+  if (!fits) report_bad_row(g, n);
+}
+
 // ------------------------------------------------------------------------------ SpMM
 // x packed in panels (ceil(M / kSpPanel), K, kSpPanel) fp32: panel p holds rows
 // [p * kSpPanel, (p + 1) * kSpPanel) of x transposed (zeros past M). A nonzero's value,
@@ -787,6 +871,53 @@ struct BitmaskRows {
   }
 };
 
+// Block: a slice takes the blocks whose first column is below its end (the last slice all the
+// rest), per block row, as csr takes its groups; a row's blocks then go 8 columns at a time
+// against 8 panel rows in a row.
+template <typename T>
+struct BlockRows {
+  const SparseGemmArgs& g;
+  int64_t r0;
+  std::vector<int64_t> begin, end;  // per block row: the slice's blocks
+  BlockRows(const SparseGemmArgs& args, int64_t n0, int64_t n1)
+      : g(args),
+        r0(n0 / args.block_rows),
+        begin(g.row_offsets + r0, g.row_offsets + (n1 - 1) / args.block_rows + 1),
+        end(begin) {}
+  int64_t slice_width(int64_t) const { return kSpWideSlice; }
+  void slice(int64_t, int64_t k1) {
+    for (size_t r = 0; r < end.size(); ++r) {
+      begin[r] = end[r];
+      const int64_t stop = g.row_offsets[r0 + static_cast<int64_t>(r) + 1];
+      int64_t e = k1 == g.K ? stop : begin[r];
+      while (e < stop && g.block_cols * int64_t{g.col_blocks[e]} < k1) ++e;
+      end[r] = e;
+    }
+  }
+  template <class Sums>
+  void row(int64_t n, int64_t, int64_t, Sums& sums) const {
+    const int64_t r = n / g.block_rows - r0, C = g.block_cols;
+    const T* v = typed<T>(g.values) + (n % g.block_rows) * C;
+    bool fits = true;
+    for (int64_t b = begin[r]; b < end[r]; ++b) {
+      const int64_t first = block_first_column(g, b);
+      if (first < 0) {
+        fits = false;
+        continue;
+      }
+      const int64_t width = min_i64(C, g.K - first);
+      const T* w = v + b * g.block_rows * C;
+      const float* base = sums.at(first);
+      int64_t j = 0;
+      for (; j + 8 <= width; j += 8) {
+        sums.group(w + j, [&](int t) { return base + (j + t) * kSpPanel; });
+      }
+      for (; j < width; ++j) sums.one(load_f32(w + j), first + j);
+    }
+    if (!fits) report_bad_row(g, n);
+  }
+};
+
 // Rows [m0, m1) of x (m0 a multiple of kSpPanel) against weight rows [n0, n1): slice by
 // slice, panel pair by pair, every weight row (see the top of this section).
 template <typename T, template <typename> class Rows>
@@ -877,6 +1008,14 @@ struct CsrTile {
   }
 };
 
+template <typename T, int R>
+struct BlockTile {
+  static void run(const SparseGemmArgs& g, const float* x, int64_t ldx, int64_t n,
+                  float (&sums)[kSpMR]) {
+    block_tile<T, R>(g, x, ldx, n, sums);
+  }
+};
+
 template <template <typename, int> class Tile, template <typename> class SpmmRow>
 void sparse_dispatch(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   switch (g.v_type) {
@@ -924,8 +1063,19 @@ void bitmask_gemm(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, i
   sparse_dispatch<BitmaskTile, BitmaskSpmm>(g, m0, m1, n0, n1);
 }
 
+template <typename T>
+struct BlockSpmm {
+  static void run(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+    spmm<T, BlockRows>(g, m0, m1, n0, n1);
+  }
+};
+
 void csr_gemm(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   sparse_dispatch<CsrTile, CsrSpmm>(g, m0, m1, n0, n1);
+}
+
+void block_gemm(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  sparse_dispatch<BlockTile, BlockSpmm>(g, m0, m1, n0, n1);
 }
 
 }  // namespace

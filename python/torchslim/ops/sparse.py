@@ -37,8 +37,9 @@ as they read them (a ValueError, never a read out of bounds). Backends: the CPU 
 (fp32/bf16 activations: csrc/cpu/sparse_gemm.h); for sparse24_linear also the Triton kernel (CUDA
 tensors, fp32/bf16/fp16 activations: kernels/sparse_matmul.py, the weight tile expanded in
 registers), and for sparse_block_linear a Triton kernel that visits only the stored blocks
-(CUDA tensors); anything else runs the reference. sparse_block_linear checks its offsets and
-columns of blocks on every call (torchslim.reference.sparse.check_block: a device sync on a GPU).
+(CUDA tensors); anything else runs the reference. sparse_block_linear's Python impl checks its
+offsets and columns of blocks on every call (torchslim.reference.sparse.check_block: a device
+sync on a GPU); the CPU kernel checks them as it reads them.
 """
 
 from __future__ import annotations
@@ -311,12 +312,7 @@ def _block_triton(*args):
     return sparse_matmul.sparse_block_linear(*args)
 
 
-_BLOCK = OpBackends(
-    name="sparse_block_linear",
-    reference=ref.sparse_block_linear,
-    preference={"cuda": ("triton",)},  # on the CPU: the reference
-)
-_BLOCK.register(Kernel("triton", _block_triton, _triton_available, _triton_supports))
+_BLOCK = _backends("sparse_block_linear", ref.sparse_block_linear, _block_triton)
 
 
 def _block_impl(x, values, col_blocks, row_offsets, n, bias=None, scales=None):
