@@ -391,12 +391,13 @@ def test_block_linear_takes_leading_dims():
 
 
 @pytest.mark.parametrize("backend", SPARSE_BACKENDS)
-@pytest.mark.parametrize("m", [1, 20, 64])  # the dot kernel; the SpMM
-def test_block_columns_past_k_raise(backend, m):
+@pytest.mark.parametrize("m", [1, 3, 20, 64])  # the dot kernels; the SpMM
+@pytest.mark.parametrize("block", [(2, 8), (8, 8)])  # one row at a time; 8 rows together
+def test_block_columns_past_k_raise(backend, m, block):
     """A column of blocks outside [0, ceil(K / C)) is an error naming it, in every backend; no
     kernel reads x there (the NaN padding would show in the output if it did)."""
-    g = seeded("block-past-k", backend, m)
-    values, col_blocks, row_offsets = compress_block(_weight_block(16, 40, (4, 8), g), "4x8")
+    g = seeded("block-past-k", backend, m, block)
+    values, col_blocks, row_offsets = compress_block(_weight_block(16, 40, block, g), block)
     x = nan_padded(torch.randn(m, 40, generator=g))
     for bad in (5, -1, 2**20):
         cols = col_blocks.clone()

@@ -410,6 +410,24 @@ inline __m256 load8(const int8_t* p) {
       _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
 
+// 4 values as fp32 in the low half of a vector, zeros in the high half (for 4-column steps).
+inline __m256 load4(const float* p) { return _mm256_zextps128_ps256(_mm_loadu_ps(p)); }
+inline __m128i load4_bytes(const void* p, int bytes) {
+  uint64_t bits = 0;
+  __builtin_memcpy(&bits, p, bytes);
+  return _mm_cvtsi64_si128(static_cast<long long>(bits));
+}
+inline __m256 load4(const uint16_t* p) {
+  const __m128i u = _mm_slli_epi32(_mm_cvtepu16_epi32(load4_bytes(p, 8)), 16);
+  return _mm256_zextps128_ps256(_mm_castsi128_ps(u));
+}
+inline __m256 load4(const Half* p) {
+  return _mm256_zextps128_ps256(_mm_cvtph_ps(load4_bytes(p, 8)));
+}
+inline __m256 load4(const int8_t* p) {
+  return _mm256_zextps128_ps256(_mm_cvtepi32_ps(_mm_cvtepi8_epi32(load4_bytes(p, 4))));
+}
+
 // x[columns[t]] for the 8 column offsets of a group, x from the group's first column. The
 // first four offsets are byte loads, the last four shifted out of one 32-bit load: the
 // address work split between the load and the integer units.
@@ -584,17 +602,26 @@ inline void block_tile(const SparseGemmArgs& g, const float* x, int64_t ldx, int
       fits = false;
       return;
     }
-    const int64_t width = min_i64(C, g.K - first), whole = width / 8 * 8;
+    const int64_t width = min_i64(C, g.K - first);
     const T* w = v + b * block_size;
     const float* xb = x + first;
-    for (int64_t j = 0; j < whole; j += 8) {
+    int64_t j = 0;
+    for (; j + 8 <= width; j += 8) {
       const __m256 wj = load8(w + j);
 #pragma GCC unroll 4
       for (int i = 0; i < R; ++i) {
         acc[i][a] = _mm256_fmadd_ps(wj, _mm256_loadu_ps(xb + i * ldx + j), acc[i][a]);
       }
     }
-    scalar(w, xb, whole, width);
+    if (j + 4 <= width) {
+      const __m256 wj = load4(w + j);
+#pragma GCC unroll 4
+      for (int i = 0; i < R; ++i) {
+        acc[i][a] = _mm256_fmadd_ps(wj, load4(xb + i * ldx + j), acc[i][a]);
+      }
+      j += 4;
+    }
+    scalar(w, xb, j, width);
   });
 #pragma GCC unroll 4
   for (int i = 0; i < R; ++i) {
@@ -615,6 +642,122 @@ inline void block_tile(const SparseGemmArgs& g, const float* x, int64_t ldx, int
 #endif
   if (!fits) report_bad_row(g, n);
 }
+
+#if defined(TORCHSLIM_SPARSE_VECTOR)
+// Tall blocks (R >= kBlockRowsTogether): I rows of a block row at a time against RM rows of x.
+// Each block's I x C values are read in order (contiguous), and each 8 columns of x are loaded
+// once per block for all I rows: I * RM independent sums. One row at a time would read a block
+// in R strided slices (C values each, R * C apart), which the prefetchers follow poorly (16 x 16
+// blocks, bf16: 7.7 GB/s against 21 for the same bytes read in order).
+constexpr int64_t kBlockRowsTogether = 4;
+
+template <typename T, int RM, int I>
+inline void block_rows_tile(const SparseGemmArgs& g, const float* x, int64_t ldx, int64_t n,
+                            float (&sums)[I][RM]) {
+  const BlockRow row = block_row(g, n);
+  const int64_t C = g.block_cols, block_size = g.block_rows * C;
+  const T* v = typed<T>(g.values) + row.offset;
+  __m256 acc[I][RM];
+  float tail[I][RM] = {};
+#pragma GCC unroll 8
+  for (int i = 0; i < I; ++i) {
+#pragma GCC unroll 4
+    for (int m = 0; m < RM; ++m) acc[i][m] = _mm256_setzero_ps();
+  }
+  bool fits = true;
+  for (int64_t b = row.first; b < row.last; ++b) {
+    const int64_t first = block_first_column(g, b);
+    if (first < 0) {
+      fits = false;
+      continue;
+    }
+    const int64_t width = min_i64(C, g.K - first);
+    const T* w = v + b * block_size;
+    const float* xb = x + first;
+    // 8 columns at a time, then 4 (the upper lanes zero), then one by one
+    const auto step = [&](int64_t j, auto load_x, auto load_w) {
+      __m256 xj[RM];
+#pragma GCC unroll 4
+      for (int m = 0; m < RM; ++m) xj[m] = load_x(xb + m * ldx + j);
+#pragma GCC unroll 8
+      for (int i = 0; i < I; ++i) {
+        const __m256 wj = load_w(w + i * C + j);
+#pragma GCC unroll 4
+        for (int m = 0; m < RM; ++m) acc[i][m] = _mm256_fmadd_ps(wj, xj[m], acc[i][m]);
+      }
+    };
+    int64_t j = 0;
+    for (; j + 8 <= width; j += 8) {
+      step(
+          j, [](const float* p) { return _mm256_loadu_ps(p); },
+          [](const T* p) { return load8(p); });
+    }
+    if (j + 4 <= width) {
+      step(j, [](const float* p) { return load4(p); }, [](const T* p) { return load4(p); });
+      j += 4;
+    }
+    for (; j < width; ++j) {
+      for (int i = 0; i < I; ++i) {
+        const float wj = load_f32(w + i * C + j);
+        for (int m = 0; m < RM; ++m) tail[i][m] += wj * xb[m * ldx + j];
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < I; ++i) {
+#pragma GCC unroll 4
+    for (int m = 0; m < RM; ++m) sums[i][m] = hsum_ps(acc[i][m]) + tail[i][m];
+  }
+  if (!fits) report_bad_row(g, n);
+}
+
+// Row n and the next rows of its block row, below n1, against rows [m, m + RM) of x: I of them
+// if there are I, else fewer (I halved); returns how many it took.
+template <typename T, int RM, int I>
+inline int64_t block_rows_step(const SparseGemmArgs& g, int64_t m, int64_t n, int64_t n1) {
+  if constexpr (I > 1) {
+    if (n + I > min_i64(n1, (n / g.block_rows + 1) * g.block_rows)) {
+      return block_rows_step<T, RM, I / 2>(g, m, n, n1);
+    }
+  }
+  float sums[I][RM];
+  block_rows_tile<T, RM, I>(g, g.x + m * g.ldx, g.ldx, n, sums);
+  for (int i = 0; i < I; ++i) {
+    const float scale = g.scales ? g.scales[n + i] : 1.0f;
+    const float bias = g.bias ? g.bias[n + i] : 0.0f;
+    for (int r = 0; r < RM; ++r)
+      store(g.out, g.ldo, g.out_type, m + r, n + i, sums[i][r] * scale + bias);
+  }
+  return I;
+}
+
+// Rows [n0, n1) against rows [m, m + RM) of x, up to I = 8 / RM rows of a block row at a time
+// (I * RM sums: 8, 8, 6, 8).
+template <typename T, int RM>
+inline void block_rows_sweep(const SparseGemmArgs& g, int64_t m, int64_t n0, int64_t n1) {
+  constexpr int I = 8 / (RM == 3 ? 4 : RM);
+  for (int64_t n = n0; n < n1;) n += block_rows_step<T, RM, I>(g, m, n, n1);
+}
+
+template <typename T>
+void block_rows_dot(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  for (int64_t m = m0; m < m1; m += kSpMR) {
+    switch (min_i64(kSpMR, m1 - m)) {
+      case 1:
+        block_rows_sweep<T, 1>(g, m, n0, n1);
+        break;
+      case 2:
+        block_rows_sweep<T, 2>(g, m, n0, n1);
+        break;
+      case 3:
+        block_rows_sweep<T, 3>(g, m, n0, n1);
+        break;
+      default:
+        block_rows_sweep<T, 4>(g, m, n0, n1);
+    }
+  }
+}
+#endif
 
 // ------------------------------------------------------------------------------ SpMM
 // x packed in panels (ceil(M / kSpPanel), K, kSpPanel) fp32: panel p holds rows
@@ -1016,22 +1159,27 @@ struct BlockTile {
   }
 };
 
+// f(T{}) for the values' element type T.
+template <class F>
+void with_value_type(ScalarType v_type, const F& f) {
+  switch (v_type) {
+    case ScalarType::kBFloat16:
+      return f(uint16_t{});
+    case ScalarType::kFloat16:
+      return f(Half{});
+    case ScalarType::kInt8:
+      return f(int8_t{});
+    default:
+      return f(float{});
+  }
+}
+
 template <template <typename, int> class Tile, template <typename> class SpmmRow>
 void sparse_dispatch(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-  switch (g.v_type) {
-    case ScalarType::kBFloat16:
-      return g.panels ? SpmmRow<uint16_t>::run(g, m0, m1, n0, n1)
-                      : sparse_block<uint16_t, Tile>(g, m0, m1, n0, n1);
-    case ScalarType::kFloat16:
-      return g.panels ? SpmmRow<Half>::run(g, m0, m1, n0, n1)
-                      : sparse_block<Half, Tile>(g, m0, m1, n0, n1);
-    case ScalarType::kInt8:
-      return g.panels ? SpmmRow<int8_t>::run(g, m0, m1, n0, n1)
-                      : sparse_block<int8_t, Tile>(g, m0, m1, n0, n1);
-    default:
-      return g.panels ? SpmmRow<float>::run(g, m0, m1, n0, n1)
-                      : sparse_block<float, Tile>(g, m0, m1, n0, n1);
-  }
+  with_value_type(g.v_type, [&](auto value) {
+    using T = decltype(value);
+    g.panels ? SpmmRow<T>::run(g, m0, m1, n0, n1) : sparse_block<T, Tile>(g, m0, m1, n0, n1);
+  });
 }
 
 template <typename T>
@@ -1063,9 +1211,17 @@ void bitmask_gemm(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, i
   sparse_dispatch<BitmaskTile, BitmaskSpmm>(g, m0, m1, n0, n1);
 }
 
+// Block rows of R >= kBlockRowsTogether: rows of a block row together; shorter ones: one row at
+// a time, its blocks on independent chains; M > kSpMaxTileM: the SpMM.
 template <typename T>
-struct BlockSpmm {
+struct BlockGemm {
   static void run(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+#if defined(TORCHSLIM_SPARSE_VECTOR)
+    if (!g.panels && g.block_rows >= kBlockRowsTogether) {
+      return block_rows_dot<T>(g, m0, m1, n0, n1);
+    }
+#endif
+    if (!g.panels) return sparse_block<T, BlockTile>(g, m0, m1, n0, n1);
     spmm<T, BlockRows>(g, m0, m1, n0, n1);
   }
 };
@@ -1075,7 +1231,9 @@ void csr_gemm(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64
 }
 
 void block_gemm(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-  sparse_dispatch<BlockTile, BlockSpmm>(g, m0, m1, n0, n1);
+  with_value_type(g.v_type, [&](auto value) {  // every M: BlockGemm picks the kernel
+    BlockGemm<decltype(value)>::run(g, m0, m1, n0, n1);
+  });
 }
 
 }  // namespace
