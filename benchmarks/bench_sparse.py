@@ -7,7 +7,9 @@
 Weights: the int8 benchmark's layers (K in, N out, random normal), pruned with
 torchslim.sparse.prune_ (magnitude) once per (layer, pattern) on the fp32 weight, then
 compressed once per value dtype: "unstructured" at 50 / 75 / 90% (every row keeps the same
-count; the bitmask and csr formats) and "2:4" (the 2:4 format). M in {1, 16, 64, 512}.
+count; the bitmask and csr formats), "2:4" (the 2:4 format) and 16 x 16 blocks at 50 and 90%
+("16x16@50%": every block row keeps the same count of whole blocks; the block format). M in
+{1, 16, 64, 512}.
 
 CPU implementations, in the same run:
 
@@ -28,7 +30,8 @@ CPU implementations, in the same run:
                                 channel, fp32 scales: W8A16) and fp32 x
 
 Ours run sparse_bitmask_linear and sparse_csr_linear (<fmt> bitmask, csr) at the unstructured
-patterns and sparse24_linear (2:4) at 2:4; torch's CSR runs at every pattern.
+patterns, sparse24_linear (2:4) at 2:4 and sparse_block_linear (block) at the block patterns;
+torch's CSR runs at every pattern.
 
 GPU (--device cuda): dense-fp16 and dense-bf16 (cuBLAS) and, at 2:4, torch's semi-structured
 sparsity (torch.sparse.to_sparse_semi_structured's classes) on each backend, cuSPARSELt and
@@ -88,7 +91,8 @@ from torchslim.benchmarks.bench_quant import (
 )
 from torchslim.quant.int8 import quantize_weight_per_channel
 
-PATTERNS = ("50%", "75%", "90%", "2:4")  # unstructured percentages (bitmask, csr) and 2:4
+# Unstructured percentages (bitmask, csr), 2:4, and blocks pruned to a percentage ("RxC@P%").
+PATTERNS = ("50%", "75%", "90%", "2:4", "16x16@50%", "16x16@90%")
 DENSE = "dense"  # the pseudo-pattern of the unpruned weight
 # The wiring check: relative Frobenius error of each path's output against fp32 F.linear on the
 # pruned weight (bf16 / fp16 inputs give ~0.5%; a wrong layout gives ~100%).
@@ -123,7 +127,7 @@ class Impl:
     fmt: str
     w_dtype: torch.dtype
     x_dtype: torch.dtype
-    make: Callable[[torch.Tensor], tuple]  # pruned (N, K) fp32 weight -> operands, made once
+    make: Callable[[torch.Tensor, str], tuple]  # (pruned (N, K) fp32 weight, pattern) -> operands
     run: Callable[[torch.Tensor, tuple], torch.Tensor]  # (x (M, K), operands) -> (M, N)
     op: str | None = None
     clones: bool = True
@@ -138,7 +142,9 @@ class Impl:
         if self.fmt in ("2:4", "semi-structured"):
             return pattern == "2:4"
         if self.fmt in ("bitmask", "csr"):
-            return pattern != "2:4"
+            return is_unstructured(pattern)
+        if self.fmt == "block":
+            return _is_block(pattern)
         return True  # torch-csr
 
 
@@ -148,13 +154,13 @@ def _dense(dtype: torch.dtype, graphed: bool = False) -> Impl:
         DENSE,
         dtype,
         dtype,
-        lambda w: (w.to(dtype),),
+        lambda w, _pattern: (w.to(dtype),),
         lambda x, o: F.linear(x, o[0]),
         graphed=graphed,
     )
 
 
-def _to_csr(w: torch.Tensor) -> tuple:
+def _to_csr(w: torch.Tensor, _pattern: str) -> tuple:
     with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
         warnings.simplefilter("ignore", UserWarning)
         return (w.to_sparse_csr(),)
@@ -169,10 +175,29 @@ TORCH_CSR = Impl(
     lambda x, o: torch.mm(o[0], x.T).T,  # (N, K) CSR @ (K, M) dense -> (N, M), viewed as (M, N)
 )
 
-_OURS = {  # format -> (op name, entry point, compression)
-    "bitmask": ("sparse_bitmask_linear", ops.sparse_bitmask_linear, sp.compress_bitmask),
-    "2:4": ("sparse24_linear", ops.sparse24_linear, sp.compress_24),
-    "csr": ("sparse_csr_linear", ops.sparse_csr_linear, sp.compress_csr),
+
+def _compress_block(w: torch.Tensor, pattern: str, dtype: torch.dtype | None = None) -> tuple:
+    """The block format of w pruned in ``pattern``'s blocks, and N for the op."""
+    return (*sp.compress_block(w, split_pattern(pattern)[0], dtype), w.shape[0])
+
+
+_OURS = {  # format -> (op name, entry point, compression (w, pattern, dtype))
+    "bitmask": (
+        "sparse_bitmask_linear",
+        ops.sparse_bitmask_linear,
+        lambda w, _, dtype=None: sp.compress_bitmask(w, dtype),
+    ),
+    "2:4": (
+        "sparse24_linear",
+        ops.sparse24_linear,
+        lambda w, _, dtype=None: sp.compress_24(w, dtype),
+    ),
+    "csr": (
+        "sparse_csr_linear",
+        ops.sparse_csr_linear,
+        lambda w, _, dtype=None: sp.compress_csr(w, dtype),
+    ),
+    "block": ("sparse_block_linear", ops.sparse_block_linear, _compress_block),
 }
 
 
@@ -183,17 +208,17 @@ def _ours(fmt: str, w_dtype: torch.dtype, x_dtype: torch.dtype) -> Impl:
     suffix = "" if x_dtype == w_dtype else f"-{_SHORT[x_dtype]}x"
     if w_dtype == torch.int8:
 
-        def make(w):
+        def make(w, pattern):
             codes, scales = quantize_weight_per_channel(w)
-            return (*compress(codes), scales)
+            return (*compress(codes, pattern), scales)
 
         def op_args(o):
             return (*o[:-1], None, o[-1])  # no bias
 
     else:
 
-        def make(w):
-            return compress(w, w_dtype)
+        def make(w, pattern):
+            return compress(w, pattern, w_dtype)
 
         def op_args(o):
             return o
@@ -213,7 +238,7 @@ def _ours(fmt: str, w_dtype: torch.dtype, x_dtype: torch.dtype) -> Impl:
 def _semi_structured(backend: str, dtype: torch.dtype, graphed: bool = False) -> Impl:
     """torch's 2:4 on a GPU, on one backend ("cusparselt" or "cutlass")."""
 
-    def make(w):
+    def make(w, _pattern):
         cls = (
             torch.sparse.SparseSemiStructuredTensorCUSPARSELT
             if backend == "cusparselt"
@@ -242,7 +267,7 @@ IMPLS = (
     *(
         _ours(fmt, w, x)
         for w, x in ((_F32, _F32), (_BF16, _BF16), (_BF16, _F32), (_I8, _F32))
-        for fmt in ("bitmask", "csr", "2:4")
+        for fmt in ("bitmask", "csr", "2:4", "block")
     ),
 )
 GPU_DENSE = (_dense(_F16), _dense(_BF16))
@@ -250,14 +275,29 @@ GPU_IMPLS = (
     *(_dense(d, graphed=True) for d in (_F16, _BF16)),
     *(_semi_structured(b, d) for b in ("cusparselt", "cutlass") for d in (_F16, _BF16)),
     *(_semi_structured("cusparselt", d, graphed=True) for d in (_F16, _BF16)),
-    *(_ours(fmt, d, d) for d in (_F16, _BF16) for fmt in ("bitmask", "csr", "2:4")),
+    *(_ours(fmt, d, d) for d in (_F16, _BF16) for fmt in ("bitmask", "csr", "2:4", "block")),
     _ours("2:4", torch.int8, _F16),
 )
 
 
+def split_pattern(pattern: str) -> tuple[str | None, str]:
+    """("RxC", "P%") for a block pattern "RxC@P%", else (None, pattern)."""
+    block, at, rest = pattern.partition("@")
+    return (block, rest) if at else (None, pattern)
+
+
+def is_unstructured(pattern: str) -> bool:
+    return pattern not in (DENSE, "2:4") and split_pattern(pattern)[0] is None
+
+
+def _is_block(pattern: str) -> bool:
+    return split_pattern(pattern)[0] is not None
+
+
 def percent(pattern: str) -> float:
-    """The sparsity a pattern label stands for, in %: "90%" -> 90, "2:4" -> 50."""
-    return 50.0 if pattern == "2:4" else float(pattern.rstrip("%"))
+    """The sparsity a pattern label stands for, in %: "90%" -> 90, "2:4" -> 50, "16x16@75%" ->
+    75."""
+    return 50.0 if pattern == "2:4" else float(split_pattern(pattern)[1].rstrip("%"))
 
 
 def prune(w: torch.Tensor, pattern: str) -> torch.Tensor:
@@ -267,7 +307,8 @@ def prune(w: torch.Tensor, pattern: str) -> torch.Tensor:
     pruned = w.clone()
     if pattern == "2:4":
         return sp.prune_(pruned, "2:4")
-    return sp.prune_(pruned, "unstructured", sparsity=percent(pattern) / 100)
+    block, _ = split_pattern(pattern)
+    return sp.prune_(pruned, block or "unstructured", sparsity=percent(pattern) / 100)
 
 
 def weight_bytes(impl: Impl, operands: tuple, n: int, k: int, zeros: float) -> int:
@@ -275,13 +316,15 @@ def weight_bytes(impl: Impl, operands: tuple, n: int, k: int, zeros: float) -> i
     if impl.fmt == "torch-csr":
         (csr,) = operands
         return sum(t.nbytes for t in (csr.values(), csr.col_indices(), csr.crow_indices()))
+    if impl.fmt == "block":  # values, col_blocks, row_offsets (+ scales): the tensors as made
+        return sum(t.nbytes for t in operands if isinstance(t, torch.Tensor))
     # torch's 2:4 keeps the same values and 2-bit indices as ours (cuSPARSELt may pad its buffer)
     fmt = "2:4" if impl.fmt == "semi-structured" else impl.fmt
     return sp.format_bytes(fmt, n, k, sparsity=zeros, dtype=impl.w_dtype)
 
 
 def _clone(operands: tuple) -> tuple:
-    return tuple(t.clone() for t in operands)
+    return tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in operands)
 
 
 def _cuda_graph(fn: Callable[[], object]) -> Callable[[], None]:
@@ -386,9 +429,9 @@ def measure(
     }
 
 
-def _make(impl: Impl, pruned: torch.Tensor) -> tuple | Exception:
+def _make(impl: Impl, pruned: torch.Tensor, pattern: str) -> tuple | Exception:
     try:
-        return impl.make(pruned)
+        return impl.make(pruned, pattern)
     except NOT_RUN as exc:  # e.g. a semi-structured backend this torch does not have
         return exc
 
@@ -426,7 +469,7 @@ def run(
                 for impl in todo:
                     key = (impl.fmt, impl.w_dtype)
                     if key not in made:
-                        made[key] = _make(impl, pruned)
+                        made[key] = _make(impl, pruned, pattern)
                 bar.set_postfix_str(f"{k}x{n} {pattern}")
                 for i, m in enumerate(batch):
                     expected = F.linear(xs[m], pruned) if i == 0 else None
@@ -436,7 +479,7 @@ def run(
                             measure(
                                 impl,
                                 operands,
-                                lambda impl=impl, w=pruned: impl.make(w),
+                                lambda impl=impl, w=pruned, p=pattern: impl.make(w, p),
                                 xs[m],
                                 expected,
                                 {**case, "M": m},
@@ -498,8 +541,11 @@ def _verdict(ok: bool) -> str:
 
 def targets(rows: list[dict]) -> list[str]:
     """The issue's CPU targets at M = 1, each as its measured figure and met / NOT met. "ours"
-    is the fastest torchslim variant at each pattern; "dense" the faster of fp32 and bf16."""
-    timed = [r for r in rows if "time_ms" in r and r["M"] == TARGET_M]
+    is the fastest torchslim variant at each pattern; "dense" the faster of fp32 and bf16. The
+    targets are set for unstructured sparsity and 2:4: block patterns are not read here."""
+    timed = [
+        r for r in rows if "time_ms" in r and r["M"] == TARGET_M and not _is_block(r["pattern"])
+    ]
     if not timed:
         return [f"not measured: the targets are read at M = {TARGET_M}"]
     lines = [
@@ -535,7 +581,9 @@ def targets(rows: list[dict]) -> list[str]:
                 f"  {pattern} >= {goal:g}x torch CSR: {ratio:.2f}x {csr['impl']} ({b['impl']}): "
                 f"{_verdict(ratio >= goal)}"
             )
-        unstructured = sorted((p for p in best if p != "2:4" and percent(p) >= 50), key=percent)
+        unstructured = sorted(
+            (p for p in best if is_unstructured(p) and percent(p) >= 50), key=percent
+        )
         if unstructured:
             figures = ", ".join(f"{best[p]['speedup']:.2f}x at {p}" for p in unstructured)
             ok = all(best[p]["speedup"] > 1.0 for p in unstructured)
@@ -585,7 +633,8 @@ def gpu_targets(rows: list[dict]) -> list[str]:
 
 def plot(rows: list[dict], path, dense: str) -> None:
     """Speedup over the faster dense against sparsity, one panel per (M, layer): a line per
-    implementation through its unstructured points, a star at its 2:4 point."""
+    implementation through its unstructured points, a dotted one through its block points, a
+    star at its 2:4 point."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -606,11 +655,20 @@ def plot(rows: list[dict], path, dense: str) -> None:
         for ax, layer in zip(axes_row, layers, strict=True):
             for impl in impls:
                 here = [r for r in rows if (r["layer"], r["M"], r["impl"]) == (layer, m, impl)]
-                pts = sorted(
-                    (percent(r["pattern"]), r["speedup"]) for r in here if r["pattern"] != "2:4"
-                )
-                if pts:
-                    ax.plot(*zip(*pts, strict=True), marker="o", color=color[impl], label=impl)
+                label = impl
+                for marker, style, kind in (("o", "-", is_unstructured), ("s", ":", _is_block)):
+                    pts = sorted(
+                        (percent(r["pattern"]), r["speedup"]) for r in here if kind(r["pattern"])
+                    )
+                    if pts:
+                        ax.plot(
+                            *zip(*pts, strict=True),
+                            marker=marker,
+                            ls=style,
+                            color=color[impl],
+                            label=label,
+                        )
+                        label = None
                 s24 = [r["speedup"] for r in here if r["pattern"] == "2:4"]
                 if s24:
                     ax.plot([50.0] * len(s24), s24, "*", ms=11, color=color[impl], label=None)
@@ -620,7 +678,7 @@ def plot(rows: list[dict], path, dense: str) -> None:
             ax.grid(True, which="both", alpha=0.3)
         axes_row[0].set_ylabel(f"speedup over {dense}", fontsize=8)
     for ax in axes[-1]:
-        ax.set_xlabel("sparsity % (o unstructured, * 2:4)")
+        ax.set_xlabel("sparsity % (o unstructured, s blocks, * 2:4)")
     handles, labels = axes[0][0].get_legend_handles_labels()
     for ax in axes.flat:  # the panel with the most lines carries the legend
         h, lab = ax.get_legend_handles_labels()
@@ -633,23 +691,30 @@ def plot(rows: list[dict], path, dense: str) -> None:
 
 
 def _patterns(text: str) -> tuple[str, ...]:
-    """--sparsity: comma-separated unstructured percentages and/or 2:4 -> pattern labels."""
+    """--sparsity: comma-separated unstructured percentages, 2:4 and blocks at a percentage
+    ("16x16@90") -> pattern labels."""
     out = []
     for item in (s.strip() for s in text.split(",")):
         if item == "2:4":
             out.append(item)
             continue
+        block, share = split_pattern(item)
         try:
-            value = float(item.removesuffix("%"))
+            value = float(share.removesuffix("%"))
+            if block is not None:
+                block = sp.parse_pattern(block)
+                if block.kind != "block":
+                    raise ValueError(block)
         except ValueError:
             raise argparse.ArgumentTypeError(
-                f"expected unstructured percentages and/or 2:4, e.g. 50,90,2:4, got {text!r}"
+                "expected unstructured percentages, 2:4 and/or blocks at a percentage, e.g. "
+                f"50,90,2:4,16x16@90, got {text!r}"
             ) from None
         if not 1.0 <= value < 100.0:
             raise argparse.ArgumentTypeError(
                 f"sparsity must be a percentage in [1, 100) (90 for 90%), got {item!r}"
             )
-        out.append(f"{value:g}%")
+        out.append(f"{block}@{value:g}%" if block is not None else f"{value:g}%")
     return tuple(dict.fromkeys(out))
 
 
@@ -658,7 +723,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--sparsity",
         type=_patterns,
-        help="unstructured percentages and/or 2:4 (default: 50,75,90,2:4)",
+        help="unstructured percentages, 2:4 and/or blocks at a percentage "
+        "(default: 50,75,90,2:4,16x16@50,16x16@90)",
     )
     args = parser.parse_args(argv)
     device = args.device
@@ -707,7 +773,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"not run: {impl} ({where}): {error}")
     cross = crossovers(timed)
     if cross:
-        print("\ncrossover: the lowest measured unstructured sparsity at which ours beats dense")
+        print(
+            "\ncrossover: the lowest measured sparsity (unstructured, or in blocks) at which "
+            "ours beats dense"
+        )
         print(common.format_table(cross, list(cross[0])))
     check = targets if device == "cpu" else gpu_targets
     print("\n".join(["", "targets:", *check(timed)]))

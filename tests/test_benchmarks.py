@@ -78,6 +78,8 @@ def test_bench_sparse_quick(tmp_path, capsys):
     per_pattern = {"dense": ("dense-fp32", "dense-bf16")}
     per_pattern.update({p: (*unstructured, "torch-csr-fp32") for p in ("50%", "75%", "90%")})
     per_pattern["2:4"] = (*(f"torchslim-2:4-{v}" for v in variants), "torch-csr-fp32")
+    for p in ("16x16@50%", "16x16@90%"):
+        per_pattern[p] = (*(f"torchslim-block-{v}" for v in variants), "torch-csr-fp32")
     expected = {(m, p, i) for m in ("1", "16") for p, impls in per_pattern.items() for i in impls}
     assert [r.get("error") for r in rows if r.get("error")] == []
     assert sorted((r["M"], r["pattern"], r["impl"]) for r in rows) == sorted(expected)
@@ -87,7 +89,8 @@ def test_bench_sparse_quick(tmp_path, capsys):
         assert r["layer"] == "256x384" and r["device"].startswith("cpu-")
         assert r["vs"] in ("dense-fp32", "dense-bf16")
         nominal = 0.0 if r["pattern"] == "dense" else bench_sparse.percent(r["pattern"])
-        assert abs(float(r["sparsity"]) - nominal) < 1
+        blocks = "@" in r["pattern"]  # 16 blocks a block row: whole blocks, 6.25% each
+        assert abs(float(r["sparsity"]) - nominal) < (6.25 if blocks else 1)
     by = {(r["M"], r["pattern"], r["impl"]): r for r in rows}
     bf16_24 = by[("1", "2:4", "torchslim-2:4-bf16")]
     assert int(bf16_24["weight_bytes"]) == sp.format_bytes("2:4", 384, 256, dtype=torch.bfloat16)
@@ -96,6 +99,8 @@ def test_bench_sparse_quick(tmp_path, capsys):
     assert int(fp32_90["weight_bytes"]) == 4 * nnz + 384 * 256 // 8 + 8 * 385
     bf16_csr = by[("1", "90%", "torchslim-csr-bf16")]  # 26 nonzeros a row: 4 groups of 8
     assert int(bf16_csr["weight_bytes"]) == 384 * 4 * (8 * 3 + 2) + 8 * 385
+    block = by[("1", "16x16@50%", "torchslim-block-bf16")]  # 8 of 16 blocks a block row
+    assert int(block["weight_bytes"]) == 24 * 8 * (16 * 16 * 2 + 4) + 8 * 25
     csr = by[("1", "90%", "torch-csr-fp32")]
     assert int(csr["weight_bytes"]) == (4 + 8) * nnz + 8 * 385
     out = capsys.readouterr().out
