@@ -18,6 +18,8 @@ CASES = [
     ("2:4", "bitmask", None),
     ("unstructured", "csr", 0.75),
     ("unstructured", "csr", 0.95),
+    ("16x16", "block", 0.75),
+    ("4x8", "block", 0.5),
 ]
 
 
@@ -47,7 +49,8 @@ def test_from_linear_matches_the_pruned_layer(pattern, fmt, amount, k, n):
 def test_state_dict_round_trip_is_exact(pattern, fmt, amount):
     linear = _pruned_linear(100, 30, pattern, amount, ("sd", fmt))
     layer = SparseLinear.from_linear(linear, pattern, format=fmt, dtype=torch.bfloat16)
-    fresh = SparseLinear(100, 30, format=fmt)  # fp32 until it loads
+    block = layer.block  # a block layer is made with its block shape
+    fresh = SparseLinear(100, 30, format=fmt, block=block)  # fp32 until it loads
     fresh.load_state_dict(layer.state_dict())
     for name, buf in layer.state_dict().items():
         assert torch.equal(fresh.state_dict()[name], buf), name
@@ -79,8 +82,8 @@ def test_errors_name_the_argument():
     dense = nn.Linear(16, 4)
     with pytest.raises(ValueError, match="does not satisfy the 2:4 pattern"):
         SparseLinear.from_linear(dense, "2:4")
-    with pytest.raises(ValueError, match="pattern must be '2:4' or 'unstructured'"):
-        SparseLinear.from_linear(dense, "4x4")
+    with pytest.raises(ValueError, match="pattern must be '2:4', 'unstructured' or blocks"):
+        SparseLinear.from_linear(dense, "1:4")
     with pytest.raises(ValueError, match="format must be one of"):
         SparseLinear(16, 4, format="coo")
     with pytest.raises(TypeError, match=r"linear must be an nn\.Linear"):
@@ -177,3 +180,22 @@ def test_int8_state_dict_round_trip_and_casts(fmt):
     state["scales"] = -state["scales"]
     with pytest.raises(ValueError, match="scales must be finite and > 0"):
         fresh.load_state_dict(state)
+
+
+def test_block_layers_check_their_shape_and_contents():
+    linear = _pruned_linear(64, 32, "16x16", 0.5, ("block-check",))
+    layer = SparseLinear.from_linear(linear, "16x16")
+    assert layer.format == "block" and layer.block == (16, 16) and "block=16x16" in repr(layer)
+    assert SparseLinear.from_linear(linear, "16x16", format="csr").format == "csr"
+    with pytest.raises(ValueError, match="format='block' needs a block pattern"):
+        SparseLinear.from_linear(linear, "unstructured", format="block")
+    with pytest.raises(ValueError, match=r"block .* goes with format='block'"):
+        SparseLinear(64, 32, format="block")
+    with pytest.raises(ValueError, match=r"block .* goes with format='block'"):
+        SparseLinear(64, 32, format="csr", block="4x4")
+    state = layer.state_dict()
+    with pytest.raises(ValueError, match=r"values must have shape \(B, 8, 16\)"):
+        SparseLinear(64, 32, format="block", block="8x16").load_state_dict(state)
+    state["col_blocks"] = state["col_blocks"] + 4  # past K = 64 for blocks of 16 columns
+    with pytest.raises(ValueError, match="points past K = 64"):
+        SparseLinear(64, 32, format="block", block="16x16").load_state_dict(state)

@@ -27,10 +27,9 @@ from torchslim import hf_attention
 from torchslim._calibration import watch_inputs
 from torchslim._names import as_patterns, name_matches
 from torchslim.nn import Int4Linear, Int8Linear, MultiheadAttention
-from torchslim.nn.sparse_linear import SparseLinear
+from torchslim.nn.sparse_linear import LAYER_FORMATS, SparseLinear
 from torchslim.quant import smoothquant_factors
-from torchslim.sparse.formats import FORMATS
-from torchslim.sparse.patterns import check_pattern
+from torchslim.sparse.patterns import check_pattern, parse_pattern
 from torchslim.sparse.prune import prune_
 
 
@@ -226,10 +225,12 @@ _SPARSE_DTYPES = {**_SCALE_DTYPES, "int8": torch.int8}
 
 
 def _sparse_config(layer: SparseLinear) -> dict:
+    block = {"block": list(layer.block)} if layer.block else {}
     return {
         **_shape_config(layer),
         "format": layer.format,
         "dtype": str(layer.values.dtype).removeprefix("torch."),
+        **block,
     }
 
 
@@ -237,22 +238,37 @@ def _sparse_empty(linear: nn.Module, config: dict) -> SparseLinear:
     shape = _check_same_linear(linear, config)
     if config["dtype"] not in _SPARSE_DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_SPARSE_DTYPES)}, got {config['dtype']!r}")
+    block = config.get("block")
+    if config["format"] == "block" and not (
+        isinstance(block, list) and len(block) == 2 and all(isinstance(d, int) for d in block)
+    ):
+        raise ValueError(f"a block layer's config must give block [R, C], got {block!r}")
     return SparseLinear(
         *shape,
         format=config["format"],
         device=linear.weight.device,
         dtype=_SPARSE_DTYPES[config["dtype"]],
+        block=tuple(block) if config["format"] == "block" else None,
     )
 
 
-SPARSE_PATTERNS = ("2:4", "unstructured")
+SPARSE_PATTERNS = ("2:4", "unstructured", "RxC blocks such as '16x16'")
+
+
+def _is_block_pattern(pattern: object) -> bool:
+    try:
+        return parse_pattern(pattern).kind == "block"
+    except (TypeError, ValueError):
+        return False
 
 
 def _sparse_check_options(options: Mapping[str, object]) -> None:
-    if options["pattern"] not in SPARSE_PATTERNS:
+    if options["pattern"] not in SPARSE_PATTERNS[:2] and not _is_block_pattern(options["pattern"]):
         raise ValueError(f"pattern must be one of {SPARSE_PATTERNS}, got {options['pattern']!r}")
-    if options["format"] is not None and options["format"] not in FORMATS:
-        raise ValueError(f"format must be None or one of {FORMATS}, got {options['format']!r}")
+    if options["format"] is not None and options["format"] not in LAYER_FORMATS:
+        raise ValueError(
+            f"format must be None or one of {LAYER_FORMATS}, got {options['format']!r}"
+        )
     if options["dtype"] is not None and options["dtype"] not in _SPARSE_DTYPES.values():
         raise TypeError(
             f"dtype must be None or one of {list(_SPARSE_DTYPES.values())}, "
@@ -269,7 +285,7 @@ SPARSE = Method(
     applies_to=nn.Linear,
     convert=_sparse_convert,
     why_not=lambda layer, _options: _linear_why_not(layer),
-    describe="sparse weights, compressed (2:4, bitmask or csr)",
+    describe="sparse weights, compressed (2:4, bitmask, csr or block)",
     config=_sparse_config,
     empty=_sparse_empty,
     owns=lambda module: isinstance(module, SparseLinear),
@@ -383,10 +399,11 @@ def patch(
         model: any nn.Module (a Hugging Face model included).
         quant: one of METHODS ("int8", "int8-weight", "int4", "sparse"), or None to change
             nothing. "sparse" compresses layers already pruned (torchslim.sparse.prune_) into
-            SparseLinear; options ``pattern`` ("2:4" or "unstructured"), ``dtype`` of the
-            stored values (default the weight's; torch.int8: codes quantized per output
-            channel, W8A16) and ``format`` (default: "2:4" for that pattern, else per layer
-            the one of "bitmask" and "csr" with the fewer bytes).
+            SparseLinear; options ``pattern`` ("2:4", "unstructured" or blocks "RxC" such as
+            "16x16"), ``dtype`` of the stored values (default the weight's; torch.int8: codes
+            quantized per output channel, W8A16) and ``format`` (default: "2:4" for that
+            pattern, "block" for blocks, else per layer the one of "bitmask" and "csr" with the
+            fewer bytes).
         include: names (exact, glob or regex) of the layers to patch; default all.
         exclude: names (exact, glob or regex) of layers to leave alone, e.g. "lm_head".
         filter_fn: called as filter_fn(name, module); a layer is patched only if it returns True.
@@ -401,9 +418,10 @@ def patch(
             parameters. Model-wide: include, exclude and filter_fn select quant layers only.
         sparsity: prune the selected layers first, then store them compressed (quant
             "sparse"): "2:4", or a float in (0, 1) for unstructured sparsity per output row
-            (bitmask or csr format). With quant="int8-weight" the kept weights are stored as
-            int8 codes per output channel (the sparse kernels' int8 values); no other quant
-            combines with it.
+            (bitmask or csr format), or with ``pattern="16x16"`` (any "RxC") that share of
+            whole blocks per block row (the block format). With quant="int8-weight" the kept
+            weights are stored as int8 codes per output channel (the sparse kernels' int8
+            values); no other quant combines with it.
         sparsity_method: "magnitude" or "wanda" (|W| times the input norm per channel, from
             ``calibration``); see torchslim.sparse.prune_.
         **options: the method's own options (``METHODS[quant].options`` lists them with their
@@ -442,7 +460,8 @@ def patch(
             raise ValueError(f"sparsity must be '2:4' or a float in (0, 1), got {sparsity!r}")
         quant = "sparse"
         pattern = "2:4" if sparsity == "2:4" else "unstructured"
-        if options.setdefault("pattern", pattern) != pattern:
+        given = options.setdefault("pattern", pattern)
+        if given != pattern and not (pattern == "unstructured" and _is_block_pattern(given)):
             raise ValueError(f"pattern={options['pattern']!r} contradicts sparsity={sparsity!r}")
 
     report = PatchReport(quant=str(quant))

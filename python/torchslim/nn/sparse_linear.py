@@ -14,22 +14,32 @@ from torchslim.sparse.formats import (
     VALUE_DTYPES,
     compress_24,
     compress_bitmask,
+    compress_block,
     compress_csr,
 )
 from torchslim.sparse.patterns import parse_pattern
 
+LAYER_FORMATS = (*FORMATS, "block")
+
 _OP_24 = torch.ops.torchslim.sparse24_linear.default
 _OP_BITMASK = torch.ops.torchslim.sparse_bitmask_linear.default
 _OP_CSR = torch.ops.torchslim.sparse_csr_linear.default
+_OP_BLOCK = torch.ops.torchslim.sparse_block_linear.default
 
 # The buffers of each format, besides bias.
 _BUFFERS = {
     "2:4": ("values", "meta"),
     "bitmask": ("values", "mask", "row_offsets"),
     "csr": ("values", "columns", "bases", "group_offsets"),
+    "block": ("values", "col_blocks", "row_offsets"),
 }
 # The buffers whose length depends on the weight: a loaded state_dict brings theirs.
-_SIZED_BY_WEIGHT = {"2:4": (), "bitmask": ("values",), "csr": ("values", "columns", "bases")}
+_SIZED_BY_WEIGHT = {
+    "2:4": (),
+    "bitmask": ("values",),
+    "csr": ("values", "columns", "bases"),
+    "block": ("values", "col_blocks"),
+}
 
 
 class SparseLinear(nn.Module):
@@ -41,9 +51,13 @@ class SparseLinear(nn.Module):
                    (out + 1,) int64 (torch.ops.torchslim.sparse_bitmask_linear)
         "csr"      ``values`` (G, 8), ``columns`` (G, 8) uint8, ``bases`` (G,) int16,
                    ``group_offsets`` (out + 1,) int64 (torch.ops.torchslim.sparse_csr_linear)
+        "block"    ``values`` (B, R, C) whole R x C blocks (``block``), ``col_blocks`` (B,)
+                   int32, ``row_offsets`` (ceil(out / R) + 1,) int64
+                   (torch.ops.torchslim.sparse_block_linear)
 
     All are buffers in the state_dict, with ``bias`` (out,) or None; loading a state_dict keeps
-    its values' and bias' dtypes, and a bitmask or csr layer takes its number of values from it.
+    its values' and bias' dtypes, and a bitmask, csr or block layer takes its number of values
+    from it.
     Values are fp32, bf16 or fp16 and need not match the activations' dtype: bf16 values under
     fp32 activations halve the bytes read. With ``dtype=torch.int8`` they are int8 codes of the
     pruned weight quantized per output channel, with ``scales`` (out,) fp32 (W8A16: W[n] =
@@ -61,10 +75,17 @@ class SparseLinear(nn.Module):
         format: str = "2:4",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        block: str | tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
-        if format not in FORMATS:
-            raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+        if format not in LAYER_FORMATS:
+            raise ValueError(f"format must be one of {LAYER_FORMATS}, got {format!r}")
+        if (block is not None) != (format == "block"):
+            raise ValueError(
+                f"block (R, C) goes with format='block' and only with it, got block={block!r} "
+                f"and format={format!r}"
+            )
+        self.block = None if block is None else _block_shape(block)
         if in_features < 1 or out_features < 1:
             raise ValueError(
                 f"in_features and out_features must be >= 1, got {in_features}, {out_features}"
@@ -88,6 +109,14 @@ class SparseLinear(nn.Module):
             )
             self.register_buffer(
                 "row_offsets", torch.zeros(n + 1, dtype=torch.int64, device=device)
+            )
+        elif format == "block":
+            rows, cols = self.block
+            self.register_buffer("values", torch.zeros(0, rows, cols, dtype=dtype, device=device))
+            self.register_buffer("col_blocks", torch.zeros(0, dtype=torch.int32, device=device))
+            self.register_buffer(
+                "row_offsets",
+                torch.zeros(ref.block_rows(n, self.block) + 1, dtype=torch.int64, device=device),
             )
         else:
             group = ref.CSR_GROUP
@@ -127,10 +156,12 @@ class SparseLinear(nn.Module):
         Args:
             linear: the float layer, its weight already zero where pruned.
             pattern: the pattern the weight is declared to follow: "2:4" (checked: a weight
-                off the pattern raises ValueError, it is never re-pruned) or "unstructured".
-            format: "2:4", "bitmask" or "csr"; default "2:4" for the 2:4 pattern, else the
-                one that reads the fewer bytes (csr from about 90% sparsity, see
-                default_format).
+                off the pattern raises ValueError, it is never re-pruned), "unstructured", or
+                blocks "RxC" such as "16x16" (any weight holds: every block with a nonzero is
+                stored).
+            format: "2:4", "bitmask", "csr" or "block"; default "2:4" for the 2:4 pattern,
+                "block" for blocks, else the one of bitmask and csr that reads the fewer bytes
+                (csr from about 90% sparsity, see default_format).
             dtype: dtype of the stored values (default the weight's); torch.int8 stores the
                 weight quantized per output channel (int8 codes and fp32 scales, see
                 torchslim.quant.quantize_weight_per_channel; zeros stay zeros).
@@ -138,10 +169,10 @@ class SparseLinear(nn.Module):
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         parsed = parse_pattern(pattern)
-        if str(parsed) not in ("2:4", "unstructured"):
+        if parsed.kind == "n:m" and str(parsed) != "2:4":
             raise ValueError(
-                f"pattern must be '2:4' or 'unstructured' for SparseLinear, got {pattern!r} "
-                "(a block-pruned weight is stored as 'unstructured')"
+                f"pattern must be '2:4', 'unstructured' or blocks 'RxC' for SparseLinear, got "
+                f"{pattern!r} (an n:m-pruned weight is stored as 'unstructured')"
             )
         weight = linear.weight.detach()  # with torch.nn.utils.prune: weight_orig * weight_mask
         if dtype is not None and dtype not in (*VALUE_DTYPES, torch.int8):
@@ -149,9 +180,15 @@ class SparseLinear(nn.Module):
         scales = None
         if dtype == torch.int8:
             weight, scales = quantize_weight_per_channel(weight)
+        if parsed.kind == "block":
+            format = format or "block"
         format = format or ("2:4" if str(parsed) == "2:4" else default_format(weight, dtype))
-        if format not in FORMATS:
-            raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+        if format not in LAYER_FORMATS:
+            raise ValueError(f"format must be one of {LAYER_FORMATS}, got {format!r}")
+        if format == "block" and parsed.kind != "block":
+            raise ValueError(
+                f"format='block' needs a block pattern such as '16x16', got {pattern!r}"
+            )
         layer = cls(
             linear.in_features,
             linear.out_features,
@@ -159,6 +196,7 @@ class SparseLinear(nn.Module):
             format=format,
             device=weight.device,
             dtype=dtype or weight.dtype,
+            block=parsed.block if format == "block" else None,
         )
         if scales is not None:
             layer.scales = scales
@@ -166,6 +204,10 @@ class SparseLinear(nn.Module):
             layer.values, layer.meta = compress_24(weight, dtype)
         elif format == "bitmask":
             layer.values, layer.mask, layer.row_offsets = compress_bitmask(weight, dtype)
+        elif format == "block":
+            layer.values, layer.col_blocks, layer.row_offsets = compress_block(
+                weight, layer.block, dtype
+            )
         else:
             layer.values, layer.columns, layer.bases, layer.group_offsets = compress_csr(
                 weight, dtype
@@ -245,6 +287,21 @@ class SparseLinear(nn.Module):
                 raise ValueError("meta must hold two increasing column indices per group of 4")
         elif self.format == "bitmask":
             ref.check_bitmask(b["values"], b["mask"], b["row_offsets"], k)
+        elif self.format == "block":
+            if b["values"].dim() != 3 or tuple(b["values"].shape[1:]) != self.block:
+                raise ValueError(
+                    f"values must have shape (B, {self.block[0]}, {self.block[1]}), got "
+                    f"{tuple(b['values'].shape)}"
+                )
+            if (
+                b["col_blocks"].dtype != torch.int32
+                or b["col_blocks"].shape != b["values"].shape[:1]
+            ):
+                raise ValueError(
+                    f"col_blocks must be int32 of shape ({b['values'].shape[0]},), got "
+                    f"{b['col_blocks'].dtype} {tuple(b['col_blocks'].shape)}"
+                )
+            ref.check_block(b["values"], b["col_blocks"], b["row_offsets"], n, k)
         else:
             ref.check_csr(b["values"], b["columns"], b["bases"], b["group_offsets"], k)
 
@@ -259,6 +316,10 @@ class SparseLinear(nn.Module):
         elif self.format == "bitmask":
             w = ref.decompress_bitmask(
                 b["values"], b["mask"], b["row_offsets"], self.in_features, dtype
+            )
+        elif self.format == "block":
+            w = ref.decompress_block(
+                b["values"], b["col_blocks"], b["row_offsets"], *self._shape(), dtype
             )
         else:
             w = ref.decompress_csr(
@@ -290,14 +351,28 @@ class SparseLinear(nn.Module):
             return _OP_24(x, values, b["meta"], bias, scales)
         if self.format == "bitmask":
             return _OP_BITMASK(x, values, b["mask"], b["row_offsets"], bias, scales)
+        if self.format == "block":
+            n = self.out_features
+            return _OP_BLOCK(x, values, b["col_blocks"], b["row_offsets"], n, bias, scales)
         return _OP_CSR(x, values, b["columns"], b["bases"], b["group_offsets"], bias, scales)
 
+    def _shape(self) -> tuple[int, int]:
+        return self.out_features, self.in_features
+
     def extra_repr(self) -> str:
+        block = f", block={self.block[0]}x{self.block[1]}" if self.block else ""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, format={self.format!r}, "
+            f"bias={self.bias is not None}, format={self.format!r}{block}, "
             f"values={str(self.values.dtype).removeprefix('torch.')}"
         )
+
+
+def _block_shape(block: str | tuple[int, int]) -> tuple[int, int]:
+    parsed = parse_pattern(block)
+    if parsed.kind != "block":
+        raise ValueError(f"block must be 'RxC' such as '16x16' or (R, C), got {block!r}")
+    return parsed.block
 
 
 def default_format(weight: torch.Tensor, dtype: torch.dtype | None = None) -> str:
