@@ -10,6 +10,9 @@ jit helpers:
 launcher helpers:
     check_tensor / check_same_device   ValueError/TypeError naming the argument, rule and value
     device_guard(t)                     launch on t's device (Triton launches on the current one)
+    gemm_output / no_launch            a weight-compressed GEMM's output buffer (fp32, zeroed,
+                                        for split-K decode) and its result when K or M N is 0
+    dot_precision(dtype)                tl.dot's input_precision for fp32 (TF32 unless "highest")
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .autotune import INTERPRET
+from .autotune import DECODE_MAX_M, INTERPRET
 
 # 1.5 * 2**23: adding it to |x| <= 2**22 lands in [2**23, 2**24), where the fp32 spacing is 1, so
 # the addition itself rounds x to an integer with the IEEE default mode (nearest, ties to even);
@@ -139,3 +142,37 @@ def check_same_device(**tensors: torch.Tensor | None) -> None:
 def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
     """Context that makes ``t``'s CUDA device current (Triton launches on the current device)."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def gemm_output(x: torch.Tensor, n: int) -> tuple[torch.Tensor, bool]:
+    """(out (M, N), decode) for a GEMM launcher whose decode configs split K: at M <=
+    DECODE_MAX_M an fp32 zero-filled buffer that the programs add into atomically, else an
+    uninitialised one in x.dtype. The launcher returns ``out.to(x.dtype)``."""
+    decode = x.shape[0] <= DECODE_MAX_M
+    make = torch.zeros if decode else torch.empty
+    return make(
+        (x.shape[0], n), dtype=torch.float32 if decode else x.dtype, device=x.device
+    ), decode
+
+
+def no_launch(
+    out: torch.Tensor, k: int, bias: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor | None:
+    """The result that needs no launch, in ``dtype``: an empty ``out`` as it is, K == 0 the bias
+    alone (zeros without one); None when there is work."""
+    if out.numel() == 0:
+        return out.to(dtype)
+    if k == 0:
+        out.zero_()
+        if bias is not None:
+            out += bias.to(out.dtype)
+        return out.to(dtype)
+    return None
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input_precision: fp32 follows torch.get_float32_matmul_precision() ("highest"
+    is IEEE fp32, else TF32); other dtypes ignore it."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"

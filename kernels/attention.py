@@ -77,7 +77,7 @@ import triton
 import triton.language as tl
 
 from . import autotune as _tune
-from ._common import FLOAT_DTYPES, check_same_device, check_tensor, device_guard
+from ._common import FLOAT_DTYPES, check_same_device, check_tensor, device_guard, dot_precision
 from .autotune import (
     ATTN_BWD_KV_CONFIGS,
     ATTN_BWD_Q_CONFIGS,
@@ -885,13 +885,6 @@ def _mask_args(attn_mask, q, B, H, Sq, Sk):
     return mask, mask.stride(), kind
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    """fp32 follows torch.get_float32_matmul_precision(): "highest" is IEEE fp32, else TF32."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        return "ieee"
-    return "tf32"
-
-
 def _block(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
@@ -1000,7 +993,7 @@ def attention_forward(
         "HEAD_D": D, "HEAD_DV": Dv, "BLOCK_D": _block(D), "BLOCK_DV": _block(Dv),
         "CAUSAL": causal, "HAS_WINDOW": window != -1, "MASK_KIND": mask_kind,
         "HAS_LENS": kv_lens is not None, "STORE_LSE": return_lse,
-        "DOT_PRECISION": _dot_precision(q.dtype),
+        "DOT_PRECISION": dot_precision(q.dtype),
     }  # fmt: skip
     lens = kv_lens if kv_lens is not None else q
     window = max(window, 0)
@@ -1092,7 +1085,7 @@ def attention_backward(
     flags = {
         "HEAD_D": D, "HEAD_DV": Dv, "BLOCK_D": _block(D), "BLOCK_DV": block_dv,
         "CAUSAL": causal, "HAS_WINDOW": window != -1, "MASK_KIND": mask_kind,
-        "HAS_LENS": kv_lens is not None, "DOT_PRECISION": _dot_precision(q.dtype),
+        "HAS_LENS": kv_lens is not None, "DOT_PRECISION": dot_precision(q.dtype),
     }  # fmt: skip
     lens = kv_lens if kv_lens is not None else q
     args = (q, k, v, mask, lens, grad_out, lse, delta)

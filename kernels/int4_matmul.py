@@ -33,12 +33,14 @@ from ._common import (
     check_same_device,
     check_tensor,
     device_guard,
+    dot_precision,
     even_k,
+    gemm_output,
     grouped_tile,
+    no_launch,
     store_tile,
 )
 from .autotune import (
-    DECODE_MAX_M,
     W4A16_DECODE_CONFIGS,
     W4A16_TILED_CONFIGS,
     autotune_w4a16,
@@ -194,21 +196,12 @@ def int4_weight_only_linear(
     G = _check(x, packed_w, scales, zeros, group_size, bias)
     M, K = x.shape
     N = packed_w.shape[0]
-    decode = M <= DECODE_MAX_M
-    acc_dtype = torch.float32 if decode else x.dtype
-    out = (torch.zeros if decode else torch.empty)((M, N), dtype=acc_dtype, device=x.device)
-    if out.numel() == 0:
-        return out.to(x.dtype)
-    if K == 0:
-        out.zero_()
-        if bias is not None:
-            out += bias.to(out.dtype)
-        return out.to(x.dtype)
+    out, decode = gemm_output(x, N)
+    if (done := no_launch(out, K, bias, x.dtype)) is not None:
+        return done
     packed_w = packed_w if packed_w.stride(1) == 1 else packed_w.contiguous()
     scales, zeros = scales.contiguous(), zeros.contiguous()
-    precision = "tf32"
-    if x.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        precision = "ieee"
+    precision = dot_precision(x.dtype)
     kernel = _w4a16_decode if decode else _w4a16_tiled
 
     def grid(meta):

@@ -42,13 +42,14 @@ from ._common import (
     check_same_device,
     check_tensor,
     device_guard,
+    dot_precision,
     even_k,
+    gemm_output,
     grouped_tile,
     round_half_even,
     store_tile,
 )
 from .autotune import (
-    DECODE_MAX_M,
     INT8_GEMM_CONFIGS,
     W8A16_DECODE_CONFIGS,
     W8A16_TILED_CONFIGS,
@@ -354,15 +355,11 @@ def int8_weight_only_linear(
         out: (M, N) in x.dtype, row-major.
     """
     _check_linear(x, w_q, w_scale, bias)
-    M, N = x.shape[0], w_q.shape[0]
-    decode = M <= DECODE_MAX_M
-    acc_dtype = torch.float32 if decode else x.dtype
-    out = (torch.zeros if decode else torch.empty)((M, N), dtype=acc_dtype, device=x.device)
+    out, decode = gemm_output(x, w_q.shape[0])
     if out.numel() == 0:
         return out.to(x.dtype)
-    precision = "tf32"
-    if x.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        precision = "ieee"
     kernel = _w8a16_decode if decode else _w8a16_tiled
-    _launch_gemm(kernel, x, w_q, out, b_scale=w_scale, bias=bias, dot_precision=precision)
+    _launch_gemm(
+        kernel, x, w_q, out, b_scale=w_scale, bias=bias, dot_precision=dot_precision(x.dtype)
+    )
     return out.to(x.dtype)

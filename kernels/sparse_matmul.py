@@ -51,8 +51,11 @@ from ._common import (
     check_same_device,
     check_tensor,
     device_guard,
+    dot_precision,
     even_k,
+    gemm_output,
     grouped_tile,
+    no_launch,
     store_tile,
 )
 from .autotune import (
@@ -221,23 +224,14 @@ def sparse24_linear(
     _check(x, values, meta, bias, scales)
     M, K = x.shape
     N = values.shape[0]
-    decode = M <= DECODE_MAX_M
-    acc_dtype = torch.float32 if decode else x.dtype
-    out = (torch.zeros if decode else torch.empty)((M, N), dtype=acc_dtype, device=x.device)
-    if out.numel() == 0:
-        return out.to(x.dtype)
-    if K == 0:
-        out.zero_()
-        if bias is not None:
-            out += bias.to(out.dtype)
-        return out.to(x.dtype)
+    out, decode = gemm_output(x, N)
+    if (done := no_launch(out, K, bias, x.dtype)) is not None:
+        return done
     values = values if values.stride(1) == 1 else values.contiguous()
     meta = meta if meta.stride(1) == 1 else meta.contiguous()
     scales = None if scales is None else scales.contiguous()
     bias = None if bias is None else bias.contiguous()
-    precision = "tf32"
-    if x.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        precision = "ieee"
+    precision = dot_precision(x.dtype)
     kernel = _sp24_decode if decode else _sp24_tiled
 
     def grid(meta_args):
@@ -374,9 +368,7 @@ def sparse_block_linear(
     col_blocks, row_offsets = col_blocks.contiguous(), row_offsets.contiguous()
     scales = None if scales is None else scales.contiguous()
     bias = None if bias is None else bias.contiguous()
-    precision = "tf32"
-    if x.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        precision = "ieee"
+    precision = dot_precision(x.dtype)
     block_m = 16 if M <= DECODE_MAX_M or INTERPRET else 64
     grid = (triton.cdiv(M, block_m), row_offsets.numel() - 1)
     with device_guard(x):

@@ -124,7 +124,7 @@ def test_readme_sparse_example_runs():
     code = next(b for b in blocks if "torchslim.sparse as sp" in b)
     scope: dict = {}
     exec(compile("import torch\nimport torchslim\n" + code, "README.md", "exec"), scope)
-    assert scope["y"].shape == (8, 64)
+    assert scope["y"].shape == (8, 64) and scope["yb"].shape == (8, 512)
     assert scope["sp"].sparsity(scope["model"][0].weight) == 0.5
 
 

@@ -318,6 +318,23 @@ def compress_csr(
     return values, columns, base.to(torch.int16), group_offsets
 
 
+def _check_offsets(offsets: torch.Tensor, limit: int, name: str) -> torch.Tensor:
+    """``offsets`` as int64 after checking that they start at 0, never decrease and stay at
+    most ``limit`` (the entries of values.shape[0] they index); ValueError naming the first
+    one that does not."""
+    offsets = offsets.to(torch.int64)
+    if offsets.numel() and int(offsets[0]) != 0:
+        raise ValueError(f"{name} must start at 0, got {int(offsets[0])}")
+    bad = ((offsets.diff() < 0) | (offsets[1:] > limit)).nonzero()
+    if bad.numel():
+        i = int(bad[0, 0])
+        raise ValueError(
+            f"{name} must be non-decreasing and at most values.shape[0] = {limit}, "
+            f"got {name}[{i}] = {int(offsets[i])}, {name}[{i + 1}] = {int(offsets[i + 1])}"
+        )
+    return offsets
+
+
 def _csr_columns(
     values: torch.Tensor,
     columns: torch.Tensor,
@@ -326,18 +343,7 @@ def _csr_columns(
     k: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """check_csr's checks; returns (row, column) of every slot, (G, 8) int64 each."""
-    groups = values.shape[0]
-    offsets = group_offsets.to(torch.int64)
-    if offsets.numel() and int(offsets[0]) != 0:
-        raise ValueError(f"group_offsets must start at 0, got {int(offsets[0])}")
-    bad = ((offsets.diff() < 0) | (offsets[1:] > groups)).nonzero()
-    if bad.numel():
-        n = int(bad[0, 0])
-        raise ValueError(
-            f"group_offsets must be non-decreasing and at most values.shape[0] = {groups}, "
-            f"got group_offsets[{n}] = {int(offsets[n])}, "
-            f"group_offsets[{n + 1}] = {int(offsets[n + 1])}"
-        )
+    offsets = _check_offsets(group_offsets, values.shape[0], "group_offsets")
     used = int(offsets[-1])
     rows = torch.repeat_interleave(
         torch.arange(offsets.numel() - 1, device=values.device), offsets.diff()
@@ -445,17 +451,7 @@ def check_block(
             f"row_offsets must have ceil(N / R) + 1 = {block_rows(n, (rows, cols)) + 1} entries "
             f"for N = {n} and R = {rows}, got {row_offsets.numel()}"
         )
-    offsets = row_offsets.to(torch.int64)
-    if int(offsets[0]) != 0:
-        raise ValueError(f"row_offsets must start at 0, got {int(offsets[0])}")
-    bad = ((offsets.diff() < 0) | (offsets[1:] > blocks)).nonzero()
-    if bad.numel():
-        r = int(bad[0, 0])
-        raise ValueError(
-            f"row_offsets must be non-decreasing and at most values.shape[0] = {blocks}, "
-            f"got row_offsets[{r}] = {int(offsets[r])}, row_offsets[{r + 1}] = "
-            f"{int(offsets[r + 1])}"
-        )
+    offsets = _check_offsets(row_offsets, blocks, "row_offsets")
     used = col_blocks[: int(offsets[-1])].to(torch.int64)
     past = ((used < 0) | (used * cols >= k)).nonzero()
     if past.numel():
