@@ -113,6 +113,11 @@ def test_parse_sparse_configs():
         None,
     )
     assert demo.parse_config("sparse-90%-int8")[1]["dtype"] == torch.int8
+    assert demo.parse_config("sparse-16x16-50%") == (
+        "sparse",
+        {"sparsity": 0.5, **wanda, "pattern": "16x16"},
+        None,
+    )
     assert {"sparse-2:4", "sparse-2:4-int8", "sparse-50%", "sparse-75%"} <= set(demo.CONFIGS)
     for bad in (
         "sparse-120%",
@@ -125,6 +130,9 @@ def test_parse_sparse_configs():
         "sparse-g32",
         "sparse-int8",
         "sparse-2:4-int4",
+        "sparse-16x-50%",
+        "sparse-16x16-0%",
+        "sparse-16x16",
         "int8-g32",  # int8 takes no group size
         "int4-g32+sparse-head",
     ):
@@ -141,7 +149,7 @@ def test_demo_cli_names_a_bad_sparse_config(capsys):
 @pytest.mark.parametrize(
     ("config", "fmt", "ratio"),
     [("sparse-2:4", "2:4", (0.5, 0.6)), ("sparse-50%", "bitmask", (0.5, 0.6)),
-     ("sparse-2:4-int8", "2:4", (0.15, 0.18))],
+     ("sparse-2:4-int8", "2:4", (0.15, 0.18)), ("sparse-16x16-50%", "block", (0.5, 0.6))],
 )  # fmt: skip
 def test_sparse_config_prunes_the_body_and_counts_compressed_bytes(tiny_llama, config, fmt, ratio):
     """Every decoder-layer linear becomes a SparseLinear at 50% sparsity (Wanda on the

@@ -580,7 +580,7 @@ inline void block_tile(const SparseGemmArgs& g, const float* x, int64_t ldx, int
   const BlockRow row = block_row(g, n);
   const T* v = typed<T>(g.values) + row.offset;
   const int64_t C = g.block_cols, block_size = g.block_rows * C;
-  float tail[kSpMR] = {};  // columns past the last whole 8 of a block
+  float tail[kSpMR] = {};  // a block's last columns, past its steps of 8 and 4
   bool fits = true;
   const auto scalar = [&](const T* w, const float* xb, int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; ++j) {

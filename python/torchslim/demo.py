@@ -71,22 +71,31 @@ SPARSITY_METHOD = "wanda"
 def sparse_args(config: str) -> dict:
     """torchslim.patch options of a sparse configuration, pruned with Wanda on the calibration
     batches and stored compressed (SparseLinear): "sparse-2:4" (2 of every 4 weights kept,
-    the 2:4 format) or "sparse-<P>%" (P% of each output row pruned, 0 < P < 100; the bitmask
-    or csr format), with "-int8" the values as int8 codes per output channel: "sparse-50%" ->
-    sparsity=0.5, sparsity_method="wanda"; "sparse-2:4-int8" adds dtype=torch.int8."""
+    the 2:4 format), "sparse-<P>%" (P% of each output row pruned, 0 < P < 100; the bitmask
+    or csr format) or "sparse-<R>x<C>-<P>%" (P% of each block row's R x C blocks; the block
+    format), with "-int8" the values as int8 codes per output channel: "sparse-50%" ->
+    sparsity=0.5, sparsity_method="wanda"; "sparse-16x16-50%" adds pattern="16x16";
+    "sparse-2:4-int8" adds dtype=torch.int8."""
     spec = config.removeprefix(SPARSE_PREFIX)
     values = {}
     if spec.endswith(INT8_SUFFIX):
         spec, values = spec.removesuffix(INT8_SUFFIX), {"dtype": torch.int8}
     if spec == "2:4":
         return {"sparsity": "2:4", "sparsity_method": SPARSITY_METHOD, **values}
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)%", spec)
-    if match is None or not 0 < float(match[1]) < 100:
+    match = re.fullmatch(r"(?:(\d+x\d+)-)?(\d+(?:\.\d+)?)%", spec)
+    if match is None or not 0 < float(match[2]) < 100:
         raise ValueError(
-            f"{config!r} is not {SPARSE_PREFIX}2:4 or {SPARSE_PREFIX}<P>% with 0 < P < 100 "
-            f"(e.g. {SPARSE_PREFIX}50%), optionally ending in {INT8_SUFFIX}"
+            f"{config!r} is not {SPARSE_PREFIX}2:4, {SPARSE_PREFIX}<P>% or "
+            f"{SPARSE_PREFIX}<R>x<C>-<P>% with 0 < P < 100 (e.g. {SPARSE_PREFIX}50%, "
+            f"{SPARSE_PREFIX}16x16-50%), optionally ending in {INT8_SUFFIX}"
         )
-    return {"sparsity": float(match[1]) / 100, "sparsity_method": SPARSITY_METHOD, **values}
+    blocks = {"pattern": match[1]} if match[1] else {}
+    return {
+        "sparsity": float(match[2]) / 100,
+        "sparsity_method": SPARSITY_METHOD,
+        **blocks,
+        **values,
+    }
 
 
 def patch_args(config: str) -> tuple[str, dict]:
