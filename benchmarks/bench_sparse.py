@@ -40,10 +40,12 @@ as not run (torch's CUTLASS 2:4 runs on sm_8x only). Eager cuSPARSELt spends ~0.
 time per call setting up its descriptors (torch 2.11, H100), which hides the kernel, so the
 "-graph" rows replay the call from a CUDA graph (captured once per rotated weight copy): the
 kernel's own time. dense-*-graph does the same for cuBLAS, to compare like with like; speedups
-stay over the faster eager dense. Ours appear only where torchslim.ops.explain picks a kernel:
-on CUDA, sparse24_linear runs the Triton kernel (torchslim-2:4-fp16, -bf16, and
-torchslim-2:4-int8-fp16x with int8 values), while bitmask and csr have no GPU kernel yet (they
-would run the reference) and their rows are "not run". The GPU target line reads ours on 2:4
+stay over the faster eager dense. Ours appear only where torchslim.ops.explain picks a kernel,
+and the `kernel` column names it: on CUDA, sparse24_linear runs the sparse tensor cores (CUDA
+C++, mma.sp: torchslim-2:4-fp16 and -bf16 from M = 17) or else the Triton kernel (decode, and
+torchslim-2:4-int8-fp16x with int8 values), sparse_block_linear the Triton block kernel, while
+bitmask and csr have no GPU kernel yet (they would run the reference) and their rows are "not
+run". The GPU target line reads ours on 2:4
 against dense fp16, both eager, on 8192 x 8192 from M = 1024 up.
 
 Per row: time (median ms: torch.utils.benchmark's blocked_autorange at the process's thread
@@ -361,15 +363,16 @@ def _check_output(out: torch.Tensor, expected: torch.Tensor) -> None:
         raise RuntimeError(f"wrong output: relative error {err:.2g} against fp32 F.linear")
 
 
-def _why_not_ours(impl: Impl, x: torch.Tensor, operands: tuple) -> str | None:
-    """None when ours has a kernel for this input, else why not (it would run the reference)."""
+def _kernel_of_ours(impl: Impl, x: torch.Tensor, operands: tuple) -> tuple[str, str | None]:
+    """(the backend torchslim.ops.explain picks for ours, None), or ("", why there is no
+    kernel: the op would run the reference); ("", None) for the baselines."""
     if impl.op is None:
-        return None
+        return "", None
     chosen = ops.explain(impl.op, x, *impl.op_args(operands))
     if chosen["backend"] != "reference":
-        return None
+        return chosen["backend"], None
     why = "; ".join(chosen["passed_over"]) or f"no {x.device.type} kernel"
-    return f"no kernel, the op would run the reference ({why})"
+    return "", f"no kernel, the op would run the reference ({why})"
 
 
 def measure(
@@ -399,7 +402,7 @@ def measure(
     if isinstance(operands, Exception):
         return {**row, "error": str(operands).splitlines()[0]}
     x = x.to(impl.x_dtype)
-    why = _why_not_ours(impl, x, operands)
+    row["kernel"], why = _kernel_of_ours(impl, x, operands)
     if why is not None:
         return {**row, "error": why}
     nbytes = weight_bytes(impl, operands, n, k, case["sparsity"] / 100)
@@ -757,8 +760,8 @@ def main(argv: list[str] | None = None) -> int:
 
     timed = [r for r in rows if "time_ms" in r]
     dense_names = " and ".join(_SHORT[impl.w_dtype] for impl in dense)
-    columns = ["layer", "M", "pattern", "impl", "time_ms", "speedup", "vs", "GB/s", "weight_MB",
-               "pct_floor", "binds", "GFLOP/s"]  # fmt: skip
+    columns = ["layer", "M", "pattern", "impl", "kernel", "time_ms", "speedup", "vs", "GB/s",
+               "weight_MB", "pct_floor", "binds", "GFLOP/s"]  # fmt: skip
     print(f"\nspeedup: over the faster of dense {dense_names} F.linear (vs)")
     print(
         common.format_table([{**r, "weight_MB": r["weight_bytes"] / 1e6} for r in timed], columns)

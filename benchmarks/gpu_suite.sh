@@ -63,7 +63,7 @@ for stage in $stages; do
         -n "${TEST_WORKERS:-8}" tests/test_int8.py tests/test_triton_quant_matmul.py \
         tests/test_int4_tc.py tests/test_triton_int4.py tests/test_int4.py \
         tests/test_nn.py tests/test_compile.py tests/test_triton_attention.py \
-        tests/test_attention.py tests/test_triton_sparse.py || status=1
+        tests/test_attention.py tests/test_triton_sparse.py tests/test_sparse_tc.py || status=1
       ;;
     bench-gpu)
       run_stage bench-gpu "${BENCH_GPU_LIMIT:-300}" python benchmarks/bench_quant.py --device cuda \

@@ -1,5 +1,6 @@
-// Torch binding of the CUDA kernels (csrc/cuda/int8_gemm.cu, int4_gemm.cu): argument checks,
-// device guard, current stream, allocation, then one call into the torch-free kernel API per step.
+// Torch binding of the CUDA kernels (csrc/cuda/int8_gemm.cu, int4_gemm.cu, sparse24_gemm.cu):
+// argument checks, device guard, current stream, allocation, then one call into the torch-free
+// kernel API per step.
 //
 // Every function takes 2-D tensors. Activations and int8 matrices must have unit stride in their
 // last dim; their row stride may be anything (it is passed to the kernels as the leading dim).
@@ -12,6 +13,7 @@
 
 #include "cuda/int4_gemm.h"
 #include "cuda/int8_gemm.h"
+#include "cuda/sparse24_gemm.h"
 #include "torchslim/checks.h"
 
 namespace torchslim {
@@ -251,6 +253,53 @@ at::Tensor int4_weight_only_linear_tc_cuda(const at::Tensor& x, const at::Tensor
   return out;
 }
 
+// 2:4 on the sparse tensor cores: x (M, K) fp16/bf16, values (N, 2 * ceil(K / 4)) in x's dtype,
+// meta (N, ceil(K / 8)) uint8 (torchslim.reference.sparse: the 2:4 format), bias (N,) float or
+// None, scales (N,) fp32 or None -> (M, N) in x.dtype = x @ (W * scales[:, None]).T + bias.
+at::Tensor sparse24_linear_cuda(const at::Tensor& x, const at::Tensor& values,
+                                const at::Tensor& meta, const std::optional<at::Tensor>& bias,
+                                const std::optional<at::Tensor>& scales) {
+  const DType xt = check_activation(x, "x");
+  TORCHSLIM_CHECK_TYPE(xt != DType::kFloat32, "x must be float16 or bfloat16, got float32");
+  const int64_t M = x.size(0), K = x.size(1), G = (K + 3) / 4;
+  check_device(values, "values", x.device());
+  TORCHSLIM_CHECK_TYPE(values.scalar_type() == x.scalar_type(), "values must have x's dtype (",
+                       x.scalar_type(), "), got ", values.scalar_type());
+  check_matrix(values, "values", "(N, 2 * ceil(K / 4))");
+  TORCHSLIM_CHECK(values.size(1) == 2 * G, "values must have 2 * ceil(K / 4) = ", 2 * G,
+                  " columns, got ", values.size(1));
+  const int64_t N = values.size(0);
+  check_device(meta, "meta", x.device());
+  TORCHSLIM_CHECK_TYPE(meta.scalar_type() == at::kByte, "meta must be uint8, got ",
+                       meta.scalar_type());
+  check_matrix(meta, "meta", "(N, ceil(K / 8))");
+  TORCHSLIM_CHECK(meta.size(0) == N && meta.size(1) == (G + 1) / 2,
+                  "meta must have shape (N, ceil(K / 8)) = (", N, ", ", (G + 1) / 2, "), got ",
+                  meta.sizes());
+  at::Tensor s;
+  if (scales.has_value() && scales->defined()) {
+    check_device(*scales, "scales", x.device());
+    TORCHSLIM_CHECK_TYPE(scales->scalar_type() == at::kFloat, "scales must be float32, got ",
+                         scales->scalar_type());
+    TORCHSLIM_CHECK(scales->dim() == 1 && scales->size(0) == N, "scales must have shape (N,) = (",
+                    N, ",), got ", scales->sizes());
+    s = scales->contiguous();
+  }
+  const at::Tensor b = bias_operand(bias, N, x.device());
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor out = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return out;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
+  check_status(cuda::sparse24_gemm(x.data_ptr(), leading_dim(x), xt, values.data_ptr(),
+                                   leading_dim(values), meta.data_ptr<uint8_t>(), leading_dim(meta),
+                                   s.defined() ? s.data_ptr<float>() : nullptr,
+                                   b.defined() ? b.data_ptr() : nullptr,
+                                   b.defined() ? float_dtype(b, "bias") : DType::kFloat32,
+                                   out.data_ptr(), N, M, N, K, stream),
+               "sparse24_gemm");
+  return out;
+}
+
 void bind_cuda(pybind11::module_& m) {
   namespace py = pybind11;
   m.def("quantize_per_token_cuda", &quantize_per_token_cuda,
@@ -267,6 +316,10 @@ void bind_cuda(pybind11::module_& m) {
         "W4A16 linear on int4 codes in the tc layout (CUDA)", py::arg("x"), py::arg("packed_tc"),
         py::arg("scales"), py::arg("zeros"), py::arg("group_size"), py::arg("bias") = py::none(),
         py::arg("split_k") = 0);
+  m.def("sparse24_linear_cuda", &sparse24_linear_cuda,
+        "2:4 sparse linear on the sparse tensor cores (mma.sp): x @ W.T + bias (CUDA)",
+        py::arg("x"), py::arg("values"), py::arg("meta"), py::arg("bias") = py::none(),
+        py::arg("scales") = py::none());
 }
 
 }  // namespace torchslim

@@ -2,7 +2,9 @@
 //   * dispatch macros (TORCHSLIM_DISPATCH_FLOAT, TORCHSLIM_BOOL_SWITCH) for the host launchers;
 //   * the fused GEMM epilogue (scales, bias, output dtype chosen at run time, switched on once
 //     per thread block of outputs rather than per element);
-//   * thin inline-PTX wrappers: cp.async (with zero fill), ldmatrix, mma.sync (s8 and f16/bf16);
+//   * thin inline-PTX wrappers: cp.async (with zero fill), ldmatrix, mma.sync (s8 and f16/bf16),
+//     and the sparse mma.sp (f16/bf16, 2:4);
+//   * shared-memory staging of tile chunks, with cp.async or with bounds-respecting loads;
 //   * IEEE fp32 division and round-half-even conversion written in PTX, so that build flags
 //     such as --use_fast_math or -ftz=true cannot change the bits of quantization codes.
 // Needs sm_80 or newer (cp.async, bf16 mma).
@@ -246,6 +248,14 @@ __device__ __forceinline__ void cp_async_16(void* dst, const void* src, int src_
                : "memory");
 }
 
+// 8-byte global -> shared copy (through L1); copies src_bytes (0..8) bytes and zero-fills the
+// rest. dst and src must be 8-byte aligned; with src_bytes == 0 nothing is read from src.
+__device__ __forceinline__ void cp_async_8(void* dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(src_bytes)
+               : "memory");
+}
+
 __device__ __forceinline__ void cp_async_commit() {
   asm volatile("cp.async.commit_group;\n" ::: "memory");
 }
@@ -293,6 +303,37 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
   }
 }
 
+// Sparse D = A (16x32, 2:4 along k, row) * B (32x8, col) + D with fp32 accumulate; T is __half
+// or __nv_bfloat16. `a` holds A's kept values as a 16x16 matrix in the A layout of mma.m16n8k16;
+// `e` holds the 2-bit column of each kept value within its group of 4 (sparsity selector 0:
+// lanes 4g and 4g+1 supply the metadata of rows g and g+8, for k 0-15 and 16-31 respectively).
+// Every metadata nibble must name two distinct columns in increasing order.
+template <typename T>
+__device__ __forceinline__ void mma_sp_16832(float (&d)[4], const uint32_t (&a)[4],
+                                             const uint32_t (&b)[4], uint32_t e) {
+#if (__CUDACC_VER_MAJOR__ > 12) || (__CUDACC_VER_MAJOR__ == 12 && __CUDACC_VER_MINOR__ >= 5)
+#define TORCHSLIM_MMA_SP "mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32."
+#else
+#define TORCHSLIM_MMA_SP "mma.sp.sync.aligned.m16n8k32.row.col.f32."
+#endif
+  if constexpr (std::is_same_v<T, __half>) {
+    asm volatile(TORCHSLIM_MMA_SP
+                 "f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9, %10, %11}, "
+                 "{%0, %1, %2, %3}, %12, 0x0;\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]),
+                   "r"(b[3]), "r"(e));
+  } else {
+    asm volatile(TORCHSLIM_MMA_SP
+                 "bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9, %10, %11}, "
+                 "{%0, %1, %2, %3}, %12, 0x0;\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]),
+                   "r"(b[3]), "r"(e));
+  }
+#undef TORCHSLIM_MMA_SP
+}
+
 // Four int8 codes (bytes 0..3 of q, byte 0 lowest) -> two packed pairs of T (fp16 or bf16):
 // lo = (q.b0, q.b1), hi = (q.b2, q.b3), the first element in the low 16 bits. Exact: every
 // int8 value is representable in both formats.
@@ -319,6 +360,54 @@ __device__ __forceinline__ void s8x4_to_pairs(uint32_t q, uint32_t& lo, uint32_t
     lo = *reinterpret_cast<uint32_t*>(&l);
     hi = *reinterpret_cast<uint32_t*>(&h);
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shared-memory staging for the tensor-core kernels.
+
+// Copies one kWidth-byte (8 or 16) shared-memory chunk from src: the first `bytes` (0..kWidth)
+// bytes, zeros after. kAsync: cp.async (src and dst kWidth-byte aligned). Otherwise
+// bounds-respecting byte loads and one shared store (src may have any alignment; nothing past
+// src[bytes - 1] is read).
+template <bool kAsync, int kWidth = 16>
+__device__ __forceinline__ void copy_chunk(void* dst, const void* src, int bytes) {
+  static_assert(kWidth == 8 || kWidth == 16, "chunks are 8 or 16 bytes");
+  if constexpr (kAsync) {
+    if constexpr (kWidth == 16) {
+      cp_async_16(dst, src, bytes);
+    } else {
+      cp_async_8(dst, src, bytes);
+    }
+  } else {
+    const uint8_t* s = static_cast<const uint8_t*>(src);
+    uint32_t word[kWidth / 4] = {};
+#pragma unroll
+    for (int e = 0; e < kWidth; ++e) {
+      if (e < bytes) word[e / 4] |= uint32_t(s[e]) << (8 * (e % 4));
+    }
+    if constexpr (kWidth == 16) {
+      *reinterpret_cast<uint4*>(dst) = make_uint4(word[0], word[1], word[2], word[3]);
+    } else {
+      *reinterpret_cast<uint2*>(dst) = make_uint2(word[0], word[1]);
+    }
+  }
+}
+
+// Byte offset of 16-byte chunk c (0..3) of row r in a tile of 64-byte rows. Two rows fill a
+// 128-byte bank line; XOR-ing c with (r / 2) % 4 spreads chunk c of 8 consecutive rows over the
+// 8 distinct 16-byte bank groups, so ldmatrix (8 rows, one chunk each) is conflict-free.
+__device__ __forceinline__ int swz_row64(int r, int c) {
+  return r * 64 + ((c ^ ((r >> 1) & 3)) << 4);
+}
+
+// The same for 128-byte rows (one bank line each): chunk c (0..7) of row r at chunk c ^ (r % 8).
+__device__ __forceinline__ int swz_row128(int r, int c) { return r * 128 + ((c ^ (r & 7)) << 4); }
+
+// Number of valid elements (0..width) of the chunk starting at column k of row `row`.
+__device__ __forceinline__ int chunk_elems(int64_t row, int64_t rows, int64_t k, int64_t K,
+                                           int width) {
+  if (row >= rows || k >= K) return 0;
+  return static_cast<int>(min(K - k, int64_t(width)));
 }
 
 // Warp-wide sum (every lane gets the result).

@@ -36,8 +36,11 @@ namespace torchslim::cuda {
 namespace {
 
 using detail::ceil_div;
+using detail::chunk_elems;
+using detail::copy_chunk;
 using detail::Epilogue;
 using detail::is_aligned;
+using detail::swz_row64;
 
 constexpr int64_t kMaxGridX = INT_MAX;
 constexpr int64_t kMaxGridY = 65535;
@@ -287,35 +290,6 @@ cudaError_t launch_gemv(const XT* x, int64_t ldx, const int8_t* w, int64_t ldw, 
 }
 
 // =============================================================================================
-// Shared-memory staging for the tensor-core kernels
-// =============================================================================================
-
-// Copies one 16-byte shared-memory chunk from src: the first `bytes` (0..16) bytes, zeros after.
-// kAsync: cp.async (src and dst 16-byte aligned). Otherwise bounds-respecting byte loads and one
-// 16-byte shared store (src may have any alignment; nothing past src[bytes - 1] is read).
-template <bool kAsync>
-__device__ __forceinline__ void copy_chunk(void* dst, const void* src, int bytes) {
-  if constexpr (kAsync) {
-    detail::cp_async_16(dst, src, bytes);
-  } else {
-    const uint8_t* s = static_cast<const uint8_t*>(src);
-    uint32_t word[4] = {0u, 0u, 0u, 0u};
-#pragma unroll
-    for (int e = 0; e < 16; ++e) {
-      if (e < bytes) word[e / 4] |= uint32_t(s[e]) << (8 * (e % 4));
-    }
-    *reinterpret_cast<uint4*>(dst) = make_uint4(word[0], word[1], word[2], word[3]);
-  }
-}
-
-// Number of valid elements (0..width) of the chunk starting at column k of row `row`.
-__device__ __forceinline__ int chunk_elems(int64_t row, int64_t rows, int64_t k, int64_t K,
-                                           int width) {
-  if (row >= rows || k >= K) return 0;
-  return static_cast<int>(min(K - k, int64_t(width)));
-}
-
-// =============================================================================================
 // int8 x int8 tensor-core GEMM (M > 8)
 // =============================================================================================
 
@@ -332,13 +306,6 @@ constexpr int kSmemBytes = kStages * kStageBytes;  // 48 KiB
 static_assert(kBM == kBN, "one loader serves both operand tiles");
 static_assert((kBM * kBK / 16) % kThreads == 0, "chunks per thread must be whole");
 }  // namespace mm8
-
-// Byte offset of 16-byte chunk c (0..3) of row r in a tile of 64-byte rows. Two rows fill a
-// 128-byte bank line; XOR-ing c with (r / 2) % 4 spreads chunk c of 8 consecutive rows over the
-// 8 distinct 16-byte bank groups, so ldmatrix (8 rows, one chunk each) is conflict-free.
-__device__ __forceinline__ int swz_row64(int r, int c) {
-  return r * 64 + ((c ^ ((r >> 1) & 3)) << 4);
-}
 
 // Stages rows [row0, row0 + 128) x columns [k0, k0 + 64) of the (rows, K) int8 matrix g (row
 // stride ld) into a 128 x 64-byte swizzled tile; out-of-range bytes are zero.

@@ -34,12 +34,14 @@ halve the bytes a decode step reads), or int8 codes, which need ``scales``: row 
 is its codes times scales[n]. The ops check shapes, dtypes and devices; the bitmask kernels also
 check that row_offsets agrees with the mask, and the csr kernels that every column is below K,
 as they read them (a ValueError, never a read out of bounds). Backends: the CPU kernel
-(fp32/bf16 activations: csrc/cpu/sparse_gemm.h); for sparse24_linear also the Triton kernel (CUDA
-tensors, fp32/bf16/fp16 activations: kernels/sparse_matmul.py, the weight tile expanded in
-registers), and for sparse_block_linear a Triton kernel that visits only the stored blocks
-(CUDA tensors); anything else runs the reference. sparse_block_linear's Python impl checks its
-offsets and columns of blocks on every call (torchslim.reference.sparse.check_block: a device
-sync on a GPU); the CPU kernel checks them as it reads them.
+(fp32/bf16 activations: csrc/cpu/sparse_gemm.h); for sparse24_linear on CUDA tensors the sparse
+tensor cores (csrc/cuda/sparse24_gemm.cu, mma.sp: fp16/bf16 x with values of its dtype, M >= 17),
+then the Triton kernel (fp32/bf16/fp16 activations, any values: kernels/sparse_matmul.py, the
+weight tile expanded in registers; split-K for decode), and for sparse_block_linear a Triton
+kernel that visits only the stored blocks (CUDA tensors); anything else runs the reference.
+sparse_block_linear's Python impl checks its offsets and columns of blocks on every call
+(torchslim.reference.sparse.check_block: a device sync on a GPU); the CPU kernel checks them as
+it reads them.
 """
 
 from __future__ import annotations
@@ -164,13 +166,18 @@ def _triton_supports(x, *_args) -> str | None:
     return _supports_floats(_triton_float_devices())(x)
 
 
-def _backends(name: str, reference, triton_fn=None) -> OpBackends:
-    """The CPU kernel from _C, and a Triton kernel for CUDA tensors where there is one."""
-    preference = {"cpu": ("cpu",), **({"cuda": ("triton",)} if triton_fn else {})}
+def _backends(name: str, reference, triton_fn=None, cuda_supports=None) -> OpBackends:
+    """The CPU kernel from _C; for CUDA tensors the CUDA C++ kernel from _C (``<name>_cuda``)
+    where ``cuda_supports`` is given, then a Triton kernel where there is one."""
+    cuda = (("cuda",) if cuda_supports else ()) + (("triton",) if triton_fn else ())
+    preference = {"cpu": ("cpu",), **({"cuda": cuda} if cuda else {})}
     backends = OpBackends(name=name, reference=reference, preference=preference)
     available, fn = extension_kernel(f"{name}_cpu", _ext.cpu_available)
     supports = _supports_floats({"cpu": (torch.float32, torch.bfloat16)})
     backends.register(Kernel("cpu", fn, available, supports))
+    if cuda_supports is not None:
+        cuda_available, cuda_fn = extension_kernel(f"{name}_cuda", _ext.cuda_available)
+        backends.register(Kernel("cuda", cuda_fn, cuda_available, cuda_supports))
     if triton_fn is not None:
         backends.register(Kernel("triton", triton_fn, _triton_available, _triton_supports))
     return backends
@@ -187,7 +194,26 @@ def _sparse24_triton(*args):
     return sparse_matmul.sparse24_linear(*args)
 
 
-_SPARSE24 = _backends("sparse24_linear", ref.sparse24_linear, _sparse24_triton)
+# Activations with at most this many rows go to the Triton kernel's split-K decode path: the
+# tensor-core kernel's 128-row tiles of x would be mostly empty, and its grid too small.
+SPARSE24_TC_MIN_M = 17
+
+
+def _sparse24_cuda_supports(x, values, meta, bias=None, scales=None) -> str | None:
+    if x.device.type != "cuda":
+        return f"cuda kernel takes CUDA tensors, got {x.device.type}"
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return f"cuda kernel takes float16, bfloat16 activations, got {x.dtype}"
+    if values.dtype != x.dtype:
+        return f"cuda kernel takes values in x's dtype ({x.dtype}), got {values.dtype}"
+    if x.shape[0] < SPARSE24_TC_MIN_M:
+        return f"cuda kernel serves M >= {SPARSE24_TC_MIN_M} (Triton decodes), got M={x.shape[0]}"
+    return None
+
+
+_SPARSE24 = _backends(
+    "sparse24_linear", ref.sparse24_linear, _sparse24_triton, _sparse24_cuda_supports
+)
 
 
 def _sparse24_impl(x, values, meta, bias=None, scales=None):
