@@ -80,6 +80,16 @@ def test_unaligned_operands(dtype, poisoned_empty):
 
 
 @needs_cuda_kernel
+def test_broadcast_rows_of_x():
+    """x rows that are one row expanded (row stride 0) are read as they are."""
+    g = seeded("sp24-tc-broadcast")
+    values, meta = _layer(64, 256, torch.float16, g)
+    x = torch.randn(1, 256, generator=g).to("cuda", torch.float16).expand(40, 256)
+    assert x.stride(0) == 0
+    _check(ops.sparse24_linear(x, values, meta), x, values, meta)
+
+
+@needs_cuda_kernel
 @pytest.mark.parametrize("pattern", ["same-column", "decreasing"])
 def test_meta_the_tensor_cores_cannot_take(pattern, poisoned_empty):
     """Nibbles that name one column twice (undefined for mma.sp) or a decreasing pair: the

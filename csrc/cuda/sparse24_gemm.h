@@ -27,7 +27,8 @@ namespace torchslim::cuda {
 //   meta:   (N, ceil(G / 2)) uint8, row stride ldm bytes.
 //   scales: (N,) fp32, or nullptr (= 1).
 //   bias:   (N,) bias_dtype (float dtype), or nullptr.
-//   out:    (M, N) dtype, row stride ldo elements.
+//   out:    (M, N) dtype, row stride ldo elements (>= N when M > 1). The operands' rows may
+//           overlap (a row stride of 0 repeats one row).
 // Every metadata nibble of the format names two distinct columns in increasing order, which is
 // what the tensor cores need. Tiles of W with any other nibble (two values on one column, or a
 // decreasing pair) are computed by a scalar path with the reference's rule (each value is added
