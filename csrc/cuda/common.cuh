@@ -403,6 +403,29 @@ __device__ __forceinline__ int swz_row64(int r, int c) {
 // The same for 128-byte rows (one bank line each): chunk c (0..7) of row r at chunk c ^ (r % 8).
 __device__ __forceinline__ int swz_row128(int r, int c) { return r * 128 + ((c ^ (r & 7)) << 4); }
 
+// The prologue of a kStages-deep cp.async pipeline over k_tiles tiles: load_stage(stage, tile)
+// for tiles 0 .. kStages-2, one commit group per tile, empty ones included, so that in the main
+// loop cp_async_wait<kStages - 2>() always means "this thread's copies of tile kt have landed".
+template <int kStages, typename Load>
+__device__ __forceinline__ void start_pipeline(int64_t k_tiles, const Load& load_stage) {
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < k_tiles) load_stage(s, int64_t(s));
+    cp_async_commit();
+  }
+}
+
+// Zeroes a warp's accumulator fragments.
+template <typename Acc, int A, int B>
+__device__ __forceinline__ void zero_fragments(Acc (&acc)[A][B][4]) {
+#pragma unroll
+  for (int i = 0; i < A; ++i)
+#pragma unroll
+    for (int j = 0; j < B; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = Acc(0);
+}
+
 // Number of valid elements (0..width) of the chunk starting at column k of row `row`.
 __device__ __forceinline__ int chunk_elems(int64_t row, int64_t rows, int64_t k, int64_t K,
                                            int width) {

@@ -347,20 +347,9 @@ __global__ void __launch_bounds__(mm8::kThreads, 2)
   };
 
   int32_t acc[kMTiles][kNTiles][4];
-#pragma unroll
-  for (int mi = 0; mi < kMTiles; ++mi)
-#pragma unroll
-    for (int ni = 0; ni < kNTiles; ++ni)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0;
+  detail::zero_fragments(acc);
 
-  // Prologue: tiles 0 .. kStages-2 in flight (one commit group per tile, empty ones included,
-  // so that wait_group<kStages-2> below always means "tile kt has landed").
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < k_tiles) load_stage(s, s);
-    detail::cp_async_commit();
-  }
+  detail::start_pipeline<kStages>(k_tiles, load_stage);
 
   for (int64_t kt = 0; kt < k_tiles; ++kt) {
     detail::cp_async_wait<kStages - 2>();
@@ -492,18 +481,9 @@ __global__ void __launch_bounds__(w8::kThreads, 2)
   };
 
   float acc[kMTiles][kNTiles][4];
-#pragma unroll
-  for (int mi = 0; mi < kMTiles; ++mi)
-#pragma unroll
-    for (int ni = 0; ni < kNTiles; ++ni)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.0f;
+  detail::zero_fragments(acc);
 
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < k_tiles) load_stage(s, s);
-    detail::cp_async_commit();
-  }
+  detail::start_pipeline<kStages>(k_tiles, load_stage);
 
   for (int64_t kt = 0; kt < k_tiles; ++kt) {
     detail::cp_async_wait<kStages - 2>();

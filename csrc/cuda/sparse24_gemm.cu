@@ -134,19 +134,9 @@ __global__ void __launch_bounds__(kThreads, 2)
   };
 
   float acc[kWTiles][kXTiles][4];
-#pragma unroll
-  for (int wi = 0; wi < kWTiles; ++wi)
-#pragma unroll
-    for (int xi = 0; xi < kXTiles; ++xi)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[wi][xi][e] = 0.0f;
+  detail::zero_fragments(acc);
 
-  // Prologue: tiles 0 .. kStages-2 in flight, one commit group per tile (empty ones included).
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < k_tiles) load_stage(s, s);
-    detail::cp_async_commit();
-  }
+  detail::start_pipeline<kStages>(k_tiles, load_stage);
 
   for (int64_t kt = 0; kt < k_tiles; ++kt) {
     detail::cp_async_wait<kStages - 2>();  // this thread's copies of tile kt have landed
