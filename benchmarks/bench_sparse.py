@@ -45,8 +45,8 @@ and the `kernel` column names it: on CUDA, sparse24_linear runs the sparse tenso
 C++, mma.sp: torchslim-2:4-fp16 and -bf16 from M = 17) or else the Triton kernel (decode, and
 torchslim-2:4-int8-fp16x with int8 values), sparse_block_linear the Triton block kernel, while
 bitmask and csr have no GPU kernel yet (they would run the reference) and their rows are "not
-run". The GPU target line reads ours on 2:4
-against dense fp16, both eager, on 8192 x 8192 from M = 1024 up.
+run". The GPU target line reads ours on 2:4 against dense fp16, both eager, on 8192 x 8192 from
+M = 1024 up.
 
 Per row: time (median ms: torch.utils.benchmark's blocked_autorange at the process's thread
 count; on a GPU triton's do_bench), speedup over the faster of dense fp32 and bf16 F.linear (fp16

@@ -143,7 +143,8 @@ def test_rejects_bad_input():
 @needs_cuda_kernel
 def test_the_op_picks_it_from_the_minimum_m():
     """torch.ops.torchslim.sparse24_linear: the tensor cores from M = SPARSE24_TC_MIN_M rows
-    (leading dims flattened), the Triton kernel below and for values in another dtype."""
+    (leading dims flattened: explain and the op count (3, 17, K) as 51 rows), the Triton kernel
+    below and for values in another dtype."""
     g = seeded("sp24-tc-op")
     values, meta = _layer(64, 128, torch.bfloat16, g)
     big = torch.randn(3, SPARSE24_TC_MIN_M, 128, generator=g).to("cuda", torch.bfloat16)
@@ -163,4 +164,5 @@ def test_cpu_tensors_never_reach_it():
     assert ops.sparse._sparse24_cuda_supports(x, values, meta) == (
         "cuda kernel takes CUDA tensors, got cpu"
     )
+
     assert torchslim.explain("sparse24_linear", x, values, meta)["backend"] != "cuda"

@@ -46,6 +46,8 @@ it reads them.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from torchslim import _ext
@@ -206,8 +208,9 @@ def _sparse24_cuda_supports(x, values, meta, bias=None, scales=None) -> str | No
         return f"cuda kernel takes float16, bfloat16 activations, got {x.dtype}"
     if values.dtype != x.dtype:
         return f"cuda kernel takes values in x's dtype ({x.dtype}), got {values.dtype}"
-    if x.shape[0] < SPARSE24_TC_MIN_M:
-        return f"cuda kernel serves M >= {SPARSE24_TC_MIN_M} (Triton decodes), got M={x.shape[0]}"
+    rows = math.prod(x.shape[:-1])  # x's leading dims flattened, as the op calls the kernel
+    if rows < SPARSE24_TC_MIN_M:
+        return f"cuda kernel serves M >= {SPARSE24_TC_MIN_M} (Triton decodes), got M={rows}"
     return None
 
 
