@@ -216,6 +216,20 @@ def test_kernel_meets_the_flash_rule(backend, sq, sk, d, gqa, option):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_kernel_fp32_error_at_a_long_head_dim(backend):
+    """d = 256 over 1025 keys in fp32: the scores' dot products must not sum along d in one
+    chain (that erred 4x the reference's error on these inputs, past the flash rule)."""
+    gen = seeded("cpu-avx512", 40, 1025, 256, 1, "bool mask, empty rows")
+    opts = _options("bool mask, empty rows", 2, 2, 40, 1025, gen)
+    q, k, v = _qkv(2, 2, 2, 40, 1025, 256, gen)
+    with run_on(backend):
+        out = torchslim.attention(q, k, v, **opts)
+    mask = opts["attn_mask"]
+    ref64 = ref.attention(q.double(), k.double(), v.double(), mask, compute_dtype=torch.float64)
+    check_close(out, ref64, ref.attention(q, k, v, mask, compute_dtype=torch.float32))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_kernel_value_dim_scale_threads_and_empty(backend, gen):
     q, k, v = _qkv(2, 4, 2, 9, 70, 64, gen, dv=24)
     threads = torch.get_num_threads()

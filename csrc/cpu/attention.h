@@ -25,29 +25,40 @@ namespace {
 
 constexpr float kMinusInf = -__builtin_inff();
 
+// Head dims per partial sum of the scores: each chunk's dot products start from zero and are
+// then added to the scores, so the rounding error grows with D / kScoreChunk + kScoreChunk
+// terms, not D (one chain over D = 256 erred 3x PyTorch's matmul in fp32).
+constexpr int64_t kScoreChunk = 64;
+
 // One tile's scores for R rows: s[r][c] = sum_d q[r][d] kt[d][c], c < kAttnBlockK. Two vectors
 // of keys per step: each broadcast q value feeds two FMAs.
 template <int R>
 void scores_packed(const float* q, int64_t D, const float* kt, float* s) {
   using V = FVec;
-  for (int64_t c = 0; c < kAttnBlockK; c += 2 * V::kWidth) {
-    typename V::R acc[R][2];
+  for (int64_t d0 = 0; d0 < D; d0 += kScoreChunk) {
+    const int64_t d1 = min_i64(d0 + kScoreChunk, D);
+    for (int64_t c = 0; c < kAttnBlockK; c += 2 * V::kWidth) {
+      typename V::R acc[R][2];
 #pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = V::zero();
-    for (int64_t d = 0; d < D; ++d) {
-      const typename V::R k0 = V::load(kt + d * kAttnBlockK + c);
-      const typename V::R k1 = V::load(kt + d * kAttnBlockK + c + V::kWidth);
+      for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = V::zero();
+      for (int64_t d = d0; d < d1; ++d) {
+        const typename V::R k0 = V::load(kt + d * kAttnBlockK + c);
+        const typename V::R k1 = V::load(kt + d * kAttnBlockK + c + V::kWidth);
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) {
+          const typename V::R qv = V::set1(q[r * D + d]);
+          acc[r][0] = V::fma(qv, k0, acc[r][0]);
+          acc[r][1] = V::fma(qv, k1, acc[r][1]);
+        }
+      }
 #pragma GCC unroll 4
       for (int r = 0; r < R; ++r) {
-        const typename V::R qv = V::set1(q[r * D + d]);
-        acc[r][0] = V::fma(qv, k0, acc[r][0]);
-        acc[r][1] = V::fma(qv, k1, acc[r][1]);
+#pragma GCC unroll 2
+        for (int j = 0; j < 2; ++j) {
+          float* out = s + r * kAttnBlockK + c + j * V::kWidth;
+          V::store(out, d0 == 0 ? acc[r][j] : V::add(V::load(out), acc[r][j]));
+        }
       }
-    }
-#pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) {
-      V::store(s + r * kAttnBlockK + c, acc[r][0]);
-      V::store(s + r * kAttnBlockK + c + V::kWidth, acc[r][1]);
     }
   }
 }
@@ -64,7 +75,9 @@ float dot_row(const float* q, const T* k, int64_t D) {
   return sum;
 }
 
-// o[r][d0 : d0 + NV * width] += sum_c p[r][c] v[c][same], c < nk.
+// o[r][d0 : d0 + NV * width] += sum_c p[r][c] v[c][same], c < nk. The tile's sum starts from
+// zero and is added to o at the end: the rounding error grows with the tile plus the number of
+// tiles, not with every key seen (fp32 at Sk = 1025 would otherwise err 5x PyTorch's matmul).
 template <int R, int NV, class T>
 void accumulate_pv_cols(const float* p, const T* v, int64_t ldv, int64_t nk, int64_t Dv, int64_t d0,
                         float* o) {
@@ -73,7 +86,7 @@ void accumulate_pv_cols(const float* p, const T* v, int64_t ldv, int64_t nk, int
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 2
-    for (int j = 0; j < NV; ++j) acc[r][j] = V::load(o + r * Dv + d0 + j * V::kWidth);
+    for (int j = 0; j < NV; ++j) acc[r][j] = V::zero();
   }
   for (int64_t c = 0; c < nk; ++c) {
     typename V::R vv[NV];
@@ -89,7 +102,10 @@ void accumulate_pv_cols(const float* p, const T* v, int64_t ldv, int64_t nk, int
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 2
-    for (int j = 0; j < NV; ++j) V::store(o + r * Dv + d0 + j * V::kWidth, acc[r][j]);
+    for (int j = 0; j < NV; ++j) {
+      float* out = o + r * Dv + d0 + j * V::kWidth;
+      V::store(out, V::add(V::load(out), acc[r][j]));
+    }
   }
 }
 
@@ -103,9 +119,9 @@ void accumulate_pv(const float* p, const T* v, int64_t ldv, int64_t nk, int64_t 
   for (; d + V::kWidth <= Dv; d += V::kWidth) accumulate_pv_cols<R, 1>(p, v, ldv, nk, Dv, d, o);
   for (; d < Dv; ++d) {
     for (int r = 0; r < R; ++r) {
-      float sum = o[r * Dv + d];
+      float sum = 0.0f;
       for (int64_t c = 0; c < nk; ++c) sum += p[r * kAttnBlockK + c] * load_f32(v + c * ldv + d);
-      o[r * Dv + d] = sum;
+      o[r * Dv + d] += sum;
     }
   }
 }
