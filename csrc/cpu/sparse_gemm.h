@@ -216,7 +216,7 @@ constexpr int kChains = R == 1 ? 4 : (R == 2 ? 2 : 1);
 // body(i, chain) for i in [0, count): A at a time on chains 0..A-1 (unrolled, so each chain
 // stays a register), the last count % A on chain 0.
 template <int A, class Body>
-inline void over_chains(int64_t count, const Body& body) {
+TORCHSLIM_INLINE inline void over_chains(int64_t count, const Body& body) {
   int64_t i = 0;
   for (; i + A <= count; i += A) {
 #pragma GCC unroll 4
@@ -260,7 +260,7 @@ inline void sp24_tile(const SparseGemmArgs& g, const float* x, int64_t ldx, int6
     constexpr int A = kChains<R>;
     ChainedSums<FVec, R> chains;
     auto& acc = chains.acc;
-    const auto step = [&](int64_t s, const auto& columns, int a) {
+    const auto step = [&](int64_t s, const auto& columns, int a) TORCHSLIM_INLINE {
       const typename FVec::R w = FVec::load(v + s * kLanes);
 #pragma GCC unroll 4
       for (int i = 0; i < R; ++i) {
@@ -269,7 +269,7 @@ inline void sp24_tile(const SparseGemmArgs& g, const float* x, int64_t ldx, int6
     };
     // Steps in pairs (one meta load for both), pair chain c feeding chains 2c and 2c + 1.
     constexpr int C = A > 1 ? A / 2 : 1;
-    over_chains<C>(steps / 2, [&](int64_t p, int c) {
+    over_chains<C>(steps / 2, [&](int64_t p, int c) TORCHSLIM_INLINE {
       decltype(sp24_columns(meta)) first, second;
       sp24_columns2(meta + 2 * p * (kLanes / 4), first, second);
       step(2 * p, first, (2 * c) % A);
@@ -454,10 +454,11 @@ constexpr int64_t kCsrBlock = 32;
 // [0, K), A groups at a time on chains 0..A-1 (unrolled), the rest on chain 0. False when a
 // group did not fit (it was skipped).
 template <int A, class Body>
-inline bool for_csr_range(const SparseGemmArgs& g, int64_t begin, int64_t end, const Body& body) {
+TORCHSLIM_INLINE inline bool for_csr_range(const SparseGemmArgs& g, int64_t begin, int64_t end,
+                                           const Body& body) {
   bool fits = true;
   const int64_t safe = csr_safe_base(g.K);
-  const auto visit = [&](int64_t grp, int a) {
+  const auto visit = [&](int64_t grp, int a) TORCHSLIM_INLINE {
     const int16_t base = g.bases[grp];
     const int64_t first = kCsrGroup * int64_t{base};
     const uint8_t* columns = g.meta + kCsrGroup * grp;
@@ -505,7 +506,7 @@ inline void csr_tile(const SparseGemmArgs& g, const float* x, int64_t ldx, int64
   }
   fits = for_csr_groups<A>(
       g, n,
-      [&](int64_t grp, int64_t first, const uint8_t* columns, int a) {
+      [&](int64_t grp, int64_t first, const uint8_t* columns, int a) TORCHSLIM_INLINE {
         const __m256 w = load8(v + kCsrGroup * grp);
 #pragma GCC unroll 4
         for (int i = 0; i < R; ++i) {
@@ -528,7 +529,7 @@ inline void csr_tile(const SparseGemmArgs& g, const float* x, int64_t ldx, int64
   float acc[kCsrGroup][kSpMR] = {}, total[kCsrGroup][kSpMR] = {};  // per slot, as the lanes
   fits = for_csr_groups<1>(
       g, n,
-      [&](int64_t grp, int64_t first, const uint8_t* columns, int) {
+      [&](int64_t grp, int64_t first, const uint8_t* columns, int) TORCHSLIM_INLINE {
         for (int t = 0; t < kCsrGroup; ++t) {
           const float w = load_f32(v + kCsrGroup * grp + t);
           const float* xt = x + first + columns[t];
@@ -596,7 +597,7 @@ inline void block_tile(const SparseGemmArgs& g, const float* x, int64_t ldx, int
 #pragma GCC unroll 4
     for (int a = 0; a < A; ++a) acc[i][a] = _mm256_setzero_ps();
   }
-  over_chains<A>(row.last - row.first, [&](int64_t k, int a) {
+  over_chains<A>(row.last - row.first, [&](int64_t k, int a) TORCHSLIM_INLINE {
     const int64_t b = row.first + k, first = block_first_column(g, b);
     if (first < 0) {
       fits = false;
@@ -801,7 +802,8 @@ struct PanelSums {
     }
   }
   template <class Row>
-  void group(const T* v, const Row& row) {  // 8 values, slot t against panel row row(t)
+  TORCHSLIM_INLINE void group(const T* v,
+                              const Row& row) {  // 8 values, slot t against panel row row(t)
     const __m256 w = load8(v);
     const __m256 lo = _mm256_permute2f128_ps(w, w, 0x00), hi = _mm256_permute2f128_ps(w, w, 0x11);
     fma(_mm256_shuffle_ps(lo, lo, 0x00), 0, row(0));
@@ -934,7 +936,7 @@ struct CsrRows {
     const T* v = typed<T>(g.values);
     const bool fits = for_csr_range<1>(
         g, begin[n - n0], end[n - n0],
-        [&](int64_t grp, int64_t first, const uint8_t* columns, int) {
+        [&](int64_t grp, int64_t first, const uint8_t* columns, int) TORCHSLIM_INLINE {
           const float* base = sums.at(first);
           sums.group(v + kCsrGroup * grp, [&](int t) { return base + columns[t] * kSpPanel; });
         });
