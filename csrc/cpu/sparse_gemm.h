@@ -498,6 +498,9 @@ inline bool for_csr_groups(const SparseGemmArgs& g, int64_t n, const Body& body,
   return fits;
 }
 
+// Groups ahead that the csr dot kernel prefetches its values and column offsets (as 2:4's).
+constexpr int64_t kCsrAheadGroups = 64;
+
 template <typename T, int R>
 inline void csr_tile(const SparseGemmArgs& g, const float* x, int64_t ldx, int64_t n,
                      float (&sums)[kSpMR]) {
@@ -515,6 +518,8 @@ inline void csr_tile(const SparseGemmArgs& g, const float* x, int64_t ldx, int64
   fits = for_csr_groups<A>(
       g, n,
       [&](int64_t grp, int64_t first, const uint8_t* columns, int a) TORCHSLIM_INLINE {
+        __builtin_prefetch(v + kCsrGroup * (grp + kCsrAheadGroups));
+        __builtin_prefetch(columns + kCsrGroup * kCsrAheadGroups);
         const __m256 w = load8(v + kCsrGroup * grp);
 #pragma GCC unroll 4
         for (int i = 0; i < R; ++i) {
