@@ -98,11 +98,16 @@ def cpu_model() -> str:
 
 
 def device_name(device: str = "cpu") -> str:
-    """Folder name under results/: e.g. cpu-amd-epyc-2t, cuda-nvidia-h100-80gb-hbm3."""
+    """Folder name under results/: e.g. cpu-amd-epyc-avx2-2t, cuda-nvidia-h100-80gb-hbm3. A CPU's
+    name carries the ISA level our kernels run at: one model name ("AMD EPYC") covers machines
+    with and without AVX-512."""
     if device == "cuda":
         raw = f"cuda-{torch.cuda.get_device_name()}"
     else:
-        raw = f"cpu-{cpu_model()}-{torch.get_num_threads()}t"
+        from torchslim import _ext
+
+        isa = _ext._C.isa() if _ext._C is not None else "reference"
+        raw = f"cpu-{cpu_model()}-{isa}-{torch.get_num_threads()}t"
     return re.sub(r"[^a-z0-9]+", "-", raw.lower()).strip("-")
 
 
