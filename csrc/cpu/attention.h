@@ -77,7 +77,7 @@ float dot_row(const float* q, const T* k, int64_t D) {
 
 // o[r][d0 : d0 + NV * width] += sum_c p[r][c] v[c][same], c < nk. The tile's sum starts from
 // zero and is added to o at the end: the rounding error grows with the tile plus the number of
-// tiles, not with every key seen (fp32 at Sk = 1025 would otherwise err 5x PyTorch's matmul).
+// tiles, not with every key seen.
 template <int R, int NV, class T>
 void accumulate_pv_cols(const float* p, const T* v, int64_t ldv, int64_t nk, int64_t Dv, int64_t d0,
                         float* o) {

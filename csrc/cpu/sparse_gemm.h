@@ -247,9 +247,9 @@ struct ChainedSums {
 };
 
 // Steps ahead that the 2:4 dot kernel prefetches its values and meta (2 KB of int8 values on
-// AVX-512). The hardware prefetchers alone fell behind once a row of x outgrew L1 (fp32 x of
-// K > 4096, its lines refetched from L2 every row): 2:4 int8 at K = 11008 streamed 13-16 GB/s
-// on 2 Zen 4 cores with them alone, 19-22 GB/s with these.
+// AVX-512). With the hardware prefetchers alone, 2:4 int8 streamed 13-16 GB/s on 2 Zen 4 cores
+// at K = 4096 and 11008, 19-22 GB/s with these; one thread lost more as x outgrew L1 (15 GB/s at
+// K = 4096, 8 at 8192).
 constexpr int64_t kSp24AheadSteps = 128;
 
 template <typename T, int R>
@@ -814,9 +814,9 @@ struct PanelSums {
           _mm256_fmadd_ps(w, _mm256_loadu_ps(row + q * stride + 8), acc[c][2 * q + 1]);
     }
   }
+  // 8 values, slot t against panel row row(t).
   template <class Row>
-  TORCHSLIM_INLINE void group(const T* v,
-                              const Row& row) {  // 8 values, slot t against panel row row(t)
+  TORCHSLIM_INLINE void group(const T* v, const Row& row) {
     const __m256 w = load8(v);
     const __m256 lo = _mm256_permute2f128_ps(w, w, 0x00), hi = _mm256_permute2f128_ps(w, w, 0x11);
     fma(_mm256_shuffle_ps(lo, lo, 0x00), 0, row(0));
