@@ -333,6 +333,36 @@ def test_csr_columns_past_k_raise(backend, m):
         ops.sparse_csr_linear(x, values, columns, bases, beyond)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("m", [1, 3])  # the dot kernels, which read x padded with NaN
+@pytest.mark.parametrize("poison", [float("inf"), float("nan")])
+def test_csr_infinite_x_is_not_a_bad_column(backend, m, poison):
+    # A row whose sum comes out NaN is summed again with every group checked: an infinity or a
+    # NaN of x must give the row its non-finite sum, not an error, and leave the other rows be.
+    g = seeded("csr-poison", backend, m, str(poison))
+    k = 300
+    w = _weight_unstructured(12, k, 0.8, g)
+    values, columns, bases, offsets = compress_csr(w)
+    slot_cols = 8 * bases.long()[:, None] + columns.long()  # padded slots included
+    rows = torch.repeat_interleave(torch.arange(12), offsets.diff())
+    col = int(slot_cols[int(offsets[4])][0])  # a column row 4 reads
+    touched = torch.zeros(12, dtype=torch.bool)
+    touched[rows[(slot_cols == col).any(dim=1)]] = True
+    assert 0 < int(touched.sum()) < 12
+    x = torch.randn(m, k, generator=g)
+    clean = x.clone()
+    clean[:, col] = 0.0
+    x[:, col] = poison
+    with run_on(backend):
+        out = ops.sparse_csr_linear(x, values, columns, bases, offsets)
+    assert not torch.isfinite(out[:, touched]).any()
+    ref64 = ref.sparse_csr_linear(
+        clean, values, columns, bases, offsets, compute_dtype=torch.float64
+    )
+    expected = ref.sparse_csr_linear(clean, values, columns, bases, offsets)
+    check_close(out[:, ~touched], ref64[:, ~touched], expected[:, ~touched], name="untouched rows")
+
+
 @pytest.mark.parametrize("backend", SPARSE_BACKENDS)
 def test_values_in_another_dtype_than_x(backend):
     g = seeded("mixed", backend)

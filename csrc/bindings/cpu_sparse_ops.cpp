@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <limits>
 
 #include "bindings/cpu_common.h"
 #include "bindings/registry.h"
@@ -231,6 +232,14 @@ at::Tensor sparse_csr_linear_cpu(const at::Tensor& x, const at::Tensor& values,
   const at::Tensor offsets = group_offsets.contiguous();
   const int64_t* off = offsets.data_ptr<int64_t>();
   check_offsets(off, N, G, "group_offsets", "values.shape[0]");
+  if (!op.panels.defined()) {  // the dot kernels read x padded with NaN (see csr_padded_k)
+    at::Tensor padded = at::empty({op.args.M, cpu::csr_padded_k(K)}, op.x.options());
+    padded.narrow(1, K, padded.size(1) - K).fill_(std::numeric_limits<float>::quiet_NaN());
+    padded.narrow(1, 0, K).copy_(op.x);
+    op.x = padded;
+    op.args.x = padded.data_ptr<float>();
+    op.args.ldx = padded.size(1);
+  }
   int64_t bad_row = -1;
   op.args.meta = columns.data_ptr<uint8_t>();
   op.args.ldm = 8;

@@ -172,6 +172,8 @@ inline int64_t attention_work_floats(int64_t D, int64_t Dv) {
 //            contiguous; bases (G,) int16; row n's groups are [row_offsets[n],
 //            row_offsets[n + 1]). Group g's slot t is column 8 * bases[g] + meta[g, t]. The
 //            lowest row with a column outside [0, K) is written to *bad_row (its group skipped).
+//            Without panels (M <= kSpMaxTileM) each row of x holds csr_padded_k(K) columns, NaN
+//            past K: see csr_padded_k.
 //   block    values (B, R, C) of v_type, contiguous (R = block_rows, C = block_cols); block row
 //            r's blocks are [row_offsets[r], row_offsets[r + 1]), block b covering columns
 //            [C * col_blocks[b], + C) (cut off at K); weight row n is row n % R of block row
@@ -209,6 +211,13 @@ struct SparseGemmArgs {
 // Sparse: rows of x per panel of the SpMM kernels, and the most rows of x the dot kernels take.
 constexpr int64_t kSpPanel = 16;
 constexpr int64_t kSpMaxTileM = 4;
+
+// The columns of a row of x that the csr dot kernels read: K rounded up to a group's 8, then
+// a whole window of 256 columns, NaN past K. A group's base, clamped to ceil(K / 8), then
+// keeps every read inside the row without a check per group: a valid group reads below K, and
+// one with a column past K reads a NaN, which makes its row's sum NaN. Only such rows are
+// summed again with every group checked (which also tells a NaN of x from a bad column).
+constexpr int64_t csr_padded_k(int64_t K) { return (K + 7) / 8 * 8 + 256; }
 
 struct KernelTable {
   Isa isa;
