@@ -308,7 +308,7 @@ def test_int8_values_match_reference(backend, n, k, fmt, poisoned_empty):
 
 
 @pytest.mark.parametrize("backend", SPARSE_BACKENDS)
-@pytest.mark.parametrize("m", [1, 20, 64])  # the dot kernel; the SpMM; in slices
+@pytest.mark.parametrize("m", [1, 3, 20, 64])  # the dot kernels; the SpMM; in slices
 def test_csr_columns_past_k_raise(backend, m):
     g = seeded("csr-past", backend, m)
     w = _weight_unstructured(6, 300, 0.5, g)

@@ -600,6 +600,7 @@ inline void csr_tile_padded(const SparseGemmArgs& g, const float* x, int64_t ldx
   if (nan) csr_tile<T, R, true>(g, x, ldx, n, sums);
 }
 
+// out[m, n] = row n's sum times its scale, plus its bias: every format's epilogue.
 inline void store_sum(const SparseGemmArgs& g, int64_t m, int64_t n, float sum) {
   const float scale = g.scales ? g.scales[n] : 1.0f, bias = g.bias ? g.bias[n] : 0.0f;
   store(g.out, g.ldo, g.out_type, m, n, sum * scale + bias);
@@ -776,10 +777,7 @@ inline int64_t block_rows_step(const SparseGemmArgs& g, int64_t m, int64_t n, in
   float sums[I][RM];
   block_rows_tile<T, RM, I>(g, g.x + m * g.ldx, g.ldx, n, sums);
   for (int i = 0; i < I; ++i) {
-    const float scale = g.scales ? g.scales[n + i] : 1.0f;
-    const float bias = g.bias ? g.bias[n + i] : 0.0f;
-    for (int r = 0; r < RM; ++r)
-      store(g.out, g.ldo, g.out_type, m + r, n + i, sums[i][r] * scale + bias);
+    for (int r = 0; r < RM; ++r) store_sum(g, m + r, n + i, sums[i][r]);
   }
   return I;
 }
@@ -1145,11 +1143,8 @@ void spmm(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n
     }
   }
   for (int64_t n = n0; n < n1; ++n) {
-    const float scale = g.scales ? g.scales[n] : 1.0f, bias = g.bias ? g.bias[n] : 0.0f;
     const float* s = sums.data() + (n - n0) * panels * kSpPanel;
-    for (int64_t m = m0; m < m1; ++m) {
-      store(g.out, g.ldo, g.out_type, m, n, s[m - m0] * scale + bias);
-    }
+    for (int64_t m = m0; m < m1; ++m) store_sum(g, m, n, s[m - m0]);
   }
 }
 
