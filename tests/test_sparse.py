@@ -1,4 +1,4 @@
-"""Sparse formats (2:4, bitmask, csr) and the sparse linear ops against torchslim.reference."""
+"""Sparse formats (2:4, bitmask, csr, sliced) and the sparse linear ops against the reference."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from torchslim.sparse import (
     compress_bitmask,
     compress_block,
     compress_csr,
+    compress_sliced,
     format_bytes,
     prune_,
 )
@@ -124,6 +125,37 @@ def test_csr_layout_by_hand():
         compress_csr(torch.ones(1, 262145))
 
 
+@pytest.mark.parametrize(("n", "k"), (*NK, (130, 300)))  # 130: a short last block of rows
+@pytest.mark.parametrize("sparsity", [0.5, 0.97])
+def test_sliced_round_trip_is_exact(n, k, sparsity):
+    w = _weight_unstructured(n, k, sparsity, seeded("sliced", n, k, sparsity))
+    values, columns, groups, group_offsets, value_offsets = compress_sliced(w, torch.bfloat16)
+    nnz = int((w != 0).sum())
+    assert values.shape == columns.shape == (nnz + 16,) and values.dtype == torch.bfloat16
+    assert not values[nnz:].any() and not columns[nnz:].any()  # the slots past the last value
+    assert groups.shape[1] == 2 and groups.dtype == torch.uint8
+    assert ((groups[:, 1] >= 1) & (groups[:, 1] <= 16)).all()
+    blocks, slices = ref.sparse.sliced_shape(n, k)
+    assert group_offsets.shape == (blocks * slices + 1,) and value_offsets.shape == (blocks + 1,)
+    parts = (values, columns, groups, group_offsets, value_offsets)
+    assert torch.equal(ref.decompress_sliced(*parts, n, k), w.bfloat16())
+
+
+def test_sliced_layout_by_hand():
+    # rows 0 and 2 in slice 0, row 0 with 18 nonzeros (a group of 16 and one of 2), row 2 with
+    # one at column 5, and row 1 one at column 130 (slice 1). Slice 0's groups by round: row 0's
+    # first, row 2's, then row 0's second.
+    w = torch.zeros(3, 200)
+    w[0, 10:28] = torch.arange(1.0, 19.0)
+    w[2, 5] = -1.0
+    w[1, 130] = 7.0
+    values, columns, groups, group_offsets, value_offsets = compress_sliced(w)
+    assert groups.tolist() == [[0, 16], [2, 1], [0, 2], [1, 1]]
+    assert group_offsets.tolist() == [0, 3, 4] and value_offsets.tolist() == [0, 20]
+    assert values[:20].tolist() == [*range(1, 17), -1.0, 17.0, 18.0, 7.0]
+    assert columns[:20].tolist() == [*range(10, 26), 5, 26, 27, 2]
+
+
 # (N, K, block): blocks that divide neither N nor K (cut-off edge blocks), 1 x 16 rows, a block
 # taller than N, one wider than K.
 BLOCK_CASES = ((10, 37, (4, 4)), (33, 64, (16, 16)), (5, 40, (1, 16)), (17, 30, (2, 8)),
@@ -193,6 +225,11 @@ def test_format_bytes_match_the_tensors():
     parts = compress_csr(w, torch.bfloat16)
     csr = format_bytes("csr", 64, 256, sparsity=0.9, dtype=torch.bfloat16)
     assert csr == sum(t.nbytes for t in parts)
+    # sliced: the groups expected of a random pattern (binomial counts per row and slice)
+    w = _weight_unstructured(512, 1000, 0.9, g)
+    parts = compress_sliced(w, torch.bfloat16)
+    sliced = format_bytes("sliced", 512, 1000, sparsity=0.9, dtype=torch.bfloat16)
+    assert abs(sliced / sum(t.nbytes for t in parts) - 1) < 0.01
     assert format_bytes("2:4", 4096, 4096) / 4096**2 == 2.125  # bytes per weight, fp32
     with pytest.raises(ValueError, match="fmt must be one of"):
         format_bytes("coo", 4, 4)
@@ -241,9 +278,15 @@ def test_sparse24_linear_matches_reference(backend, n, k, dtype, poisoned_empty)
         assert out.dtype == dtype
 
 
+def _compress_sliced(w: torch.Tensor, dtype: torch.dtype | None = None) -> tuple:
+    """compress_sliced's tensors and N, as the op and the reference take them after x."""
+    return (*compress_sliced(w, dtype), w.shape[0])
+
+
 _UNSTRUCTURED = {  # format -> (compression, op, reference)
     "bitmask": (compress_bitmask, ops.sparse_bitmask_linear, ref.sparse_bitmask_linear),
     "csr": (compress_csr, ops.sparse_csr_linear, ref.sparse_csr_linear),
+    "sliced": (_compress_sliced, ops.sparse_sliced_linear, ref.sparse_sliced_linear),
 }
 
 
@@ -271,16 +314,23 @@ def test_unstructured_linear_matches_reference(backend, n, k, sparsity, fmt, poi
             check_close(out, ref64, reference(x, *parts, bias), name=f"{dtype} M={m}")
 
 
-_COMPRESS = {"2:4": compress_24, "bitmask": compress_bitmask, "csr": compress_csr}
+_COMPRESS = {
+    "2:4": compress_24,
+    "bitmask": compress_bitmask,
+    "csr": compress_csr,
+    "sliced": _compress_sliced,
+}
 _DECOMPRESS = {
     "2:4": ref.decompress_24,
     "bitmask": ref.decompress_bitmask,
     "csr": ref.decompress_csr,
+    "sliced": ref.decompress_sliced,
 }
 _OPS = {
     "2:4": (ops.sparse24_linear, ref.sparse24_linear),
     "bitmask": (ops.sparse_bitmask_linear, ref.sparse_bitmask_linear),
     "csr": (ops.sparse_csr_linear, ref.sparse_csr_linear),
+    "sliced": (ops.sparse_sliced_linear, ref.sparse_sliced_linear),
 }
 
 
@@ -361,6 +411,81 @@ def test_csr_infinite_x_is_not_a_bad_column(backend, m, poison):
     )
     expected = ref.sparse_csr_linear(clean, values, columns, bases, offsets)
     check_close(out[:, ~touched], ref64[:, ~touched], expected[:, ~touched], name="untouched rows")
+
+
+def _sliced_case(tag: str):
+    g = seeded("sliced-bad", tag)
+    n, k = 70, 300  # two blocks of rows (the second of 6), three slices (the last of 44)
+    w = _weight_unstructured(n, k, 0.7, g)
+    return g, n, k, compress_sliced(w)
+
+
+@pytest.mark.parametrize("backend", SPARSE_BACKENDS)
+@pytest.mark.parametrize("m", [1, 3, 20])  # the dot kernels; the SpMM
+def test_sliced_malformed_weights_raise(backend, m):
+    g, n, k, (values, columns, groups, goff, voff) = _sliced_case(f"{backend}{m}")
+    x = torch.randn(m, k, generator=g)
+    second = int(goff[3])  # block 1's first group (slice 0)
+    kernel = backend != "reference"
+
+    def raises(reference_says, values=values, columns=columns, groups=groups, voff=voff):
+        says = "block of rows from 64 is malformed" if kernel else reference_says
+        with run_on(backend), pytest.raises(ValueError, match=says):
+            ops.sparse_sliced_linear(x, values, columns, groups, goff, voff, n)
+
+    bad = groups.clone()
+    bad[second, 0] = 6  # block 1 has rows 64..69: row byte 6 is past N
+    raises(r"is not \(a row of its block of 6", groups=bad)
+    bad = groups.clone()
+    bad[second, 1] = 0  # an empty group
+    raises("a count in", groups=bad)
+    bad = groups.clone()
+    bad[second, 1] = 17
+    raises("a count in", groups=bad)
+    bad = columns.clone()
+    bad[int(voff[1])] = 128  # past its slice
+    raises("points past its slice", columns=bad)
+    last = int(goff[5])  # block 1's last slice: columns 256..299
+    at = int(voff[2]) - int(groups[last:, 1].long().sum())
+    bad = columns.clone()
+    bad[at] = 44 + int(torch.randint(0, 84, (1,), generator=g))  # past K, inside the slice
+    raises("points past its slice or K = 300", columns=bad)
+    bad = voff.clone()
+    bad[1] += 1  # block 0 takes one value of block 1
+    says = "block of rows from 0 is malformed" if kernel else "block 0's groups count"
+    with run_on(backend), pytest.raises(ValueError, match=says):
+        ops.sparse_sliced_linear(x, values, columns, groups, goff, bad, n)
+    with run_on(backend), pytest.raises(ValueError, match="values must have shape"):
+        ops.sparse_sliced_linear(x, values[:8], columns[:8], groups, goff, voff, n)
+    with run_on(backend), pytest.raises(ValueError, match=r"group_offsets must have shape \(7,\)"):
+        ops.sparse_sliced_linear(x, values, columns, groups, goff[:-1], voff, n)
+    with run_on(backend), pytest.raises(ValueError, match="value_offsets must be non-decreasing"):
+        beyond = voff.clone()
+        beyond[-1] = values.numel()  # into the 16 slots past the last value
+        ops.sparse_sliced_linear(x, values, columns, groups, goff, beyond, n)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("m", [1, 3])  # the dot kernels, which read x padded with NaN
+@pytest.mark.parametrize("poison", [float("inf"), float("nan")])
+def test_sliced_infinite_x_is_not_a_bad_column(backend, m, poison):
+    # A row whose sum comes out NaN has its last slice's columns checked: an infinity or NaN of
+    # x in that slice gives the rows that read it non-finite sums, not an error.
+    g, n, k, parts = _sliced_case(f"poison{backend}{m}{poison}")
+    w = ref.decompress_sliced(*parts, n, k)
+    col = 290  # in the last slice
+    touched = w[:, col] != 0
+    assert 0 < int(touched.sum()) < n
+    x = torch.randn(m, k, generator=g)
+    clean = x.clone()
+    clean[:, col] = 0.0
+    x[:, col] = poison
+    with run_on(backend):
+        out = ops.sparse_sliced_linear(x, *parts, n)
+    assert not torch.isfinite(out[:, touched]).any()
+    ref64 = ref.sparse_sliced_linear(clean, *parts, n, compute_dtype=torch.float64)
+    expected = ref.sparse_sliced_linear(clean, *parts, n)
+    check_close(out[:, ~touched], ref64[:, ~touched], expected[:, ~touched], name="untouched")
 
 
 @pytest.mark.parametrize("backend", SPARSE_BACKENDS)

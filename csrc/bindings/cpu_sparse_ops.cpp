@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <limits>
+#include <tuple>
 
 #include "bindings/cpu_common.h"
 #include "bindings/registry.h"
@@ -75,9 +76,12 @@ struct SparseOperands {
   // rows: each panel, read from L3, serves them all.
   template <class Kernel>
   void run(const Kernel& kernel) {
+    run(kernel, panels.defined() ? kSpmmBlockN : kBlockN);
+  }
+  template <class Kernel>
+  void run(const Kernel& kernel, int64_t block_n) {
     parallel_blocks(
-        args.M, args.N, panels.defined() ? kSpmmBlockM : kBlockM,
-        panels.defined() ? kSpmmBlockN : kBlockN,
+        args.M, args.N, panels.defined() ? kSpmmBlockM : kBlockM, block_n,
         [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { kernel(args, m0, m1, n0, n1); });
   }
 };
@@ -198,6 +202,17 @@ at::Tensor sparse_bitmask_linear_cpu(const at::Tensor& x, const at::Tensor& valu
   return op.out;
 }
 
+// The dot kernels' x: each row `columns` wide, NaN past K.
+void pad_x(SparseOperands& op, int64_t columns) {
+  const int64_t K = op.args.K;
+  at::Tensor padded = at::empty({op.args.M, columns}, op.x.options());
+  padded.narrow(1, K, columns - K).fill_(std::numeric_limits<float>::quiet_NaN());
+  padded.narrow(1, 0, K).copy_(op.x);
+  op.x = padded;
+  op.args.x = padded.data_ptr<float>();
+  op.args.ldx = columns;
+}
+
 // CSR: x (M, K) fp32/bf16; values (G, 8) fp32/bf16/fp16/int8 and columns (G, 8) uint8,
 // contiguous; bases (G,) int16; group_offsets (N + 1,) int64 from 0, non-decreasing, at most G;
 // bias and scales as for 2:4.
@@ -232,14 +247,7 @@ at::Tensor sparse_csr_linear_cpu(const at::Tensor& x, const at::Tensor& values,
   const at::Tensor offsets = group_offsets.contiguous();
   const int64_t* off = offsets.data_ptr<int64_t>();
   check_offsets(off, N, G, "group_offsets", "values.shape[0]");
-  if (!op.panels.defined()) {  // the dot kernels read x padded with NaN (see csr_padded_k)
-    at::Tensor padded = at::empty({op.args.M, cpu::csr_padded_k(K)}, op.x.options());
-    padded.narrow(1, K, padded.size(1) - K).fill_(std::numeric_limits<float>::quiet_NaN());
-    padded.narrow(1, 0, K).copy_(op.x);
-    op.x = padded;
-    op.args.x = padded.data_ptr<float>();
-    op.args.ldx = padded.size(1);
-  }
+  if (!op.panels.defined()) pad_x(op, cpu::csr_padded_k(K));  // (see csr_padded_k)
   int64_t bad_row = -1;
   op.args.meta = columns.data_ptr<uint8_t>();
   op.args.ldm = 8;
@@ -304,6 +312,65 @@ at::Tensor sparse_block_linear_cpu(const at::Tensor& x, const at::Tensor& values
     TORCHSLIM_CHECK(false, "col_blocks[", b, "] = ", col[b], " points past K = ", K, " (blocks of ",
                     C, " columns)");
   }
+  return op.out;
+}
+
+// Sliced: x (M, K) fp32/bf16; values (V,) fp32/bf16/fp16/int8 and columns (V,) uint8,
+// contiguous, V >= value_offsets[B] + 16; groups (G, 2) uint8, contiguous; group_offsets
+// (B * S + 1,) and value_offsets (B + 1,) int64, from 0, non-decreasing, at most G and V - 16;
+// B = ceil(n / 64), S = ceil(K / 128); n = N; bias and scales as for 2:4.
+at::Tensor sparse_sliced_linear_cpu(const at::Tensor& x, const at::Tensor& values,
+                                    const at::Tensor& columns, const at::Tensor& groups,
+                                    const at::Tensor& group_offsets,
+                                    const at::Tensor& value_offsets, int64_t n,
+                                    const OptTensor& bias, const OptTensor& scales) {
+  TORCHSLIM_CHECK(x.dim() == 2, "x must be 2-D (M, K), got ", x.dim(), "-D");
+  const int64_t K = x.size(1);
+  TORCHSLIM_CHECK(n >= 0, "n must be an int >= 0 (the output features), got ", n);
+  constexpr int64_t slack = cpu::kSlicedGroup;
+  TORCHSLIM_CHECK(values.dim() == 1 && values.size(0) >= slack && values.is_contiguous(),
+                  "values must have shape (V,) with V >= ", slack, " and be contiguous, got shape ",
+                  values.sizes());
+  const int64_t V = values.size(0);
+  check_cpu(columns, "columns");
+  TORCHSLIM_CHECK_TYPE(columns.scalar_type() == at::kByte, "columns must be uint8, got ",
+                       columns.scalar_type());
+  TORCHSLIM_CHECK(columns.sizes() == values.sizes() && columns.is_contiguous(),
+                  "columns must be contiguous with the shape of values ", values.sizes(), ", got ",
+                  columns.sizes());
+  check_cpu(groups, "groups");
+  TORCHSLIM_CHECK_TYPE(groups.scalar_type() == at::kByte, "groups must be uint8, got ",
+                       groups.scalar_type());
+  TORCHSLIM_CHECK(groups.dim() == 2 && groups.size(1) == 2 && groups.is_contiguous(),
+                  "groups must be a contiguous (G, 2) tensor, got shape ", groups.sizes());
+  const int64_t B = (n + cpu::kSlicedRows - 1) / cpu::kSlicedRows;
+  const int64_t S = (K + cpu::kSlicedCols - 1) / cpu::kSlicedCols;
+  for (const auto& [t, name, size] : {std::tuple{&group_offsets, "group_offsets", B * S + 1},
+                                      std::tuple{&value_offsets, "value_offsets", B + 1}}) {
+    check_cpu(*t, name);
+    TORCHSLIM_CHECK_TYPE(t->scalar_type() == at::kLong, name, " must be int64, got ",
+                         t->scalar_type());
+    TORCHSLIM_CHECK(t->dim() == 1 && t->size(0) == size, name, " must have shape (", size,
+                    ",) for N = ", n, " and K = ", K, ", got ", t->sizes());
+  }
+  SparseOperands op = sparse_operands(x, values, n, bias, scales);
+  const at::Tensor goff = group_offsets.contiguous(), voff = value_offsets.contiguous();
+  check_offsets(goff.data_ptr<int64_t>(), B * S, groups.size(0), "group_offsets",
+                "groups.shape[0]");
+  check_offsets(voff.data_ptr<int64_t>(), B, V - slack, "value_offsets", "values.shape[0] - 16");
+  if (!op.panels.defined()) pad_x(op, cpu::sliced_padded_k(K));  // (see sliced_padded_k)
+  int64_t bad_row = -1;
+  op.args.meta = columns.data_ptr<uint8_t>();
+  op.args.values_total = V;
+  op.args.groups = groups.data_ptr<uint8_t>();
+  op.args.row_offsets = goff.data_ptr<int64_t>();
+  op.args.value_offsets = voff.data_ptr<int64_t>();
+  op.args.bad_row = &bad_row;
+  op.run(cpu::active_kernels().sliced_gemm, cpu::kSlicedRows);
+  TORCHSLIM_CHECK(bad_row < 0, "the sliced weight's block of rows from ", bad_row,
+                  " is malformed: a group's row, count or column is out of range, or the "
+                  "counts do not add up to value_offsets (torchslim.sparse.check_sliced says "
+                  "which)");
   return op.out;
 }
 
@@ -387,6 +454,28 @@ at::Tensor sparse_block_linear_op(const at::Tensor& x, const at::Tensor& values,
       sparse_block_linear_cpu(rows(x), values, col_blocks, row_offsets, n, bias, scales), x);
 }
 
+at::Tensor sparse_sliced_linear_op(const at::Tensor& x, const at::Tensor& values,
+                                   const at::Tensor& columns, const at::Tensor& groups,
+                                   const at::Tensor& group_offsets, const at::Tensor& value_offsets,
+                                   int64_t n, const OptTensor& bias, const OptTensor& scales) {
+  const int64_t K = x.dim() >= 1 ? x.size(-1) : 0;
+  const int64_t B = (n + cpu::kSlicedRows - 1) / cpu::kSlicedRows;
+  const int64_t S = (K + cpu::kSlicedCols - 1) / cpu::kSlicedCols;
+  const bool fast = n >= 0 && values.dim() == 1 && is_sparse_input(x, values, bias, scales, n) &&
+                    is_cpu_vector(columns, at::kByte, values.size(0)) &&
+                    is_cpu_matrix(groups, at::kByte) && groups.size(1) == 2 &&
+                    is_cpu_vector(group_offsets, at::kLong, B * S + 1) &&
+                    is_cpu_vector(value_offsets, at::kLong, B + 1);
+  if (!fast) {
+    return registry::call_python<at::Tensor>("sparse_sliced_linear", x, values, columns, groups,
+                                             group_offsets, value_offsets, n, bias, scales);
+  }
+  return unflatten(
+      sparse_sliced_linear_cpu(rows(x), values.contiguous(), columns.contiguous(),
+                               groups.contiguous(), group_offsets, value_offsets, n, bias, scales),
+      x);
+}
+
 }  // namespace
 
 void bind_cpu_sparse(pybind11::module_& m) {
@@ -405,6 +494,11 @@ void bind_cpu_sparse(pybind11::module_& m) {
         pybind11::arg("x"), pybind11::arg("values"), pybind11::arg("col_blocks"),
         pybind11::arg("row_offsets"), pybind11::arg("n"), pybind11::arg("bias") = pybind11::none(),
         pybind11::arg("scales") = pybind11::none());
+  m.def("sparse_sliced_linear_cpu", &sparse_sliced_linear_cpu, "sliced sparse linear",
+        pybind11::arg("x"), pybind11::arg("values"), pybind11::arg("columns"),
+        pybind11::arg("groups"), pybind11::arg("group_offsets"), pybind11::arg("value_offsets"),
+        pybind11::arg("n"), pybind11::arg("bias") = pybind11::none(),
+        pybind11::arg("scales") = pybind11::none());
 }
 
 }  // namespace torchslim
@@ -414,4 +508,5 @@ TORCH_LIBRARY_IMPL(torchslim, CPU, m) {
   m.impl("sparse_bitmask_linear", &torchslim::sparse_bitmask_linear_op);
   m.impl("sparse_csr_linear", &torchslim::sparse_csr_linear_op);
   m.impl("sparse_block_linear", &torchslim::sparse_block_linear_op);
+  m.impl("sparse_sliced_linear", &torchslim::sparse_sliced_linear_op);
 }

@@ -18,6 +18,7 @@
 #include "int4_gemm.h"
 #include "int8_gemm.h"
 #include "sparse_gemm.h"
+#include "sliced_gemm.h"
 #include "isa_table.h"
 // clang-format on
 

@@ -179,6 +179,13 @@ inline int64_t attention_work_floats(int64_t D, int64_t Dv) {
 //            [C * col_blocks[b], + C) (cut off at K); weight row n is row n % R of block row
 //            n / R. The lowest row with a block outside [0, ceil(K / C)) is written to *bad_row
 //            (the block skipped).
+//   sliced   values (values_total,) of v_type and meta (values_total,) uint8 (each value's
+//            column within its slice); groups (G, 2) uint8; row_offsets (B * S + 1,): block b's
+//            slice s's groups are [row_offsets[b * S + s], row_offsets[b * S + s + 1]), B =
+//            ceil(N / kSlicedRows), S = ceil(K / kSlicedCols); value_offsets (B + 1,): block b's
+//            values; values_total >= value_offsets[B] + kSlicedGroup. The first row of a
+//            malformed block, or a row with a column past K, is written to *bad_row. Without
+//            panels each row of x holds sliced_padded_k(K) columns, NaN past K.
 // Values may be int8 codes with per-row scales (W = codes * scales[n], the W8A16 rule): scales
 // (N,) fp32 or null multiplies row n's sums before the bias is added.
 // With panels set (M > kSpMaxTileM), every format reads x from them instead (an SpMM): x as
@@ -206,6 +213,9 @@ struct SparseGemmArgs {
   // block: R x C blocks, values (B, R, C) contiguous, row_offsets (ceil(N / R) + 1,) into them
   const int32_t* col_blocks;  // (B,): each block's first column / C
   int64_t block_rows, block_cols;
+  // sliced: (G, 2) uint8, each group's row within its block and its count
+  const uint8_t* groups;
+  const int64_t* value_offsets;  // sliced: (ceil(N / kSlicedRows) + 1,), each block's values
 };
 
 // Sparse: rows of x per panel of the SpMM kernels, and the most rows of x the dot kernels take.
@@ -218,6 +228,18 @@ constexpr int64_t kSpMaxTileM = 4;
 // one with a column past K reads a NaN, which makes its row's sum NaN. Only such rows are
 // summed again with every group checked (which also tells a NaN of x from a bad column).
 constexpr int64_t csr_padded_k(int64_t K) { return (K + 7) / 8 * 8 + 256; }
+
+// The sliced format: blocks of kSlicedRows weight rows, slices of kSlicedCols columns, groups
+// of up to kSlicedGroup nonzeros of one row (see sliced_gemm.h).
+constexpr int64_t kSlicedRows = 64;
+constexpr int64_t kSlicedCols = 128;
+constexpr int64_t kSlicedGroup = 16;
+
+// The columns of a row of x that the sliced dot kernels read: K rounded up to a whole slice,
+// then one slice more (a column byte of 128 or more is read, then reported), NaN past K.
+constexpr int64_t sliced_padded_k(int64_t K) {
+  return (K + kSlicedCols - 1) / kSlicedCols * kSlicedCols + kSlicedCols;
+}
 
 struct KernelTable {
   Isa isa;
@@ -232,6 +254,7 @@ struct KernelTable {
   void (*bitmask_gemm)(const SparseGemmArgs& args, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
   void (*csr_gemm)(const SparseGemmArgs& args, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
   void (*block_gemm)(const SparseGemmArgs& args, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
+  void (*sliced_gemm)(const SparseGemmArgs& args, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
   // Null, or x (M, K) (row stride ldx) written to out (M, K) in the column order that
   // sparse24_gemm's dot kernels (M <= kSpMaxTileM) read it: then they take that copy.
   void (*sparse24_order_x)(const float* x, int64_t ldx, float* out, int64_t M, int64_t K);

@@ -22,6 +22,7 @@ from torchslim.ops.sparse import (
     sparse_bitmask_linear,
     sparse_block_linear,
     sparse_csr_linear,
+    sparse_sliced_linear,
 )
 
 __all__ = [
@@ -42,5 +43,6 @@ __all__ = [
     "sparse_bitmask_linear",
     "sparse_block_linear",
     "sparse_csr_linear",
+    "sparse_sliced_linear",
     "strict_mode",
 ]

@@ -29,12 +29,23 @@ Schemas (``torch.ops.torchslim.*``):
         blocks at [row_offsets[r], row_offsets[r + 1]); n: N; bias, scales as above  ->  (..., N)
         in x.dtype
 
+    sparse_sliced_linear(Tensor x, Tensor values, Tensor columns, Tensor groups,
+                         Tensor group_offsets, Tensor value_offsets, int n, Tensor? bias=None,
+                         Tensor? scales=None) -> Tensor
+        x: (..., K) as above; values: (V,), the nonzeros group by group, then 16 zero slots;
+        columns: (V,) uint8, each value's column within its slice of 128; groups: (G, 2) uint8,
+        each group's row within its block of 64 rows and its count (1..16); group_offsets
+        (B * S + 1,) int64, block b's slice s's groups; value_offsets (B + 1,) int64, block b's
+        values; B = ceil(N / 64), S = ceil(K / 128); n: N; bias, scales as above  ->  (..., N)
+        in x.dtype
+
 The values are fp32/bf16/fp16, possibly another dtype than x (bf16 values for fp32 activations
 halve the bytes a decode step reads), or int8 codes, which need ``scales``: row n of the weight
 is its codes times scales[n]. The ops check shapes, dtypes and devices; the bitmask kernels also
-check that row_offsets agrees with the mask, and the csr kernels that every column is below K,
-as they read them (a ValueError, never a read out of bounds). Backends: the CPU kernel
-(fp32/bf16 activations: csrc/cpu/sparse_gemm.h); for sparse24_linear on CUDA tensors the sparse
+check that row_offsets agrees with the mask, the csr kernels that every column is below K, and
+the sliced kernels that every group and column is in range, as they read them (a ValueError,
+never a read out of bounds). Backends: the CPU kernel (fp32/bf16 activations:
+csrc/cpu/sparse_gemm.h, sliced_gemm.h); for sparse24_linear on CUDA tensors the sparse
 tensor cores (csrc/cuda/sparse24_gemm.cu, mma.sp: fp16/bf16 x with values of its dtype, M >= 17),
 then the Triton kernel (fp32/bf16/fp16 activations, any values: kernels/sparse_matmul.py, the
 weight tile expanded in registers; split-K for decode), and for sparse_block_linear a Triton
@@ -365,6 +376,92 @@ define_op(
 )
 
 
+# --------------------------------------------------------------------------- sliced
+def _check_sliced(x, values, columns, groups, group_offsets, value_offsets, n, bias, scales):
+    _check_activation(x)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be an int >= 0 (the output features), got {n!r}")
+    slack = ref.sparse.SLICED_GROUP
+    if values.dim() != 1 or values.shape[0] < slack:
+        raise ValueError(
+            f"values must have shape (V,) with V >= {slack}, got {tuple(values.shape)}"
+        )
+    _check_values(values, scales, n)
+    if columns.dtype != torch.uint8:
+        raise TypeError(f"columns must be uint8, got {columns.dtype}")
+    if columns.shape != values.shape:
+        raise ValueError(
+            f"columns must have the shape of values {tuple(values.shape)}, "
+            f"got {tuple(columns.shape)}"
+        )
+    if groups.dtype != torch.uint8:
+        raise TypeError(f"groups must be uint8, got {groups.dtype}")
+    if groups.dim() != 2 or groups.shape[1] != 2:
+        raise ValueError(f"groups must have shape (G, 2), got {tuple(groups.shape)}")
+    blocks, slices = ref.sparse.sliced_shape(n, x.shape[-1])
+    for t, name, size in (
+        (group_offsets, "group_offsets", blocks * slices + 1),
+        (value_offsets, "value_offsets", blocks + 1),
+    ):
+        if t.dtype != torch.int64:
+            raise TypeError(f"{name} must be int64, got {t.dtype}")
+        if tuple(t.shape) != (size,):
+            raise ValueError(
+                f"{name} must have shape ({size},) for N = {n} and K = {x.shape[-1]}, "
+                f"got {tuple(t.shape)}"
+            )
+    _check_bias(bias, n)
+    _check_same_device(
+        x,
+        values=values,
+        columns=columns,
+        groups=groups,
+        group_offsets=group_offsets,
+        value_offsets=value_offsets,
+        bias=bias,
+        scales=scales,
+    )
+
+
+_SLICED = _backends("sparse_sliced_linear", ref.sparse_sliced_linear)
+
+
+def _sliced_impl(
+    x, values, columns, groups, group_offsets, value_offsets, n, bias=None, scales=None
+):
+    args = (values, columns, groups, group_offsets, value_offsets, n)
+    _check_sliced(x, *args, bias, scales)
+    out = _SLICED(
+        _rows(x),
+        values.contiguous(),
+        columns.contiguous(),
+        groups.contiguous(),
+        group_offsets.contiguous(),
+        value_offsets.contiguous(),
+        n,
+        bias,
+        _vector(scales),
+    )
+    return out.reshape(*x.shape[:-1], n)
+
+
+def _sliced_fake(
+    x, values, columns, groups, group_offsets, value_offsets, n, bias=None, scales=None
+):
+    _check_sliced(x, values, columns, groups, group_offsets, value_offsets, n, bias, scales)
+    return x.new_empty((*x.shape[:-1], n))
+
+
+define_op(
+    "sparse_sliced_linear(Tensor x, Tensor values, Tensor columns, Tensor groups, "
+    "Tensor group_offsets, Tensor value_offsets, int n, Tensor? bias=None, "
+    "Tensor? scales=None) -> Tensor",
+    impl=_sliced_impl,
+    fake=_sliced_fake,
+    backends=_SLICED,
+)
+
+
 # --------------------------------------------------------------------------- entry points
 def sparse24_linear(
     x: torch.Tensor,
@@ -438,4 +535,34 @@ def sparse_block_linear(
         raise TypeError(f"n must be an int (the output features), got {type(n).__name__}")
     return torch.ops.torchslim.sparse_block_linear(
         x, values, col_blocks, row_offsets, n, bias, scales
+    )
+
+
+def sparse_sliced_linear(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    columns: torch.Tensor,
+    groups: torch.Tensor,
+    group_offsets: torch.Tensor,
+    value_offsets: torch.Tensor,
+    n: int,
+    bias: torch.Tensor | None = None,
+    scales: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x @ W.T + bias`` with W (``n`` rows) in the sliced format
+    (:func:`torchslim.sparse.compress_sliced`); int8 values take per-row ``scales``."""
+    _require_tensors(
+        x=x,
+        values=values,
+        columns=columns,
+        groups=groups,
+        group_offsets=group_offsets,
+        value_offsets=value_offsets,
+        bias=bias,
+        scales=scales,
+    )
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"n must be an int (the output features), got {type(n).__name__}")
+    return torch.ops.torchslim.sparse_sliced_linear(
+        x, values, columns, groups, group_offsets, value_offsets, n, bias, scales
     )

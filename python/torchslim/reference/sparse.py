@@ -42,6 +42,27 @@ unused slots hold zero values at column offset 0. Every column must be < K; K at
 CSR_MAX_K. Bytes per nonzero: itemsize + 1.25 (+ the short groups' slots, + 8 per row): per
 weight for bf16 values 0.325 at 90% (as the bitmask) and 0.16 at 95% (bitmask 0.225).
 
+Sliced (unstructured, for decode at high sparsity): W cut into blocks of 64 rows and slices of
+128 columns; each block's slice holds its rows' nonzeros in groups of up to 16 from one row:
+
+    values         (V,) the nonzeros, group by group (fp32/bf16/fp16), then 16 zero slots
+    columns        (V,) uint8: each value's column within its slice (0..127), then 16 zeros
+    groups         (G, 2) uint8: each group's row within its block (0..63) and its count (1..16)
+    group_offsets  (B * S + 1,) int64: block b's slice s's groups are [group_offsets[b * S + s],
+                   group_offsets[b * S + s + 1]), B = ceil(N / 64), S = ceil(K / 128)
+    value_offsets  (B + 1,) int64: block b's values are [value_offsets[b], value_offsets[b + 1]),
+                   its groups' counts in order
+
+    W[64 b + groups[g, 0], 128 s + columns[v]] = values[v]  for the counts[g] values v of each
+    group g of block b's slice s.
+
+A row's nonzeros in a slice are cut into groups of 16 in column order, and a slice's groups go
+by round: every row's first group (rows in order), then the second groups, and so on (see
+csrc/cpu/sliced_gemm.h: two groups in a row then add to different rows). The 16 slots past the
+last value let a kernel read a whole group at any group. Bytes per nonzero: itemsize + 1 +
+about 2 / 11 at 90% (a group's two bytes), + 8 per block and slice: per weight for bf16 values
+0.32 at 90%, int8 0.22.
+
 Block (block-sparse, R x C blocks, for weights pruned in blocks such as "16x16"): W is tiled
 into R x C blocks from (0, 0), the blocks at the bottom and right edges cut off by N and K, and
 every block that holds a nonzero is stored whole, block row by block row in column order:
@@ -79,6 +100,9 @@ CSR_GROUP = 8  # csr: values per group
 CSR_WINDOW = 256  # csr: columns a group spans from its base (8-bit offsets)
 CSR_BASE_UNIT = 8  # csr: a base counts columns in units of 8
 CSR_MAX_K = CSR_BASE_UNIT * (2**15)  # int16 bases
+SLICED_ROWS = 64  # sliced: weight rows per block
+SLICED_COLS = 128  # sliced: columns per slice
+SLICED_GROUP = 16  # sliced: the most values per group, and the slots past the last value
 
 
 # --------------------------------------------------------------------------- 2:4
@@ -411,6 +435,174 @@ def sparse_csr_linear(
     """
     cd = compute_dtype or x.dtype
     w = decompress_csr(values, columns, bases, group_offsets, x.shape[-1], dtype=cd)
+    return _linear(x, w, bias, cd, scales)
+
+
+# --------------------------------------------------------------------------- sliced
+def sliced_shape(n: int, k: int) -> tuple[int, int]:
+    """(B, S): blocks of rows and slices of columns of an (N, K) weight in the sliced format."""
+    return -(-n // SLICED_ROWS), -(-k // SLICED_COLS)
+
+
+def compress_sliced(
+    weight: torch.Tensor, dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N, K) weight -> (values (V,), columns (V,) uint8, groups (G, 2) uint8, group_offsets
+    (B * S + 1,) int64, value_offsets (B + 1,) int64); ``dtype`` converts the values (default
+    the weight's)."""
+    n, k = weight.shape
+    nb, ns = sliced_shape(n, k)
+    dev = weight.device
+    row, col = (weight != 0).nonzero().unbind(1)  # row-major: each row's columns in order
+    block, within, sl = row // SLICED_ROWS, row % SLICED_ROWS, col // SLICED_COLS
+    # Rank of each nonzero among its row's in its slice -> its group's round.
+    cell = row * ns + sl  # (row, slice), increasing with the nonzeros' order
+    first = torch.searchsorted(cell, cell, right=False)
+    rnd = (torch.arange(cell.numel(), device=dev) - first) // SLICED_GROUP
+    # Order: block, slice, round, row, column (a stable sort keeps the columns in order).
+    rounds = SLICED_COLS // SLICED_GROUP
+    key = ((block * ns + sl) * rounds + rnd) * SLICED_ROWS + within
+    key, order = torch.sort(key, stable=True)
+    group_key, counts = torch.unique_consecutive(key, return_counts=True)
+    cell_of_group = group_key // SLICED_ROWS // rounds  # b * S + s
+    per_cell = torch.bincount(cell_of_group, minlength=nb * ns)
+    group_offsets = torch.zeros(nb * ns + 1, dtype=torch.int64, device=dev)
+    group_offsets[1:] = per_cell.cumsum(0)
+    per_block = torch.bincount(block, minlength=nb)
+    value_offsets = torch.zeros(nb + 1, dtype=torch.int64, device=dev)
+    value_offsets[1:] = per_block.cumsum(0)
+    groups = torch.stack([group_key % SLICED_ROWS, counts], dim=1).to(torch.uint8)
+    pad = SLICED_GROUP
+    values = weight.new_zeros(row.numel() + pad, dtype=dtype or weight.dtype)
+    values[: row.numel()] = weight[row[order], col[order]].to(values.dtype)
+    columns = torch.zeros(row.numel() + pad, dtype=torch.uint8, device=dev)
+    columns[: row.numel()] = (col[order] % SLICED_COLS).to(torch.uint8)
+    return values, columns, groups.contiguous(), group_offsets, value_offsets
+
+
+def _sliced_entries(
+    values: torch.Tensor,
+    columns: torch.Tensor,
+    groups: torch.Tensor,
+    group_offsets: torch.Tensor,
+    value_offsets: torch.Tensor,
+    n: int,
+    k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """check_sliced's checks; returns the (row, column) of each value, (nnz,) int64 each."""
+    nb, ns = sliced_shape(n, k)
+    if values.dim() != 1 or columns.shape != values.shape:
+        raise ValueError(
+            f"values and columns must be (V,) of one shape, got {tuple(values.shape)} and "
+            f"{tuple(columns.shape)}"
+        )
+    if groups.dim() != 2 or groups.shape[1] != 2:
+        raise ValueError(f"groups must have shape (G, 2), got {tuple(groups.shape)}")
+    for t, name, size in (
+        (group_offsets, "group_offsets", nb * ns + 1),
+        (value_offsets, "value_offsets", nb + 1),
+    ):
+        if tuple(t.shape) != (size,):
+            raise ValueError(
+                f"{name} must have shape ({size},) for N = {n} and K = {k}, got {tuple(t.shape)}"
+            )
+    goff = _check_offsets(group_offsets, groups.shape[0], "group_offsets")
+    voff = _check_offsets(value_offsets, values.numel() - SLICED_GROUP, "value_offsets")
+    g = groups[: int(goff[-1])].to(torch.int64)
+    within, counts = g[:, 0], g[:, 1]
+    cell = torch.repeat_interleave(torch.arange(nb * ns, device=groups.device), goff.diff())
+    block = cell // ns
+    rows_in_block = (n - block * SLICED_ROWS).clamp(max=SLICED_ROWS)
+    bad = (within >= rows_in_block) | (counts < 1) | (counts > SLICED_GROUP)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"groups[{i}] = ({int(within[i])}, {int(counts[i])}) is not (a row of its block of "
+            f"{int(rows_in_block[i])}, a count in [1, {SLICED_GROUP}])"
+        )
+    per_block = torch.zeros(nb, dtype=torch.int64, device=groups.device)
+    per_block.index_add_(0, block, counts)
+    wrong = (per_block != voff.diff()).nonzero()
+    if wrong.numel():
+        b = int(wrong[0, 0])
+        raise ValueError(
+            f"block {b}'s groups count {int(per_block[b])} values, value_offsets "
+            f"{int(voff[b + 1] - voff[b])}"
+        )
+    nnz = int(voff[-1])
+    row = torch.repeat_interleave(block * SLICED_ROWS + within, counts)
+    col = torch.repeat_interleave(cell % ns * SLICED_COLS, counts) + columns[:nnz].to(torch.int64)
+    past = ((col >= k) | (columns[:nnz] >= SLICED_COLS)).nonzero()
+    if past.numel():
+        i = int(past[0, 0])
+        raise ValueError(
+            f"sliced row {int(row[i])} points past its slice or K = {k}: columns[{i}] = "
+            f"{int(columns[i])}"
+        )
+    return row, col
+
+
+def check_sliced(
+    values: torch.Tensor,
+    columns: torch.Tensor,
+    groups: torch.Tensor,
+    group_offsets: torch.Tensor,
+    value_offsets: torch.Tensor,
+    n: int,
+    k: int,
+) -> None:
+    """Raises ValueError unless the offsets have their shapes, start at 0, never decrease and
+    stay within groups and values (less the 16 slots past the last), every group's row and count
+    are in range, each block's counts add up to its values, and every column is inside its slice
+    and below K (reads the data: a device sync on a GPU)."""
+    _sliced_entries(values, columns, groups, group_offsets, value_offsets, n, k)
+
+
+def decompress_sliced(
+    values: torch.Tensor,
+    columns: torch.Tensor,
+    groups: torch.Tensor,
+    group_offsets: torch.Tensor,
+    value_offsets: torch.Tensor,
+    n: int,
+    k: int,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """The sliced format -> the dense (N, K) weight (``dtype``, default the values')."""
+    row, col = _sliced_entries(values, columns, groups, group_offsets, value_offsets, n, k)
+    dense = values.new_zeros((n, k), dtype=dtype or values.dtype)
+    dense.index_put_((row, col), values[: row.numel()].to(dense.dtype), accumulate=True)
+    return dense
+
+
+def sparse_sliced_linear(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    columns: torch.Tensor,
+    groups: torch.Tensor,
+    group_offsets: torch.Tensor,
+    value_offsets: torch.Tensor,
+    n: int,
+    bias: torch.Tensor | None = None,
+    scales: torch.Tensor | None = None,
+    *,
+    compute_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """``x @ (decompress_sliced(...) * scales[:, None]).T + bias`` (scales: 1 when None).
+
+    Args:
+        x: (..., K) fp32/bf16/fp16. values: (V,). columns: (V,) uint8. groups: (G, 2) uint8.
+        group_offsets: (B * S + 1,) int64. value_offsets: (B + 1,) int64. n: N.
+        bias: (N,) or None. scales: (N,) fp32 or None (needed for int8 values).
+        compute_dtype: dtype of the matmul; defaults to ``x.dtype``, float64 for the yardstick.
+
+    Returns:
+        (..., N) in ``x.dtype``.
+    """
+    cd = compute_dtype or x.dtype
+    w = decompress_sliced(
+        values, columns, groups, group_offsets, value_offsets, n, x.shape[-1], dtype=cd
+    )
     return _linear(x, w, bias, cd, scales)
 
 

@@ -7,6 +7,7 @@ prune it first with :func:`torchslim.sparse.prune_`.
     values, meta = compress_24(w)                     # w: (N, K), <= 2 nonzeros per 4
     values, mask, row_offsets = compress_bitmask(w)   # any w
     values, columns, bases, group_offsets = compress_csr(w)  # any w, K <= 262144
+    values, columns, groups, group_offsets, value_offsets = compress_sliced(w)  # any w
     format_bytes("2:4", N, K, dtype=torch.bfloat16)   # what the compressed weight takes
 
 Quantized values: compress int8 codes, and pass their per-row scales to the op:
@@ -17,6 +18,8 @@ Quantized values: compress int8 codes, and pass their per-row scales to the op:
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -79,6 +82,25 @@ def compress_csr(
         return ref.compress_csr(weight.detach(), dtype)
 
 
+def compress_sliced(
+    weight: torch.Tensor, dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N, K) weight -> (values (V,), columns (V,) uint8, groups (G, 2) uint8, group_offsets
+    (B * S + 1,) int64, value_offsets (B + 1,) int64): blocks of 64 rows, slices of 128
+    columns, groups of up to 16 nonzeros of one row (torchslim.reference.sparse)."""
+    _check_weight(weight, dtype)
+    with torch.no_grad():
+        return ref.compress_sliced(weight.detach(), dtype)
+
+
+def _sliced_groups(width: int, density: float) -> float:
+    """Expected groups of a row's slice of ``width`` columns, each kept with ``density``."""
+    return sum(
+        math.comb(width, j) * density**j * (1 - density) ** (width - j) * -(-j // ref.SLICED_GROUP)
+        for j in range(1, width + 1)
+    )
+
+
 def compress_block(
     weight: torch.Tensor, block: str | tuple[int, int], dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -97,6 +119,8 @@ decompress_24 = ref.decompress_24
 decompress_bitmask = ref.decompress_bitmask
 decompress_block = ref.decompress_block
 decompress_csr = ref.decompress_csr
+decompress_sliced = ref.decompress_sliced
+check_sliced = ref.check_sliced
 
 
 def format_bytes(
@@ -105,12 +129,13 @@ def format_bytes(
     """Bytes of an (N, K) weight in format ``fmt`` ("2:4", "bitmask" or "csr" at
     ``sparsity``, or "dense") with values in ``dtype``: what a decode step must read. For
     "csr" it counts ceil(nnz / 8) groups per row, exact unless 8 nonzeros of a row span more
-    than 256 columns (rare below ~95% sparsity, where a few more groups follow). int8 values
-    add their (N,) fp32 scales."""
+    than 256 columns (rare below ~95% sparsity, where a few more groups follow); for "sliced" the
+    groups expected when each weight is kept independently (a row's 128 columns of a slice
+    hold a binomial count of nonzeros). int8 values add their (N,) fp32 scales."""
     item = torch.empty((), dtype=dtype).element_size()
     if fmt == "dense":
         return n * k * item
-    if fmt in FORMATS and dtype == torch.int8:
+    if fmt in (*FORMATS, "sliced") and dtype == torch.int8:
         return format_bytes(fmt, n, k, sparsity=sparsity, dtype=torch.uint8) + 4 * n
     if fmt == "2:4":
         (_, kept), (_, meta) = ref.sparse24_shapes(n, k)
@@ -121,4 +146,16 @@ def format_bytes(
     if fmt == "csr":
         groups = n * -(-kept // ref.CSR_GROUP)
         return groups * (ref.CSR_GROUP * (item + 1) + 2) + 8 * (n + 1)
-    raise ValueError(f"fmt must be one of {('dense', *FORMATS)}, got {fmt!r}")
+    if fmt == "sliced":
+        blocks, slices = ref.sliced_shape(n, k)
+        density = kept / k if k else 0.0
+        last = k - (slices - 1) * ref.SLICED_COLS
+        per_row = (slices - 1) * _sliced_groups(ref.SLICED_COLS, density)
+        groups = n * (per_row + _sliced_groups(last, density)) if k else 0.0
+        nnz = n * kept
+        return (
+            (nnz + ref.SLICED_GROUP) * (item + 1)
+            + 2 * round(groups)
+            + 8 * (blocks * slices + blocks + 2)
+        )
+    raise ValueError(f"fmt must be one of {('dense', *FORMATS, 'sliced')}, got {fmt!r}")

@@ -1,0 +1,342 @@
+// Sparse GEMM for pruned weights in the sliced format (torchslim.reference.sparse), written
+// once and compiled per ISA level after sparse_gemm.h, whose pieces it shares:
+//
+//   sliced_gemm  out = x . W^T + bias, W cut into blocks of kSlicedRows weight rows and slices
+//                of kSlicedCols columns; a block's slice holds groups of up to kSlicedGroup
+//                nonzeros of one row, each a row byte and a count byte, the values and one
+//                byte per value, its column within the slice.
+//
+// The csr dot kernel gathers x one value at a time from memory, and at K = 11008 x no longer
+// stays in L1. Here a block's rows are summed slice by slice instead: a row of x's slice is
+// held in registers for every group of the block's slice, and each row's partial sums stay in
+// a vector in L1 (one load, one FMA and one store per group and row of x).
+//
+// AVX-512 gathers a group's x with permutes: the 16 column bytes, widened, pick from the 8
+// registers of the slice through four two-table vpermt2ps and three blends (on the slice's
+// column bits 5 and 6), and one masked FMA takes the count's lanes. Other levels gather as the
+// csr kernel does (vinsertps from L1), masking the lanes past the count.
+//
+// In a slice, a block's groups go by round: every row's first group, then the second groups of
+// the rows that have them, and so on. Two groups in a row update different rows, so no group
+// waits for the previous one's store (one row's groups one after another ran 2.5x slower at 50%
+// density on Zen 4).
+//
+// Every read stays inside the arrays as the binding checked them: group_offsets (B * S + 1) and
+// value_offsets (B + 1) non-decreasing, values and columns with kSlicedGroup slots past the last
+// group. A group whose row byte is not a row of its block, or whose count is not in
+// [1, kSlicedGroup), or a block whose counts do not add up to its values, stops the block: its
+// first row is reported in bad_row. The dot kernels read x padded with NaN up to a whole slice
+// plus one (see sliced_padded_k), so a column past K turns its row's sum into NaN; only such
+// rows are checked again (the last slice's columns), which tells a NaN of x from a bad column.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "sparse_gemm.h"
+
+namespace torchslim::cpu::TORCHSLIM_ISA_NS {
+namespace {
+
+struct SlicedGroup {
+  int64_t row, count;
+};
+
+// Whether row `row` of block b has a column past K in its last slice (groups [g0, g1) from value
+// index vi): a NaN sum is then a bad column, not a NaN of x.
+inline bool sliced_row_past_k(const SparseGemmArgs& g, int64_t row, int64_t g0, int64_t g1,
+                              int64_t vi, int64_t width) {
+  for (int64_t grp = g0; grp < g1; ++grp) {
+    const int64_t count = g.groups[2 * grp + 1];
+    if (g.groups[2 * grp] == row) {
+      for (int64_t t = 0; t < count; ++t) {
+        if (g.meta[vi + t] >= width) return true;
+      }
+    }
+    vi += count;
+  }
+  return false;
+}
+
+// The block's arrays, read once into registers: the hot loop's stores (to the partial sums)
+// would otherwise make the compiler read them again for every group.
+template <typename T>
+struct SlicedArrays {
+  const T* values;
+  const uint8_t* columns;
+  const uint8_t* groups;
+  int64_t values_total;
+  explicit SlicedArrays(const SparseGemmArgs& g)
+      : values(typed<T>(g.values)),
+        columns(g.meta),
+        groups(g.groups),
+        values_total(g.values_total) {}
+  // The group's row and count, and whether it is well formed: its row one of the block's
+  // `rows`, its count in [1, kSlicedGroup], and its values inside the array.
+  TORCHSLIM_INLINE bool group(int64_t grp, int64_t vi, int64_t rows, SlicedGroup& out) const {
+    out.row = groups[2 * grp];
+    out.count = groups[2 * grp + 1];
+    return (out.row < rows) & (static_cast<uint64_t>(out.count - 1) < kSlicedGroup) &
+           (vi + kSlicedGroup <= values_total);
+  }
+};
+
+// Bytes ahead of a group that the dot kernel prefetches its values and columns.
+constexpr int64_t kSlicedAhead = 512;
+
+#if defined(TORCHSLIM_ISA_AVX512)
+// 16 values as fp32.
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) {
+  const __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
+}
+inline __m512 load16(const Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline __m512 load16(const int8_t* p) {
+  return _mm512_cvtepi32_ps(
+      _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+// R rows of x's slice, 8 vectors each (in registers for R <= 2).
+template <int R>
+struct SlicedX {
+  __m512 t[R][8];
+  SlicedX(const float* x, int64_t ldx) {
+#pragma GCC unroll 4
+    for (int i = 0; i < R; ++i) {
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) t[i][j] = _mm512_loadu_ps(x + i * ldx + 16 * j);
+    }
+  }
+  // Row i's x[idx[j]] for each lane (idx: 0..127 in the low 7 bits).
+  TORCHSLIM_INLINE __m512 gather(int i, __m512i idx) const {
+    const __m512 p0 = _mm512_permutex2var_ps(t[i][0], idx, t[i][1]);
+    const __m512 p1 = _mm512_permutex2var_ps(t[i][2], idx, t[i][3]);
+    const __m512 p2 = _mm512_permutex2var_ps(t[i][4], idx, t[i][5]);
+    const __m512 p3 = _mm512_permutex2var_ps(t[i][6], idx, t[i][7]);
+    const __mmask16 b5 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(32));
+    const __mmask16 b6 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(64));
+    return _mm512_mask_blend_ps(b6, _mm512_mask_blend_ps(b5, p0, p1),
+                                _mm512_mask_blend_ps(b5, p2, p3));
+  }
+};
+#else
+template <int R>
+struct SlicedX {
+  const float* x;  // row i of the slice at x + i * ldx
+  int64_t ldx;
+  SlicedX(const float* x_, int64_t ldx_) : x(x_), ldx(ldx_) {}
+};
+#endif
+
+// Partial sums of a block's rows against R rows of x: 16 floats per row and row of x (one
+// AVX-512 vector, two AVX2 ones, or 16 scalar slots summed as the lanes are).
+template <int R>
+struct alignas(64) SlicedSums {
+  float acc[kSlicedRows][R][kSlicedGroup];
+};
+
+// The group's values (from value index vi) against the R rows of x's slice, added to its row's
+// partial sums.
+template <typename T, int R>
+TORCHSLIM_INLINE inline void sliced_fma(const SlicedArrays<T>& a, const SlicedX<R>& xs, int64_t vi,
+                                        const SlicedGroup& grp, SlicedSums<R>& sums) {
+  const T* v = a.values + vi;
+  const uint8_t* columns = a.columns + vi;
+  __builtin_prefetch(reinterpret_cast<const char*>(v) + kSlicedAhead);
+  __builtin_prefetch(columns + kSlicedAhead);
+#if defined(TORCHSLIM_ISA_AVX512)
+  const auto lanes = static_cast<__mmask16>(_bzhi_u32(0xffff, static_cast<uint32_t>(grp.count)));
+  const __m512i idx =
+      _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(columns)));
+  const __m512 w = load16(v);
+#pragma GCC unroll 4
+  for (int i = 0; i < R; ++i) {
+    float* acc = sums.acc[grp.row][i];
+    _mm512_store_ps(acc, _mm512_mask3_fmadd_ps(w, xs.gather(i, idx), _mm512_load_ps(acc), lanes));
+  }
+#elif defined(TORCHSLIM_SPARSE_VECTOR)
+  const __m256i count = _mm256_set1_epi32(static_cast<int>(grp.count));
+  const __m256 lo =
+      _mm256_castsi256_ps(_mm256_cmpgt_epi32(count, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+  const __m256 hi = _mm256_castsi256_ps(
+      _mm256_cmpgt_epi32(count, _mm256_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15)));
+  const __m256 w_lo = _mm256_and_ps(load8(v), lo), w_hi = _mm256_and_ps(load8(v + 8), hi);
+#pragma GCC unroll 4
+  for (int i = 0; i < R; ++i) {
+    float* acc = sums.acc[grp.row][i];
+    const float* x = xs.x + i * xs.ldx;
+    const __m256 x_lo = _mm256_and_ps(csr_gather(x, columns), lo);
+    const __m256 x_hi = _mm256_and_ps(csr_gather(x, columns + 8), hi);
+    _mm256_store_ps(acc, _mm256_fmadd_ps(w_lo, x_lo, _mm256_load_ps(acc)));
+    _mm256_store_ps(acc + 8, _mm256_fmadd_ps(w_hi, x_hi, _mm256_load_ps(acc + 8)));
+  }
+#else
+  for (int64_t t = 0; t < grp.count; ++t) {
+    const float w = load_f32(v + t);
+    for (int i = 0; i < R; ++i) sums.acc[grp.row][i][t] += w * xs.x[i * xs.ldx + columns[t]];
+  }
+#endif
+}
+
+// Bit t set when column byte t of the group (from value index vi) is kSlicedCols or more.
+TORCHSLIM_INLINE inline uint32_t sliced_high_columns(const uint8_t* columns) {
+#if defined(TORCHSLIM_SPARSE_VECTOR)
+  return static_cast<uint32_t>(
+      _mm_movemask_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(columns))));
+#else
+  uint32_t bits = 0;
+  for (int t = 0; t < kSlicedGroup; ++t) bits |= uint32_t{columns[t] >> 7} << t;
+  return bits;
+#endif
+}
+
+// Block b's sums against rows [m, m + R) of x (padded: see sliced_padded_k); false when the
+// block is malformed (see the top).
+template <typename T, int R>
+bool sliced_block_dot(const SparseGemmArgs& g, int64_t m, int64_t b, int64_t rows,
+                      SlicedSums<R>& sums) {
+  const int64_t S = (g.K + kSlicedCols - 1) / kSlicedCols;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int i = 0; i < R; ++i) {
+      for (int t = 0; t < kSlicedGroup; ++t) sums.acc[r][i][t] = 0.0f;
+    }
+  }
+  const SlicedArrays<T> a(g);
+  const int64_t* off = g.row_offsets + b * S;
+  const float* x = g.x + m * g.ldx;
+  const int64_t ldx = g.ldx;
+  int64_t vi = g.value_offsets[b];
+  for (int64_t s = 0; s < S; ++s) {
+    const SlicedX<R> xs(x + s * kSlicedCols, ldx);
+    uint32_t high = 0;  // column bytes >= kSlicedCols among the counted lanes
+    for (int64_t grp = off[s], end = off[s + 1]; grp < end; ++grp) {
+      SlicedGroup group;
+      if (!a.group(grp, vi, rows, group)) return false;
+      high |= sliced_high_columns(a.columns + vi) & ((1u << group.count) - 1);
+      sliced_fma<T, R>(a, xs, vi, group, sums);
+      vi += group.count;
+    }
+    if (high) return false;
+  }
+  return vi == g.value_offsets[b + 1];
+}
+
+// Rows [m0, m1) of x (at most kSpMaxTileM) against blocks [n0 / kSlicedRows, ...) of W.
+template <typename T>
+void sliced_dot(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  const int64_t S = (g.K + kSlicedCols - 1) / kSlicedCols;
+  const auto run = [&](auto tile_rows, int64_t m, int64_t b) {
+    constexpr int R = decltype(tile_rows)::value;
+    const int64_t first = b * kSlicedRows, rows = min_i64(kSlicedRows, g.N - first);
+    SlicedSums<R> sums;
+    if (!sliced_block_dot<T, R>(g, m, b, rows, sums)) return report_bad_row(g, first);
+    // The last slice's groups, for a NaN row: a column past K or a NaN of x.
+    const int64_t last_g0 = g.row_offsets[b * S + S - 1], last_g1 = g.row_offsets[b * S + S];
+    int64_t last_vi = g.value_offsets[b + 1];
+    for (int64_t grp = last_g0; grp < last_g1; ++grp) last_vi -= g.groups[2 * grp + 1];
+    for (int64_t r = 0; r < rows; ++r) {
+      bool nan = false;
+      float total[R];
+      for (int i = 0; i < R; ++i) {
+        float s = 0.0f;
+        for (int t = 0; t < kSlicedGroup; ++t) s += sums.acc[r][i][t];
+        total[i] = s;
+        nan |= std::isnan(s);
+      }
+      if (nan && sliced_row_past_k(g, r, last_g0, last_g1, last_vi, g.K - (S - 1) * kSlicedCols)) {
+        report_bad_row(g, first + r);
+        continue;
+      }
+      for (int i = 0; i < R; ++i) store_sum(g, m + i, first + r, total[i]);
+    }
+  };
+  for (int64_t b = n0 / kSlicedRows; b * kSlicedRows < n1; ++b) {
+    for (int64_t m = m0; m < m1; m += kSpMR) {
+      switch (min_i64(kSpMR, m1 - m)) {
+        case 1:
+          run(std::integral_constant<int, 1>{}, m, b);
+          break;
+        case 2:
+          run(std::integral_constant<int, 2>{}, m, b);
+          break;
+        case 3:
+          run(std::integral_constant<int, 3>{}, m, b);
+          break;
+        default:
+          run(std::integral_constant<int, 4>{}, m, b);
+      }
+    }
+  }
+}
+
+// The SpMM (M > kSpMaxTileM, x in panels: see sparse_gemm.h): per slice and panel, each group's
+// nonzeros broadcast against the panel rows of their columns (PanelSums), added to its row's
+// sums in memory. Every column is checked against K before x is read.
+template <typename T>
+void sliced_spmm(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  const int64_t S = (g.K + kSlicedCols - 1) / kSlicedCols;
+  const int64_t p0 = m0 / kSpPanel, panels = (m1 - m0 + kSpPanel - 1) / kSpPanel;
+  const int64_t stride = g.K * kSpPanel;  // floats per panel
+  const SlicedArrays<T> arrays(g);
+  std::vector<float> sums;
+  for (int64_t b = n0 / kSlicedRows; b * kSlicedRows < n1; ++b) {
+    const int64_t first = b * kSlicedRows, rows = min_i64(kSlicedRows, g.N - first);
+    sums.assign(rows * panels * kSpPanel, 0.0f);  // [row][panel][16]
+    const auto block = [&] {
+      int64_t vi = g.value_offsets[b];
+      for (int64_t s = 0; s < S; ++s) {
+        const int64_t width = min_i64(kSlicedCols, g.K - s * kSlicedCols);
+        const int64_t g0 = g.row_offsets[b * S + s], g1 = g.row_offsets[b * S + s + 1];
+        const int64_t start = vi;
+        for (int64_t grp = g0; grp < g1; ++grp) {  // the slice's groups, checked once
+          SlicedGroup group;
+          if (!arrays.group(grp, vi, rows, group)) return false;
+          for (int64_t t = 0; t < group.count; ++t) {
+            if (g.meta[vi + t] >= width) return false;
+          }
+          vi += group.count;
+        }
+        for (int64_t p = 0; p < panels; ++p) {
+          vi = start;
+          const float* x = g.panels + (p0 + p) * stride + s * kSlicedCols * kSpPanel;
+          for (int64_t grp = g0; grp < g1; ++grp) {
+            const int64_t row = g.groups[2 * grp], count = g.groups[2 * grp + 1];
+            const T* v = typed<T>(g.values) + vi;
+            const uint8_t* columns = g.meta + vi;
+            PanelSums<T, 1> acc(x, stride);
+            int64_t t = 0;
+            for (; t + kCsrGroup <= count; t += kCsrGroup) {
+              acc.group(v + t, [&](int j) { return acc.at(columns[t + j]); });
+            }
+            for (; t < count; ++t) acc.one(load_f32(v + t), columns[t]);
+            acc.add_to(sums.data() + (row * panels + p) * kSpPanel);
+            vi += count;
+          }
+        }
+      }
+      return vi == g.value_offsets[b + 1];
+    };
+    if (!block()) {
+      report_bad_row(g, first);
+      continue;
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* s = sums.data() + r * panels * kSpPanel;
+      for (int64_t m = m0; m < m1; ++m) store_sum(g, m, first + r, s[m - m0]);
+    }
+  }
+}
+
+void sliced_gemm(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  with_value_type(g.v_type, [&](auto value) {
+    using T = decltype(value);
+    g.panels ? sliced_spmm<T>(g, m0, m1, n0, n1) : sliced_dot<T>(g, m0, m1, n0, n1);
+  });
+}
+
+}  // namespace
+}  // namespace torchslim::cpu::TORCHSLIM_ISA_NS
