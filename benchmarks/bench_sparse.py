@@ -1,4 +1,5 @@
-"""Sparse linear benchmark: torchslim's 2:4, bitmask and csr kernels against dense and torch.sparse.
+"""Sparse linear benchmark: torchslim's 2:4, bitmask, csr, sliced and block kernels against dense
+and torch.sparse.
 
     torchslim bench sparse [--quick] [--layers KxN,...] [--batch M,...] [--sparsity 50,90,2:4]
                            [--device cpu|cuda] [--out DIR] [--no-plot]
@@ -29,9 +30,9 @@ CPU implementations, in the same run:
     torchslim-<fmt>-int8-fp32x  ours, int8 values (the pruned weight quantized per output
                                 channel, fp32 scales: W8A16) and fp32 x
 
-Ours run sparse_bitmask_linear and sparse_csr_linear (<fmt> bitmask, csr) at the unstructured
-patterns, sparse24_linear (2:4) at 2:4 and sparse_block_linear (block) at the block patterns;
-torch's CSR runs at every pattern.
+Ours run sparse_bitmask_linear, sparse_csr_linear and sparse_sliced_linear (<fmt> bitmask, csr,
+sliced) at the unstructured patterns, sparse24_linear (2:4) at 2:4 and sparse_block_linear
+(block) at the block patterns; torch's CSR runs at every pattern.
 
 GPU (--device cuda): dense-fp16 and dense-bf16 (cuBLAS) and, at 2:4, torch's semi-structured
 sparsity (torch.sparse.to_sparse_semi_structured's classes) on each backend, cuSPARSELt and
@@ -116,12 +117,12 @@ _SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", 
 class Impl:
     """One way to compute x @ W.T with W (N, K) a pruned weight.
 
-    fmt: "dense" (the unpruned weight), "bitmask" or "csr" (the unstructured patterns), "2:4",
-    "torch-csr" (every pattern) or "semi-structured" (2:4). op: the torchslim op it calls, None
-    for the baselines; ours run only where ops.explain(op, ...) picks a kernel (not the reference).
-    clones: the operands' rotated copies are clones (else each is made again from the weight:
-    torch's semi-structured tensors do not all support clone()). graphed: time the replay of a
-    CUDA graph of the call (captured per rotated copy) instead of the eager call. op_args: the
+    fmt: "dense" (the unpruned weight), "bitmask", "csr" or "sliced" (the unstructured patterns),
+    "2:4", "torch-csr" (every pattern) or "semi-structured" (2:4). op: the torchslim op it calls,
+    None for the baselines; ours run only where ops.explain(op, ...) picks a kernel (not the
+    reference). clones: the operands' rotated copies are clones (else each is made again from the
+    weight: torch's semi-structured tensors do not all support clone()). graphed: time the replay
+    of a CUDA graph of the call (captured per rotated copy) instead of the eager call. op_args: the
     op's arguments after x, from the operands.
     """
 
@@ -143,7 +144,7 @@ class Impl:
             return False
         if self.fmt in ("2:4", "semi-structured"):
             return pattern == "2:4"
-        if self.fmt in ("bitmask", "csr"):
+        if self.fmt in ("bitmask", "csr", "sliced"):
             return is_unstructured(pattern)
         if self.fmt == "block":
             return _is_block(pattern)
@@ -183,6 +184,11 @@ def _compress_block(w: torch.Tensor, pattern: str, dtype: torch.dtype | None = N
     return (*sp.compress_block(w, split_pattern(pattern)[0], dtype), w.shape[0])
 
 
+def _compress_sliced(w: torch.Tensor, _pattern: str, dtype: torch.dtype | None = None) -> tuple:
+    """The sliced format of w, and N for the op."""
+    return (*sp.compress_sliced(w, dtype), w.shape[0])
+
+
 _OURS = {  # format -> (op name, entry point, compression (w, pattern, dtype))
     "bitmask": (
         "sparse_bitmask_linear",
@@ -200,6 +206,7 @@ _OURS = {  # format -> (op name, entry point, compression (w, pattern, dtype))
         lambda w, _, dtype=None: sp.compress_csr(w, dtype),
     ),
     "block": ("sparse_block_linear", ops.sparse_block_linear, _compress_block),
+    "sliced": ("sparse_sliced_linear", ops.sparse_sliced_linear, _compress_sliced),
 }
 
 
@@ -269,7 +276,7 @@ IMPLS = (
     *(
         _ours(fmt, w, x)
         for w, x in ((_F32, _F32), (_BF16, _BF16), (_BF16, _F32), (_I8, _F32))
-        for fmt in ("bitmask", "csr", "2:4", "block")
+        for fmt in ("bitmask", "csr", "sliced", "2:4", "block")
     ),
 )
 GPU_DENSE = (_dense(_F16), _dense(_BF16))
@@ -318,7 +325,7 @@ def weight_bytes(impl: Impl, operands: tuple, n: int, k: int, zeros: float) -> i
     if impl.fmt == "torch-csr":
         (csr,) = operands
         return sum(t.nbytes for t in (csr.values(), csr.col_indices(), csr.crow_indices()))
-    if impl.fmt == "block":  # values, col_blocks, row_offsets (+ scales): the tensors as made
+    if impl.fmt in ("block", "sliced"):  # the tensors as made (+ scales)
         return sum(t.nbytes for t in operands if isinstance(t, torch.Tensor))
     # torch's 2:4 keeps the same values and 2-bit indices as ours (cuSPARSELt may pad its buffer)
     fmt = "2:4" if impl.fmt == "semi-structured" else impl.fmt

@@ -74,7 +74,9 @@ def test_bench_sparse_quick(tmp_path, capsys):
                "commit"}  # fmt: skip
     assert columns <= set(rows[0])
     variants = ("fp32", "bf16", "bf16-fp32x", "int8-fp32x")
-    unstructured = tuple(f"torchslim-{f}-{v}" for f in ("bitmask", "csr") for v in variants)
+    unstructured = tuple(
+        f"torchslim-{f}-{v}" for f in ("bitmask", "csr", "sliced") for v in variants
+    )
     per_pattern = {"dense": ("dense-fp32", "dense-bf16")}
     per_pattern.update({p: (*unstructured, "torch-csr-fp32") for p in ("50%", "75%", "90%")})
     per_pattern["2:4"] = (*(f"torchslim-2:4-{v}" for v in variants), "torch-csr-fp32")
