@@ -18,6 +18,8 @@ CASES = [
     ("2:4", "bitmask", None),
     ("unstructured", "csr", 0.75),
     ("unstructured", "csr", 0.95),
+    ("unstructured", "sliced", 0.9),
+    ("2:4", "sliced", None),
     ("16x16", "block", 0.75),
     ("4x8", "block", 0.5),
 ]
@@ -151,7 +153,7 @@ def test_int8_values_follow_the_quantized_weight(pattern, fmt, amount):
     assert layer.sparsity >= SparseLinear.from_linear(linear, pattern, format=fmt).sparsity
 
 
-@pytest.mark.parametrize("fmt", ["2:4", "csr"])
+@pytest.mark.parametrize("fmt", ["2:4", "csr", "sliced"])
 def test_int8_state_dict_round_trip_and_casts(fmt):
     pattern = "2:4" if fmt == "2:4" else "unstructured"
     linear = _pruned_linear(100, 30, pattern, None if fmt == "2:4" else 0.9, ("int8-sd", fmt))

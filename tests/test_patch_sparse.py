@@ -72,16 +72,17 @@ def test_quant_sparse_takes_a_pruned_model_and_refuses_an_unpruned_one():
     assert isinstance(model[0], SparseLinear) and model[0].values.dtype == torch.bfloat16
 
 
-def test_the_format_is_an_option_and_survives_save_and_load(tmp_path):
+@pytest.mark.parametrize("fmt", ["csr", "sliced"])
+def test_the_format_is_an_option_and_survives_save_and_load(tmp_path, fmt):
     model = torch.nn.Sequential(torch.nn.Linear(300, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
-    torchslim.patch(model, sparsity=0.5, format="csr", progress=False)
-    assert [m.format for m in model if isinstance(m, SparseLinear)] == ["csr", "csr"]
+    torchslim.patch(model, sparsity=0.5, format=fmt, progress=False)
+    assert [m.format for m in model if isinstance(m, SparseLinear)] == [fmt, fmt]
     torchslim.save(model, tmp_path)
     fresh = torch.nn.Sequential(torch.nn.Linear(300, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
     torchslim.load(fresh, tmp_path)
     x = torch.randn(20, 300, generator=seeded("csr-save"))
     with torch.no_grad():
-        assert fresh[0].format == "csr" and torch.equal(fresh(x), model(x))
+        assert fresh[0].format == fmt and torch.equal(fresh(x), model(x))
     with pytest.raises(ValueError, match="format must be None or one of"):
         torchslim.patch(torch.nn.Linear(8, 8), sparsity=0.5, format="coo", progress=False)
 

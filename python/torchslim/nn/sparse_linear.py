@@ -16,6 +16,7 @@ from torchslim.sparse.formats import (
     compress_bitmask,
     compress_block,
     compress_csr,
+    compress_sliced,
 )
 from torchslim.sparse.patterns import parse_pattern
 
@@ -25,6 +26,7 @@ _OP_24 = torch.ops.torchslim.sparse24_linear.default
 _OP_BITMASK = torch.ops.torchslim.sparse_bitmask_linear.default
 _OP_CSR = torch.ops.torchslim.sparse_csr_linear.default
 _OP_BLOCK = torch.ops.torchslim.sparse_block_linear.default
+_OP_SLICED = torch.ops.torchslim.sparse_sliced_linear.default
 
 # The buffers of each format, besides bias.
 _BUFFERS = {
@@ -32,6 +34,7 @@ _BUFFERS = {
     "bitmask": ("values", "mask", "row_offsets"),
     "csr": ("values", "columns", "bases", "group_offsets"),
     "block": ("values", "col_blocks", "row_offsets"),
+    "sliced": ("values", "columns", "groups", "group_offsets", "value_offsets"),
 }
 # The buffers whose length depends on the weight: a loaded state_dict brings theirs.
 _SIZED_BY_WEIGHT = {
@@ -39,6 +42,7 @@ _SIZED_BY_WEIGHT = {
     "bitmask": ("values",),
     "csr": ("values", "columns", "bases"),
     "block": ("values", "col_blocks"),
+    "sliced": ("values", "columns", "groups"),
 }
 
 
@@ -51,13 +55,16 @@ class SparseLinear(nn.Module):
                    (out + 1,) int64 (torch.ops.torchslim.sparse_bitmask_linear)
         "csr"      ``values`` (G, 8), ``columns`` (G, 8) uint8, ``bases`` (G,) int16,
                    ``group_offsets`` (out + 1,) int64 (torch.ops.torchslim.sparse_csr_linear)
+        "sliced"   ``values`` (V,), ``columns`` (V,) uint8, ``groups`` (G, 2) uint8,
+                   ``group_offsets`` (B * S + 1,) int64, ``value_offsets`` (B + 1,) int64: blocks
+                   of 64 rows, slices of 128 columns (torch.ops.torchslim.sparse_sliced_linear)
         "block"    ``values`` (B, R, C) whole R x C blocks (``block``), ``col_blocks`` (B,)
                    int32, ``row_offsets`` (ceil(out / R) + 1,) int64
                    (torch.ops.torchslim.sparse_block_linear)
 
     All are buffers in the state_dict, with ``bias`` (out,) or None; loading a state_dict keeps
-    its values' and bias' dtypes, and a bitmask, csr or block layer takes its number of values
-    from it.
+    its values' and bias' dtypes, and a bitmask, csr, sliced or block layer takes its number of
+    values from it.
     Values are fp32, bf16 or fp16 and need not match the activations' dtype: bf16 values under
     fp32 activations halve the bytes read. With ``dtype=torch.int8`` they are int8 codes of the
     pruned weight quantized per output channel, with ``scales`` (out,) fp32 (W8A16: W[n] =
@@ -118,6 +125,19 @@ class SparseLinear(nn.Module):
                 "row_offsets",
                 torch.zeros(ref.block_rows(n, self.block) + 1, dtype=torch.int64, device=device),
             )
+        elif format == "sliced":  # an all-zero weight: no groups, the 16 slots past the values
+            blocks, slices = ref.sliced_shape(n, k)
+            slack = ref.SLICED_GROUP
+            self.register_buffer("values", torch.zeros(slack, dtype=dtype, device=device))
+            self.register_buffer("columns", torch.zeros(slack, dtype=torch.uint8, device=device))
+            self.register_buffer("groups", torch.zeros(0, 2, dtype=torch.uint8, device=device))
+            self.register_buffer(
+                "group_offsets",
+                torch.zeros(blocks * slices + 1, dtype=torch.int64, device=device),
+            )
+            self.register_buffer(
+                "value_offsets", torch.zeros(blocks + 1, dtype=torch.int64, device=device)
+            )
         else:
             group = ref.CSR_GROUP
             self.register_buffer("values", torch.zeros(0, group, dtype=dtype, device=device))
@@ -159,9 +179,11 @@ class SparseLinear(nn.Module):
                 off the pattern raises ValueError, it is never re-pruned), "unstructured", or
                 blocks "RxC" such as "16x16" (any weight holds: every block with a nonzero is
                 stored).
-            format: "2:4", "bitmask", "csr" or "block"; default "2:4" for the 2:4 pattern,
-                "block" for blocks, else the one of bitmask and csr that reads the fewer bytes
-                (csr from about 90% sparsity, see default_format).
+            format: "2:4", "bitmask", "csr", "sliced" or "block"; default "2:4" for the 2:4
+                pattern, "block" for blocks, else the one of bitmask and csr that reads the
+                fewer bytes (csr from about 90% sparsity, see default_format). "sliced" takes
+                about csr's bytes; its kernel holds x's slice in registers (see
+                csrc/cpu/sliced_gemm.h).
             dtype: dtype of the stored values (default the weight's); torch.int8 stores the
                 weight quantized per output channel (int8 codes and fp32 scales, see
                 torchslim.quant.quantize_weight_per_channel; zeros stay zeros).
@@ -208,6 +230,10 @@ class SparseLinear(nn.Module):
             layer.values, layer.col_blocks, layer.row_offsets = compress_block(
                 weight, layer.block, dtype
             )
+        elif format == "sliced":
+            parts = compress_sliced(weight, dtype)
+            (layer.values, layer.columns, layer.groups, layer.group_offsets) = parts[:4]
+            layer.value_offsets = parts[4]
         else:
             layer.values, layer.columns, layer.bases, layer.group_offsets = compress_csr(
                 weight, dtype
@@ -221,8 +247,8 @@ class SparseLinear(nn.Module):
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs
     ):
-        # The values and the bias keep the dtypes they were saved in, and a bitmask or csr
-        # layer's number of values comes with the weights it loads. int8 codes load only into
+        # The values and the bias keep the dtypes they were saved in, and a bitmask, csr or
+        # sliced layer's number of values comes with the weights it loads. int8 codes load only into
         # a layer made with dtype=torch.int8 (they need its scales), float values only into
         # one with float values.
         values = state_dict.get(prefix + "values")
@@ -302,6 +328,8 @@ class SparseLinear(nn.Module):
                     f"{b['col_blocks'].dtype} {tuple(b['col_blocks'].shape)}"
                 )
             ref.check_block(b["values"], b["col_blocks"], b["row_offsets"], n, k)
+        elif self.format == "sliced":
+            ref.check_sliced(*self._sliced_parts(), n, k)
         else:
             ref.check_csr(b["values"], b["columns"], b["bases"], b["group_offsets"], k)
 
@@ -321,6 +349,8 @@ class SparseLinear(nn.Module):
             w = ref.decompress_block(
                 b["values"], b["col_blocks"], b["row_offsets"], *self._shape(), dtype
             )
+        elif self.format == "sliced":
+            w = ref.decompress_sliced(*self._sliced_parts(), *self._shape(), dtype)
         else:
             w = ref.decompress_csr(
                 b["values"], b["columns"], b["bases"], b["group_offsets"], self.in_features, dtype
@@ -354,7 +384,13 @@ class SparseLinear(nn.Module):
         if self.format == "block":
             n = self.out_features
             return _OP_BLOCK(x, values, b["col_blocks"], b["row_offsets"], n, bias, scales)
+        if self.format == "sliced":
+            return _OP_SLICED(x, *self._sliced_parts(), self.out_features, bias, scales)
         return _OP_CSR(x, values, b["columns"], b["bases"], b["group_offsets"], bias, scales)
+
+    def _sliced_parts(self) -> tuple[torch.Tensor, ...]:
+        b = self._buffers
+        return tuple(b[name] for name in _BUFFERS["sliced"])
 
     def _shape(self) -> tuple[int, int]:
         return self.out_features, self.in_features

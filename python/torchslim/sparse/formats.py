@@ -26,7 +26,7 @@ import torch
 from torchslim.reference import sparse as ref
 from torchslim.sparse.patterns import check_pattern, parse_pattern
 
-FORMATS = ("2:4", "bitmask", "csr")
+FORMATS = ("2:4", "bitmask", "csr", "sliced")
 VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -126,7 +126,7 @@ check_sliced = ref.check_sliced
 def format_bytes(
     fmt: str, n: int, k: int, *, sparsity: float = 0.5, dtype: torch.dtype = torch.float32
 ) -> int:
-    """Bytes of an (N, K) weight in format ``fmt`` ("2:4", "bitmask" or "csr" at
+    """Bytes of an (N, K) weight in format ``fmt`` ("2:4", "bitmask", "csr" or "sliced" at
     ``sparsity``, or "dense") with values in ``dtype``: what a decode step must read. For
     "csr" it counts ceil(nnz / 8) groups per row, exact unless 8 nonzeros of a row span more
     than 256 columns (rare below ~95% sparsity, where a few more groups follow); for "sliced" the
@@ -135,7 +135,7 @@ def format_bytes(
     item = torch.empty((), dtype=dtype).element_size()
     if fmt == "dense":
         return n * k * item
-    if fmt in (*FORMATS, "sliced") and dtype == torch.int8:
+    if fmt in FORMATS and dtype == torch.int8:
         return format_bytes(fmt, n, k, sparsity=sparsity, dtype=torch.uint8) + 4 * n
     if fmt == "2:4":
         (_, kept), (_, meta) = ref.sparse24_shapes(n, k)
@@ -158,4 +158,4 @@ def format_bytes(
             + 2 * round(groups)
             + 8 * (blocks * slices + blocks + 2)
         )
-    raise ValueError(f"fmt must be one of {('dense', *FORMATS, 'sliced')}, got {fmt!r}")
+    raise ValueError(f"fmt must be one of {('dense', *FORMATS)}, got {fmt!r}")
