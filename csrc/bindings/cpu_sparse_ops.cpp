@@ -202,6 +202,16 @@ at::Tensor sparse_bitmask_linear_cpu(const at::Tensor& x, const at::Tensor& valu
   return op.out;
 }
 
+// csr's and sliced's column bytes: uint8, contiguous, one per value.
+void check_columns(const at::Tensor& columns, const at::Tensor& values) {
+  check_cpu(columns, "columns");
+  TORCHSLIM_CHECK_TYPE(columns.scalar_type() == at::kByte, "columns must be uint8, got ",
+                       columns.scalar_type());
+  TORCHSLIM_CHECK(columns.sizes() == values.sizes() && columns.is_contiguous(),
+                  "columns must be contiguous with the shape of values ", values.sizes(), ", got ",
+                  columns.sizes());
+}
+
 // The dot kernels' x: each row `columns` wide, NaN past K.
 void pad_x(SparseOperands& op, int64_t columns) {
   const int64_t K = op.args.K;
@@ -226,12 +236,7 @@ at::Tensor sparse_csr_linear_cpu(const at::Tensor& x, const at::Tensor& values,
                   "values must be a contiguous (G, 8) tensor, got shape ", values.sizes(),
                   " and strides ", values.strides());
   const int64_t G = values.size(0);
-  check_cpu(columns, "columns");
-  TORCHSLIM_CHECK_TYPE(columns.scalar_type() == at::kByte, "columns must be uint8, got ",
-                       columns.scalar_type());
-  TORCHSLIM_CHECK(columns.sizes() == values.sizes() && columns.is_contiguous(),
-                  "columns must be contiguous with the shape of values ", values.sizes(), ", got ",
-                  columns.sizes());
+  check_columns(columns, values);
   check_cpu(bases, "bases");
   TORCHSLIM_CHECK_TYPE(bases.scalar_type() == at::kShort, "bases must be int16, got ",
                        bases.scalar_type());
@@ -332,12 +337,7 @@ at::Tensor sparse_sliced_linear_cpu(const at::Tensor& x, const at::Tensor& value
                   "values must have shape (V,) with V >= ", slack, " and be contiguous, got shape ",
                   values.sizes());
   const int64_t V = values.size(0);
-  check_cpu(columns, "columns");
-  TORCHSLIM_CHECK_TYPE(columns.scalar_type() == at::kByte, "columns must be uint8, got ",
-                       columns.scalar_type());
-  TORCHSLIM_CHECK(columns.sizes() == values.sizes() && columns.is_contiguous(),
-                  "columns must be contiguous with the shape of values ", values.sizes(), ", got ",
-                  columns.sizes());
+  check_columns(columns, values);
   check_cpu(groups, "groups");
   TORCHSLIM_CHECK_TYPE(groups.scalar_type() == at::kByte, "groups must be uint8, got ",
                        groups.scalar_type());

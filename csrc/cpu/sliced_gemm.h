@@ -24,7 +24,7 @@
 // Every read stays inside the arrays as the binding checked them: group_offsets (B * S + 1) and
 // value_offsets (B + 1) non-decreasing, values and columns with kSlicedGroup slots past the last
 // group. A group whose row byte is not a row of its block, or whose count is not in
-// [1, kSlicedGroup), or a block whose counts do not add up to its values, stops the block: its
+// [1, kSlicedGroup], or a block whose counts do not add up to its values, stops the block: its
 // first row is reported in bad_row. The dot kernels read x padded with NaN up to a whole slice
 // plus one (see sliced_padded_k), so a column past K turns its row's sum into NaN; only such
 // rows are checked again (the last slice's columns), which tells a NaN of x from a bad column.

@@ -138,11 +138,8 @@ def _check_bitmask(x, values, mask, row_offsets, bias, scales) -> None:
     )
 
 
-def _check_csr(x, values, columns, bases, group_offsets, bias, scales) -> None:
-    _check_activation(x)
-    group = ref.sparse.CSR_GROUP
-    if values.dim() != 2 or values.shape[1] != group:
-        raise ValueError(f"values must have shape (G, {group}), got {tuple(values.shape)}")
+def _check_columns(columns: torch.Tensor, values: torch.Tensor) -> None:
+    """csr's and sliced's column bytes: uint8, one per value."""
     if columns.dtype != torch.uint8:
         raise TypeError(f"columns must be uint8, got {columns.dtype}")
     if columns.shape != values.shape:
@@ -150,6 +147,14 @@ def _check_csr(x, values, columns, bases, group_offsets, bias, scales) -> None:
             f"columns must have the shape of values {tuple(values.shape)}, "
             f"got {tuple(columns.shape)}"
         )
+
+
+def _check_csr(x, values, columns, bases, group_offsets, bias, scales) -> None:
+    _check_activation(x)
+    group = ref.sparse.CSR_GROUP
+    if values.dim() != 2 or values.shape[1] != group:
+        raise ValueError(f"values must have shape (G, {group}), got {tuple(values.shape)}")
+    _check_columns(columns, values)
     if bases.dtype != torch.int16:
         raise TypeError(f"bases must be int16, got {bases.dtype}")
     if tuple(bases.shape) != (values.shape[0],):
@@ -387,13 +392,7 @@ def _check_sliced(x, values, columns, groups, group_offsets, value_offsets, n, b
             f"values must have shape (V,) with V >= {slack}, got {tuple(values.shape)}"
         )
     _check_values(values, scales, n)
-    if columns.dtype != torch.uint8:
-        raise TypeError(f"columns must be uint8, got {columns.dtype}")
-    if columns.shape != values.shape:
-        raise ValueError(
-            f"columns must have the shape of values {tuple(values.shape)}, "
-            f"got {tuple(columns.shape)}"
-        )
+    _check_columns(columns, values)
     if groups.dtype != torch.uint8:
         raise TypeError(f"groups must be uint8, got {groups.dtype}")
     if groups.dim() != 2 or groups.shape[1] != 2:
