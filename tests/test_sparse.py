@@ -7,7 +7,7 @@ import torch
 from conftest import KERNEL_BACKENDS, dense_from_24, run_on, seeded
 
 import torchslim
-from torchslim import ops
+from torchslim import _ext, ops
 from torchslim import reference as ref
 from torchslim.quant.int8 import quantize_weight_per_channel
 from torchslim.sparse import (
@@ -463,6 +463,16 @@ def test_sliced_malformed_weights_raise(backend, m):
         beyond = voff.clone()
         beyond[-1] = values.numel()  # into the 16 slots past the last value
         ops.sparse_sliced_linear(x, values, columns, groups, goff, beyond, n)
+
+
+@pytest.mark.skipif(not CPU_BACKENDS, reason="no torchslim CPU extension")
+def test_sliced_kernel_with_no_columns_gives_the_bias():
+    # K = 0: no slice and no group; every output is the bias (the dot kernels and the SpMM)
+    parts = compress_sliced(torch.zeros(70, 0))
+    bias = torch.randn(70, generator=seeded("sliced-k0"))
+    for m in (1, 3, 20):
+        out = _ext._C.sparse_sliced_linear_cpu(torch.zeros(m, 0), *parts, 70, bias, None)
+        assert torch.equal(out, bias.expand(m, 70))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -235,7 +235,9 @@ void sliced_dot(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int
     SlicedSums<R> sums;
     if (!sliced_block_dot<T, R>(g, m, b, rows, sums)) return report_bad_row(g, first);
     // The last slice's groups, for a NaN row: a column past K or a NaN of x.
-    const int64_t last_g0 = g.row_offsets[b * S + S - 1], last_g1 = g.row_offsets[b * S + S];
+    // (K = 0: no slice, no group.)
+    const int64_t last_g0 = S ? g.row_offsets[b * S + S - 1] : 0,
+                  last_g1 = g.row_offsets[b * S + S];
     int64_t last_vi = g.value_offsets[b + 1];
     for (int64_t grp = last_g0; grp < last_g1; ++grp) last_vi -= g.groups[2 * grp + 1];
     for (int64_t r = 0; r < rows; ++r) {
