@@ -14,20 +14,23 @@
 // AVX-512 gathers a group's x with permutes: the 16 column bytes, widened, pick from the 8
 // registers of the slice through four two-table vpermt2ps and three blends (on the slice's
 // column bits 5 and 6), and one masked FMA takes the count's lanes. Other levels gather as the
-// csr kernel does (vinsertps from L1), masking the lanes past the count.
+// csr kernel does (vinsertps from L1), masking the lanes past the count: there the layout only
+// adds work, and the AVX2 build ran slower than csr's (benchmarks/NOTES.md).
 //
 // In a slice, a block's groups go by round: every row's first group, then the second groups of
-// the rows that have them, and so on. Two groups in a row update different rows, so no group
-// waits for the previous one's store (one row's groups one after another ran 2.5x slower at 50%
-// density on Zen 4).
+// the rows that have them, and so on. Two groups in a row then update different rows (unless one
+// row has more groups than all the others), so a group rarely waits for the previous one's
+// store. With one row's groups one after another, a standalone harness ran 2.5x slower at 50%
+// density on Zen 4.
 //
 // Every read stays inside the arrays as the binding checked them: group_offsets (B * S + 1) and
 // value_offsets (B + 1) non-decreasing, values and columns with kSlicedGroup slots past the last
-// group. A group whose row byte is not a row of its block, or whose count is not in
-// [1, kSlicedGroup], or a block whose counts do not add up to its values, stops the block: its
-// first row is reported in bad_row. The dot kernels read x padded with NaN up to a whole slice
-// plus one (see sliced_padded_k), so a column past K turns its row's sum into NaN; only such
-// rows are checked again (the last slice's columns), which tells a NaN of x from a bad column.
+// group. A group whose row byte is not a row of its block, whose count is not in
+// [1, kSlicedGroup] or whose column bytes reach past the slice, or a block whose counts do not
+// add up to its values, stops the block: its first row is reported in bad_row. The dot kernels read
+// x padded with NaN up to a whole slice plus one (see sliced_padded_k), so a column past K turns
+// its row's sum into NaN; only such rows are checked again (the last slice's columns), which tells
+// a NaN of x from a bad column.
 #pragma once
 
 #include <cmath>
