@@ -237,12 +237,15 @@ void sliced_dot(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int
     const int64_t first = b * kSlicedRows, rows = min_i64(kSlicedRows, g.N - first);
     SlicedSums<R> sums;
     if (!sliced_block_dot<T, R>(g, m, b, rows, sums)) return report_bad_row(g, first);
-    // The last slice's groups, for a NaN row: a column past K or a NaN of x.
+    // For a NaN row only: whether its last slice holds a column past K (else x holds a NaN).
     // (K = 0: no slice, no group.)
-    const int64_t last_g0 = S ? g.row_offsets[b * S + S - 1] : 0,
-                  last_g1 = g.row_offsets[b * S + S];
-    int64_t last_vi = g.value_offsets[b + 1];
-    for (int64_t grp = last_g0; grp < last_g1; ++grp) last_vi -= g.groups[2 * grp + 1];
+    const auto past_k = [&](int64_t r) {
+      const int64_t last_g0 = S ? g.row_offsets[b * S + S - 1] : 0;
+      const int64_t last_g1 = g.row_offsets[b * S + S];
+      int64_t last_vi = g.value_offsets[b + 1];
+      for (int64_t grp = last_g0; grp < last_g1; ++grp) last_vi -= g.groups[2 * grp + 1];
+      return sliced_row_past_k(g, r, last_g0, last_g1, last_vi, g.K - (S - 1) * kSlicedCols);
+    };
     for (int64_t r = 0; r < rows; ++r) {
       bool nan = false;
       float total[R];
@@ -252,7 +255,7 @@ void sliced_dot(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int
         total[i] = s;
         nan |= std::isnan(s);
       }
-      if (nan && sliced_row_past_k(g, r, last_g0, last_g1, last_vi, g.K - (S - 1) * kSlicedCols)) {
+      if (nan && past_k(r)) {
         report_bad_row(g, first + r);
         continue;
       }

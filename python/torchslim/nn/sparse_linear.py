@@ -231,9 +231,8 @@ class SparseLinear(nn.Module):
                 weight, layer.block, dtype
             )
         elif format == "sliced":
-            parts = compress_sliced(weight, dtype)
-            (layer.values, layer.columns, layer.groups, layer.group_offsets) = parts[:4]
-            layer.value_offsets = parts[4]
+            for name, part in zip(_BUFFERS["sliced"], compress_sliced(weight, dtype), strict=True):
+                setattr(layer, name, part)
         else:
             layer.values, layer.columns, layer.bases, layer.group_offsets = compress_csr(
                 weight, dtype
