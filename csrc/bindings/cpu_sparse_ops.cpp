@@ -4,7 +4,9 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <tuple>
 
@@ -86,12 +88,41 @@ struct SparseOperands {
   }
 };
 
+// x (M, K) as fp32 rows `columns` wide, NaN past K: the csr and sliced dot kernels' x (see
+// csr_padded_k and sliced_padded_k). Written in one pass from fp32 or bf16 x, without torch ops:
+// at M = 1 their dispatch would cost more than the copy.
+at::Tensor padded_rows(const at::Tensor& x, int64_t columns) {
+  const int64_t M = x.size(0), K = x.size(1);
+  at::Tensor padded = at::empty({M, columns}, x.options().dtype(at::kFloat));
+  float* dst = padded.data_ptr<float>();
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  for (int64_t m = 0; m < M; ++m, dst += columns) {
+    if (bf16) {
+      const auto* src = reinterpret_cast<const uint16_t*>(x.data_ptr()) + m * x.stride(0);
+      for (int64_t k = 0; k < K; ++k) {
+        const uint32_t bits = uint32_t{src[k]} << 16;
+        std::memcpy(dst + k, &bits, sizeof(float));
+      }
+    } else {
+      std::memcpy(dst, x.data_ptr<float>() + m * x.stride(0), K * sizeof(float));
+    }
+    std::fill(dst + K, dst + columns, std::numeric_limits<float>::quiet_NaN());
+  }
+  return padded;
+}
+
+// dot_columns > 0: the dot kernels (M <= kSpMaxTileM) read x padded to that width (padded_rows).
 SparseOperands sparse_operands(const at::Tensor& x, const at::Tensor& values, int64_t N,
-                               const OptTensor& bias, const OptTensor& scales) {
+                               const OptTensor& bias, const OptTensor& scales,
+                               int64_t dot_columns = 0) {
   check_activation(x, "x");
   const ScalarType out_type = float_type(x, "x");
   SparseOperands op;
-  op.x = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat).contiguous();
+  if (dot_columns > 0 && x.size(0) <= cpu::kSpMaxTileM) {
+    op.x = padded_rows(x, dot_columns);
+  } else {
+    op.x = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat).contiguous();
+  }
   op.bias = bias_operand(bias, N);
   op.out = at::empty({x.size(0), N}, x.options());
   check_cpu(values, "values");
@@ -212,17 +243,6 @@ void check_columns(const at::Tensor& columns, const at::Tensor& values) {
                   columns.sizes());
 }
 
-// The dot kernels' x: each row `columns` wide, NaN past K.
-void pad_x(SparseOperands& op, int64_t columns) {
-  const int64_t K = op.args.K;
-  at::Tensor padded = at::empty({op.args.M, columns}, op.x.options());
-  padded.narrow(1, K, columns - K).fill_(std::numeric_limits<float>::quiet_NaN());
-  padded.narrow(1, 0, K).copy_(op.x);
-  op.x = padded;
-  op.args.x = padded.data_ptr<float>();
-  op.args.ldx = columns;
-}
-
 // CSR: x (M, K) fp32/bf16; values (G, 8) fp32/bf16/fp16/int8 and columns (G, 8) uint8,
 // contiguous; bases (G,) int16; group_offsets (N + 1,) int64 from 0, non-decreasing, at most G;
 // bias and scales as for 2:4.
@@ -248,11 +268,10 @@ at::Tensor sparse_csr_linear_cpu(const at::Tensor& x, const at::Tensor& values,
   TORCHSLIM_CHECK(group_offsets.dim() == 1 && group_offsets.size(0) >= 1,
                   "group_offsets must have shape (N + 1,), got ", group_offsets.sizes());
   const int64_t N = group_offsets.size(0) - 1;
-  SparseOperands op = sparse_operands(x, values, N, bias, scales);
+  SparseOperands op = sparse_operands(x, values, N, bias, scales, cpu::csr_padded_k(K));
   const at::Tensor offsets = group_offsets.contiguous();
   const int64_t* off = offsets.data_ptr<int64_t>();
   check_offsets(off, N, G, "group_offsets", "values.shape[0]");
-  if (!op.panels.defined()) pad_x(op, cpu::csr_padded_k(K));  // (see csr_padded_k)
   int64_t bad_row = -1;
   op.args.meta = columns.data_ptr<uint8_t>();
   op.args.ldm = 8;
@@ -353,12 +372,11 @@ at::Tensor sparse_sliced_linear_cpu(const at::Tensor& x, const at::Tensor& value
     TORCHSLIM_CHECK(t->dim() == 1 && t->size(0) == size, name, " must have shape (", size,
                     ",) for N = ", n, " and K = ", K, ", got ", t->sizes());
   }
-  SparseOperands op = sparse_operands(x, values, n, bias, scales);
+  SparseOperands op = sparse_operands(x, values, n, bias, scales, cpu::sliced_padded_k(K));
   const at::Tensor goff = group_offsets.contiguous(), voff = value_offsets.contiguous();
   check_offsets(goff.data_ptr<int64_t>(), B * S, groups.size(0), "group_offsets",
                 "groups.shape[0]");
   check_offsets(voff.data_ptr<int64_t>(), B, V - slack, "value_offsets", "values.shape[0] - 16");
-  if (!op.panels.defined()) pad_x(op, cpu::sliced_padded_k(K));  // (see sliced_padded_k)
   int64_t bad_row = -1;
   op.args.meta = columns.data_ptr<uint8_t>();
   op.args.values_total = V;

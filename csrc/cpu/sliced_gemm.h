@@ -159,7 +159,11 @@ TORCHSLIM_INLINE inline void sliced_fma(const SlicedArrays<T>& a, const SlicedX<
 #pragma GCC unroll 4
   for (int i = 0; i < R; ++i) {
     float* acc = sums.acc[grp.row][i];
-    _mm512_store_ps(acc, _mm512_mask3_fmadd_ps(w, xs.gather(i, idx), _mm512_load_ps(acc), lanes));
+    __m512 sum = _mm512_mask3_fmadd_ps(w, xs.gather(i, idx), _mm512_load_ps(acc), lanes);
+    // A whole-vector store: GCC would otherwise turn the masked FMA and the store into an
+    // FMA and a masked store, which Zen 4 cannot forward to the next load of the row's sums.
+    asm("" : "+v"(sum));
+    _mm512_store_ps(acc, sum);
   }
 #elif defined(TORCHSLIM_SPARSE_VECTOR)
   const __m256i count = _mm256_set1_epi32(static_cast<int>(grp.count));
@@ -183,6 +187,16 @@ TORCHSLIM_INLINE inline void sliced_fma(const SlicedArrays<T>& a, const SlicedX<
     for (int i = 0; i < R; ++i) sums.acc[grp.row][i][t] += w * xs.x[i * xs.ldx + columns[t]];
   }
 #endif
+}
+
+// The sum of a row's 16 partial sums (vector adds, then one horizontal reduction).
+TORCHSLIM_INLINE inline float sliced_total(const float* acc) {
+  FVec::R v = FVec::load(acc);
+#pragma GCC unroll 16
+  for (int t = FVec::kWidth; t < kSlicedGroup; t += FVec::kWidth) {
+    v = FVec::add(v, FVec::load(acc + t));
+  }
+  return FVec::reduce_add(v);
 }
 
 // Bit t set when column byte t of the group (from value index vi) is kSlicedCols or more.
@@ -250,10 +264,8 @@ void sliced_dot(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int
       bool nan = false;
       float total[R];
       for (int i = 0; i < R; ++i) {
-        float s = 0.0f;
-        for (int t = 0; t < kSlicedGroup; ++t) s += sums.acc[r][i][t];
-        total[i] = s;
-        nan |= std::isnan(s);
+        total[i] = sliced_total(sums.acc[r][i]);
+        nan |= std::isnan(total[i]);
       }
       if (nan && past_k(r)) {
         report_bad_row(g, first + r);
