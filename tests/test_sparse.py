@@ -475,6 +475,20 @@ def test_sliced_kernel_with_no_columns_gives_the_bias():
         assert torch.equal(out, bias.expand(m, 70))
 
 
+@pytest.mark.parametrize("backend", SPARSE_BACKENDS)
+@pytest.mark.parametrize("fmt", sorted(_OPS))
+def test_ops_with_no_columns_give_the_bias(backend, fmt):
+    # K = 0 through torch.ops, with leading dims and M = 0: every output is the bias
+    n = 70
+    parts = _COMPRESS[fmt](torch.zeros(n, 0))
+    bias = torch.randn(n, generator=seeded("k0", fmt))
+    op, _ = _OPS[fmt]
+    for shape in ((1, 0), (2, 3, 0), (0, 0)):
+        with run_on(backend):
+            out = op(torch.zeros(shape), *parts, bias)
+        assert torch.equal(out, bias.expand(*shape[:-1], n)), shape
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("m", [1, 3])  # the dot kernels, which read x padded with NaN
 @pytest.mark.parametrize("poison", [float("inf"), float("nan")])

@@ -97,9 +97,12 @@ inline bool is_bias(const OptTensor& bias, int64_t n) {
                                bias->dim() == 1 && bias->size(0) == n);
 }
 
-// x (..., K) as (M, K) with unit stride in K, copying only when it must.
+// x (..., K) as (M, K) with unit stride in K, copying only when it must. (M is spelled out:
+// reshape cannot infer it when K = 0.)
 inline at::Tensor rows(const at::Tensor& x) {
-  at::Tensor x2 = x.reshape({-1, x.size(-1)});
+  int64_t M = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) M *= x.size(d);
+  at::Tensor x2 = x.reshape({M, x.size(-1)});
   return x2.size(1) <= 1 || x2.stride(1) == 1 ? x2 : x2.contiguous();
 }
 

@@ -20,6 +20,7 @@ checks that every scale is finite and positive when it is built or loaded.
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import torch
@@ -83,8 +84,9 @@ def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
-    """x as a 2-D (M, K) view with unit stride in K (copies only when it must)."""
-    return _unit_last_stride(x.reshape(-1, x.shape[-1]))
+    """x as a 2-D (M, K) view with unit stride in K (copies only when it must). M is spelled
+    out: reshape cannot infer it when K = 0."""
+    return _unit_last_stride(x.reshape(math.prod(x.shape[:-1]), x.shape[-1]))
 
 
 # --------------------------------------------------------------------------- backends
