@@ -98,11 +98,8 @@ at::Tensor padded_rows(const at::Tensor& x, int64_t columns) {
   const bool bf16 = x.scalar_type() == at::kBFloat16;
   for (int64_t m = 0; m < M; ++m, dst += columns) {
     if (bf16) {
-      const auto* src = reinterpret_cast<const uint16_t*>(x.data_ptr()) + m * x.stride(0);
-      for (int64_t k = 0; k < K; ++k) {
-        const uint32_t bits = uint32_t{src[k]} << 16;
-        std::memcpy(dst + k, &bits, sizeof(float));
-      }
+      const at::BFloat16* src = x.data_ptr<at::BFloat16>() + m * x.stride(0);
+      for (int64_t k = 0; k < K; ++k) dst[k] = static_cast<float>(src[k]);
     } else {
       std::memcpy(dst, x.data_ptr<float>() + m * x.stride(0), K * sizeof(float));
     }

@@ -93,16 +93,16 @@ template <typename T>
 TORCHSLIM_INLINE inline void sliced_prefetch(const T* values, const uint8_t* columns, int64_t vi,
                                              int64_t groups) {
   const int64_t span = groups * kSlicedGroup;  // values
-  const auto ahead = [&](const void* base, int64_t size, int64_t bytes) {
-    // (integer addresses: the lines may lie past the arrays, which a prefetch may touch)
-    const uintptr_t first = reinterpret_cast<uintptr_t>(base) + static_cast<uintptr_t>(size);
+  // [base + bytes, base + 2 bytes), by integer addresses: the lines may lie past the arrays,
+  // which a prefetch may touch.
+  const auto ahead = [](const void* base, int64_t bytes) {
+    const uintptr_t first = reinterpret_cast<uintptr_t>(base) + static_cast<uintptr_t>(bytes);
     for (int64_t off = 0; off < bytes; off += 64) {
       __builtin_prefetch(reinterpret_cast<const void*>(first + static_cast<uintptr_t>(off)));
     }
   };
-  ahead(values + vi, span * static_cast<int64_t>(sizeof(T)),
-        span * static_cast<int64_t>(sizeof(T)));
-  ahead(columns + vi, span, span);
+  ahead(values + vi, span * static_cast<int64_t>(sizeof(T)));
+  ahead(columns + vi, span);
 }
 
 #if defined(TORCHSLIM_ISA_AVX512)
