@@ -71,7 +71,7 @@ ScalarType value_type(const at::Tensor& values) {
 // The arguments every format shares: x (M, K) widened to fp32, the output, bias, scales, and x
 // packed in transposed panels when M > kSpMaxTileM (the SpMM kernels').
 struct SparseOperands {
-  at::Tensor x, bias, scales, out, panels;
+  at::Tensor x, bias, scales, out, panels, x_bf16;
   cpu::SparseGemmArgs args;
 
   // The kernel over every (rows of x, weight rows) block, the SpMM's blocks with more weight
@@ -218,7 +218,14 @@ at::Tensor sparse_bitmask_linear_cpu(const at::Tensor& x, const at::Tensor& valu
   op.args.row_offsets = off;
   op.args.values_total = total;
   op.args.bad_row = &bad_row;
-  op.run(cpu::active_kernels().bitmask_gemm);
+  const cpu::KernelTable& kernels = cpu::active_kernels();
+  if (kernels.bf16_dot && !op.panels.defined() && x.scalar_type() == at::kBFloat16 &&
+      values.scalar_type() == at::kBFloat16) {  // bf16 x meets bf16 values in vdpbf16ps
+    op.x_bf16 = x.stride(1) == 1 ? x : x.contiguous();
+    op.args.x_bf16 = reinterpret_cast<const uint16_t*>(op.x_bf16.data_ptr<at::BFloat16>());
+    op.args.ldx_bf16 = op.x_bf16.stride(0);
+  }
+  op.run(kernels.bitmask_gemm);
   if (bad_row >= 0) {
     int64_t bits = 0;
     const uint8_t* row = mask.data_ptr<uint8_t>() + bad_row * mask.stride(0);

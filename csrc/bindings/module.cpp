@@ -35,6 +35,7 @@ py::dict cpu_features() {
   d["avx512dq"] = f.avx512dq;
   d["avx512vnni"] = f.avx512vnni;
   d["avx512bf16"] = f.avx512bf16;
+  d["avx512vbmi2"] = f.avx512vbmi2;
   d["avx_vnni"] = f.avx_vnni;
   d["amx_tile"] = f.amx_tile;
   d["amx_int8"] = f.amx_int8;

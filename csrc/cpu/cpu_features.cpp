@@ -46,6 +46,7 @@ CpuFeatures detect() {
     f.avx512bw = ebx & (1u << 30);
     f.avx512vl = ebx & (1u << 31);
     f.avx512vnni = ecx & (1u << 11);
+    f.avx512vbmi2 = ecx & (1u << 6);
   }
   f.amx_bf16 = edx & (1u << 22);
   f.amx_tile = edx & (1u << 24);

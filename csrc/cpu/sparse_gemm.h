@@ -22,12 +22,13 @@
 // Bitmask chooses per row by its density d = nnz / K:
 //   d >= 1/16 expand: each kLanes columns' mask bits place the next popcount values in their
 //             lanes (AVX2: a 256-entry table of vpermps indices, then a lane mask; AVX-512:
-//             vexpandps) for one FMA per row of x;
+//             vexpandps) for one FMA per row of x; bf16 values against bf16 x on a CPU with
+//             AVX512_BF16 and VBMI2: 32 columns a step, vpexpandw and one vdpbf16ps per row;
 //   d <  1/16 walk: visit the set bits of each 64-bit mask word (tzcnt, clear lowest), one
 //             scalar FMA per nonzero and row of x, four independent sums: the work follows
 //             the nonzeros, not K.
 // Neither reads a value outside the row's [row_offsets[n], row_offsets[n + 1]) plus at most
-// kLanes - 1 past it (never past the array); a row whose mask holds another count than its
+// a vector's width past it (never past the array); a row whose mask holds another count than its
 // offsets give is reported in bad_row (the lowest such row).
 //
 //   csr_gemm       the same, W in the csr format: groups of 8 nonzeros, each group an 8-bit
@@ -200,6 +201,15 @@ inline __m256 expand(__m256 packed, int bits) {
 constexpr void (*kSparse24OrderX)(const float*, int64_t, float*, int64_t, int64_t) = nullptr;
 #endif
 
+// KernelTable::bf16_dot (see bitmask_bf16_dot).
+inline bool bf16_dot_supported() {
+#if defined(TORCHSLIM_ISA_AVX512)
+  return cpu_features().avx512bf16 && cpu_features().avx512vbmi2;
+#else
+  return false;
+#endif
+}
+
 // ------------------------------------------------------------------------------ 2:4
 // sums[i] += the row's groups [g0, K / 4 rounded up) against x row i, one value at a time;
 // columns past K (a short last group's padding) are skipped.
@@ -356,44 +366,130 @@ inline const T* walk_bits(const uint8_t* mask, int64_t b0, int64_t K, const T* v
   return v;
 }
 
+#if defined(TORCHSLIM_SPARSE_VECTOR)
+// Expand: sums[i] += the row's whole vectors of kLanes columns from mask byte b, while a full
+// vector of values can be loaded in the array. Advances b; returns the value pointer past the
+// last value read.
 template <typename T, int R>
-inline void bitmask_tile(const SparseGemmArgs& g, const float* x, int64_t ldx, int64_t n,
-                         float (&sums)[kSpMR]) {
+inline const T* bitmask_expand(const SparseGemmArgs& g, const uint8_t* mask, const T* v,
+                               const float* x, int64_t ldx, int64_t& b, float (&sums)[kSpMR]) {
+  const T* values = typed<T>(g.values);
+  constexpr int64_t kBytes = kLanes / 8;
+  const int64_t vector_bytes = g.K / kLanes * kBytes;
+  ChainedSums<FVec, R> chains;
+  const auto step = [&](int a) {
+    const int bits = expand_bits(mask + b);
+    const typename FVec::R w = expand(FVec::load(v), bits);
+    v += __builtin_popcount(static_cast<unsigned>(bits));
+#pragma GCC unroll 4
+    for (int i = 0; i < R; ++i) {
+      chains.acc[i][a] = FVec::fma(w, FVec::load(x + i * ldx + 8 * b), chains.acc[i][a]);
+    }
+    b += kBytes;
+  };
+  constexpr int A = kChains<R>;  // a step reads at most kLanes values
+  while (b + A * kBytes <= vector_bytes && (v - values) + A * kLanes <= g.values_total) {
+#pragma GCC unroll 4
+    for (int a = 0; a < A; ++a) step(a);
+  }
+  while (b < vector_bytes && (v - values) + kLanes <= g.values_total) step(0);
+  float part[kSpMR];
+  chains.reduce(part);
+  for (int i = 0; i < R; ++i) sums[i] += part[i];
+  return v;
+}
+#endif
+
+#if defined(TORCHSLIM_ISA_AVX512)
+// bf16 values against bf16 x (KernelTable::bf16_dot: AVX512_BF16 and VBMI2): 32 columns a
+// step, vpexpandw places the step's values and one vdpbf16ps per row of x does the 32
+// multiply-adds (products exact in fp32, summed in fp32), where the fp32 path takes two steps
+// of widen, expand and FMA. These functions alone are compiled for the two extensions.
+#define TORCHSLIM_BF16_DOT                                                         \
+  __attribute__((                                                                  \
+      target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c,popcnt," \
+             "bmi,bmi2,avx512bf16,avx512vbmi2")))
+
+constexpr int64_t kBf16Lanes = 32;
+
+template <int R, int A>
+TORCHSLIM_BF16_DOT TORCHSLIM_INLINE inline void bf16_dot_step(const uint8_t* mask,
+                                                              const uint16_t*& v, const uint16_t* x,
+                                                              int64_t ldx, int64_t& b,
+                                                              __m512 (&acc)[R][A], int a) {
+  uint32_t bits;
+  __builtin_memcpy(&bits, mask + b, sizeof bits);
+  __m512i zero;  // a fresh destination, see expand()
+  __asm__("vpxord %0, %0, %0" : "=v"(zero));
+  const __m512i w = _mm512_mask_expand_epi16(zero, bits, _mm512_loadu_si512(v));
+  v += __builtin_popcount(bits);
+#pragma GCC unroll 4
+  for (int i = 0; i < R; ++i) {
+    const __m512i xi = _mm512_loadu_si512(x + i * ldx + 8 * b);
+    acc[i][a] = _mm512_dpbf16_ps(acc[i][a], (__m512bh)w, (__m512bh)xi);
+  }
+  b += kBf16Lanes / 8;
+}
+
+// As bitmask_expand, x in bf16 (row stride ldx), whole vectors of kBf16Lanes columns.
+template <int R>
+TORCHSLIM_BF16_DOT const uint16_t* bitmask_bf16_dot(const SparseGemmArgs& g, const uint8_t* mask,
+                                                    const uint16_t* v, const uint16_t* x,
+                                                    int64_t ldx, int64_t& b, float (&sums)[kSpMR]) {
+  const uint16_t* values = typed<uint16_t>(g.values);
+  constexpr int64_t kBytes = kBf16Lanes / 8;
+  const int64_t vector_bytes = g.K / kBf16Lanes * kBytes;
+  constexpr int A = kChains<R>;
+  __m512 acc[R][A];
+#pragma GCC unroll 4
+  for (int i = 0; i < R; ++i) {
+#pragma GCC unroll 4
+    for (int a = 0; a < A; ++a) acc[i][a] = _mm512_setzero_ps();
+  }
+  while (b + A * kBytes <= vector_bytes && (v - values) + A * kBf16Lanes <= g.values_total) {
+#pragma GCC unroll 4
+    for (int a = 0; a < A; ++a) bf16_dot_step<R, A>(mask, v, x, ldx, b, acc, a);
+  }
+  while (b < vector_bytes && (v - values) + kBf16Lanes <= g.values_total) {
+    bf16_dot_step<R, A>(mask, v, x, ldx, b, acc, 0);
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < R; ++i) {
+    __m512 total = acc[i][0];
+#pragma GCC unroll 4
+    for (int a = 1; a < A; ++a) total = _mm512_add_ps(total, acc[i][a]);
+    sums[i] += _mm512_reduce_add_ps(total);
+  }
+  return v;
+}
+#undef TORCHSLIM_BF16_DOT
+#endif
+
+// Row n of W against rows [m, m + R) of x: the vector steps (expand, or the bf16 dot when the
+// caller gave bf16 x), then walk_bits from where they stopped.
+template <typename T, int R>
+inline void bitmask_tile(const SparseGemmArgs& g, int64_t m, int64_t n, float (&sums)[kSpMR]) {
   const uint8_t* mask = g.meta + n * g.ldm;
   const T* values = typed<T>(g.values);
   const T* v = values + g.row_offsets[n];
   const T* end = values + g.row_offsets[n + 1];
+  const float* x = g.x + m * g.ldx;
   for (int i = 0; i < kSpMR; ++i) sums[i] = 0.0f;
   int64_t b = 0;
 #if defined(TORCHSLIM_SPARSE_VECTOR)
-  {
-    if (kWalkDensity * (end - v) >= g.K) {
-      // Whole vectors of columns, while a full vector of values can be loaded in the array.
-      constexpr int64_t kBytes = kLanes / 8;
-      const int64_t vector_bytes = g.K / kLanes * kBytes;
-      ChainedSums<FVec, R> chains;
-      const auto step = [&](int a) {
-        const int bits = expand_bits(mask + b);
-        const typename FVec::R w = expand(FVec::load(v), bits);
-        v += __builtin_popcount(static_cast<unsigned>(bits));
-#pragma GCC unroll 4
-        for (int i = 0; i < R; ++i) {
-          chains.acc[i][a] = FVec::fma(w, FVec::load(x + i * ldx + 8 * b), chains.acc[i][a]);
-        }
-        b += kBytes;
-      };
-      constexpr int A = kChains<R>;  // a step reads at most kLanes values
-      while (b + A * kBytes <= vector_bytes && (v - values) + A * kLanes <= g.values_total) {
-#pragma GCC unroll 4
-        for (int a = 0; a < A; ++a) step(a);
+  if (kWalkDensity * (end - v) >= g.K) {
+#if defined(TORCHSLIM_ISA_AVX512)
+    if constexpr (std::is_same_v<T, uint16_t>) {
+      if (g.x_bf16 != nullptr) {
+        v = bitmask_bf16_dot<R>(g, mask, v, g.x_bf16 + m * g.ldx_bf16, g.ldx_bf16, b, sums);
       }
-      while (b < vector_bytes && (v - values) + kLanes <= g.values_total) step(0);
-      chains.reduce(sums);
-      if (v > end) v = nullptr;
     }
+#endif
+    v = bitmask_expand<T, R>(g, mask, v, x, g.ldx, b, sums);  // what the bf16 dot left
+    if (v > end) v = nullptr;
   }
 #endif
-  if (v != nullptr) v = walk_bits<T, R>(mask, b, g.K, v, end, x, ldx, sums);
+  if (v != nullptr) v = walk_bits<T, R>(mask, b, g.K, v, end, x, g.ldx, sums);
   if (v != end) report_bad_row(g, n);
 }
 
@@ -1160,20 +1256,19 @@ template <typename T, template <typename, int> class Tile>
 void sparse_block(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) {
     for (int64_t m = m0; m < m1; m += kSpMR) {
-      const float* x = g.x + m * g.ldx;
       float sums[kSpMR];
       switch (min_i64(kSpMR, m1 - m)) {
         case 1:
-          Tile<T, 1>::run(g, x, g.ldx, n, sums);
+          Tile<T, 1>::run(g, m, n, sums);
           break;
         case 2:
-          Tile<T, 2>::run(g, x, g.ldx, n, sums);
+          Tile<T, 2>::run(g, m, n, sums);
           break;
         case 3:
-          Tile<T, 3>::run(g, x, g.ldx, n, sums);
+          Tile<T, 3>::run(g, m, n, sums);
           break;
         default:
-          Tile<T, 4>::run(g, x, g.ldx, n, sums);
+          Tile<T, 4>::run(g, m, n, sums);
       }
       for (int64_t i = 0; i < min_i64(kSpMR, m1 - m); ++i) store_sum(g, m + i, n, sums[i]);
     }
@@ -1182,33 +1277,29 @@ void sparse_block(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, i
 
 template <typename T, int R>
 struct Sp24Tile {
-  static void run(const SparseGemmArgs& g, const float* x, int64_t ldx, int64_t n,
-                  float (&sums)[kSpMR]) {
-    sp24_tile<T, R>(g, x, ldx, n, sums);
+  static void run(const SparseGemmArgs& g, int64_t m, int64_t n, float (&sums)[kSpMR]) {
+    sp24_tile<T, R>(g, g.x + m * g.ldx, g.ldx, n, sums);
   }
 };
 
 template <typename T, int R>
 struct BitmaskTile {
-  static void run(const SparseGemmArgs& g, const float* x, int64_t ldx, int64_t n,
-                  float (&sums)[kSpMR]) {
-    bitmask_tile<T, R>(g, x, ldx, n, sums);
+  static void run(const SparseGemmArgs& g, int64_t m, int64_t n, float (&sums)[kSpMR]) {
+    bitmask_tile<T, R>(g, m, n, sums);
   }
 };
 
 template <typename T, int R>
 struct CsrTile {
-  static void run(const SparseGemmArgs& g, const float* x, int64_t ldx, int64_t n,
-                  float (&sums)[kSpMR]) {
-    csr_tile_padded<T, R>(g, x, ldx, n, sums);
+  static void run(const SparseGemmArgs& g, int64_t m, int64_t n, float (&sums)[kSpMR]) {
+    csr_tile_padded<T, R>(g, g.x + m * g.ldx, g.ldx, n, sums);
   }
 };
 
 template <typename T, int R>
 struct BlockTile {
-  static void run(const SparseGemmArgs& g, const float* x, int64_t ldx, int64_t n,
-                  float (&sums)[kSpMR]) {
-    block_tile<T, R>(g, x, ldx, n, sums);
+  static void run(const SparseGemmArgs& g, int64_t m, int64_t n, float (&sums)[kSpMR]) {
+    block_tile<T, R>(g, g.x + m * g.ldx, g.ldx, n, sums);
   }
 };
 

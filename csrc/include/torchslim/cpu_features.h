@@ -18,7 +18,7 @@ enum class Isa : int {
 struct CpuFeatures {
   bool avx2 = false, fma = false, f16c = false, popcnt = false, bmi1 = false, bmi2 = false;
   bool avx512f = false, avx512bw = false, avx512vl = false, avx512dq = false;
-  bool avx512vnni = false, avx512bf16 = false, avx_vnni = false;
+  bool avx512vnni = false, avx512bf16 = false, avx512vbmi2 = false, avx_vnni = false;
   bool amx_tile = false, amx_int8 = false, amx_bf16 = false;
   bool os_saves_ymm = false, os_saves_zmm = false;
 };
