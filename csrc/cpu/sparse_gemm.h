@@ -411,6 +411,12 @@ inline const T* bitmask_expand(const SparseGemmArgs& g, const uint8_t* mask, con
              "bmi,bmi2,avx512bf16,avx512vbmi2")))
 
 constexpr int64_t kBf16Lanes = 32;
+// How far ahead the bf16 dot prefetches its values (2 KB) and its mask bytes. The non-temporal
+// hint keeps the streams from evicting x from L1: with the hardware prefetchers alone, a
+// standalone loop on one Zen 4 core at 25% density took 5.9 cycles a step at K = 4096 and 7.3
+// at K = 11008 (x 22 KB, past half of L1); with these, 5.4 at both.
+constexpr int64_t kBf16ValuesAhead = 1024;
+constexpr int64_t kBf16MaskAhead = 512;
 
 template <int R, int A>
 TORCHSLIM_BF16_DOT TORCHSLIM_INLINE inline void bf16_dot_step(const uint8_t* mask,
@@ -446,9 +452,19 @@ TORCHSLIM_BF16_DOT const uint16_t* bitmask_bf16_dot(const SparseGemmArgs& g, con
 #pragma GCC unroll 4
     for (int a = 0; a < A; ++a) acc[i][a] = _mm512_setzero_ps();
   }
-  while (b + A * kBytes <= vector_bytes && (v - values) + A * kBf16Lanes <= g.values_total) {
-#pragma GCC unroll 4
-    for (int a = 0; a < A; ++a) bf16_dot_step<R, A>(mask, v, x, ldx, b, acc, a);
+  // Eight steps an iteration, on the chains in turn; the values and the mask prefetched ahead
+  // with the non-temporal hint (see kBf16ValuesAhead).
+  constexpr int kUnroll = 8;
+  while (b + kUnroll * kBytes <= vector_bytes &&
+         (v - values) + kUnroll * kBf16Lanes <= g.values_total) {
+    _mm_prefetch(reinterpret_cast<const char*>(mask + b + kBf16MaskAhead), _MM_HINT_NTA);
+#pragma GCC unroll 8
+    for (int s = 0; s < kUnroll; ++s) {
+      if (s % 2 == 0) {
+        _mm_prefetch(reinterpret_cast<const char*>(v + kBf16ValuesAhead), _MM_HINT_NTA);
+      }
+      bf16_dot_step<R, A>(mask, v, x, ldx, b, acc, s % A);
+    }
   }
   while (b < vector_bytes && (v - values) + kBf16Lanes <= g.values_total) {
     bf16_dot_step<R, A>(mask, v, x, ldx, b, acc, 0);
