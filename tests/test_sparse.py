@@ -413,18 +413,23 @@ def test_csr_infinite_x_is_not_a_bad_column(backend, m, poison):
     check_close(out[:, ~touched], ref64[:, ~touched], expected[:, ~touched], name="untouched rows")
 
 
-def _sliced_case(tag: str):
+def _sliced_case(tag: str, dtype: torch.dtype = torch.float32):
     g = seeded("sliced-bad", tag)
     n, k = 70, 300  # two blocks of rows (the second of 6), three slices (the last of 44)
     w = _weight_unstructured(n, k, 0.7, g)
-    return g, n, k, compress_sliced(w)
+    return g, n, k, compress_sliced(w, dtype)
 
 
+# bf16 x against bf16 values takes the bf16 dot kernel where the CPU has AVX512_BF16 and VBMI2
+_SLICED_DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+
+
+@_SLICED_DTYPES
 @pytest.mark.parametrize("backend", SPARSE_BACKENDS)
 @pytest.mark.parametrize("m", [1, 3, 20])  # the dot kernels; the SpMM
-def test_sliced_malformed_weights_raise(backend, m):
-    g, n, k, (values, columns, groups, goff, voff) = _sliced_case(f"{backend}{m}")
-    x = torch.randn(m, k, generator=g)
+def test_sliced_malformed_weights_raise(backend, m, dtype):
+    g, n, k, (values, columns, groups, goff, voff) = _sliced_case(f"{backend}{m}", dtype)
+    x = torch.randn(m, k, generator=g).to(dtype)
     second = int(goff[3])  # block 1's first group (slice 0)
     kernel = backend != "reference"
 
@@ -489,18 +494,19 @@ def test_ops_with_no_columns_give_the_bias(backend, fmt):
         assert torch.equal(out, bias.expand(*shape[:-1], n)), shape
 
 
+@_SLICED_DTYPES
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("m", [1, 3])  # the dot kernels, which read x padded with NaN
 @pytest.mark.parametrize("poison", [float("inf"), float("nan")])
-def test_sliced_infinite_x_is_not_a_bad_column(backend, m, poison):
+def test_sliced_infinite_x_is_not_a_bad_column(backend, m, poison, dtype):
     # A row whose sum comes out NaN has its last slice's columns checked: an infinity or NaN of
     # x in that slice gives the rows that read it non-finite sums, not an error.
-    g, n, k, parts = _sliced_case(f"poison{backend}{m}{poison}")
+    g, n, k, parts = _sliced_case(f"poison{backend}{m}{poison}", dtype)
     w = ref.decompress_sliced(*parts, n, k)
     col = 290  # in the last slice
     touched = w[:, col] != 0
     assert 0 < int(touched.sum()) < n
-    x = torch.randn(m, k, generator=g)
+    x = torch.randn(m, k, generator=g).to(dtype)
     clean = x.clone()
     clean[:, col] = 0.0
     x[:, col] = poison

@@ -9,6 +9,7 @@
 #include <cstring>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 
 #include "bindings/cpu_common.h"
 #include "bindings/registry.h"
@@ -88,35 +89,43 @@ struct SparseOperands {
   }
 };
 
-// x (M, K) as fp32 rows `columns` wide, NaN past K: the csr and sliced dot kernels' x (see
-// csr_padded_k and sliced_padded_k). Written in one pass from fp32 or bf16 x, without torch ops:
-// at M = 1 their dispatch would cost more than the copy.
-at::Tensor padded_rows(const at::Tensor& x, int64_t columns) {
+// x (M, K) as rows `columns` wide, NaN past K: the csr and sliced dot kernels' x (see
+// csr_padded_k and sliced_padded_k), in fp32 (from fp32 or bf16 x) or in bf16 (from bf16 x).
+// Written in one pass without torch ops: at M = 1 their dispatch would cost more than the copy.
+at::Tensor padded_rows(const at::Tensor& x, int64_t columns, at::ScalarType type) {
   const int64_t M = x.size(0), K = x.size(1);
-  at::Tensor padded = at::empty({M, columns}, x.options().dtype(at::kFloat));
-  float* dst = padded.data_ptr<float>();
-  const bool bf16 = x.scalar_type() == at::kBFloat16;
-  for (int64_t m = 0; m < M; ++m, dst += columns) {
-    if (bf16) {
-      const at::BFloat16* src = x.data_ptr<at::BFloat16>() + m * x.stride(0);
-      for (int64_t k = 0; k < K; ++k) dst[k] = static_cast<float>(src[k]);
-    } else {
-      std::memcpy(dst, x.data_ptr<float>() + m * x.stride(0), K * sizeof(float));
+  at::Tensor padded = at::empty({M, columns}, x.options().dtype(type));
+  const auto fill = [&](auto* dst, const auto* src) {
+    using T = std::remove_pointer_t<decltype(dst)>;
+    for (int64_t m = 0; m < M; ++m, dst += columns, src += x.stride(0)) {
+      std::copy(src, src + K, dst);  // bf16 to fp32: exact
+      std::fill(dst + K, dst + columns, std::numeric_limits<T>::quiet_NaN());
     }
-    std::fill(dst + K, dst + columns, std::numeric_limits<float>::quiet_NaN());
+  };
+  if (type == at::kBFloat16) {
+    fill(padded.data_ptr<at::BFloat16>(), x.data_ptr<at::BFloat16>());
+  } else if (x.scalar_type() == at::kBFloat16) {
+    fill(padded.data_ptr<float>(), x.data_ptr<at::BFloat16>());
+  } else {
+    fill(padded.data_ptr<float>(), x.data_ptr<float>());
   }
   return padded;
 }
 
-// dot_columns > 0: the dot kernels (M <= kSpMaxTileM) read x padded to that width (padded_rows).
+// dot_columns > 0: the dot kernels (M <= kSpMaxTileM) read x padded to that width (padded_rows):
+// in bf16 when bf16_dot is set and x is bf16 (args.x_bf16; args.x is then null), else in fp32.
 SparseOperands sparse_operands(const at::Tensor& x, const at::Tensor& values, int64_t N,
                                const OptTensor& bias, const OptTensor& scales,
-                               int64_t dot_columns = 0) {
+                               int64_t dot_columns = 0, bool bf16_dot = false) {
   check_activation(x, "x");
   const ScalarType out_type = float_type(x, "x");
   SparseOperands op;
   if (dot_columns > 0 && x.size(0) <= cpu::kSpMaxTileM) {
-    op.x = padded_rows(x, dot_columns);
+    if (bf16_dot && x.scalar_type() == at::kBFloat16) {
+      op.x_bf16 = padded_rows(x, dot_columns, at::kBFloat16);
+    } else {
+      op.x = padded_rows(x, dot_columns, at::kFloat);
+    }
   } else {
     op.x = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat).contiguous();
   }
@@ -124,8 +133,13 @@ SparseOperands sparse_operands(const at::Tensor& x, const at::Tensor& values, in
   op.out = at::empty({x.size(0), N}, x.options());
   check_cpu(values, "values");
   op.args = {};
-  op.args.x = op.x.data_ptr<float>();
-  op.args.ldx = op.x.stride(0);
+  if (op.x.defined()) {
+    op.args.x = op.x.data_ptr<float>();
+    op.args.ldx = op.x.stride(0);
+  } else {
+    op.args.x_bf16 = reinterpret_cast<const uint16_t*>(op.x_bf16.data_ptr<at::BFloat16>());
+    op.args.ldx_bf16 = op.x_bf16.stride(0);
+  }
   op.args.values = values.data_ptr();
   op.args.v_type = value_type(values);
   if (scales.has_value() && scales->defined()) {
@@ -376,7 +390,9 @@ at::Tensor sparse_sliced_linear_cpu(const at::Tensor& x, const at::Tensor& value
     TORCHSLIM_CHECK(t->dim() == 1 && t->size(0) == size, name, " must have shape (", size,
                     ",) for N = ", n, " and K = ", K, ", got ", t->sizes());
   }
-  SparseOperands op = sparse_operands(x, values, n, bias, scales, cpu::sliced_padded_k(K));
+  const cpu::KernelTable& kernels = cpu::active_kernels();
+  SparseOperands op = sparse_operands(x, values, n, bias, scales, cpu::sliced_padded_k(K),
+                                      kernels.bf16_dot && values.scalar_type() == at::kBFloat16);
   const at::Tensor goff = group_offsets.contiguous(), voff = value_offsets.contiguous();
   check_offsets(goff.data_ptr<int64_t>(), B * S, groups.size(0), "group_offsets",
                 "groups.shape[0]");
@@ -388,7 +404,7 @@ at::Tensor sparse_sliced_linear_cpu(const at::Tensor& x, const at::Tensor& value
   op.args.row_offsets = goff.data_ptr<int64_t>();
   op.args.value_offsets = voff.data_ptr<int64_t>();
   op.args.bad_row = &bad_row;
-  op.run(cpu::active_kernels().sliced_gemm, cpu::kSlicedRows);
+  op.run(kernels.sliced_gemm, cpu::kSlicedRows);
   TORCHSLIM_CHECK(bad_row < 0, "the sliced weight's block of rows from ", bad_row,
                   " is malformed: a group's row, count or column is out of range, or the "
                   "counts do not add up to value_offsets (torchslim.sparse.check_sliced says "

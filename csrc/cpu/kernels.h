@@ -216,9 +216,10 @@ struct SparseGemmArgs {
   // sliced: (G, 2) uint8, each group's row within its block and its count
   const uint8_t* groups;
   const int64_t* value_offsets;  // sliced: (ceil(N / kSlicedRows) + 1,), each block's values
-  // bitmask with bf16 values, no panels, KernelTable::bf16_dot: null, or x (M, K) in bf16
-  // (row stride ldx_bf16, unit column stride), which the dot kernels then multiply with
-  // vdpbf16ps (x above stays the same rows in fp32, for the columns past the last whole step).
+  // bf16 values, no panels, KernelTable::bf16_dot: null, or x (M, K) in bf16 (row stride
+  // ldx_bf16, unit column stride), which the dot kernels then multiply with vdpbf16ps.
+  // Bitmask: x above stays the same rows in fp32, for the columns past the last whole step.
+  // Sliced: the rows padded as x's would be (sliced_padded_k), and x above is null.
   const uint16_t* x_bf16;
   int64_t ldx_bf16;
 };
@@ -263,8 +264,8 @@ struct KernelTable {
   // Null, or x (M, K) (row stride ldx) written to out (M, K) in the column order that
   // sparse24_gemm's dot kernels (M <= kSpMaxTileM) read it: then they take that copy.
   void (*sparse24_order_x)(const float* x, int64_t ldx, float* out, int64_t M, int64_t K);
-  // Whether bitmask_gemm takes SparseGemmArgs::x_bf16 (the AVX-512 level on a CPU with
-  // AVX512_BF16 and AVX512_VBMI2).
+  // Whether bitmask_gemm and sliced_gemm take SparseGemmArgs::x_bf16 (the AVX-512 level on a
+  // CPU with AVX512_BF16 and AVX512_VBMI2).
   bool bf16_dot;
 };
 

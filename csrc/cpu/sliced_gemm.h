@@ -13,9 +13,11 @@
 //
 // AVX-512 gathers a group's x with permutes: the 16 column bytes, widened, pick from the 8
 // registers of the slice through four two-table vpermt2ps and three blends (on the slice's
-// column bits 5 and 6), and one masked FMA takes the count's lanes. Other levels gather as the
-// csr kernel does (vinsertps from L1), masking the lanes past the count: there the layout only
-// adds work, and the AVX2 build ran slower than csr's (benchmarks/NOTES.md).
+// column bits 5 and 6), and one masked FMA takes the count's lanes. bf16 values against bf16 x
+// (AVX512_BF16 and VBMI2) take two groups a step in 32 word lanes and one vdpbf16ps (see
+// sliced_bf16_block_dot). Other levels gather as the csr kernel does (vinsertps from L1), masking
+// the lanes past the count: there the layout only adds work, and the AVX2 build ran slower than
+// csr's (benchmarks/NOTES.md).
 //
 // In a slice, a block's groups go by round: every row's first group, then the second groups of
 // the rows that have them, and so on. Two groups in a row then update different rows (unless one
@@ -27,10 +29,12 @@
 // value_offsets (B + 1) non-decreasing, values and columns with kSlicedGroup slots past the last
 // group. A group whose row byte is not a row of its block, whose count is not in
 // [1, kSlicedGroup] or whose column bytes reach past the slice, or a block whose counts do not
-// add up to its values, stops the block: its first row is reported in bad_row. The dot kernels read
-// x padded with NaN up to a whole slice plus one (see sliced_padded_k), so a column past K turns
-// its row's sum into NaN; only such rows are checked again (the last slice's columns), which tells
-// a NaN of x from a bad column.
+// add up to its values, stops the block: its first row is reported in bad_row. A slice's groups
+// are checked before its loop and its column bytes after it, so the group loops carry no check
+// (a column byte up to 255 still reads inside x's padded row). The dot kernels read x padded
+// with NaN up to a whole slice plus one (see sliced_padded_k), so a column past K turns its
+// row's sum into NaN; only such rows are checked again (the last slice's columns), which tells a
+// NaN of x from a bad column.
 #pragma once
 
 #include <cmath>
@@ -225,15 +229,59 @@ TORCHSLIM_INLINE inline float sliced_total(const float* acc) {
   return FVec::reduce_add(v);
 }
 
-// Bit t set when column byte t of the group (from value index vi) is kSlicedCols or more.
-TORCHSLIM_INLINE inline uint32_t sliced_high_columns(const uint8_t* columns) {
-#if defined(TORCHSLIM_SPARSE_VECTOR)
-  return static_cast<uint32_t>(
-      _mm_movemask_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(columns))));
+// Whether a slice's groups [g0, g1), from value index vi, are well formed: each row byte one of
+// the block's `rows`, each count in [1, kSlicedGroup], and their values ending by `limit` (the
+// block's end, kSlicedGroup slots inside the arrays, so that every group's 16-lane loads stay
+// inside). Checked once a slice, so that the group loops carry no check: per group, the checks
+// cost the bf16 dot below a quarter of its time.
+inline bool sliced_slice_ok(const uint8_t* groups, int64_t g0, int64_t g1, int64_t rows, int64_t vi,
+                            int64_t limit) {
+  int64_t grp = g0;
+  bool bad = false;
+#if defined(TORCHSLIM_ISA_AVX512)
+  // 32 groups a vector, as 16-bit words: the row in the low byte, the count in the high one.
+  const __m512i row_limit = _mm512_set1_epi16(static_cast<int16_t>(rows));
+  const __m512i one = _mm512_set1_epi16(1), most = _mm512_set1_epi16(kSlicedGroup - 1);
+  __m512i counts = _mm512_setzero_si512();
+  for (; grp < g1; grp += 32) {
+    const auto lanes = static_cast<__mmask32>(_bzhi_u32(~0u, static_cast<uint32_t>(g1 - grp)));
+    const __m512i words = _mm512_maskz_loadu_epi16(lanes, groups + 2 * grp);
+    const __m512i count = _mm512_srli_epi16(words, 8);
+    const __m512i row = _mm512_and_si512(words, _mm512_set1_epi16(0xff));
+    bad |= (_mm512_mask_cmpge_epu16_mask(lanes, row, row_limit) |
+            _mm512_mask_cmpgt_epu16_mask(lanes, _mm512_sub_epi16(count, one), most)) != 0;
+    counts = _mm512_add_epi64(counts, _mm512_sad_epu8(count, _mm512_setzero_si512()));
+  }
+  vi += _mm512_reduce_add_epi64(counts);
 #else
-  uint32_t bits = 0;
-  for (int t = 0; t < kSlicedGroup; ++t) bits |= uint32_t{columns[t] >> 7} << t;
-  return bits;
+  for (; grp < g1; ++grp) {
+    const int64_t row = groups[2 * grp], count = groups[2 * grp + 1];
+    bad |= (row >= rows) | (static_cast<uint64_t>(count - 1) >= kSlicedGroup);
+    vi += count;
+  }
+#endif
+  return !bad && vi <= limit;
+}
+
+// Whether the column bytes [0, n) all lie inside a slice (below kSlicedCols: no top bit).
+inline bool sliced_columns_ok(const uint8_t* columns, int64_t n) {
+  int64_t t = 0;
+#if defined(TORCHSLIM_ISA_AVX512)
+  __m512i any = _mm512_setzero_si512();
+  for (; t < n; t += 64) {
+    const __mmask64 lanes = _bzhi_u64(~uint64_t{0}, static_cast<uint64_t>(n - t));
+    any = _mm512_or_si512(any, _mm512_maskz_loadu_epi8(lanes, columns + t));
+  }
+  return _mm512_movepi8_mask(any) == 0;
+#else
+  uint64_t any = 0;
+  for (; t + 8 <= n; t += 8) {
+    uint64_t word;
+    __builtin_memcpy(&word, columns + t, sizeof word);
+    any |= word;
+  }
+  for (; t < n; ++t) any |= columns[t];
+  return (any & 0x8080808080808080ull) == 0;
 #endif
 }
 
@@ -255,19 +303,100 @@ bool sliced_block_dot(const SparseGemmArgs& g, int64_t m, int64_t b, int64_t row
   int64_t vi = g.value_offsets[b];
   for (int64_t s = 0; s < S; ++s) {
     const SlicedX<R> xs(x + s * kSlicedCols, ldx);
-    sliced_prefetch(a.values, a.columns, vi, off[s + 1] - off[s]);
-    uint32_t high = 0;  // column bytes >= kSlicedCols among the counted lanes
-    for (int64_t grp = off[s], end = off[s + 1]; grp < end; ++grp) {
-      SlicedGroup group;
-      if (!a.group(grp, vi, rows, group)) return false;
-      high |= sliced_high_columns(a.columns + vi) & ((1u << group.count) - 1);
+    const int64_t g0 = off[s], g1 = off[s + 1], start = vi;
+    if (!sliced_slice_ok(a.groups, g0, g1, rows, vi, g.value_offsets[b + 1])) return false;
+    sliced_prefetch(a.values, a.columns, vi, g1 - g0);
+    for (int64_t grp = g0; grp < g1; ++grp) {
+      const SlicedGroup group{a.groups[2 * grp], a.groups[2 * grp + 1]};
       sliced_fma<T, R>(a, xs, vi, group, sums);
       vi += group.count;
     }
-    if (high) return false;
+    if (!sliced_columns_ok(a.columns + start, vi - start)) return false;
   }
   return vi == g.value_offsets[b + 1];
 }
+
+#if defined(TORCHSLIM_ISA_AVX512)
+// bf16 values against bf16 x (KernelTable::bf16_dot: AVX512_BF16 and VBMI2). x's slice takes 4
+// vectors of 32 bf16 per row, and one step takes two groups at once in the 32 word lanes: the
+// first's in lanes [0, 16), the second's in [16, 32), placed by expanding loads of the values
+// and the column bytes. Two zero-masked vpermt2w and a blend (on column bit 6) gather x; one
+// vdpbf16ps does the multiply-adds (products exact in fp32, summed in fp32), its fp32 lanes
+// [0, 8) the first group's pairs and [8, 16) the second's, each added to its row's partial sums
+// (the first 8 of their 16). Per nonzero this is half the fp32 path's vector work: the fp32 gather
+// takes four permutes and three blends for a group of 16 lanes. The groups go by round (see the
+// top), so the two of a step almost always update different rows.
+template <int R>
+struct SlicedXBf16 {
+  __m512i t[R][4];
+  TORCHSLIM_BF16_DOT SlicedXBf16(const uint16_t* x, int64_t ldx) {
+#pragma GCC unroll 4
+    for (int i = 0; i < R; ++i) {
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) t[i][j] = _mm512_loadu_si512(x + i * ldx + 32 * j);
+    }
+  }
+};
+
+// Block b's sums against rows [m, m + R) of x_bf16 (padded as x is: see sliced_padded_k); false
+// when the block is malformed. As sliced_block_dot, only two groups a step.
+template <int R>
+TORCHSLIM_BF16_DOT bool sliced_bf16_block_dot(const SparseGemmArgs& g, int64_t m, int64_t b,
+                                              int64_t rows, SlicedSums<R>& sums) {
+  const int64_t S = (g.K + kSlicedCols - 1) / kSlicedCols;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int i = 0; i < R; ++i) {
+      for (int t = 0; t < kSlicedGroup; ++t) sums.acc[r][i][t] = 0.0f;
+    }
+  }
+  const SlicedArrays<uint16_t> a(g);
+  const int64_t* off = g.row_offsets + b * S;
+  const uint16_t* x = g.x_bf16 + m * g.ldx_bf16;
+  const int64_t ldx = g.ldx_bf16;
+  const __m256i bit6 = _mm256_set1_epi8(64);
+  int64_t vi = g.value_offsets[b];
+  for (int64_t s = 0; s < S; ++s) {
+    const SlicedXBf16<R> xs(x + s * kSlicedCols, ldx);
+    const int64_t g0 = off[s], g1 = off[s + 1], start = vi;
+    if (!sliced_slice_ok(a.groups, g0, g1, rows, vi, g.value_offsets[b + 1])) return false;
+    sliced_prefetch(a.values, a.columns, vi, g1 - g0);
+    for (int64_t grp = g0; grp < g1; grp += 2) {
+      const SlicedGroup first{a.groups[2 * grp], a.groups[2 * grp + 1]};
+      SlicedGroup second{first.row, 0};  // none: its lanes stay zero
+      int64_t vj = vi;                   // the second group's values (any group's when none)
+      if (grp + 1 < g1) {
+        second = {a.groups[2 * grp + 2], a.groups[2 * grp + 3]};
+        vj += first.count;
+      }
+      const __mmask16 one = _bzhi_u32(0xffff, static_cast<uint32_t>(first.count));
+      const __mmask16 two = _bzhi_u32(0xffff, static_cast<uint32_t>(second.count));
+      const __mmask32 lanes = static_cast<__mmask32>(one) | static_cast<__mmask32>(two) << 16;
+      const __m256i bytes = _mm256_inserti128_si256(
+          _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a.columns + vi))),
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(a.columns + vj)), 1);
+      const __m512i idx = _mm512_cvtepu8_epi16(bytes);
+      const __mmask32 upper = _mm256_test_epi8_mask(bytes, bit6);
+      const __m512bh w = (__m512bh)_mm512_inserti64x4(
+          _mm512_castsi256_si512(_mm256_maskz_loadu_epi16(one, a.values + vi)),
+          _mm256_maskz_loadu_epi16(two, a.values + vj), 1);
+#pragma GCC unroll 4
+      for (int i = 0; i < R; ++i) {
+        const __m512i lo = _mm512_maskz_permutex2var_epi16(lanes, xs.t[i][0], idx, xs.t[i][1]);
+        const __m512i hi = _mm512_maskz_permutex2var_epi16(lanes, xs.t[i][2], idx, xs.t[i][3]);
+        const __m512 dot = _mm512_dpbf16_ps(_mm512_setzero_ps(), w,
+                                            (__m512bh)_mm512_mask_blend_epi16(upper, lo, hi));
+        float* acc = sums.acc[first.row][i];
+        _mm256_store_ps(acc, _mm256_add_ps(_mm256_load_ps(acc), _mm512_castps512_ps256(dot)));
+        acc = sums.acc[second.row][i];
+        _mm256_store_ps(acc, _mm256_add_ps(_mm256_load_ps(acc), _mm512_extractf32x8_ps(dot, 1)));
+      }
+      vi += first.count + second.count;
+    }
+    if (!sliced_columns_ok(a.columns + start, vi - start)) return false;
+  }
+  return vi == g.value_offsets[b + 1];
+}
+#endif
 
 // Rows [m0, m1) of x (at most kSpMaxTileM) against blocks [n0 / kSlicedRows, ...) of W.
 template <typename T>
@@ -277,7 +406,18 @@ void sliced_dot(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int
     constexpr int R = decltype(tile_rows)::value;
     const int64_t first = b * kSlicedRows, rows = min_i64(kSlicedRows, g.N - first);
     SlicedSums<R> sums;
-    if (!sliced_block_dot<T, R>(g, m, b, rows, sums)) return report_bad_row(g, first);
+    bool ok;
+#if defined(TORCHSLIM_ISA_AVX512)
+    if constexpr (std::is_same_v<T, uint16_t>) {
+      ok = g.x_bf16 != nullptr ? sliced_bf16_block_dot<R>(g, m, b, rows, sums)
+                               : sliced_block_dot<T, R>(g, m, b, rows, sums);
+    } else {
+      ok = sliced_block_dot<T, R>(g, m, b, rows, sums);
+    }
+#else
+    ok = sliced_block_dot<T, R>(g, m, b, rows, sums);
+#endif
+    if (!ok) return report_bad_row(g, first);
     // For a NaN row only: whether its last slice holds a column past K (else x holds a NaN).
     // (K = 0: no slice, no group.)
     const auto past_k = [&](int64_t r) {
@@ -387,3 +527,7 @@ void sliced_gemm(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, in
 
 }  // namespace
 }  // namespace torchslim::cpu::TORCHSLIM_ISA_NS
+
+#if defined(TORCHSLIM_BF16_DOT)
+#undef TORCHSLIM_BF16_DOT
+#endif

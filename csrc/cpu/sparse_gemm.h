@@ -488,7 +488,6 @@ TORCHSLIM_BF16_DOT const uint16_t* bitmask_bf16_dot(const SparseGemmArgs& g, con
   }
   return v;
 }
-#undef TORCHSLIM_BF16_DOT
 #endif
 
 // Row n of W against rows [m, m + R) of x: the vector steps (expand, or the bf16 dot when the
