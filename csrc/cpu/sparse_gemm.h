@@ -490,6 +490,62 @@ TORCHSLIM_BF16_DOT const uint16_t* bitmask_bf16_dot(const SparseGemmArgs& g, con
 }
 #endif
 
+#if defined(TORCHSLIM_ISA_AVX512)
+#define TORCHSLIM_VBMI2                                                            \
+  __attribute__((                                                                  \
+      target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c,popcnt," \
+             "bmi,bmi2,avx512vbmi2")))
+
+// int8 values against fp32 x on a CPU with VBMI2: 64 columns a step. One vpexpandb places the
+// step's values from a 64-bit mask word, then each 16 columns widen to fp32 (vpmovsxbd,
+// vcvtdq2ps) for one FMA per row of x: the expand, the mask word and the value pointer's
+// popcount come once per 64 columns, where bitmask_expand takes them per 16.
+template <int R>
+TORCHSLIM_VBMI2 const int8_t* bitmask_int8_expand(const SparseGemmArgs& g, const uint8_t* mask,
+                                                  const int8_t* v, const float* x, int64_t ldx,
+                                                  int64_t& b, float (&sums)[kSpMR]) {
+  const int8_t* values = typed<int8_t>(g.values);
+  constexpr int64_t kBytes = 8;  // 64 columns
+  const int64_t vector_bytes = g.K / 64 * kBytes;
+  constexpr int A = kChains<R>;
+  __m512 acc[R][A];
+#pragma GCC unroll 4
+  for (int i = 0; i < R; ++i) {
+#pragma GCC unroll 4
+    for (int a = 0; a < A; ++a) acc[i][a] = _mm512_setzero_ps();
+  }
+  while (b + kBytes <= vector_bytes && (v - values) + 64 <= g.values_total) {
+    prefetch_mask(mask + b);
+    prefetch_values(v);
+    uint64_t bits;
+    __builtin_memcpy(&bits, mask + b, sizeof bits);
+    __m512i zero;  // a fresh destination, see expand()
+    __asm__("vpxord %0, %0, %0" : "=v"(zero));
+    const __m512i w = _mm512_mask_expand_epi8(zero, bits, _mm512_loadu_si512(v));
+    v += __builtin_popcountll(bits);
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      const __m512 wj = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(w, j)));
+#pragma GCC unroll 4
+      for (int i = 0; i < R; ++i) {
+        acc[i][j % A] =
+            _mm512_fmadd_ps(wj, _mm512_loadu_ps(x + i * ldx + 8 * b + 16 * j), acc[i][j % A]);
+      }
+    }
+    b += kBytes;
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < R; ++i) {
+    __m512 total = acc[i][0];
+#pragma GCC unroll 4
+    for (int a = 1; a < A; ++a) total = _mm512_add_ps(total, acc[i][a]);
+    sums[i] += _mm512_reduce_add_ps(total);
+  }
+  return v;
+}
+#undef TORCHSLIM_VBMI2
+#endif
+
 // Row n of W against rows [m, m + R) of x: the vector steps (expand, or the bf16 dot when the
 // caller gave bf16 x), then walk_bits from where they stopped.
 template <typename T, int R>
@@ -508,6 +564,10 @@ inline void bitmask_tile(const SparseGemmArgs& g, int64_t m, int64_t n, float (&
       if (g.x_bf16 != nullptr) {
         v = bitmask_bf16_dot<R>(g, mask, v, g.x_bf16 + m * g.ldx_bf16, g.ldx_bf16, b, sums);
       }
+    }
+    if constexpr (std::is_same_v<T, int8_t>) {
+      static const bool vbmi2 = cpu_features().avx512vbmi2;
+      if (vbmi2) v = bitmask_int8_expand<R>(g, mask, v, x, g.ldx, b, sums);
     }
 #endif
     v = bitmask_expand<T, R>(g, mask, v, x, g.ldx, b, sums);  // what the bf16 dot left
