@@ -173,6 +173,13 @@ struct SlicedX {
 template <int R>
 struct alignas(64) SlicedSums {
   float acc[kSlicedRows][R][kSlicedGroup];
+  void zero(int64_t rows) {
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int i = 0; i < R; ++i) {
+        for (int t = 0; t < kSlicedGroup; ++t) acc[r][i][t] = 0.0f;
+      }
+    }
+  }
 };
 
 // The group's values (from value index vi) against the R rows of x's slice, added to its row's
@@ -291,11 +298,7 @@ template <typename T, int R>
 bool sliced_block_dot(const SparseGemmArgs& g, int64_t m, int64_t b, int64_t rows,
                       SlicedSums<R>& sums) {
   const int64_t S = (g.K + kSlicedCols - 1) / kSlicedCols;
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int i = 0; i < R; ++i) {
-      for (int t = 0; t < kSlicedGroup; ++t) sums.acc[r][i][t] = 0.0f;
-    }
-  }
+  sums.zero(rows);
   const SlicedArrays<T> a(g);
   const int64_t* off = g.row_offsets + b * S;
   const float* x = g.x + m * g.ldx;
@@ -344,11 +347,7 @@ template <int R>
 TORCHSLIM_BF16_DOT bool sliced_bf16_block_dot(const SparseGemmArgs& g, int64_t m, int64_t b,
                                               int64_t rows, SlicedSums<R>& sums) {
   const int64_t S = (g.K + kSlicedCols - 1) / kSlicedCols;
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int i = 0; i < R; ++i) {
-      for (int t = 0; t < kSlicedGroup; ++t) sums.acc[r][i][t] = 0.0f;
-    }
-  }
+  sums.zero(rows);
   const SlicedArrays<uint16_t> a(g);
   const int64_t* off = g.row_offsets + b * S;
   const uint16_t* x = g.x_bf16 + m * g.ldx_bf16;

@@ -113,10 +113,16 @@ inline int expand_bits(const uint8_t* mask) {
 // latencies, one per step, that FMA chains cannot hide. Merging into a fresh zero (vpxord, a
 // zeroing idiom the renamer resolves) breaks it: 4096 x 4096 at 50% with bf16 values, one core,
 // 20 to 9.7 cycles per 32 columns in a standalone loop.
-inline __m512 expand(__m512 packed, int bits) {
-  __m512 zero;
+// fresh_zero() is that zero, for every expand.
+TORCHSLIM_INLINE inline __m512i fresh_zero() {
+  __m512i zero;
   __asm__("vpxord %0, %0, %0" : "=v"(zero));
-  return _mm512_mask_expand_ps(zero, static_cast<__mmask16>(bits), packed);
+  return zero;
+}
+
+inline __m512 expand(__m512 packed, int bits) {
+  return _mm512_mask_expand_ps(_mm512_castsi512_ps(fresh_zero()), static_cast<__mmask16>(bits),
+                               packed);
 }
 
 #elif defined(TORCHSLIM_ISA_AVX2)
@@ -268,6 +274,11 @@ struct ChainedSums {
       sums[i] = V::reduce_add(acc[i][0]);
     }
   }
+  void add_to(float (&sums)[kSpMR]) {
+    float part[kSpMR];
+    reduce(part);
+    for (int i = 0; i < R; ++i) sums[i] += part[i];
+  }
 };
 
 // Steps ahead that the 2:4 dot kernel prefetches its values and meta (2 KB of int8 values on
@@ -411,9 +422,7 @@ inline const T* bitmask_expand(const SparseGemmArgs& g, const uint8_t* mask, con
     for (int a = 0; a < A; ++a) step(a);
   }
   while (b < vector_bytes && (v - values) + kLanes <= g.values_total) step(0);
-  float part[kSpMR];
-  chains.reduce(part);
-  for (int i = 0; i < R; ++i) sums[i] += part[i];
+  chains.add_to(sums);
   return v;
 }
 #endif
@@ -437,9 +446,7 @@ TORCHSLIM_BF16_DOT TORCHSLIM_INLINE inline void bf16_dot_step(const uint8_t* mas
                                                               __m512 (&acc)[R][A], int a) {
   uint32_t bits;
   __builtin_memcpy(&bits, mask + b, sizeof bits);
-  __m512i zero;  // a fresh destination, see expand()
-  __asm__("vpxord %0, %0, %0" : "=v"(zero));
-  const __m512i w = _mm512_mask_expand_epi16(zero, bits, _mm512_loadu_si512(v));
+  const __m512i w = _mm512_mask_expand_epi16(fresh_zero(), bits, _mm512_loadu_si512(v));
   v += __builtin_popcount(bits);
 #pragma GCC unroll 4
   for (int i = 0; i < R; ++i) {
@@ -458,12 +465,8 @@ TORCHSLIM_BF16_DOT const uint16_t* bitmask_bf16_dot(const SparseGemmArgs& g, con
   constexpr int64_t kBytes = kBf16Lanes / 8;
   const int64_t vector_bytes = g.K / kBf16Lanes * kBytes;
   constexpr int A = kChains<R>;
-  __m512 acc[R][A];
-#pragma GCC unroll 4
-  for (int i = 0; i < R; ++i) {
-#pragma GCC unroll 4
-    for (int a = 0; a < A; ++a) acc[i][a] = _mm512_setzero_ps();
-  }
+  ChainedSums<FVec, R> chains;
+  auto& acc = chains.acc;
   // Eight steps an iteration on the chains in turn; the mask prefetched once an iteration, the
   // values every other step (see kBitmaskValuesAhead).
   constexpr int kUnroll = 8;
@@ -479,13 +482,7 @@ TORCHSLIM_BF16_DOT const uint16_t* bitmask_bf16_dot(const SparseGemmArgs& g, con
   while (b < vector_bytes && (v - values) + kBf16Lanes <= g.values_total) {
     bf16_dot_step<R, A>(mask, v, x, ldx, b, acc, 0);
   }
-#pragma GCC unroll 4
-  for (int i = 0; i < R; ++i) {
-    __m512 total = acc[i][0];
-#pragma GCC unroll 4
-    for (int a = 1; a < A; ++a) total = _mm512_add_ps(total, acc[i][a]);
-    sums[i] += _mm512_reduce_add_ps(total);
-  }
+  chains.add_to(sums);
   return v;
 }
 #endif
@@ -508,20 +505,14 @@ TORCHSLIM_VBMI2 const int8_t* bitmask_int8_expand(const SparseGemmArgs& g, const
   constexpr int64_t kBytes = 8;  // 64 columns
   const int64_t vector_bytes = g.K / 64 * kBytes;
   constexpr int A = kChains<R>;
-  __m512 acc[R][A];
-#pragma GCC unroll 4
-  for (int i = 0; i < R; ++i) {
-#pragma GCC unroll 4
-    for (int a = 0; a < A; ++a) acc[i][a] = _mm512_setzero_ps();
-  }
+  ChainedSums<FVec, R> chains;
+  auto& acc = chains.acc;
   while (b + kBytes <= vector_bytes && (v - values) + 64 <= g.values_total) {
     prefetch_mask(mask + b);
     prefetch_values(v);
     uint64_t bits;
     __builtin_memcpy(&bits, mask + b, sizeof bits);
-    __m512i zero;  // a fresh destination, see expand()
-    __asm__("vpxord %0, %0, %0" : "=v"(zero));
-    const __m512i w = _mm512_mask_expand_epi8(zero, bits, _mm512_loadu_si512(v));
+    const __m512i w = _mm512_mask_expand_epi8(fresh_zero(), bits, _mm512_loadu_si512(v));
     v += __builtin_popcountll(bits);
 #pragma GCC unroll 4
     for (int j = 0; j < 4; ++j) {
@@ -534,13 +525,7 @@ TORCHSLIM_VBMI2 const int8_t* bitmask_int8_expand(const SparseGemmArgs& g, const
     }
     b += kBytes;
   }
-#pragma GCC unroll 4
-  for (int i = 0; i < R; ++i) {
-    __m512 total = acc[i][0];
-#pragma GCC unroll 4
-    for (int a = 1; a < A; ++a) total = _mm512_add_ps(total, acc[i][a]);
-    sums[i] += _mm512_reduce_add_ps(total);
-  }
+  chains.add_to(sums);
   return v;
 }
 #undef TORCHSLIM_VBMI2
