@@ -278,6 +278,29 @@ def test_sparse24_linear_matches_reference(backend, n, k, dtype, poisoned_empty)
         assert out.dtype == dtype
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_sparse24_long_rows_match_reference(backend, poisoned_empty):
+    # Long rows (fp32 x past L1, the prefetch 128 steps ahead inside each row) and a tail of
+    # K % 32 columns for the scalar loop
+    n, k = 37, 9000
+    g = seeded("op24-long", backend)
+    w = _weight_24(n, k, g)
+    codes, scales = quantize_weight_per_channel(w)
+    bias = torch.randn(n, generator=g)
+    for parts, s in (
+        (compress_24(w), None),
+        (compress_24(w, torch.bfloat16), None),
+        (compress_24(codes), scales),
+    ):
+        for m in (*M_QUICK, 2, 4):
+            x = _inputs(m, k, torch.float32, g)
+            with run_on(backend):
+                out = ops.sparse24_linear(x, *parts, bias, s)
+            ref64 = ref.sparse24_linear(x, *parts, bias, s, compute_dtype=torch.float64)
+            expected = ref.sparse24_linear(x, *parts, bias, s)
+            check_close(out, ref64, expected, name=f"{parts[0].dtype} M={m}")
+
+
 def _compress_sliced(w: torch.Tensor, dtype: torch.dtype | None = None) -> tuple:
     """compress_sliced's tensors and N, as the op and the reference take them after x."""
     return (*compress_sliced(w, dtype), w.shape[0])
