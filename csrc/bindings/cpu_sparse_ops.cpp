@@ -126,6 +126,8 @@ SparseOperands sparse_operands(const at::Tensor& x, const at::Tensor& values, in
     } else {
       op.x = padded_rows(x, dot_columns, at::kFloat);
     }
+  } else if (x.scalar_type() == at::kBFloat16 && x.size(0) <= cpu::kSpMaxTileM) {
+    op.x = padded_rows(x, x.size(1), at::kFloat);  // widened without a torch op (see above)
   } else {
     op.x = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat).contiguous();
   }
