@@ -24,6 +24,12 @@ import torchslim
 import torchslim.testing
 from torchslim import _ext
 
+# `python -m pytest` puts the working directory first on sys.path. From the repository root
+# that makes its kernels/ folder (installed as torchslim.kernels) shadow Hugging Face's
+# `kernels` package, which transformers imports; the installed torchslim is what is tested.
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != _ROOT]
+
 
 def _kernel_backends() -> list[str]:
     """Every (backend, ISA) pair that can run here, e.g. cpu-avx2, cpu-portable, triton."""

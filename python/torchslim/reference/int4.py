@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import torch
 
+from torchslim.reference._linear import linear
 from torchslim.reference.int8 import QMAX, _scale_from_amax
 
 CODE_MAX = 15
@@ -194,10 +195,7 @@ def int4_weight_only_linear(
     cd = compute_dtype or x.dtype
     xc = x if activation_block is None else _block_round(x, activation_block)
     w = dequantize_int4(packed_w, scales, zeros, group_size, dtype=cd)
-    out = xc.to(cd) @ w.T
-    if bias is not None:
-        out = out + bias.to(cd)
-    return out.to(x.dtype)
+    return linear(xc, w, bias, cd).to(x.dtype)
 
 
 def int4_weight_only_linear_tc(

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import torch
 
+from torchslim.reference._linear import linear
+
 QMAX = 127
 
 
@@ -108,7 +110,4 @@ def int8_weight_only_linear(
     """
     cd = compute_dtype or x.dtype
     w = w_q.to(cd) * w_scale.to(cd).unsqueeze(1)
-    out = x.to(cd) @ w.T
-    if bias is not None:
-        out = out + bias.to(cd)
-    return out.to(x.dtype)
+    return linear(x, w, bias, cd)

@@ -93,6 +93,8 @@ from __future__ import annotations
 
 import torch
 
+from torchslim.reference._linear import linear
+
 GROUP = 4  # 2:4: columns per group
 KEPT = 2  # 2:4: values kept per group
 MASK_BITS = 8  # bitmask: columns per mask byte
@@ -715,7 +717,4 @@ def _linear(
 ) -> torch.Tensor:
     if scales is not None:
         w = w * scales.to(cd).unsqueeze(1)
-    out = x.to(cd) @ w.T
-    if bias is not None:
-        out = out + bias.to(cd)
-    return out.to(x.dtype)
+    return linear(x, w, bias, cd)
