@@ -27,7 +27,11 @@ def test_best_isa_matches_cpu_features():
     features = _ext._C.cpu_features()
     best = _ext._C.best_isa()
     avx2 = all(features[f] for f in ("avx2", "fma", "f16c", "popcnt", "bmi1", "bmi2"))
-    if avx2 and all(features[f] for f in ("avx512f", "avx512bw", "avx512vl", "avx512vnni")):
+    avx512 = avx2 and all(features[f] for f in ("avx512f", "avx512bw", "avx512vl", "avx512vnni"))
+    amx = ("avx512bf16", "amx_tile", "amx_int8", "amx_bf16", "os_allows_tiles")
+    if avx512 and all(features[f] for f in amx):
+        assert best == "amx"
+    elif avx512:
         assert best == "avx512"
     elif avx2:
         assert best == "avx2"
@@ -38,7 +42,7 @@ def test_best_isa_matches_cpu_features():
 
 
 @needs_ext
-@pytest.mark.parametrize("isa", ["portable", "avx2"])
+@pytest.mark.parametrize("isa", ["portable", "avx2", "avx512"])
 def test_env_var_lowers_the_isa(isa):
     if isa not in _ext._C.supported_isas():
         pytest.skip(f"this CPU cannot run {isa}")
@@ -81,7 +85,7 @@ def test_cli_info_json():
     data = json.loads(done.stdout)
     assert data["torchslim"] == torchslim.__version__
     if _ext._C is not None:
-        assert data["cpu_isa"] in ("portable", "avx2", "avx512")
+        assert data["cpu_isa"] in ("portable", "avx2", "avx512", "amx")
 
 
 def test_import_without_extension_uses_the_reference():

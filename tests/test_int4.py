@@ -7,7 +7,7 @@ import torch
 from conftest import KERNEL_BACKENDS, device_of, run_on
 from torch import nn
 
-from torchslim import ops
+from torchslim import _ext, ops
 from torchslim import reference as ref
 from torchslim.nn import Int4Linear
 from torchslim.quant import dequantize_int4, pack_int4, quantize_int4, unpack_int4
@@ -318,3 +318,31 @@ def test_int4_linear_rejects_bad_state(gen):
         Int4Linear(96, 8, group_size=64)
     with pytest.raises(TypeError, match=r"linear must be an nn\.Linear"):
         Int4Linear.from_linear(nn.Conv1d(4, 4, 1))
+
+
+@pytest.mark.skipif(
+    _ext._C is None or "amx" not in _ext._C.supported_isas(), reason="no AMX tiles on this CPU"
+)
+def test_amx_tiles_from_their_threshold(gen, poisoned_empty):
+    """The amx level runs the int4 GEMM on the tile unit from its threshold on (the AVX-512
+    kernel below it), with the reference's arithmetic: N cuts the 16-row strips and the
+    256-column thread blocks, M the 16-row panels and the 128-row blocks; groups of 128 and
+    per channel with a partial last activation block."""
+    with run_on("cpu-amx"):
+        first = _ext._C.cpu_kernel_paths()["int4_tiles_from_m"]
+    with run_on("cpu-avx512"):
+        assert _ext._C.cpu_kernel_paths()["int4_tiles_from_m"] is None
+    assert isinstance(first, int) and first >= 1
+    for n, k, group_size in ((300, 4224, 128), (37, 4130, -1)):
+        packed, scales, zeros, bias = _weights(n, k, group_size, torch.bfloat16, gen)
+        args = (packed, scales, zeros, group_size, bias)
+        for m in sorted({max(first - 1, 1), first, 131}):
+            for dtype in (torch.float32, torch.bfloat16):
+                x = _activations(m, k, dtype, gen)
+                with run_on("cpu-amx"):
+                    out = ops.int4_weight_only_linear(x, *args)
+                ref64 = ref.int4_weight_only_linear(
+                    x.double(), *args, compute_dtype=torch.float64, activation_block=32
+                )
+                lowp = ref.int4_weight_only_linear(x, *args, activation_block=32)
+                check_close(out, ref64, lowp, name=f"M={m} {dtype} G={group_size}")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import KERNEL_BACKENDS, device_of, run_on
 
-from torchslim import ops
+from torchslim import _ext, ops
 from torchslim import reference as ref
 from torchslim.quant import quantize_weight_per_channel
 from torchslim.testing import (
@@ -255,3 +255,45 @@ def test_cpu_kernel_threads(backend, gen):
         finally:
             torch.set_num_threads(threads)
     assert torch.equal(one, many)
+
+
+@pytest.mark.skipif(
+    _ext._C is None or "amx" not in _ext._C.supported_isas(), reason="no AMX tiles on this CPU"
+)
+def test_amx_tiles_from_their_threshold(gen):
+    """The amx level runs the int8 GEMM on the tile unit from its threshold on (the AVX-512 VNNI
+    dot kernels below it), exactly: int32 sums equal the reference, and the fp32/bf16 outputs
+    equal the avx512 level's bit for bit (same sums, same epilogue arithmetic). The shapes cut
+    the 32 x 32 register block and the 128 x 256 thread block, K has a tail of 3 columns and
+    the weights a row stride past K."""
+    with run_on("cpu-amx"):
+        first = _ext._C.cpu_kernel_paths()["int8_tiles_from_m"]
+    with run_on("cpu-avx512"):
+        assert _ext._C.cpu_kernel_paths()["int8_tiles_from_m"] is None
+    assert isinstance(first, int) and first >= 1
+    n, k = 300, 4099
+    b = nan_padded(torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=gen))
+    w_q, w_scale, bias = _weights(n, k, "cpu", gen)
+    for m in sorted({max(first - 1, 1), first, 17, 131}):
+        a = nan_padded(random_int8(m, k, generator=gen))
+        with run_on("cpu-amx"):
+            assert torch.equal(ops.int8_mm(a, b), ref.int8_mm(a, b)), m
+        for dtype in (torch.float32, torch.bfloat16):
+            x = _activations(m, k, dtype, "cpu", gen)
+            with run_on("cpu-amx"):
+                tiles = ops.int8_dynamic_linear(x, w_q, w_scale, bias)
+            with run_on("cpu-avx512"):
+                dots = ops.int8_dynamic_linear(x, w_q, w_scale, bias)
+            assert torch.equal(tiles, dots), (m, dtype)
+
+
+@pytest.mark.parametrize("k", [40, 4099])
+def test_reference_linear_ignores_memory_beside_the_rows(k, gen):
+    """The reference's bf16 matmul gives a NaN-padded view's rows the result of their contiguous
+    copy: PyTorch's own on AMX CPUs reads past K when K % 32 != 0 (reference/_linear.py)."""
+    x = nan_padded(torch.randn(33, k, generator=gen).bfloat16())
+    w_q, w_scale, bias = _weights(17, k, "cpu", gen)
+    for reference in (ref.int8_weight_only_linear, ref.int8_dynamic_linear):
+        out = reference(x, w_q, w_scale, bias)
+        assert torch.isfinite(out).all()
+        assert torch.equal(out, reference(x.contiguous(), w_q, w_scale, bias))

@@ -32,6 +32,10 @@ using namespace cpu_bindings;
 constexpr int64_t kBlockM_I8 = 64;
 constexpr int64_t kBlockM_F32 = 32;
 constexpr int64_t kBlockN = 64;
+// The tile unit's blocks (multiples of the 32 x 32 register block): a block's weight rows
+// (kBlockN_Amx x K bytes) stay in L2 while its activation panels pass.
+constexpr int64_t kBlockM_Amx = 128;
+constexpr int64_t kBlockN_Amx = 256;
 
 // Scratch for what lives only inside one op call (an activation's int8 codes and scales): a
 // request up to kWorkspaceMax bytes reuses the calling thread's buffer, so a decode step does
@@ -98,10 +102,26 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token_cpu(const at::Tensor& x) {
   return {q, scale};
 }
 
-void run_int8_gemm(const cpu::Int8GemmArgs& args) {
+void run_int8_gemm(cpu::Int8GemmArgs args) {
   const cpu::KernelTable& kt = cpu::active_kernels();
+  if (kt.int8_pack_panels == nullptr || args.M < kt.int8_panel_min_m) {
+    parallel_blocks(args.M, args.N, kBlockM_I8, kBlockN,
+                    [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+                      kt.int8_gemm(args, m0, m1, n0, n1);
+                    });
+    return;
+  }
+  // The tile unit: the activation rows rewritten once into panels (cpu/kernels.h).
+  const int64_t panels = (args.M + cpu::kAmxPanel - 1) / cpu::kAmxPanel;
+  at::Tensor held;
+  int8_t* packed = reinterpret_cast<int8_t*>(
+      workspace(static_cast<std::size_t>(panels * cpu::amx_panel_bytes(args.K)), held));
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    kt.int8_pack_panels(args.a, args.lda, args.M, args.K, packed, p0, p1);
+  });
+  args.a_panels = packed;
   parallel_blocks(
-      args.M, args.N, kBlockM_I8, kBlockN,
+      args.M, args.N, kBlockM_Amx, kBlockN_Amx,
       [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { kt.int8_gemm(args, m0, m1, n0, n1); });
 }
 
@@ -244,31 +264,56 @@ at::Tensor int4_weight_only_linear_cpu(const at::Tensor& x, const at::Tensor& pa
   at::parallel_for(0, M, std::max<int64_t>(1, 16384 / K),
                    [&](int64_t m0, int64_t m1) { kt.quantize_q8_blocks(qa, m0, m1); });
 
-  const cpu::W4GemmArgs args{xq,
-                             K,
-                             xs,
-                             blocks,
-                             xg,
-                             groups,
-                             xb,
-                             lanes,
-                             packed_w.data_ptr<uint8_t>(),
-                             packed_w.stride(0),
-                             scales.data_ptr(),
-                             zeros.data_ptr(),
-                             groups,
-                             st,
-                             b.defined() ? b.data_ptr<float>() : nullptr,
-                             out.data_ptr(),
-                             N,
-                             xt,
-                             M,
-                             N,
-                             K,
-                             G};
-  parallel_blocks(M, N, kBlockM_I8, kBlockN, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-    kt.w4_gemm(args, m0, m1, n0, n1);
+  cpu::W4GemmArgs args{xq,
+                       K,
+                       xs,
+                       blocks,
+                       xg,
+                       groups,
+                       xb,
+                       lanes,
+                       packed_w.data_ptr<uint8_t>(),
+                       packed_w.stride(0),
+                       scales.data_ptr(),
+                       zeros.data_ptr(),
+                       groups,
+                       st,
+                       b.defined() ? b.data_ptr<float>() : nullptr,
+                       out.data_ptr(),
+                       N,
+                       xt,
+                       M,
+                       N,
+                       K,
+                       G};
+  if (kt.w4_pack_panels == nullptr || M < kt.w4_panel_min_m) {
+    parallel_blocks(M, N, kBlockM_I8, kBlockN, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+      kt.w4_gemm(args, m0, m1, n0, n1);
+    });
+    return out;
+  }
+  // The tile unit: the activation's codes, block scales and group sums as panels.
+  const int64_t panels = (M + cpu::kAmxPanel - 1) / cpu::kAmxPanel;
+  const std::size_t code_bytes = align_up(panels * cpu::amx_panel_bytes(K));
+  const std::size_t scale_bytes = align_up(panels * cpu::w4_panel_scale_floats(K) * sizeof(float));
+  at::Tensor held_panels = at::empty(
+      {static_cast<int64_t>(code_bytes + scale_bytes +
+                            panels * groups * cpu::kAmxPanel * sizeof(float) + kWorkspaceAlign)},
+      at::kByte);
+  uint8_t* base = reinterpret_cast<uint8_t*>(
+      align_up(reinterpret_cast<std::uintptr_t>(held_panels.data_ptr<uint8_t>())));
+  int8_t* codes = reinterpret_cast<int8_t*>(base);
+  float* panel_scales = reinterpret_cast<float*>(base + code_bytes);
+  float* panel_sums = reinterpret_cast<float*>(base + code_bytes + scale_bytes);
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    kt.w4_pack_panels(args, codes, panel_scales, panel_sums, p0, p1);
   });
+  args.panel_codes = codes;
+  args.panel_scales = panel_scales;
+  args.panel_group_sums = panel_sums;
+  parallel_blocks(
+      M, N, kBlockM_Amx, kBlockN_Amx,
+      [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { kt.w4_gemm(args, m0, m1, n0, n1); });
   return out;
 }
 

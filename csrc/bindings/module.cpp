@@ -4,6 +4,7 @@
 #include <string>
 
 #include "bindings/registry.h"
+#include "cpu/kernels.h"
 #include "torchslim/checks.h"
 #include "torchslim/cpu_features.h"
 
@@ -35,18 +36,24 @@ py::dict cpu_features() {
   d["avx512dq"] = f.avx512dq;
   d["avx512vnni"] = f.avx512vnni;
   d["avx512bf16"] = f.avx512bf16;
+  d["avx512vbmi"] = f.avx512vbmi;
   d["avx512vbmi2"] = f.avx512vbmi2;
   d["avx_vnni"] = f.avx_vnni;
   d["amx_tile"] = f.amx_tile;
   d["amx_int8"] = f.amx_int8;
   d["amx_bf16"] = f.amx_bf16;
+  d["os_allows_tiles"] = f.os_allows_tiles;
   return d;
 }
 
 void set_isa(const std::string& name) {
   Isa isa;
-  TORCHSLIM_CHECK(torchslim::cpu::parse_isa(name.c_str(), &isa),
-                  "isa must be one of 'portable', 'avx2', 'avx512', got '", name, "'");
+  std::string names;
+  for (Isa level : torchslim::cpu::kAllIsas) {
+    names += std::string(names.empty() ? "'" : ", '") + torchslim::cpu::isa_name(level) + "'";
+  }
+  TORCHSLIM_CHECK(torchslim::cpu::parse_isa(name.c_str(), &isa), "isa must be one of ", names,
+                  ", got '", name, "'");
   TORCHSLIM_CHECK(torchslim::cpu::set_active_isa(isa), "isa '", name,
                   "' is not supported by this CPU; the best it supports is '",
                   torchslim::cpu::isa_name(torchslim::cpu::best_supported_isa()), "'");
@@ -54,10 +61,21 @@ void set_isa(const std::string& name) {
 
 std::vector<std::string> supported_isas() {
   std::vector<std::string> out;
-  for (Isa isa : {Isa::kPortable, Isa::kAvx2, Isa::kAvx512}) {
+  for (Isa isa : torchslim::cpu::kAllIsas) {
     if (torchslim::cpu::isa_supported(isa)) out.emplace_back(torchslim::cpu::isa_name(isa));
   }
   return out;
+}
+
+// Which kernel variants the active level's table holds (the level alone does not say: some
+// paths also depend on CPU features or on the shape).
+py::dict cpu_kernel_paths() {
+  const torchslim::cpu::KernelTable& kt = torchslim::cpu::active_kernels();
+  py::dict d;
+  d["int8_tiles_from_m"] = kt.int8_pack_panels ? py::cast(kt.int8_panel_min_m) : py::none();
+  d["int4_tiles_from_m"] = kt.w4_pack_panels ? py::cast(kt.w4_panel_min_m) : py::none();
+  d["sparse_bf16_dot"] = kt.bf16_dot;
+  return d;
 }
 
 py::dict build_info() {
@@ -91,7 +109,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       [] { return std::string(torchslim::cpu::isa_name(torchslim::cpu::best_supported_isa())); },
       "The best ISA level this CPU supports");
   m.def("supported_isas", &supported_isas, "ISA levels this CPU can run, lowest first");
-  m.def("set_isa", &set_isa, "Force an ISA level (portable | avx2 | avx512)", py::arg("name"));
+  m.def("set_isa", &set_isa, "Force an ISA level (portable | avx2 | avx512 | amx)",
+        py::arg("name"));
+  m.def("cpu_kernel_paths", &cpu_kernel_paths,
+        "Kernel variants of the active ISA level: int8_tiles_from_m (the M from which the int8 "
+        "GEMM runs on AMX tiles, or None), int4_tiles_from_m (the same for the int4 GEMM), "
+        "sparse_bf16_dot");
   m.def("build_info", &build_info, "Compiler and options of this build");
   torchslim::registry::bind(m);
   torchslim::bind_cpu(m);

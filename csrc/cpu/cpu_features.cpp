@@ -10,6 +10,10 @@
 #include <cpuid.h>
 #define TORCHSLIM_X86 1
 #endif
+#if TORCHSLIM_X86 && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace torchslim::cpu {
 namespace {
@@ -21,8 +25,21 @@ uint64_t xgetbv0() {
   return (static_cast<uint64_t>(edx) << 32) | eax;
 }
 
+// Asks the OS for the use of AMX tile data. Linux (5.16 and later) refuses tile instructions
+// to a process that has not asked; other systems are not known to allow them, so they get no.
+bool request_tile_data() {
+#if defined(__linux__)
+  constexpr long kArchReqXcompPerm = 0x1023;  // arch_prctl codes from <asm/prctl.h>
+  constexpr long kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
+}
+
 CpuFeatures detect() {
   CpuFeatures f;
+  uint64_t xcr0 = 0;
   unsigned eax, ebx, ecx, edx;
   if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx)) return f;
   const bool osxsave = ecx & (1u << 27);
@@ -30,7 +47,7 @@ CpuFeatures detect() {
   f.f16c = ecx & (1u << 29);
   f.popcnt = ecx & (1u << 23);
   if (osxsave) {
-    const uint64_t xcr0 = xgetbv0();
+    xcr0 = xgetbv0();
     f.os_saves_ymm = (xcr0 & 0x6) == 0x6;    // SSE + AVX state
     f.os_saves_zmm = (xcr0 & 0xE6) == 0xE6;  // + opmask, ZMM_Hi256, Hi16_ZMM
   }
@@ -46,11 +63,14 @@ CpuFeatures detect() {
     f.avx512bw = ebx & (1u << 30);
     f.avx512vl = ebx & (1u << 31);
     f.avx512vnni = ecx & (1u << 11);
+    f.avx512vbmi = ecx & (1u << 1);
     f.avx512vbmi2 = ecx & (1u << 6);
   }
   f.amx_bf16 = edx & (1u << 22);
   f.amx_tile = edx & (1u << 24);
   f.amx_int8 = edx & (1u << 25);
+  const bool os_saves_tiles = (xcr0 & 0x60000) == 0x60000;  // XTILECFG + XTILEDATA
+  f.os_allows_tiles = f.amx_tile && os_saves_tiles && request_tile_data();
   if (__get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx)) {
     f.avx_vnni = f.os_saves_ymm && (eax & (1u << 4));
     f.avx512bf16 = f.os_saves_zmm && (eax & (1u << 5));
@@ -92,12 +112,14 @@ const char* isa_name(Isa isa) {
       return "avx2";
     case Isa::kAvx512:
       return "avx512";
+    case Isa::kAmx:
+      return "amx";
   }
   return "unknown";
 }
 
 bool parse_isa(const char* name, Isa* out) {
-  for (Isa isa : {Isa::kPortable, Isa::kAvx2, Isa::kAvx512}) {
+  for (Isa isa : kAllIsas) {
     if (std::strcmp(name, isa_name(isa)) == 0) {
       *out = isa;
       return true;
@@ -117,6 +139,9 @@ bool isa_supported(Isa isa) {
     case Isa::kAvx512:
       return isa_supported(Isa::kAvx2) && f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq &&
              f.avx512vnni;
+    case Isa::kAmx:
+      return isa_supported(Isa::kAvx512) && f.avx512bf16 && f.avx512vbmi && f.amx_tile &&
+             f.amx_int8 && f.amx_bf16 && f.os_allows_tiles;
 #else
     default:
       (void)f;
@@ -127,7 +152,7 @@ bool isa_supported(Isa isa) {
 }
 
 Isa best_supported_isa() {
-  for (Isa isa : {Isa::kAvx512, Isa::kAvx2}) {
+  for (Isa isa : {Isa::kAmx, Isa::kAvx512, Isa::kAvx2}) {
     if (isa_supported(isa)) return isa;
   }
   return Isa::kPortable;

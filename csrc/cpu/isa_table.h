@@ -4,11 +4,24 @@
 namespace torchslim::cpu::TORCHSLIM_ISA_NS {
 
 const KernelTable& kernel_table() {
-  static const KernelTable table{TORCHSLIM_ISA_LEVEL, &quantize_rows,      &int8_gemm,
-                                 &w8a16_gemm,         &quantize_q8_blocks, &w4_gemm,
-                                 &attention,          &sparse24_gemm,      &bitmask_gemm,
-                                 &csr_gemm,           &block_gemm,         &sliced_gemm,
-                                 kSparse24OrderX,     bf16_dot_supported()};
+  static const KernelTable table{TORCHSLIM_ISA_LEVEL,
+                                 &quantize_rows,
+                                 &int8_gemm,
+                                 &w8a16_gemm,
+                                 &quantize_q8_blocks,
+                                 &w4_gemm,
+                                 &attention,
+                                 &sparse24_gemm,
+                                 &bitmask_gemm,
+                                 &csr_gemm,
+                                 &block_gemm,
+                                 &sliced_gemm,
+                                 kSparse24OrderX,
+                                 bf16_dot_supported(),
+                                 nullptr,
+                                 0,
+                                 nullptr,
+                                 0};
   return table;
 }
 

@@ -42,7 +42,18 @@ struct Int8GemmArgs {
   int64_t ldo;
   ScalarType out_type;
   int64_t M, N, K;
+  // Null, or a's rows as KernelTable::int8_pack_panels wrote them (then the kernel reads a
+  // from here, and m0 of a call is a multiple of kAmxPanel).
+  const int8_t* a_panels = nullptr;
 };
+
+// AMX: activation rows in the layout of a tile multiply's second operand. Panel p holds rows
+// [16p, 16p + 16) of a (M, K) int8 matrix, K padded with zeros to a multiple of 64, as
+// (Kp / 4, 16, 4): panels[p][q][j][t] = a[16p + j, 4q + t], zero past M and past K. Panel p
+// starts at panels + p * amx_panel_bytes(K).
+constexpr int64_t kAmxPanel = 16;
+constexpr int64_t amx_padded_k(int64_t K) { return (K + 63) / 64 * 64; }
+constexpr int64_t amx_panel_bytes(int64_t K) { return amx_padded_k(K) * kAmxPanel; }
 
 // out[m, n] = (sum_k x[m, k] * w[n, k]) * w_scale[n] + bias[n]   (int8 -> fp32 in registers)
 struct W8A16Args {
@@ -117,7 +128,21 @@ struct W4GemmArgs {
   int64_t ldo;
   ScalarType out_type;
   int64_t M, N, K, group_size;  // group_size divides K and is a multiple of 32, or equals K
+  // Null, or the activation as KernelTable::w4_pack_panels wrote it (then the kernel reads it
+  // from here, and m0 of a call is a multiple of kAmxPanel).
+  const int8_t* panel_codes = nullptr;
+  const float* panel_scales = nullptr;
+  const float* panel_group_sums = nullptr;
 };
+
+// AMX: a W4 GEMM's Q8 activation as tile panels of 16 rows (p: rows [16p, 16p + 16), zero past
+// M). Codes as int8_pack_panels lays them out (amx_panel_bytes(K) per panel), except that each
+// block of 32 columns is in block order, its 16 even columns then its 16 odd ones: the order in
+// which its 16 packed weight bytes unpack (low nibbles, then high ones). Block scales as
+// (ceil(K / 32), 16) floats per panel, group sums as (K / group_size, 16).
+inline int64_t w4_panel_scale_floats(int64_t K) {
+  return (K + kQ8Block - 1) / kQ8Block * kAmxPanel;
+}
 
 // Attention (torchslim.reference.attention) for batch b, query rows [i0, i1) of the heads
 // [h0, h0 + nh) (one key/value head's, nh * (i1 - i0) <= kAttnBlockQ rows):
@@ -267,6 +292,17 @@ struct KernelTable {
   // Whether bitmask_gemm and sliced_gemm take SparseGemmArgs::x_bf16 (the AVX-512 level on a
   // CPU with AVX512_BF16 and AVX512_VBMI2).
   bool bf16_dot;
+  // Null, or the panels of rows [16 p0, 16 p1) of a (M, K) int8, row stride lda, written to
+  // `panels` (see kAmxPanel); int8_gemm then takes them through Int8GemmArgs::a_panels for M
+  // of at least int8_panel_min_m.
+  void (*int8_pack_panels)(const int8_t* a, int64_t lda, int64_t M, int64_t K, int8_t* panels,
+                           int64_t p0, int64_t p1);
+  int64_t int8_panel_min_m;
+  // Null, or the panels [p0, p1) of the activation of g (see w4_panel_scale_floats); w4_gemm
+  // then takes them through W4GemmArgs::panel_* for M of at least w4_panel_min_m.
+  void (*w4_pack_panels)(const W4GemmArgs& g, int8_t* codes, float* scales, float* group_sums,
+                         int64_t p0, int64_t p1);
+  int64_t w4_panel_min_m;
 };
 
 namespace portable {
@@ -277,6 +313,9 @@ namespace avx2 {
 const KernelTable& kernel_table();
 }
 namespace avx512 {
+const KernelTable& kernel_table();
+}
+namespace amx {
 const KernelTable& kernel_table();
 }
 #endif

@@ -24,7 +24,7 @@ def _apply_isa_env() -> None:
     name = os.environ.get(ISA_ENV, "").strip()
     if not name or _C is None:
         return
-    valid = ("portable", "avx2", "avx512")
+    valid = ("portable", "avx2", "avx512", "amx")
     if name not in valid:
         raise ValueError(f"{ISA_ENV} must be one of {valid}, got {name!r}")
     _C.set_isa(name)  # raises ValueError when the CPU cannot run it

@@ -35,6 +35,7 @@ def info() -> dict[str, object]:
         out["cpu_features"] = {k: v for k, v in _ext._C.cpu_features().items() if v}
         out["cpu_isa"] = _ext._C.isa()
         out["cpu_isa_best"] = _ext._C.best_isa()
+        out["cpu_kernel_paths"] = dict(_ext._C.cpu_kernel_paths())
     backends = {
         "cpu": _ext.cpu_available(),
         "cuda": _ext.cuda_available(),

@@ -1,0 +1,503 @@
+// The int8 and int4 GEMMs on the AMX tile unit (Sapphire Rapids and later), for the amx level.
+//
+// One tile multiply (TDPBSSD) takes a 16 x 64 int8 tile A and a 16 x 64 tile B in the "VNNI"
+// layout (row q holds four consecutive k of each of 16 columns) and adds
+//   C[i][j] += sum_{k < 64} A[i][k] * B[k / 4][4 j + k % 4]      (16 x 16 int32, exact)
+// in 16 cycles: 1024 multiply-adds a cycle, 16x a core's AVX-512 VNNI rate.
+//
+// The weights (N, K) are row-major, which is exactly the A layout: a tile is 16 weight rows x 64
+// columns, loaded in place with the row stride. So the kernel computes the transposed product
+// C = W . X^T, and the activations are the operand that needs the VNNI layout: they are
+// quantized inside the op anyway, and int8_pack_panels rewrites them once per call into panels
+// of 16 rows (kernels.h), a cost of M x K bytes against the GEMM's M x N x K multiply-adds.
+// The weights keep the one layout every backend shares, and no weight byte is copied.
+//
+// Register blocking: tmm0-3 accumulate a 32 x 32 block of C (two weight tiles x two panels),
+// tmm4-5 hold the weight tiles and tmm6-7 the activation tiles of one 64-column step, so each
+// step issues four loads for four multiplies. The epilogue stores each 16 x 16 accumulator,
+// transposes it in AVX-512 registers (a C row is then 16 output columns of one activation row)
+// and applies the scales and bias as int8_gemm.h's epilogue does, operation for operation.
+#pragma once
+
+#include "kernels.h"
+
+namespace torchslim::cpu::TORCHSLIM_ISA_NS {
+namespace {
+
+#include "simd.h"  // load_f32, Half
+
+// A tile configuration (palette 1): rows and bytes per row of each tile used.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Loads a configuration on the calling thread and releases the tiles on exit.
+struct TileScope {
+  explicit TileScope(const TileConfig& config) { _tile_loadconfig(&config); }
+  ~TileScope() { _tile_release(); }
+  TileScope(const TileScope&) = delete;
+  TileScope& operator=(const TileScope&) = delete;
+};
+
+// r[i] <- column i of the 16 x 16 matrix of 32-bit elements whose rows are r[0..15].
+inline void transpose_16x16(__m512i (&r)[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  // Each 128-bit lane of r[4 a + b] now holds a 4 x 4 block: rows 4 (lane) + ..., of the group
+  // of four input rows 4 a; the two shuffles below move the blocks to their final places.
+  for (int i = 0; i < 16; i += 8) {
+    for (int b = 0; b < 4; ++b) {
+      t[i + b] = _mm512_shuffle_i32x4(r[i + b], r[i + b + 4], 0x88);
+      t[i + b + 4] = _mm512_shuffle_i32x4(r[i + b], r[i + b + 4], 0xdd);
+    }
+  }
+  for (int b = 0; b < 8; ++b) {
+    r[b] = _mm512_shuffle_i32x4(t[b], t[b + 8], 0x88);
+    r[b + 8] = _mm512_shuffle_i32x4(t[b], t[b + 8], 0xdd);
+  }
+}
+
+void int8_pack_panels(const int8_t* a, int64_t lda, int64_t M, int64_t K, int8_t* panels,
+                      int64_t p0, int64_t p1) {
+  const int64_t Kp = amx_padded_k(K);
+  for (int64_t p = p0; p < p1; ++p) {
+    int8_t* panel = panels + p * amx_panel_bytes(K);
+    for (int64_t k = 0; k < Kp; k += 64) {
+      // Row j's 64 columns are 16 groups of four: after the transpose, vector q holds group q
+      // of every row, i.e. row k / 4 + q of the panel.
+      const __mmask64 cols = K - k >= 64 ? ~__mmask64{0} : (__mmask64{1} << (K - k)) - 1;
+      __m512i r[16];
+#pragma GCC unroll 16
+      for (int j = 0; j < 16; ++j) {
+        const int64_t m = p * kAmxPanel + j;
+        r[j] = m < M ? _mm512_maskz_loadu_epi8(cols, a + m * lda + k) : _mm512_setzero_si512();
+      }
+      transpose_16x16(r);
+#pragma GCC unroll 16
+      for (int q = 0; q < 16; ++q) _mm512_storeu_si512(panel + (k / 4 + q) * 64, r[q]);
+    }
+  }
+}
+
+// The 16 x 16 int32 block c[i][j] = C[n + i][m + j] (weight row n + i, activation row m + j)
+// stored to out: rows m + j < m1, columns n + i < n1.
+inline void store_block(const Int8GemmArgs& g, const int32_t* c, int64_t m, int64_t m1, int64_t n,
+                        int64_t n1) {
+  __m512i r[16];
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(c + 16 * i);
+  transpose_16x16(r);
+  const int64_t cols = n1 - n < 16 ? n1 - n : 16;
+  const __mmask16 mask = static_cast<__mmask16>((1u << cols) - 1);
+  const int64_t rows = m1 - m < 16 ? m1 - m : 16;
+  if (g.out_type == ScalarType::kInt32) {
+    int32_t* out = static_cast<int32_t*>(g.out) + m * g.ldo + n;
+    for (int64_t j = 0; j < rows; ++j) _mm512_mask_storeu_epi32(out + j * g.ldo, mask, r[j]);
+    return;
+  }
+  const __m512 b_scale = _mm512_maskz_loadu_ps(mask, g.b_scale + n);
+  const __m512 bias = g.bias ? _mm512_maskz_loadu_ps(mask, g.bias + n) : _mm512_setzero_ps();
+  for (int64_t j = 0; j < rows; ++j) {
+    // (acc * a_scale) * b_scale + bias, rounded step by step as the scalar epilogue does.
+    __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(r[j]), _mm512_set1_ps(g.a_scale[m + j]));
+    v = _mm512_mul_ps(v, b_scale);
+    if (g.bias) v = _mm512_add_ps(v, bias);
+    if (g.out_type == ScalarType::kBFloat16) {
+      uint16_t* out = static_cast<uint16_t*>(g.out) + (m + j) * g.ldo + n;
+      _mm256_mask_storeu_epi16(out, mask, (__m256i)_mm512_cvtneps_pbh(v));
+    } else {
+      _mm512_mask_storeu_ps(static_cast<float*>(g.out) + (m + j) * g.ldo + n, mask, v);
+    }
+  }
+}
+
+// Weight tile (rows [n, n + 16), columns [k, k + 64)) as a pointer and row stride: the weights
+// themselves where the tile lies inside them, else a zero-padded copy in `stage`.
+inline const int8_t* weight_tile(const Int8GemmArgs& g, int64_t n, int64_t k, int8_t* stage,
+                                 int64_t* stride) {
+  if (n + 16 <= g.N && k + 64 <= g.K) {
+    *stride = g.ldb;
+    return g.b + n * g.ldb + k;
+  }
+  const int64_t rows = g.N - n < 16 ? g.N - n : 16;
+  const __mmask64 cols = g.K - k >= 64 ? ~__mmask64{0} : (__mmask64{1} << (g.K - k)) - 1;
+  for (int64_t i = 0; i < 16; ++i) {
+    const __m512i row = i < rows ? _mm512_maskz_loadu_epi8(cols, g.b + (n + i) * g.ldb + k)
+                                 : _mm512_setzero_si512();
+    _mm512_store_si512(stage + 64 * i, row);
+  }
+  *stride = 64;
+  return stage;
+}
+
+// C[n .. n + 16 NT)[m .. m + 16 MT) over all K, then stored. Panels are zero past K, so the
+// weight columns past K (staged as zeros) multiply zeros.
+template <int NT, int MT>
+void amx_block(const Int8GemmArgs& g, int64_t n, int64_t m, int64_t m1, int64_t n1) {
+  alignas(64) int8_t stage[NT][16 * 64];
+  alignas(64) int32_t c[16 * 16];
+  const int64_t Kp = amx_padded_k(g.K);
+  const int8_t* panel = g.a_panels + (m / kAmxPanel) * amx_panel_bytes(g.K);
+  const int64_t next_panel = amx_panel_bytes(g.K);
+  // Whole tiles are loaded in place up to the last whole 64 columns; the rest are staged.
+  const bool whole_rows = n + 16 * NT <= g.N;
+  const int64_t k_direct = whole_rows ? g.K / 64 * 64 : 0;
+
+  _tile_zero(0);
+  if constexpr (MT > 1) _tile_zero(1);
+  if constexpr (NT > 1) _tile_zero(2);
+  if constexpr (NT > 1 && MT > 1) _tile_zero(3);
+  const auto step = [&](const int8_t* w0, const int8_t* w1, int64_t ldw, int64_t k) {
+    _tile_loadd(4, w0, ldw);
+    if constexpr (NT > 1) _tile_loadd(5, w1, ldw);
+    _tile_loadd(6, panel + k * 16, 64);
+    if constexpr (MT > 1) _tile_loadd(7, panel + next_panel + k * 16, 64);
+    _tile_dpbssd(0, 4, 6);
+    if constexpr (MT > 1) _tile_dpbssd(1, 4, 7);
+    if constexpr (NT > 1) _tile_dpbssd(2, 5, 6);
+    if constexpr (NT > 1 && MT > 1) _tile_dpbssd(3, 5, 7);
+  };
+  const int8_t* w = g.b + n * g.ldb;
+  for (int64_t k = 0; k < k_direct; k += 64) step(w + k, w + 16 * g.ldb + k, g.ldb, k);
+  for (int64_t k = k_direct; k < Kp; k += 64) {
+    int64_t ldw = 64;
+    const int8_t* w0 = weight_tile(g, n, k, stage[0], &ldw);
+    const int8_t* w1 = NT > 1 ? weight_tile(g, n + 16, k, stage[NT - 1], &ldw) : nullptr;
+    step(w0, w1, ldw, k);
+  }
+
+  _tile_stored(0, c, 64);
+  store_block(g, c, m, m1, n, n1);
+  if constexpr (MT > 1) {
+    _tile_stored(1, c, 64);
+    store_block(g, c, m + 16, m1, n, n1);
+  }
+  if constexpr (NT > 1) {
+    _tile_stored(2, c, 64);
+    store_block(g, c, m, m1, n + 16, n1);
+  }
+  if constexpr (NT > 1 && MT > 1) {
+    _tile_stored(3, c, 64);
+    store_block(g, c, m + 16, m1, n + 16, n1);
+  }
+}
+
+// The int8 GEMM's tiles: all eight 16 rows x 64 bytes.
+constexpr TileConfig int8_tiles() {
+  TileConfig config;
+  for (int t = 0; t < 8; ++t) {
+    config.rows[t] = 16;
+    config.colsb[t] = 64;
+  }
+  return config;
+}
+
+void amx_int8_gemm(const Int8GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  if (g.a_panels == nullptr) return avx512::kernel_table().int8_gemm(g, m0, m1, n0, n1);
+  const TileScope tiles(int8_tiles());
+  for (int64_t n = n0; n < n1; n += 32) {
+    const bool two_n = n + 32 <= n1;
+    for (int64_t m = m0; m < m1; m += 32) {
+      const bool two_m = m + 16 < m1;
+      if (two_n && two_m) {
+        amx_block<2, 2>(g, n, m, m1, n1);
+      } else if (two_n) {
+        amx_block<2, 1>(g, n, m, m1, n1);
+      } else {
+        // The last (N % 32) columns: one or two single tiles.
+        for (int64_t nn = n; nn < n1; nn += 16) {
+          if (two_m) {
+            amx_block<1, 2>(g, nn, m, m1, n1);
+          } else {
+            amx_block<1, 1>(g, nn, m, m1, n1);
+          }
+        }
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------- int4
+// W4 with Q8 activations (int4_gemm.h's arithmetic): per block b of 32 columns the exact sums
+//   I_b[n, m] = sum_{k in b} (code[n, k] - 8) * xq[m, k]
+// come from one tile multiply of 32 columns (codes - 8 are signed int8), and the fp32 sums
+//   F_g = sum_{b in g} x_scale[m, b] * I_b,   out = sum_g scale * F_g - scale * (zero - 8) * gsum
+// are folded in AVX-512 registers: the per-block activation scale is why each tile multiply
+// covers one block, and the fold (a conversion and an FMA per 16 sums) is the loop's cost.
+// Each thread unpacks its 16-row weight strips once per block of output (the nibbles of a
+// block's 16 bytes: low ones, then high ones, minus 8) and reuses them for every panel; the
+// activation panels are packed once per call (w4_pack_panels).
+
+// Column (within a chunk of 64) of block-order position t: block t / 32, its 16 even columns,
+// then its 16 odd ones.
+constexpr int block_order_column(int t) {
+  const int u = t % 32;
+  return 32 * (t / 32) + (u < 16 ? 2 * u : 2 * (u - 16) + 1);
+}
+
+// vpermb indices from quantize_q8_blocks' order of a whole chunk of 64 (its 32 even columns,
+// then its 32 odd ones) to block order.
+struct ChunkToBlockOrder {
+  alignas(64) uint8_t index[64];
+  constexpr ChunkToBlockOrder() : index{} {
+    for (int t = 0; t < 64; ++t) {
+      const int c = block_order_column(t);
+      index[t] = static_cast<uint8_t>(c % 2 == 0 ? c / 2 : 32 + c / 2);
+    }
+  }
+};
+constexpr ChunkToBlockOrder kChunkToBlockOrder{};
+
+// Where quantize_q8_blocks stored the code of column k of a row (Q8BlockArgs).
+inline int64_t q8_position(int64_t k, int64_t K) {
+  const int64_t k1 = k - k % kQ8Block;
+  if (K - k1 < kQ8Block) return k;                 // a partial last block: natural order
+  if (k1 % kQ4Chunk != 0 || k1 + kQ4Chunk <= K) {  // a block of a whole chunk
+    const int64_t c0 = k1 - k1 % kQ4Chunk, r = k - c0;
+    return c0 + (r % 2 == 0 ? r / 2 : kQ4Chunk / 2 + r / 2);
+  }
+  const int64_t r = k - k1;  // a lone block of 32 at the end of the row
+  return k1 + (r % 2 == 0 ? r / 2 : kQ8Block / 2 + r / 2);
+}
+
+void w4_pack_panels(const W4GemmArgs& g, int8_t* codes, float* scales, float* group_sums,
+                    int64_t p0, int64_t p1) {
+  const int64_t K = g.K, Kp = amx_padded_k(K);
+  const int64_t blocks = (K + kQ8Block - 1) / kQ8Block, groups = K / g.group_size;
+  const __m512i order = _mm512_load_si512(kChunkToBlockOrder.index);
+  for (int64_t p = p0; p < p1; ++p) {
+    int8_t* panel = codes + p * amx_panel_bytes(K);
+    for (int64_t k = 0; k < Kp; k += 64) {
+      __m512i r[16];
+      for (int j = 0; j < 16; ++j) {
+        const int64_t m = p * kAmxPanel + j;
+        const int8_t* row = g.xq + m * g.ldxq;
+        if (m >= g.M) {
+          r[j] = _mm512_setzero_si512();
+        } else if (k + 64 <= K) {
+          r[j] = _mm512_permutexvar_epi8(order, _mm512_loadu_si512(row + k));
+        } else {  // the row's last, partial chunk
+          alignas(64) int8_t chunk[64];
+          for (int t = 0; t < 64; ++t) {
+            const int64_t col = k + block_order_column(t);
+            chunk[t] = col < K ? row[q8_position(col, K)] : int8_t{0};
+          }
+          r[j] = _mm512_load_si512(chunk);
+        }
+      }
+      transpose_16x16(r);
+      for (int q = 0; q < 16; ++q) _mm512_storeu_si512(panel + (k / 4 + q) * 64, r[q]);
+    }
+    float* ps = scales + p * blocks * kAmxPanel;
+    float* pg = group_sums + p * groups * kAmxPanel;
+    for (int j = 0; j < 16; ++j) {
+      const int64_t m = p * kAmxPanel + j;
+      for (int64_t b = 0; b < blocks; ++b) {
+        ps[b * kAmxPanel + j] = m < g.M ? g.x_scale[m * g.ldxs + b] : 0.0f;
+      }
+      for (int64_t gi = 0; gi < groups; ++gi) {
+        pg[gi * kAmxPanel + j] = m < g.M ? g.x_group_sum[m * g.ldxg + gi] : 0.0f;
+      }
+    }
+  }
+}
+
+// A thread's weight strip: kW4StripRows rows of signed codes (code - 8) in block order,
+// w4_strip_codes(K) of them a row (zero past K and past N) at row stride w4_strip_stride(K), and
+// per group the rows' scale and scale * (zero - 8) as fp32, (groups, kW4StripRows). The stride
+// is not a multiple of 4 KB: rows that far apart fall in one L1 set, and a tile load takes 16.
+constexpr int kW4StripRows = 32;
+constexpr int64_t w4_strip_codes(int64_t K) { return (K + 127) / 128 * 128; }
+constexpr int64_t w4_strip_stride(int64_t K) { return w4_strip_codes(K) + 64; }
+
+struct W4Strip {
+  std::vector<int8_t> codes;
+  std::vector<float> scale, scaled_zero;
+};
+
+template <class S>
+void unpack_strip(const W4GemmArgs& g, int64_t n, W4Strip& strip) {
+  const int64_t ld = w4_strip_stride(g.K), codes = w4_strip_codes(g.K);
+  const int64_t bytes = g.K / 2, groups = g.K / g.group_size;
+  const __m512i low = _mm512_set1_epi8(0x0f), center = _mm512_set1_epi8(kQ4Center);
+  // 128-bit lanes of the low and high nibbles, interleaved: [lo0 hi0 lo1 hi1], [lo2 hi2 ...]
+  const __m512i first = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11);
+  const __m512i second = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
+  for (int i = 0; i < kW4StripRows; ++i) {
+    int8_t* dst = strip.codes.data() + i * ld;
+    float* s = strip.scale.data() + i;
+    float* sz = strip.scaled_zero.data() + i;
+    if (n + i >= g.N) {
+      for (int64_t k = 0; k < codes; k += 64) _mm512_storeu_si512(dst + k, _mm512_setzero_si512());
+      for (int64_t gi = 0; gi < groups; ++gi) s[gi * kW4StripRows] = sz[gi * kW4StripRows] = 0.0f;
+      continue;
+    }
+    const uint8_t* src = g.w + (n + i) * g.ldw;
+    for (int64_t j = 0; j < codes / 2; j += 64) {  // 64 packed bytes: four blocks of 32 codes
+      const int64_t left = bytes - j;
+      const __mmask64 mask = left >= 64 ? ~__mmask64{0}
+                             : left > 0 ? (__mmask64{1} << left) - 1
+                                        : __mmask64{0};
+      const __m512i v = _mm512_maskz_loadu_epi8(mask, src + j);
+      const __m512i lo = _mm512_and_si512(v, low);
+      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+      _mm512_storeu_si512(dst + 2 * j,
+                          _mm512_sub_epi8(_mm512_permutex2var_epi64(lo, first, hi), center));
+      _mm512_storeu_si512(dst + 2 * j + 64,
+                          _mm512_sub_epi8(_mm512_permutex2var_epi64(lo, second, hi), center));
+    }
+    const S* scales = static_cast<const S*>(g.scales) + (n + i) * g.lds;
+    const S* zeros = static_cast<const S*>(g.zeros) + (n + i) * g.lds;
+    for (int64_t gi = 0; gi < groups; ++gi) {
+      const float scale = load_f32(scales + gi);
+      s[gi * kW4StripRows] = scale;
+      sz[gi * kW4StripRows] = scale * (load_f32(zeros + gi) - kQ4Center);
+    }
+  }
+}
+
+// The int4 GEMM's tiles. A block's multiply takes both 16-row halves of the strip (tmm4-5,
+// 16 rows x 32 codes) against one activation tile (8 rows of 16 x 4 codes), into two
+// accumulators; blocks alternate between accumulators tmm0-1 with activation tile tmm6 and
+// tmm2-3 with tmm7, so that one block's multiplies run while the sums of the one before are
+// stored and folded (a multiply's result takes tens of cycles to be ready).
+constexpr TileConfig w4_tiles() {
+  TileConfig config;
+  for (int t = 0; t < 8; ++t) {
+    config.rows[t] = t < 6 ? 16 : 8;
+    config.colsb[t] = t == 4 || t == 5 ? 32 : 64;
+  }
+  return config;
+}
+
+// Block b's multiplies into accumulators C0, C1 (activation tile B). A macro: the tile
+// intrinsics take tile numbers as literal tokens.
+#define TORCHSLIM_W4_MULTIPLY(C0, C1, B, w, ldw, x) \
+  do {                                              \
+    _tile_zero(C0);                                 \
+    _tile_zero(C1);                                 \
+    _tile_loadd(4, w, ldw);                         \
+    _tile_loadd(5, (w) + 16 * (ldw), ldw);          \
+    _tile_loadd(B, x, 64);                          \
+    _tile_dpbssd(C0, 4, B);                         \
+    _tile_dpbssd(C1, 5, B);                         \
+  } while (0)
+
+// out[m .. m + 16)[n .. n + 32) (cut at m1, n1) for one strip and one panel.
+void w4_panel(const W4GemmArgs& g, const W4Strip& strip, int64_t n, int64_t m, int64_t m1,
+              int64_t n1) {
+  const int64_t ld = w4_strip_stride(g.K);
+  const int64_t blocks = (g.K + kQ8Block - 1) / kQ8Block, groups = g.K / g.group_size;
+  const int64_t p = m / kAmxPanel;
+  const int8_t* x = g.panel_codes + p * amx_panel_bytes(g.K);
+  const float* xs = g.panel_scales + p * blocks * kAmxPanel;
+  const float* gs = g.panel_group_sums + p * groups * kAmxPanel;
+  const int8_t* w = strip.codes.data();
+
+  // Row i of the strip: f[i] = F (this group's sums so far), acc[i] = the finished groups, each
+  // for the panel's 16 activation rows.
+  alignas(64) float f[kW4StripRows][16] = {};
+  alignas(64) float acc[kW4StripRows][16] = {};
+  alignas(64) int32_t c[kW4StripRows][16];
+  int64_t group = 0, group_end = g.group_size;
+  const auto fold = [&](int64_t b) TORCHSLIM_INLINE {
+    const __m512 scale = _mm512_load_ps(xs + b * kAmxPanel);
+#pragma GCC unroll 32
+    for (int i = 0; i < kW4StripRows; ++i) {
+      const __m512 sums = _mm512_cvtepi32_ps(_mm512_load_si512(c[i]));
+      _mm512_store_ps(f[i], _mm512_fmadd_ps(sums, scale, _mm512_load_ps(f[i])));
+    }
+    if (kQ8Block * (b + 1) < group_end && b + 1 < blocks) return;
+    const __m512 gsum = _mm512_load_ps(gs + group * kAmxPanel);
+    const float* s = strip.scale.data() + group * kW4StripRows;
+    const float* sz = strip.scaled_zero.data() + group * kW4StripRows;
+#pragma GCC unroll 32
+    for (int i = 0; i < kW4StripRows; ++i) {
+      __m512 a =
+          _mm512_fmadd_ps(_mm512_set1_ps(s[i]), _mm512_load_ps(f[i]), _mm512_load_ps(acc[i]));
+      _mm512_store_ps(acc[i], _mm512_fnmadd_ps(_mm512_set1_ps(sz[i]), gsum, a));
+      _mm512_store_ps(f[i], _mm512_setzero_ps());
+    }
+    ++group;
+    group_end += g.group_size;
+  };
+  TORCHSLIM_W4_MULTIPLY(0, 1, 6, w, ld, x);
+  for (int64_t b = 0; b < blocks; b += 2) {
+    if (b + 1 < blocks) TORCHSLIM_W4_MULTIPLY(2, 3, 7, w + 32 * (b + 1), ld, x + 512 * (b + 1));
+    _tile_stored(0, c[0], 64);
+    _tile_stored(1, c[16], 64);
+    fold(b);
+    if (b + 1 < blocks) {
+      if (b + 2 < blocks) TORCHSLIM_W4_MULTIPLY(0, 1, 6, w + 32 * (b + 2), ld, x + 512 * (b + 2));
+      _tile_stored(2, c[0], 64);
+      _tile_stored(3, c[16], 64);
+      fold(b + 1);
+    }
+  }
+
+  // acc[i][j] is out[m + j, n + i] before the bias: each 16-row half transposed.
+  const int64_t rows = m1 - m < 16 ? m1 - m : 16;
+  for (int half = 0; half < 2 && n + 16 * half < n1; ++half) {
+    const int64_t n_half = n + 16 * half;
+    __m512i r[16];
+    for (int i = 0; i < 16; ++i) r[i] = _mm512_load_si512(acc[16 * half + i]);
+    transpose_16x16(r);
+    const int64_t cols = n1 - n_half < 16 ? n1 - n_half : 16;
+    const __mmask16 mask = static_cast<__mmask16>((1u << cols) - 1);
+    const __m512 bias = g.bias ? _mm512_maskz_loadu_ps(mask, g.bias + n_half) : _mm512_setzero_ps();
+    for (int64_t j = 0; j < rows; ++j) {
+      __m512 v = _mm512_castsi512_ps(r[j]);
+      if (g.bias) v = _mm512_add_ps(v, bias);
+      if (g.out_type == ScalarType::kBFloat16) {
+        uint16_t* out = static_cast<uint16_t*>(g.out) + (m + j) * g.ldo + n_half;
+        _mm256_mask_storeu_epi16(out, mask, (__m256i)_mm512_cvtneps_pbh(v));
+      } else {
+        _mm512_mask_storeu_ps(static_cast<float*>(g.out) + (m + j) * g.ldo + n_half, mask, v);
+      }
+    }
+  }
+}
+
+#undef TORCHSLIM_W4_MULTIPLY
+
+template <class S>
+void w4_block(const W4GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  thread_local W4Strip strip;
+  const int64_t groups = g.K / g.group_size;
+  strip.codes.resize(kW4StripRows * w4_strip_stride(g.K));
+  strip.scale.resize(kW4StripRows * groups);
+  strip.scaled_zero.resize(kW4StripRows * groups);
+  const TileScope tiles(w4_tiles());
+  for (int64_t n = n0; n < n1; n += kW4StripRows) {
+    unpack_strip<S>(g, n, strip);
+    for (int64_t m = m0; m < m1; m += kAmxPanel) w4_panel(g, strip, n, m, m1, n1);
+  }
+}
+
+void amx_w4_gemm(const W4GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  if (g.panel_codes == nullptr) return avx512::kernel_table().w4_gemm(g, m0, m1, n0, n1);
+  switch (g.s_type) {
+    case ScalarType::kBFloat16:
+      return w4_block<uint16_t>(g, m0, m1, n0, n1);
+    case ScalarType::kFloat16:
+      return w4_block<Half>(g, m0, m1, n0, n1);
+    default:
+      return w4_block<float>(g, m0, m1, n0, n1);
+  }
+}
+
+}  // namespace
+}  // namespace torchslim::cpu::TORCHSLIM_ISA_NS
