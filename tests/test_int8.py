@@ -297,3 +297,30 @@ def test_reference_linear_ignores_memory_beside_the_rows(k, gen):
         out = reference(x, w_q, w_scale, bias)
         assert torch.isfinite(out).all()
         assert torch.equal(out, reference(x.contiguous(), w_q, w_scale, bias))
+
+
+@pytest.mark.skipif(
+    _ext._C is None or "amx" not in _ext._C.supported_isas(), reason="no AMX tiles on this CPU"
+)
+def test_amx_weight_only_tiles_from_their_threshold(gen, poisoned_empty):
+    """W8A16 on the amx level runs on bf16 tiles from its threshold on: x in 1 bf16 part (bf16
+    x) or 3 (fp32 x), by the float rule against the float64 reference. N cuts the 32-row strips
+    and the 256-column blocks, M the panel pairs and the 256-row blocks, K the 1024-column slices
+    (with a tail of 3 columns)."""
+    with run_on("cpu-amx"):
+        first = _ext._C.cpu_kernel_paths()["int8_weight_only_tiles_from_m"]
+    with run_on("cpu-avx512"):
+        assert _ext._C.cpu_kernel_paths()["int8_weight_only_tiles_from_m"] is None
+    assert isinstance(first, int) and first >= 1
+    for n, k in ((300, 2051), (37, 96)):
+        w_q, w_scale, bias = _weights(n, k, "cpu", gen)
+        for m in sorted({max(first - 1, 1), first, 290}):
+            for dtype in (torch.float32, torch.bfloat16):
+                x = _activations(m, k, dtype, "cpu", gen)
+                with run_on("cpu-amx"):
+                    out = ops.int8_weight_only_linear(x, w_q, w_scale, bias)
+                ref64 = ref.int8_weight_only_linear(
+                    x.double(), w_q, w_scale, bias, compute_dtype=torch.float64
+                )
+                lowp = ref.int8_weight_only_linear(x, w_q, w_scale, bias)
+                check_close(out, ref64, lowp, name=f"M={m} N={n} K={k} {dtype}")

@@ -36,6 +36,10 @@ constexpr int64_t kBlockN = 64;
 // (kBlockN_Amx x K bytes) stay in L2 while its activation panels pass.
 constexpr int64_t kBlockM_Amx = 128;
 constexpr int64_t kBlockN_Amx = 256;
+// The bf16 tiles' blocks: each weight is converted to bf16 once per block, so the blocks are
+// tall; a block's panels, a slice of K at a time, stay in L2 (cpu/amx_gemm.h).
+constexpr int64_t kBlockM_Bf16 = 256;
+constexpr int64_t kBlockN_Bf16 = 256;
 
 // Scratch for what lives only inside one op call (an activation's int8 codes and scales): a
 // request up to kWorkspaceMax bytes reuses the calling thread's buffer, so a decode step does
@@ -182,21 +186,37 @@ at::Tensor int8_weight_only_linear_cpu(const at::Tensor& x, const at::Tensor& w_
   if (op.M == 0 || op.N == 0) return op.out;
   // bf16 activations are widened once here; the kernel reads fp32 rows.
   const at::Tensor xf = op.x_type == ScalarType::kFloat32 ? x : x.to(at::kFloat).contiguous();
-  const cpu::W8A16Args args{xf.data_ptr<float>(),
-                            xf.stride(0),
-                            w_q.data_ptr<int8_t>(),
-                            w_q.stride(0),
-                            op.w_scale.data_ptr<float>(),
-                            op.bias_ptr(),
-                            op.out.data_ptr(),
-                            op.N,
-                            op.x_type,
-                            op.M,
-                            op.N,
-                            op.K};
+  cpu::W8A16Args args{xf.data_ptr<float>(),
+                      xf.stride(0),
+                      w_q.data_ptr<int8_t>(),
+                      w_q.stride(0),
+                      op.w_scale.data_ptr<float>(),
+                      op.bias_ptr(),
+                      op.out.data_ptr(),
+                      op.N,
+                      op.x_type,
+                      op.M,
+                      op.N,
+                      op.K};
   const cpu::KernelTable& kt = cpu::active_kernels();
+  if (kt.w8a16_pack_panels == nullptr || op.M < kt.w8a16_panel_min_m) {
+    parallel_blocks(op.M, op.N, kBlockM_F32, kBlockN,
+                    [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+                      kt.w8a16_gemm(args, m0, m1, n0, n1);
+                    });
+    return op.out;
+  }
+  // The bf16 tiles: x split into bf16 parts (one for bf16 x, three for fp32), as panels.
+  args.x_parts = op.x_type == ScalarType::kBFloat16 ? 1 : 3;
+  const int64_t panels = cpu::amx_bf16_panels(op.M);
+  at::Tensor held = at::empty({panels * args.x_parts * cpu::amx_bf16_panel_elems(op.K)},
+                              x.options().dtype(at::kBFloat16));
+  uint16_t* packed = reinterpret_cast<uint16_t*>(held.data_ptr());
+  at::parallel_for(0, panels, 1,
+                   [&](int64_t p0, int64_t p1) { kt.w8a16_pack_panels(args, packed, p0, p1); });
+  args.x_panels = packed;
   parallel_blocks(
-      op.M, op.N, kBlockM_F32, kBlockN,
+      op.M, op.N, kBlockM_Bf16, kBlockN_Bf16,
       [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { kt.w8a16_gemm(args, m0, m1, n0, n1); });
   return op.out;
 }

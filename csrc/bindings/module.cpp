@@ -73,6 +73,8 @@ py::dict cpu_kernel_paths() {
   const torchslim::cpu::KernelTable& kt = torchslim::cpu::active_kernels();
   py::dict d;
   d["int8_tiles_from_m"] = kt.int8_pack_panels ? py::cast(kt.int8_panel_min_m) : py::none();
+  d["int8_weight_only_tiles_from_m"] =
+      kt.w8a16_pack_panels ? py::cast(kt.w8a16_panel_min_m) : py::none();
   d["int4_tiles_from_m"] = kt.w4_pack_panels ? py::cast(kt.w4_panel_min_m) : py::none();
   d["sparse_bf16_dot"] = kt.bf16_dot;
   return d;
@@ -113,7 +115,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("name"));
   m.def("cpu_kernel_paths", &cpu_kernel_paths,
         "Kernel variants of the active ISA level: int8_tiles_from_m (the M from which the int8 "
-        "GEMM runs on AMX tiles, or None), int4_tiles_from_m (the same for the int4 GEMM), "
+        "GEMM runs on AMX tiles, or None), int8_weight_only_tiles_from_m and int4_tiles_from_m "
+        "(the same for the weight-only GEMMs), "
         "sparse_bf16_dot");
   m.def("build_info", &build_info, "Compiler and options of this build");
   torchslim::registry::bind(m);

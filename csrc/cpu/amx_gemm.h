@@ -328,6 +328,15 @@ struct W4Strip {
   std::vector<float> scale, scaled_zero;
 };
 
+// The strip's codes, 64-byte aligned (a tile load whose rows straddle cache lines is 3x slower).
+inline int8_t* w4_strip_base(W4Strip& strip) {
+  return reinterpret_cast<int8_t*>((reinterpret_cast<std::uintptr_t>(strip.codes.data()) + 63) /
+                                   64 * 64);
+}
+inline const int8_t* w4_strip_base(const W4Strip& strip) {
+  return w4_strip_base(const_cast<W4Strip&>(strip));
+}
+
 template <class S>
 void unpack_strip(const W4GemmArgs& g, int64_t n, W4Strip& strip) {
   const int64_t ld = w4_strip_stride(g.K), codes = w4_strip_codes(g.K);
@@ -337,7 +346,7 @@ void unpack_strip(const W4GemmArgs& g, int64_t n, W4Strip& strip) {
   const __m512i first = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11);
   const __m512i second = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
   for (int i = 0; i < kW4StripRows; ++i) {
-    int8_t* dst = strip.codes.data() + i * ld;
+    int8_t* dst = w4_strip_base(strip) + i * ld;
     float* s = strip.scale.data() + i;
     float* sz = strip.scaled_zero.data() + i;
     if (n + i >= g.N) {
@@ -405,7 +414,7 @@ void w4_panel(const W4GemmArgs& g, const W4Strip& strip, int64_t n, int64_t m, i
   const int8_t* x = g.panel_codes + p * amx_panel_bytes(g.K);
   const float* xs = g.panel_scales + p * blocks * kAmxPanel;
   const float* gs = g.panel_group_sums + p * groups * kAmxPanel;
-  const int8_t* w = strip.codes.data();
+  const int8_t* w = w4_strip_base(strip);
 
   // Row i of the strip: f[i] = F (this group's sums so far), acc[i] = the finished groups, each
   // for the panel's 16 activation rows.
@@ -477,7 +486,7 @@ template <class S>
 void w4_block(const W4GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   thread_local W4Strip strip;
   const int64_t groups = g.K / g.group_size;
-  strip.codes.resize(kW4StripRows * w4_strip_stride(g.K));
+  strip.codes.resize(kW4StripRows * w4_strip_stride(g.K) + 64);
   strip.scale.resize(kW4StripRows * groups);
   strip.scaled_zero.resize(kW4StripRows * groups);
   const TileScope tiles(w4_tiles());
@@ -497,6 +506,225 @@ void amx_w4_gemm(const W4GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_
     default:
       return w4_block<float>(g, m0, m1, n0, n1);
   }
+}
+
+// ------------------------------------------------------------ W8A16 on bf16 tiles
+// TDPBF16PS adds C[i][j] += sum over 32 k of A[i][k] * B[k / 2][2 j + k % 2] in fp32, 16 cycles
+// for 8192 multiply-adds (16x the AVX-512 FMA rate):
+//   A = 16 weight rows, the int8 codes converted to bf16 (exact);
+//   B = the activation panels (amx_bf16_panel_elems): x split into 1 bf16 part (bf16 x) or 3
+//       (fp32 x). A part times an integer weight is exact, and the three parts sum to the fp32
+//       value, so the sums are fp32 dot products taken in another order.
+// The tiles accumulate all of K; the epilogue applies w_scale and the bias as int8_gemm.h's
+// W8A16 epilogue does. Register blocking as in the int8 GEMM: two 16-row weight tiles x two
+// panels (tmm0-3), weights tmm4-5, panels tmm6-7. Each thread converts its weights to bf16 once
+// per block, kBf16SliceK columns of a 32-row strip at a time, which then stay in L1 while every
+// panel pair of the block passes; between slices the tiles' sums wait in memory.
+// (int4 weights take the int8 tiles above: their Q8 activations are int8 codes already, and on
+// bf16 tiles an fp32 activation costs three multiplies.)
+
+// bf16 bit patterns as fp32 (exact: bf16 is the top half of an fp32).
+inline __m512 bf16_low_to_f32(__m512i v) {  // the 16 bf16 in the low 256 bits
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(v)), 16));
+}
+inline __m512 bf16_high_to_f32(__m512i v) {  // the 16 bf16 in the high 256 bits
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(v, 1)), 16));
+}
+inline __m512i to_bf16(__m512 lo, __m512 hi) {  // 32 bf16: lo's 16 values, then hi's
+  return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+}
+
+// The bf16 parts of 32 fp32 values (lo, hi): each the rounding of what the ones before leave.
+inline void split_parts(__m512 lo, __m512 hi, int64_t parts, __m512i (&out)[3]) {
+  for (int64_t t = 0; t < parts; ++t) {
+    out[t] = to_bf16(lo, hi);
+    lo = _mm512_sub_ps(lo, bf16_low_to_f32(out[t]));
+    hi = _mm512_sub_ps(hi, bf16_high_to_f32(out[t]));
+  }
+}
+
+// Stores 16 rows (one per activation row, each 32 bf16 of one part) as rows q0 .. q0 + 15 of
+// a panel part: pairs of columns become the 32-bit elements that the transpose moves.
+inline void store_pairs(__m512i (&rows)[16], uint16_t* part, int64_t q0) {
+  transpose_16x16(rows);
+  for (int q = 0; q < 16; ++q) _mm512_storeu_si512(part + (q0 + q) * 32, rows[q]);
+}
+
+// Packs the panels [p0, p1): `column(m, k, lo, hi)` yields x[m, k .. k + 32) as fp32 for a row
+// m < M (zero past K).
+template <class Columns>
+void pack_bf16_panels(int64_t M, int64_t K, int64_t parts, uint16_t* panels, int64_t p0, int64_t p1,
+                      const Columns& column) {
+  const int64_t Kb = amx_bf16_padded_k(K), elems = amx_bf16_panel_elems(K);
+  for (int64_t p = p0; p < p1; ++p) {
+    for (int64_t k = 0; k < Kb; k += 32) {
+      __m512i rows[3][16];
+      for (int j = 0; j < 16; ++j) {
+        const int64_t m = p * kAmxPanel + j;
+        __m512 lo = _mm512_setzero_ps(), hi = _mm512_setzero_ps();
+        if (m < M) column(m, k, lo, hi);
+        __m512i part[3];
+        split_parts(lo, hi, parts, part);
+        for (int64_t t = 0; t < parts; ++t) rows[t][j] = part[t];
+      }
+      for (int64_t t = 0; t < parts; ++t)
+        store_pairs(rows[t], panels + (p * parts + t) * elems, k / 2);
+    }
+  }
+}
+
+inline __mmask16 first_lanes(int64_t n) {
+  return n >= 16 ? __mmask16(0xffff) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
+}
+
+void w8a16_pack_panels(const W8A16Args& g, uint16_t* panels, int64_t p0, int64_t p1) {
+  pack_bf16_panels(g.M, g.K, g.x_parts, panels, p0, p1,
+                   [&](int64_t m, int64_t k, __m512& lo, __m512& hi) TORCHSLIM_INLINE {
+                     const float* row = g.x + m * g.ldx + k;
+                     lo = _mm512_maskz_loadu_ps(first_lanes(g.K - k), row);
+                     hi = _mm512_maskz_loadu_ps(first_lanes(g.K - k - 16), row + 16);
+                   });
+}
+
+constexpr int kBf16StripRows = 32;
+constexpr int64_t kBf16SliceK = 1024;
+// Row stride of a converted slice, in bf16: not a multiple of 4 KB apart (rows that far apart
+// fall in one L1 set, and a tile load takes 16 of them).
+constexpr int64_t kBf16SliceStride = kBf16SliceK + 32;
+
+// int8 weight rows: w[n, k0 .. k1) as bf16 (exact), zero past K; k0, k1 multiples of 32.
+struct Int8Rows {
+  const W8A16Args& g;
+  void convert(int64_t n, int64_t k0, int64_t k1, uint16_t* dst) const {
+    const int8_t* src = g.w + n * g.ldw;
+    for (int64_t k = k0; k < k1; k += 32, dst += 32) {
+      __m128i a, b;
+      if (k + 32 <= g.K) {
+        a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + k));
+        b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + k + 16));
+      } else {
+        a = _mm_maskz_loadu_epi8(first_lanes(g.K - k), src + k);
+        b = _mm_maskz_loadu_epi8(first_lanes(g.K - k - 16), src + k + 16);
+      }
+      _mm512_storeu_si512(dst, to_bf16(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(a)),
+                                       _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b))));
+    }
+  }
+};
+
+constexpr TileConfig bf16_tiles() { return int8_tiles(); }  // all 16 rows x 64 bytes
+
+// A 64-byte aligned view of v's data (v holds 64 bytes more than it needs): a tile load or store
+// whose rows straddle cache lines takes 3x as long.
+template <class T>
+T* aligned_data(std::vector<T>& v) {
+  return reinterpret_cast<T*>((reinterpret_cast<std::uintptr_t>(v.data()) + 63) / 64 * 64);
+}
+
+void w8a16_block(const W8A16Args& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  const int64_t Kb = amx_bf16_padded_k(g.K), elems = amx_bf16_panel_elems(g.K);
+  const int64_t strips = (n1 - n0 + kBf16StripRows - 1) / kBf16StripRows;
+  const int64_t pairs = (m1 - m0 + 2 * kAmxPanel - 1) / (2 * kAmxPanel);
+  // Per thread: the converted slice of one strip, and per (strip, panel pair) the four tiles'
+  // sums between slices.
+  thread_local std::vector<uint16_t> slice_buffer;
+  thread_local std::vector<float> carry_buffer;
+  slice_buffer.resize(kBf16StripRows * kBf16SliceStride + 32);
+  carry_buffer.resize(strips * pairs * 4 * 256 + 16);
+  uint16_t* slice = aligned_data(slice_buffer);
+  float* carry = aligned_data(carry_buffer);
+  const Int8Rows weights{g};
+
+  const TileScope tiles(bf16_tiles());
+  alignas(64) float c[4][256];
+  for (int64_t k0 = 0; k0 < Kb; k0 += kBf16SliceK) {
+    const int64_t k1 = k0 + kBf16SliceK < Kb ? k0 + kBf16SliceK : Kb;
+    for (int64_t st = 0; st < strips; ++st) {
+      const int64_t n = n0 + st * kBf16StripRows;
+      for (int i = 0; i < kBf16StripRows; ++i) {
+        uint16_t* row = slice + i * kBf16SliceStride;
+        if (n + i < g.N) {
+          weights.convert(n + i, k0, k1, row);
+        } else {
+          for (int64_t k = k0; k < k1; k += 32) {
+            _mm512_storeu_si512(row + (k - k0), _mm512_setzero_si512());
+          }
+        }
+      }
+      // The tile loads below read what these stores wrote: the compiler must keep them before
+      // (the tile intrinsics are asm statements that do not say they read memory).
+      asm volatile("" ::: "memory");
+      for (int64_t pr = 0; pr < pairs; ++pr) {
+        const int64_t m = m0 + 2 * kAmxPanel * pr;
+        const uint16_t* x0 = g.x_panels + (m / kAmxPanel) * g.x_parts * elems;
+        const uint16_t* x1 = x0 + g.x_parts * elems;
+        float* held = carry + (st * pairs + pr) * 4 * 256;
+        if (k0 == 0) {
+          _tile_zero(0);
+          _tile_zero(1);
+          _tile_zero(2);
+          _tile_zero(3);
+        } else {
+          _tile_loadd(0, held, 64);
+          _tile_loadd(1, held + 256, 64);
+          _tile_loadd(2, held + 512, 64);
+          _tile_loadd(3, held + 768, 64);
+        }
+        for (int64_t k = k0; k < k1; k += 32) {
+          const uint16_t* w = slice + (k - k0);
+          _tile_loadd(4, w, kBf16SliceStride * 2);
+          _tile_loadd(5, w + 16 * kBf16SliceStride, kBf16SliceStride * 2);
+          for (int64_t t = 0; t < g.x_parts; ++t) {
+            _tile_loadd(6, x0 + t * elems + k * 16, 64);
+            _tile_loadd(7, x1 + t * elems + k * 16, 64);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+          }
+        }
+        float* sums = k1 < Kb ? held : c[0];
+        _tile_stored(0, sums, 64);
+        _tile_stored(1, sums + 256, 64);
+        _tile_stored(2, sums + 512, 64);
+        _tile_stored(3, sums + 768, 64);
+        if (k1 < Kb) continue;
+        // c[q][i][j] is the sum for out[m + 16 (q % 2) + j, n + 16 (q / 2) + i].
+        for (int q = 0; q < 4; ++q) {
+          const int64_t mq = m + kAmxPanel * (q % 2), nq = n + 16 * (q / 2);
+          if (mq >= m1 || nq >= n1) continue;
+          const __mmask16 mask = first_lanes(n1 - nq);
+          __m512i r[16];
+          for (int i = 0; i < 16; ++i) {
+            const float scale = nq + i < n1 ? g.w_scale[nq + i] : 0.0f;
+            const __m512 v = _mm512_mul_ps(_mm512_load_ps(c[q] + 16 * i), _mm512_set1_ps(scale));
+            r[i] = _mm512_castps_si512(v);
+          }
+          transpose_16x16(r);
+          const __m512 bias =
+              g.bias ? _mm512_maskz_loadu_ps(mask, g.bias + nq) : _mm512_setzero_ps();
+          const int64_t rows = m1 - mq < 16 ? m1 - mq : 16;
+          for (int64_t j = 0; j < rows; ++j) {
+            __m512 v = _mm512_castsi512_ps(r[j]);
+            if (g.bias) v = _mm512_add_ps(v, bias);
+            if (g.out_type == ScalarType::kBFloat16) {
+              uint16_t* out = static_cast<uint16_t*>(g.out) + (mq + j) * g.ldo + nq;
+              _mm256_mask_storeu_epi16(out, mask, (__m256i)_mm512_cvtneps_pbh(v));
+            } else {
+              _mm512_mask_storeu_ps(static_cast<float*>(g.out) + (mq + j) * g.ldo + nq, mask, v);
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+void amx_w8a16_gemm(const W8A16Args& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  if (g.x_panels == nullptr) return avx512::kernel_table().w8a16_gemm(g, m0, m1, n0, n1);
+  w8a16_block(g, m0, m1, n0, n1);
 }
 
 }  // namespace

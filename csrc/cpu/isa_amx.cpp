@@ -20,13 +20,14 @@
 
 namespace torchslim::cpu::amx {
 
-// Where the tile multiplies take over from the VNNI dot kernels (measured on Sapphire Rapids,
-// 2 threads, the benchmark's layers). int8: at M = 1-2 both stream the weights at memory speed
-// and the dot kernels lead by 0-10%; at M = 4 the two are within 5%, either way by layer; at
-// M = 8 the tiles lead by 1.5-2.3x, at M = 512 by 5x. int4: the tiles pay a fixed cost per
-// weight strip (unpacking, and a multiply a block), 4x the dot kernel's whole time at M = 1;
-// at M = 8 they lead by 1.07-1.19x, at M = 16 by 2.1-2.2x, at M = 512 by 3.4-3.9x.
+// Where the tile multiplies take over from the AVX-512 kernels (measured on Sapphire Rapids,
+// 2 threads, the benchmark's layers; NOTES.md). int8: at M = 1-2 both stream the weights at
+// memory speed and the VNNI dot kernels lead by 0-10%; at M = 4 the two are within 5%, either
+// way by layer; at M = 8 the tiles lead by 1.5-2.3x. int4: the tiles pay a fixed cost per
+// weight strip (unpacking, and a multiply per block of 32), 4x the dot kernel's whole time at
+// M = 1; they lead from M = 8. W8A16: the weights are converted to bf16 per block of rows.
 constexpr int64_t kPanelMinM = 4;
+constexpr int64_t kW8A16PanelMinM = 16;
 constexpr int64_t kW4PanelMinM = 8;
 
 const KernelTable& kernel_table() {
@@ -36,6 +37,9 @@ const KernelTable& kernel_table() {
     t.int8_gemm = &amx_int8_gemm;
     t.int8_pack_panels = &int8_pack_panels;
     t.int8_panel_min_m = kPanelMinM;
+    t.w8a16_gemm = &amx_w8a16_gemm;
+    t.w8a16_pack_panels = &w8a16_pack_panels;
+    t.w8a16_panel_min_m = kW8A16PanelMinM;
     t.w4_gemm = &amx_w4_gemm;
     t.w4_pack_panels = &w4_pack_panels;
     t.w4_panel_min_m = kW4PanelMinM;

@@ -67,7 +67,25 @@ struct W8A16Args {
   int64_t ldo;
   ScalarType out_type;
   int64_t M, N, K;
+  // Null, or x as KernelTable::w8a16_pack_panels wrote it (see amx_bf16_panel_elems), in
+  // x_parts bf16 parts; then the kernel reads x from here, and m0 of a call is a multiple of
+  // 2 * kAmxPanel.
+  const uint16_t* x_panels = nullptr;
+  int64_t x_parts = 0;
 };
+
+// AMX bf16 tiles: an activation as panels of 16 rows in the layout of TDPBF16PS's second
+// operand, each value split into `parts` bf16 numbers: 1 for bf16 activations (exact), 3 for
+// fp32 ones (each part the bf16 rounding of what the parts before it leave: their sum is the
+// fp32 value to within 2^-24 of it, so three multiplies reproduce an fp32 product). Part t of
+// panel p is (Kb / 2, 16, 2) bf16, Kb = K rounded up to 32, at panels + (p * parts + t) *
+// amx_bf16_panel_elems(K): element [q][j][u] is part t of x[16p + j, 2q + u], zero past M and
+// K. The panel count is rounded up to even (pairs of panels share each weight tile).
+constexpr int64_t amx_bf16_padded_k(int64_t K) { return (K + 31) / 32 * 32; }
+constexpr int64_t amx_bf16_panel_elems(int64_t K) { return amx_bf16_padded_k(K) * kAmxPanel; }
+constexpr int64_t amx_bf16_panels(int64_t M) {
+  return (M + 2 * kAmxPanel - 1) / (2 * kAmxPanel) * 2;
+}
 
 // Activations for the int4 kernel: each run of kQ8Block values along K is quantized to int8
 // with its own scale (llama.cpp's Q8_0 idea), so the weight codes meet them in integer dot
@@ -298,6 +316,10 @@ struct KernelTable {
   void (*int8_pack_panels)(const int8_t* a, int64_t lda, int64_t M, int64_t K, int8_t* panels,
                            int64_t p0, int64_t p1);
   int64_t int8_panel_min_m;
+  // Null, or the bf16 panels [p0, p1) of x (see amx_bf16_panel_elems); w8a16_gemm then takes
+  // them through W8A16Args::x_panels for M of at least w8a16_panel_min_m.
+  void (*w8a16_pack_panels)(const W8A16Args& g, uint16_t* panels, int64_t p0, int64_t p1);
+  int64_t w8a16_panel_min_m;
   // Null, or the panels [p0, p1) of the activation of g (see w4_panel_scale_floats); w4_gemm
   // then takes them through W4GemmArgs::panel_* for M of at least w4_panel_min_m.
   void (*w4_pack_panels)(const W4GemmArgs& g, int8_t* codes, float* scales, float* group_sums,
