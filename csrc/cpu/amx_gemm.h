@@ -43,6 +43,10 @@ struct TileScope {
   TileScope& operator=(const TileScope&) = delete;
 };
 
+// Tile loads are asm statements that do not tell the compiler they read memory: called
+// between stores to a buffer and the tile loads of it, this keeps the stores before them.
+inline void tile_reads_memory() { asm volatile("" ::: "memory"); }
+
 // r[i] <- column i of the 16 x 16 matrix of 32-bit elements whose rows are r[0..15].
 inline void transpose_16x16(__m512i (&r)[16]) {
   __m512i t[16];
@@ -139,6 +143,7 @@ inline const int8_t* weight_tile(const Int8GemmArgs& g, int64_t n, int64_t k, in
                                  : _mm512_setzero_si512();
     _mm512_store_si512(stage + 64 * i, row);
   }
+  tile_reads_memory();
   *stride = 64;
   return stage;
 }
@@ -492,6 +497,7 @@ void w4_block(const W4GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n
   const TileScope tiles(w4_tiles());
   for (int64_t n = n0; n < n1; n += kW4StripRows) {
     unpack_strip<S>(g, n, strip);
+    tile_reads_memory();
     for (int64_t m = m0; m < m1; m += kAmxPanel) w4_panel(g, strip, n, m, m1, n1);
   }
 }
@@ -653,9 +659,7 @@ void w8a16_block(const W8A16Args& g, int64_t m0, int64_t m1, int64_t n0, int64_t
           }
         }
       }
-      // The tile loads below read what these stores wrote: the compiler must keep them before
-      // (the tile intrinsics are asm statements that do not say they read memory).
-      asm volatile("" ::: "memory");
+      tile_reads_memory();
       for (int64_t pr = 0; pr < pairs; ++pr) {
         const int64_t m = m0 + 2 * kAmxPanel * pr;
         const uint16_t* x0 = g.x_panels + (m / kAmxPanel) * g.x_parts * elems;
