@@ -22,9 +22,28 @@ import torch
 from torch.utils.benchmark import Timer
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def last_level_cache_bytes() -> int:
+    """The largest CPU cache this process sees (sysfs), or 0 where it cannot be read."""
+    sizes = [0]
+    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        try:
+            text = entry.read_text().strip().upper()
+            scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+            sizes.append(int(text.rstrip("KMG")) * scale)
+        except (OSError, ValueError):
+            continue
+    return max(sizes)
+
+
 # Weights are rotated through at least this many bytes of copies so that a timed call never
-# finds its weights in cache from the previous call (the L3 of a server CPU is tens of MB).
-ROTATE_BYTES = 96 << 20
+# finds its weights in cache from the previous call: twice the last-level cache (tens of MB on
+# most servers; a cloud Sapphire Rapids here reports 480 MB), and never less than 96 MB.
+# TORCHSLIM_BENCH_ROTATE_MB overrides it (the tests, which check the machinery, use 96).
+ROTATE_BYTES = int(os.environ.get("TORCHSLIM_BENCH_ROTATE_MB", 0)) << 20 or max(
+    96 << 20, 2 * last_level_cache_bytes()
+)
 
 
 def time_ms(fn: Callable[[], object], min_run_time: float = 0.3, device: str = "cpu") -> float:
@@ -57,8 +76,11 @@ def rotating(make: Callable[[], object], nbytes: int) -> Callable[[], object]:
     return next_copy
 
 
-def copy_bandwidth_gbs(nbytes: int = 256 << 20, device: str = "cpu") -> float:
-    """Measured memory bandwidth: a large buffer copied into a preallocated one (read + write)."""
+def copy_bandwidth_gbs(nbytes: int | None = None, device: str = "cpu") -> float:
+    """Measured memory bandwidth: a large buffer copied into a preallocated one (read + write).
+    The buffers are 256 MB each, or ROTATE_BYTES where the cache is larger than that."""
+    if nbytes is None:
+        nbytes = 256 << 20 if device == "cuda" else max(256 << 20, ROTATE_BYTES)
     src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
     dst = torch.empty_like(src)
     ms = time_ms(lambda: dst.copy_(src), min_run_time=0.5, device=device)
@@ -121,6 +143,7 @@ class Environment:
     isa: str
     commit: str
     date: str
+    rotate_mb: int  # the bytes of weight copies each timed call rotates through
 
     @classmethod
     def capture(cls, device: str = "cpu") -> Environment:
@@ -136,6 +159,7 @@ class Environment:
             isa=_ext._C.isa() if _ext._C is not None else "none",
             commit=_git_commit(),
             date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            rotate_mb=ROTATE_BYTES >> 20,
         )
 
 

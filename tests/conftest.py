@@ -19,6 +19,9 @@ if not torch.cuda.is_available():
 # On a GPU, one fixed config per Triton kernel: autotuning each of the hundreds of shapes below
 # would cost far more than the tests. test_triton_quant_matmul.py runs every config on its own.
 os.environ.setdefault("TORCHSLIM_TRITON_AUTOTUNE", "0")
+# The benchmark tests check the machinery, not the figures: weights rotate through 96 MB of
+# copies, not twice a large last-level cache.
+os.environ.setdefault("TORCHSLIM_BENCH_ROTATE_MB", "96")
 
 import torchslim
 import torchslim.testing

@@ -74,6 +74,28 @@ inline void transpose_16x16(__m512i (&r)[16]) {
   }
 }
 
+// The first n of 16 lanes (none for n <= 0).
+inline __mmask16 first_lanes(int64_t n) {
+  return n >= 16 ? __mmask16(0xffff) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
+}
+
+// Output rows m + j (j < rows) from the transposed block r (r[j]: fp32 bits of 16 output
+// columns n .. n + 16 of row m + j, those in mask stored), each plus bias[n ..] if given.
+inline void store_rows(void* out, int64_t ldo, ScalarType out_type, const __m512i (&r)[16],
+                       int64_t m, int64_t rows, int64_t n, __mmask16 mask, const float* bias) {
+  const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + n) : _mm512_setzero_ps();
+  for (int64_t j = 0; j < rows; ++j) {
+    __m512 v = _mm512_castsi512_ps(r[j]);
+    if (bias) v = _mm512_add_ps(v, b);
+    if (out_type == ScalarType::kBFloat16) {
+      uint16_t* row = static_cast<uint16_t*>(out) + (m + j) * ldo + n;
+      _mm256_mask_storeu_epi16(row, mask, (__m256i)_mm512_cvtneps_pbh(v));
+    } else {
+      _mm512_mask_storeu_ps(static_cast<float*>(out) + (m + j) * ldo + n, mask, v);
+    }
+  }
+}
+
 void int8_pack_panels(const int8_t* a, int64_t lda, int64_t M, int64_t K, int8_t* panels,
                       int64_t p0, int64_t p1) {
   const int64_t Kp = amx_padded_k(K);
@@ -469,19 +491,7 @@ void w4_panel(const W4GemmArgs& g, const W4Strip& strip, int64_t n, int64_t m, i
     __m512i r[16];
     for (int i = 0; i < 16; ++i) r[i] = _mm512_load_si512(acc[16 * half + i]);
     transpose_16x16(r);
-    const int64_t cols = n1 - n_half < 16 ? n1 - n_half : 16;
-    const __mmask16 mask = static_cast<__mmask16>((1u << cols) - 1);
-    const __m512 bias = g.bias ? _mm512_maskz_loadu_ps(mask, g.bias + n_half) : _mm512_setzero_ps();
-    for (int64_t j = 0; j < rows; ++j) {
-      __m512 v = _mm512_castsi512_ps(r[j]);
-      if (g.bias) v = _mm512_add_ps(v, bias);
-      if (g.out_type == ScalarType::kBFloat16) {
-        uint16_t* out = static_cast<uint16_t*>(g.out) + (m + j) * g.ldo + n_half;
-        _mm256_mask_storeu_epi16(out, mask, (__m256i)_mm512_cvtneps_pbh(v));
-      } else {
-        _mm512_mask_storeu_ps(static_cast<float*>(g.out) + (m + j) * g.ldo + n_half, mask, v);
-      }
-    }
+    store_rows(g.out, g.ldo, g.out_type, r, m, rows, n_half, first_lanes(n1 - n_half), g.bias);
   }
 }
 
@@ -579,10 +589,6 @@ void pack_bf16_panels(int64_t M, int64_t K, int64_t parts, uint16_t* panels, int
         store_pairs(rows[t], panels + (p * parts + t) * elems, k / 2);
     }
   }
-}
-
-inline __mmask16 first_lanes(int64_t n) {
-  return n >= 16 ? __mmask16(0xffff) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
 }
 
 void w8a16_pack_panels(const W8A16Args& g, uint16_t* panels, int64_t p0, int64_t p1) {
@@ -707,19 +713,8 @@ void w8a16_block(const W8A16Args& g, int64_t m0, int64_t m1, int64_t n0, int64_t
             r[i] = _mm512_castps_si512(v);
           }
           transpose_16x16(r);
-          const __m512 bias =
-              g.bias ? _mm512_maskz_loadu_ps(mask, g.bias + nq) : _mm512_setzero_ps();
           const int64_t rows = m1 - mq < 16 ? m1 - mq : 16;
-          for (int64_t j = 0; j < rows; ++j) {
-            __m512 v = _mm512_castsi512_ps(r[j]);
-            if (g.bias) v = _mm512_add_ps(v, bias);
-            if (g.out_type == ScalarType::kBFloat16) {
-              uint16_t* out = static_cast<uint16_t*>(g.out) + (mq + j) * g.ldo + nq;
-              _mm256_mask_storeu_epi16(out, mask, (__m256i)_mm512_cvtneps_pbh(v));
-            } else {
-              _mm512_mask_storeu_ps(static_cast<float*>(g.out) + (mq + j) * g.ldo + nq, mask, v);
-            }
-          }
+          store_rows(g.out, g.ldo, g.out_type, r, mq, rows, nq, mask, g.bias);
         }
       }
     }
