@@ -125,15 +125,16 @@ def test_leading_dims_and_strides(backend, op, gen):
 
 @pytest.mark.parametrize("op", [ops.int8_dynamic_linear, ops.int8_weight_only_linear])
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_no_columns_give_the_bias(backend, op, gen):
-    """K = 0, with leading dims and M = 0: every output is the bias (an empty sum)."""
+def test_no_columns_give_the_bias(backend, op, gen, poisoned_empty):
+    """K = 0, with leading dims, M = 0 and M past every kernel's tile threshold: every output
+    is the bias (an empty sum)."""
     device = device_of(backend)
     dtype = _float_dtypes(backend)[0]
     n = 24
     w_q = torch.zeros(n, 0, dtype=torch.int8, device=device)
     w_scale = torch.rand(n, generator=gen).add(0.5).to(device)
     bias = torch.randn(n, generator=gen).to(device)
-    for shape in ((1, 0), (2, 3, 0), (0, 0)):
+    for shape in ((1, 0), (2, 3, 0), (0, 0), (40, 0), (2, 150, 0)):
         with run_on(backend):
             out = op(torch.zeros(shape, dtype=dtype, device=device), w_q, w_scale, bias)
         assert out.shape == (*shape[:-1], n) and out.dtype == dtype, shape

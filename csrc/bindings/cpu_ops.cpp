@@ -199,7 +199,7 @@ at::Tensor int8_weight_only_linear_cpu(const at::Tensor& x, const at::Tensor& w_
                       op.N,
                       op.K};
   const cpu::KernelTable& kt = cpu::active_kernels();
-  if (kt.w8a16_pack_panels == nullptr || op.M < kt.w8a16_panel_min_m) {
+  if (kt.w8a16_pack_panels == nullptr || op.M < kt.w8a16_panel_min_m || op.K == 0) {
     parallel_blocks(op.M, op.N, kBlockM_F32, kBlockN,
                     [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
                       kt.w8a16_gemm(args, m0, m1, n0, n1);
