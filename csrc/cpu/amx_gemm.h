@@ -1,4 +1,5 @@
-// The int8 and int4 GEMMs on the AMX tile unit (Sapphire Rapids and later), for the amx level.
+// The GEMMs of the amx level (Sapphire Rapids and later) on the AMX tile unit: W8A8 and int4
+// (with Q8 activations) on int8 tiles, W8A16 on bf16 tiles (its section below).
 //
 // One tile multiply (TDPBSSD) takes a 16 x 64 int8 tile A and a 16 x 64 tile B in the "VNNI"
 // layout (row q holds four consecutive k of each of 16 columns) and adds
@@ -72,6 +73,14 @@ inline void transpose_16x16(__m512i (&r)[16]) {
     r[b] = _mm512_shuffle_i32x4(t[b], t[b + 8], 0x88);
     r[b + 8] = _mm512_shuffle_i32x4(t[b], t[b + 8], 0xdd);
   }
+}
+
+// A 64-byte aligned view of v's data (v holds 64 bytes more than it needs): a tile load or store
+// whose rows straddle cache lines takes 3x as long.
+template <class Vector>
+auto aligned_data(Vector& v) -> decltype(v.data()) {
+  using Pointer = decltype(v.data());
+  return reinterpret_cast<Pointer>((reinterpret_cast<std::uintptr_t>(v.data()) + 63) / 64 * 64);
 }
 
 // The first n of 16 lanes (none for n <= 0).
@@ -355,15 +364,6 @@ struct W4Strip {
   std::vector<float> scale, scaled_zero;
 };
 
-// The strip's codes, 64-byte aligned (a tile load whose rows straddle cache lines is 3x slower).
-inline int8_t* w4_strip_base(W4Strip& strip) {
-  return reinterpret_cast<int8_t*>((reinterpret_cast<std::uintptr_t>(strip.codes.data()) + 63) /
-                                   64 * 64);
-}
-inline const int8_t* w4_strip_base(const W4Strip& strip) {
-  return w4_strip_base(const_cast<W4Strip&>(strip));
-}
-
 template <class S>
 void unpack_strip(const W4GemmArgs& g, int64_t n, W4Strip& strip) {
   const int64_t ld = w4_strip_stride(g.K), codes = w4_strip_codes(g.K);
@@ -373,7 +373,7 @@ void unpack_strip(const W4GemmArgs& g, int64_t n, W4Strip& strip) {
   const __m512i first = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11);
   const __m512i second = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
   for (int i = 0; i < kW4StripRows; ++i) {
-    int8_t* dst = w4_strip_base(strip) + i * ld;
+    int8_t* dst = aligned_data(strip.codes) + i * ld;
     float* s = strip.scale.data() + i;
     float* sz = strip.scaled_zero.data() + i;
     if (n + i >= g.N) {
@@ -441,7 +441,7 @@ void w4_panel(const W4GemmArgs& g, const W4Strip& strip, int64_t n, int64_t m, i
   const int8_t* x = g.panel_codes + p * amx_panel_bytes(g.K);
   const float* xs = g.panel_scales + p * blocks * kAmxPanel;
   const float* gs = g.panel_group_sums + p * groups * kAmxPanel;
-  const int8_t* w = w4_strip_base(strip);
+  const int8_t* w = aligned_data(strip.codes);
 
   // Row i of the strip: f[i] = F (this group's sums so far), acc[i] = the finished groups, each
   // for the panel's 16 activation rows.
@@ -568,36 +568,28 @@ inline void store_pairs(__m512i (&rows)[16], uint16_t* part, int64_t q0) {
   for (int q = 0; q < 16; ++q) _mm512_storeu_si512(part + (q0 + q) * 32, rows[q]);
 }
 
-// Packs the panels [p0, p1): `column(m, k, lo, hi)` yields x[m, k .. k + 32) as fp32 for a row
-// m < M (zero past K).
-template <class Columns>
-void pack_bf16_panels(int64_t M, int64_t K, int64_t parts, uint16_t* panels, int64_t p0, int64_t p1,
-                      const Columns& column) {
-  const int64_t Kb = amx_bf16_padded_k(K), elems = amx_bf16_panel_elems(K);
+void w8a16_pack_panels(const W8A16Args& g, uint16_t* panels, int64_t p0, int64_t p1) {
+  const int64_t Kb = amx_bf16_padded_k(g.K), elems = amx_bf16_panel_elems(g.K);
   for (int64_t p = p0; p < p1; ++p) {
     for (int64_t k = 0; k < Kb; k += 32) {
-      __m512i rows[3][16];
+      __m512i rows[3][16];  // per part, per row of the panel: x[m, k .. k + 32) as bf16
       for (int j = 0; j < 16; ++j) {
         const int64_t m = p * kAmxPanel + j;
         __m512 lo = _mm512_setzero_ps(), hi = _mm512_setzero_ps();
-        if (m < M) column(m, k, lo, hi);
+        if (m < g.M) {
+          const float* row = g.x + m * g.ldx + k;
+          lo = _mm512_maskz_loadu_ps(first_lanes(g.K - k), row);
+          hi = _mm512_maskz_loadu_ps(first_lanes(g.K - k - 16), row + 16);
+        }
         __m512i part[3];
-        split_parts(lo, hi, parts, part);
-        for (int64_t t = 0; t < parts; ++t) rows[t][j] = part[t];
+        split_parts(lo, hi, g.x_parts, part);
+        for (int64_t t = 0; t < g.x_parts; ++t) rows[t][j] = part[t];
       }
-      for (int64_t t = 0; t < parts; ++t)
-        store_pairs(rows[t], panels + (p * parts + t) * elems, k / 2);
+      for (int64_t t = 0; t < g.x_parts; ++t) {
+        store_pairs(rows[t], panels + (p * g.x_parts + t) * elems, k / 2);
+      }
     }
   }
-}
-
-void w8a16_pack_panels(const W8A16Args& g, uint16_t* panels, int64_t p0, int64_t p1) {
-  pack_bf16_panels(g.M, g.K, g.x_parts, panels, p0, p1,
-                   [&](int64_t m, int64_t k, __m512& lo, __m512& hi) TORCHSLIM_INLINE {
-                     const float* row = g.x + m * g.ldx + k;
-                     lo = _mm512_maskz_loadu_ps(first_lanes(g.K - k), row);
-                     hi = _mm512_maskz_loadu_ps(first_lanes(g.K - k - 16), row + 16);
-                   });
 }
 
 constexpr int kBf16StripRows = 32;
@@ -627,13 +619,6 @@ struct Int8Rows {
 };
 
 constexpr TileConfig bf16_tiles() { return int8_tiles(); }  // all 16 rows x 64 bytes
-
-// A 64-byte aligned view of v's data (v holds 64 bytes more than it needs): a tile load or store
-// whose rows straddle cache lines takes 3x as long.
-template <class T>
-T* aligned_data(std::vector<T>& v) {
-  return reinterpret_cast<T*>((reinterpret_cast<std::uintptr_t>(v.data()) + 63) / 64 * 64);
-}
 
 void w8a16_block(const W8A16Args& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   const int64_t Kb = amx_bf16_padded_k(g.K), elems = amx_bf16_panel_elems(g.K);
