@@ -41,6 +41,16 @@ constexpr int64_t kBlockN_Amx = 256;
 constexpr int64_t kBlockM_Bf16 = 256;
 constexpr int64_t kBlockN_Bf16 = 256;
 
+// The tile kernels' block of output columns: at most `most`, a multiple of 32 (their register
+// block), and as many blocks as a multiple of the thread count, so that a layer of a few blocks
+// (N = 576: three of 256) does not leave a thread idle for a third of the call.
+int64_t balanced_block_n(int64_t N, int64_t most) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  int64_t blocks = (N + most - 1) / most;
+  blocks = (blocks + threads - 1) / threads * threads;
+  return std::max<int64_t>(32, ((N + blocks - 1) / blocks + 31) / 32 * 32);
+}
+
 // Scratch for what lives only inside one op call (an activation's int8 codes and scales): a
 // request up to kWorkspaceMax bytes reuses the calling thread's buffer, so a decode step does
 // not allocate four tensors per int4 layer; a larger one is held by `fallback`. 64-byte aligned.
@@ -125,7 +135,7 @@ void run_int8_gemm(cpu::Int8GemmArgs args) {
   });
   args.a_panels = packed;
   parallel_blocks(
-      args.M, args.N, kBlockM_Amx, kBlockN_Amx,
+      args.M, args.N, kBlockM_Amx, balanced_block_n(args.N, kBlockN_Amx),
       [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { kt.int8_gemm(args, m0, m1, n0, n1); });
 }
 
@@ -216,7 +226,7 @@ at::Tensor int8_weight_only_linear_cpu(const at::Tensor& x, const at::Tensor& w_
                    [&](int64_t p0, int64_t p1) { kt.w8a16_pack_panels(args, packed, p0, p1); });
   args.x_panels = packed;
   parallel_blocks(
-      op.M, op.N, kBlockM_Bf16, kBlockN_Bf16,
+      op.M, op.N, kBlockM_Bf16, balanced_block_n(op.N, kBlockN_Bf16),
       [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { kt.w8a16_gemm(args, m0, m1, n0, n1); });
   return op.out;
 }
@@ -332,7 +342,7 @@ at::Tensor int4_weight_only_linear_cpu(const at::Tensor& x, const at::Tensor& pa
   args.panel_scales = panel_scales;
   args.panel_group_sums = panel_sums;
   parallel_blocks(
-      M, N, kBlockM_Amx, kBlockN_Amx,
+      M, N, kBlockM_Amx, balanced_block_n(N, kBlockN_Amx),
       [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { kt.w4_gemm(args, m0, m1, n0, n1); });
   return out;
 }
