@@ -162,7 +162,8 @@ def _weights(n, k, group_size, scale_dtype, gen):
 
 @pytest.mark.parametrize(("backend", "m", "n", "k", "group_size"), _cases())
 def test_int4_linear_against_reference(backend, m, n, k, group_size, gen, poisoned_empty):
-    """The kernel computes the reference's arithmetic (activations rounded per block of 32)."""
+    """The kernel computes the reference's arithmetic (activations rounded to int8 per run of
+    cpu_activation_block values)."""
     scale_dtype = SCALE_DTYPES[(m + n) % 3]
     for dtype in (torch.float32, torch.bfloat16):
         x = _activations(m, k, dtype, gen)
@@ -172,10 +173,11 @@ def test_int4_linear_against_reference(backend, m, n, k, group_size, gen, poison
             out = ops.int4_weight_only_linear(x, packed, scales, zeros, group_size, bias)
         assert out.dtype == dtype and out.shape == (m, n)
         args = (packed, scales, zeros, group_size, bias)
+        block = ref.cpu_activation_block(group_size, k)
         ref64 = ref.int4_weight_only_linear(
-            x.double(), *args, compute_dtype=torch.float64, activation_block=32
+            x.double(), *args, compute_dtype=torch.float64, activation_block=block
         )
-        check_close(out, ref64, ref.int4_weight_only_linear(x, *args, activation_block=32))
+        check_close(out, ref64, ref.int4_weight_only_linear(x, *args, activation_block=block))
 
 
 @pytest.mark.skipif("triton" not in KERNEL_BACKENDS, reason="no Triton backend here")
@@ -198,19 +200,22 @@ def test_triton_through_the_op(gen):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_kernel_adds_no_measurable_error(backend, gen):
-    """Against the float layer, the kernel's SQNR is the float-activation reference's, within
-    0.1 dB: rounding activations to int8 per 32 is noise next to rounding weights to 4 bits."""
+    """Against the float layer, the kernel's SQNR is the float-activation reference's within
+    0.25 dB: rounding activations to int8 per run of 32 to 128 is noise next to rounding weights
+    to 4 bits. Errors add in power, so an activation error a fifth of the weights' costs
+    10 log10(1 + 0.2^2) = 0.17 dB; with two 20x outlier channels a row, runs of 32 cost
+    0.02-0.07 dB here and runs of 128 0.08-0.17 dB."""
     x = _activations(64, 1024, torch.float32, gen)
     w = torch.randn(256, 1024, generator=gen) / 32
     float_out = x @ w.T
-    for group_size in (32, 128):
+    for group_size in (32, 64, 128, -1):
         packed, scales, zeros = quantize_int4(w, group_size)
         with run_on(backend):
             out = ops.int4_weight_only_linear(x, packed, scales, zeros, group_size)
         want = ref.int4_weight_only_linear(
             x.double(), packed, scales, zeros, group_size, compute_dtype=torch.float64
         )
-        assert sqnr(float_out, out) >= sqnr(float_out, want) - 0.1
+        assert sqnr(float_out, out) >= sqnr(float_out, want) - 0.25, f"G={group_size}"
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -326,23 +331,26 @@ def test_int4_linear_rejects_bad_state(gen):
 def test_amx_tiles_from_their_threshold(gen, poisoned_empty):
     """The amx level runs the int4 GEMM on the tile unit from its threshold on (the AVX-512
     kernel below it), with the reference's arithmetic: N cuts the 16-row strips and the
-    256-column thread blocks, M the 16-row panels and the 128-row blocks; groups of 128 and
-    per channel with a partial last activation block."""
+    256-column thread blocks, M the 16-row panels and the 128-row blocks. Every kind of run:
+    one a group (128, 64, 32 with a lone last block: multiplies of 64 and of 32 columns), two
+    and three a group (256, 96), and per channel with a partial last run and block."""
     with run_on("cpu-amx"):
         first = _ext._C.cpu_kernel_paths()["int4_tiles_from_m"]
     with run_on("cpu-avx512"):
         assert _ext._C.cpu_kernel_paths()["int4_tiles_from_m"] is None
     assert isinstance(first, int) and first >= 1
-    for n, k, group_size in ((300, 4224, 128), (37, 4130, -1)):
+    cases = ((300, 4224, 128), (40, 1600, 64), (50, 1056, 32), (33, 2560, 256), (20, 960, 96))
+    for n, k, group_size in (*cases, (37, 4130, -1)):
         packed, scales, zeros, bias = _weights(n, k, group_size, torch.bfloat16, gen)
         args = (packed, scales, zeros, group_size, bias)
+        block = ref.cpu_activation_block(group_size, k)
         for m in sorted({max(first - 1, 1), first, 131}):
             for dtype in (torch.float32, torch.bfloat16):
                 x = _activations(m, k, dtype, gen)
                 with run_on("cpu-amx"):
                     out = ops.int4_weight_only_linear(x, *args)
                 ref64 = ref.int4_weight_only_linear(
-                    x.double(), *args, compute_dtype=torch.float64, activation_block=32
+                    x.double(), *args, compute_dtype=torch.float64, activation_block=block
                 )
-                lowp = ref.int4_weight_only_linear(x, *args, activation_block=32)
+                lowp = ref.int4_weight_only_linear(x, *args, activation_block=block)
                 check_close(out, ref64, lowp, name=f"M={m} {dtype} G={group_size}")

@@ -36,6 +36,9 @@ constexpr int64_t kBlockN = 64;
 // (kBlockN_Amx x K bytes) stay in L2 while its activation panels pass.
 constexpr int64_t kBlockM_Amx = 128;
 constexpr int64_t kBlockN_Amx = 256;
+// int4 unpacks each 32-row weight strip once per block, so its blocks are twice as tall: 256
+// rows of panels (1 MB at K = 4096) still stay in L2.
+constexpr int64_t kBlockM_W4Amx = 256;
 // The bf16 tiles' blocks: each weight is converted to bf16 once per block, so the blocks are
 // tall; a block's panels, a slice of K at a time, stay in L2 (cpu/amx_gemm.h).
 constexpr int64_t kBlockM_Bf16 = 256;
@@ -342,7 +345,7 @@ at::Tensor int4_weight_only_linear_cpu(const at::Tensor& x, const at::Tensor& pa
   args.panel_scales = panel_scales;
   args.panel_group_sums = panel_sums;
   parallel_blocks(
-      M, N, kBlockM_Amx, balanced_block_n(N, kBlockN_Amx),
+      M, N, kBlockM_W4Amx, balanced_block_n(N, kBlockN_Amx),
       [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { kt.w4_gemm(args, m0, m1, n0, n1); });
   return out;
 }

@@ -20,6 +20,8 @@
 // and applies the scales and bias as int8_gemm.h's epilogue does, operation for operation.
 #pragma once
 
+#include <algorithm>
+
 #include "kernels.h"
 
 namespace torchslim::cpu::TORCHSLIM_ISA_NS {
@@ -267,15 +269,18 @@ void amx_int8_gemm(const Int8GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, in
 }
 
 // ------------------------------------------------------------------------------------- int4
-// W4 with Q8 activations (int4_gemm.h's arithmetic): per block b of 32 columns the exact sums
-//   I_b[n, m] = sum_{k in b} (code[n, k] - 8) * xq[m, k]
-// come from one tile multiply of 32 columns (codes - 8 are signed int8), and the fp32 sums
-//   F_g = sum_{b in g} x_scale[m, b] * I_b,   out = sum_g scale * F_g - scale * (zero - 8) * gsum
-// are folded in AVX-512 registers: the per-block activation scale is why each tile multiply
-// covers one block, and the fold (a conversion and an FMA per 16 sums) is the loop's cost.
-// Each thread unpacks its 16-row weight strips once per block of output (the nibbles of a
-// block's 16 bytes: low ones, then high ones, minus 8) and reuses them for every panel; the
-// activation panels are packed once per call (w4_pack_panels).
+// W4 with Q8 activations (int4_gemm.h's arithmetic): per run r of the activation's scales
+// (32, 64 or 128 columns, q8_run) the exact sums
+//   I_r[n, m] = sum_{k in r} (code[n, k] - 8) * xq[m, k]
+// accumulate in the tiles (codes - 8 are signed int8): one multiply of 32 columns for runs of
+// 32, one or two of 64 for runs of 64 or 128. Then the fp32 sums
+//   F_g = sum_{r in g} x_scale[m, r] * I_r,   out = sum_g scale * F_g - scale * (zero - 8) * gsum
+// are folded in AVX-512 registers: a run's scale is why its sums leave the tiles, and the fold
+// (a conversion and two or three FMAs per 16 sums) is the loop's cost besides the multiplies;
+// where a group is one run, the two steps are one. Each thread unpacks its 32-row weight strips
+// once per block of output (the nibbles of a block's 16 bytes: low ones, then high ones,
+// minus 8) and reuses them for every panel; the activation panels are packed once per call
+// (w4_pack_panels).
 
 // Column (within a chunk of 64) of block-order position t: block t / 32, its 16 even columns,
 // then its 16 odd ones.
@@ -352,37 +357,55 @@ void w4_pack_panels(const W4GemmArgs& g, int8_t* codes, float* scales, float* gr
 }
 
 // A thread's weight strip: kW4StripRows rows of signed codes (code - 8) in block order,
-// w4_strip_codes(K) of them a row (zero past K and past N) at row stride w4_strip_stride(K), and
-// per group the rows' scale and scale * (zero - 8) as fp32, (groups, kW4StripRows). The stride
-// is not a multiple of 4 KB: rows that far apart fall in one L1 set, and a tile load takes 16.
+// w4_strip_codes(K) of them a row (zero past K and past N), tile by tile: the kDepth columns of
+// multiply t are rows 0-31 at kDepth bytes each, from t * kW4StripRows * kDepth. A weight tile
+// load then reads 1 KB (or 512 bytes) in one piece, which the prefetchers follow, where rows a
+// whole K apart took 16 streams (and 4 KB strides fell in one L1 set). Per group, the rows' scale
+// and scale * (zero - 8) as fp32, (groups, kW4StripRows).
 constexpr int kW4StripRows = 32;
 constexpr int64_t w4_strip_codes(int64_t K) { return (K + 127) / 128 * 128; }
-constexpr int64_t w4_strip_stride(int64_t K) { return w4_strip_codes(K) + 64; }
 
 struct W4Strip {
   std::vector<int8_t> codes;
   std::vector<float> scale, scaled_zero;
 };
 
-template <class S>
+template <class S, int kDepth>
 void unpack_strip(const W4GemmArgs& g, int64_t n, W4Strip& strip) {
-  const int64_t ld = w4_strip_stride(g.K), codes = w4_strip_codes(g.K);
+  const int64_t codes = w4_strip_codes(g.K);
+  int8_t* base = aligned_data(strip.codes);
+  // Code k of row i (in block order) lies at (k / kDepth * kW4StripRows + i) * kDepth + k % kDepth.
+  const auto at = [=](int64_t i, int64_t k) TORCHSLIM_INLINE {
+    return base + (k / kDepth * kW4StripRows + i) * kDepth + k % kDepth;
+  };
+  const auto store64 = [=](int64_t i, int64_t k, __m512i v) TORCHSLIM_INLINE {  // codes k .. k + 64
+    if constexpr (kDepth == 64) {
+      _mm512_store_si512(at(i, k), v);
+    } else {
+      _mm256_store_si256(reinterpret_cast<__m256i*>(at(i, k)), _mm512_castsi512_si256(v));
+      _mm256_store_si256(reinterpret_cast<__m256i*>(at(i, k + 32)),
+                         _mm512_extracti64x4_epi64(v, 1));
+    }
+  };
   const int64_t bytes = g.K / 2, groups = g.K / g.group_size;
   const __m512i low = _mm512_set1_epi8(0x0f), center = _mm512_set1_epi8(kQ4Center);
   // 128-bit lanes of the low and high nibbles, interleaved: [lo0 hi0 lo1 hi1], [lo2 hi2 ...]
   const __m512i first = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11);
   const __m512i second = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
   for (int i = 0; i < kW4StripRows; ++i) {
-    int8_t* dst = aligned_data(strip.codes) + i * ld;
     float* s = strip.scale.data() + i;
     float* sz = strip.scaled_zero.data() + i;
     if (n + i >= g.N) {
-      for (int64_t k = 0; k < codes; k += 64) _mm512_storeu_si512(dst + k, _mm512_setzero_si512());
+      for (int64_t k = 0; k < codes; k += 64) store64(i, k, _mm512_setzero_si512());
       for (int64_t gi = 0; gi < groups; ++gi) s[gi * kW4StripRows] = sz[gi * kW4StripRows] = 0.0f;
       continue;
     }
     const uint8_t* src = g.w + (n + i) * g.ldw;
+    // The next row's bytes are fetched while this row's are unpacked: a row is one short stream
+    // (2 KB at K = 4096) that the hardware prefetchers barely start on.
+    const uint8_t* next = n + i + 1 < g.N && i + 1 < kW4StripRows ? src + g.ldw : nullptr;
     for (int64_t j = 0; j < codes / 2; j += 64) {  // 64 packed bytes: four blocks of 32 codes
+      if (next != nullptr && j < bytes) __builtin_prefetch(next + j);
       const int64_t left = bytes - j;
       const __mmask64 mask = left >= 64 ? ~__mmask64{0}
                              : left > 0 ? (__mmask64{1} << left) - 1
@@ -390,10 +413,8 @@ void unpack_strip(const W4GemmArgs& g, int64_t n, W4Strip& strip) {
       const __m512i v = _mm512_maskz_loadu_epi8(mask, src + j);
       const __m512i lo = _mm512_and_si512(v, low);
       const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
-      _mm512_storeu_si512(dst + 2 * j,
-                          _mm512_sub_epi8(_mm512_permutex2var_epi64(lo, first, hi), center));
-      _mm512_storeu_si512(dst + 2 * j + 64,
-                          _mm512_sub_epi8(_mm512_permutex2var_epi64(lo, second, hi), center));
+      store64(i, 2 * j, _mm512_sub_epi8(_mm512_permutex2var_epi64(lo, first, hi), center));
+      store64(i, 2 * j + 64, _mm512_sub_epi8(_mm512_permutex2var_epi64(lo, second, hi), center));
     }
     const S* scales = static_cast<const S*>(g.scales) + (n + i) * g.lds;
     const S* zeros = static_cast<const S*>(g.zeros) + (n + i) * g.lds;
@@ -405,111 +426,162 @@ void unpack_strip(const W4GemmArgs& g, int64_t n, W4Strip& strip) {
   }
 }
 
-// The int4 GEMM's tiles. A block's multiply takes both 16-row halves of the strip (tmm4-5,
-// 16 rows x 32 codes) against one activation tile (8 rows of 16 x 4 codes), into two
-// accumulators; blocks alternate between accumulators tmm0-1 with activation tile tmm6 and
-// tmm2-3 with tmm7, so that one block's multiplies run while the sums of the one before are
-// stored and folded (a multiply's result takes tens of cycles to be ready).
+// The int4 GEMM's tiles for multiplies of kDepth columns (32 or 64): accumulators tmm0-3, the
+// strip's two 16-row halves tmm4-5 (16 rows x kDepth codes) and two activation panels tmm6-7
+// (kDepth / 4 rows of 16 x 4 codes). Accumulator 2 h + p is half h times panel p.
+template <int kDepth>
 constexpr TileConfig w4_tiles() {
   TileConfig config;
   for (int t = 0; t < 8; ++t) {
-    config.rows[t] = t < 6 ? 16 : 8;
-    config.colsb[t] = t == 4 || t == 5 ? 32 : 64;
+    config.rows[t] = t < 6 ? 16 : kDepth / 4;
+    config.colsb[t] = t == 4 || t == 5 ? kDepth : 64;
   }
   return config;
 }
 
-// Block b's multiplies into accumulators C0, C1 (activation tile B). A macro: the tile
-// intrinsics take tile numbers as literal tokens.
-#define TORCHSLIM_W4_MULTIPLY(C0, C1, B, w, ldw, x) \
-  do {                                              \
-    _tile_zero(C0);                                 \
-    _tile_zero(C1);                                 \
-    _tile_loadd(4, w, ldw);                         \
-    _tile_loadd(5, (w) + 16 * (ldw), ldw);          \
-    _tile_loadd(B, x, 64);                          \
-    _tile_dpbssd(C0, 4, B);                         \
-    _tile_dpbssd(C1, 5, B);                         \
-  } while (0)
-
-// out[m .. m + 16)[n .. n + 32) (cut at m1, n1) for one strip and one panel.
-void w4_panel(const W4GemmArgs& g, const W4Strip& strip, int64_t n, int64_t m, int64_t m1,
-              int64_t n1) {
-  const int64_t ld = w4_strip_stride(g.K);
+// out[m .. m + 16 kPanels)[n .. n + 32) (cut at m1, n1) for one strip and kPanels (1 or 2)
+// activation panels, in multiplies of kDepth columns (a run is a whole number of them). Each run's
+// sums go from the tiles to memory, two runs' worth alternating, and are folded one run late:
+// the fold of run r - 1 has no dependence on run r's multiplies, so the core overlaps the two.
+template <int kDepth, int kPanels>
+void w4_panels(const W4GemmArgs& g, const W4Strip& strip, int64_t n, int64_t m, int64_t m1,
+               int64_t n1) {
   const int64_t blocks = (g.K + kQ8Block - 1) / kQ8Block, groups = g.K / g.group_size;
-  const int64_t p = m / kAmxPanel;
-  const int8_t* x = g.panel_codes + p * amx_panel_bytes(g.K);
+  const int64_t run = q8_run(g.K, g.group_size), steps_per_run = run / kDepth;
+  const int64_t runs = (g.K + run - 1) / run, steps = (g.K + kDepth - 1) / kDepth;
+  const bool run_is_group = run == g.group_size;
+  const int64_t p = m / kAmxPanel, panel_bytes = amx_panel_bytes(g.K);
+  const int8_t* x = g.panel_codes + p * panel_bytes;
   const float* xs = g.panel_scales + p * blocks * kAmxPanel;
   const float* gs = g.panel_group_sums + p * groups * kAmxPanel;
   const int8_t* w = aligned_data(strip.codes);
 
-  // Row i of the strip: f[i] = F (this group's sums so far), acc[i] = the finished groups, each
-  // for the panel's 16 activation rows.
-  alignas(64) float f[kW4StripRows][16] = {};
-  alignas(64) float acc[kW4StripRows][16] = {};
-  alignas(64) int32_t c[kW4StripRows][16];
-  int64_t group = 0, group_end = g.group_size;
-  const auto fold = [&](int64_t b) TORCHSLIM_INLINE {
-    const __m512 scale = _mm512_load_ps(xs + b * kAmxPanel);
-#pragma GCC unroll 32
-    for (int i = 0; i < kW4StripRows; ++i) {
-      const __m512 sums = _mm512_cvtepi32_ps(_mm512_load_si512(c[i]));
-      _mm512_store_ps(f[i], _mm512_fmadd_ps(sums, scale, _mm512_load_ps(f[i])));
+  // Per accumulator q and its weight row i: f = F (this group's sums so far) and acc = the
+  // finished groups, each for the panel's 16 activation rows; c = two runs' integer sums.
+  alignas(64) float acc[4][16][16] = {};
+  alignas(64) float f[4][16][16];
+  alignas(64) int32_t c[2][4][16][16];
+  if (!run_is_group) std::fill(&f[0][0][0], &f[0][0][0] + sizeof(f) / sizeof(float), 0.0f);
+
+  const auto multiply = [&](int64_t r) TORCHSLIM_INLINE {
+    _tile_zero(0);
+    _tile_zero(2);
+    if constexpr (kPanels > 1) {
+      _tile_zero(1);
+      _tile_zero(3);
     }
-    if (kQ8Block * (b + 1) < group_end && b + 1 < blocks) return;
-    const __m512 gsum = _mm512_load_ps(gs + group * kAmxPanel);
+    const int64_t t1 = (r + 1) * steps_per_run < steps ? (r + 1) * steps_per_run : steps;
+    for (int64_t t = r * steps_per_run; t < t1; ++t) {
+      const int8_t* wt = w + kW4StripRows * kDepth * t;
+      const int8_t* xt = x + kAmxPanel * kDepth * t;
+      _tile_loadd(4, wt, kDepth);
+      _tile_loadd(5, wt + 16 * kDepth, kDepth);
+      _tile_loadd(6, xt, 64);
+      _tile_dpbssd(0, 4, 6);
+      _tile_dpbssd(2, 5, 6);
+      if constexpr (kPanels > 1) {
+        _tile_loadd(7, xt + panel_bytes, 64);
+        _tile_dpbssd(1, 4, 7);
+        _tile_dpbssd(3, 5, 7);
+      }
+    }
+  };
+  const auto store = [&](int32_t (&sums)[4][16][16]) TORCHSLIM_INLINE {
+    _tile_stored(0, sums[0], 64);
+    _tile_stored(2, sums[2], 64);
+    if constexpr (kPanels > 1) {
+      _tile_stored(1, sums[1], 64);
+      _tile_stored(3, sums[3], 64);
+    }
+  };
+  int64_t group = 0, group_end = g.group_size;
+  const auto fold = [&](int64_t r, const int32_t (&sums)[4][16][16]) TORCHSLIM_INLINE {
+    const bool group_ends = run * (r + 1) >= group_end || r + 1 == runs;
     const float* s = strip.scale.data() + group * kW4StripRows;
     const float* sz = strip.scaled_zero.data() + group * kW4StripRows;
-#pragma GCC unroll 32
-    for (int i = 0; i < kW4StripRows; ++i) {
-      __m512 a =
-          _mm512_fmadd_ps(_mm512_set1_ps(s[i]), _mm512_load_ps(f[i]), _mm512_load_ps(acc[i]));
-      _mm512_store_ps(acc[i], _mm512_fnmadd_ps(_mm512_set1_ps(sz[i]), gsum, a));
-      _mm512_store_ps(f[i], _mm512_setzero_ps());
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; ++q) {
+      const int half = q / 2, pp = q % 2;
+      if (pp >= kPanels) continue;
+      const __m512 scale = _mm512_load_ps(xs + (pp * blocks + r * (run / kQ8Block)) * kAmxPanel);
+      const __m512 gsum = group_ends ? _mm512_load_ps(gs + (pp * groups + group) * kAmxPanel)
+                                     : _mm512_setzero_ps();
+      if (run_is_group) {  // F = x_scale * I: straight into the accumulators
+#pragma GCC unroll 16
+        for (int i = 0; i < 16; ++i) {
+          const int row = 16 * half + i;
+          const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(sums[q][i])), scale);
+          const __m512 a = _mm512_fmadd_ps(_mm512_set1_ps(s[row]), v, _mm512_load_ps(acc[q][i]));
+          _mm512_store_ps(acc[q][i], _mm512_fnmadd_ps(_mm512_set1_ps(sz[row]), gsum, a));
+        }
+        continue;
+      }
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i) {
+        const __m512 v = _mm512_cvtepi32_ps(_mm512_load_si512(sums[q][i]));
+        _mm512_store_ps(f[q][i], _mm512_fmadd_ps(v, scale, _mm512_load_ps(f[q][i])));
+      }
+      if (!group_ends) continue;
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i) {
+        const int row = 16 * half + i;
+        const __m512 a =
+            _mm512_fmadd_ps(_mm512_set1_ps(s[row]), _mm512_load_ps(f[q][i]), _mm512_load_ps(acc[q][i]));
+        _mm512_store_ps(acc[q][i], _mm512_fnmadd_ps(_mm512_set1_ps(sz[row]), gsum, a));
+        _mm512_store_ps(f[q][i], _mm512_setzero_ps());
+      }
     }
-    ++group;
-    group_end += g.group_size;
+    if (group_ends) {
+      ++group;
+      group_end += g.group_size;
+    }
   };
-  TORCHSLIM_W4_MULTIPLY(0, 1, 6, w, ld, x);
-  for (int64_t b = 0; b < blocks; b += 2) {
-    if (b + 1 < blocks) TORCHSLIM_W4_MULTIPLY(2, 3, 7, w + 32 * (b + 1), ld, x + 512 * (b + 1));
-    _tile_stored(0, c[0], 64);
-    _tile_stored(1, c[16], 64);
-    fold(b);
-    if (b + 1 < blocks) {
-      if (b + 2 < blocks) TORCHSLIM_W4_MULTIPLY(0, 1, 6, w + 32 * (b + 2), ld, x + 512 * (b + 2));
-      _tile_stored(2, c[0], 64);
-      _tile_stored(3, c[16], 64);
-      fold(b + 1);
-    }
+  for (int64_t r = 0; r < runs; ++r) {
+    multiply(r);
+    store(c[r & 1]);
+    if (r > 0) fold(r - 1, c[(r - 1) & 1]);
   }
+  fold(runs - 1, c[(runs - 1) & 1]);
 
-  // acc[i][j] is out[m + j, n + i] before the bias: each 16-row half transposed.
-  const int64_t rows = m1 - m < 16 ? m1 - m : 16;
-  for (int half = 0; half < 2 && n + 16 * half < n1; ++half) {
-    const int64_t n_half = n + 16 * half;
+  // acc[q][i][j] is out[m + 16 pp + j, n + 16 half + i] before the bias: transposed per tile.
+  for (int q = 0; q < 4; ++q) {
+    const int half = q / 2, pp = q % 2;
+    const int64_t mq = m + kAmxPanel * pp, nq = n + 16 * half;
+    if (pp >= kPanels || mq >= m1 || nq >= n1) continue;
     __m512i r[16];
-    for (int i = 0; i < 16; ++i) r[i] = _mm512_load_si512(acc[16 * half + i]);
+    for (int i = 0; i < 16; ++i) r[i] = _mm512_load_si512(acc[q][i]);
     transpose_16x16(r);
-    store_rows(g.out, g.ldo, g.out_type, r, m, rows, n_half, first_lanes(n1 - n_half), g.bias);
+    const int64_t rows = m1 - mq < 16 ? m1 - mq : 16;
+    store_rows(g.out, g.ldo, g.out_type, r, mq, rows, nq, first_lanes(n1 - nq), g.bias);
   }
 }
 
-#undef TORCHSLIM_W4_MULTIPLY
-
-template <class S>
+template <class S, int kDepth>
 void w4_block(const W4GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   thread_local W4Strip strip;
   const int64_t groups = g.K / g.group_size;
-  strip.codes.resize(kW4StripRows * w4_strip_stride(g.K) + 64);
+  strip.codes.resize(kW4StripRows * w4_strip_codes(g.K) + 64);
   strip.scale.resize(kW4StripRows * groups);
   strip.scaled_zero.resize(kW4StripRows * groups);
-  const TileScope tiles(w4_tiles());
+  const TileScope tiles(w4_tiles<kDepth>());
   for (int64_t n = n0; n < n1; n += kW4StripRows) {
-    unpack_strip<S>(g, n, strip);
+    unpack_strip<S, kDepth>(g, n, strip);
     tile_reads_memory();
-    for (int64_t m = m0; m < m1; m += kAmxPanel) w4_panel(g, strip, n, m, m1, n1);
+    for (int64_t m = m0; m < m1; m += 2 * kAmxPanel) {
+      if (m + kAmxPanel < m1) {
+        w4_panels<kDepth, 2>(g, strip, n, m, m1, n1);
+      } else {
+        w4_panels<kDepth, 1>(g, strip, n, m, m1, n1);
+      }
+    }
   }
+}
+
+// Multiplies as deep as the activation's runs allow: 64 columns, or 32 for runs of 32.
+template <class S>
+void w4_block(const W4GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  if (q8_run(g.K, g.group_size) % 64 == 0) return w4_block<S, 64>(g, m0, m1, n0, n1);
+  w4_block<S, 32>(g, m0, m1, n0, n1);
 }
 
 void amx_w4_gemm(const W4GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {

@@ -1,6 +1,7 @@
 // int4 weight GEMM for the CPU, written once and compiled per ISA level (see int8_gemm.h).
 //
-//   quantize_q8_blocks  x (M, K) fp32/bf16 -> int8 codes with one scale per 32 values along K,
+//   quantize_q8_blocks  x (M, K) fp32/bf16 -> int8 codes with one scale per run of 32, 64 or
+//                       128 values along K (q8_run), repeated for each block of 32,
 //                       stored in the order the kernel unpacks weights (kernels.h, Q8BlockArgs)
 //   w4_gemm             out = x . dequant(w).T: u8 codes times s8 activation codes, chunks of
 //                       64 weights (32 packed bytes) per step, eight int32 partial sums per
@@ -23,31 +24,42 @@
 namespace torchslim::cpu::TORCHSLIM_ISA_NS {
 namespace {
 
+// max |x[0 .. n)|.
+template <typename T>
+float max_abs(const T* x, int64_t n) {
+  using V = FVec;
+  float amax = 0.0f;
+  int64_t k = 0;
+  if (n >= V::kWidth) {
+    typename V::R vmax = V::zero();
+    for (; k + V::kWidth <= n; k += V::kWidth) vmax = V::max(vmax, V::abs(V::load(x + k)));
+    amax = V::reduce_max(vmax);
+  }
+  for (; k < n; ++k) {
+    const float v = __builtin_fabsf(load_f32(x + k));
+    amax = v > amax ? v : amax;
+  }
+  return amax;
+}
+
 template <typename T>
 void quantize_row_q8_blocks(const T* x, int64_t K, int64_t group_size, int8_t* q, float* scale,
                             float* group_sum, int32_t* lane_bias) {
   using V = FVec;
-  const int64_t groups = K / group_size;
+  const int64_t groups = K / group_size, run = q8_run(K, group_size);
   for (int64_t g = 0; g < groups; ++g) group_sum[g] = 0.0f;
-  for (int64_t k0 = 0, b = 0; k0 < K; k0 += kQ8Block, ++b) {
+  float s = 1.0f;
+  for (int64_t k0 = 0, b = 0, run_end = 0; k0 < K; k0 += kQ8Block, ++b) {
     const int64_t len = min_i64(kQ8Block, K - k0);
     const T* xb = x + k0;
-    float amax = 0.0f;
-    int64_t k = 0;
-    if (len == kQ8Block) {
-      typename V::R vmax = V::zero();
-      for (; k + V::kWidth <= len; k += V::kWidth) vmax = V::max(vmax, V::abs(V::load(xb + k)));
-      amax = V::reduce_max(vmax);
+    if (k0 == run_end) {  // the first block of a run: the run's scale
+      s = max_abs(xb, min_i64(run, K - k0)) / 127.0f;
+      if (s == 0.0f) s = 1.0f;
+      run_end += run;
     }
-    for (; k < len; ++k) {
-      const float v = __builtin_fabsf(load_f32(xb + k));
-      amax = v > amax ? v : amax;
-    }
-    float s = amax / 127.0f;
-    if (s == 0.0f) s = 1.0f;
     scale[b] = s;
     int8_t codes[kQ8Block];
-    k = 0;
+    int64_t k = 0;
     if (len == kQ8Block) {
       const typename V::R vs = V::set1(s);
       for (; k + V::kWidth <= len; k += V::kWidth)

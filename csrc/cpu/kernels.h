@@ -87,10 +87,11 @@ constexpr int64_t amx_bf16_panels(int64_t M) {
   return (M + 2 * kAmxPanel - 1) / (2 * kAmxPanel) * 2;
 }
 
-// Activations for the int4 kernel: each run of kQ8Block values along K is quantized to int8
-// with its own scale (llama.cpp's Q8_0 idea), so the weight codes meet them in integer dot
-// products:
-//   scale[m, b] = max |x[m, 32b : 32b + 32]| / 127  (1 if the run is all zeros)
+// Activations for the int4 kernel: each run of q8_run(K, group_size) values along K is
+// quantized to int8 with its own scale (llama.cpp's Q8 idea), so the weight codes meet them in
+// integer dot products. The kernels work in blocks of kQ8Block = 32 values, and every block
+// carries its run's scale:
+//   scale[m, b] = max |x[m, run containing block b]| / 127  (1 if the run is all zeros)
 //   q[m, k]     = clamp(round_half_even(x[m, k] / scale[m, k / 32]), -127, 127)
 //   group_sum[m, g] = sum over the weight group g of q[m, k] * scale[m, k / 32]
 //   lane_bias[m, 8c + l] = -8 * (sum of the codes that meet int32 lane l of chunk c's dot product)
@@ -103,13 +104,22 @@ constexpr int64_t kQ4Chunk = 2 * kQ8Block;  // int4 weights per inner step (32 p
 constexpr int64_t kQ4Lanes = 8;             // int32 partial sums per chunk
 constexpr int kQ4Center = 8;                // codes enter the sums as code - 8
 
+// Values per activation scale: the longest of 128, 64 and 32 that divides the weight group
+// (128 for one group per row, the last run then maybe shorter). A group is whole runs, so on the
+// tile unit a run's integer sums take one conversion to fp32 instead of one per block of 32;
+// llama.cpp's k-quants round activations per 256 (Q8_K). torchslim.reference.int4's
+// cpu_activation_block is the same rule.
+constexpr int64_t q8_run(int64_t K, int64_t group_size) {
+  return group_size == K || group_size % 128 == 0 ? 128 : group_size % 64 == 0 ? 64 : kQ8Block;
+}
+
 struct Q8BlockArgs {
   const void* x;  // (M, K) fp32 or bf16, row stride ldx, unit column stride
   int64_t ldx;
   ScalarType x_type;
   int8_t* q;  // (M, K) int8, row stride ldq
   int64_t ldq;
-  float* scale;  // (M, ceil(K / 32)), row stride lds
+  float* scale;  // (M, ceil(K / 32)): each block's run's scale, row stride lds
   int64_t lds;
   float* group_sum;  // (M, K / group_size), row stride ldg
   int64_t ldg;

@@ -3,6 +3,7 @@
 from torchslim.reference import sparse
 from torchslim.reference.attention import attention, attention_backward, visible_keys
 from torchslim.reference.int4 import (
+    cpu_activation_block,
     dequantize_int4,
     int4_weight_only_linear,
     int4_weight_only_linear_tc,
@@ -46,6 +47,7 @@ __all__ = [
     "compress_block",
     "compress_csr",
     "compress_sliced",
+    "cpu_activation_block",
     "decompress_24",
     "decompress_bitmask",
     "decompress_block",
