@@ -280,31 +280,16 @@ at::Tensor int4_weight_only_linear_cpu(const at::Tensor& x, const at::Tensor& pa
   if (M == 0 || N == 0) return out;
   if (K == 0) return b.defined() ? out.copy_(b.expand({M, N})) : out.zero_();
 
-  // The activation's Q8 blocks: codes, block scales, group sums, lane biases.
-  const int64_t blocks = (K + cpu::kQ8Block - 1) / cpu::kQ8Block;
-  const int64_t lanes = (K + cpu::kQ4Chunk - 1) / cpu::kQ4Chunk * cpu::kQ4Lanes;
-  const std::size_t q_bytes = align_up(M * K), s_bytes = align_up(M * blocks * sizeof(float)),
-                    g_bytes = align_up(M * groups * sizeof(float));
-  at::Tensor held;
-  uint8_t* scratch = workspace(q_bytes + s_bytes + g_bytes + M * lanes * sizeof(int32_t), held);
-  int8_t* xq = reinterpret_cast<int8_t*>(scratch);
-  float* xs = reinterpret_cast<float*>(scratch + q_bytes);
-  float* xg = reinterpret_cast<float*>(scratch + q_bytes + s_bytes);
-  int32_t* xb = reinterpret_cast<int32_t*>(scratch + q_bytes + s_bytes + g_bytes);
-  const cpu::Q8BlockArgs qa{x.data_ptr(), x.stride(0), xt, xq,    K, xs, blocks,
-                            xg,           groups,      xb, lanes, K, G};
   const cpu::KernelTable& kt = cpu::active_kernels();
-  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / K),
-                   [&](int64_t m0, int64_t m1) { kt.quantize_q8_blocks(qa, m0, m1); });
-
-  cpu::W4GemmArgs args{xq,
+  const int64_t blocks = (K + cpu::kQ8Block - 1) / cpu::kQ8Block;
+  cpu::W4GemmArgs args{nullptr,
                        K,
-                       xs,
+                       nullptr,
                        blocks,
-                       xg,
+                       nullptr,
                        groups,
-                       xb,
-                       lanes,
+                       nullptr,
+                       0,
                        packed_w.data_ptr<uint8_t>(),
                        packed_w.stride(0),
                        scales.data_ptr(),
@@ -319,34 +304,53 @@ at::Tensor int4_weight_only_linear_cpu(const at::Tensor& x, const at::Tensor& pa
                        N,
                        K,
                        G};
-  if (kt.w4_pack_panels == nullptr || M < kt.w4_panel_min_m) {
-    parallel_blocks(M, N, kBlockM_I8, kBlockN, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-      kt.w4_gemm(args, m0, m1, n0, n1);
+  cpu::Q8BlockArgs qa{x.data_ptr(), x.stride(0), xt,      nullptr, K, nullptr, blocks,
+                      nullptr,      groups,      nullptr, 0,       K, G};
+  if (kt.w4_pack_panels != nullptr && M >= kt.w4_panel_min_m) {
+    // The tile unit: the activation quantized straight into panels of codes, block scales and
+    // group sums.
+    const int64_t panels = (M + cpu::kAmxPanel - 1) / cpu::kAmxPanel;
+    const std::size_t code_bytes = align_up(panels * cpu::amx_panel_bytes(K));
+    const std::size_t scale_bytes =
+        align_up(panels * cpu::w4_panel_scale_floats(K) * sizeof(float));
+    at::Tensor held;
+    uint8_t* base = workspace(
+        code_bytes + scale_bytes + panels * groups * cpu::kAmxPanel * sizeof(float), held);
+    int8_t* codes = reinterpret_cast<int8_t*>(base);
+    float* panel_scales = reinterpret_cast<float*>(base + code_bytes);
+    float* panel_sums = reinterpret_cast<float*>(base + code_bytes + scale_bytes);
+    at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+      kt.w4_pack_panels(qa, M, codes, panel_scales, panel_sums, p0, p1);
     });
+    args.panel_codes = codes;
+    args.panel_scales = panel_scales;
+    args.panel_group_sums = panel_sums;
+    parallel_blocks(
+        M, N, kBlockM_W4Amx, balanced_block_n(N, kBlockN_Amx),
+        [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { kt.w4_gemm(args, m0, m1, n0, n1); });
     return out;
   }
-  // The tile unit: the activation's codes, block scales and group sums as panels.
-  const int64_t panels = (M + cpu::kAmxPanel - 1) / cpu::kAmxPanel;
-  const std::size_t code_bytes = align_up(panels * cpu::amx_panel_bytes(K));
-  const std::size_t scale_bytes = align_up(panels * cpu::w4_panel_scale_floats(K) * sizeof(float));
-  at::Tensor held_panels = at::empty(
-      {static_cast<int64_t>(code_bytes + scale_bytes +
-                            panels * groups * cpu::kAmxPanel * sizeof(float) + kWorkspaceAlign)},
-      at::kByte);
-  uint8_t* base = reinterpret_cast<uint8_t*>(
-      align_up(reinterpret_cast<std::uintptr_t>(held_panels.data_ptr<uint8_t>())));
-  int8_t* codes = reinterpret_cast<int8_t*>(base);
-  float* panel_scales = reinterpret_cast<float*>(base + code_bytes);
-  float* panel_sums = reinterpret_cast<float*>(base + code_bytes + scale_bytes);
-  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
-    kt.w4_pack_panels(args, codes, panel_scales, panel_sums, p0, p1);
+  // The activation's Q8 blocks: codes, block scales, group sums, lane biases.
+  const int64_t lanes = (K + cpu::kQ4Chunk - 1) / cpu::kQ4Chunk * cpu::kQ4Lanes;
+  const std::size_t q_bytes = align_up(M * K), s_bytes = align_up(M * blocks * sizeof(float)),
+                    g_bytes = align_up(M * groups * sizeof(float));
+  at::Tensor held;
+  uint8_t* scratch = workspace(q_bytes + s_bytes + g_bytes + M * lanes * sizeof(int32_t), held);
+  qa.q = reinterpret_cast<int8_t*>(scratch);
+  qa.scale = reinterpret_cast<float*>(scratch + q_bytes);
+  qa.group_sum = reinterpret_cast<float*>(scratch + q_bytes + s_bytes);
+  qa.lane_bias = reinterpret_cast<int32_t*>(scratch + q_bytes + s_bytes + g_bytes);
+  qa.ldb = lanes;
+  args.xq = qa.q;
+  args.x_scale = qa.scale;
+  args.x_group_sum = qa.group_sum;
+  args.x_lane_bias = qa.lane_bias;
+  args.ldxb = lanes;
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / K),
+                   [&](int64_t m0, int64_t m1) { kt.quantize_q8_blocks(qa, m0, m1); });
+  parallel_blocks(M, N, kBlockM_I8, kBlockN, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+    kt.w4_gemm(args, m0, m1, n0, n1);
   });
-  args.panel_codes = codes;
-  args.panel_scales = panel_scales;
-  args.panel_group_sums = panel_sums;
-  parallel_blocks(
-      M, N, kBlockM_W4Amx, balanced_block_n(N, kBlockN_Amx),
-      [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { kt.w4_gemm(args, m0, m1, n0, n1); });
   return out;
 }
 

@@ -21,6 +21,8 @@
 #pragma once
 
 #include <algorithm>
+#include <type_traits>
+#include <vector>
 
 #include "kernels.h"
 
@@ -289,69 +291,97 @@ constexpr int block_order_column(int t) {
   return 32 * (t / 32) + (u < 16 ? 2 * u : 2 * (u - 16) + 1);
 }
 
-// vpermb indices from quantize_q8_blocks' order of a whole chunk of 64 (its 32 even columns,
-// then its 32 odd ones) to block order.
+// vpermb indices from a chunk of 64 codes in K's order to block order.
 struct ChunkToBlockOrder {
   alignas(64) uint8_t index[64];
   constexpr ChunkToBlockOrder() : index{} {
-    for (int t = 0; t < 64; ++t) {
-      const int c = block_order_column(t);
-      index[t] = static_cast<uint8_t>(c % 2 == 0 ? c / 2 : 32 + c / 2);
-    }
+    for (int t = 0; t < 64; ++t) index[t] = static_cast<uint8_t>(block_order_column(t));
   }
 };
 constexpr ChunkToBlockOrder kChunkToBlockOrder{};
 
-// Where quantize_q8_blocks stored the code of column k of a row (Q8BlockArgs).
-inline int64_t q8_position(int64_t k, int64_t K) {
-  const int64_t k1 = k - k % kQ8Block;
-  if (K - k1 < kQ8Block) return k;                 // a partial last block: natural order
-  if (k1 % kQ4Chunk != 0 || k1 + kQ4Chunk <= K) {  // a block of a whole chunk
-    const int64_t c0 = k1 - k1 % kQ4Chunk, r = k - c0;
-    return c0 + (r % 2 == 0 ? r / 2 : kQ4Chunk / 2 + r / 2);
+// x[0 .. n) (n <= 16, zero past n) as fp32.
+template <class T>
+inline __m512 load16(const T* x, int64_t n) {
+  const __mmask16 mask = first_lanes(n);
+  if constexpr (std::is_same_v<T, uint16_t>) {  // bf16 bits
+    return _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, x)), 16));
+  } else {
+    return _mm512_maskz_loadu_ps(mask, x);
   }
-  const int64_t r = k - k1;  // a lone block of 32 at the end of the row
-  return k1 + (r % 2 == 0 ? r / 2 : kQ8Block / 2 + r / 2);
 }
 
-void w4_pack_panels(const W4GemmArgs& g, int8_t* codes, float* scales, float* group_sums,
-                    int64_t p0, int64_t p1) {
-  const int64_t K = g.K, Kp = amx_padded_k(K);
-  const int64_t blocks = (K + kQ8Block - 1) / kQ8Block, groups = K / g.group_size;
-  const __m512i order = _mm512_load_si512(kChunkToBlockOrder.index);
-  for (int64_t p = p0; p < p1; ++p) {
-    int8_t* panel = codes + p * amx_panel_bytes(K);
-    for (int64_t k = 0; k < Kp; k += 64) {
-      __m512i r[16];
-      for (int j = 0; j < 16; ++j) {
-        const int64_t m = p * kAmxPanel + j;
-        const int8_t* row = g.xq + m * g.ldxq;
-        if (m >= g.M) {
-          r[j] = _mm512_setzero_si512();
-        } else if (k + 64 <= K) {
-          r[j] = _mm512_permutexvar_epi8(order, _mm512_loadu_si512(row + k));
-        } else {  // the row's last, partial chunk
-          alignas(64) int8_t chunk[64];
-          for (int t = 0; t < 64; ++t) {
-            const int64_t col = k + block_order_column(t);
-            chunk[t] = col < K ? row[q8_position(col, K)] : int8_t{0};
-          }
-          r[j] = _mm512_load_si512(chunk);
-        }
-      }
-      transpose_16x16(r);
-      for (int q = 0; q < 16; ++q) _mm512_storeu_si512(panel + (k / 4 + q) * 64, r[q]);
+// Row m of x quantized as quantize_q8_blocks does (kernels.h: scale per run, codes rounding
+// x / scale half to even), the codes in K's order into `codes` (zero up to amx_padded_k(K)), the
+// block scales and group sums into the panel's column j.
+template <class T>
+void quantize_panel_row(const T* x, int64_t K, int64_t group_size, int8_t* codes, float* ps,
+                        float* pg, int j) {
+  const int64_t run = q8_run(K, group_size), groups = K / group_size;
+  for (int64_t gi = 0; gi < groups; ++gi) pg[gi * kAmxPanel + j] = 0.0f;
+  for (int64_t k0 = 0; k0 < K; k0 += run) {
+    const int64_t len = K - k0 < run ? K - k0 : run;
+    __m512 amax = _mm512_setzero_ps();
+    for (int64_t k = 0; k < len; k += 16) {
+      amax = _mm512_max_ps(amax, _mm512_abs_ps(load16(x + k0 + k, len - k)));
     }
+    float s = _mm512_reduce_max_ps(amax) / 127.0f;
+    if (s == 0.0f) s = 1.0f;
+    const __m512 vs = _mm512_set1_ps(s);
+    for (int64_t b0 = k0; b0 < k0 + len; b0 += kQ8Block) {  // a block of 32: codes, its sum
+      __m512i sum = _mm512_setzero_si512();
+      for (int64_t k = b0; k < b0 + kQ8Block && k < K; k += 16) {
+        __m512 v = _mm512_roundscale_ps(_mm512_div_ps(load16(x + k, K - k), vs),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        v = _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(-127.0f)), _mm512_set1_ps(127.0f));
+        const __m512i q = _mm512_cvtps_epi32(v);
+        sum = _mm512_add_epi32(sum, q);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + k), _mm512_cvtsepi32_epi8(q));
+      }
+      ps[b0 / kQ8Block * kAmxPanel + j] = s;
+      pg[b0 / group_size * kAmxPanel + j] += static_cast<float>(_mm512_reduce_add_epi32(sum)) * s;
+    }
+  }
+  for (int64_t k = K; k < amx_padded_k(K); ++k) codes[k] = 0;
+}
+
+void w4_pack_panels(const Q8BlockArgs& a, int64_t M, int8_t* codes, float* scales,
+                    float* group_sums, int64_t p0, int64_t p1) {
+  const int64_t K = a.K, Kp = amx_padded_k(K);
+  const int64_t blocks = (K + kQ8Block - 1) / kQ8Block, groups = K / a.group_size;
+  const __m512i order = _mm512_load_si512(kChunkToBlockOrder.index);
+  thread_local std::vector<int8_t> rows_buffer;
+  rows_buffer.resize(kAmxPanel * Kp + 64);
+  int8_t* rows = aligned_data(rows_buffer);
+  for (int64_t p = p0; p < p1; ++p) {
     float* ps = scales + p * blocks * kAmxPanel;
     float* pg = group_sums + p * groups * kAmxPanel;
     for (int j = 0; j < 16; ++j) {
       const int64_t m = p * kAmxPanel + j;
-      for (int64_t b = 0; b < blocks; ++b) {
-        ps[b * kAmxPanel + j] = m < g.M ? g.x_scale[m * g.ldxs + b] : 0.0f;
+      int8_t* row = rows + j * Kp;
+      if (m >= M) {  // past M: zero codes, scales and sums
+        std::fill(row, row + Kp, int8_t{0});
+        for (int64_t b = 0; b < blocks; ++b) ps[b * kAmxPanel + j] = 0.0f;
+        for (int64_t gi = 0; gi < groups; ++gi) pg[gi * kAmxPanel + j] = 0.0f;
+      } else if (a.x_type == ScalarType::kBFloat16) {
+        quantize_panel_row(static_cast<const uint16_t*>(a.x) + m * a.ldx, K, a.group_size, row, ps,
+                           pg, j);
+      } else {
+        quantize_panel_row(static_cast<const float*>(a.x) + m * a.ldx, K, a.group_size, row, ps, pg,
+                           j);
       }
-      for (int64_t gi = 0; gi < groups; ++gi) {
-        pg[gi * kAmxPanel + j] = m < g.M ? g.x_group_sum[m * g.ldxg + gi] : 0.0f;
+    }
+    int8_t* panel = codes + p * amx_panel_bytes(K);
+    for (int64_t k = 0; k < Kp; k += 64) {
+      __m512i r[16];
+#pragma GCC unroll 16
+      for (int j = 0; j < 16; ++j) {
+        r[j] = _mm512_permutexvar_epi8(order, _mm512_load_si512(rows + j * Kp + k));
       }
+      transpose_16x16(r);
+#pragma GCC unroll 16
+      for (int q = 0; q < 16; ++q) _mm512_storeu_si512(panel + (k / 4 + q) * 64, r[q]);
     }
   }
 }
@@ -504,8 +534,8 @@ void w4_panels(const W4GemmArgs& g, const W4Strip& strip, int64_t n, int64_t m, 
       const int half = q / 2, pp = q % 2;
       if (pp >= kPanels) continue;
       const __m512 scale = _mm512_load_ps(xs + (pp * blocks + r * (run / kQ8Block)) * kAmxPanel);
-      const __m512 gsum = group_ends ? _mm512_load_ps(gs + (pp * groups + group) * kAmxPanel)
-                                     : _mm512_setzero_ps();
+      const __m512 gsum =
+          group_ends ? _mm512_load_ps(gs + (pp * groups + group) * kAmxPanel) : _mm512_setzero_ps();
       if (run_is_group) {  // F = x_scale * I: straight into the accumulators
 #pragma GCC unroll 16
         for (int i = 0; i < 16; ++i) {
@@ -525,8 +555,8 @@ void w4_panels(const W4GemmArgs& g, const W4Strip& strip, int64_t n, int64_t m, 
 #pragma GCC unroll 16
       for (int i = 0; i < 16; ++i) {
         const int row = 16 * half + i;
-        const __m512 a =
-            _mm512_fmadd_ps(_mm512_set1_ps(s[row]), _mm512_load_ps(f[q][i]), _mm512_load_ps(acc[q][i]));
+        const __m512 a = _mm512_fmadd_ps(_mm512_set1_ps(s[row]), _mm512_load_ps(f[q][i]),
+                                         _mm512_load_ps(acc[q][i]));
         _mm512_store_ps(acc[q][i], _mm512_fnmadd_ps(_mm512_set1_ps(sz[row]), gsum, a));
         _mm512_store_ps(f[q][i], _mm512_setzero_ps());
       }

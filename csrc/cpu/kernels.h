@@ -156,8 +156,8 @@ struct W4GemmArgs {
   int64_t ldo;
   ScalarType out_type;
   int64_t M, N, K, group_size;  // group_size divides K and is a multiple of 32, or equals K
-  // Null, or the activation as KernelTable::w4_pack_panels wrote it (then the kernel reads it
-  // from here, and m0 of a call is a multiple of kAmxPanel).
+  // Null, or the activation as KernelTable::w4_pack_panels wrote it: then the kernel reads it
+  // from here (and xq .. x_lane_bias may be null), and m0 of a call is a multiple of kAmxPanel.
   const int8_t* panel_codes = nullptr;
   const float* panel_scales = nullptr;
   const float* panel_group_sums = nullptr;
@@ -330,10 +330,11 @@ struct KernelTable {
   // them through W8A16Args::x_panels for M of at least w8a16_panel_min_m.
   void (*w8a16_pack_panels)(const W8A16Args& g, uint16_t* panels, int64_t p0, int64_t p1);
   int64_t w8a16_panel_min_m;
-  // Null, or the panels [p0, p1) of the activation of g (see w4_panel_scale_floats); w4_gemm
-  // then takes them through W4GemmArgs::panel_* for M of at least w4_panel_min_m.
-  void (*w4_pack_panels)(const W4GemmArgs& g, int8_t* codes, float* scales, float* group_sums,
-                         int64_t p0, int64_t p1);
+  // Null, or the panels [p0, p1) of the activation x (M rows; quantized as quantize_q8_blocks
+  // does, see w4_panel_scale_floats): w4_gemm then takes them through W4GemmArgs::panel_*, with
+  // no other activation argument, for M of at least w4_panel_min_m.
+  void (*w4_pack_panels)(const Q8BlockArgs& x, int64_t M, int8_t* codes, float* scales,
+                         float* group_sums, int64_t p0, int64_t p1);
   int64_t w4_panel_min_m;
 };
 
