@@ -329,19 +329,17 @@ void quantize_panel_row(const T* x, int64_t K, int64_t group_size, int8_t* codes
     float s = _mm512_reduce_max_ps(amax) / 127.0f;
     if (s == 0.0f) s = 1.0f;
     const __m512 vs = _mm512_set1_ps(s);
-    for (int64_t b0 = k0; b0 < k0 + len; b0 += kQ8Block) {  // a block of 32: codes, its sum
-      __m512i sum = _mm512_setzero_si512();
-      for (int64_t k = b0; k < b0 + kQ8Block && k < K; k += 16) {
-        __m512 v = _mm512_roundscale_ps(_mm512_div_ps(load16(x + k, K - k), vs),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        v = _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(-127.0f)), _mm512_set1_ps(127.0f));
-        const __m512i q = _mm512_cvtps_epi32(v);
-        sum = _mm512_add_epi32(sum, q);
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + k), _mm512_cvtsepi32_epi8(q));
-      }
-      ps[b0 / kQ8Block * kAmxPanel + j] = s;
-      pg[b0 / group_size * kAmxPanel + j] += static_cast<float>(_mm512_reduce_add_epi32(sum)) * s;
+    __m512i sum = _mm512_setzero_si512();  // the run's codes: a run lies in one group
+    for (int64_t k = k0; k < k0 + len; k += 16) {
+      __m512 v = _mm512_roundscale_ps(_mm512_div_ps(load16(x + k, K - k), vs),
+                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      v = _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(-127.0f)), _mm512_set1_ps(127.0f));
+      const __m512i q = _mm512_cvtps_epi32(v);
+      sum = _mm512_add_epi32(sum, q);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + k), _mm512_cvtsepi32_epi8(q));
     }
+    for (int64_t b0 = k0; b0 < k0 + len; b0 += kQ8Block) ps[b0 / kQ8Block * kAmxPanel + j] = s;
+    pg[k0 / group_size * kAmxPanel + j] += static_cast<float>(_mm512_reduce_add_epi32(sum)) * s;
   }
   for (int64_t k = K; k < amx_padded_k(K); ++k) codes[k] = 0;
 }
@@ -488,7 +486,7 @@ void w4_panels(const W4GemmArgs& g, const W4Strip& strip, int64_t n, int64_t m, 
 
   // Per accumulator q and its weight row i: f = F (this group's sums so far) and acc = the
   // finished groups, each for the panel's 16 activation rows; c = two runs' integer sums.
-  alignas(64) float acc[4][16][16] = {};
+  alignas(64) float acc[4][16][16];  // written by group 0's fold, then added to
   alignas(64) float f[4][16][16];
   alignas(64) int32_t c[2][4][16][16];
   if (!run_is_group) std::fill(&f[0][0][0], &f[0][0][0] + sizeof(f) / sizeof(float), 0.0f);
@@ -527,6 +525,9 @@ void w4_panels(const W4GemmArgs& g, const W4Strip& strip, int64_t n, int64_t m, 
   int64_t group = 0, group_end = g.group_size;
   const auto fold = [&](int64_t r, const int32_t (&sums)[4][16][16]) TORCHSLIM_INLINE {
     const bool group_ends = run * (r + 1) >= group_end || r + 1 == runs;
+    const auto finished = [&](int q, int i) TORCHSLIM_INLINE {  // acc[q][i] so far
+      return group == 0 ? _mm512_setzero_ps() : _mm512_load_ps(acc[q][i]);
+    };
     const float* s = strip.scale.data() + group * kW4StripRows;
     const float* sz = strip.scaled_zero.data() + group * kW4StripRows;
 #pragma GCC unroll 4
@@ -541,7 +542,7 @@ void w4_panels(const W4GemmArgs& g, const W4Strip& strip, int64_t n, int64_t m, 
         for (int i = 0; i < 16; ++i) {
           const int row = 16 * half + i;
           const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(sums[q][i])), scale);
-          const __m512 a = _mm512_fmadd_ps(_mm512_set1_ps(s[row]), v, _mm512_load_ps(acc[q][i]));
+          const __m512 a = _mm512_fmadd_ps(_mm512_set1_ps(s[row]), v, finished(q, i));
           _mm512_store_ps(acc[q][i], _mm512_fnmadd_ps(_mm512_set1_ps(sz[row]), gsum, a));
         }
         continue;
@@ -555,8 +556,8 @@ void w4_panels(const W4GemmArgs& g, const W4Strip& strip, int64_t n, int64_t m, 
 #pragma GCC unroll 16
       for (int i = 0; i < 16; ++i) {
         const int row = 16 * half + i;
-        const __m512 a = _mm512_fmadd_ps(_mm512_set1_ps(s[row]), _mm512_load_ps(f[q][i]),
-                                         _mm512_load_ps(acc[q][i]));
+        const __m512 a =
+            _mm512_fmadd_ps(_mm512_set1_ps(s[row]), _mm512_load_ps(f[q][i]), finished(q, i));
         _mm512_store_ps(acc[q][i], _mm512_fnmadd_ps(_mm512_set1_ps(sz[row]), gsum, a));
         _mm512_store_ps(f[q][i], _mm512_setzero_ps());
       }
