@@ -56,9 +56,11 @@ int64_t balanced_block_n(int64_t N, int64_t most) {
 
 // Scratch for what lives only inside one op call (an activation's int8 codes and scales): a
 // request up to kWorkspaceMax bytes reuses the calling thread's buffer, so a decode step does
-// not allocate four tensors per int4 layer; a larger one is held by `fallback`. 64-byte aligned.
+// not allocate four tensors per int4 layer, and a prefill's activation panels (2 MB at M = 512,
+// K = 4096) do not come as fresh pages the kernel must clear each call; a larger one is held by
+// `fallback`. 64-byte aligned.
 constexpr std::size_t kWorkspaceAlign = 64;
-constexpr std::size_t kWorkspaceMax = std::size_t{1} << 20;
+constexpr std::size_t kWorkspaceMax = std::size_t{8} << 20;
 
 std::size_t align_up(std::size_t n) {
   return (n + kWorkspaceAlign - 1) / kWorkspaceAlign * kWorkspaceAlign;

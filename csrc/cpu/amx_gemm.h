@@ -491,27 +491,26 @@ void w4_panels(const W4GemmArgs& g, const W4Strip& strip, int64_t n, int64_t m, 
   alignas(64) int32_t c[2][4][16][16];
   if (!run_is_group) std::fill(&f[0][0][0], &f[0][0][0] + sizeof(f) / sizeof(float), 0.0f);
 
-  const auto multiply = [&](int64_t r) TORCHSLIM_INLINE {
+  const auto zero = [&]() TORCHSLIM_INLINE {
     _tile_zero(0);
     _tile_zero(2);
     if constexpr (kPanels > 1) {
       _tile_zero(1);
       _tile_zero(3);
     }
-    const int64_t t1 = (r + 1) * steps_per_run < steps ? (r + 1) * steps_per_run : steps;
-    for (int64_t t = r * steps_per_run; t < t1; ++t) {
-      const int8_t* wt = w + kW4StripRows * kDepth * t;
-      const int8_t* xt = x + kAmxPanel * kDepth * t;
-      _tile_loadd(4, wt, kDepth);
-      _tile_loadd(5, wt + 16 * kDepth, kDepth);
-      _tile_loadd(6, xt, 64);
-      _tile_dpbssd(0, 4, 6);
-      _tile_dpbssd(2, 5, 6);
-      if constexpr (kPanels > 1) {
-        _tile_loadd(7, xt + panel_bytes, 64);
-        _tile_dpbssd(1, 4, 7);
-        _tile_dpbssd(3, 5, 7);
-      }
+  };
+  const auto step = [&](int64_t t) TORCHSLIM_INLINE {  // the multiplies of columns t kDepth ..
+    const int8_t* wt = w + kW4StripRows * kDepth * t;
+    const int8_t* xt = x + kAmxPanel * kDepth * t;
+    _tile_loadd(4, wt, kDepth);
+    _tile_loadd(5, wt + 16 * kDepth, kDepth);
+    _tile_loadd(6, xt, 64);
+    _tile_dpbssd(0, 4, 6);
+    _tile_dpbssd(2, 5, 6);
+    if constexpr (kPanels > 1) {
+      _tile_loadd(7, xt + panel_bytes, 64);
+      _tile_dpbssd(1, 4, 7);
+      _tile_dpbssd(3, 5, 7);
     }
   };
   const auto store = [&](int32_t (&sums)[4][16][16]) TORCHSLIM_INLINE {
@@ -523,15 +522,17 @@ void w4_panels(const W4GemmArgs& g, const W4Strip& strip, int64_t n, int64_t m, 
     }
   };
   int64_t group = 0, group_end = g.group_size;
-  const auto fold = [&](int64_t r, const int32_t (&sums)[4][16][16]) TORCHSLIM_INLINE {
-    const bool group_ends = run * (r + 1) >= group_end || r + 1 == runs;
+  const auto ends_group = [&](int64_t r) { return run * (r + 1) >= group_end || r + 1 == runs; };
+  // Run r's sums of accumulators q0 .. q1 - 1 into f and acc.
+  const auto fold = [&](int64_t r, const int32_t (&sums)[4][16][16], int q0,
+                        int q1) TORCHSLIM_INLINE {
+    const bool group_ends = ends_group(r);
     const auto finished = [&](int q, int i) TORCHSLIM_INLINE {  // acc[q][i] so far
       return group == 0 ? _mm512_setzero_ps() : _mm512_load_ps(acc[q][i]);
     };
     const float* s = strip.scale.data() + group * kW4StripRows;
     const float* sz = strip.scaled_zero.data() + group * kW4StripRows;
-#pragma GCC unroll 4
-    for (int q = 0; q < 4; ++q) {
+    for (int q = q0; q < q1; ++q) {
       const int half = q / 2, pp = q % 2;
       if (pp >= kPanels) continue;
       const __m512 scale = _mm512_load_ps(xs + (pp * blocks + r * (run / kQ8Block)) * kAmxPanel);
@@ -562,17 +563,31 @@ void w4_panels(const W4GemmArgs& g, const W4Strip& strip, int64_t n, int64_t m, 
         _mm512_store_ps(f[q][i], _mm512_setzero_ps());
       }
     }
-    if (group_ends) {
-      ++group;
-      group_end += g.group_size;
-    }
   };
-  for (int64_t r = 0; r < runs; ++r) {
-    multiply(r);
-    store(c[r & 1]);
-    if (r > 0) fold(r - 1, c[(r - 1) & 1]);
+  // Run r's multiplies, with run r - 1's fold spread between its steps (a quarter of it after
+  // each of four steps, half after each of two): the core sees both at once and overlaps the
+  // tile unit's work with the fold's. Then run r's sums go to memory.
+  for (int64_t r = 0; r <= runs; ++r) {
+    const int64_t t0 = r * steps_per_run;
+    const int64_t t1 = r == runs ? t0 : (t0 + steps_per_run < steps ? t0 + steps_per_run : steps);
+    if (r < runs) zero();
+    int q = 0;
+    for (int64_t t = t0; t < t1; ++t) {
+      step(t);
+      if (r == 0) continue;
+      const int q1 = static_cast<int>(4 * (t - t0 + 1) / (t1 - t0));
+      fold(r - 1, c[(r - 1) & 1], q, q1);
+      q = q1;
+    }
+    if (r > 0) {
+      if (q < 4) fold(r - 1, c[(r - 1) & 1], q, 4);
+      if (ends_group(r - 1)) {
+        ++group;
+        group_end += g.group_size;
+      }
+    }
+    if (r < runs) store(c[r & 1]);
   }
-  fold(runs - 1, c[(runs - 1) & 1]);
 
   // acc[q][i][j] is out[m + 16 pp + j, n + 16 half + i] before the bias: transposed per tile.
   for (int q = 0; q < 4; ++q) {
