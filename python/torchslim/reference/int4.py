@@ -26,9 +26,9 @@ The CPU kernel first rounds x to int8 per run of 32, 64 or 128 values along K
 (:func:`cpu_activation_block`; llama.cpp's Q8 activations: scale = max |x| / 127 per run, codes
 round half to even) so that weights and activations meet in integer dot products;
 ``activation_block=cpu_activation_block(group_size, K)`` gives that arithmetic here, the
-yardstick its outputs are checked against. Its effect on the output (with two 20x outlier channels a row, about
-0.7% relative at runs of 32 and 1% at 128, against about 10% for rounding the weights to 4 bits)
-is measured by the tests.
+yardstick its outputs are checked against. Its effect on the output (with two 20x outlier
+channels a row, about 0.7% relative at runs of 32 and 1% at 128, against about 10% for rounding
+the weights to 4 bits) is measured by the tests.
 """
 
 from __future__ import annotations
