@@ -198,6 +198,27 @@ def test_triton_through_the_op(gen):
         check_close(out, ref64, ref.int4_weight_only_linear(x, *args))
 
 
+def test_cpu_activation_block():
+    """The longest of 128, 64 and 32 dividing the group; 128 per channel; groups the CPU kernel
+    does not take are refused by name."""
+    cases = {
+        (128, 4096): 128,
+        (256, 4096): 128,
+        (64, 4096): 64,
+        (192, 4224): 64,
+        (32, 4096): 32,
+        (96, 960): 32,
+        (-1, 4130): 128,
+        (4130, 4130): 128,
+        (-1, 96): 128,
+    }
+    for (group_size, k), block in cases.items():
+        assert ref.cpu_activation_block(group_size, k) == block, (group_size, k)
+    for group_size, k in ((16, 64), (0, 64), (128, 4000), (-2, 64)):
+        with pytest.raises(ValueError, match="group_size"):
+            ref.cpu_activation_block(group_size, k)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_kernel_adds_no_measurable_error(backend, gen):
     """Against the float layer, the kernel's SQNR is the float-activation reference's within

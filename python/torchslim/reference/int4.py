@@ -55,6 +55,11 @@ def cpu_activation_block(group_size: int, k: int) -> int:
     rather than once per 32 values (llama.cpp's k-quants round activations per 256).
     """
     g = resolve_group_size(group_size, k)
+    if g <= 0 or k % g or (g % Q8_BLOCK and g != k):
+        raise ValueError(
+            f"group_size must be -1 or a multiple of {Q8_BLOCK} that divides K={k} (the CPU "
+            f"kernel's groups), got {group_size}"
+        )
     if g == k or g % 128 == 0:
         return 128
     return 64 if g % 64 == 0 else Q8_BLOCK
