@@ -306,6 +306,37 @@ def test_kernel_split_kv_decode(backend, sq, heads):
             check_close(out, ref64, ref.attention(q, k, v, *args, compute_dtype=dtype))
 
 
+# (B, H, Hkv, Sq, Sk, D, Dv, options): blocks of 16 query rows on the AMX level's bf16 tiles
+# (an odd number of them, a last item of 6 rows that stays on AVX-512, query heads of a GQA
+# group as one item's rows), key blocks cut by the sequence's end, a causal window and kv_lens
+# inside a block, a mask strided along the keys, a negative scale, split-KV with 16 rows.
+TILE_CASES = [
+    (1, 2, 2, 48, 48, 64, 64, {}),
+    (1, 2, 1, 70, 70, 32, 96, {"causal": True}),
+    (2, 8, 2, 5, 300, 128, 64, {"window": 100, "lens": True}),
+    (1, 2, 2, 65, 130, 64, 64, {"strided mask": True, "causal": True}),
+    (1, 4, 2, 33, 200, 256, 256, {"scale": -0.3}),
+    (2, 2, 1, 16, 2100, 64, 64, {"causal": True}),
+]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize(("b", "h", "hkv", "sq", "sk", "d", "dv", "opt"), TILE_CASES)
+def test_kernel_tile_blocks(backend, b, h, hkv, sq, sk, d, dv, opt):
+    gen = seeded(backend, b, h, hkv, sq, sk, d, dv, *opt)
+    q, k, v = (_nan_padded(t) for t in _qkv(b, h, hkv, sq, sk, d, gen, torch.bfloat16, dv))
+    mask = torch.randn(sk, sq, generator=gen).T if "strided mask" in opt else None
+    lens = torch.randint(sk // 2, sk + 1, (b,), generator=gen) if "lens" in opt else None
+    causal, window, scale = "causal" in opt or "window" in opt, opt.get("window"), opt.get("scale")
+    with run_on(backend):
+        out = torchslim.attention(
+            q, k, v, attn_mask=mask, causal=causal, scale=scale, window=window, kv_lens=lens
+        )
+    args = (mask, causal, scale, window, lens)
+    ref64 = ref.attention(q.double(), k.double(), v.double(), *args, compute_dtype=torch.float64)
+    check_close(out, ref64, ref.attention(q, k, v, *args, compute_dtype=torch.bfloat16))
+
+
 # --------------------------------------------------------------------------- autograd
 GRAD_OPTIONS = ("plain", "causal", "bool mask, empty rows", "additive mask + causal")
 

@@ -490,7 +490,7 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Ten
   }
   at::Tensor out = at::empty({B, H, Sq, Dv}, q.options());
   if (out.numel() == 0) return out;
-  const cpu::AttentionArgs args{
+  cpu::AttentionArgs args{
       qc.data_ptr(),
       qc.stride(0),
       qc.stride(1),
@@ -545,6 +545,26 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Ten
   }
   const int64_t n_items = static_cast<int64_t>(items.size());
   const int64_t splits = attention_kv_splits(n_items, Sq, Sk);
+  // The tile unit's layouts of every key/value head, packed once for all the items that read
+  // them (the first item has the most rows).
+  at::Tensor tiles;
+  if (kt.attention_pack != nullptr && cpu::attention_tiles_fit(args) &&
+      items[0].nh * (items[0].i1 - items[0].i0) >= kt.attention_tile_min_rows) {
+    const int64_t keys = cpu::attention_tile_keys(Sk), chunk = 4 * cpu::kAttnBlockK;
+    const int64_t chunks = (keys + chunk - 1) / chunk;
+    tiles = at::empty({B * Hkv * keys * (D + Dv)}, q.options().dtype(at::kShort));
+    auto* k_tiles = reinterpret_cast<uint16_t*>(tiles.data_ptr<int16_t>());
+    uint16_t* v_tiles = k_tiles + B * Hkv * keys * D;
+    at::parallel_for(0, B * Hkv * chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t head = t / chunks, j0 = t % chunks * chunk;
+        kt.attention_pack(args, head / Hkv, head % Hkv, j0, std::min(j0 + chunk, keys),
+                          k_tiles + head * keys * D, v_tiles + head * keys * Dv);
+      }
+    });
+    args.k_tiles = k_tiles;
+    args.v_tiles = v_tiles;
+  }
   if (splits == 1) {
     at::parallel_for(0, n_items, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> work(work_floats);

@@ -1,5 +1,5 @@
 // AMX build (Sapphire Rapids and later): the avx512 level's kernels, with the large-M GEMMs on
-// the tile unit (amx_gemm.h).
+// the tile unit (amx_gemm.h) and bf16 attention's products too (amx_attention.h).
 #include "isa_prelude.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -16,7 +16,7 @@
 #endif
 
 #define TORCHSLIM_ISA_NS amx
-#include "amx_gemm.h"
+#include "amx_attention.h"  // and amx_gemm.h
 
 namespace torchslim::cpu::amx {
 
@@ -43,6 +43,9 @@ const KernelTable& kernel_table() {
     t.w4_gemm = &amx_w4_gemm;
     t.w4_pack_panels = &w4_pack_panels;
     t.w4_panel_min_m = kW4PanelMinM;
+    t.attention = &amx_attention;
+    t.attention_pack = &attention_pack;
+    t.attention_tile_min_rows = kAttnTileMinRows;
     return t;
   }();
   return table;

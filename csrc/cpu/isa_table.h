@@ -23,6 +23,8 @@ const KernelTable& kernel_table() {
                                  nullptr,
                                  0,
                                  nullptr,
+                                 0,
+                                 nullptr,
                                  0};
   return table;
 }

@@ -202,11 +202,25 @@ struct AttentionArgs {
   float scale;
   bool causal;
   int64_t window;
+  // Null, or every key/value head's k and v in the tile unit's layouts (KernelTable::
+  // attention_pack): then the amx level runs items of enough rows on the tiles.
+  const uint16_t* k_tiles = nullptr;
+  const uint16_t* v_tiles = nullptr;
 };
 
 // Query rows per work item, keys per tile.
 constexpr int64_t kAttnBlockQ = 64;
 constexpr int64_t kAttnBlockK = 64;
+
+// Keys per head in the tile layouts: Sk rounded up to whole blocks of keys.
+inline int64_t attention_tile_keys(int64_t Sk) {
+  return (Sk + kAttnBlockK - 1) / kAttnBlockK * kAttnBlockK;
+}
+
+// Whether the tile layouts hold these arguments: bf16, head dims multiples of 32.
+inline bool attention_tiles_fit(const AttentionArgs& a) {
+  return a.type == ScalarType::kBFloat16 && a.D % 32 == 0 && a.Dv % 32 == 0;
+}
 
 // Per block: scaled q rows, output rows, scores, max and sum per row, the transposed key tile.
 inline int64_t attention_work_floats(int64_t D, int64_t Dv) {
@@ -336,6 +350,13 @@ struct KernelTable {
   void (*w4_pack_panels)(const Q8BlockArgs& x, int64_t M, int8_t* codes, float* scales,
                          float* group_sums, int64_t p0, int64_t p1);
   int64_t w4_panel_min_m;
+  // Null, or keys [j0, j1) (multiples of 16, at most attention_tile_keys(Sk)) of key/value head
+  // hk of batch b written in the tile layouts to that head's k_tiles (attention_tile_keys(Sk) x
+  // D elements) and v_tiles (x Dv), for arguments that attention_tiles_fit: attention then
+  // takes them through AttentionArgs for work items of at least attention_tile_min_rows rows.
+  void (*attention_pack)(const AttentionArgs& a, int64_t b, int64_t hk, int64_t j0, int64_t j1,
+                         uint16_t* k_tiles, uint16_t* v_tiles);
+  int64_t attention_tile_min_rows;
 };
 
 namespace portable {

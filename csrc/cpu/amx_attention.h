@@ -1,0 +1,337 @@
+// Fused attention on the AMX tile unit (bf16), for work items of at least
+// kAttnTileMinRows query rows; smaller ones (decode) and fp32 take attention.h's kernel.
+//
+// The same online softmax as attention.h, with both products on bf16 tiles (TDPBF16PS: a
+// 16 x 32 bf16 tile A times a 32 x 16 tile B in the VNNI layout, row p holding the pairs
+// (2p, 2p + 1) of 16 columns, summed into a 16 x 16 fp32 tile in 16 cycles, 16x a core's
+// AVX-512 FMA rate). Per block of kAttnBlockK keys, for the item's rows (queries of the heads
+// that share one key/value head):
+//   S = q k^T      A: the rows of q (copied once per item, zero rows past the last),
+//                  B: the key tiles, packed once per call (attention_pack)
+//   softmax        AVX-512 on the fp32 scores: t = S scale log2(e) (+ mask log2(e)), -inf outside
+//                  each row's visible keys, m' = max(m, max t), P = 2^(t - m') rounded to bf16,
+//                  l = l 2^(m - m') + sum P (in fp32, before the rounding), O *= 2^(m - m') where
+//                  the max moved
+//   O += P v       A: P, B: the value tiles (packed once per call); O lives in memory in fp32
+//                  and is loaded into the accumulators and stored back once per block
+// and at the end out = O / l. P is rounded to bf16 as the tile unit needs, as PyTorch's own
+// CPU flash kernel does for bf16; every sum is fp32.
+//
+// Tile layouts of one key/value head, keys padded to a multiple of kAttnBlockK with zeros:
+//   keys   tile (g, s) = keys 16 g .. 16 g + 15, head dims 32 s .. 32 s + 31, at element
+//          (g D / 32 + s) 512: row p = the 16 keys' dims (32 s + 2 p, 32 s + 2 p + 1)
+//   values tile (t, c) = keys 32 t .. 32 t + 31, value dims 16 c .. 16 c + 15, at element
+//          (t Dv / 16 + c) 512: row p = the 16 dims of keys (32 t + 2 p, 32 t + 2 p + 1)
+// Values of keys at or past kv_lens[b] are packed as zeros, so a key no row sees adds 0 x 0.
+#pragma once
+
+#include "amx_gemm.h"
+
+namespace torchslim::cpu::TORCHSLIM_ISA_NS {
+namespace {
+
+// Rows of a work item from which the tiles take over (below, the rows of a 16-row tile would
+// be mostly padding).
+constexpr int64_t kAttnTileMinRows = 16;
+
+constexpr float kLn2 = 0.693147180559945309f;  // kLog2e: simd.h
+
+// 2^x for x <= 0 (and -inf -> 0, NaN kept): 2^n 2^f with n = round(x), |f| <= 1/2, 2^f by a
+// degree-5 polynomial fitted on [-1/2, 1/2] (relative error 1e-7; 2^0 is exactly 1).
+inline __m512 exp2_ps(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-150.0f), x);  // max returns its second operand for a NaN
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, n);
+  __m512 p = _mm512_set1_ps(1.3400432166e-03f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6760370979e-03f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5503272142e-02f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022107356e-01f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314720671e-01f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+constexpr TileConfig attention_tiles() {
+  TileConfig config;
+  for (int t = 0; t < 8; ++t) {
+    config.rows[t] = 16;
+    config.colsb[t] = 64;
+  }
+  return config;
+}
+
+// Keys [j0, j1) (multiples of 16, j1 <= attention_tile_keys(Sk)) of key/value head hk of batch
+// b into the head's tiles k_tiles and v_tiles (see the layouts above).
+void attention_pack(const AttentionArgs& a, int64_t b, int64_t hk, int64_t j0, int64_t j1,
+                    uint16_t* k_tiles, uint16_t* v_tiles) {
+  const int64_t D = a.D, Dv = a.Dv, Sk = a.Sk;
+  const int64_t len = a.kv_lens ? a.kv_lens[b] : Sk;
+  const auto* k = static_cast<const uint16_t*>(a.k) + b * a.k_sb + hk * a.k_sh;
+  const auto* v = static_cast<const uint16_t*>(a.v) + b * a.v_sb + hk * a.v_sh;
+  for (int64_t g = j0 / 16; g < j1 / 16; ++g) {
+    for (int64_t s = 0; s < D / 32; ++s) {
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i) {
+        const int64_t j = 16 * g + i;
+        r[i] = j < Sk ? _mm512_loadu_si512(k + j * a.k_ss + 32 * s) : _mm512_setzero_si512();
+      }
+      transpose_16x16(r);  // r[p]: the dim pair p of each of the 16 keys
+      uint16_t* tile = k_tiles + (g * (D / 32) + s) * 512;
+      for (int p = 0; p < 16; ++p) _mm512_store_si512(tile + 32 * p, r[p]);
+    }
+  }
+  // Interleaves 16 values of key 2p (low half) and 16 of key 2p + 1 (high half).
+  alignas(64) static constexpr uint16_t kPairs[32] = {0,  16, 1,  17, 2,  18, 3,  19, 4,  20, 5,
+                                                      21, 6,  22, 7,  23, 8,  24, 9,  25, 10, 26,
+                                                      11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i pairs = _mm512_load_si512(kPairs);
+  for (int64_t j = j0; j < j1; j += 2) {
+    const uint16_t* v0 = j < len ? v + j * a.v_ss : nullptr;
+    const uint16_t* v1 = j + 1 < len ? v + (j + 1) * a.v_ss : nullptr;
+    uint16_t* row = v_tiles + (j / 32) * (Dv / 16) * 512 + (j % 32) / 2 * 32;
+    for (int64_t c = 0; c < Dv / 16; ++c) {
+      const __m256i lo = v0 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v0 + 16 * c))
+                            : _mm256_setzero_si256();
+      const __m256i hi = v1 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v1 + 16 * c))
+                            : _mm256_setzero_si256();
+      const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+      _mm512_store_si512(row + c * 512, _mm512_permutexvar_epi16(pairs, both));
+    }
+  }
+}
+
+// Per-thread buffers of one work item, 64-byte aligned (a tile row that straddles two cache
+// lines costs 3x).
+struct AttentionTileWork {
+  std::vector<uint16_t> q;      // [rows16][D] bf16
+  std::vector<float> s;         // [rows16][kAttnBlockK] scores
+  std::vector<uint16_t> p;      // [rows16][kAttnBlockK] bf16 P
+  std::vector<float> o;         // [rows16][Dv]
+  std::vector<float> m, l;      // [rows] running max (log2 units) and sum
+  std::vector<int64_t> lo, hi;  // [rows] the row's visible keys [lo, hi)
+};
+
+// The item's S = q k^T for keys [j0, j0 + kAttnBlockK): rows 16 r0 .. 16 (r0 + kRows).
+template <int kRows>
+void score_tiles(const uint16_t* q, int64_t D, const uint16_t* k_tiles, int64_t j0, int64_t r0,
+                 float* s) {
+  for (int64_t g = 0; g < kAttnBlockK / 16; g += 2) {
+    _tile_zero(0);
+    _tile_zero(1);
+    if constexpr (kRows > 1) {
+      _tile_zero(2);
+      _tile_zero(3);
+    }
+    const uint16_t* kt = k_tiles + (j0 / 16 + g) * (D / 32) * 512;
+    for (int64_t st = 0; st < D / 32; ++st) {
+      _tile_loadd(6, kt + st * 512, 64);
+      _tile_loadd(7, kt + (D / 32 + st) * 512, 64);
+      _tile_loadd(4, q + 16 * r0 * D + 32 * st, 2 * D);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      if constexpr (kRows > 1) {
+        _tile_loadd(5, q + 16 * (r0 + 1) * D + 32 * st, 2 * D);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+    }
+    constexpr int64_t ld = kAttnBlockK * sizeof(float);
+    float* out = s + 16 * r0 * kAttnBlockK + 16 * g;
+    _tile_stored(0, out, ld);
+    _tile_stored(1, out + 16, ld);
+    if constexpr (kRows > 1) {
+      _tile_stored(2, out + 16 * kAttnBlockK, ld);
+      _tile_stored(3, out + 16 * kAttnBlockK + 16, ld);
+    }
+  }
+}
+
+// O += P v for keys [j0, j0 + kAttnBlockK): rows 16 r0 .. 16 (r0 + kRows), all of Dv.
+template <int kRows>
+void value_tiles(const uint16_t* p, const uint16_t* v_tiles, int64_t Dv, int64_t j0, int64_t r0,
+                 float* o) {
+  const int64_t ld = Dv * static_cast<int64_t>(sizeof(float));
+  for (int64_t c = 0; c < Dv / 16; c += 2) {
+    float* oc = o + 16 * r0 * Dv + 16 * c;
+    _tile_loadd(0, oc, ld);
+    _tile_loadd(1, oc + 16, ld);
+    if constexpr (kRows > 1) {
+      _tile_loadd(2, oc + 16 * Dv, ld);
+      _tile_loadd(3, oc + 16 * Dv + 16, ld);
+    }
+    for (int64_t t = 0; t < kAttnBlockK / 32; ++t) {
+      const uint16_t* vt = v_tiles + ((j0 / 32 + t) * (Dv / 16) + c) * 512;
+      _tile_loadd(6, vt, 64);
+      _tile_loadd(7, vt + 512, 64);
+      _tile_loadd(4, p + 16 * r0 * kAttnBlockK + 32 * t, 2 * kAttnBlockK);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      if constexpr (kRows > 1) {
+        _tile_loadd(5, p + 16 * (r0 + 1) * kAttnBlockK + 32 * t, 2 * kAttnBlockK);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+    }
+    _tile_stored(0, oc, ld);
+    _tile_stored(1, oc + 16, ld);
+    if constexpr (kRows > 1) {
+      _tile_stored(2, oc + 16 * Dv, ld);
+      _tile_stored(3, oc + 16 * Dv + 16, ld);
+    }
+  }
+}
+
+// One work item on the tiles (attention.h's contract; a.k_tiles / a.v_tiles set).
+void attention_on_tiles(const AttentionArgs& a, int64_t b, int64_t h0, int64_t nh, int64_t i0,
+                        int64_t i1, int64_t j_begin, int64_t j_end, float* partial) {
+  constexpr int64_t BK = kAttnBlockK;
+  const int64_t D = a.D, Dv = a.Dv, nq = i1 - i0, rows = nh * nq, groups = (rows + 15) / 16;
+  const int64_t hk = h0 / (a.H / a.Hkv), head_keys = attention_tile_keys(a.Sk);
+  const auto head = [&](int64_t r) { return h0 + r / nq; };
+  const auto query = [&](int64_t r) { return i0 + r % nq; };
+  const uint16_t* k_tiles = a.k_tiles + (b * a.Hkv + hk) * head_keys * D;
+  const uint16_t* v_tiles = a.v_tiles + (b * a.Hkv + hk) * head_keys * Dv;
+
+  thread_local AttentionTileWork w;
+  w.q.assign(16 * groups * D + 32, 0);
+  w.s.resize(16 * groups * BK + 16);
+  w.p.assign(16 * groups * BK + 32, 0);
+  w.o.assign(16 * groups * Dv + 16, 0.0f);
+  w.m.assign(rows, -__builtin_inff());
+  w.l.assign(rows, 0.0f);
+  w.lo.resize(rows);
+  w.hi.resize(rows);
+  uint16_t* q = aligned_data(w.q);
+  float* s = aligned_data(w.s);
+  uint16_t* p = aligned_data(w.p);
+  float* o = aligned_data(w.o);
+
+  // Each row's visible keys: j < len and the split's [j_begin, j_end); with causal, at most its
+  // position i + len - Sq, and past position - window.
+  const int64_t len = a.kv_lens ? a.kv_lens[b] : a.Sk, shift = len - a.Sq;
+  int64_t j_lo = len, j_hi = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const auto* qr =
+        static_cast<const uint16_t*>(a.q) + b * a.q_sb + head(r) * a.q_sh + query(r) * a.q_ss;
+    std::copy(qr, qr + D, q + r * D);
+    int64_t lo = j_begin, hi = std::min(j_end, len);
+    if (a.causal) {
+      const int64_t pos = query(r) + shift;
+      hi = std::min(hi, pos + 1);
+      if (a.window > 0) lo = std::max(lo, pos - a.window + 1);
+    }
+    w.lo[r] = lo;
+    w.hi[r] = hi;
+    if (lo < hi) {
+      j_lo = std::min(j_lo, lo);
+      j_hi = std::max(j_hi, hi);
+    }
+  }
+
+  const float c = a.scale * kLog2e;
+  const __m512 vc = _mm512_set1_ps(c), v_log2e = _mm512_set1_ps(kLog2e);
+  const __m512 minus_inf = _mm512_set1_ps(-__builtin_inff());
+  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  alignas(64) float mask_row[BK];
+  const TileScope tiles(attention_tiles());
+  for (int64_t j0 = j_lo / BK * BK; j0 < j_hi; j0 += BK) {
+    tile_reads_memory();
+    int64_t r0 = 0;
+    for (; r0 + 2 <= groups; r0 += 2) score_tiles<2>(q, D, k_tiles, j0, r0, s);
+    if (r0 < groups) score_tiles<1>(q, D, k_tiles, j0, r0, s);
+
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* sr = s + r * BK;
+      __m512 t[BK / 16];
+      const float* mr = nullptr;
+      if (a.mask) {
+        mr = a.mask + b * a.m_sb + head(r) * a.m_sh + query(r) * a.m_sq + j0 * a.m_sk;
+        if (a.m_sk != 1) {
+          for (int64_t cc = 0; cc < BK; ++cc) mask_row[cc] = j0 + cc < a.Sk ? mr[cc * a.m_sk] : 0;
+          mr = mask_row;
+        }
+      }
+      // Lanes outside [lo, hi) of the row, as offsets from j0 (clamped to the block).
+      const int64_t lo = w.lo[r] - j0, hi = w.hi[r] - j0;
+      const bool edge = lo > 0 || hi < BK;
+      const __m512i vlo = _mm512_set1_epi32(static_cast<int>(std::clamp<int64_t>(lo, 0, BK)));
+      const __m512i vhi = _mm512_set1_epi32(static_cast<int>(std::clamp<int64_t>(hi, 0, BK)));
+      __m512 vmax = minus_inf;
+#pragma GCC unroll 4
+      for (int64_t u = 0; u < BK / 16; ++u) {
+        const __m512 su = _mm512_load_ps(sr + 16 * u);
+        if (mr) {
+          const __m512 mu = _mm512_maskz_loadu_ps(first_lanes(a.Sk - j0 - 16 * u), mr + 16 * u);
+          t[u] = _mm512_fmadd_ps(su, vc, _mm512_mul_ps(mu, v_log2e));
+        } else {
+          t[u] = _mm512_mul_ps(su, vc);
+        }
+        if (edge) {
+          const __m512i col = _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(16 * u)));
+          const __mmask16 seen =
+              _mm512_cmpge_epi32_mask(col, vlo) & _mm512_cmplt_epi32_mask(col, vhi);
+          t[u] = _mm512_mask_blend_ps(seen, minus_inf, t[u]);
+        }
+        vmax = _mm512_max_ps(vmax, t[u]);
+      }
+      const float m_old = w.m[r], m_new = std::max(m_old, _mm512_reduce_max_ps(vmax));
+      uint16_t* pr = p + r * BK;
+      if (m_new == -__builtin_inff()) {  // nothing visible yet: P = 0
+        std::fill(pr, pr + BK, uint16_t{0});
+        continue;
+      }
+      const __m512 vm = _mm512_set1_ps(m_new);
+      __m512 vsum = _mm512_setzero_ps();
+#pragma GCC unroll 2
+      for (int64_t u = 0; u < BK / 16; u += 2) {
+        const __m512 p0 = exp2_ps(_mm512_sub_ps(t[u], vm));
+        const __m512 p1 = exp2_ps(_mm512_sub_ps(t[u + 1], vm));
+        vsum = _mm512_add_ps(vsum, _mm512_add_ps(p0, p1));
+        _mm512_store_si512(pr + 16 * u, (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
+      }
+      const float alpha = m_old == -__builtin_inff() ? 0.0f : __builtin_exp2f(m_old - m_new);
+      w.l[r] = w.l[r] * alpha + _mm512_reduce_add_ps(vsum);
+      w.m[r] = m_new;
+      if (alpha != 1.0f) {
+        float* orow = o + r * Dv;
+        const __m512 va = _mm512_set1_ps(alpha);
+        for (int64_t d = 0; d < Dv; d += 16)
+          _mm512_store_ps(orow + d, _mm512_mul_ps(_mm512_load_ps(orow + d), va));
+      }
+    }
+
+    tile_reads_memory();
+    r0 = 0;
+    for (; r0 + 2 <= groups; r0 += 2) value_tiles<2>(p, v_tiles, Dv, j0, r0, o);
+    if (r0 < groups) value_tiles<1>(p, v_tiles, Dv, j0, r0, o);
+  }
+  tile_reads_memory();
+
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* orow = o + r * Dv;
+    if (partial) {  // the max back in the scores' own units, as attention.h leaves it
+      float* pr = partial + r * (Dv + 2);
+      pr[0] = w.m[r] * kLn2;
+      pr[1] = w.l[r];
+      std::copy(orow, orow + Dv, pr + 2);
+      continue;
+    }
+    const __m512 inv = _mm512_set1_ps(w.l[r] > 0.0f ? 1.0f / w.l[r] : 0.0f);
+    auto* out = static_cast<uint16_t*>(a.out) + b * a.o_sb + head(r) * a.o_sh + query(r) * a.o_ss;
+    for (int64_t d = 0; d < Dv; d += 16) {
+      const __m512 y = _mm512_mul_ps(_mm512_load_ps(orow + d), inv);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + d), (__m256i)_mm512_cvtneps_pbh(y));
+    }
+  }
+}
+
+void amx_attention(const AttentionArgs& a, int64_t b, int64_t h0, int64_t nh, int64_t i0,
+                   int64_t i1, int64_t j_begin, int64_t j_end, float* work, float* partial) {
+  if (a.k_tiles != nullptr && nh * (i1 - i0) >= kAttnTileMinRows) {
+    return attention_on_tiles(a, b, h0, nh, i0, i1, j_begin, j_end, partial);
+  }
+  avx512::kernel_table().attention(a, b, h0, nh, i0, i1, j_begin, j_end, work, partial);
+}
+
+}  // namespace
+}  // namespace torchslim::cpu::TORCHSLIM_ISA_NS
