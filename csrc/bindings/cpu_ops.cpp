@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -545,49 +546,61 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Ten
   }
   const int64_t n_items = static_cast<int64_t>(items.size());
   const int64_t splits = attention_kv_splits(n_items, Sq, Sk);
-  // The tile unit's layouts of every key/value head, packed once for all the items that read
-  // them (the first item has the most rows).
-  at::Tensor tiles;
+  // Items [first, last) with their key splits. Split-KV (a few queries, one block per head
+  // group): each (item, split) leaves its rows' (max, sum, unnormalised output) in `partial`,
+  // then each item merges its splits.
+  const int64_t span = (Sk + splits - 1) / splits, stride = cpu::kAttnBlockQ * (Dv + 2);
+  std::vector<float> partial(splits > 1 ? n_items * splits * stride : 0);
+  // Threads take the next (item, split) as they finish one, last first: with causal, the last
+  // queries see the most keys, and the short items even out the end.
+  const auto run = [&](int64_t first, int64_t last) {
+    std::atomic<int64_t> next{last * splits};
+    const int64_t threads = std::min<int64_t>(at::get_num_threads(), (last - first) * splits);
+    at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+      std::vector<float> work(work_floats);
+      for (int64_t t = --next; t >= first * splits; t = --next) {
+        const Item& it = items[t / splits];
+        const int64_t j0 = (t % splits) * span;
+        kt.attention(args, it.b, it.h0, it.nh, it.i0, it.i1, j0, std::min(j0 + span, Sk),
+                     work.data(), splits > 1 ? partial.data() + t * stride : nullptr);
+      }
+    });
+  };
   if (kt.attention_pack != nullptr && cpu::attention_tiles_fit(args) &&
       items[0].nh * (items[0].i1 - items[0].i0) >= kt.attention_tile_min_rows) {
-    const int64_t keys = cpu::attention_tile_keys(Sk), chunk = 4 * cpu::kAttnBlockK;
+    // The tile layouts of a wave of key/value heads at a time, in a buffer reused from wave to
+    // wave (and call to call, up to kWorkspaceMax): each head is packed once for all the items
+    // that read it, which follow one another in `items`.
+    const int64_t heads = B * Hkv, keys = cpu::attention_tile_keys(Sk);
+    const int64_t head_elems = keys * (D + Dv), chunk = 4 * cpu::kAttnBlockK;
     const int64_t chunks = (keys + chunk - 1) / chunk;
-    tiles = at::empty({B * Hkv * keys * (D + Dv)}, q.options().dtype(at::kShort));
-    auto* k_tiles = reinterpret_cast<uint16_t*>(tiles.data_ptr<int16_t>());
-    uint16_t* v_tiles = k_tiles + B * Hkv * keys * D;
-    at::parallel_for(0, B * Hkv * chunks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t head = t / chunks, j0 = t % chunks * chunk;
-        kt.attention_pack(args, head / Hkv, head % Hkv, j0, std::min(j0 + chunk, keys),
-                          k_tiles + head * keys * D, v_tiles + head * keys * Dv);
-      }
-    });
+    const int64_t wave =
+        std::clamp<int64_t>(static_cast<int64_t>(kWorkspaceMax) / (2 * head_elems), 1, heads);
+    at::Tensor held;
+    auto* k_tiles = reinterpret_cast<uint16_t*>(workspace(2 * wave * head_elems, held));
+    uint16_t* v_tiles = k_tiles + wave * keys * D;
     args.k_tiles = k_tiles;
     args.v_tiles = v_tiles;
-  }
-  if (splits == 1) {
-    at::parallel_for(0, n_items, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> work(work_floats);
-      for (int64_t t = begin; t < end; ++t) {
-        const Item& it = items[t];
-        kt.attention(args, it.b, it.h0, it.nh, it.i0, it.i1, 0, Sk, work.data(), nullptr);
-      }
-    });
-    return out;
-  }
-  // Split-KV (a few queries, one block per head group): each (item, split) leaves its rows'
-  // (max, sum, unnormalised output) in `partial`, then each item merges its splits.
-  const int64_t span = (Sk + splits - 1) / splits, stride = cpu::kAttnBlockQ * (Dv + 2);
-  std::vector<float> partial(n_items * splits * stride);
-  at::parallel_for(0, n_items * splits, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> work(work_floats);
-    for (int64_t t = begin; t < end; ++t) {
-      const Item& it = items[t / splits];
-      const int64_t j0 = (t % splits) * span;
-      kt.attention(args, it.b, it.h0, it.nh, it.i0, it.i1, j0, std::min(j0 + span, Sk), work.data(),
-                   partial.data() + t * stride);
+    int64_t first = 0;
+    for (int64_t h0 = 0; h0 < heads; h0 += wave) {
+      const int64_t n = std::min(wave, heads - h0);
+      at::parallel_for(0, n * chunks, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t t = begin; t < end; ++t) {
+          const int64_t h = t / chunks, j0 = t % chunks * chunk;
+          kt.attention_pack(args, (h0 + h) / Hkv, (h0 + h) % Hkv, j0, std::min(j0 + chunk, keys),
+                            k_tiles + h * keys * D, v_tiles + h * keys * Dv);
+        }
+      });
+      args.tile_head0 = h0;
+      int64_t last = first;
+      while (last < n_items && items[last].b * Hkv + items[last].h0 / G < h0 + n) ++last;
+      run(first, last);
+      first = last;
     }
-  });
+  } else {
+    run(0, n_items);
+  }
+  if (splits == 1) return out;
   constexpr float kNoKey = -std::numeric_limits<float>::infinity();
   at::parallel_for(0, n_items, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> acc(Dv);

@@ -36,6 +36,11 @@ constexpr int64_t kAttnTileMinRows = 16;
 
 constexpr float kLn2 = 0.693147180559945309f;  // kLog2e: simd.h
 
+// A row's exponents are taken against a reference point m that moves only when a score passes
+// it by more than kMaxSlack (log2 units), not at every new max (as FlashAttention-4 does): P
+// stays below 2^kMaxSlack, and most blocks need no max across the row nor any rescaling.
+constexpr float kMaxSlack = 8.0f;
+
 // 2^x for x <= 0 (and -inf -> 0, NaN kept): 2^n 2^f with n = round(x), |f| <= 1/2, 2^f by a
 // degree-5 polynomial fitted on [-1/2, 1/2] (relative error 1e-7; 2^0 is exactly 1).
 inline __m512 exp2_ps(__m512 x) {
@@ -100,15 +105,22 @@ void attention_pack(const AttentionArgs& a, int64_t b, int64_t hk, int64_t j0, i
   }
 }
 
+// One query row of a work item.
+struct AttentionRow {
+  const float* mask;  // its additive mask at key 0, or null
+  int64_t lo, hi;     // its visible keys [lo, hi)
+  float m;            // reference point of the exponents (log2 units)
+};
+
 // Per-thread buffers of one work item, 64-byte aligned (a tile row that straddles two cache
 // lines costs 3x).
 struct AttentionTileWork {
-  std::vector<uint16_t> q;      // [rows16][D] bf16
-  std::vector<float> s;         // [rows16][kAttnBlockK] scores
-  std::vector<uint16_t> p;      // [rows16][kAttnBlockK] bf16 P
-  std::vector<float> o;         // [rows16][Dv]
-  std::vector<float> m, l;      // [rows] running max (log2 units) and sum
-  std::vector<int64_t> lo, hi;  // [rows] the row's visible keys [lo, hi)
+  std::vector<uint16_t> q;  // [rows16][D] bf16
+  std::vector<float> s;     // [rows16][kAttnBlockK] scores
+  std::vector<uint16_t> p;  // [rows16][kAttnBlockK] bf16 P
+  std::vector<float> o;     // [rows16][Dv]
+  std::vector<float> l;     // [rows][16] running sums, by lane
+  std::vector<AttentionRow> rows;
 };
 
 // The item's S = q k^T for keys [j0, j0 + kAttnBlockK): rows 16 r0 .. 16 (r0 + kRows).
@@ -189,22 +201,23 @@ void attention_on_tiles(const AttentionArgs& a, int64_t b, int64_t h0, int64_t n
   const int64_t hk = h0 / (a.H / a.Hkv), head_keys = attention_tile_keys(a.Sk);
   const auto head = [&](int64_t r) { return h0 + r / nq; };
   const auto query = [&](int64_t r) { return i0 + r % nq; };
-  const uint16_t* k_tiles = a.k_tiles + (b * a.Hkv + hk) * head_keys * D;
-  const uint16_t* v_tiles = a.v_tiles + (b * a.Hkv + hk) * head_keys * Dv;
+  const int64_t tile_head = b * a.Hkv + hk - a.tile_head0;
+  const uint16_t* k_tiles = a.k_tiles + tile_head * head_keys * D;
+  const uint16_t* v_tiles = a.v_tiles + tile_head * head_keys * Dv;
 
   thread_local AttentionTileWork w;
   w.q.assign(16 * groups * D + 32, 0);
   w.s.resize(16 * groups * BK + 16);
   w.p.assign(16 * groups * BK + 32, 0);
   w.o.assign(16 * groups * Dv + 16, 0.0f);
-  w.m.assign(rows, -__builtin_inff());
-  w.l.assign(rows, 0.0f);
-  w.lo.resize(rows);
-  w.hi.resize(rows);
+  w.l.assign(16 * rows + 16, 0.0f);
+  w.rows.resize(rows);
+  AttentionRow* row = w.rows.data();
   uint16_t* q = aligned_data(w.q);
   float* s = aligned_data(w.s);
   uint16_t* p = aligned_data(w.p);
   float* o = aligned_data(w.o);
+  float* l = aligned_data(w.l);
 
   // Each row's visible keys: j < len and the split's [j_begin, j_end); with causal, at most its
   // position i + len - Sq, and past position - window.
@@ -220,8 +233,9 @@ void attention_on_tiles(const AttentionArgs& a, int64_t b, int64_t h0, int64_t n
       hi = std::min(hi, pos + 1);
       if (a.window > 0) lo = std::max(lo, pos - a.window + 1);
     }
-    w.lo[r] = lo;
-    w.hi[r] = hi;
+    const float* mask =
+        a.mask ? a.mask + b * a.m_sb + head(r) * a.m_sh + query(r) * a.m_sq : nullptr;
+    row[r] = {mask, lo, hi, -__builtin_inff()};
     if (lo < hi) {
       j_lo = std::min(j_lo, lo);
       j_hi = std::max(j_hi, hi);
@@ -232,39 +246,42 @@ void attention_on_tiles(const AttentionArgs& a, int64_t b, int64_t h0, int64_t n
   const __m512 vc = _mm512_set1_ps(c), v_log2e = _mm512_set1_ps(kLog2e);
   const __m512 minus_inf = _mm512_set1_ps(-__builtin_inff());
   const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512 slack = _mm512_set1_ps(kMaxSlack);
   alignas(64) float mask_row[BK];
   const TileScope tiles(attention_tiles());
+  static const int skip = getenv("TS_SKIP") ? atoi(getenv("TS_SKIP")) : 0;
   for (int64_t j0 = j_lo / BK * BK; j0 < j_hi; j0 += BK) {
     tile_reads_memory();
     int64_t r0 = 0;
-    for (; r0 + 2 <= groups; r0 += 2) score_tiles<2>(q, D, k_tiles, j0, r0, s);
-    if (r0 < groups) score_tiles<1>(q, D, k_tiles, j0, r0, s);
-
-    for (int64_t r = 0; r < rows; ++r) {
-      const float* sr = s + r * BK;
-      __m512 t[BK / 16];
-      const float* mr = nullptr;
-      if (a.mask) {
-        mr = a.mask + b * a.m_sb + head(r) * a.m_sh + query(r) * a.m_sq + j0 * a.m_sk;
-        if (a.m_sk != 1) {
-          for (int64_t cc = 0; cc < BK; ++cc) mask_row[cc] = j0 + cc < a.Sk ? mr[cc * a.m_sk] : 0;
-          mr = mask_row;
-        }
+    if (!(skip & 1)) {
+      for (; r0 + 2 <= groups; r0 += 2) score_tiles<2>(q, D, k_tiles, j0, r0, s);
+      if (r0 < groups) score_tiles<1>(q, D, k_tiles, j0, r0, s);
+    }
+    for (int64_t r = 0; r < rows && !(skip & 2); ++r) {
+      AttentionRow& rw = row[r];
+      const float* mr = rw.mask ? rw.mask + j0 * a.m_sk : nullptr;
+      if (mr && a.m_sk != 1) {
+        for (int64_t cc = 0; cc < BK; ++cc) mask_row[cc] = j0 + cc < a.Sk ? mr[cc * a.m_sk] : 0;
+        mr = mask_row;
       }
-      // Lanes outside [lo, hi) of the row, as offsets from j0 (clamped to the block).
-      const int64_t lo = w.lo[r] - j0, hi = w.hi[r] - j0;
+      // t = the scores in log2 units less the row's reference point (0 before it has one);
+      // -inf outside [lo, hi), as offsets from j0 clamped to the block.
+      const bool fresh = rw.m == -__builtin_inff();
+      const __m512 base = _mm512_set1_ps(fresh ? 0.0f : -rw.m);
+      const int64_t lo = rw.lo - j0, hi = rw.hi - j0;
       const bool edge = lo > 0 || hi < BK;
       const __m512i vlo = _mm512_set1_epi32(static_cast<int>(std::clamp<int64_t>(lo, 0, BK)));
       const __m512i vhi = _mm512_set1_epi32(static_cast<int>(std::clamp<int64_t>(hi, 0, BK)));
-      __m512 vmax = minus_inf;
+      __m512 t[BK / 16];
+      __mmask16 above = 0;
 #pragma GCC unroll 4
       for (int64_t u = 0; u < BK / 16; ++u) {
-        const __m512 su = _mm512_load_ps(sr + 16 * u);
+        const __m512 su = _mm512_load_ps(s + r * BK + 16 * u);
         if (mr) {
           const __m512 mu = _mm512_maskz_loadu_ps(first_lanes(a.Sk - j0 - 16 * u), mr + 16 * u);
-          t[u] = _mm512_fmadd_ps(su, vc, _mm512_mul_ps(mu, v_log2e));
+          t[u] = _mm512_fmadd_ps(su, vc, _mm512_fmadd_ps(mu, v_log2e, base));
         } else {
-          t[u] = _mm512_mul_ps(su, vc);
+          t[u] = _mm512_fmadd_ps(su, vc, base);
         }
         if (edge) {
           const __m512i col = _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(16 * u)));
@@ -272,51 +289,58 @@ void attention_on_tiles(const AttentionArgs& a, int64_t b, int64_t h0, int64_t n
               _mm512_cmpge_epi32_mask(col, vlo) & _mm512_cmplt_epi32_mask(col, vhi);
           t[u] = _mm512_mask_blend_ps(seen, minus_inf, t[u]);
         }
-        vmax = _mm512_max_ps(vmax, t[u]);
+        above |= _mm512_cmp_ps_mask(t[u], slack, _CMP_GT_OQ);
       }
-      const float m_old = w.m[r], m_new = std::max(m_old, _mm512_reduce_max_ps(vmax));
       uint16_t* pr = p + r * BK;
-      if (m_new == -__builtin_inff()) {  // nothing visible yet: P = 0
-        std::fill(pr, pr + BK, uint16_t{0});
-        continue;
+      float* lr = l + 16 * r;
+      if (fresh || above) {  // a new reference point: the block's max
+        __m512 vmax = t[0];
+        for (int64_t u = 1; u < BK / 16; ++u) vmax = _mm512_max_ps(vmax, t[u]);
+        const float shift = _mm512_reduce_max_ps(vmax);
+        if (shift == -__builtin_inff()) {  // nothing visible yet: P = 0
+          std::fill(pr, pr + BK, uint16_t{0});
+          continue;
+        }
+        for (int64_t u = 0; u < BK / 16; ++u) t[u] = _mm512_sub_ps(t[u], _mm512_set1_ps(shift));
+        // What the row has so far is rescaled by 2^(m - m') = 2^-shift (0 when fresh).
+        const __m512 alpha = fresh ? _mm512_setzero_ps() : exp2_ps(_mm512_set1_ps(-shift));
+        rw.m = fresh ? shift : rw.m + shift;
+        _mm512_store_ps(lr, _mm512_mul_ps(_mm512_load_ps(lr), alpha));
+        float* orow = o + r * Dv;
+        for (int64_t d = 0; d < Dv; d += 16)
+          _mm512_store_ps(orow + d, _mm512_mul_ps(_mm512_load_ps(orow + d), alpha));
       }
-      const __m512 vm = _mm512_set1_ps(m_new);
-      __m512 vsum = _mm512_setzero_ps();
+      __m512 vsum = _mm512_load_ps(lr);
 #pragma GCC unroll 2
       for (int64_t u = 0; u < BK / 16; u += 2) {
-        const __m512 p0 = exp2_ps(_mm512_sub_ps(t[u], vm));
-        const __m512 p1 = exp2_ps(_mm512_sub_ps(t[u + 1], vm));
+        const __m512 p0 = exp2_ps(t[u]);
+        const __m512 p1 = exp2_ps(t[u + 1]);
         vsum = _mm512_add_ps(vsum, _mm512_add_ps(p0, p1));
         _mm512_store_si512(pr + 16 * u, (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
       }
-      const float alpha = m_old == -__builtin_inff() ? 0.0f : __builtin_exp2f(m_old - m_new);
-      w.l[r] = w.l[r] * alpha + _mm512_reduce_add_ps(vsum);
-      w.m[r] = m_new;
-      if (alpha != 1.0f) {
-        float* orow = o + r * Dv;
-        const __m512 va = _mm512_set1_ps(alpha);
-        for (int64_t d = 0; d < Dv; d += 16)
-          _mm512_store_ps(orow + d, _mm512_mul_ps(_mm512_load_ps(orow + d), va));
-      }
+      _mm512_store_ps(lr, vsum);
     }
 
     tile_reads_memory();
     r0 = 0;
-    for (; r0 + 2 <= groups; r0 += 2) value_tiles<2>(p, v_tiles, Dv, j0, r0, o);
-    if (r0 < groups) value_tiles<1>(p, v_tiles, Dv, j0, r0, o);
+    if (!(skip & 4)) {
+      for (; r0 + 2 <= groups; r0 += 2) value_tiles<2>(p, v_tiles, Dv, j0, r0, o);
+      if (r0 < groups) value_tiles<1>(p, v_tiles, Dv, j0, r0, o);
+    }
   }
   tile_reads_memory();
 
   for (int64_t r = 0; r < rows; ++r) {
     const float* orow = o + r * Dv;
+    const float sum = _mm512_reduce_add_ps(_mm512_load_ps(l + 16 * r));
     if (partial) {  // the max back in the scores' own units, as attention.h leaves it
       float* pr = partial + r * (Dv + 2);
-      pr[0] = w.m[r] * kLn2;
-      pr[1] = w.l[r];
+      pr[0] = row[r].m * kLn2;
+      pr[1] = sum;
       std::copy(orow, orow + Dv, pr + 2);
       continue;
     }
-    const __m512 inv = _mm512_set1_ps(w.l[r] > 0.0f ? 1.0f / w.l[r] : 0.0f);
+    const __m512 inv = _mm512_set1_ps(sum > 0.0f ? 1.0f / sum : 0.0f);
     auto* out = static_cast<uint16_t*>(a.out) + b * a.o_sb + head(r) * a.o_sh + query(r) * a.o_ss;
     for (int64_t d = 0; d < Dv; d += 16) {
       const __m512 y = _mm512_mul_ps(_mm512_load_ps(orow + d), inv);

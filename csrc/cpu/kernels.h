@@ -202,10 +202,12 @@ struct AttentionArgs {
   float scale;
   bool causal;
   int64_t window;
-  // Null, or every key/value head's k and v in the tile unit's layouts (KernelTable::
-  // attention_pack): then the amx level runs items of enough rows on the tiles.
+  // Null, or k and v of the key/value heads tile_head0, tile_head0 + 1, ... (head b Hkv + hk;
+  // the heads of the items of a call) in the tile unit's layouts (KernelTable::attention_pack):
+  // then the amx level runs items of enough rows on the tiles.
   const uint16_t* k_tiles = nullptr;
   const uint16_t* v_tiles = nullptr;
+  int64_t tile_head0 = 0;
 };
 
 // Query rows per work item, keys per tile.
