@@ -572,7 +572,7 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Ten
     // wave (and call to call, up to kWorkspaceMax): each head is packed once for all the items
     // that read it, which follow one another in `items`.
     const int64_t heads = B * Hkv, keys = cpu::attention_tile_keys(Sk);
-    const int64_t head_elems = keys * (D + Dv), chunk = 4 * cpu::kAttnBlockK;
+    const int64_t head_elems = keys * (D + Dv), chunk = 2 * cpu::kAttnTileBlockK;
     const int64_t chunks = (keys + chunk - 1) / chunk;
     const int64_t wave =
         std::clamp<int64_t>(static_cast<int64_t>(kWorkspaceMax) / (2 * head_elems), 1, heads);

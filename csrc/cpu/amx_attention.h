@@ -4,20 +4,24 @@
 // The same online softmax as attention.h, with both products on bf16 tiles (TDPBF16PS: a
 // 16 x 32 bf16 tile A times a 32 x 16 tile B in the VNNI layout, row p holding the pairs
 // (2p, 2p + 1) of 16 columns, summed into a 16 x 16 fp32 tile in 16 cycles, 16x a core's
-// AVX-512 FMA rate). Per block of kAttnBlockK keys, for the item's rows (queries of the heads
-// that share one key/value head):
+// AVX-512 FMA rate). Per block of kAttnTileBlockK keys, for a unit of 32 of the item's rows
+// (queries of the heads that share one key/value head):
 //   S = q k^T      A: the rows of q (copied once per item, zero rows past the last),
 //                  B: the key tiles, packed once per call (attention_pack)
 //   softmax        AVX-512 on the fp32 scores: t = S scale log2(e) (+ mask log2(e)), -inf outside
-//                  each row's visible keys, m' = max(m, max t), P = 2^(t - m') rounded to bf16,
-//                  l = l 2^(m - m') + sum P (in fp32, before the rounding), O *= 2^(m - m') where
-//                  the max moved
+//                  each row's visible keys, P = 2^(t - m) rounded to bf16, l += sum P (in fp32,
+//                  before the rounding), m the row's reference point (see kMaxSlack)
 //   O += P v       A: P, B: the value tiles (packed once per call); O lives in memory in fp32
 //                  and is loaded into the accumulators and stored back once per block
 // and at the end out = O / l. P is rounded to bf16 as the tile unit needs, as PyTorch's own
 // CPU flash kernel does for bf16; every sum is fp32.
 //
-// Tile layouts of one key/value head, keys padded to a multiple of kAttnBlockK with zeros:
+// The two units overlap: the tile unit and the AVX-512 units run side by side when their
+// instructions are close together in the instruction stream, so the softmax of unit u issues,
+// a step after each of its rows, the multiplies of S for unit u + 1 and of O += P v for unit
+// u - 1 (TilePipe). Alone, each of the three phases takes about as long as the others.
+//
+// Tile layouts of one key/value head, keys padded to a multiple of kAttnTileBlockK with zeros:
 //   keys   tile (g, s) = keys 16 g .. 16 g + 15, head dims 32 s .. 32 s + 31, at element
 //          (g D / 32 + s) 512: row p = the 16 keys' dims (32 s + 2 p, 32 s + 2 p + 1)
 //   values tile (t, c) = keys 32 t .. 32 t + 31, value dims 16 c .. 16 c + 15, at element
@@ -105,6 +109,90 @@ void attention_pack(const AttentionArgs& a, int64_t b, int64_t hk, int64_t j0, i
   }
 }
 
+// The multiplies of a unit, queued as jobs of blocks of steps and issued a step at a time. A
+// block is a 16 or 32 (row groups) x 32 block of C = A B in tmm0-3: A tiles (tmm4-5) are row
+// groups of `a` at a_step elements per step, B tiles (tmm6-7) are the pair at b and b + b_pair,
+// b_step per step; blocks follow one another b_block elements apart in B and 32 columns apart
+// in C. A block starts from zero (S) or from C in memory (O) and ends stored to C.
+struct TileJob {
+  const uint16_t* a;
+  int64_t lda;  // bytes
+  const uint16_t* b;
+  int64_t b_step, b_pair, b_block;
+  float* c;
+  int64_t ldc;  // bytes
+  int groups;   // 1 or 2 row groups of 16
+  bool accumulate;
+  int blocks, steps;
+};
+
+class TilePipe {
+ public:
+  void add(const TileJob& job) { jobs_[count_++] = job; }
+  int64_t steps_left() const {
+    int64_t n = 0;
+    for (int j = job_; j < count_; ++j) n += int64_t{jobs_[j].blocks} * jobs_[j].steps;
+    return n - (block_ * int64_t{jobs_[job_ < count_ ? job_ : 0].steps} + step_);
+  }
+  // Issues the next n steps (fewer if the queue runs out).
+  TORCHSLIM_INLINE void issue(int64_t n) {
+    for (; n > 0 && job_ < count_; --n) step();
+  }
+  void drain() {
+    while (job_ < count_) step();
+    count_ = job_ = 0;
+    tile_reads_memory();
+  }
+
+ private:
+  TORCHSLIM_INLINE void step() {
+    const TileJob& j = jobs_[job_];
+    const int64_t ldc_floats = j.ldc / static_cast<int64_t>(sizeof(float));
+    float* c = j.c + 32 * block_;
+    if (step_ == 0) {
+      if (j.accumulate) {
+        _tile_loadd(0, c, j.ldc);
+        _tile_loadd(1, c + 16, j.ldc);
+        if (j.groups > 1) {
+          _tile_loadd(2, c + 16 * ldc_floats, j.ldc);
+          _tile_loadd(3, c + 16 * ldc_floats + 16, j.ldc);
+        }
+      } else {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+      }
+    }
+    const uint16_t* b = j.b + block_ * j.b_block + step_ * j.b_step;
+    const uint16_t* a = j.a + 32 * step_;
+    _tile_loadd(6, b, 64);
+    _tile_loadd(7, b + j.b_pair, 64);
+    _tile_loadd(4, a, j.lda);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    if (j.groups > 1) {
+      _tile_loadd(5, a + 8 * j.lda, j.lda);  // 16 rows on: 16 lda bytes
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+    if (++step_ < j.steps) return;
+    _tile_stored(0, c, j.ldc);
+    _tile_stored(1, c + 16, j.ldc);
+    if (j.groups > 1) {
+      _tile_stored(2, c + 16 * ldc_floats, j.ldc);
+      _tile_stored(3, c + 16 * ldc_floats + 16, j.ldc);
+    }
+    step_ = 0;
+    if (++block_ < j.blocks) return;
+    block_ = 0;
+    ++job_;
+  }
+
+  TileJob jobs_[2];
+  int count_ = 0, job_ = 0, block_ = 0, step_ = 0;
+};
+
 // One query row of a work item.
 struct AttentionRow {
   const float* mask;  // its additive mask at key 0, or null
@@ -113,90 +201,22 @@ struct AttentionRow {
 };
 
 // Per-thread buffers of one work item, 64-byte aligned (a tile row that straddles two cache
-// lines costs 3x).
+// lines costs 3x). S and P are double-buffered: unit u's softmax reads one while unit u + 1's
+// scores and unit u - 1's products use the other.
+constexpr int64_t kUnitRows = 32;
 struct AttentionTileWork {
   std::vector<uint16_t> q;  // [rows16][D] bf16
-  std::vector<float> s;     // [rows16][kAttnBlockK] scores
-  std::vector<uint16_t> p;  // [rows16][kAttnBlockK] bf16 P
+  std::vector<float> s;     // [2][kUnitRows][kAttnTileBlockK] scores
+  std::vector<uint16_t> p;  // [2][kUnitRows][kAttnTileBlockK] bf16 P
   std::vector<float> o;     // [rows16][Dv]
   std::vector<float> l;     // [rows][16] running sums, by lane
   std::vector<AttentionRow> rows;
 };
 
-// The item's S = q k^T for keys [j0, j0 + kAttnBlockK): rows 16 r0 .. 16 (r0 + kRows).
-template <int kRows>
-void score_tiles(const uint16_t* q, int64_t D, const uint16_t* k_tiles, int64_t j0, int64_t r0,
-                 float* s) {
-  for (int64_t g = 0; g < kAttnBlockK / 16; g += 2) {
-    _tile_zero(0);
-    _tile_zero(1);
-    if constexpr (kRows > 1) {
-      _tile_zero(2);
-      _tile_zero(3);
-    }
-    const uint16_t* kt = k_tiles + (j0 / 16 + g) * (D / 32) * 512;
-    for (int64_t st = 0; st < D / 32; ++st) {
-      _tile_loadd(6, kt + st * 512, 64);
-      _tile_loadd(7, kt + (D / 32 + st) * 512, 64);
-      _tile_loadd(4, q + 16 * r0 * D + 32 * st, 2 * D);
-      _tile_dpbf16ps(0, 4, 6);
-      _tile_dpbf16ps(1, 4, 7);
-      if constexpr (kRows > 1) {
-        _tile_loadd(5, q + 16 * (r0 + 1) * D + 32 * st, 2 * D);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
-      }
-    }
-    constexpr int64_t ld = kAttnBlockK * sizeof(float);
-    float* out = s + 16 * r0 * kAttnBlockK + 16 * g;
-    _tile_stored(0, out, ld);
-    _tile_stored(1, out + 16, ld);
-    if constexpr (kRows > 1) {
-      _tile_stored(2, out + 16 * kAttnBlockK, ld);
-      _tile_stored(3, out + 16 * kAttnBlockK + 16, ld);
-    }
-  }
-}
-
-// O += P v for keys [j0, j0 + kAttnBlockK): rows 16 r0 .. 16 (r0 + kRows), all of Dv.
-template <int kRows>
-void value_tiles(const uint16_t* p, const uint16_t* v_tiles, int64_t Dv, int64_t j0, int64_t r0,
-                 float* o) {
-  const int64_t ld = Dv * static_cast<int64_t>(sizeof(float));
-  for (int64_t c = 0; c < Dv / 16; c += 2) {
-    float* oc = o + 16 * r0 * Dv + 16 * c;
-    _tile_loadd(0, oc, ld);
-    _tile_loadd(1, oc + 16, ld);
-    if constexpr (kRows > 1) {
-      _tile_loadd(2, oc + 16 * Dv, ld);
-      _tile_loadd(3, oc + 16 * Dv + 16, ld);
-    }
-    for (int64_t t = 0; t < kAttnBlockK / 32; ++t) {
-      const uint16_t* vt = v_tiles + ((j0 / 32 + t) * (Dv / 16) + c) * 512;
-      _tile_loadd(6, vt, 64);
-      _tile_loadd(7, vt + 512, 64);
-      _tile_loadd(4, p + 16 * r0 * kAttnBlockK + 32 * t, 2 * kAttnBlockK);
-      _tile_dpbf16ps(0, 4, 6);
-      _tile_dpbf16ps(1, 4, 7);
-      if constexpr (kRows > 1) {
-        _tile_loadd(5, p + 16 * (r0 + 1) * kAttnBlockK + 32 * t, 2 * kAttnBlockK);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
-      }
-    }
-    _tile_stored(0, oc, ld);
-    _tile_stored(1, oc + 16, ld);
-    if constexpr (kRows > 1) {
-      _tile_stored(2, oc + 16 * Dv, ld);
-      _tile_stored(3, oc + 16 * Dv + 16, ld);
-    }
-  }
-}
-
 // One work item on the tiles (attention.h's contract; a.k_tiles / a.v_tiles set).
 void attention_on_tiles(const AttentionArgs& a, int64_t b, int64_t h0, int64_t nh, int64_t i0,
                         int64_t i1, int64_t j_begin, int64_t j_end, float* partial) {
-  constexpr int64_t BK = kAttnBlockK;
+  constexpr int64_t BK = kAttnTileBlockK;
   const int64_t D = a.D, Dv = a.Dv, nq = i1 - i0, rows = nh * nq, groups = (rows + 15) / 16;
   const int64_t hk = h0 / (a.H / a.Hkv), head_keys = attention_tile_keys(a.Sk);
   const auto head = [&](int64_t r) { return h0 + r / nq; };
@@ -207,8 +227,8 @@ void attention_on_tiles(const AttentionArgs& a, int64_t b, int64_t h0, int64_t n
 
   thread_local AttentionTileWork w;
   w.q.assign(16 * groups * D + 32, 0);
-  w.s.resize(16 * groups * BK + 16);
-  w.p.assign(16 * groups * BK + 32, 0);
+  w.s.resize(2 * kUnitRows * BK + 16);
+  w.p.assign(2 * kUnitRows * BK + 32, 0);
   w.o.assign(16 * groups * Dv + 16, 0.0f);
   w.l.assign(16 * rows + 16, 0.0f);
   w.rows.resize(rows);
@@ -242,6 +262,46 @@ void attention_on_tiles(const AttentionArgs& a, int64_t b, int64_t h0, int64_t n
     }
   }
 
+  // Units: (key block, 32 rows), the rows inside. Unit u uses the buffers u % 2.
+  const int64_t unit_groups = kUnitRows / 16, pairs = (groups + unit_groups - 1) / unit_groups;
+  const int64_t first_block = j_lo / BK,
+                units = j_lo < j_hi ? ((j_hi + BK - 1) / BK - first_block) * pairs : 0;
+  const auto unit_j0 = [&](int64_t u) { return (first_block + u / pairs) * BK; };
+  const auto unit_r0 = [&](int64_t u) { return u % pairs * kUnitRows; };
+  const auto unit_groups_of = [&](int64_t u) {
+    return static_cast<int>(std::min<int64_t>(unit_groups, groups - u % pairs * unit_groups));
+  };
+  const auto scores = [&](int64_t u) {
+    const int64_t r0 = unit_r0(u);
+    return TileJob{q + r0 * D,
+                   2 * D,
+                   k_tiles + unit_j0(u) / 16 * (D / 32) * 512,
+                   512,
+                   D / 32 * 512,
+                   2 * (D / 32) * 512,
+                   s + (u & 1) * kUnitRows * BK,
+                   BK * static_cast<int64_t>(sizeof(float)),
+                   unit_groups_of(u),
+                   false,
+                   static_cast<int>(BK / 32),
+                   static_cast<int>(D / 32)};
+  };
+  const auto values = [&](int64_t u) {
+    const int64_t r0 = unit_r0(u);
+    return TileJob{p + (u & 1) * kUnitRows * BK,
+                   2 * BK,
+                   v_tiles + unit_j0(u) / 32 * (Dv / 16) * 512,
+                   Dv / 16 * 512,
+                   512,
+                   1024,
+                   o + r0 * Dv,
+                   Dv * static_cast<int64_t>(sizeof(float)),
+                   unit_groups_of(u),
+                   true,
+                   static_cast<int>(Dv / 32),
+                   static_cast<int>(BK / 32)};
+  };
+
   const float c = a.scale * kLog2e;
   const __m512 vc = _mm512_set1_ps(c), v_log2e = _mm512_set1_ps(kLog2e);
   const __m512 minus_inf = _mm512_set1_ps(-__builtin_inff());
@@ -249,15 +309,27 @@ void attention_on_tiles(const AttentionArgs& a, int64_t b, int64_t h0, int64_t n
   const __m512 slack = _mm512_set1_ps(kMaxSlack);
   alignas(64) float mask_row[BK];
   const TileScope tiles(attention_tiles());
-  static const int skip = getenv("TS_SKIP") ? atoi(getenv("TS_SKIP")) : 0;
-  for (int64_t j0 = j_lo / BK * BK; j0 < j_hi; j0 += BK) {
-    tile_reads_memory();
-    int64_t r0 = 0;
-    if (!(skip & 1)) {
-      for (; r0 + 2 <= groups; r0 += 2) score_tiles<2>(q, D, k_tiles, j0, r0, s);
-      if (r0 < groups) score_tiles<1>(q, D, k_tiles, j0, r0, s);
+  TilePipe pipe;
+  if (units > 0) {
+    pipe.add(scores(0));
+    pipe.drain();
+  }
+  for (int64_t u = 0; u < units; ++u) {
+    const int64_t j0 = unit_j0(u), r0 = unit_r0(u);
+    const int64_t r1 = std::min(rows, r0 + kUnitRows);
+    // With one unit of rows, unit u - 1's products write the rows this softmax may rescale:
+    // they go first.
+    if (u > 0 && pairs == 1) {
+      pipe.add(values(u - 1));
+      pipe.drain();
     }
-    for (int64_t r = 0; r < rows && !(skip & 2); ++r) {
+    if (u + 1 < units) pipe.add(scores(u + 1));
+    if (u > 0 && pairs > 1) pipe.add(values(u - 1));
+    const int64_t per_row = (pipe.steps_left() + (r1 - r0) - 1) / (r1 - r0);
+    const float* su = s + (u & 1) * kUnitRows * BK;
+    uint16_t* pu = p + (u & 1) * kUnitRows * BK;
+    for (int64_t r = r0; r < r1; ++r) {
+      pipe.issue(per_row);
       AttentionRow& rw = row[r];
       const float* mr = rw.mask ? rw.mask + j0 * a.m_sk : nullptr;
       if (mr && a.m_sk != 1) {
@@ -272,63 +344,61 @@ void attention_on_tiles(const AttentionArgs& a, int64_t b, int64_t h0, int64_t n
       const bool edge = lo > 0 || hi < BK;
       const __m512i vlo = _mm512_set1_epi32(static_cast<int>(std::clamp<int64_t>(lo, 0, BK)));
       const __m512i vhi = _mm512_set1_epi32(static_cast<int>(std::clamp<int64_t>(hi, 0, BK)));
+      const float* sr = su + (r - r0) * BK;
       __m512 t[BK / 16];
       __mmask16 above = 0;
-#pragma GCC unroll 4
-      for (int64_t u = 0; u < BK / 16; ++u) {
-        const __m512 su = _mm512_load_ps(s + r * BK + 16 * u);
+#pragma GCC unroll 8
+      for (int64_t v = 0; v < BK / 16; ++v) {
+        const __m512 sv = _mm512_load_ps(sr + 16 * v);
         if (mr) {
-          const __m512 mu = _mm512_maskz_loadu_ps(first_lanes(a.Sk - j0 - 16 * u), mr + 16 * u);
-          t[u] = _mm512_fmadd_ps(su, vc, _mm512_fmadd_ps(mu, v_log2e, base));
+          const __m512 mv = _mm512_maskz_loadu_ps(first_lanes(a.Sk - j0 - 16 * v), mr + 16 * v);
+          t[v] = _mm512_fmadd_ps(sv, vc, _mm512_fmadd_ps(mv, v_log2e, base));
         } else {
-          t[u] = _mm512_fmadd_ps(su, vc, base);
+          t[v] = _mm512_fmadd_ps(sv, vc, base);
         }
         if (edge) {
-          const __m512i col = _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(16 * u)));
+          const __m512i col = _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(16 * v)));
           const __mmask16 seen =
               _mm512_cmpge_epi32_mask(col, vlo) & _mm512_cmplt_epi32_mask(col, vhi);
-          t[u] = _mm512_mask_blend_ps(seen, minus_inf, t[u]);
+          t[v] = _mm512_mask_blend_ps(seen, minus_inf, t[v]);
         }
-        above |= _mm512_cmp_ps_mask(t[u], slack, _CMP_GT_OQ);
+        above |= _mm512_cmp_ps_mask(t[v], slack, _CMP_GT_OQ);
       }
-      uint16_t* pr = p + r * BK;
+      uint16_t* pr = pu + (r - r0) * BK;
       float* lr = l + 16 * r;
       if (fresh || above) {  // a new reference point: the block's max
         __m512 vmax = t[0];
-        for (int64_t u = 1; u < BK / 16; ++u) vmax = _mm512_max_ps(vmax, t[u]);
-        const float shift = _mm512_reduce_max_ps(vmax);
-        if (shift == -__builtin_inff()) {  // nothing visible yet: P = 0
+        for (int64_t v = 1; v < BK / 16; ++v) vmax = _mm512_max_ps(vmax, t[v]);
+        const float up = _mm512_reduce_max_ps(vmax);
+        if (up == -__builtin_inff()) {  // nothing visible yet: P = 0
           std::fill(pr, pr + BK, uint16_t{0});
           continue;
         }
-        for (int64_t u = 0; u < BK / 16; ++u) t[u] = _mm512_sub_ps(t[u], _mm512_set1_ps(shift));
-        // What the row has so far is rescaled by 2^(m - m') = 2^-shift (0 when fresh).
-        const __m512 alpha = fresh ? _mm512_setzero_ps() : exp2_ps(_mm512_set1_ps(-shift));
-        rw.m = fresh ? shift : rw.m + shift;
+        for (int64_t v = 0; v < BK / 16; ++v) t[v] = _mm512_sub_ps(t[v], _mm512_set1_ps(up));
+        // What the row has so far is rescaled by 2^(m - m') = 2^-up (0 when fresh).
+        const __m512 alpha = fresh ? _mm512_setzero_ps() : exp2_ps(_mm512_set1_ps(-up));
+        rw.m = fresh ? up : rw.m + up;
         _mm512_store_ps(lr, _mm512_mul_ps(_mm512_load_ps(lr), alpha));
         float* orow = o + r * Dv;
         for (int64_t d = 0; d < Dv; d += 16)
           _mm512_store_ps(orow + d, _mm512_mul_ps(_mm512_load_ps(orow + d), alpha));
       }
       __m512 vsum = _mm512_load_ps(lr);
-#pragma GCC unroll 2
-      for (int64_t u = 0; u < BK / 16; u += 2) {
-        const __m512 p0 = exp2_ps(t[u]);
-        const __m512 p1 = exp2_ps(t[u + 1]);
+#pragma GCC unroll 4
+      for (int64_t v = 0; v < BK / 16; v += 2) {
+        const __m512 p0 = exp2_ps(t[v]);
+        const __m512 p1 = exp2_ps(t[v + 1]);
         vsum = _mm512_add_ps(vsum, _mm512_add_ps(p0, p1));
-        _mm512_store_si512(pr + 16 * u, (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
+        _mm512_store_si512(pr + 16 * v, (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
       }
       _mm512_store_ps(lr, vsum);
     }
-
-    tile_reads_memory();
-    r0 = 0;
-    if (!(skip & 4)) {
-      for (; r0 + 2 <= groups; r0 += 2) value_tiles<2>(p, v_tiles, Dv, j0, r0, o);
-      if (r0 < groups) value_tiles<1>(p, v_tiles, Dv, j0, r0, o);
-    }
+    pipe.drain();
   }
-  tile_reads_memory();
+  if (units > 0) {
+    pipe.add(values(units - 1));
+    pipe.drain();
+  }
 
   for (int64_t r = 0; r < rows; ++r) {
     const float* orow = o + r * Dv;

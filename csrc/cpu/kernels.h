@@ -214,9 +214,11 @@ struct AttentionArgs {
 constexpr int64_t kAttnBlockQ = 64;
 constexpr int64_t kAttnBlockK = 64;
 
-// Keys per head in the tile layouts: Sk rounded up to whole blocks of keys.
+// Keys per block of the amx level's tile kernel, and per head in its layouts: Sk rounded up
+// to whole blocks.
+constexpr int64_t kAttnTileBlockK = 128;
 inline int64_t attention_tile_keys(int64_t Sk) {
-  return (Sk + kAttnBlockK - 1) / kAttnBlockK * kAttnBlockK;
+  return (Sk + kAttnTileBlockK - 1) / kAttnTileBlockK * kAttnTileBlockK;
 }
 
 // Whether the tile layouts hold these arguments: bf16, head dims multiples of 32.
