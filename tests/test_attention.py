@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from conftest import KERNEL_BACKENDS, run_on, seeded
 
 import torchslim
+from torchslim import _ext
 from torchslim import reference as ref
 from torchslim.testing import check_close
 
@@ -323,6 +324,9 @@ TILE_CASES = [
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize(("b", "h", "hkv", "sq", "sk", "d", "dv", "opt"), TILE_CASES)
 def test_kernel_tile_blocks(backend, b, h, hkv, sq, sk, d, dv, opt):
+    if backend == "cpu-amx":
+        with run_on(backend):
+            assert _ext._C.cpu_kernel_paths()["attention_tiles_from_rows"] == 16
     gen = seeded(backend, b, h, hkv, sq, sk, d, dv, *opt)
     q, k, v = (_nan_padded(t) for t in _qkv(b, h, hkv, sq, sk, d, gen, torch.bfloat16, dv))
     mask = torch.randn(sk, sq, generator=gen).T if "strided mask" in opt else None

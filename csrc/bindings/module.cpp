@@ -76,6 +76,8 @@ py::dict cpu_kernel_paths() {
   d["int8_weight_only_tiles_from_m"] =
       kt.w8a16_pack_panels ? py::cast(kt.w8a16_panel_min_m) : py::none();
   d["int4_tiles_from_m"] = kt.w4_pack_panels ? py::cast(kt.w4_panel_min_m) : py::none();
+  d["attention_tiles_from_rows"] =
+      kt.attention_pack ? py::cast(kt.attention_tile_min_rows) : py::none();
   d["sparse_bf16_dot"] = kt.bf16_dot;
   return d;
 }

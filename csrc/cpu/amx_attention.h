@@ -128,11 +128,14 @@ struct TileJob {
 
 class TilePipe {
  public:
-  void add(const TileJob& job) { jobs_[count_++] = job; }
+  void add(const TileJob& job) {
+    if (job.blocks > 0 && job.steps > 0) jobs_[count_++] = job;
+  }
   int64_t steps_left() const {
+    if (job_ == count_) return 0;
     int64_t n = 0;
     for (int j = job_; j < count_; ++j) n += int64_t{jobs_[j].blocks} * jobs_[j].steps;
-    return n - (block_ * int64_t{jobs_[job_ < count_ ? job_ : 0].steps} + step_);
+    return n - (block_ * int64_t{jobs_[job_].steps} + step_);
   }
   // Issues the next n steps (fewer if the queue runs out).
   TORCHSLIM_INLINE void issue(int64_t n) {
@@ -271,6 +274,16 @@ void attention_on_tiles(const AttentionArgs& a, int64_t b, int64_t h0, int64_t n
   const auto unit_groups_of = [&](int64_t u) {
     return static_cast<int>(std::min<int64_t>(unit_groups, groups - u % pairs * unit_groups));
   };
+  // The unit's 32-key steps up to the last key one of its rows sees in the block (a causal
+  // block's diagonal: the steps past it are not multiplied; the softmax hides their columns).
+  const auto unit_steps = [&](int64_t u) {
+    const int64_t j0 = unit_j0(u), r0 = unit_r0(u);
+    int64_t seen = 0;
+    for (int64_t r = r0; r < std::min(rows, r0 + kUnitRows); ++r) {
+      if (row[r].lo < row[r].hi) seen = std::max(seen, std::min(row[r].hi - j0, BK));
+    }
+    return static_cast<int>((seen + 31) / 32);
+  };
   const auto scores = [&](int64_t u) {
     const int64_t r0 = unit_r0(u);
     return TileJob{q + r0 * D,
@@ -283,7 +296,7 @@ void attention_on_tiles(const AttentionArgs& a, int64_t b, int64_t h0, int64_t n
                    BK * static_cast<int64_t>(sizeof(float)),
                    unit_groups_of(u),
                    false,
-                   static_cast<int>(BK / 32),
+                   unit_steps(u),
                    static_cast<int>(D / 32)};
   };
   const auto values = [&](int64_t u) {
@@ -299,7 +312,7 @@ void attention_on_tiles(const AttentionArgs& a, int64_t b, int64_t h0, int64_t n
                    unit_groups_of(u),
                    true,
                    static_cast<int>(Dv / 32),
-                   static_cast<int>(BK / 32)};
+                   unit_steps(u)};
   };
 
   const float c = a.scale * kLog2e;
