@@ -29,7 +29,8 @@
 namespace torchslim::cpu::TORCHSLIM_ISA_NS {
 namespace {
 
-#include "simd.h"  // load_f32, Half
+#include "simd.h"         // load_f32, Half
+#include "transpose16.h"  // transpose_16x16
 
 // A tile configuration (palette 1): rows and bytes per row of each tile used.
 struct alignas(64) TileConfig {
@@ -51,33 +52,6 @@ struct TileScope {
 // Tile loads are asm statements that do not tell the compiler they read memory: called
 // between stores to a buffer and the tile loads of it, this keeps the stores before them.
 inline void tile_reads_memory() { asm volatile("" ::: "memory"); }
-
-// r[i] <- column i of the 16 x 16 matrix of 32-bit elements whose rows are r[0..15].
-inline void transpose_16x16(__m512i (&r)[16]) {
-  __m512i t[16];
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4) {
-    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-  }
-  // Each 128-bit lane of r[4 a + b] now holds a 4 x 4 block: rows 4 (lane) + ..., of the group
-  // of four input rows 4 a; the two shuffles below move the blocks to their final places.
-  for (int i = 0; i < 16; i += 8) {
-    for (int b = 0; b < 4; ++b) {
-      t[i + b] = _mm512_shuffle_i32x4(r[i + b], r[i + b + 4], 0x88);
-      t[i + b + 4] = _mm512_shuffle_i32x4(r[i + b], r[i + b + 4], 0xdd);
-    }
-  }
-  for (int b = 0; b < 8; ++b) {
-    r[b] = _mm512_shuffle_i32x4(t[b], t[b + 8], 0x88);
-    r[b + 8] = _mm512_shuffle_i32x4(t[b], t[b + 8], 0xdd);
-  }
-}
 
 // A 64-byte aligned view of v's data (v holds 64 bytes more than it needs): a tile load or store
 // whose rows straddle cache lines takes 3x as long.

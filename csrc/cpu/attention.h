@@ -23,6 +23,10 @@
 namespace torchslim::cpu::TORCHSLIM_ISA_NS {
 namespace {
 
+#if defined(TORCHSLIM_ISA_AVX512)
+#include "transpose16.h"
+#endif
+
 constexpr float kMinusInf = -__builtin_inff();
 
 // Head dims per partial sum of the scores: each chunk's dot products start from zero and are
@@ -60,6 +64,30 @@ void scores_packed(const float* q, int64_t D, const float* kt, float* s) {
         }
       }
     }
+  }
+}
+
+// kt[d][c] = k[c][d] in fp32 for the tile's keys c < nk (row stride ldk), 0 for the others.
+// AVX-512 moves 16 keys x 16 dims at a time through a register transpose.
+template <class T>
+void copy_key_tile(const T* k, int64_t ldk, int64_t nk, int64_t D, float* kt) {
+  int64_t d0 = 0;
+#if defined(TORCHSLIM_ISA_AVX512)
+  for (; d0 + 16 <= D; d0 += 16) {
+    for (int64_t c0 = 0; c0 < kAttnBlockK; c0 += 16) {
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i) {
+        r[i] = c0 + i < nk ? _mm512_castps_si512(FVec::load(k + (c0 + i) * ldk + d0))
+                           : _mm512_setzero_si512();
+      }
+      transpose_16x16(r);
+      for (int i = 0; i < 16; ++i) _mm512_storeu_si512(kt + (d0 + i) * kAttnBlockK + c0, r[i]);
+    }
+  }
+#endif
+  for (int64_t c = 0; c < kAttnBlockK; ++c) {
+    for (int64_t d = d0; d < D; ++d)
+      kt[d * kAttnBlockK + c] = c < nk ? load_f32(k + c * ldk + d) : 0.0f;
   }
 }
 
@@ -166,10 +194,7 @@ void attention_block(const AttentionArgs& a, int64_t b, int64_t h0, int64_t nh, 
   for (int64_t j0 = j_lo; j0 < j_hi; j0 += kAttnBlockK) {
     const int64_t nk = min_i64(kAttnBlockK, j_hi - j0);
     if (packed) {
-      for (int64_t c = 0; c < kAttnBlockK; ++c) {
-        const T* kr = k + (j0 + c) * a.k_ss;
-        for (int64_t d = 0; d < D; ++d) kt[d * kAttnBlockK + c] = c < nk ? load_f32(kr + d) : 0.0f;
-      }
+      copy_key_tile(k + j0 * a.k_ss, a.k_ss, nk, D, kt);
       int64_t r = 0;
       for (; r + 4 <= rows; r += 4) scores_packed<4>(qs + r * D, D, kt, s + r * kAttnBlockK);
       for (; r < rows; ++r) scores_packed<1>(qs + r * D, D, kt, s + r * kAttnBlockK);
