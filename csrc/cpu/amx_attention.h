@@ -45,10 +45,15 @@ constexpr float kLn2 = 0.693147180559945309f;  // kLog2e: simd.h
 // stays below 2^kMaxSlack, and most blocks need no max across the row nor any rescaling.
 constexpr float kMaxSlack = 8.0f;
 
-// 2^x for x <= 0 (and -inf -> 0, NaN kept): 2^n 2^f with n = round(x), |f| <= 1/2, 2^f by a
-// degree-5 polynomial fitted on [-1/2, 1/2] (relative error 1e-7; 2^0 is exactly 1).
+// 2^x for x <= kMaxSlack, 0 below -125 (and for -inf), NaN kept: 2^n 2^f with n = round(x),
+// |f| <= 1/2, 2^f by a degree-5 polynomial fitted on [-1/2, 1/2] (relative error 1e-7; 2^0 is
+// exactly 1). Every result is 0 or a normal float: a subnormal one (a masked key's 2^-150,
+// say) costs a microcode assist of the order of a hundred cycles, which made causal blocks,
+// with most of their lanes masked, slower than full ones.
 inline __m512 exp2_ps(__m512 x) {
-  x = _mm512_max_ps(_mm512_set1_ps(-150.0f), x);  // max returns its second operand for a NaN
+  const __m512 lowest = _mm512_set1_ps(-125.0f);
+  const __mmask16 kept = _mm512_cmp_ps_mask(x, lowest, _CMP_NLT_UQ);  // x >= -125 or NaN
+  x = _mm512_max_ps(lowest, x);  // max returns its second operand for a NaN
   const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(x, n);
   __m512 p = _mm512_set1_ps(1.3400432166e-03f);
@@ -57,7 +62,7 @@ inline __m512 exp2_ps(__m512 x) {
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022107356e-01f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314720671e-01f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
+  return _mm512_maskz_scalef_ps(kept, p, n);
 }
 
 constexpr TileConfig attention_tiles() {
