@@ -307,7 +307,7 @@ def test_kernel_split_kv_decode(backend, sq, heads):
             check_close(out, ref64, ref.attention(q, k, v, *args, compute_dtype=dtype))
 
 
-# (B, H, Hkv, Sq, Sk, D, Dv, options): blocks of 16 query rows on the AMX level's bf16 tiles
+# (B, H, Hkv, Sq, Sk, D, Dv, options): blocks of 16 query rows on the AMX level's tiles
 # (an odd number of them, a last item of 6 rows that stays on AVX-512, query heads of a GQA
 # group as one item's rows), key blocks cut by the sequence's end, a causal window and kv_lens
 # inside a block, a mask strided along the keys, a negative scale, split-KV with 16 rows.
@@ -328,17 +328,20 @@ def test_kernel_tile_blocks(backend, b, h, hkv, sq, sk, d, dv, opt):
         with run_on(backend):
             assert _ext._C.cpu_kernel_paths()["attention_tiles_from_rows"] == 16
     gen = seeded(backend, b, h, hkv, sq, sk, d, dv, *opt)
-    q, k, v = (_nan_padded(t) for t in _qkv(b, h, hkv, sq, sk, d, gen, torch.bfloat16, dv))
     mask = torch.randn(sk, sq, generator=gen).T if "strided mask" in opt else None
     lens = torch.randint(sk // 2, sk + 1, (b,), generator=gen) if "lens" in opt else None
     causal, window, scale = "causal" in opt or "window" in opt, opt.get("window"), opt.get("scale")
-    with run_on(backend):
-        out = torchslim.attention(
-            q, k, v, attn_mask=mask, causal=causal, scale=scale, window=window, kv_lens=lens
-        )
     args = (mask, causal, scale, window, lens)
-    ref64 = ref.attention(q.double(), k.double(), v.double(), *args, compute_dtype=torch.float64)
-    check_close(out, ref64, ref.attention(q, k, v, *args, compute_dtype=torch.bfloat16))
+    for dtype in (torch.bfloat16, torch.float32):  # fp32: three bf16 parts an operand on tiles
+        q, k, v = (_nan_padded(t) for t in _qkv(b, h, hkv, sq, sk, d, gen, dtype, dv))
+        with run_on(backend):
+            out = torchslim.attention(
+                q, k, v, attn_mask=mask, causal=causal, scale=scale, window=window, kv_lens=lens
+            )
+        ref64 = ref.attention(
+            q.double(), k.double(), v.double(), *args, compute_dtype=torch.float64
+        )
+        check_close(out, ref64, ref.attention(q, k, v, *args, compute_dtype=dtype))
 
 
 # --------------------------------------------------------------------------- autograd

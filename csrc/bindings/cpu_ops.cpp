@@ -572,13 +572,14 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Ten
     // wave (and call to call, up to kWorkspaceMax): each head is packed once for all the items
     // that read it, which follow one another in `items`.
     const int64_t heads = B * Hkv, keys = cpu::attention_tile_keys(Sk);
-    const int64_t head_elems = keys * (D + Dv), chunk = 2 * cpu::kAttnTileBlockK;
+    const int64_t parts = cpu::attention_tile_parts(type);
+    const int64_t head_elems = parts * keys * (D + Dv), chunk = 2 * cpu::kAttnTileBlockK;
     const int64_t chunks = (keys + chunk - 1) / chunk;
     const int64_t wave =
         std::clamp<int64_t>(static_cast<int64_t>(kWorkspaceMax) / (2 * head_elems), 1, heads);
     at::Tensor held;
     auto* k_tiles = reinterpret_cast<uint16_t*>(workspace(2 * wave * head_elems, held));
-    uint16_t* v_tiles = k_tiles + wave * keys * D;
+    uint16_t* v_tiles = k_tiles + wave * parts * keys * D;
     args.k_tiles = k_tiles;
     args.v_tiles = v_tiles;
     int64_t first = 0;
@@ -588,7 +589,7 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Ten
         for (int64_t t = begin; t < end; ++t) {
           const int64_t h = t / chunks, j0 = t % chunks * chunk;
           kt.attention_pack(args, (h0 + h) / Hkv, (h0 + h) % Hkv, j0, std::min(j0 + chunk, keys),
-                            k_tiles + h * keys * D, v_tiles + h * keys * Dv);
+                            k_tiles + h * parts * keys * D, v_tiles + h * parts * keys * Dv);
         }
       });
       args.tile_head0 = h0;

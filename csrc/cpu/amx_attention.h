@@ -1,5 +1,6 @@
-// Fused attention on the AMX tile unit (bf16), for work items of at least
-// kAttnTileMinRows query rows; smaller ones (decode) and fp32 take attention.h's kernel.
+// Fused attention on the AMX tile unit, bf16 and fp32, for work items of at least
+// kAttnTileMinRows query rows; smaller ones (decode) take attention.h's kernel. fp32 operands
+// go to the bf16 tiles in three bf16 parts each, for fp32 accuracy (kMaxParts).
 //
 // The same online softmax as attention.h, with both products on bf16 tiles (TDPBF16PS: a
 // 16 x 32 bf16 tile A times a 32 x 16 tile B in the VNNI layout, row p holding the pairs
@@ -9,7 +10,7 @@
 //   S = q k^T      A: the rows of q (copied once per item, zero rows past the last),
 //                  B: the key tiles, packed once per call (attention_pack)
 //   softmax        AVX-512 on the fp32 scores: t = S scale log2(e) (+ mask log2(e)), -inf outside
-//                  each row's visible keys, P = 2^(t - m) rounded to bf16, l += sum P (in fp32,
+//                  each row's visible keys, P = 2^(t - m) in bf16 (parts), l += sum P (in fp32,
 //                  before the rounding), m the row's reference point (see kMaxSlack)
 //   O += P v       A: P, B: the value tiles (packed once per call); O lives in memory in fp32
 //                  and is loaded into the accumulators and stored back once per block
@@ -74,24 +75,75 @@ constexpr TileConfig attention_tiles() {
   return config;
 }
 
+// An operand's bf16 parts: bf16 is one part; fp32 x = x0 + x1 + x2, each bf16 (x1 and x2 the
+// rounding residues, 2^-8 and 2^-16 of x), and a product of two fp32 operands is the six
+// a_i b_j with i + j <= 2 (the dropped ones are below 2^-24 of it): fp32 accuracy on the bf16
+// tiles, at 6 multiplies for one (W8A16 does the same with 3 for x against exact int8 weights).
+constexpr int kMaxParts = 3;
+
+// The fp32 values of the low or high 16 bf16 of h.
+inline __m512 bf16_low(__m512i h) {
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(h)), 16));
+}
+inline __m512 bf16_high(__m512i h) {
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(h, 1)), 16));
+}
+
+// 32 values (lo, then hi) as `parts` bf16 parts, part i in out[i] (32 x 16 bits).
+inline void split32(__m512 lo, __m512 hi, int parts, __m512i* out) {
+  for (int i = 0; i < parts; ++i) {
+    out[i] = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+    if (i + 1 == parts) break;
+    lo = _mm512_sub_ps(lo, bf16_low(out[i]));
+    hi = _mm512_sub_ps(hi, bf16_high(out[i]));
+  }
+}
+
+// 32 consecutive values of p (16 of p and 16 of p2 when p2 is given) as bf16 parts; null
+// pointers read as zeros.
+inline void load_parts(const uint16_t* p, const uint16_t* p2, int, __m512i* out) {
+  if (p2 == nullptr) {
+    out[0] = p ? _mm512_loadu_si512(p) : _mm512_setzero_si512();
+    return;
+  }
+  const __m256i lo =
+      p ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)) : _mm256_setzero_si256();
+  const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p2));
+  out[0] = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+}
+inline void load_parts(const float* p, const float* p2, int parts, __m512i* out) {
+  const __m512 zero = _mm512_setzero_ps();
+  const __m512 lo = p ? _mm512_loadu_ps(p) : zero;
+  const __m512 hi = p2 ? _mm512_loadu_ps(p2) : p ? _mm512_loadu_ps(p + 16) : zero;
+  split32(lo, hi, parts, out);
+}
+
 // Keys [j0, j1) (multiples of 16, j1 <= attention_tile_keys(Sk)) of key/value head hk of batch
-// b into the head's tiles k_tiles and v_tiles (see the layouts above).
-void attention_pack(const AttentionArgs& a, int64_t b, int64_t hk, int64_t j0, int64_t j1,
-                    uint16_t* k_tiles, uint16_t* v_tiles) {
-  const int64_t D = a.D, Dv = a.Dv, Sk = a.Sk;
+// b into the head's tiles k_tiles and v_tiles, part after part (see the layouts above).
+template <class T>
+void attention_pack_type(const AttentionArgs& a, int64_t b, int64_t hk, int64_t j0, int64_t j1,
+                         uint16_t* k_tiles, uint16_t* v_tiles) {
+  const int64_t D = a.D, Dv = a.Dv, Sk = a.Sk, keys = attention_tile_keys(Sk);
+  const int parts = static_cast<int>(attention_tile_parts(a.type));
   const int64_t len = a.kv_lens ? a.kv_lens[b] : Sk;
-  const auto* k = static_cast<const uint16_t*>(a.k) + b * a.k_sb + hk * a.k_sh;
-  const auto* v = static_cast<const uint16_t*>(a.v) + b * a.v_sb + hk * a.v_sh;
+  const T* k = static_cast<const T*>(a.k) + b * a.k_sb + hk * a.k_sh;
+  const T* v = static_cast<const T*>(a.v) + b * a.v_sb + hk * a.v_sh;
   for (int64_t g = j0 / 16; g < j1 / 16; ++g) {
     for (int64_t s = 0; s < D / 32; ++s) {
-      __m512i r[16];
+      __m512i r[kMaxParts][16];
       for (int i = 0; i < 16; ++i) {
         const int64_t j = 16 * g + i;
-        r[i] = j < Sk ? _mm512_loadu_si512(k + j * a.k_ss + 32 * s) : _mm512_setzero_si512();
+        __m512i part[kMaxParts];
+        load_parts(j < Sk ? k + j * a.k_ss + 32 * s : nullptr, nullptr, parts, part);
+        for (int e = 0; e < parts; ++e) r[e][i] = part[e];
       }
-      transpose_16x16(r);  // r[p]: the dim pair p of each of the 16 keys
-      uint16_t* tile = k_tiles + (g * (D / 32) + s) * 512;
-      for (int p = 0; p < 16; ++p) _mm512_store_si512(tile + 32 * p, r[p]);
+      for (int e = 0; e < parts; ++e) {
+        transpose_16x16(r[e]);  // r[e][p]: the dim pair p of each of the 16 keys
+        uint16_t* tile = k_tiles + e * keys * D + (g * (D / 32) + s) * 512;
+        for (int p = 0; p < 16; ++p) _mm512_store_si512(tile + 32 * p, r[e][p]);
+      }
     }
   }
   // Interleaves 16 values of key 2p (low half) and 16 of key 2p + 1 (high half).
@@ -99,19 +151,27 @@ void attention_pack(const AttentionArgs& a, int64_t b, int64_t hk, int64_t j0, i
                                                       21, 6,  22, 7,  23, 8,  24, 9,  25, 10, 26,
                                                       11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
   const __m512i pairs = _mm512_load_si512(kPairs);
+  alignas(64) static constexpr T kZeros[16] = {};
   for (int64_t j = j0; j < j1; j += 2) {
-    const uint16_t* v0 = j < len ? v + j * a.v_ss : nullptr;
-    const uint16_t* v1 = j + 1 < len ? v + (j + 1) * a.v_ss : nullptr;
+    const T* v0 = j < len ? v + j * a.v_ss : nullptr;
+    const T* v1 = j + 1 < len ? v + (j + 1) * a.v_ss : nullptr;
     uint16_t* row = v_tiles + (j / 32) * (Dv / 16) * 512 + (j % 32) / 2 * 32;
     for (int64_t c = 0; c < Dv / 16; ++c) {
-      const __m256i lo = v0 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v0 + 16 * c))
-                            : _mm256_setzero_si256();
-      const __m256i hi = v1 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v1 + 16 * c))
-                            : _mm256_setzero_si256();
-      const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-      _mm512_store_si512(row + c * 512, _mm512_permutexvar_epi16(pairs, both));
+      __m512i part[kMaxParts];
+      load_parts(v0 ? v0 + 16 * c : nullptr, v1 ? v1 + 16 * c : kZeros, parts, part);
+      for (int e = 0; e < parts; ++e) {
+        _mm512_store_si512(row + e * keys * Dv + c * 512, _mm512_permutexvar_epi16(pairs, part[e]));
+      }
     }
   }
+}
+
+void attention_pack(const AttentionArgs& a, int64_t b, int64_t hk, int64_t j0, int64_t j1,
+                    uint16_t* k_tiles, uint16_t* v_tiles) {
+  if (a.type == ScalarType::kFloat32) {
+    return attention_pack_type<float>(a, b, hk, j0, j1, k_tiles, v_tiles);
+  }
+  attention_pack_type<uint16_t>(a, b, hk, j0, j1, k_tiles, v_tiles);
 }
 
 // The multiplies of a unit, queued as jobs of blocks of steps and issued a step at a time. A
@@ -124,6 +184,8 @@ struct TileJob {
   int64_t lda;  // bytes
   const uint16_t* b;
   int64_t b_step, b_pair, b_block;
+  int parts;  // of each operand, planes a_plane and b_plane elements apart
+  int64_t a_plane, b_plane;
   float* c;
   int64_t ldc;  // bytes
   int groups;   // 1 or 2 row groups of 16
@@ -174,15 +236,21 @@ class TilePipe {
     }
     const uint16_t* b = j.b + block_ * j.b_block + step_ * j.b_step;
     const uint16_t* a = j.a + 32 * step_;
-    _tile_loadd(6, b, 64);
-    _tile_loadd(7, b + j.b_pair, 64);
-    _tile_loadd(4, a, j.lda);
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(1, 4, 7);
-    if (j.groups > 1) {
-      _tile_loadd(5, a + 8 * j.lda, j.lda);  // 16 rows on: 16 lda bytes
-      _tile_dpbf16ps(2, 5, 6);
-      _tile_dpbf16ps(3, 5, 7);
+    for (int i = 0; i < j.parts; ++i) {  // the products a_i b_e, i + e < parts
+      const uint16_t* ai = a + i * j.a_plane;
+      _tile_loadd(4, ai, j.lda);
+      if (j.groups > 1) _tile_loadd(5, ai + 8 * j.lda, j.lda);  // 16 rows on: 16 lda bytes
+      for (int e = 0; i + e < j.parts; ++e) {
+        const uint16_t* be = b + e * j.b_plane;
+        _tile_loadd(6, be, 64);
+        _tile_loadd(7, be + j.b_pair, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        if (j.groups > 1) {
+          _tile_dpbf16ps(2, 5, 6);
+          _tile_dpbf16ps(3, 5, 7);
+        }
+      }
     }
     if (++step_ < j.steps) return;
     _tile_stored(0, c, j.ldc);
@@ -213,9 +281,9 @@ struct AttentionRow {
 // scores and unit u - 1's products use the other.
 constexpr int64_t kUnitRows = 32;
 struct AttentionTileWork {
-  std::vector<uint16_t> q;  // [rows16][D] bf16
+  std::vector<uint16_t> q;  // [parts][rows16][D] bf16
   std::vector<float> s;     // [2][kUnitRows][kAttnTileBlockK] scores
-  std::vector<uint16_t> p;  // [2][kUnitRows][kAttnTileBlockK] bf16 P
+  std::vector<uint16_t> p;  // [2][parts][kUnitRows][kAttnTileBlockK] bf16 P
   std::vector<float> o;     // [rows16][Dv]
   std::vector<float> l;     // [rows][16] running sums, by lane
   std::vector<AttentionRow> rows;
@@ -229,14 +297,17 @@ void attention_on_tiles(const AttentionArgs& a, int64_t b, int64_t h0, int64_t n
   const int64_t hk = h0 / (a.H / a.Hkv), head_keys = attention_tile_keys(a.Sk);
   const auto head = [&](int64_t r) { return h0 + r / nq; };
   const auto query = [&](int64_t r) { return i0 + r % nq; };
+  const bool fp32 = a.type == ScalarType::kFloat32;
+  const int parts = static_cast<int>(attention_tile_parts(a.type));
   const int64_t tile_head = b * a.Hkv + hk - a.tile_head0;
-  const uint16_t* k_tiles = a.k_tiles + tile_head * head_keys * D;
-  const uint16_t* v_tiles = a.v_tiles + tile_head * head_keys * Dv;
+  const uint16_t* k_tiles = a.k_tiles + tile_head * parts * head_keys * D;
+  const uint16_t* v_tiles = a.v_tiles + tile_head * parts * head_keys * Dv;
+  const int64_t q_plane = 16 * groups * D, p_plane = kUnitRows * BK;
 
   thread_local AttentionTileWork w;
-  w.q.assign(16 * groups * D + 32, 0);
+  w.q.assign(parts * q_plane + 32, 0);
   w.s.resize(2 * kUnitRows * BK + 16);
-  w.p.assign(2 * kUnitRows * BK + 32, 0);
+  w.p.assign(2 * parts * p_plane + 32, 0);
   w.o.assign(16 * groups * Dv + 16, 0.0f);
   w.l.assign(16 * rows + 16, 0.0f);
   w.rows.resize(rows);
@@ -252,9 +323,16 @@ void attention_on_tiles(const AttentionArgs& a, int64_t b, int64_t h0, int64_t n
   const int64_t len = a.kv_lens ? a.kv_lens[b] : a.Sk, shift = len - a.Sq;
   int64_t j_lo = len, j_hi = 0;
   for (int64_t r = 0; r < rows; ++r) {
-    const auto* qr =
-        static_cast<const uint16_t*>(a.q) + b * a.q_sb + head(r) * a.q_sh + query(r) * a.q_ss;
-    std::copy(qr, qr + D, q + r * D);
+    const int64_t qr = b * a.q_sb + head(r) * a.q_sh + query(r) * a.q_ss;
+    for (int64_t d = 0; d < D; d += 32) {  // D is a multiple of 32
+      __m512i part[kMaxParts];
+      if (fp32) {
+        load_parts(static_cast<const float*>(a.q) + qr + d, nullptr, parts, part);
+      } else {
+        load_parts(static_cast<const uint16_t*>(a.q) + qr + d, nullptr, parts, part);
+      }
+      for (int e = 0; e < parts; ++e) _mm512_store_si512(q + e * q_plane + r * D + d, part[e]);
+    }
     int64_t lo = j_begin, hi = std::min(j_end, len);
     if (a.causal) {
       const int64_t pos = query(r) + shift;
@@ -297,6 +375,9 @@ void attention_on_tiles(const AttentionArgs& a, int64_t b, int64_t h0, int64_t n
                    512,
                    D / 32 * 512,
                    2 * (D / 32) * 512,
+                   parts,
+                   q_plane,
+                   head_keys * D,
                    s + (u & 1) * kUnitRows * BK,
                    BK * static_cast<int64_t>(sizeof(float)),
                    unit_groups_of(u),
@@ -306,12 +387,15 @@ void attention_on_tiles(const AttentionArgs& a, int64_t b, int64_t h0, int64_t n
   };
   const auto values = [&](int64_t u) {
     const int64_t r0 = unit_r0(u);
-    return TileJob{p + (u & 1) * kUnitRows * BK,
+    return TileJob{p + (u & 1) * parts * p_plane,
                    2 * BK,
                    v_tiles + unit_j0(u) / 32 * (Dv / 16) * 512,
                    Dv / 16 * 512,
                    512,
                    1024,
+                   parts,
+                   p_plane,
+                   head_keys * Dv,
                    o + r0 * Dv,
                    Dv * static_cast<int64_t>(sizeof(float)),
                    unit_groups_of(u),
@@ -345,7 +429,7 @@ void attention_on_tiles(const AttentionArgs& a, int64_t b, int64_t h0, int64_t n
     if (u > 0 && pairs > 1) pipe.add(values(u - 1));
     const int64_t per_row = (pipe.steps_left() + (r1 - r0) - 1) / (r1 - r0);
     const float* su = s + (u & 1) * kUnitRows * BK;
-    uint16_t* pu = p + (u & 1) * kUnitRows * BK;
+    uint16_t* pu = p + (u & 1) * parts * p_plane;
     for (int64_t r = r0; r < r1; ++r) {
       pipe.issue(per_row);
       AttentionRow& rw = row[r];
@@ -389,7 +473,7 @@ void attention_on_tiles(const AttentionArgs& a, int64_t b, int64_t h0, int64_t n
         for (int64_t v = 1; v < BK / 16; ++v) vmax = _mm512_max_ps(vmax, t[v]);
         const float up = _mm512_reduce_max_ps(vmax);
         if (up == -__builtin_inff()) {  // nothing visible yet: P = 0
-          std::fill(pr, pr + BK, uint16_t{0});
+          for (int e = 0; e < parts; ++e) std::fill(pr + e * p_plane, pr + e * p_plane + BK, 0);
           continue;
         }
         for (int64_t v = 0; v < BK / 16; ++v) t[v] = _mm512_sub_ps(t[v], _mm512_set1_ps(up));
@@ -407,7 +491,9 @@ void attention_on_tiles(const AttentionArgs& a, int64_t b, int64_t h0, int64_t n
         const __m512 p0 = exp2_ps(t[v]);
         const __m512 p1 = exp2_ps(t[v + 1]);
         vsum = _mm512_add_ps(vsum, _mm512_add_ps(p0, p1));
-        _mm512_store_si512(pr + 16 * v, (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
+        __m512i part[kMaxParts];
+        split32(p0, p1, parts, part);
+        for (int e = 0; e < parts; ++e) _mm512_store_si512(pr + e * p_plane + 16 * v, part[e]);
       }
       _mm512_store_ps(lr, vsum);
     }
@@ -429,10 +515,15 @@ void attention_on_tiles(const AttentionArgs& a, int64_t b, int64_t h0, int64_t n
       continue;
     }
     const __m512 inv = _mm512_set1_ps(sum > 0.0f ? 1.0f / sum : 0.0f);
-    auto* out = static_cast<uint16_t*>(a.out) + b * a.o_sb + head(r) * a.o_sh + query(r) * a.o_ss;
+    const int64_t out = b * a.o_sb + head(r) * a.o_sh + query(r) * a.o_ss;
     for (int64_t d = 0; d < Dv; d += 16) {
       const __m512 y = _mm512_mul_ps(_mm512_load_ps(orow + d), inv);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + d), (__m256i)_mm512_cvtneps_pbh(y));
+      if (fp32) {
+        _mm512_storeu_ps(static_cast<float*>(a.out) + out + d, y);
+      } else {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(a.out) + out + d),
+                            (__m256i)_mm512_cvtneps_pbh(y));
+      }
     }
   }
 }

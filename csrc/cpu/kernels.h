@@ -221,9 +221,12 @@ inline int64_t attention_tile_keys(int64_t Sk) {
   return (Sk + kAttnTileBlockK - 1) / kAttnTileBlockK * kAttnTileBlockK;
 }
 
-// Whether the tile layouts hold these arguments: bf16, head dims multiples of 32.
-inline bool attention_tiles_fit(const AttentionArgs& a) {
-  return a.type == ScalarType::kBFloat16 && a.D % 32 == 0 && a.Dv % 32 == 0;
+// Whether the tile layouts hold these arguments: head dims multiples of 32.
+inline bool attention_tiles_fit(const AttentionArgs& a) { return a.D % 32 == 0 && a.Dv % 32 == 0; }
+
+// bf16 parts per element in the tile layouts: 1 for bf16, 3 for fp32 (amx_attention.h).
+inline int64_t attention_tile_parts(ScalarType type) {
+  return type == ScalarType::kFloat32 ? 3 : 1;
 }
 
 // Per block: scaled q rows, output rows, scores, max and sum per row, the transposed key tile.
@@ -355,8 +358,9 @@ struct KernelTable {
                          float* group_sums, int64_t p0, int64_t p1);
   int64_t w4_panel_min_m;
   // Null, or keys [j0, j1) (multiples of 16, at most attention_tile_keys(Sk)) of key/value head
-  // hk of batch b written in the tile layouts to that head's k_tiles (attention_tile_keys(Sk) x
-  // D elements) and v_tiles (x Dv), for arguments that attention_tiles_fit: attention then
+  // hk of batch b written in the tile layouts to that head's k_tiles (attention_tile_parts x
+  // attention_tile_keys(Sk) x D elements) and v_tiles (x Dv), for arguments that
+  // attention_tiles_fit: attention then
   // takes them through AttentionArgs for work items of at least attention_tile_min_rows rows.
   void (*attention_pack)(const AttentionArgs& a, int64_t b, int64_t hk, int64_t j0, int64_t j1,
                          uint16_t* k_tiles, uint16_t* v_tiles);
