@@ -310,7 +310,8 @@ def test_kernel_split_kv_decode(backend, sq, heads):
 # (B, H, Hkv, Sq, Sk, D, Dv, options): blocks of 16 query rows on the AMX level's tiles
 # (an odd number of them, a last item of 6 rows that stays on AVX-512, query heads of a GQA
 # group as one item's rows), key blocks cut by the sequence's end, a causal window and kv_lens
-# inside a block, a mask strided along the keys, a negative scale, split-KV with 16 rows.
+# inside a block, a mask strided along the keys, a negative scale, split-KV with 16 rows,
+# fp32's items of 128 rows.
 TILE_CASES = [
     (1, 2, 2, 48, 48, 64, 64, {}),
     (1, 2, 1, 70, 70, 32, 96, {"causal": True}),
@@ -318,6 +319,7 @@ TILE_CASES = [
     (1, 2, 2, 65, 130, 64, 64, {"strided mask": True, "causal": True}),
     (1, 4, 2, 33, 200, 256, 256, {"scale": -0.3}),
     (2, 2, 1, 16, 2100, 64, 64, {"causal": True}),
+    (1, 2, 1, 200, 260, 64, 64, {"strided mask": True, "causal": True}),
 ]
 
 
