@@ -346,6 +346,26 @@ def test_kernel_tile_blocks(backend, b, h, hkv, sq, sk, d, dv, opt):
         check_close(out, ref64, ref.attention(q, k, v, *args, compute_dtype=dtype))
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_kernel_rows_without_keys_after_a_nan_output(backend, gen):
+    """Rows that see no key (causal, kv_lens < Sq: whole groups of 32 rows among them) are
+    zeros, even when the thread's buffers last held NaN outputs."""
+    for dtype in (torch.bfloat16, torch.float32):
+        q, k, v = _qkv(1, 2, 2, 200, 260, 64, gen, dtype)
+        poisoned = v.clone()
+        poisoned[:, :, 0] = math.nan  # every row sees key 0: every output row is NaN
+        lens = torch.tensor([100])
+        with run_on(backend):
+            assert torchslim.attention(q, k, poisoned).isnan().all()
+            out = torchslim.attention(q, k, v, causal=True, kv_lens=lens)
+        args = (None, True, None, None, lens)
+        ref64 = ref.attention(
+            q.double(), k.double(), v.double(), *args, compute_dtype=torch.float64
+        )
+        assert (out[:, :, :100] == 0).all()
+        check_close(out, ref64, ref.attention(q, k, v, *args, compute_dtype=dtype))
+
+
 # --------------------------------------------------------------------------- autograd
 GRAD_OPTIONS = ("plain", "causal", "bool mask, empty rows", "additive mask + causal")
 

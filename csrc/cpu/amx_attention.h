@@ -305,10 +305,13 @@ void attention_on_tiles(const AttentionArgs& a, int64_t b, int64_t h0, int64_t n
   const int64_t q_plane = 16 * groups * D, p_plane = kUnitRows * BK;
 
   thread_local AttentionTileWork w;
-  w.q.assign(parts * q_plane + 32, 0);
+  // Not cleared: a tile's row i of C reads only row i of A, so the rows past the item's last
+  // (the rest of its last 16) may hold anything, and O starts in the accumulators of each row
+  // group's first block (tile_zero), not from memory.
+  w.q.resize(parts * q_plane + 32);
   w.s.resize(2 * kUnitRows * BK + 16);
-  w.p.assign(2 * parts * p_plane + 32, 0);
-  w.o.assign(16 * groups * Dv + 16, 0.0f);
+  w.p.resize(2 * parts * p_plane + 32);
+  w.o.resize(16 * groups * Dv + 16);
   w.l.assign(16 * rows + 16, 0.0f);
   w.rows.resize(rows);
   AttentionRow* row = w.rows.data();
@@ -399,7 +402,7 @@ void attention_on_tiles(const AttentionArgs& a, int64_t b, int64_t h0, int64_t n
                    o + r0 * Dv,
                    Dv * static_cast<int64_t>(sizeof(float)),
                    unit_groups_of(u),
-                   true,
+                   u >= pairs,  // the row group's first block starts O
                    static_cast<int>(Dv / 32),
                    unit_steps(u)};
   };
@@ -477,13 +480,16 @@ void attention_on_tiles(const AttentionArgs& a, int64_t b, int64_t h0, int64_t n
           continue;
         }
         for (int64_t v = 0; v < BK / 16; ++v) t[v] = _mm512_sub_ps(t[v], _mm512_set1_ps(up));
-        // What the row has so far is rescaled by 2^(m - m') = 2^-up (0 when fresh).
-        const __m512 alpha = fresh ? _mm512_setzero_ps() : exp2_ps(_mm512_set1_ps(-up));
+        // What the row has so far is rescaled by 2^(m - m') = 2^-up; a fresh row has only
+        // zeros so far (sum and output; or an output row its first block will start).
+        if (!fresh) {
+          const __m512 alpha = exp2_ps(_mm512_set1_ps(-up));
+          _mm512_store_ps(lr, _mm512_mul_ps(_mm512_load_ps(lr), alpha));
+          float* orow = o + r * Dv;
+          for (int64_t d = 0; d < Dv; d += 16)
+            _mm512_store_ps(orow + d, _mm512_mul_ps(_mm512_load_ps(orow + d), alpha));
+        }
         rw.m = fresh ? up : rw.m + up;
-        _mm512_store_ps(lr, _mm512_mul_ps(_mm512_load_ps(lr), alpha));
-        float* orow = o + r * Dv;
-        for (int64_t d = 0; d < Dv; d += 16)
-          _mm512_store_ps(orow + d, _mm512_mul_ps(_mm512_load_ps(orow + d), alpha));
       }
       __m512 vsum = _mm512_load_ps(lr);
 #pragma GCC unroll 4
@@ -505,7 +511,9 @@ void attention_on_tiles(const AttentionArgs& a, int64_t b, int64_t h0, int64_t n
   }
 
   for (int64_t r = 0; r < rows; ++r) {
-    const float* orow = o + r * Dv;
+    float* orow = o + r * Dv;
+    // A row that saw no key has no output row either (its row group may have had no block).
+    if (row[r].m == -__builtin_inff()) std::fill(orow, orow + Dv, 0.0f);
     const float sum = _mm512_reduce_add_ps(_mm512_load_ps(l + 16 * r));
     if (partial) {  // the max back in the scores' own units, as attention.h leaves it
       float* pr = partial + r * (Dv + 2);
