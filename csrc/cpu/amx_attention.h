@@ -66,15 +66,6 @@ inline __m512 exp2_ps(__m512 x) {
   return _mm512_maskz_scalef_ps(kept, p, n);
 }
 
-constexpr TileConfig attention_tiles() {
-  TileConfig config;
-  for (int t = 0; t < 8; ++t) {
-    config.rows[t] = 16;
-    config.colsb[t] = 64;
-  }
-  return config;
-}
-
 // An operand's bf16 parts: bf16 is one part; fp32 x = x0 + x1 + x2, each bf16 (x1 and x2 the
 // rounding residues, 2^-8 and 2^-16 of x), and a product of two fp32 operands is the six
 // a_i b_j with i + j <= 2 (the dropped ones are below 2^-24 of it): fp32 accuracy on the bf16
@@ -413,7 +404,7 @@ void attention_on_tiles(const AttentionArgs& a, int64_t b, int64_t h0, int64_t n
   const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
   const __m512 slack = _mm512_set1_ps(kMaxSlack);
   alignas(64) float mask_row[BK];
-  const TileScope tiles(attention_tiles());
+  const TileScope tiles(full_tiles());
   TilePipe pipe;
   if (units > 0) {
     pipe.add(scores(0));

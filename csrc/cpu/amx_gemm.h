@@ -209,8 +209,8 @@ void amx_block(const Int8GemmArgs& g, int64_t n, int64_t m, int64_t m1, int64_t 
   }
 }
 
-// The int8 GEMM's tiles: all eight 16 rows x 64 bytes.
-constexpr TileConfig int8_tiles() {
+// All eight tiles 16 rows x 64 bytes (the int8 GEMM's, attention's).
+constexpr TileConfig full_tiles() {
   TileConfig config;
   for (int t = 0; t < 8; ++t) {
     config.rows[t] = 16;
@@ -221,7 +221,7 @@ constexpr TileConfig int8_tiles() {
 
 void amx_int8_gemm(const Int8GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   if (g.a_panels == nullptr) return avx512::kernel_table().int8_gemm(g, m0, m1, n0, n1);
-  const TileScope tiles(int8_tiles());
+  const TileScope tiles(full_tiles());
   for (int64_t n = n0; n < n1; n += 32) {
     const bool two_n = n + 32 <= n1;
     for (int64_t m = m0; m < m1; m += 32) {
@@ -710,7 +710,7 @@ struct Int8Rows {
   }
 };
 
-constexpr TileConfig bf16_tiles() { return int8_tiles(); }  // all 16 rows x 64 bytes
+constexpr TileConfig bf16_tiles() { return full_tiles(); }  // all 16 rows x 64 bytes
 
 void w8a16_block(const W8A16Args& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   const int64_t Kb = amx_bf16_padded_k(g.K), elems = amx_bf16_panel_elems(g.K);
