@@ -311,14 +311,15 @@ def test_kernel_split_kv_decode(backend, sq, heads):
 # (an odd number of them, a last item of 6 rows that stays on AVX-512, query heads of a GQA
 # group as one item's rows), key blocks cut by the sequence's end, a causal window and kv_lens
 # inside a block, a mask strided along the keys, a negative scale, split-KV with 16 rows,
-# fp32's items of 128 rows.
+# fp32's items of 128 rows; each with at least 128 query rows per key/value head, so that fp32
+# takes the tiles too.
 TILE_CASES = [
-    (1, 2, 2, 48, 48, 64, 64, {}),
+    (1, 6, 2, 48, 48, 64, 64, {}),
     (1, 2, 1, 70, 70, 32, 96, {"causal": True}),
-    (2, 8, 2, 5, 300, 128, 64, {"window": 100, "lens": True}),
-    (1, 2, 2, 65, 130, 64, 64, {"strided mask": True, "causal": True}),
-    (1, 4, 2, 33, 200, 256, 256, {"scale": -0.3}),
-    (2, 2, 1, 16, 2100, 64, 64, {"causal": True}),
+    (2, 16, 2, 16, 300, 128, 64, {"window": 100, "lens": True}),
+    (1, 4, 2, 65, 130, 64, 64, {"strided mask": True, "causal": True}),
+    (1, 8, 2, 33, 200, 256, 256, {"scale": -0.3}),
+    (2, 8, 1, 16, 2100, 64, 64, {"causal": True}),
     (1, 2, 1, 200, 260, 64, 64, {"strided mask": True, "causal": True}),
 ]
 
@@ -328,7 +329,9 @@ TILE_CASES = [
 def test_kernel_tile_blocks(backend, b, h, hkv, sq, sk, d, dv, opt):
     if backend == "cpu-amx":
         with run_on(backend):
-            assert _ext._C.cpu_kernel_paths()["attention_tiles_from_rows"] == 16
+            paths = _ext._C.cpu_kernel_paths()
+        assert paths["attention_tiles_from_rows"] == 16
+        assert sq * h // hkv >= paths["attention_fp32_tiles_from_rows_per_kv_head"]
     gen = seeded(backend, b, h, hkv, sq, sk, d, dv, *opt)
     mask = torch.randn(sk, sq, generator=gen).T if "strided mask" in opt else None
     lens = torch.randint(sk // 2, sk + 1, (b,), generator=gen) if "lens" in opt else None

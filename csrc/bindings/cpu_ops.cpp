@@ -539,7 +539,8 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Ten
   // more rows: S = 2048, D = 128, 192 against 210 ms; in bf16 the taller items' output rows
   // no longer fit L1 and ran 5-15% slower.
   const bool tiles = kt.attention_pack != nullptr && cpu::attention_tiles_fit(args) &&
-                     nh * nq0 >= kt.attention_tile_min_rows;
+                     nh * nq0 >= kt.attention_tile_min_rows &&
+                     (type != ScalarType::kFloat32 || Sq * G >= kt.attention_tile_fp32_min_rows);
   const bool tall = tiles && type == ScalarType::kFloat32 && Sq >= 2 * cpu::kAttnBlockQ;
   const int64_t nq = tall ? 2 * cpu::kAttnBlockQ : nq0;
   std::vector<Item> items;

@@ -78,6 +78,8 @@ py::dict cpu_kernel_paths() {
   d["int4_tiles_from_m"] = kt.w4_pack_panels ? py::cast(kt.w4_panel_min_m) : py::none();
   d["attention_tiles_from_rows"] =
       kt.attention_pack ? py::cast(kt.attention_tile_min_rows) : py::none();
+  d["attention_fp32_tiles_from_rows_per_kv_head"] =
+      kt.attention_pack ? py::cast(kt.attention_tile_fp32_min_rows) : py::none();
   d["sparse_bf16_dot"] = kt.bf16_dot;
   return d;
 }

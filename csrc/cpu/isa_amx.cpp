@@ -46,6 +46,7 @@ const KernelTable& kernel_table() {
     t.attention = &amx_attention;
     t.attention_pack = &attention_pack;
     t.attention_tile_min_rows = kAttnTileMinRows;
+    t.attention_tile_fp32_min_rows = kAttnTileFp32MinRows;
     return t;
   }();
   return table;

@@ -365,6 +365,9 @@ struct KernelTable {
   void (*attention_pack)(const AttentionArgs& a, int64_t b, int64_t hk, int64_t j0, int64_t j1,
                          uint16_t* k_tiles, uint16_t* v_tiles);
   int64_t attention_tile_min_rows;
+  // In fp32, also at least this many query rows per key/value head (Sq x H / Hkv): the packing
+  // of three parts must pay for itself.
+  int64_t attention_tile_fp32_min_rows;
 };
 
 namespace portable {
