@@ -541,6 +541,7 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Ten
   const bool tiles = kt.attention_pack != nullptr && cpu::attention_tiles_fit(args) &&
                      nh * nq0 >= kt.attention_tile_min_rows &&
                      (type != ScalarType::kFloat32 || Sq * G >= kt.attention_tile_fp32_min_rows);
+  // (Never split-KV, which takes Sq <= 16, so `partial` keeps kAttnBlockQ rows an item.)
   const bool tall = tiles && type == ScalarType::kFloat32 && Sq >= 2 * cpu::kAttnBlockQ;
   const int64_t nq = tall ? 2 * cpu::kAttnBlockQ : nq0;
   std::vector<Item> items;

@@ -7,7 +7,7 @@
 // (2p, 2p + 1) of 16 columns, summed into a 16 x 16 fp32 tile in 16 cycles, 16x a core's
 // AVX-512 FMA rate). Per block of kAttnTileBlockK keys, for a unit of 32 of the item's rows
 // (queries of the heads that share one key/value head):
-//   S = q k^T      A: the rows of q (copied once per item, zero rows past the last),
+//   S = q k^T      A: the rows of q (copied once per item),
 //                  B: the key tiles, packed once per call (attention_pack)
 //   softmax        AVX-512 on the fp32 scores: t = S scale log2(e) (+ mask log2(e)), -inf outside
 //                  each row's visible keys, P = 2^(t - m) in bf16 (parts), l += sum P (in fp32,
@@ -78,29 +78,9 @@ inline __m512 exp2_ps(__m512 x) {
 // tiles, at 6 multiplies for one (W8A16 does the same with 3 for x against exact int8 weights).
 constexpr int kMaxParts = 3;
 
-// The fp32 values of the low or high 16 bf16 of h.
-inline __m512 bf16_low(__m512i h) {
-  return _mm512_castsi512_ps(
-      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(h)), 16));
-}
-inline __m512 bf16_high(__m512i h) {
-  return _mm512_castsi512_ps(
-      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(h, 1)), 16));
-}
-
-// 32 values (lo, then hi) as `parts` bf16 parts, part i in out[i] (32 x 16 bits).
-inline void split32(__m512 lo, __m512 hi, int parts, __m512i* out) {
-  for (int i = 0; i < parts; ++i) {
-    out[i] = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
-    if (i + 1 == parts) break;
-    lo = _mm512_sub_ps(lo, bf16_low(out[i]));
-    hi = _mm512_sub_ps(hi, bf16_high(out[i]));
-  }
-}
-
-// 32 consecutive values of p (16 of p and 16 of p2 when p2 is given) as bf16 parts; null
-// pointers read as zeros.
-inline void load_parts(const uint16_t* p, const uint16_t* p2, int, __m512i* out) {
+// 32 consecutive values of p (16 of p and 16 of p2 when p2 is given) as bf16 parts (amx_gemm.h's
+// split_parts, as W8A16 splits x); null pointers read as zeros.
+inline void load_parts(const uint16_t* p, const uint16_t* p2, int, __m512i (&out)[kMaxParts]) {
   if (p2 == nullptr) {
     out[0] = p ? _mm512_loadu_si512(p) : _mm512_setzero_si512();
     return;
@@ -110,11 +90,11 @@ inline void load_parts(const uint16_t* p, const uint16_t* p2, int, __m512i* out)
   const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p2));
   out[0] = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
 }
-inline void load_parts(const float* p, const float* p2, int parts, __m512i* out) {
+inline void load_parts(const float* p, const float* p2, int parts, __m512i (&out)[kMaxParts]) {
   const __m512 zero = _mm512_setzero_ps();
   const __m512 lo = p ? _mm512_loadu_ps(p) : zero;
   const __m512 hi = p2 ? _mm512_loadu_ps(p2) : p ? _mm512_loadu_ps(p + 16) : zero;
-  split32(lo, hi, parts, out);
+  split_parts(lo, hi, parts, out);
 }
 
 // Keys [j0, j1) (multiples of 16, j1 <= attention_tile_keys(Sk)) of key/value head hk of batch
@@ -136,10 +116,8 @@ void attention_pack_type(const AttentionArgs& a, int64_t b, int64_t hk, int64_t 
         load_parts(j < Sk ? k + j * a.k_ss + 32 * s : nullptr, nullptr, parts, part);
         for (int e = 0; e < parts; ++e) r[e][i] = part[e];
       }
-      for (int e = 0; e < parts; ++e) {
-        transpose_16x16(r[e]);  // r[e][p]: the dim pair p of each of the 16 keys
-        uint16_t* tile = k_tiles + e * keys * D + (g * (D / 32) + s) * 512;
-        for (int p = 0; p < 16; ++p) _mm512_store_si512(tile + 32 * p, r[e][p]);
+      for (int e = 0; e < parts; ++e) {  // row p of the tile: dim pair p of the 16 keys
+        store_pairs(r[e], k_tiles + e * keys * D + (g * (D / 32) + s) * 512, 0);
       }
     }
   }
@@ -173,9 +151,10 @@ void attention_pack(const AttentionArgs& a, int64_t b, int64_t hk, int64_t j0, i
 
 // The multiplies of a unit, queued as jobs of blocks of steps and issued a step at a time. A
 // block is a 16 or 32 (row groups) x 32 block of C = A B in tmm0-3: A tiles (tmm4-5) are row
-// groups of `a` at a_step elements per step, B tiles (tmm6-7) are the pair at b and b + b_pair,
+// groups of `a` at 32 elements per step, B tiles (tmm6-7) are the pair at b and b + b_pair,
 // b_step per step; blocks follow one another b_block elements apart in B and 32 columns apart
-// in C. A block starts from zero (S) or from C in memory (O) and ends stored to C.
+// in C; fp32 operands add the products of their parts (planes a_plane and b_plane apart). A
+// block starts from zero (S) or from C in memory (O) and ends stored to C.
 struct TileJob {
   const uint16_t* a;
   int64_t lda;  // bytes
@@ -495,7 +474,7 @@ void attention_on_tiles(const AttentionArgs& a, int64_t b, int64_t h0, int64_t n
         const __m512 p1 = exp2_ps(t[v + 1]);
         vsum = _mm512_add_ps(vsum, _mm512_add_ps(p0, p1));
         __m512i part[kMaxParts];
-        split32(p0, p1, parts, part);
+        split_parts(p0, p1, parts, part);
         for (int e = 0; e < parts; ++e) _mm512_store_si512(pr + e * p_plane + 16 * v, part[e]);
       }
       _mm512_store_ps(lr, vsum);

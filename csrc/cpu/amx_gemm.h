@@ -648,6 +648,7 @@ inline __m512i to_bf16(__m512 lo, __m512 hi) {  // 32 bf16: lo's 16 values, then
 inline void split_parts(__m512 lo, __m512 hi, int64_t parts, __m512i (&out)[3]) {
   for (int64_t t = 0; t < parts; ++t) {
     out[t] = to_bf16(lo, hi);
+    if (t + 1 == parts) break;
     lo = _mm512_sub_ps(lo, bf16_low_to_f32(out[t]));
     hi = _mm512_sub_ps(hi, bf16_high_to_f32(out[t]));
   }
