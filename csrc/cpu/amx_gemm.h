@@ -430,7 +430,8 @@ void unpack_strip(const W4GemmArgs& g, int64_t n, W4Strip& strip) {
 
 // The int4 GEMM's tiles for multiplies of kDepth columns (32 or 64): accumulators tmm0-3, the
 // strip's two 16-row halves tmm4-5 (16 rows x kDepth codes) and two activation panels tmm6-7
-// (kDepth / 4 rows of 16 x 4 codes). Accumulator 2 h + p is half h times panel p.
+// (kDepth / 4 rows of 16 x 4 codes). Accumulator 2 h + p is half h times panel p. (w4_runs32
+// uses tmm0-1 and the pairs 4 and 6, 5 and 7.)
 template <int kDepth>
 constexpr TileConfig w4_tiles() {
   TileConfig config;
@@ -576,6 +577,118 @@ void w4_panels(const W4GemmArgs& g, const W4Strip& strip, int64_t n, int64_t m, 
   }
 }
 
+// Runs of 32 (g32, g96, ...): out[m .. m + 16)[n + 16 h .. n + 16 h + 16) (cut at m1, n1) for one
+// activation panel and one 16-row half of the strip, its fp32 sums in 16 AVX-512 registers for
+// all of K. With a fold per 32 columns the fold is most of the work, and w4_panels' sums in
+// memory cost every run a load and a store of each row besides the tile store (g32 at M = 512:
+// this kernel takes 0.8-0.9x its time; with 64-column multiplies, where the products dominate,
+// w4_panels' shared tile loads win by 5-15% and it keeps them). Each run's integer sums leave
+// the tiles once (a tile store) and are folded in registers:
+//   acc += s_group * (x_scale_run * sums_run)   per run,
+//   acc -= s_group * (zero - 8) * x_group_sum   at the end of each group.
+// Tile 0 takes the even runs and tile 1 the odd ones, each from its own operand tiles (4 and 6,
+// 5 and 7: tiles are not renamed, so a load into a tile that the multiply before reads would
+// wait for it). The iteration of run r multiplies run r, stores run r - 1 and folds run r - 2,
+// so the tile unit, the store and the fold overlap and no fold loads what the store before it
+// has just written.
+struct W4Runs32 {
+  const int8_t* w;  // the strip's codes, from the half's first row
+  const int8_t* x;  // the panel's codes
+  const float* xs;  // the panel's block scales
+  const float* gs;  // the panel's group sums
+  const float* s;   // the half's weight scales and scale * (zero - 8), kW4StripRows a group
+  const float* sz;
+  int64_t runs, runs_per_group;
+};
+
+// Where the fold is: the run's group and the runs left in it.
+struct W4FoldState {
+  int64_t group = 0, left;
+};
+
+// One iteration on tile T (the tile intrinsics take literal tile numbers).
+template <int T>
+TORCHSLIM_INLINE void w4_runs32_step(const W4Runs32& a, int64_t r, int32_t (&c)[2][16][16],
+                                     __m512 (&acc)[16], W4FoldState& fold) {
+  if (r < a.runs) {
+    const int8_t* w = a.w + kW4StripRows * 32 * r;
+    const int8_t* x = a.x + kAmxPanel * 32 * r;
+    if constexpr (T == 0) {
+      _tile_zero(0);
+      _tile_loadd(4, w, 32);
+      _tile_loadd(6, x, 64);
+      _tile_dpbssd(0, 4, 6);
+    } else {
+      _tile_zero(1);
+      _tile_loadd(5, w, 32);
+      _tile_loadd(7, x, 64);
+      _tile_dpbssd(1, 5, 7);
+    }
+  }
+  if (r >= 1 && r - 1 < a.runs) {  // run r - 1, on the other tile, into c[1 - T]
+    if constexpr (T == 0) {
+      _tile_stored(1, c[1], 64);
+    } else {
+      _tile_stored(0, c[0], 64);
+    }
+  }
+  const int64_t f = r - 2;  // in c[T] since the last iteration
+  if (f >= 0 && f < a.runs) {
+    const __m512 scale = _mm512_load_ps(a.xs + f * kAmxPanel);
+    const float* sg = a.s + fold.group * kW4StripRows;
+#pragma GCC unroll 16
+    for (int i = 0; i < 16; ++i) {
+      const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(c[T][i])), scale);
+      acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(sg[i]), v, acc[i]);
+    }
+    if (--fold.left == 0) {
+      const __m512 gsum = _mm512_load_ps(a.gs + fold.group * kAmxPanel);
+      const float* szg = a.sz + fold.group * kW4StripRows;
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i) acc[i] = _mm512_fnmadd_ps(_mm512_set1_ps(szg[i]), gsum, acc[i]);
+      ++fold.group;
+      fold.left = a.runs_per_group;
+    }
+  }
+  // The tile store is an asm statement that names no memory: this one says that c changes here,
+  // so the fold's loads stay between the store before and the store after (a memory clobber
+  // would also send acc through the stack).
+  asm volatile("" : "+m"(c));
+}
+
+void w4_runs32(const W4GemmArgs& g, const W4Strip& strip, int64_t n, int h, int64_t m, int64_t m1,
+               int64_t n1) {
+  const int64_t blocks = (g.K + kQ8Block - 1) / kQ8Block, groups = g.K / g.group_size;
+  const int64_t p = m / kAmxPanel;
+  const W4Runs32 a{aligned_data(strip.codes) + 16 * h * 32,
+                   g.panel_codes + p * amx_panel_bytes(g.K),
+                   g.panel_scales + p * blocks * kAmxPanel,
+                   g.panel_group_sums + p * groups * kAmxPanel,
+                   strip.scale.data() + 16 * h,
+                   strip.scaled_zero.data() + 16 * h,
+                   g.K / 32,
+                   g.group_size / 32};
+  alignas(64) int32_t c[2][16][16];
+  __m512 acc[16];
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+  W4FoldState fold{0, a.runs_per_group};
+  for (int64_t r = 0; r < a.runs + 2; r += 2) {
+    w4_runs32_step<0>(a, r, c, acc, fold);
+    w4_runs32_step<1>(a, r + 1, c, acc, fold);
+  }
+
+  // acc[i][j] is out[m + j, n + 16 h + i] before the bias: transposed.
+  const int64_t nq = n + 16 * h;
+  if (nq >= n1) return;
+  __m512i rows[16];
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) rows[i] = _mm512_castps_si512(acc[i]);
+  transpose_16x16(rows);
+  store_rows(g.out, g.ldo, g.out_type, rows, m, m1 - m < 16 ? m1 - m : 16, nq, first_lanes(n1 - nq),
+             g.bias);
+}
+
 template <class S, int kDepth>
 void w4_block(const W4GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   thread_local W4Strip strip;
@@ -587,8 +700,11 @@ void w4_block(const W4GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n
   for (int64_t n = n0; n < n1; n += kW4StripRows) {
     unpack_strip<S, kDepth>(g, n, strip);
     tile_reads_memory();
-    for (int64_t m = m0; m < m1; m += 2 * kAmxPanel) {
-      if (m + kAmxPanel < m1) {
+    for (int64_t m = m0; m < m1; m += kDepth == 32 ? kAmxPanel : 2 * kAmxPanel) {
+      if constexpr (kDepth == 32) {  // runs of 32
+        w4_runs32(g, strip, n, 0, m, m1, n1);
+        if (n + 16 < n1) w4_runs32(g, strip, n, 1, m, m1, n1);
+      } else if (m + kAmxPanel < m1) {
         w4_panels<kDepth, 2>(g, strip, n, m, m1, n1);
       } else {
         w4_panels<kDepth, 1>(g, strip, n, m, m1, n1);
