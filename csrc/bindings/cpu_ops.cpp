@@ -38,7 +38,7 @@ constexpr int64_t kBlockN = 64;
 constexpr int64_t kBlockM_Amx = 128;
 constexpr int64_t kBlockN_Amx = 256;
 // int4 unpacks each 32-row weight strip once per block, so its blocks are twice as tall: 256
-// rows of panels (1 MB at K = 4096) still stay in L2.
+// rows of panels over a slice of K (cpu/amx_gemm.h, 512 KB) still stay in L2.
 constexpr int64_t kBlockM_W4Amx = 256;
 // The bf16 tiles' blocks: each weight is converted to bf16 once per block, so the blocks are
 // tall; a block's panels, a slice of K at a time, stay in L2 (cpu/amx_gemm.h).
