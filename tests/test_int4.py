@@ -11,7 +11,7 @@ from torchslim import _ext, ops
 from torchslim import reference as ref
 from torchslim.nn import Int4Linear
 from torchslim.quant import dequantize_int4, pack_int4, quantize_int4, unpack_int4
-from torchslim.testing import M_FULL, M_QUICK, check_close, nan_padded, sqnr
+from torchslim.testing import M_FULL, M_QUICK, check_close, nan_padded, near_half_codes, sqnr
 
 CPU_BACKENDS = [b for b in KERNEL_BACKENDS if b.startswith("cpu")]
 SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -217,6 +217,30 @@ def test_cpu_activation_block():
     for group_size, k in ((16, 64), (0, 64), (128, 4000), (-2, 64)):
         with pytest.raises(ValueError, match="group_size"):
             ref.cpu_activation_block(group_size, k)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("group_size", [32, 128])
+def test_activation_codes_near_ties(backend, group_size, gen):
+    """The op's int8 activation codes are round(x / scale)'s even for values within a few ulps
+    of a half-integer step, in the dot kernels (M = 1, 3) and on the tile unit (M = 64), read
+    back through an identity weight (codes 9 on the diagonal and 8 elsewhere, zero point 8,
+    scale 1: each output is one activation's code times its run's scale)."""
+    k = 256
+    block = ref.cpu_activation_block(group_size, k)
+    codes = torch.full((k, k), 8, dtype=torch.uint8)
+    codes.diagonal().fill_(9)
+    packed = pack_int4(codes)
+    scales = torch.ones(k, k // group_size)
+    zeros = torch.full_like(scales, 8.0)
+    for m in (1, 3, 64):
+        x = near_half_codes(m, k, block, gen)
+        with run_on(backend):
+            out = ops.int4_weight_only_linear(x, packed, scales, zeros, group_size)
+        want_q, want_scale = ref.quantize_per_block(x, block)
+        got = torch.round(out / want_scale.repeat_interleave(block, dim=1))
+        wrong = (got != want_q.float()).sum().item()
+        assert wrong == 0, f"M={m}: {wrong} codes differ"
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

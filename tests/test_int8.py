@@ -16,6 +16,7 @@ from torchslim.testing import (
     NK_QUICK,
     check_close,
     nan_padded,
+    near_half_codes,
     random_int8,
 )
 
@@ -67,6 +68,19 @@ def test_quantize_per_token_exact(backend, m, nk, dtype, gen, poisoned_empty):
     want_q, want_scale = ref.quantize_per_token(x)
     assert torch.equal(x_q, want_q)
     assert torch.equal(x_scale, want_scale)
+
+
+@pytest.mark.parametrize("backend", [b for b in KERNEL_BACKENDS if b.startswith("cpu")])
+def test_quantize_per_token_near_ties(backend, gen):
+    """Values that divide out to within a few ulps of a half-integer: the codes are still
+    round(x / scale)'s (the CPU kernels round a product with 1 / scale and divide only where the
+    two could differ)."""
+    x = near_half_codes(64, 1000, 1000, gen)
+    with run_on(backend):
+        x_q, x_scale = ops.quantize_per_token(x)
+    want_q, want_scale = ref.quantize_per_token(x)
+    assert torch.equal(x_scale, want_scale)
+    assert torch.equal(x_q, want_q)
 
 
 @pytest.mark.parametrize(("backend", "m", "nk"), _cases(with_dtype=False))

@@ -30,8 +30,9 @@
 namespace torchslim::cpu::TORCHSLIM_ISA_NS {
 namespace {
 
-#include "simd.h"         // load_f32, Half
-#include "transpose16.h"  // transpose_16x16
+#include "simd.h"           // load_f32, Half, kQuotientSlack
+#include "simd_quotient.h"  // round_quotient_ps (after simd.h)
+#include "transpose16.h"    // transpose_16x16
 
 // A tile configuration (palette 1): rows and bytes per row of each tile used.
 struct alignas(64) TileConfig {
@@ -303,11 +304,10 @@ void quantize_panel_row(const T* x, int64_t K, int64_t group_size, int8_t* codes
     }
     float s = _mm512_reduce_max_ps(amax) / 127.0f;
     if (s == 0.0f) s = 1.0f;
-    const __m512 vs = _mm512_set1_ps(s);
+    const __m512 vs = _mm512_set1_ps(s), inv = _mm512_set1_ps(1.0f / s);
     __m512i sum = _mm512_setzero_si512();  // the run's codes: a run lies in one group
     for (int64_t k = k0; k < k0 + len; k += 16) {
-      __m512 v = _mm512_roundscale_ps(_mm512_div_ps(load16(x + k, K - k), vs),
-                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      __m512 v = round_quotient_ps(load16(x + k, K - k), vs, inv);
       v = _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(-127.0f)), _mm512_set1_ps(127.0f));
       const __m512i q = _mm512_cvtps_epi32(v);
       sum = _mm512_add_epi32(sum, q);

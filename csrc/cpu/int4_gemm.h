@@ -61,9 +61,9 @@ void quantize_row_q8_blocks(const T* x, int64_t K, int64_t group_size, int8_t* q
     int8_t codes[kQ8Block];
     int64_t k = 0;
     if (len == kQ8Block) {
-      const typename V::R vs = V::set1(s);
+      const typename V::R vs = V::set1(s), inv = V::set1(1.0f / s);
       for (; k + V::kWidth <= len; k += V::kWidth)
-        V::quantize_store(codes + k, V::load(xb + k), vs);
+        V::quantize_store(codes + k, V::load(xb + k), vs, inv);
     }
     for (; k < len; ++k) codes[k] = quantize_scalar(load_f32(xb + k) / s);
     int32_t sum = 0;

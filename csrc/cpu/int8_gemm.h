@@ -169,8 +169,10 @@ void quantize_row(const T* x, int64_t K, int8_t* q, float* scale_out) {
   float scale = amax / 127.0f;
   if (scale == 0.0f) scale = 1.0f;
   *scale_out = scale;
-  const typename V::R vscale = V::set1(scale);
-  for (k = 0; k + V::kWidth <= K; k += V::kWidth) V::quantize_store(q + k, V::load(x + k), vscale);
+  const typename V::R vscale = V::set1(scale), inv = V::set1(1.0f / scale);
+  for (k = 0; k + V::kWidth <= K; k += V::kWidth) {
+    V::quantize_store(q + k, V::load(x + k), vscale, inv);
+  }
   for (; k < K; ++k) q[k] = quantize_scalar(load_f32(x + k) / scale);
 }
 

@@ -86,6 +86,25 @@ def nan_padded(x: torch.Tensor, pad: int = 3) -> torch.Tensor:
     return view
 
 
+def near_half_codes(m: int, k: int, run: int, generator: torch.Generator) -> torch.Tensor:
+    """(m, k) fp32 activations whose int8 quantization per run of ``run`` values (scale =
+    max |x| / 127 over the run) divides out to within 3 ulps of a half-integer, or onto one:
+    where a quantizer that does not compute round(x / scale) exactly (a multiply by 1 / scale,
+    say) rounds the other way. Each run holds its max at a random column."""
+    x = torch.empty(m, k)
+    for k0 in range(0, k, run):
+        n = min(run, k - k0)
+        amax = torch.rand(m, 1, generator=generator) * 1.5 + 0.5
+        scale = amax / torch.full_like(amax, 127.0)
+        half = torch.randint(-127, 127, (m, n), generator=generator).float() + 0.5
+        v = half * scale
+        ulps = torch.randint(-3, 4, (m, n), generator=generator, dtype=torch.int32)
+        v = (v.view(torch.int32) + ulps).view(torch.float32)  # |v| < amax: same sign, a few ulps
+        v.scatter_(1, torch.randint(0, n, (m, 1), generator=generator), amax)
+        x[:, k0 : k0 + n] = v
+    return x
+
+
 def random_int8(*shape: int, generator: torch.Generator | None = None, device="cpu"):
     """Uniform int8 codes in [-127, 127] (the symmetric range every torchslim format uses)."""
     return torch.randint(-127, 128, shape, dtype=torch.int8, generator=generator, device=device)
