@@ -155,9 +155,10 @@ def _activations(m, k, dtype, gen):
     return nan_padded(x.to(dtype))
 
 
-def _weights(n, k, group_size, scale_dtype, gen):
+def _weights(n, k, group_size, scale_dtype, gen, symmetric=False):
     w = torch.randn(n, k, generator=gen) / k**0.5
-    return (*quantize_int4(w, group_size, scale_dtype=scale_dtype), torch.randn(n, generator=gen))
+    packed_scales_zeros = quantize_int4(w, group_size, symmetric=symmetric, scale_dtype=scale_dtype)
+    return (*packed_scales_zeros, torch.randn(n, generator=gen))
 
 
 @pytest.mark.parametrize(("backend", "m", "n", "k", "group_size"), _cases())
@@ -378,15 +379,17 @@ def test_amx_tiles_from_their_threshold(gen, poisoned_empty):
     kernel below it), with the reference's arithmetic: N cuts the 16-row strips and the
     256-column thread blocks, M the 16-row panels and the 128-row blocks. Every kind of run:
     one a group (128, 64, 32 with a lone last block: multiplies of 64 and of 32 columns), two
-    and three a group (256, 96), and per channel with a partial last run and block."""
+    and three a group (256, 96), and per channel with a partial last run and block; symmetric
+    weights too (zero point 8: the runs-of-32 kernel skips the zero-point term)."""
     with run_on("cpu-amx"):
         first = _ext._C.cpu_kernel_paths()["int4_tiles_from_m"]
     with run_on("cpu-avx512"):
         assert _ext._C.cpu_kernel_paths()["int4_tiles_from_m"] is None
     assert isinstance(first, int) and first >= 1
     cases = ((300, 4224, 128), (40, 1600, 64), (50, 1056, 32), (33, 2560, 256), (20, 960, 96))
-    for n, k, group_size in (*cases, (37, 4130, -1)):
-        packed, scales, zeros, bias = _weights(n, k, group_size, torch.bfloat16, gen)
+    symmetric = ((50, 1056, 32, True), (40, 1600, 64, True), (20, 960, 96, True))
+    for n, k, group_size, *sym in (*cases, (37, 4130, -1), *symmetric):
+        packed, scales, zeros, bias = _weights(n, k, group_size, torch.bfloat16, gen, *sym)
         args = (packed, scales, zeros, group_size, bias)
         block = ref.cpu_activation_block(group_size, k)
         for m in sorted({max(first - 1, 1), first, 131}):
