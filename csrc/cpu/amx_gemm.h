@@ -593,18 +593,18 @@ void w4_panels(const W4GemmArgs& g, const W4Strip& strip, int64_t n, int64_t m, 
 
 // Runs of 32 (g32, g96, ...): out[m .. m + 16)[n + 16 h .. n + 16 h + 16) (cut at m1, n1) for one
 // activation panel and one 16-row half of the strip, its fp32 sums in 16 AVX-512 registers for
-// all of K. With a fold per 32 columns the fold is most of the work, and w4_panels' sums in
-// memory cost every run a load and a store of each row besides the tile store (g32 at M = 512:
-// this kernel takes 0.8-0.9x its time; with 64-column multiplies, where the products dominate,
-// w4_panels' shared tile loads win by 5-15% and it keeps them). Each run's integer sums leave
-// the tiles once (a tile store) and are folded in registers:
+// all of K. With a fold per 32 columns the fold is the largest part of the work, and w4_panels'
+// sums in memory cost every run a load and a store of each row besides the tile store (g32:
+// this kernel takes 0.75-0.92x its time at M = 16-512; with 64-column multiplies, where the
+// products dominate, w4_panels' shared tile loads win by 5-15% and it keeps them). Each run's
+// integer sums leave the tiles once (a tile store) and are folded in registers:
 //   acc += s_group * (x_scale_run * sums_run)   per run,
 //   acc -= s_group * (zero - 8) * x_group_sum   at the end of each group.
 // Tile 0 takes the even runs and tile 1 the odd ones, each from its own operand tiles (4 and 6,
 // 5 and 7: tiles are not renamed, so a load into a tile that the multiply before reads would
 // wait for it). The iteration of run r multiplies run r, stores run r - 1 and folds run r - 2,
-// so the tile unit, the store and the fold overlap and no fold loads what the store before it
-// has just written.
+// so that the three may overlap and no fold loads what the store before it has just written.
+// (They overlap little: benchmarks/NOTES.md has the parts' cycles.)
 struct W4Runs32 {
   const int8_t* w;  // the strip's codes, from the half's first row
   const int8_t* x;  // the panel's codes
