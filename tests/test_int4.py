@@ -380,7 +380,7 @@ def test_amx_tiles_from_their_threshold(gen, poisoned_empty):
     256-column thread blocks, M the 16-row panels and the 128-row blocks. Every kind of run:
     one a group (128, 64, 32 with a lone last block: multiplies of 64 and of 32 columns), two
     and three a group (256, 96), and per channel with a partial last run and block; symmetric
-    weights too (zero point 8: the runs-of-32 kernel skips the zero-point term)."""
+    weights too (zero point 8)."""
     with run_on("cpu-amx"):
         first = _ext._C.cpu_kernel_paths()["int4_tiles_from_m"]
     with run_on("cpu-avx512"):

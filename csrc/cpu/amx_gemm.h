@@ -736,13 +736,13 @@ void w4_block(const W4GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n
         if constexpr (kDepth == 32) {  // runs of 32 (one slice)
           w4_runs32(g, strip, n, 0, m, m1, n1);
           if (n + 16 < n1) w4_runs32(g, strip, n, 1, m, m1, n1);
-          continue;
-        }
-        const W4Slice slice{k0, k1, acc + strip_index * pairs + (m - m0) / (2 * kAmxPanel)};
-        if (m + kAmxPanel < m1) {
-          w4_panels<kDepth, 2>(g, strip, n, m, m1, n1, slice);
         } else {
-          w4_panels<kDepth, 1>(g, strip, n, m, m1, n1, slice);
+          const W4Slice slice{k0, k1, acc + strip_index * pairs + (m - m0) / (2 * kAmxPanel)};
+          if (m + kAmxPanel < m1) {
+            w4_panels<kDepth, 2>(g, strip, n, m, m1, n1, slice);
+          } else {
+            w4_panels<kDepth, 1>(g, strip, n, m, m1, n1, slice);
+          }
         }
       }
     }
@@ -863,8 +863,6 @@ struct Int8Rows {
   }
 };
 
-constexpr TileConfig bf16_tiles() { return full_tiles(); }  // all 16 rows x 64 bytes
-
 void w8a16_block(const W8A16Args& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   const int64_t Kb = amx_bf16_padded_k(g.K), elems = amx_bf16_panel_elems(g.K);
   const int64_t strips = (n1 - n0 + kBf16StripRows - 1) / kBf16StripRows;
@@ -879,7 +877,7 @@ void w8a16_block(const W8A16Args& g, int64_t m0, int64_t m1, int64_t n0, int64_t
   float* carry = aligned_data(carry_buffer);
   const Int8Rows weights{g};
 
-  const TileScope tiles(bf16_tiles());
+  const TileScope tiles(full_tiles());
   alignas(64) float c[4][256];
   for (int64_t k0 = 0; k0 < Kb; k0 += kBf16SliceK) {
     const int64_t k1 = k0 + kBf16SliceK < Kb ? k0 + kBf16SliceK : Kb;

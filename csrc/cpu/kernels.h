@@ -360,8 +360,8 @@ struct KernelTable {
   // Null, or keys [j0, j1) (multiples of 16, at most attention_tile_keys(Sk)) of key/value head
   // hk of batch b written in the tile layouts to that head's k_tiles (attention_tile_parts x
   // attention_tile_keys(Sk) x D elements) and v_tiles (x Dv), for arguments that
-  // attention_tiles_fit: attention then
-  // takes them through AttentionArgs for work items of at least attention_tile_min_rows rows.
+  // attention_tiles_fit: attention then takes them through AttentionArgs for work items of at
+  // least attention_tile_min_rows rows.
   void (*attention_pack)(const AttentionArgs& a, int64_t b, int64_t hk, int64_t j0, int64_t j1,
                          uint16_t* k_tiles, uint16_t* v_tiles);
   int64_t attention_tile_min_rows;

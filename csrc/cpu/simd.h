@@ -190,10 +190,9 @@ struct FVec {
   static R abs(R v) { return _mm512_abs_ps(v); }
   static R max(R a, R b) { return _mm512_max_ps(a, b); }
   static float reduce_max(R v) { return _mm512_reduce_max_ps(v); }
-  static R round_quotient(R x, R scale, R inv) { return round_quotient_ps(x, scale, inv); }
   // inv = 1 / scale (any rounding).
   static void quantize_store(int8_t* q, R x, R scale, R inv) {
-    R v = round_quotient(x, scale, inv);
+    R v = round_quotient_ps(x, scale, inv);
     v = _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(-127.0f)), _mm512_set1_ps(127.0f));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v)));
   }
