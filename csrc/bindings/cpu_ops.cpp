@@ -33,6 +33,7 @@ using namespace cpu_bindings;
 constexpr int64_t kBlockM_I8 = 64;
 constexpr int64_t kBlockM_F32 = 32;
 constexpr int64_t kBlockN = 64;
+constexpr int64_t kVectorStepN = 12;
 // The tile unit's blocks (multiples of the 32 x 32 register block): a block's weight rows
 // (kBlockN_Amx x K bytes) stay in L2 while its activation panels pass.
 constexpr int64_t kBlockM_Amx = 128;
@@ -45,14 +46,15 @@ constexpr int64_t kBlockM_W4Amx = 256;
 constexpr int64_t kBlockM_Bf16 = 256;
 constexpr int64_t kBlockN_Bf16 = 256;
 
-// The tile kernels' block of output columns: at most `most`, a multiple of 32 (their register
-// block), and as many blocks as a multiple of the thread count, so that a layer of a few blocks
-// (N = 576: three of 256) does not leave a thread idle for a third of the call.
-int64_t balanced_block_n(int64_t N, int64_t most) {
+// A block of output columns: at most `most`, a multiple of `step` (the tile kernels' register
+// block of 32; 12 for the vector kernels, whose register tiles are 2, 3 or 4 columns wide), and
+// as many blocks as a multiple of the thread count, so that a layer of a few blocks (N = 576:
+// three of 256, or nine of 64) does not leave a thread idle for part of the call.
+int64_t balanced_block_n(int64_t N, int64_t most, int64_t step = 32) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   int64_t blocks = (N + most - 1) / most;
   blocks = (blocks + threads - 1) / threads * threads;
-  return std::max<int64_t>(32, ((N + blocks - 1) / blocks + 31) / 32 * 32);
+  return std::max<int64_t>(step, ((N + blocks - 1) / blocks + step - 1) / step * step);
 }
 
 // Scratch for what lives only inside one op call (an activation's int8 codes and scales): a
@@ -351,9 +353,9 @@ at::Tensor int4_weight_only_linear_cpu(const at::Tensor& x, const at::Tensor& pa
   args.ldxb = lanes;
   at::parallel_for(0, M, std::max<int64_t>(1, 16384 / K),
                    [&](int64_t m0, int64_t m1) { kt.quantize_q8_blocks(qa, m0, m1); });
-  parallel_blocks(M, N, kBlockM_I8, kBlockN, [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-    kt.w4_gemm(args, m0, m1, n0, n1);
-  });
+  parallel_blocks(
+      M, N, kBlockM_I8, balanced_block_n(N, kBlockN, kVectorStepN),
+      [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { kt.w4_gemm(args, m0, m1, n0, n1); });
   return out;
 }
 

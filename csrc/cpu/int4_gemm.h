@@ -128,13 +128,135 @@ void to_f32(const S* s, int64_t n, float* out) {
   for (; i < n; ++i) out[i] = load_f32(s + i);
 }
 
+// The zero points, relative to the centre the sums used:
+// c[i][j] -= scale * (zero - 8) * (sum of the group's activations), a dot product along the
+// groups. scales and zeros point at the tile's first column.
+template <class S, int R, int C, int MR, int NR>
+void subtract_zero_points(const W4GemmArgs& g, int64_t m, const S* scales, const S* zeros,
+                          float (&c)[MR][NR]) {
+  using V = FVec;
+  const int64_t groups = g.K / g.group_size;
+  for (int j = 0; j < C; ++j) {
+    const S* s = scales + j * g.lds;
+    const S* z = zeros + j * g.lds;
+    typename V::R acc_z[R];
+    for (int i = 0; i < R; ++i) acc_z[i] = V::zero();
+    int64_t gi = 0;
+    const typename V::R center = V::set1(static_cast<float>(kQ4Center));
+    for (; gi + V::kWidth <= groups; gi += V::kWidth) {
+      const typename V::R sz = V::mul(V::load(s + gi), V::sub(V::load(z + gi), center));
+      for (int i = 0; i < R; ++i)
+        acc_z[i] = V::fma(sz, V::load(g.x_group_sum + (m + i) * g.ldxg + gi), acc_z[i]);
+    }
+    for (int i = 0; i < R; ++i) {
+      float sum = V::reduce_add(acc_z[i]);
+      for (int64_t t = gi; t < groups; ++t)
+        sum +=
+            load_f32(s + t) * (load_f32(z + t) - kQ4Center) * g.x_group_sum[(m + i) * g.ldxg + t];
+      c[i][j] -= sum;
+    }
+  }
+}
+
 // Groups per row up to which a tile converts its scales to fp32 once, on the stack.
 constexpr int64_t kQ4MaxScaleGroups = 512;
+
+#if defined(TORCHSLIM_ISA_AVX512)
+// Groups of whole runs of 128 (g128, g256, ..., one group per row when K is whole runs): a run's
+// activation codes share one scale and its 128 weights one group, so a zmm of 64 packed bytes
+// meets the run in two vpdpbusd and its int32 sums take one conversion and one FMA per column
+// (w4_tile converts per chunk of 64, with a scale product per chunk). The zero points enter
+// through the accumulators, 16 groups per masked step, not a scalar loop per column. At M = 1
+// on 1536x576, g128, weights in cache, the op takes 0.8x the time of w4_tile's.
+bool takes_runs128(const W4GemmArgs& g) {
+  return g.K % 128 == 0 && g.group_size % 128 == 0 && g.K / g.group_size <= kQ4MaxScaleGroups;
+}
+
+template <class S, int R, int C, int MR, int NR>
+void w4_tile_runs128(const W4GemmArgs& g, int64_t m, int64_t n, float (&c)[MR][NR],
+                     const uint8_t* w_next) {
+  using D = Q4Run128;
+  using V = FVec;
+  constexpr int64_t kRun = 128, kRunBytes = kRun / 2;
+  const int8_t* xq = g.xq + m * g.ldxq;
+  const float* xs = g.x_scale + m * g.ldxs;
+  const int32_t* xb = g.x_lane_bias + m * g.ldxb;
+  const float* xg = g.x_group_sum + m * g.ldxg;
+  const uint8_t* w = g.w + n * g.ldw;
+  const S* scales = static_cast<const S*>(g.scales) + n * g.lds;
+  const S* zeros = static_cast<const S*>(g.zeros) + n * g.lds;
+  const int64_t groups = g.K / g.group_size, runs_per_group = g.group_size / kRun;
+
+  // The tile's scales, and scale * (zero - 8) (the zero point relative to the sums' centre),
+  // in fp32, 16 groups at a time.
+  float sc[C][kQ4MaxScaleGroups], sz[C][kQ4MaxScaleGroups];
+  const V::R center = V::set1(static_cast<float>(kQ4Center));
+  for (int64_t gi = 0; gi < groups; gi += V::kWidth) {
+    const int64_t len = min_i64(V::kWidth, groups - gi);
+#pragma GCC unroll 16
+    for (int j = 0; j < C; ++j) {
+      const V::R s = V::load_first(scales + j * g.lds + gi, len);
+      V::store_first(sc[j] + gi, s, len);
+      V::store_first(sz[j] + gi,
+                     V::mul(s, V::sub(V::load_first(zeros + j * g.lds + gi, len), center)), len);
+    }
+  }
+  V::R acc[R][C];
+#pragma GCC unroll 16
+  for (int i = 0; i < R; ++i) {
+#pragma GCC unroll 16
+    for (int j = 0; j < C; ++j) acc[i][j] = V::zero();
+  }
+  for (int64_t gi = 0, r = 0; gi < groups; ++gi) {
+    for (const int64_t r_end = r + runs_per_group; r < r_end; ++r) {
+      const int64_t kb = r * kRunBytes;  // byte offset in a packed row
+      D::WV wv[C];
+#pragma GCC unroll 16
+      for (int j = 0; j < C; ++j) {
+        __builtin_prefetch(w_next + j * g.ldw + kb);
+        wv[j] = D::load_w(w + j * g.ldw + kb);
+      }
+#pragma GCC unroll 16
+      for (int i = 0; i < R; ++i) {
+        const D::XV xv = D::load_x(xq + i * g.ldxq + r * kRun,
+                                   xb + i * g.ldxb + r * (kRun / kQ4Chunk) * kQ4Lanes);
+        const V::R xsv = V::set1(xs[i * g.ldxs + r * (kRun / kQ8Block)]);
+#pragma GCC unroll 16
+        for (int j = 0; j < C; ++j) {
+          acc[i][j] = V::fma(_mm512_cvtepi32_ps(D::dot(wv[j], xv)), V::mul(xsv, V::set1(sc[j][gi])),
+                             acc[i][j]);
+        }
+      }
+    }
+  }
+  // The zero points: acc -= scale * (zero - 8) * (the group's activation sum), group by group.
+  for (int64_t gi = 0; gi < groups; gi += V::kWidth) {
+    const int64_t len = min_i64(V::kWidth, groups - gi);
+    V::R sums[R];
+#pragma GCC unroll 16
+    for (int i = 0; i < R; ++i) sums[i] = V::load_first(xg + i * g.ldxg + gi, len);
+#pragma GCC unroll 16
+    for (int j = 0; j < C; ++j) {
+      const V::R szv = V::load_first(sz[j] + gi, len);
+#pragma GCC unroll 16
+      for (int i = 0; i < R; ++i) acc[i][j] = _mm512_fnmadd_ps(szv, sums[i], acc[i][j]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < R; ++i) {
+#pragma GCC unroll 16
+    for (int j = 0; j < C; ++j) c[i][j] = V::reduce_add(acc[i][j]);
+  }
+}
+#endif
 
 // c[i][j] = out[m + i, n + j] before bias, for i < R, j < C. S is the scale/zero storage type.
 // `w_next` points at the weight rows the next tile reads, prefetched one tile ahead.
 template <class S, int R, int C, int MR, int NR>
 void w4_tile(const W4GemmArgs& g, int64_t m, int64_t n, float (&c)[MR][NR], const uint8_t* w_next) {
+#if defined(TORCHSLIM_ISA_AVX512)
+  if (takes_runs128(g)) return w4_tile_runs128<S, R, C, MR, NR>(g, m, n, c, w_next);
+#endif
   using D = Q4Dot;
   const int8_t* xq = g.xq + m * g.ldxq;
   const float* xs = g.x_scale + m * g.ldxs;
@@ -239,29 +361,7 @@ void w4_tile(const W4GemmArgs& g, int64_t m, int64_t n, float (&c)[MR][NR], cons
       }
     }
   }
-  // The zero points, relative to the centre the sums above used:
-  // -scale * (zero - 8) * (sum of the group's activations), a dot product along the groups.
-  using V = FVec;
-  for (int j = 0; j < C; ++j) {
-    const S* s = scales + j * g.lds;
-    const S* z = zeros + j * g.lds;
-    typename V::R acc_z[R];
-    for (int i = 0; i < R; ++i) acc_z[i] = V::zero();
-    int64_t gi = 0;
-    const typename V::R center = V::set1(static_cast<float>(kQ4Center));
-    for (; gi + V::kWidth <= groups; gi += V::kWidth) {
-      const typename V::R sz = V::mul(V::load(s + gi), V::sub(V::load(z + gi), center));
-      for (int i = 0; i < R; ++i)
-        acc_z[i] = V::fma(sz, V::load(g.x_group_sum + (m + i) * g.ldxg + gi), acc_z[i]);
-    }
-    for (int i = 0; i < R; ++i) {
-      float sum = V::reduce_add(acc_z[i]);
-      for (int64_t t = gi; t < groups; ++t)
-        sum +=
-            load_f32(s + t) * (load_f32(z + t) - kQ4Center) * g.x_group_sum[(m + i) * g.ldxg + t];
-      c[i][j] -= sum;
-    }
-  }
+  subtract_zero_points<S, R, C>(g, m, scales, zeros, c);
 }
 
 // Calls w4_tile with the compile-time tile matching the run-time (rows, cols) at an edge.

@@ -169,6 +169,17 @@ struct FVec {
     return _mm512_cvtepi32_ps(
         _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
   }
+  // The first n <= 16 values at p and zeros after them; nothing past p + n is read.
+  static __mmask16 first(int64_t n) { return static_cast<__mmask16>((1u << n) - 1); }
+  static R load_first(const float* p, int64_t n) { return _mm512_maskz_loadu_ps(first(n), p); }
+  static R load_first(const uint16_t* p, int64_t n) {
+    const __m512i u = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(first(n), p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
+  }
+  static R load_first(const Half* p, int64_t n) {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(first(n), p));
+  }
+  static void store_first(float* p, R v, int64_t n) { _mm512_mask_storeu_ps(p, first(n), v); }
   static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
   static R mul(R a, R b) { return _mm512_mul_ps(a, b); }
   static R add(R a, R b) { return _mm512_add_ps(a, b); }
@@ -568,6 +579,43 @@ struct Q4Dot {
     return _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(d), acc);
   }
   static float reduce(Acc v) { return hsum_ps(v); }
+};
+
+#endif
+
+#if defined(TORCHSLIM_ISA_AVX512)
+
+// int4 x Q8 activation runs of 128 (see int4_gemm.h, w4_tile_runs128): 64 packed bytes, one
+// zmm, hold a run's 128 weights, its low nibbles the even k and its high nibbles the odd k. The
+// Q8 layout is Q4Dot's (each chunk of 64 as 32 even then 32 odd codes), so the run's two chunks
+// load as (even, even) and (odd, odd) halves; int32 lane l < 8 carries lane l of the first chunk
+// and lane l + 8 lane l of the second, which is how the chunks' lane biases lie in memory.
+struct Q4Run128 {
+  struct WV {
+    __m512i lo, hi;
+  };
+  struct XV {
+    __m512i lo, hi, bias;
+  };
+  static WV load_w(const uint8_t* p) {
+    const __m512i v = _mm512_loadu_si512(p);
+    const __m512i mask = _mm512_set1_epi8(0x0f);
+    return {_mm512_and_si512(v, mask), _mm512_and_si512(_mm512_srli_epi16(v, 4), mask)};
+  }
+  // p: the run's 128 codes (two chunks), bias: its 16 lane biases.
+  static XV load_x(const int8_t* p, const int32_t* bias) {
+    auto halves = [](const int8_t* a, const int8_t* b) {
+      return _mm512_inserti64x4(
+          _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a))),
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)), 1);
+    };
+    return {halves(p, p + kQ4Chunk), halves(p + kQ4Chunk / 2, p + kQ4Chunk + kQ4Chunk / 2),
+            _mm512_loadu_si512(bias)};
+  }
+  // The run's exact sum of (code - 8) * x, in 16 int32 lanes.
+  static __m512i dot(const WV& w, const XV& x) {
+    return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(x.bias, w.lo, x.lo), w.hi, x.hi);
+  }
 };
 
 #endif
