@@ -22,6 +22,7 @@ NKG = (
     (65, 288, (32, 96, -1)),  # 96: chunks of 64 straddle groups
     (9, 480, (160,)),
     (111, 1024, (64, 128)),
+    (13, 640, (32, 64)),  # K in steps of 128: 20 groups of 32 (16 per masked step, then 4)
     (59, 4224, (128, -1)),
     (3, 16448, (32,)),  # group 32 past the kernel's stack buffer of scales (514 groups)
     (33, 130, (-1,)),  # per channel with a partial last activation block

@@ -162,22 +162,25 @@ void subtract_zero_points(const W4GemmArgs& g, int64_t m, const S* scales, const
 constexpr int64_t kQ4MaxScaleGroups = 512;
 
 #if defined(TORCHSLIM_ISA_AVX512)
-// Groups of whole runs of 128 (g128, g256, ..., one group per row when K is whole runs): a run's
-// activation codes share one scale and its 128 weights one group, so a zmm of 64 packed bytes
-// meets the run in two vpdpbusd and its int32 sums take one conversion and one FMA per column
-// (w4_tile converts per chunk of 64, with a scale product per chunk). The zero points enter
-// through the accumulators, 16 groups per masked step, not a scalar loop per column. At M = 1
-// on 1536x576, g128, weights in cache, the op takes 0.8x the time of w4_tile's.
-bool takes_runs128(const W4GemmArgs& g) {
-  return g.K % 128 == 0 && g.group_size % 128 == 0 && g.K / g.group_size <= kQ4MaxScaleGroups;
+// K in steps of 128 weights, a zmm of 64 packed bytes per column and step, met by two vpdpbusd;
+// each step's int32 sums take one conversion and one FMA per column, against a vector of
+// activation scale x weight scale per block of 32 (w4_tile converts per chunk of 64, with a
+// scale product per chunk). The zero points enter through the accumulators, 16 groups per masked
+// step, not a scalar loop per column. Groups of 32 or 64, or whole runs of 128 (g128, g256, ...,
+// one group per row when K is whole runs: one scale per step, broadcast). At M = 1 on 1536x576,
+// g128, weights in cache, the op takes 0.8x the time of w4_tile's.
+bool takes_zmm_steps(const W4GemmArgs& g) {
+  const int64_t G = g.group_size;
+  return g.K % 128 == 0 && (G == 32 || G == 64 || G % 128 == 0) && g.K / G <= kQ4MaxScaleGroups;
 }
 
-template <class S, int R, int C, int MR, int NR>
-void w4_tile_runs128(const W4GemmArgs& g, int64_t m, int64_t n, float (&c)[MR][NR],
-                     const uint8_t* w_next) {
+// kGroupBlocks: blocks of 32 per group (1 or 2), or 0 for groups of whole steps.
+template <class S, int R, int C, int MR, int NR, int kGroupBlocks>
+void w4_tile_zmm(const W4GemmArgs& g, int64_t m, int64_t n, float (&c)[MR][NR],
+                 const uint8_t* w_next) {
   using D = Q4Run128;
   using V = FVec;
-  constexpr int64_t kRun = 128, kRunBytes = kRun / 2;
+  constexpr int64_t kStep = 128, kStepBytes = kStep / 2, kStepBlocks = kStep / kQ8Block;
   const int8_t* xq = g.xq + m * g.ldxq;
   const float* xs = g.x_scale + m * g.ldxs;
   const int32_t* xb = g.x_lane_bias + m * g.ldxb;
@@ -185,7 +188,8 @@ void w4_tile_runs128(const W4GemmArgs& g, int64_t m, int64_t n, float (&c)[MR][N
   const uint8_t* w = g.w + n * g.ldw;
   const S* scales = static_cast<const S*>(g.scales) + n * g.lds;
   const S* zeros = static_cast<const S*>(g.zeros) + n * g.lds;
-  const int64_t groups = g.K / g.group_size, runs_per_group = g.group_size / kRun;
+  const int64_t groups = g.K / g.group_size, steps = g.K / kStep;
+  const int64_t steps_per_group = kGroupBlocks == 0 ? g.group_size / kStep : 1;
 
   // The tile's scales, and scale * (zero - 8) (the zero point relative to the sums' centre),
   // in fp32, 16 groups at a time.
@@ -207,25 +211,33 @@ void w4_tile_runs128(const W4GemmArgs& g, int64_t m, int64_t n, float (&c)[MR][N
 #pragma GCC unroll 16
     for (int j = 0; j < C; ++j) acc[i][j] = V::zero();
   }
-  for (int64_t gi = 0, r = 0; gi < groups; ++gi) {
-    for (const int64_t r_end = r + runs_per_group; r < r_end; ++r) {
-      const int64_t kb = r * kRunBytes;  // byte offset in a packed row
-      D::WV wv[C];
+  for (int64_t r = 0, gi = 0, group_end = steps_per_group; r < steps; ++r) {
+    if (kGroupBlocks == 0 && r == group_end) ++gi, group_end += steps_per_group;
+    const int64_t kb = r * kStepBytes;  // byte offset in a packed row
+    D::WV wv[C];
+    V::R ws[C];
+#pragma GCC unroll 16
+    for (int j = 0; j < C; ++j) {
+      __builtin_prefetch(w_next + j * g.ldw + kb);
+      wv[j] = D::load_w(w + j * g.ldw + kb);
+      if constexpr (kGroupBlocks == 1) {
+        ws[j] = D::per_block(sc[j] + r * kStepBlocks);
+      } else if constexpr (kGroupBlocks == 2) {
+        ws[j] = D::per_half(sc[j] + r * (kStepBlocks / 2));
+      } else {
+        ws[j] = V::set1(sc[j][gi]);
+      }
+    }
+#pragma GCC unroll 16
+    for (int i = 0; i < R; ++i) {
+      const D::XV xv = D::load_x(xq + i * g.ldxq + r * kStep,
+                                 xb + i * g.ldxb + r * (kStep / kQ4Chunk) * kQ4Lanes);
+      const float* xsr = xs + i * g.ldxs + r * kStepBlocks;  // the step's 4 block scales
+      // Groups of whole steps have runs of 128: one activation scale per step.
+      const V::R xsv = kGroupBlocks == 0 ? V::set1(*xsr) : D::per_block(xsr);
 #pragma GCC unroll 16
       for (int j = 0; j < C; ++j) {
-        __builtin_prefetch(w_next + j * g.ldw + kb);
-        wv[j] = D::load_w(w + j * g.ldw + kb);
-      }
-#pragma GCC unroll 16
-      for (int i = 0; i < R; ++i) {
-        const D::XV xv = D::load_x(xq + i * g.ldxq + r * kRun,
-                                   xb + i * g.ldxb + r * (kRun / kQ4Chunk) * kQ4Lanes);
-        const V::R xsv = V::set1(xs[i * g.ldxs + r * (kRun / kQ8Block)]);
-#pragma GCC unroll 16
-        for (int j = 0; j < C; ++j) {
-          acc[i][j] = V::fma(_mm512_cvtepi32_ps(D::dot(wv[j], xv)), V::mul(xsv, V::set1(sc[j][gi])),
-                             acc[i][j]);
-        }
+        acc[i][j] = V::fma(_mm512_cvtepi32_ps(D::dot(wv[j], xv)), V::mul(xsv, ws[j]), acc[i][j]);
       }
     }
   }
@@ -255,7 +267,11 @@ void w4_tile_runs128(const W4GemmArgs& g, int64_t m, int64_t n, float (&c)[MR][N
 template <class S, int R, int C, int MR, int NR>
 void w4_tile(const W4GemmArgs& g, int64_t m, int64_t n, float (&c)[MR][NR], const uint8_t* w_next) {
 #if defined(TORCHSLIM_ISA_AVX512)
-  if (takes_runs128(g)) return w4_tile_runs128<S, R, C, MR, NR>(g, m, n, c, w_next);
+  if (takes_zmm_steps(g)) {
+    if (g.group_size == 32) return w4_tile_zmm<S, R, C, MR, NR, 1>(g, m, n, c, w_next);
+    if (g.group_size == 64) return w4_tile_zmm<S, R, C, MR, NR, 2>(g, m, n, c, w_next);
+    return w4_tile_zmm<S, R, C, MR, NR, 0>(g, m, n, c, w_next);
+  }
 #endif
   using D = Q4Dot;
   const int8_t* xq = g.xq + m * g.ldxq;

@@ -612,6 +612,17 @@ struct Q4Run128 {
     return {halves(p, p + kQ4Chunk), halves(p + kQ4Chunk / 2, p + kQ4Chunk + kQ4Chunk / 2),
             _mm512_loadu_si512(bias)};
   }
+  // Four values, one per block of 32 of the run, to the lanes that carry that block (4b..4b+3).
+  static __m512 per_block(const float* four) {
+    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
+                                 _mm512_castps128_ps512(_mm_loadu_ps(four)));
+  }
+  // Two values, one per 64 (a group of 64 is two blocks), to the lanes of their blocks.
+  static __m512 per_half(const float* two) {
+    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1),
+                                 _mm512_castps128_ps512(_mm_castsi128_ps(
+                                     _mm_loadl_epi64(reinterpret_cast<const __m128i*>(two)))));
+  }
   // The run's exact sum of (code - 8) * x, in 16 int32 lanes.
   static __m512i dot(const WV& w, const XV& x) {
     return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(x.bias, w.lo, x.lo), w.hi, x.hi);
