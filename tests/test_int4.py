@@ -21,10 +21,12 @@ NKG = (
     (7, 64, (32, 64)),
     (65, 288, (32, 96, -1)),  # 96: chunks of 64 straddle groups
     (9, 480, (160,)),
-    (111, 1024, (64, 128)),
+    (111, 1024, (64, 128, 256)),
     (13, 640, (32, 64)),  # K in steps of 128: 20 groups of 32 (16 per masked step, then 4)
     (59, 4224, (128, -1)),
-    (3, 16448, (32,)),  # group 32 past the kernel's stack buffer of scales (514 groups)
+    (3, 16384, (32,)),  # 512 groups: as many as the kernels' stack buffers of scales hold
+    (3, 16448, (32,)),  # group 32 past those buffers (514 groups)
+    (2, 16512, (32,)),  # the same in steps of 128 (516 groups)
     (33, 130, (-1,)),  # per channel with a partial last activation block
     (5, 98, (-1,)),  # per channel: chunk, a lone block of 32, then a partial block
     (5, 2, (-1,)),

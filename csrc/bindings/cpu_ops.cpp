@@ -46,13 +46,16 @@ constexpr int64_t kBlockM_W4Amx = 256;
 constexpr int64_t kBlockM_Bf16 = 256;
 constexpr int64_t kBlockN_Bf16 = 256;
 
-// A block of output columns: at most `most`, a multiple of `step` (the tile kernels' register
-// block of 32; 12 for the vector kernels, whose register tiles are 2, 3 or 4 columns wide), and
-// as many blocks as a multiple of the thread count, so that a layer of a few blocks (N = 576:
-// three of 256, or nine of 64) does not leave a thread idle for part of the call.
+// A block of output columns near `most`: `most` itself where N is a whole number of such blocks
+// and their count a multiple of the thread count; otherwise N in equal blocks, as many as a
+// multiple of the thread count, rounded up to a multiple of `step` (the tile kernels' register
+// block of 32; 12 for the vector kernels, whose register tiles are 2, 3 or 4 columns wide), so
+// that a layer of a few blocks (N = 576: three of 256, or nine of 64) does not leave a thread
+// idle for part of the call.
 int64_t balanced_block_n(int64_t N, int64_t most, int64_t step = 32) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   int64_t blocks = (N + most - 1) / most;
+  if (N % most == 0 && blocks % threads == 0) return most;
   blocks = (blocks + threads - 1) / threads * threads;
   return std::max<int64_t>(step, ((N + blocks - 1) / blocks + step - 1) / step * step);
 }
@@ -127,7 +130,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token_cpu(const at::Tensor& x) {
 void run_int8_gemm(cpu::Int8GemmArgs args) {
   const cpu::KernelTable& kt = cpu::active_kernels();
   if (kt.int8_pack_panels == nullptr || args.M < kt.int8_panel_min_m) {
-    parallel_blocks(args.M, args.N, kBlockM_I8, kBlockN,
+    parallel_blocks(args.M, args.N, kBlockM_I8, balanced_block_n(args.N, kBlockN, kVectorStepN),
                     [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
                       kt.int8_gemm(args, m0, m1, n0, n1);
                     });
@@ -218,7 +221,7 @@ at::Tensor int8_weight_only_linear_cpu(const at::Tensor& x, const at::Tensor& w_
                       op.K};
   const cpu::KernelTable& kt = cpu::active_kernels();
   if (kt.w8a16_pack_panels == nullptr || op.M < kt.w8a16_panel_min_m || op.K == 0) {
-    parallel_blocks(op.M, op.N, kBlockM_F32, kBlockN,
+    parallel_blocks(op.M, op.N, kBlockM_F32, balanced_block_n(op.N, kBlockN, kVectorStepN),
                     [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
                       kt.w8a16_gemm(args, m0, m1, n0, n1);
                     });

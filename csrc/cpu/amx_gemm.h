@@ -670,6 +670,13 @@ TORCHSLIM_INLINE void w4_runs32_step(const W4Runs32& a, int64_t r, int32_t (&c)[
   asm volatile("" : "+m"(c));
 }
 
+// Long K sums in two levels: the registers' sums over kW4FlushRuns runs, added to a total in
+// memory. A single fp32 sum over the 512 runs of K = 16384 had 4x the error of PyTorch's fp32
+// matmul (M = 128; 0.5x with two levels). The total costs 5-10% of the loop's time, so only K
+// beyond kW4TwoLevelRuns runs takes it.
+constexpr int64_t kW4FlushRuns = 64, kW4TwoLevelRuns = 256;
+
+template <bool kTwoLevels>
 void w4_runs32(const W4GemmArgs& g, const W4Strip& strip, int64_t n, int h, int64_t m, int64_t m1,
                int64_t n1) {
   const int64_t blocks = (g.K + kQ8Block - 1) / kQ8Block, groups = g.K / g.group_size;
@@ -687,9 +694,27 @@ void w4_runs32(const W4GemmArgs& g, const W4Strip& strip, int64_t n, int h, int6
 #pragma GCC unroll 16
   for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
   W4FoldState fold{0, a.runs_per_group};
-  for (int64_t r = 0; r < a.runs + 2; r += 2) {
-    w4_runs32_step<0>(a, r, c, acc, fold);
-    w4_runs32_step<1>(a, r + 1, c, acc, fold);
+  if constexpr (kTwoLevels) {
+    alignas(64) float total[16][16] = {};
+    for (int64_t r0 = 0; r0 < a.runs + 2; r0 += kW4FlushRuns) {
+      const int64_t r1 = std::min(r0 + kW4FlushRuns, a.runs + 2);
+      for (int64_t r = r0; r < r1; r += 2) {
+        w4_runs32_step<0>(a, r, c, acc, fold);
+        w4_runs32_step<1>(a, r + 1, c, acc, fold);
+      }
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i) {
+        _mm512_store_ps(total[i], _mm512_add_ps(_mm512_load_ps(total[i]), acc[i]));
+        acc[i] = _mm512_setzero_ps();
+      }
+    }
+#pragma GCC unroll 16
+    for (int i = 0; i < 16; ++i) acc[i] = _mm512_load_ps(total[i]);
+  } else {
+    for (int64_t r = 0; r < a.runs + 2; r += 2) {
+      w4_runs32_step<0>(a, r, c, acc, fold);
+      w4_runs32_step<1>(a, r + 1, c, acc, fold);
+    }
   }
 
   // acc[i][j] is out[m + j, n + 16 h + i] before the bias: transposed.
@@ -734,8 +759,9 @@ void w4_block(const W4GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n
       tile_reads_memory();
       for (int64_t m = m0; m < m1; m += kDepth == 32 ? kAmxPanel : 2 * kAmxPanel) {
         if constexpr (kDepth == 32) {  // runs of 32 (one slice)
-          w4_runs32(g, strip, n, 0, m, m1, n1);
-          if (n + 16 < n1) w4_runs32(g, strip, n, 1, m, m1, n1);
+          const auto runs32 = g.K / 32 > kW4TwoLevelRuns ? w4_runs32<true> : w4_runs32<false>;
+          runs32(g, strip, n, 0, m, m1, n1);
+          if (n + 16 < n1) runs32(g, strip, n, 1, m, m1, n1);
         } else {
           const W4Slice slice{k0, k1, acc + strip_index * pairs + (m - m0) / (2 * kAmxPanel)};
           if (m + kAmxPanel < m1) {

@@ -10,6 +10,8 @@
 //                       bias, scaled by x_scale * w_scale per block of 32 into fp32
 //                       accumulators; the zero point enters once per group as
 //                       -scale * (zero - 8) * (sum of the group's rounded activations).
+//                       On AVX-512 with K a multiple of 128 and groups of 32, 64 or whole
+//                       runs of 128: steps of 128 weights in zmm registers (w4_tile_zmm).
 //
 // Decode (M = 1) streams the packed weight once at 4.5 to 5 bits per weight. Per 32 packed
 // bytes and output column the AVX2 loop issues about a dozen instructions (one load, two ANDs
@@ -178,7 +180,7 @@ bool takes_zmm_steps(const W4GemmArgs& g) {
 template <class S, int R, int C, int MR, int NR, int kGroupBlocks>
 void w4_tile_zmm(const W4GemmArgs& g, int64_t m, int64_t n, float (&c)[MR][NR],
                  const uint8_t* w_next) {
-  using D = Q4Run128;
+  using D = Q4Step128;
   using V = FVec;
   constexpr int64_t kStep = 128, kStepBytes = kStep / 2, kStepBlocks = kStep / kQ8Block;
   const int8_t* xq = g.xq + m * g.ldxq;

@@ -585,12 +585,13 @@ struct Q4Dot {
 
 #if defined(TORCHSLIM_ISA_AVX512)
 
-// int4 x Q8 activation runs of 128 (see int4_gemm.h, w4_tile_runs128): 64 packed bytes, one
-// zmm, hold a run's 128 weights, its low nibbles the even k and its high nibbles the odd k. The
-// Q8 layout is Q4Dot's (each chunk of 64 as 32 even then 32 odd codes), so the run's two chunks
-// load as (even, even) and (odd, odd) halves; int32 lane l < 8 carries lane l of the first chunk
-// and lane l + 8 lane l of the second, which is how the chunks' lane biases lie in memory.
-struct Q4Run128 {
+// int4 x Q8 activation codes in steps of 128 weights (see int4_gemm.h, w4_tile_zmm): 64 packed
+// bytes, one zmm, hold a step's 128 weights, its low nibbles the even k and its high nibbles the
+// odd k. The Q8 layout is Q4Dot's (each chunk of 64 as 32 even then 32 odd codes), so the step's
+// two chunks load as (even, even) and (odd, odd) halves; int32 lane l < 8 carries lane l of the
+// first chunk and lane l + 8 lane l of the second, which is how the chunks' lane biases lie in
+// memory, and lanes 4b .. 4b + 3 carry the step's block b of 32.
+struct Q4Step128 {
   struct WV {
     __m512i lo, hi;
   };
@@ -602,7 +603,7 @@ struct Q4Run128 {
     const __m512i mask = _mm512_set1_epi8(0x0f);
     return {_mm512_and_si512(v, mask), _mm512_and_si512(_mm512_srli_epi16(v, 4), mask)};
   }
-  // p: the run's 128 codes (two chunks), bias: its 16 lane biases.
+  // p: the step's 128 codes (two chunks), bias: its 16 lane biases.
   static XV load_x(const int8_t* p, const int32_t* bias) {
     auto halves = [](const int8_t* a, const int8_t* b) {
       return _mm512_inserti64x4(
@@ -612,7 +613,7 @@ struct Q4Run128 {
     return {halves(p, p + kQ4Chunk), halves(p + kQ4Chunk / 2, p + kQ4Chunk + kQ4Chunk / 2),
             _mm512_loadu_si512(bias)};
   }
-  // Four values, one per block of 32 of the run, to the lanes that carry that block (4b..4b+3).
+  // Four values, one per block of 32 of the step, to the lanes that carry that block (4b..4b+3).
   static __m512 per_block(const float* four) {
     return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
                                  _mm512_castps128_ps512(_mm_loadu_ps(four)));
@@ -623,7 +624,7 @@ struct Q4Run128 {
                                  _mm512_castps128_ps512(_mm_castsi128_ps(
                                      _mm_loadl_epi64(reinterpret_cast<const __m128i*>(two)))));
   }
-  // The run's exact sum of (code - 8) * x, in 16 int32 lanes.
+  // The step's exact sum of (code - 8) * x, in 16 int32 lanes.
   static __m512i dot(const WV& w, const XV& x) {
     return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(x.bias, w.lo, x.lo), w.hi, x.hi);
   }
