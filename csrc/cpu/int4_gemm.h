@@ -160,6 +160,27 @@ void subtract_zero_points(const W4GemmArgs& g, int64_t m, const S* scales, const
   }
 }
 
+// A tile's operands: its first activation row's Q8 codes, block scales, lane biases and group
+// sums, and its first column's packed codes, scales and zero points.
+template <class S>
+struct W4TileOperands {
+  const int8_t* xq;
+  const float* xs;
+  const int32_t* xb;
+  const float* xg;
+  const uint8_t* w;
+  const S* scales;
+  const S* zeros;
+  W4TileOperands(const W4GemmArgs& g, int64_t m, int64_t n)
+      : xq(g.xq + m * g.ldxq),
+        xs(g.x_scale + m * g.ldxs),
+        xb(g.x_lane_bias + m * g.ldxb),
+        xg(g.x_group_sum + m * g.ldxg),
+        w(g.w + n * g.ldw),
+        scales(static_cast<const S*>(g.scales) + n * g.lds),
+        zeros(static_cast<const S*>(g.zeros) + n * g.lds) {}
+};
+
 // Groups per row up to which a tile converts its scales to fp32 once, on the stack.
 constexpr int64_t kQ4MaxScaleGroups = 512;
 
@@ -183,13 +204,7 @@ void w4_tile_zmm(const W4GemmArgs& g, int64_t m, int64_t n, float (&c)[MR][NR],
   using D = Q4Step128;
   using V = FVec;
   constexpr int64_t kStep = 128, kStepBytes = kStep / 2, kStepBlocks = kStep / kQ8Block;
-  const int8_t* xq = g.xq + m * g.ldxq;
-  const float* xs = g.x_scale + m * g.ldxs;
-  const int32_t* xb = g.x_lane_bias + m * g.ldxb;
-  const float* xg = g.x_group_sum + m * g.ldxg;
-  const uint8_t* w = g.w + n * g.ldw;
-  const S* scales = static_cast<const S*>(g.scales) + n * g.lds;
-  const S* zeros = static_cast<const S*>(g.zeros) + n * g.lds;
+  const auto [xq, xs, xb, xg, w, scales, zeros] = W4TileOperands<S>(g, m, n);
   const int64_t groups = g.K / g.group_size, steps = g.K / kStep;
   const int64_t steps_per_group = kGroupBlocks == 0 ? g.group_size / kStep : 1;
 
@@ -276,12 +291,7 @@ void w4_tile(const W4GemmArgs& g, int64_t m, int64_t n, float (&c)[MR][NR], cons
   }
 #endif
   using D = Q4Dot;
-  const int8_t* xq = g.xq + m * g.ldxq;
-  const float* xs = g.x_scale + m * g.ldxs;
-  const int32_t* xb = g.x_lane_bias + m * g.ldxb;
-  const uint8_t* w = g.w + n * g.ldw;
-  const S* scales = static_cast<const S*>(g.scales) + n * g.lds;
-  const S* zeros = static_cast<const S*>(g.zeros) + n * g.lds;
+  const auto [xq, xs, xb, xg, w, scales, zeros] = W4TileOperands<S>(g, m, n);
   const int64_t G = g.group_size, groups = g.K / G;
   const int64_t k_chunks = g.K - g.K % kQ4Chunk;  // whole chunks of 64
   const int64_t k_full = g.K - g.K % kQ8Block;    // a partial block only when G == K
