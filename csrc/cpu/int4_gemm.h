@@ -191,7 +191,8 @@ constexpr int64_t kQ4MaxScaleGroups = 512;
 // scale product per chunk). The zero points enter through the accumulators, 16 groups per masked
 // step, not a scalar loop per column. Groups of 32 or 64, or whole runs of 128 (g128, g256, ...,
 // one group per row when K is whole runs: one scale per step, broadcast). At M = 1 on 1536x576,
-// g128, weights in cache, the op takes 0.8x the time of w4_tile's.
+// g128, weights in cache, 2 threads, the op took 0.8x the time of w4_tile's (measured together
+// with the balanced column blocks of cpu_ops.cpp).
 bool takes_zmm_steps(const W4GemmArgs& g) {
   const int64_t G = g.group_size;
   return g.K % 128 == 0 && (G == 32 || G == 64 || G % 128 == 0) && g.K / G <= kQ4MaxScaleGroups;
