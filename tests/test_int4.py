@@ -164,24 +164,39 @@ def _weights(n, k, group_size, scale_dtype, gen, symmetric=False):
     return (*packed_scales_zeros, torch.randn(n, generator=gen))
 
 
+def _cpu_references(x, args, k):
+    """(float64, x.dtype) references in the arithmetic the active CPU level takes for x: x
+    rounded to int8 per run of cpu_activation_block values, or, on bf16 tiles from the level's
+    threshold for that run on, x and the dequantized weight rounded to bf16. Called inside
+    run_on."""
+    block = ref.cpu_activation_block(args[3], k)
+    bf16_from = _ext._C.cpu_kernel_paths()["int4_bf16_tiles_from_m"]
+    m = x.reshape(-1, k).shape[0]
+    rule = (
+        {"operand_dtype": torch.bfloat16}
+        if bf16_from is not None and m >= bf16_from[block]
+        else {"activation_block": block}
+    )
+    ref64 = ref.int4_weight_only_linear(x.double(), *args, compute_dtype=torch.float64, **rule)
+    return ref64, ref.int4_weight_only_linear(x, *args, **rule)
+
+
 @pytest.mark.parametrize(("backend", "m", "n", "k", "group_size"), _cases())
 def test_int4_linear_against_reference(backend, m, n, k, group_size, gen, poisoned_empty):
     """The kernel computes the reference's arithmetic (activations rounded to int8 per run of
-    cpu_activation_block values)."""
+    cpu_activation_block values, or x and the weight rounded to bf16 on the amx level's bf16
+    tiles)."""
     scale_dtype = SCALE_DTYPES[(m + n) % 3]
     for dtype in (torch.float32, torch.bfloat16):
         x = _activations(m, k, dtype, gen)
         packed, scales, zeros, bias = _weights(n, k, group_size, scale_dtype, gen)
         bias = bias if m % 2 else None
-        with run_on(backend):
-            out = ops.int4_weight_only_linear(x, packed, scales, zeros, group_size, bias)
-        assert out.dtype == dtype and out.shape == (m, n)
         args = (packed, scales, zeros, group_size, bias)
-        block = ref.cpu_activation_block(group_size, k)
-        ref64 = ref.int4_weight_only_linear(
-            x.double(), *args, compute_dtype=torch.float64, activation_block=block
-        )
-        check_close(out, ref64, ref.int4_weight_only_linear(x, *args, activation_block=block))
+        with run_on(backend):
+            out = ops.int4_weight_only_linear(x, *args)
+            references = _cpu_references(x, args, k)
+        assert out.dtype == dtype and out.shape == (m, n)
+        check_close(out, *references)
 
 
 @pytest.mark.skipif("triton" not in KERNEL_BACKENDS, reason="no Triton backend here")
@@ -227,7 +242,8 @@ def test_cpu_activation_block():
 @pytest.mark.parametrize("group_size", [32, 128])
 def test_activation_codes_near_ties(backend, group_size, gen):
     """The op's int8 activation codes are round(x / scale)'s even for values within a few ulps
-    of a half-integer step, in the dot kernels (M = 1, 3) and on the tile unit (M = 64), read
+    of a half-integer step, in the dot kernels (M = 1, 3) and on the tile unit (M = 8; from
+    M = 16 groups of 32 take bf16 tiles, which do not round x to int8), read
     back through an identity weight (codes 9 on the diagonal and 8 elsewhere, zero point 8,
     scale 1: each output is one activation's code times its run's scale)."""
     k = 256
@@ -237,7 +253,7 @@ def test_activation_codes_near_ties(backend, group_size, gen):
     packed = pack_int4(codes)
     scales = torch.ones(k, k // group_size)
     zeros = torch.full_like(scales, 8.0)
-    for m in (1, 3, 64):
+    for m in (1, 3, 8):
         x = near_half_codes(m, k, block, gen)
         with run_on(backend):
             out = ops.int4_weight_only_linear(x, packed, scales, zeros, group_size)
@@ -378,30 +394,32 @@ def test_int4_linear_rejects_bad_state(gen):
     _ext._C is None or "amx" not in _ext._C.supported_isas(), reason="no AMX tiles on this CPU"
 )
 def test_amx_tiles_from_their_threshold(gen, poisoned_empty):
-    """The amx level runs the int4 GEMM on the tile unit from its threshold on (the AVX-512
-    kernel below it), with the reference's arithmetic: N cuts the 16-row strips and the
-    256-column thread blocks, M the 16-row panels and the 128-row blocks. Every kind of run:
-    one a group (128, 64, 32 with a lone last block: multiplies of 64 and of 32 columns), two
-    and three a group (256, 96), and per channel with a partial last run and block; symmetric
-    weights too (zero point 8)."""
+    """The amx level runs the int4 GEMM on the int8 tiles from their threshold on (the AVX-512
+    kernel below it), and on bf16 tiles from a threshold per activation run (the shorter the
+    runs, the sooner), each with its reference arithmetic: N cuts the 16-row strips and the
+    256-column thread blocks, M the 16-row panels and the 128- to 512-row blocks. Every kind of
+    run: one a group (128, 64, 32 with a lone last block: multiplies of 64 and of 32 columns),
+    two and three a group (256, 96), and per channel with a partial last run and block;
+    symmetric weights too (zero point 8)."""
     with run_on("cpu-amx"):
-        first = _ext._C.cpu_kernel_paths()["int4_tiles_from_m"]
+        paths = _ext._C.cpu_kernel_paths()
+    first, bf16_from = paths["int4_tiles_from_m"], paths["int4_bf16_tiles_from_m"]
     with run_on("cpu-avx512"):
         assert _ext._C.cpu_kernel_paths()["int4_tiles_from_m"] is None
+        assert _ext._C.cpu_kernel_paths()["int4_bf16_tiles_from_m"] is None
     assert isinstance(first, int) and first >= 1
+    assert sorted(bf16_from) == [32, 64, 128]
+    assert first < bf16_from[32] <= bf16_from[64] <= bf16_from[128]
     cases = ((300, 4224, 128), (40, 1600, 64), (50, 1056, 32), (33, 2560, 256), (20, 960, 96))
     symmetric = ((50, 1056, 32, True), (40, 1600, 64, True), (20, 960, 96, True))
     for n, k, group_size, *sym in (*cases, (37, 4130, -1), *symmetric):
         packed, scales, zeros, bias = _weights(n, k, group_size, torch.bfloat16, gen, *sym)
         args = (packed, scales, zeros, group_size, bias)
-        block = ref.cpu_activation_block(group_size, k)
-        for m in sorted({max(first - 1, 1), first, 131}):
+        tiles16 = bf16_from[ref.cpu_activation_block(group_size, k)]
+        for m in sorted({max(first - 1, 1), first, 131, tiles16 - 1, tiles16}):
             for dtype in (torch.float32, torch.bfloat16):
                 x = _activations(m, k, dtype, gen)
                 with run_on("cpu-amx"):
                     out = ops.int4_weight_only_linear(x, *args)
-                ref64 = ref.int4_weight_only_linear(
-                    x.double(), *args, compute_dtype=torch.float64, activation_block=block
-                )
-                lowp = ref.int4_weight_only_linear(x, *args, activation_block=block)
+                    ref64, lowp = _cpu_references(x, args, k)
                 check_close(out, ref64, lowp, name=f"M={m} {dtype} G={group_size}")

@@ -76,6 +76,13 @@ py::dict cpu_kernel_paths() {
   d["int8_weight_only_tiles_from_m"] =
       kt.w8a16_pack_panels ? py::cast(kt.w8a16_panel_min_m) : py::none();
   d["int4_tiles_from_m"] = kt.w4_pack_panels ? py::cast(kt.w4_panel_min_m) : py::none();
+  if (kt.w4_bf16_min_m != nullptr) {
+    py::dict by_run;
+    for (const int64_t run : {32, 64, 128}) by_run[py::cast(run)] = kt.w4_bf16_min_m(run);
+    d["int4_bf16_tiles_from_m"] = by_run;
+  } else {
+    d["int4_bf16_tiles_from_m"] = py::none();
+  }
   d["attention_tiles_from_rows"] =
       kt.attention_pack ? py::cast(kt.attention_tile_min_rows) : py::none();
   d["attention_fp32_tiles_from_rows_per_kv_head"] =
@@ -117,11 +124,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("supported_isas", &supported_isas, "ISA levels this CPU can run, lowest first");
   m.def("set_isa", &set_isa, "Force an ISA level (portable | avx2 | avx512 | amx)",
         py::arg("name"));
-  m.def("cpu_kernel_paths", &cpu_kernel_paths,
-        "Kernel variants of the active ISA level: int8_tiles_from_m (the M from which the int8 "
-        "GEMM runs on AMX tiles, or None), int8_weight_only_tiles_from_m and int4_tiles_from_m "
-        "(the same for the weight-only GEMMs), "
-        "sparse_bf16_dot");
+  m.def(
+      "cpu_kernel_paths", &cpu_kernel_paths,
+      "Kernel variants of the active ISA level: int8_tiles_from_m (the M from which the int8 "
+      "GEMM runs on AMX tiles, or None), int8_weight_only_tiles_from_m and int4_tiles_from_m "
+      "(the same for the weight-only GEMMs), int4_bf16_tiles_from_m (per activation run of 32, 64 "
+      "and 128 columns, the M from which int4 multiplies bf16 x on bf16 tiles, or None), "
+      "sparse_bf16_dot");
   m.def("build_info", &build_info, "Compiler and options of this build");
   torchslim::registry::bind(m);
   torchslim::bind_cpu(m);

@@ -782,33 +782,23 @@ void w4_block(const W4GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n
   w4_block<S, 32>(g, m0, m1, n0, n1);
 }
 
-void amx_w4_gemm(const W4GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-  if (g.panel_codes == nullptr) return avx512::kernel_table().w4_gemm(g, m0, m1, n0, n1);
-  switch (g.s_type) {
-    case ScalarType::kBFloat16:
-      return w4_block<uint16_t>(g, m0, m1, n0, n1);
-    case ScalarType::kFloat16:
-      return w4_block<Half>(g, m0, m1, n0, n1);
-    default:
-      return w4_block<float>(g, m0, m1, n0, n1);
-  }
-}
-
-// ------------------------------------------------------------ W8A16 on bf16 tiles
+// ------------------------------------------------------------ W8A16 and W4 on bf16 tiles
 // TDPBF16PS adds C[i][j] += sum over 32 k of A[i][k] * B[k / 2][2 j + k % 2] in fp32, 16 cycles
 // for 8192 multiply-adds (16x the AVX-512 FMA rate):
-//   A = 16 weight rows, the int8 codes converted to bf16 (exact);
-//   B = the activation panels (amx_bf16_panel_elems): x split into 1 bf16 part (bf16 x) or 3
-//       (fp32 x). A part times an integer weight is exact, and the three parts sum to the fp32
-//       value, so the sums are fp32 dot products taken in another order.
-// The tiles accumulate all of K; the epilogue applies w_scale and the bias as int8_gemm.h's
-// W8A16 epilogue does. Register blocking as in the int8 GEMM: two 16-row weight tiles x two
-// panels (tmm0-3), weights tmm4-5, panels tmm6-7. Each thread converts its weights to bf16 once
-// per block, kBf16SliceK columns of a 32-row strip at a time, which then stay in L1 while every
-// panel pair of the block passes; between slices the tiles' sums wait in memory.
-// (int4 weights take the int8 tiles above: their Q8 activations are int8 codes already, and on
-// bf16 tiles an fp32 activation costs three multiplies.)
-
+//   A = 16 weight rows as bf16: int8 codes converted (exact), or int4 codes dequantized;
+//   B = the activation panels (amx_bf16_panel_elems): x split into 1 bf16 part or 3. For W8A16,
+//       1 for bf16 x and 3 for fp32 x: a part times an integer weight is exact, and the three
+//       parts sum to the fp32 value, so the sums are fp32 dot products taken in another order.
+//       For W4, 1: a dequantized weight is a rounding already (see W4GemmArgs::x_bf16_panels).
+// The tiles accumulate all of K; the epilogue applies the column scale (W8A16's w_scale, as
+// int8_gemm.h's W8A16 epilogue does) and the bias. Register blocking as in the int8 GEMM: two
+// 16-row weight tiles x two panels (tmm0-3), weights tmm4-5, panels tmm6-7. Each thread converts
+// its weights to bf16 once per block, kBf16SliceK columns of a 32-row strip at a time (18 KB),
+// which then stay in L1 while every panel pair of the block passes, so that only the panels come
+// from L2; between slices the tiles' sums wait in memory. A tile multiply reads two 1 KB tiles
+// in its 16 cycles: with both from L2 (slices of 1024 columns, 66 KB) the loop waited on L2.
+// Slices of 256 took 0.75-0.85x the time of 1024 (W4 g32, M = 512, 4096^2 and 11008x4096;
+// 128 about the same as 256, 384 and 512 no better than 1024).
 // bf16 bit patterns as fp32 (exact: bf16 is the top half of an fp32).
 inline __m512 bf16_low_to_f32(__m512i v) {  // the 16 bf16 in the low 256 bits
   return _mm512_castsi512_ps(
@@ -864,14 +854,20 @@ void w8a16_pack_panels(const W8A16Args& g, uint16_t* panels, int64_t p0, int64_t
 }
 
 constexpr int kBf16StripRows = 32;
-constexpr int64_t kBf16SliceK = 1024;
-// Row stride of a converted slice, in bf16: not a multiple of 4 KB apart (rows that far apart
-// fall in one L1 set, and a tile load takes 16 of them).
-constexpr int64_t kBf16SliceStride = kBf16SliceK + 32;
+constexpr int64_t kBf16SliceK = 256;
+// Slices for a block of one panel pair with x in three parts (W8A16 on fp32 x, M <= 32): there
+// slices of 256 took 1.2-1.4x the time of 1024 (4096^2, 1536x576), where with one part (int4
+// g32) they took 0.6-0.75x at K = 11008 and about the same elsewhere.
+constexpr int64_t kBf16LoneSliceK = 1024;
 
-// int8 weight rows: w[n, k0 .. k1) as bf16 (exact), zero past K; k0, k1 multiples of 32.
+// A weight strip's source for bf16_tiles_block: convert(n, k0, k1, dst) writes w[n, k0 .. k1)
+// as bf16, zero past K (k0, k1 multiples of 32), and scale(n) is what the sums of column n are
+// multiplied by at the end.
+//
+// int8 rows: the codes as bf16 (exact), scaled per row in the epilogue.
 struct Int8Rows {
   const W8A16Args& g;
+  float scale(int64_t n) const { return g.w_scale[n]; }
   void convert(int64_t n, int64_t k0, int64_t k1, uint16_t* dst) const {
     const int8_t* src = g.w + n * g.ldw;
     for (int64_t k = k0; k < k1; k += 32, dst += 32) {
@@ -889,7 +885,56 @@ struct Int8Rows {
   }
 };
 
-void w8a16_block(const W8A16Args& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+// int4 rows (two codes a byte, low nibble first), dequantized as the reference does, (code -
+// zero) * scale in fp32, then rounded to bf16 (to nearest even): per group, the 16 values a code
+// can take, as a vpermw table that the codes index. S is the scales' and zeros' storage type. A
+// block of 32 lies in one group (groups are whole blocks, or one group per row).
+template <class S>
+struct Int4Rows {
+  const W4GemmArgs& g;
+  float scale(int64_t) const { return 1.0f; }
+  // The group's 16 dequantized values as bf16, in the low half of a zmm.
+  static __m512i group_table(float scale, float zero) {
+    const __m512 codes = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512 w =
+        _mm512_mul_ps(_mm512_sub_ps(codes, _mm512_set1_ps(zero)), _mm512_set1_ps(scale));
+    return _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(w));
+  }
+  void convert(int64_t n, int64_t k0, int64_t k1, uint16_t* dst) const {
+    const uint8_t* src = g.w + n * g.ldw;
+    const S* scales = static_cast<const S*>(g.scales) + n * g.lds;
+    const S* zeros = static_cast<const S*>(g.zeros) + n * g.lds;
+    int64_t group = k0 / g.group_size, group_end = (group + 1) * g.group_size;
+    __m512i table = group_table(load_f32(scales + group), load_f32(zeros + group));
+    const __m256i nibbles = _mm256_set1_epi16(0x0f0f);
+    for (int64_t k = k0; k < k1; k += 32, dst += 32) {
+      if (k >= group_end) {
+        ++group;
+        group_end += g.group_size;
+        table = group_table(load_f32(scales + group), load_f32(zeros + group));
+      }
+      const bool whole = k + 32 <= g.K;
+      const __m128i bytes = whole ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + k / 2))
+                                  : _mm_maskz_loadu_epi8(first_lanes((g.K - k) / 2), src + k / 2);
+      // Byte b as the word [b & 15, b >> 4]: the codes k .. k + 31 in order, a byte each.
+      const __m256i w = _mm256_cvtepu8_epi16(bytes);
+      const __m256i codes = _mm256_and_si256(
+          _mm256_mask_blend_epi8(0xaaaaaaaau, w, _mm256_slli_epi16(w, 4)), nibbles);
+      __m512i v = _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(codes), table);
+      if (!whole) {
+        const int64_t left = g.K - k;
+        v = _mm512_maskz_mov_epi16(left >= 32 ? ~__mmask32{0} : (__mmask32{1} << left) - 1, v);
+      }
+      _mm512_storeu_si512(dst, v);
+    }
+  }
+};
+
+// out[m0 .. m1)[n0 .. n1) = x . w^T on bf16 tiles, x from g.x_panels and w from `weights` (a
+// Rows above), each column's sums times weights.scale(n), plus the bias.
+template <class Rows>
+void bf16_tiles_block(const W8A16Args& g, const Rows& weights, int64_t m0, int64_t m1, int64_t n0,
+                      int64_t n1) {
   const int64_t Kb = amx_bf16_padded_k(g.K), elems = amx_bf16_panel_elems(g.K);
   const int64_t strips = (n1 - n0 + kBf16StripRows - 1) / kBf16StripRows;
   const int64_t pairs = (m1 - m0 + 2 * kAmxPanel - 1) / (2 * kAmxPanel);
@@ -897,20 +942,23 @@ void w8a16_block(const W8A16Args& g, int64_t m0, int64_t m1, int64_t n0, int64_t
   // sums between slices.
   thread_local std::vector<uint16_t> slice_buffer;
   thread_local std::vector<float> carry_buffer;
-  slice_buffer.resize(kBf16StripRows * kBf16SliceStride + 32);
+  const int64_t slice_k = pairs == 1 && g.x_parts > 1 ? kBf16LoneSliceK : kBf16SliceK;
+  // Row stride of a converted slice, in bf16: not a multiple of 4 KB apart (rows that far apart
+  // fall in one L1 set, and a tile load takes 16 of them).
+  const int64_t stride = slice_k + 32;
+  slice_buffer.resize(kBf16StripRows * stride + 32);
   carry_buffer.resize(strips * pairs * 4 * 256 + 16);
   uint16_t* slice = aligned_data(slice_buffer);
   float* carry = aligned_data(carry_buffer);
-  const Int8Rows weights{g};
 
   const TileScope tiles(full_tiles());
   alignas(64) float c[4][256];
-  for (int64_t k0 = 0; k0 < Kb; k0 += kBf16SliceK) {
-    const int64_t k1 = k0 + kBf16SliceK < Kb ? k0 + kBf16SliceK : Kb;
+  for (int64_t k0 = 0; k0 < Kb; k0 += slice_k) {
+    const int64_t k1 = k0 + slice_k < Kb ? k0 + slice_k : Kb;
     for (int64_t st = 0; st < strips; ++st) {
       const int64_t n = n0 + st * kBf16StripRows;
       for (int i = 0; i < kBf16StripRows; ++i) {
-        uint16_t* row = slice + i * kBf16SliceStride;
+        uint16_t* row = slice + i * stride;
         if (n + i < g.N) {
           weights.convert(n + i, k0, k1, row);
         } else {
@@ -938,8 +986,8 @@ void w8a16_block(const W8A16Args& g, int64_t m0, int64_t m1, int64_t n0, int64_t
         }
         for (int64_t k = k0; k < k1; k += 32) {
           const uint16_t* w = slice + (k - k0);
-          _tile_loadd(4, w, kBf16SliceStride * 2);
-          _tile_loadd(5, w + 16 * kBf16SliceStride, kBf16SliceStride * 2);
+          _tile_loadd(4, w, stride * 2);
+          _tile_loadd(5, w + 16 * stride, stride * 2);
           for (int64_t t = 0; t < g.x_parts; ++t) {
             _tile_loadd(6, x0 + t * elems + k * 16, 64);
             _tile_loadd(7, x1 + t * elems + k * 16, 64);
@@ -962,7 +1010,7 @@ void w8a16_block(const W8A16Args& g, int64_t m0, int64_t m1, int64_t n0, int64_t
           const __mmask16 mask = first_lanes(n1 - nq);
           __m512i r[16];
           for (int i = 0; i < 16; ++i) {
-            const float scale = nq + i < n1 ? g.w_scale[nq + i] : 0.0f;
+            const float scale = nq + i < n1 ? weights.scale(nq + i) : 0.0f;
             const __m512 v = _mm512_mul_ps(_mm512_load_ps(c[q] + 16 * i), _mm512_set1_ps(scale));
             r[i] = _mm512_castps_si512(v);
           }
@@ -977,7 +1025,32 @@ void w8a16_block(const W8A16Args& g, int64_t m0, int64_t m1, int64_t n0, int64_t
 
 void amx_w8a16_gemm(const W8A16Args& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   if (g.x_panels == nullptr) return avx512::kernel_table().w8a16_gemm(g, m0, m1, n0, n1);
-  w8a16_block(g, m0, m1, n0, n1);
+  bf16_tiles_block(g, Int8Rows{g}, m0, m1, n0, n1);
+}
+
+// W4 on the int8 tiles (Q8 activation panels, above), or on the bf16 tiles when the binding
+// packed x as one bf16 part: the weights dequantized to bf16 a slice at a time, as W8A16
+// converts its int8 codes (see W4GemmArgs::x_bf16_panels).
+template <class S>
+void w4_gemm_on_tiles(const W4GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  if (g.x_bf16_panels == nullptr) return w4_block<S>(g, m0, m1, n0, n1);
+  const W8A16Args tiles{nullptr, 0,          nullptr, 0,   nullptr, g.bias,          g.out,
+                        g.ldo,   g.out_type, g.M,     g.N, g.K,     g.x_bf16_panels, 1};
+  bf16_tiles_block(tiles, Int4Rows<S>{g}, m0, m1, n0, n1);
+}
+
+void amx_w4_gemm(const W4GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  if (g.panel_codes == nullptr && g.x_bf16_panels == nullptr) {
+    return avx512::kernel_table().w4_gemm(g, m0, m1, n0, n1);
+  }
+  switch (g.s_type) {
+    case ScalarType::kBFloat16:
+      return w4_gemm_on_tiles<uint16_t>(g, m0, m1, n0, n1);
+    case ScalarType::kFloat16:
+      return w4_gemm_on_tiles<Half>(g, m0, m1, n0, n1);
+    default:
+      return w4_gemm_on_tiles<float>(g, m0, m1, n0, n1);
+  }
 }
 
 }  // namespace

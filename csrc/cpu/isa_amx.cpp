@@ -30,6 +30,14 @@ constexpr int64_t kPanelMinM = 4;
 constexpr int64_t kW8A16PanelMinM = 16;
 constexpr int64_t kW4PanelMinM = 8;
 
+// Where int4 leaves the Q8 panels for bf16 ones (x rounded to bf16, each weight dequantized to
+// bf16 once per block of rows). On the int8 tiles every run of the activation's scales costs a
+// fold of the sums in vector registers (amx_gemm.h), so the shorter the runs the sooner the bf16
+// tiles, which have no fold, take over: runs of 32 (g32) from M = 16, 64 from 64, 128 (g128 and
+// longer groups, one group per row) from 512. Measured by layer (4096^2, 11008x4096, 1536x576)
+// and M (16-512), the two paths in one process: NOTES.md.
+int64_t w4_bf16_min_m(int64_t run) { return run <= 32 ? 16 : run <= 64 ? 64 : 512; }
+
 const KernelTable& kernel_table() {
   static const KernelTable table = [] {
     KernelTable t = avx512::kernel_table();
@@ -43,6 +51,7 @@ const KernelTable& kernel_table() {
     t.w4_gemm = &amx_w4_gemm;
     t.w4_pack_panels = &w4_pack_panels;
     t.w4_panel_min_m = kW4PanelMinM;
+    t.w4_bf16_min_m = &w4_bf16_min_m;
     t.attention = &amx_attention;
     t.attention_pack = &attention_pack;
     t.attention_tile_min_rows = kAttnTileMinRows;

@@ -25,6 +25,7 @@ const KernelTable& kernel_table() {
                                  nullptr,
                                  0,
                                  nullptr,
+                                 nullptr,
                                  0,
                                  0};
   return table;

@@ -161,6 +161,10 @@ struct W4GemmArgs {
   const int8_t* panel_codes = nullptr;
   const float* panel_scales = nullptr;
   const float* panel_group_sums = nullptr;
+  // Null, or x as KernelTable::w8a16_pack_panels writes it in one bf16 part (the rounding of an
+  // fp32 x): then the kernel multiplies on bf16 tiles, each weight dequantized to fp32 as the
+  // reference does and rounded to bf16, and m0 of a call is a multiple of 2 * kAmxPanel.
+  const uint16_t* x_bf16_panels = nullptr;
 };
 
 // AMX: a W4 GEMM's Q8 activation as tile panels of 16 rows (p: rows [16p, 16p + 16), zero past
@@ -357,6 +361,10 @@ struct KernelTable {
   void (*w4_pack_panels)(const Q8BlockArgs& x, int64_t M, int8_t* codes, float* scales,
                          float* group_sums, int64_t p0, int64_t p1);
   int64_t w4_panel_min_m;
+  // Null, or the least M at which w4_gemm takes x as bf16 panels (w8a16_pack_panels, one part;
+  // W4GemmArgs::x_bf16_panels) rather than Q8 ones, by the activation's run (q8_run: 32, 64 or
+  // 128 columns).
+  int64_t (*w4_bf16_min_m)(int64_t run);
   // Null, or keys [j0, j1) (multiples of 16, at most attention_tile_keys(Sk)) of key/value head
   // hk of batch b written in the tile layouts to that head's k_tiles (attention_tile_parts x
   // attention_tile_keys(Sk) x D elements) and v_tiles (x Dv), for arguments that

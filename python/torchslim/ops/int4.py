@@ -11,7 +11,8 @@ Schema (``torch.ops.torchslim.*``); format and math in :mod:`torchslim.reference
 
 Backends: the CPU kernel (fp32/bf16 activations; G a multiple of 32, or per channel) rounds the
 activations to int8 per run of 32, 64 or 128 values first (the longest dividing the group; see
-the reference). The Triton kernel (CUDA tensors,
+the reference), or, on AMX tiles at larger M, x and the dequantized weights to bf16. The Triton
+kernel (CUDA tensors,
 fp16/bf16/fp32 activations, any group size) dequantizes weight tiles in registers and keeps x as
 it is. Anything else runs the reference.
 

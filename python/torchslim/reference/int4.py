@@ -28,7 +28,10 @@ round half to even) so that weights and activations meet in integer dot products
 ``activation_block=cpu_activation_block(group_size, K)`` gives that arithmetic here, the
 yardstick its outputs are checked against. Its effect on the output (with two 20x outlier
 channels a row, about 0.7% relative at runs of 32 and 1% at 128, against about 10% for rounding
-the weights to 4 bits) is measured by the tests.
+the weights to 4 bits) is measured by the tests. On AMX CPUs at larger M (from
+``torchslim._C.cpu_kernel_paths()["int4_bf16_tiles_from_m"]``, by run) it rounds x and the
+weight, dequantized in fp32, to bf16 instead (``operand_dtype=torch.bfloat16`` here): products
+on bf16 tiles, summed in fp32, with about 0.4x the error of the int8 rounding on Gaussian data.
 """
 
 from __future__ import annotations
@@ -198,6 +201,7 @@ def int4_weight_only_linear(
     *,
     compute_dtype: torch.dtype | None = None,
     activation_block: int | None = None,
+    operand_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """W4A16 linear: ``x @ dequantize_int4(...).T + bias`` (see the module docstring).
 
@@ -208,11 +212,20 @@ def int4_weight_only_linear(
             float64 for the test yardstick.
         activation_block: if set, x is first rounded to int8 per run of this many values (the
             CPU kernel's arithmetic, with :func:`cpu_activation_block`).
+        operand_dtype: if set, x and the weight, dequantized in fp32, are first rounded to this
+            dtype: the CPU kernel's arithmetic on bf16 tiles, which it takes for M from
+            ``torchslim._C.cpu_kernel_paths()["int4_bf16_tiles_from_m"][cpu_activation_block]``.
 
     Returns:
         (..., N) in ``x.dtype``.
     """
     cd = compute_dtype or x.dtype
+    if activation_block is not None and operand_dtype is not None:
+        raise ValueError("activation_block and operand_dtype are two arithmetics: give one")
+    if operand_dtype is not None:
+        xc = x.to(operand_dtype).to(x.dtype)
+        w = dequantize_int4(packed_w, scales, zeros, group_size, dtype=torch.float32)
+        return linear(xc, w.to(operand_dtype).to(cd), bias, cd)
     xc = x if activation_block is None else _block_round(x, activation_block)
     w = dequantize_int4(packed_w, scales, zeros, group_size, dtype=cd)
     return linear(xc, w, bias, cd).to(x.dtype)
