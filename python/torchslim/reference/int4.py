@@ -31,7 +31,8 @@ channels a row, about 0.7% relative at runs of 32 and 1% at 128, against about 1
 the weights to 4 bits) is measured by the tests. On AMX CPUs at larger M (from
 ``torchslim._C.cpu_kernel_paths()["int4_bf16_tiles_from_m"]``, by run) it rounds x and the
 weight, dequantized in fp32, to bf16 instead (``operand_dtype=torch.bfloat16`` here): products
-on bf16 tiles, summed in fp32, with about 0.4x the error of the int8 rounding on Gaussian data.
+on bf16 tiles, summed in fp32, with 0.2-0.4x the error of the int8 rounding (0.4x on Gaussian
+rows, 0.2-0.3x with the outlier channels above).
 """
 
 from __future__ import annotations
