@@ -172,9 +172,10 @@ def _cpu_references(x, args, k):
     block = ref.cpu_activation_block(args[3], k)
     bf16_from = _ext._C.cpu_kernel_paths()["int4_bf16_tiles_from_m"]
     m = x.reshape(-1, k).shape[0]
+    from_m = None if bf16_from is None else bf16_from[block]
     rule = (
         {"operand_dtype": torch.bfloat16}
-        if bf16_from is not None and m >= bf16_from[block]
+        if from_m is not None and m >= from_m
         else {"activation_block": block}
     )
     ref64 = ref.int4_weight_only_linear(x.double(), *args, compute_dtype=torch.float64, **rule)
@@ -243,7 +244,7 @@ def test_cpu_activation_block():
 def test_activation_codes_near_ties(backend, group_size, gen):
     """The op's int8 activation codes are round(x / scale)'s even for values within a few ulps
     of a half-integer step, in the dot kernels (M = 1, 3) and on the tile unit (M = 8; from
-    M = 16 groups of 32 take bf16 tiles, which do not round x to int8), read
+    M = 32 groups of 32 take bf16 tiles, which do not round x to int8), read
     back through an identity weight (codes 9 on the diagonal and 8 elsewhere, zero point 8,
     scale 1: each output is one activation's code times its run's scale)."""
     k = 256
@@ -396,11 +397,11 @@ def test_int4_linear_rejects_bad_state(gen):
 def test_amx_tiles_from_their_threshold(gen, poisoned_empty):
     """The amx level runs the int4 GEMM on the int8 tiles from their threshold on (the AVX-512
     kernel below it), and on bf16 tiles from a threshold per activation run (the shorter the
-    runs, the sooner), each with its reference arithmetic: N cuts the 16-row strips and the
-    256-column thread blocks, M the 16-row panels and the 128- to 512-row blocks. Every kind of
-    run: one a group (128, 64, 32 with a lone last block: multiplies of 64 and of 32 columns),
-    two and three a group (256, 96), and per channel with a partial last run and block;
-    symmetric weights too (zero point 8)."""
+    runs, the sooner; runs of 128 never), each with its reference arithmetic: N cuts the 16-row
+    strips and the 256-column thread blocks, M the 16-row panels and the 128- to 512-row
+    blocks. Every kind of run: one a group (128, 64, 32 with a lone last block: multiplies of 64
+    and of 32 columns), two and three a group (256, 96), and per channel with a partial last run
+    and block; symmetric weights too (zero point 8)."""
     with run_on("cpu-amx"):
         paths = _ext._C.cpu_kernel_paths()
     first, bf16_from = paths["int4_tiles_from_m"], paths["int4_bf16_tiles_from_m"]
@@ -409,14 +410,16 @@ def test_amx_tiles_from_their_threshold(gen, poisoned_empty):
         assert _ext._C.cpu_kernel_paths()["int4_bf16_tiles_from_m"] is None
     assert isinstance(first, int) and first >= 1
     assert sorted(bf16_from) == [32, 64, 128]
-    assert first < bf16_from[32] <= bf16_from[64] <= bf16_from[128]
+    thresholds = [bf16_from[run] for run in (32, 64, 128) if bf16_from[run] is not None]
+    assert thresholds and thresholds == sorted(thresholds) and first < thresholds[0]
     cases = ((300, 4224, 128), (40, 1600, 64), (50, 1056, 32), (33, 2560, 256), (20, 960, 96))
     symmetric = ((50, 1056, 32, True), (40, 1600, 64, True), (20, 960, 96, True))
     for n, k, group_size, *sym in (*cases, (37, 4130, -1), *symmetric):
         packed, scales, zeros, bias = _weights(n, k, group_size, torch.bfloat16, gen, *sym)
         args = (packed, scales, zeros, group_size, bias)
         tiles16 = bf16_from[ref.cpu_activation_block(group_size, k)]
-        for m in sorted({max(first - 1, 1), first, 131, tiles16 - 1, tiles16}):
+        at_tiles16 = () if tiles16 is None else (tiles16 - 1, tiles16)
+        for m in sorted({max(first - 1, 1), first, 131, *at_tiles16}):
             for dtype in (torch.float32, torch.bfloat16):
                 x = _activations(m, k, dtype, gen)
                 with run_on("cpu-amx"):

@@ -1,6 +1,7 @@
 // The torchslim._C pybind11 module: kernels bound per backend, plus build and CPU facts.
 #include <torch/extension.h>
 
+#include <limits>
 #include <string>
 
 #include "bindings/registry.h"
@@ -78,7 +79,10 @@ py::dict cpu_kernel_paths() {
   d["int4_tiles_from_m"] = kt.w4_pack_panels ? py::cast(kt.w4_panel_min_m) : py::none();
   if (kt.w4_bf16_min_m != nullptr) {
     py::dict by_run;
-    for (const int64_t run : {32, 64, 128}) by_run[py::cast(run)] = kt.w4_bf16_min_m(run);
+    for (const int64_t run : {32, 64, 128}) {
+      const int64_t m = kt.w4_bf16_min_m(run);
+      by_run[py::cast(run)] = m == std::numeric_limits<int64_t>::max() ? py::none() : py::cast(m);
+    }
     d["int4_bf16_tiles_from_m"] = by_run;
   } else {
     d["int4_bf16_tiles_from_m"] = py::none();
@@ -129,7 +133,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "Kernel variants of the active ISA level: int8_tiles_from_m (the M from which the int8 "
       "GEMM runs on AMX tiles, or None), int8_weight_only_tiles_from_m and int4_tiles_from_m "
       "(the same for the weight-only GEMMs), int4_bf16_tiles_from_m (per activation run of 32, 64 "
-      "and 128 columns, the M from which int4 multiplies bf16 x on bf16 tiles, or None), "
+      "and 128 columns, the M from which int4 multiplies bf16 x on bf16 tiles, or None: never), "
       "sparse_bf16_dot");
   m.def("build_info", &build_info, "Compiler and options of this build");
   torchslim::registry::bind(m);

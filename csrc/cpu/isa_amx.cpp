@@ -1,5 +1,7 @@
 // AMX build (Sapphire Rapids and later): the avx512 level's kernels, with the large-M GEMMs on
 // the tile unit (amx_gemm.h) and bf16 attention's products too (amx_attention.h).
+#include <limits>
+
 #include "isa_prelude.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -32,11 +34,14 @@ constexpr int64_t kW4PanelMinM = 8;
 
 // Where int4 leaves the Q8 panels for bf16 ones (x rounded to bf16, each weight dequantized to
 // bf16 once per block of rows). On the int8 tiles every run of the activation's scales costs a
-// fold of the sums in vector registers (amx_gemm.h), so the shorter the runs the sooner the bf16
-// tiles, which have no fold, take over: runs of 32 (g32) from M = 16, 64 from 64, 128 (g128 and
-// longer groups, one group per row) from 512. Measured by layer (4096^2, 11008x4096, 1536x576)
-// and M (16-512), the two paths in one process: NOTES.md.
-int64_t w4_bf16_min_m(int64_t run) { return run <= 32 ? 16 : run <= 64 ? 64 : 512; }
+// fold of the sums in vector registers (amx_gemm.h), and a run of 32 a half-depth multiply, so
+// the shorter the runs the sooner the bf16 tiles, which have neither, take over: runs of 32
+// (g32) from M = 32, runs of 64 from 64. Runs of 128 stay on the int8 tiles, twice the bf16
+// tiles' rate: at M = 512 the bf16 tiles took 1.03-1.17x their time on the three large layers.
+// Measured by layer (4096^2, 11008x4096, 4096x11008, 1536x576) and M: NOTES.md.
+int64_t w4_bf16_min_m(int64_t run) {
+  return run <= 32 ? 32 : run <= 64 ? 64 : std::numeric_limits<int64_t>::max();
+}
 
 const KernelTable& kernel_table() {
   static const KernelTable table = [] {
