@@ -855,9 +855,10 @@ void w8a16_pack_panels(const W8A16Args& g, uint16_t* panels, int64_t p0, int64_t
 
 constexpr int kBf16StripRows = 32;
 constexpr int64_t kBf16SliceK = 256;
-// Slices for a block of one panel pair with x in three parts (W8A16 on fp32 x, M <= 32): there
-// slices of 256 took 1.2-1.4x the time of 1024 (4096^2, 1536x576), where with one part (int4
-// g32) they took 0.6-0.75x at K = 11008 and about the same elsewhere.
+// Slices for a block of up to four panel pairs with x in three parts (W8A16 on fp32 x, M <= 128
+// a block): there slices of 256 took 1.2-1.4x the time of 1024 at M = 16-32 (4096^2,
+// 1536x576), 1.12-1.23x at M = 64 (the benchmark's layers) and 1.18x at M = 128 (11008x4096),
+// against 0.86-0.9x at M = 512; with one part (int4 g32) 0.6-0.75x at K = 11008 from M = 16.
 constexpr int64_t kBf16LoneSliceK = 1024;
 
 // A weight strip's source for bf16_tiles_block: convert(n, k0, k1, dst) writes w[n, k0 .. k1)
@@ -942,7 +943,7 @@ void bf16_tiles_block(const W8A16Args& g, const Rows& weights, int64_t m0, int64
   // sums between slices.
   thread_local std::vector<uint16_t> slice_buffer;
   thread_local std::vector<float> carry_buffer;
-  const int64_t slice_k = pairs == 1 && g.x_parts > 1 ? kBf16LoneSliceK : kBf16SliceK;
+  const int64_t slice_k = pairs <= 4 && g.x_parts > 1 ? kBf16LoneSliceK : kBf16SliceK;
   // Row stride of a converted slice, in bf16: not a multiple of 4 KB apart (rows that far apart
   // fall in one L1 set, and a tile load takes 16 of them).
   const int64_t stride = slice_k + 32;
