@@ -200,6 +200,16 @@ def test_int4_linear_against_reference(backend, m, n, k, group_size, gen, poison
         check_close(out, *references)
 
 
+def test_reference_takes_one_arithmetic(gen):
+    """The reference refuses int8 rounding and bf16 operands together, naming both."""
+    packed, scales, zeros, _ = _weights(4, 64, 32, torch.float32, gen)
+    x = torch.randn(2, 64, generator=gen)
+    with pytest.raises(ValueError, match="activation_block and operand_dtype"):
+        ref.int4_weight_only_linear(
+            x, packed, scales, zeros, 32, activation_block=32, operand_dtype=torch.bfloat16
+        )
+
+
 @pytest.mark.skipif("triton" not in KERNEL_BACKENDS, reason="no Triton backend here")
 def test_triton_through_the_op(gen):
     """The op on the Triton backend (interpreter on CPU tensors, fp32/fp16; GPU: bf16 too),

@@ -324,13 +324,20 @@ at::Tensor int4_weight_only_linear_cpu(const at::Tensor& x, const at::Tensor& pa
   cpu::Q8BlockArgs qa{x.data_ptr(), x.stride(0), xt,      nullptr, K, nullptr, blocks,
                       nullptr,      groups,      nullptr, 0,       K, G};
   if (kt.w4_bf16_min_m != nullptr && M >= kt.w4_bf16_min_m(cpu::q8_run(K, G))) {
-    // The bf16 tiles: x rounded to bf16 into panels; each weight strip dequantized to bf16 once
-    // per block of rows.
-    const at::Tensor xf = xt == ScalarType::kFloat32 ? x : x.to(at::kFloat).contiguous();
+    // The bf16 tiles: x (fp32 or bf16, as it is) rounded to bf16 into panels; each weight strip
+    // dequantized to bf16 once per block of rows.
+    const bool bf16 = xt == ScalarType::kBFloat16;
+    const cpu::W8A16Args pack{
+        .x = bf16 ? nullptr : x.data_ptr<float>(),
+        .ldx = x.stride(0),
+        .out_type = xt,
+        .M = M,
+        .N = N,
+        .K = K,
+        .x_parts = 1,
+        .x_bf16 = bf16 ? static_cast<const uint16_t*>(x.data_ptr()) : nullptr};
     at::Tensor held;
-    args.x_bf16_panels = pack_bf16_panels({xf.data_ptr<float>(), xf.stride(0), nullptr, 0, nullptr,
-                                           nullptr, nullptr, 0, xt, M, N, K, nullptr, 1},
-                                          held);
+    args.x_bf16_panels = pack_bf16_panels(pack, held);
     parallel_blocks(
         M, N, kBlockM_W4Bf16, balanced_block_n(N, kBlockN_Bf16),
         [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { kt.w4_gemm(args, m0, m1, n0, n1); });

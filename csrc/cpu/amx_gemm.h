@@ -837,10 +837,14 @@ void w8a16_pack_panels(const W8A16Args& g, uint16_t* panels, int64_t p0, int64_t
       for (int j = 0; j < 16; ++j) {
         const int64_t m = p * kAmxPanel + j;
         __m512 lo = _mm512_setzero_ps(), hi = _mm512_setzero_ps();
-        if (m < g.M) {
-          const float* row = g.x + m * g.ldx + k;
-          lo = _mm512_maskz_loadu_ps(first_lanes(g.K - k), row);
-          hi = _mm512_maskz_loadu_ps(first_lanes(g.K - k - 16), row + 16);
+        const auto load = [&](const auto* row) TORCHSLIM_INLINE {
+          lo = load16(row, g.K - k);
+          hi = load16(row + 16, g.K - k - 16);
+        };
+        if (m < g.M && g.x_bf16 != nullptr) {
+          load(g.x_bf16 + m * g.ldx + k);
+        } else if (m < g.M) {
+          load(g.x + m * g.ldx + k);
         }
         __m512i part[3];
         split_parts(lo, hi, g.x_parts, part);
@@ -859,7 +863,7 @@ constexpr int64_t kBf16SliceK = 256;
 // a block): there slices of 256 took 1.2-1.4x the time of 1024 at M = 16-32 (4096^2,
 // 1536x576), 1.12-1.23x at M = 64 (the benchmark's layers) and 1.18x at M = 128 (11008x4096),
 // against 0.86-0.9x at M = 512; with one part (int4 g32) 0.6-0.75x at K = 11008 from M = 16.
-constexpr int64_t kBf16LoneSliceK = 1024;
+constexpr int64_t kBf16FewPairsSliceK = 1024;
 
 // A weight strip's source for bf16_tiles_block: convert(n, k0, k1, dst) writes w[n, k0 .. k1)
 // as bf16, zero past K (k0, k1 multiples of 32), and scale(n) is what the sums of column n are
@@ -943,7 +947,7 @@ void bf16_tiles_block(const W8A16Args& g, const Rows& weights, int64_t m0, int64
   // sums between slices.
   thread_local std::vector<uint16_t> slice_buffer;
   thread_local std::vector<float> carry_buffer;
-  const int64_t slice_k = pairs <= 4 && g.x_parts > 1 ? kBf16LoneSliceK : kBf16SliceK;
+  const int64_t slice_k = pairs <= 4 && g.x_parts > 1 ? kBf16FewPairsSliceK : kBf16SliceK;
   // Row stride of a converted slice, in bf16: not a multiple of 4 KB apart (rows that far apart
   // fall in one L1 set, and a tile load takes 16 of them).
   const int64_t stride = slice_k + 32;
@@ -1035,8 +1039,15 @@ void amx_w8a16_gemm(const W8A16Args& g, int64_t m0, int64_t m1, int64_t n0, int6
 template <class S>
 void w4_gemm_on_tiles(const W4GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   if (g.x_bf16_panels == nullptr) return w4_block<S>(g, m0, m1, n0, n1);
-  const W8A16Args tiles{nullptr, 0,          nullptr, 0,   nullptr, g.bias,          g.out,
-                        g.ldo,   g.out_type, g.M,     g.N, g.K,     g.x_bf16_panels, 1};
+  const W8A16Args tiles{.bias = g.bias,
+                        .out = g.out,
+                        .ldo = g.ldo,
+                        .out_type = g.out_type,
+                        .M = g.M,
+                        .N = g.N,
+                        .K = g.K,
+                        .x_panels = g.x_bf16_panels,
+                        .x_parts = 1};
   bf16_tiles_block(tiles, Int4Rows<S>{g}, m0, m1, n0, n1);
 }
 

@@ -72,6 +72,8 @@ struct W8A16Args {
   // 2 * kAmxPanel.
   const uint16_t* x_panels = nullptr;
   int64_t x_parts = 0;
+  // Null, or x as bf16 (then x is null), row stride ldx: what w8a16_pack_panels reads instead.
+  const uint16_t* x_bf16 = nullptr;
 };
 
 // AMX bf16 tiles: an activation as panels of 16 rows in the layout of TDPBF16PS's second
