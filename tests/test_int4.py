@@ -315,6 +315,27 @@ def test_leading_dims_strides_and_threads(backend, gen):
     assert torch.equal(one, out)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("group_size", [32, 128])
+def test_threads_split_rows(backend, group_size, gen):
+    """With fewer than 2M columns and 128 rows a thread, the tile kernels' threads split the rows
+    (in shares that are not whole blocks): the same result as one thread, every row written."""
+    x = torch.randn(300, 256, generator=gen)
+    packed, scales, zeros, bias = _weights(290, 256, group_size, torch.bfloat16, gen)
+    threads = torch.get_num_threads()
+    with run_on(backend):
+        try:
+            torch.set_num_threads(1)
+            one = ops.int4_weight_only_linear(x, packed, scales, zeros, group_size, bias)
+            torch.set_num_threads(max(2, threads))
+            many = ops.int4_weight_only_linear(x, packed, scales, zeros, group_size, bias)
+        finally:
+            torch.set_num_threads(threads)
+        float64, like_x = _cpu_references(x, (packed, scales, zeros, group_size, bias), 256)
+    assert torch.equal(one, many)
+    check_close(many, float64, like_x)
+
+
 def test_unsupported_inputs_run_the_reference(gen):
     """fp16 activations and group sizes the CPU kernel lacks fall back, and say why."""
     packed, scales, zeros, _ = _weights(8, 64, 16, torch.float32, gen)

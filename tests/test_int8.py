@@ -256,17 +256,27 @@ def test_wrong_device_is_named():
 
 
 @pytest.mark.parametrize("backend", [b for b in KERNEL_BACKENDS if b.startswith("cpu")])
-def test_cpu_kernel_threads(backend, gen):
+@pytest.mark.parametrize("op", ["dynamic", "weight_only_fp32", "weight_only_bf16"])
+# (M, K, N): the threads split the columns; then, with fewer than 2M columns and 128 rows a
+# thread, the rows (in shares that are not whole blocks of the tile kernels).
+@pytest.mark.parametrize("mkn", [(70, 300, 150), (300, 200, 290)])
+def test_cpu_kernel_threads(backend, op, mkn, gen):
     """The result does not depend on torch.set_num_threads (the work split is by output block)."""
-    x = torch.randn(70, 300, generator=gen)
-    w_q, w_scale, bias = _weights(150, 300, "cpu", gen)
+    m, k, n = mkn
+    x = torch.randn(m, k, generator=gen)
+    w_q, w_scale, bias = _weights(n, k, "cpu", gen)
+    if op == "dynamic":
+        run = lambda: ops.int8_dynamic_linear(x, w_q, w_scale, bias)  # noqa: E731
+    else:
+        x = x.bfloat16() if op.endswith("bf16") else x
+        run = lambda: ops.int8_weight_only_linear(x, w_q, w_scale, bias)  # noqa: E731
     threads = torch.get_num_threads()
     with run_on(backend):
         try:
             torch.set_num_threads(1)
-            one = ops.int8_dynamic_linear(x, w_q, w_scale, bias)
+            one = run()
             torch.set_num_threads(max(2, threads))
-            many = ops.int8_dynamic_linear(x, w_q, w_scale, bias)
+            many = run()
         finally:
             torch.set_num_threads(threads)
     assert torch.equal(one, many)

@@ -66,16 +66,20 @@ inline at::Tensor bias_operand(const std::optional<at::Tensor>& bias, int64_t N)
 }
 
 // Runs fn(m0, m1, n0, n1) over the (M, N) output in blocks. Blocks are ordered n-major so the
-// blocks one thread takes in a row share their weight rows.
+// blocks one thread takes in a row share their weight rows; with `rows_first`, m-major, so that
+// they share their activation rows.
 template <class F>
-inline void parallel_blocks(int64_t M, int64_t N, int64_t block_m, int64_t block_n, const F& fn) {
+inline void parallel_blocks(int64_t M, int64_t N, int64_t block_m, int64_t block_n, const F& fn,
+                            bool rows_first = false) {
   if (M == 0 || N == 0) return;
   const int64_t tiles_m = (M + block_m - 1) / block_m;
   const int64_t tiles_n = (N + block_n - 1) / block_n;
   at::parallel_for(0, tiles_m * tiles_n, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t m0 = (t % tiles_m) * block_m, n0 = (t / tiles_m) * block_n;
-      fn(m0, std::min(m0 + block_m, M), n0, std::min(n0 + block_n, N));
+      const int64_t mt = rows_first ? t / tiles_n : t % tiles_m;
+      const int64_t nt = rows_first ? t % tiles_n : t / tiles_m;
+      fn(mt * block_m, std::min((mt + 1) * block_m, M), nt * block_n,
+         std::min((nt + 1) * block_n, N));
     }
   });
 }
