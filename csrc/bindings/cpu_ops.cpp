@@ -121,8 +121,8 @@ uint8_t* workspace(std::size_t bytes, at::Tensor& fallback) {
   return buffer.get();
 }
 
-// x (fp32 rows, args.x) as the bf16 tiles' panels in args.x_parts parts, in the calling thread's
-// workspace (or `held`).
+// x (args.x or args.x_bf16) as the bf16 tiles' panels in args.x_parts parts, in the calling
+// thread's workspace (or `held`).
 const uint16_t* pack_bf16_panels(const cpu::W8A16Args& args, at::Tensor& held) {
   const cpu::KernelTable& kt = cpu::active_kernels();
   const int64_t panels = cpu::amx_bf16_panels(args.M);
@@ -246,27 +246,34 @@ at::Tensor int8_weight_only_linear_cpu(const at::Tensor& x, const at::Tensor& w_
                                        const std::optional<at::Tensor>& bias) {
   const LinearOperands op = linear_operands(x, w_q, w_scale, bias);
   if (op.M == 0 || op.N == 0) return op.out;
-  // bf16 activations are widened once here; the kernel reads fp32 rows.
-  const at::Tensor xf = op.x_type == ScalarType::kFloat32 ? x : x.to(at::kFloat).contiguous();
-  cpu::W8A16Args args{xf.data_ptr<float>(),
-                      xf.stride(0),
-                      w_q.data_ptr<int8_t>(),
-                      w_q.stride(0),
-                      op.w_scale.data_ptr<float>(),
-                      op.bias_ptr(),
-                      op.out.data_ptr(),
-                      op.N,
-                      op.x_type,
-                      op.M,
-                      op.N,
-                      op.K};
+  cpu::W8A16Args args{.ldx = x.stride(0),
+                      .w = w_q.data_ptr<int8_t>(),
+                      .ldw = w_q.stride(0),
+                      .w_scale = op.w_scale.data_ptr<float>(),
+                      .bias = op.bias_ptr(),
+                      .out = op.out.data_ptr(),
+                      .ldo = op.N,
+                      .out_type = op.x_type,
+                      .M = op.M,
+                      .N = op.N,
+                      .K = op.K};
   const cpu::KernelTable& kt = cpu::active_kernels();
   if (kt.w8a16_pack_panels == nullptr || op.M < kt.w8a16_panel_min_m || op.K == 0) {
+    // The vector kernels read fp32 rows: bf16 x is widened once here.
+    const at::Tensor xf = op.x_type == ScalarType::kFloat32 ? x : x.to(at::kFloat).contiguous();
+    args.x = xf.data_ptr<float>();
+    args.ldx = xf.stride(0);
     parallel_blocks(op.M, op.N, kBlockM_F32, balanced_block_n(op.N, kBlockN, kVectorStepN),
                     [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
                       kt.w8a16_gemm(args, m0, m1, n0, n1);
                     });
     return op.out;
+  }
+  // The panels are packed from x as it is (fp32, or bf16 without a widened copy).
+  if (op.x_type == ScalarType::kBFloat16) {
+    args.x_bf16 = static_cast<const uint16_t*>(x.data_ptr());
+  } else {
+    args.x = x.data_ptr<float>();
   }
   // The bf16 tiles: x split into bf16 parts (one for bf16 x, three for fp32), as panels.
   args.x_parts = op.x_type == ScalarType::kBFloat16 ? 1 : 3;
