@@ -426,9 +426,9 @@ def test_int4_linear_rejects_bad_state(gen):
     _ext._C is None or "amx" not in _ext._C.supported_isas(), reason="no AMX tiles on this CPU"
 )
 def test_amx_tiles_from_their_threshold(gen, poisoned_empty):
-    """The amx level runs the int4 GEMM on the int8 tiles from their threshold on (the AVX-512
-    kernel below it), and on bf16 tiles from a threshold per activation run (the shorter the
-    runs, the sooner; runs of 128 never), each with its reference arithmetic: N cuts the 16-row
+    """The amx level runs the int4 GEMM on the int8 tiles from a threshold per activation run
+    (the AVX-512 kernel below it), and on bf16 tiles from another (the shorter the runs, the
+    sooner; runs of 128 never), each with its reference arithmetic: N cuts the 16-row
     strips and the 256-column thread blocks, M the 16-row panels and the 128- to 512-row
     blocks. Every kind of run: one a group (128, 64, 32 with a lone last block: multiplies of 64
     and of 32 columns), two and three a group (256, 96), and per channel with a partial last run
@@ -439,18 +439,20 @@ def test_amx_tiles_from_their_threshold(gen, poisoned_empty):
     with run_on("cpu-avx512"):
         assert _ext._C.cpu_kernel_paths()["int4_tiles_from_m"] is None
         assert _ext._C.cpu_kernel_paths()["int4_bf16_tiles_from_m"] is None
-    assert isinstance(first, int) and first >= 1
-    assert sorted(bf16_from) == [32, 64, 128]
+    assert sorted(first) == sorted(bf16_from) == [32, 64, 128]
+    assert all(isinstance(first[run], int) and first[run] >= 1 for run in first)
     thresholds = [bf16_from[run] for run in (32, 64, 128) if bf16_from[run] is not None]
-    assert thresholds and thresholds == sorted(thresholds) and first < thresholds[0]
+    assert thresholds and thresholds == sorted(thresholds)
+    assert all(bf16_from[run] is None or first[run] < bf16_from[run] for run in first)
     cases = ((300, 4224, 128), (40, 1600, 64), (50, 1056, 32), (33, 2560, 256), (20, 960, 96))
     symmetric = ((50, 1056, 32, True), (40, 1600, 64, True), (20, 960, 96, True))
     for n, k, group_size, *sym in (*cases, (37, 4130, -1), *symmetric):
         packed, scales, zeros, bias = _weights(n, k, group_size, torch.bfloat16, gen, *sym)
         args = (packed, scales, zeros, group_size, bias)
-        tiles16 = bf16_from[ref.cpu_activation_block(group_size, k)]
+        run = ref.cpu_activation_block(group_size, k)
+        tiles16 = bf16_from[run]
         at_tiles16 = () if tiles16 is None else (tiles16 - 1, tiles16)
-        for m in sorted({max(first - 1, 1), first, 131, *at_tiles16}):
+        for m in sorted({max(first[run] - 1, 1), first[run], 131, *at_tiles16}):
             for dtype in (torch.float32, torch.bfloat16):
                 x = _activations(m, k, dtype, gen)
                 with run_on("cpu-amx"):

@@ -377,7 +377,7 @@ at::Tensor int4_weight_only_linear_cpu(const at::Tensor& x, const at::Tensor& pa
         [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { kt.w4_gemm(args, m0, m1, n0, n1); });
     return out;
   }
-  if (kt.w4_pack_panels != nullptr && M >= kt.w4_panel_min_m) {
+  if (kt.w4_pack_panels != nullptr && M >= kt.w4_panel_min_m(cpu::q8_run(K, G))) {
     // The tile unit: the activation quantized straight into panels of codes, block scales and
     // group sums.
     const int64_t panels = (M + cpu::kAmxPanel - 1) / cpu::kAmxPanel;

@@ -27,10 +27,14 @@ namespace torchslim::cpu::amx {
 // memory speed and the VNNI dot kernels lead by 0-10%; at M = 4 the two are within 5%, either
 // way by layer; at M = 8 the tiles lead by 1.5-2.3x. int4: the tiles pay a fixed cost per
 // weight strip (unpacking, and a multiply per block of 32), 4x the dot kernel's whole time at
-// M = 1; they lead from M = 8. W8A16: the weights are converted to bf16 per block of rows.
+// M = 1; with runs of 64 or 128 they lead from M = 8 (g128: 0.68 against 0.85 ms on 4096^2,
+// 1.9-2.0 against 2.2-2.4 on 11008x4096; g64 within 10% either way), with runs of 32, whose
+// every run is a half-depth multiply and a fold, from M = 16 (g32 at M = 8 took 1.2-2.3x the dot
+// kernel's time on the four layers, at M = 12 0.98-1.6x; at M = 16 0.76-0.8x on three, 1.2x on
+// 11008x4096). W8A16: the weights are converted to bf16 per block of rows.
 constexpr int64_t kPanelMinM = 4;
 constexpr int64_t kW8A16PanelMinM = 16;
-constexpr int64_t kW4PanelMinM = 8;
+int64_t w4_panel_min_m(int64_t run) { return run <= 32 ? 16 : 8; }
 
 // Where int4 leaves the Q8 panels for bf16 ones (x rounded to bf16, each weight dequantized to
 // bf16 once per block of rows). On the int8 tiles every run of the activation's scales costs a
@@ -55,7 +59,7 @@ const KernelTable& kernel_table() {
     t.w8a16_panel_min_m = kW8A16PanelMinM;
     t.w4_gemm = &amx_w4_gemm;
     t.w4_pack_panels = &w4_pack_panels;
-    t.w4_panel_min_m = kW4PanelMinM;
+    t.w4_panel_min_m = &w4_panel_min_m;
     t.w4_bf16_min_m = &w4_bf16_min_m;
     t.attention = &amx_attention;
     t.attention_pack = &attention_pack;

@@ -359,10 +359,11 @@ struct KernelTable {
   int64_t w8a16_panel_min_m;
   // Null, or the panels [p0, p1) of the activation x (M rows; quantized as quantize_q8_blocks
   // does, see w4_panel_scale_floats): w4_gemm then takes them through W4GemmArgs::panel_*, with
-  // no other activation argument, for M of at least w4_panel_min_m.
+  // no other activation argument, for M of at least w4_panel_min_m(run), by the activation's
+  // run (q8_run: 32, 64 or 128 columns).
   void (*w4_pack_panels)(const Q8BlockArgs& x, int64_t M, int8_t* codes, float* scales,
                          float* group_sums, int64_t p0, int64_t p1);
-  int64_t w4_panel_min_m;
+  int64_t (*w4_panel_min_m)(int64_t run);
   // Null, or the least M at which w4_gemm takes x as bf16 panels (w8a16_pack_panels, one part;
   // W4GemmArgs::x_bf16_panels) rather than Q8 ones, by the activation's run (q8_run: 32, 64 or
   // 128 columns); the int64_t maximum for a run that stays on Q8 panels.
