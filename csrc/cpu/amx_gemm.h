@@ -283,6 +283,8 @@ inline __m512 load16(const T* x, int64_t n) {
   if constexpr (std::is_same_v<T, uint16_t>) {  // bf16 bits
     return _mm512_castsi512_ps(
         _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, x)), 16));
+  } else if constexpr (std::is_same_v<T, Half>) {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, x));
   } else {
     return _mm512_maskz_loadu_ps(mask, x);
   }
@@ -397,11 +399,8 @@ void unpack_strip(const W4GemmArgs& g, int64_t n, int64_t k0, int64_t k1, W4Stri
   const __m512i first = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11);
   const __m512i second = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
   for (int i = 0; i < kW4StripRows; ++i) {
-    float* s = strip.scale.data() + i;
-    float* sz = strip.scaled_zero.data() + i;
     if (n + i >= g.N) {
       for (int64_t k = 0; k < codes; k += 64) store64(i, k, _mm512_setzero_si512());
-      for (int64_t gi = 0; gi < groups; ++gi) s[gi * kW4StripRows] = sz[gi * kW4StripRows] = 0.0f;
       continue;
     }
     const uint8_t* src = g.w + (n + i) * g.ldw + k0 / 2;
@@ -420,12 +419,33 @@ void unpack_strip(const W4GemmArgs& g, int64_t n, int64_t k0, int64_t k1, W4Stri
       store64(i, 2 * j, _mm512_sub_epi8(_mm512_permutex2var_epi64(lo, first, hi), center));
       store64(i, 2 * j + 64, _mm512_sub_epi8(_mm512_permutex2var_epi64(lo, second, hi), center));
     }
-    const S* scales = static_cast<const S*>(g.scales) + (n + i) * g.lds + g0;
-    const S* zeros = static_cast<const S*>(g.zeros) + (n + i) * g.lds + g0;
-    for (int64_t gi = 0; gi < groups; ++gi) {
-      const float scale = load_f32(scales + gi);
-      s[gi * kW4StripRows] = scale;
-      sz[gi * kW4StripRows] = scale * (load_f32(zeros + gi) - kQ4Center);
+  }
+  // The scales and scale * (zero - 8), group-major (kW4StripRows rows a group), 16 rows x 16
+  // groups at a time through a register transpose: one scalar conversion and two scattered
+  // stores a group cost more than the codes' unpacking at g32 (11008x4096, M = 16).
+  const __m512 code_center = _mm512_set1_ps(kQ4Center);
+  for (int i0 = 0; i0 < kW4StripRows; i0 += 16) {
+    for (int64_t gi0 = 0; gi0 < groups; gi0 += 16) {
+      const int64_t count = std::min<int64_t>(16, groups - gi0);
+      __m512i s[16], sz[16];  // row i0 + r's groups gi0 .. gi0 + 16, then transposed
+      for (int r = 0; r < 16; ++r) {
+        __m512 scale = _mm512_setzero_ps(), scaled_zero = _mm512_setzero_ps();
+        if (n + i0 + r < g.N) {
+          const int64_t at = (n + i0 + r) * g.lds + g0 + gi0;
+          scale = load16(static_cast<const S*>(g.scales) + at, count);
+          const __m512 zero = load16(static_cast<const S*>(g.zeros) + at, count);
+          scaled_zero = _mm512_mul_ps(scale, _mm512_sub_ps(zero, code_center));
+        }
+        s[r] = _mm512_castps_si512(scale);
+        sz[r] = _mm512_castps_si512(scaled_zero);
+      }
+      transpose_16x16(s);
+      transpose_16x16(sz);
+      for (int64_t q = 0; q < count; ++q) {
+        const int64_t at = (gi0 + q) * kW4StripRows + i0;
+        _mm512_storeu_si512(strip.scale.data() + at, s[q]);
+        _mm512_storeu_si512(strip.scaled_zero.data() + at, sz[q]);
+      }
     }
   }
 }
