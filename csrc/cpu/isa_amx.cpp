@@ -29,9 +29,9 @@ namespace torchslim::cpu::amx {
 // weight strip (unpacking, and a multiply per block of 32), 4x the dot kernel's whole time at
 // M = 1; with runs of 64 or 128 they lead from M = 8 (g128: 0.68 against 0.85 ms on 4096^2,
 // 1.9-2.0 against 2.2-2.4 on 11008x4096; g64 within 10% either way), with runs of 32, whose
-// every run is a half-depth multiply and a fold, from M = 16 (g32 at M = 8 took 1.2-2.3x the dot
-// kernel's time on the four layers, at M = 12 0.98-1.6x; at M = 16 0.76-0.8x on three, 1.2x on
-// 11008x4096). W8A16: the weights are converted to bf16 per block of rows.
+// every run is a half-depth multiply and a fold, from M = 16 (g32 at M = 8 took 1.4-1.5x the dot
+// kernel's time on the three large layers, at M = 12 0.8-1.1x on the four, at M = 16
+// 0.65-0.83x). W8A16: the weights are converted to bf16 per block of rows.
 constexpr int64_t kPanelMinM = 4;
 constexpr int64_t kW8A16PanelMinM = 16;
 int64_t w4_panel_min_m(int64_t run) { return run <= 32 ? 16 : 8; }
