@@ -256,30 +256,30 @@ def test_wrong_device_is_named():
 
 
 @pytest.mark.parametrize("backend", [b for b in KERNEL_BACKENDS if b.startswith("cpu")])
-@pytest.mark.parametrize("op", ["dynamic", "weight_only_fp32", "weight_only_bf16"])
+@pytest.mark.parametrize("mode", sorted(LINEAR_OPS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 # (M, K, N): the threads split the columns; then, with fewer than 2M columns and 128 rows a
 # thread, the rows (in shares that are not whole blocks of the tile kernels).
 @pytest.mark.parametrize("mkn", [(70, 300, 150), (300, 200, 290)])
-def test_cpu_kernel_threads(backend, op, mkn, gen):
-    """The result does not depend on torch.set_num_threads (the work split is by output block)."""
+def test_cpu_kernel_threads(backend, mode, dtype, mkn, gen):
+    """The result does not depend on torch.set_num_threads (the work split is by output block),
+    and meets the reference either way."""
+    op, reference = LINEAR_OPS[mode]
     m, k, n = mkn
-    x = torch.randn(m, k, generator=gen)
+    x = torch.randn(m, k, generator=gen).to(dtype)
     w_q, w_scale, bias = _weights(n, k, "cpu", gen)
-    if op == "dynamic":
-        run = lambda: ops.int8_dynamic_linear(x, w_q, w_scale, bias)  # noqa: E731
-    else:
-        x = x.bfloat16() if op.endswith("bf16") else x
-        run = lambda: ops.int8_weight_only_linear(x, w_q, w_scale, bias)  # noqa: E731
     threads = torch.get_num_threads()
     with run_on(backend):
         try:
             torch.set_num_threads(1)
-            one = run()
+            one = op(x, w_q, w_scale, bias)
             torch.set_num_threads(max(2, threads))
-            many = run()
+            many = op(x, w_q, w_scale, bias)
         finally:
             torch.set_num_threads(threads)
     assert torch.equal(one, many)
+    ref64 = reference(x.double(), w_q, w_scale, bias, compute_dtype=torch.float64)
+    check_close(many, ref64, reference(x, w_q, w_scale, bias))
 
 
 @pytest.mark.skipif(

@@ -130,13 +130,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("supported_isas", &supported_isas, "ISA levels this CPU can run, lowest first");
   m.def("set_isa", &set_isa, "Force an ISA level (portable | avx2 | avx512 | amx)",
         py::arg("name"));
-  m.def(
-      "cpu_kernel_paths", &cpu_kernel_paths,
-      "Kernel variants of the active ISA level: int8_tiles_from_m (the M from which the int8 "
-      "GEMM runs on AMX tiles, or None), int8_weight_only_tiles_from_m and int4_tiles_from_m "
-      "(the same for the weight-only GEMMs), int4_bf16_tiles_from_m (per activation run of 32, 64 "
-      "and 128 columns, the M from which int4 multiplies bf16 x on bf16 tiles, or None: never), "
-      "sparse_bf16_dot");
+  m.def("cpu_kernel_paths", &cpu_kernel_paths,
+        "Kernel variants of the active ISA level: int8_tiles_from_m (the M from which the int8 "
+        "GEMM runs on AMX tiles, or None), int8_weight_only_tiles_from_m (the same for W8A16), "
+        "int4_tiles_from_m and int4_bf16_tiles_from_m (per activation run of 32, 64 and 128 "
+        "columns, the M from which int4 runs on the int8 tiles with Q8 x, and on bf16 tiles with "
+        "bf16 x; None: never, or no such tiles), sparse_bf16_dot");
   m.def("build_info", &build_info, "Compiler and options of this build");
   torchslim::registry::bind(m);
   torchslim::bind_cpu(m);

@@ -23,7 +23,7 @@ const KernelTable& kernel_table() {
                                  nullptr,
                                  0,
                                  nullptr,
-                                 0,
+                                 nullptr,
                                  nullptr,
                                  nullptr,
                                  0,
