@@ -170,9 +170,8 @@ def _cpu_references(x, args, k):
     threshold for that run on, x and the dequantized weight rounded to bf16. Called inside
     run_on."""
     block = ref.cpu_activation_block(args[3], k)
-    bf16_from = _ext._C.cpu_kernel_paths()["int4_bf16_tiles_from_m"]
+    from_m = _ext._C.int4_bf16_tiles_from_m(block, args[0].shape[0])
     m = x.reshape(-1, k).shape[0]
-    from_m = None if bf16_from is None else bf16_from[block]
     rule = (
         {"operand_dtype": torch.bfloat16}
         if from_m is not None and m >= from_m
@@ -427,30 +426,37 @@ def test_int4_linear_rejects_bad_state(gen):
 )
 def test_amx_tiles_from_their_threshold(gen, poisoned_empty):
     """The amx level runs the int4 GEMM on the int8 tiles from a threshold per activation run
-    (the AVX-512 kernel below it), and on bf16 tiles from another (the shorter the runs, the
-    sooner; runs of 128 never), each with its reference arithmetic: N cuts the 16-row
-    strips and the 256-column thread blocks, M the 16-row panels and the 128- to 512-row
+    (the AVX-512 kernel below it), and on bf16 tiles from another, by run and N (the shorter the
+    runs and the narrower the layer, the sooner), each with its reference arithmetic: N cuts the
+    16-row strips and the 256-column thread blocks, M the 16-row panels and the 128- to 512-row
     blocks. Every kind of run: one a group (128, 64, 32 with a lone last block: multiplies of 64
     and of 32 columns), two and three a group (256, 96), and per channel with a partial last run
-    and block; symmetric weights too (zero point 8)."""
+    and block; symmetric weights too (zero point 8); runs of 128 on a narrow and a wide layer."""
     with run_on("cpu-amx"):
-        paths = _ext._C.cpu_kernel_paths()
-    first, bf16_from = paths["int4_tiles_from_m"], paths["int4_bf16_tiles_from_m"]
+        first = _ext._C.cpu_kernel_paths()["int4_tiles_from_m"]
+        bf16_from = {
+            n: {run: _ext._C.int4_bf16_tiles_from_m(run, n) for run in (32, 64, 128)}
+            for n in (576, 4096)
+        }
     with run_on("cpu-avx512"):
         assert _ext._C.cpu_kernel_paths()["int4_tiles_from_m"] is None
-        assert _ext._C.cpu_kernel_paths()["int4_bf16_tiles_from_m"] is None
-    assert sorted(first) == sorted(bf16_from) == [32, 64, 128]
+        assert _ext._C.int4_bf16_tiles_from_m(32, 576) is None
+    assert sorted(first) == [32, 64, 128]
     assert all(isinstance(first[run], int) and first[run] >= 1 for run in first)
-    thresholds = [bf16_from[run] for run in (32, 64, 128) if bf16_from[run] is not None]
-    assert thresholds and thresholds == sorted(thresholds)
-    assert all(bf16_from[run] is None or first[run] < bf16_from[run] for run in first)
+    for n in bf16_from:
+        thresholds = [bf16_from[n][run] for run in (32, 64, 128)]
+        assert thresholds == sorted(thresholds)
+        assert all(first[run] < bf16_from[n][run] for run in first)
+    assert all(bf16_from[576][run] <= bf16_from[4096][run] for run in first)
     cases = ((300, 4224, 128), (40, 1600, 64), (50, 1056, 32), (33, 2560, 256), (20, 960, 96))
     symmetric = ((50, 1056, 32, True), (40, 1600, 64, True), (20, 960, 96, True))
-    for n, k, group_size, *sym in (*cases, (37, 4130, -1), *symmetric):
+    wide = ((2100, 256, 128),)
+    for n, k, group_size, *sym in (*cases, (37, 4130, -1), *symmetric, *wide):
         packed, scales, zeros, bias = _weights(n, k, group_size, torch.bfloat16, gen, *sym)
         args = (packed, scales, zeros, group_size, bias)
         run = ref.cpu_activation_block(group_size, k)
-        tiles16 = bf16_from[run]
+        with run_on("cpu-amx"):
+            tiles16 = _ext._C.int4_bf16_tiles_from_m(run, n)
         at_tiles16 = () if tiles16 is None else (tiles16 - 1, tiles16)
         for m in sorted({max(first[run] - 1, 1), first[run], 131, *at_tiles16}):
             for dtype in (torch.float32, torch.bfloat16):

@@ -357,7 +357,7 @@ at::Tensor int4_weight_only_linear_cpu(const at::Tensor& x, const at::Tensor& pa
                        G};
   cpu::Q8BlockArgs qa{x.data_ptr(), x.stride(0), xt,      nullptr, K, nullptr, blocks,
                       nullptr,      groups,      nullptr, 0,       K, G};
-  if (kt.w4_bf16_min_m != nullptr && M >= kt.w4_bf16_min_m(cpu::q8_run(K, G))) {
+  if (kt.w4_bf16_min_m != nullptr && M >= kt.w4_bf16_min_m(cpu::q8_run(K, G), N)) {
     // The bf16 tiles: x (fp32 or bf16, as it is) rounded to bf16 into panels; each weight strip
     // dequantized to bf16 once per block of rows.
     const bool bf16 = xt == ScalarType::kBFloat16;

@@ -88,13 +88,19 @@ py::dict cpu_kernel_paths() {
     return d;
   };
   d["int4_tiles_from_m"] = by_run(kt.w4_pack_panels ? kt.w4_panel_min_m : nullptr);
-  d["int4_bf16_tiles_from_m"] = by_run(kt.w4_bf16_min_m);
   d["attention_tiles_from_rows"] =
       kt.attention_pack ? py::cast(kt.attention_tile_min_rows) : py::none();
   d["attention_fp32_tiles_from_rows_per_kv_head"] =
       kt.attention_pack ? py::cast(kt.attention_tile_fp32_min_rows) : py::none();
   d["sparse_bf16_dot"] = kt.bf16_dot;
   return d;
+}
+
+py::object int4_bf16_tiles_from_m(int64_t run, int64_t n) {
+  const torchslim::cpu::KernelTable& kt = torchslim::cpu::active_kernels();
+  TORCHSLIM_CHECK(run == 32 || run == 64 || run == 128, "run must be 32, 64 or 128, got ", run);
+  TORCHSLIM_CHECK(n >= 0, "n must be non-negative, got ", n);
+  return kt.w4_bf16_min_m ? py::cast(kt.w4_bf16_min_m(run, n)) : py::none();
 }
 
 py::dict build_info() {
@@ -133,9 +139,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_kernel_paths", &cpu_kernel_paths,
         "Kernel variants of the active ISA level: int8_tiles_from_m (the M from which the int8 "
         "GEMM runs on AMX tiles, or None), int8_weight_only_tiles_from_m (the same for W8A16), "
-        "int4_tiles_from_m and int4_bf16_tiles_from_m (per activation run of 32, 64 and 128 "
-        "columns, the M from which int4 runs on the int8 tiles with Q8 x, and on bf16 tiles with "
-        "bf16 x; None: never, or no such tiles), sparse_bf16_dot");
+        "int4_tiles_from_m (per activation run of 32, 64 and 128 columns, the M from which int4 "
+        "runs on the int8 tiles with Q8 x; None: no such tiles), sparse_bf16_dot");
+  m.def("int4_bf16_tiles_from_m", &int4_bf16_tiles_from_m,
+        "The M from which the active ISA level runs int4 on bf16 tiles with bf16 x, for an "
+        "activation run (32, 64 or 128 columns) and a layer of n output columns; None: no such "
+        "tiles",
+        py::arg("run"), py::arg("n"));
   m.def("build_info", &build_info, "Compiler and options of this build");
   torchslim::registry::bind(m);
   torchslim::bind_cpu(m);

@@ -884,6 +884,17 @@ constexpr int64_t kBf16SliceK = 256;
 // 1536x576), 1.12-1.23x at M = 64 (the benchmark's layers) and 1.18x at M = 128 (11008x4096),
 // against 0.86-0.9x at M = 512; with one part (int4 g32) 0.6-0.75x at K = 11008 from M = 16.
 constexpr int64_t kBf16FewPairsSliceK = 1024;
+// The order of a block's (strip, slice) steps. Slices outer: a slice of the panels serves every
+// strip while it is hot, and the sums of every (strip, pair) wait in memory between slices.
+// Strips outer: a strip's rows are read from start to end, as the prefetchers like, its sums
+// wait per pair only (in L1), and with one pair stay in the tiles; the panels are read whole
+// per strip, so they must stay in L2. Strips outer where the block's panels are under 1.5 MB
+// (half the L2 of this machine's cores, 2 MB, with the weights and sums): int4 g32 11008x4096 at
+// M = 64 took 0.77x the time of slices outer, 4096x11008 at M = 32 0.94x, 4096^2 g64 at M = 64
+// 0.89x; W8A16 4096x11008 bf16 x at M = 64 and 128 0.64-0.67x, fp32 x (three parts) at M = 16-32
+// 0.88-0.9x; the same (0.97-1.03x) at M = 128-512 on the rest; panels of 1.5 MB (fp32 x,
+// 4096^2, M = 64) 1.03x, of 8.4 MB (11008x4096, M = 128) 1.46x.
+constexpr int64_t kBf16StripOuterBytes = int64_t{3} << 19;
 
 // A weight strip's source for bf16_tiles_block: convert(n, k0, k1, dst) writes w[n, k0 .. k1)
 // as bf16, zero past K (k0, k1 multiples of 32), and scale(n) is what the sums of column n are
@@ -914,38 +925,67 @@ struct Int8Rows {
 // zero) * scale in fp32, then rounded to bf16 (to nearest even): per group, the 16 values a code
 // can take, as a vpermw table that the codes index. S is the scales' and zeros' storage type. A
 // block of 32 lies in one group (groups are whole blocks, or one group per row).
+//
+// A block's 16 bytes become its 32 table indices in two instructions: vpermb spreads byte b / 2
+// into the low byte of word b (the high bytes zeroed), and a shift of the odd words by 4 leaves
+// each word's code in its low bits. vpermw reads five index bits, so the even words' high nibble
+// lands in bit 4: the table holds its 16 values twice. The group's scale and zero point come
+// from fp32 copies made 16 groups at a time, broadcast from memory, so that the port that
+// permutes (vpermb, vpermw) does not also convert and broadcast them one group at a time.
 template <class S>
 struct Int4Rows {
   const W4GemmArgs& g;
   float scale(int64_t) const { return 1.0f; }
-  // The group's 16 dequantized values as bf16, in the low half of a zmm.
-  static __m512i group_table(float scale, float zero) {
+  // The group's 16 dequantized values as bf16, twice over in a zmm.
+  static __m512i group_table(const float* scale, const float* zero) {
     const __m512 codes = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const __m512 w =
-        _mm512_mul_ps(_mm512_sub_ps(codes, _mm512_set1_ps(zero)), _mm512_set1_ps(scale));
-    return _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(w));
+        _mm512_mul_ps(_mm512_sub_ps(codes, _mm512_set1_ps(*zero)), _mm512_set1_ps(*scale));
+    return (__m512i)_mm512_cvtne2ps_pbh(w, w);
   }
   void convert(int64_t n, int64_t k0, int64_t k1, uint16_t* dst) const {
+    // vpermb indices (byte 2 j of word j: packed byte j / 2) and the odd words' shift.
+    static constexpr struct Spread {
+      alignas(64) uint8_t index[64];
+      alignas(64) uint16_t shift[32];
+      constexpr Spread() : index{}, shift{} {
+        for (int j = 0; j < 32; ++j) {
+          index[2 * j] = static_cast<uint8_t>(j / 2);
+          shift[j] = static_cast<uint16_t>(4 * (j % 2));
+        }
+      }
+    } kSpread{};
+    const __m512i spread = _mm512_load_si512(kSpread.index);
+    const __m512i shift = _mm512_load_si512(kSpread.shift);
     const uint8_t* src = g.w + n * g.ldw;
     const S* scales = static_cast<const S*>(g.scales) + n * g.lds;
     const S* zeros = static_cast<const S*>(g.zeros) + n * g.lds;
+    const int64_t groups = g.K / g.group_size;
+    alignas(64) float scale[16], zero[16];
     int64_t group = k0 / g.group_size, group_end = (group + 1) * g.group_size;
-    __m512i table = group_table(load_f32(scales + group), load_f32(zeros + group));
-    const __m256i nibbles = _mm256_set1_epi16(0x0f0f);
+    int64_t copied = group;  // groups [copied - 16, copied) are in scale and zero
+    const auto table = [&]() TORCHSLIM_INLINE {
+      if (group >= copied) {
+        const int64_t count = std::min<int64_t>(16, groups - group);
+        _mm512_store_ps(scale, load16(scales + group, count));
+        _mm512_store_ps(zero, load16(zeros + group, count));
+        copied = group + 16;
+      }
+      return group_table(scale + (group + 16 - copied), zero + (group + 16 - copied));
+    };
+    __m512i values = table();
     for (int64_t k = k0; k < k1; k += 32, dst += 32) {
       if (k >= group_end) {
         ++group;
         group_end += g.group_size;
-        table = group_table(load_f32(scales + group), load_f32(zeros + group));
+        values = table();
       }
       const bool whole = k + 32 <= g.K;
       const __m128i bytes = whole ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + k / 2))
                                   : _mm_maskz_loadu_epi8(first_lanes((g.K - k) / 2), src + k / 2);
-      // Byte b as the word [b & 15, b >> 4]: the codes k .. k + 31 in order, a byte each.
-      const __m256i w = _mm256_cvtepu8_epi16(bytes);
-      const __m256i codes = _mm256_and_si256(
-          _mm256_mask_blend_epi8(0xaaaaaaaau, w, _mm256_slli_epi16(w, 4)), nibbles);
-      __m512i v = _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(codes), table);
+      const __m512i words = _mm512_maskz_permutexvar_epi8(0x5555555555555555ull, spread,
+                                                          _mm512_castsi128_si512(bytes));
+      __m512i v = _mm512_permutexvar_epi16(_mm512_srlv_epi16(words, shift), values);
       if (!whole) {
         const int64_t left = g.K - k;
         v = _mm512_maskz_mov_epi16(left >= 32 ? ~__mmask32{0} : (__mmask32{1} << left) - 1, v);
@@ -963,86 +1003,93 @@ void bf16_tiles_block(const W8A16Args& g, const Rows& weights, int64_t m0, int64
   const int64_t Kb = amx_bf16_padded_k(g.K), elems = amx_bf16_panel_elems(g.K);
   const int64_t strips = (n1 - n0 + kBf16StripRows - 1) / kBf16StripRows;
   const int64_t pairs = (m1 - m0 + 2 * kAmxPanel - 1) / (2 * kAmxPanel);
-  // Per thread: the converted slice of one strip, and per (strip, panel pair) the four tiles'
-  // sums between slices.
+  // Per thread: the converted slice of one strip, and per panel pair (and strip, with slices
+  // outer) the four tiles' sums between slices.
   thread_local std::vector<uint16_t> slice_buffer;
   thread_local std::vector<float> carry_buffer;
+  const int64_t panel_bytes = pairs * 2 * g.x_parts * elems * int64_t{sizeof(uint16_t)};
+  const bool strip_outer = panel_bytes < kBf16StripOuterBytes;
   const int64_t slice_k = pairs <= 4 && g.x_parts > 1 ? kBf16FewPairsSliceK : kBf16SliceK;
   // Row stride of a converted slice, in bf16: not a multiple of 4 KB apart (rows that far apart
   // fall in one L1 set, and a tile load takes 16 of them).
   const int64_t stride = slice_k + 32;
   slice_buffer.resize(kBf16StripRows * stride + 32);
-  carry_buffer.resize(strips * pairs * 4 * 256 + 16);
+  const int64_t held_strips = strip_outer ? 1 : strips;
+  carry_buffer.resize(held_strips * pairs * 4 * 256 + 16);
   uint16_t* slice = aligned_data(slice_buffer);
   float* carry = aligned_data(carry_buffer);
+  // With one panel pair and the slices of a strip in a row, its sums stay in the tiles.
+  const bool keep_in_tiles = strip_outer && pairs == 1;
 
   const TileScope tiles(full_tiles());
   alignas(64) float c[4][256];
-  for (int64_t k0 = 0; k0 < Kb; k0 += slice_k) {
+  const int64_t slices = (Kb + slice_k - 1) / slice_k;
+  for (int64_t step = 0; step < strips * slices; ++step) {
+    const int64_t st = strip_outer ? step / slices : step % strips;
+    const int64_t k0 = (strip_outer ? step % slices : step / strips) * slice_k;
     const int64_t k1 = k0 + slice_k < Kb ? k0 + slice_k : Kb;
-    for (int64_t st = 0; st < strips; ++st) {
-      const int64_t n = n0 + st * kBf16StripRows;
-      for (int i = 0; i < kBf16StripRows; ++i) {
-        uint16_t* row = slice + i * stride;
-        if (n + i < g.N) {
-          weights.convert(n + i, k0, k1, row);
-        } else {
-          for (int64_t k = k0; k < k1; k += 32) {
-            _mm512_storeu_si512(row + (k - k0), _mm512_setzero_si512());
-          }
+    const int64_t n = n0 + st * kBf16StripRows;
+    for (int i = 0; i < kBf16StripRows; ++i) {
+      uint16_t* row = slice + i * stride;
+      if (n + i < g.N) {
+        weights.convert(n + i, k0, k1, row);
+      } else {
+        for (int64_t k = k0; k < k1; k += 32) {
+          _mm512_storeu_si512(row + (k - k0), _mm512_setzero_si512());
         }
       }
-      tile_reads_memory();
-      for (int64_t pr = 0; pr < pairs; ++pr) {
-        const int64_t m = m0 + 2 * kAmxPanel * pr;
-        const uint16_t* x0 = g.x_panels + (m / kAmxPanel) * g.x_parts * elems;
-        const uint16_t* x1 = x0 + g.x_parts * elems;
-        float* held = carry + (st * pairs + pr) * 4 * 256;
-        if (k0 == 0) {
-          _tile_zero(0);
-          _tile_zero(1);
-          _tile_zero(2);
-          _tile_zero(3);
-        } else {
-          _tile_loadd(0, held, 64);
-          _tile_loadd(1, held + 256, 64);
-          _tile_loadd(2, held + 512, 64);
-          _tile_loadd(3, held + 768, 64);
+    }
+    tile_reads_memory();
+    for (int64_t pr = 0; pr < pairs; ++pr) {
+      const int64_t m = m0 + 2 * kAmxPanel * pr;
+      const uint16_t* x0 = g.x_panels + (m / kAmxPanel) * g.x_parts * elems;
+      const uint16_t* x1 = x0 + g.x_parts * elems;
+      float* held = carry + ((strip_outer ? 0 : st) * pairs + pr) * 4 * 256;
+      if (k0 == 0) {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+      } else if (!keep_in_tiles) {
+        _tile_loadd(0, held, 64);
+        _tile_loadd(1, held + 256, 64);
+        _tile_loadd(2, held + 512, 64);
+        _tile_loadd(3, held + 768, 64);
+      }
+      for (int64_t k = k0; k < k1; k += 32) {
+        const uint16_t* w = slice + (k - k0);
+        _tile_loadd(4, w, stride * 2);
+        _tile_loadd(5, w + 16 * stride, stride * 2);
+        for (int64_t t = 0; t < g.x_parts; ++t) {
+          _tile_loadd(6, x0 + t * elems + k * 16, 64);
+          _tile_loadd(7, x1 + t * elems + k * 16, 64);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_dpbf16ps(1, 4, 7);
+          _tile_dpbf16ps(2, 5, 6);
+          _tile_dpbf16ps(3, 5, 7);
         }
-        for (int64_t k = k0; k < k1; k += 32) {
-          const uint16_t* w = slice + (k - k0);
-          _tile_loadd(4, w, stride * 2);
-          _tile_loadd(5, w + 16 * stride, stride * 2);
-          for (int64_t t = 0; t < g.x_parts; ++t) {
-            _tile_loadd(6, x0 + t * elems + k * 16, 64);
-            _tile_loadd(7, x1 + t * elems + k * 16, 64);
-            _tile_dpbf16ps(0, 4, 6);
-            _tile_dpbf16ps(1, 4, 7);
-            _tile_dpbf16ps(2, 5, 6);
-            _tile_dpbf16ps(3, 5, 7);
-          }
+      }
+      if (k1 < Kb && keep_in_tiles) continue;
+      float* sums = k1 < Kb ? held : c[0];
+      _tile_stored(0, sums, 64);
+      _tile_stored(1, sums + 256, 64);
+      _tile_stored(2, sums + 512, 64);
+      _tile_stored(3, sums + 768, 64);
+      if (k1 < Kb) continue;
+      // c[q][i][j] is the sum for out[m + 16 (q % 2) + j, n + 16 (q / 2) + i].
+      for (int q = 0; q < 4; ++q) {
+        const int64_t mq = m + kAmxPanel * (q % 2), nq = n + 16 * (q / 2);
+        if (mq >= m1 || nq >= n1) continue;
+        const __mmask16 mask = first_lanes(n1 - nq);
+        __m512i r[16];
+        for (int i = 0; i < 16; ++i) {
+          const float scale = nq + i < n1 ? weights.scale(nq + i) : 0.0f;
+          const __m512 v = _mm512_mul_ps(_mm512_load_ps(c[q] + 16 * i), _mm512_set1_ps(scale));
+          r[i] = _mm512_castps_si512(v);
         }
-        float* sums = k1 < Kb ? held : c[0];
-        _tile_stored(0, sums, 64);
-        _tile_stored(1, sums + 256, 64);
-        _tile_stored(2, sums + 512, 64);
-        _tile_stored(3, sums + 768, 64);
-        if (k1 < Kb) continue;
-        // c[q][i][j] is the sum for out[m + 16 (q % 2) + j, n + 16 (q / 2) + i].
-        for (int q = 0; q < 4; ++q) {
-          const int64_t mq = m + kAmxPanel * (q % 2), nq = n + 16 * (q / 2);
-          if (mq >= m1 || nq >= n1) continue;
-          const __mmask16 mask = first_lanes(n1 - nq);
-          __m512i r[16];
-          for (int i = 0; i < 16; ++i) {
-            const float scale = nq + i < n1 ? weights.scale(nq + i) : 0.0f;
-            const __m512 v = _mm512_mul_ps(_mm512_load_ps(c[q] + 16 * i), _mm512_set1_ps(scale));
-            r[i] = _mm512_castps_si512(v);
-          }
-          transpose_16x16(r);
-          const int64_t rows = m1 - mq < 16 ? m1 - mq : 16;
-          store_rows(g.out, g.ldo, g.out_type, r, mq, rows, nq, mask, g.bias);
-        }
+        transpose_16x16(r);
+        const int64_t rows = m1 - mq < 16 ? m1 - mq : 16;
+        store_rows(g.out, g.ldo, g.out_type, r, mq, rows, nq, mask, g.bias);
       }
     }
   }

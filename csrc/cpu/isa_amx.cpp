@@ -1,6 +1,5 @@
 // AMX build (Sapphire Rapids and later): the avx512 level's kernels, with the large-M GEMMs on
 // the tile unit (amx_gemm.h) and bf16 attention's products too (amx_attention.h).
-#include <limits>
 
 #include "isa_prelude.h"
 
@@ -40,11 +39,18 @@ int64_t w4_panel_min_m(int64_t run) { return run <= 32 ? 16 : 8; }
 // bf16 once per block of rows). On the int8 tiles every run of the activation's scales costs a
 // fold of the sums in vector registers (amx_gemm.h), and a run of 32 a half-depth multiply, so
 // the shorter the runs the sooner the bf16 tiles, which have neither, take over: runs of 32
-// (g32) from M = 32, runs of 64 from 64. Runs of 128 stay on the int8 tiles, twice the bf16
-// tiles' rate: at M = 512 the bf16 tiles took 1.03-1.17x their time on the three large layers.
-// Measured by layer (4096^2, 11008x4096, 4096x11008, 1536x576) and M: NOTES.md.
-int64_t w4_bf16_min_m(int64_t run) {
-  return run <= 32 ? 32 : run <= 64 ? 64 : std::numeric_limits<int64_t>::max();
+// (g32) from M = 32, runs of 64 from 64. Runs of 128 multiply at twice the bf16 tiles' rate, but
+// their Q8 panels cost more to pack than bf16 ones, a cost per activation value that a narrow
+// layer spreads over few outputs: up to N = 2048 the bf16 tiles take over from M = 256
+// (1536x576 at M = 256-1024 0.80-0.87x the time, 2048x1024 at M = 256-512 0.89-0.94x,
+// 2048^2 and 1536^2 at M = 512 0.91-0.95x), wider from M = 512 (4096^2 0.98x, 4096x1536 0.98x,
+// 4096x11008 1.0x, 11008x4096 1.02x; at M = 256 4096^2 and 11008x4096 1.08-1.1x).
+// Measured by layer and M: NOTES.md.
+constexpr int64_t kW4Bf16NarrowN = 2048;
+int64_t w4_bf16_min_m(int64_t run, int64_t N) {
+  if (run <= 32) return 32;
+  if (run <= 64) return 64;
+  return N <= kW4Bf16NarrowN ? 256 : 512;
 }
 
 const KernelTable& kernel_table() {

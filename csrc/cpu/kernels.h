@@ -366,8 +366,8 @@ struct KernelTable {
   int64_t (*w4_panel_min_m)(int64_t run);
   // Null, or the least M at which w4_gemm takes x as bf16 panels (w8a16_pack_panels, one part;
   // W4GemmArgs::x_bf16_panels) rather than Q8 ones, by the activation's run (q8_run: 32, 64 or
-  // 128 columns); the int64_t maximum for a run that stays on Q8 panels.
-  int64_t (*w4_bf16_min_m)(int64_t run);
+  // 128 columns) and the layer's N.
+  int64_t (*w4_bf16_min_m)(int64_t run, int64_t N);
   // Null, or keys [j0, j1) (multiples of 16, at most attention_tile_keys(Sk)) of key/value head
   // hk of batch b written in the tile layouts to that head's k_tiles (attention_tile_parts x
   // attention_tile_keys(Sk) x D elements) and v_tiles (x Dv), for arguments that

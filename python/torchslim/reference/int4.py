@@ -29,7 +29,7 @@ round half to even) so that weights and activations meet in integer dot products
 yardstick its outputs are checked against. Its effect on the output (with two 20x outlier
 channels a row, about 0.7% relative at runs of 32 and 1% at 128, against about 10% for rounding
 the weights to 4 bits) is measured by the tests. On AMX CPUs at larger M (from
-``torchslim._C.cpu_kernel_paths()["int4_bf16_tiles_from_m"]``, by run) it rounds x and the
+``torchslim._C.int4_bf16_tiles_from_m(run, N)``, by run and layer width) it rounds x and the
 weight, dequantized in fp32, to bf16 instead (``operand_dtype=torch.bfloat16`` here): products
 on bf16 tiles, summed in fp32, with 0.2-0.4x the error of the int8 rounding (0.4x on Gaussian
 rows, 0.2-0.3x with the outlier channels above).
@@ -215,7 +215,7 @@ def int4_weight_only_linear(
             CPU kernel's arithmetic, with :func:`cpu_activation_block`).
         operand_dtype: if set, x and the weight, dequantized in fp32, are first rounded to this
             dtype: the CPU kernel's arithmetic on bf16 tiles, which it takes for M from
-            ``torchslim._C.cpu_kernel_paths()["int4_bf16_tiles_from_m"][cpu_activation_block]``.
+            ``torchslim._C.int4_bf16_tiles_from_m(cpu_activation_block, N)``.
 
     Returns:
         (..., N) in ``x.dtype``.
