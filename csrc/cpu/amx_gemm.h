@@ -889,8 +889,8 @@ constexpr int64_t kBf16FewPairsSliceK = 1024;
 // Strips outer: a strip's rows are read from start to end, as the prefetchers like, its sums
 // wait per pair only (in L1), and with one pair stay in the tiles; the panels are read whole
 // per strip, so they must stay in L2. Strips outer where the block's panels are under 1.5 MB
-// (half the L2 of this machine's cores, 2 MB, with the weights and sums): int4 g32 11008x4096 at
-// M = 64 took 0.77x the time of slices outer, 4096x11008 at M = 32 0.94x, 4096^2 g64 at M = 64
+// (of the 2 MB L2 of this machine's cores, room left for the weights and sums): int4 g32 11008x4096
+// at M = 64 took 0.77x the time of slices outer, 4096x11008 at M = 32 0.94x, 4096^2 g64 at M = 64
 // 0.89x; W8A16 4096x11008 bf16 x at M = 64 and 128 0.64-0.67x, fp32 x (three parts) at M = 16-32
 // 0.88-0.9x; the same (0.97-1.03x) at M = 128-512 on the rest; panels of 1.5 MB (fp32 x,
 // 4096^2, M = 64) 1.03x, of 8.4 MB (11008x4096, M = 128) 1.46x.

@@ -42,7 +42,7 @@ int64_t w4_panel_min_m(int64_t run) { return run <= 32 ? 16 : 8; }
 // (g32) from M = 32, runs of 64 from 64. Runs of 128 multiply at twice the bf16 tiles' rate, but
 // their Q8 panels cost more to pack than bf16 ones, a cost per activation value that a narrow
 // layer spreads over few outputs: up to N = 2048 the bf16 tiles take over from M = 256
-// (1536x576 at M = 256-1024 0.80-0.87x the time, 2048x1024 at M = 256-512 0.89-0.94x,
+// (1536x576 at M = 256-1024 0.79-0.87x the time, 2048x1024 at M = 256-512 0.89-0.94x,
 // 2048^2 and 1536^2 at M = 512 0.91-0.95x), wider from M = 512 (4096^2 0.98x, 4096x1536 0.98x,
 // 4096x11008 1.0x, 11008x4096 1.02x; at M = 256 4096^2 and 11008x4096 1.08-1.1x).
 // Measured by layer and M: NOTES.md.
