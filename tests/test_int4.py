@@ -421,6 +421,15 @@ def test_int4_linear_rejects_bad_state(gen):
         Int4Linear.from_linear(nn.Conv1d(4, 4, 1))
 
 
+@pytest.mark.skipif(_ext._C is None, reason="no C++ extension")
+def test_bf16_tiles_threshold_rejects_bad_arguments():
+    """int4_bf16_tiles_from_m names the argument it cannot take."""
+    with pytest.raises(ValueError, match="run must be 32, 64 or 128, got 48"):
+        _ext._C.int4_bf16_tiles_from_m(48, 576)
+    with pytest.raises(ValueError, match="n must be non-negative, got -1"):
+        _ext._C.int4_bf16_tiles_from_m(32, -1)
+
+
 @pytest.mark.skipif(
     _ext._C is None or "amx" not in _ext._C.supported_isas(), reason="no AMX tiles on this CPU"
 )

@@ -1,7 +1,6 @@
 // The torchslim._C pybind11 module: kernels bound per backend, plus build and CPU facts.
 #include <torch/extension.h>
 
-#include <limits>
 #include <string>
 
 #include "bindings/registry.h"
@@ -76,18 +75,14 @@ py::dict cpu_kernel_paths() {
   d["int8_tiles_from_m"] = kt.int8_pack_panels ? py::cast(kt.int8_panel_min_m) : py::none();
   d["int8_weight_only_tiles_from_m"] =
       kt.w8a16_pack_panels ? py::cast(kt.w8a16_panel_min_m) : py::none();
-  // int4's thresholds by the activation's run (32, 64, 128); None for a run that never takes
-  // that path.
-  const auto by_run = [](int64_t (*min_m)(int64_t)) -> py::object {
-    if (min_m == nullptr) return py::none();
-    py::dict d;
-    for (const int64_t run : {32, 64, 128}) {
-      const int64_t m = min_m(run);
-      d[py::cast(run)] = m == std::numeric_limits<int64_t>::max() ? py::none() : py::cast(m);
-    }
-    return d;
-  };
-  d["int4_tiles_from_m"] = by_run(kt.w4_pack_panels ? kt.w4_panel_min_m : nullptr);
+  // int4's by the activation's run (32, 64, 128).
+  if (kt.w4_pack_panels != nullptr) {
+    py::dict by_run;
+    for (const int64_t run : {32, 64, 128}) by_run[py::cast(run)] = kt.w4_panel_min_m(run);
+    d["int4_tiles_from_m"] = by_run;
+  } else {
+    d["int4_tiles_from_m"] = py::none();
+  }
   d["attention_tiles_from_rows"] =
       kt.attention_pack ? py::cast(kt.attention_tile_min_rows) : py::none();
   d["attention_fp32_tiles_from_rows_per_kv_head"] =
