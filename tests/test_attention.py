@@ -312,7 +312,9 @@ def test_kernel_split_kv_decode(backend, sq, heads):
 # group as one item's rows), key blocks cut by the sequence's end, a causal window and kv_lens
 # inside a block, a mask strided along the keys, a negative scale, split-KV with 16 rows,
 # fp32's items of 128 rows; each with at least 128 query rows per key/value head, so that fp32
-# takes the tiles too.
+# takes the tiles too. On 1 thread every key/value head is a thread's task (packed, then its
+# items run, by one thread); on 3 threads none of these cases' 1, 2 or 4 heads shares out
+# evenly, so all threads pack a wave of heads and share its items (attention_head_tasks).
 TILE_CASES = [
     (1, 6, 2, 48, 48, 64, 64, {}),
     (1, 2, 1, 70, 70, 32, 96, {"causal": True}),
@@ -325,8 +327,9 @@ TILE_CASES = [
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("threads", (1, 3))
 @pytest.mark.parametrize(("b", "h", "hkv", "sq", "sk", "d", "dv", "opt"), TILE_CASES)
-def test_kernel_tile_blocks(backend, b, h, hkv, sq, sk, d, dv, opt):
+def test_kernel_tile_blocks(backend, threads, b, h, hkv, sq, sk, d, dv, opt):
     if backend == "cpu-amx":
         with run_on(backend):
             paths = _ext._C.cpu_kernel_paths()
@@ -339,10 +342,15 @@ def test_kernel_tile_blocks(backend, b, h, hkv, sq, sk, d, dv, opt):
     args = (mask, causal, scale, window, lens)
     for dtype in (torch.bfloat16, torch.float32):  # fp32: three bf16 parts an operand on tiles
         q, k, v = (_nan_padded(t) for t in _qkv(b, h, hkv, sq, sk, d, gen, dtype, dv))
-        with run_on(backend):
-            out = torchslim.attention(
-                q, k, v, attn_mask=mask, causal=causal, scale=scale, window=window, kv_lens=lens
-            )
+        before = torch.get_num_threads()
+        try:
+            torch.set_num_threads(threads)
+            with run_on(backend):
+                out = torchslim.attention(
+                    q, k, v, attn_mask=mask, causal=causal, scale=scale, window=window, kv_lens=lens
+                )
+        finally:
+            torch.set_num_threads(before)
         ref64 = ref.attention(
             q.double(), k.double(), v.double(), *args, compute_dtype=torch.float64
         )

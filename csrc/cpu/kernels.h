@@ -209,8 +209,9 @@ struct AttentionArgs {
   bool causal;
   int64_t window;
   // Null, or k and v of the key/value heads tile_head0, tile_head0 + 1, ... (head b Hkv + hk;
-  // the heads of the items of a call) in the tile unit's layouts (KernelTable::attention_pack):
-  // then the amx level runs items of enough rows on the tiles.
+  // the heads packed for the items a call runs: a wave of heads, or the one its thread took) in
+  // the tile unit's layouts (KernelTable::attention_pack): then the amx level runs items of
+  // enough rows on the tiles.
   const uint16_t* k_tiles = nullptr;
   const uint16_t* v_tiles = nullptr;
   int64_t tile_head0 = 0;
