@@ -53,21 +53,31 @@ constexpr float kLn2 = 0.693147180559945309f;  // kLog2e: simd.h
 constexpr float kMaxSlack = 8.0f;
 
 // 2^x for x <= kMaxSlack, 0 below -125 (and for -inf), NaN kept: 2^n 2^f with n = round(x),
-// |f| <= 1/2, 2^f by a degree-5 polynomial fitted on [-1/2, 1/2] (relative error 1e-7; 2^0 is
-// exactly 1). Every result is 0 or a normal float: a subnormal one (a masked key's 2^-150,
-// say) costs a microcode assist of the order of a hundred cycles, which made causal blocks,
-// with most of their lanes masked, slower than full ones.
+// |f| <= 1/2, 2^f by a polynomial fitted on [-1/2, 1/2] (2^0 is exactly 1): degree 5, relative
+// error 1e-7, for fp32's P; degree 3, 1e-4, for bf16's, which rounding to bf16 takes to 2^-9
+// anyway. Every result is 0 or a normal float: a subnormal one (a masked key's 2^-150, say)
+// costs a microcode assist of the order of a hundred cycles, which made causal blocks, with
+// most of their lanes masked, slower than full ones.
+template <int kDegree>
 inline __m512 exp2_ps(__m512 x) {
+  static_assert(kDegree == 3 || kDegree == 5);
   const __m512 lowest = _mm512_set1_ps(-125.0f);
   const __mmask16 kept = _mm512_cmp_ps_mask(x, lowest, _CMP_NLT_UQ);  // x >= -125 or NaN
   x = _mm512_max_ps(lowest, x);  // max returns its second operand for a NaN
   const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(x, n);
-  __m512 p = _mm512_set1_ps(1.3400432166e-03f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6760370979e-03f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5503272142e-02f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022107356e-01f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314720671e-01f));
+  __m512 p;
+  if constexpr (kDegree == 5) {
+    p = _mm512_set1_ps(1.3400432166e-03f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6760370979e-03f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5503272142e-02f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022107356e-01f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314720671e-01f));
+  } else {
+    p = _mm512_set1_ps(5.5008895695e-02f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4221101403e-01f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9328296185e-01f));
+  }
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
   return _mm512_maskz_scalef_ps(kept, p, n);
 }
@@ -459,7 +469,7 @@ void attention_on_tiles(const AttentionArgs& a, int64_t b, int64_t h0, int64_t n
         // What the row has so far is rescaled by 2^(m - m') = 2^-up; a fresh row has only
         // zeros so far (sum and output; or an output row its first block will start).
         if (!fresh) {
-          const __m512 alpha = exp2_ps(_mm512_set1_ps(-up));
+          const __m512 alpha = exp2_ps<5>(_mm512_set1_ps(-up));
           _mm512_store_ps(lr, _mm512_mul_ps(_mm512_load_ps(lr), alpha));
           float* orow = o + r * Dv;
           for (int64_t d = 0; d < Dv; d += 16)
@@ -470,8 +480,8 @@ void attention_on_tiles(const AttentionArgs& a, int64_t b, int64_t h0, int64_t n
       __m512 vsum = _mm512_load_ps(lr);
 #pragma GCC unroll 4
       for (int64_t v = 0; v < BK / 16; v += 2) {
-        const __m512 p0 = exp2_ps(t[v]);
-        const __m512 p1 = exp2_ps(t[v + 1]);
+        const __m512 p0 = parts == 1 ? exp2_ps<3>(t[v]) : exp2_ps<5>(t[v]);
+        const __m512 p1 = parts == 1 ? exp2_ps<3>(t[v + 1]) : exp2_ps<5>(t[v + 1]);
         vsum = _mm512_add_ps(vsum, _mm512_add_ps(p0, p1));
         __m512i part[kMaxParts];
         split_parts(p0, p1, parts, part);
