@@ -612,15 +612,20 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Ten
   };
   const int64_t G = H / Hkv, nq0 = std::min(Sq, cpu::kAttnBlockQ);
   const int64_t nh = std::max<int64_t>(1, std::min(G, cpu::kAttnBlockQ / nq0));
-  // The tile kernel (amx level) takes items of enough rows. In fp32 (six multiplies a product
-  // there) a long prefill's items are twice as tall, so each packed key and value tile serves
-  // more rows: S = 2048, D = 128, 192 against 210 ms; in bf16 the taller items' output rows
-  // no longer fit L1 and ran 5-15% slower.
+  // The tile kernel (amx level) takes items of enough rows. A long prefill's items are twice as
+  // tall, so each packed key and value tile serves more rows, in fp32 (six multiplies a product
+  // there: S = 2048, D = 128, 192 against 210 ms) and in bf16 where the item's fp32 output rows
+  // still fit half of L1 (Dv <= 64: B 1, H 32, S 512, D 64, 2.08 ms against 2.32; at D 128, 64
+  // KB of output rows, the same time or up to 5-15% slower).
   const bool tiles = kt.attention_pack != nullptr && cpu::attention_tiles_fit(args) &&
                      nh * nq0 >= kt.attention_tile_min_rows &&
                      (type != ScalarType::kFloat32 || Sq * G >= kt.attention_tile_fp32_min_rows);
   // (Never split-KV, which takes Sq <= 16, so `partial` keeps kAttnBlockQ rows an item.)
-  const bool tall = tiles && type == ScalarType::kFloat32 && Sq >= 2 * cpu::kAttnBlockQ;
+  constexpr int64_t kTallOutputBytes = 32 << 10;
+  const bool tall =
+      tiles && Sq >= 2 * cpu::kAttnBlockQ &&
+      (type == ScalarType::kFloat32 ||
+       2 * cpu::kAttnBlockQ * Dv * static_cast<int64_t>(sizeof(float)) <= kTallOutputBytes);
   const int64_t nq = tall ? 2 * cpu::kAttnBlockQ : nq0;
   std::vector<Item> items;
   for (int64_t b = 0; b < B; ++b) {
