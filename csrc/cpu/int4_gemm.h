@@ -44,6 +44,45 @@ float max_abs(const T* x, int64_t n) {
   return amax;
 }
 
+#if defined(TORCHSLIM_ISA_AVX512)
+// A whole chunk of 64 activations, its first block of 32 at scale s0 and its second at s1, in
+// the order the weights unpack (its 32 even codes, then its 32 odd ones: Q8BlockArgs), with its
+// kQ4Lanes lane biases (lane l meets codes 8 l .. 8 l + 7) and each block's sum of codes. The
+// codes are quantize_store's; the scalar loop of quantize_row_q8_blocks gives the same bytes.
+template <typename T>
+inline void quantize_chunk_q8(const T* x, float s0, float s1, int8_t* q, int32_t* lane_bias,
+                              int32_t (&block_sum)[2]) {
+  using V = FVec;
+  __m128i codes[4];  // codes 16 i .. 16 i + 15, in order
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    const float s = i < 2 ? s0 : s1;
+    __m512 v = round_quotient_ps(V::load(x + 16 * i), V::set1(s), V::set1(1.0f / s));
+    v = _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(-127.0f)), _mm512_set1_ps(127.0f));
+    codes[i] = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v));
+  }
+  __m512i all = _mm512_castsi128_si512(codes[0]);
+  all = _mm512_inserti32x4(all, codes[1], 1);
+  all = _mm512_inserti32x4(all, codes[2], 2);
+  all = _mm512_inserti32x4(all, codes[3], 3);
+  // Even then odd codes within each 16, then the four 8-byte halves of evens ahead of the odds.
+  const __m512i evens_first = _mm512_set4_epi32(0x0f0d0b09, 0x07050301, 0x0e0c0a08, 0x06040200);
+  const __m512i halves = _mm512_set_epi64(7, 5, 3, 1, 6, 4, 2, 0);
+  _mm512_storeu_si512(q, _mm512_permutexvar_epi64(halves, _mm512_shuffle_epi8(all, evens_first)));
+  // Sums of 8 codes: vpsadbw of the codes + 128 (as unsigned bytes) against zero, less 8 x 128.
+  const __m512i sums = _mm512_sub_epi64(
+      _mm512_sad_epu8(_mm512_xor_si512(all, _mm512_set1_epi8(-128)), _mm512_setzero_si512()),
+      _mm512_set1_epi64(8 * 128));
+  const __m256i lanes = _mm512_cvtepi64_epi32(sums);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(lane_bias),
+                      _mm256_mullo_epi32(lanes, _mm256_set1_epi32(-kQ4Center)));
+  alignas(32) int32_t lane[kQ4Lanes];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lane), lanes);
+  block_sum[0] = (lane[0] + lane[1]) + (lane[2] + lane[3]);
+  block_sum[1] = (lane[4] + lane[5]) + (lane[6] + lane[7]);
+}
+#endif
+
 template <typename T>
 void quantize_row_q8_blocks(const T* x, int64_t K, int64_t group_size, int8_t* q, float* scale,
                             float* group_sum, int32_t* lane_bias) {
@@ -51,15 +90,32 @@ void quantize_row_q8_blocks(const T* x, int64_t K, int64_t group_size, int8_t* q
   const int64_t groups = K / group_size, run = q8_run(K, group_size);
   for (int64_t g = 0; g < groups; ++g) group_sum[g] = 0.0f;
   float s = 1.0f;
-  for (int64_t k0 = 0, b = 0, run_end = 0; k0 < K; k0 += kQ8Block, ++b) {
+  int64_t run_end = 0;
+  const auto block_scale = [&](int64_t k0) {  // at a run's first block, the run's scale
+    if (k0 != run_end) return s;
+    s = max_abs(x + k0, min_i64(run, K - k0)) / 127.0f;
+    if (s == 0.0f) s = 1.0f;
+    run_end += run;
+    return s;
+  };
+  for (int64_t k0 = 0, b = 0; k0 < K; k0 += kQ8Block, ++b) {
     const int64_t len = min_i64(kQ8Block, K - k0);
     const T* xb = x + k0;
-    if (k0 == run_end) {  // the first block of a run: the run's scale
-      s = max_abs(xb, min_i64(run, K - k0)) / 127.0f;
-      if (s == 0.0f) s = 1.0f;
-      run_end += run;
+#if defined(TORCHSLIM_ISA_AVX512)
+    if (k0 % kQ4Chunk == 0 && k0 + kQ4Chunk <= K) {  // a whole chunk: both blocks at once
+      const float s0 = block_scale(k0), s1 = block_scale(k0 + kQ8Block);
+      int32_t sums[2];
+      quantize_chunk_q8(xb, s0, s1, q + k0, lane_bias + k0 / kQ4Chunk * kQ4Lanes, sums);
+      scale[b] = s0;
+      scale[b + 1] = s1;
+      group_sum[k0 / group_size] += static_cast<float>(sums[0]) * s0;
+      group_sum[(k0 + kQ8Block) / group_size] += static_cast<float>(sums[1]) * s1;
+      k0 += kQ8Block;
+      ++b;
+      continue;
     }
-    scale[b] = s;
+#endif
+    scale[b] = block_scale(k0);
     int8_t codes[kQ8Block];
     int64_t k = 0;
     if (len == kQ8Block) {
