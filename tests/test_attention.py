@@ -249,6 +249,26 @@ def test_kernel_value_dim_scale_threads_and_empty(backend, gen):
     assert empty.shape == (2, 4, 0, 24)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_kernel_without_keys_gives_zeros(backend, dtype, gen):
+    # Sk = 0: every row is a row with no visible key. 3 threads and 2 key/value heads take the
+    # tile kernel's wave schedule at Sq = 130 (its items of 128 rows too), which once divided
+    # by the size of an empty head.
+    q, k, v = _qkv(1, 4, 2, 130, 0, 64, gen, dtype)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        with run_on(backend):
+            out = torchslim.attention(q, k, v)
+            causal = torchslim.attention(q[:, :, :5], k, v, causal=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert out.shape == (1, 4, 130, 64) and causal.shape == (1, 4, 5, 64)
+    assert (out == 0).all() and (causal == 0).all()
+    assert (ref.attention(q, k, v) == 0).all()
+
+
 def _bad_inputs():
     q = torch.randn(2, 4, 3, 8)
     k = torch.randn(2, 2, 5, 8)
@@ -313,9 +333,9 @@ def test_kernel_split_kv_decode(backend, sq, heads):
 # inside a block, a mask strided along the keys, a negative scale, split-KV with 16 rows,
 # items of 128 rows (fp32's, and bf16's at Dv <= 64: Sq = 200); each with at least 128 query
 # rows per key/value head, so that fp32 takes the tiles too. On 1 thread every key/value head
-# is a thread's task (packed, then its items run, by one thread); on 3 threads none of these
-# cases' 1, 2 or 4 heads shares out evenly, so all threads pack a wave of heads and share its
-# items (attention_head_tasks).
+# is a thread's task (packed, then its items run, by one thread), on 2 threads the cases with 2
+# or 4 heads are (two tasks at once); on 3 threads none of these cases' 1, 2 or 4 heads shares
+# out evenly, so all threads pack a wave of heads and share its items (attention_head_tasks).
 TILE_CASES = [
     (1, 6, 2, 48, 48, 64, 64, {}),
     (1, 2, 1, 70, 70, 32, 96, {"causal": True}),
@@ -328,7 +348,7 @@ TILE_CASES = [
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("threads", (1, 3))
+@pytest.mark.parametrize("threads", (1, 2, 3))
 @pytest.mark.parametrize(("b", "h", "hkv", "sq", "sk", "d", "dv", "opt"), TILE_CASES)
 def test_kernel_tile_blocks(backend, threads, b, h, hkv, sq, sk, d, dv, opt):
     if backend == "cpu-amx":

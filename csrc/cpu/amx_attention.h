@@ -54,7 +54,7 @@ constexpr float kMaxSlack = 8.0f;
 
 // 2^x for x <= kMaxSlack, 0 below -125 (and for -inf), NaN kept: 2^n 2^f with n = round(x),
 // |f| <= 1/2, 2^f by a polynomial fitted on [-1/2, 1/2] (2^0 is exactly 1): degree 5, relative
-// error 1e-7, for fp32's P; degree 3, 1e-4, for bf16's, which rounding to bf16 takes to 2^-9
+// error 2e-7, for fp32's P; degree 3, 1e-4, for bf16's, which rounding to bf16 takes to 2^-9
 // anyway. Every result is 0 or a normal float: a subnormal one (a masked key's 2^-150, say)
 // costs a microcode assist of the order of a hundred cycles, which made causal blocks, with
 // most of their lanes masked, slower than full ones.

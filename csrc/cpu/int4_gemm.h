@@ -44,7 +44,7 @@ float max_abs(const T* x, int64_t n) {
   return amax;
 }
 
-#if defined(TORCHSLIM_ISA_AVX512)
+#if defined(TORCHSLIM_ISA_AVX512) || defined(TORCHSLIM_ISA_AVX2)
 // A whole chunk of 64 activations, its first block of 32 at scale s0 and its second at s1, in
 // the order the weights unpack (its 32 even codes, then its 32 odd ones: Q8BlockArgs), with its
 // kQ4Lanes lane biases (lane l meets codes 8 l .. 8 l + 7) and each block's sum of codes. The
@@ -53,31 +53,30 @@ template <typename T>
 inline void quantize_chunk_q8(const T* x, float s0, float s1, int8_t* q, int32_t* lane_bias,
                               int32_t (&block_sum)[2]) {
   using V = FVec;
-  __m128i codes[4];  // codes 16 i .. 16 i + 15, in order
-#pragma GCC unroll 4
-  for (int i = 0; i < 4; ++i) {
-    const float s = i < 2 ? s0 : s1;
-    __m512 v = round_quotient_ps(V::load(x + 16 * i), V::set1(s), V::set1(1.0f / s));
-    v = _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(-127.0f)), _mm512_set1_ps(127.0f));
-    codes[i] = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v));
+  alignas(16) int8_t codes[kQ4Chunk];
+  for (int64_t k = 0; k < kQ4Chunk; k += V::kWidth) {
+    const float s = k < kQ8Block ? s0 : s1;
+    V::quantize_store(codes + k, V::load(x + k), V::set1(s), V::set1(1.0f / s));
   }
-  __m512i all = _mm512_castsi128_si512(codes[0]);
-  all = _mm512_inserti32x4(all, codes[1], 1);
-  all = _mm512_inserti32x4(all, codes[2], 2);
-  all = _mm512_inserti32x4(all, codes[3], 3);
-  // Even then odd codes within each 16, then the four 8-byte halves of evens ahead of the odds.
-  const __m512i evens_first = _mm512_set4_epi32(0x0f0d0b09, 0x07050301, 0x0e0c0a08, 0x06040200);
-  const __m512i halves = _mm512_set_epi64(7, 5, 3, 1, 6, 4, 2, 0);
-  _mm512_storeu_si512(q, _mm512_permutexvar_epi64(halves, _mm512_shuffle_epi8(all, evens_first)));
-  // Sums of 8 codes: vpsadbw of the codes + 128 (as unsigned bytes) against zero, less 8 x 128.
-  const __m512i sums = _mm512_sub_epi64(
-      _mm512_sad_epu8(_mm512_xor_si512(all, _mm512_set1_epi8(-128)), _mm512_setzero_si512()),
-      _mm512_set1_epi64(8 * 128));
-  const __m256i lanes = _mm512_cvtepi64_epi32(sums);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(lane_bias),
-                      _mm256_mullo_epi32(lanes, _mm256_set1_epi32(-kQ4Center)));
-  alignas(32) int32_t lane[kQ4Lanes];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(lane), lanes);
+  // Each 16 codes as their 8 even then 8 odd ones; then the chunk's evens ahead of its odds.
+  const __m128i evens_first = _mm_set_epi8(15, 13, 11, 9, 7, 5, 3, 1, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m128i flip = _mm_set1_epi8(-128);
+  __m128i part[4];
+  int32_t lane[kQ4Lanes];
+  for (int i = 0; i < 4; ++i) {
+    const __m128i c = _mm_load_si128(reinterpret_cast<const __m128i*>(codes + 16 * i));
+    part[i] = _mm_shuffle_epi8(c, evens_first);
+    // Sums of 8 codes: psadbw of the codes + 128 (as unsigned bytes) against zero, less 8 x 128.
+    const __m128i sums = _mm_sad_epu8(_mm_xor_si128(c, flip), _mm_setzero_si128());
+    lane[2 * i] = _mm_cvtsi128_si32(sums) - 8 * 128;
+    lane[2 * i + 1] = _mm_extract_epi32(sums, 2) - 8 * 128;
+  }
+  auto* out = reinterpret_cast<__m128i*>(q);
+  _mm_storeu_si128(out, _mm_unpacklo_epi64(part[0], part[1]));
+  _mm_storeu_si128(out + 1, _mm_unpacklo_epi64(part[2], part[3]));
+  _mm_storeu_si128(out + 2, _mm_unpackhi_epi64(part[0], part[1]));
+  _mm_storeu_si128(out + 3, _mm_unpackhi_epi64(part[2], part[3]));
+  for (int l = 0; l < kQ4Lanes; ++l) lane_bias[l] = -kQ4Center * lane[l];
   block_sum[0] = (lane[0] + lane[1]) + (lane[2] + lane[3]);
   block_sum[1] = (lane[4] + lane[5]) + (lane[6] + lane[7]);
 }
@@ -101,7 +100,7 @@ void quantize_row_q8_blocks(const T* x, int64_t K, int64_t group_size, int8_t* q
   for (int64_t k0 = 0, b = 0; k0 < K; k0 += kQ8Block, ++b) {
     const int64_t len = min_i64(kQ8Block, K - k0);
     const T* xb = x + k0;
-#if defined(TORCHSLIM_ISA_AVX512)
+#if defined(TORCHSLIM_ISA_AVX512) || defined(TORCHSLIM_ISA_AVX2)
     if (k0 % kQ4Chunk == 0 && k0 + kQ4Chunk <= K) {  // a whole chunk: both blocks at once
       const float s0 = block_scale(k0), s1 = block_scale(k0 + kQ8Block);
       int32_t sums[2];

@@ -70,8 +70,9 @@ def _probabilities(
         else:
             scores = scores + attn_mask.to(compute_dtype)
     scores = scores.masked_fill(~visible, -math.inf)
-    # Softmax that leaves a row with no visible key (all -inf) at zero instead of NaN.
-    top = scores.amax(dim=-1, keepdim=True)
+    # Softmax that leaves a row with no visible key (all -inf, or no key at all) at zero instead
+    # of NaN.
+    top = scores.amax(dim=-1, keepdim=True) if sk else scores.new_zeros((*scores.shape[:-1], 1))
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
     weights = torch.exp(scores - top)
     total = weights.sum(dim=-1, keepdim=True)
