@@ -331,11 +331,12 @@ def test_kernel_split_kv_decode(backend, sq, heads):
 # (an odd number of them, a last item of 6 rows that stays on AVX-512, query heads of a GQA
 # group as one item's rows), key blocks cut by the sequence's end, a causal window and kv_lens
 # inside a block, a mask strided along the keys, a negative scale, split-KV with 16 rows,
-# items of 128 rows (fp32's, and bf16's at Dv <= 64: Sq = 200); each with at least 128 query
-# rows per key/value head, so that fp32 takes the tiles too. On 1 thread every key/value head
-# is a thread's task (packed, then its items run, by one thread), on 2 threads the cases with 2
-# or 4 heads are (two tasks at once); on 3 threads none of these cases' 1, 2 or 4 heads shares
-# out evenly, so all threads pack a wave of heads and share its items (attention_head_tasks).
+# items of 128 rows (fp32's, and bf16's at Dv <= 64: Sq = 200), fp32's of 256 (Sq = 300);
+# each with at least 128 query rows per key/value head, so that fp32 takes the tiles too. On 1
+# thread every key/value head is a thread's task (packed, then its items run, by one thread),
+# on 2 threads the cases with 2 or 4 heads are (two tasks at once); on 3 threads none of these
+# cases' 1, 2 or 4 heads shares out evenly, so all threads pack a wave of heads and share its
+# items (attention_head_tasks).
 TILE_CASES = [
     (1, 6, 2, 48, 48, 64, 64, {}),
     (1, 2, 1, 70, 70, 32, 96, {"causal": True}),
@@ -344,6 +345,7 @@ TILE_CASES = [
     (1, 8, 2, 33, 200, 256, 256, {"scale": -0.3}),
     (2, 8, 1, 16, 2100, 64, 64, {"causal": True}),
     (1, 2, 1, 200, 260, 64, 64, {"strided mask": True, "causal": True}),
+    (1, 2, 2, 300, 330, 32, 64, {"causal": True, "window": 90}),
 ]
 
 

@@ -179,8 +179,8 @@ inline int64_t w4_panel_scale_floats(int64_t K) {
 }
 
 // Attention (torchslim.reference.attention) for batch b, query rows [i0, i1) of the heads
-// [h0, h0 + nh) (one key/value head's, nh * (i1 - i0) <= kAttnBlockQ rows; up to twice that on
-// the amx level's tiles, which take every block of attention_tile_min_rows rows or more):
+// [h0, h0 + nh) (one key/value head's, nh * (i1 - i0) <= kAttnBlockQ rows; up to 4 times that
+// on the amx level's tiles, which take every block of attention_tile_min_rows rows or more):
 //   out[i] = sum_j p[i, j] v[j] / sum_j p[i, j],  p[i, j] = exp(s[i, j] - max_j s[i, j]),
 //   s[i, j] = scale * q[i] . k[j] + mask[i, j] over the visible keys j (zero rows: no key),
 // with query head h reading key/value head h / (H / Hkv). Strides are in elements; the last
