@@ -621,19 +621,19 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Ten
   const bool tiles = kt.attention_pack != nullptr && cpu::attention_tiles_fit(args) &&
                      nh * nq0 >= kt.attention_tile_min_rows &&
                      (type != ScalarType::kFloat32 || Sq * G >= kt.attention_tile_fp32_min_rows);
-  // (Never split-KV, which takes Sq <= 16, so `partial` keeps kAttnBlockQ rows an item.)
-  constexpr int64_t kTallOutputBytes = 32 << 10;
-  const bool tall =
-      tiles && Sq >= 2 * cpu::kAttnBlockQ &&
-      (type == ScalarType::kFloat32 ||
-       2 * cpu::kAttnBlockQ * Dv * static_cast<int64_t>(sizeof(float)) <= kTallOutputBytes);
   // fp32's items are twice as tall again from Sq = 256, at the price of output rows in L2 (not
   // causal, S 4096, D 128: 661 -> 612 ms; S 512, D 64: 6.40 -> 6.18; causal, S 2048, D 128:
   // 96.5 -> 93.2; items of 512 rows gained at most 2% more).
+  // (Never split-KV, which takes Sq <= 16, so `partial` keeps kAttnBlockQ rows an item.)
+  constexpr int64_t kTallOutputBytes = 32 << 10;
   int64_t nq = nq0;
-  if (tall) {
-    const bool taller = type == ScalarType::kFloat32 && Sq >= 4 * cpu::kAttnBlockQ;
-    nq = (taller ? 4 : 2) * cpu::kAttnBlockQ;
+  if (tiles && Sq >= 2 * cpu::kAttnBlockQ) {
+    if (type == ScalarType::kFloat32) {
+      nq = (Sq >= 4 * cpu::kAttnBlockQ ? 4 : 2) * cpu::kAttnBlockQ;
+    } else if (2 * cpu::kAttnBlockQ * Dv * static_cast<int64_t>(sizeof(float)) <=
+               kTallOutputBytes) {
+      nq = 2 * cpu::kAttnBlockQ;
+    }
   }
   std::vector<Item> items;
   for (int64_t b = 0; b < B; ++b) {

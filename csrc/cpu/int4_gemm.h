@@ -54,9 +54,11 @@ inline void quantize_chunk_q8(const T* x, float s0, float s1, int8_t* q, int32_t
                               int32_t (&block_sum)[2]) {
   using V = FVec;
   alignas(16) int8_t codes[kQ4Chunk];
+  const typename V::R scale[2] = {V::set1(s0), V::set1(s1)};
+  const typename V::R inv[2] = {V::set1(1.0f / s0), V::set1(1.0f / s1)};
   for (int64_t k = 0; k < kQ4Chunk; k += V::kWidth) {
-    const float s = k < kQ8Block ? s0 : s1;
-    V::quantize_store(codes + k, V::load(x + k), V::set1(s), V::set1(1.0f / s));
+    const int half = k < kQ8Block ? 0 : 1;
+    V::quantize_store(codes + k, V::load(x + k), scale[half], inv[half]);
   }
   // Each 16 codes as their 8 even then 8 odd ones; then the chunk's evens ahead of its odds.
   const __m128i evens_first = _mm_set_epi8(15, 13, 11, 9, 7, 5, 3, 1, 14, 12, 10, 8, 6, 4, 2, 0);
