@@ -381,6 +381,75 @@ def test_int8_values_match_reference(backend, n, k, fmt, poisoned_empty):
 
 
 @pytest.mark.parametrize("backend", SPARSE_BACKENDS)
+@pytest.mark.parametrize(("n", "k"), NK)
+@pytest.mark.parametrize("sparsity", [0.5, 0.9])
+def test_sliced_w8a8_is_the_reference_bit_for_bit(backend, n, k, sparsity):
+    # x quantized per token, codes times codes summed exactly, then the reference's fp32
+    # epilogue in its order: the same bits as the fp32 reference, whatever the sums' order
+    g = seeded("w8a8", backend, n, k, sparsity)
+    w = _weight_unstructured(n, k, sparsity, g)
+    if n > 2:
+        w[1] = 0.0  # an empty row
+        w[2] = torch.randn(k, generator=g)  # a dense one: 8 groups in each slice
+    codes, scales = quantize_weight_per_channel(w)
+    parts = _compress_sliced(codes)
+    bias = torch.randn(n, generator=g)
+    for dtype in (torch.float32, torch.bfloat16):
+        for m in (*M_QUICK, 2, 4, 5):  # tiles of 1-4 rows of x
+            x = _inputs(m, k, dtype, g)
+            if m > 1:
+                x[1] = 0.0  # a zero row: scale 1, codes 0
+            with run_on(backend):
+                out = ops.sparse_sliced_dynamic_linear(x, *parts, scales, bias)
+            expected = ref.sparse_sliced_dynamic_linear(x, *parts, scales, bias)
+            assert out.dtype == dtype and out.shape == (m, n)
+            assert torch.equal(out, expected), f"{dtype} M={m}"
+    # the rule is the dense W8A8 op's on the decompressed codes
+    x = torch.randn(3, k, generator=g)
+    dense = ref.int8_dynamic_linear(x, codes, scales, bias, compute_dtype=torch.float64)
+    sparse = ref.sparse_sliced_dynamic_linear(x, *parts, scales, bias, compute_dtype=torch.float64)
+    assert torch.equal(sparse, dense)
+
+
+@pytest.mark.parametrize("backend", SPARSE_BACKENDS)
+def test_sliced_w8a8_takes_leading_dims_and_strides(backend):
+    g = seeded("w8a8-lead", backend)
+    w = _weight_unstructured(70, 300, 0.9, g)
+    codes, scales = quantize_weight_per_channel(w)
+    parts = _compress_sliced(codes)
+    x = torch.randn(5, 2, 300, generator=g).transpose(0, 1)  # (2, 5, 300), not contiguous
+    with run_on(backend):
+        out = ops.sparse_sliced_dynamic_linear(x, *parts, scales)
+    assert out.shape == (2, 5, 70)
+    assert torch.equal(out, ref.sparse_sliced_dynamic_linear(x.contiguous(), *parts, scales))
+
+
+def test_sliced_w8a8_bad_input_names_the_argument():
+    g = seeded("w8a8-bad")
+    w = _weight_unstructured(20, 200, 0.8, g)
+    codes, scales = quantize_weight_per_channel(w)
+    parts = _compress_sliced(codes)
+    x = torch.randn(2, 200, generator=g)
+    f = ops.sparse_sliced_dynamic_linear
+    with pytest.raises(TypeError, match="values must be int8 codes for a W8A8 linear"):
+        f(x, *_compress_sliced(w), scales)
+    with pytest.raises(ValueError, match=r"scales \(N,\) float32 is required"):
+        torch.ops.torchslim.sparse_sliced_dynamic_linear(x, *parts, None)
+    with pytest.raises(ValueError, match=r"scales must have shape \(N,\) = \(20,\)"):
+        f(x, *parts, scales[:5])
+    with pytest.raises(ValueError, match=r"bias must have shape \(N,\) = \(20,\)"):
+        f(x, *parts, scales, torch.zeros(3))
+    with pytest.raises(TypeError, match="n must be an int"):
+        f(x, *parts[:-1], 20.0, scales)
+    with pytest.raises(TypeError, match=r"scales must be a torch\.Tensor"):
+        f(x, *parts, scales.tolist())
+    big = ops.sparse.MAX_DYNAMIC_K + 1
+    wide = _compress_sliced(torch.zeros(1, big, dtype=torch.int8))
+    with pytest.raises(ValueError, match=f"K must be at most {big - 1}"):
+        f(torch.zeros(1, big), *wide, torch.ones(1))
+
+
+@pytest.mark.parametrize("backend", SPARSE_BACKENDS)
 @pytest.mark.parametrize("m", [1, 3, 20, 64])  # the dot kernels; the SpMM; in slices
 def test_csr_columns_past_k_raise(backend, m):
     g = seeded("csr-past", backend, m)
@@ -440,6 +509,8 @@ def _sliced_case(tag: str, dtype: torch.dtype = torch.float32):
     g = seeded("sliced-bad", tag)
     n, k = 70, 300  # two blocks of rows (the second of 6), three slices (the last of 44)
     w = _weight_unstructured(n, k, 0.7, g)
+    if dtype == torch.int8:
+        return g, n, k, compress_sliced(quantize_weight_per_channel(w)[0])
     return g, n, k, compress_sliced(w, dtype)
 
 
@@ -447,19 +518,29 @@ def _sliced_case(tag: str, dtype: torch.dtype = torch.float32):
 _SLICED_DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 
 
-@_SLICED_DTYPES
+def _sliced_op(variant: str, n: int):
+    """The sliced op for a test's variant: values of x's dtype, or (w8a8) int8 codes with
+    scales against x quantized per token."""
+    if variant == "w8a8":
+        return lambda x, *arrays: ops.sparse_sliced_dynamic_linear(x, *arrays, n, torch.ones(n))
+    return lambda x, *arrays: ops.sparse_sliced_linear(x, *arrays, n)
+
+
+@pytest.mark.parametrize("variant", ["fp32", "bf16", "w8a8"])
 @pytest.mark.parametrize("backend", SPARSE_BACKENDS)
 @pytest.mark.parametrize("m", [1, 3, 20])  # the dot kernels; the SpMM
-def test_sliced_malformed_weights_raise(backend, m, dtype):
+def test_sliced_malformed_weights_raise(backend, m, variant):
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "w8a8": torch.int8}[variant]
     g, n, k, (values, columns, groups, goff, voff) = _sliced_case(f"{backend}{m}", dtype)
-    x = torch.randn(m, k, generator=g).to(dtype)
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16 if variant == "bf16" else torch.float32)
     second = int(goff[3])  # block 1's first group (slice 0)
     kernel = backend != "reference"
+    op = _sliced_op(variant, n)
 
     def raises(reference_says, values=values, columns=columns, groups=groups, voff=voff):
         says = "block of rows from 64 is malformed" if kernel else reference_says
         with run_on(backend), pytest.raises(ValueError, match=says):
-            ops.sparse_sliced_linear(x, values, columns, groups, goff, voff, n)
+            op(x, values, columns, groups, goff, voff)
 
     bad = groups.clone()
     bad[second, 0] = 6  # block 1 has rows 64..69: row byte 6 is past N
@@ -482,15 +563,40 @@ def test_sliced_malformed_weights_raise(backend, m, dtype):
     bad[1] += 1  # block 0 takes one value of block 1
     says = "block of rows from 0 is malformed" if kernel else "block 0's groups count"
     with run_on(backend), pytest.raises(ValueError, match=says):
-        ops.sparse_sliced_linear(x, values, columns, groups, goff, bad, n)
+        op(x, values, columns, groups, goff, bad)
     with run_on(backend), pytest.raises(ValueError, match="values must have shape"):
-        ops.sparse_sliced_linear(x, values[:8], columns[:8], groups, goff, voff, n)
+        op(x, values[:8], columns[:8], groups, goff, voff)
     with run_on(backend), pytest.raises(ValueError, match=r"group_offsets must have shape \(7,\)"):
-        ops.sparse_sliced_linear(x, values, columns, groups, goff[:-1], voff, n)
+        op(x, values, columns, groups, goff[:-1], voff)
     with run_on(backend), pytest.raises(ValueError, match="value_offsets must be non-decreasing"):
         beyond = voff.clone()
         beyond[-1] = values.numel()  # into the 16 slots past the last value
-        ops.sparse_sliced_linear(x, values, columns, groups, goff, beyond, n)
+        op(x, values, columns, groups, goff, beyond)
+
+
+@pytest.mark.parametrize("variant", ["fp32", "bf16", "w8a8"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("at", [3, 300, 511])
+def test_sliced_kernel_checks_every_group_of_a_full_slice(backend, variant, at):
+    # A dense block of 64 rows takes 512 groups in a slice: the checks go 32 (and the W8A8
+    # kernel 4) groups a step, and a bad row byte in any of them stops the block
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "w8a8": torch.int8}[variant]
+    g = seeded("sliced-full", backend, variant, at)
+    w = torch.randint(1, 100, (64, 128), generator=g).to(dtype)
+    values, columns, groups, goff, voff = compress_sliced(w)
+    assert groups.shape[0] == 512
+    x = torch.randn(1, 128, generator=g).to(torch.bfloat16 if variant == "bf16" else torch.float32)
+    op = _sliced_op(variant, 64)
+    with run_on(backend):
+        op(x, values, columns, groups, goff, voff)  # well formed
+    bad = groups.clone()
+    bad[at, 0] = 64 + at % 100  # past the block's rows
+    with run_on(backend), pytest.raises(ValueError, match="block of rows from 0 is malformed"):
+        op(x, values, columns, bad, goff, voff)
+    bad = columns.clone()
+    bad[16 * at + 5] = 128 + at % 128  # past the slice
+    with run_on(backend), pytest.raises(ValueError, match="block of rows from 0 is malformed"):
+        op(x, values, bad, groups, goff, voff)
 
 
 @pytest.mark.skipif(not CPU_BACKENDS, reason="no torchslim CPU extension")
@@ -666,6 +772,11 @@ def test_ops_pass_opcheck():
     )
     block = compress_block(_weight_block(9, 40, (4, 8), g), "4x8")
     torch.library.opcheck(torch.ops.torchslim.sparse_block_linear, (x, *block, 9, bias))
+    codes, scales = quantize_weight_per_channel(w)
+    torch.library.opcheck(
+        torch.ops.torchslim.sparse_sliced_dynamic_linear,
+        (x, *_compress_sliced(codes), scales, bias),
+    )
 
 
 def test_ops_compile_without_graph_breaks():
@@ -675,7 +786,7 @@ def test_ops_compile_without_graph_breaks():
     parts, csr = compress_bitmask(w), compress_csr(w)
 
     codes, scales = quantize_weight_per_channel(w)
-    csr8 = compress_csr(codes)
+    csr8, sliced8 = compress_csr(codes), _compress_sliced(codes)
     block = compress_block(_weight_block(16, 64, (4, 16), g), "4x16")
 
     def f(x):
@@ -685,6 +796,7 @@ def test_ops_compile_without_graph_breaks():
             + ops.sparse_csr_linear(x, *csr)
             + ops.sparse_csr_linear(x, *csr8, None, scales)
             + ops.sparse_block_linear(x, *block, 16)
+            + ops.sparse_sliced_dynamic_linear(x, *sliced8, scales)
         )
 
     x = torch.randn(4, 64, generator=g)

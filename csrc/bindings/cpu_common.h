@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <optional>
+#include <tuple>
 #include <vector>
 
 #include "cpu/kernels.h"
@@ -99,6 +100,23 @@ inline bool is_cpu_vector(const at::Tensor& t, at::ScalarType dtype, int64_t n) 
 inline bool is_bias(const OptTensor& bias, int64_t n) {
   return !bias.has_value() || (bias->device().is_cpu() && at::isFloatingType(bias->scalar_type()) &&
                                bias->dim() == 1 && bias->size(0) == n);
+}
+
+// x (M, K) fp32/bf16 quantized per token (torchslim.reference.quantize_per_token): (M,
+// columns) int8 codes, zeros past K (columns >= K), and the scales (M,) fp32.
+inline std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x, int64_t columns) {
+  check_activation(x, "x");
+  const ScalarType xt = float_type(x, "x");
+  const int64_t M = x.size(0), K = x.size(1);
+  at::Tensor q = at::empty({M, columns}, x.options().dtype(at::kChar));
+  if (columns > K) q.narrow(1, K, columns - K).zero_();
+  at::Tensor scale = at::empty({M}, x.options().dtype(at::kFloat));
+  const cpu::QuantizeArgs args{
+      x.data_ptr(), x.stride(0), xt, q.data_ptr<int8_t>(), columns, scale.data_ptr<float>(), K};
+  const cpu::KernelTable& kt = cpu::active_kernels();
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)),
+                   [&](int64_t m0, int64_t m1) { kt.quantize_rows(args, m0, m1); });
+  return {q, scale};
 }
 
 // x (..., K) as (M, K) with unit stride in K, copying only when it must. (M is spelled out:

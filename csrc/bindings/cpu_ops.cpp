@@ -155,17 +155,7 @@ std::pair<at::Tensor, at::Tensor> epilogue_operands(const at::Tensor& w_scale,
 }
 
 std::tuple<at::Tensor, at::Tensor> quantize_per_token_cpu(const at::Tensor& x) {
-  check_activation(x, "x");
-  const ScalarType xt = float_type(x, "x");
-  const int64_t M = x.size(0), K = x.size(1);
-  at::Tensor q = at::empty({M, K}, x.options().dtype(at::kChar));
-  at::Tensor scale = at::empty({M}, x.options().dtype(at::kFloat));
-  const cpu::QuantizeArgs args{
-      x.data_ptr(), x.stride(0), xt, q.data_ptr<int8_t>(), K, scale.data_ptr<float>(), K};
-  const cpu::KernelTable& kt = cpu::active_kernels();
-  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)),
-                   [&](int64_t m0, int64_t m1) { kt.quantize_rows(args, m0, m1); });
-  return {q, scale};
+  return quantize_rows(x, x.size(1));
 }
 
 void run_int8_gemm(cpu::Int8GemmArgs args) {

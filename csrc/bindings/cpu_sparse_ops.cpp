@@ -28,6 +28,8 @@ constexpr int64_t kBlockM = 32;
 constexpr int64_t kBlockN = 16;
 constexpr int64_t kSpmmBlockM = 256;
 constexpr int64_t kSpmmBlockN = 64;
+// The most columns a W8A8 linear takes: K * 127 * 127 < 2^31, its int32 sums exact.
+constexpr int64_t kMaxQ8K = (int64_t{1} << 31) / (127 * 127);
 
 int64_t mask_bytes(int64_t K) { return (K + 7) / 8; }
 int64_t kept_24(int64_t K) { return 2 * ((K + 3) / 4); }
@@ -72,7 +74,7 @@ ScalarType value_type(const at::Tensor& values) {
 // The arguments every format shares: x (M, K) widened to fp32, the output, bias, scales, and x
 // packed in transposed panels when M > kSpMaxTileM (the SpMM kernels').
 struct SparseOperands {
-  at::Tensor x, bias, scales, out, panels, x_bf16;
+  at::Tensor x, bias, scales, out, panels, x_bf16, x_q8, x_scales;
   cpu::SparseGemmArgs args;
 
   // The kernel over every (rows of x, weight rows) block, the SpMM's blocks with more weight
@@ -114,13 +116,16 @@ at::Tensor padded_rows(const at::Tensor& x, int64_t columns, at::ScalarType type
 
 // dot_columns > 0: the dot kernels (M <= kSpMaxTileM) read x padded to that width (padded_rows):
 // in bf16 when bf16_dot is set and x is bf16 (args.x_bf16; args.x is then null), else in fp32.
+// q8: x quantized per token into rows dot_columns wide (args.x_q8, any M; no panels).
 SparseOperands sparse_operands(const at::Tensor& x, const at::Tensor& values, int64_t N,
                                const OptTensor& bias, const OptTensor& scales,
-                               int64_t dot_columns = 0, bool bf16_dot = false) {
+                               int64_t dot_columns = 0, bool bf16_dot = false, bool q8 = false) {
   check_activation(x, "x");
   const ScalarType out_type = float_type(x, "x");
   SparseOperands op;
-  if (dot_columns > 0 && x.size(0) <= cpu::kSpMaxTileM) {
+  if (q8) {
+    std::tie(op.x_q8, op.x_scales) = quantize_rows(x, dot_columns);
+  } else if (dot_columns > 0 && x.size(0) <= cpu::kSpMaxTileM) {
     if (bf16_dot && x.scalar_type() == at::kBFloat16) {
       op.x_bf16 = padded_rows(x, dot_columns, at::kBFloat16);
     } else {
@@ -138,6 +143,10 @@ SparseOperands sparse_operands(const at::Tensor& x, const at::Tensor& values, in
   if (op.x.defined()) {
     op.args.x = op.x.data_ptr<float>();
     op.args.ldx = op.x.stride(0);
+  } else if (q8) {
+    op.args.x_q8 = op.x_q8.data_ptr<int8_t>();
+    op.args.ldx_q8 = op.x_q8.stride(0);
+    op.args.x_scales = op.x_scales.data_ptr<float>();
   } else {
     op.args.x_bf16 = reinterpret_cast<const uint16_t*>(op.x_bf16.data_ptr<at::BFloat16>());
     op.args.ldx_bf16 = op.x_bf16.stride(0);
@@ -162,7 +171,7 @@ SparseOperands sparse_operands(const at::Tensor& x, const at::Tensor& values, in
   op.args.M = x.size(0);
   op.args.N = N;
   op.args.K = x.size(1);
-  if (op.args.M > cpu::kSpMaxTileM) {  // (P, K, kSpPanel): x transposed, zero rows past M
+  if (op.args.M > cpu::kSpMaxTileM && !q8) {  // (P, K, kSpPanel): x transposed, zeros past M
     const int64_t P = (op.args.M + cpu::kSpPanel - 1) / cpu::kSpPanel;
     at::Tensor padded = at::zeros({P * cpu::kSpPanel, op.args.K}, op.x.options());
     padded.narrow(0, 0, op.args.M).copy_(op.x);
@@ -362,12 +371,12 @@ at::Tensor sparse_block_linear_cpu(const at::Tensor& x, const at::Tensor& values
 // Sliced: x (M, K) fp32/bf16; values (V,) fp32/bf16/fp16/int8 and columns (V,) uint8,
 // contiguous, V >= value_offsets[B] + 16; groups (G, 2) uint8, contiguous; group_offsets
 // (B * S + 1,) and value_offsets (B + 1,) int64, from 0, non-decreasing, at most G and V - 16;
-// B = ceil(n / 64), S = ceil(K / 128); n = N; bias and scales as for 2:4.
-at::Tensor sparse_sliced_linear_cpu(const at::Tensor& x, const at::Tensor& values,
-                                    const at::Tensor& columns, const at::Tensor& groups,
-                                    const at::Tensor& group_offsets,
-                                    const at::Tensor& value_offsets, int64_t n,
-                                    const OptTensor& bias, const OptTensor& scales) {
+// B = ceil(n / 64), S = ceil(K / 128); n = N; bias and scales as for 2:4. With q8 (int8 values
+// only) x is quantized per token and meets the codes in integer sums (the W8A8 rule).
+at::Tensor sliced_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& columns,
+                         const at::Tensor& groups, const at::Tensor& group_offsets,
+                         const at::Tensor& value_offsets, int64_t n, const OptTensor& bias,
+                         const OptTensor& scales, bool q8) {
   TORCHSLIM_CHECK(x.dim() == 2, "x must be 2-D (M, K), got ", x.dim(), "-D");
   const int64_t K = x.size(1);
   TORCHSLIM_CHECK(n >= 0, "n must be an int >= 0 (the output features), got ", n);
@@ -392,9 +401,16 @@ at::Tensor sparse_sliced_linear_cpu(const at::Tensor& x, const at::Tensor& value
     TORCHSLIM_CHECK(t->dim() == 1 && t->size(0) == size, name, " must have shape (", size,
                     ",) for N = ", n, " and K = ", K, ", got ", t->sizes());
   }
+  if (q8) {
+    TORCHSLIM_CHECK_TYPE(values.scalar_type() == at::kChar,
+                         "values must be int8 codes for a W8A8 linear, got ", values.scalar_type());
+    TORCHSLIM_CHECK(K <= kMaxQ8K, "K must be at most ", kMaxQ8K,
+                    " for a W8A8 linear (its int32 sums stay exact), got K = ", K);
+  }
   const cpu::KernelTable& kernels = cpu::active_kernels();
-  SparseOperands op = sparse_operands(x, values, n, bias, scales, cpu::sliced_padded_k(K),
-                                      kernels.bf16_dot && values.scalar_type() == at::kBFloat16);
+  SparseOperands op =
+      sparse_operands(x, values, n, bias, scales, cpu::sliced_padded_k(K),
+                      kernels.bf16_dot && values.scalar_type() == at::kBFloat16, q8);
   const at::Tensor goff = group_offsets.contiguous(), voff = value_offsets.contiguous();
   check_offsets(goff.data_ptr<int64_t>(), B * S, groups.size(0), "group_offsets",
                 "groups.shape[0]");
@@ -412,6 +428,25 @@ at::Tensor sparse_sliced_linear_cpu(const at::Tensor& x, const at::Tensor& value
                   "counts do not add up to value_offsets (torchslim.sparse.check_sliced says "
                   "which)");
   return op.out;
+}
+
+at::Tensor sparse_sliced_linear_cpu(const at::Tensor& x, const at::Tensor& values,
+                                    const at::Tensor& columns, const at::Tensor& groups,
+                                    const at::Tensor& group_offsets,
+                                    const at::Tensor& value_offsets, int64_t n,
+                                    const OptTensor& bias, const OptTensor& scales) {
+  return sliced_linear(x, values, columns, groups, group_offsets, value_offsets, n, bias, scales,
+                       false);
+}
+
+// W8A8 (torchslim.reference.sparse_sliced_dynamic_linear): int8 values, scales (N,) fp32.
+at::Tensor sparse_sliced_dynamic_linear_cpu(const at::Tensor& x, const at::Tensor& values,
+                                            const at::Tensor& columns, const at::Tensor& groups,
+                                            const at::Tensor& group_offsets,
+                                            const at::Tensor& value_offsets, int64_t n,
+                                            const at::Tensor& scales, const OptTensor& bias) {
+  return sliced_linear(x, values, columns, groups, group_offsets, value_offsets, n, bias, scales,
+                       true);
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -494,19 +529,25 @@ at::Tensor sparse_block_linear_op(const at::Tensor& x, const at::Tensor& values,
       sparse_block_linear_cpu(rows(x), values, col_blocks, row_offsets, n, bias, scales), x);
 }
 
+// Whether the sliced kernel takes these arguments (else the Python impl checks them).
+bool sliced_fast(const at::Tensor& x, const at::Tensor& values, const at::Tensor& columns,
+                 const at::Tensor& groups, const at::Tensor& group_offsets,
+                 const at::Tensor& value_offsets, int64_t n, const OptTensor& bias,
+                 const OptTensor& scales) {
+  const int64_t K = x.dim() >= 1 ? x.size(-1) : 0;
+  const int64_t B = (n + cpu::kSlicedRows - 1) / cpu::kSlicedRows;
+  const int64_t S = (K + cpu::kSlicedCols - 1) / cpu::kSlicedCols;
+  return n >= 0 && values.dim() == 1 && is_sparse_input(x, values, bias, scales, n) &&
+         is_cpu_vector(columns, at::kByte, values.size(0)) && is_cpu_matrix(groups, at::kByte) &&
+         groups.size(1) == 2 && is_cpu_vector(group_offsets, at::kLong, B * S + 1) &&
+         is_cpu_vector(value_offsets, at::kLong, B + 1);
+}
+
 at::Tensor sparse_sliced_linear_op(const at::Tensor& x, const at::Tensor& values,
                                    const at::Tensor& columns, const at::Tensor& groups,
                                    const at::Tensor& group_offsets, const at::Tensor& value_offsets,
                                    int64_t n, const OptTensor& bias, const OptTensor& scales) {
-  const int64_t K = x.dim() >= 1 ? x.size(-1) : 0;
-  const int64_t B = (n + cpu::kSlicedRows - 1) / cpu::kSlicedRows;
-  const int64_t S = (K + cpu::kSlicedCols - 1) / cpu::kSlicedCols;
-  const bool fast = n >= 0 && values.dim() == 1 && is_sparse_input(x, values, bias, scales, n) &&
-                    is_cpu_vector(columns, at::kByte, values.size(0)) &&
-                    is_cpu_matrix(groups, at::kByte) && groups.size(1) == 2 &&
-                    is_cpu_vector(group_offsets, at::kLong, B * S + 1) &&
-                    is_cpu_vector(value_offsets, at::kLong, B + 1);
-  if (!fast) {
+  if (!sliced_fast(x, values, columns, groups, group_offsets, value_offsets, n, bias, scales)) {
     return registry::call_python<at::Tensor>("sparse_sliced_linear", x, values, columns, groups,
                                              group_offsets, value_offsets, n, bias, scales);
   }
@@ -514,6 +555,25 @@ at::Tensor sparse_sliced_linear_op(const at::Tensor& x, const at::Tensor& values
       sparse_sliced_linear_cpu(rows(x), values.contiguous(), columns.contiguous(),
                                groups.contiguous(), group_offsets, value_offsets, n, bias, scales),
       x);
+}
+
+at::Tensor sparse_sliced_dynamic_linear_op(const at::Tensor& x, const at::Tensor& values,
+                                           const at::Tensor& columns, const at::Tensor& groups,
+                                           const at::Tensor& group_offsets,
+                                           const at::Tensor& value_offsets, int64_t n,
+                                           const at::Tensor& scales, const OptTensor& bias) {
+  const int64_t K = x.dim() >= 1 ? x.size(-1) : 0;
+  const bool fast =
+      values.scalar_type() == at::kChar && K <= kMaxQ8K &&
+      sliced_fast(x, values, columns, groups, group_offsets, value_offsets, n, bias, scales);
+  if (!fast) {
+    return registry::call_python<at::Tensor>("sparse_sliced_dynamic_linear", x, values, columns,
+                                             groups, group_offsets, value_offsets, n, scales, bias);
+  }
+  return unflatten(sparse_sliced_dynamic_linear_cpu(rows(x), values.contiguous(),
+                                                    columns.contiguous(), groups.contiguous(),
+                                                    group_offsets, value_offsets, n, scales, bias),
+                   x);
 }
 
 }  // namespace
@@ -539,6 +599,11 @@ void bind_cpu_sparse(pybind11::module_& m) {
         pybind11::arg("groups"), pybind11::arg("group_offsets"), pybind11::arg("value_offsets"),
         pybind11::arg("n"), pybind11::arg("bias") = pybind11::none(),
         pybind11::arg("scales") = pybind11::none());
+  m.def("sparse_sliced_dynamic_linear_cpu", &sparse_sliced_dynamic_linear_cpu,
+        "sliced sparse linear, W8A8", pybind11::arg("x"), pybind11::arg("values"),
+        pybind11::arg("columns"), pybind11::arg("groups"), pybind11::arg("group_offsets"),
+        pybind11::arg("value_offsets"), pybind11::arg("n"), pybind11::arg("scales"),
+        pybind11::arg("bias") = pybind11::none());
 }
 
 }  // namespace torchslim
@@ -549,4 +614,5 @@ TORCH_LIBRARY_IMPL(torchslim, CPU, m) {
   m.impl("sparse_csr_linear", &torchslim::sparse_csr_linear_op);
   m.impl("sparse_block_linear", &torchslim::sparse_block_linear_op);
   m.impl("sparse_sliced_linear", &torchslim::sparse_sliced_linear_op);
+  m.impl("sparse_sliced_dynamic_linear", &torchslim::sparse_sliced_dynamic_linear_op);
 }

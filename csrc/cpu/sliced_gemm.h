@@ -39,6 +39,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "sparse_gemm.h"
@@ -88,6 +89,21 @@ struct SlicedArrays {
            (vi + kSlicedGroup <= values_total);
   }
 };
+
+// f(std::integral_constant<int, R>{}) for the next tile of R = min(rows, kSpMR) rows of x.
+template <class F>
+TORCHSLIM_INLINE inline void with_tile_rows(int64_t rows, const F& f) {
+  switch (min_i64(kSpMR, rows)) {
+    case 1:
+      return f(std::integral_constant<int, 1>{});
+    case 2:
+      return f(std::integral_constant<int, 2>{});
+    case 3:
+      return f(std::integral_constant<int, 3>{});
+    default:
+      return f(std::integral_constant<int, 4>{});
+  }
+}
 
 // At the start of a slice of g groups (from value index vi), the dot kernel prefetches the values
 // and columns of about the next slice: [vi + 16 g, vi + 32 g), 16 g bounding the slice's values.
@@ -251,7 +267,8 @@ inline bool sliced_slice_ok(const uint8_t* groups, int64_t g0, int64_t g1, int64
   const __m512i one = _mm512_set1_epi16(1), most = _mm512_set1_epi16(kSlicedGroup - 1);
   __m512i counts = _mm512_setzero_si512();
   for (; grp < g1; grp += 32) {
-    const auto lanes = static_cast<__mmask32>(_bzhi_u32(~0u, static_cast<uint32_t>(g1 - grp)));
+    const auto lanes =
+        static_cast<__mmask32>(_bzhi_u32(~0u, static_cast<uint32_t>(min_i64(32, g1 - grp))));
     const __m512i words = _mm512_maskz_loadu_epi16(lanes, groups + 2 * grp);
     const __m512i count = _mm512_srli_epi16(words, 8);
     const __m512i row = _mm512_and_si512(words, _mm512_set1_epi16(0xff));
@@ -276,7 +293,7 @@ inline bool sliced_columns_ok(const uint8_t* columns, int64_t n) {
 #if defined(TORCHSLIM_ISA_AVX512)
   __m512i any = _mm512_setzero_si512();
   for (; t < n; t += 64) {
-    const __mmask64 lanes = _bzhi_u64(~uint64_t{0}, static_cast<uint64_t>(n - t));
+    const __mmask64 lanes = _bzhi_u64(~uint64_t{0}, static_cast<uint64_t>(min_i64(64, n - t)));
     any = _mm512_or_si512(any, _mm512_maskz_loadu_epi8(lanes, columns + t));
   }
   return _mm512_movepi8_mask(any) == 0;
@@ -397,6 +414,181 @@ TORCHSLIM_BF16_DOT bool sliced_bf16_block_dot(const SparseGemmArgs& g, int64_t m
 }
 #endif
 
+// ------------------------------------------------------------------ W8A8: x in int8 codes
+// int8 values against x quantized per token (SparseGemmArgs::x_q8): every product and sum is
+// exact in int32, so the gather need not move floats. With AVX512_VBMI one vpermt2b picks a
+// byte of x for each of 64 lanes from the whole slice of 128 columns (two registers), where the
+// fp32 path takes four permutes and three blends for 16 lanes: one step takes four groups, their
+// values and column bytes placed in 16-lane quarters by two expanding loads (AVX512_VBMI2), and
+// one vpdpbusd per row of x multiplies and sums each quarter's lanes by fours. vpdpbusd takes an
+// unsigned operand, so x's codes go in offset by 128 (code ^ 0x80) and the step's accumulator
+// starts at -128 times the sum of each four values (one more vpdpbusd, shared by the rows of
+// x). Each quarter's four sums are added to its group's row with a masked add.
+// Sums stay exact while K * 127 * 127 < 2^31 (the binding checks K).
+template <int R>
+struct alignas(64) SlicedIntSums {
+  int32_t acc[kSlicedRows][R][kSlicedGroup];
+  void zero(int64_t rows) {
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int i = 0; i < R; ++i) {
+        for (int t = 0; t < kSlicedGroup; ++t) acc[r][i][t] = 0;
+      }
+    }
+  }
+  int32_t total(int64_t r, int i) const {
+    int32_t sum = 0;
+    for (int t = 0; t < kSlicedGroup; ++t) sum += acc[r][i][t];
+    return sum;
+  }
+};
+
+// Whether the column bytes [0, n) all lie below `width` (a slice's columns below K).
+inline bool sliced_columns_below(const uint8_t* columns, int64_t n, int64_t width) {
+  uint8_t most = 0;
+  for (int64_t t = 0; t < n; ++t) most = columns[t] > most ? columns[t] : most;
+  return n == 0 || most < width;
+}
+
+// Block b's integer sums against rows [m, m + R) of x_q8, one value at a time (every level;
+// the AVX-512 level takes sliced_q8_block_dot where the CPU has VBMI and VBMI2). False when the
+// block is malformed or a column lies past K.
+template <int R>
+bool sliced_q8_block_scalar(const SparseGemmArgs& g, int64_t m, int64_t b, int64_t rows,
+                            SlicedIntSums<R>& sums) {
+  const int64_t S = (g.K + kSlicedCols - 1) / kSlicedCols;
+  sums.zero(rows);
+  const SlicedArrays<int8_t> a(g);
+  const int64_t* off = g.row_offsets + b * S;
+  const int8_t* x = g.x_q8 + m * g.ldx_q8;
+  int64_t vi = g.value_offsets[b];
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t g0 = off[s], g1 = off[s + 1], start = vi;
+    if (!sliced_slice_ok(a.groups, g0, g1, rows, vi, g.value_offsets[b + 1])) return false;
+    const int8_t* xs = x + s * kSlicedCols;
+    for (int64_t grp = g0; grp < g1; ++grp) {
+      const int64_t row = a.groups[2 * grp], count = a.groups[2 * grp + 1];
+      for (int64_t t = 0; t < count; ++t) {
+        const int32_t w = a.values[vi + t];
+        for (int i = 0; i < R; ++i) sums.acc[row][i][t] += w * xs[i * g.ldx_q8 + a.columns[vi + t]];
+      }
+      vi += count;
+    }
+    if (!sliced_columns_below(a.columns + start, vi - start,
+                              min_i64(kSlicedCols, g.K - s * kSlicedCols))) {
+      return false;
+    }
+  }
+  return vi == g.value_offsets[b + 1];
+}
+
+#if defined(TORCHSLIM_ISA_AVX512)
+#define TORCHSLIM_Q8_DOT                                                    \
+  __attribute__((                                                           \
+      target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c," \
+             "popcnt,bmi,bmi2,avx512vbmi,avx512vbmi2")))
+
+inline bool sliced_q8_supported() {
+  static const bool supported = cpu_features().avx512vbmi && cpu_features().avx512vbmi2;
+  return supported;
+}
+
+// A step's lanes: lane j belongs to group j / 16 and is slot j % 16 of it; its count is byte
+// 2 (j / 16) + 1 of the four groups' (row, count) pairs.
+struct SlicedQ8Lanes {
+  alignas(64) uint8_t count_byte[64];
+  alignas(64) uint8_t slot[64];
+  constexpr SlicedQ8Lanes() : count_byte(), slot() {
+    for (int j = 0; j < 64; ++j) {
+      count_byte[j] = static_cast<uint8_t>(2 * (j / 16) + 1);
+      slot[j] = static_cast<uint8_t>(j % 16);
+    }
+  }
+};
+inline constexpr SlicedQ8Lanes kSlicedQ8Lanes{};
+
+// As sliced_q8_block_scalar, four groups a step (see above).
+template <int R>
+TORCHSLIM_Q8_DOT bool sliced_q8_block_dot(const SparseGemmArgs& g, int64_t m, int64_t b,
+                                          int64_t rows, SlicedIntSums<R>& sums) {
+  const int64_t S = (g.K + kSlicedCols - 1) / kSlicedCols;
+  sums.zero(rows);
+  const SlicedArrays<int8_t> a(g);
+  const int64_t* off = g.row_offsets + b * S;
+  const int8_t* x = g.x_q8 + m * g.ldx_q8;
+  const __m512i flip = _mm512_set1_epi8(-128), zero = _mm512_setzero_si512();
+  const __m512i count_byte = _mm512_load_si512(kSlicedQ8Lanes.count_byte);
+  const __m512i slot = _mm512_load_si512(kSlicedQ8Lanes.slot);
+  int64_t vi = g.value_offsets[b];
+  for (int64_t s = 0; s < S; ++s) {
+    __m512i lo[R], hi[R];  // x's slice, codes + 128
+#pragma GCC unroll 4
+    for (int i = 0; i < R; ++i) {
+      const int8_t* xs = x + i * g.ldx_q8 + s * kSlicedCols;
+      lo[i] = _mm512_xor_si512(_mm512_loadu_si512(xs), flip);
+      hi[i] = _mm512_xor_si512(_mm512_loadu_si512(xs + 64), flip);
+    }
+    const int64_t g0 = off[s], g1 = off[s + 1], start = vi;
+    if (!sliced_slice_ok(a.groups, g0, g1, rows, vi, g.value_offsets[b + 1])) return false;
+    sliced_prefetch(a.values, a.columns, vi, g1 - g0);
+    for (int64_t grp = g0; grp < g1; grp += 4) {
+      const auto present =
+          static_cast<__mmask8>(_bzhi_u32(0xf, static_cast<uint32_t>(min_i64(4, g1 - grp))));
+      const __m128i pairs = _mm_maskz_loadu_epi16(present, a.groups + 2 * grp);
+      const __mmask64 lanes = _mm512_cmplt_epu8_mask(
+          slot, _mm512_permutexvar_epi8(count_byte, _mm512_castsi128_si512(pairs)));
+      const uint64_t bytes = static_cast<uint64_t>(_mm_cvtsi128_si64(pairs));
+      const __m512i idx = _mm512_maskz_expandloadu_epi8(lanes, a.columns + vi);
+      const __m512i w = _mm512_maskz_expandloadu_epi8(lanes, a.values + vi);
+      const __m512i start_sum = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, flip, w));
+#pragma GCC unroll 4
+      for (int i = 0; i < R; ++i) {
+        const __m512i sum =
+            _mm512_dpbusd_epi32(start_sum, _mm512_permutex2var_epi8(lo[i], idx, hi[i]), w);
+#pragma GCC unroll 4
+        for (int k = 0; k < 4; ++k) {
+          int32_t* acc = sums.acc[(bytes >> (16 * k)) & 0xff][i];
+          const __m512i old = _mm512_load_si512(acc);
+          _mm512_store_si512(acc, _mm512_mask_add_epi32(old, 0xf << (4 * k), old, sum));
+        }
+      }
+      // The counts' sum: bytes 1, 3, 5, 7, added into the top 16 bits by one multiply.
+      vi += static_cast<int64_t>(((bytes >> 8) & 0x00ff00ff00ff00ffull) * 0x0001000100010001ull >>
+                                 48);
+    }
+    if (!sliced_columns_ok(a.columns + start, vi - start) ||
+        (s == S - 1 &&
+         !sliced_columns_below(a.columns + start, vi - start, g.K - s * kSlicedCols))) {
+      return false;
+    }
+  }
+  return vi == g.value_offsets[b + 1];
+}
+#endif
+
+// Rows [m0, m1) of x_q8 (at most kSpMaxTileM at a time) against blocks [n0 / kSlicedRows, ...).
+void sliced_q8_dot(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  const auto run = [&](auto tile_rows, int64_t m, int64_t b) {
+    constexpr int R = decltype(tile_rows)::value;
+    const int64_t first = b * kSlicedRows, rows = min_i64(kSlicedRows, g.N - first);
+    SlicedIntSums<R> sums;
+#if defined(TORCHSLIM_ISA_AVX512)
+    const bool ok = sliced_q8_supported() ? sliced_q8_block_dot<R>(g, m, b, rows, sums)
+                                          : sliced_q8_block_scalar<R>(g, m, b, rows, sums);
+#else
+    const bool ok = sliced_q8_block_scalar<R>(g, m, b, rows, sums);
+#endif
+    if (!ok) return report_bad_row(g, first);
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int i = 0; i < R; ++i) {
+        store_sum(g, m + i, first + r, static_cast<float>(sums.total(r, i)) * g.x_scales[m + i]);
+      }
+    }
+  };
+  for (int64_t b = n0 / kSlicedRows; b * kSlicedRows < n1; ++b) {
+    for (int64_t m = m0; m < m1; m += kSpMR) with_tile_rows(m1 - m, [&](auto r) { run(r, m, b); });
+  }
+}
+
 // Rows [m0, m1) of x (at most kSpMaxTileM) against blocks [n0 / kSlicedRows, ...) of W.
 template <typename T>
 void sliced_dot(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
@@ -441,21 +633,7 @@ void sliced_dot(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int
     }
   };
   for (int64_t b = n0 / kSlicedRows; b * kSlicedRows < n1; ++b) {
-    for (int64_t m = m0; m < m1; m += kSpMR) {
-      switch (min_i64(kSpMR, m1 - m)) {
-        case 1:
-          run(std::integral_constant<int, 1>{}, m, b);
-          break;
-        case 2:
-          run(std::integral_constant<int, 2>{}, m, b);
-          break;
-        case 3:
-          run(std::integral_constant<int, 3>{}, m, b);
-          break;
-        default:
-          run(std::integral_constant<int, 4>{}, m, b);
-      }
-    }
+    for (int64_t m = m0; m < m1; m += kSpMR) with_tile_rows(m1 - m, [&](auto r) { run(r, m, b); });
   }
 }
 
@@ -518,6 +696,7 @@ void sliced_spmm(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, in
 }
 
 void sliced_gemm(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  if (g.x_q8 != nullptr) return sliced_q8_dot(g, m0, m1, n0, n1);
   with_value_type(g.v_type, [&](auto value) {
     using T = decltype(value);
     g.panels ? sliced_spmm<T>(g, m0, m1, n0, n1) : sliced_dot<T>(g, m0, m1, n0, n1);
@@ -529,4 +708,7 @@ void sliced_gemm(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, in
 
 #if defined(TORCHSLIM_BF16_DOT)
 #undef TORCHSLIM_BF16_DOT
+#endif
+#if defined(TORCHSLIM_Q8_DOT)
+#undef TORCHSLIM_Q8_DOT
 #endif

@@ -22,6 +22,7 @@ from torchslim.ops.sparse import (
     sparse_bitmask_linear,
     sparse_block_linear,
     sparse_csr_linear,
+    sparse_sliced_dynamic_linear,
     sparse_sliced_linear,
 )
 
@@ -43,6 +44,7 @@ __all__ = [
     "sparse_bitmask_linear",
     "sparse_block_linear",
     "sparse_csr_linear",
+    "sparse_sliced_dynamic_linear",
     "sparse_sliced_linear",
     "strict_mode",
 ]

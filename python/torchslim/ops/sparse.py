@@ -39,6 +39,14 @@ Schemas (``torch.ops.torchslim.*``):
         values; B = ceil(N / 64), S = ceil(K / 128); n: N; bias, scales as above  ->  (..., N)
         in x.dtype
 
+    sparse_sliced_dynamic_linear(Tensor x, Tensor values, Tensor columns, Tensor groups,
+                                 Tensor group_offsets, Tensor value_offsets, int n,
+                                 Tensor scales, Tensor? bias=None) -> Tensor
+        W8A8: the sliced arrays as above with int8 values and their scales (N,) fp32; x
+        quantized per token inside the op and multiplied with the codes exactly
+        (torchslim.reference.sparse_sliced_dynamic_linear); K at most MAX_DYNAMIC_K  ->  (..., N)
+        in x.dtype
+
 The values are fp32/bf16/fp16, possibly another dtype than x (bf16 values for fp32 activations
 halve the bytes a decode step reads), or int8 codes, which need ``scales``: row n of the weight
 is its codes times scales[n]. The ops check shapes, dtypes and devices; the bitmask kernels also
@@ -461,6 +469,66 @@ define_op(
 )
 
 
+# W8A8: the int8 codes meet x quantized per token; their int32 sums are exact while
+# K * 127 * 127 < 2**31.
+MAX_DYNAMIC_K = 2**31 // 127**2
+
+
+def _check_sliced_dynamic(
+    x, values, columns, groups, group_offsets, value_offsets, n, scales, bias
+) -> None:
+    if values.dtype != torch.int8:
+        raise TypeError(f"values must be int8 codes for a W8A8 linear, got {values.dtype}")
+    if scales is None:
+        raise ValueError("scales (N,) float32 is required for a W8A8 linear, got None")
+    _check_sliced(x, values, columns, groups, group_offsets, value_offsets, n, bias, scales)
+    if x.shape[-1] > MAX_DYNAMIC_K:
+        raise ValueError(
+            f"x's K must be at most {MAX_DYNAMIC_K} for a W8A8 linear (its int32 sums stay "
+            f"exact), got K = {x.shape[-1]}"
+        )
+
+
+_SLICED_DYNAMIC = _backends("sparse_sliced_dynamic_linear", ref.sparse_sliced_dynamic_linear)
+
+
+def _sliced_dynamic_impl(
+    x, values, columns, groups, group_offsets, value_offsets, n, scales, bias=None
+):
+    args = (values, columns, groups, group_offsets, value_offsets, n)
+    _check_sliced_dynamic(x, *args, scales, bias)
+    out = _SLICED_DYNAMIC(
+        _rows(x),
+        values.contiguous(),
+        columns.contiguous(),
+        groups.contiguous(),
+        group_offsets.contiguous(),
+        value_offsets.contiguous(),
+        n,
+        scales.contiguous(),
+        bias,
+    )
+    return out.reshape(*x.shape[:-1], n)
+
+
+def _sliced_dynamic_fake(
+    x, values, columns, groups, group_offsets, value_offsets, n, scales, bias=None
+):
+    args = (values, columns, groups, group_offsets, value_offsets, n)
+    _check_sliced_dynamic(x, *args, scales, bias)
+    return x.new_empty((*x.shape[:-1], n))
+
+
+define_op(
+    "sparse_sliced_dynamic_linear(Tensor x, Tensor values, Tensor columns, Tensor groups, "
+    "Tensor group_offsets, Tensor value_offsets, int n, Tensor scales, "
+    "Tensor? bias=None) -> Tensor",
+    impl=_sliced_dynamic_impl,
+    fake=_sliced_dynamic_fake,
+    backends=_SLICED_DYNAMIC,
+)
+
+
 # --------------------------------------------------------------------------- entry points
 def sparse24_linear(
     x: torch.Tensor,
@@ -564,4 +632,35 @@ def sparse_sliced_linear(
         raise TypeError(f"n must be an int (the output features), got {type(n).__name__}")
     return torch.ops.torchslim.sparse_sliced_linear(
         x, values, columns, groups, group_offsets, value_offsets, n, bias, scales
+    )
+
+
+def sparse_sliced_dynamic_linear(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    columns: torch.Tensor,
+    groups: torch.Tensor,
+    group_offsets: torch.Tensor,
+    value_offsets: torch.Tensor,
+    n: int,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """W8A8 ``x @ W.T + bias`` with W (``n`` rows) int8 codes in the sliced format and per-row
+    ``scales``, x quantized per token inside the op
+    (:func:`torchslim.reference.sparse_sliced_dynamic_linear`)."""
+    _require_tensors(
+        x=x,
+        values=values,
+        columns=columns,
+        groups=groups,
+        group_offsets=group_offsets,
+        value_offsets=value_offsets,
+        scales=scales,
+        bias=bias,
+    )
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"n must be an int (the output features), got {type(n).__name__}")
+    return torch.ops.torchslim.sparse_sliced_dynamic_linear(
+        x, values, columns, groups, group_offsets, value_offsets, n, scales, bias
     )

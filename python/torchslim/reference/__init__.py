@@ -36,6 +36,7 @@ from torchslim.reference.sparse import (
     sparse_bitmask_linear,
     sparse_block_linear,
     sparse_csr_linear,
+    sparse_sliced_dynamic_linear,
     sparse_sliced_linear,
 )
 
@@ -69,6 +70,7 @@ __all__ = [
     "sparse_bitmask_linear",
     "sparse_block_linear",
     "sparse_csr_linear",
+    "sparse_sliced_dynamic_linear",
     "sparse_sliced_linear",
     "tc_to_plain",
     "unpack_int4",

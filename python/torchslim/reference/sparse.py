@@ -94,6 +94,7 @@ from __future__ import annotations
 import torch
 
 from torchslim.reference._linear import linear
+from torchslim.reference.int8 import int8_dynamic_linear
 
 GROUP = 4  # 2:4: columns per group
 KEPT = 2  # 2:4: values kept per group
@@ -606,6 +607,40 @@ def sparse_sliced_linear(
         values, columns, groups, group_offsets, value_offsets, n, x.shape[-1], dtype=cd
     )
     return _linear(x, w, bias, cd, scales)
+
+
+def sparse_sliced_dynamic_linear(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    columns: torch.Tensor,
+    groups: torch.Tensor,
+    group_offsets: torch.Tensor,
+    value_offsets: torch.Tensor,
+    n: int,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """W8A8 on a sliced weight of int8 codes: the rule of
+    :func:`torchslim.reference.int8_dynamic_linear` on the decompressed codes, x quantized per
+    token inside the op (:func:`torchslim.reference.quantize_per_token`)::
+
+        x_q, x_scale = quantize_per_token(x)
+        out = (x_q @ codes.T) * x_scale[:, None] * scales[None, :] + bias   (the sum exact)
+
+    Args:
+        x: (..., K) fp32/bf16/fp16. values: (V,) int8 codes. columns, groups, group_offsets,
+        value_offsets, n: as :func:`sparse_sliced_linear`. scales: (N,) fp32. bias: (N,) or None.
+        compute_dtype: dtype of the epilogue arithmetic (float64 for the test yardstick).
+
+    Returns:
+        (..., N) in ``x.dtype``.
+    """
+    if values.dtype != torch.int8:
+        raise TypeError(f"values must be int8 codes for a W8A8 linear, got {values.dtype}")
+    codes = decompress_sliced(values, columns, groups, group_offsets, value_offsets, n, x.shape[-1])
+    return int8_dynamic_linear(x, codes, scales, bias, compute_dtype=compute_dtype)
 
 
 # --------------------------------------------------------------------------- block
