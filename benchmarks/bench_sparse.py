@@ -29,6 +29,9 @@ CPU implementations, in the same run:
                                 activations)
     torchslim-<fmt>-int8-fp32x  ours, int8 values (the pruned weight quantized per output
                                 channel, fp32 scales: W8A16) and fp32 x
+    torchslim-sliced-w8a8       ours, the sliced int8 values against fp32 x quantized per token
+                                inside the op (sparse_sliced_dynamic_linear: W8A8, the rule
+                                of int8_dynamic_linear; the op's quantization of x is timed)
 
 Ours run sparse_bitmask_linear, sparse_csr_linear and sparse_sliced_linear (<fmt> bitmask, csr,
 sliced) at the unstructured patterns, sparse24_linear (2:4) at 2:4 and sparse_block_linear
@@ -269,6 +272,25 @@ def _semi_structured(backend: str, dtype: torch.dtype, graphed: bool = False) ->
     )
 
 
+def _sliced_w8a8() -> Impl:
+    """Ours, W8A8: the sliced format of the codes per output channel, and fp32 x quantized per
+    token inside the op (sparse_sliced_dynamic_linear)."""
+
+    def make(w, pattern):
+        codes, scales = quantize_weight_per_channel(w)
+        return (*_compress_sliced(codes, pattern), scales)
+
+    return Impl(
+        "torchslim-sliced-w8a8",
+        "sliced",
+        torch.int8,
+        torch.float32,
+        make,
+        lambda x, o: ops.sparse_sliced_dynamic_linear(x, *o),
+        op="sparse_sliced_dynamic_linear",
+    )
+
+
 _F32, _BF16, _F16, _I8 = torch.float32, torch.bfloat16, torch.float16, torch.int8
 CPU_DENSE = (_dense(_F32), _dense(_BF16))
 IMPLS = (
@@ -278,6 +300,7 @@ IMPLS = (
         for w, x in ((_F32, _F32), (_BF16, _BF16), (_BF16, _F32), (_I8, _F32))
         for fmt in ("bitmask", "csr", "sliced", "2:4", "block")
     ),
+    _sliced_w8a8(),
 )
 GPU_DENSE = (_dense(_F16), _dense(_BF16))
 GPU_IMPLS = (

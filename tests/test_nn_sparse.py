@@ -7,6 +7,7 @@ import torch
 from conftest import seeded
 from torch import nn
 
+from torchslim import reference as torchslim_ref
 from torchslim import sparse
 from torchslim.nn import SparseLinear
 from torchslim.quant.int8 import dequantize_weight, quantize_weight_per_channel
@@ -201,3 +202,39 @@ def test_block_layers_check_their_shape_and_contents():
     state["col_blocks"] = state["col_blocks"] + 4  # past K = 64 for blocks of 16 columns
     with pytest.raises(ValueError, match="points past K = 64"):
         SparseLinear(64, 32, format="block", block="16x16").load_state_dict(state)
+
+
+@pytest.mark.parametrize(("pattern", "amount"), [("unstructured", 0.9), ("2:4", None)])
+def test_dynamic_mode_is_w8a8_on_the_sliced_codes(pattern, amount):
+    linear = _pruned_linear(257, 65, pattern, amount, ("w8a8", pattern))
+    layer = SparseLinear.from_linear(linear, pattern, dtype=torch.int8, mode="dynamic")
+    assert layer.format == "sliced" and layer.mode == "dynamic" and "mode='dynamic'" in repr(layer)
+    codes, scales = quantize_weight_per_channel(linear.weight.detach())
+    assert torch.equal(layer.scales, scales)
+    x = torch.randn(3, 5, 257, generator=seeded("w8a8-x", pattern))
+    with torch.no_grad():
+        out = layer(x)
+        expected = torchslim_ref.int8_dynamic_linear(x, codes, scales, linear.bias.detach())
+        assert torch.equal(out, expected)  # the dense W8A8 op's bits
+        assert sqnr(linear(x), out) > 30.0  # int8 weights and tokens
+    fresh = SparseLinear(257, 65, format="sliced", dtype=torch.int8, mode="dynamic")
+    fresh.load_state_dict(layer.state_dict())
+    with torch.no_grad():
+        assert torch.equal(fresh(x), out)
+    compiled = torch.compile(layer, fullgraph=True, backend="inductor")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), out)
+
+
+def test_dynamic_mode_needs_int8_sliced_values():
+    linear = _pruned_linear(64, 16, "unstructured", 0.9, ("w8a8-bad",))
+    with pytest.raises(ValueError, match="mode must be one of"):
+        SparseLinear.from_linear(linear, "unstructured", dtype=torch.int8, mode="w8a8")
+    with pytest.raises(ValueError, match=r"mode='dynamic' \(W8A8\) takes int8 values"):
+        SparseLinear.from_linear(linear, "unstructured", mode="dynamic")
+    with pytest.raises(ValueError, match="format='csr'"):
+        SparseLinear.from_linear(
+            linear, "unstructured", format="csr", dtype=torch.int8, mode="dynamic"
+        )
+    with pytest.raises(ValueError, match="format='block'"):
+        SparseLinear(64, 16, format="block", block="4x4", dtype=torch.int8, mode="dynamic")

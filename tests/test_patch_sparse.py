@@ -111,8 +111,10 @@ def test_block_sparsity_patches_block_layers_that_survive_save_and_load(tmp_path
 
 def test_sparsity_arguments_are_checked():
     model = torch.nn.Sequential(torch.nn.Linear(32, 16))
-    with pytest.raises(ValueError, match="does not combine with quant='int8'"):
-        torchslim.patch(model, "int8", sparsity="2:4")
+    with pytest.raises(ValueError, match="does not combine with quant='int4'"):
+        torchslim.patch(model, "int4", sparsity="2:4")
+    with pytest.raises(ValueError, match="format='csr' does not combine with quant='int8'"):
+        torchslim.patch(model, "int8", sparsity=0.5, format="csr")
     with pytest.raises(ValueError, match="sparsity must be '2:4' or a float"):
         torchslim.patch(model, sparsity="3:4")
     with pytest.raises(ValueError, match="contradicts sparsity"):
@@ -143,3 +145,27 @@ def test_sparsity_with_int8_weight_stores_int8_codes(tiny_llama, tmp_path):
         torchslim.patch(model, "int8-weight", sparsity=0.5, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="does not combine with quant='int4'"):
         torchslim.patch(model, "int4", sparsity=0.5)
+
+
+def test_sparsity_with_int8_is_w8a8_on_sliced_codes(tiny_llama, tmp_path):
+    g = seeded("patch-sparse-w8a8")
+    reference = copy.deepcopy(tiny_llama)
+    sparse.prune_(reference, "unstructured", sparsity=0.9, exclude="lm_head", progress=False)
+    model = torchslim.patch(tiny_llama, "int8", sparsity=0.9, exclude="lm_head", progress=False)
+    layers = [m for m in model.modules() if isinstance(m, SparseLinear)]
+    assert len(layers) == 2 * 7
+    assert all(m.format == "sliced" and m.mode == "dynamic" for m in layers)
+    ids = _batches(1, g)[0]
+    for name, module in model.named_modules():  # each layer: the dense W8A8 op on its codes
+        if isinstance(module, SparseLinear):
+            pruned = reference.get_submodule(name)
+            codes, scales = quantize_weight_per_channel(pruned.weight.detach())
+            assert torch.equal(module.dense_weight(), dequantize_weight(codes, scales))
+    with torch.no_grad():
+        logits, expected = model(ids).logits, reference(ids).logits
+    assert torchslim.testing.sqnr(expected, logits) > 20.0  # int8 weights and tokens
+    torchslim.save(model, tmp_path)
+    fresh = torchslim.load(torchslim.testing.tiny_llama(), tmp_path)
+    assert all(m.mode == "dynamic" for m in fresh.modules() if isinstance(m, SparseLinear))
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, logits)

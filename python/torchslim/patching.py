@@ -230,6 +230,7 @@ def _sparse_config(layer: SparseLinear) -> dict:
         **_shape_config(layer),
         "format": layer.format,
         "dtype": str(layer.values.dtype).removeprefix("torch."),
+        "mode": layer.mode,
         **block,
     }
 
@@ -249,6 +250,7 @@ def _sparse_empty(linear: nn.Module, config: dict) -> SparseLinear:
         device=linear.weight.device,
         dtype=_SPARSE_DTYPES[config["dtype"]],
         block=tuple(block) if config["format"] == "block" else None,
+        mode=config.get("mode", "weight_only"),  # saved before there were modes
     )
 
 
@@ -276,8 +278,8 @@ def _sparse_check_options(options: Mapping[str, object]) -> None:
         )
 
 
-def _sparse_convert(layer, _act_absmax, *, pattern, dtype, format):
-    return SparseLinear.from_linear(layer, pattern, format=format, dtype=dtype)
+def _sparse_convert(layer, _act_absmax, *, pattern, dtype, format, mode):
+    return SparseLinear.from_linear(layer, pattern, format=format, dtype=dtype, mode=mode)
 
 
 SPARSE = Method(
@@ -289,7 +291,9 @@ SPARSE = Method(
     config=_sparse_config,
     empty=_sparse_empty,
     owns=lambda module: isinstance(module, SparseLinear),
-    options=MappingProxyType({"pattern": "2:4", "dtype": None, "format": None}),
+    options=MappingProxyType(
+        {"pattern": "2:4", "dtype": None, "format": None, "mode": "weight_only"}
+    ),
     check_options=_sparse_check_options,
 )
 
@@ -401,9 +405,9 @@ def patch(
             nothing. "sparse" compresses layers already pruned (torchslim.sparse.prune_) into
             SparseLinear; options ``pattern`` ("2:4", "unstructured" or blocks "RxC" such as
             "16x16"), ``dtype`` of the stored values (default the weight's; torch.int8: codes
-            quantized per output channel, W8A16) and ``format`` (default: "2:4" for that
+            quantized per output channel, W8A16), ``format`` (default: "2:4" for that
             pattern, "block" for blocks, else per layer the one of "bitmask" and "csr" with the
-            fewer bytes).
+            fewer bytes) and ``mode`` ("weight_only", or "dynamic": see ``sparsity``).
         include: names (exact, glob or regex) of the layers to patch; default all.
         exclude: names (exact, glob or regex) of layers to leave alone, e.g. "lm_head".
         filter_fn: called as filter_fn(name, module); a layer is patched only if it returns True.
@@ -421,7 +425,9 @@ def patch(
             (bitmask or csr format), or with ``pattern="16x16"`` (any "RxC") that share of
             whole blocks per block row (the block format). With quant="int8-weight" the kept
             weights are stored as int8 codes per output channel (the sparse kernels' int8
-            values); no other quant combines with it.
+            values, W8A16); with quant="int8" too, in the sliced format, and the activations
+            are quantized per token inside the op (W8A8: SparseLinear's mode="dynamic"); no
+            other quant combines with it.
         sparsity_method: "magnitude" or "wanda" (|W| times the input norm per channel, from
             ``calibration``); see torchslim.sparse.prune_.
         **options: the method's own options (``METHODS[quant].options`` lists them with their
@@ -446,15 +452,22 @@ def patch(
         raise TypeError(f"attention must be a bool, got {type(attention).__name__}")
 
     if sparsity is not None:
-        if quant == "int8-weight":  # sparse int8 values: W8A16 on the pruned weight
+        if quant in ("int8-weight", "int8"):  # sparse int8 values: W8A16 or W8A8
             if options.setdefault("dtype", torch.int8) != torch.int8:
                 raise ValueError(
-                    f"dtype={options['dtype']!r} contradicts quant='int8-weight' with sparsity"
+                    f"dtype={options['dtype']!r} contradicts quant={quant!r} with sparsity"
                 )
+            if quant == "int8":  # activations quantized per token: the sliced format's kernel
+                options["mode"] = "dynamic"
+                if options.setdefault("format", "sliced") != "sliced":
+                    raise ValueError(
+                        f"format={options['format']!r} does not combine with quant='int8' and "
+                        "sparsity: the W8A8 sparse kernel takes the sliced format"
+                    )
         elif quant not in (None, "sparse"):
             raise ValueError(
                 f"sparsity={sparsity!r} does not combine with quant={quant!r}: the sparse "
-                "kernels take float or int8 weight-only values (quant=None or 'int8-weight')"
+                "kernels take float or int8 values (quant=None, 'int8-weight' or 'int8')"
             )
         if isinstance(sparsity, str) and sparsity != "2:4":
             raise ValueError(f"sparsity must be '2:4' or a float in (0, 1), got {sparsity!r}")

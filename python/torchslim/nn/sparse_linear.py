@@ -27,6 +27,9 @@ _OP_BITMASK = torch.ops.torchslim.sparse_bitmask_linear.default
 _OP_CSR = torch.ops.torchslim.sparse_csr_linear.default
 _OP_BLOCK = torch.ops.torchslim.sparse_block_linear.default
 _OP_SLICED = torch.ops.torchslim.sparse_sliced_linear.default
+_OP_SLICED_DYNAMIC = torch.ops.torchslim.sparse_sliced_dynamic_linear.default
+
+MODES = ("weight_only", "dynamic")
 
 # The buffers of each format, besides bias.
 _BUFFERS = {
@@ -69,6 +72,10 @@ class SparseLinear(nn.Module):
     fp32 activations halve the bytes read. With ``dtype=torch.int8`` they are int8 codes of the
     pruned weight quantized per output channel, with ``scales`` (out,) fp32 (W8A16: W[n] =
     codes[n] * scales[n]): a byte per nonzero, so 2:4 reads 0.625 bytes per weight.
+    ``mode="dynamic"`` (int8 values in the sliced format only) quantizes the activations per
+    token inside the op and multiplies them with the codes exactly (W8A8, the rule of
+    Int8Linear's "dynamic" mode: torch.ops.torchslim.sparse_sliced_dynamic_linear); the default
+    "weight_only" keeps them in float.
     ``module.to(dtype)`` casts float values and the bias, like nn.Linear's weight and bias;
     int8 codes and their fp32 scales stay as they are.
     ``dense_weight()`` decompresses W.
@@ -83,10 +90,12 @@ class SparseLinear(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         block: str | tuple[int, int] | None = None,
+        mode: str = "weight_only",
     ) -> None:
         super().__init__()
         if format not in LAYER_FORMATS:
             raise ValueError(f"format must be one of {LAYER_FORMATS}, got {format!r}")
+        _check_mode(mode, format, dtype)
         if (block is not None) != (format == "block"):
             raise ValueError(
                 f"block (R, C) goes with format='block' and only with it, got block={block!r} "
@@ -103,6 +112,7 @@ class SparseLinear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.format = format
+        self.mode = mode
         n, k = out_features, in_features
         byte_cols = -(-k // ref.MASK_BITS)
         if format == "2:4":
@@ -169,6 +179,7 @@ class SparseLinear(nn.Module):
         *,
         format: str | None = None,
         dtype: torch.dtype | None = None,
+        mode: str = "weight_only",
     ) -> SparseLinear:
         """Compresses an already pruned nn.Linear (see torchslim.sparse.prune_); it is left
         unchanged. A layer pruned with torch.nn.utils.prune is read through its mask.
@@ -187,6 +198,9 @@ class SparseLinear(nn.Module):
             dtype: dtype of the stored values (default the weight's); torch.int8 stores the
                 weight quantized per output channel (int8 codes and fp32 scales, see
                 torchslim.quant.quantize_weight_per_channel; zeros stay zeros).
+            mode: "weight_only" (activations stay in float) or "dynamic" (W8A8: activations
+                quantized per token; int8 values, and the sliced format, which is then the
+                default).
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
@@ -204,9 +218,12 @@ class SparseLinear(nn.Module):
             weight, scales = quantize_weight_per_channel(weight)
         if parsed.kind == "block":
             format = format or "block"
+        if mode == "dynamic" and parsed.kind != "block":
+            format = format or "sliced"
         format = format or ("2:4" if str(parsed) == "2:4" else default_format(weight, dtype))
         if format not in LAYER_FORMATS:
             raise ValueError(f"format must be one of {LAYER_FORMATS}, got {format!r}")
+        _check_mode(mode, format, dtype)
         if format == "block" and parsed.kind != "block":
             raise ValueError(
                 f"format='block' needs a block pattern such as '16x16', got {pattern!r}"
@@ -219,6 +236,7 @@ class SparseLinear(nn.Module):
             device=weight.device,
             dtype=dtype or weight.dtype,
             block=parsed.block if format == "block" else None,
+            mode=mode,
         )
         if scales is not None:
             layer.scales = scales
@@ -384,6 +402,8 @@ class SparseLinear(nn.Module):
             n = self.out_features
             return _OP_BLOCK(x, values, b["col_blocks"], b["row_offsets"], n, bias, scales)
         if self.format == "sliced":
+            if self.mode == "dynamic":
+                return _OP_SLICED_DYNAMIC(x, *self._sliced_parts(), self.out_features, scales, bias)
             return _OP_SLICED(x, *self._sliced_parts(), self.out_features, bias, scales)
         return _OP_CSR(x, values, b["columns"], b["bases"], b["group_offsets"], bias, scales)
 
@@ -396,10 +416,21 @@ class SparseLinear(nn.Module):
 
     def extra_repr(self) -> str:
         block = f", block={self.block[0]}x{self.block[1]}" if self.block else ""
+        mode = f", mode={self.mode!r}" if self.mode != "weight_only" else ""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, format={self.format!r}{block}, "
-            f"values={str(self.values.dtype).removeprefix('torch.')}"
+            f"values={str(self.values.dtype).removeprefix('torch.')}{mode}"
+        )
+
+
+def _check_mode(mode: str, format: str, dtype: torch.dtype | None) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "dynamic" and (format != "sliced" or dtype != torch.int8):
+        raise ValueError(
+            f"mode='dynamic' (W8A8) takes int8 values in the sliced format, got format={format!r} "
+            f"and dtype={dtype}"
         )
 
 
