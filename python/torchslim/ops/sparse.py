@@ -605,6 +605,22 @@ def sparse_block_linear(
     )
 
 
+def _require_sliced(x, values, columns, groups, group_offsets, value_offsets, n, bias, scales):
+    """The sliced entry points' argument types: tensors (bias, scales: or None), n an int."""
+    _require_tensors(
+        x=x,
+        values=values,
+        columns=columns,
+        groups=groups,
+        group_offsets=group_offsets,
+        value_offsets=value_offsets,
+        bias=bias,
+        scales=scales,
+    )
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"n must be an int (the output features), got {type(n).__name__}")
+
+
 def sparse_sliced_linear(
     x: torch.Tensor,
     values: torch.Tensor,
@@ -618,18 +634,7 @@ def sparse_sliced_linear(
 ) -> torch.Tensor:
     """``x @ W.T + bias`` with W (``n`` rows) in the sliced format
     (:func:`torchslim.sparse.compress_sliced`); int8 values take per-row ``scales``."""
-    _require_tensors(
-        x=x,
-        values=values,
-        columns=columns,
-        groups=groups,
-        group_offsets=group_offsets,
-        value_offsets=value_offsets,
-        bias=bias,
-        scales=scales,
-    )
-    if isinstance(n, bool) or not isinstance(n, int):
-        raise TypeError(f"n must be an int (the output features), got {type(n).__name__}")
+    _require_sliced(x, values, columns, groups, group_offsets, value_offsets, n, bias, scales)
     return torch.ops.torchslim.sparse_sliced_linear(
         x, values, columns, groups, group_offsets, value_offsets, n, bias, scales
     )
@@ -649,18 +654,7 @@ def sparse_sliced_dynamic_linear(
     """W8A8 ``x @ W.T + bias`` with W (``n`` rows) int8 codes in the sliced format and per-row
     ``scales``, x quantized per token inside the op
     (:func:`torchslim.reference.sparse_sliced_dynamic_linear`)."""
-    _require_tensors(
-        x=x,
-        values=values,
-        columns=columns,
-        groups=groups,
-        group_offsets=group_offsets,
-        value_offsets=value_offsets,
-        scales=scales,
-        bias=bias,
-    )
-    if isinstance(n, bool) or not isinstance(n, int):
-        raise TypeError(f"n must be an int (the output features), got {type(n).__name__}")
+    _require_sliced(x, values, columns, groups, group_offsets, value_offsets, n, bias, scales)
     return torch.ops.torchslim.sparse_sliced_dynamic_linear(
         x, values, columns, groups, group_offsets, value_offsets, n, scales, bias
     )
