@@ -238,3 +238,11 @@ def test_dynamic_mode_needs_int8_sliced_values():
         )
     with pytest.raises(ValueError, match="format='block'"):
         SparseLinear(64, 16, format="block", block="4x4", dtype=torch.int8, mode="dynamic")
+    # a block-pruned weight takes the sliced format under mode="dynamic" by default
+    blocks = SparseLinear.from_linear(
+        _pruned_linear(64, 16, "4x4", 0.5, ("w8a8-blocks",)),
+        "4x4",
+        dtype=torch.int8,
+        mode="dynamic",
+    )
+    assert blocks.format == "sliced" and blocks.mode == "dynamic"

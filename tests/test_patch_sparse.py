@@ -111,10 +111,19 @@ def test_block_sparsity_patches_block_layers_that_survive_save_and_load(tmp_path
 
 def test_sparsity_arguments_are_checked():
     model = torch.nn.Sequential(torch.nn.Linear(32, 16))
+    weight = model[0].weight.detach().clone()
     with pytest.raises(ValueError, match="does not combine with quant='int4'"):
         torchslim.patch(model, "int4", sparsity="2:4")
-    with pytest.raises(ValueError, match="format='csr' does not combine with quant='int8'"):
+    with pytest.raises(ValueError, match=r"mode='dynamic' \(W8A8\) takes int8 values .*'csr'"):
         torchslim.patch(model, "int8", sparsity=0.5, format="csr")
+    with pytest.raises(ValueError, match="mode='weight_only' contradicts quant='int8'"):
+        torchslim.patch(model, "int8", sparsity=0.5, mode="weight_only")
+    with pytest.raises(ValueError, match="mode='dynamic' contradicts quant='int8-weight'"):
+        torchslim.patch(model, "int8-weight", sparsity=0.5, mode="dynamic")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        torchslim.patch(model, sparsity=0.5, mode="w8a8")
+    with pytest.raises(ValueError, match=r"mode='dynamic' \(W8A8\) takes int8 values"):
+        torchslim.patch(model, sparsity=0.5, mode="dynamic")  # float values
     with pytest.raises(ValueError, match="sparsity must be '2:4' or a float"):
         torchslim.patch(model, sparsity="3:4")
     with pytest.raises(ValueError, match="contradicts sparsity"):
@@ -123,7 +132,8 @@ def test_sparsity_arguments_are_checked():
         torchslim.patch(model, sparsity=1.5, progress=False)
     with pytest.raises(ValueError, match="calibration"):
         torchslim.patch(model, sparsity="2:4", sparsity_method="wanda", progress=False)
-    assert type(model[0]) is torch.nn.Linear  # nothing changed
+    assert type(model[0]) is torch.nn.Linear  # nothing changed, nothing pruned
+    assert torch.equal(model[0].weight, weight)
 
 
 def test_sparsity_with_int8_weight_stores_int8_codes(tiny_llama, tmp_path):

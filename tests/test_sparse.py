@@ -424,6 +424,36 @@ def test_sliced_w8a8_takes_leading_dims_and_strides(backend):
     assert torch.equal(out, ref.sparse_sliced_dynamic_linear(x.contiguous(), *parts, scales))
 
 
+@pytest.mark.parametrize("backend", SPARSE_BACKENDS)
+def test_sliced_w8a8_sums_stay_exact_at_the_largest_k(backend):
+    # codes of -128 against x's -127 at K = MAX_DYNAMIC_K: the largest sum the op admits
+    k = ops.sparse.MAX_DYNAMIC_K
+    parts = _compress_sliced(torch.full((1, k), -128, dtype=torch.int8))
+    x = -torch.ones(2, k)
+    with run_on(backend):
+        out = ops.sparse_sliced_dynamic_linear(x, *parts, torch.ones(1))
+    total = k * 128 * 127
+    assert total < 2**31 <= (k + 1) * 128 * 127
+    assert torch.equal(out, torch.full((2, 1), total / 127, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("backend", SPARSE_BACKENDS)
+def test_sliced_w8a8_repeated_entries_add_up(backend):
+    # two values at one (row, column) add, as every decompression does: 100 + 100, not an
+    # int8 200 that wraps
+    values = torch.zeros(18, dtype=torch.int8)
+    values[:2] = 100
+    columns = torch.zeros(18, dtype=torch.uint8)
+    groups = torch.tensor([[0, 2]], dtype=torch.uint8)
+    offsets = torch.tensor([0, 1]), torch.tensor([0, 2])
+    x = torch.full((1, 1), 127.0)
+    with run_on(backend):
+        out = ops.sparse_sliced_dynamic_linear(
+            x, values, columns, groups, *offsets, 1, torch.ones(1)
+        )
+    assert out.item() == 200 * 127.0
+
+
 def test_sliced_w8a8_bad_input_names_the_argument():
     g = seeded("w8a8-bad")
     w = _weight_unstructured(20, 200, 0.8, g)

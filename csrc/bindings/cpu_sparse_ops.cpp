@@ -28,8 +28,9 @@ constexpr int64_t kBlockM = 32;
 constexpr int64_t kBlockN = 16;
 constexpr int64_t kSpmmBlockM = 256;
 constexpr int64_t kSpmmBlockN = 64;
-// The most columns a W8A8 linear takes: K * 127 * 127 < 2^31, its int32 sums exact.
-constexpr int64_t kMaxQ8K = (int64_t{1} << 31) / (127 * 127);
+// The most columns a W8A8 linear takes: K * 127 * 128 < 2^31 (x's codes are at most 127 in
+// magnitude, a weight's code may be -128), its int32 sums exact.
+constexpr int64_t kMaxQ8K = ((int64_t{1} << 31) - 1) / (127 * 128);
 
 int64_t mask_bytes(int64_t K) { return (K + 7) / 8; }
 int64_t kept_24(int64_t K) { return 2 * ((K + 3) / 4); }

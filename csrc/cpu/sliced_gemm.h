@@ -424,10 +424,11 @@ TORCHSLIM_BF16_DOT bool sliced_bf16_block_dot(const SparseGemmArgs& g, int64_t m
 // unsigned operand, so x's codes go in offset by 128 (code ^ 0x80) and the step's accumulator
 // starts at -128 times the sum of each four values (one more vpdpbusd, shared by the rows of
 // x). Each quarter's four sums are added to its group's row with a masked add.
-// Sums stay exact while K * 127 * 127 < 2^31 (the binding checks K).
+// Sums stay exact while K * 127 * 128 < 2^31 (a code may be -128; the binding checks K); past
+// that (a weight with repeated entries) they wrap, as two's complement, on every path.
 template <int R>
 struct alignas(64) SlicedIntSums {
-  int32_t acc[kSlicedRows][R][kSlicedGroup];
+  uint32_t acc[kSlicedRows][R][kSlicedGroup];  // int32 sums, added modulo 2^32
   void zero(int64_t rows) {
     for (int64_t r = 0; r < rows; ++r) {
       for (int i = 0; i < R; ++i) {
@@ -436,7 +437,7 @@ struct alignas(64) SlicedIntSums {
     }
   }
   int32_t total(int64_t r, int i) const {
-    int32_t sum = 0;
+    uint32_t sum = 0;
     for (int t = 0; t < kSlicedGroup; ++t) sum += acc[r][i][t];
     return sum;
   }
@@ -469,7 +470,9 @@ bool sliced_q8_block_scalar(const SparseGemmArgs& g, int64_t m, int64_t b, int64
       const int64_t row = a.groups[2 * grp], count = a.groups[2 * grp + 1];
       for (int64_t t = 0; t < count; ++t) {
         const int32_t w = a.values[vi + t];
-        for (int i = 0; i < R; ++i) sums.acc[row][i][t] += w * xs[i * g.ldx_q8 + a.columns[vi + t]];
+        for (int i = 0; i < R; ++i) {
+          sums.acc[row][i][t] += static_cast<uint32_t>(w * xs[i * g.ldx_q8 + a.columns[vi + t]]);
+        }
       }
       vi += count;
     }
@@ -546,7 +549,7 @@ TORCHSLIM_Q8_DOT bool sliced_q8_block_dot(const SparseGemmArgs& g, int64_t m, in
             _mm512_dpbusd_epi32(start_sum, _mm512_permutex2var_epi8(lo[i], idx, hi[i]), w);
 #pragma GCC unroll 4
         for (int k = 0; k < 4; ++k) {
-          int32_t* acc = sums.acc[(bytes >> (16 * k)) & 0xff][i];
+          uint32_t* acc = sums.acc[(bytes >> (16 * k)) & 0xff][i];
           const __m512i old = _mm512_load_si512(acc);
           _mm512_store_si512(acc, _mm512_mask_add_epi32(old, 0xf << (4 * k), old, sum));
         }
@@ -565,7 +568,8 @@ TORCHSLIM_Q8_DOT bool sliced_q8_block_dot(const SparseGemmArgs& g, int64_t m, in
 }
 #endif
 
-// Rows [m0, m1) of x_q8 (at most kSpMaxTileM at a time) against blocks [n0 / kSlicedRows, ...).
+// Rows [m0, m1) of x_q8, in tiles of up to kSpMR rows, against blocks [n0 / kSlicedRows, ...):
+// no SpMM, so at large M each tile walks the block's weights again.
 void sliced_q8_dot(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   const auto run = [&](auto tile_rows, int64_t m, int64_t b) {
     constexpr int R = decltype(tile_rows)::value;

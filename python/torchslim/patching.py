@@ -28,6 +28,7 @@ from torchslim._calibration import watch_inputs
 from torchslim._names import as_patterns, name_matches
 from torchslim.nn import Int4Linear, Int8Linear, MultiheadAttention
 from torchslim.nn.sparse_linear import LAYER_FORMATS, SparseLinear
+from torchslim.nn.sparse_linear import MODES as SPARSE_MODES
 from torchslim.quant import smoothquant_factors
 from torchslim.sparse.patterns import check_pattern, parse_pattern
 from torchslim.sparse.prune import prune_
@@ -276,6 +277,15 @@ def _sparse_check_options(options: Mapping[str, object]) -> None:
             f"dtype must be None or one of {list(_SPARSE_DTYPES.values())}, "
             f"got {options['dtype']!r}"
         )
+    if options["mode"] not in SPARSE_MODES:
+        raise ValueError(f"mode must be one of {SPARSE_MODES}, got {options['mode']!r}")
+    if options["mode"] == "dynamic" and (
+        options["dtype"] != torch.int8 or options["format"] not in (None, "sliced")
+    ):
+        raise ValueError(
+            f"mode='dynamic' (W8A8) takes int8 values in the sliced format, got "
+            f"dtype={options['dtype']!r} and format={options['format']!r}"
+        )
 
 
 def _sparse_convert(layer, _act_absmax, *, pattern, dtype, format, mode):
@@ -457,13 +467,13 @@ def patch(
                 raise ValueError(
                     f"dtype={options['dtype']!r} contradicts quant={quant!r} with sparsity"
                 )
-            if quant == "int8":  # activations quantized per token: the sliced format's kernel
-                options["mode"] = "dynamic"
-                if options.setdefault("format", "sliced") != "sliced":
-                    raise ValueError(
-                        f"format={options['format']!r} does not combine with quant='int8' and "
-                        "sparsity: the W8A8 sparse kernel takes the sliced format"
-                    )
+            mode = "dynamic" if quant == "int8" else "weight_only"
+            if options.setdefault("mode", mode) != mode:
+                raise ValueError(
+                    f"mode={options['mode']!r} contradicts quant={quant!r} with sparsity"
+                )
+            if quant == "int8":  # tokens quantized: the sliced format's kernel (checked below)
+                options.setdefault("format", "sliced")
         elif quant not in (None, "sparse"):
             raise ValueError(
                 f"sparsity={sparsity!r} does not combine with quant={quant!r}: the sparse "

@@ -216,10 +216,10 @@ class SparseLinear(nn.Module):
         scales = None
         if dtype == torch.int8:
             weight, scales = quantize_weight_per_channel(weight)
+        if mode == "dynamic":
+            format = format or "sliced"
         if parsed.kind == "block":
             format = format or "block"
-        if mode == "dynamic" and parsed.kind != "block":
-            format = format or "sliced"
         format = format or ("2:4" if str(parsed) == "2:4" else default_format(weight, dtype))
         if format not in LAYER_FORMATS:
             raise ValueError(f"format must be one of {LAYER_FORMATS}, got {format!r}")

@@ -470,8 +470,8 @@ define_op(
 
 
 # W8A8: the int8 codes meet x quantized per token; their int32 sums are exact while
-# K * 127 * 127 < 2**31.
-MAX_DYNAMIC_K = 2**31 // 127**2
+# K * 127 * 128 < 2**31 (x's codes are at most 127 in magnitude, a weight's code may be -128).
+MAX_DYNAMIC_K = (2**31 - 1) // (127 * 128)
 
 
 def _check_sliced_dynamic(

@@ -639,7 +639,11 @@ def sparse_sliced_dynamic_linear(
     """
     if values.dtype != torch.int8:
         raise TypeError(f"values must be int8 codes for a W8A8 linear, got {values.dtype}")
-    codes = decompress_sliced(values, columns, groups, group_offsets, value_offsets, n, x.shape[-1])
+    # int32: repeated entries add up, as in every other decompression, without wrapping at 8 bits
+    k = x.shape[-1]
+    codes = decompress_sliced(
+        values, columns, groups, group_offsets, value_offsets, n, k, dtype=torch.int32
+    )
     return int8_dynamic_linear(x, codes, scales, bias, compute_dtype=compute_dtype)
 
 
