@@ -78,7 +78,7 @@ def test_bench_sparse_quick(tmp_path, capsys):
         f"torchslim-{f}-{v}" for f in ("bitmask", "csr", "sliced") for v in variants
     )
     per_pattern = {"dense": ("dense-fp32", "dense-bf16")}
-    unstructured += ("torchslim-sliced-w8a8",)
+    unstructured += ("torchslim-bitmask-w8a8", "torchslim-sliced-w8a8")
     per_pattern.update({p: (*unstructured, "torch-csr-fp32") for p in ("50%", "75%", "90%")})
     per_pattern["2:4"] = (*(f"torchslim-2:4-{v}" for v in variants), "torch-csr-fp32")
     for p in ("16x16@50%", "16x16@90%"):

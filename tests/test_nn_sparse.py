@@ -205,10 +205,11 @@ def test_block_layers_check_their_shape_and_contents():
 
 
 @pytest.mark.parametrize(("pattern", "amount"), [("unstructured", 0.9), ("2:4", None)])
-def test_dynamic_mode_is_w8a8_on_the_sliced_codes(pattern, amount):
+@pytest.mark.parametrize("fmt", ["bitmask", "sliced"])
+def test_dynamic_mode_is_w8a8_on_the_codes(pattern, amount, fmt):
     linear = _pruned_linear(257, 65, pattern, amount, ("w8a8", pattern))
-    layer = SparseLinear.from_linear(linear, pattern, dtype=torch.int8, mode="dynamic")
-    assert layer.format == "sliced" and layer.mode == "dynamic" and "mode='dynamic'" in repr(layer)
+    layer = SparseLinear.from_linear(linear, pattern, format=fmt, dtype=torch.int8, mode="dynamic")
+    assert layer.format == fmt and layer.mode == "dynamic" and "mode='dynamic'" in repr(layer)
     codes, scales = quantize_weight_per_channel(linear.weight.detach())
     assert torch.equal(layer.scales, scales)
     x = torch.randn(3, 5, 257, generator=seeded("w8a8-x", pattern))
@@ -217,7 +218,7 @@ def test_dynamic_mode_is_w8a8_on_the_sliced_codes(pattern, amount):
         expected = torchslim_ref.int8_dynamic_linear(x, codes, scales, linear.bias.detach())
         assert torch.equal(out, expected)  # the dense W8A8 op's bits
         assert sqnr(linear(x), out) > 30.0  # int8 weights and tokens
-    fresh = SparseLinear(257, 65, format="sliced", dtype=torch.int8, mode="dynamic")
+    fresh = SparseLinear(257, 65, format=fmt, dtype=torch.int8, mode="dynamic")
     fresh.load_state_dict(layer.state_dict())
     with torch.no_grad():
         assert torch.equal(fresh(x), out)
@@ -226,7 +227,7 @@ def test_dynamic_mode_is_w8a8_on_the_sliced_codes(pattern, amount):
         torch.testing.assert_close(compiled(x), out)
 
 
-def test_dynamic_mode_needs_int8_sliced_values():
+def test_dynamic_mode_needs_int8_bitmask_or_sliced_values():
     linear = _pruned_linear(64, 16, "unstructured", 0.9, ("w8a8-bad",))
     with pytest.raises(ValueError, match="mode must be one of"):
         SparseLinear.from_linear(linear, "unstructured", dtype=torch.int8, mode="w8a8")
@@ -236,13 +237,18 @@ def test_dynamic_mode_needs_int8_sliced_values():
         SparseLinear.from_linear(
             linear, "unstructured", format="csr", dtype=torch.int8, mode="dynamic"
         )
+    # by bytes: bitmask at 50%, sliced at 90%
+    half = _pruned_linear(256, 16, "unstructured", 0.5, ("w8a8-half",))
+    assert SparseLinear.from_linear(
+        half, "unstructured", dtype=torch.int8, mode="dynamic"
+    ).format == ("bitmask")
     with pytest.raises(ValueError, match="format='block'"):
         SparseLinear(64, 16, format="block", block="4x4", dtype=torch.int8, mode="dynamic")
-    # a block-pruned weight takes the sliced format under mode="dynamic" by default
+    # a block-pruned weight takes a W8A8 format under mode="dynamic" (by bytes: bitmask at 50%)
     blocks = SparseLinear.from_linear(
         _pruned_linear(64, 16, "4x4", 0.5, ("w8a8-blocks",)),
         "4x4",
         dtype=torch.int8,
         mode="dynamic",
     )
-    assert blocks.format == "sliced" and blocks.mode == "dynamic"
+    assert blocks.format == "bitmask" and blocks.mode == "dynamic"

@@ -380,19 +380,35 @@ def test_int8_values_match_reference(backend, n, k, fmt, poisoned_empty):
     assert torch.equal(_DECOMPRESS[fmt](*parts, k), codes)  # the codes, exactly
 
 
+_W8A8 = {  # format -> (compression, op, reference): op(x, *compression(codes), scales, bias)
+    "bitmask": (
+        compress_bitmask,
+        ops.sparse_bitmask_dynamic_linear,
+        ref.sparse_bitmask_dynamic_linear,
+    ),
+    "sliced": (
+        _compress_sliced,
+        ops.sparse_sliced_dynamic_linear,
+        ref.sparse_sliced_dynamic_linear,
+    ),
+}
+
+
 @pytest.mark.parametrize("backend", SPARSE_BACKENDS)
 @pytest.mark.parametrize(("n", "k"), NK)
 @pytest.mark.parametrize("sparsity", [0.5, 0.9])
-def test_sliced_w8a8_is_the_reference_bit_for_bit(backend, n, k, sparsity):
+@pytest.mark.parametrize("fmt", sorted(_W8A8))
+def test_w8a8_is_the_reference_bit_for_bit(backend, n, k, sparsity, fmt):
     # x quantized per token, codes times codes summed exactly, then the reference's fp32
     # epilogue in its order: the same bits as the fp32 reference, whatever the sums' order
-    g = seeded("w8a8", backend, n, k, sparsity)
+    compress, op, reference = _W8A8[fmt]
+    g = seeded("w8a8", fmt, backend, n, k, sparsity)
     w = _weight_unstructured(n, k, sparsity, g)
     if n > 2:
         w[1] = 0.0  # an empty row
         w[2] = torch.randn(k, generator=g)  # a dense one: 8 groups in each slice
     codes, scales = quantize_weight_per_channel(w)
-    parts = _compress_sliced(codes)
+    parts = compress(codes)
     bias = torch.randn(n, generator=g)
     for dtype in (torch.float32, torch.bfloat16):
         for m in (*M_QUICK, 2, 4, 5):  # tiles of 1-4 rows of x
@@ -400,38 +416,42 @@ def test_sliced_w8a8_is_the_reference_bit_for_bit(backend, n, k, sparsity):
             if m > 1:
                 x[1] = 0.0  # a zero row: scale 1, codes 0
             with run_on(backend):
-                out = ops.sparse_sliced_dynamic_linear(x, *parts, scales, bias)
-            expected = ref.sparse_sliced_dynamic_linear(x, *parts, scales, bias)
+                out = op(x, *parts, scales, bias)
+            expected = reference(x, *parts, scales, bias)
             assert out.dtype == dtype and out.shape == (m, n)
             assert torch.equal(out, expected), f"{dtype} M={m}"
     # the rule is the dense W8A8 op's on the decompressed codes
     x = torch.randn(3, k, generator=g)
     dense = ref.int8_dynamic_linear(x, codes, scales, bias, compute_dtype=torch.float64)
-    sparse = ref.sparse_sliced_dynamic_linear(x, *parts, scales, bias, compute_dtype=torch.float64)
+    sparse = reference(x, *parts, scales, bias, compute_dtype=torch.float64)
     assert torch.equal(sparse, dense)
 
 
 @pytest.mark.parametrize("backend", SPARSE_BACKENDS)
-def test_sliced_w8a8_takes_leading_dims_and_strides(backend):
-    g = seeded("w8a8-lead", backend)
+@pytest.mark.parametrize("fmt", sorted(_W8A8))
+def test_w8a8_takes_leading_dims_and_strides(backend, fmt):
+    compress, op, reference = _W8A8[fmt]
+    g = seeded("w8a8-lead", fmt, backend)
     w = _weight_unstructured(70, 300, 0.9, g)
     codes, scales = quantize_weight_per_channel(w)
-    parts = _compress_sliced(codes)
+    parts = compress(codes)
     x = torch.randn(5, 2, 300, generator=g).transpose(0, 1)  # (2, 5, 300), not contiguous
     with run_on(backend):
-        out = ops.sparse_sliced_dynamic_linear(x, *parts, scales)
+        out = op(x, *parts, scales)
     assert out.shape == (2, 5, 70)
-    assert torch.equal(out, ref.sparse_sliced_dynamic_linear(x.contiguous(), *parts, scales))
+    assert torch.equal(out, reference(x.contiguous(), *parts, scales))
 
 
 @pytest.mark.parametrize("backend", SPARSE_BACKENDS)
-def test_sliced_w8a8_sums_stay_exact_at_the_largest_k(backend):
+@pytest.mark.parametrize("fmt", sorted(_W8A8))
+def test_w8a8_sums_stay_exact_at_the_largest_k(backend, fmt):
     # codes of -128 against x's -127 at K = MAX_DYNAMIC_K: the largest sum the op admits
+    compress, op, _ = _W8A8[fmt]
     k = ops.sparse.MAX_DYNAMIC_K
-    parts = _compress_sliced(torch.full((1, k), -128, dtype=torch.int8))
+    parts = compress(torch.full((1, k), -128, dtype=torch.int8))
     x = -torch.ones(2, k)
     with run_on(backend):
-        out = ops.sparse_sliced_dynamic_linear(x, *parts, torch.ones(1))
+        out = op(x, *parts, torch.ones(1))
     total = k * 128 * 127
     assert total < 2**31 <= (k + 1) * 128 * 127
     assert torch.equal(out, torch.full((2, 1), total / 127, dtype=torch.float32))
@@ -477,6 +497,36 @@ def test_sliced_w8a8_bad_input_names_the_argument():
     wide = _compress_sliced(torch.zeros(1, big, dtype=torch.int8))
     with pytest.raises(ValueError, match=f"K must be at most {big - 1}"):
         f(torch.zeros(1, big), *wide, torch.ones(1))
+    # the bitmask op: the same rules, and its own arrays checked
+    b = ops.sparse_bitmask_dynamic_linear
+    values, mask, offsets = compress_bitmask(codes)
+    with pytest.raises(TypeError, match="values must be int8 codes for a W8A8 linear"):
+        b(x, *compress_bitmask(w), scales)
+    with pytest.raises(ValueError, match=r"scales \(N,\) float32 is required"):
+        torch.ops.torchslim.sparse_bitmask_dynamic_linear(x, values, mask, offsets, None)
+    with pytest.raises(ValueError, match=r"scales must have shape \(N,\) = \(20,\)"):
+        b(x, values, mask, offsets, scales[:5])
+    with pytest.raises(ValueError, match=r"mask must have shape \(N, ceil\(K / 8\)\)"):
+        b(x, values, mask[:, :3], offsets, scales)
+    with pytest.raises(ValueError, match=r"row_offsets must have shape \(N \+ 1,\)"):
+        b(x, values, mask, offsets[:-1], scales)
+    wide = compress_bitmask(torch.zeros(1, big, dtype=torch.int8))
+    with pytest.raises(ValueError, match=f"K must be at most {big - 1}"):
+        b(torch.zeros(1, big), *wide, torch.ones(1))
+
+
+@pytest.mark.parametrize("backend", SPARSE_BACKENDS)
+@pytest.mark.parametrize("m", [1, 3])
+def test_bitmask_w8a8_mask_and_offsets_must_agree(backend, m):
+    g = seeded("w8a8-disagree", backend, m)
+    codes, scales = quantize_weight_per_channel(_weight_unstructured(9, 200, 0.5, g))
+    values, mask, offsets = compress_bitmask(codes)
+    x = torch.randn(m, 200, generator=g)
+    short = offsets.clone()
+    short[4:] -= 1  # row 3 has one value fewer than its mask's bits
+    says = "mask and row_offsets disagree: row 3" if backend != "reference" else "row_offsets"
+    with run_on(backend), pytest.raises(ValueError, match=says):
+        ops.sparse_bitmask_dynamic_linear(x, values, mask, short, scales)
 
 
 @pytest.mark.parametrize("backend", SPARSE_BACKENDS)
@@ -807,6 +857,9 @@ def test_ops_pass_opcheck():
         torch.ops.torchslim.sparse_sliced_dynamic_linear,
         (x, *_compress_sliced(codes), scales, bias),
     )
+    torch.library.opcheck(
+        torch.ops.torchslim.sparse_bitmask_dynamic_linear, (x, *compress_bitmask(codes), scales)
+    )
 
 
 def test_ops_compile_without_graph_breaks():
@@ -816,7 +869,7 @@ def test_ops_compile_without_graph_breaks():
     parts, csr = compress_bitmask(w), compress_csr(w)
 
     codes, scales = quantize_weight_per_channel(w)
-    csr8, sliced8 = compress_csr(codes), _compress_sliced(codes)
+    csr8, sliced8, bitmask8 = compress_csr(codes), _compress_sliced(codes), compress_bitmask(codes)
     block = compress_block(_weight_block(16, 64, (4, 16), g), "4x16")
 
     def f(x):
@@ -827,6 +880,7 @@ def test_ops_compile_without_graph_breaks():
             + ops.sparse_csr_linear(x, *csr8, None, scales)
             + ops.sparse_block_linear(x, *block, 16)
             + ops.sparse_sliced_dynamic_linear(x, *sliced8, scales)
+            + ops.sparse_bitmask_dynamic_linear(x, *bitmask8, scales)
         )
 
     x = torch.randn(4, 64, generator=g)

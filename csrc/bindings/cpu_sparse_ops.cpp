@@ -214,12 +214,21 @@ at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values,
   return op.out;
 }
 
+// Checks the W8A8 ops' values and K (q8: x quantized per token, int8 codes).
+void check_q8(const at::Tensor& values, int64_t K) {
+  TORCHSLIM_CHECK_TYPE(values.scalar_type() == at::kChar,
+                       "values must be int8 codes for a W8A8 linear, got ", values.scalar_type());
+  TORCHSLIM_CHECK(K <= kMaxQ8K, "K must be at most ", kMaxQ8K,
+                  " for a W8A8 linear (its int32 sums stay exact), got K = ", K);
+}
+
 // Bitmask: x (M, K) fp32/bf16; values (nnz,) fp32/bf16/fp16/int8 contiguous; mask
 // (N, ceil(K / 8)) uint8; row_offsets (N + 1,) int64 from 0, non-decreasing, at most nnz; bias
-// and scales as for 2:4.
-at::Tensor sparse_bitmask_linear_cpu(const at::Tensor& x, const at::Tensor& values,
-                                     const at::Tensor& mask, const at::Tensor& row_offsets,
-                                     const OptTensor& bias, const OptTensor& scales) {
+// and scales as for 2:4. With q8 (int8 values only) x is quantized per token and meets the codes
+// in integer sums (the W8A8 rule).
+at::Tensor bitmask_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& mask,
+                          const at::Tensor& row_offsets, const OptTensor& bias,
+                          const OptTensor& scales, bool q8) {
   TORCHSLIM_CHECK(x.dim() == 2, "x must be 2-D (M, K), got ", x.dim(), "-D");
   const int64_t K = x.size(1);
   check_rows(mask, "mask", at::kByte, mask_bytes(K));
@@ -227,7 +236,8 @@ at::Tensor sparse_bitmask_linear_cpu(const at::Tensor& x, const at::Tensor& valu
   TORCHSLIM_CHECK(values.dim() == 1 && values.is_contiguous(),
                   "values must be a contiguous 1-D tensor (nnz,), got shape ", values.sizes(),
                   " and strides ", values.strides());
-  SparseOperands op = sparse_operands(x, values, N, bias, scales);
+  if (q8) check_q8(values, K);
+  SparseOperands op = sparse_operands(x, values, N, bias, scales, q8 ? K : 0, false, q8);
   check_cpu(row_offsets, "row_offsets");
   TORCHSLIM_CHECK_TYPE(row_offsets.scalar_type() == at::kLong, "row_offsets must be int64, got ",
                        row_offsets.scalar_type());
@@ -245,7 +255,7 @@ at::Tensor sparse_bitmask_linear_cpu(const at::Tensor& x, const at::Tensor& valu
   op.args.values_total = total;
   op.args.bad_row = &bad_row;
   const cpu::KernelTable& kernels = cpu::active_kernels();
-  if (kernels.bf16_dot && !op.panels.defined() && x.scalar_type() == at::kBFloat16 &&
+  if (kernels.bf16_dot && !q8 && !op.panels.defined() && x.scalar_type() == at::kBFloat16 &&
       values.scalar_type() == at::kBFloat16) {  // bf16 x meets bf16 values in vdpbf16ps
     op.x_bf16 = x.stride(1) == 1 ? x : x.contiguous();
     op.args.x_bf16 = reinterpret_cast<const uint16_t*>(op.x_bf16.data_ptr<at::BFloat16>());
@@ -261,6 +271,19 @@ at::Tensor sparse_bitmask_linear_cpu(const at::Tensor& x, const at::Tensor& valu
                     " set bits in mask");
   }
   return op.out;
+}
+
+at::Tensor sparse_bitmask_linear_cpu(const at::Tensor& x, const at::Tensor& values,
+                                     const at::Tensor& mask, const at::Tensor& row_offsets,
+                                     const OptTensor& bias, const OptTensor& scales) {
+  return bitmask_linear(x, values, mask, row_offsets, bias, scales, false);
+}
+
+// W8A8 (torchslim.reference.sparse_bitmask_dynamic_linear): int8 values, scales (N,) fp32.
+at::Tensor sparse_bitmask_dynamic_linear_cpu(const at::Tensor& x, const at::Tensor& values,
+                                             const at::Tensor& mask, const at::Tensor& row_offsets,
+                                             const at::Tensor& scales, const OptTensor& bias) {
+  return bitmask_linear(x, values, mask, row_offsets, bias, scales, true);
 }
 
 // csr's and sliced's column bytes: uint8, contiguous, one per value.
@@ -402,12 +425,7 @@ at::Tensor sliced_linear(const at::Tensor& x, const at::Tensor& values, const at
     TORCHSLIM_CHECK(t->dim() == 1 && t->size(0) == size, name, " must have shape (", size,
                     ",) for N = ", n, " and K = ", K, ", got ", t->sizes());
   }
-  if (q8) {
-    TORCHSLIM_CHECK_TYPE(values.scalar_type() == at::kChar,
-                         "values must be int8 codes for a W8A8 linear, got ", values.scalar_type());
-    TORCHSLIM_CHECK(K <= kMaxQ8K, "K must be at most ", kMaxQ8K,
-                    " for a W8A8 linear (its int32 sums stay exact), got K = ", K);
-  }
+  if (q8) check_q8(values, K);
   const cpu::KernelTable& kernels = cpu::active_kernels();
   SparseOperands op =
       sparse_operands(x, values, n, bias, scales, cpu::sliced_padded_k(K),
@@ -493,6 +511,24 @@ at::Tensor sparse_bitmask_linear_op(const at::Tensor& x, const at::Tensor& value
   return unflatten(sparse_bitmask_linear_cpu(rows(x), values.contiguous(), unit_last_stride(mask),
                                              row_offsets, bias, scales),
                    x);
+}
+
+at::Tensor sparse_bitmask_dynamic_linear_op(const at::Tensor& x, const at::Tensor& values,
+                                            const at::Tensor& mask, const at::Tensor& row_offsets,
+                                            const at::Tensor& scales, const OptTensor& bias) {
+  const int64_t K = x.dim() >= 1 ? x.size(-1) : 0;
+  const bool fast = is_cpu_matrix(mask, at::kByte) && mask.size(1) == mask_bytes(K) &&
+                    values.dim() == 1 && values.scalar_type() == at::kChar && K <= kMaxQ8K &&
+                    is_sparse_input(x, values, bias, scales, mask.size(0)) &&
+                    is_cpu_vector(row_offsets, at::kLong, mask.size(0) + 1);
+  if (!fast) {
+    return registry::call_python<at::Tensor>("sparse_bitmask_dynamic_linear", x, values, mask,
+                                             row_offsets, scales, bias);
+  }
+  return unflatten(
+      sparse_bitmask_dynamic_linear_cpu(rows(x), values.contiguous(), unit_last_stride(mask),
+                                        row_offsets, scales, bias),
+      x);
 }
 
 at::Tensor sparse_csr_linear_op(const at::Tensor& x, const at::Tensor& values,
@@ -587,6 +623,10 @@ void bind_cpu_sparse(pybind11::module_& m) {
         pybind11::arg("x"), pybind11::arg("values"), pybind11::arg("mask"),
         pybind11::arg("row_offsets"), pybind11::arg("bias") = pybind11::none(),
         pybind11::arg("scales") = pybind11::none());
+  m.def("sparse_bitmask_dynamic_linear_cpu", &sparse_bitmask_dynamic_linear_cpu,
+        "bitmask sparse linear, W8A8", pybind11::arg("x"), pybind11::arg("values"),
+        pybind11::arg("mask"), pybind11::arg("row_offsets"), pybind11::arg("scales"),
+        pybind11::arg("bias") = pybind11::none());
   m.def("sparse_csr_linear_cpu", &sparse_csr_linear_cpu, "csr sparse linear", pybind11::arg("x"),
         pybind11::arg("values"), pybind11::arg("columns"), pybind11::arg("bases"),
         pybind11::arg("group_offsets"), pybind11::arg("bias") = pybind11::none(),
@@ -612,6 +652,7 @@ void bind_cpu_sparse(pybind11::module_& m) {
 TORCH_LIBRARY_IMPL(torchslim, CPU, m) {
   m.impl("sparse24_linear", &torchslim::sparse24_linear_op);
   m.impl("sparse_bitmask_linear", &torchslim::sparse_bitmask_linear_op);
+  m.impl("sparse_bitmask_dynamic_linear", &torchslim::sparse_bitmask_dynamic_linear_op);
   m.impl("sparse_csr_linear", &torchslim::sparse_csr_linear_op);
   m.impl("sparse_block_linear", &torchslim::sparse_block_linear_op);
   m.impl("sparse_sliced_linear", &torchslim::sparse_sliced_linear_op);

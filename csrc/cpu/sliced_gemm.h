@@ -90,21 +90,6 @@ struct SlicedArrays {
   }
 };
 
-// f(std::integral_constant<int, R>{}) for the next tile of R = min(rows, kSpMR) rows of x.
-template <class F>
-TORCHSLIM_INLINE inline void with_tile_rows(int64_t rows, const F& f) {
-  switch (min_i64(kSpMR, rows)) {
-    case 1:
-      return f(std::integral_constant<int, 1>{});
-    case 2:
-      return f(std::integral_constant<int, 2>{});
-    case 3:
-      return f(std::integral_constant<int, 3>{});
-    default:
-      return f(std::integral_constant<int, 4>{});
-  }
-}
-
 // At the start of a slice of g groups (from value index vi), the dot kernel prefetches the values
 // and columns of about the next slice: [vi + 16 g, vi + 32 g), 16 g bounding the slice's values.
 // Per line rather than per group: a group takes about 11 values, and two prefetches per group

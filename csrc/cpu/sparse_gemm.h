@@ -326,6 +326,21 @@ inline void sp24_tile(const SparseGemmArgs& g, const float* x, int64_t ldx, int6
   sp24_scalar<T, R>(v, meta, x, ldx, g.K, g0, sums);
 }
 
+// f(std::integral_constant<int, R>{}) for the next tile of R = min(rows, kSpMR) rows of x.
+template <class F>
+TORCHSLIM_INLINE inline void with_tile_rows(int64_t rows, const F& f) {
+  switch (min_i64(kSpMR, rows)) {
+    case 1:
+      return f(std::integral_constant<int, 1>{});
+    case 2:
+      return f(std::integral_constant<int, 2>{});
+    case 3:
+      return f(std::integral_constant<int, 3>{});
+    default:
+      return f(std::integral_constant<int, 4>{});
+  }
+}
+
 // ------------------------------------------------------------------------------ bitmask
 inline void report_bad_row(const SparseGemmArgs& g, int64_t n) {  // keep the lowest such row
   int64_t seen = __atomic_load_n(g.bad_row, __ATOMIC_RELAXED);
@@ -528,8 +543,88 @@ TORCHSLIM_VBMI2 const int8_t* bitmask_int8_expand(const SparseGemmArgs& g, const
   chains.add_to(sums);
   return v;
 }
+
+// W8A8 (SparseGemmArgs::x_q8): the row's int8 codes against x's, 64 columns a step. vpexpandb
+// places the step's values from memory under the mask word; one vpdpbusd per row of x multiplies
+// them with x's 64 codes and sums them by fours (x offset by 128: vpdpbusd takes it unsigned),
+// and one more per step, shared by the rows, sums -128 times the values. Every sum is exact in
+// int32, and the step's instructions are a third of bitmask_int8_expand's. Stops before a step
+// whose values would pass `end` (walk_bits_q8 then reports the row).
+template <int R>
+TORCHSLIM_VBMI2 const int8_t* bitmask_q8_expand(const uint8_t* mask, const int8_t* v,
+                                                const int8_t* end, const int8_t* x, int64_t ldx,
+                                                int64_t K, int64_t& b, uint32_t (&sums)[kSpMR]) {
+  constexpr int64_t kBytes = 8;  // 64 columns
+  const int64_t vector_bytes = K / 64 * kBytes;
+  const __m512i flip = _mm512_set1_epi8(-128);
+  __m512i acc[R], offset = _mm512_setzero_si512();
+#pragma GCC unroll 4
+  for (int i = 0; i < R; ++i) acc[i] = _mm512_setzero_si512();
+  for (; b + kBytes <= vector_bytes; b += kBytes) {
+    uint64_t bits;
+    __builtin_memcpy(&bits, mask + b, sizeof bits);
+    const int64_t count = __builtin_popcountll(bits);
+    if (count > end - v) break;
+    prefetch_mask(mask + b);
+    prefetch_values(v);
+    const __m512i w = _mm512_maskz_expandloadu_epi8(bits, v);
+    v += count;
+    offset = _mm512_dpbusd_epi32(offset, flip, w);
+#pragma GCC unroll 4
+    for (int i = 0; i < R; ++i) {
+      const __m512i xi = _mm512_xor_si512(_mm512_loadu_si512(x + i * ldx + 8 * b), flip);
+      acc[i] = _mm512_dpbusd_epi32(acc[i], xi, w);
+    }
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < R; ++i) {
+    sums[i] += static_cast<uint32_t>(_mm512_reduce_add_epi32(_mm512_sub_epi32(acc[i], offset)));
+  }
+  return v;
+}
 #undef TORCHSLIM_VBMI2
 #endif
+
+// W8A8: sums[i] += the row's codes in mask bytes [b0, ceil(K / 8)) times x row i's codes, one
+// value at a time, modulo 2^32 (exact while K * 127 * 128 < 2^31). Returns the value pointer past
+// the last one read, or null when the mask asks for values past `end`.
+template <int R>
+inline const int8_t* walk_bits_q8(const uint8_t* mask, int64_t b0, int64_t K, const int8_t* v,
+                                  const int8_t* end, const int8_t* x, int64_t ldx,
+                                  uint32_t (&sums)[kSpMR]) {
+  const int64_t bytes = (K + 7) / 8;
+  for (int64_t b = b0; b < bytes; b += 8) {
+    uint64_t word = 0;
+    __builtin_memcpy(&word, mask + b, static_cast<unsigned long>(min_i64(8, bytes - b)));
+    if (K - 8 * b < 64) word &= (uint64_t{1} << (K - 8 * b)) - 1;
+    if (__builtin_popcountll(word) > end - v) return nullptr;
+    for (; word; word &= word - 1, ++v) {
+      const int64_t col = 8 * b + __builtin_ctzll(word);
+#pragma GCC unroll 4
+      for (int i = 0; i < R; ++i) sums[i] += static_cast<uint32_t>(int32_t{*v} * x[i * ldx + col]);
+    }
+  }
+  return v;
+}
+
+// W8A8: row n of W against rows [m, m + R) of x_q8: the vector steps where the CPU has VBMI2,
+// then walk_bits_q8 from where they stopped.
+template <int R>
+void bitmask_q8_tile(const SparseGemmArgs& g, int64_t m, int64_t n, uint32_t (&sums)[kSpMR]) {
+  const uint8_t* mask = g.meta + n * g.ldm;
+  const int8_t* values = typed<int8_t>(g.values);
+  const int8_t* v = values + g.row_offsets[n];
+  const int8_t* end = values + g.row_offsets[n + 1];
+  const int8_t* x = g.x_q8 + m * g.ldx_q8;
+  for (int i = 0; i < kSpMR; ++i) sums[i] = 0;
+  int64_t b = 0;
+#if defined(TORCHSLIM_ISA_AVX512)
+  static const bool vbmi2 = cpu_features().avx512vbmi2;
+  if (vbmi2) v = bitmask_q8_expand<R>(mask, v, end, x, g.ldx_q8, g.K, b, sums);
+#endif
+  v = walk_bits_q8<R>(mask, b, g.K, v, end, x, g.ldx_q8, sums);
+  if (v != end) report_bad_row(g, n);
+}
 
 // Row n of W against rows [m, m + R) of x: the vector steps (expand, or the bf16 dot when the
 // caller gave bf16 x), then walk_bits from where they stopped.
@@ -1421,7 +1516,26 @@ void sparse24_gemm(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, 
   sparse_dispatch<Sp24Tile, Sp24Spmm>(g, m0, m1, n0, n1);
 }
 
+// W8A8: rows [n0, n1) of W against rows [m0, m1) of x_q8, in tiles of up to kSpMR rows of x.
+inline void bitmask_q8_dot(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0,
+                           int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t m = m0; m < m1; m += kSpMR) {
+      uint32_t sums[kSpMR];
+      with_tile_rows(m1 - m, [&](auto tile_rows) {
+        constexpr int R = decltype(tile_rows)::value;
+        bitmask_q8_tile<R>(g, m, n, sums);
+        for (int i = 0; i < R; ++i) {
+          const auto total = static_cast<int32_t>(sums[i]);
+          store_sum(g, m + i, n, static_cast<float>(total) * g.x_scales[m + i]);
+        }
+      });
+    }
+  }
+}
+
 void bitmask_gemm(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  if (g.x_q8 != nullptr) return bitmask_q8_dot(g, m0, m1, n0, n1);
   sparse_dispatch<BitmaskTile, BitmaskSpmm>(g, m0, m1, n0, n1);
 }
 

@@ -27,7 +27,7 @@ from torchslim import hf_attention
 from torchslim._calibration import watch_inputs
 from torchslim._names import as_patterns, name_matches
 from torchslim.nn import Int4Linear, Int8Linear, MultiheadAttention
-from torchslim.nn.sparse_linear import LAYER_FORMATS, SparseLinear
+from torchslim.nn.sparse_linear import DYNAMIC_FORMATS, LAYER_FORMATS, SparseLinear
 from torchslim.nn.sparse_linear import MODES as SPARSE_MODES
 from torchslim.quant import smoothquant_factors
 from torchslim.sparse.patterns import check_pattern, parse_pattern
@@ -280,10 +280,10 @@ def _sparse_check_options(options: Mapping[str, object]) -> None:
     if options["mode"] not in SPARSE_MODES:
         raise ValueError(f"mode must be one of {SPARSE_MODES}, got {options['mode']!r}")
     if options["mode"] == "dynamic" and (
-        options["dtype"] != torch.int8 or options["format"] not in (None, "sliced")
+        options["dtype"] != torch.int8 or options["format"] not in (None, *DYNAMIC_FORMATS)
     ):
         raise ValueError(
-            f"mode='dynamic' (W8A8) takes int8 values in the sliced format, got "
+            f"mode='dynamic' (W8A8) takes int8 values in the bitmask or sliced format, got "
             f"dtype={options['dtype']!r} and format={options['format']!r}"
         )
 
@@ -435,9 +435,9 @@ def patch(
             (bitmask or csr format), or with ``pattern="16x16"`` (any "RxC") that share of
             whole blocks per block row (the block format). With quant="int8-weight" the kept
             weights are stored as int8 codes per output channel (the sparse kernels' int8
-            values, W8A16); with quant="int8" too, in the sliced format, and the activations
-            are quantized per token inside the op (W8A8: SparseLinear's mode="dynamic"); no
-            other quant combines with it.
+            values, W8A16); with quant="int8" too, in the bitmask or sliced format (the one
+            with the fewer bytes), and the activations are quantized per token inside the op
+            (W8A8: SparseLinear's mode="dynamic"); no other quant combines with it.
         sparsity_method: "magnitude" or "wanda" (|W| times the input norm per channel, from
             ``calibration``); see torchslim.sparse.prune_.
         **options: the method's own options (``METHODS[quant].options`` lists them with their
@@ -472,8 +472,6 @@ def patch(
                 raise ValueError(
                     f"mode={options['mode']!r} contradicts quant={quant!r} with sparsity"
                 )
-            if quant == "int8":  # tokens quantized: the sliced format's kernel (checked below)
-                options.setdefault("format", "sliced")
         elif quant not in (None, "sparse"):
             raise ValueError(
                 f"sparsity={sparsity!r} does not combine with quant={quant!r}: the sparse "

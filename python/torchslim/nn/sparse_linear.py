@@ -17,6 +17,7 @@ from torchslim.sparse.formats import (
     compress_block,
     compress_csr,
     compress_sliced,
+    format_bytes,
 )
 from torchslim.sparse.patterns import parse_pattern
 
@@ -28,6 +29,9 @@ _OP_CSR = torch.ops.torchslim.sparse_csr_linear.default
 _OP_BLOCK = torch.ops.torchslim.sparse_block_linear.default
 _OP_SLICED = torch.ops.torchslim.sparse_sliced_linear.default
 _OP_SLICED_DYNAMIC = torch.ops.torchslim.sparse_sliced_dynamic_linear.default
+_OP_BITMASK_DYNAMIC = torch.ops.torchslim.sparse_bitmask_dynamic_linear.default
+# The formats with a W8A8 kernel (mode="dynamic").
+DYNAMIC_FORMATS = ("bitmask", "sliced")
 
 MODES = ("weight_only", "dynamic")
 
@@ -72,10 +76,10 @@ class SparseLinear(nn.Module):
     fp32 activations halve the bytes read. With ``dtype=torch.int8`` they are int8 codes of the
     pruned weight quantized per output channel, with ``scales`` (out,) fp32 (W8A16: W[n] =
     codes[n] * scales[n]): a byte per nonzero, so 2:4 reads 0.625 bytes per weight.
-    ``mode="dynamic"`` (int8 values in the sliced format only) quantizes the activations per
-    token inside the op and multiplies them with the codes exactly (W8A8, the rule of
-    Int8Linear's "dynamic" mode: torch.ops.torchslim.sparse_sliced_dynamic_linear); the default
-    "weight_only" keeps them in float.
+    ``mode="dynamic"`` (int8 values in the bitmask or sliced format) quantizes the activations
+    per token inside the op and multiplies them with the codes exactly (W8A8, the rule of
+    Int8Linear's "dynamic" mode: torch.ops.torchslim.sparse_bitmask_dynamic_linear and
+    sparse_sliced_dynamic_linear); the default "weight_only" keeps them in float.
     ``module.to(dtype)`` casts float values and the bias, like nn.Linear's weight and bias;
     int8 codes and their fp32 scales stay as they are.
     ``dense_weight()`` decompresses W.
@@ -199,8 +203,8 @@ class SparseLinear(nn.Module):
                 weight quantized per output channel (int8 codes and fp32 scales, see
                 torchslim.quant.quantize_weight_per_channel; zeros stay zeros).
             mode: "weight_only" (activations stay in float) or "dynamic" (W8A8: activations
-                quantized per token; int8 values, and the sliced format, which is then the
-                default).
+                quantized per token; int8 values in the bitmask or sliced format, by default
+                the one of the two with the fewer bytes: bitmask up to about 85% sparsity).
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
@@ -216,8 +220,8 @@ class SparseLinear(nn.Module):
         scales = None
         if dtype == torch.int8:
             weight, scales = quantize_weight_per_channel(weight)
-        if mode == "dynamic":
-            format = format or "sliced"
+        if mode == "dynamic" and format is None:
+            format = dynamic_format(weight)
         if parsed.kind == "block":
             format = format or "block"
         format = format or ("2:4" if str(parsed) == "2:4" else default_format(weight, dtype))
@@ -397,6 +401,8 @@ class SparseLinear(nn.Module):
         if self.format == "2:4":
             return _OP_24(x, values, b["meta"], bias, scales)
         if self.format == "bitmask":
+            if self.mode == "dynamic":
+                return _OP_BITMASK_DYNAMIC(x, values, b["mask"], b["row_offsets"], scales, bias)
             return _OP_BITMASK(x, values, b["mask"], b["row_offsets"], bias, scales)
         if self.format == "block":
             n = self.out_features
@@ -427,10 +433,10 @@ class SparseLinear(nn.Module):
 def _check_mode(mode: str, format: str, dtype: torch.dtype | None) -> None:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if mode == "dynamic" and (format != "sliced" or dtype != torch.int8):
+    if mode == "dynamic" and (format not in DYNAMIC_FORMATS or dtype != torch.int8):
         raise ValueError(
-            f"mode='dynamic' (W8A8) takes int8 values in the sliced format, got format={format!r} "
-            f"and dtype={dtype}"
+            f"mode='dynamic' (W8A8) takes int8 values in the bitmask or sliced format, got "
+            f"format={format!r} and dtype={dtype}"
         )
 
 
@@ -439,6 +445,17 @@ def _block_shape(block: str | tuple[int, int]) -> tuple[int, int]:
     if parsed.kind != "block":
         raise ValueError(f"block must be 'RxC' such as '16x16' or (R, C), got {block!r}")
     return parsed.block
+
+
+def dynamic_format(codes: torch.Tensor) -> str:
+    """The W8A8 format that stores ``codes`` (N, K) int8 in fewer bytes: "bitmask" (a byte per
+    nonzero, 1/8 per weight) or "sliced" (two bytes per nonzero and two per group)."""
+    n, k = codes.shape
+    sparsity = 1.0 - int(torch.count_nonzero(codes)) / max(n * k, 1)
+    bytes_of = {
+        f: format_bytes(f, n, k, sparsity=sparsity, dtype=torch.int8) for f in DYNAMIC_FORMATS
+    }
+    return min(DYNAMIC_FORMATS, key=bytes_of.__getitem__)
 
 
 def default_format(weight: torch.Tensor, dtype: torch.dtype | None = None) -> str:

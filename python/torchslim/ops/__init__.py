@@ -19,6 +19,7 @@ from torchslim.ops.int8 import (
 )
 from torchslim.ops.sparse import (
     sparse24_linear,
+    sparse_bitmask_dynamic_linear,
     sparse_bitmask_linear,
     sparse_block_linear,
     sparse_csr_linear,
@@ -41,6 +42,7 @@ __all__ = [
     "quantize_per_token",
     "registered_ops",
     "sparse24_linear",
+    "sparse_bitmask_dynamic_linear",
     "sparse_bitmask_linear",
     "sparse_block_linear",
     "sparse_csr_linear",

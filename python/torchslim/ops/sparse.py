@@ -39,6 +39,11 @@ Schemas (``torch.ops.torchslim.*``):
         values; B = ceil(N / 64), S = ceil(K / 128); n: N; bias, scales as above  ->  (..., N)
         in x.dtype
 
+    sparse_bitmask_dynamic_linear(Tensor x, Tensor values, Tensor mask, Tensor row_offsets,
+                                  Tensor scales, Tensor? bias=None) -> Tensor
+        W8A8 as sparse_sliced_dynamic_linear below, on the bitmask format's arrays  ->  (..., N)
+        in x.dtype
+
     sparse_sliced_dynamic_linear(Tensor x, Tensor values, Tensor columns, Tensor groups,
                                  Tensor group_offsets, Tensor value_offsets, int n,
                                  Tensor scales, Tensor? bias=None) -> Tensor
@@ -97,6 +102,24 @@ def _check_values(values: torch.Tensor, scales: torch.Tensor | None, n: int) -> 
         raise TypeError(f"scales must be float32, got {scales.dtype}")
     if tuple(scales.shape) != (n,):
         raise ValueError(f"scales must have shape (N,) = ({n},), got {tuple(scales.shape)}")
+
+
+# W8A8: the int8 codes meet x quantized per token; their int32 sums are exact while
+# K * 127 * 128 < 2**31 (x's codes are at most 127 in magnitude, a weight's code may be -128).
+MAX_DYNAMIC_K = (2**31 - 1) // (127 * 128)
+
+
+def _check_dynamic(x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor | None) -> None:
+    """The W8A8 ops' own rules: int8 codes, their scales, K within MAX_DYNAMIC_K."""
+    if values.dtype != torch.int8:
+        raise TypeError(f"values must be int8 codes for a W8A8 linear, got {values.dtype}")
+    if scales is None:
+        raise ValueError("scales (N,) float32 is required for a W8A8 linear, got None")
+    if x.dim() >= 1 and x.shape[-1] > MAX_DYNAMIC_K:
+        raise ValueError(
+            f"x's K must be at most {MAX_DYNAMIC_K} for a W8A8 linear (its int32 sums stay "
+            f"exact), got K = {x.shape[-1]}"
+        )
 
 
 def _check_byte_rows(t: torch.Tensor, name: str, n: int, k: int) -> None:
@@ -296,6 +319,32 @@ define_op(
 )
 
 
+_BITMASK_DYNAMIC = _backends("sparse_bitmask_dynamic_linear", ref.sparse_bitmask_dynamic_linear)
+
+
+def _bitmask_dynamic_impl(x, values, mask, row_offsets, scales, bias=None):
+    _check_dynamic(x, values, scales)
+    _check_bitmask(x, values, mask, row_offsets, bias, scales)
+    args = (values.contiguous(), mask, row_offsets.contiguous(), scales.contiguous(), bias)
+    out = _BITMASK_DYNAMIC(_rows(x), *args)
+    return out.reshape(*x.shape[:-1], mask.shape[0])
+
+
+def _bitmask_dynamic_fake(x, values, mask, row_offsets, scales, bias=None):
+    _check_dynamic(x, values, scales)
+    _check_bitmask(x, values, mask, row_offsets, bias, scales)
+    return x.new_empty((*x.shape[:-1], mask.shape[0]))
+
+
+define_op(
+    "sparse_bitmask_dynamic_linear(Tensor x, Tensor values, Tensor mask, Tensor row_offsets, "
+    "Tensor scales, Tensor? bias=None) -> Tensor",
+    impl=_bitmask_dynamic_impl,
+    fake=_bitmask_dynamic_fake,
+    backends=_BITMASK_DYNAMIC,
+)
+
+
 # --------------------------------------------------------------------------- csr
 _CSR = _backends("sparse_csr_linear", ref.sparse_csr_linear)
 
@@ -469,24 +518,11 @@ define_op(
 )
 
 
-# W8A8: the int8 codes meet x quantized per token; their int32 sums are exact while
-# K * 127 * 128 < 2**31 (x's codes are at most 127 in magnitude, a weight's code may be -128).
-MAX_DYNAMIC_K = (2**31 - 1) // (127 * 128)
-
-
 def _check_sliced_dynamic(
     x, values, columns, groups, group_offsets, value_offsets, n, scales, bias
 ) -> None:
-    if values.dtype != torch.int8:
-        raise TypeError(f"values must be int8 codes for a W8A8 linear, got {values.dtype}")
-    if scales is None:
-        raise ValueError("scales (N,) float32 is required for a W8A8 linear, got None")
+    _check_dynamic(x, values, scales)
     _check_sliced(x, values, columns, groups, group_offsets, value_offsets, n, bias, scales)
-    if x.shape[-1] > MAX_DYNAMIC_K:
-        raise ValueError(
-            f"x's K must be at most {MAX_DYNAMIC_K} for a W8A8 linear (its int32 sums stay "
-            f"exact), got K = {x.shape[-1]}"
-        )
 
 
 _SLICED_DYNAMIC = _backends("sparse_sliced_dynamic_linear", ref.sparse_sliced_dynamic_linear)
@@ -557,6 +593,25 @@ def sparse_bitmask_linear(
         x=x, values=values, mask=mask, row_offsets=row_offsets, bias=bias, scales=scales
     )
     return torch.ops.torchslim.sparse_bitmask_linear(x, values, mask, row_offsets, bias, scales)
+
+
+def sparse_bitmask_dynamic_linear(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    row_offsets: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """W8A8 ``x @ W.T + bias`` with W int8 codes in the bitmask format and per-row ``scales``,
+    x quantized per token inside the op
+    (:func:`torchslim.reference.sparse_bitmask_dynamic_linear`)."""
+    _require_tensors(
+        x=x, values=values, mask=mask, row_offsets=row_offsets, scales=scales, bias=bias
+    )
+    return torch.ops.torchslim.sparse_bitmask_dynamic_linear(
+        x, values, mask, row_offsets, scales, bias
+    )
 
 
 def sparse_csr_linear(

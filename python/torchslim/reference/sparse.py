@@ -83,6 +83,9 @@ Quantized values: in every format the values may be int8 codes with a scale per 
 fp32 ``scales``: W[n] = codes[n] * scales[n] (the int8 weight-only rule of
 :func:`torchslim.reference.int8.int8_weight_only_linear`, on the pruned weight). A value byte
 per nonzero: 2:4 with int8 values takes 0.625 bytes per weight, a third of dense bf16.
+Bitmask and sliced int8 codes may also meet x quantized per token
+(:func:`sparse_bitmask_dynamic_linear`, :func:`sparse_sliced_dynamic_linear`: the W8A8 rule of
+:func:`torchslim.reference.int8_dynamic_linear`): codes times codes, summed exactly.
 
 The linear ops compute ``x @ W.T + bias`` on the decompressed W. The kernels visit only the
 stored values, so their sums run in a different order than a dense matmul: they are judged
@@ -285,6 +288,33 @@ def sparse_bitmask_linear(
 
 
 # --------------------------------------------------------------------------- csr
+def sparse_bitmask_dynamic_linear(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    row_offsets: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """W8A8 on a bitmask weight of int8 codes: :func:`torchslim.reference.int8_dynamic_linear`'s
+    rule on the decompressed codes (see :func:`sparse_sliced_dynamic_linear`).
+
+    Args:
+        x: (..., K) fp32/bf16/fp16. values: (nnz,) int8 codes. mask, row_offsets: as
+        :func:`sparse_bitmask_linear`. scales: (N,) fp32. bias: (N,) or None.
+        compute_dtype: dtype of the epilogue arithmetic (float64 for the test yardstick).
+
+    Returns:
+        (..., N) in ``x.dtype``.
+    """
+    if values.dtype != torch.int8:
+        raise TypeError(f"values must be int8 codes for a W8A8 linear, got {values.dtype}")
+    codes = decompress_bitmask(values, mask, row_offsets, x.shape[-1])
+    return int8_dynamic_linear(x, codes, scales, bias, compute_dtype=compute_dtype)
+
+
 def _csr_assign(
     cols: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
