@@ -435,6 +435,10 @@ def test_w8a8_takes_leading_dims_and_strides(backend, fmt):
     w = _weight_unstructured(70, 300, 0.9, g)
     codes, scales = quantize_weight_per_channel(w)
     parts = compress(codes)
+    if fmt == "bitmask":  # a mask with no unit stride in its last dim
+        values, mask, offsets = parts
+        parts = (values, mask.t().contiguous().t(), offsets)
+        assert parts[1].stride(1) != 1
     x = torch.randn(5, 2, 300, generator=g).transpose(0, 1)  # (2, 5, 300), not contiguous
     with run_on(backend):
         out = op(x, *parts, scales)

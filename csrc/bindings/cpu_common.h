@@ -109,10 +109,13 @@ inline std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x, int
   const ScalarType xt = float_type(x, "x");
   const int64_t M = x.size(0), K = x.size(1);
   at::Tensor q = at::empty({M, columns}, x.options().dtype(at::kChar));
-  if (columns > K) q.narrow(1, K, columns - K).zero_();
+  int8_t* codes = q.data_ptr<int8_t>();
+  for (int64_t m = 0; m < M && columns > K; ++m) {  // no torch op: at M = 1 its dispatch
+    std::fill(codes + m * columns + K, codes + (m + 1) * columns, int8_t{0});  // costs more
+  }
   at::Tensor scale = at::empty({M}, x.options().dtype(at::kFloat));
   const cpu::QuantizeArgs args{
-      x.data_ptr(), x.stride(0), xt, q.data_ptr<int8_t>(), columns, scale.data_ptr<float>(), K};
+      x.data_ptr(), x.stride(0), xt, codes, columns, scale.data_ptr<float>(), K};
   const cpu::KernelTable& kt = cpu::active_kernels();
   at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)),
                    [&](int64_t m0, int64_t m1) { kt.quantize_rows(args, m0, m1); });

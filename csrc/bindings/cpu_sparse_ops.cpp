@@ -497,14 +497,19 @@ at::Tensor sparse24_linear_op(const at::Tensor& x, const at::Tensor& values, con
       x);
 }
 
+// Whether the bitmask kernel takes these arguments (else the Python impl checks them).
+bool bitmask_fast(const at::Tensor& x, const at::Tensor& values, const at::Tensor& mask,
+                  const at::Tensor& row_offsets, const OptTensor& bias, const OptTensor& scales) {
+  const int64_t K = x.dim() >= 1 ? x.size(-1) : 0;
+  return is_cpu_matrix(mask, at::kByte) && mask.size(1) == mask_bytes(K) && values.dim() == 1 &&
+         is_sparse_input(x, values, bias, scales, mask.size(0)) &&
+         is_cpu_vector(row_offsets, at::kLong, mask.size(0) + 1);
+}
+
 at::Tensor sparse_bitmask_linear_op(const at::Tensor& x, const at::Tensor& values,
                                     const at::Tensor& mask, const at::Tensor& row_offsets,
                                     const OptTensor& bias, const OptTensor& scales) {
-  const int64_t K = x.dim() >= 1 ? x.size(-1) : 0;
-  const bool fast = is_cpu_matrix(mask, at::kByte) && mask.size(1) == mask_bytes(K) &&
-                    values.dim() == 1 && is_sparse_input(x, values, bias, scales, mask.size(0)) &&
-                    is_cpu_vector(row_offsets, at::kLong, mask.size(0) + 1);
-  if (!fast) {
+  if (!bitmask_fast(x, values, mask, row_offsets, bias, scales)) {
     return registry::call_python<at::Tensor>("sparse_bitmask_linear", x, values, mask, row_offsets,
                                              bias, scales);
   }
@@ -517,10 +522,8 @@ at::Tensor sparse_bitmask_dynamic_linear_op(const at::Tensor& x, const at::Tenso
                                             const at::Tensor& mask, const at::Tensor& row_offsets,
                                             const at::Tensor& scales, const OptTensor& bias) {
   const int64_t K = x.dim() >= 1 ? x.size(-1) : 0;
-  const bool fast = is_cpu_matrix(mask, at::kByte) && mask.size(1) == mask_bytes(K) &&
-                    values.dim() == 1 && values.scalar_type() == at::kChar && K <= kMaxQ8K &&
-                    is_sparse_input(x, values, bias, scales, mask.size(0)) &&
-                    is_cpu_vector(row_offsets, at::kLong, mask.size(0) + 1);
+  const bool fast = values.scalar_type() == at::kChar && K <= kMaxQ8K &&
+                    bitmask_fast(x, values, mask, row_offsets, bias, scales);
   if (!fast) {
     return registry::call_python<at::Tensor>("sparse_bitmask_dynamic_linear", x, values, mask,
                                              row_offsets, scales, bias);

@@ -269,8 +269,8 @@ inline int64_t attention_work_floats(int64_t D, int64_t Dv) {
 //            malformed block, or a row with a column past K, is written to *bad_row. Without
 //            panels each row of x holds sliced_padded_k(K) columns, NaN past K.
 // Values may be int8 codes with per-row scales (W = codes * scales[n], the W8A16 rule): scales
-// (N,) fp32 or null multiplies row n's sums before the bias is added. Sliced int8 values may
-// also meet x quantized per token (x_q8 below, the W8A8 rule of int8_gemm).
+// (N,) fp32 or null multiplies row n's sums before the bias is added. Bitmask and sliced int8
+// values may also meet x quantized per token (x_q8 below, the W8A8 rule of int8_gemm).
 // With panels set (M > kSpMaxTileM), every format reads x from them instead (an SpMM): x as
 // (ceil(M / kSpPanel), K, kSpPanel) fp32, panel p rows [p * kSpPanel, (p + 1) * kSpPanel) of x
 // transposed, zeros past M; m0 of a call is then a multiple of kSpPanel.
@@ -305,11 +305,11 @@ struct SparseGemmArgs {
   // Sliced: the rows padded as x's would be (sliced_padded_k), and x above is null.
   const uint16_t* x_bf16;
   int64_t ldx_bf16;
-  // Sliced with int8 values only (W8A8): null, or x quantized per token (the rule of
-  // quantize_rows) as rows of sliced_padded_k(K) int8 codes, zeros past K, row stride ldx_q8,
-  // with their scales x_scales (M,): the kernel then sums codes times codes exactly in int32,
-  // and row m's sums are multiplied by x_scales[m], then by scales[n], and the bias is added.
-  // x and x_bf16 above are null.
+  // Bitmask and sliced with int8 values only (W8A8): null, or x quantized per token (the rule
+  // of quantize_rows) as int8 codes, row stride ldx_q8 (bitmask: K columns; sliced:
+  // sliced_padded_k(K), zeros past K), with their scales x_scales (M,): the kernel then sums
+  // codes times codes exactly in int32, for any M (no panels), and row m's sums are multiplied
+  // by x_scales[m], then by scales[n], and the bias is added. x and x_bf16 above are null.
   const int8_t* x_q8;
   int64_t ldx_q8;
   const float* x_scales;

@@ -1061,19 +1061,9 @@ inline void block_rows_sweep(const SparseGemmArgs& g, int64_t m, int64_t n0, int
 template <typename T>
 void block_rows_dot(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   for (int64_t m = m0; m < m1; m += kSpMR) {
-    switch (min_i64(kSpMR, m1 - m)) {
-      case 1:
-        block_rows_sweep<T, 1>(g, m, n0, n1);
-        break;
-      case 2:
-        block_rows_sweep<T, 2>(g, m, n0, n1);
-        break;
-      case 3:
-        block_rows_sweep<T, 3>(g, m, n0, n1);
-        break;
-      default:
-        block_rows_sweep<T, 4>(g, m, n0, n1);
-    }
+    with_tile_rows(m1 - m, [&](auto tile_rows) {
+      block_rows_sweep<T, decltype(tile_rows)::value>(g, m, n0, n1);
+    });
   }
 }
 #endif
@@ -1422,19 +1412,8 @@ void sparse_block(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, i
   for (int64_t n = n0; n < n1; ++n) {
     for (int64_t m = m0; m < m1; m += kSpMR) {
       float sums[kSpMR];
-      switch (min_i64(kSpMR, m1 - m)) {
-        case 1:
-          Tile<T, 1>::run(g, m, n, sums);
-          break;
-        case 2:
-          Tile<T, 2>::run(g, m, n, sums);
-          break;
-        case 3:
-          Tile<T, 3>::run(g, m, n, sums);
-          break;
-        default:
-          Tile<T, 4>::run(g, m, n, sums);
-      }
+      with_tile_rows(
+          m1 - m, [&](auto tile_rows) { Tile<T, decltype(tile_rows)::value>::run(g, m, n, sums); });
       for (int64_t i = 0; i < min_i64(kSpMR, m1 - m); ++i) store_sum(g, m + i, n, sums[i]);
     }
   }

@@ -27,8 +27,7 @@ from torchslim import hf_attention
 from torchslim._calibration import watch_inputs
 from torchslim._names import as_patterns, name_matches
 from torchslim.nn import Int4Linear, Int8Linear, MultiheadAttention
-from torchslim.nn.sparse_linear import DYNAMIC_FORMATS, LAYER_FORMATS, SparseLinear
-from torchslim.nn.sparse_linear import MODES as SPARSE_MODES
+from torchslim.nn.sparse_linear import LAYER_FORMATS, SparseLinear, check_mode
 from torchslim.quant import smoothquant_factors
 from torchslim.sparse.patterns import check_pattern, parse_pattern
 from torchslim.sparse.prune import prune_
@@ -277,15 +276,7 @@ def _sparse_check_options(options: Mapping[str, object]) -> None:
             f"dtype must be None or one of {list(_SPARSE_DTYPES.values())}, "
             f"got {options['dtype']!r}"
         )
-    if options["mode"] not in SPARSE_MODES:
-        raise ValueError(f"mode must be one of {SPARSE_MODES}, got {options['mode']!r}")
-    if options["mode"] == "dynamic" and (
-        options["dtype"] != torch.int8 or options["format"] not in (None, *DYNAMIC_FORMATS)
-    ):
-        raise ValueError(
-            f"mode='dynamic' (W8A8) takes int8 values in the bitmask or sliced format, got "
-            f"dtype={options['dtype']!r} and format={options['format']!r}"
-        )
+    check_mode(options["mode"], options["format"], options["dtype"])
 
 
 def _sparse_convert(layer, _act_absmax, *, pattern, dtype, format, mode):

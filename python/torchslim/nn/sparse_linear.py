@@ -99,7 +99,7 @@ class SparseLinear(nn.Module):
         super().__init__()
         if format not in LAYER_FORMATS:
             raise ValueError(f"format must be one of {LAYER_FORMATS}, got {format!r}")
-        _check_mode(mode, format, dtype)
+        check_mode(mode, format, dtype)
         if (block is not None) != (format == "block"):
             raise ValueError(
                 f"block (R, C) goes with format='block' and only with it, got block={block!r} "
@@ -227,7 +227,7 @@ class SparseLinear(nn.Module):
         format = format or ("2:4" if str(parsed) == "2:4" else default_format(weight, dtype))
         if format not in LAYER_FORMATS:
             raise ValueError(f"format must be one of {LAYER_FORMATS}, got {format!r}")
-        _check_mode(mode, format, dtype)
+        check_mode(mode, format, dtype)
         if format == "block" and parsed.kind != "block":
             raise ValueError(
                 f"format='block' needs a block pattern such as '16x16', got {pattern!r}"
@@ -430,10 +430,12 @@ class SparseLinear(nn.Module):
         )
 
 
-def _check_mode(mode: str, format: str, dtype: torch.dtype | None) -> None:
+def check_mode(mode: str, format: str | None, dtype: torch.dtype | None) -> None:
+    """Raises ValueError unless ``mode`` is one of MODES and "dynamic" goes with int8 values in
+    one of DYNAMIC_FORMATS (format None: one still to be chosen)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if mode == "dynamic" and (format not in DYNAMIC_FORMATS or dtype != torch.int8):
+    if mode == "dynamic" and (format not in (None, *DYNAMIC_FORMATS) or dtype != torch.int8):
         raise ValueError(
             f"mode='dynamic' (W8A8) takes int8 values in the bitmask or sliced format, got "
             f"format={format!r} and dtype={dtype}"

@@ -325,8 +325,14 @@ _BITMASK_DYNAMIC = _backends("sparse_bitmask_dynamic_linear", ref.sparse_bitmask
 def _bitmask_dynamic_impl(x, values, mask, row_offsets, scales, bias=None):
     _check_dynamic(x, values, scales)
     _check_bitmask(x, values, mask, row_offsets, bias, scales)
-    args = (values.contiguous(), mask, row_offsets.contiguous(), scales.contiguous(), bias)
-    out = _BITMASK_DYNAMIC(_rows(x), *args)
+    out = _BITMASK_DYNAMIC(
+        _rows(x),
+        values.contiguous(),
+        _unit_last_stride(mask),
+        row_offsets.contiguous(),
+        scales.contiguous(),
+        bias,
+    )
     return out.reshape(*x.shape[:-1], mask.shape[0])
 
 
