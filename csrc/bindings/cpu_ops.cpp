@@ -40,6 +40,10 @@ constexpr int64_t kBlockN_Amx = 256;
 // int4 unpacks each 32-row weight strip once per block, so its blocks are twice as tall: 256
 // rows of panels over a slice of K (cpu/amx_gemm.h, 512 KB) still stay in L2.
 constexpr int64_t kBlockM_W4Amx = 256;
+// int4 on weight strips unpacked to bytes (cpu/int4_gemm.h) unpacks each strip once per block
+// of rows: a block's activation codes are read from L2 or L3 once per strip.
+constexpr int64_t kBlockM_W4Strips = 128;
+constexpr int64_t kBlockN_W4Strips = 64;
 // The bf16 tiles' blocks: each weight is converted to bf16 once per block, so the blocks are
 // tall; a block's panels, a slice of K at a time, stay in L2 (cpu/amx_gemm.h).
 constexpr int64_t kBlockM_Bf16 = 256;
@@ -409,6 +413,13 @@ at::Tensor int4_weight_only_linear_cpu(const at::Tensor& x, const at::Tensor& pa
   args.ldxb = lanes;
   at::parallel_for(0, M, std::max<int64_t>(1, 16384 / K),
                    [&](int64_t m0, int64_t m1) { kt.quantize_q8_blocks(qa, m0, m1); });
+  args.int8_strips = kt.w4_strip_min_m != nullptr && M >= kt.w4_strip_min_m(cpu::q8_run(K, G));
+  if (args.int8_strips) {
+    parallel_blocks(
+        M, N, kBlockM_W4Strips, balanced_block_n(N, kBlockN_W4Strips),
+        [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { kt.w4_gemm(args, m0, m1, n0, n1); });
+    return out;
+  }
   parallel_blocks(
       M, N, kBlockM_I8, balanced_block_n(N, kBlockN, kVectorStepN),
       [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { kt.w4_gemm(args, m0, m1, n0, n1); });

@@ -83,6 +83,13 @@ py::dict cpu_kernel_paths() {
   } else {
     d["int4_tiles_from_m"] = py::none();
   }
+  if (kt.w4_strip_min_m != nullptr) {
+    py::dict by_run;
+    for (const int64_t run : {32, 64, 128}) by_run[py::cast(run)] = kt.w4_strip_min_m(run);
+    d["int4_strips_from_m"] = by_run;
+  } else {
+    d["int4_strips_from_m"] = py::none();
+  }
   d["attention_tiles_from_rows"] =
       kt.attention_pack ? py::cast(kt.attention_tile_min_rows) : py::none();
   d["attention_fp32_tiles_from_rows_per_kv_head"] =

@@ -30,9 +30,9 @@
 namespace torchslim::cpu::TORCHSLIM_ISA_NS {
 namespace {
 
-#include "simd.h"           // load_f32, Half, kQuotientSlack
-#include "simd_quotient.h"  // round_quotient_ps (after simd.h)
-#include "transpose16.h"    // transpose_16x16
+#include "avx512_helpers.h"  // transpose_16x16, first_lanes
+#include "simd.h"            // load_f32, Half, kQuotientSlack
+#include "simd_quotient.h"   // round_quotient_ps (after simd.h)
 
 // A tile configuration (palette 1): rows and bytes per row of each tile used.
 struct alignas(64) TileConfig {
@@ -61,11 +61,6 @@ template <class Vector>
 auto aligned_data(Vector& v) -> decltype(v.data()) {
   using Pointer = decltype(v.data());
   return reinterpret_cast<Pointer>((reinterpret_cast<std::uintptr_t>(v.data()) + 63) / 64 * 64);
-}
-
-// The first n of 16 lanes (none for n <= 0).
-inline __mmask16 first_lanes(int64_t n) {
-  return n >= 16 ? __mmask16(0xffff) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
 }
 
 // Output rows m + j (j < rows) from the transposed block r (r[j]: fp32 bits of 16 output

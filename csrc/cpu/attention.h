@@ -24,7 +24,7 @@ namespace torchslim::cpu::TORCHSLIM_ISA_NS {
 namespace {
 
 #if defined(TORCHSLIM_ISA_AVX512)
-#include "transpose16.h"
+#include "avx512_helpers.h"
 #endif
 
 constexpr float kMinusInf = -__builtin_inff();

@@ -67,6 +67,7 @@ const KernelTable& kernel_table() {
     t.w4_pack_panels = &w4_pack_panels;
     t.w4_panel_min_m = &w4_panel_min_m;
     t.w4_bf16_min_m = &w4_bf16_min_m;
+    t.w4_strip_min_m = nullptr;  // the tiles take every M the strips would (not measured below)
     t.attention = &amx_attention;
     t.attention_pack = &attention_pack;
     t.attention_tile_min_rows = kAttnTileMinRows;

@@ -25,6 +25,7 @@ const KernelTable& kernel_table() {
                                  nullptr,
                                  nullptr,
                                  nullptr,
+                                 kW4StripMinM,
                                  nullptr,
                                  0,
                                  0};

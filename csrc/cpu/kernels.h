@@ -167,6 +167,9 @@ struct W4GemmArgs {
   // fp32 x): then the kernel multiplies on bf16 tiles, each weight dequantized to fp32 as the
   // reference does and rounded to bf16, and m0 of a call is a multiple of 2 * kAmxPanel.
   const uint16_t* x_bf16_panels = nullptr;
+  // Whether the kernel unpacks each strip of weight columns to bytes once and meets them with
+  // broadcast activation codes (KernelTable::w4_strip_min_m) rather than in dot products.
+  bool int8_strips = false;
 };
 
 // AMX: a W4 GEMM's Q8 activation as tile panels of 16 rows (p: rows [16p, 16p + 16), zero past
@@ -379,6 +382,9 @@ struct KernelTable {
   // W4GemmArgs::x_bf16_panels) rather than Q8 ones, by the activation's run (q8_run: 32, 64 or
   // 128 columns) and the layer's N.
   int64_t (*w4_bf16_min_m)(int64_t run, int64_t N);
+  // Null, or the least M at which w4_gemm takes the Q8 activation against weight strips
+  // unpacked to bytes (W4GemmArgs::int8_strips), by the activation's run (q8_run).
+  int64_t (*w4_strip_min_m)(int64_t run);
   // Null, or keys [j0, j1) (multiples of 16, at most attention_tile_keys(Sk)) of key/value head
   // hk of batch b written in the tile layouts to that head's k_tiles (attention_tile_parts x
   // attention_tile_keys(Sk) x D elements) and v_tiles (x Dv), for arguments that

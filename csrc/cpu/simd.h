@@ -585,6 +585,18 @@ struct Q4Dot {
 
 #if defined(TORCHSLIM_ISA_AVX512)
 
+// 16 fp32 lanes to bf16 bits, rounded as f32_to_bf16_bits does (to nearest even; a NaN stays a
+// quiet NaN).
+inline __m256i f32_to_bf16_bits(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v), high = _mm512_srli_epi32(u, 16);
+  const __m512i odd = _mm512_and_si512(high, _mm512_set1_epi32(1));
+  __m512i r =
+      _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+  r = _mm512_mask_or_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), high,
+                           _mm512_set1_epi32(0x40));
+  return _mm512_cvtepi32_epi16(r);
+}
+
 // int4 x Q8 activation codes in steps of 128 weights (see int4_gemm.h, w4_tile_zmm): 64 packed
 // bytes, one zmm, hold a step's 128 weights, its low nibbles the even k and its high nibbles the
 // odd k. The Q8 layout is Q4Dot's (each chunk of 64 as 32 even then 32 odd codes), so the step's

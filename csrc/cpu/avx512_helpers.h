@@ -1,6 +1,11 @@
-// A transpose of 16 x 16 32-bit elements in AVX-512 registers, for the levels that have
-// AVX-512 (included inside their namespace, as simd.h is).
+// Helpers for the levels that have AVX-512 (included inside their namespace, as simd.h is): a
+// transpose of 16 x 16 32-bit elements in registers, and lane masks.
 #pragma once
+
+// The first n of 16 lanes (none for n <= 0).
+inline __mmask16 first_lanes(int64_t n) {
+  return n >= 16 ? __mmask16(0xffff) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
+}
 
 // r[i] <- column i of the 16 x 16 matrix of 32-bit elements whose rows are r[0..15].
 inline void transpose_16x16(__m512i (&r)[16]) {
