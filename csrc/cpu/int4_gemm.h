@@ -347,15 +347,18 @@ void w4_tile_zmm(const W4GemmArgs& g, int64_t m, int64_t n, float (&c)[MR][NR],
 // Zen 4 core pair at M = 512).
 //
 // A strip is kStripVecs vectors of 16 columns over the whole of K: byte 4 c + b of its vector v at
-// 4-code step t holds the code (0-15, not centred) of column 16 v + c at position 4 t + b of the
-// activation's Q8 order (kernels.h: each chunk of 64 as its 32 even, then its 32 odd columns),
-// so a step is one vpdpbusd per (row, vector) against the row's 4 codes broadcast:
-//   I[i][n] = sum over a run of (code[n, k] - 8) * xq[i, k]          (int32, exact)
+// 4-code step t holds the code (0-15) of column 16 v + c at position 4 t + b of the activation's
+// Q8 order (kernels.h: each chunk of 64 as its 32 even, then its 32 odd columns), so a step is
+// one vpdpbusd per (row, vector) against the row's 4 codes broadcast:
+//   I[i][n] = sum over a run of (code[n, k] - c) * xq[i, k]          (int32, exact)
 //   acc[i][n] += I * w_scale[n, g] * x_scale[i, run]                  (per run of q8_run columns)
-//   acc[i][n] -= w_scale[n, g] * (zero[n, g] - 8) * x_group_sum[i, g] (per group)
-// The sums start at -8 x (the run's sum of codes), from the lane biases, and so come out centred
-// as the dot kernels' do: with codes 0-15, per channel over K = 4160 the fp32 accumulators met
-// terms 8x the result's size and erred 1.2x the rule's bound.
+//   acc[i][n] -= w_scale[n, g] * (zero[n, g] - c) * x_group_sum[i, g] (per group)
+// The centre c: where a group is one run (groups of 32, 64, 128), the zero point's term meets
+// each run's sum at once and c = 0 (the sums start at zero). Where a group holds several runs
+// (256, per channel), the sums start at -8 x (the run's sum of codes), from the lane biases, and
+// c = 8, as in the dot kernels: uncentred, the fp32 accumulators of a per-channel row of 4160
+// met terms 8x the result's size and erred 1.2x the rule's bound. (Centring every run cost runs
+// of 32 a quarter more time: each run's start is a broadcast per row, copied to its sums.)
 // A tile is kStripRows rows x kStripVecs vectors: 12 int32 and 12 fp32 accumulators, two weight
 // vectors and a broadcast in 32 registers. Unpacking is a 16 x 16 transpose of packed 32-bit
 // words per 128 columns and 16 weight rows (each word's low nibbles are one step, its high
@@ -368,12 +371,13 @@ bool takes_int8_strips(const W4GemmArgs& g) { return g.K % kQ4Chunk == 0; }
 
 struct Int8Strip {
   std::vector<uint8_t> codes;             // (K / 4, kStripVecs, 64)
-  std::vector<float> scale, scaled_zero;  // (groups, kStripCols): scale, scale * (zero - 8)
+  std::vector<float> scale, scaled_zero;  // (groups, kStripCols): scale, scale * (zero - c)
 };
 
-// Columns [n, n + cols) (cols <= kStripCols; zero codes and scales past them) into `strip`.
+// Columns [n, n + cols) (cols <= kStripCols; zero codes and scales past them) into `strip`, the
+// zero points relative to `centre`.
 template <class S>
-void unpack_strip(const W4GemmArgs& g, int64_t n, int cols, Int8Strip& strip) {
+void unpack_strip(const W4GemmArgs& g, int64_t n, int cols, float centre, Int8Strip& strip) {
   const int64_t steps = g.K / 4, groups = g.K / g.group_size;
   strip.codes.resize(steps * kStripVecs * 64);
   strip.scale.assign(groups * kStripCols, 0.0f);
@@ -411,14 +415,40 @@ void unpack_strip(const W4GemmArgs& g, int64_t n, int cols, Int8Strip& strip) {
     for (int64_t gi = 0; gi < groups; ++gi) {
       const float s = load_f32(sc + gi);
       strip.scale[gi * kStripCols + c] = s;
-      strip.scaled_zero[gi * kStripCols + c] = s * (load_f32(z + gi) - kQ4Center);
+      strip.scaled_zero[gi * kStripCols + c] = s * (load_f32(z + gi) - centre);
     }
   }
 }
 
-// Rows [m, m + R) against the strip: out[m + i, n + c] for c < cols. run_bias: row m's
-// -8 x (sum of codes) per run, row stride `runs`.
+// acc + a . b (vpdpbusd) in acc's own register: GCC 12 keeps the intrinsic's accumulators in
+// other registers and copies each one in and back out on every step (two moves a multiply).
+TORCHSLIM_INLINE __m512i dpbusd_in_place(__m512i acc, __m512i a, __m512i b) {
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+  return acc;
+}
+
+// sum[i][v] += the products of the strip's 4-code steps [t0, t1) and row i's codes.
 template <int R>
+TORCHSLIM_INLINE void strip_steps(__m512i (&sum)[R][kStripVecs], const uint8_t* w, const int8_t* xq,
+                                  int64_t ldxq, int64_t t0, int64_t t1) {
+  for (int64_t t = t0; t < t1; ++t) {
+    __m512i wv[kStripVecs];
+#pragma GCC unroll 16
+    for (int v = 0; v < kStripVecs; ++v) wv[v] = _mm512_loadu_si512(w + (t * kStripVecs + v) * 64);
+#pragma GCC unroll 16
+    for (int i = 0; i < R; ++i) {
+      int32_t four;
+      __builtin_memcpy(&four, xq + i * ldxq + 4 * t, sizeof four);
+      const __m512i xv = _mm512_set1_epi32(four);
+#pragma GCC unroll 16
+      for (int v = 0; v < kStripVecs; ++v) sum[i][v] = dpbusd_in_place(sum[i][v], wv[v], xv);
+    }
+  }
+}
+
+// Rows [m, m + R) against the strip: out[m + i, n + c] for c < cols. kCentred: the sums start
+// at run_bias (row m's -8 x (sum of codes) per run, row stride `runs`), else at zero.
+template <int R, bool kCentred>
 void strip_tile(const W4GemmArgs& g, int64_t m, int64_t n, int cols, const Int8Strip& strip,
                 const int32_t* run_bias, int64_t runs) {
   constexpr int NV = kStripVecs;
@@ -436,32 +466,17 @@ void strip_tile(const W4GemmArgs& g, int64_t m, int64_t n, int cols, const Int8S
     __m512i sum[R][NV];
 #pragma GCC unroll 16
     for (int i = 0; i < R; ++i) {
-      const __m512i b = _mm512_set1_epi32(run_bias[i * runs + r]);
+      const __m512i b =
+          kCentred ? _mm512_set1_epi32(run_bias[i * runs + r]) : _mm512_setzero_si512();
 #pragma GCC unroll 16
       for (int v = 0; v < NV; ++v) sum[i][v] = b;
     }
-    // sum += the products of 4-code steps [t0, t1).
-    auto steps = [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        __m512i wv[NV];
-#pragma GCC unroll 16
-        for (int v = 0; v < NV; ++v) wv[v] = _mm512_loadu_si512(w + (t * NV + v) * 64);
-#pragma GCC unroll 16
-        for (int i = 0; i < R; ++i) {
-          int32_t four;
-          __builtin_memcpy(&four, xq + i * g.ldxq + 4 * t, sizeof four);
-          const __m512i xv = _mm512_set1_epi32(four);
-#pragma GCC unroll 16
-          for (int v = 0; v < NV; ++v) sum[i][v] = _mm512_dpbusd_epi32(sum[i][v], wv[v], xv);
-        }
-      }
-    };
     if (run == kQ8Block) {  // a block of 32 is a quarter of each half of its chunk's 16 steps
       const int64_t t = k0 / kQ4Chunk * 16 + (k0 % kQ4Chunk) / 8;
-      steps(t, t + 4);
-      steps(t + 8, t + 12);
+      strip_steps(sum, w, xq, g.ldxq, t, t + 4);
+      strip_steps(sum, w, xq, g.ldxq, t + 8, t + 12);
     } else {  // whole chunks
-      steps(k0 / 4, k1 / 4);
+      strip_steps(sum, w, xq, g.ldxq, k0 / 4, k1 / 4);
     }
     __m512 ws[NV];
 #pragma GCC unroll 16
@@ -509,13 +524,15 @@ void strip_tile(const W4GemmArgs& g, int64_t m, int64_t n, int cols, const Int8S
 }
 
 // strip_tile for the last rows < kStripRows of a block.
-template <int R = kStripRows - 1>
+template <bool kCentred, int R = kStripRows - 1>
 void strip_tile_edge(int rows, const W4GemmArgs& g, int64_t m, int64_t n, int cols,
                      const Int8Strip& strip, const int32_t* run_bias, int64_t runs) {
   if constexpr (R > 1) {
-    if (rows < R) return strip_tile_edge<R - 1>(rows, g, m, n, cols, strip, run_bias, runs);
+    if (rows < R) {
+      return strip_tile_edge<kCentred, R - 1>(rows, g, m, n, cols, strip, run_bias, runs);
+    }
   }
-  strip_tile<R>(g, m, n, cols, strip, run_bias, runs);
+  strip_tile<R, kCentred>(g, m, n, cols, strip, run_bias, runs);
 }
 
 // The least M at which the strips take over from the dot kernels, by the activation's run
@@ -526,15 +543,15 @@ void strip_tile_edge(int rows, const W4GemmArgs& g, int64_t m, int64_t n, int co
 int64_t w4_strip_min_m(int64_t run) { return run <= 32 ? 16 : 12; }
 constexpr auto kW4StripMinM = &w4_strip_min_m;
 
-template <class S>
+template <class S, bool kCentred>
 void w4_gemm_strips(const W4GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   thread_local Int8Strip strip;
   thread_local std::vector<int32_t> bias;
   // Each row's run biases: the sum of its lane biases (lane l of chunk c meets codes 8 l ..
   // 8 l + 7 of the chunk in K's order), run / 8 lanes a run.
   const int64_t run = q8_run(g.K, g.group_size), runs = (g.K + run - 1) / run;
-  bias.resize((m1 - m0) * runs);
-  for (int64_t m = m0; m < m1; ++m) {
+  bias.resize(kCentred ? (m1 - m0) * runs : 0);
+  for (int64_t m = m0; kCentred && m < m1; ++m) {
     const int32_t* lanes = g.x_lane_bias + m * g.ldxb;
     for (int64_t r = 0; r < runs; ++r) {
       int32_t sum = 0;
@@ -544,14 +561,14 @@ void w4_gemm_strips(const W4GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int
   }
   for (int64_t n = n0; n < n1; n += kStripCols) {
     const int cols = static_cast<int>(min_i64(kStripCols, n1 - n));
-    unpack_strip<S>(g, n, cols, strip);
+    unpack_strip<S>(g, n, cols, kCentred ? kQ4Center : 0.0f, strip);
     int64_t m = m0;
     for (; m + kStripRows <= m1; m += kStripRows) {
-      strip_tile<kStripRows>(g, m, n, cols, strip, bias.data() + (m - m0) * runs, runs);
+      strip_tile<kStripRows, kCentred>(g, m, n, cols, strip, bias.data() + (m - m0) * runs, runs);
     }
     if (m < m1) {
-      strip_tile_edge(static_cast<int>(m1 - m), g, m, n, cols, strip, bias.data() + (m - m0) * runs,
-                      runs);
+      strip_tile_edge<kCentred>(static_cast<int>(m1 - m), g, m, n, cols, strip,
+                                bias.data() + (m - m0) * runs, runs);
     }
   }
 }
@@ -714,13 +731,17 @@ void w4_block(const W4GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n
 void w4_gemm(const W4GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
 #if defined(TORCHSLIM_ISA_AVX512)
   if (g.int8_strips && takes_int8_strips(g)) {
+    const bool centred = q8_run(g.K, g.group_size) < g.group_size;
     switch (g.s_type) {
       case ScalarType::kBFloat16:
-        return w4_gemm_strips<uint16_t>(g, m0, m1, n0, n1);
+        return centred ? w4_gemm_strips<uint16_t, true>(g, m0, m1, n0, n1)
+                       : w4_gemm_strips<uint16_t, false>(g, m0, m1, n0, n1);
       case ScalarType::kFloat16:
-        return w4_gemm_strips<Half>(g, m0, m1, n0, n1);
+        return centred ? w4_gemm_strips<Half, true>(g, m0, m1, n0, n1)
+                       : w4_gemm_strips<Half, false>(g, m0, m1, n0, n1);
       default:
-        return w4_gemm_strips<float>(g, m0, m1, n0, n1);
+        return centred ? w4_gemm_strips<float, true>(g, m0, m1, n0, n1)
+                       : w4_gemm_strips<float, false>(g, m0, m1, n0, n1);
     }
   }
 #endif
