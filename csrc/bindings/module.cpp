@@ -76,20 +76,14 @@ py::dict cpu_kernel_paths() {
   d["int8_weight_only_tiles_from_m"] =
       kt.w8a16_pack_panels ? py::cast(kt.w8a16_panel_min_m) : py::none();
   // int4's by the activation's run (32, 64, 128).
-  if (kt.w4_pack_panels != nullptr) {
-    py::dict by_run;
-    for (const int64_t run : {32, 64, 128}) by_run[py::cast(run)] = kt.w4_panel_min_m(run);
-    d["int4_tiles_from_m"] = by_run;
-  } else {
-    d["int4_tiles_from_m"] = py::none();
-  }
-  if (kt.w4_strip_min_m != nullptr) {
-    py::dict by_run;
-    for (const int64_t run : {32, 64, 128}) by_run[py::cast(run)] = kt.w4_strip_min_m(run);
-    d["int4_strips_from_m"] = by_run;
-  } else {
-    d["int4_strips_from_m"] = py::none();
-  }
+  const auto by_run = [](int64_t (*min_m)(int64_t)) -> py::object {
+    if (min_m == nullptr) return py::none();
+    py::dict out;
+    for (const int64_t run : {32, 64, 128}) out[py::cast(run)] = min_m(run);
+    return out;
+  };
+  d["int4_tiles_from_m"] = kt.w4_pack_panels ? by_run(kt.w4_panel_min_m) : py::none();
+  d["int4_strips_from_m"] = by_run(kt.w4_strip_min_m);
   d["attention_tiles_from_rows"] =
       kt.attention_pack ? py::cast(kt.attention_tile_min_rows) : py::none();
   d["attention_fp32_tiles_from_rows_per_kv_head"] =
