@@ -536,7 +536,7 @@ void strip_tile_edge(int rows, const W4GemmArgs& g, int64_t m, int64_t n, int co
 }
 
 // The least M at which the strips take over from the dot kernels, by the activation's run
-// (Zen 4, 2 threads, the op on the benchmark's layers, each build in its own process, two rounds;
+// (Zen 4, one thread, the op on the benchmark's layers, each build in its own process, two rounds;
 // strip time / dot time). Runs of 64 and 128: at M = 8 1.02-1.41, at 12 0.73-0.88 on 4096^2
 // and 1536x576 and 0.98-1.04 on 11008x4096. Runs of 32, a fold every 8 steps: at 12 0.91-1.27,
 // at 16 0.82-0.92 except 11008x4096 (1.03-1.09), at 24 0.73-0.90.
