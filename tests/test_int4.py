@@ -484,9 +484,10 @@ def test_avx512_strips_from_their_threshold(gen, poisoned_empty):
     columns to bytes and meets them with broadcast activation codes (the dot kernels below it);
     the amx level's tiles take those M instead, and no other level has strips. Every kind of run
     (one a group: 32, 64, 128; two and three a group: 256, 96; per channel with a last run of
-    64), symmetric weights, K with a last chunk of 64 (half a strip step), N cutting the 16-column
-    vectors and the 64-column thread blocks, M cutting the 6-row tiles and the 128-row blocks;
-    K not a multiple of 64 keeps the dot kernels at any M."""
+    64; one run, uncentred), symmetric weights, K with a last chunk of 64 (half a strip step), N
+    cutting the 16-column vectors and the 64-column thread blocks, M cutting the 6-row tiles
+    (edges of 1-5 rows) and the 128-row blocks; K not a multiple of 64 keeps the dot kernels at
+    any M."""
     with run_on("cpu-avx512"):
         first = _ext._C.cpu_kernel_paths()["int4_strips_from_m"]
     assert sorted(first) == [32, 64, 128]
@@ -496,12 +497,14 @@ def test_avx512_strips_from_their_threshold(gen, poisoned_empty):
             with run_on(f"cpu-{other}"):
                 assert _ext._C.cpu_kernel_paths()["int4_strips_from_m"] is None
     cases = ((70, 320, 64), (33, 1024, 128), (129, 768, 32), (40, 960, 96), (17, 2560, 256))
+    centred = ((23, 768, 192),)  # runs of 64, three a group
     symmetric = ((50, 1088, 32, True), (24, 1600, 64, True))
-    per_channel = ((37, 4160, -1), (20, 288, -1), (21, 288, 32))  # 288: not whole chunks
-    for n, k, group_size, *sym in (*cases, *symmetric, *per_channel):
+    per_channel = ((37, 4160, -1), (19, 1024, -1), (18, 128, -1))  # 128: one run, not centred
+    not_chunks = ((20, 288, -1), (21, 288, 32))  # K = 288: not whole chunks of 64
+    for n, k, group_size, *sym in (*cases, *centred, *symmetric, *per_channel, *not_chunks):
         packed, scales, zeros, bias = _weights(n, k, group_size, SCALE_DTYPES[n % 3], gen, *sym)
         run = ref.cpu_activation_block(group_size, k)
-        for m in sorted({first[run] - 1, first[run], first[run] + 5, 131}):
+        for m in sorted({first[run] - 1, first[run], first[run] + 7, 131}):
             for dtype in (torch.float32, torch.bfloat16):
                 x = _activations(m, k, dtype, gen)
                 args = (packed, scales, zeros, group_size, bias if m % 2 else None)

@@ -413,7 +413,8 @@ at::Tensor int4_weight_only_linear_cpu(const at::Tensor& x, const at::Tensor& pa
   args.ldxb = lanes;
   at::parallel_for(0, M, std::max<int64_t>(1, 16384 / K),
                    [&](int64_t m0, int64_t m1) { kt.quantize_q8_blocks(qa, m0, m1); });
-  args.int8_strips = kt.w4_strip_min_m != nullptr && M >= kt.w4_strip_min_m(cpu::q8_run(K, G));
+  args.int8_strips = kt.w4_strip_min_m != nullptr && M >= kt.w4_strip_min_m(cpu::q8_run(K, G)) &&
+                     K % cpu::kQ4Chunk == 0;
   if (args.int8_strips) {
     parallel_blocks(
         M, N, kBlockM_W4Strips, balanced_block_n(N, kBlockN_W4Strips),

@@ -12,6 +12,9 @@
 //                       -scale * (zero - 8) * (sum of the group's rounded activations).
 //                       On AVX-512 with K a multiple of 128 and groups of 32, 64 or whole
 //                       runs of 128: steps of 128 weights in zmm registers (w4_tile_zmm).
+//                       On AVX-512 for many rows (W4GemmArgs::int8_strips): strips of weight
+//                       columns unpacked to bytes once per block, one vpdpbusd per (row, 16
+//                       columns) against broadcast activation codes (w4_gemm_strips).
 //
 // Decode (M = 1) streams the packed weight once at 4.5 to 5 bits per weight. Per 32 packed
 // bytes and output column the AVX2 loop issues about a dozen instructions (one load, two ANDs
@@ -353,16 +356,16 @@ void w4_tile_zmm(const W4GemmArgs& g, int64_t m, int64_t n, float (&c)[MR][NR],
 //   I[i][n] = sum over a run of (code[n, k] - c) * xq[i, k]          (int32, exact)
 //   acc[i][n] += I * w_scale[n, g] * x_scale[i, run]                  (per run of q8_run columns)
 //   acc[i][n] -= w_scale[n, g] * (zero[n, g] - c) * x_group_sum[i, g] (per group)
-// The centre c: where a group is one run (groups of 32, 64, 128), the zero point's term meets
-// each run's sum at once and c = 0 (the sums start at zero). Where a group holds several runs
-// (256, per channel), the sums start at -8 x (the run's sum of codes), from the lane biases, and
-// c = 8, as in the dot kernels: uncentred, the fp32 accumulators of a per-channel row of 4160
-// met terms 8x the result's size and erred 1.2x the rule's bound. (Centring every run cost runs
-// of 32 a quarter more time: each run's start is a broadcast per row, copied to its sums.)
-// A tile is kStripRows rows x kStripVecs vectors: 12 int32 and 12 fp32 accumulators, two weight
-// vectors and a broadcast in 32 registers. Unpacking is a 16 x 16 transpose of packed 32-bit
-// words per 128 columns and 16 weight rows (each word's low nibbles are one step, its high
-// nibbles the step 8 later), against 16 rows' worth of multiplies per byte at each row tile.
+// The centre c: where a group is one run (groups of 32, 64, 128, per channel up to K = 128),
+// the zero point's term meets each run's sum at once and c = 0 (the sums start at zero). Where a
+// group holds several runs (96, 192, 256, per channel over longer K), the sums start at -8 x (the
+// run's sum of codes), from the lane biases, and c = 8, as in the dot kernels: uncentred, the fp32
+// accumulators of a per-channel row of 4160 met terms 8x the result's size and erred 1.2x the
+// rule's bound. (Centring every run cost runs of 32 a quarter more time: each run's start is a
+// broadcast per row, copied to its sums.) A tile is kStripRows rows x kStripVecs vectors: 12 int32
+// and 12 fp32 accumulators, two weight vectors and a broadcast in 32 registers. Unpacking is a 16 x
+// 16 transpose of packed 32-bit words per 128 values of K of 16 weight rows (each word's low
+// nibbles are one step, its high nibbles the step 8 later), paid once per strip for a block's rows.
 constexpr int kStripVecs = 2;
 constexpr int kStripCols = 16 * kStripVecs;
 constexpr int kStripRows = 6;
@@ -422,15 +425,15 @@ void unpack_strip(const W4GemmArgs& g, int64_t n, int cols, float centre, Int8St
 
 // acc + a . b (vpdpbusd) in acc's own register: GCC 12 keeps the intrinsic's accumulators in
 // other registers and copies each one in and back out on every step (two moves a multiply).
-TORCHSLIM_INLINE __m512i dpbusd_in_place(__m512i acc, __m512i a, __m512i b) {
+inline TORCHSLIM_INLINE __m512i dpbusd_in_place(__m512i acc, __m512i a, __m512i b) {
   asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
   return acc;
 }
 
 // sum[i][v] += the products of the strip's 4-code steps [t0, t1) and row i's codes.
 template <int R>
-TORCHSLIM_INLINE void strip_steps(__m512i (&sum)[R][kStripVecs], const uint8_t* w, const int8_t* xq,
-                                  int64_t ldxq, int64_t t0, int64_t t1) {
+inline TORCHSLIM_INLINE void strip_steps(__m512i (&sum)[R][kStripVecs], const uint8_t* w,
+                                         const int8_t* xq, int64_t ldxq, int64_t t0, int64_t t1) {
   for (int64_t t = t0; t < t1; ++t) {
     __m512i wv[kStripVecs];
 #pragma GCC unroll 16
@@ -507,6 +510,7 @@ void strip_tile(const W4GemmArgs& g, int64_t m, int64_t n, int cols, const Int8S
   }
 #pragma GCC unroll 16
   for (int v = 0; v < NV; ++v) {
+    if (16 * v >= cols) break;  // no pointer past the columns, even under a zero mask
     const __mmask16 mask = first_lanes(cols - 16 * v);
     const __m512 b =
         g.bias ? _mm512_maskz_loadu_ps(mask, g.bias + n + 16 * v) : _mm512_setzero_ps();
@@ -559,16 +563,18 @@ void w4_gemm_strips(const W4GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int
       bias[(m - m0) * runs + r] = sum;
     }
   }
+  const auto run_bias = [&](int64_t m) {
+    return kCentred ? bias.data() + (m - m0) * runs : nullptr;
+  };
   for (int64_t n = n0; n < n1; n += kStripCols) {
     const int cols = static_cast<int>(min_i64(kStripCols, n1 - n));
     unpack_strip<S>(g, n, cols, kCentred ? kQ4Center : 0.0f, strip);
     int64_t m = m0;
     for (; m + kStripRows <= m1; m += kStripRows) {
-      strip_tile<kStripRows, kCentred>(g, m, n, cols, strip, bias.data() + (m - m0) * runs, runs);
+      strip_tile<kStripRows, kCentred>(g, m, n, cols, strip, run_bias(m), runs);
     }
     if (m < m1) {
-      strip_tile_edge<kCentred>(static_cast<int>(m1 - m), g, m, n, cols, strip,
-                                bias.data() + (m - m0) * runs, runs);
+      strip_tile_edge<kCentred>(static_cast<int>(m1 - m), g, m, n, cols, strip, run_bias(m), runs);
     }
   }
 }

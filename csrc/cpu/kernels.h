@@ -383,7 +383,8 @@ struct KernelTable {
   // 128 columns) and the layer's N.
   int64_t (*w4_bf16_min_m)(int64_t run, int64_t N);
   // Null, or the least M at which w4_gemm takes the Q8 activation against weight strips
-  // unpacked to bytes (W4GemmArgs::int8_strips), by the activation's run (q8_run).
+  // unpacked to bytes (W4GemmArgs::int8_strips), by the activation's run (q8_run), for K a
+  // multiple of 64.
   int64_t (*w4_strip_min_m)(int64_t run);
   // Null, or keys [j0, j1) (multiples of 16, at most attention_tile_keys(Sk)) of key/value head
   // hk of batch b written in the tile layouts to that head's k_tiles (attention_tile_parts x
