@@ -55,14 +55,6 @@ struct TileScope {
 // between stores to a buffer and the tile loads of it, this keeps the stores before them.
 inline void tile_reads_memory() { asm volatile("" ::: "memory"); }
 
-// A 64-byte aligned view of v's data (v holds 64 bytes more than it needs): a tile load or store
-// whose rows straddle cache lines takes 3x as long.
-template <class Vector>
-auto aligned_data(Vector& v) -> decltype(v.data()) {
-  using Pointer = decltype(v.data());
-  return reinterpret_cast<Pointer>((reinterpret_cast<std::uintptr_t>(v.data()) + 63) / 64 * 64);
-}
-
 // Output rows m + j (j < rows) from the transposed block r (r[j]: fp32 bits of 16 output
 // columns n .. n + 16 of row m + j, those in mask stored), each plus bias[n ..] if given.
 inline void store_rows(void* out, int64_t ldo, ScalarType out_type, const __m512i (&r)[16],

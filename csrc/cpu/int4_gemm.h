@@ -373,8 +373,12 @@ constexpr int kStripRows = 6;
 bool takes_int8_strips(const W4GemmArgs& g) { return g.K % kQ4Chunk == 0; }
 
 struct Int8Strip {
-  std::vector<uint8_t> codes;             // (K / 4, kStripVecs, 64)
-  std::vector<float> scale, scaled_zero;  // (groups, kStripCols): scale, scale * (zero - c)
+  // 64-byte aligned (aligned_data): a strip step's loads split no cache line.
+  std::vector<uint8_t> code_buffer;              // (K / 4, kStripVecs, 64)
+  std::vector<float> scale_buffer, zero_buffer;  // (groups, kStripCols): scale, scale * (zero - c)
+  const uint8_t* codes() const { return aligned_data(code_buffer); }
+  const float* scale() const { return aligned_data(scale_buffer); }
+  const float* scaled_zero() const { return aligned_data(zero_buffer); }
 };
 
 // Columns [n, n + cols) (cols <= kStripCols; zero codes and scales past them) into `strip`, the
@@ -382,9 +386,12 @@ struct Int8Strip {
 template <class S>
 void unpack_strip(const W4GemmArgs& g, int64_t n, int cols, float centre, Int8Strip& strip) {
   const int64_t steps = g.K / 4, groups = g.K / g.group_size;
-  strip.codes.resize(steps * kStripVecs * 64);
-  strip.scale.assign(groups * kStripCols, 0.0f);
-  strip.scaled_zero.assign(groups * kStripCols, 0.0f);
+  strip.code_buffer.resize(steps * kStripVecs * 64 + 64);
+  strip.scale_buffer.assign(groups * kStripCols + 16, 0.0f);
+  strip.zero_buffer.assign(groups * kStripCols + 16, 0.0f);
+  uint8_t* codes = aligned_data(strip.code_buffer);
+  float* scale = aligned_data(strip.scale_buffer);
+  float* scaled_zero = aligned_data(strip.zero_buffer);
   const __m512i low = _mm512_set1_epi8(0x0f);
   for (int v = 0; v < kStripVecs; ++v) {
     for (int64_t k = 0; k < g.K; k += 2 * kQ4Chunk) {  // 64 packed bytes a column
@@ -405,10 +412,10 @@ void unpack_strip(const W4GemmArgs& g, int64_t n, int cols, float centre, Int8St
       for (int q = 0; q < 16; ++q) {
         const int t = q < 8 ? q : q + 8;
         if (t >= end) continue;
-        _mm512_storeu_si512(strip.codes.data() + ((first + t) * kStripVecs + v) * 64,
-                            _mm512_and_si512(r[q], low));
-        _mm512_storeu_si512(strip.codes.data() + ((first + t + 8) * kStripVecs + v) * 64,
-                            _mm512_and_si512(_mm512_srli_epi16(r[q], 4), low));
+        _mm512_store_si512(codes + ((first + t) * kStripVecs + v) * 64,
+                           _mm512_and_si512(r[q], low));
+        _mm512_store_si512(codes + ((first + t + 8) * kStripVecs + v) * 64,
+                           _mm512_and_si512(_mm512_srli_epi16(r[q], 4), low));
       }
     }
   }
@@ -417,8 +424,8 @@ void unpack_strip(const W4GemmArgs& g, int64_t n, int cols, float centre, Int8St
     const S* z = static_cast<const S*>(g.zeros) + (n + c) * g.lds;
     for (int64_t gi = 0; gi < groups; ++gi) {
       const float s = load_f32(sc + gi);
-      strip.scale[gi * kStripCols + c] = s;
-      strip.scaled_zero[gi * kStripCols + c] = s * (load_f32(z + gi) - centre);
+      scale[gi * kStripCols + c] = s;
+      scaled_zero[gi * kStripCols + c] = s * (load_f32(z + gi) - centre);
     }
   }
 }
@@ -437,7 +444,7 @@ inline TORCHSLIM_INLINE void strip_steps(__m512i (&sum)[R][kStripVecs], const ui
   for (int64_t t = t0; t < t1; ++t) {
     __m512i wv[kStripVecs];
 #pragma GCC unroll 16
-    for (int v = 0; v < kStripVecs; ++v) wv[v] = _mm512_loadu_si512(w + (t * kStripVecs + v) * 64);
+    for (int v = 0; v < kStripVecs; ++v) wv[v] = _mm512_load_si512(w + (t * kStripVecs + v) * 64);
 #pragma GCC unroll 16
     for (int i = 0; i < R; ++i) {
       int32_t four;
@@ -457,7 +464,7 @@ void strip_tile(const W4GemmArgs& g, int64_t m, int64_t n, int cols, const Int8S
   constexpr int NV = kStripVecs;
   const int64_t run = q8_run(g.K, g.group_size), G = g.group_size;
   const int8_t* xq = g.xq + m * g.ldxq;
-  const uint8_t* w = strip.codes.data();
+  const uint8_t* w = strip.codes();
   __m512 acc[R][NV];
 #pragma GCC unroll 16
   for (int i = 0; i < R; ++i) {
@@ -483,8 +490,7 @@ void strip_tile(const W4GemmArgs& g, int64_t m, int64_t n, int cols, const Int8S
     }
     __m512 ws[NV];
 #pragma GCC unroll 16
-    for (int v = 0; v < NV; ++v)
-      ws[v] = _mm512_loadu_ps(strip.scale.data() + gi * kStripCols + 16 * v);
+    for (int v = 0; v < NV; ++v) ws[v] = _mm512_load_ps(strip.scale() + gi * kStripCols + 16 * v);
 #pragma GCC unroll 16
     for (int i = 0; i < R; ++i) {
       const __m512 xs = _mm512_set1_ps(g.x_scale[(m + i) * g.ldxs + k0 / kQ8Block]);
@@ -498,7 +504,7 @@ void strip_tile(const W4GemmArgs& g, int64_t m, int64_t n, int cols, const Int8S
       __m512 sz[NV];
 #pragma GCC unroll 16
       for (int v = 0; v < NV; ++v) {
-        sz[v] = _mm512_loadu_ps(strip.scaled_zero.data() + gi * kStripCols + 16 * v);
+        sz[v] = _mm512_load_ps(strip.scaled_zero() + gi * kStripCols + 16 * v);
       }
 #pragma GCC unroll 16
       for (int i = 0; i < R; ++i) {
