@@ -265,7 +265,7 @@ bool takes_zmm_steps(const W4GemmArgs& g) {
 // kGroupBlocks: blocks of 32 per group (1 or 2), or 0 for groups of whole steps.
 template <class S, int R, int C, int MR, int NR, int kGroupBlocks>
 void w4_tile_zmm(const W4GemmArgs& g, int64_t m, int64_t n, float (&c)[MR][NR],
-                 const uint8_t* w_next) {
+                 const uint8_t* w_ahead) {
   using D = Q4Step128;
   using V = FVec;
   constexpr int64_t kStep = 128, kStepBytes = kStep / 2, kStepBlocks = kStep / kQ8Block;
@@ -300,7 +300,7 @@ void w4_tile_zmm(const W4GemmArgs& g, int64_t m, int64_t n, float (&c)[MR][NR],
     V::R ws[C];
 #pragma GCC unroll 16
     for (int j = 0; j < C; ++j) {
-      __builtin_prefetch(w_next + j * g.ldw + kb);
+      __builtin_prefetch(w_ahead + j * g.ldw + kb);
       wv[j] = D::load_w(w + j * g.ldw + kb);
       if constexpr (kGroupBlocks == 1) {
         ws[j] = D::per_block(sc[j] + r * kStepBlocks);
@@ -591,14 +591,16 @@ constexpr int64_t (*kW4StripMinM)(int64_t) = nullptr;
 #endif
 
 // c[i][j] = out[m + i, n + j] before bias, for i < R, j < C. S is the scale/zero storage type.
-// `w_next` points at the weight rows the next tile reads, prefetched one tile ahead.
+// The tile prefetches w_ahead + j * ldw + (the offset it reads): each column's stream some way
+// ahead (w4_block).
 template <class S, int R, int C, int MR, int NR>
-void w4_tile(const W4GemmArgs& g, int64_t m, int64_t n, float (&c)[MR][NR], const uint8_t* w_next) {
+void w4_tile(const W4GemmArgs& g, int64_t m, int64_t n, float (&c)[MR][NR],
+             const uint8_t* w_ahead) {
 #if defined(TORCHSLIM_ISA_AVX512)
   if (takes_zmm_steps(g)) {
-    if (g.group_size == 32) return w4_tile_zmm<S, R, C, MR, NR, 1>(g, m, n, c, w_next);
-    if (g.group_size == 64) return w4_tile_zmm<S, R, C, MR, NR, 2>(g, m, n, c, w_next);
-    return w4_tile_zmm<S, R, C, MR, NR, 0>(g, m, n, c, w_next);
+    if (g.group_size == 32) return w4_tile_zmm<S, R, C, MR, NR, 1>(g, m, n, c, w_ahead);
+    if (g.group_size == 64) return w4_tile_zmm<S, R, C, MR, NR, 2>(g, m, n, c, w_ahead);
+    return w4_tile_zmm<S, R, C, MR, NR, 0>(g, m, n, c, w_ahead);
   }
 #endif
   using D = Q4Dot;
@@ -620,7 +622,7 @@ void w4_tile(const W4GemmArgs& g, int64_t m, int64_t n, float (&c)[MR][NR], cons
     typename D::WV wv[C];
 #pragma GCC unroll 16
     for (int j = 0; j < C; ++j) {
-      if ((c & 1) == 0) __builtin_prefetch(w_next + j * g.ldw + kb);  // once per 64-byte line
+      if ((c & 1) == 0) __builtin_prefetch(w_ahead + j * g.ldw + kb);  // once per 64-byte line
       wv[j] = D::load_w(w + j * g.ldw + kb);
     }
 #pragma GCC unroll 16
@@ -706,38 +708,66 @@ void w4_tile(const W4GemmArgs& g, int64_t m, int64_t n, float (&c)[MR][NR], cons
 // Calls w4_tile with the compile-time tile matching the run-time (rows, cols) at an edge.
 template <class S, int MR, int NR, int R = MR, int C = NR>
 void w4_tile_edge(int rows, int cols, const W4GemmArgs& g, int64_t m, int64_t n, float (&c)[MR][NR],
-                  const uint8_t* w_next) {
+                  const uint8_t* w_ahead) {
   if constexpr (R > 1) {
-    if (rows < R) return w4_tile_edge<S, MR, NR, R - 1, C>(rows, cols, g, m, n, c, w_next);
+    if (rows < R) return w4_tile_edge<S, MR, NR, R - 1, C>(rows, cols, g, m, n, c, w_ahead);
   }
   if constexpr (C > 1) {
-    if (cols < C) return w4_tile_edge<S, MR, NR, R, C - 1>(rows, cols, g, m, n, c, w_next);
+    if (cols < C) return w4_tile_edge<S, MR, NR, R, C - 1>(rows, cols, g, m, n, c, w_ahead);
   }
-  w4_tile<S, R, C, MR, NR>(g, m, n, c, w_next);
+  w4_tile<S, R, C, MR, NR>(g, m, n, c, w_ahead);
 }
 
+// g as a tile at column n sees it when the tile's columns are `stride` apart: its column j is
+// g's column n + j * stride.
+template <class S>
+W4GemmArgs strided_columns(const W4GemmArgs& g, int64_t n, int64_t stride) {
+  W4GemmArgs t = g;
+  t.w = g.w + n * g.ldw;
+  t.scales = static_cast<const S*>(g.scales) + n * g.lds;
+  t.zeros = static_cast<const S*>(g.zeros) + n * g.lds;
+  t.ldw = stride * g.ldw;
+  t.lds = stride * g.lds;
+  return t;
+}
+
+// How far ahead of its loads each of a tile's weight streams prefetches.
+constexpr int64_t kW4PrefetchBytes = 1024;
+
+// A block's columns in NR parts of `part` columns (then the few left over, side by side): the
+// tile at column n reads columns n, n + part, n + 2 part, so each of its NR weight streams
+// walks consecutive packed rows, one after the other, and meets the prefetcher as one run.
+// Side-by-side columns, NR rows interleaved 64 bytes at a time (three rows 2 KB apart within a
+// 4 KB page at K = 4096), left the hardware prefetcher behind: at M = 1 on Zen 4, 2 threads,
+// weights cold, the op took 1.2-1.4x the time on the benchmark's layers, at both ISA levels
+// (benchmarks/NOTES.md). Three parts rather than one stream (a column per tile): the tile's
+// columns share each load of the activation, whose codes at K = 11008 (18 KB with their lane
+// biases) no longer stay in L1 beside the stream between columns.
 template <class S>
 void w4_block(const W4GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   constexpr int MR = kQ4MR, NR = kQ4NR;
-  for (int64_t n = n0; n < n1; n += NR) {
-    const int cols = static_cast<int>(min_i64(NR, n1 - n));
-    const uint8_t* w_next = g.w + (n + NR + cols <= n1 ? n + NR : n) * g.ldw;
+  const int64_t part = (n1 - n0) / NR;
+  const auto column_tiles = [&](int64_t n, int cols, int64_t stride) {
+    const W4GemmArgs t = strided_columns<S>(g, n, stride);
+    const uint8_t* w_ahead = t.w + kW4PrefetchBytes;
     for (int64_t m = m0; m < m1; m += MR) {
       const int rows = static_cast<int>(min_i64(MR, m1 - m));
       float c[MR][NR];
       if (rows == MR && cols == NR) {
-        w4_tile<S, MR, NR, MR, NR>(g, m, n, c, w_next);
+        w4_tile<S, MR, NR, MR, NR>(t, m, 0, c, w_ahead);
       } else {
-        w4_tile_edge<S, MR, NR>(rows, cols, g, m, n, c, w_next);
+        w4_tile_edge<S, MR, NR>(rows, cols, t, m, 0, c, w_ahead);
       }
       for (int i = 0; i < rows; ++i) {
         for (int j = 0; j < cols; ++j) {
-          const float v = g.bias ? c[i][j] + g.bias[n + j] : c[i][j];
-          store(g.out, g.ldo, g.out_type, m + i, n + j, v);
+          const int64_t nj = n + j * stride;
+          store(g.out, g.ldo, g.out_type, m + i, nj, g.bias ? c[i][j] + g.bias[nj] : c[i][j]);
         }
       }
     }
-  }
+  };
+  for (int64_t n = n0; n < n0 + part; ++n) column_tiles(n, NR, part);
+  if (n0 + NR * part < n1) column_tiles(n0 + NR * part, static_cast<int>(n1 - n0 - NR * part), 1);
 }
 
 void w4_gemm(const W4GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
