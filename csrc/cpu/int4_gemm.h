@@ -731,9 +731,6 @@ W4GemmArgs strided_columns(const W4GemmArgs& g, int64_t n, int64_t stride) {
   return t;
 }
 
-// How far ahead of its loads each of a tile's weight streams prefetches.
-constexpr int64_t kW4PrefetchBytes = 1024;
-
 // A block's columns in NR parts of `part` columns (then the few left over, side by side): the
 // tile at column n reads columns n, n + part, n + 2 part, so each of its NR weight streams
 // walks consecutive packed rows, one after the other, and meets the prefetcher as one run.
@@ -749,7 +746,7 @@ void w4_block(const W4GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n
   const int64_t part = (n1 - n0) / NR;
   const auto column_tiles = [&](int64_t n, int cols, int64_t stride) {
     const W4GemmArgs t = strided_columns<S>(g, n, stride);
-    const uint8_t* w_ahead = t.w + kW4PrefetchBytes;
+    const uint8_t* w_ahead = t.w + kPrefetchBytes;  // int8_gemm.h
     for (int64_t m = m0; m < m1; m += MR) {
       const int rows = static_cast<int>(min_i64(MR, m1 - m));
       float c[MR][NR];

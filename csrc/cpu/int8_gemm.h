@@ -28,13 +28,11 @@ inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 // c[i][j] = sum_k a[i, k] * b[j, k] for i < R, j < C (R <= MR, C <= NR).
 //
-// `b_next` points at the weight rows the next tile will read (C rows, stride ldb). They are
-// prefetched at the same K offset as this tile's loads: one tile ahead covers the memory
-// latency at M = 1, where the hardware prefetchers alone restart on every short row (a
-// 4096-byte row is one page, and they do not cross pages).
+// The tile prefetches b_ahead + j * ldb + (the offset it reads): each weight row's stream some
+// way ahead of its loads (gemm_block).
 template <class D, int R, int C, int MR, int NR>
 inline void dot_tile(const typename D::AT* a, int64_t lda, const typename D::BT* b, int64_t ldb,
-                     int64_t K, typename D::Sum (&c)[MR][NR], const typename D::BT* b_next) {
+                     int64_t K, typename D::Sum (&c)[MR][NR], const typename D::BT* b_ahead) {
   typename D::Acc acc[R][C];
   typename D::Acc bsum[C];
 #pragma GCC unroll 16
@@ -48,7 +46,7 @@ inline void dot_tile(const typename D::AT* a, int64_t lda, const typename D::BT*
     typename D::BV bv[C];
 #pragma GCC unroll 16
     for (int j = 0; j < C; ++j) {
-      if (k % 64 < D::kStep) __builtin_prefetch(b_next + j * ldb + k);  // once per line
+      if (k % 64 < D::kStep) __builtin_prefetch(b_ahead + j * ldb + k);  // once per line
       bv[j] = D::load_b(b + j * ldb + k);
       if constexpr (D::kOffset) bsum[j] = D::sum_b(bsum[j], bv[j]);
     }
@@ -79,40 +77,49 @@ inline void dot_tile(const typename D::AT* a, int64_t lda, const typename D::BT*
 template <class D, int MR, int NR, int R = MR, int C = NR>
 inline void dot_tile_edge(int rows, int cols, const typename D::AT* a, int64_t lda,
                           const typename D::BT* b, int64_t ldb, int64_t K,
-                          typename D::Sum (&c)[MR][NR], const typename D::BT* b_next) {
+                          typename D::Sum (&c)[MR][NR], const typename D::BT* b_ahead) {
   if constexpr (R > 1) {
     if (rows < R) {
-      return dot_tile_edge<D, MR, NR, R - 1, C>(rows, cols, a, lda, b, ldb, K, c, b_next);
+      return dot_tile_edge<D, MR, NR, R - 1, C>(rows, cols, a, lda, b, ldb, K, c, b_ahead);
     }
   }
   if constexpr (C > 1) {
     if (cols < C) {
-      return dot_tile_edge<D, MR, NR, R, C - 1>(rows, cols, a, lda, b, ldb, K, c, b_next);
+      return dot_tile_edge<D, MR, NR, R, C - 1>(rows, cols, a, lda, b, ldb, K, c, b_ahead);
     }
   }
-  dot_tile<D, R, C, MR, NR>(a, lda, b, ldb, K, c, b_next);
+  dot_tile<D, R, C, MR, NR>(a, lda, b, ldb, K, c, b_ahead);
 }
 
-// Walks the block n-outer, m-inner; `epilogue(m, n, rows, cols, c)` stores each finished tile.
+// How far ahead of its loads each of a tile's weight streams prefetches.
+constexpr int64_t kPrefetchBytes = 1024;
+
+// Walks the block n-outer, m-inner; `epilogue(m, n, stride, rows, cols, c)` stores each
+// finished tile, whose column j is column n + j * stride. The block's columns are taken in NR
+// parts of `part` (then the few left over, side by side): the tile at column n reads columns
+// n, n + part, ..., so each of its NR weight streams walks consecutive rows, one after the
+// other, and meets the prefetcher as one run (int4_gemm.h's w4_block, measured there).
 template <class D, int MR, int NR, class Epilogue>
 void gemm_block(const typename D::AT* a, int64_t lda, const typename D::BT* b, int64_t ldb,
                 int64_t K, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
                 const Epilogue& epilogue) {
-  for (int64_t n = n0; n < n1; n += NR) {
-    const int cols = static_cast<int>(min_i64(NR, n1 - n));
-    // The next tile's rows; the last tile of the block prefetches its own (already loaded).
-    const typename D::BT* b_next = b + (n + NR + cols <= n1 ? n + NR : n) * ldb;
+  const int64_t part = (n1 - n0) / NR;
+  const auto column_tiles = [&](int64_t n, int cols, int64_t stride) {
+    const typename D::BT* bt = b + n * ldb;
+    const typename D::BT* b_ahead = bt + kPrefetchBytes / sizeof(typename D::BT);
     for (int64_t m = m0; m < m1; m += MR) {
       const int rows = static_cast<int>(min_i64(MR, m1 - m));
       typename D::Sum c[MR][NR];
       if (rows == MR && cols == NR) {
-        dot_tile<D, MR, NR, MR, NR>(a + m * lda, lda, b + n * ldb, ldb, K, c, b_next);
+        dot_tile<D, MR, NR, MR, NR>(a + m * lda, lda, bt, stride * ldb, K, c, b_ahead);
       } else {
-        dot_tile_edge<D, MR, NR>(rows, cols, a + m * lda, lda, b + n * ldb, ldb, K, c, b_next);
+        dot_tile_edge<D, MR, NR>(rows, cols, a + m * lda, lda, bt, stride * ldb, K, c, b_ahead);
       }
-      epilogue(m, n, rows, cols, c);
+      epilogue(m, n, stride, rows, cols, c);
     }
-  }
+  };
+  for (int64_t n = n0; n < n0 + part; ++n) column_tiles(n, NR, part);
+  if (n0 + NR * part < n1) column_tiles(n0 + NR * part, static_cast<int>(n1 - n0 - NR * part), 1);
 }
 
 inline void store(void* out, int64_t ldo, ScalarType type, int64_t m, int64_t n, float v) {
@@ -126,16 +133,18 @@ inline void store(void* out, int64_t ldo, ScalarType type, int64_t m, int64_t n,
 template <int MR, int NR>
 struct Int8Epilogue {
   const Int8GemmArgs& g;
-  void operator()(int64_t m, int64_t n, int rows, int cols, const int32_t (&c)[MR][NR]) const {
+  void operator()(int64_t m, int64_t n, int64_t stride, int rows, int cols,
+                  const int32_t (&c)[MR][NR]) const {
     for (int i = 0; i < rows; ++i) {
       for (int j = 0; j < cols; ++j) {
+        const int64_t nj = n + j * stride;
         if (g.out_type == ScalarType::kInt32) {
-          static_cast<int32_t*>(g.out)[(m + i) * g.ldo + n + j] = c[i][j];
+          static_cast<int32_t*>(g.out)[(m + i) * g.ldo + nj] = c[i][j];
           continue;
         }
-        float v = static_cast<float>(c[i][j]) * g.a_scale[m + i] * g.b_scale[n + j];
-        if (g.bias) v += g.bias[n + j];
-        store(g.out, g.ldo, g.out_type, m + i, n + j, v);
+        float v = static_cast<float>(c[i][j]) * g.a_scale[m + i] * g.b_scale[nj];
+        if (g.bias) v += g.bias[nj];
+        store(g.out, g.ldo, g.out_type, m + i, nj, v);
       }
     }
   }
@@ -144,12 +153,14 @@ struct Int8Epilogue {
 template <int MR, int NR>
 struct W8A16Epilogue {
   const W8A16Args& g;
-  void operator()(int64_t m, int64_t n, int rows, int cols, const float (&c)[MR][NR]) const {
+  void operator()(int64_t m, int64_t n, int64_t stride, int rows, int cols,
+                  const float (&c)[MR][NR]) const {
     for (int i = 0; i < rows; ++i) {
       for (int j = 0; j < cols; ++j) {
-        float v = c[i][j] * g.w_scale[n + j];
-        if (g.bias) v += g.bias[n + j];
-        store(g.out, g.ldo, g.out_type, m + i, n + j, v);
+        const int64_t nj = n + j * stride;
+        float v = c[i][j] * g.w_scale[nj];
+        if (g.bias) v += g.bias[nj];
+        store(g.out, g.ldo, g.out_type, m + i, nj, v);
       }
     }
   }
