@@ -40,10 +40,11 @@ constexpr int64_t kBlockN_Amx = 256;
 // int4 unpacks each 32-row weight strip once per block, so its blocks are twice as tall: 256
 // rows of panels over a slice of K (cpu/amx_gemm.h, 512 KB) still stay in L2.
 constexpr int64_t kBlockM_W4Amx = 256;
-// int4 on weight strips unpacked to bytes (cpu/int4_gemm.h) unpacks each strip once per block
-// of rows: a block's activation codes are read from L2 or L3 once per strip.
-constexpr int64_t kBlockM_W4Strips = 128;
-constexpr int64_t kBlockN_W4Strips = 64;
+// The AVX-512 strip kernels (W8A8 in cpu/int8_gemm.h, int4 unpacked to bytes in
+// cpu/int4_gemm.h) lay out each strip of weight columns once per block of rows: a block's
+// activation codes are read from L2 or L3 once per strip.
+constexpr int64_t kBlockM_Strips = 128;
+constexpr int64_t kBlockN_Strips = 64;
 // The bf16 tiles' blocks: each weight is converted to bf16 once per block, so the blocks are
 // tall; a block's panels, a slice of K at a time, stay in L2 (cpu/amx_gemm.h).
 constexpr int64_t kBlockM_Bf16 = 256;
@@ -164,12 +165,16 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token_cpu(const at::Tensor& x) {
 
 void run_int8_gemm(cpu::Int8GemmArgs args) {
   const cpu::KernelTable& kt = cpu::active_kernels();
-  if (kt.int8_pack_panels == nullptr || args.M < kt.int8_panel_min_m) {
-    parallel_blocks(args.M, args.N, kBlockM_I8, balanced_block_n(args.N, kBlockN, kVectorStepN),
+  const auto run = [&](int64_t block_m, int64_t block_n) {
+    parallel_blocks(args.M, args.N, block_m, block_n,
                     [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
                       kt.int8_gemm(args, m0, m1, n0, n1);
                     });
-    return;
+  };
+  args.strips = kt.int8_strip_min_m != nullptr && args.M >= kt.int8_strip_min_m(args.K);
+  if (args.strips) return run(kBlockM_Strips, balanced_block_n(args.N, kBlockN_Strips));
+  if (kt.int8_pack_panels == nullptr || args.M < kt.int8_panel_min_m) {
+    return run(kBlockM_I8, balanced_block_n(args.N, kBlockN, kVectorStepN));
   }
   // The tile unit: the activation rows rewritten once into panels (cpu/kernels.h).
   const int64_t panels = (args.M + cpu::kAmxPanel - 1) / cpu::kAmxPanel;
@@ -417,7 +422,7 @@ at::Tensor int4_weight_only_linear_cpu(const at::Tensor& x, const at::Tensor& pa
                      K % cpu::kQ4Chunk == 0;
   if (args.int8_strips) {
     parallel_blocks(
-        M, N, kBlockM_W4Strips, balanced_block_n(N, kBlockN_W4Strips),
+        M, N, kBlockM_Strips, balanced_block_n(N, kBlockN_Strips),
         [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { kt.w4_gemm(args, m0, m1, n0, n1); });
     return out;
   }

@@ -73,6 +73,14 @@ py::dict cpu_kernel_paths() {
   const torchslim::cpu::KernelTable& kt = torchslim::cpu::active_kernels();
   py::dict d;
   d["int8_tiles_from_m"] = kt.int8_pack_panels ? py::cast(kt.int8_panel_min_m) : py::none();
+  // W8A8's strips by K: the M from which they run, for K up to each key.
+  if (kt.int8_strip_min_m != nullptr) {
+    py::dict by_k;
+    for (const int64_t K : {2048, 4096, 65536}) by_k[py::cast(K)] = kt.int8_strip_min_m(K);
+    d["int8_strips_from_m"] = by_k;
+  } else {
+    d["int8_strips_from_m"] = py::none();
+  }
   d["int8_weight_only_tiles_from_m"] =
       kt.w8a16_pack_panels ? py::cast(kt.w8a16_panel_min_m) : py::none();
   // int4's by the activation's run (32, 64, 128).
@@ -134,9 +142,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("name"));
   m.def("cpu_kernel_paths", &cpu_kernel_paths,
         "Kernel variants of the active ISA level: int8_tiles_from_m (the M from which the int8 "
-        "GEMM runs on AMX tiles, or None), int8_weight_only_tiles_from_m (the same for W8A16), "
-        "int4_tiles_from_m (per activation run of 32, 64 and 128 columns, the M from which int4 "
-        "runs on the int8 tiles with Q8 x; None: no such tiles), sparse_bf16_dot");
+        "GEMM runs on AMX tiles, or None), int8_strips_from_m (for K up to each key, the M from "
+        "which it runs on AVX-512 weight strips, or None), int8_weight_only_tiles_from_m (the "
+        "same as the first for W8A16), int4_tiles_from_m (per activation run of 32, 64 and 128 "
+        "columns, the M from which int4 runs on the int8 tiles with Q8 x; None: no such tiles), "
+        "int4_strips_from_m (per run, the M from which it runs on AVX-512 weight strips), "
+        "attention_tiles_from_rows, attention_fp32_tiles_from_rows_per_kv_head, "
+        "sparse_bf16_dot");
   m.def("int4_bf16_tiles_from_m", &int4_bf16_tiles_from_m,
         "The M from which the active ISA level runs int4 on bf16 tiles with bf16 x, for an "
         "activation run (32, 64 or 128 columns) and a layer of n output columns; None: no such "

@@ -1,6 +1,9 @@
 // Helpers for the levels that have AVX-512 (included inside their namespace, as simd.h is): a
-// transpose of 16 x 16 32-bit elements in registers, lane masks, 64-byte aligned buffers.
+// transpose of 16 x 16 32-bit elements in registers, lane masks, 64-byte aligned buffers, a
+// vpdpbusd that keeps its accumulator in place.
 #pragma once
+
+#include "simd.h"  // TORCHSLIM_INLINE
 
 // A 64-byte aligned view of v's data (v holds 64 bytes more than it needs): a tile load or store
 // whose rows straddle cache lines takes 3x as long, and so does a zmm load split across two.
@@ -40,4 +43,11 @@ inline void transpose_16x16(__m512i (&r)[16]) {
     r[b] = _mm512_shuffle_i32x4(t[b], t[b + 8], 0x88);
     r[b + 8] = _mm512_shuffle_i32x4(t[b], t[b + 8], 0xdd);
   }
+}
+
+// acc + a . b (vpdpbusd) in acc's own register: GCC 12 keeps the intrinsic's accumulators in
+// other registers and copies each one in and back out on every step (two moves a multiply).
+inline TORCHSLIM_INLINE __m512i dpbusd_in_place(__m512i acc, __m512i a, __m512i b) {
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+  return acc;
 }

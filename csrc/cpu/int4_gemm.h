@@ -30,7 +30,7 @@ namespace torchslim::cpu::TORCHSLIM_ISA_NS {
 namespace {
 
 #if defined(TORCHSLIM_ISA_AVX512)
-#include "avx512_helpers.h"  // transpose_16x16, first_lanes
+#include "avx512_helpers.h"  // transpose_16x16, first_lanes, dpbusd_in_place
 #endif
 
 // max |x[0 .. n)|.
@@ -428,13 +428,6 @@ void unpack_strip(const W4GemmArgs& g, int64_t n, int cols, float centre, Int8St
       scaled_zero[gi * kStripCols + c] = s * (load_f32(z + gi) - centre);
     }
   }
-}
-
-// acc + a . b (vpdpbusd) in acc's own register: GCC 12 keeps the intrinsic's accumulators in
-// other registers and copies each one in and back out on every step (two moves a multiply).
-inline TORCHSLIM_INLINE __m512i dpbusd_in_place(__m512i acc, __m512i a, __m512i b) {
-  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
-  return acc;
 }
 
 // sum[i][v] += the products of the strip's 4-code steps [t0, t1) and row i's codes.

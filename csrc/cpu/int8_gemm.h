@@ -24,6 +24,10 @@ namespace {
 
 #include "simd.h"
 
+#if defined(TORCHSLIM_ISA_AVX512)
+#include "avx512_helpers.h"  // transpose_16x16, first_lanes, dpbusd_in_place, aligned_data
+#endif
+
 inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 // c[i][j] = sum_k a[i, k] * b[j, k] for i < R, j < C (R <= MR, C <= NR).
@@ -199,7 +203,169 @@ void quantize_rows(const QuantizeArgs& args, int64_t m0, int64_t m1) {
   }
 }
 
+#if defined(TORCHSLIM_ISA_AVX512)
+// Many rows (Int8GemmArgs::strips): as FBGEMM's and oneDNN's AVX-512 kernels do, each block of
+// rows meets the weights as strips of kI8StripCols columns over the whole of K in the VNNI order
+// (byte 4 c + b of vector v at step t is w[n + 16 v + c, 4 t + b], plus 128), and a register tile
+// of kI8StripRows rows x kI8StripVecs vectors does one vpdpbusd per (row, 16 columns) per 4
+// values of K against the row's 4 codes broadcast. vpdpbusd multiplies unsigned by signed bytes,
+// so the strip holds w + 128 (unpacking flips each byte's top bit) and each row's sums lose
+// 128 x (the row's sum of codes) at the end: sum x (w + 128) - 128 sum x = sum x w, exact in int32
+// while K x 127 x 255 fits (K <= kI8StripMaxK). The dot kernels above take a horizontal sum per
+// output and, at 4 columns a tile, load each activation vector once per 4 columns; the strip
+// tile loads each weight vector once per 6 rows and each activation word once per 32 columns.
+constexpr int kI8StripVecs = 2;
+constexpr int kI8StripCols = 16 * kI8StripVecs;
+constexpr int kI8StripRows = 6;
+constexpr int64_t kI8StripMaxK = 65536;
+
+struct I8Strip {
+  std::vector<uint8_t> buffer;  // (K / 4, kI8StripVecs, 64), 64-byte aligned (aligned_data)
+  const uint8_t* codes() const { return aligned_data(buffer); }
+};
+
+// Weight rows [n, n + cols) (cols <= kI8StripCols; zero past them) into `strip`, K % 64 == 0.
+inline void unpack_i8_strip(const Int8GemmArgs& g, int64_t n, int cols, I8Strip& strip) {
+  const int64_t steps = g.K / 4;
+  strip.buffer.resize(steps * kI8StripVecs * 64 + 64);
+  uint8_t* codes = aligned_data(strip.buffer);
+  const __m512i top = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int v = 0; v < kI8StripVecs; ++v) {
+    for (int64_t k = 0; k < g.K; k += 64) {
+      __m512i r[16];
+#pragma GCC unroll 16
+      for (int c = 0; c < 16; ++c) {
+        const int col = 16 * v + c;
+        r[c] = col < cols ? _mm512_loadu_si512(g.b + (n + col) * g.ldb + k) : top;
+      }
+      transpose_16x16(r);  // r[q]: bytes 4 q .. 4 q + 3 of each row, step k / 4 + q
+#pragma GCC unroll 16
+      for (int q = 0; q < 16; ++q) {
+        _mm512_store_si512(codes + ((k / 4 + q) * kI8StripVecs + v) * 64,
+                           _mm512_xor_si512(r[q], top));
+      }
+    }
+  }
+}
+
+// Rows [m, m + R) against the strip at column n: the tile's int32 sums (sum x (w + 128)).
+template <int R>
+inline void i8_strip_sums(const Int8GemmArgs& g, int64_t m, const I8Strip& strip,
+                          __m512i (&sum)[R][kI8StripVecs]) {
+  const int8_t* a = g.a + m * g.lda;
+  const uint8_t* w = strip.codes();
+#pragma GCC unroll 16
+  for (int i = 0; i < R; ++i) {
+#pragma GCC unroll 16
+    for (int v = 0; v < kI8StripVecs; ++v) sum[i][v] = _mm512_setzero_si512();
+  }
+  for (int64_t t = 0; t < g.K / 4; ++t) {
+    __m512i wv[kI8StripVecs];
+#pragma GCC unroll 16
+    for (int v = 0; v < kI8StripVecs; ++v) {
+      wv[v] = _mm512_load_si512(w + (t * kI8StripVecs + v) * 64);
+    }
+#pragma GCC unroll 16
+    for (int i = 0; i < R; ++i) {
+      int32_t four;
+      __builtin_memcpy(&four, a + i * g.lda + 4 * t, sizeof four);
+      const __m512i xv = _mm512_set1_epi32(four);
+#pragma GCC unroll 16
+      for (int v = 0; v < kI8StripVecs; ++v) sum[i][v] = dpbusd_in_place(sum[i][v], wv[v], xv);
+    }
+  }
+}
+
+// Rows [m, m + R) x columns [n, n + cols) of the output; offset[i] = 128 x (row m + i's sum).
+template <int R>
+void i8_strip_tile(const Int8GemmArgs& g, int64_t m, int64_t n, int cols, const I8Strip& strip,
+                   const int32_t* offset) {
+  __m512i sum[R][kI8StripVecs];
+  i8_strip_sums<R>(g, m, strip, sum);
+#pragma GCC unroll 16
+  for (int v = 0; v < kI8StripVecs; ++v) {
+    if (16 * v >= cols) break;  // no pointer past the columns, even under a zero mask
+    const __mmask16 mask = first_lanes(cols - 16 * v);
+    const int64_t n0 = n + 16 * v;
+    __m512 ws = _mm512_setzero_ps(), bias = _mm512_setzero_ps();
+    if (g.out_type != ScalarType::kInt32) {
+      ws = _mm512_maskz_loadu_ps(mask, g.b_scale + n0);
+      if (g.bias) bias = _mm512_maskz_loadu_ps(mask, g.bias + n0);
+    }
+#pragma GCC unroll 16
+    for (int i = 0; i < R; ++i) {
+      const __m512i c = _mm512_sub_epi32(sum[i][v], _mm512_set1_epi32(offset[i]));
+      const int64_t at = (m + i) * g.ldo + n0;
+      if (g.out_type == ScalarType::kInt32) {
+        _mm512_mask_storeu_epi32(static_cast<int32_t*>(g.out) + at, mask, c);
+        continue;
+      }
+      // The dot kernels' epilogue, rounding for rounding: c * a_scale * b_scale, then + bias (a
+      // bias added after the op rounds the same; the graph passes rely on it).
+      const __m512 scaled = _mm512_mul_ps(_mm512_cvtepi32_ps(c), _mm512_set1_ps(g.a_scale[m + i]));
+      const __m512 out = _mm512_add_ps(_mm512_mul_ps(scaled, ws), bias);
+      if (g.out_type == ScalarType::kBFloat16) {
+        _mm256_mask_storeu_epi16(static_cast<uint16_t*>(g.out) + at, mask, f32_to_bf16_bits(out));
+      } else {
+        _mm512_mask_storeu_ps(static_cast<float*>(g.out) + at, mask, out);
+      }
+    }
+  }
+}
+
+// i8_strip_tile for the last rows < kI8StripRows of a block.
+template <int R = kI8StripRows - 1>
+void i8_strip_tile_edge(int rows, const Int8GemmArgs& g, int64_t m, int64_t n, int cols,
+                        const I8Strip& strip, const int32_t* offset) {
+  if constexpr (R > 1) {
+    if (rows < R) return i8_strip_tile_edge<R - 1>(rows, g, m, n, cols, strip, offset);
+  }
+  i8_strip_tile<R>(g, m, n, cols, strip, offset);
+}
+
+bool takes_i8_strips(const Int8GemmArgs& g) { return g.K % 64 == 0 && g.K <= kI8StripMaxK; }
+
+void int8_gemm_strips(const Int8GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  thread_local I8Strip strip;
+  thread_local std::vector<int32_t> offset;
+  offset.resize(m1 - m0);
+  const __m512i ones = _mm512_set1_epi8(1);
+  for (int64_t m = m0; m < m1; ++m) {  // 128 x each row's sum of codes
+    __m512i s = _mm512_setzero_si512();
+    for (int64_t k = 0; k < g.K; k += 64) {
+      s = _mm512_dpbusd_epi32(s, ones, _mm512_loadu_si512(g.a + m * g.lda + k));
+    }
+    offset[m - m0] = 128 * _mm512_reduce_add_epi32(s);
+  }
+  for (int64_t n = n0; n < n1; n += kI8StripCols) {
+    const int cols = static_cast<int>(min_i64(kI8StripCols, n1 - n));
+    unpack_i8_strip(g, n, cols, strip);
+    int64_t m = m0;
+    for (; m + kI8StripRows <= m1; m += kI8StripRows) {
+      i8_strip_tile<kI8StripRows>(g, m, n, cols, strip, offset.data() + (m - m0));
+    }
+    if (m < m1) {
+      i8_strip_tile_edge(static_cast<int>(m1 - m), g, m, n, cols, strip, offset.data() + (m - m0));
+    }
+  }
+}
+
+// The least M at which the strips take over from the dot kernels, by K (Zen 4, 2 threads, the
+// op, weights in cache; dot time / strip time, three rounds, median): the dot kernels' cost per
+// output beside its K steps (a horizontal sum, the epilogue) weighs less the longer K is, the
+// strips' (each weight laid out once per block of rows) does not. K = 576 at M = 8 1.30; 1024
+// at 8 0.96, 12 1.16; 1536 and 2048 at 8 0.83-0.85, 12 1.00, 16 1.07-1.08; 4096 at 16 0.95, 24
+// 1.05, 32 1.10; 11008 at 24 0.97, 32 1.01, 48 1.09.
+int64_t int8_strip_min_m(int64_t K) { return K <= 2048 ? 12 : K <= 4096 ? 24 : 32; }
+constexpr auto kInt8StripMinM = &int8_strip_min_m;
+#else
+constexpr int64_t (*kInt8StripMinM)(int64_t) = nullptr;
+#endif
+
 void int8_gemm(const Int8GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+#if defined(TORCHSLIM_ISA_AVX512)
+  if (g.strips && takes_i8_strips(g)) return int8_gemm_strips(g, m0, m1, n0, n1);
+#endif
   gemm_block<I8Dot, kI8MR, kI8NR>(g.a, g.lda, g.b, g.ldb, g.K, m0, m1, n0, n1,
                                   Int8Epilogue<kI8MR, kI8NR>{g});
 }

@@ -60,6 +60,7 @@ const KernelTable& kernel_table() {
     t.int8_gemm = &amx_int8_gemm;
     t.int8_pack_panels = &int8_pack_panels;
     t.int8_panel_min_m = kPanelMinM;
+    t.int8_strip_min_m = nullptr;  // the tiles take M from kPanelMinM, below the strips' threshold
     t.w8a16_gemm = &amx_w8a16_gemm;
     t.w8a16_pack_panels = &w8a16_pack_panels;
     t.w8a16_panel_min_m = kW8A16PanelMinM;

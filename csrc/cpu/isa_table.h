@@ -28,7 +28,8 @@ const KernelTable& kernel_table() {
                                  kW4StripMinM,
                                  nullptr,
                                  0,
-                                 0};
+                                 0,
+                                 kInt8StripMinM};
   return table;
 }
 

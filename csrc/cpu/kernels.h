@@ -45,6 +45,9 @@ struct Int8GemmArgs {
   // Null, or a's rows as KernelTable::int8_pack_panels wrote them (then the kernel reads a
   // from here, and m0 of a call is a multiple of kAmxPanel).
   const int8_t* a_panels = nullptr;
+  // Whether the kernel meets strips of weight columns in the VNNI order with broadcast
+  // activation codes (KernelTable::int8_strip_min_m) rather than in dot products.
+  bool strips = false;
 };
 
 // AMX: activation rows in the layout of a tile multiply's second operand. Panel p holds rows
@@ -397,6 +400,9 @@ struct KernelTable {
   // In fp32, also at least this many query rows per key/value head (Sq x H / Hkv): the packing
   // of three parts must pay for itself.
   int64_t attention_tile_fp32_min_rows;
+  // Null, or the least M at which int8_gemm takes the weights as strips in the VNNI order
+  // (Int8GemmArgs::strips), by K, for K a multiple of 64.
+  int64_t (*int8_strip_min_m)(int64_t K);
 };
 
 namespace portable {
