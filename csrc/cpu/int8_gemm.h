@@ -95,7 +95,8 @@ inline void dot_tile_edge(int rows, int cols, const typename D::AT* a, int64_t l
   dot_tile<D, R, C, MR, NR>(a, lda, b, ldb, K, c, b_ahead);
 }
 
-// How far ahead of its loads each of a tile's weight streams prefetches.
+// How far ahead of its loads each of a tile's weight streams prefetches (past the weights' end
+// at the last rows: a prefetch never faults).
 constexpr int64_t kPrefetchBytes = 1024;
 
 // Walks the block n-outer, m-inner; `epilogue(m, n, stride, rows, cols, c)` stores each
