@@ -324,7 +324,7 @@ void i8_strip_tile_edge(int rows, const Int8GemmArgs& g, int64_t m, int64_t n, i
   i8_strip_tile<R>(g, m, n, cols, strip, offset);
 }
 
-bool takes_i8_strips(const Int8GemmArgs& g) { return g.K % 64 == 0 && g.K <= kI8StripMaxK; }
+bool takes_i8_strips(int64_t K) { return K % 64 == 0 && K <= kI8StripMaxK; }
 
 void int8_gemm_strips(const Int8GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   thread_local I8Strip strip;
@@ -357,7 +357,11 @@ void int8_gemm_strips(const Int8GemmArgs& g, int64_t m0, int64_t m1, int64_t n0,
 // strips' (each weight laid out once per block of rows) does not. K = 576 at M = 8 1.30; 1024
 // at 8 0.96, 12 1.16; 1536 and 2048 at 8 0.83-0.85, 12 1.00, 16 1.07-1.08; 4096 at 16 0.95, 24
 // 1.05, 32 1.10; 11008 at 24 0.97, 32 1.01, 48 1.09.
-int64_t int8_strip_min_m(int64_t K) { return K <= 2048 ? 12 : K <= 4096 ? 24 : 32; }
+// K not a multiple of 64, or past kI8StripMaxK: never (the dot kernels at any M, in their blocks).
+int64_t int8_strip_min_m(int64_t K) {
+  if (!takes_i8_strips(K)) return INT64_MAX;
+  return K <= 2048 ? 12 : K <= 4096 ? 24 : 32;
+}
 constexpr auto kInt8StripMinM = &int8_strip_min_m;
 #else
 constexpr int64_t (*kInt8StripMinM)(int64_t) = nullptr;
@@ -365,7 +369,7 @@ constexpr int64_t (*kInt8StripMinM)(int64_t) = nullptr;
 
 void int8_gemm(const Int8GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
 #if defined(TORCHSLIM_ISA_AVX512)
-  if (g.strips && takes_i8_strips(g)) return int8_gemm_strips(g, m0, m1, n0, n1);
+  if (g.strips && takes_i8_strips(g.K)) return int8_gemm_strips(g, m0, m1, n0, n1);
 #endif
   gemm_block<I8Dot, kI8MR, kI8NR>(g.a, g.lda, g.b, g.ldb, g.K, m0, m1, n0, n1,
                                   Int8Epilogue<kI8MR, kI8NR>{g});

@@ -401,7 +401,7 @@ struct KernelTable {
   // of three parts must pay for itself.
   int64_t attention_tile_fp32_min_rows;
   // Null, or the least M at which int8_gemm takes the weights as strips in the VNNI order
-  // (Int8GemmArgs::strips), by K, for K a multiple of 64.
+  // (Int8GemmArgs::strips), by K (INT64_MAX for a K they do not take).
   int64_t (*int8_strip_min_m)(int64_t K);
 };
 
