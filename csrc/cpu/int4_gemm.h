@@ -724,20 +724,12 @@ W4GemmArgs strided_columns(const W4GemmArgs& g, int64_t n, int64_t stride) {
   return t;
 }
 
-// A block's columns in NR parts of `part` columns (then the few left over, side by side): the
-// tile at column n reads columns n, n + part, n + 2 part, so each of its NR weight streams
-// walks consecutive packed rows, one after the other, and meets the prefetcher as one run.
-// Side-by-side columns, NR rows interleaved 64 bytes at a time (three rows 2 KB apart within a
-// 4 KB page at K = 4096), left the hardware prefetcher behind: at M = 1 on Zen 4, 2 threads,
-// weights cold, the op took 1.2-1.4x the time on the benchmark's layers, at both ISA levels
-// (benchmarks/NOTES.md). Three parts rather than one stream (a column per tile): the tile's
-// columns share each load of the activation, whose codes at K = 11008 (18 KB with their lane
-// biases) no longer stay in L1 beside the stream between columns.
+// The block n-outer, in tiles whose columns are a part of the block apart (int8_gemm.h's
+// strided_column_tiles), m-inner.
 template <class S>
 void w4_block(const W4GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   constexpr int MR = kQ4MR, NR = kQ4NR;
-  const int64_t part = (n1 - n0) / NR;
-  const auto column_tiles = [&](int64_t n, int cols, int64_t stride) {
+  strided_column_tiles<NR>(n0, n1, [&](int64_t n, int cols, int64_t stride) {
     const W4GemmArgs t = strided_columns<S>(g, n, stride);
     const uint8_t* w_ahead = t.w + kPrefetchBytes;  // int8_gemm.h
     for (int64_t m = m0; m < m1; m += MR) {
@@ -755,9 +747,7 @@ void w4_block(const W4GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n
         }
       }
     }
-  };
-  for (int64_t n = n0; n < n0 + part; ++n) column_tiles(n, NR, part);
-  if (n0 + NR * part < n1) column_tiles(n0 + NR * part, static_cast<int>(n1 - n0 - NR * part), 1);
+  });
 }
 
 void w4_gemm(const W4GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {

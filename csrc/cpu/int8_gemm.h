@@ -99,17 +99,30 @@ inline void dot_tile_edge(int rows, int cols, const typename D::AT* a, int64_t l
 // at the last rows: a prefetch never faults).
 constexpr int64_t kPrefetchBytes = 1024;
 
-// Walks the block n-outer, m-inner; `epilogue(m, n, stride, rows, cols, c)` stores each
-// finished tile, whose column j is column n + j * stride. The block's columns are taken in NR
-// parts of `part` (then the few left over, side by side): the tile at column n reads columns
-// n, n + part, ..., so each of its NR weight streams walks consecutive rows, one after the
-// other, and meets the prefetcher as one run (int4_gemm.h's w4_block, measured there).
+// A block's columns [n0, n1) as tiles of NR columns: `tile(n, cols, stride)` for each, whose
+// column j is column n + j * stride. The columns are taken in NR parts of `part` (then the few
+// left over, side by side): the tile at column n reads columns n, n + part, n + 2 part, ..., so
+// each of its NR weight streams walks consecutive rows, one after the other, and meets the
+// prefetcher as one run. Side-by-side columns, NR rows interleaved 64 bytes at a time (three
+// int4 rows 2 KB apart within a 4 KB page at K = 4096), left the hardware prefetcher behind: at
+// M = 1 on Zen 4, 2 threads, weights cold, int4 took 1.2-1.4x the time on the benchmark's
+// layers, W8A8 1.1-1.4x (benchmarks/NOTES.md). NR parts rather than one stream (a column per
+// tile): the tile's columns share each load of the activation, whose int4 codes at K = 11008
+// (18 KB with their lane biases) no longer stay in L1 beside the stream between columns.
+template <int NR, class Tile>
+void strided_column_tiles(int64_t n0, int64_t n1, const Tile& tile) {
+  const int64_t part = (n1 - n0) / NR;
+  for (int64_t n = n0; n < n0 + part; ++n) tile(n, NR, part);
+  if (n0 + NR * part < n1) tile(n0 + NR * part, static_cast<int>(n1 - n0 - NR * part), 1);
+}
+
+// Walks the block n-outer (strided_column_tiles), m-inner; `epilogue(m, n, stride, rows, cols,
+// c)` stores each finished tile, whose column j is column n + j * stride.
 template <class D, int MR, int NR, class Epilogue>
 void gemm_block(const typename D::AT* a, int64_t lda, const typename D::BT* b, int64_t ldb,
                 int64_t K, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
                 const Epilogue& epilogue) {
-  const int64_t part = (n1 - n0) / NR;
-  const auto column_tiles = [&](int64_t n, int cols, int64_t stride) {
+  strided_column_tiles<NR>(n0, n1, [&](int64_t n, int cols, int64_t stride) {
     const typename D::BT* bt = b + n * ldb;
     const typename D::BT* b_ahead = bt + kPrefetchBytes / sizeof(typename D::BT);
     for (int64_t m = m0; m < m1; m += MR) {
@@ -122,9 +135,7 @@ void gemm_block(const typename D::AT* a, int64_t lda, const typename D::BT* b, i
       }
       epilogue(m, n, stride, rows, cols, c);
     }
-  };
-  for (int64_t n = n0; n < n0 + part; ++n) column_tiles(n, NR, part);
-  if (n0 + NR * part < n1) column_tiles(n0 + NR * part, static_cast<int>(n1 - n0 - NR * part), 1);
+  });
 }
 
 inline void store(void* out, int64_t ldo, ScalarType type, int64_t m, int64_t n, float v) {
