@@ -300,7 +300,7 @@ void w4_tile_zmm(const W4GemmArgs& g, int64_t m, int64_t n, float (&c)[MR][NR],
     V::R ws[C];
 #pragma GCC unroll 16
     for (int j = 0; j < C; ++j) {
-      __builtin_prefetch(w_ahead + j * g.ldw + kb);
+      prefetch_stream(w_ahead + j * g.ldw + kb);
       wv[j] = D::load_w(w + j * g.ldw + kb);
       if constexpr (kGroupBlocks == 1) {
         ws[j] = D::per_block(sc[j] + r * kStepBlocks);
@@ -615,7 +615,7 @@ void w4_tile(const W4GemmArgs& g, int64_t m, int64_t n, float (&c)[MR][NR],
     typename D::WV wv[C];
 #pragma GCC unroll 16
     for (int j = 0; j < C; ++j) {
-      if ((c & 1) == 0) __builtin_prefetch(w_ahead + j * g.ldw + kb);  // once per 64-byte line
+      if ((c & 1) == 0) prefetch_stream(w_ahead + j * g.ldw + kb);  // once per 64-byte line
       wv[j] = D::load_w(w + j * g.ldw + kb);
     }
 #pragma GCC unroll 16
@@ -731,7 +731,7 @@ void w4_block(const W4GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n
   constexpr int MR = kQ4MR, NR = kQ4NR;
   strided_column_tiles<NR>(n0, n1, [&](int64_t n, int cols, int64_t stride) {
     const W4GemmArgs t = strided_columns<S>(g, n, stride);
-    const uint8_t* w_ahead = t.w + kPrefetchBytes;  // int8_gemm.h
+    const uint8_t* w_ahead = t.w + kPrefetchBytes<Q4Dot>;  // int8_gemm.h
     for (int64_t m = m0; m < m1; m += MR) {
       const int rows = static_cast<int>(min_i64(MR, m1 - m));
       float c[MR][NR];

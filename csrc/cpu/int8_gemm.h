@@ -30,6 +30,32 @@ namespace {
 
 inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
 
+// The weight streams' prefetches at few rows: each stream `kPrefetchBytes<D>` bytes ahead of its
+// loads (past the weights' end at the last rows: a prefetch never faults). On AVX-512 into L2
+// (prefetcht1), not L1. Measured at M = 1 on Zen 4 (2 threads, weights cold, one process per
+// variant, alternating, 8-10 rounds, median; benchmarks/NOTES.md): into L1, 1 KB ahead, took
+// 1.08-1.23x the time of into L2 for W8A8, 1.02-1.09x for W8A16 and 1.01-1.07x for int4 on the
+// benchmark's layers. Most likely (the machine has no counters to show it) each L1 prefetch
+// holds one of the L1's few miss buffers until its line comes from memory, and the tile's own
+// loads queue behind them; from L2 the L1's own prefetcher brings each line in time. 2 KB ahead
+// rather than 1 took W8A16 0.90-1.00x the time and int4 0.92-0.95x, W8A8 1.02-1.06x on the
+// large layers: its loop, the lightest per byte, keeps more of its own loads in flight. At the
+// AVX2 level (the same machine) neither moved the times beyond the noise, so the AVX2 and
+// portable levels keep prefetcht0, 1 KB ahead.
+#if defined(TORCHSLIM_ISA_AVX512)
+inline void prefetch_stream(const void* p) { __builtin_prefetch(p, 0, 2); }
+
+template <class D>
+constexpr int64_t kPrefetchBytes = 2048;  // W8A16 (F32Dot) and int4 (Q4Dot)
+template <>
+constexpr int64_t kPrefetchBytes<I8Dot> = 1024;  // W8A8
+#else
+inline void prefetch_stream(const void* p) { __builtin_prefetch(p); }
+
+template <class D>
+constexpr int64_t kPrefetchBytes = 1024;
+#endif
+
 // c[i][j] = sum_k a[i, k] * b[j, k] for i < R, j < C (R <= MR, C <= NR).
 //
 // The tile prefetches b_ahead + j * ldb + (the offset it reads): each weight row's stream some
@@ -50,7 +76,7 @@ inline void dot_tile(const typename D::AT* a, int64_t lda, const typename D::BT*
     typename D::BV bv[C];
 #pragma GCC unroll 16
     for (int j = 0; j < C; ++j) {
-      if (k % 64 < D::kStep) __builtin_prefetch(b_ahead + j * ldb + k);  // once per line
+      if (k % 64 < D::kStep) prefetch_stream(b_ahead + j * ldb + k);  // once per line
       bv[j] = D::load_b(b + j * ldb + k);
       if constexpr (D::kOffset) bsum[j] = D::sum_b(bsum[j], bv[j]);
     }
@@ -95,10 +121,6 @@ inline void dot_tile_edge(int rows, int cols, const typename D::AT* a, int64_t l
   dot_tile<D, R, C, MR, NR>(a, lda, b, ldb, K, c, b_ahead);
 }
 
-// How far ahead of its loads each of a tile's weight streams prefetches (past the weights' end
-// at the last rows: a prefetch never faults).
-constexpr int64_t kPrefetchBytes = 1024;
-
 // A block's columns [n0, n1) as tiles of NR columns: `tile(n, cols, stride)` for each, whose
 // column j is column n + j * stride. The columns are taken in NR parts of `part` (then the few
 // left over, side by side): the tile at column n reads columns n, n + part, n + 2 part, ..., so
@@ -124,7 +146,7 @@ void gemm_block(const typename D::AT* a, int64_t lda, const typename D::BT* b, i
                 const Epilogue& epilogue) {
   strided_column_tiles<NR>(n0, n1, [&](int64_t n, int cols, int64_t stride) {
     const typename D::BT* bt = b + n * ldb;
-    const typename D::BT* b_ahead = bt + kPrefetchBytes / sizeof(typename D::BT);
+    const typename D::BT* b_ahead = bt + kPrefetchBytes<D> / sizeof(typename D::BT);
     for (int64_t m = m0; m < m1; m += MR) {
       const int rows = static_cast<int>(min_i64(MR, m1 - m));
       typename D::Sum c[MR][NR];
