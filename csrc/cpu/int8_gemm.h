@@ -56,18 +56,18 @@ template <class D>
 constexpr int64_t kPrefetchBytes = 1024;
 #endif
 
-// c[i][j] = sum_k a[i, k] * b[j, k] for i < R, j < C (R <= MR, C <= NR).
+// c[i][j] = sum_k a[i, k] * b[j, k] for i < R, j < C (R <= MR, C <= NR). offset[i]: row i's
+// D::offset() where D::kOffset (else unused).
 //
 // The tile prefetches b_ahead + j * ldb + (the offset it reads): each weight row's stream some
 // way ahead of its loads (gemm_block).
 template <class D, int R, int C, int MR, int NR>
 inline void dot_tile(const typename D::AT* a, int64_t lda, const typename D::BT* b, int64_t ldb,
-                     int64_t K, typename D::Sum (&c)[MR][NR], const typename D::BT* b_ahead) {
+                     int64_t K, typename D::Sum (&c)[MR][NR], const typename D::BT* b_ahead,
+                     const typename D::Sum* offset) {
   typename D::Acc acc[R][C];
-  typename D::Acc bsum[C];
 #pragma GCC unroll 16
   for (int j = 0; j < C; ++j) {
-    bsum[j] = D::zero();
 #pragma GCC unroll 16
     for (int i = 0; i < R; ++i) acc[i][j] = D::zero();
   }
@@ -78,7 +78,6 @@ inline void dot_tile(const typename D::AT* a, int64_t lda, const typename D::BT*
     for (int j = 0; j < C; ++j) {
       if (k % 64 < D::kStep) prefetch_stream(b_ahead + j * ldb + k);  // once per line
       bv[j] = D::load_b(b + j * ldb + k);
-      if constexpr (D::kOffset) bsum[j] = D::sum_b(bsum[j], bv[j]);
     }
 #pragma GCC unroll 16
     for (int i = 0; i < R; ++i) {
@@ -91,10 +90,11 @@ inline void dot_tile(const typename D::AT* a, int64_t lda, const typename D::BT*
   // at run time anywhere lives in memory, and the K loop would store it on every step.
 #pragma GCC unroll 16
   for (int j = 0; j < C; ++j) {
-    typename D::Sum correction{};
-    if constexpr (D::kOffset) correction = 128 * D::reduce(bsum[j]);
 #pragma GCC unroll 16
-    for (int i = 0; i < R; ++i) c[i][j] = D::reduce(acc[i][j]) - correction;
+    for (int i = 0; i < R; ++i) {
+      c[i][j] = D::reduce(acc[i][j]);
+      if constexpr (D::kOffset) c[i][j] -= offset[i];
+    }
   }
   for (int64_t k = kv; k < K; ++k) {
     for (int j = 0; j < C; ++j) {
@@ -107,18 +107,19 @@ inline void dot_tile(const typename D::AT* a, int64_t lda, const typename D::BT*
 template <class D, int MR, int NR, int R = MR, int C = NR>
 inline void dot_tile_edge(int rows, int cols, const typename D::AT* a, int64_t lda,
                           const typename D::BT* b, int64_t ldb, int64_t K,
-                          typename D::Sum (&c)[MR][NR], const typename D::BT* b_ahead) {
+                          typename D::Sum (&c)[MR][NR], const typename D::BT* b_ahead,
+                          const typename D::Sum* offset) {
   if constexpr (R > 1) {
     if (rows < R) {
-      return dot_tile_edge<D, MR, NR, R - 1, C>(rows, cols, a, lda, b, ldb, K, c, b_ahead);
+      return dot_tile_edge<D, MR, NR, R - 1, C>(rows, cols, a, lda, b, ldb, K, c, b_ahead, offset);
     }
   }
   if constexpr (C > 1) {
     if (cols < C) {
-      return dot_tile_edge<D, MR, NR, R, C - 1>(rows, cols, a, lda, b, ldb, K, c, b_ahead);
+      return dot_tile_edge<D, MR, NR, R, C - 1>(rows, cols, a, lda, b, ldb, K, c, b_ahead, offset);
     }
   }
-  dot_tile<D, R, C, MR, NR>(a, lda, b, ldb, K, c, b_ahead);
+  dot_tile<D, R, C, MR, NR>(a, lda, b, ldb, K, c, b_ahead, offset);
 }
 
 // A block's columns [n0, n1) as tiles of NR columns: `tile(n, cols, stride)` for each, whose
@@ -144,16 +145,23 @@ template <class D, int MR, int NR, class Epilogue>
 void gemm_block(const typename D::AT* a, int64_t lda, const typename D::BT* b, int64_t ldb,
                 int64_t K, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
                 const Epilogue& epilogue) {
+  thread_local std::vector<typename D::Sum> offset;  // D::kOffset: the block's rows' offsets
+  if constexpr (D::kOffset) {
+    offset.resize(m1 - m0);
+    for (int64_t m = m0; m < m1; ++m) offset[m - m0] = D::offset(a + m * lda, K);
+  }
   strided_column_tiles<NR>(n0, n1, [&](int64_t n, int cols, int64_t stride) {
     const typename D::BT* bt = b + n * ldb;
     const typename D::BT* b_ahead = bt + kPrefetchBytes<D> / sizeof(typename D::BT);
     for (int64_t m = m0; m < m1; m += MR) {
       const int rows = static_cast<int>(min_i64(MR, m1 - m));
+      const typename D::Sum* row_offset = offset.data() + (m - m0);
       typename D::Sum c[MR][NR];
       if (rows == MR && cols == NR) {
-        dot_tile<D, MR, NR, MR, NR>(a + m * lda, lda, bt, stride * ldb, K, c, b_ahead);
+        dot_tile<D, MR, NR, MR, NR>(a + m * lda, lda, bt, stride * ldb, K, c, b_ahead, row_offset);
       } else {
-        dot_tile_edge<D, MR, NR>(rows, cols, a + m * lda, lda, bt, stride * ldb, K, c, b_ahead);
+        dot_tile_edge<D, MR, NR>(rows, cols, a + m * lda, lda, bt, stride * ldb, K, c, b_ahead,
+                                 row_offset);
       }
       epilogue(m, n, stride, rows, cols, c);
     }
@@ -363,14 +371,7 @@ void int8_gemm_strips(const Int8GemmArgs& g, int64_t m0, int64_t m1, int64_t n0,
   thread_local I8Strip strip;
   thread_local std::vector<int32_t> offset;
   offset.resize(m1 - m0);
-  const __m512i ones = _mm512_set1_epi8(1);
-  for (int64_t m = m0; m < m1; ++m) {  // 128 x each row's sum of codes
-    __m512i s = _mm512_setzero_si512();
-    for (int64_t k = 0; k < g.K; k += 64) {
-      s = _mm512_dpbusd_epi32(s, ones, _mm512_loadu_si512(g.a + m * g.lda + k));
-    }
-    offset[m - m0] = 128 * _mm512_reduce_add_epi32(s);
-  }
+  for (int64_t m = m0; m < m1; ++m) offset[m - m0] = I8Dot::offset(g.a + m * g.lda, g.K);
   for (int64_t n = n0; n < n1; n += kI8StripCols) {
     const int cols = static_cast<int>(min_i64(kI8StripCols, n1 - n));
     unpack_i8_strip(g, n, cols, strip);

@@ -9,8 +9,9 @@
 //     kStep        elements of K per step         Acc   vector accumulator
 //     load_a/b     load one step                  dot   acc += a . b (lane-wise partial sums)
 //     reduce       horizontal sum                 mul   one scalar product (for the K tail)
-//     kOffset      A is loaded as (a + 128) (VNNI's u8 x s8): the kernel adds back
-//                  -128 * sum_k b, with sum_b() accumulating sum_k b per step.
+//     kOffset      B is loaded as (b + 128), the unsigned side of VNNI's u8 x s8: each of
+//                  row i's sums comes out 128 * sum_k a[i, k] over the vector steps too
+//                  (offset(), once per row and block of columns), which the kernel takes off.
 //   FVec: fp32 lanes for row-wise quantization (load fp32/bf16, abs, max, round(x / scale) and
 //   store).
 #pragma once
@@ -118,13 +119,23 @@ struct I8Dot {
   static constexpr int kStep = 64;
   static constexpr bool kOffset = true;
   static Acc zero() { return _mm512_setzero_si512(); }
-  // vpdpbusd multiplies unsigned by signed bytes: flip the sign bit, i.e. a + 128 as u8.
-  static AV load_a(const int8_t* p) {
+  // vpdpbusd multiplies unsigned by signed bytes: the weights flip their sign bit (w + 128 as
+  // u8), and each activation row's 128 x its sum of codes comes off at the end. The sum is the
+  // row's, once per block; the weights' own sums, once per tile column per step, took as many
+  // vpdpbusd as the products themselves at M = 1.
+  static AV load_a(const int8_t* p) { return _mm512_loadu_si512(p); }
+  static BV load_b(const int8_t* p) {
     return _mm512_xor_si512(_mm512_loadu_si512(p), _mm512_set1_epi8(static_cast<char>(0x80)));
   }
-  static BV load_b(const int8_t* p) { return _mm512_loadu_si512(p); }
-  static Acc dot(Acc acc, AV a, BV b) { return _mm512_dpbusd_epi32(acc, a, b); }
-  static Acc sum_b(Acc acc, BV b) { return _mm512_dpbusd_epi32(acc, _mm512_set1_epi8(1), b); }
+  static Acc dot(Acc acc, AV a, BV b) { return _mm512_dpbusd_epi32(acc, b, a); }
+  // 128 x sum of a[k] for k < K - K % kStep (the steps dot() takes).
+  static Sum offset(const int8_t* a, int64_t K) {
+    __m512i s = _mm512_setzero_si512();
+    for (int64_t k = 0; k + kStep <= K; k += kStep) {
+      s = _mm512_dpbusd_epi32(s, _mm512_set1_epi8(1), _mm512_loadu_si512(a + k));
+    }
+    return 128 * _mm512_reduce_add_epi32(s);
+  }
   static Sum reduce(Acc v) { return _mm512_reduce_add_epi32(v); }
   static Sum mul(int8_t a, int8_t b) { return static_cast<int32_t>(a) * b; }
 };
