@@ -33,6 +33,16 @@ constexpr int64_t kBlockM_I8 = 64;
 constexpr int64_t kBlockM_F32 = 32;
 constexpr int64_t kBlockN = 64;
 constexpr int64_t kVectorStepN = 12;
+// At few rows (M <= kFewRows: one register tile of them) a vector kernel's block is its weight
+// streams: each of a tile's NR columns walks a part of the block's columns (strided_column_tiles
+// in cpu/int8_gemm.h), and the hardware prefetcher starts over with each part. Blocks of 64
+// columns cut 576x1536 into streams of 9 KB (16 rows of 576 bytes). With blocks of 256, at M = 1
+// on Zen 4 (2 threads, weights cold, one process per variant, alternating, 6-10 rounds,
+// median), 576x1536 W8A8 took 0.76-0.77x the time, W8A16 0.88-0.92x, and int4 0.89-0.98x on
+// the benchmark's layers; the large int8 layers moved within the noise (0.94-1.06x). At the AVX2
+// level 0.86-1.02x.
+constexpr int64_t kFewRows = 4;
+constexpr int64_t kBlockN_FewRows = 256;
 // The tile unit's blocks (multiples of the 32 x 32 register block): a block's weight rows
 // (kBlockN_Amx x K bytes) stay in L2 while its activation panels pass.
 constexpr int64_t kBlockM_Amx = 128;
@@ -65,6 +75,11 @@ int64_t balanced_block_n(int64_t N, int64_t most, int64_t step = 32) {
   if (N % most == 0 && blocks % threads == 0) return most;
   blocks = (blocks + threads - 1) / threads * threads;
   return std::max<int64_t>(step, ((N + blocks - 1) / blocks + step - 1) / step * step);
+}
+
+// The vector kernels' blocks of columns.
+int64_t vector_block_n(int64_t M, int64_t N) {
+  return balanced_block_n(N, M <= kFewRows ? kBlockN_FewRows : kBlockN, kVectorStepN);
 }
 
 // The tile kernels' blocks, run across the threads. The threads split the columns
@@ -174,7 +189,7 @@ void run_int8_gemm(cpu::Int8GemmArgs args) {
   args.strips = kt.int8_strip_min_m != nullptr && args.M >= kt.int8_strip_min_m(args.K);
   if (args.strips) return run(kBlockM_Strips, balanced_block_n(args.N, kBlockN_Strips));
   if (kt.int8_pack_panels == nullptr || args.M < kt.int8_panel_min_m) {
-    return run(kBlockM_I8, balanced_block_n(args.N, kBlockN, kVectorStepN));
+    return run(kBlockM_I8, vector_block_n(args.M, args.N));
   }
   // The tile unit: the activation rows rewritten once into panels (cpu/kernels.h).
   const int64_t panels = (args.M + cpu::kAmxPanel - 1) / cpu::kAmxPanel;
@@ -262,7 +277,7 @@ at::Tensor int8_weight_only_linear_cpu(const at::Tensor& x, const at::Tensor& w_
     const at::Tensor xf = op.x_type == ScalarType::kFloat32 ? x : x.to(at::kFloat).contiguous();
     args.x = xf.data_ptr<float>();
     args.ldx = xf.stride(0);
-    parallel_blocks(op.M, op.N, kBlockM_F32, balanced_block_n(op.N, kBlockN, kVectorStepN),
+    parallel_blocks(op.M, op.N, kBlockM_F32, vector_block_n(op.M, op.N),
                     [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
                       kt.w8a16_gemm(args, m0, m1, n0, n1);
                     });
@@ -427,7 +442,7 @@ at::Tensor int4_weight_only_linear_cpu(const at::Tensor& x, const at::Tensor& pa
     return out;
   }
   parallel_blocks(
-      M, N, kBlockM_I8, balanced_block_n(N, kBlockN, kVectorStepN),
+      M, N, kBlockM_I8, vector_block_n(M, N),
       [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { kt.w4_gemm(args, m0, m1, n0, n1); });
   return out;
 }
