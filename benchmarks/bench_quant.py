@@ -156,6 +156,8 @@ def measure(
         row = {"layer": f"{k}x{n}", "M": m, "impl": impl.name}
         try:
             fn()
+            if device == "cuda":
+                torch.cuda.synchronize()  # a kernel's error shows here, not in a later turn
         except (RuntimeError, NotImplementedError) as exc:  # a baseline that does not take it
             rows[impl.name] = {**row, "error": str(exc).splitlines()[0]}
             continue
@@ -164,8 +166,14 @@ def measure(
         elem = torch.finfo(impl.x_dtype).bits // 8
         moved[impl.name] = weight_bytes + m * k * elem + m * n * elem
     times = common.time_in_turns(fns, device=device)
-    bandwidth = copy.gbs(times.pop("copy"))
+    copy_ms = times.pop("copy")
+    if isinstance(copy_ms, Exception):
+        raise copy_ms
+    bandwidth = copy.gbs(copy_ms)
     for name, ms in times.items():
+        if isinstance(ms, Exception):
+            rows[name]["error"] = str(ms).splitlines()[0]
+            continue
         floor_ms = moved[name] / bandwidth / 1e6
         rows[name].update(
             {

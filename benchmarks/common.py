@@ -73,22 +73,31 @@ def time_in_turns(
     min_run_time: float = 0.3,
     device: str = "cpu",
     rounds: int = ROUNDS,
-) -> dict[str, float]:
+) -> dict[str, float | Exception]:
     """Median time in ms of each of fns, the fns taking turns: in each of `rounds` rounds every
     fn is timed for min_run_time / rounds (time_ms); each fn's figure is the median of its
     rounds. A shared machine's memory bandwidth drifts over seconds: timed one after another for
     0.3 s each, torchslim's W8A8 at M = 1 on Zen 4 (11008x4096, weights cold) came out at 0.83x
-    FBGEMM's speed in one run of the int8 benchmark and 1.31x in another; timed in turns, three
-    runs in a row gave 1.21-1.37x. A fn slower than 2 s a call is timed once, in the first
-    round. On a GPU (do_bench: CUDA events, L2 flushed) one round."""
+    FBGEMM's speed in one run of the int8 benchmark and 1.31x in another; timed in turns, four
+    runs gave 1.18-1.37x. A fn slower than 2 s a call is timed once, in the first round. On a
+    GPU (do_bench: CUDA events, L2 flushed) one round. A fn that raises RuntimeError or
+    NotImplementedError (out of memory, say) gets the exception as its figure and no more turns.
+    All of fns' operands live at once: each of them rotated through ROTATE_BYTES, the memory a
+    case needs is that many times the implementations."""
     rounds = 1 if device == "cuda" else rounds
     times: dict[str, list[float]] = {name: [] for name in fns}
+    failed: dict[str, Exception] = {}
     for _ in range(rounds):
         for name, fn in fns.items():
-            if times[name] and times[name][0] > 2000.0:
+            if name in failed or (times[name] and times[name][0] > 2000.0):
                 continue
-            times[name].append(time_ms(fn, min_run_time / rounds, device))
-    return {name: statistics.median(values) for name, values in times.items()}
+            try:
+                times[name].append(time_ms(fn, min_run_time / rounds, device))
+            except (RuntimeError, NotImplementedError) as exc:
+                failed[name] = exc
+    return {
+        name: failed[name] if name in failed else statistics.median(times[name]) for name in fns
+    }
 
 
 def rotating(make: Callable[[], object], nbytes: int) -> Callable[[], object]:

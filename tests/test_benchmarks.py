@@ -22,9 +22,9 @@ def test_bench_int8_quick(tmp_path, capsys):
         if r.get("time_ms"):
             assert float(r["time_ms"]) > 0 and float(r["pct_floor"]) > 0
             assert r["commit"] and r["torch"] and r["device"].startswith("cpu-")
-            # The floor takes the copy timed in turns with the row's own case.
-            floor = float(r["floor_ms"]) / float(r["time_ms"]) * 100
-            assert floor == pytest.approx(float(r["pct_floor"]), rel=1e-3)
+            # The floor is the bytes moved (GB/s x time) over the row's own copy bandwidth.
+            share = 100 * float(r["GB/s"]) / float(r["copy_GB/s"])
+            assert share == pytest.approx(float(r["pct_floor"]), rel=1e-3)
     bandwidths = {(r["layer"], r["M"]): r["copy_GB/s"] for r in rows if r.get("time_ms")}
     for r in rows:
         if r.get("time_ms"):
@@ -35,22 +35,32 @@ def test_bench_int8_quick(tmp_path, capsys):
 
 def test_time_in_turns_alternates_and_takes_each_median(monkeypatch):
     """The fns take turns round by round; each figure is the median of its own rounds; a fn
-    slower than 2 s a call is timed in the first round only."""
+    slower than 2 s a call is timed in the first round only; one that raises keeps its error
+    and gets no more turns."""
     from torchslim.benchmarks import common
 
-    times = {"a": iter([5.0, 1.0, 3.0]), "b": iter([10.0, 30.0, 20.0]), "slow": iter([2500.0])}
+    oom = RuntimeError("out of memory")
+    times = {
+        "a": iter([5.0, 1.0, 3.0]),
+        "b": iter([10.0, 30.0, 20.0]),
+        "slow": iter([2500.0]),
+        "fails": iter([4.0, oom]),
+    }
     order = []
 
     def fake_time_ms(fn, min_run_time, device):
         order.append(fn())
         assert min_run_time == pytest.approx(0.3 / 3)
-        return next(times[order[-1]])
+        value = next(times[order[-1]])
+        if isinstance(value, Exception):
+            raise value
+        return value
 
     monkeypatch.setattr(common, "time_ms", fake_time_ms)
-    fns = {name: (lambda name=name: name) for name in ("a", "b", "slow")}
+    fns = {name: (lambda name=name: name) for name in ("a", "b", "slow", "fails")}
     result = common.time_in_turns(fns, rounds=3)
-    assert order == ["a", "b", "slow", "a", "b", "a", "b"]
-    assert result == {"a": 3.0, "b": 20.0, "slow": 2500.0}
+    assert order == ["a", "b", "slow", "fails", "a", "b", "fails", "a", "b"]
+    assert result == {"a": 3.0, "b": 20.0, "slow": 2500.0, "fails": oom}
     # On a GPU one round (do_bench is stable), at the whole min_run_time.
     times["a"] = iter([7.0])
     order.clear()

@@ -317,7 +317,7 @@ def test_leading_dims_strides_and_threads(backend, gen):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("group_size", [32, 128])
 @pytest.mark.parametrize("mn", [(300, 290), (1, 1100), (3, 700)])
-def test_threads_split_rows(backend, group_size, mn, gen):
+def test_threads_split_rows_or_columns(backend, group_size, mn, gen):
     """With fewer than 2M columns and 128 rows a thread, the tile kernels' threads split the rows
     (in shares that are not whole blocks); at few rows the vector kernels' threads split the
     columns, in blocks of up to 256 with a last one cut short: the same result as one thread,

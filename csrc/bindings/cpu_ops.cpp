@@ -33,14 +33,14 @@ constexpr int64_t kBlockM_I8 = 64;
 constexpr int64_t kBlockM_F32 = 32;
 constexpr int64_t kBlockN = 64;
 constexpr int64_t kVectorStepN = 12;
-// At few rows (M <= kFewRows: one register tile of them) a vector kernel's block is its weight
-// streams: each of a tile's NR columns walks a part of the block's columns (strided_column_tiles
-// in cpu/int8_gemm.h), and the hardware prefetcher starts over with each part. Blocks of 64
-// columns cut 576x1536 into streams of 9 KB (16 rows of 576 bytes). With blocks of 256, at M = 1
-// on Zen 4 (2 threads, weights cold, one process per variant, alternating, 6-10 rounds,
-// median), 576x1536 W8A8 took 0.76-0.77x the time, W8A16 0.88-0.92x, and int4 0.89-0.98x on
-// the benchmark's layers; the large int8 layers moved within the noise (0.94-1.06x). At the AVX2
-// level 0.86-1.02x.
+// At few rows (M <= kFewRows: the register tile's rows on AVX-512) a vector kernel's block is
+// its weight streams: each of a tile's NR columns walks a part of the block's columns
+// (strided_column_tiles in cpu/int8_gemm.h), and the hardware prefetcher starts over with each
+// part. Blocks of 64 columns cut 576x1536 into streams of 9 KB (16 rows of 576 bytes). With
+// blocks of 256, at M = 1 on Zen 4 (2 threads, weights cold, one process per variant,
+// alternating, 6-10 rounds, median), 576x1536 W8A8 took 0.76-0.77x the time, W8A16 0.88-0.92x,
+// and int4 0.89-0.98x on the benchmark's layers; the large int8 layers moved within the noise
+// (0.94-1.08x). At the AVX2 level 0.86-1.03x.
 constexpr int64_t kFewRows = 4;
 constexpr int64_t kBlockN_FewRows = 256;
 // The tile unit's blocks (multiples of the 32 x 32 register block): a block's weight rows

@@ -155,7 +155,7 @@ void gemm_block(const typename D::AT* a, int64_t lda, const typename D::BT* b, i
     const typename D::BT* b_ahead = bt + kPrefetchBytes<D> / sizeof(typename D::BT);
     for (int64_t m = m0; m < m1; m += MR) {
       const int rows = static_cast<int>(min_i64(MR, m1 - m));
-      const typename D::Sum* row_offset = offset.data() + (m - m0);
+      const typename D::Sum* row_offset = D::kOffset ? offset.data() + (m - m0) : nullptr;
       typename D::Sum c[MR][NR];
       if (rows == MR && cols == NR) {
         dot_tile<D, MR, NR, MR, NR>(a + m * lda, lda, bt, stride * ldb, K, c, b_ahead, row_offset);

@@ -156,7 +156,6 @@ struct F32Dot {
         _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
   }
   static Acc dot(Acc acc, AV a, BV b) { return _mm512_fmadd_ps(a, b, acc); }
-  static Acc sum_b(Acc acc, BV) { return acc; }
   static Sum reduce(Acc v) { return _mm512_reduce_add_ps(v); }
   static Sum mul(float a, int8_t b) { return a * static_cast<float>(b); }
 };
@@ -259,7 +258,6 @@ struct I8Dot {
     const __m256i pairs = _mm256_maddubs_epi16(b.abs, _mm256_sign_epi8(a, b.raw));
     return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
   }
-  static Acc sum_b(Acc acc, const BV&) { return acc; }
   static Sum reduce(Acc v) { return hsum_epi32(v); }
   static Sum mul(int8_t a, int8_t b) { return static_cast<int32_t>(a) * b; }
 };
@@ -280,7 +278,6 @@ struct F32Dot {
         _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
   }
   static Acc dot(Acc acc, AV a, BV b) { return _mm256_fmadd_ps(a, b, acc); }
-  static Acc sum_b(Acc acc, BV) { return acc; }
   static Sum reduce(Acc v) { return hsum_ps(v); }
   static Sum mul(float a, int8_t b) { return a * static_cast<float>(b); }
 };
@@ -385,7 +382,6 @@ struct I8Dot {
     for (int l = 0; l < 8; ++l) acc.v[l] += a.v[l] * b.v[l];
     return acc;
   }
-  static Acc sum_b(Acc acc, const BV&) { return acc; }
   static Sum reduce(const Acc& a) {
     Sum s = 0;
     for (int l = 0; l < 8; ++l) s += a.v[l];
@@ -418,7 +414,6 @@ struct F32Dot {
     for (int l = 0; l < 8; ++l) acc.v[l] += a.v[l] * b.v[l];
     return acc;
   }
-  static Acc sum_b(Acc acc, const BV&) { return acc; }
   static Sum reduce(const Acc& a) {
     const float s0 = (a.v[0] + a.v[4]) + (a.v[1] + a.v[5]);
     const float s1 = (a.v[2] + a.v[6]) + (a.v[3] + a.v[7]);
