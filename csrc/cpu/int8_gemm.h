@@ -145,17 +145,19 @@ template <class D, int MR, int NR, class Epilogue>
 void gemm_block(const typename D::AT* a, int64_t lda, const typename D::BT* b, int64_t ldb,
                 int64_t K, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
                 const Epilogue& epilogue) {
-  thread_local std::vector<typename D::Sum> offset;  // D::kOffset: the block's rows' offsets
+  const typename D::Sum* offsets = nullptr;  // D::kOffset: the block's rows' D::offset()
   if constexpr (D::kOffset) {
-    offset.resize(m1 - m0);
-    for (int64_t m = m0; m < m1; ++m) offset[m - m0] = D::offset(a + m * lda, K);
+    thread_local std::vector<typename D::Sum> held;
+    held.resize(m1 - m0);
+    for (int64_t m = m0; m < m1; ++m) held[m - m0] = D::offset(a + m * lda, K);
+    offsets = held.data();
   }
   strided_column_tiles<NR>(n0, n1, [&](int64_t n, int cols, int64_t stride) {
     const typename D::BT* bt = b + n * ldb;
     const typename D::BT* b_ahead = bt + kPrefetchBytes<D> / sizeof(typename D::BT);
     for (int64_t m = m0; m < m1; m += MR) {
       const int rows = static_cast<int>(min_i64(MR, m1 - m));
-      const typename D::Sum* row_offset = D::kOffset ? offset.data() + (m - m0) : nullptr;
+      const typename D::Sum* row_offset = D::kOffset ? offsets + (m - m0) : nullptr;
       typename D::Sum c[MR][NR];
       if (rows == MR && cols == NR) {
         dot_tile<D, MR, NR, MR, NR>(a + m * lda, lda, bt, stride * ldb, K, c, b_ahead, row_offset);
