@@ -301,8 +301,16 @@ def test_leading_dims_strides_and_threads(backend, gen):
     with run_on(backend):
         out = ops.int4_weight_only_linear(x, packed, scales, zeros, 64, bias)
         flat = ops.int4_weight_only_linear(x.reshape(6, 256), packed, scales, zeros, 64, bias)
-        strided = x.reshape(6, 256).T.contiguous().T
-        transposed = ops.int4_weight_only_linear(strided, packed, scales, zeros, 64, bias)
+        layouts = {
+            "last dim not contiguous": x.reshape(6, 256).T.contiguous().T,
+            "leading dims that do not merge": x.transpose(0, 1).contiguous().transpose(0, 1),
+            "rows longer than K": torch.cat([x, x[..., :32]], -1)[..., :256],
+            "4-D": x.reshape(1, 2, 3, 256),
+        }
+        outs = {
+            name: ops.int4_weight_only_linear(v, packed, scales, zeros, 64, bias)
+            for name, v in layouts.items()
+        }
         try:
             torch.set_num_threads(1)
             one = ops.int4_weight_only_linear(x, packed, scales, zeros, 64, bias)
@@ -310,7 +318,9 @@ def test_leading_dims_strides_and_threads(backend, gen):
             torch.set_num_threads(threads)
     assert out.shape == (2, 3, 40)
     assert torch.equal(out.reshape(6, 40), flat)
-    assert torch.equal(transposed, flat)
+    for name, v in layouts.items():
+        assert outs[name].shape == (*v.shape[:-1], 40), name
+        assert torch.equal(outs[name].reshape(6, 40), flat), name
     assert torch.equal(one, out)
 
 

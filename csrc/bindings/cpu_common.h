@@ -4,6 +4,8 @@
 #pragma once
 
 #include <ATen/Parallel.h>
+#include <ATen/TensorUtils.h>
+#include <ATen/ops/view_native.h>
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -63,6 +65,7 @@ inline at::Tensor bias_operand(const std::optional<at::Tensor>& bias, int64_t N)
                   ",), got ", bias->sizes());
   TORCHSLIM_CHECK_TYPE(at::isFloatingType(bias->scalar_type()),
                        "bias must be a floating-point tensor, got ", bias->scalar_type());
+  if (bias->scalar_type() == at::kFloat && bias->is_contiguous()) return *bias;
   return bias->to(at::kFloat).contiguous();
 }
 
@@ -102,33 +105,46 @@ inline bool is_bias(const OptTensor& bias, int64_t n) {
                                bias->dim() == 1 && bias->size(0) == n);
 }
 
-// x (M, K) fp32/bf16 quantized per token (torchslim.reference.quantize_per_token): (M,
-// columns) int8 codes, zeros past K (columns >= K), and the scales (M,) fp32.
-inline std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x, int64_t columns) {
+// x (M, K) fp32/bf16 quantized per token (torchslim.reference.quantize_per_token) into `codes`
+// (M, columns) int8, zeros past K (columns >= K), and `scale` (M,) fp32.
+inline void quantize_rows_into(const at::Tensor& x, int8_t* codes, int64_t columns, float* scale) {
   check_activation(x, "x");
   const ScalarType xt = float_type(x, "x");
   const int64_t M = x.size(0), K = x.size(1);
-  at::Tensor q = at::empty({M, columns}, x.options().dtype(at::kChar));
-  int8_t* codes = q.data_ptr<int8_t>();
   for (int64_t m = 0; m < M && columns > K; ++m) {  // no torch op: at M = 1 its dispatch
     std::fill(codes + m * columns + K, codes + (m + 1) * columns, int8_t{0});  // costs more
   }
-  at::Tensor scale = at::empty({M}, x.options().dtype(at::kFloat));
-  const cpu::QuantizeArgs args{
-      x.data_ptr(), x.stride(0), xt, codes, columns, scale.data_ptr<float>(), K};
+  const cpu::QuantizeArgs args{x.data_ptr(), x.stride(0), xt, codes, columns, scale, K};
   const cpu::KernelTable& kt = cpu::active_kernels();
   at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)),
                    [&](int64_t m0, int64_t m1) { kt.quantize_rows(args, m0, m1); });
+}
+
+// quantize_rows_into, as tensors: the codes (M, columns) and the scales (M,).
+inline std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x, int64_t columns) {
+  check_activation(x, "x");
+  at::Tensor q = at::empty({x.size(0), columns}, x.options().dtype(at::kChar));
+  at::Tensor scale = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
+  quantize_rows_into(x, q.data_ptr<int8_t>(), columns, scale.data_ptr<float>());
   return {q, scale};
 }
+
+// The views below are taken with at::native::view, the CPU kernel of aten::view, rather than
+// through the dispatcher: these helpers run inside the ops' CPU kernels, below autograd, where
+// a dispatched reshape and view cost ~0.7 us of a decode-sized (M = 1) call's ~5.
 
 // x (..., K) as (M, K) with unit stride in K, copying only when it must. (M is spelled out:
 // reshape cannot infer it when K = 0.)
 inline at::Tensor rows(const at::Tensor& x) {
+  if (x.dim() == 2) return x.size(1) <= 1 || x.stride(1) == 1 ? x : x.contiguous();
   int64_t M = 1;
   for (int64_t d = 0; d + 1 < x.dim(); ++d) M *= x.size(d);
-  at::Tensor x2 = x.reshape({M, x.size(-1)});
-  return x2.size(1) <= 1 || x2.stride(1) == 1 ? x2 : x2.contiguous();
+  const std::vector<int64_t> shape = {M, x.size(-1)};
+  const auto strides = at::detail::computeStride(x.sizes(), x.strides(), at::IntArrayRef(shape));
+  if (!strides.has_value() || (shape[1] > 1 && (*strides)[1] != 1)) {
+    return x.reshape(shape).contiguous();
+  }
+  return at::native::view(x, shape);
 }
 
 inline at::Tensor unit_last_stride(const at::Tensor& w) {
@@ -137,9 +153,10 @@ inline at::Tensor unit_last_stride(const at::Tensor& w) {
 
 // out (M, N) as (..., N) with x's leading dims.
 inline at::Tensor unflatten(const at::Tensor& out, const at::Tensor& x) {
+  if (x.dim() == 2) return out;
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
   shape.push_back(out.size(1));
-  return out.view(shape);
+  return at::native::view(out, shape);
 }
 
 }  // namespace torchslim::cpu_bindings

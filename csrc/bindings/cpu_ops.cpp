@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -113,32 +114,39 @@ void parallel_tile_blocks(int64_t M, int64_t N, int64_t most_m, int64_t most_n, 
 // request up to kWorkspaceMax bytes reuses the calling thread's buffer, so a decode step does
 // not allocate four tensors per int4 layer, and a prefill's activation panels (2 MB at M = 512,
 // K = 4096) do not come as fresh pages the kernel must clear each call; a larger one is held by
-// `fallback`. 64-byte aligned.
+// `fallback`. 64-byte aligned. Each slot is its own buffer: an op that keeps one slot's contents
+// while it asks for more (W8A8's codes, then the tile unit's panels) takes two.
 constexpr std::size_t kWorkspaceAlign = 64;
 constexpr std::size_t kWorkspaceMax = std::size_t{8} << 20;
+enum class Slot { kFirst = 0, kSecond = 1 };
 
 std::size_t align_up(std::size_t n) {
   return (n + kWorkspaceAlign - 1) / kWorkspaceAlign * kWorkspaceAlign;
 }
 
-uint8_t* workspace(std::size_t bytes, at::Tensor& fallback) {
+uint8_t* workspace(std::size_t bytes, at::Tensor& fallback, Slot slot = Slot::kFirst) {
   struct Free {
     void operator()(uint8_t* p) const { std::free(p); }
   };
-  thread_local std::unique_ptr<uint8_t, Free> buffer;
-  thread_local std::size_t capacity = 0;
+  struct Buffer {
+    std::unique_ptr<uint8_t, Free> data;
+    std::size_t capacity = 0;
+  };
+  thread_local std::array<Buffer, 2> buffers;
   if (bytes > kWorkspaceMax) {
     fallback = at::empty({static_cast<int64_t>(bytes + kWorkspaceAlign)}, at::kByte);
     const auto address = reinterpret_cast<std::uintptr_t>(fallback.data_ptr<uint8_t>());
     return reinterpret_cast<uint8_t*>(align_up(address));
   }
-  if (bytes > capacity) {
+  Buffer& buffer = buffers[static_cast<std::size_t>(slot)];
+  if (bytes > buffer.capacity) {
     const std::size_t grown = std::max(align_up(bytes), std::size_t{64} << 10);
-    buffer.reset(static_cast<uint8_t*>(std::aligned_alloc(kWorkspaceAlign, grown)));
-    capacity = buffer ? grown : 0;
-    TORCHSLIM_CHECK_RUNTIME(buffer != nullptr, "could not allocate a ", grown, "-byte workspace");
+    buffer.data.reset(static_cast<uint8_t*>(std::aligned_alloc(kWorkspaceAlign, grown)));
+    buffer.capacity = buffer.data ? grown : 0;
+    TORCHSLIM_CHECK_RUNTIME(buffer.data != nullptr, "could not allocate a ", grown,
+                            "-byte workspace");
   }
-  return buffer.get();
+  return buffer.data.get();
 }
 
 // x (args.x or args.x_bf16) as the bf16 tiles' panels in args.x_parts parts, in the calling
@@ -248,10 +256,16 @@ at::Tensor int8_dynamic_linear_cpu(const at::Tensor& x, const at::Tensor& w_q,
                                    const std::optional<at::Tensor>& bias) {
   const LinearOperands op = linear_operands(x, w_q, w_scale, bias);
   if (op.M == 0 || op.N == 0) return op.out;
-  auto [x_q, x_scale] = quantize_per_token_cpu(x);
-  run_int8_gemm({x_q.data_ptr<int8_t>(), op.K, w_q.data_ptr<int8_t>(), w_q.stride(0),
-                 x_scale.data_ptr<float>(), op.w_scale.data_ptr<float>(), op.bias_ptr(),
-                 op.out.data_ptr(), op.N, op.x_type, op.M, op.N, op.K});
+  // x's codes and scales in the second workspace slot (the tile unit's panels take the first).
+  at::Tensor held;
+  const std::size_t code_bytes = align_up(static_cast<std::size_t>(op.M * op.K));
+  uint8_t* scratch = workspace(code_bytes + op.M * sizeof(float), held, Slot::kSecond);
+  auto* x_q = reinterpret_cast<int8_t*>(scratch);
+  auto* x_scale = reinterpret_cast<float*>(scratch + code_bytes);
+  quantize_rows_into(x, x_q, op.K, x_scale);
+  run_int8_gemm({x_q, op.K, w_q.data_ptr<int8_t>(), w_q.stride(0), x_scale,
+                 op.w_scale.data_ptr<float>(), op.bias_ptr(), op.out.data_ptr(), op.N, op.x_type,
+                 op.M, op.N, op.K});
   return op.out;
 }
 
