@@ -887,3 +887,11 @@ TORCH_LIBRARY_IMPL(torchslim, CPU, m) {
   m.impl("int4_weight_only_linear", &torchslim::int4_weight_only_linear_op);
   m.impl("attention", &torchslim::attention_op);
 }
+
+// Gradients for x and bias (torchslim/ops/_autograd.py), and inference without the Python
+// Autograd kernel's cost.
+TORCH_LIBRARY_IMPL(torchslim, AutogradCPU, m) {
+  m.impl("int8_dynamic_linear", torchslim::registry::linear_autograd());
+  m.impl("int8_weight_only_linear", torchslim::registry::linear_autograd());
+  m.impl("int4_weight_only_linear", torchslim::registry::linear_autograd());
+}

@@ -661,3 +661,15 @@ TORCH_LIBRARY_IMPL(torchslim, CPU, m) {
   m.impl("sparse_sliced_linear", &torchslim::sparse_sliced_linear_op);
   m.impl("sparse_sliced_dynamic_linear", &torchslim::sparse_sliced_dynamic_linear_op);
 }
+
+// Gradients for x and bias (torchslim/ops/_autograd.py), and inference without the Python
+// Autograd kernel's cost.
+TORCH_LIBRARY_IMPL(torchslim, AutogradCPU, m) {
+  m.impl("sparse24_linear", torchslim::registry::linear_autograd());
+  m.impl("sparse_bitmask_linear", torchslim::registry::linear_autograd());
+  m.impl("sparse_bitmask_dynamic_linear", torchslim::registry::linear_autograd());
+  m.impl("sparse_csr_linear", torchslim::registry::linear_autograd());
+  m.impl("sparse_block_linear", torchslim::registry::linear_autograd());
+  m.impl("sparse_sliced_linear", torchslim::registry::linear_autograd());
+  m.impl("sparse_sliced_dynamic_linear", torchslim::registry::linear_autograd());
+}

@@ -1,6 +1,9 @@
 // See registry.h.
 #include "bindings/registry.h"
 
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/grad_mode.h>
+
 #include <array>
 #include <atomic>
 #include <cstdlib>
@@ -54,6 +57,47 @@ py::object python_impl(const char* op) {
   TORCHSLIM_CHECK_RUNTIME(it != impls().end(), "torchslim::", op,
                           " has no Python impl registered (import torchslim first)");
   return it->second;
+}
+
+void linear_autograd_cpu(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
+                         torch::jit::Stack* stack) {
+  const std::size_t count = op.schema().arguments().size();
+  const auto args = torch::jit::last(*stack, count);
+  bool grad = false;
+  if (at::GradMode::is_enabled()) {
+    for (const c10::IValue& a : args) grad = grad || (a.isTensor() && a.toTensor().requires_grad());
+  }
+  if (!grad) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+    return;
+  }
+  at::Tensor out;
+  {
+    py::gil_scoped_acquire gil;
+    py::tuple inputs(count);
+    for (std::size_t i = 0; i < count; ++i) {
+      const c10::IValue& a = args[i];
+      if (a.isTensor()) {
+        inputs[i] = py::cast(a.toTensor());
+      } else if (a.isInt()) {
+        inputs[i] = py::int_(a.toInt());
+      } else if (a.isDouble()) {
+        inputs[i] = py::float_(a.toDouble());
+      } else if (a.isBool()) {
+        inputs[i] = py::bool_(a.toBool());
+      } else {
+        TORCHSLIM_CHECK_RUNTIME(a.isNone(), "torchslim::", op.schema().name(),
+                                ": no gradient path for an argument of type ", a.tagKind());
+        inputs[i] = py::none();
+      }
+    }
+    const std::string& qualified = op.schema().name();  // torchslim::<op>
+    const std::string grad_impl = qualified.substr(qualified.find("::") + 2) + ":grad";
+    out = python_impl(grad_impl.c_str())(*inputs).cast<at::Tensor>();
+  }
+  torch::jit::drop(*stack, count);
+  stack->emplace_back(std::move(out));
 }
 
 void bind(py::module_& m) {

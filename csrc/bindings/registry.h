@@ -11,6 +11,7 @@
 #pragma once
 
 #include <torch/extension.h>
+#include <torch/library.h>
 
 namespace torchslim::registry {
 
@@ -27,6 +28,17 @@ template <class Result, class... Args>
 Result call_python(const char* op, const Args&... args) {
   pybind11::gil_scoped_acquire gil;
   return python_impl(op)(args...).template cast<Result>();
+}
+
+// The AutogradCPU kernel of the linear ops that have a CPU kernel (a boxed kernel, so one
+// serves every signature). Without an input that requires grad under grad mode it goes on to
+// the CPU kernel at once; otherwise it calls the op's autograd.Function, registered as the
+// Python impl "<op>:grad" (torchslim/ops/_autograd.py, which has the formula and the reasons).
+void linear_autograd_cpu(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
+                         torch::jit::Stack* stack);
+
+inline torch::CppFunction linear_autograd() {
+  return torch::CppFunction::makeFromBoxedFunction<&linear_autograd_cpu>();
 }
 
 // set_python_impl(op, fn) and the forced-backend scope counter, for torchslim.ops.

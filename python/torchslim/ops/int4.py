@@ -29,6 +29,7 @@ import torch
 
 from torchslim import _ext
 from torchslim import reference as ref
+from torchslim.ops._autograd import define_linear_grad
 from torchslim.ops._registry import Kernel, OpBackends, define_op, extension_kernel
 from torchslim.ops.int8 import (
     _check_activation,
@@ -187,6 +188,12 @@ define_op(
     fake=_fake,
     backends=_INT4_LINEAR,
 )
+define_linear_grad(
+    "int4_weight_only_linear",
+    lambda a, k, dtype: ref.dequantize_int4(
+        a["packed_w"], a["scales"], a["zeros"], a["group_size"], dtype=dtype
+    ),
+)
 
 
 def int4_weight_only_linear(
@@ -223,6 +230,12 @@ define_op(
     impl=_impl_tc,
     fake=_fake_tc,
     backends=_INT4_LINEAR_TC,
+)
+define_linear_grad(
+    "int4_weight_only_linear_tc",
+    lambda a, k, dtype: ref.dequantize_int4(
+        ref.tc_to_plain(a["packed_tc"]), a["scales"], a["zeros"], a["group_size"], dtype=dtype
+    ),
 )
 
 

@@ -27,6 +27,7 @@ import torch
 
 from torchslim import _ext
 from torchslim import reference as ref
+from torchslim.ops._autograd import define_linear_grad
 from torchslim.ops._registry import Kernel, OpBackends, define_op, extension_kernel
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -251,7 +252,12 @@ def _linear_op(name: str, reference) -> OpBackends:
         fake=fake,
         backends=backends,
     )
+    define_linear_grad(name, _int8_weight)
     return backends
+
+
+def _int8_weight(a: dict, k: int, dtype: torch.dtype) -> torch.Tensor:
+    return a["w_q"].to(dtype) * a["w_scale"].to(dtype).unsqueeze(1)
 
 
 _DYNAMIC = _linear_op("int8_dynamic_linear", ref.int8_dynamic_linear)

@@ -76,6 +76,7 @@ import torch
 
 from torchslim import _ext
 from torchslim import reference as ref
+from torchslim.ops._autograd import define_linear_grad, scaled
 from torchslim.ops._registry import Kernel, OpBackends, define_op, extension_kernel
 from torchslim.ops.int8 import (
     _FLOATS,
@@ -286,6 +287,12 @@ define_op(
     fake=_sparse24_fake,
     backends=_SPARSE24,
 )
+define_linear_grad(
+    "sparse24_linear",
+    lambda a, k, dtype: scaled(
+        ref.decompress_24(a["values"], a["meta"], k, dtype=dtype), a["scales"], dtype
+    ),
+)
 
 
 # --------------------------------------------------------------------------- bitmask
@@ -316,6 +323,14 @@ define_op(
     impl=_bitmask_impl,
     fake=_bitmask_fake,
     backends=_BITMASK,
+)
+define_linear_grad(
+    "sparse_bitmask_linear",
+    lambda a, k, dtype: scaled(
+        ref.decompress_bitmask(a["values"], a["mask"], a["row_offsets"], k, dtype=dtype),
+        a["scales"],
+        dtype,
+    ),
 )
 
 
@@ -349,6 +364,14 @@ define_op(
     fake=_bitmask_dynamic_fake,
     backends=_BITMASK_DYNAMIC,
 )
+define_linear_grad(
+    "sparse_bitmask_dynamic_linear",
+    lambda a, k, dtype: scaled(
+        ref.decompress_bitmask(a["values"], a["mask"], a["row_offsets"], k, dtype=dtype),
+        a["scales"],
+        dtype,
+    ),
+)
 
 
 # --------------------------------------------------------------------------- csr
@@ -380,6 +403,16 @@ define_op(
     impl=_csr_impl,
     fake=_csr_fake,
     backends=_CSR,
+)
+define_linear_grad(
+    "sparse_csr_linear",
+    lambda a, k, dtype: scaled(
+        ref.decompress_csr(
+            a["values"], a["columns"], a["bases"], a["group_offsets"], k, dtype=dtype
+        ),
+        a["scales"],
+        dtype,
+    ),
 )
 
 
@@ -441,6 +474,16 @@ define_op(
     impl=_block_impl,
     fake=_block_fake,
     backends=_BLOCK,
+)
+define_linear_grad(
+    "sparse_block_linear",
+    lambda a, k, dtype: scaled(
+        ref.decompress_block(
+            a["values"], a["col_blocks"], a["row_offsets"], a["n"], k, dtype=dtype
+        ),
+        a["scales"],
+        dtype,
+    ),
 )
 
 
@@ -522,6 +565,23 @@ define_op(
     fake=_sliced_fake,
     backends=_SLICED,
 )
+define_linear_grad(
+    "sparse_sliced_linear",
+    lambda a, k, dtype: scaled(
+        ref.decompress_sliced(
+            a["values"],
+            a["columns"],
+            a["groups"],
+            a["group_offsets"],
+            a["value_offsets"],
+            a["n"],
+            k,
+            dtype=dtype,
+        ),
+        a["scales"],
+        dtype,
+    ),
+)
 
 
 def _check_sliced_dynamic(
@@ -568,6 +628,23 @@ define_op(
     impl=_sliced_dynamic_impl,
     fake=_sliced_dynamic_fake,
     backends=_SLICED_DYNAMIC,
+)
+define_linear_grad(
+    "sparse_sliced_dynamic_linear",
+    lambda a, k, dtype: scaled(
+        ref.decompress_sliced(
+            a["values"],
+            a["columns"],
+            a["groups"],
+            a["group_offsets"],
+            a["value_offsets"],
+            a["n"],
+            k,
+            dtype=dtype,
+        ),
+        a["scales"],
+        dtype,
+    ),
 )
 
 
