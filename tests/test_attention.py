@@ -327,7 +327,8 @@ def test_kernel_split_kv_decode(backend, sq, heads):
             check_close(out, ref64, ref.attention(q, k, v, *args, compute_dtype=dtype))
 
 
-# (B, H, Hkv, Sq, Sk, D, Dv, options): blocks of 16 query rows on the AMX level's tiles
+# (B, H, Hkv, Sq, Sk, D, Dv, options): blocks of 16 query rows on bf16 pairs (the AMX level's
+# tiles; bf16 on VDPBF16PS at the avx512 level on a CPU with AVX512_BF16)
 # (an odd number of them, a last item of 6 rows that stays on AVX-512, query heads of a GQA
 # group as one item's rows), key blocks cut by the sequence's end, a causal window and kv_lens
 # inside a block, a mask strided along the keys, a negative scale, split-KV with 16 rows,
@@ -353,11 +354,14 @@ TILE_CASES = [
 @pytest.mark.parametrize("threads", (1, 2, 3))
 @pytest.mark.parametrize(("b", "h", "hkv", "sq", "sk", "d", "dv", "opt"), TILE_CASES)
 def test_kernel_tile_blocks(backend, threads, b, h, hkv, sq, sk, d, dv, opt):
+    with run_on(backend):
+        paths = _ext._C.cpu_kernel_paths()
     if backend == "cpu-amx":
-        with run_on(backend):
-            paths = _ext._C.cpu_kernel_paths()
         assert paths["attention_tiles_from_rows"] == 16
         assert sq * h // hkv >= paths["attention_fp32_tiles_from_rows_per_kv_head"]
+    elif backend == "cpu-avx512" and _ext._C.cpu_features()["avx512bf16"]:
+        assert paths["attention_tiles_from_rows"] == 16  # bf16 on VDPBF16PS
+        assert paths["attention_fp32_tiles_from_rows_per_kv_head"] is None  # fp32 on FMAs
     gen = seeded(backend, b, h, hkv, sq, sk, d, dv, *opt)
     mask = torch.randn(sk, sq, generator=gen).T if "strided mask" in opt else None
     lens = torch.randint(sk // 2, sk + 1, (b,), generator=gen) if "lens" in opt else None

@@ -1,6 +1,7 @@
 // The torchslim._C pybind11 module: kernels bound per backend, plus build and CPU facts.
 #include <torch/extension.h>
 
+#include <limits>
 #include <string>
 
 #include "bindings/registry.h"
@@ -94,8 +95,10 @@ py::dict cpu_kernel_paths() {
   d["int4_strips_from_m"] = by_run(kt.w4_strip_min_m);
   d["attention_tiles_from_rows"] =
       kt.attention_pack ? py::cast(kt.attention_tile_min_rows) : py::none();
+  const bool fp32_tiles = kt.attention_pack != nullptr &&
+                          kt.attention_tile_fp32_min_rows < std::numeric_limits<int64_t>::max();
   d["attention_fp32_tiles_from_rows_per_kv_head"] =
-      kt.attention_pack ? py::cast(kt.attention_tile_fp32_min_rows) : py::none();
+      fp32_tiles ? py::cast(kt.attention_tile_fp32_min_rows) : py::none();
   d["sparse_bf16_dot"] = kt.bf16_dot;
   return d;
 }
@@ -147,8 +150,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "same as the first for W8A16), int4_tiles_from_m (per activation run of 32, 64 and 128 "
         "columns, the M from which int4 runs on the int8 tiles with Q8 x; None: no such tiles), "
         "int4_strips_from_m (per run, the M from which it runs on AVX-512 weight strips), "
-        "attention_tiles_from_rows, attention_fp32_tiles_from_rows_per_kv_head, "
-        "sparse_bf16_dot");
+        "attention_tiles_from_rows (the rows of a work item from which attention's products run "
+        "on bf16 pairs: AMX tiles, or VDPBF16PS at the avx512 level on a CPU with AVX512_BF16; "
+        "None: never), attention_fp32_tiles_from_rows_per_kv_head (the same for fp32, by query "
+        "rows per key/value head; None: never), sparse_bf16_dot");
   m.def("int4_bf16_tiles_from_m", &int4_bf16_tiles_from_m,
         "The M from which the active ISA level runs int4 on bf16 tiles with bf16 x, for an "
         "activation run (32, 64 or 128 columns) and a layer of n output columns; None: no such "

@@ -31,6 +31,7 @@ namespace torchslim::cpu::TORCHSLIM_ISA_NS {
 namespace {
 
 #include "avx512_helpers.h"  // transpose_16x16, first_lanes
+#include "bf16_pairs.h"      // split_parts, store_pairs, to_bf16
 #include "simd.h"            // load_f32, Half, kQuotientSlack
 #include "simd_quotient.h"   // round_quotient_ps (after simd.h)
 
@@ -806,36 +807,6 @@ void w4_block(const W4GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n
 // in its 16 cycles: with both from L2 (slices of 1024 columns, 66 KB) the loop waited on L2.
 // Slices of 256 took 0.75-0.85x the time of 1024 (W4 g32, M = 512, 4096^2 and 11008x4096;
 // 128 about the same as 256, 384 and 512 no better than 1024).
-// bf16 bit patterns as fp32 (exact: bf16 is the top half of an fp32).
-inline __m512 bf16_low_to_f32(__m512i v) {  // the 16 bf16 in the low 256 bits
-  return _mm512_castsi512_ps(
-      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(v)), 16));
-}
-inline __m512 bf16_high_to_f32(__m512i v) {  // the 16 bf16 in the high 256 bits
-  return _mm512_castsi512_ps(
-      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(v, 1)), 16));
-}
-inline __m512i to_bf16(__m512 lo, __m512 hi) {  // 32 bf16: lo's 16 values, then hi's
-  return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
-}
-
-// The bf16 parts of 32 fp32 values (lo, hi): each the rounding of what the ones before leave.
-inline void split_parts(__m512 lo, __m512 hi, int64_t parts, __m512i (&out)[3]) {
-  for (int64_t t = 0; t < parts; ++t) {
-    out[t] = to_bf16(lo, hi);
-    if (t + 1 == parts) break;
-    lo = _mm512_sub_ps(lo, bf16_low_to_f32(out[t]));
-    hi = _mm512_sub_ps(hi, bf16_high_to_f32(out[t]));
-  }
-}
-
-// Stores 16 rows (one per activation row, each 32 bf16 of one part) as rows q0 .. q0 + 15 of
-// a panel part: pairs of columns become the 32-bit elements that the transpose moves.
-inline void store_pairs(__m512i (&rows)[16], uint16_t* part, int64_t q0) {
-  transpose_16x16(rows);
-  for (int q = 0; q < 16; ++q) _mm512_storeu_si512(part + (q0 + q) * 32, rows[q]);
-}
-
 void w8a16_pack_panels(const W8A16Args& g, uint16_t* panels, int64_t p0, int64_t p1) {
   const int64_t Kb = amx_bf16_padded_k(g.K), elems = amx_bf16_panel_elems(g.K);
   for (int64_t p = p0; p < p1; ++p) {

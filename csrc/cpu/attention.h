@@ -18,7 +18,19 @@
 // merge the rows' partial (max, sum, output) itself.
 #pragma once
 
+#include <limits>
+
 #include "int8_gemm.h"  // simd.h, min_i64
+
+#if defined(TORCHSLIM_ISA_AVX512)
+// bf16 on VDPBF16PS (pair_attention.h) where the CPU has AVX512_BF16, checked at run time
+// (attention_pairs_supported): those functions alone are compiled for it.
+#define TORCHSLIM_PAIRS                                                            \
+  __attribute__((                                                                  \
+      target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c,popcnt," \
+             "bmi,bmi2,avx512bf16")))
+#include "pair_attention.h"
+#endif
 
 namespace torchslim::cpu::TORCHSLIM_ISA_NS {
 namespace {
@@ -266,12 +278,32 @@ void attention_block(const AttentionArgs& a, int64_t b, int64_t h0, int64_t nh, 
 
 void attention(const AttentionArgs& a, int64_t b, int64_t h0, int64_t nh, int64_t i0, int64_t i1,
                int64_t j_begin, int64_t j_end, float* work, float* partial) {
+#if defined(TORCHSLIM_ISA_AVX512)
+  if (a.k_tiles != nullptr && nh * (i1 - i0) >= kAttnTileMinRows) {
+    return attention_on_tiles<DotPipe>(a, b, h0, nh, i0, i1, j_begin, j_end, partial);
+  }
+#endif
   if (a.type == ScalarType::kBFloat16) {
     attention_block<uint16_t>(a, b, h0, nh, i0, i1, j_begin, j_end, work, partial);
   } else {
     attention_block<float>(a, b, h0, nh, i0, i1, j_begin, j_end, work, partial);
   }
 }
+
+// KernelTable::attention_pack and the work items it serves: bf16 on VDPBF16PS (the AVX-512
+// level on a CPU with AVX512_BF16), never fp32, whose three bf16 parts a product would take
+// there 1.5x the time of its fp32 FMA.
+#if defined(TORCHSLIM_ISA_AVX512)
+inline bool attention_pairs_supported() { return cpu_features().avx512bf16; }
+inline decltype(KernelTable::attention_pack) attention_pack_kernel() {
+  return attention_pairs_supported() ? &attention_pack : nullptr;
+}
+constexpr int64_t kAttnPackMinRows = kAttnTileMinRows;
+#else
+inline decltype(KernelTable::attention_pack) attention_pack_kernel() { return nullptr; }
+constexpr int64_t kAttnPackMinRows = 0;
+#endif
+constexpr int64_t kAttnPackFp32MinRows = std::numeric_limits<int64_t>::max();
 
 }  // namespace
 }  // namespace torchslim::cpu::TORCHSLIM_ISA_NS

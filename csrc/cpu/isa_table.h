@@ -26,9 +26,9 @@ const KernelTable& kernel_table() {
                                  nullptr,
                                  nullptr,
                                  kW4StripMinM,
-                                 nullptr,
-                                 0,
-                                 0,
+                                 attention_pack_kernel(),
+                                 kAttnPackMinRows,
+                                 kAttnPackFp32MinRows,
                                  kInt8StripMinM};
   return table;
 }

@@ -186,7 +186,8 @@ inline int64_t w4_panel_scale_floats(int64_t K) {
 
 // Attention (torchslim.reference.attention) for batch b, query rows [i0, i1) of the heads
 // [h0, h0 + nh) (one key/value head's, nh * (i1 - i0) <= kAttnBlockQ rows; up to 4 times that
-// on the amx level's tiles, which take every block of attention_tile_min_rows rows or more):
+// on bf16 pairs, which take every block of attention_tile_min_rows rows or more: the amx
+// level's tiles, VDPBF16PS at the avx512 level on a CPU with AVX512_BF16, pair_attention.h):
 //   out[i] = sum_j p[i, j] v[j] / sum_j p[i, j],  p[i, j] = exp(s[i, j] - max_j s[i, j]),
 //   s[i, j] = scale * q[i] . k[j] + mask[i, j] over the visible keys j (zero rows: no key),
 // with query head h reading key/value head h / (H / Hkv). Strides are in elements; the last
@@ -217,8 +218,8 @@ struct AttentionArgs {
   int64_t window;
   // Null, or k and v of the key/value heads tile_head0, tile_head0 + 1, ... (head b Hkv + hk;
   // the heads packed for the items a call runs: a wave of heads, or the one its thread took) in
-  // the tile unit's layouts (KernelTable::attention_pack): then the amx level runs items of
-  // enough rows on the tiles.
+  // the tile unit's layouts (KernelTable::attention_pack): then items of enough rows run on
+  // bf16 pairs (pair_attention.h).
   const uint16_t* k_tiles = nullptr;
   const uint16_t* v_tiles = nullptr;
   int64_t tile_head0 = 0;
@@ -398,7 +399,7 @@ struct KernelTable {
                          uint16_t* k_tiles, uint16_t* v_tiles);
   int64_t attention_tile_min_rows;
   // In fp32, also at least this many query rows per key/value head (Sq x H / Hkv): the packing
-  // of three parts must pay for itself.
+  // of three parts must pay for itself (INT64_MAX: fp32 never takes them).
   int64_t attention_tile_fp32_min_rows;
   // Null, or the least M at which int8_gemm takes the weights as strips in the VNNI order
   // (Int8GemmArgs::strips), by K (INT64_MAX for a K they do not take).
