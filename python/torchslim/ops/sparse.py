@@ -237,6 +237,32 @@ def _vector(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.contiguous()
 
 
+# The dense (N, K) weight of each format's op, for its gradient (torchslim/ops/_autograd.py).
+def _weight_24(a: dict, k: int, dtype: torch.dtype) -> torch.Tensor:
+    return scaled(ref.decompress_24(a["values"], a["meta"], k, dtype=dtype), a["scales"], dtype)
+
+
+def _weight_bitmask(a: dict, k: int, dtype: torch.dtype) -> torch.Tensor:
+    w = ref.decompress_bitmask(a["values"], a["mask"], a["row_offsets"], k, dtype=dtype)
+    return scaled(w, a["scales"], dtype)
+
+
+def _weight_csr(a: dict, k: int, dtype: torch.dtype) -> torch.Tensor:
+    parts = (a["values"], a["columns"], a["bases"], a["group_offsets"])
+    return scaled(ref.decompress_csr(*parts, k, dtype=dtype), a["scales"], dtype)
+
+
+def _weight_block(a: dict, k: int, dtype: torch.dtype) -> torch.Tensor:
+    parts = (a["values"], a["col_blocks"], a["row_offsets"], a["n"])
+    return scaled(ref.decompress_block(*parts, k, dtype=dtype), a["scales"], dtype)
+
+
+def _weight_sliced(a: dict, k: int, dtype: torch.dtype) -> torch.Tensor:
+    names = ("values", "columns", "groups", "group_offsets", "value_offsets", "n")
+    w = ref.decompress_sliced(*(a[name] for name in names), k, dtype=dtype)
+    return scaled(w, a["scales"], dtype)
+
+
 # --------------------------------------------------------------------------- 2:4
 def _sparse24_triton(*args):
     from torchslim.kernels import sparse_matmul
@@ -287,12 +313,7 @@ define_op(
     fake=_sparse24_fake,
     backends=_SPARSE24,
 )
-define_linear_grad(
-    "sparse24_linear",
-    lambda a, k, dtype: scaled(
-        ref.decompress_24(a["values"], a["meta"], k, dtype=dtype), a["scales"], dtype
-    ),
-)
+define_linear_grad("sparse24_linear", _weight_24)
 
 
 # --------------------------------------------------------------------------- bitmask
@@ -324,14 +345,7 @@ define_op(
     fake=_bitmask_fake,
     backends=_BITMASK,
 )
-define_linear_grad(
-    "sparse_bitmask_linear",
-    lambda a, k, dtype: scaled(
-        ref.decompress_bitmask(a["values"], a["mask"], a["row_offsets"], k, dtype=dtype),
-        a["scales"],
-        dtype,
-    ),
-)
+define_linear_grad("sparse_bitmask_linear", _weight_bitmask)
 
 
 _BITMASK_DYNAMIC = _backends("sparse_bitmask_dynamic_linear", ref.sparse_bitmask_dynamic_linear)
@@ -364,14 +378,7 @@ define_op(
     fake=_bitmask_dynamic_fake,
     backends=_BITMASK_DYNAMIC,
 )
-define_linear_grad(
-    "sparse_bitmask_dynamic_linear",
-    lambda a, k, dtype: scaled(
-        ref.decompress_bitmask(a["values"], a["mask"], a["row_offsets"], k, dtype=dtype),
-        a["scales"],
-        dtype,
-    ),
-)
+define_linear_grad("sparse_bitmask_dynamic_linear", _weight_bitmask)
 
 
 # --------------------------------------------------------------------------- csr
@@ -404,16 +411,7 @@ define_op(
     fake=_csr_fake,
     backends=_CSR,
 )
-define_linear_grad(
-    "sparse_csr_linear",
-    lambda a, k, dtype: scaled(
-        ref.decompress_csr(
-            a["values"], a["columns"], a["bases"], a["group_offsets"], k, dtype=dtype
-        ),
-        a["scales"],
-        dtype,
-    ),
-)
+define_linear_grad("sparse_csr_linear", _weight_csr)
 
 
 # --------------------------------------------------------------------------- block
@@ -475,16 +473,7 @@ define_op(
     fake=_block_fake,
     backends=_BLOCK,
 )
-define_linear_grad(
-    "sparse_block_linear",
-    lambda a, k, dtype: scaled(
-        ref.decompress_block(
-            a["values"], a["col_blocks"], a["row_offsets"], a["n"], k, dtype=dtype
-        ),
-        a["scales"],
-        dtype,
-    ),
-)
+define_linear_grad("sparse_block_linear", _weight_block)
 
 
 # --------------------------------------------------------------------------- sliced
@@ -565,23 +554,7 @@ define_op(
     fake=_sliced_fake,
     backends=_SLICED,
 )
-define_linear_grad(
-    "sparse_sliced_linear",
-    lambda a, k, dtype: scaled(
-        ref.decompress_sliced(
-            a["values"],
-            a["columns"],
-            a["groups"],
-            a["group_offsets"],
-            a["value_offsets"],
-            a["n"],
-            k,
-            dtype=dtype,
-        ),
-        a["scales"],
-        dtype,
-    ),
-)
+define_linear_grad("sparse_sliced_linear", _weight_sliced)
 
 
 def _check_sliced_dynamic(
@@ -629,23 +602,7 @@ define_op(
     fake=_sliced_dynamic_fake,
     backends=_SLICED_DYNAMIC,
 )
-define_linear_grad(
-    "sparse_sliced_dynamic_linear",
-    lambda a, k, dtype: scaled(
-        ref.decompress_sliced(
-            a["values"],
-            a["columns"],
-            a["groups"],
-            a["group_offsets"],
-            a["value_offsets"],
-            a["n"],
-            k,
-            dtype=dtype,
-        ),
-        a["scales"],
-        dtype,
-    ),
-)
+define_linear_grad("sparse_sliced_dynamic_linear", _weight_sliced)
 
 
 # --------------------------------------------------------------------------- entry points
