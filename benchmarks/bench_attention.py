@@ -11,7 +11,8 @@ a GPU whichever PyTorch picks, FlashAttention-2 for fp16/bf16) and the naive
 softmax(q k^T * scale) v, which materialises the score matrix (only where that matrix stays
 under 1 GB). CPU: fp32 and bf16. GPU: fp16 and bf16, longer sequences, and "train" rows: the
 forward and backward of a training step (3.5x the forward's FLOPs, FlashAttention's count).
-Writes attention_<device>.csv and .png.
+Each case's implementations are timed in turns (common.time_in_turns). Writes
+attention_<device>.csv and .png.
 """
 
 from __future__ import annotations
@@ -132,33 +133,37 @@ def measure(case: Case, gen: torch.Generator, device: str = "cpu") -> list[dict]
 
     q = tensor(case.heads, case.q_len)
     k, v = tensor(case.kv_heads, case.kv_len), tensor(case.kv_heads, case.kv_len)
+    steps = {
+        name: training_step(fn, q, k, v) if case.kind == "train" else functools.partial(fn, q, k, v)
+        for name, fn in implementations(case).items()
+    }
     rows = []
-    for name, fn in implementations(case).items():
-        if case.kind == "train":
-            step = training_step(fn, q, k, v)
+    # The implementations take turns (common.time_in_turns), so each ratio is taken in the
+    # same seconds of a shared machine.
+    for name, ms in common.time_in_turns(steps, device=device).items():
+        row = {
+            "kind": case.kind,
+            "B": case.batch,
+            "H": case.heads,
+            "Hkv": case.kv_heads,
+            "Sq": case.q_len,
+            "Sk": case.kv_len,
+            "D": case.head_dim,
+            "causal": case.causal,
+            "dtype": str(case.dtype).removeprefix("torch."),
+            "impl": name,
+        }
+        if isinstance(ms, Exception):
+            row["error"] = str(ms).splitlines()[0]
         else:
-            step = functools.partial(fn, q, k, v)
-        ms = common.time_ms(step, device=device)
-        rows.append(
-            {
-                "kind": case.kind,
-                "B": case.batch,
-                "H": case.heads,
-                "Hkv": case.kv_heads,
-                "Sq": case.q_len,
-                "Sk": case.kv_len,
-                "D": case.head_dim,
-                "causal": case.causal,
-                "dtype": str(case.dtype).removeprefix("torch."),
-                "impl": name,
-                "time_ms": ms,
-                "GFLOP/s": case.flops() / (ms * 1e-3) / 1e9,
-                "KV_GB/s": case.kv_bytes() / (ms * 1e-3) / 1e9,
-            }
-        )
-    sdpa = next(r["time_ms"] for r in rows if r["impl"] == "sdpa")
+            row["time_ms"] = ms
+            row["GFLOP/s"] = case.flops() / (ms * 1e-3) / 1e9
+            row["KV_GB/s"] = case.kv_bytes() / (ms * 1e-3) / 1e9
+        rows.append(row)
+    sdpa = next((r["time_ms"] for r in rows if r["impl"] == "sdpa" and "time_ms" in r), None)
     for r in rows:
-        r["speedup_vs_sdpa"] = sdpa / r["time_ms"]
+        if sdpa is not None and "time_ms" in r:
+            r["speedup_vs_sdpa"] = sdpa / r["time_ms"]
     return rows
 
 
@@ -245,12 +250,17 @@ def main(argv: list[str] | None = None) -> int:
         r["copy_GB/s"], r[f"{gemm_name}_gemm_GFLOP/s"] = bandwidth, peak
     columns = ["kind", "dtype", "B", "Sq", "Sk", "D", "causal", "impl", "time_ms", "GFLOP/s",
                "KV_GB/s", "speedup_vs_sdpa"]  # fmt: skip
-    print(common.format_table(rows, columns))
+    timed = [r for r in rows if "speedup_vs_sdpa" in r]
+    print(common.format_table(timed, columns))
+    for r in rows:
+        if "speedup_vs_sdpa" not in r:
+            why = r.get("error", "SDPA failed on this case")
+            print(f"not run: {r['kind']} {r['dtype']} B={r['B']} S={r['Sk']} {r['impl']}: {why}")
     out = common.results_dir(env, args.out)
     name = f"attention_{device}" + ("_quick" if args.quick else "")
     common.write_csv(out / f"{name}.csv", rows, env)
     if not args.no_plot:
-        plot(rows, out / f"{name}.png")
+        plot(timed, out / f"{name}.png")
     print(f"\nwrote {out / name}.csv" + ("" if args.no_plot else f" and {name}.png"))
     return 0
 
