@@ -133,14 +133,20 @@ def measure(case: Case, gen: torch.Generator, device: str = "cpu") -> list[dict]
 
     q = tensor(case.heads, case.q_len)
     k, v = tensor(case.kv_heads, case.kv_len), tensor(case.kv_heads, case.kv_len)
-    steps = {
-        name: training_step(fn, q, k, v) if case.kind == "train" else functools.partial(fn, q, k, v)
-        for name, fn in implementations(case).items()
-    }
-    rows = []
+    impls = implementations(case)
+    steps, failed = {}, {}
+    for name, fn in impls.items():
+        try:  # a training step runs the forward once to shape its gradient
+            train = case.kind == "train"
+            steps[name] = training_step(fn, q, k, v) if train else functools.partial(fn, q, k, v)
+        except (RuntimeError, NotImplementedError) as exc:
+            failed[name] = exc
     # The implementations take turns (common.time_in_turns), so each ratio is taken in the
     # same seconds of a shared machine.
-    for name, ms in common.time_in_turns(steps, device=device).items():
+    times = {**common.time_in_turns(steps, device=device), **failed}
+    rows = []
+    for name in impls:
+        ms = times[name]
         row = {
             "kind": case.kind,
             "B": case.batch,
@@ -154,7 +160,7 @@ def measure(case: Case, gen: torch.Generator, device: str = "cpu") -> list[dict]
             "impl": name,
         }
         if isinstance(ms, Exception):
-            row["error"] = str(ms).splitlines()[0]
+            row["error"] = common.error_text(ms)
         else:
             row["time_ms"] = ms
             row["GFLOP/s"] = case.flops() / (ms * 1e-3) / 1e9

@@ -159,7 +159,7 @@ def measure(
             if device == "cuda":
                 torch.cuda.synchronize()  # a kernel's error shows here, not in a later turn
         except (RuntimeError, NotImplementedError) as exc:  # a baseline that does not take it
-            rows[impl.name] = {**row, "error": str(exc).splitlines()[0]}
+            rows[impl.name] = {**row, "error": common.error_text(exc)}
             continue
         rows[impl.name] = row
         fns[impl.name] = fn
@@ -172,7 +172,7 @@ def measure(
     bandwidth = copy.gbs(copy_ms)
     for name, ms in times.items():
         if isinstance(ms, Exception):
-            rows[name]["error"] = str(ms).splitlines()[0]
+            rows[name]["error"] = common.error_text(ms)
             continue
         floor_ms = moved[name] / bandwidth / 1e6
         rows[name].update(

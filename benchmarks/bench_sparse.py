@@ -434,7 +434,7 @@ def measure(
         "x_dtype": _SHORT[impl.x_dtype],
     }
     if isinstance(operands, Exception):
-        return {**row, "error": str(operands).splitlines()[0]}
+        return {**row, "error": common.error_text(operands)}
     x = x.to(impl.x_dtype)
     row["kernel"], why = _kernel_of_ours(impl, x, operands)
     if why is not None:
@@ -447,7 +447,7 @@ def measure(
         copies = common.rotating(make_copy, nbytes)
         ms = common.time_ms(lambda: call(copies()), device=device)
     except NOT_RUN as exc:
-        return {**row, "error": str(exc).splitlines()[0]}
+        return {**row, "error": common.error_text(exc)}
     moved = nbytes + m * k * x.element_size() + m * n * x.element_size()
     floor_ms = moved / bandwidth / 1e6
     flops = 2.0 * m * nnz

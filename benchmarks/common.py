@@ -100,6 +100,11 @@ def time_in_turns(
     }
 
 
+def error_text(exc: BaseException) -> str:
+    """An exception's first line, for a row that was not measured (its type when it has none)."""
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
+
+
 def rotating(make: Callable[[], object], nbytes: int) -> Callable[[], object]:
     """Builds enough copies of make()'s operands to exceed ROTATE_BYTES; returns a getter that
     hands out the next copy on each call."""

@@ -104,9 +104,11 @@ def test_bench_attention_quick(tmp_path):
     assert (tmp_path / "attention_cpu_quick.png").exists()
 
 
-def test_bench_attention_times_in_turns_and_keeps_a_failure(monkeypatch):
-    """A case's implementations go to common.time_in_turns together; one that fails keeps a
-    row with its error, and the others their times and ratios to SDPA."""
+@pytest.mark.parametrize("kind", ["prefill", "train"])
+def test_bench_attention_times_in_turns_and_keeps_a_failure(monkeypatch, kind):
+    """A case's implementations go to common.time_in_turns together; one that fails (in its
+    timed call, or a training step's first forward) keeps a row with its error, and the others
+    their times and ratios to SDPA."""
     import torch
 
     from torchslim.benchmarks import bench_attention, common
@@ -114,7 +116,15 @@ def test_bench_attention_times_in_turns_and_keeps_a_failure(monkeypatch):
     def broken(q, k, v):
         raise RuntimeError("out of memory\nmore detail")
 
-    impls = {"torchslim": lambda q, k, v: q + 1, "sdpa": lambda q, k, v: q * 2, "broken": broken}
+    def silent(q, k, v):
+        raise NotImplementedError
+
+    impls = {
+        "torchslim": lambda q, k, v: q * k * v,
+        "sdpa": lambda q, k, v: q * k + v,
+        "broken": broken,
+        "silent": silent,
+    }
     monkeypatch.setattr(bench_attention, "implementations", lambda case: impls)
     calls = []
     real = common.time_in_turns
@@ -124,10 +134,13 @@ def test_bench_attention_times_in_turns_and_keeps_a_failure(monkeypatch):
         return real(fns, min_run_time=0.01, **kwargs)
 
     monkeypatch.setattr(common, "time_in_turns", spy)
-    case = bench_attention.Case("prefill", 1, 2, 2, 8, 8, 16, False, torch.float32)
+    case = bench_attention.Case(kind, 1, 2, 2, 8, 8, 16, False, torch.float32)
     rows = {r["impl"]: r for r in bench_attention.measure(case, torch.Generator().manual_seed(0))}
-    assert calls == [["torchslim", "sdpa", "broken"]]
+    timed_together = ["torchslim", "sdpa"] if kind == "train" else list(impls)
+    assert calls == [timed_together]
+    assert list(rows) == list(impls)
     assert rows["broken"]["error"] == "out of memory" and "time_ms" not in rows["broken"]
+    assert rows["silent"]["error"] == "NotImplementedError" and "time_ms" not in rows["silent"]
     for name in ("torchslim", "sdpa"):
         assert rows[name]["time_ms"] > 0 and rows[name]["speedup_vs_sdpa"] > 0
     assert rows["sdpa"]["speedup_vs_sdpa"] == 1.0

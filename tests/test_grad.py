@@ -141,3 +141,38 @@ def test_trainable_layers_around_a_quantized_one_match_the_dense_model():
     for model in (nn.Sequential(adapter, frozen), torch.compile(nn.Sequential(adapter, frozen))):
         for got, expected in zip(grads(model), want, strict=True):
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_op_gradients_without_a_bias_for_the_bias_alone_and_for_no_outputs():
+    g = seeded("op-edges")
+    x = torch.randn(3, K, generator=g)
+    w_q = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g)
+    w_scale = torch.rand(N, generator=g) / 100
+    w = w_q.float() * w_scale.unsqueeze(1)
+    grad_out = torch.randn(3, N, generator=g)
+    for op in (torchslim.ops.int8_dynamic_linear, torchslim.ops.int8_weight_only_linear):
+        xr = x.clone().requires_grad_()
+        op(xr, w_q, w_scale).backward(grad_out)  # no bias
+        torch.testing.assert_close(xr.grad, grad_out @ w, rtol=1e-5, atol=1e-5)
+        bias = torch.zeros(N, requires_grad=True)
+        out = op(x, w_q, w_scale, bias)  # the bias alone: x needs no gradient
+        out.backward(grad_out)
+        torch.testing.assert_close(bias.grad, grad_out.sum(0))
+        xr = x.clone().requires_grad_()
+        empty = op(xr, w_q[:0], w_scale[:0])  # N = 0
+        empty.sum().backward()
+        assert empty.shape == (3, 0) and torch.equal(xr.grad, torch.zeros_like(x))
+
+
+def test_the_autograd_kernel_of_every_device_on_meta_tensors():
+    """The formula as torch.library.register_autograd carries it (the Autograd kernel of every
+    device but the CPU, whose C++ kernel comes first): shapes and dtypes on meta tensors."""
+    layer = Int4Linear.from_linear(_pruned_linear(seeded("meta")), group_size=32).to("meta")
+    x = torch.empty(2, 3, K, device="meta", requires_grad=True)
+    bias = torch.empty(N, device="meta", requires_grad=True)
+    layer._buffers["bias"] = bias
+    out = layer(x)
+    assert out.shape == (2, 3, N) and out.grad_fn is not None
+    out.backward(torch.empty_like(out))
+    assert x.grad.shape == x.shape and x.grad.device.type == "meta"
+    assert bias.grad.shape == (N,)

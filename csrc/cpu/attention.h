@@ -18,9 +18,7 @@
 // merge the rows' partial (max, sum, output) itself.
 #pragma once
 
-#include <limits>
-
-#include "int8_gemm.h"  // simd.h, min_i64
+#include "int8_gemm.h"  // simd.h, min_i64 (and <limits>: isa_prelude.h)
 
 #if defined(TORCHSLIM_ISA_AVX512)
 // bf16 on VDPBF16PS (pair_attention.h) where the CPU has AVX512_BF16, checked at run time

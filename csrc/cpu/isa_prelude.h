@@ -5,7 +5,10 @@
 // itself: the ones it uses (std::vector) come from here.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
+#include <limits>
+#include <numeric>
 #include <type_traits>
 #include <vector>  // the SpMM's per-block state
 

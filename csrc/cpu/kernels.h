@@ -229,8 +229,8 @@ struct AttentionArgs {
 constexpr int64_t kAttnBlockQ = 64;
 constexpr int64_t kAttnBlockK = 64;
 
-// Keys per block of the amx level's tile kernel, and per head in its layouts: Sk rounded up
-// to whole blocks.
+// Keys per block of the kernel on bf16 pairs (pair_attention.h), and per head in its layouts:
+// Sk rounded up to whole blocks.
 constexpr int64_t kAttnTileBlockK = 128;
 inline int64_t attention_tile_keys(int64_t Sk) {
   return (Sk + kAttnTileBlockK - 1) / kAttnTileBlockK * kAttnTileBlockK;
@@ -239,7 +239,7 @@ inline int64_t attention_tile_keys(int64_t Sk) {
 // Whether the tile layouts hold these arguments: head dims multiples of 32.
 inline bool attention_tiles_fit(const AttentionArgs& a) { return a.D % 32 == 0 && a.Dv % 32 == 0; }
 
-// bf16 parts per element in the tile layouts: 1 for bf16, 3 for fp32 (amx_attention.h).
+// bf16 parts per element in the tile layouts: 1 for bf16, 3 for fp32 (pair_attention.h).
 inline int64_t attention_tile_parts(ScalarType type) {
   return type == ScalarType::kFloat32 ? 3 : 1;
 }

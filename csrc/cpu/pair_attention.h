@@ -37,10 +37,7 @@
 // Values of keys at or past kv_lens[b] are packed as zeros, so a key no row sees adds 0 x 0.
 #pragma once
 
-#include <algorithm>
-#include <vector>
-
-#include "kernels.h"
+#include "kernels.h"  // and, from isa_prelude.h, <algorithm> and <vector>
 
 namespace torchslim::cpu::TORCHSLIM_ISA_NS {
 namespace {

@@ -20,6 +20,7 @@ calls the op's ``autograd.Function`` here (the Python impl ``"<op>:grad"`` of to
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -60,7 +61,7 @@ def define_linear_grad(name: str, dense_weight: DenseWeight) -> None:
 
     def backward(ctx, grad_out):
         grads: list[torch.Tensor | None] = [None] * len(names)
-        rows = grad_out.reshape(-1, grad_out.shape[-1])
+        rows = grad_out.reshape(math.prod(grad_out.shape[:-1]), grad_out.shape[-1])  # N may be 0
         if ctx.needs_input_grad[x_at]:
             saved = ctx.saved_tensors
             inputs = {
