@@ -27,7 +27,7 @@ def _pruned_linear(g: torch.Generator) -> nn.Linear:
 
 
 def _int8_weight(layer: Int8Linear) -> torch.Tensor:
-    return layer.weight.float() * layer.weight_scale.float().unsqueeze(1)
+    return ref.dequantize_int8(layer.weight, layer.weight_scale)
 
 
 def _int4_weight(layer: Int4Linear) -> torch.Tensor:

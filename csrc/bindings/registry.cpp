@@ -80,12 +80,8 @@ void linear_autograd_cpu(const c10::OperatorHandle& op, c10::DispatchKeySet keys
       const c10::IValue& a = args[i];
       if (a.isTensor()) {
         inputs[i] = py::cast(a.toTensor());
-      } else if (a.isInt()) {
+      } else if (a.isInt()) {  // the linear ops' other arguments: ints and absent tensors
         inputs[i] = py::int_(a.toInt());
-      } else if (a.isDouble()) {
-        inputs[i] = py::float_(a.toDouble());
-      } else if (a.isBool()) {
-        inputs[i] = py::bool_(a.toBool());
       } else {
         TORCHSLIM_CHECK_RUNTIME(a.isNone(), "torchslim::", op.schema().name(),
                                 ": no gradient path for an argument of type ", a.tagKind());

@@ -376,7 +376,7 @@ class SparseLinear(nn.Module):
             w = ref.decompress_csr(
                 b["values"], b["columns"], b["bases"], b["group_offsets"], self.in_features, dtype
             )
-        return w if scales is None else w * scales.to(w.dtype).unsqueeze(1)
+        return ref.scale_rows(w, scales, w.dtype)
 
     def _apply(self, fn, recurse=True):
         # Keep int8 codes' scales fp32 when the module is cast (module.to(torch.bfloat16)):

@@ -96,11 +96,3 @@ def define_linear_grad(name: str, dense_weight: DenseWeight) -> None:
             },
         )
         _ext._C.set_python_impl(f"{name}:grad", function.apply)
-
-
-def scaled(w: torch.Tensor, scales: object, dtype: torch.dtype) -> torch.Tensor:
-    """w (N, K) with row n times scales[n], when the op has scales."""
-    if scales is None:
-        return w
-    assert isinstance(scales, torch.Tensor)
-    return w * scales.to(dtype).unsqueeze(1)

@@ -252,12 +252,8 @@ def _linear_op(name: str, reference) -> OpBackends:
         fake=fake,
         backends=backends,
     )
-    define_linear_grad(name, _int8_weight)
+    define_linear_grad(name, lambda a, k, dtype: ref.dequantize_int8(a["w_q"], a["w_scale"], dtype))
     return backends
-
-
-def _int8_weight(a: dict, k: int, dtype: torch.dtype) -> torch.Tensor:
-    return a["w_q"].to(dtype) * a["w_scale"].to(dtype).unsqueeze(1)
 
 
 _DYNAMIC = _linear_op("int8_dynamic_linear", ref.int8_dynamic_linear)

@@ -76,7 +76,7 @@ import torch
 
 from torchslim import _ext
 from torchslim import reference as ref
-from torchslim.ops._autograd import define_linear_grad, scaled
+from torchslim.ops._autograd import define_linear_grad
 from torchslim.ops._registry import Kernel, OpBackends, define_op, extension_kernel
 from torchslim.ops.int8 import (
     _FLOATS,
@@ -90,6 +90,7 @@ from torchslim.ops.int8 import (
     _triton_float_devices,
     _unit_last_stride,
 )
+from torchslim.reference.sparse import scale_rows
 
 
 def _check_values(values: torch.Tensor, scales: torch.Tensor | None, n: int) -> None:
@@ -239,28 +240,29 @@ def _vector(t: torch.Tensor | None) -> torch.Tensor | None:
 
 # The dense (N, K) weight of each format's op, for its gradient (torchslim/ops/_autograd.py).
 def _weight_24(a: dict, k: int, dtype: torch.dtype) -> torch.Tensor:
-    return scaled(ref.decompress_24(a["values"], a["meta"], k, dtype=dtype), a["scales"], dtype)
+    w = ref.decompress_24(a["values"], a["meta"], k, dtype=dtype)
+    return scale_rows(w, a["scales"], dtype)
 
 
 def _weight_bitmask(a: dict, k: int, dtype: torch.dtype) -> torch.Tensor:
     w = ref.decompress_bitmask(a["values"], a["mask"], a["row_offsets"], k, dtype=dtype)
-    return scaled(w, a["scales"], dtype)
+    return scale_rows(w, a["scales"], dtype)
 
 
 def _weight_csr(a: dict, k: int, dtype: torch.dtype) -> torch.Tensor:
     parts = (a["values"], a["columns"], a["bases"], a["group_offsets"])
-    return scaled(ref.decompress_csr(*parts, k, dtype=dtype), a["scales"], dtype)
+    return scale_rows(ref.decompress_csr(*parts, k, dtype=dtype), a["scales"], dtype)
 
 
 def _weight_block(a: dict, k: int, dtype: torch.dtype) -> torch.Tensor:
     parts = (a["values"], a["col_blocks"], a["row_offsets"], a["n"])
-    return scaled(ref.decompress_block(*parts, k, dtype=dtype), a["scales"], dtype)
+    return scale_rows(ref.decompress_block(*parts, k, dtype=dtype), a["scales"], dtype)
 
 
 def _weight_sliced(a: dict, k: int, dtype: torch.dtype) -> torch.Tensor:
     names = ("values", "columns", "groups", "group_offsets", "value_offsets", "n")
     w = ref.decompress_sliced(*(a[name] for name in names), k, dtype=dtype)
-    return scaled(w, a["scales"], dtype)
+    return scale_rows(w, a["scales"], dtype)
 
 
 # --------------------------------------------------------------------------- 2:4

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from torchslim.reference.int8 import quantize_per_token
+from torchslim.reference.int8 import dequantize_int8, quantize_per_token
 
 
 def quantize_weight_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,7 +32,7 @@ def quantize_weight_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, tor
 
 def dequantize_weight(w_q: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     """(N, K) int8 codes and (N,) scales -> (N, K) fp32 weight."""
-    return w_q.to(torch.float32) * w_scale.to(torch.float32).unsqueeze(1)
+    return dequantize_int8(w_q, w_scale)
 
 
 def smoothquant_factors(

@@ -16,6 +16,7 @@ from torchslim.reference.int4 import (
     unpack_int4_tc,
 )
 from torchslim.reference.int8 import (
+    dequantize_int8,
     int8_dynamic_linear,
     int8_mm,
     int8_weight_only_linear,
@@ -56,6 +57,7 @@ __all__ = [
     "decompress_csr",
     "decompress_sliced",
     "dequantize_int4",
+    "dequantize_int8",
     "int4_weight_only_linear",
     "int4_weight_only_linear_tc",
     "int8_dynamic_linear",

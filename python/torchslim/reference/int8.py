@@ -65,6 +65,13 @@ def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.to(torch.float64) @ b.to(torch.float64).T).to(torch.int32)
 
 
+def dequantize_int8(
+    w_q: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """(N, K) weight = w_q * w_scale[:, None] (per-output-channel codes), computed in ``dtype``."""
+    return w_q.to(dtype) * w_scale.to(dtype).unsqueeze(1)
+
+
 def int8_dynamic_linear(
     x: torch.Tensor,
     w_q: torch.Tensor,
@@ -109,5 +116,4 @@ def int8_weight_only_linear(
         (..., N) in ``x.dtype``.
     """
     cd = compute_dtype or x.dtype
-    w = w_q.to(cd) * w_scale.to(cd).unsqueeze(1)
-    return linear(x, w, bias, cd)
+    return linear(x, dequantize_int8(w_q, w_scale, cd), bias, cd)

@@ -777,6 +777,11 @@ def sparse_block_linear(
     return _linear(x, w, bias, cd, scales)
 
 
+def scale_rows(w: torch.Tensor, scales: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """w (N, K) with row n times scales[n] in ``dtype`` (int8 values' scales), or w itself."""
+    return w if scales is None else w * scales.to(dtype).unsqueeze(1)
+
+
 def _linear(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -784,6 +789,4 @@ def _linear(
     cd: torch.dtype,
     scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    if scales is not None:
-        w = w * scales.to(cd).unsqueeze(1)
-    return linear(x, w, bias, cd)
+    return linear(x, scale_rows(w, scales, cd), bias, cd)
