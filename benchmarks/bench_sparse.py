@@ -14,8 +14,8 @@ count; the bitmask and csr formats), "2:4" (the 2:4 format) and 16 x 16 blocks a
 
 CPU implementations, in the same run:
 
-    dense-fp32, dense-bf16  F.linear on the unpruned weight, timed once per (layer, M): dense
-                            time does not depend on the zeros
+    dense-fp32, dense-bf16  F.linear on the unpruned weight, timed in turns with each
+                            pattern's implementations (below)
     torch-csr-fp32          torch.sparse CSR (w.to_sparse_csr(): fp32 values, int64 column
                             indices and row pointers) as torch.mm(csr, x.T).T, MKL's sparse mm.
                             The fastest torch path measured: torch.sparse.mm, torch.sparse.addmm
@@ -53,16 +53,24 @@ bitmask and csr have no GPU kernel yet (they would run the reference) and their 
 run". The GPU target line reads ours on 2:4 against dense fp16, both eager, on 8192 x 8192 from
 M = 1024 up.
 
+A case is (layer, pattern, M). Its implementations, the two dense ones and the copy that
+measures memory bandwidth take turns (common.time_in_turns: rounds in which each is timed in
+its turn, each figure the median of its rounds), so that every ratio and floor is taken in the
+same seconds of a shared machine: a case's operands, each rotated through common.ROTATE_BYTES
+of copies (at least 96 MB, twice the last-level cache) so that a timed call does not find its
+weight in cache, all live at once. Every row carries the pattern it took turns with (`turns`);
+a dense row therefore appears once per pattern.
+
 Per row: time (median ms: torch.utils.benchmark's blocked_autorange at the process's thread
-count; on a GPU triton's do_bench), speedup over the faster of dense fp32 and bf16 F.linear (fp16
-and bf16 on a GPU; the `vs` column names which), GB/s, weight_bytes of the row's own format
-(torchslim.sparse.format_bytes for ours and torch's 2:4; CSR: values + int64 column indices +
-int64 row pointers; dense: N K elements), % of its memory floor (weight + x + out bytes ÷ the
-copy bandwidth measured in this run), the compute floor (useful FLOPs ÷ the dense GEMM rate
-measured in this run) and which of the two binds, and GFLOP/s of useful work (2 M nnz; 2 M N K
-for dense). Weights are rotated through 96 MB of copies so that a timed call does not find them
-in cache. Each path's output is checked once against fp32 F.linear on the pruned weight (a
-wiring check: the kernels' accuracy is tests/test_sparse.py's job).
+count; on a GPU triton's do_bench, one round), speedup over the faster of dense fp32 and bf16
+F.linear in the same turns (fp16 and bf16 on a GPU; `vs` names which, `vs_ms` its time), GB/s,
+weight_bytes of the row's own format (torchslim.sparse.format_bytes for ours and torch's 2:4;
+CSR: values + int64 column indices + int64 row pointers; dense: N K elements), % of its memory
+floor (weight + x + out bytes ÷ the copy bandwidth of the same turns, copy_GB/s), the compute
+floor (useful FLOPs ÷ the dense GEMM rate measured at the start) and which of the two binds, and
+GFLOP/s of useful work (2 M nnz; 2 M N K for dense). Each path's output is checked once against
+fp32 F.linear on its weight (a wiring check: the kernels' accuracy is tests/test_sparse.py's
+job).
 
 Prints the table, the crossover sparsity (per layer, M and variant of ours: the lowest measured
 unstructured sparsity at which it beats the faster dense) and the issue's targets: on the CPU
@@ -409,7 +417,19 @@ def _kernel_of_ours(impl: Impl, x: torch.Tensor, operands: tuple) -> tuple[str, 
     return "", f"no kernel, the op would run the reference ({why})"
 
 
-def measure(
+@dataclass
+class Entry:
+    """One implementation in a case's turns: its row so far, and the timed call on rotated
+    copies (None where it does not run: the row then carries "error"), the bytes a call moves
+    and the useful FLOPs it does."""
+
+    row: dict
+    call: Callable[[], object] | None = None
+    moved: int = 0
+    flops: float = 0.0
+
+
+def prepare(
     impl: Impl,
     operands: tuple | Exception,
     remake: Callable[[], tuple],
@@ -418,13 +438,10 @@ def measure(
     case: dict,
     n: int,
     nnz: int,
-    bandwidth: float,
-    peak: float,
-    device: str,
-) -> dict:
-    """One row: x (M, K); remake() makes the operands again from the pruned weight; case:
-    layer, M, pattern, sparsity (% of zeros); expected: fp32 F.linear on the pruned weight, or
-    None to skip the wiring check."""
+) -> Entry:
+    """One implementation of a case, ready to be timed: x (M, K); remake() makes the operands
+    again from the weight; case: layer, M, pattern, sparsity (% of zeros), turns; expected: fp32
+    F.linear on the weight, or None to skip the wiring check."""
     m, k = x.shape
     row = {
         **case,
@@ -434,36 +451,60 @@ def measure(
         "x_dtype": _SHORT[impl.x_dtype],
     }
     if isinstance(operands, Exception):
-        return {**row, "error": common.error_text(operands)}
+        return Entry({**row, "error": common.error_text(operands)})
     x = x.to(impl.x_dtype)
     row["kernel"], why = _kernel_of_ours(impl, x, operands)
     if why is not None:
-        return {**row, "error": why}
+        return Entry({**row, "error": why})
     nbytes = weight_bytes(impl, operands, n, k, case["sparsity"] / 100)
     try:
         if expected is not None:
             _check_output(impl.run(x, operands), expected)
         make_copy, call = _timed_call(impl, x, operands, remake)
         copies = common.rotating(make_copy, nbytes)
-        ms = common.time_ms(lambda: call(copies()), device=device)
     except NOT_RUN as exc:
-        return {**row, "error": common.error_text(exc)}
+        return Entry({**row, "error": common.error_text(exc)})
+    row.update(weight_bytes=nbytes, nnz=nnz)
     moved = nbytes + m * k * x.element_size() + m * n * x.element_size()
-    floor_ms = moved / bandwidth / 1e6
-    flops = 2.0 * m * nnz
-    compute_floor_ms = flops / peak / 1e6
-    return {
-        **row,
-        "time_ms": ms,
-        "GB/s": moved / ms / 1e6,
-        "weight_bytes": nbytes,
-        "floor_ms": floor_ms,
-        "pct_floor": 100.0 * floor_ms / ms,
-        "compute_floor_ms": compute_floor_ms,
-        "binds": "memory" if floor_ms >= compute_floor_ms else "compute",
-        "GFLOP/s": flops / ms / 1e6,
-        "nnz": nnz,
-    }
+    return Entry(row, lambda: call(copies()), moved, 2.0 * m * nnz)
+
+
+def time_case(entries: list[Entry], copy: common.CopyProbe, peak: float, device: str) -> list[dict]:
+    """The entries' rows, their calls and the copy that gives the floor timed in turns
+    (common.time_in_turns): time, GB/s, % of the memory floor at the copy bandwidth of the same
+    turns, the compute floor at `peak` GFLOP/s and which binds, GFLOP/s."""
+    calls = {i: e.call for i, e in enumerate(entries) if e.call is not None}
+    times = common.time_in_turns({"copy": copy, **calls}, device=device)
+    copy_ms = times.pop("copy")
+    if isinstance(copy_ms, Exception):
+        raise copy_ms
+    bandwidth = copy.gbs(copy_ms)
+    rows = []
+    for i, e in enumerate(entries):
+        ms = times.get(i)
+        if ms is None:
+            rows.append(e.row)
+            continue
+        if isinstance(ms, Exception):
+            row = {key: v for key, v in e.row.items() if key not in ("weight_bytes", "nnz")}
+            rows.append({**row, "error": common.error_text(ms)})
+            continue
+        floor_ms = e.moved / bandwidth / 1e6
+        compute_floor_ms = e.flops / peak / 1e6
+        rows.append(
+            {
+                **e.row,
+                "time_ms": ms,
+                "GB/s": e.moved / ms / 1e6,
+                "floor_ms": floor_ms,
+                "pct_floor": 100.0 * floor_ms / ms,
+                "compute_floor_ms": compute_floor_ms,
+                "binds": "memory" if floor_ms >= compute_floor_ms else "compute",
+                "GFLOP/s": e.flops / ms / 1e6,
+                "copy_GB/s": bandwidth,
+            }
+        )
+    return rows
 
 
 def _make(impl: Impl, pruned: torch.Tensor, pattern: str) -> tuple | Exception:
@@ -478,70 +519,89 @@ def run(
     batch: tuple,
     patterns: tuple,
     impls: tuple,
-    bandwidth: float,
     peak: float,
     device: str,
     gen: torch.Generator,
 ) -> list[dict]:
     """Every (layer, pattern, M, impl) row. Per layer the fp32 weight is pruned once per
-    pattern and compressed once per (format, value dtype); at each M the implementations are
-    timed one after another, so that noise hits them alike."""
-    grid = [(p, impl) for p in (DENSE, *patterns) for impl in impls if impl.applies(p)]
+    pattern and compressed once per (format, value dtype). A case is (layer, pattern, M): its
+    implementations, the dense ones on the unpruned weight and the copy that gives the floor
+    take turns (time_case), so that each ratio is taken in the same seconds of a shared machine;
+    every row carries the pattern it was timed with as `turns` (a dense row's own pattern is
+    "dense")."""
+    dense = [impl for impl in impls if impl.applies(DENSE)]
+    copy = common.CopyProbe(device=device)
     rows = []
-    with tqdm(total=len(layers) * len(grid) * len(batch), desc="sparse") as bar:
+    total = len(layers) * len(batch) * sum(len(dense) + _count(impls, p) for p in patterns)
+    with tqdm(total=total, desc="sparse") as bar:
         for k, n in layers:
             w = (torch.randn(n, k, generator=gen) / k**0.5).to(device)
             xs = {m: torch.randn(m, k, generator=gen).to(device) for m in batch}
-            for pattern in (DENSE, *patterns):
-                todo = [impl for p, impl in grid if p == pattern]
+            wanted = {m: F.linear(xs[m], w) for m in batch[:1]}
+            made = {impl.name: _make(impl, w, DENSE) for impl in dense}
+            for pattern in patterns:
+                todo = [impl for impl in impls if impl.applies(pattern)]
                 bar.set_postfix_str(f"{k}x{n} {pattern}: prune, compress")
                 pruned = prune(w, pattern)
                 nnz = int(torch.count_nonzero(pruned))
-                case = {
-                    "layer": f"{k}x{n}",
-                    "pattern": pattern,
-                    "sparsity": 100 * sp.sparsity(pruned),
-                }
-                made = {}  # (format, value dtype) -> operands: one compression per value dtype
+                compressed = {}  # (format, value dtype) -> operands: one compression each
                 for impl in todo:
                     key = (impl.fmt, impl.w_dtype)
-                    if key not in made:
-                        made[key] = _make(impl, pruned, pattern)
+                    if key not in compressed:
+                        compressed[key] = _make(impl, pruned, pattern)
                 bar.set_postfix_str(f"{k}x{n} {pattern}")
-                for i, m in enumerate(batch):
-                    expected = F.linear(xs[m], pruned) if i == 0 else None
-                    for impl in todo:
-                        operands = made[(impl.fmt, impl.w_dtype)]
-                        rows.append(
-                            measure(
-                                impl,
-                                operands,
-                                lambda impl=impl, w=pruned, p=pattern: impl.make(w, p),
-                                xs[m],
-                                expected,
-                                {**case, "M": m},
-                                n,
-                                nnz,
-                                bandwidth,
-                                peak,
-                                device,
-                            )
+                case = {"layer": f"{k}x{n}", "turns": pattern}
+                for m in batch:
+                    entries = [
+                        prepare(
+                            impl,
+                            made[impl.name],
+                            lambda impl=impl, w=w: impl.make(w, DENSE),
+                            xs[m],
+                            wanted.get(m),
+                            {**case, "pattern": DENSE, "sparsity": 0.0, "M": m},
+                            n,
+                            n * k,
                         )
-                        bar.update()
+                        for impl in dense
+                    ]
+                    expected = F.linear(xs[m], pruned) if m in wanted else None
+                    sparsity = 100 * sp.sparsity(pruned)
+                    entries += [
+                        prepare(
+                            impl,
+                            compressed[(impl.fmt, impl.w_dtype)],
+                            lambda impl=impl, w=pruned, p=pattern: impl.make(w, p),
+                            xs[m],
+                            expected,
+                            {**case, "pattern": pattern, "sparsity": sparsity, "M": m},
+                            n,
+                            nnz,
+                        )
+                        for impl in todo
+                    ]
+                    rows += time_case(entries, copy, peak, device)
+                    bar.update(len(entries))
     return rows
 
 
+def _count(impls: tuple, pattern: str) -> int:
+    return sum(impl.applies(pattern) for impl in impls)
+
+
 def add_speedups(rows: list[dict], dense_names: set[str]) -> None:
-    """speedup = the faster dense time at the row's (layer, M) ÷ the row's time; vs names it."""
+    """speedup = the faster dense time in the row's own turns (layer, M, turns) ÷ the row's
+    time; vs names that dense and vs_ms is its time."""
     best: dict[tuple, dict] = {}
     for r in rows:
-        key = (r["layer"], r["M"])
+        key = (r["layer"], r["M"], r.get("turns"))
         timed_dense = r["impl"] in dense_names and "time_ms" in r
         if timed_dense and (key not in best or r["time_ms"] < best[key]["time_ms"]):
             best[key] = r
     for r in rows:
-        b = best.get((r["layer"], r["M"]))
+        b = best.get((r["layer"], r["M"], r.get("turns")))
         r["vs"] = b["impl"] if b else ""
+        r["vs_ms"] = b["time_ms"] if b else float("nan")
         r["speedup"] = b["time_ms"] / r["time_ms"] if b and "time_ms" in r else float("nan")
 
 
@@ -597,11 +657,13 @@ def targets(rows: list[dict]) -> list[str]:
                 r["pattern"] not in best or r["time_ms"] < best[r["pattern"]]["time_ms"]
             ):
                 best[r["pattern"]] = r
-        dense = next((r for r in here if r["impl"] == here[0]["vs"]), None)
-        if dense is None or not best:
+        if not best or not all(r["vs"] for r in best.values()):
             lines.append(f"{layer}: not measured (no dense or no torchslim row)")
             continue
-        lines.append(f"{layer}: dense = {dense['impl']}, {dense['time_ms']:.3g} ms")
+        names = ", ".join(sorted({r["vs"] for r in best.values()}))
+        lo, hi = (f(r["vs_ms"] for r in best.values()) for f in (min, max))
+        span = f"{lo:.3g}" if f"{lo:.3g}" == f"{hi:.3g}" else f"{lo:.3g}-{hi:.3g}"
+        lines.append(f"{layer}: dense = {names}, {span} ms (in each pattern's turns)")
         for pattern, goal in SPEEDUP_TARGETS:
             if b := best.get(pattern):
                 lines.append(
@@ -638,6 +700,7 @@ def gpu_targets(rows: list[dict]) -> list[str]:
     dense and graph-replayed against the faster graph-replayed dense."""
     layer, min_m, want = GPU_TARGET
     lines = [f"2:4 >= {want:g}x dense fp16 on {layer} at M >= {min_m} (eager):"]
+    rows = [r for r in rows if r.get("turns") in (None, "2:4")]  # dense in 2:4's turns
     for m in sorted({r["M"] for r in rows if r["layer"] == layer and r["M"] >= min_m}):
         here = [r for r in rows if r["layer"] == layer and r["M"] == m]
         ours = [r for r in here if _is_ours(r) and r["pattern"] == "2:4"]
@@ -780,26 +843,39 @@ def main(argv: list[str] | None = None) -> int:
     layers, batch = args.layers or layers, args.batch or batch
     patterns = args.sparsity or PATTERNS
     print(f"torchslim bench sparse on {where}")
-    bandwidth = common.copy_bandwidth_gbs(device=device)
     peak = common.gemm_gflops(device=device, dtype=gemm_dtype)
     gemm = _SHORT[gemm_dtype]
-    print(f"copy bandwidth {bandwidth:.1f} GB/s, {gemm} GEMM {peak:.0f} GFLOP/s (measured now)")
+    print(f"{gemm} GEMM {peak:.0f} GFLOP/s (measured now)")
 
     gen = torch.Generator().manual_seed(0)
-    rows = run(layers, batch, patterns, (*dense, *impls), bandwidth, peak, device, gen)
+    rows = run(layers, batch, patterns, (*dense, *impls), peak, device, gen)
     add_speedups(rows, {impl.name for impl in dense})
     for r in rows:
-        r["copy_GB/s"] = bandwidth
         r[f"{gemm}_gemm_GFLOP/s"] = peak
 
     timed = [r for r in rows if "time_ms" in r]
     dense_names = " and ".join(_SHORT[impl.w_dtype] for impl in dense)
     columns = ["layer", "M", "pattern", "impl", "kernel", "time_ms", "speedup", "vs", "GB/s",
                "weight_MB", "pct_floor", "binds", "GFLOP/s"]  # fmt: skip
-    print(f"\nspeedup: over the faster of dense {dense_names} F.linear (vs)")
     print(
-        common.format_table([{**r, "weight_MB": r["weight_bytes"] / 1e6} for r in timed], columns)
+        f"\nspeedup: over the faster of dense {dense_names} F.linear (vs) timed in the same "
+        "turns; a dense row shows the pattern it took turns with"
     )
+    shown = [
+        {
+            **r,
+            "pattern": f"dense ({r['turns']})" if r["pattern"] == DENSE else r["pattern"],
+            "weight_MB": r["weight_bytes"] / 1e6,
+        }
+        for r in timed
+    ]
+    print(common.format_table(shown, columns))
+    bandwidths = [r["copy_GB/s"] for r in timed]
+    if bandwidths:
+        print(
+            f"copy bandwidth, per case (the floor's): {min(bandwidths):.1f}-"
+            f"{max(bandwidths):.1f} GB/s"
+        )
     not_run: dict[tuple[str, str], list[str]] = {}
     for r in rows:
         if "error" in r:

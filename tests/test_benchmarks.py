@@ -147,15 +147,20 @@ def test_bench_attention_times_in_turns_and_keeps_a_failure(monkeypatch, kind):
 
 
 @pytest.mark.skipif(_ext._C is None, reason="the benchmark compares the compiled kernels")
-def test_bench_sparse_quick(tmp_path, capsys):
+def test_bench_sparse_quick(tmp_path, capsys, monkeypatch):
     """`torchslim bench sparse` on a tiny layer: every (M, pattern, implementation) row is
-    timed, with positive finite figures and each format's own weight bytes."""
+    timed in turns with both dense ones, with positive finite figures, speedups over the dense of
+    its own turns and each format's own weight bytes."""
     import torch
 
     import torchslim.sparse as sp
     from torchslim import cli
-    from torchslim.benchmarks import bench_sparse
+    from torchslim.benchmarks import bench_sparse, common
 
+    # The machinery, not the figures: short turns, weights rotated through 8 MB.
+    real = common.time_in_turns
+    monkeypatch.setattr(common, "time_in_turns", lambda fns, **kw: real(fns, 0.02, **kw))
+    monkeypatch.setattr(common, "ROTATE_BYTES", 8 << 20)
     argv = ["bench", "sparse", "--quick", "--layers", "256x384", "--out", str(tmp_path)]
     assert cli.main(argv) == 0
     with open(tmp_path / "sparse_cpu_quick.csv") as f:
@@ -163,7 +168,7 @@ def test_bench_sparse_quick(tmp_path, capsys):
     columns = {"layer", "M", "pattern", "sparsity", "impl", "format", "w_dtype", "x_dtype",
                "time_ms", "speedup", "vs", "GB/s", "weight_bytes", "floor_ms", "pct_floor",
                "compute_floor_ms", "binds", "GFLOP/s", "nnz", "copy_GB/s", "device", "torch",
-               "commit"}  # fmt: skip
+               "commit", "turns", "vs_ms"}  # fmt: skip
     assert columns <= set(rows[0])
     variants = ("fp32", "bf16", "bf16-fp32x", "int8-fp32x")
     unstructured = tuple(
@@ -175,9 +180,28 @@ def test_bench_sparse_quick(tmp_path, capsys):
     per_pattern["2:4"] = (*(f"torchslim-2:4-{v}" for v in variants), "torch-csr-fp32")
     for p in ("16x16@50%", "16x16@90%"):
         per_pattern[p] = (*(f"torchslim-block-{v}" for v in variants), "torch-csr-fp32")
-    expected = {(m, p, i) for m in ("1", "16") for p, impls in per_pattern.items() for i in impls}
+    # Each pattern's implementations take turns with both dense ones (and the copy probe).
+    dense = per_pattern.pop("dense")
+    expected = {
+        (m, q, i, p)
+        for m in ("1", "16")
+        for p, impls in per_pattern.items()
+        for q, names in (("dense", dense), (p, impls))
+        for i in names
+    }
     assert [r.get("error") for r in rows if r.get("error")] == []
-    assert sorted((r["M"], r["pattern"], r["impl"]) for r in rows) == sorted(expected)
+    assert sorted((r["M"], r["pattern"], r["impl"], r["turns"]) for r in rows) == sorted(expected)
+    dense_ms, bandwidth = {}, {}
+    for r in rows:
+        case = (r["M"], r["turns"])
+        if r["pattern"] == "dense":
+            dense_ms[case] = min(dense_ms.get(case, float("inf")), float(r["time_ms"]))
+        bandwidth.setdefault(case, set()).add(r["copy_GB/s"])
+    for r in rows:  # speedups and floors from the row's own turns
+        case = (r["M"], r["turns"])
+        assert float(r["vs_ms"]) == dense_ms[case]
+        assert float(r["speedup"]) == pytest.approx(dense_ms[case] / float(r["time_ms"]))
+        assert len(bandwidth[case]) == 1
     for r in rows:
         for col in ("time_ms", "speedup", "GB/s", "weight_bytes", "pct_floor", "GFLOP/s"):
             assert 0 < float(r[col]) < float("inf"), (r["impl"], r["pattern"], col, r[col])
@@ -230,7 +254,7 @@ def test_sparse_targets_and_crossover_are_read_from_the_rows():
     assert [r["vs"] for r in rows[:2]] == ["dense-bf16"] * 2 and rows[-1]["vs"] == "dense-fp32"
     assert rows[3]["speedup"] == pytest.approx(1.2)
     lines = bench_sparse.targets(rows)
-    assert lines[1] == "4096x4096: dense = dense-bf16, 1.2 ms"
+    assert lines[1] == "4096x4096: dense = dense-bf16, 1.2 ms (in each pattern's turns)"
     assert lines[2:] == [
         "  2:4 >= 3x dense: 4.00x (torchslim-bf16): met",
         "  90% >= 8x dense: 12.00x (torchslim-bf16): met",
@@ -240,6 +264,20 @@ def test_sparse_targets_and_crossover_are_read_from_the_rows():
     ]
     cross = {(r["M"], r["impl"]): r for r in bench_sparse.crossovers(rows)}
     assert cross[(1, "torchslim-fp32")]["crossover"] == "none"
+    # Timed in turns: each row's speedup is over the dense of its own turns.
+    rows += [row("dense", "dense-fp32", 1.0), row("dense", "dense-bf16", 1.5)]
+    for r in rows:
+        if r["M"] == 1 and (r["pattern"] == "90%" or r in rows[-2:]):
+            r["turns"] = "90%"
+    bench_sparse.add_speedups(rows, {"dense-fp32", "dense-bf16"})
+    ours90 = next(r for r in rows if r["impl"] == "torchslim-bf16" and r["pattern"] == "90%")
+    assert (ours90["vs"], ours90["vs_ms"], ours90["speedup"]) == ("dense-fp32", 1.0, 10.0)
+    assert rows[3]["speedup"] == pytest.approx(1.2)  # 50%: the dense without turns
+    lines = bench_sparse.targets(rows)
+    assert (
+        lines[1] == "4096x4096: dense = dense-bf16, dense-fp32, 1-1.2 ms (in each pattern's turns)"
+    )
+    assert lines[3] == "  90% >= 8x dense: 10.00x (torchslim-bf16): met"
     assert cross[(1, "torchslim-bf16")]["crossover"] == "50%"
     assert cross[(16, "torchslim-bf16")]["crossover"] == "90%"
     assert cross[(16, "torchslim-bf16")]["75%"] == "-"
