@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 
 import pytest
+import test_grad
 import torch
+from conftest import seeded
 from torch import nn
 
 import torchslim
@@ -152,3 +154,23 @@ def test_bad_input(gen):
 def test_public_api():
     assert torchslim.nn.Int8Linear is Int8Linear
     assert {"cpu", "reference"} <= set(torchslim.ops.BACKENDS)
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", sorted(test_grad.LAYERS))
+def test_a_bias_of_any_float_dtype_or_stride_adds_its_fp32_values(name, x_dtype):
+    """The CPU kernels add the bias in fp32: one held in bf16, fp16 or float64, or a strided
+    view, gives exactly what its values as a contiguous fp32 tensor give (the kernels widen it
+    without a torch op, into a per-thread workspace)."""
+    g = seeded("bias-dtype", name, str(x_dtype))
+    layer = test_grad.LAYERS[name][0](test_grad._pruned_linear(g))
+    n, k = test_grad.N, test_grad.K
+    x = torch.randn(2, 3, k, generator=g).to(x_dtype)
+    wide = torch.randn(2 * n, generator=g)
+    variants = [wide[:n].to(d) for d in (torch.bfloat16, torch.float16, torch.float64)]
+    variants.append(wide[::2])  # stride 2
+    for bias in variants:
+        layer._buffers["bias"] = bias.float().contiguous()
+        want = layer(x)
+        layer._buffers["bias"] = bias
+        assert torch.equal(layer(x), want), (bias.dtype, bias.stride())

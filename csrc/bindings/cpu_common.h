@@ -9,7 +9,10 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
+#include <cstdlib>
+#include <memory>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -57,16 +60,75 @@ inline void check_activation(const at::Tensor& x, const char* name) {
                   " must have unit stride in its last dim, got strides ", x.strides());
 }
 
-// Returns bias as a (N,) fp32 contiguous tensor, or an undefined one without a bias.
-inline at::Tensor bias_operand(const std::optional<at::Tensor>& bias, int64_t N) {
-  if (!bias.has_value() || !bias->defined()) return {};
+// Scratch for what lives only inside one op call (an activation's int8 codes and scales): a
+// request up to kWorkspaceMax bytes reuses the calling thread's buffer, so a decode step does
+// not allocate four tensors per int4 layer, and a prefill's activation panels (2 MB at M = 512,
+// K = 4096) do not come as fresh pages the kernel must clear each call; a larger one is held by
+// `fallback`. 64-byte aligned. Each slot is its own buffer: an op that keeps one slot's contents
+// while it asks for more (W8A8's codes, then the tile unit's panels) takes two; kBias holds the
+// epilogue's bias widened to fp32 (bias_operand).
+constexpr std::size_t kWorkspaceAlign = 64;
+constexpr std::size_t kWorkspaceMax = std::size_t{8} << 20;
+enum class Slot { kFirst = 0, kSecond = 1, kBias = 2 };
+
+inline std::size_t align_up(std::size_t n) {
+  return (n + kWorkspaceAlign - 1) / kWorkspaceAlign * kWorkspaceAlign;
+}
+
+inline uint8_t* workspace(std::size_t bytes, at::Tensor& fallback, Slot slot = Slot::kFirst) {
+  struct Free {
+    void operator()(uint8_t* p) const { std::free(p); }
+  };
+  struct Buffer {
+    std::unique_ptr<uint8_t, Free> data;
+    std::size_t capacity = 0;
+  };
+  thread_local std::array<Buffer, 3> buffers;
+  if (bytes > kWorkspaceMax) {
+    fallback = at::empty({static_cast<int64_t>(bytes + kWorkspaceAlign)}, at::kByte);
+    const auto address = reinterpret_cast<std::uintptr_t>(fallback.data_ptr<uint8_t>());
+    return reinterpret_cast<uint8_t*>(align_up(address));
+  }
+  Buffer& buffer = buffers[static_cast<std::size_t>(slot)];
+  if (bytes > buffer.capacity) {
+    const std::size_t grown = std::max(align_up(bytes), std::size_t{64} << 10);
+    buffer.data.reset(static_cast<uint8_t*>(std::aligned_alloc(kWorkspaceAlign, grown)));
+    buffer.capacity = buffer.data ? grown : 0;
+    TORCHSLIM_CHECK_RUNTIME(buffer.data != nullptr, "could not allocate a ", grown,
+                            "-byte workspace");
+  }
+  return buffer.data.get();
+}
+
+// bias (N,) as the kernels' fp32 array, or null without a bias: its own data when it is fp32
+// with unit stride, else widened in a loop into the calling thread's kBias workspace (a
+// dispatched to() cost ~1 us of a ~5 us decode-sized call). `held` keeps what neither the
+// caller's tensor nor the workspace holds.
+inline const float* bias_operand(const std::optional<at::Tensor>& bias, int64_t N,
+                                 at::Tensor& held) {
+  if (!bias.has_value() || !bias->defined()) return nullptr;
   check_cpu(*bias, "bias");
   TORCHSLIM_CHECK(bias->dim() == 1 && bias->size(0) == N, "bias must have shape (N,) = (", N,
                   ",), got ", bias->sizes());
-  TORCHSLIM_CHECK_TYPE(at::isFloatingType(bias->scalar_type()),
-                       "bias must be a floating-point tensor, got ", bias->scalar_type());
-  if (bias->scalar_type() == at::kFloat && bias->is_contiguous()) return *bias;
-  return bias->to(at::kFloat).contiguous();
+  const at::ScalarType type = bias->scalar_type();
+  TORCHSLIM_CHECK_TYPE(at::isFloatingType(type), "bias must be a floating-point tensor, got ",
+                       type);
+  const int64_t stride = N <= 1 ? 1 : bias->stride(0);
+  if (type == at::kFloat && stride == 1) return bias->data_ptr<float>();
+  if (type != at::kFloat && type != at::kBFloat16 && type != at::kHalf && type != at::kDouble) {
+    held = bias->to(at::kFloat).contiguous();  // the rarer float types (float8)
+    return held.data_ptr<float>();
+  }
+  auto* wide = reinterpret_cast<float*>(
+      workspace(static_cast<std::size_t>(N) * sizeof(float), held, Slot::kBias));
+  const auto widen = [&](const auto* src) {
+    for (int64_t n = 0; n < N; ++n) wide[n] = static_cast<float>(src[n * stride]);
+  };
+  if (type == at::kFloat) widen(bias->data_ptr<float>());
+  if (type == at::kBFloat16) widen(bias->data_ptr<at::BFloat16>());
+  if (type == at::kHalf) widen(bias->data_ptr<at::Half>());
+  if (type == at::kDouble) widen(bias->data_ptr<double>());
+  return wide;
 }
 
 // Runs fn(m0, m1, n0, n1) over the (M, N) output in blocks. Blocks are ordered n-major so the

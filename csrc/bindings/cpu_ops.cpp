@@ -110,45 +110,6 @@ void parallel_tile_blocks(int64_t M, int64_t N, int64_t most_m, int64_t most_n, 
   parallel_blocks(M, N, std::min(share, most_m), block_n, fn, /*rows_first=*/true);
 }
 
-// Scratch for what lives only inside one op call (an activation's int8 codes and scales): a
-// request up to kWorkspaceMax bytes reuses the calling thread's buffer, so a decode step does
-// not allocate four tensors per int4 layer, and a prefill's activation panels (2 MB at M = 512,
-// K = 4096) do not come as fresh pages the kernel must clear each call; a larger one is held by
-// `fallback`. 64-byte aligned. Each slot is its own buffer: an op that keeps one slot's contents
-// while it asks for more (W8A8's codes, then the tile unit's panels) takes two.
-constexpr std::size_t kWorkspaceAlign = 64;
-constexpr std::size_t kWorkspaceMax = std::size_t{8} << 20;
-enum class Slot { kFirst = 0, kSecond = 1 };
-
-std::size_t align_up(std::size_t n) {
-  return (n + kWorkspaceAlign - 1) / kWorkspaceAlign * kWorkspaceAlign;
-}
-
-uint8_t* workspace(std::size_t bytes, at::Tensor& fallback, Slot slot = Slot::kFirst) {
-  struct Free {
-    void operator()(uint8_t* p) const { std::free(p); }
-  };
-  struct Buffer {
-    std::unique_ptr<uint8_t, Free> data;
-    std::size_t capacity = 0;
-  };
-  thread_local std::array<Buffer, 2> buffers;
-  if (bytes > kWorkspaceMax) {
-    fallback = at::empty({static_cast<int64_t>(bytes + kWorkspaceAlign)}, at::kByte);
-    const auto address = reinterpret_cast<std::uintptr_t>(fallback.data_ptr<uint8_t>());
-    return reinterpret_cast<uint8_t*>(align_up(address));
-  }
-  Buffer& buffer = buffers[static_cast<std::size_t>(slot)];
-  if (bytes > buffer.capacity) {
-    const std::size_t grown = std::max(align_up(bytes), std::size_t{64} << 10);
-    buffer.data.reset(static_cast<uint8_t*>(std::aligned_alloc(kWorkspaceAlign, grown)));
-    buffer.capacity = buffer.data ? grown : 0;
-    TORCHSLIM_CHECK_RUNTIME(buffer.data != nullptr, "could not allocate a ", grown,
-                            "-byte workspace");
-  }
-  return buffer.data.get();
-}
-
 // x (args.x or args.x_bf16) as the bf16 tiles' panels in args.x_parts parts, in the calling
 // thread's workspace (or `held`).
 const uint16_t* pack_bf16_panels(const cpu::W8A16Args& args, at::Tensor& held) {
@@ -170,16 +131,14 @@ void check_int8_matrix(const at::Tensor& w, const char* name, int64_t K) {
                   " must have unit stride in its last dim, got strides ", w.strides());
 }
 
-// Returns w_scale as a (N,) fp32 contiguous tensor and bias as fp32 (or undefined).
-std::pair<at::Tensor, at::Tensor> epilogue_operands(const at::Tensor& w_scale,
-                                                    const std::optional<at::Tensor>& bias,
-                                                    int64_t N) {
+// Returns w_scale as a (N,) fp32 contiguous tensor.
+at::Tensor scale_operand(const at::Tensor& w_scale, int64_t N) {
   check_cpu(w_scale, "w_scale");
   TORCHSLIM_CHECK_TYPE(w_scale.scalar_type() == at::kFloat, "w_scale must be float32, got ",
                        w_scale.scalar_type());
   TORCHSLIM_CHECK(w_scale.dim() == 1 && w_scale.size(0) == N, "w_scale must have shape (N,) = (", N,
                   ",), got ", w_scale.sizes());
-  return {w_scale.contiguous(), bias_operand(bias, N)};
+  return w_scale.contiguous();
 }
 
 std::tuple<at::Tensor, at::Tensor> quantize_per_token_cpu(const at::Tensor& x) {
@@ -233,8 +192,8 @@ at::Tensor int8_mm_cpu(const at::Tensor& a, const at::Tensor& b) {
 struct LinearOperands {
   ScalarType x_type;
   int64_t M, N, K;
-  at::Tensor w_scale, bias, out;
-  const float* bias_ptr() const { return bias.defined() ? bias.data_ptr<float>() : nullptr; }
+  at::Tensor w_scale, out, bias_held;
+  const float* bias = nullptr;  // bias_operand
 };
 
 LinearOperands linear_operands(const at::Tensor& x, const at::Tensor& w_q,
@@ -246,7 +205,8 @@ LinearOperands linear_operands(const at::Tensor& x, const at::Tensor& w_q,
   op.K = x.size(1);
   op.N = w_q.size(0);
   check_int8_matrix(w_q, "w_q", op.K);
-  std::tie(op.w_scale, op.bias) = epilogue_operands(w_scale, bias, op.N);
+  op.w_scale = scale_operand(w_scale, op.N);
+  op.bias = bias_operand(bias, op.N, op.bias_held);
   op.out = at::empty({op.M, op.N}, x.options());
   return op;
 }
@@ -264,8 +224,8 @@ at::Tensor int8_dynamic_linear_cpu(const at::Tensor& x, const at::Tensor& w_q,
   auto* x_scale = reinterpret_cast<float*>(scratch + code_bytes);
   quantize_rows_into(x, x_q, op.K, x_scale);
   run_int8_gemm({x_q, op.K, w_q.data_ptr<int8_t>(), w_q.stride(0), x_scale,
-                 op.w_scale.data_ptr<float>(), op.bias_ptr(), op.out.data_ptr(), op.N, op.x_type,
-                 op.M, op.N, op.K});
+                 op.w_scale.data_ptr<float>(), op.bias, op.out.data_ptr(), op.N, op.x_type, op.M,
+                 op.N, op.K});
   return op.out;
 }
 
@@ -278,7 +238,7 @@ at::Tensor int8_weight_only_linear_cpu(const at::Tensor& x, const at::Tensor& w_
                       .w = w_q.data_ptr<int8_t>(),
                       .ldw = w_q.stride(0),
                       .w_scale = op.w_scale.data_ptr<float>(),
-                      .bias = op.bias_ptr(),
+                      .bias = op.bias,
                       .out = op.out.data_ptr(),
                       .ldo = op.N,
                       .out_type = op.x_type,
@@ -353,11 +313,12 @@ at::Tensor int4_weight_only_linear_cpu(const at::Tensor& x, const at::Tensor& pa
   const ScalarType st = any_float_type(scales, "scales");
   check_group_params(scales, "scales", N, groups, scales);
   check_group_params(zeros, "zeros", N, groups, scales);
-  const at::Tensor b = bias_operand(bias, N);
+  at::Tensor bias_held;
+  const float* b = bias_operand(bias, N, bias_held);
 
   at::Tensor out = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return out;
-  if (K == 0) return b.defined() ? out.copy_(b.expand({M, N})) : out.zero_();
+  if (K == 0) return b ? out.copy_(bias->to(at::kFloat).expand({M, N})) : out.zero_();
 
   const cpu::KernelTable& kt = cpu::active_kernels();
   const int64_t blocks = (K + cpu::kQ8Block - 1) / cpu::kQ8Block;
@@ -375,7 +336,7 @@ at::Tensor int4_weight_only_linear_cpu(const at::Tensor& x, const at::Tensor& pa
                        zeros.data_ptr(),
                        groups,
                        st,
-                       b.defined() ? b.data_ptr<float>() : nullptr,
+                       b,
                        out.data_ptr(),
                        N,
                        xt,

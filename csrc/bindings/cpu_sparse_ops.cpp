@@ -73,9 +73,11 @@ ScalarType value_type(const at::Tensor& values) {
 }
 
 // The arguments every format shares: x (M, K) widened to fp32, the output, bias, scales, and x
-// packed in transposed panels when M > kSpMaxTileM (the SpMM kernels').
+// packed in transposed panels when M > kSpMaxTileM (the SpMM kernels'). What lives only inside
+// the call (x padded, widened or quantized at decode sizes, the bias widened) is in the calling
+// thread's workspace; `held` keeps what outgrows it.
 struct SparseOperands {
-  at::Tensor x, bias, scales, out, panels, x_bf16, x_q8, x_scales;
+  at::Tensor x, scales, out, panels, x_bf16, held, held_second, bias_held;
   cpu::SparseGemmArgs args;
 
   // The kernel over every (rows of x, weight rows) block, the SpMM's blocks with more weight
@@ -92,30 +94,27 @@ struct SparseOperands {
   }
 };
 
-// x (M, K) as rows `columns` wide, NaN past K: the csr and sliced dot kernels' x (see
-// csr_padded_k and sliced_padded_k), in fp32 (from fp32 or bf16 x) or in bf16 (from bf16 x).
-// Written in one pass without torch ops: at M = 1 their dispatch would cost more than the copy.
-at::Tensor padded_rows(const at::Tensor& x, int64_t columns, at::ScalarType type) {
+// x (M, K) into `dst` as rows `columns` wide, NaN past K (csr_padded_k and sliced_padded_k: the
+// csr and sliced dot kernels' x; columns = K: bf16 x widened), in fp32 (from fp32 or bf16 x) or
+// in bf16 (from bf16 x). One pass without torch ops: at M = 1 their dispatch would cost more
+// than the copy.
+template <typename T>
+void pad_rows(const at::Tensor& x, int64_t columns, T* dst) {
   const int64_t M = x.size(0), K = x.size(1);
-  at::Tensor padded = at::empty({M, columns}, x.options().dtype(type));
-  const auto fill = [&](auto* dst, const auto* src) {
-    using T = std::remove_pointer_t<decltype(dst)>;
+  const auto fill = [&](const auto* src) {
     for (int64_t m = 0; m < M; ++m, dst += columns, src += x.stride(0)) {
       std::copy(src, src + K, dst);  // bf16 to fp32: exact
       std::fill(dst + K, dst + columns, std::numeric_limits<T>::quiet_NaN());
     }
   };
-  if (type == at::kBFloat16) {
-    fill(padded.data_ptr<at::BFloat16>(), x.data_ptr<at::BFloat16>());
-  } else if (x.scalar_type() == at::kBFloat16) {
-    fill(padded.data_ptr<float>(), x.data_ptr<at::BFloat16>());
+  if (x.scalar_type() == at::kBFloat16) {
+    fill(x.data_ptr<at::BFloat16>());
   } else {
-    fill(padded.data_ptr<float>(), x.data_ptr<float>());
+    fill(x.data_ptr<float>());
   }
-  return padded;
 }
 
-// dot_columns > 0: the dot kernels (M <= kSpMaxTileM) read x padded to that width (padded_rows):
+// dot_columns > 0: the dot kernels (M <= kSpMaxTileM) read x padded to that width (pad_rows):
 // in bf16 when bf16_dot is set and x is bf16 (args.x_bf16; args.x is then null), else in fp32.
 // q8: x quantized per token into rows dot_columns wide (args.x_q8, any M; no panels).
 SparseOperands sparse_operands(const at::Tensor& x, const at::Tensor& values, int64_t N,
@@ -123,35 +122,40 @@ SparseOperands sparse_operands(const at::Tensor& x, const at::Tensor& values, in
                                int64_t dot_columns = 0, bool bf16_dot = false, bool q8 = false) {
   check_activation(x, "x");
   const ScalarType out_type = float_type(x, "x");
+  const int64_t M = x.size(0), K = x.size(1);
   SparseOperands op;
+  op.args = {};
+  const auto scratch = [&](int64_t bytes) {
+    return workspace(static_cast<std::size_t>(bytes), op.held);
+  };
+  const bool dot = M <= cpu::kSpMaxTileM;
   if (q8) {
-    std::tie(op.x_q8, op.x_scales) = quantize_rows(x, dot_columns);
-  } else if (dot_columns > 0 && x.size(0) <= cpu::kSpMaxTileM) {
-    if (bf16_dot && x.scalar_type() == at::kBFloat16) {
-      op.x_bf16 = padded_rows(x, dot_columns, at::kBFloat16);
-    } else {
-      op.x = padded_rows(x, dot_columns, at::kFloat);
-    }
-  } else if (x.scalar_type() == at::kBFloat16 && x.size(0) <= cpu::kSpMaxTileM) {
-    op.x = padded_rows(x, x.size(1), at::kFloat);  // widened without a torch op (see above)
+    const std::size_t code_bytes = align_up(static_cast<std::size_t>(M * dot_columns));
+    uint8_t* base = scratch(code_bytes + M * sizeof(float));
+    op.args.x_q8 = reinterpret_cast<int8_t*>(base);
+    op.args.ldx_q8 = dot_columns;
+    op.args.x_scales = reinterpret_cast<float*>(base + code_bytes);
+    quantize_rows_into(x, reinterpret_cast<int8_t*>(base), dot_columns,
+                       reinterpret_cast<float*>(base + code_bytes));
+  } else if (dot && dot_columns > 0 && bf16_dot && x.scalar_type() == at::kBFloat16) {
+    auto* padded = reinterpret_cast<at::BFloat16*>(scratch(M * dot_columns * 2));
+    pad_rows(x, dot_columns, padded);
+    op.args.x_bf16 = reinterpret_cast<const uint16_t*>(padded);
+    op.args.ldx_bf16 = dot_columns;
+  } else if (dot && (dot_columns > 0 || x.scalar_type() == at::kBFloat16)) {
+    const int64_t columns = dot_columns > 0 ? dot_columns : K;
+    auto* padded = reinterpret_cast<float*>(scratch(M * columns * 4));
+    pad_rows(x, columns, padded);
+    op.args.x = padded;
+    op.args.ldx = columns;
   } else {
     op.x = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat).contiguous();
-  }
-  op.bias = bias_operand(bias, N);
-  op.out = at::empty({x.size(0), N}, x.options());
-  check_cpu(values, "values");
-  op.args = {};
-  if (op.x.defined()) {
     op.args.x = op.x.data_ptr<float>();
     op.args.ldx = op.x.stride(0);
-  } else if (q8) {
-    op.args.x_q8 = op.x_q8.data_ptr<int8_t>();
-    op.args.ldx_q8 = op.x_q8.stride(0);
-    op.args.x_scales = op.x_scales.data_ptr<float>();
-  } else {
-    op.args.x_bf16 = reinterpret_cast<const uint16_t*>(op.x_bf16.data_ptr<at::BFloat16>());
-    op.args.ldx_bf16 = op.x_bf16.stride(0);
   }
+  op.args.bias = bias_operand(bias, N, op.bias_held);
+  op.out = at::empty({M, N}, x.options());
+  check_cpu(values, "values");
   op.args.values = values.data_ptr();
   op.args.v_type = value_type(values);
   if (scales.has_value() && scales->defined()) {
@@ -165,18 +169,17 @@ SparseOperands sparse_operands(const at::Tensor& x, const at::Tensor& values, in
   }
   TORCHSLIM_CHECK(op.args.scales != nullptr || op.args.v_type != ScalarType::kInt8,
                   "int8 values need scales (N,) float32, got scales=None");
-  op.args.bias = op.bias.defined() ? op.bias.data_ptr<float>() : nullptr;
   op.args.out = op.out.data_ptr();
   op.args.ldo = N;
   op.args.out_type = out_type;
-  op.args.M = x.size(0);
+  op.args.M = M;
   op.args.N = N;
-  op.args.K = x.size(1);
-  if (op.args.M > cpu::kSpMaxTileM && !q8) {  // (P, K, kSpPanel): x transposed, zeros past M
-    const int64_t P = (op.args.M + cpu::kSpPanel - 1) / cpu::kSpPanel;
-    at::Tensor padded = at::zeros({P * cpu::kSpPanel, op.args.K}, op.x.options());
-    padded.narrow(0, 0, op.args.M).copy_(op.x);
-    op.panels = padded.view({P, cpu::kSpPanel, op.args.K}).transpose(1, 2).contiguous();
+  op.args.K = K;
+  if (!dot && !q8) {  // (P, K, kSpPanel): x transposed, zeros past M
+    const int64_t P = (M + cpu::kSpPanel - 1) / cpu::kSpPanel;
+    at::Tensor padded = at::zeros({P * cpu::kSpPanel, K}, op.x.options());
+    padded.narrow(0, 0, M).copy_(op.x);
+    op.panels = padded.view({P, cpu::kSpPanel, K}).transpose(1, 2).contiguous();
     op.args.panels = op.panels.data_ptr<float>();
   }
   return op;
@@ -204,10 +207,10 @@ at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values,
   op.args.ldm = meta.stride(0);
   const auto order_x = cpu::active_kernels().sparse24_order_x;
   if (order_x != nullptr && !op.panels.defined()) {  // the dot kernels' column order
-    at::Tensor ordered = at::empty({op.args.M, K}, op.x.options());
-    order_x(op.args.x, op.args.ldx, ordered.data_ptr<float>(), op.args.M, K);
-    op.x = ordered;
-    op.args.x = ordered.data_ptr<float>();
+    auto* ordered = reinterpret_cast<float*>(workspace(
+        static_cast<std::size_t>(op.args.M * K) * sizeof(float), op.held_second, Slot::kSecond));
+    order_x(op.args.x, op.args.ldx, ordered, op.args.M, K);
+    op.args.x = ordered;
     op.args.ldx = K;
   }
   op.run(cpu::active_kernels().sparse24_gemm);
