@@ -521,13 +521,15 @@ def test_sliced_w8a8_bad_input_names_the_argument():
 
 @pytest.mark.parametrize("backend", SPARSE_BACKENDS)
 @pytest.mark.parametrize("m", [1, 3])
-def test_bitmask_w8a8_mask_and_offsets_must_agree(backend, m):
-    g = seeded("w8a8-disagree", backend, m)
-    codes, scales = quantize_weight_per_channel(_weight_unstructured(9, 200, 0.5, g))
+@pytest.mark.parametrize(("k", "missing"), [(200, 1), (1000, 1), (1000, 40), (1000, 70)])
+def test_bitmask_w8a8_mask_and_offsets_must_agree(backend, m, k, missing):
+    # the kernel's steps go two at a time: a row that runs out is caught at either of them
+    g = seeded("w8a8-disagree", backend, m, k, missing)
+    codes, scales = quantize_weight_per_channel(_weight_unstructured(9, k, 0.5, g))
     values, mask, offsets = compress_bitmask(codes)
-    x = torch.randn(m, 200, generator=g)
+    x = torch.randn(m, k, generator=g)
     short = offsets.clone()
-    short[4:] -= 1  # row 3 has one value fewer than its mask's bits
+    short[4:] -= missing  # row 3 has fewer values than its mask's bits
     says = "mask and row_offsets disagree: row 3" if backend != "reference" else "row_offsets"
     with run_on(backend), pytest.raises(ValueError, match=says):
         ops.sparse_bitmask_dynamic_linear(x, values, mask, short, scales)
