@@ -39,6 +39,7 @@ py::dict cpu_features() {
   d["avx512bf16"] = f.avx512bf16;
   d["avx512vbmi"] = f.avx512vbmi;
   d["avx512vbmi2"] = f.avx512vbmi2;
+  d["avx512vpopcntdq"] = f.avx512vpopcntdq;
   d["avx_vnni"] = f.avx_vnni;
   d["amx_tile"] = f.amx_tile;
   d["amx_int8"] = f.amx_int8;

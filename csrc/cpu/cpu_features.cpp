@@ -65,6 +65,7 @@ CpuFeatures detect() {
     f.avx512vnni = ecx & (1u << 11);
     f.avx512vbmi = ecx & (1u << 1);
     f.avx512vbmi2 = ecx & (1u << 6);
+    f.avx512vpopcntdq = ecx & (1u << 14);
   }
   f.amx_bf16 = edx & (1u << 22);
   f.amx_tile = edx & (1u << 24);

@@ -26,6 +26,7 @@ struct CpuFeatures {
   bool avx2 = false, fma = false, f16c = false, popcnt = false, bmi1 = false, bmi2 = false;
   bool avx512f = false, avx512bw = false, avx512vl = false, avx512dq = false;
   bool avx512vnni = false, avx512bf16 = false, avx512vbmi = false, avx512vbmi2 = false;
+  bool avx512vpopcntdq = false;
   bool avx_vnni = false;
   bool amx_tile = false, amx_int8 = false, amx_bf16 = false;
   // The OS saves tile state (XCR0 bits 17-18) and, on Linux, granted this process the use of
