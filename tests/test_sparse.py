@@ -521,9 +521,12 @@ def test_sliced_w8a8_bad_input_names_the_argument():
 
 @pytest.mark.parametrize("backend", SPARSE_BACKENDS)
 @pytest.mark.parametrize("m", [1, 3])
-@pytest.mark.parametrize(("k", "missing"), [(200, 1), (1000, 1), (1000, 40), (1000, 70)])
+@pytest.mark.parametrize(
+    ("k", "missing"), [(200, 1), (1000, 1), (1000, 40), (1000, 70), (2000, 1), (2000, 70)]
+)
 def test_bitmask_w8a8_mask_and_offsets_must_agree(backend, m, k, missing):
-    # the kernel's steps go two at a time: a row that runs out is caught at either of them
+    # the kernel's steps go two at a time: a row that runs out is caught at either of them; from
+    # 16 steps (K = 2000) a row whose steps fit runs them unchecked and its scalar tail runs out
     g = seeded("w8a8-disagree", backend, m, k, missing)
     codes, scales = quantize_weight_per_channel(_weight_unstructured(9, k, 0.5, g))
     values, mask, offsets = compress_bitmask(codes)
