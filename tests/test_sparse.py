@@ -428,6 +428,24 @@ def test_w8a8_is_the_reference_bit_for_bit(backend, n, k, sparsity, fmt):
 
 
 @pytest.mark.parametrize("backend", SPARSE_BACKENDS)
+@pytest.mark.parametrize("k", [200, 1100, 2000])
+def test_bitmask_w8a8_odd_step_counts(backend, k):
+    # 3, 17 and 31 steps of 64 columns: the kernel takes them in pairs, checked per step below
+    # 16 and unchecked from 16 (the row's mask counted first); the odd last step and the scalar
+    # tail of each path
+    g = seeded("w8a8-odd", backend, k)
+    codes, scales = quantize_weight_per_channel(_weight_unstructured(19, k, 0.6, g))
+    parts = compress_bitmask(codes)
+    bias = torch.randn(19, generator=g)
+    for m in (1, 2, 5):
+        x = _inputs(m, k, torch.float32, g)
+        with run_on(backend):
+            out = ops.sparse_bitmask_dynamic_linear(x, *parts, scales, bias)
+        expected = ref.sparse_bitmask_dynamic_linear(x, *parts, scales, bias)
+        assert torch.equal(out, expected), f"M={m}"
+
+
+@pytest.mark.parametrize("backend", SPARSE_BACKENDS)
 @pytest.mark.parametrize("fmt", sorted(_W8A8))
 def test_w8a8_takes_leading_dims_and_strides(backend, fmt):
     compress, op, reference = _W8A8[fmt]
