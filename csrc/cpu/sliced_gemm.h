@@ -567,10 +567,12 @@ void sliced_q8_dot(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, 
     const bool ok = sliced_q8_block_scalar<R>(g, m, b, rows, sums);
 #endif
     if (!ok) return report_bad_row(g, first);
-    for (int64_t r = 0; r < rows; ++r) {
-      for (int i = 0; i < R; ++i) {
-        store_sum(g, m + i, first + r, static_cast<float>(sums.total(r, i)) * g.x_scales[m + i]);
+    for (int i = 0; i < R; ++i) {
+      float totals[kSlicedRows];
+      for (int64_t r = 0; r < rows; ++r) {
+        totals[r] = static_cast<float>(sums.total(r, i)) * g.x_scales[m + i];
       }
+      store_sums(g, m + i, first, rows, totals);
     }
   };
   for (int64_t b = n0 / kSlicedRows; b * kSlicedRows < n1; ++b) {

@@ -925,6 +925,28 @@ inline void store_sum(const SparseGemmArgs& g, int64_t m, int64_t n, float sum) 
   store(g.out, g.ldo, g.out_type, m, n, sum * scale + bias);
 }
 
+// store_sum for rows [n, n + count) at once, the tests for a scale and a bias made once. Within
+// a loop GCC vectorizes `g.bias ? g.bias[n] : 0` as a load masked by the test, and with no bias
+// that load from a null pointer takes the CPU's fault-suppression path: on Zen 4 it cost sliced
+// W8A8 2.4 us of a 576-row call (M = 1, one thread, a 6.5 us call with the weights all zero).
+inline void store_sums(const SparseGemmArgs& g, int64_t m, int64_t n, int64_t count,
+                       const float* sums) {
+  const auto each = [&](const auto& scale, const auto& bias) {
+    for (int64_t j = 0; j < count; ++j) {
+      store(g.out, g.ldo, g.out_type, m, n + j, sums[j] * scale(n + j) + bias(n + j));
+    }
+  };
+  const auto one = [](int64_t) { return 1.0f; };
+  const auto none = [](int64_t) { return 0.0f; };
+  const auto scale = [&](int64_t k) { return g.scales[k]; };
+  const auto bias = [&](int64_t k) { return g.bias[k]; };
+  if (g.scales != nullptr) {
+    g.bias != nullptr ? each(scale, bias) : each(scale, none);
+  } else {
+    g.bias != nullptr ? each(one, bias) : each(one, none);
+  }
+}
+
 // ------------------------------------------------------------------------------ block
 // Weight row n is row n % R of block row n / R: in each of that block row's blocks, C
 // contiguous values against C contiguous columns of x, so a block costs C / 8 plain loads of x
