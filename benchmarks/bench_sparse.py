@@ -29,10 +29,11 @@ CPU implementations, in the same run:
                                 activations)
     torchslim-<fmt>-int8-fp32x  ours, int8 values (the pruned weight quantized per output
                                 channel, fp32 scales: W8A16) and fp32 x
-    torchslim-<fmt>-w8a8        ours, bitmask or sliced int8 values against fp32 x quantized per
-                                token inside the op (sparse_bitmask_dynamic_linear and
-                                sparse_sliced_dynamic_linear: W8A8, the rule of
-                                int8_dynamic_linear; the op's quantization of x is timed)
+    torchslim-<fmt>-w8a8        ours, bitmask, sliced or 2:4 int8 values against fp32 x
+                                quantized per token inside the op
+                                (sparse_bitmask_dynamic_linear, sparse_sliced_dynamic_linear and
+                                sparse24_dynamic_linear: W8A8, the rule of int8_dynamic_linear;
+                                the op's quantization of x is timed)
 
 Ours run sparse_bitmask_linear, sparse_csr_linear and sparse_sliced_linear (<fmt> bitmask, csr,
 sliced) at the unstructured patterns, sparse24_linear (2:4) at 2:4 and sparse_block_linear
@@ -282,10 +283,11 @@ def _semi_structured(backend: str, dtype: torch.dtype, graphed: bool = False) ->
 
 
 def _w8a8(fmt: str) -> Impl:
-    """Ours, W8A8: the codes per output channel in ``fmt`` ("bitmask" or "sliced"), and fp32 x
-    quantized per token inside the op (sparse_<fmt>_dynamic_linear)."""
+    """Ours, W8A8: the codes per output channel in ``fmt`` ("bitmask", "sliced" or "2:4"), and
+    fp32 x quantized per token inside the op (sparse_<fmt>_dynamic_linear,
+    sparse24_dynamic_linear)."""
     _, _, compress = _OURS[fmt]
-    op_name = f"sparse_{fmt}_dynamic_linear"
+    op_name = "sparse24_dynamic_linear" if fmt == "2:4" else f"sparse_{fmt}_dynamic_linear"
     op = getattr(ops, op_name)
 
     def make(w, pattern):
@@ -312,7 +314,7 @@ IMPLS = (
         for w, x in ((_F32, _F32), (_BF16, _BF16), (_BF16, _F32), (_I8, _F32))
         for fmt in ("bitmask", "csr", "sliced", "2:4", "block")
     ),
-    *(_w8a8(fmt) for fmt in ("bitmask", "sliced")),
+    *(_w8a8(fmt) for fmt in ("bitmask", "sliced", "2:4")),
 )
 GPU_DENSE = (_dense(_F16), _dense(_BF16))
 GPU_IMPLS = (

@@ -177,7 +177,11 @@ def test_bench_sparse_quick(tmp_path, capsys, monkeypatch):
     per_pattern = {"dense": ("dense-fp32", "dense-bf16")}
     unstructured += ("torchslim-bitmask-w8a8", "torchslim-sliced-w8a8")
     per_pattern.update({p: (*unstructured, "torch-csr-fp32") for p in ("50%", "75%", "90%")})
-    per_pattern["2:4"] = (*(f"torchslim-2:4-{v}" for v in variants), "torch-csr-fp32")
+    per_pattern["2:4"] = (
+        *(f"torchslim-2:4-{v}" for v in variants),
+        "torchslim-2:4-w8a8",
+        "torch-csr-fp32",
+    )
     for p in ("16x16@50%", "16x16@90%"):
         per_pattern[p] = (*(f"torchslim-block-{v}" for v in variants), "torch-csr-fp32")
     # Each pattern's implementations take turns with both dense ones (and the copy probe).

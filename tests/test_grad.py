@@ -65,6 +65,10 @@ LAYERS = {
         )
         for fmt in ("bitmask", "sliced")
     },
+    "sparse 2:4 W8A8": (
+        lambda lin: SparseLinear.from_linear(lin, "2:4", dtype=torch.int8, mode="dynamic"),
+        SparseLinear.dense_weight,
+    ),
 }
 
 

@@ -204,8 +204,16 @@ def test_block_layers_check_their_shape_and_contents():
         SparseLinear(64, 32, format="block", block="16x16").load_state_dict(state)
 
 
-@pytest.mark.parametrize(("pattern", "amount"), [("unstructured", 0.9), ("2:4", None)])
-@pytest.mark.parametrize("fmt", ["bitmask", "sliced"])
+@pytest.mark.parametrize(
+    ("pattern", "amount", "fmt"),
+    [
+        ("unstructured", 0.9, "bitmask"),
+        ("unstructured", 0.9, "sliced"),
+        ("2:4", None, "bitmask"),
+        ("2:4", None, "sliced"),
+        ("2:4", None, "2:4"),
+    ],
+)
 def test_dynamic_mode_is_w8a8_on_the_codes(pattern, amount, fmt):
     linear = _pruned_linear(257, 65, pattern, amount, ("w8a8", pattern))
     layer = SparseLinear.from_linear(linear, pattern, format=fmt, dtype=torch.int8, mode="dynamic")
@@ -252,3 +260,7 @@ def test_dynamic_mode_needs_int8_bitmask_or_sliced_values():
         mode="dynamic",
     )
     assert blocks.format == "bitmask" and blocks.mode == "dynamic"
+    # a 2:4 weight keeps its format: 2:4 has a W8A8 kernel too
+    pairs = _pruned_linear(64, 16, "2:4", None, ("w8a8-24",))
+    layer = SparseLinear.from_linear(pairs, "2:4", dtype=torch.int8, mode="dynamic")
+    assert layer.format == "2:4" and layer.mode == "dynamic"

@@ -157,14 +157,19 @@ def test_sparsity_with_int8_weight_stores_int8_codes(tiny_llama, tmp_path):
         torchslim.patch(model, "int4", sparsity=0.5)
 
 
-def test_sparsity_with_int8_is_w8a8_on_sliced_codes(tiny_llama, tmp_path):
-    g = seeded("patch-sparse-w8a8")
+# 90%: sliced, the W8A8 format with the fewer bytes there; 2:4 keeps its own format
+@pytest.mark.parametrize(("sparsity", "fmt"), [(0.9, "sliced"), ("2:4", "2:4")])
+def test_sparsity_with_int8_is_w8a8_on_the_codes(tiny_llama, tmp_path, sparsity, fmt):
+    g = seeded("patch-sparse-w8a8", str(sparsity))
     reference = copy.deepcopy(tiny_llama)
-    sparse.prune_(reference, "unstructured", sparsity=0.9, exclude="lm_head", progress=False)
-    model = torchslim.patch(tiny_llama, "int8", sparsity=0.9, exclude="lm_head", progress=False)
+    pattern, amount = ("2:4", None) if sparsity == "2:4" else ("unstructured", sparsity)
+    sparse.prune_(reference, pattern, sparsity=amount, exclude="lm_head", progress=False)
+    model = torchslim.patch(
+        tiny_llama, "int8", sparsity=sparsity, exclude="lm_head", progress=False
+    )
     layers = [m for m in model.modules() if isinstance(m, SparseLinear)]
     assert len(layers) == 2 * 7
-    assert all(m.format == "sliced" and m.mode == "dynamic" for m in layers)  # fewer bytes at 90%
+    assert all(m.format == fmt and m.mode == "dynamic" for m in layers)
     ids = _batches(1, g)[0]
     for name, module in model.named_modules():  # each layer: the dense W8A8 op on its codes
         if isinstance(module, SparseLinear):

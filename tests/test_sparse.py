@@ -381,6 +381,7 @@ def test_int8_values_match_reference(backend, n, k, fmt, poisoned_empty):
 
 
 _W8A8 = {  # format -> (compression, op, reference): op(x, *compression(codes), scales, bias)
+    "2:4": (compress_24, ops.sparse24_dynamic_linear, ref.sparse24_dynamic_linear),
     "bitmask": (
         compress_bitmask,
         ops.sparse_bitmask_dynamic_linear,
@@ -401,12 +402,16 @@ _W8A8 = {  # format -> (compression, op, reference): op(x, *compression(codes), 
 def test_w8a8_is_the_reference_bit_for_bit(backend, n, k, sparsity, fmt):
     # x quantized per token, codes times codes summed exactly, then the reference's fp32
     # epilogue in its order: the same bits as the fp32 reference, whatever the sums' order
+    # (2:4: 128 columns a vector step, the rest of the row one value at a time)
+    if fmt == "2:4" and sparsity != 0.5:
+        pytest.skip("2:4 is 50% sparse")
     compress, op, reference = _W8A8[fmt]
     g = seeded("w8a8", fmt, backend, n, k, sparsity)
-    w = _weight_unstructured(n, k, sparsity, g)
+    w = _w8a8_weight(fmt, n, k, sparsity, g)
     if n > 2:
         w[1] = 0.0  # an empty row
-        w[2] = torch.randn(k, generator=g)  # a dense one: 8 groups in each slice
+        if fmt != "2:4":
+            w[2] = torch.randn(k, generator=g)  # a dense one: 8 groups in each slice
     codes, scales = quantize_weight_per_channel(w)
     parts = compress(codes)
     bias = torch.randn(n, generator=g)
@@ -425,6 +430,10 @@ def test_w8a8_is_the_reference_bit_for_bit(backend, n, k, sparsity, fmt):
     dense = ref.int8_dynamic_linear(x, codes, scales, bias, compute_dtype=torch.float64)
     sparse = reference(x, *parts, scales, bias, compute_dtype=torch.float64)
     assert torch.equal(sparse, dense)
+
+
+def _w8a8_weight(fmt: str, n: int, k: int, sparsity: float, g: torch.Generator) -> torch.Tensor:
+    return _weight_24(n, k, g) if fmt == "2:4" else _weight_unstructured(n, k, sparsity, g)
 
 
 @pytest.mark.parametrize("backend", SPARSE_BACKENDS)
@@ -450,13 +459,17 @@ def test_bitmask_w8a8_odd_step_counts(backend, k):
 def test_w8a8_takes_leading_dims_and_strides(backend, fmt):
     compress, op, reference = _W8A8[fmt]
     g = seeded("w8a8-lead", fmt, backend)
-    w = _weight_unstructured(70, 300, 0.9, g)
+    w = _w8a8_weight(fmt, 70, 300, 0.9, g)
     codes, scales = quantize_weight_per_channel(w)
     parts = compress(codes)
     if fmt == "bitmask":  # a mask with no unit stride in its last dim
         values, mask, offsets = parts
         parts = (values, mask.t().contiguous().t(), offsets)
         assert parts[1].stride(1) != 1
+    if fmt == "2:4":  # values and meta as row slices of wider arrays
+        values, meta = parts
+        parts = (torch.cat([values, values], 1)[:, : values.shape[1]], meta.t().contiguous().t())
+        assert parts[0].stride(0) != parts[0].shape[1] and parts[1].stride(1) != 1
     x = torch.randn(5, 2, 300, generator=g).transpose(0, 1)  # (2, 5, 300), not contiguous
     with run_on(backend):
         out = op(x, *parts, scales)
@@ -467,16 +480,37 @@ def test_w8a8_takes_leading_dims_and_strides(backend, fmt):
 @pytest.mark.parametrize("backend", SPARSE_BACKENDS)
 @pytest.mark.parametrize("fmt", sorted(_W8A8))
 def test_w8a8_sums_stay_exact_at_the_largest_k(backend, fmt):
-    # codes of -128 against x's -127 at K = MAX_DYNAMIC_K: the largest sum the op admits
+    # codes of -128 against x's -127 at K = MAX_DYNAMIC_K: the largest sum the op admits (2:4:
+    # the largest of a 2:4 row, half of it)
     compress, op, _ = _W8A8[fmt]
     k = ops.sparse.MAX_DYNAMIC_K
-    parts = compress(torch.full((1, k), -128, dtype=torch.int8))
+    codes = torch.full((1, k), -128, dtype=torch.int8)
+    if fmt == "2:4":
+        codes[:, 2::4] = codes[:, 3::4] = 0
+    parts = compress(codes)
     x = -torch.ones(2, k)
     with run_on(backend):
         out = op(x, *parts, torch.ones(1))
-    total = k * 128 * 127
-    assert total < 2**31 <= (k + 1) * 128 * 127
+    total = int(codes.count_nonzero()) * 128 * 127
+    assert k * 128 * 127 < 2**31 <= (k + 1) * 128 * 127
     assert torch.equal(out, torch.full((2, 1), total / 127, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("backend", SPARSE_BACKENDS)
+@pytest.mark.parametrize("k", [4, 300])  # the scalar loop; a vector step, then the scalar loop
+def test_24_w8a8_values_naming_one_column_add_up(backend, k):
+    # a group's two values at one column add there (decompress_24): 100 + 100 meets x once,
+    # not an int8 200 that wraps
+    values = torch.zeros(1, 2 * (-(-k // 4)), dtype=torch.int8)
+    values[0, -2] = values[0, -1] = -100  # the last group (in the scalar loop at K = 300)
+    values[0, 0] = values[0, 1] = 100  # group 0, both at column 0 (meta 0)
+    meta = torch.zeros(1, -(-k // 8), dtype=torch.uint8)
+    x = torch.zeros(1, k)
+    x[0, 4 * ((k - 1) // 4)] = -127.0
+    x[0, 0] = 127.0
+    with run_on(backend):
+        out = ops.sparse24_dynamic_linear(x, values, meta, torch.ones(1))
+    assert out.item() == (200 if k == 4 else 400) * 127.0
 
 
 @pytest.mark.parametrize("backend", SPARSE_BACKENDS)
@@ -535,6 +569,25 @@ def test_sliced_w8a8_bad_input_names_the_argument():
     wide = compress_bitmask(torch.zeros(1, big, dtype=torch.int8))
     with pytest.raises(ValueError, match=f"K must be at most {big - 1}"):
         b(torch.zeros(1, big), *wide, torch.ones(1))
+    # the 2:4 op: the same rules, and its own arrays checked
+    s = ops.sparse24_dynamic_linear
+    codes24, scales24 = quantize_weight_per_channel(_weight_24(20, 200, g))
+    values, meta = compress_24(codes24)
+    with pytest.raises(TypeError, match="values must be int8 codes for a W8A8 linear"):
+        s(x, *compress_24(_weight_24(20, 200, g)), scales24)
+    with pytest.raises(ValueError, match=r"scales \(N,\) float32 is required"):
+        torch.ops.torchslim.sparse24_dynamic_linear(x, values, meta, None)
+    with pytest.raises(ValueError, match=r"scales must have shape \(N,\) = \(20,\)"):
+        s(x, values, meta, scales24[:5])
+    with pytest.raises(ValueError, match=r"values must have shape \(N, 2 \* ceil\(K / 4\)\)"):
+        s(x, values[:, :-2], meta, scales24)
+    with pytest.raises(ValueError, match=r"meta must have shape \(N, ceil\(K / 8\)\)"):
+        s(x, values, meta[:, :3], scales24)
+    with pytest.raises(ValueError, match=r"bias must have shape \(N,\) = \(20,\)"):
+        s(x, values, meta, scales24, torch.zeros(3))
+    wide = compress_24(torch.zeros(1, big, dtype=torch.int8))
+    with pytest.raises(ValueError, match=f"K must be at most {big - 1}"):
+        s(torch.zeros(1, big), *wide, torch.ones(1))
 
 
 @pytest.mark.parametrize("backend", SPARSE_BACKENDS)
@@ -887,6 +940,10 @@ def test_ops_pass_opcheck():
     torch.library.opcheck(
         torch.ops.torchslim.sparse_bitmask_dynamic_linear, (x, *compress_bitmask(codes), scales)
     )
+    codes, scales = quantize_weight_per_channel(_weight_24(9, 40, g))
+    torch.library.opcheck(
+        torch.ops.torchslim.sparse24_dynamic_linear, (x, *compress_24(codes), scales, bias)
+    )
 
 
 def test_ops_compile_without_graph_breaks():
@@ -898,6 +955,8 @@ def test_ops_compile_without_graph_breaks():
     codes, scales = quantize_weight_per_channel(w)
     csr8, sliced8, bitmask8 = compress_csr(codes), _compress_sliced(codes), compress_bitmask(codes)
     block = compress_block(_weight_block(16, 64, (4, 16), g), "4x16")
+    codes24, scales24 = quantize_weight_per_channel(_weight_24(16, 64, g))
+    parts24 = compress_24(codes24)
 
     def f(x):
         return (
@@ -908,6 +967,7 @@ def test_ops_compile_without_graph_breaks():
             + ops.sparse_block_linear(x, *block, 16)
             + ops.sparse_sliced_dynamic_linear(x, *sliced8, scales)
             + ops.sparse_bitmask_dynamic_linear(x, *bitmask8, scales)
+            + ops.sparse24_dynamic_linear(x, *parts24, scales24)
         )
 
     x = torch.randn(4, 64, generator=g)

@@ -185,17 +185,28 @@ SparseOperands sparse_operands(const at::Tensor& x, const at::Tensor& values, in
   return op;
 }
 
+// Checks the W8A8 ops' values and K (q8: x quantized per token, int8 codes).
+void check_q8(const at::Tensor& values, int64_t K) {
+  TORCHSLIM_CHECK_TYPE(values.scalar_type() == at::kChar,
+                       "values must be int8 codes for a W8A8 linear, got ", values.scalar_type());
+  TORCHSLIM_CHECK(K <= kMaxQ8K, "K must be at most ", kMaxQ8K,
+                  " for a W8A8 linear (its int32 sums stay exact), got K = ", K);
+}
+
 // 2:4: x (M, K) fp32/bf16; values (N, 2 * ceil(K / 4)) fp32/bf16/fp16/int8; meta
 // (N, ceil(K / 8)) uint8; bias (N,) or None; scales (N,) fp32 or None (needed for int8 values).
-at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values,
-                               const at::Tensor& meta, const OptTensor& bias,
-                               const OptTensor& scales) {
+// With q8 (int8 values only) x is quantized per token and meets the codes in integer sums (the
+// W8A8 rule).
+at::Tensor sparse24_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
+                           const OptTensor& bias, const OptTensor& scales, bool q8) {
   TORCHSLIM_CHECK(x.dim() == 2, "x must be 2-D (M, K), got ", x.dim(), "-D");
   const int64_t K = x.size(1);
   TORCHSLIM_CHECK(values.dim() == 2, "values must be 2-D (N, 2 * ceil(K / 4)), got ", values.dim(),
                   "-D");
   const int64_t N = values.size(0);
-  SparseOperands op = sparse_operands(x, values, N, bias, scales);
+  if (q8) check_q8(values, K);
+  SparseOperands op =
+      sparse_operands(x, values, N, bias, scales, q8 ? cpu::sp24_q8_padded_k(K) : 0, false, q8);
   TORCHSLIM_CHECK(values.size(1) == kept_24(K), "values must have 2 * ceil(K / 4) = ", kept_24(K),
                   " columns, got shape ", values.sizes());
   TORCHSLIM_CHECK(values.size(1) <= 1 || values.stride(1) == 1,
@@ -206,7 +217,7 @@ at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values,
   op.args.meta = meta.data_ptr<uint8_t>();
   op.args.ldm = meta.stride(0);
   const auto order_x = cpu::active_kernels().sparse24_order_x;
-  if (order_x != nullptr && !op.panels.defined()) {  // the dot kernels' column order
+  if (!q8 && order_x != nullptr && !op.panels.defined()) {  // the dot kernels' column order
     auto* ordered = reinterpret_cast<float*>(workspace(
         static_cast<std::size_t>(op.args.M * K) * sizeof(float), op.held_second, Slot::kSecond));
     order_x(op.args.x, op.args.ldx, ordered, op.args.M, K);
@@ -217,12 +228,17 @@ at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values,
   return op.out;
 }
 
-// Checks the W8A8 ops' values and K (q8: x quantized per token, int8 codes).
-void check_q8(const at::Tensor& values, int64_t K) {
-  TORCHSLIM_CHECK_TYPE(values.scalar_type() == at::kChar,
-                       "values must be int8 codes for a W8A8 linear, got ", values.scalar_type());
-  TORCHSLIM_CHECK(K <= kMaxQ8K, "K must be at most ", kMaxQ8K,
-                  " for a W8A8 linear (its int32 sums stay exact), got K = ", K);
+at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values,
+                               const at::Tensor& meta, const OptTensor& bias,
+                               const OptTensor& scales) {
+  return sparse24_linear(x, values, meta, bias, scales, false);
+}
+
+// W8A8 (torchslim.reference.sparse24_dynamic_linear): int8 values, scales (N,) fp32.
+at::Tensor sparse24_dynamic_linear_cpu(const at::Tensor& x, const at::Tensor& values,
+                                       const at::Tensor& meta, const at::Tensor& scales,
+                                       const OptTensor& bias) {
+  return sparse24_linear(x, values, meta, bias, scales, true);
 }
 
 // Bitmask: x (M, K) fp32/bf16; values (nnz,) fp32/bf16/fp16/int8 contiguous; mask
@@ -486,18 +502,38 @@ bool is_sparse_input(const at::Tensor& x, const at::Tensor& values, const OptTen
          is_bias(bias, N) && scales_ok;
 }
 
+// Whether the 2:4 kernel takes these arguments (else the Python impl checks them).
+bool sparse24_fast(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
+                   const OptTensor& bias, const OptTensor& scales) {
+  const int64_t K = x.dim() >= 1 ? x.size(-1) : 0;
+  return values.dim() == 2 && is_sparse_input(x, values, bias, scales, values.size(0)) &&
+         values.size(1) == kept_24(K) && is_cpu_matrix(meta, at::kByte) &&
+         meta.size(0) == values.size(0) && meta.size(1) == mask_bytes(K);
+}
+
 at::Tensor sparse24_linear_op(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
                               const OptTensor& bias, const OptTensor& scales) {
-  const int64_t K = x.dim() >= 1 ? x.size(-1) : 0;
-  const bool fast = values.dim() == 2 && is_sparse_input(x, values, bias, scales, values.size(0)) &&
-                    values.size(1) == kept_24(K) && is_cpu_matrix(meta, at::kByte) &&
-                    meta.size(0) == values.size(0) && meta.size(1) == mask_bytes(K);
-  if (!fast) {
+  if (!sparse24_fast(x, values, meta, bias, scales)) {
     return registry::call_python<at::Tensor>("sparse24_linear", x, values, meta, bias, scales);
   }
   return unflatten(
       sparse24_linear_cpu(rows(x), unit_last_stride(values), unit_last_stride(meta), bias, scales),
       x);
+}
+
+at::Tensor sparse24_dynamic_linear_op(const at::Tensor& x, const at::Tensor& values,
+                                      const at::Tensor& meta, const at::Tensor& scales,
+                                      const OptTensor& bias) {
+  const int64_t K = x.dim() >= 1 ? x.size(-1) : 0;
+  const bool fast = values.scalar_type() == at::kChar && K <= kMaxQ8K &&
+                    sparse24_fast(x, values, meta, bias, scales);
+  if (!fast) {
+    return registry::call_python<at::Tensor>("sparse24_dynamic_linear", x, values, meta, scales,
+                                             bias);
+  }
+  return unflatten(sparse24_dynamic_linear_cpu(rows(x), unit_last_stride(values),
+                                               unit_last_stride(meta), scales, bias),
+                   x);
 }
 
 // Whether the bitmask kernel takes these arguments (else the Python impl checks them).
@@ -625,6 +661,9 @@ void bind_cpu_sparse(pybind11::module_& m) {
   m.def("sparse24_linear_cpu", &sparse24_linear_cpu, "2:4 sparse linear", pybind11::arg("x"),
         pybind11::arg("values"), pybind11::arg("meta"), pybind11::arg("bias") = pybind11::none(),
         pybind11::arg("scales") = pybind11::none());
+  m.def("sparse24_dynamic_linear_cpu", &sparse24_dynamic_linear_cpu, "2:4 sparse linear, W8A8",
+        pybind11::arg("x"), pybind11::arg("values"), pybind11::arg("meta"), pybind11::arg("scales"),
+        pybind11::arg("bias") = pybind11::none());
   m.def("sparse_bitmask_linear_cpu", &sparse_bitmask_linear_cpu, "bitmask sparse linear",
         pybind11::arg("x"), pybind11::arg("values"), pybind11::arg("mask"),
         pybind11::arg("row_offsets"), pybind11::arg("bias") = pybind11::none(),
@@ -657,6 +696,7 @@ void bind_cpu_sparse(pybind11::module_& m) {
 
 TORCH_LIBRARY_IMPL(torchslim, CPU, m) {
   m.impl("sparse24_linear", &torchslim::sparse24_linear_op);
+  m.impl("sparse24_dynamic_linear", &torchslim::sparse24_dynamic_linear_op);
   m.impl("sparse_bitmask_linear", &torchslim::sparse_bitmask_linear_op);
   m.impl("sparse_bitmask_dynamic_linear", &torchslim::sparse_bitmask_dynamic_linear_op);
   m.impl("sparse_csr_linear", &torchslim::sparse_csr_linear_op);
@@ -669,6 +709,7 @@ TORCH_LIBRARY_IMPL(torchslim, CPU, m) {
 // Autograd kernel's cost.
 TORCH_LIBRARY_IMPL(torchslim, AutogradCPU, m) {
   m.impl("sparse24_linear", torchslim::registry::linear_autograd());
+  m.impl("sparse24_dynamic_linear", torchslim::registry::linear_autograd());
   m.impl("sparse_bitmask_linear", torchslim::registry::linear_autograd());
   m.impl("sparse_bitmask_dynamic_linear", torchslim::registry::linear_autograd());
   m.impl("sparse_csr_linear", torchslim::registry::linear_autograd());

@@ -333,6 +333,10 @@ constexpr int64_t kSpMaxTileM = 4;
 // summed again with every group checked (which also tells a NaN of x from a bad column).
 constexpr int64_t csr_padded_k(int64_t K) { return (K + 7) / 8 * 8 + 256; }
 
+// The columns of a row of x's codes that the 2:4 W8A8 kernels read: K rounded up to a whole step
+// of 128, zero codes past K (sparse_gemm.h, "2:4 W8A8").
+constexpr int64_t sp24_q8_padded_k(int64_t K) { return (K + 127) / 128 * 128; }
+
 // The sliced format: blocks of kSlicedRows weight rows, slices of kSlicedCols columns, groups
 // of up to kSlicedGroup nonzeros of one row (see sliced_gemm.h).
 constexpr int64_t kSlicedRows = 64;

@@ -1564,19 +1564,143 @@ struct CsrSpmm {
   }
 };
 
-void sparse24_gemm(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-  sparse_dispatch<Sp24Tile, Sp24Spmm>(g, m0, m1, n0, n1);
+// ------------------------------------------------------------------------------ 2:4 W8A8
+// x_q8's rows are padded with zero codes to a whole number of 128 columns (sp24_q8_padded_k), so
+// a kept value whose column lies past K (a short last group's) meets a zero, as the reference
+// drops it.
+//
+// sums[i] += the row's groups [g0, ceil(K / 4)) against x_q8 row i, one value at a time,
+// modulo 2^32 (exact while K * 127 * 128 < 2^31). Every level; the AVX-512 level's vector steps
+// come first where the CPU has VBMI.
+template <int R>
+inline void sp24_q8_scalar(const int8_t* v, const uint8_t* meta, const int8_t* x, int64_t ldx,
+                           int64_t K, int64_t g0, uint32_t (&sums)[kSpMR]) {
+  const int64_t groups = (K + 3) / 4;
+  for (int64_t grp = g0; grp < groups; ++grp) {
+    const int nibble = meta[grp / 2] >> (4 * (grp & 1));
+    for (int t = 0; t < 2; ++t) {
+      const int64_t col = 4 * grp + (nibble >> (2 * t) & 3);
+      const int32_t w = v[2 * grp + t];
+      for (int i = 0; i < R; ++i) sums[i] += static_cast<uint32_t>(w * x[i * ldx + col]);
+    }
+  }
 }
 
-// W8A8: rows [n0, n1) of W against rows [m0, m1) of x_q8, in tiles of up to kSpMR rows of x.
-inline void bitmask_q8_dot(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0,
-                           int64_t n1) {
+#if defined(TORCHSLIM_ISA_AVX512)
+#define TORCHSLIM_VBMI                                                             \
+  __attribute__((                                                                  \
+      target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c,popcnt," \
+             "bmi,bmi2,avx512vbmi")))
+
+// A step's 64 values (128 columns, 16 meta bytes): value j's 2 bits lie at bit 2 j of the step's
+// meta, i.e. at bit `shift[j]` of meta qword j / 32, and its group's first column is `first[j]`.
+struct Sp24Q8Lanes {
+  alignas(64) uint8_t shift[64];
+  alignas(64) uint8_t first[64];
+  constexpr Sp24Q8Lanes() : shift(), first() {
+    for (int j = 0; j < 64; ++j) {
+      shift[j] = static_cast<uint8_t>(2 * (j % 32));
+      first[j] = static_cast<uint8_t>(4 * (j / 2));
+    }
+  }
+};
+inline constexpr Sp24Q8Lanes kSp24Q8Lanes{};
+
+// The row's steps of 128 columns against rows [0, R) of x: vpermq puts each meta qword under
+// the four output qwords whose values it holds, vpmultishiftqb brings each value's 2 bits to the
+// bottom of its byte, and vpternlogd keeps them and adds its group's first column: the column of
+// each of the 64 values within the step. One vpermi2b gathers the x codes they meet from the
+// step's 128, and one vpdpbusd per row of x multiplies and sums them by fours (x offset by 128:
+// vpdpbusd takes it unsigned); one more per step, shared by the rows, sums -128 times the values
+// (as in bitmask_q8_expand). Consecutive steps alternate between two sets of accumulators, so
+// that no step waits on the last one's vpdpbusd. The last step, when the row's groups end inside
+// it, loads only their values and meta bytes (zeros after them: a zero value at its group's
+// first column, whose x code is there or padding). Returns the groups done: all of them.
+template <int R>
+TORCHSLIM_VBMI int64_t sp24_q8_steps(const int8_t* v, const uint8_t* meta, const int8_t* x,
+                                     int64_t ldx, int64_t K, uint32_t (&sums)[kSpMR]) {
+  const int64_t groups = (K + 3) / 4, steps = groups / 32, rest = groups % 32;
+  const __m512i flip = _mm512_set1_epi8(-128), low2 = _mm512_set1_epi8(3);
+  const __m512i shift = _mm512_load_si512(kSp24Q8Lanes.shift);
+  const __m512i first = _mm512_load_si512(kSp24Q8Lanes.first);
+  const __m512i halves = _mm512_set_epi64(1, 1, 1, 1, 0, 0, 0, 0);
+  __m512i acc[2][R], offset[2];
+#pragma GCC unroll 2
+  for (int j = 0; j < 2; ++j) {
+    offset[j] = _mm512_setzero_si512();
+#pragma GCC unroll 4
+    for (int i = 0; i < R; ++i) acc[j][i] = _mm512_setzero_si512();
+  }
+  // Step s's values w and meta bytes m into accumulator set j.
+  const auto step = [&](int64_t s, int j, __m512i w, __m128i m) TORCHSLIM_VBMI {
+    const __m512i bits = _mm512_permutexvar_epi64(halves, _mm512_zextsi128_si512(m));
+    const __m512i columns =
+        _mm512_ternarylogic_epi32(_mm512_multishift_epi64_epi8(shift, bits), low2, first, 0xea);
+    offset[j] = _mm512_dpbusd_epi32(offset[j], flip, w);
+#pragma GCC unroll 4
+    for (int i = 0; i < R; ++i) {
+      const int8_t* xs = x + i * ldx + 128 * s;
+      const __m512i xi = _mm512_xor_si512(
+          _mm512_permutex2var_epi8(_mm512_loadu_si512(xs), columns, _mm512_loadu_si512(xs + 64)),
+          flip);
+      acc[j][i] = _mm512_dpbusd_epi32(acc[j][i], xi, w);
+    }
+  };
+  const auto whole = [&](int64_t s, int j) TORCHSLIM_VBMI {
+    prefetch_values(v + 64 * s);
+    prefetch_mask(meta + 16 * s);
+    step(s, j, _mm512_loadu_si512(v + 64 * s),
+         _mm_loadu_si128(reinterpret_cast<const __m128i*>(meta + 16 * s)));
+  };
+  int64_t s = 0;
+  for (; s + 2 <= steps; s += 2) {
+    whole(s, 0);
+    whole(s + 1, 1);
+  }
+  if (s < steps) whole(s++, 0);
+  if (rest > 0) {
+    const auto values = _bzhi_u64(~uint64_t{0}, static_cast<uint32_t>(2 * rest));
+    const auto bytes =
+        static_cast<__mmask16>(_bzhi_u32(0xffff, static_cast<uint32_t>((rest + 1) / 2)));
+    step(s, 1, _mm512_maskz_loadu_epi8(values, v + 64 * s),
+         _mm_maskz_loadu_epi8(bytes, meta + 16 * s));
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < R; ++i) {
+    const __m512i total = _mm512_add_epi32(acc[0][i], acc[1][i]);
+    const __m512i bias = _mm512_add_epi32(offset[0], offset[1]);
+    sums[i] += static_cast<uint32_t>(_mm512_reduce_add_epi32(_mm512_sub_epi32(total, bias)));
+  }
+  return groups;
+}
+#undef TORCHSLIM_VBMI
+#endif
+
+// W8A8: row n of W against rows [m, m + R) of x_q8.
+template <int R>
+void sp24_q8_tile(const SparseGemmArgs& g, int64_t m, int64_t n, uint32_t (&sums)[kSpMR]) {
+  const int8_t* v = typed<int8_t>(g.values) + n * g.ldv;
+  const uint8_t* meta = g.meta + n * g.ldm;
+  const int8_t* x = g.x_q8 + m * g.ldx_q8;
+  for (int i = 0; i < kSpMR; ++i) sums[i] = 0;
+  int64_t g0 = 0;
+#if defined(TORCHSLIM_ISA_AVX512)
+  static const bool vbmi = cpu_features().avx512vbmi;
+  if (vbmi) g0 = sp24_q8_steps<R>(v, meta, x, g.ldx_q8, g.K, sums);
+#endif
+  sp24_q8_scalar<R>(v, meta, x, g.ldx_q8, g.K, g0, sums);
+}
+
+// The W8A8 kernels' loop: rows [n0, n1) of W against rows [m0, m1) of x_q8, in tiles of up to
+// kSpMR rows of x; Tile<R>::run(g, m, n, sums) sums a row's codes against R rows of x's.
+template <template <int> class Tile>
+inline void q8_dot(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) {
     for (int64_t m = m0; m < m1; m += kSpMR) {
       uint32_t sums[kSpMR];
       with_tile_rows(m1 - m, [&](auto tile_rows) {
         constexpr int R = decltype(tile_rows)::value;
-        bitmask_q8_tile<R>(g, m, n, sums);
+        Tile<R>::run(g, m, n, sums);
         for (int i = 0; i < R; ++i) {
           const auto total = static_cast<int32_t>(sums[i]);
           store_sum(g, m + i, n, static_cast<float>(total) * g.x_scales[m + i]);
@@ -1586,8 +1710,27 @@ inline void bitmask_q8_dot(const SparseGemmArgs& g, int64_t m0, int64_t m1, int6
   }
 }
 
+template <int R>
+struct Sp24Q8 {
+  static void run(const SparseGemmArgs& g, int64_t m, int64_t n, uint32_t (&sums)[kSpMR]) {
+    sp24_q8_tile<R>(g, m, n, sums);
+  }
+};
+
+template <int R>
+struct BitmaskQ8 {
+  static void run(const SparseGemmArgs& g, int64_t m, int64_t n, uint32_t (&sums)[kSpMR]) {
+    bitmask_q8_tile<R>(g, m, n, sums);
+  }
+};
+
+void sparse24_gemm(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  if (g.x_q8 != nullptr) return q8_dot<Sp24Q8>(g, m0, m1, n0, n1);
+  sparse_dispatch<Sp24Tile, Sp24Spmm>(g, m0, m1, n0, n1);
+}
+
 void bitmask_gemm(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-  if (g.x_q8 != nullptr) return bitmask_q8_dot(g, m0, m1, n0, n1);
+  if (g.x_q8 != nullptr) return q8_dot<BitmaskQ8>(g, m0, m1, n0, n1);
   sparse_dispatch<BitmaskTile, BitmaskSpmm>(g, m0, m1, n0, n1);
 }
 

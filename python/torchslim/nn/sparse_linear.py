@@ -24,14 +24,16 @@ from torchslim.sparse.patterns import parse_pattern
 LAYER_FORMATS = (*FORMATS, "block")
 
 _OP_24 = torch.ops.torchslim.sparse24_linear.default
+_OP_24_DYNAMIC = torch.ops.torchslim.sparse24_dynamic_linear.default
 _OP_BITMASK = torch.ops.torchslim.sparse_bitmask_linear.default
 _OP_CSR = torch.ops.torchslim.sparse_csr_linear.default
 _OP_BLOCK = torch.ops.torchslim.sparse_block_linear.default
 _OP_SLICED = torch.ops.torchslim.sparse_sliced_linear.default
 _OP_SLICED_DYNAMIC = torch.ops.torchslim.sparse_sliced_dynamic_linear.default
 _OP_BITMASK_DYNAMIC = torch.ops.torchslim.sparse_bitmask_dynamic_linear.default
-# The formats with a W8A8 kernel (mode="dynamic").
-DYNAMIC_FORMATS = ("bitmask", "sliced")
+# The formats with a W8A8 kernel (mode="dynamic"), and those of them for unstructured weights.
+DYNAMIC_FORMATS = ("2:4", "bitmask", "sliced")
+_UNSTRUCTURED_DYNAMIC = ("bitmask", "sliced")
 
 MODES = ("weight_only", "dynamic")
 
@@ -76,10 +78,11 @@ class SparseLinear(nn.Module):
     fp32 activations halve the bytes read. With ``dtype=torch.int8`` they are int8 codes of the
     pruned weight quantized per output channel, with ``scales`` (out,) fp32 (W8A16: W[n] =
     codes[n] * scales[n]): a byte per nonzero, so 2:4 reads 0.625 bytes per weight.
-    ``mode="dynamic"`` (int8 values in the bitmask or sliced format) quantizes the activations
-    per token inside the op and multiplies them with the codes exactly (W8A8, the rule of
-    Int8Linear's "dynamic" mode: torch.ops.torchslim.sparse_bitmask_dynamic_linear and
-    sparse_sliced_dynamic_linear); the default "weight_only" keeps them in float.
+    ``mode="dynamic"`` (int8 values in the 2:4, bitmask or sliced format) quantizes the
+    activations per token inside the op and multiplies them with the codes exactly (W8A8, the
+    rule of Int8Linear's "dynamic" mode: torch.ops.torchslim.sparse24_dynamic_linear,
+    sparse_bitmask_dynamic_linear and sparse_sliced_dynamic_linear); the default "weight_only"
+    keeps them in float.
     ``module.to(dtype)`` casts float values and the bias, like nn.Linear's weight and bias;
     int8 codes and their fp32 scales stay as they are.
     ``dense_weight()`` decompresses W.
@@ -203,8 +206,9 @@ class SparseLinear(nn.Module):
                 weight quantized per output channel (int8 codes and fp32 scales, see
                 torchslim.quant.quantize_weight_per_channel; zeros stay zeros).
             mode: "weight_only" (activations stay in float) or "dynamic" (W8A8: activations
-                quantized per token; int8 values in the bitmask or sliced format, by default
-                the one of the two with the fewer bytes: bitmask up to about 85% sparsity).
+                quantized per token; int8 values in the 2:4, bitmask or sliced format, by
+                default 2:4 for the 2:4 pattern, else the one of bitmask and sliced with the
+                fewer bytes: bitmask up to about 85% sparsity).
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
@@ -221,7 +225,7 @@ class SparseLinear(nn.Module):
         if dtype == torch.int8:
             weight, scales = quantize_weight_per_channel(weight)
         if mode == "dynamic" and format is None:
-            format = dynamic_format(weight)
+            format = "2:4" if str(parsed) == "2:4" else dynamic_format(weight)
         if parsed.kind == "block":
             format = format or "block"
         format = format or ("2:4" if str(parsed) == "2:4" else default_format(weight, dtype))
@@ -399,6 +403,8 @@ class SparseLinear(nn.Module):
         b = self._buffers
         values, bias, scales = b["values"], b["bias"], b["scales"]
         if self.format == "2:4":
+            if self.mode == "dynamic":
+                return _OP_24_DYNAMIC(x, values, b["meta"], scales, bias)
             return _OP_24(x, values, b["meta"], bias, scales)
         if self.format == "bitmask":
             if self.mode == "dynamic":
@@ -437,7 +443,7 @@ def check_mode(mode: str, format: str | None, dtype: torch.dtype | None) -> None
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if mode == "dynamic" and (format not in (None, *DYNAMIC_FORMATS) or dtype != torch.int8):
         raise ValueError(
-            f"mode='dynamic' (W8A8) takes int8 values in the bitmask or sliced format, got "
+            f"mode='dynamic' (W8A8) takes int8 values in the 2:4, bitmask or sliced format, got "
             f"format={format!r} and dtype={dtype}"
         )
 
@@ -450,14 +456,15 @@ def _block_shape(block: str | tuple[int, int]) -> tuple[int, int]:
 
 
 def dynamic_format(codes: torch.Tensor) -> str:
-    """The W8A8 format that stores ``codes`` (N, K) int8 in fewer bytes: "bitmask" (a byte per
-    nonzero, 1/8 per weight) or "sliced" (two bytes per nonzero and two per group)."""
+    """The unstructured W8A8 format that stores ``codes`` (N, K) int8 in fewer bytes:
+    "bitmask" (a byte per nonzero, 1/8 per weight) or "sliced" (two bytes per nonzero and two
+    per group)."""
     n, k = codes.shape
     sparsity = 1.0 - int(torch.count_nonzero(codes)) / max(n * k, 1)
     bytes_of = {
-        f: format_bytes(f, n, k, sparsity=sparsity, dtype=torch.int8) for f in DYNAMIC_FORMATS
+        f: format_bytes(f, n, k, sparsity=sparsity, dtype=torch.int8) for f in _UNSTRUCTURED_DYNAMIC
     }
-    return min(DYNAMIC_FORMATS, key=bytes_of.__getitem__)
+    return min(_UNSTRUCTURED_DYNAMIC, key=bytes_of.__getitem__)
 
 
 def default_format(weight: torch.Tensor, dtype: torch.dtype | None = None) -> str:

@@ -18,6 +18,7 @@ from torchslim.ops.int8 import (
     quantize_per_token,
 )
 from torchslim.ops.sparse import (
+    sparse24_dynamic_linear,
     sparse24_linear,
     sparse_bitmask_dynamic_linear,
     sparse_bitmask_linear,
@@ -41,6 +42,7 @@ __all__ = [
     "int8_weight_only_linear",
     "quantize_per_token",
     "registered_ops",
+    "sparse24_dynamic_linear",
     "sparse24_linear",
     "sparse_bitmask_dynamic_linear",
     "sparse_bitmask_linear",

@@ -9,6 +9,11 @@ Schemas (``torch.ops.torchslim.*``):
         column indices; bias: (N,) float or None; scales: (N,) fp32 or None  ->  (..., N) in
         x.dtype
 
+    sparse24_dynamic_linear(Tensor x, Tensor values, Tensor meta, Tensor scales,
+                            Tensor? bias=None) -> Tensor
+        W8A8 as sparse_sliced_dynamic_linear below, on the 2:4 format's arrays  ->  (..., N) in
+        x.dtype
+
     sparse_bitmask_linear(Tensor x, Tensor values, Tensor mask, Tensor row_offsets,
                           Tensor? bias=None, Tensor? scales=None) -> Tensor
         x: (..., K) as above; values: (nnz,), the nonzeros row by row; mask: (N, ceil(K / 8))
@@ -318,6 +323,37 @@ define_op(
 define_linear_grad("sparse24_linear", _weight_24)
 
 
+def _check_sparse24_dynamic(x, values, meta, scales, bias) -> None:
+    _check_dynamic(x, values, scales)
+    _check_sparse24(x, values, meta, bias, scales)
+
+
+_SPARSE24_DYNAMIC = _backends("sparse24_dynamic_linear", ref.sparse24_dynamic_linear)
+
+
+def _sparse24_dynamic_impl(x, values, meta, scales, bias=None):
+    _check_sparse24_dynamic(x, values, meta, scales, bias)
+    out = _SPARSE24_DYNAMIC(
+        _rows(x), _unit_last_stride(values), _unit_last_stride(meta), scales.contiguous(), bias
+    )
+    return out.reshape(*x.shape[:-1], values.shape[0])
+
+
+def _sparse24_dynamic_fake(x, values, meta, scales, bias=None):
+    _check_sparse24_dynamic(x, values, meta, scales, bias)
+    return x.new_empty((*x.shape[:-1], values.shape[0]))
+
+
+define_op(
+    "sparse24_dynamic_linear(Tensor x, Tensor values, Tensor meta, Tensor scales, "
+    "Tensor? bias=None) -> Tensor",
+    impl=_sparse24_dynamic_impl,
+    fake=_sparse24_dynamic_fake,
+    backends=_SPARSE24_DYNAMIC,
+)
+define_linear_grad("sparse24_dynamic_linear", _weight_24)
+
+
 # --------------------------------------------------------------------------- bitmask
 _BITMASK = _backends("sparse_bitmask_linear", ref.sparse_bitmask_linear)
 
@@ -619,6 +655,19 @@ def sparse24_linear(
     int8 values take per-row ``scales`` (:func:`torchslim.sparse.quantize_values`)."""
     _require_tensors(x=x, values=values, meta=meta, bias=bias, scales=scales)
     return torch.ops.torchslim.sparse24_linear(x, values, meta, bias, scales)
+
+
+def sparse24_dynamic_linear(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    meta: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """W8A8 ``x @ W.T + bias`` with W int8 codes in the 2:4 format and per-row ``scales``, x
+    quantized per token inside the op (:func:`torchslim.reference.sparse24_dynamic_linear`)."""
+    _require_tensors(x=x, values=values, meta=meta, scales=scales, bias=bias)
+    return torch.ops.torchslim.sparse24_dynamic_linear(x, values, meta, scales, bias)
 
 
 def sparse_bitmask_linear(

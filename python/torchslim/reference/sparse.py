@@ -190,6 +190,33 @@ def sparse24_linear(
     return _linear(x, w, bias, cd, scales)
 
 
+def sparse24_dynamic_linear(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    meta: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """W8A8 on a 2:4 weight of int8 codes: :func:`torchslim.reference.int8_dynamic_linear`'s
+    rule on the decompressed codes (see :func:`sparse_sliced_dynamic_linear`).
+
+    Args:
+        x: (..., K) fp32/bf16/fp16. values: (N, 2 * ceil(K / 4)) int8 codes. meta: as
+        :func:`sparse24_linear`. scales: (N,) fp32. bias: (N,) or None.
+        compute_dtype: dtype of the epilogue arithmetic (float64 for the test yardstick).
+
+    Returns:
+        (..., N) in ``x.dtype``.
+    """
+    if values.dtype != torch.int8:
+        raise TypeError(f"values must be int8 codes for a W8A8 linear, got {values.dtype}")
+    # int16: two codes of a group that name one column add up there (decompress_24).
+    codes = decompress_24(values, meta, x.shape[-1], dtype=torch.int16)
+    return int8_dynamic_linear(x, codes, scales, bias, compute_dtype=compute_dtype)
+
+
 # --------------------------------------------------------------------------- bitmask
 def compress_bitmask(
     weight: torch.Tensor, dtype: torch.dtype | None = None
