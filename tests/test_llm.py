@@ -113,6 +113,11 @@ def test_parse_sparse_configs():
         None,
     )
     assert demo.parse_config("sparse-90%-int8")[1]["dtype"] == torch.int8
+    assert demo.parse_config("sparse-2:4-w8a8") == (
+        "sparse",
+        {"sparsity": "2:4", **wanda, "dtype": torch.int8, "mode": "dynamic"},
+        None,
+    )
     assert demo.parse_config("sparse-16x16-50%") == (
         "sparse",
         {"sparsity": 0.5, **wanda, "pattern": "16x16"},
@@ -130,6 +135,8 @@ def test_parse_sparse_configs():
         "sparse-g32",
         "sparse-int8",
         "sparse-2:4-int4",
+        "sparse-2:4-int8-w8a8",
+        "sparse-w8a8",
         "sparse-16x-50%",
         "sparse-16x16-0%",
         "sparse-16x16",
@@ -149,7 +156,8 @@ def test_demo_cli_names_a_bad_sparse_config(capsys):
 @pytest.mark.parametrize(
     ("config", "fmt", "ratio"),
     [("sparse-2:4", "2:4", (0.5, 0.6)), ("sparse-50%", "bitmask", (0.5, 0.6)),
-     ("sparse-2:4-int8", "2:4", (0.15, 0.18)), ("sparse-16x16-50%", "block", (0.5, 0.6))],
+     ("sparse-2:4-int8", "2:4", (0.15, 0.18)), ("sparse-2:4-w8a8", "2:4", (0.15, 0.18)),
+     ("sparse-16x16-50%", "block", (0.5, 0.6))],
 )  # fmt: skip
 def test_sparse_config_prunes_the_body_and_counts_compressed_bytes(tiny_llama, config, fmt, ratio):
     """Every decoder-layer linear becomes a SparseLinear at 50% sparsity (Wanda on the
@@ -163,6 +171,8 @@ def test_sparse_config_prunes_the_body_and_counts_compressed_bytes(tiny_llama, c
     sparse = {n: m for n, m in model.named_modules() if isinstance(m, SparseLinear)}
     assert len(sparse) == 2 * 7 and all(n.endswith("proj") for n in sparse)
     assert {m.format for m in sparse.values()} == {fmt}
+    mode = "dynamic" if config.endswith("-w8a8") else "weight_only"
+    assert all(m.mode == mode for m in sparse.values())
     assert all(m.sparsity == 0.5 for m in sparse.values())
     assert type(model.lm_head) is torch.nn.Linear
     assert [(r.name, r.reason) for r in model.torchslim_report.kept] == [("lm_head", "excluded")]

@@ -6,7 +6,8 @@
 
 For each configuration (fp32, every quant method of torchslim.patch, and sparse weights:
 "sparse-2:4", "sparse-50%", "sparse-75%", pruned with Wanda, the output head left dense, and
-"sparse-2:4-int8", the 2:4 weights stored as int8 codes per output channel;
+"sparse-2:4-int8", the 2:4 weights stored as int8 codes per output channel (W8A16), and
+"sparse-2:4-w8a8", those codes against activations quantized per token (W8A8);
 calibrated on text disjoint from the evaluation text): perplexity on a fixed English text that
 ships with Python (pydoc_data.topics), prefill and decode tokens/s, weight memory (of a sparse
 layer, its compressed buffers), and the greedy answer to a fixed prompt, in each mode: "eager"
@@ -56,6 +57,7 @@ CONFIGS = (
     "int4-g128",
     "sparse-2:4",
     "sparse-2:4-int8",
+    "sparse-2:4-w8a8",
     "sparse-50%",
     "sparse-75%",
 )
@@ -65,6 +67,7 @@ HEAD_SUFFIX = "-head"
 QUANTS = tuple(name for name in METHODS if name != "sparse")  # "sparse" comes as SPARSE_PREFIX
 SPARSE_PREFIX = "sparse-"
 INT8_SUFFIX = "-int8"  # sparse values stored as int8 codes per output channel
+W8A8_SUFFIX = "-w8a8"  # those codes against activations quantized per token
 SPARSITY_METHOD = "wanda"
 
 
@@ -73,13 +76,17 @@ def sparse_args(config: str) -> dict:
     batches and stored compressed (SparseLinear): "sparse-2:4" (2 of every 4 weights kept,
     the 2:4 format), "sparse-<P>%" (P% of each output row pruned, 0 < P < 100; the bitmask
     or csr format) or "sparse-<R>x<C>-<P>%" (P% of each block row's R x C blocks; the block
-    format), with "-int8" the values as int8 codes per output channel: "sparse-50%" ->
-    sparsity=0.5, sparsity_method="wanda"; "sparse-16x16-50%" adds pattern="16x16";
-    "sparse-2:4-int8" adds dtype=torch.int8."""
+    format), with "-int8" the values as int8 codes per output channel (W8A16) and with "-w8a8"
+    those codes against activations quantized per token (W8A8: SparseLinear's
+    mode="dynamic"): "sparse-50%" -> sparsity=0.5, sparsity_method="wanda";
+    "sparse-16x16-50%" adds pattern="16x16"; "sparse-2:4-int8" adds dtype=torch.int8, and
+    "sparse-2:4-w8a8" mode="dynamic" too."""
     spec = config.removeprefix(SPARSE_PREFIX)
     values = {}
     if spec.endswith(INT8_SUFFIX):
         spec, values = spec.removesuffix(INT8_SUFFIX), {"dtype": torch.int8}
+    elif spec.endswith(W8A8_SUFFIX):
+        spec, values = spec.removesuffix(W8A8_SUFFIX), {"dtype": torch.int8, "mode": "dynamic"}
     if spec == "2:4":
         return {"sparsity": "2:4", "sparsity_method": SPARSITY_METHOD, **values}
     match = re.fullmatch(r"(?:(\d+x\d+)-)?(\d+(?:\.\d+)?)%", spec)
@@ -87,7 +94,7 @@ def sparse_args(config: str) -> dict:
         raise ValueError(
             f"{config!r} is not {SPARSE_PREFIX}2:4, {SPARSE_PREFIX}<P>% or "
             f"{SPARSE_PREFIX}<R>x<C>-<P>% with 0 < P < 100 (e.g. {SPARSE_PREFIX}50%, "
-            f"{SPARSE_PREFIX}16x16-50%), optionally ending in {INT8_SUFFIX}"
+            f"{SPARSE_PREFIX}16x16-50%), optionally ending in {INT8_SUFFIX} or {W8A8_SUFFIX}"
         )
     blocks = {"pattern": match[1]} if match[1] else {}
     return {
@@ -111,7 +118,8 @@ def patch_args(config: str) -> tuple[str, dict]:
         return config, {}
     raise ValueError(
         f"{config!r} is not fp32, one of {sorted(QUANTS)} (int4 with -g<group size>), "
-        f"{SPARSE_PREFIX}2:4 or {SPARSE_PREFIX}<P>% (either ending in {INT8_SUFFIX})"
+        f"{SPARSE_PREFIX}2:4 or {SPARSE_PREFIX}<P>% (either ending in {INT8_SUFFIX} or "
+        f"{W8A8_SUFFIX})"
     )
 
 
