@@ -558,6 +558,30 @@ __attribute__((target("avx512f,avx512vpopcntdq"))) inline int64_t mask_bits(cons
   return _mm512_reduce_add_epi64(bits);
 }
 
+// The W8A8 vector kernels' sums for R rows of x: two sets of accumulators, which consecutive
+// steps alternate between so that no step waits on the last one's vpdpbusd, and each set's sum
+// of -128 times the values (x's codes go in offset by 128: vpdpbusd takes them unsigned).
+template <int R>
+struct Q8Sums {
+  __m512i acc[2][R], offset[2];
+  Q8Sums() {
+#pragma GCC unroll 2
+    for (int j = 0; j < 2; ++j) {
+      offset[j] = _mm512_setzero_si512();
+#pragma GCC unroll 4
+      for (int i = 0; i < R; ++i) acc[j][i] = _mm512_setzero_si512();
+    }
+  }
+  void add_to(uint32_t (&sums)[kSpMR]) const {
+    const __m512i bias = _mm512_add_epi32(offset[0], offset[1]);
+#pragma GCC unroll 4
+    for (int i = 0; i < R; ++i) {
+      const __m512i total = _mm512_add_epi32(acc[0][i], acc[1][i]);
+      sums[i] += static_cast<uint32_t>(_mm512_reduce_add_epi32(_mm512_sub_epi32(total, bias)));
+    }
+  }
+};
+
 // W8A8 (SparseGemmArgs::x_q8): the row's int8 codes against x's, 64 columns a step. vpexpandb
 // places the step's values from memory under the mask word; one vpdpbusd per row of x multiplies
 // them with x's 64 codes and sums them by fours (x offset by 128: vpdpbusd takes it unsigned),
@@ -585,13 +609,9 @@ TORCHSLIM_VBMI2 const int8_t* bitmask_q8_expand(const uint8_t* mask, const int8_
   const bool unchecked =
       vpopcnt && vector_bytes - b >= 16 * kBytes && mask_bits(mask, b, vector_bytes) <= end - v;
   const __m512i flip = _mm512_set1_epi8(-128);
-  __m512i acc[2][R], offset[2];
-#pragma GCC unroll 2
-  for (int j = 0; j < 2; ++j) {
-    offset[j] = _mm512_setzero_si512();
-#pragma GCC unroll 4
-    for (int i = 0; i < R; ++i) acc[j][i] = _mm512_setzero_si512();
-  }
+  Q8Sums<R> q;
+  auto& acc = q.acc;
+  auto& offset = q.offset;
   // The step's byte is a local: kept in `b` (the caller's), it went through memory every step.
   int64_t at = b;
   // The steps into accumulator sets 0, 1, 0, ...; with `checked`, a step whose values would
@@ -625,12 +645,7 @@ TORCHSLIM_VBMI2 const int8_t* bitmask_q8_expand(const uint8_t* mask, const int8_
     steps(std::true_type{});
   }
   b = at;
-#pragma GCC unroll 4
-  for (int i = 0; i < R; ++i) {
-    const __m512i total = _mm512_add_epi32(acc[0][i], acc[1][i]);
-    const __m512i bias = _mm512_add_epi32(offset[0], offset[1]);
-    sums[i] += static_cast<uint32_t>(_mm512_reduce_add_epi32(_mm512_sub_epi32(total, bias)));
-  }
+  q.add_to(sums);
   return v;
 }
 #undef TORCHSLIM_VBMI2
@@ -1624,13 +1639,9 @@ TORCHSLIM_VBMI int64_t sp24_q8_steps(const int8_t* v, const uint8_t* meta, const
   const __m512i shift = _mm512_load_si512(kSp24Q8Lanes.shift);
   const __m512i first = _mm512_load_si512(kSp24Q8Lanes.first);
   const __m512i halves = _mm512_set_epi64(1, 1, 1, 1, 0, 0, 0, 0);
-  __m512i acc[2][R], offset[2];
-#pragma GCC unroll 2
-  for (int j = 0; j < 2; ++j) {
-    offset[j] = _mm512_setzero_si512();
-#pragma GCC unroll 4
-    for (int i = 0; i < R; ++i) acc[j][i] = _mm512_setzero_si512();
-  }
+  Q8Sums<R> q;
+  auto& acc = q.acc;
+  auto& offset = q.offset;
   // Step s's values w and meta bytes m into accumulator set j.
   const auto step = [&](int64_t s, int j, __m512i w, __m128i m) TORCHSLIM_VBMI {
     const __m512i bits = _mm512_permutexvar_epi64(halves, _mm512_zextsi128_si512(m));
@@ -1665,12 +1676,7 @@ TORCHSLIM_VBMI int64_t sp24_q8_steps(const int8_t* v, const uint8_t* meta, const
     step(s, 1, _mm512_maskz_loadu_epi8(values, v + 64 * s),
          _mm_maskz_loadu_epi8(bytes, meta + 16 * s));
   }
-#pragma GCC unroll 4
-  for (int i = 0; i < R; ++i) {
-    const __m512i total = _mm512_add_epi32(acc[0][i], acc[1][i]);
-    const __m512i bias = _mm512_add_epi32(offset[0], offset[1]);
-    sums[i] += static_cast<uint32_t>(_mm512_reduce_add_epi32(_mm512_sub_epi32(total, bias)));
-  }
+  q.add_to(sums);
   return groups;
 }
 #undef TORCHSLIM_VBMI
