@@ -190,6 +190,12 @@ def sparse24_linear(
     return _linear(x, w, bias, cd, scales)
 
 
+def _require_codes(values: torch.Tensor) -> None:
+    """The W8A8 ops' values: int8 codes."""
+    if values.dtype != torch.int8:
+        raise TypeError(f"values must be int8 codes for a W8A8 linear, got {values.dtype}")
+
+
 def sparse24_dynamic_linear(
     x: torch.Tensor,
     values: torch.Tensor,
@@ -210,10 +216,9 @@ def sparse24_dynamic_linear(
     Returns:
         (..., N) in ``x.dtype``.
     """
-    if values.dtype != torch.int8:
-        raise TypeError(f"values must be int8 codes for a W8A8 linear, got {values.dtype}")
-    # int16: two codes of a group that name one column add up there (decompress_24).
-    codes = decompress_24(values, meta, x.shape[-1], dtype=torch.int16)
+    _require_codes(values)
+    # int32: two codes of a group that name one column add up there without wrapping at 8 bits
+    codes = decompress_24(values, meta, x.shape[-1], dtype=torch.int32)
     return int8_dynamic_linear(x, codes, scales, bias, compute_dtype=compute_dtype)
 
 
@@ -336,8 +341,7 @@ def sparse_bitmask_dynamic_linear(
     Returns:
         (..., N) in ``x.dtype``.
     """
-    if values.dtype != torch.int8:
-        raise TypeError(f"values must be int8 codes for a W8A8 linear, got {values.dtype}")
+    _require_codes(values)
     codes = decompress_bitmask(values, mask, row_offsets, x.shape[-1])
     return int8_dynamic_linear(x, codes, scales, bias, compute_dtype=compute_dtype)
 
@@ -694,8 +698,7 @@ def sparse_sliced_dynamic_linear(
     Returns:
         (..., N) in ``x.dtype``.
     """
-    if values.dtype != torch.int8:
-        raise TypeError(f"values must be int8 codes for a W8A8 linear, got {values.dtype}")
+    _require_codes(values)
     # int32: repeated entries add up, as in every other decompression, without wrapping at 8 bits
     k = x.shape[-1]
     codes = decompress_sliced(
