@@ -103,6 +103,13 @@ inline float hsum_ps(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+inline int32_t hsum_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+  return _mm_cvtsi128_si32(s);
+}
+
 #endif
 
 #if defined(TORCHSLIM_ISA_AVX512)
@@ -222,13 +229,6 @@ struct FVec {
 constexpr int kI8MR = 4, kI8NR = 4, kF32MR = 4, kF32NR = 4, kQ4MR = 4, kQ4NR = 3;
 
 #elif defined(TORCHSLIM_ISA_AVX2)
-
-inline int32_t hsum_epi32(__m256i v) {
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
-  return _mm_cvtsi128_si32(s);
-}
 
 // AVX2's int8 dot product, vpmaddubsw, multiplies unsigned by signed bytes and saturates the
 // int16 sum of each pair. The sign trick keeps it exact: |w| (u8, at most 128) times

@@ -1601,6 +1601,54 @@ inline void sp24_q8_scalar(const int8_t* v, const uint8_t* meta, const int8_t* x
   }
 }
 
+#if defined(TORCHSLIM_ISA_AVX512) || defined(TORCHSLIM_ISA_AVX2)
+// The row's groups in steps of 8 (32 columns, 16 values, 4 meta bytes) against rows [0, R) of
+// x, in 256-bit vectors: the AVX2 level's, and the AVX-512 level's on CPUs without VBMI. Each
+// 128-bit lane takes 8 values and the 16 columns of their groups: the values' 2-bit columns,
+// shifted out of the step's meta word by two vpsrlvd and packed to bytes, plus their group's
+// first column, pick the x codes they meet by vpshufb (an index with its top bit set, the
+// lane's upper 8 bytes, gives a zero); vpmaddubsw multiplies them with the values under the
+// sign trick (I8Dot: |w| times x * sign(w), exact) and vpmaddwd widens the pairs. Returns the
+// groups done.
+template <int R>
+inline int64_t sp24_q8_steps32(const int8_t* v, const uint8_t* meta, const int8_t* x, int64_t ldx,
+                               int64_t K, uint32_t (&sums)[kSpMR]) {
+  const int64_t steps = (K + 3) / 4 / 8;
+  // Value t of the step sits in lane t / 8, byte t % 8: the shifts that bring its two bits down
+  // in the dword that packs to that byte (the packs interleave their two sources by 64 bits).
+  const __m256i shift_a = _mm256_setr_epi32(0, 2, 4, 6, 16, 18, 20, 22);
+  const __m256i shift_b = _mm256_setr_epi32(8, 10, 12, 14, 24, 26, 28, 30);
+  const __m256i low2 = _mm256_set1_epi32(3), ones = _mm256_set1_epi16(1);
+  const __m256i first =
+      _mm256_setr_epi8(0, 0, 4, 4, 8, 8, 12, 12, -128, -128, -128, -128, -128, -128, -128, -128, 0,
+                       0, 4, 4, 8, 8, 12, 12, -128, -128, -128, -128, -128, -128, -128, -128);
+  __m256i acc[R];
+  for (int i = 0; i < R; ++i) acc[i] = _mm256_setzero_si256();
+  for (int64_t s = 0; s < steps; ++s) {
+    int32_t word;
+    __builtin_memcpy(&word, meta + 4 * s, sizeof word);
+    const __m256i bits = _mm256_set1_epi32(word);
+    const __m256i a = _mm256_and_si256(_mm256_srlv_epi32(bits, shift_a), low2);
+    const __m256i b = _mm256_and_si256(_mm256_srlv_epi32(bits, shift_b), low2);
+    const __m256i words = _mm256_packus_epi32(a, b);
+    const __m256i columns = _mm256_or_si256(_mm256_packus_epi16(words, words), first);
+    // Lane 0: values 0-7 (and again), lane 1: values 8-15.
+    const __m256i w = _mm256_permute4x64_epi64(
+        _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v + 16 * s))),
+        0x50);
+    const __m256i w_abs = _mm256_abs_epi8(w);
+    for (int i = 0; i < R; ++i) {
+      const __m256i xs = _mm256_shuffle_epi8(
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i * ldx + 32 * s)), columns);
+      const __m256i pairs = _mm256_maddubs_epi16(w_abs, _mm256_sign_epi8(xs, w));
+      acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(pairs, ones));
+    }
+  }
+  for (int i = 0; i < R; ++i) sums[i] += static_cast<uint32_t>(hsum_epi32(acc[i]));
+  return 8 * steps;
+}
+#endif
+
 #if defined(TORCHSLIM_ISA_AVX512)
 #define TORCHSLIM_VBMI                                                             \
   __attribute__((                                                                  \
@@ -1692,7 +1740,10 @@ void sp24_q8_tile(const SparseGemmArgs& g, int64_t m, int64_t n, uint32_t (&sums
   int64_t g0 = 0;
 #if defined(TORCHSLIM_ISA_AVX512)
   static const bool vbmi = cpu_features().avx512vbmi;
-  if (vbmi) g0 = sp24_q8_steps<R>(v, meta, x, g.ldx_q8, g.K, sums);
+  g0 = vbmi ? sp24_q8_steps<R>(v, meta, x, g.ldx_q8, g.K, sums)
+            : sp24_q8_steps32<R>(v, meta, x, g.ldx_q8, g.K, sums);
+#elif defined(TORCHSLIM_ISA_AVX2)
+  g0 = sp24_q8_steps32<R>(v, meta, x, g.ldx_q8, g.K, sums);
 #endif
   sp24_q8_scalar<R>(v, meta, x, g.ldx_q8, g.K, g0, sums);
 }
