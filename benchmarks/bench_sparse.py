@@ -282,12 +282,18 @@ def _semi_structured(backend: str, dtype: torch.dtype, graphed: bool = False) ->
     )
 
 
+_W8A8_OPS = {  # format -> its W8A8 op
+    "bitmask": "sparse_bitmask_dynamic_linear",
+    "sliced": "sparse_sliced_dynamic_linear",
+    "2:4": "sparse24_dynamic_linear",
+}
+
+
 def _w8a8(fmt: str) -> Impl:
-    """Ours, W8A8: the codes per output channel in ``fmt`` ("bitmask", "sliced" or "2:4"), and
-    fp32 x quantized per token inside the op (sparse_<fmt>_dynamic_linear,
-    sparse24_dynamic_linear)."""
+    """Ours, W8A8: the codes per output channel in ``fmt`` (a key of _W8A8_OPS), and fp32 x
+    quantized per token inside the format's W8A8 op."""
     _, _, compress = _OURS[fmt]
-    op_name = "sparse24_dynamic_linear" if fmt == "2:4" else f"sparse_{fmt}_dynamic_linear"
+    op_name = _W8A8_OPS[fmt]
     op = getattr(ops, op_name)
 
     def make(w, pattern):
@@ -314,7 +320,7 @@ IMPLS = (
         for w, x in ((_F32, _F32), (_BF16, _BF16), (_BF16, _F32), (_I8, _F32))
         for fmt in ("bitmask", "csr", "sliced", "2:4", "block")
     ),
-    *(_w8a8(fmt) for fmt in ("bitmask", "sliced", "2:4")),
+    *(_w8a8(fmt) for fmt in _W8A8_OPS),
 )
 GPU_DENSE = (_dense(_F16), _dense(_BF16))
 GPU_IMPLS = (

@@ -502,6 +502,12 @@ bool is_sparse_input(const at::Tensor& x, const at::Tensor& values, const OptTen
          is_bias(bias, N) && scales_ok;
 }
 
+// Whether the W8A8 kernels take these values and x (int8 codes, K within kMaxQ8K); the format's
+// own arrays are its *_fast's to check.
+bool q8_fast(const at::Tensor& x, const at::Tensor& values) {
+  return values.scalar_type() == at::kChar && (x.dim() < 1 || x.size(-1) <= kMaxQ8K);
+}
+
 // Whether the 2:4 kernel takes these arguments (else the Python impl checks them).
 bool sparse24_fast(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
                    const OptTensor& bias, const OptTensor& scales) {
@@ -524,10 +530,7 @@ at::Tensor sparse24_linear_op(const at::Tensor& x, const at::Tensor& values, con
 at::Tensor sparse24_dynamic_linear_op(const at::Tensor& x, const at::Tensor& values,
                                       const at::Tensor& meta, const at::Tensor& scales,
                                       const OptTensor& bias) {
-  const int64_t K = x.dim() >= 1 ? x.size(-1) : 0;
-  const bool fast = values.scalar_type() == at::kChar && K <= kMaxQ8K &&
-                    sparse24_fast(x, values, meta, bias, scales);
-  if (!fast) {
+  if (!q8_fast(x, values) || !sparse24_fast(x, values, meta, bias, scales)) {
     return registry::call_python<at::Tensor>("sparse24_dynamic_linear", x, values, meta, scales,
                                              bias);
   }
@@ -560,10 +563,7 @@ at::Tensor sparse_bitmask_linear_op(const at::Tensor& x, const at::Tensor& value
 at::Tensor sparse_bitmask_dynamic_linear_op(const at::Tensor& x, const at::Tensor& values,
                                             const at::Tensor& mask, const at::Tensor& row_offsets,
                                             const at::Tensor& scales, const OptTensor& bias) {
-  const int64_t K = x.dim() >= 1 ? x.size(-1) : 0;
-  const bool fast = values.scalar_type() == at::kChar && K <= kMaxQ8K &&
-                    bitmask_fast(x, values, mask, row_offsets, bias, scales);
-  if (!fast) {
+  if (!q8_fast(x, values) || !bitmask_fast(x, values, mask, row_offsets, bias, scales)) {
     return registry::call_python<at::Tensor>("sparse_bitmask_dynamic_linear", x, values, mask,
                                              row_offsets, scales, bias);
   }
@@ -641,11 +641,8 @@ at::Tensor sparse_sliced_dynamic_linear_op(const at::Tensor& x, const at::Tensor
                                            const at::Tensor& group_offsets,
                                            const at::Tensor& value_offsets, int64_t n,
                                            const at::Tensor& scales, const OptTensor& bias) {
-  const int64_t K = x.dim() >= 1 ? x.size(-1) : 0;
-  const bool fast =
-      values.scalar_type() == at::kChar && K <= kMaxQ8K &&
-      sliced_fast(x, values, columns, groups, group_offsets, value_offsets, n, bias, scales);
-  if (!fast) {
+  if (!q8_fast(x, values) ||
+      !sliced_fast(x, values, columns, groups, group_offsets, value_offsets, n, bias, scales)) {
     return registry::call_python<at::Tensor>("sparse_sliced_dynamic_linear", x, values, columns,
                                              groups, group_offsets, value_offsets, n, scales, bias);
   }
