@@ -488,12 +488,54 @@ def test_w8a8_sums_stay_exact_at_the_largest_k(backend, fmt):
     if fmt == "2:4":
         codes[:, 2::4] = codes[:, 3::4] = 0
     parts = compress(codes)
-    x = -torch.ones(2, k)
-    with run_on(backend):
-        out = op(x, *parts, torch.ones(1))
     total = int(codes.count_nonzero()) * 128 * 127
     assert k * 128 * 127 < 2**31 <= (k + 1) * 128 * 127
-    assert torch.equal(out, torch.full((2, 1), total / 127, dtype=torch.float32))
+    for m in (2, 9):  # 9: 2:4's strips on the avx512 level
+        x = -torch.ones(m, k)
+        with run_on(backend):
+            out = op(x, *parts, torch.ones(1))
+        assert torch.equal(out, torch.full((m, 1), total / 127, dtype=torch.float32)), m
+
+
+@pytest.mark.parametrize("backend", SPARSE_BACKENDS)
+@pytest.mark.parametrize(
+    ("n", "k"), [(7, 3), (33, 13), (40, 70), (64, 136), (100, 1000), (47, 2051)]
+)
+def test_24_w8a8_many_rows_bit_for_bit(backend, n, k):
+    # Past one tile of the dot kernels the avx512 level meets the weights as strips
+    # (sparse_gemm.h, "2:4 W8A8 strips"): 8-row tiles of x and their edges, 128-row blocks, a
+    # strip's second vector of 16 weight rows partial or empty (N % 32), a row's last pair of 8
+    # columns holding one group (K % 8 in 1..4), its 16-pair loads masked at the row's end; an
+    # all-zero weight row, a zero row of x, and codes of -128 (x is the unsigned side there)
+    compress, op, reference = _W8A8["2:4"]
+    g = seeded("w8a8-24-rows", backend, n, k)
+    w = _weight_24(n, k, g)
+    w[n // 2] = 0.0
+    codes, scales = quantize_weight_per_channel(w)
+    codes[0, :4] = torch.tensor([-128, -128, 0, 0], dtype=torch.int8)[: min(4, k)]
+    parts = compress(codes)
+    bias = torch.randn(n, generator=g)
+    for dtype, b in ((torch.float32, bias), (torch.bfloat16, None), (torch.float32, None)):
+        for m in (5, 8, 9, 16, 23, 131):
+            x = _inputs(m, k, dtype, g)
+            x[2] = 0.0
+            with run_on(backend):
+                out = op(x, *parts, scales, b)
+            assert torch.equal(out, reference(x, *parts, scales, b)), f"{dtype} M={m}"
+
+
+@pytest.mark.skipif(
+    _ext._C is None or "avx512" not in _ext._C.supported_isas(), reason="no AVX-512 on this CPU"
+)
+def test_24_w8a8_strips_from_their_threshold():
+    # the avx512 level (and amx, which keeps its sparse kernels) takes the strips from one tile
+    # of the dot kernels on; no other level has them
+    with run_on("cpu-avx512"):
+        first = _ext._C.cpu_kernel_paths()["sparse24_w8a8_strips_from_m"]
+    assert first == 5
+    for other in ("avx2", "portable"):
+        with run_on(f"cpu-{other}"):
+            assert _ext._C.cpu_kernel_paths()["sparse24_w8a8_strips_from_m"] is None
 
 
 @pytest.mark.parametrize("backend", SPARSE_BACKENDS)
@@ -508,9 +550,10 @@ def test_24_w8a8_values_naming_one_column_add_up(backend, k):
     x = torch.zeros(1, k)
     x[0, 4 * ((k - 1) // 4)] = -127.0
     x[0, 0] = 127.0
-    with run_on(backend):
-        out = ops.sparse24_dynamic_linear(x, values, meta, torch.ones(1))
-    assert out.item() == (200 if k == 4 else 400) * 127.0
+    for m in (1, 9):  # the dot kernels; the avx512 level's strips
+        with run_on(backend):
+            out = ops.sparse24_dynamic_linear(x.expand(m, k), values, meta, torch.ones(1))
+        assert torch.equal(out, torch.full((m, 1), (200 if k == 4 else 400) * 127.0)), m
 
 
 @pytest.mark.parametrize("backend", SPARSE_BACKENDS)

@@ -150,6 +150,20 @@ inline void parallel_blocks(int64_t M, int64_t N, int64_t block_m, int64_t block
   });
 }
 
+// A block of output columns near `most`: `most` itself where N is a whole number of such blocks
+// and their count a multiple of the thread count; otherwise N in equal blocks, as many as a
+// multiple of the thread count, rounded up to a multiple of `step` (the tile kernels' register
+// block of 32; 12 for the vector kernels, whose register tiles are 2, 3 or 4 columns wide), so
+// that a layer of a few blocks (N = 576: three of 256, or nine of 64) does not leave a thread
+// idle for part of the call.
+inline int64_t balanced_block_n(int64_t N, int64_t most, int64_t step = 32) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  int64_t blocks = (N + most - 1) / most;
+  if (N % most == 0 && blocks % threads == 0) return most;
+  blocks = (blocks + threads - 1) / threads * threads;
+  return std::max<int64_t>(step, ((N + blocks - 1) / blocks + step - 1) / step * step);
+}
+
 inline bool is_cpu_float(const at::Tensor& t) {
   return t.device().is_cpu() && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16);
 }

@@ -28,6 +28,10 @@ constexpr int64_t kBlockM = 32;
 constexpr int64_t kBlockN = 16;
 constexpr int64_t kSpmmBlockM = 256;
 constexpr int64_t kSpmmBlockN = 64;
+// 2:4 W8A8 on strips (SparseGemmArgs::q8_strips) lays out each strip of weight rows once per
+// block of x's rows, as the dense W8A8 strips do (cpu_ops.cpp): blocks of their size.
+constexpr int64_t kStripBlockM = 128;
+constexpr int64_t kStripBlockN = 64;
 // The most columns a W8A8 linear takes: K * 127 * 128 < 2^31 (x's codes are at most 127 in
 // magnitude, a weight's code may be -128), its int32 sums exact.
 constexpr int64_t kMaxQ8K = ((int64_t{1} << 31) - 1) / (127 * 128);
@@ -88,8 +92,12 @@ struct SparseOperands {
   }
   template <class Kernel>
   void run(const Kernel& kernel, int64_t block_n) {
+    run(kernel, panels.defined() ? kSpmmBlockM : kBlockM, block_n);
+  }
+  template <class Kernel>
+  void run(const Kernel& kernel, int64_t block_m, int64_t block_n) {
     parallel_blocks(
-        args.M, args.N, panels.defined() ? kSpmmBlockM : kBlockM, block_n,
+        args.M, args.N, block_m, block_n,
         [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { kernel(args, m0, m1, n0, n1); });
   }
 };
@@ -224,7 +232,13 @@ at::Tensor sparse24_linear(const at::Tensor& x, const at::Tensor& values, const 
     op.args.x = ordered;
     op.args.ldx = K;
   }
-  op.run(cpu::active_kernels().sparse24_gemm);
+  const cpu::KernelTable& kt = cpu::active_kernels();
+  op.args.q8_strips = q8 && op.args.M >= kt.sparse24_q8_strip_min_m;
+  if (op.args.q8_strips) {
+    op.run(kt.sparse24_gemm, kStripBlockM, balanced_block_n(N, kStripBlockN));
+  } else {
+    op.run(kt.sparse24_gemm);
+  }
   return op.out;
 }
 

@@ -101,6 +101,10 @@ py::dict cpu_kernel_paths() {
   d["attention_fp32_tiles_from_rows_per_kv_head"] =
       fp32_tiles ? py::cast(kt.attention_tile_fp32_min_rows) : py::none();
   d["sparse_bf16_dot"] = kt.bf16_dot;
+  d["sparse24_w8a8_strips_from_m"] =
+      kt.sparse24_q8_strip_min_m < std::numeric_limits<int64_t>::max()
+          ? py::cast(kt.sparse24_q8_strip_min_m)
+          : py::none();
   return d;
 }
 

@@ -29,7 +29,8 @@ const KernelTable& kernel_table() {
                                  attention_pack_kernel(),
                                  kAttnPackMinRows,
                                  kAttnPackFp32MinRows,
-                                 kInt8StripMinM};
+                                 kInt8StripMinM,
+                                 kSp24StripMinM};
   return table;
 }
 

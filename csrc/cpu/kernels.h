@@ -320,6 +320,10 @@ struct SparseGemmArgs {
   const int8_t* x_q8;
   int64_t ldx_q8;
   const float* x_scales;
+  // 2:4 with x_q8, M of at least KernelTable::sparse24_q8_strip_min_m: the kernel lays out each
+  // strip of weight rows once per block of x's rows and meets it with every row of the block
+  // (sparse_gemm.h, "2:4 W8A8 strips"), rather than a row of W at a time in dot products.
+  bool q8_strips;
 };
 
 // Sparse: rows of x per panel of the SpMM kernels, and the most rows of x the dot kernels take.
@@ -408,6 +412,9 @@ struct KernelTable {
   // Null, or the least M at which int8_gemm takes the weights as strips in the VNNI order
   // (Int8GemmArgs::strips), by K (INT64_MAX for a K they do not take).
   int64_t (*int8_strip_min_m)(int64_t K);
+  // The least M at which sparse24_gemm takes x_q8 against strips (SparseGemmArgs::q8_strips);
+  // INT64_MAX where it never does.
+  int64_t sparse24_q8_strip_min_m;
 };
 
 namespace portable {

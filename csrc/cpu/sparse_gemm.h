@@ -1781,7 +1781,241 @@ struct BitmaskQ8 {
   }
 };
 
+#if defined(TORCHSLIM_ISA_AVX512)
+// ------------------------------------------------------------------------------ 2:4 W8A8 strips
+// Many rows of x (SparseGemmArgs::q8_strips): as int8_gemm_strips does for a dense weight, each
+// block of x's rows meets the weights as strips of kSp24StripCols weight rows over the whole of
+// K, laid out once per block, in a register tile of kSp24StripRows rows of x by kSp24StripVecs
+// vectors of 16 weight rows. Only the kept values are multiplied. A meta byte covers 8 columns
+// (two groups) and their 4 kept values, so for each 8 columns ("a pair") the strip holds each
+// weight row's 4 values (a dword, as the values lie in the row) and the positions (0-7) of the 4
+// x codes they meet (a dword of indices, from the meta byte). A row of x's 8 codes broadcast to
+// every qword goes through vpshufb by those indices, and one vpdpbusd multiplies and sums the 4
+// pairs of each weight row: per 8 columns of K, one vpdpbusd and one vpshufb per (row of x, 16
+// weight rows), where the dense strips take two vpdpbusd. x is vpdpbusd's unsigned side (its
+// codes + 128: its kept columns differ by weight row, so the dense strips' correction per row of
+// x does not apply) and the values the signed side: each sum loses 128 x (its weight row's sum
+// of values), a constant of the strip. Sums wrap modulo 2^32 as the dot kernels' do: exact where
+// the result fits in int32 (K <= kMaxQ8K in the binding).
+constexpr int kSp24StripVecs = 2;
+constexpr int kSp24StripCols = 16 * kSp24StripVecs;
+constexpr int kSp24StripRows = 8;
+
+struct Sp24Strip {
+  // Pair p, vector v: the values at ((p * kSp24StripVecs + v) * 2) * 64, their indices 64 bytes
+  // on; 64-byte aligned (aligned_data).
+  std::vector<uint8_t> buffer;
+  alignas(64) int32_t offset[kSp24StripCols];  // 128 x each weight row's sum of values
+  const uint8_t* pairs() const { return aligned_data(buffer); }
+};
+
+// The vpshufb indices of a pair's 4 values from its meta byte m (a dword's low byte, the rest
+// zero): bytes m & 3, (m >> 2) & 3 (the first group's columns), 4 + (m >> 4 & 3) and
+// 4 + (m >> 6) (the second's). Shifted copies of m put each 2-bit field at the bottom of its
+// byte, with zeros or bits of other fields above them, which the mask drops.
+inline __m512i sp24_pair_indices(__m512i m) {
+  const __m512i spread =
+      _mm512_or_si512(_mm512_or_si512(m, _mm512_slli_epi32(m, 6)),
+                      _mm512_or_si512(_mm512_slli_epi32(m, 12), _mm512_slli_epi32(m, 18)));
+  return _mm512_or_si512(_mm512_and_si512(spread, _mm512_set1_epi32(0x03030303)),
+                         _mm512_set1_epi32(0x04040000));
+}
+
+// How far ahead of its loads the unpacking prefetches each weight row's values into L2 (its meta
+// a quarter as far).
+constexpr int64_t kSp24UnpackAhead = 512;
+
+// r[i] <- column i of the 16 x 16 byte matrix whose rows are r[0..15].
+inline void transpose_16x16_epi8(__m128i (&r)[16]) {
+  __m128i a[16], b[16];
+  // a[i]: rows 2i and 2i + 1 as words, columns 0-7; a[8 + i]: columns 8-15.
+  for (int i = 0; i < 8; ++i) {
+    a[i] = _mm_unpacklo_epi8(r[2 * i], r[2 * i + 1]);
+    a[8 + i] = _mm_unpackhi_epi8(r[2 * i], r[2 * i + 1]);
+  }
+  // b[4c + i]: rows 4i .. 4i + 3 as dwords, columns 4c .. 4c + 3.
+  for (int h = 0; h < 2; ++h) {
+    for (int i = 0; i < 4; ++i) {
+      b[8 * h + i] = _mm_unpacklo_epi16(a[8 * h + 2 * i], a[8 * h + 2 * i + 1]);
+      b[8 * h + 4 + i] = _mm_unpackhi_epi16(a[8 * h + 2 * i], a[8 * h + 2 * i + 1]);
+    }
+  }
+  // a[4c + 2j]: rows 8j .. 8j + 7 as qwords, columns 4c and 4c + 1; a[4c + 2j + 1]: columns
+  // 4c + 2 and 4c + 3.
+  for (int c = 0; c < 4; ++c) {
+    for (int j = 0; j < 2; ++j) {
+      a[4 * c + 2 * j] = _mm_unpacklo_epi32(b[4 * c + 2 * j], b[4 * c + 2 * j + 1]);
+      a[4 * c + 2 * j + 1] = _mm_unpackhi_epi32(b[4 * c + 2 * j], b[4 * c + 2 * j + 1]);
+    }
+  }
+  for (int c = 0; c < 4; ++c) {
+    r[4 * c] = _mm_unpacklo_epi64(a[4 * c], a[4 * c + 2]);
+    r[4 * c + 1] = _mm_unpackhi_epi64(a[4 * c], a[4 * c + 2]);
+    r[4 * c + 2] = _mm_unpacklo_epi64(a[4 * c + 1], a[4 * c + 3]);
+    r[4 * c + 3] = _mm_unpackhi_epi64(a[4 * c + 1], a[4 * c + 3]);
+  }
+}
+
+// Weight rows [n, n + cols) (cols <= kSp24StripCols; zero values past them) into `strip`, 16
+// rows by 16 pairs at a time: the values as dwords and the meta as bytes transposed to one
+// register per pair. A row holds 2 ceil(K / 4) values and ceil(K / 8) meta bytes; the loads are
+// masked at its end, so the last pair of a row whose groups are odd in number has zero values
+// where its second group would be (meeting x's zero padding).
+inline void unpack_sp24_strip(const SparseGemmArgs& g, int64_t n, int cols, Sp24Strip& strip) {
+  const int64_t pairs = (g.K + 7) / 8, row_values = 2 * ((g.K + 3) / 4);
+  strip.buffer.resize(pairs * kSp24StripVecs * 128 + 64);
+  uint8_t* out = aligned_data(strip.buffer);
+  const int8_t* values = typed<int8_t>(g.values);
+  const __m512i ones = _mm512_set1_epi8(1);
+  for (int v = 0; v < kSp24StripVecs; ++v) {
+    const int rows = static_cast<int>(min_i64(16, cols - 16 * v));
+    if (rows <= 0) {  // no weight rows: zero values (the indices do not matter)
+      for (int64_t p = 0; p < pairs; ++p) {
+        _mm512_store_si512(out + (p * kSp24StripVecs + v) * 128, _mm512_setzero_si512());
+      }
+      _mm512_store_si512(strip.offset + 16 * v, _mm512_setzero_si512());
+      continue;
+    }
+    const int8_t* value_rows = values + (n + 16 * v) * g.ldv;
+    const uint8_t* meta_rows = g.meta + (n + 16 * v) * g.ldm;
+    __m512i total = _mm512_setzero_si512();
+    for (int64_t p0 = 0; p0 < pairs; p0 += 16) {
+      const int count = static_cast<int>(min_i64(16, pairs - p0));
+      const auto value_mask =
+          static_cast<__mmask64>(_bzhi_u64(~uint64_t{0}, min_i64(64, row_values - 4 * p0)));
+      __m512i w[16];
+#pragma GCC unroll 16
+      for (int c = 0; c < 16; ++c) {
+        const int8_t* at = value_rows + c * g.ldv + 4 * p0;
+        if (c < rows) __builtin_prefetch(at + kSp24UnpackAhead, 0, 2);
+        w[c] = c < rows ? _mm512_maskz_loadu_epi8(value_mask, at) : _mm512_setzero_si512();
+      }
+      transpose_16x16(w);  // w[q]: pair p0 + q's values of the 16 rows
+      for (int q = 0; q < count; ++q) {
+        _mm512_store_si512(out + ((p0 + q) * kSp24StripVecs + v) * 128, w[q]);
+        total = dpbusd_in_place(total, ones, w[q]);
+      }
+      const auto meta_mask =
+          static_cast<__mmask16>(_bzhi_u32(0xffff, static_cast<uint32_t>(count)));
+      __m128i m[16];
+#pragma GCC unroll 16
+      for (int c = 0; c < 16; ++c) {
+        const uint8_t* at = meta_rows + c * g.ldm + p0;
+        if (c < rows) __builtin_prefetch(at + kSp24UnpackAhead / 4, 0, 2);
+        m[c] = c < rows ? _mm_maskz_loadu_epi8(meta_mask, at) : _mm_setzero_si128();
+      }
+      transpose_16x16_epi8(m);  // m[q]: pair p0 + q's meta bytes of the 16 rows
+      for (int q = 0; q < count; ++q) {
+        _mm512_store_si512(out + ((p0 + q) * kSp24StripVecs + v) * 128 + 64,
+                           sp24_pair_indices(_mm512_cvtepu8_epi32(m[q])));
+      }
+    }
+    _mm512_store_si512(strip.offset + 16 * v, _mm512_slli_epi32(total, 7));
+  }
+}
+
+// Rows [0, R) of x's codes + 128 (row stride ldx, at least 8 ceil(K / 8) columns) against the
+// strip: the tile's int32 sums, before the strip's offset comes off.
+template <int R>
+inline void sp24_strip_sums(const uint8_t* x, int64_t ldx, int64_t pairs, const Sp24Strip& strip,
+                            __m512i (&sum)[R][kSp24StripVecs]) {
+  const uint8_t* s = strip.pairs();
+#pragma GCC unroll 16
+  for (int i = 0; i < R; ++i) {
+#pragma GCC unroll 16
+    for (int v = 0; v < kSp24StripVecs; ++v) sum[i][v] = _mm512_setzero_si512();
+  }
+  for (int64_t p = 0; p < pairs; ++p, s += kSp24StripVecs * 128) {
+    __m512i w[kSp24StripVecs], index[kSp24StripVecs];
+#pragma GCC unroll 16
+    for (int v = 0; v < kSp24StripVecs; ++v) {
+      w[v] = _mm512_load_si512(s + v * 128);
+      index[v] = _mm512_load_si512(s + v * 128 + 64);
+    }
+#pragma GCC unroll 16
+    for (int i = 0; i < R; ++i) {
+      int64_t eight;
+      __builtin_memcpy(&eight, x + i * ldx + 8 * p, sizeof eight);
+      const __m512i xv = _mm512_set1_epi64(eight);
+#pragma GCC unroll 16
+      for (int v = 0; v < kSp24StripVecs; ++v) {
+        sum[i][v] = dpbusd_in_place(sum[i][v], _mm512_shuffle_epi8(xv, index[v]), w[v]);
+      }
+    }
+  }
+}
+
+// Rows [m, m + R) x weight rows [n, n + cols) of the output; x: row m's codes + 128.
+template <int R>
+void sp24_strip_tile(const SparseGemmArgs& g, const uint8_t* x, int64_t ldx, int64_t m, int64_t n,
+                     int cols, const Sp24Strip& strip) {
+  __m512i sum[R][kSp24StripVecs];
+  sp24_strip_sums<R>(x, ldx, (g.K + 7) / 8, strip, sum);
+#pragma GCC unroll 16
+  for (int v = 0; v < kSp24StripVecs; ++v) {
+    if (16 * v >= cols) break;  // no pointer past the columns, even under a zero mask
+    const __mmask16 mask = first_lanes(cols - 16 * v);
+    const int64_t n0 = n + 16 * v;
+    const __m512 ws = _mm512_maskz_loadu_ps(mask, g.scales + n0);
+    const __m512 bias = g.bias ? _mm512_maskz_loadu_ps(mask, g.bias + n0) : _mm512_setzero_ps();
+    const __m512i offset = _mm512_load_si512(strip.offset + 16 * v);
+#pragma GCC unroll 16
+    for (int i = 0; i < R; ++i) {
+      store_scaled(g.out, g.out_type, (m + i) * g.ldo + n0, mask,
+                   _mm512_sub_epi32(sum[i][v], offset), g.x_scales[m + i], ws, bias);
+    }
+  }
+}
+
+// sp24_strip_tile for the last rows < kSp24StripRows of a block.
+template <int R = kSp24StripRows - 1>
+void sp24_strip_tile_edge(int rows, const SparseGemmArgs& g, const uint8_t* x, int64_t ldx,
+                          int64_t m, int64_t n, int cols, const Sp24Strip& strip) {
+  if constexpr (R > 1) {
+    if (rows < R) return sp24_strip_tile_edge<R - 1>(rows, g, x, ldx, m, n, cols, strip);
+  }
+  sp24_strip_tile<R>(g, x, ldx, m, n, cols, strip);
+}
+
+void sp24_q8_strips(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  // The block's rows of x's codes, + 128 (a flip of the top bit), 8 ceil(K / 8) columns each.
+  thread_local std::vector<uint8_t> flipped;
+  thread_local Sp24Strip strip;
+  const int64_t ldx = (g.K + 7) / 8 * 8;
+  flipped.resize((m1 - m0) * ldx);
+  for (int64_t m = m0; m < m1; ++m) {
+    const int8_t* src = g.x_q8 + m * g.ldx_q8;
+    uint8_t* dst = flipped.data() + (m - m0) * ldx;
+    for (int64_t k = 0; k < ldx; ++k) dst[k] = static_cast<uint8_t>(src[k] ^ 0x80);
+  }
+  for (int64_t n = n0; n < n1; n += kSp24StripCols) {
+    const int cols = static_cast<int>(min_i64(kSp24StripCols, n1 - n));
+    unpack_sp24_strip(g, n, cols, strip);
+    int64_t m = m0;
+    for (; m + kSp24StripRows <= m1; m += kSp24StripRows) {
+      sp24_strip_tile<kSp24StripRows>(g, flipped.data() + (m - m0) * ldx, ldx, m, n, cols, strip);
+    }
+    if (m < m1) {
+      sp24_strip_tile_edge(static_cast<int>(m1 - m), g, flipped.data() + (m - m0) * ldx, ldx, m, n,
+                           cols, strip);
+    }
+  }
+}
+
+// The least M at which 2:4 W8A8 takes the strips (KernelTable::sparse24_q8_strip_min_m): past
+// one tile of the dot kernels (kSpMaxTileM rows), where those read the weights a second time.
+// Zen 4, 2 threads, the op, one process alternating the two, 7 rounds, median; dot time / strip
+// time at M = 4, 5, 8: 576x1536 1.38, 1.85, 2.03; 1536x576 1.03, 1.32, 1.54; 2048^2 0.81, 1.13,
+// 1.29; 4096^2 0.75, 1.01, 1.23; 4096x11008 0.67, 0.86, 1.04; 11008x4096 1.06, 1.20, 1.31.
+constexpr int64_t kSp24StripMinM = kSpMaxTileM + 1;
+#else
+constexpr int64_t kSp24StripMinM = INT64_MAX;
+#endif
+
 void sparse24_gemm(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+#if defined(TORCHSLIM_ISA_AVX512)
+  if (g.x_q8 != nullptr && g.q8_strips) return sp24_q8_strips(g, m0, m1, n0, n1);
+#endif
   if (g.x_q8 != nullptr) return q8_dot<Sp24Q8>(g, m0, m1, n0, n1);
   sparse_dispatch<Sp24Tile, Sp24Spmm>(g, m0, m1, n0, n1);
 }
