@@ -501,22 +501,24 @@ def test_w8a8_sums_stay_exact_at_the_largest_k(backend, fmt):
 @pytest.mark.parametrize(
     ("n", "k"), [(7, 3), (33, 13), (40, 70), (64, 136), (100, 1000), (47, 2051)]
 )
-def test_24_w8a8_many_rows_bit_for_bit(backend, n, k):
+@pytest.mark.parametrize(("fmt", "sparsity"), [("2:4", 0.5), ("bitmask", 0.5), ("bitmask", 0.9)])
+def test_w8a8_many_rows_bit_for_bit(backend, n, k, fmt, sparsity):
     # Past one tile of the dot kernels the avx512 level meets the weights as strips
-    # (sparse_gemm.h, "2:4 W8A8 strips"): 8-row tiles of x and their edges, 128-row blocks, a
-    # strip's second vector of 16 weight rows partial or empty (N % 32), a row's last pair of 8
-    # columns holding one group (K % 8 in 1..4), its 16-pair loads masked at the row's end; an
-    # all-zero weight row, a zero row of x, and codes of -128 (x is the unsigned side there)
-    compress, op, reference = _W8A8["2:4"]
-    g = seeded("w8a8-24-rows", backend, n, k)
-    w = _weight_24(n, k, g)
+    # (sparse_gemm.h, "2:4 W8A8 strips" and "bitmask W8A8 strips"): 8- and 6-row tiles of x and
+    # their edges, 128-row blocks, a strip's second vector of 16 weight rows partial or empty
+    # (N % 32); 2:4: a row's last pair of 8 columns holding one group (K % 8 in 1..4), its
+    # 16-pair loads masked at the row's end; bitmask: the last 64 columns cut by K; an all-zero
+    # weight row, a zero row of x, and codes of -128 (each side of vpdpbusd's signs)
+    compress, op, reference = _W8A8[fmt]
+    g = seeded("w8a8-rows", backend, n, k, fmt, sparsity)
+    w = _w8a8_weight(fmt, n, k, sparsity, g)
     w[n // 2] = 0.0
     codes, scales = quantize_weight_per_channel(w)
     codes[0, :4] = torch.tensor([-128, -128, 0, 0], dtype=torch.int8)[: min(4, k)]
     parts = compress(codes)
     bias = torch.randn(n, generator=g)
     for dtype, b in ((torch.float32, bias), (torch.bfloat16, None), (torch.float32, None)):
-        for m in (5, 8, 9, 16, 23, 131):
+        for m in (5, 8, 9, 16, 23, 131):  # bitmask: strips from 5 (K <= 1024) or 16
             x = _inputs(m, k, dtype, g)
             x[2] = 0.0
             with run_on(backend):
@@ -527,15 +529,19 @@ def test_24_w8a8_many_rows_bit_for_bit(backend, n, k):
 @pytest.mark.skipif(
     _ext._C is None or "avx512" not in _ext._C.supported_isas(), reason="no AVX-512 on this CPU"
 )
-def test_24_w8a8_strips_from_their_threshold():
+def test_w8a8_strips_from_their_threshold():
     # the avx512 level (and amx, which keeps its sparse kernels) takes the strips from one tile
-    # of the dot kernels on; no other level has them
+    # of the dot kernels on, bitmask's where the CPU has VBMI2 (vpexpandb); no other level has them
     with run_on("cpu-avx512"):
-        first = _ext._C.cpu_kernel_paths()["sparse24_w8a8_strips_from_m"]
-    assert first == 5
+        paths = _ext._C.cpu_kernel_paths()
+    assert paths["sparse24_w8a8_strips_from_m"] == 5
+    vbmi2 = _ext._C.cpu_features()["avx512vbmi2"]
+    assert paths["bitmask_w8a8_strips_from_m"] == ({1024: 5, 65536: 16} if vbmi2 else None)
     for other in ("avx2", "portable"):
         with run_on(f"cpu-{other}"):
-            assert _ext._C.cpu_kernel_paths()["sparse24_w8a8_strips_from_m"] is None
+            paths = _ext._C.cpu_kernel_paths()
+        assert paths["sparse24_w8a8_strips_from_m"] is None
+        assert paths["bitmask_w8a8_strips_from_m"] is None
 
 
 @pytest.mark.parametrize("backend", SPARSE_BACKENDS)
@@ -634,13 +640,14 @@ def test_sliced_w8a8_bad_input_names_the_argument():
 
 
 @pytest.mark.parametrize("backend", SPARSE_BACKENDS)
-@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("m", [1, 3, 17])
 @pytest.mark.parametrize(
     ("k", "missing"), [(200, 1), (1000, 1), (1000, 40), (1000, 70), (2000, 1), (2000, 70)]
 )
 def test_bitmask_w8a8_mask_and_offsets_must_agree(backend, m, k, missing):
     # the kernel's steps go two at a time: a row that runs out is caught at either of them; from
-    # 16 steps (K = 2000) a row whose steps fit runs them unchecked and its scalar tail runs out
+    # 16 steps (K = 2000) a row whose steps fit runs them unchecked and its scalar tail runs out;
+    # M = 17: the avx512 level's strips count each row's mask before they read its values
     g = seeded("w8a8-disagree", backend, m, k, missing)
     codes, scales = quantize_weight_per_channel(_weight_unstructured(9, k, 0.5, g))
     values, mask, offsets = compress_bitmask(codes)

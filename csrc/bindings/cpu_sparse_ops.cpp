@@ -28,8 +28,8 @@ constexpr int64_t kBlockM = 32;
 constexpr int64_t kBlockN = 16;
 constexpr int64_t kSpmmBlockM = 256;
 constexpr int64_t kSpmmBlockN = 64;
-// 2:4 W8A8 on strips (SparseGemmArgs::q8_strips) lays out each strip of weight rows once per
-// block of x's rows, as the dense W8A8 strips do (cpu_ops.cpp): blocks of their size.
+// W8A8 on strips (SparseGemmArgs::q8_strips: 2:4, bitmask) lays out each strip of weight rows
+// once per block of x's rows, as the dense W8A8 strips do (cpu_ops.cpp): blocks of their size.
 constexpr int64_t kStripBlockM = 128;
 constexpr int64_t kStripBlockN = 64;
 // The most columns a W8A8 linear takes: K * 127 * 128 < 2^31 (x's codes are at most 127 in
@@ -270,7 +270,9 @@ at::Tensor bitmask_linear(const at::Tensor& x, const at::Tensor& values, const a
                   "values must be a contiguous 1-D tensor (nnz,), got shape ", values.sizes(),
                   " and strides ", values.strides());
   if (q8) check_q8(values, K);
-  SparseOperands op = sparse_operands(x, values, N, bias, scales, q8 ? K : 0, false, q8);
+  // W8A8's codes of x padded to whole steps of 64 columns, which its strips read.
+  SparseOperands op =
+      sparse_operands(x, values, N, bias, scales, q8 ? (K + 63) / 64 * 64 : 0, false, q8);
   check_cpu(row_offsets, "row_offsets");
   TORCHSLIM_CHECK_TYPE(row_offsets.scalar_type() == at::kLong, "row_offsets must be int64, got ",
                        row_offsets.scalar_type());
@@ -294,7 +296,12 @@ at::Tensor bitmask_linear(const at::Tensor& x, const at::Tensor& values, const a
     op.args.x_bf16 = reinterpret_cast<const uint16_t*>(op.x_bf16.data_ptr<at::BFloat16>());
     op.args.ldx_bf16 = op.x_bf16.stride(0);
   }
-  op.run(kernels.bitmask_gemm);
+  op.args.q8_strips = q8 && op.args.M >= kernels.bitmask_q8_strip_min_m(K);
+  if (op.args.q8_strips) {
+    op.run(kernels.bitmask_gemm, kStripBlockM, balanced_block_n(N, kStripBlockN));
+  } else {
+    op.run(kernels.bitmask_gemm);
+  }
   if (bad_row >= 0) {
     int64_t bits = 0;
     const uint8_t* row = mask.data_ptr<uint8_t>() + bad_row * mask.stride(0);

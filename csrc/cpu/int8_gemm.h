@@ -375,14 +375,18 @@ void i8_strip_tile_edge(int rows, const Int8GemmArgs& g, int64_t m, int64_t n, i
 
 bool takes_i8_strips(int64_t K) { return K % 64 == 0 && K <= kI8StripMaxK; }
 
-void int8_gemm_strips(const Int8GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+// The strips' loop over a block: `unpack(n, cols, strip)` lays out weight rows [n, n + cols) as
+// unpack_i8_strip does (g.b unused but by it: the sparse W8A8 strips bring their own).
+template <class Unpack>
+void i8_strips(const Int8GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
+               const Unpack& unpack) {
   thread_local I8Strip strip;
   thread_local std::vector<int32_t> offset;
   offset.resize(m1 - m0);
   for (int64_t m = m0; m < m1; ++m) offset[m - m0] = I8Dot::offset(g.a + m * g.lda, g.K);
   for (int64_t n = n0; n < n1; n += kI8StripCols) {
     const int cols = static_cast<int>(min_i64(kI8StripCols, n1 - n));
-    unpack_i8_strip(g, n, cols, strip);
+    unpack(n, cols, strip);
     int64_t m = m0;
     for (; m + kI8StripRows <= m1; m += kI8StripRows) {
       i8_strip_tile<kI8StripRows>(g, m, n, cols, strip, offset.data() + (m - m0));
@@ -391,6 +395,11 @@ void int8_gemm_strips(const Int8GemmArgs& g, int64_t m0, int64_t m1, int64_t n0,
       i8_strip_tile_edge(static_cast<int>(m1 - m), g, m, n, cols, strip, offset.data() + (m - m0));
     }
   }
+}
+
+void int8_gemm_strips(const Int8GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  i8_strips(g, m0, m1, n0, n1,
+            [&](int64_t n, int cols, I8Strip& strip) { unpack_i8_strip(g, n, cols, strip); });
 }
 
 // The least M at which the strips take over from the dot kernels, by K (Zen 4, 2 threads, the

@@ -30,7 +30,8 @@ const KernelTable& kernel_table() {
                                  kAttnPackMinRows,
                                  kAttnPackFp32MinRows,
                                  kInt8StripMinM,
-                                 kSp24StripMinM};
+                                 kSp24StripMinM,
+                                 &bitmask_q8_strip_min_m};
   return table;
 }
 

@@ -2012,6 +2012,119 @@ constexpr int64_t kSp24StripMinM = kSpMaxTileM + 1;
 constexpr int64_t kSp24StripMinM = INT64_MAX;
 #endif
 
+#if defined(TORCHSLIM_ISA_AVX512)
+// ------------------------------------------------------------------------------ bitmask W8A8
+// strips Many rows of x (SparseGemmArgs::q8_strips) on a CPU with VBMI2. An unstructured row has no
+// fixed count of values per group of columns to pair x's codes with, so its strips are the dense
+// W8A8 strips (int8_gemm.h, i8_strips): each weight row's values go back to their columns
+// (vpexpandb under its mask, 64 columns a step, zeros where the mask has none) and into the VNNI
+// order, once per block of x's rows, and the block's rows meet them as they meet a dense weight.
+// Every product is made, as in the dense op; the dot kernels make only the kept ones, but read
+// the weights once per tile of kSpMaxTileM rows of x. x's codes are padded to a whole number of
+// 64 columns (zeros past K), K at most kI8StripMaxK.
+#define TORCHSLIM_VBMI2_STRIPS                                                     \
+  __attribute__((                                                                  \
+      target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c,popcnt," \
+             "bmi,bmi2,avx512vbmi2")))
+
+// Row n's mask word at mask byte b < ceil(K / 8) (its bits past K cleared).
+inline uint64_t mask_word(const SparseGemmArgs& g, int64_t n, int64_t b) {
+  const uint8_t* at = g.meta + n * g.ldm + b;
+  uint64_t word = 0;
+  if (g.K - 8 * b >= 64) {
+    __builtin_memcpy(&word, at, sizeof word);
+    return word;
+  }
+  for (int64_t i = 0; 8 * (b + i) < g.K; ++i) word |= uint64_t{at[i]} << (8 * i);
+  return word & ((uint64_t{1} << (g.K - 8 * b)) - 1);
+}
+
+// Weight rows [n, n + cols) into `strip` as unpack_i8_strip lays out dense rows (w + 128, zero
+// weights past cols). A row whose mask holds another count than its offsets give is reported in
+// bad_row and taken as zeros: no value of it is read.
+TORCHSLIM_VBMI2_STRIPS void unpack_bitmask_strip(const SparseGemmArgs& g, int64_t n, int cols,
+                                                 int64_t K64, I8Strip& strip) {
+  strip.buffer.resize(K64 / 4 * kI8StripVecs * 64 + 64);
+  uint8_t* codes = aligned_data(strip.buffer);
+  const int8_t* values = typed<int8_t>(g.values);
+  const __m512i top = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int v = 0; v < kI8StripVecs; ++v) {
+    const int8_t* at[16];
+    for (int c = 0; c < 16; ++c) {
+      const int64_t row = n + 16 * v + c;
+      at[c] = nullptr;
+      if (16 * v + c >= cols) continue;
+      int64_t count = 0;
+      for (int64_t b = 0; 8 * b < g.K; b += 8) count += __builtin_popcountll(mask_word(g, row, b));
+      if (count == g.row_offsets[row + 1] - g.row_offsets[row]) {
+        at[c] = values + g.row_offsets[row];
+      } else {
+        report_bad_row(g, row);
+      }
+    }
+    for (int64_t k = 0; k < K64; k += 64) {
+      __m512i r[16];
+#pragma GCC unroll 16
+      for (int c = 0; c < 16; ++c) {
+        if (at[c] == nullptr) {
+          r[c] = _mm512_setzero_si512();
+          continue;
+        }
+        const uint64_t bits = k < g.K ? mask_word(g, n + 16 * v + c, k / 8) : 0;
+        // The values into a register (a load of just them), then to their lanes: 0.8-0.9x the
+        // time of vpexpandb from memory at M = 4-8 (4096^2, Zen 4).
+        const int count = __builtin_popcountll(bits);
+        const __m512i packed = _mm512_maskz_loadu_epi8(_bzhi_u64(~uint64_t{0}, count), at[c]);
+        r[c] = _mm512_maskz_expand_epi8(bits, packed);
+        at[c] += count;
+      }
+      transpose_16x16(r);  // r[q]: bytes 4 q .. 4 q + 3 of each row, step k / 4 + q
+#pragma GCC unroll 16
+      for (int q = 0; q < 16; ++q) {
+        _mm512_store_si512(codes + ((k / 4 + q) * kI8StripVecs + v) * 64,
+                           _mm512_xor_si512(r[q], top));
+      }
+    }
+  }
+}
+
+TORCHSLIM_VBMI2_STRIPS void bitmask_q8_strips(const SparseGemmArgs& g, int64_t m0, int64_t m1,
+                                              int64_t n0, int64_t n1) {
+  const int64_t K64 = (g.K + 63) / 64 * 64;
+  Int8GemmArgs d{};
+  d.a = g.x_q8;
+  d.lda = g.ldx_q8;
+  d.a_scale = g.x_scales;
+  d.b_scale = g.scales;
+  d.bias = g.bias;
+  d.out = g.out;
+  d.ldo = g.ldo;
+  d.out_type = g.out_type;
+  d.M = g.M;
+  d.N = g.N;
+  d.K = K64;
+  i8_strips(d, m0, m1, n0, n1, [&](int64_t n, int cols, I8Strip& strip) {
+    unpack_bitmask_strip(g, n, cols, K64, strip);
+  });
+}
+#undef TORCHSLIM_VBMI2_STRIPS
+
+// The least M at which bitmask W8A8 takes the strips (KernelTable::bitmask_q8_strip_min_m), by
+// K, on CPUs with VBMI2 and K up to kI8StripMaxK: the strips lay out every weight, the dot
+// kernels walk only the kept ones, so a long K takes more rows of x to pay for the layout. Zen
+// 4, 2 threads, the op, 50% unstructured, one process alternating the two, 5 rounds, median;
+// dot time / strip time at M = 5, 8, 12, 16: 576x1536 1.10, 1.15, -, 1.64; 1536x576 0.98,
+// 0.95, 1.15, 1.28; 2048^2 0.92, 1.05, 1.33, 1.36; 4096^2 -, 0.74, -, 1.20 (90%: 1.21 at 16);
+// 11008x4096 0.68, 0.87, 1.02, 1.22; 4096x11008 0.52, 0.85, 0.78, 0.97 (1.16 at 24).
+int64_t bitmask_q8_strip_min_m(int64_t K) {
+  static const bool vbmi2 = cpu_features().avx512vbmi2;
+  if (!vbmi2 || K > kI8StripMaxK) return INT64_MAX;
+  return K <= 1024 ? kSpMaxTileM + 1 : 16;
+}
+#else
+int64_t bitmask_q8_strip_min_m(int64_t) { return INT64_MAX; }
+#endif
+
 void sparse24_gemm(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
 #if defined(TORCHSLIM_ISA_AVX512)
   if (g.x_q8 != nullptr && g.q8_strips) return sp24_q8_strips(g, m0, m1, n0, n1);
@@ -2021,6 +2134,9 @@ void sparse24_gemm(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, 
 }
 
 void bitmask_gemm(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+#if defined(TORCHSLIM_ISA_AVX512)
+  if (g.x_q8 != nullptr && g.q8_strips) return bitmask_q8_strips(g, m0, m1, n0, n1);
+#endif
   if (g.x_q8 != nullptr) return q8_dot<BitmaskQ8>(g, m0, m1, n0, n1);
   sparse_dispatch<BitmaskTile, BitmaskSpmm>(g, m0, m1, n0, n1);
 }
