@@ -2013,8 +2013,8 @@ constexpr int64_t kSp24StripMinM = INT64_MAX;
 #endif
 
 #if defined(TORCHSLIM_ISA_AVX512)
-// ------------------------------------------------------------------------------ bitmask W8A8
-// strips Many rows of x (SparseGemmArgs::q8_strips) on a CPU with VBMI2. An unstructured row has no
+// ------------------------------------------------------------------------- bitmask W8A8 strips
+// Many rows of x (SparseGemmArgs::q8_strips) on a CPU with VBMI2. An unstructured row has no
 // fixed count of values per group of columns to pair x's codes with, so its strips are the dense
 // W8A8 strips (int8_gemm.h, i8_strips): each weight row's values go back to their columns
 // (vpexpandb under its mask, 64 columns a step, zeros where the mask has none) and into the VNNI
