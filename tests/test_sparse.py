@@ -501,14 +501,18 @@ def test_w8a8_sums_stay_exact_at_the_largest_k(backend, fmt):
 @pytest.mark.parametrize(
     ("n", "k"), [(7, 3), (33, 13), (40, 70), (64, 136), (100, 1000), (47, 2051)]
 )
-@pytest.mark.parametrize(("fmt", "sparsity"), [("2:4", 0.5), ("bitmask", 0.5), ("bitmask", 0.9)])
+@pytest.mark.parametrize(
+    ("fmt", "sparsity"),
+    [("2:4", 0.5), ("bitmask", 0.5), ("bitmask", 0.9), ("sliced", 0.5), ("sliced", 0.9)],
+)
 def test_w8a8_many_rows_bit_for_bit(backend, n, k, fmt, sparsity):
     # Past one tile of the dot kernels the avx512 level meets the weights as strips
-    # (sparse_gemm.h, "2:4 W8A8 strips" and "bitmask W8A8 strips"): 8- and 6-row tiles of x and
-    # their edges, 128-row blocks, a strip's second vector of 16 weight rows partial or empty
-    # (N % 32); 2:4: a row's last pair of 8 columns holding one group (K % 8 in 1..4), its
-    # 16-pair loads masked at the row's end; bitmask: the last 64 columns cut by K; an all-zero
-    # weight row, a zero row of x, and codes of -128 (each side of vpdpbusd's signs)
+    # (sparse_gemm.h, "2:4 W8A8 strips" and "bitmask W8A8 strips"; sliced_gemm.h): 8- and 6-row
+    # tiles of x and their edges, 128-row blocks, a strip's second vector of 16 weight rows
+    # partial or empty (N % 32); 2:4: a row's last pair of 8 columns holding one group (K % 8 in
+    # 1..4), its 16-pair loads masked at the row's end; bitmask and sliced: the last 64 columns
+    # cut by K; sliced: blocks of 64 weight rows, the last one short; an all-zero weight row, a
+    # zero row of x, and codes of -128 (each side of vpdpbusd's signs)
     compress, op, reference = _W8A8[fmt]
     g = seeded("w8a8-rows", backend, n, k, fmt, sparsity)
     w = _w8a8_weight(fmt, n, k, sparsity, g)
@@ -518,7 +522,8 @@ def test_w8a8_many_rows_bit_for_bit(backend, n, k, fmt, sparsity):
     parts = compress(codes)
     bias = torch.randn(n, generator=g)
     for dtype, b in ((torch.float32, bias), (torch.bfloat16, None), (torch.float32, None)):
-        for m in (5, 8, 9, 16, 23, 131):  # bitmask: strips from 5 (K <= 1024) or 16
+        # bitmask: strips from 5 (K <= 1024) or 16, sliced from 48
+        for m in (5, 8, 9, 16, 23, 48, 61, 131):
             x = _inputs(m, k, dtype, g)
             x[2] = 0.0
             with run_on(backend):
@@ -531,17 +536,19 @@ def test_w8a8_many_rows_bit_for_bit(backend, n, k, fmt, sparsity):
 )
 def test_w8a8_strips_from_their_threshold():
     # the avx512 level (and amx, which keeps its sparse kernels) takes the strips from one tile
-    # of the dot kernels on, bitmask's where the CPU has VBMI2 (vpexpandb); no other level has them
+    # of the dot kernels on (bitmask: at K <= 1024, else from 16; sliced from 48), bitmask's
+    # where the CPU has VBMI2 (vpexpandb); no other level has them
     with run_on("cpu-avx512"):
         paths = _ext._C.cpu_kernel_paths()
     assert paths["sparse24_w8a8_strips_from_m"] == 5
     vbmi2 = _ext._C.cpu_features()["avx512vbmi2"]
     assert paths["bitmask_w8a8_strips_from_m"] == ({1024: 5, 65536: 16} if vbmi2 else None)
+    assert paths["sliced_w8a8_strips_from_m"] == {1024: 48, 65536: 48}
     for other in ("avx2", "portable"):
         with run_on(f"cpu-{other}"):
             paths = _ext._C.cpu_kernel_paths()
-        assert paths["sparse24_w8a8_strips_from_m"] is None
-        assert paths["bitmask_w8a8_strips_from_m"] is None
+        for fmt in ("sparse24", "bitmask", "sliced"):
+            assert paths[f"{fmt}_w8a8_strips_from_m"] is None
 
 
 @pytest.mark.parametrize("backend", SPARSE_BACKENDS)
@@ -571,12 +578,13 @@ def test_sliced_w8a8_repeated_entries_add_up(backend):
     columns = torch.zeros(18, dtype=torch.uint8)
     groups = torch.tensor([[0, 2]], dtype=torch.uint8)
     offsets = torch.tensor([0, 1]), torch.tensor([0, 2])
-    x = torch.full((1, 1), 127.0)
-    with run_on(backend):
-        out = ops.sparse_sliced_dynamic_linear(
-            x, values, columns, groups, *offsets, 1, torch.ones(1)
-        )
-    assert out.item() == 200 * 127.0
+    for m in (1, 48):  # 48: the avx512 level's strips, whose int8 block cannot hold 200
+        x = torch.full((m, 1), 127.0)
+        with run_on(backend):
+            out = ops.sparse_sliced_dynamic_linear(
+                x, values, columns, groups, *offsets, 1, torch.ones(1)
+            )
+        assert torch.equal(out, torch.full((m, 1), 200 * 127.0)), m
 
 
 def test_sliced_w8a8_bad_input_names_the_argument():
@@ -738,7 +746,7 @@ def _sliced_op(variant: str, n: int):
 
 @pytest.mark.parametrize("variant", ["fp32", "bf16", "w8a8"])
 @pytest.mark.parametrize("backend", SPARSE_BACKENDS)
-@pytest.mark.parametrize("m", [1, 3, 20])  # the dot kernels; the SpMM
+@pytest.mark.parametrize("m", [1, 3, 20, 48])  # the dot kernels; the SpMM; W8A8's strips
 def test_sliced_malformed_weights_raise(backend, m, variant):
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "w8a8": torch.int8}[variant]
     g, n, k, (values, columns, groups, goff, voff) = _sliced_case(f"{backend}{m}", dtype)
@@ -768,6 +776,8 @@ def test_sliced_malformed_weights_raise(backend, m, variant):
     at = int(voff[2]) - int(groups[last:, 1].long().sum())
     bad = columns.clone()
     bad[at] = 44 + int(torch.randint(0, 84, (1,), generator=g))  # past K, inside the slice
+    raises("points past its slice or K = 300", columns=bad)
+    bad[at] = 127  # the slice's last column: past K, and past a row of W8A8's dense codes (320)
     raises("points past its slice or K = 300", columns=bad)
     bad = voff.clone()
     bad[1] += 1  # block 0 takes one value of block 1

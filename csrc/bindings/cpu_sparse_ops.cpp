@@ -28,8 +28,8 @@ constexpr int64_t kBlockM = 32;
 constexpr int64_t kBlockN = 16;
 constexpr int64_t kSpmmBlockM = 256;
 constexpr int64_t kSpmmBlockN = 64;
-// W8A8 on strips (SparseGemmArgs::q8_strips: 2:4, bitmask) lays out each strip of weight rows
-// once per block of x's rows, as the dense W8A8 strips do (cpu_ops.cpp): blocks of their size.
+// W8A8 on strips (SparseGemmArgs::q8_strips: 2:4, bitmask, sliced) lays out each strip of weight
+// rows once per block of x's rows, as the dense W8A8 strips do (cpu_ops.cpp): blocks of their size.
 constexpr int64_t kStripBlockM = 128;
 constexpr int64_t kStripBlockN = 64;
 // The most columns a W8A8 linear takes: K * 127 * 128 < 2^31 (x's codes are at most 127 in
@@ -481,7 +481,12 @@ at::Tensor sliced_linear(const at::Tensor& x, const at::Tensor& values, const at
   op.args.row_offsets = goff.data_ptr<int64_t>();
   op.args.value_offsets = voff.data_ptr<int64_t>();
   op.args.bad_row = &bad_row;
-  op.run(kernels.sliced_gemm, cpu::kSlicedRows);
+  op.args.q8_strips = q8 && op.args.M >= kernels.sliced_q8_strip_min_m(K);
+  if (op.args.q8_strips) {
+    op.run(kernels.sliced_gemm, kStripBlockM, balanced_block_n(n, kStripBlockN, cpu::kSlicedRows));
+  } else {
+    op.run(kernels.sliced_gemm, cpu::kSlicedRows);
+  }
   TORCHSLIM_CHECK(bad_row < 0, "the sliced weight's block of rows from ", bad_row,
                   " is malformed: a group's row, count or column is out of range, or the "
                   "counts do not add up to value_offsets (torchslim.sparse.check_sliced says "

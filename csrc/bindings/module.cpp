@@ -105,13 +105,17 @@ py::dict cpu_kernel_paths() {
       kt.sparse24_q8_strip_min_m < std::numeric_limits<int64_t>::max()
           ? py::cast(kt.sparse24_q8_strip_min_m)
           : py::none();
-  // Bitmask W8A8's by K: the M from which they run, for K up to each key.
-  py::dict bitmask_by_k;
-  for (const int64_t K : {1024, 65536}) {
-    const int64_t m = kt.bitmask_q8_strip_min_m(K);
-    if (m < std::numeric_limits<int64_t>::max()) bitmask_by_k[py::cast(K)] = m;
-  }
-  d["bitmask_w8a8_strips_from_m"] = bitmask_by_k.empty() ? py::none() : py::object(bitmask_by_k);
+  // Bitmask's and sliced W8A8's by K: the M from which they run, for K up to each key.
+  const auto sparse_by_k = [](int64_t (*min_m)(int64_t)) -> py::object {
+    py::dict out;
+    for (const int64_t K : {1024, 65536}) {
+      const int64_t m = min_m(K);
+      if (m < std::numeric_limits<int64_t>::max()) out[py::cast(K)] = m;
+    }
+    return out.empty() ? py::none() : py::object(out);
+  };
+  d["bitmask_w8a8_strips_from_m"] = sparse_by_k(kt.bitmask_q8_strip_min_m);
+  d["sliced_w8a8_strips_from_m"] = sparse_by_k(kt.sliced_q8_strip_min_m);
   return d;
 }
 

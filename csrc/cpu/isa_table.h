@@ -31,7 +31,8 @@ const KernelTable& kernel_table() {
                                  kAttnPackFp32MinRows,
                                  kInt8StripMinM,
                                  kSp24StripMinM,
-                                 &bitmask_q8_strip_min_m};
+                                 &bitmask_q8_strip_min_m,
+                                 &sliced_q8_strip_min_m};
   return table;
 }
 

@@ -320,11 +320,12 @@ struct SparseGemmArgs {
   const int8_t* x_q8;
   int64_t ldx_q8;
   const float* x_scales;
-  // 2:4 and bitmask with x_q8, M of at least KernelTable::sparse24_q8_strip_min_m and
-  // bitmask_q8_strip_min_m(K): the kernel lays out each strip of weight rows once per block of
-  // x's rows and meets it with every row of the block (sparse_gemm.h, "2:4 W8A8 strips" and
-  // "bitmask W8A8 strips"), rather than a row of W at a time in dot products. Bitmask's x_q8 rows
-  // then hold a whole number of 64 columns (zeros past K).
+  // x_q8 with M of at least KernelTable::sparse24_q8_strip_min_m (2:4),
+  // bitmask_q8_strip_min_m(K) or sliced_q8_strip_min_m(K): the kernel lays out each strip of
+  // weight rows once per block of x's rows and meets it with every row of the block
+  // (sparse_gemm.h, "2:4 W8A8 strips" and "bitmask W8A8 strips"; sliced_gemm.h), rather than a
+  // row of W at a time in dot products. Bitmask's x_q8 rows then hold a whole number of 64
+  // columns (zeros past K); sliced's blocks of weight rows start at multiples of kSlicedRows.
   bool q8_strips;
 };
 
@@ -417,8 +418,10 @@ struct KernelTable {
   // The least M at which sparse24_gemm takes x_q8 against strips (SparseGemmArgs::q8_strips);
   // INT64_MAX where it never does.
   int64_t sparse24_q8_strip_min_m;
-  // The least M at which bitmask_gemm takes x_q8 against strips, by K (INT64_MAX: never).
+  // The least M at which bitmask_gemm and sliced_gemm take x_q8 against strips, by K
+  // (INT64_MAX: never).
   int64_t (*bitmask_q8_strip_min_m)(int64_t K);
+  int64_t (*sliced_q8_strip_min_m)(int64_t K);
 };
 
 namespace portable {

@@ -686,7 +686,91 @@ void sliced_spmm(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, in
   }
 }
 
+#if defined(TORCHSLIM_ISA_AVX512)
+// ----------------------------------------------------------------------------- W8A8 strips
+// Many rows of x (SparseGemmArgs::q8_strips): as bitmask's W8A8 strips (sparse_gemm.h), the
+// dense W8A8 strips. Each block of kSlicedRows weight rows is written out as dense codes once
+// per block of x's rows, checked as the dot kernels check it (sliced_slice_ok, the columns
+// below K), and met by the dense strips' tiles. Two values at one (row, column) add, as
+// everywhere; where their sum leaves int8 (the dense codes' type), or the block is malformed,
+// the block takes the dot kernels instead (which report a malformed one).
+
+// Block b's `rows` weight rows as dense codes (rows x ld, ld >= K rounded up to 64, zeros past
+// K); false where the dot kernels must take the block (see above).
+inline bool sliced_dense_block(const SparseGemmArgs& g, int64_t b, int64_t rows, int8_t* dense,
+                               int64_t ld) {
+  const int64_t S = (g.K + kSlicedCols - 1) / kSlicedCols;
+  const SlicedArrays<int8_t> a(g);
+  const int64_t* off = g.row_offsets + b * S;
+  std::fill(dense, dense + rows * ld, int8_t{0});
+  int64_t vi = g.value_offsets[b];
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t g0 = off[s], g1 = off[s + 1];
+    if (!sliced_slice_ok(a.groups, g0, g1, rows, vi, g.value_offsets[b + 1])) return false;
+    const int64_t width = min_i64(kSlicedCols, g.K - s * kSlicedCols);
+    for (int64_t grp = g0; grp < g1; ++grp) {
+      const int64_t count = a.groups[2 * grp + 1];
+      int8_t* row = dense + a.groups[2 * grp] * ld + s * kSlicedCols;
+      for (int64_t t = 0; t < count; ++t) {
+        const int64_t column = a.columns[vi + t];
+        if (column >= width) return false;
+        const int sum = row[column] + a.values[vi + t];
+        if (sum < -128 || sum > 127) return false;
+        row[column] = static_cast<int8_t>(sum);
+      }
+      vi += count;
+    }
+  }
+  return vi == g.value_offsets[b + 1];
+}
+
+void sliced_q8_strips(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  const int64_t K64 = (g.K + 63) / 64 * 64;
+  thread_local std::vector<int8_t> dense;
+  dense.resize(kSlicedRows * K64);
+  Int8GemmArgs d{};
+  d.a = g.x_q8;
+  d.lda = g.ldx_q8;
+  d.a_scale = g.x_scales;
+  d.b_scale = g.scales;
+  d.bias = g.bias;
+  d.out = g.out;
+  d.ldo = g.ldo;
+  d.out_type = g.out_type;
+  d.M = g.M;
+  d.N = g.N;
+  d.K = K64;
+  Int8GemmArgs block = d;  // the dense block's rows as the weights unpack_i8_strip reads
+  block.b = dense.data();
+  block.ldb = K64;
+  for (int64_t b = n0 / kSlicedRows; b * kSlicedRows < n1; ++b) {
+    const int64_t first = b * kSlicedRows, rows = min_i64(kSlicedRows, g.N - first);
+    if (!sliced_dense_block(g, b, rows, dense.data(), K64)) {
+      sliced_q8_dot(g, m0, m1, first, first + rows);
+      continue;
+    }
+    i8_strips(d, m0, m1, first, first + rows, [&](int64_t n, int cols, I8Strip& strip) {
+      unpack_i8_strip(block, n - first, cols, strip);
+    });
+  }
+}
+
+// The least M at which sliced W8A8 takes the strips (KernelTable::sliced_q8_strip_min_m), by K
+// (up to kI8StripMaxK). Writing a block out costs a scalar step per value, once per block of x's
+// rows, where the dot kernels are fastest at the format's own sparsity (90%). Zen 4, 2 threads,
+// the op, one process alternating the two, 5 rounds, median; dot time / strip time at M = 24,
+// 32, 64: 90%: 576x1536 1.89, -, 2.94; 2048^2 1.01, -, 1.65; 4096^2 0.81, 0.93, 1.32-1.36;
+// 11008x4096 -, 0.84, 1.28; 4096x11008 -, 0.96, 1.38; 50%: 576x1536 1.61, -, 3.13; 2048^2
+// 1.10, -, 2.44; 4096^2 1.08, -, 2.23.
+int64_t sliced_q8_strip_min_m(int64_t K) { return K <= kI8StripMaxK ? 48 : INT64_MAX; }
+#else
+int64_t sliced_q8_strip_min_m(int64_t) { return INT64_MAX; }
+#endif
+
 void sliced_gemm(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+#if defined(TORCHSLIM_ISA_AVX512)
+  if (g.x_q8 != nullptr && g.q8_strips) return sliced_q8_strips(g, m0, m1, n0, n1);
+#endif
   if (g.x_q8 != nullptr) return sliced_q8_dot(g, m0, m1, n0, n1);
   with_value_type(g.v_type, [&](auto value) {
     using T = decltype(value);
