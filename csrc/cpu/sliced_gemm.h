@@ -725,21 +725,10 @@ inline bool sliced_dense_block(const SparseGemmArgs& g, int64_t b, int64_t rows,
 }
 
 void sliced_q8_strips(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-  const int64_t K64 = (g.K + 63) / 64 * 64;
+  const Int8GemmArgs d = q8_strip_args(g);
+  const int64_t K64 = d.K;
   thread_local std::vector<int8_t> dense;
   dense.resize(kSlicedRows * K64);
-  Int8GemmArgs d{};
-  d.a = g.x_q8;
-  d.lda = g.ldx_q8;
-  d.a_scale = g.x_scales;
-  d.b_scale = g.scales;
-  d.bias = g.bias;
-  d.out = g.out;
-  d.ldo = g.ldo;
-  d.out_type = g.out_type;
-  d.M = g.M;
-  d.N = g.N;
-  d.K = K64;
   Int8GemmArgs block = d;  // the dense block's rows as the weights unpack_i8_strip reads
   block.b = dense.data();
   block.ldb = K64;

@@ -2088,9 +2088,9 @@ TORCHSLIM_VBMI2_STRIPS void unpack_bitmask_strip(const SparseGemmArgs& g, int64_
   }
 }
 
-TORCHSLIM_VBMI2_STRIPS void bitmask_q8_strips(const SparseGemmArgs& g, int64_t m0, int64_t m1,
-                                              int64_t n0, int64_t n1) {
-  const int64_t K64 = (g.K + 63) / 64 * 64;
+// The dense W8A8 strips' arguments for a sparse W8A8 op's: x's codes and scales, the weights'
+// scales, the bias and the output, K rounded up to a whole step of 64 (x_q8 padded with zeros).
+inline Int8GemmArgs q8_strip_args(const SparseGemmArgs& g) {
   Int8GemmArgs d{};
   d.a = g.x_q8;
   d.lda = g.ldx_q8;
@@ -2102,7 +2102,14 @@ TORCHSLIM_VBMI2_STRIPS void bitmask_q8_strips(const SparseGemmArgs& g, int64_t m
   d.out_type = g.out_type;
   d.M = g.M;
   d.N = g.N;
-  d.K = K64;
+  d.K = (g.K + 63) / 64 * 64;
+  return d;
+}
+
+TORCHSLIM_VBMI2_STRIPS void bitmask_q8_strips(const SparseGemmArgs& g, int64_t m0, int64_t m1,
+                                              int64_t n0, int64_t n1) {
+  const Int8GemmArgs d = q8_strip_args(g);
+  const int64_t K64 = d.K;
   i8_strips(d, m0, m1, n0, n1, [&](int64_t n, int cols, I8Strip& strip) {
     unpack_bitmask_strip(g, n, cols, K64, strip);
   });
