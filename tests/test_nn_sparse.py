@@ -240,7 +240,13 @@ def test_dynamic_mode_needs_int8_bitmask_or_sliced_values():
     with pytest.raises(ValueError, match="mode must be one of"):
         SparseLinear.from_linear(linear, "unstructured", dtype=torch.int8, mode="w8a8")
     with pytest.raises(ValueError, match=r"mode='dynamic' \(W8A8\) takes int8 values"):
-        SparseLinear.from_linear(linear, "unstructured", mode="dynamic")
+        SparseLinear.from_linear(linear, "unstructured", dtype=torch.bfloat16, mode="dynamic")
+    with pytest.raises(ValueError, match=r"mode='dynamic' \(W8A8\) takes int8 values"):
+        SparseLinear(64, 16, format="sliced", dtype=torch.float32, mode="dynamic")
+    # no dtype: int8, the one W8A8 takes (by bytes: sliced at 90%)
+    plain = SparseLinear.from_linear(linear, "unstructured", mode="dynamic")
+    assert plain.values.dtype == torch.int8 and plain.format == "sliced"
+    assert SparseLinear(64, 16, format="sliced", mode="dynamic").values.dtype == torch.int8
     with pytest.raises(ValueError, match="format='csr'"):
         SparseLinear.from_linear(
             linear, "unstructured", format="csr", dtype=torch.int8, mode="dynamic"

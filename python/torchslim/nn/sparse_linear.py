@@ -102,6 +102,7 @@ class SparseLinear(nn.Module):
         super().__init__()
         if format not in LAYER_FORMATS:
             raise ValueError(f"format must be one of {LAYER_FORMATS}, got {format!r}")
+        dtype = _mode_dtype(mode, dtype)
         check_mode(mode, format, dtype)
         if (block is not None) != (format == "block"):
             raise ValueError(
@@ -206,9 +207,9 @@ class SparseLinear(nn.Module):
                 weight quantized per output channel (int8 codes and fp32 scales, see
                 torchslim.quant.quantize_weight_per_channel; zeros stay zeros).
             mode: "weight_only" (activations stay in float) or "dynamic" (W8A8: activations
-                quantized per token; int8 values in the 2:4, bitmask or sliced format, by
-                default 2:4 for the 2:4 pattern, else the one of bitmask and sliced with the
-                fewer bytes: bitmask up to about 85% sparsity).
+                quantized per token; int8 values, dtype None meaning int8, in the 2:4, bitmask
+                or sliced format, by default 2:4 for the 2:4 pattern, else the one of bitmask
+                and sliced with the fewer bytes: bitmask up to about 85% sparsity).
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
@@ -219,6 +220,7 @@ class SparseLinear(nn.Module):
                 f"{pattern!r} (an n:m-pruned weight is stored as 'unstructured')"
             )
         weight = linear.weight.detach()  # with torch.nn.utils.prune: weight_orig * weight_mask
+        dtype = _mode_dtype(mode, dtype)
         if dtype is not None and dtype not in (*VALUE_DTYPES, torch.int8):
             raise TypeError(f"dtype must be float32, bfloat16, float16 or int8, got {dtype}")
         scales = None
@@ -434,6 +436,11 @@ class SparseLinear(nn.Module):
             f"bias={self.bias is not None}, format={self.format!r}{block}, "
             f"values={str(self.values.dtype).removeprefix('torch.')}{mode}"
         )
+
+
+def _mode_dtype(mode: str, dtype: torch.dtype | None) -> torch.dtype | None:
+    """The values' dtype: int8 under mode="dynamic" where none is given (W8A8 has no other)."""
+    return torch.int8 if mode == "dynamic" and dtype is None else dtype
 
 
 def check_mode(mode: str, format: str | None, dtype: torch.dtype | None) -> None:
