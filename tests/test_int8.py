@@ -321,43 +321,53 @@ def test_amx_tiles_from_their_threshold(gen):
             assert torch.equal(tiles, dots), (m, dtype)
 
 
-@pytest.mark.skipif(
-    _ext._C is None or "avx512" not in _ext._C.supported_isas(), reason="no AVX-512 on this CPU"
-)
-def test_avx512_strips_from_their_threshold(gen, poisoned_empty):
-    """From a threshold that grows with K, the avx512 level's W8A8 GEMM meets strips of 32
-    weight columns in the VNNI order with broadcast activation codes (the dot kernels below it);
-    the amx level's tiles take those M instead, and no other level has strips. Exact: int32
-    sums equal the reference, also with -128 in the weights (the strips hold w + 128). N cuts
-    the 16-column vectors and the 64-column thread blocks, M the 6-row tiles (edges of 1-5 rows)
-    and the 128-row blocks, the rows are NaN-padded views; K not a multiple of 64 keeps the dot
-    kernels at any M. The fp32 and bf16 outputs equal the avx2 level's dot kernels' bit for bit."""
-    with run_on("cpu-avx512"):
+# The levels whose W8A8 GEMM has weight strips, and the strips' width in columns.
+STRIP_COLUMNS = {"avx512": 32, "avx2": 24}
+
+
+@pytest.mark.parametrize("isa", sorted(STRIP_COLUMNS))
+def test_strips_from_their_threshold(isa, gen, poisoned_empty):
+    """From a threshold that grows with K, the avx512 and avx2 levels' W8A8 GEMM meets strips of
+    weight columns (32 in the VNNI order; 24 for AVX2's sign trick) with broadcast activation
+    codes (the dot kernels below it); the amx level's tiles take those M instead, and the
+    portable level has none. Exact: int32 sums equal the reference, with -128 in the weights
+    too (avx512's strips hold w + 128; on avx2 a strip that holds -128 takes the dot kernels,
+    and its neighbours stay strips). N cuts the vectors, the strips and the thread blocks, M
+    the register tiles (edges of every height) and the 128-row blocks, the rows are NaN-padded
+    views; K not a multiple of a strip vector's bytes keeps the dot kernels at any M. The fp32
+    and bf16 outputs equal the portable level's dot kernels bit for bit."""
+    if _ext._C is None or isa not in _ext._C.supported_isas():
+        pytest.skip(f"no {isa} on this CPU")
+    with run_on(f"cpu-{isa}"):
         first = _ext._C.cpu_kernel_paths()["int8_strips_from_m"]
-    assert sorted(first) == [2048, 4096, 65536]
+    assert sorted(first) == [1024, 2048, 4096, 65536]
     assert all(isinstance(m, int) and 1 <= m <= 64 for m in first.values())
-    for other in ("amx", "avx2", "portable"):
+    for other in ("amx", "portable"):
         if other in _ext._C.supported_isas():
             with run_on(f"cpu-{other}"):
                 assert _ext._C.cpu_kernel_paths()["int8_strips_from_m"] is None
-    for n, k in ((70, 320), (33, 2048), (129, 2112), (40, 4160), (20, 288)):
+    cols = STRIP_COLUMNS[isa]
+    for n, k in ((70, 320), (33, 2048), (129, 2112), (40, 4160), (20, 288), (3 * cols + 5, 96)):
         threshold = next(m for limit, m in sorted(first.items()) if k <= limit)
-        b = nan_padded(torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=gen))
+        raw = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
+        low = raw.clone()
+        low[min(cols + 1, n - 1), k // 3] = -128  # one strip of columns (the second, if any)
         w_q, w_scale, bias = _weights(n, k, "cpu", gen)
         for m in sorted({threshold - 1, threshold, threshold + 5, 131}):
             a = nan_padded(random_int8(m, k, generator=gen))
-            with run_on("cpu-avx512"):
-                assert torch.equal(ops.int8_mm(a, b), ref.int8_mm(a, b)), (m, n, k)
+            for b in (nan_padded(raw), nan_padded(low)):
+                with run_on(f"cpu-{isa}"):
+                    assert torch.equal(ops.int8_mm(a, b), ref.int8_mm(a, b)), (m, n, k)
             for dtype in (torch.float32, torch.bfloat16):
                 x = _activations(m, k, dtype, "cpu", gen)
                 args = (w_q, w_scale, bias if m % 2 else None)
-                with run_on("cpu-avx512"):
+                with run_on(f"cpu-{isa}"):
                     out = ops.int8_dynamic_linear(x, *args)
                 ref64 = ref.int8_dynamic_linear(x.double(), *args, compute_dtype=torch.float64)
                 check_close(out, ref64, ref.int8_dynamic_linear(x, *args), name=f"M={m} {n}x{k}")
                 # The same sums and the dot kernels' epilogue, rounding for rounding: a bias
                 # added after the op rounds as the one passed in (the graph passes rely on it).
-                with run_on("cpu-avx2"):
+                with run_on("cpu-portable"):
                     assert torch.equal(out, ops.int8_dynamic_linear(x, *args)), (m, n, k, dtype)
 
 

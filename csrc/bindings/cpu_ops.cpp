@@ -140,7 +140,11 @@ void run_int8_gemm(cpu::Int8GemmArgs args) {
                     });
   };
   args.strips = kt.int8_strip_min_m != nullptr && args.M >= kt.int8_strip_min_m(args.K);
-  if (args.strips) return run(kBlockM_Strips, balanced_block_n(args.N, kBlockN_Strips));
+  if (args.strips) {
+    const int64_t cols = kt.int8_strip_cols;  // 32 with AVX-512, 24 with AVX2
+    return run(kBlockM_Strips,
+               balanced_block_n(args.N, (kBlockN_Strips + cols - 1) / cols * cols, cols));
+  }
   if (kt.int8_pack_panels == nullptr || args.M < kt.int8_panel_min_m) {
     return run(kBlockM_I8, vector_block_n(args.M, args.N));
   }

@@ -78,7 +78,7 @@ py::dict cpu_kernel_paths() {
   // W8A8's strips by K: the M from which they run, for K up to each key.
   if (kt.int8_strip_min_m != nullptr) {
     py::dict by_k;
-    for (const int64_t K : {2048, 4096, 65536}) by_k[py::cast(K)] = kt.int8_strip_min_m(K);
+    for (const int64_t K : {1024, 2048, 4096, 65536}) by_k[py::cast(K)] = kt.int8_strip_min_m(K);
     d["int8_strips_from_m"] = by_k;
   } else {
     d["int8_strips_from_m"] = py::none();
@@ -162,9 +162,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_kernel_paths", &cpu_kernel_paths,
         "Kernel variants of the active ISA level: int8_tiles_from_m (the M from which the int8 "
         "GEMM runs on AMX tiles, or None), int8_strips_from_m (for K up to each key, the M from "
-        "which it runs on AVX-512 weight strips, or None), int8_weight_only_tiles_from_m (the "
-        "same as the first for W8A16), int4_tiles_from_m (per activation run of 32, 64 and 128 "
-        "columns, the M from which int4 runs on the int8 tiles with Q8 x; None: no such tiles), "
+        "which it runs on AVX-512 or AVX2 weight strips, or None), "
+        "int8_weight_only_tiles_from_m (the same as the first for W8A16), int4_tiles_from_m (per "
+        "activation run of 32, 64 and 128 columns, the M from which int4 runs on the int8 tiles "
+        "with Q8 x; None: no such tiles), "
         "int4_strips_from_m (per run, the M from which it runs on AVX-512 weight strips), "
         "attention_tiles_from_rows (the rows of a work item from which attention's products run "
         "on bf16 pairs: AMX tiles, or VDPBF16PS at the avx512 level on a CPU with AVX512_BF16; "

@@ -1,17 +1,9 @@
 // Helpers for the levels that have AVX-512 (included inside their namespace, as simd.h is): a
-// transpose of 16 x 16 32-bit elements in registers, lane masks, 64-byte aligned buffers, a
-// vpdpbusd that keeps its accumulator in place.
+// transpose of 16 x 16 32-bit elements in registers, lane masks, a vpdpbusd that keeps its
+// accumulator in place.
 #pragma once
 
-#include "simd.h"  // TORCHSLIM_INLINE
-
-// A 64-byte aligned view of v's data (v holds 64 bytes more than it needs): a tile load or store
-// whose rows straddle cache lines takes 3x as long, and so does a zmm load split across two.
-template <class Vector>
-auto aligned_data(Vector& v) -> decltype(v.data()) {
-  using Pointer = decltype(v.data());
-  return reinterpret_cast<Pointer>((reinterpret_cast<std::uintptr_t>(v.data()) + 63) / 64 * 64);
-}
+#include "simd.h"  // TORCHSLIM_INLINE, aligned_data
 
 // The first n of 16 lanes (none for n <= 0).
 inline __mmask16 first_lanes(int64_t n) {

@@ -247,29 +247,52 @@ void quantize_rows(const QuantizeArgs& args, int64_t m0, int64_t m1) {
   }
 }
 
+#if defined(TORCHSLIM_ISA_AVX512) || defined(TORCHSLIM_ISA_AVX2)
+// Many rows (Int8GemmArgs::strips): as FBGEMM's and oneDNN's kernels do, each block of rows meets
+// the weights as strips of kI8StripCols columns over the whole of K, 4 values of K to a 32-bit
+// lane (byte 4 c + b of vector v at step t is weight row n + kI8StripLanes v + c at column
+// 4 t + b), and a register tile of kI8StripRows rows x kI8StripVecs vectors meets each step
+// with each row's 4 codes broadcast. The dot kernels above take a horizontal sum per output
+// and, at 2-4 columns a tile, load each activation vector once per 2-4 columns; the strip tile
+// loads each weight vector once per kI8StripRows rows and each activation word once per
+// kI8StripCols columns.
+//
+// AVX-512 (VNNI): one vpdpbusd per (row, 16 columns) per step. vpdpbusd multiplies unsigned by
+// signed bytes, so the strip holds w + 128 (unpacking flips each byte's top bit) and each row's
+// sums lose 128 x (the row's sum of codes) at the end: sum x (w + 128) - 128 sum x = sum x w,
+// exact in int32 while K x 127 x 255 fits (K <= kI8StripMaxK).
+//
+// AVX2: the sign trick of the dot kernels (simd.h, I8Dot) the other way round: |x| (at most 127)
+// is the unsigned side, once per row and step, and w * sign(x) the signed one, one vpsignb per
+// (row, 8 columns); vpmaddubsw, vpmaddwd against ones and vpaddd sum the 32 products. A weight
+// of -128 has no negation in int8, so a strip that holds one (never a quantized weight, only a
+// raw int8_mm operand) takes the dot kernels instead (unpack_i8_strip says so).
 #if defined(TORCHSLIM_ISA_AVX512)
-// Many rows (Int8GemmArgs::strips): as FBGEMM's and oneDNN's AVX-512 kernels do, each block of
-// rows meets the weights as strips of kI8StripCols columns over the whole of K in the VNNI order
-// (byte 4 c + b of vector v at step t is w[n + 16 v + c, 4 t + b], plus 128), and a register tile
-// of kI8StripRows rows x kI8StripVecs vectors does one vpdpbusd per (row, 16 columns) per 4
-// values of K against the row's 4 codes broadcast. vpdpbusd multiplies unsigned by signed bytes,
-// so the strip holds w + 128 (unpacking flips each byte's top bit) and each row's sums lose
-// 128 x (the row's sum of codes) at the end: sum x (w + 128) - 128 sum x = sum x w, exact in int32
-// while K x 127 x 255 fits (K <= kI8StripMaxK). The dot kernels above take a horizontal sum per
-// output and, at 4 columns a tile, load each activation vector once per 4 columns; the strip
-// tile loads each weight vector once per 6 rows and each activation word once per 32 columns.
+using I8StripVec = __m512i;
+constexpr int kI8StripLanes = 16;
 constexpr int kI8StripVecs = 2;
-constexpr int kI8StripCols = 16 * kI8StripVecs;
 constexpr int kI8StripRows = 6;
+#else
+using I8StripVec = __m256i;
+constexpr int kI8StripLanes = 8;
+constexpr int kI8StripVecs = 3;
+constexpr int kI8StripRows = 3;
+#endif
+constexpr int kI8StripCols = kI8StripLanes * kI8StripVecs;
+constexpr int kI8StripBytes = 4 * kI8StripLanes;  // one vector: 4 values of K x the lanes
 constexpr int64_t kI8StripMaxK = 65536;
 
 struct I8Strip {
-  std::vector<uint8_t> buffer;  // (K / 4, kI8StripVecs, 64), 64-byte aligned (aligned_data)
+  std::vector<uint8_t> buffer;  // (K / 4, kI8StripVecs, kI8StripBytes), 64-byte aligned
   const uint8_t* codes() const { return aligned_data(buffer); }
 };
 
+bool takes_i8_strips(int64_t K) { return K % kI8StripBytes == 0 && K <= kI8StripMaxK; }
+
+#if defined(TORCHSLIM_ISA_AVX512)
 // Weight rows [n, n + cols) (cols <= kI8StripCols; zero past them) into `strip`, K % 64 == 0.
-inline void unpack_i8_strip(const Int8GemmArgs& g, int64_t n, int cols, I8Strip& strip) {
+// Always true: every weight has its strip.
+inline bool unpack_i8_strip(const Int8GemmArgs& g, int64_t n, int cols, I8Strip& strip) {
   const int64_t steps = g.K / 4;
   strip.buffer.resize(steps * kI8StripVecs * 64 + 64);
   uint8_t* codes = aligned_data(strip.buffer);
@@ -290,6 +313,7 @@ inline void unpack_i8_strip(const Int8GemmArgs& g, int64_t n, int cols, I8Strip&
       }
     }
   }
+  return true;
 }
 
 // Rows [m, m + R) against the strip at column n: the tile's int32 sums (sum x (w + 128)).
@@ -362,6 +386,148 @@ void i8_strip_tile(const Int8GemmArgs& g, int64_t m, int64_t n, int cols, const 
     }
   }
 }
+#else
+// r[i] <- column i of the 8 x 8 matrix of 32-bit elements whose rows are r[0..7].
+inline void transpose_8x8(__m256i (&r)[8]) {
+  __m256i t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {  // t[i]: r[i], r[i + 1] elements 0 1 | 4 5; t[i + 1]: 2 3 | 6 7
+    t[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {  // u[i + e]: rows i .. i + 3, elements e | e + 4
+    u[i] = _mm256_unpacklo_epi64(t[i], t[i + 2]);
+    u[i + 1] = _mm256_unpackhi_epi64(t[i], t[i + 2]);
+    u[i + 2] = _mm256_unpacklo_epi64(t[i + 1], t[i + 3]);
+    u[i + 3] = _mm256_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int e = 0; e < 4; ++e) {
+    r[e] = _mm256_permute2x128_si256(u[e], u[e + 4], 0x20);
+    r[e + 4] = _mm256_permute2x128_si256(u[e], u[e + 4], 0x31);
+  }
+}
+
+// Weight rows [n, n + cols) (cols <= kI8StripCols; zero past them) into `strip`, K % 32 == 0.
+// False where one of them holds -128 (the sign trick cannot negate it; the strip is not used).
+inline bool unpack_i8_strip(const Int8GemmArgs& g, int64_t n, int cols, I8Strip& strip) {
+  const int64_t steps = g.K / 4;
+  strip.buffer.resize(steps * kI8StripVecs * kI8StripBytes + 64);
+  uint8_t* codes = aligned_data(strip.buffer);
+  const __m256i low = _mm256_set1_epi8(-128);
+  __m256i seen = _mm256_setzero_si256();
+  for (int v = 0; v < kI8StripVecs; ++v) {
+    for (int64_t k = 0; k < g.K; k += 32) {
+      __m256i r[8];
+#pragma GCC unroll 8
+      for (int c = 0; c < 8; ++c) {
+        const int col = 8 * v + c;
+        const int8_t* row = g.b + (n + col) * g.ldb + k;
+        r[c] = col < cols ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row))
+                          : _mm256_setzero_si256();
+        seen = _mm256_or_si256(seen, _mm256_cmpeq_epi8(r[c], low));
+      }
+      transpose_8x8(r);  // r[q]: bytes 4 q .. 4 q + 3 of each row, step k / 4 + q
+#pragma GCC unroll 8
+      for (int q = 0; q < 8; ++q) {
+        _mm256_store_si256(
+            reinterpret_cast<__m256i*>(codes + ((k / 4 + q) * kI8StripVecs + v) * kI8StripBytes),
+            r[q]);
+      }
+    }
+  }
+  return _mm256_testz_si256(seen, seen) != 0;
+}
+
+// Rows [m, m + R) against the strip at column n: the tile's int32 sums (sum x w).
+template <int R>
+inline void i8_strip_sums(const Int8GemmArgs& g, int64_t m, const I8Strip& strip,
+                          __m256i (&sum)[R][kI8StripVecs]) {
+  const int8_t* a = g.a + m * g.lda;
+  const uint8_t* w = strip.codes();
+  const __m256i ones = _mm256_set1_epi16(1);
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i) {
+#pragma GCC unroll 8
+    for (int v = 0; v < kI8StripVecs; ++v) sum[i][v] = _mm256_setzero_si256();
+  }
+  for (int64_t t = 0; t < g.K / 4; ++t) {
+    __m256i wv[kI8StripVecs];
+#pragma GCC unroll 8
+    for (int v = 0; v < kI8StripVecs; ++v) {
+      wv[v] = _mm256_load_si256(
+          reinterpret_cast<const __m256i*>(w + (t * kI8StripVecs + v) * kI8StripBytes));
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) {
+      int32_t four;
+      __builtin_memcpy(&four, a + i * g.lda + 4 * t, sizeof four);
+      const __m256i xv = _mm256_set1_epi32(four), magnitude = _mm256_abs_epi8(xv);
+#pragma GCC unroll 8
+      for (int v = 0; v < kI8StripVecs; ++v) {
+        const __m256i pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(wv[v], xv));
+        sum[i][v] = _mm256_add_epi32(sum[i][v], _mm256_madd_epi16(pairs, ones));
+      }
+    }
+  }
+}
+
+// 8 fp32 lanes to bf16 bits, rounded as f32_to_bf16_bits does (to nearest even; a NaN stays a
+// quiet NaN).
+inline __m128i f32_to_bf16_bits(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v), high = _mm256_srli_epi32(u, 16);
+  const __m256i odd = _mm256_and_si256(high, _mm256_set1_epi32(1));
+  __m256i r =
+      _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  r = _mm256_blendv_epi8(r, _mm256_or_si256(high, _mm256_set1_epi32(0x40)), nan);
+  return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+}
+
+// Rows [m, m + R) x columns [n, n + cols) of the output, as the dot kernels' epilogue rounds it:
+// c * a_scale * b_scale, then + bias, as fp32 or bf16 (or c as int32).
+template <int R>
+void i8_strip_tile(const Int8GemmArgs& g, int64_t m, int64_t n, int cols, const I8Strip& strip,
+                   const int32_t* /*offset: none, the sums are sum x w*/) {
+  __m256i sum[R][kI8StripVecs];
+  i8_strip_sums<R>(g, m, strip, sum);
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+#pragma GCC unroll 8
+  for (int v = 0; v < kI8StripVecs; ++v) {
+    const int lanes = cols - 8 * v;
+    if (lanes <= 0) break;  // no pointer past the columns, even under a zero mask
+    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(lanes), lane);
+    const int64_t n0 = n + 8 * v;
+    __m256 ws = _mm256_setzero_ps(), bias = _mm256_setzero_ps();
+    if (g.out_type != ScalarType::kInt32) {
+      ws = _mm256_maskload_ps(g.b_scale + n0, mask);
+      if (g.bias) bias = _mm256_maskload_ps(g.bias + n0, mask);
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) {
+      const int64_t at = (m + i) * g.ldo + n0;
+      if (g.out_type == ScalarType::kInt32) {
+        _mm256_maskstore_epi32(static_cast<int*>(g.out) + at, mask, sum[i][v]);
+        continue;
+      }
+      const __m256 scaled =
+          _mm256_mul_ps(_mm256_cvtepi32_ps(sum[i][v]), _mm256_set1_ps(g.a_scale[m + i]));
+      const __m256 out = _mm256_add_ps(_mm256_mul_ps(scaled, ws), bias);
+      if (g.out_type == ScalarType::kFloat32) {
+        _mm256_maskstore_ps(static_cast<float*>(g.out) + at, mask, out);
+        continue;
+      }
+      uint16_t* to = static_cast<uint16_t*>(g.out) + at;
+      const __m128i bits = f32_to_bf16_bits(out);
+      if (lanes >= 8) {
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(to), bits);
+      } else {
+        alignas(16) uint16_t held[8];
+        _mm_store_si128(reinterpret_cast<__m128i*>(held), bits);
+        __builtin_memcpy(to, held, lanes * sizeof(uint16_t));
+      }
+    }
+  }
+}
+#endif
 
 // i8_strip_tile for the last rows < kI8StripRows of a block.
 template <int R = kI8StripRows - 1>
@@ -373,20 +539,26 @@ void i8_strip_tile_edge(int rows, const Int8GemmArgs& g, int64_t m, int64_t n, i
   i8_strip_tile<R>(g, m, n, cols, strip, offset);
 }
 
-bool takes_i8_strips(int64_t K) { return K % 64 == 0 && K <= kI8StripMaxK; }
-
 // The strips' loop over a block: `unpack(n, cols, strip)` lays out weight rows [n, n + cols) as
-// unpack_i8_strip does (g.b unused but by it: the sparse W8A8 strips bring their own).
+// unpack_i8_strip does (g.b unused but by it: the sparse W8A8 strips bring their own) and says
+// whether the strip may be used; where not (only a dense weight's unpack_i8_strip says so), those
+// columns take the dot kernels on g.b.
 template <class Unpack>
 void i8_strips(const Int8GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
                const Unpack& unpack) {
   thread_local I8Strip strip;
   thread_local std::vector<int32_t> offset;
   offset.resize(m1 - m0);
+#if defined(TORCHSLIM_ISA_AVX512)
   for (int64_t m = m0; m < m1; ++m) offset[m - m0] = I8Dot::offset(g.a + m * g.lda, g.K);
+#endif
   for (int64_t n = n0; n < n1; n += kI8StripCols) {
     const int cols = static_cast<int>(min_i64(kI8StripCols, n1 - n));
-    unpack(n, cols, strip);
+    if (!unpack(n, cols, strip)) {
+      gemm_block<I8Dot, kI8MR, kI8NR>(g.a, g.lda, g.b, g.ldb, g.K, m0, m1, n, n + cols,
+                                      Int8Epilogue<kI8MR, kI8NR>{g});
+      continue;
+    }
     int64_t m = m0;
     for (; m + kI8StripRows <= m1; m += kI8StripRows) {
       i8_strip_tile<kI8StripRows>(g, m, n, cols, strip, offset.data() + (m - m0));
@@ -398,28 +570,39 @@ void i8_strips(const Int8GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_
 }
 
 void int8_gemm_strips(const Int8GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-  i8_strips(g, m0, m1, n0, n1,
-            [&](int64_t n, int cols, I8Strip& strip) { unpack_i8_strip(g, n, cols, strip); });
+  i8_strips(g, m0, m1, n0, n1, [&](int64_t n, int cols, I8Strip& strip) {
+    return unpack_i8_strip(g, n, cols, strip);
+  });
 }
 
-// The least M at which the strips take over from the dot kernels, by K (Zen 4, 2 threads, the
-// op, weights in cache; dot time / strip time, three rounds, median): the dot kernels' cost per
+// The least M at which the strips take over from the dot kernels, by K (2 threads, the op,
+// weights in cache; dot time / strip time, three rounds, median): the dot kernels' cost per
 // output beside its K steps (a horizontal sum, the epilogue) weighs less the longer K is, the
-// strips' (each weight laid out once per block of rows) does not. K = 576 at M = 8 1.30; 1024
-// at 8 0.96, 12 1.16; 1536 and 2048 at 8 0.83-0.85, 12 1.00, 16 1.07-1.08; 4096 at 16 0.95, 24
-// 1.05, 32 1.10; 11008 at 24 0.97, 32 1.01, 48 1.09.
-// K not a multiple of 64, or past kI8StripMaxK: never (the dot kernels at any M, in their blocks).
+// strips' (each weight laid out once per block of rows) does not.
+// AVX-512 (Zen 4): K = 576 at M = 8 1.30; 1024 at 8 0.96, 12 1.16; 1536 and 2048 at 8
+// 0.83-0.85, 12 1.00, 16 1.07-1.08; 4096 at 16 0.95, 24 1.05, 32 1.10; 11008 at 24 0.97, 32
+// 1.01, 48 1.09.
+// AVX2 (Zen 3, five rounds): K = 576 at M = 8 0.99, 12 1.38, 16 1.26; 2048 at 12 1.06, 16
+// 0.88, 24 1.31; 4096 at 12 1.00, 16 1.06, 24 1.15; 11008 at 16 0.98, 24 1.17, 32 1.20.
+// K not a multiple of a strip vector's bytes, or past kI8StripMaxK: never (the dot kernels at
+// any M, in their blocks).
 int64_t int8_strip_min_m(int64_t K) {
   if (!takes_i8_strips(K)) return INT64_MAX;
+#if defined(TORCHSLIM_ISA_AVX512)
   return K <= 2048 ? 12 : K <= 4096 ? 24 : 32;
+#else
+  return K <= 1024 ? 12 : 24;
+#endif
 }
 constexpr auto kInt8StripMinM = &int8_strip_min_m;
+constexpr int64_t kInt8StripCols = kI8StripCols;
 #else
 constexpr int64_t (*kInt8StripMinM)(int64_t) = nullptr;
+constexpr int64_t kInt8StripCols = 0;
 #endif
 
 void int8_gemm(const Int8GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-#if defined(TORCHSLIM_ISA_AVX512)
+#if defined(TORCHSLIM_ISA_AVX512) || defined(TORCHSLIM_ISA_AVX2)
   if (g.strips && takes_i8_strips(g.K)) return int8_gemm_strips(g, m0, m1, n0, n1);
 #endif
   gemm_block<I8Dot, kI8MR, kI8NR>(g.a, g.lda, g.b, g.ldb, g.K, m0, m1, n0, n1,

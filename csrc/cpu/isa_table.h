@@ -30,6 +30,7 @@ const KernelTable& kernel_table() {
                                  kAttnPackMinRows,
                                  kAttnPackFp32MinRows,
                                  kInt8StripMinM,
+                                 kInt8StripCols,
                                  kSp24StripMinM,
                                  &bitmask_q8_strip_min_m,
                                  &sliced_q8_strip_min_m};

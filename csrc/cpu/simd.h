@@ -23,6 +23,14 @@
 #define TORCHSLIM_INLINE __attribute__((always_inline))
 #endif
 
+// A 64-byte aligned view of v's data (v holds 64 bytes more than it needs): a tile load or store
+// whose rows straddle cache lines takes 3x as long, and so does a zmm load split across two.
+template <class Vector>
+auto aligned_data(Vector& v) -> decltype(v.data()) {
+  using Pointer = decltype(v.data());
+  return reinterpret_cast<Pointer>((reinterpret_cast<std::uintptr_t>(v.data()) + 63) / 64 * 64);
+}
+
 inline float bf16_bits_to_f32(uint16_t bits) {
   const uint32_t u = static_cast<uint32_t>(bits) << 16;
   float f;

@@ -739,7 +739,7 @@ void sliced_q8_strips(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n
       continue;
     }
     i8_strips(d, m0, m1, first, first + rows, [&](int64_t n, int cols, I8Strip& strip) {
-      unpack_i8_strip(block, n - first, cols, strip);
+      return unpack_i8_strip(block, n - first, cols, strip);  // always true on AVX-512
     });
   }
 }

@@ -2112,6 +2112,7 @@ TORCHSLIM_VBMI2_STRIPS void bitmask_q8_strips(const SparseGemmArgs& g, int64_t m
   const int64_t K64 = d.K;
   i8_strips(d, m0, m1, n0, n1, [&](int64_t n, int cols, I8Strip& strip) {
     unpack_bitmask_strip(g, n, cols, K64, strip);
+    return true;
   });
 }
 #undef TORCHSLIM_VBMI2_STRIPS
