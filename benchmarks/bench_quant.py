@@ -151,14 +151,16 @@ def measure(
     for impl in impls:
         x = x32.to(impl.x_dtype)
         weight_bytes = impl.bytes_for(n, k)
-        operands = common.rotating(lambda impl=impl: impl.make(w), int(weight_bytes))
-        fn = functools.partial(_run_rotated, impl, x, operands)
         row = {"layer": f"{k}x{n}", "M": m, "impl": impl.name}
         try:
+            # A layer an implementation does not take (a group size that does not divide K, a
+            # baseline without the kernel) is a row with its error, not the end of the run.
+            operands = common.rotating(lambda impl=impl: impl.make(w), int(weight_bytes))
+            fn = functools.partial(_run_rotated, impl, x, operands)
             fn()
             if device == "cuda":
                 torch.cuda.synchronize()  # a kernel's error shows here, not in a later turn
-        except (RuntimeError, NotImplementedError) as exc:  # a baseline that does not take it
+        except (RuntimeError, NotImplementedError, ValueError) as exc:
             rows[impl.name] = {**row, "error": common.error_text(exc)}
             continue
         rows[impl.name] = row

@@ -490,23 +490,24 @@ def test_amx_tiles_from_their_threshold(gen, poisoned_empty):
                 check_close(out, ref64, lowp, name=f"M={m} {dtype} G={group_size}")
 
 
-@pytest.mark.skipif(
-    _ext._C is None or "avx512" not in _ext._C.supported_isas(), reason="no AVX-512 on this CPU"
-)
-def test_avx512_strips_from_their_threshold(gen, poisoned_empty):
-    """From a threshold per activation run, the avx512 level unpacks each strip of 32 weight
-    columns to bytes and meets them with broadcast activation codes (the dot kernels below it);
-    the amx level's tiles take those M instead, and no other level has strips. Every kind of run
-    (one a group: 32, 64, 128; two and three a group: 256, 96; per channel with a last run of
-    64; one run, uncentred), symmetric weights, K with a last chunk of 64 (half a strip step), N
-    cutting the 16-column vectors and the 64-column thread blocks, M cutting the 6-row tiles
-    (edges of 1-5 rows) and the 128-row blocks; K not a multiple of 64 keeps the dot kernels at
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+def test_strips_from_their_threshold(isa, gen, poisoned_empty):
+    """From a threshold per activation run, the avx512 and avx2 levels unpack each strip of
+    weight columns (32; 24 on AVX2) to bytes and meet them with broadcast activation codes
+    (vpdpbusd; vpmaddubsw and vpmaddwd on AVX2; the dot kernels below it); the amx level's tiles
+    take those M instead, and the portable level has none. Every kind of run (one a group: 32,
+    64, 128; two and three a group: 256, 96; per channel with a last run of 64; one run,
+    uncentred), symmetric weights, K with a last chunk of 64 (half an AVX-512 strip step), N
+    cutting the vectors, the strips and the thread blocks, M cutting the register tiles (edges
+    of every height) and the 128-row blocks; K not a multiple of 64 keeps the dot kernels at
     any M."""
-    with run_on("cpu-avx512"):
+    if _ext._C is None or isa not in _ext._C.supported_isas():
+        pytest.skip(f"no {isa} on this CPU")
+    with run_on(f"cpu-{isa}"):
         first = _ext._C.cpu_kernel_paths()["int4_strips_from_m"]
     assert sorted(first) == [32, 64, 128]
     assert all(isinstance(first[run], int) and 1 <= first[run] <= 64 for run in first)
-    for other in ("amx", "avx2", "portable"):
+    for other in ("amx", "portable"):
         if other in _ext._C.supported_isas():
             with run_on(f"cpu-{other}"):
                 assert _ext._C.cpu_kernel_paths()["int4_strips_from_m"] is None
@@ -522,7 +523,7 @@ def test_avx512_strips_from_their_threshold(gen, poisoned_empty):
             for dtype in (torch.float32, torch.bfloat16):
                 x = _activations(m, k, dtype, gen)
                 args = (packed, scales, zeros, group_size, bias if m % 2 else None)
-                with run_on("cpu-avx512"):
+                with run_on(f"cpu-{isa}"):
                     out = ops.int4_weight_only_linear(x, *args)
                     ref64, lowp = _cpu_references(x, args, k)
                 check_close(out, ref64, lowp, name=f"M={m} {dtype} N={n} K={k} G={group_size}")

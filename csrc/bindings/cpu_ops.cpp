@@ -51,11 +51,16 @@ constexpr int64_t kBlockN_Amx = 256;
 // int4 unpacks each 32-row weight strip once per block, so its blocks are twice as tall: 256
 // rows of panels over a slice of K (cpu/amx_gemm.h, 512 KB) still stay in L2.
 constexpr int64_t kBlockM_W4Amx = 256;
-// The AVX-512 strip kernels (W8A8 in cpu/int8_gemm.h, int4 unpacked to bytes in
+// The strip kernels (AVX-512 and AVX2; W8A8 in cpu/int8_gemm.h, int4 unpacked to bytes in
 // cpu/int4_gemm.h) lay out each strip of weight columns once per block of rows: a block's
 // activation codes are read from L2 or L3 once per strip.
 constexpr int64_t kBlockM_Strips = 128;
 constexpr int64_t kBlockN_Strips = 64;
+// The strip kernels' blocks of columns: a whole number of strips of `cols` columns (32 with
+// AVX-512, 24 with AVX2; a strip cut short makes its whole tile's products all the same).
+int64_t strip_block_n(int64_t N, int64_t cols) {
+  return balanced_block_n(N, (kBlockN_Strips + cols - 1) / cols * cols, cols);
+}
 // The bf16 tiles' blocks: each weight is converted to bf16 once per block, so the blocks are
 // tall; a block's panels, a slice of K at a time, stay in L2 (cpu/amx_gemm.h).
 constexpr int64_t kBlockM_Bf16 = 256;
@@ -140,11 +145,7 @@ void run_int8_gemm(cpu::Int8GemmArgs args) {
                     });
   };
   args.strips = kt.int8_strip_min_m != nullptr && args.M >= kt.int8_strip_min_m(args.K);
-  if (args.strips) {
-    const int64_t cols = kt.int8_strip_cols;  // 32 with AVX-512, 24 with AVX2
-    return run(kBlockM_Strips,
-               balanced_block_n(args.N, (kBlockN_Strips + cols - 1) / cols * cols, cols));
-  }
+  if (args.strips) return run(kBlockM_Strips, strip_block_n(args.N, kt.int8_strip_cols));
   if (kt.int8_pack_panels == nullptr || args.M < kt.int8_panel_min_m) {
     return run(kBlockM_I8, vector_block_n(args.M, args.N));
   }
@@ -402,7 +403,7 @@ at::Tensor int4_weight_only_linear_cpu(const at::Tensor& x, const at::Tensor& pa
                      K % cpu::kQ4Chunk == 0;
   if (args.int8_strips) {
     parallel_blocks(
-        M, N, kBlockM_Strips, balanced_block_n(N, kBlockN_Strips),
+        M, N, kBlockM_Strips, strip_block_n(N, kt.int8_strip_cols),
         [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) { kt.w4_gemm(args, m0, m1, n0, n1); });
     return out;
   }

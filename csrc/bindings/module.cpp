@@ -166,7 +166,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "int8_weight_only_tiles_from_m (the same as the first for W8A16), int4_tiles_from_m (per "
         "activation run of 32, 64 and 128 columns, the M from which int4 runs on the int8 tiles "
         "with Q8 x; None: no such tiles), "
-        "int4_strips_from_m (per run, the M from which it runs on AVX-512 weight strips), "
+        "int4_strips_from_m (per run, the M from which it runs on AVX-512 or AVX2 weight strips), "
         "attention_tiles_from_rows (the rows of a work item from which attention's products run "
         "on bf16 pairs: AMX tiles, or VDPBF16PS at the avx512 level on a CPU with AVX512_BF16; "
         "None: never), attention_fp32_tiles_from_rows_per_kv_head (the same for fp32, by query "

@@ -12,9 +12,10 @@
 //                       -scale * (zero - 8) * (sum of the group's rounded activations).
 //                       On AVX-512 with K a multiple of 128 and groups of 32, 64 or whole
 //                       runs of 128: steps of 128 weights in zmm registers (w4_tile_zmm).
-//                       On AVX-512 for many rows (W4GemmArgs::int8_strips): strips of weight
-//                       columns unpacked to bytes once per block, one vpdpbusd per (row, 16
-//                       columns) against broadcast activation codes (w4_gemm_strips).
+//                       On AVX-512 and AVX2 for many rows (W4GemmArgs::int8_strips): strips of
+//                       weight columns unpacked to bytes once per block, one vpdpbusd per (row,
+//                       16 columns) against broadcast activation codes (w4_gemm_strips); on
+//                       AVX2 vpmaddubsw, vpmaddwd and vpaddd per (row, 8 columns).
 //
 // Decode (M = 1) streams the packed weight once at 4.5 to 5 bits per weight. Per 32 packed
 // bytes and output column the AVX2 loop issues about a dozen instructions (one load, two ANDs
@@ -343,6 +344,9 @@ void w4_tile_zmm(const W4GemmArgs& g, int64_t m, int64_t n, float (&c)[MR][NR],
   }
 }
 
+#endif
+
+#if defined(TORCHSLIM_ISA_AVX512) || defined(TORCHSLIM_ISA_AVX2)
 // Many rows (W4GemmArgs::int8_strips): the weights unpacked to bytes once per strip of columns
 // and met by broadcast activation codes, as an int8 GEMM does (FBGEMM's and oneDNN's AVX-512
 // kernels), where the dot kernels above take a conversion and an FMA per 128 weights per
@@ -366,15 +370,32 @@ void w4_tile_zmm(const W4GemmArgs& g, int64_t m, int64_t n, float (&c)[MR][NR],
 // and 12 fp32 accumulators, two weight vectors and a broadcast in 32 registers. Unpacking is a 16 x
 // 16 transpose of packed 32-bit words per 128 values of K of 16 weight rows (each word's low
 // nibbles are one step, its high nibbles the step 8 later), paid once per strip for a block's rows.
+//
+// AVX2 has no vpdpbusd: vpmaddubsw multiplies the codes (unsigned, at most 15) by the activation
+// codes (a pair sums to at most 2 x 15 x 127, no saturation) and vpmaddwd against ones widens the
+// pairs, one vpaddd adds them: three ops per (row, 8 columns, step) where the W8A8 strips' sign
+// trick takes four. Strips of kStripVecs = 3 vectors of 8 columns, tiles of 3 rows: 9 int32
+// sums, 3 weight vectors and a broadcast in 16 registers; the fp32 accumulators, met once per
+// run, stay in memory.
+#if defined(TORCHSLIM_ISA_AVX512)
+using StripVec = __m512i;
+constexpr int kStripLanes = 16;
 constexpr int kStripVecs = 2;
-constexpr int kStripCols = 16 * kStripVecs;
 constexpr int kStripRows = 6;
+#else
+using StripVec = __m256i;
+constexpr int kStripLanes = 8;
+constexpr int kStripVecs = 3;
+constexpr int kStripRows = 3;
+#endif
+constexpr int kStripCols = kStripLanes * kStripVecs;
+constexpr int kStripBytes = 4 * kStripLanes;  // one vector: a step of 4 codes x the lanes
 
 bool takes_int8_strips(const W4GemmArgs& g) { return g.K % kQ4Chunk == 0; }
 
 struct Int8Strip {
   // 64-byte aligned (aligned_data): a strip step's loads split no cache line.
-  std::vector<uint8_t> code_buffer;              // (K / 4, kStripVecs, 64)
+  std::vector<uint8_t> code_buffer;              // (K / 4, kStripVecs, kStripBytes)
   std::vector<float> scale_buffer, zero_buffer;  // (groups, kStripCols): scale, scale * (zero - c)
   const uint8_t* codes() const { return aligned_data(code_buffer); }
   const float* scale() const { return aligned_data(scale_buffer); }
@@ -386,12 +407,13 @@ struct Int8Strip {
 template <class S>
 void unpack_strip(const W4GemmArgs& g, int64_t n, int cols, float centre, Int8Strip& strip) {
   const int64_t steps = g.K / 4, groups = g.K / g.group_size;
-  strip.code_buffer.resize(steps * kStripVecs * 64 + 64);
+  strip.code_buffer.resize(steps * kStripVecs * kStripBytes + 64);
   strip.scale_buffer.assign(groups * kStripCols + 16, 0.0f);
   strip.zero_buffer.assign(groups * kStripCols + 16, 0.0f);
   uint8_t* codes = aligned_data(strip.code_buffer);
   float* scale = aligned_data(strip.scale_buffer);
   float* scaled_zero = aligned_data(strip.zero_buffer);
+#if defined(TORCHSLIM_ISA_AVX512)
   const __m512i low = _mm512_set1_epi8(0x0f);
   for (int v = 0; v < kStripVecs; ++v) {
     for (int64_t k = 0; k < g.K; k += 2 * kQ4Chunk) {  // 64 packed bytes a column
@@ -419,6 +441,31 @@ void unpack_strip(const W4GemmArgs& g, int64_t n, int cols, float centre, Int8St
       }
     }
   }
+#else
+  const __m256i low = _mm256_set1_epi8(0x0f);
+  for (int v = 0; v < kStripVecs; ++v) {
+    for (int64_t k = 0; k < g.K; k += kQ4Chunk) {  // 32 packed bytes a column
+      __m256i r[8];
+#pragma GCC unroll 8
+      for (int c = 0; c < 8; ++c) {
+        const int col = 8 * v + c;
+        const uint8_t* packed = g.w + (n + col) * g.ldw + k / 2;
+        r[c] = col < cols ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(packed))
+                          : _mm256_setzero_si256();
+      }
+      transpose_8x8(r);  // r[q]: word q of each column, its low nibbles step q, high step q + 8
+      const auto store = [&](int64_t t, __m256i four) {
+        _mm256_store_si256(reinterpret_cast<__m256i*>(codes + (t * kStripVecs + v) * kStripBytes),
+                           four);
+      };
+#pragma GCC unroll 8
+      for (int q = 0; q < 8; ++q) {
+        store(k / 4 + q, _mm256_and_si256(r[q], low));
+        store(k / 4 + q + 8, _mm256_and_si256(_mm256_srli_epi16(r[q], 4), low));
+      }
+    }
+  }
+#endif
   for (int c = 0; c < cols; ++c) {
     const S* sc = static_cast<const S*>(g.scales) + (n + c) * g.lds;
     const S* z = static_cast<const S*>(g.zeros) + (n + c) * g.lds;
@@ -432,25 +479,40 @@ void unpack_strip(const W4GemmArgs& g, int64_t n, int cols, float centre, Int8St
 
 // sum[i][v] += the products of the strip's 4-code steps [t0, t1) and row i's codes.
 template <int R>
-inline TORCHSLIM_INLINE void strip_steps(__m512i (&sum)[R][kStripVecs], const uint8_t* w,
+inline TORCHSLIM_INLINE void strip_steps(StripVec (&sum)[R][kStripVecs], const uint8_t* w,
                                          const int8_t* xq, int64_t ldxq, int64_t t0, int64_t t1) {
+#if defined(TORCHSLIM_ISA_AVX2)
+  const __m256i ones = _mm256_set1_epi16(1);
+#endif
   for (int64_t t = t0; t < t1; ++t) {
-    __m512i wv[kStripVecs];
+    StripVec wv[kStripVecs];
 #pragma GCC unroll 16
-    for (int v = 0; v < kStripVecs; ++v) wv[v] = _mm512_load_si512(w + (t * kStripVecs + v) * 64);
+    for (int v = 0; v < kStripVecs; ++v) {
+      wv[v] = *reinterpret_cast<const StripVec*>(w + (t * kStripVecs + v) * kStripBytes);
+    }
 #pragma GCC unroll 16
     for (int i = 0; i < R; ++i) {
       int32_t four;
       __builtin_memcpy(&four, xq + i * ldxq + 4 * t, sizeof four);
+#if defined(TORCHSLIM_ISA_AVX512)
       const __m512i xv = _mm512_set1_epi32(four);
 #pragma GCC unroll 16
       for (int v = 0; v < kStripVecs; ++v) sum[i][v] = dpbusd_in_place(sum[i][v], wv[v], xv);
+#else
+      const __m256i xv = _mm256_set1_epi32(four);
+#pragma GCC unroll 16
+      for (int v = 0; v < kStripVecs; ++v) {
+        const __m256i pairs = _mm256_maddubs_epi16(wv[v], xv);
+        sum[i][v] = _mm256_add_epi32(sum[i][v], _mm256_madd_epi16(pairs, ones));
+      }
+#endif
     }
   }
 }
 
 // Rows [m, m + R) against the strip: out[m + i, n + c] for c < cols. kCentred: the sums start
 // at run_bias (row m's -8 x (sum of codes) per run, row stride `runs`), else at zero.
+#if defined(TORCHSLIM_ISA_AVX512)
 template <int R, bool kCentred>
 void strip_tile(const W4GemmArgs& g, int64_t m, int64_t n, int cols, const Int8Strip& strip,
                 const int32_t* run_bias, int64_t runs) {
@@ -526,6 +588,79 @@ void strip_tile(const W4GemmArgs& g, int64_t m, int64_t n, int cols, const Int8S
   }
 }
 
+#else
+template <int R, bool kCentred>
+void strip_tile(const W4GemmArgs& g, int64_t m, int64_t n, int cols, const Int8Strip& strip,
+                const int32_t* run_bias, int64_t runs) {
+  constexpr int NV = kStripVecs;
+  const int64_t run = q8_run(g.K, g.group_size), G = g.group_size;
+  const int8_t* xq = g.xq + m * g.ldxq;
+  const uint8_t* w = strip.codes();
+  alignas(32) float acc[R][NV][8] = {};  // in memory: the registers hold the run's sums
+  for (int64_t k0 = 0, r = 0; k0 < g.K; k0 += run, ++r) {
+    const int64_t k1 = g.K - k0 < run ? g.K : k0 + run, gi = k0 / G;
+    __m256i sum[R][NV];
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) {
+      const __m256i b =
+          kCentred ? _mm256_set1_epi32(run_bias[i * runs + r]) : _mm256_setzero_si256();
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) sum[i][v] = b;
+    }
+    if (run == kQ8Block) {  // a block of 32 is a quarter of each half of its chunk's 16 steps
+      const int64_t t = k0 / kQ4Chunk * 16 + (k0 % kQ4Chunk) / 8;
+      strip_steps(sum, w, xq, g.ldxq, t, t + 4);
+      strip_steps(sum, w, xq, g.ldxq, t + 8, t + 12);
+    } else {  // whole chunks
+      strip_steps(sum, w, xq, g.ldxq, k0 / 4, k1 / 4);
+    }
+    const float* ws = strip.scale() + gi * kStripCols;
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) {
+      const __m256 xs = _mm256_set1_ps(g.x_scale[(m + i) * g.ldxs + k0 / kQ8Block]);
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) {
+        const __m256 scale = _mm256_mul_ps(_mm256_loadu_ps(ws + 8 * v), xs);
+        _mm256_store_ps(acc[i][v], _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[i][v]), scale,
+                                                   _mm256_load_ps(acc[i][v])));
+      }
+    }
+    if (k1 % G == 0 || k1 == g.K) {  // the group's last run: its zero points
+      const float* sz = strip.scaled_zero() + gi * kStripCols;
+#pragma GCC unroll 8
+      for (int i = 0; i < R; ++i) {
+        const __m256 gs = _mm256_set1_ps(g.x_group_sum[(m + i) * g.ldxg + gi]);
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) {
+          _mm256_store_ps(acc[i][v], _mm256_fnmadd_ps(_mm256_loadu_ps(sz + 8 * v), gs,
+                                                      _mm256_load_ps(acc[i][v])));
+        }
+      }
+    }
+  }
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) {
+    const int lanes = cols - 8 * v;
+    if (lanes <= 0) break;  // no pointer past the columns, even under a zero mask
+    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(lanes), lane);
+    const __m256 b = g.bias ? _mm256_maskload_ps(g.bias + n + 8 * v, mask) : _mm256_setzero_ps();
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) {
+      const __m256 out = _mm256_add_ps(_mm256_load_ps(acc[i][v]), b);
+      const int64_t at = (m + i) * g.ldo + n + 8 * v;
+      if (g.out_type == ScalarType::kBFloat16) {
+        alignas(16) uint16_t held[8];
+        _mm_store_si128(reinterpret_cast<__m128i*>(held), f32_to_bf16_bits(out));
+        __builtin_memcpy(static_cast<uint16_t*>(g.out) + at, held, lanes < 8 ? lanes * 2 : 16);
+      } else {
+        _mm256_maskstore_ps(static_cast<float*>(g.out) + at, mask, out);
+      }
+    }
+  }
+}
+#endif
+
 // strip_tile for the last rows < kStripRows of a block.
 template <bool kCentred, int R = kStripRows - 1>
 void strip_tile_edge(int rows, const W4GemmArgs& g, int64_t m, int64_t n, int cols,
@@ -538,12 +673,21 @@ void strip_tile_edge(int rows, const W4GemmArgs& g, int64_t m, int64_t n, int co
   strip_tile<R, kCentred>(g, m, n, cols, strip, run_bias, runs);
 }
 
-// The least M at which the strips take over from the dot kernels, by the activation's run
-// (Zen 4, one thread, the op on the benchmark's layers, each build in its own process, two rounds;
-// strip time / dot time). Runs of 64 and 128: at M = 8 1.02-1.41, at 12 0.73-0.88 on 4096^2
+// The least M at which the strips take over from the dot kernels, by the activation's run.
+// AVX-512 (Zen 4, one thread, the op on the benchmark's layers, each build in its own process, two
+// rounds; strip time / dot time). Runs of 64 and 128: at M = 8 1.02-1.41, at 12 0.73-0.88 on 4096^2
 // and 1536x576 and 0.98-1.04 on 11008x4096. Runs of 32, a fold every 8 steps: at 12 0.91-1.27,
 // at 16 0.82-0.92 except 11008x4096 (1.03-1.09), at 24 0.73-0.90.
-int64_t w4_strip_min_m(int64_t run) { return run <= 32 ? 16 : 12; }
+// AVX2 (Zen 3, 2 threads, the op alternating both paths in one process, five rounds, median; dot
+// time / strip time): runs of 64 and 128 at M = 6 1.00-1.45, at 8 1.15-1.24 (1536x576 and 4096^2
+// g128, 11008x4096 g64); runs of 32 at 8 0.88-1.19, 12 0.95-1.43, 16 1.04-1.22.
+int64_t w4_strip_min_m(int64_t run) {
+#if defined(TORCHSLIM_ISA_AVX512)
+  return run <= 32 ? 16 : 12;
+#else
+  return run <= 32 ? 16 : 8;
+#endif
+}
 constexpr auto kW4StripMinM = &w4_strip_min_m;
 
 template <class S, bool kCentred>
@@ -579,7 +723,7 @@ void w4_gemm_strips(const W4GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int
 }
 #endif
 
-#if !defined(TORCHSLIM_ISA_AVX512)
+#if !defined(TORCHSLIM_ISA_AVX512) && !defined(TORCHSLIM_ISA_AVX2)
 constexpr int64_t (*kW4StripMinM)(int64_t) = nullptr;
 #endif
 
@@ -751,7 +895,7 @@ void w4_block(const W4GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n
 }
 
 void w4_gemm(const W4GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-#if defined(TORCHSLIM_ISA_AVX512)
+#if defined(TORCHSLIM_ISA_AVX512) || defined(TORCHSLIM_ISA_AVX2)
   if (g.int8_strips && takes_int8_strips(g)) {
     const bool centred = q8_run(g.K, g.group_size) < g.group_size;
     switch (g.s_type) {

@@ -415,8 +415,8 @@ struct KernelTable {
   // Null, or the least M at which int8_gemm takes the weights as strips in the VNNI order
   // (Int8GemmArgs::strips), by K (INT64_MAX for a K they do not take).
   int64_t (*int8_strip_min_m)(int64_t K);
-  // The strips' width in weight columns (0 without strips): a block of columns is a whole number
-  // of them.
+  // The width in weight columns of the W8A8 and int4 strips (0 without strips): a block of
+  // columns is a whole number of them.
   int64_t int8_strip_cols;
   // The least M at which sparse24_gemm takes x_q8 against strips (SparseGemmArgs::q8_strips);
   // INT64_MAX where it never does.
