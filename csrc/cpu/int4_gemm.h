@@ -510,6 +510,32 @@ inline TORCHSLIM_INLINE void strip_steps(StripVec (&sum)[R][kStripVecs], const u
   }
 }
 
+// sum[i][v] <- row i's int32 sums over the run [k0, k1): from its run bias (bias[i * runs])
+// where kCentred, else from zero.
+template <int R, bool kCentred>
+inline TORCHSLIM_INLINE void run_sums(StripVec (&sum)[R][kStripVecs], const uint8_t* w,
+                                      const int8_t* xq, int64_t ldxq, const int32_t* bias,
+                                      int64_t runs, int64_t k0, int64_t k1, int64_t run) {
+#pragma GCC unroll 16
+  for (int i = 0; i < R; ++i) {
+    const int32_t b = kCentred ? bias[i * runs] : 0;
+#if defined(TORCHSLIM_ISA_AVX512)
+    const StripVec start = _mm512_set1_epi32(b);
+#else
+    const StripVec start = _mm256_set1_epi32(b);
+#endif
+#pragma GCC unroll 16
+    for (int v = 0; v < kStripVecs; ++v) sum[i][v] = start;
+  }
+  if (run == kQ8Block) {  // a block of 32 is a quarter of each half of its chunk's 16 steps
+    const int64_t t = k0 / kQ4Chunk * 16 + (k0 % kQ4Chunk) / 8;
+    strip_steps(sum, w, xq, ldxq, t, t + 4);
+    strip_steps(sum, w, xq, ldxq, t + 8, t + 12);
+  } else {  // whole chunks
+    strip_steps(sum, w, xq, ldxq, k0 / 4, k1 / 4);
+  }
+}
+
 // Rows [m, m + R) against the strip: out[m + i, n + c] for c < cols. kCentred: the sums start
 // at run_bias (row m's -8 x (sum of codes) per run, row stride `runs`), else at zero.
 #if defined(TORCHSLIM_ISA_AVX512)
@@ -528,21 +554,8 @@ void strip_tile(const W4GemmArgs& g, int64_t m, int64_t n, int cols, const Int8S
   }
   for (int64_t k0 = 0, r = 0; k0 < g.K; k0 += run, ++r) {
     const int64_t k1 = g.K - k0 < run ? g.K : k0 + run, gi = k0 / G;
-    __m512i sum[R][NV];
-#pragma GCC unroll 16
-    for (int i = 0; i < R; ++i) {
-      const __m512i b =
-          kCentred ? _mm512_set1_epi32(run_bias[i * runs + r]) : _mm512_setzero_si512();
-#pragma GCC unroll 16
-      for (int v = 0; v < NV; ++v) sum[i][v] = b;
-    }
-    if (run == kQ8Block) {  // a block of 32 is a quarter of each half of its chunk's 16 steps
-      const int64_t t = k0 / kQ4Chunk * 16 + (k0 % kQ4Chunk) / 8;
-      strip_steps(sum, w, xq, g.ldxq, t, t + 4);
-      strip_steps(sum, w, xq, g.ldxq, t + 8, t + 12);
-    } else {  // whole chunks
-      strip_steps(sum, w, xq, g.ldxq, k0 / 4, k1 / 4);
-    }
+    StripVec sum[R][NV];
+    run_sums<R, kCentred>(sum, w, xq, g.ldxq, kCentred ? run_bias + r : nullptr, runs, k0, k1, run);
     __m512 ws[NV];
 #pragma GCC unroll 16
     for (int v = 0; v < NV; ++v) ws[v] = _mm512_load_ps(strip.scale() + gi * kStripCols + 16 * v);
@@ -599,21 +612,8 @@ void strip_tile(const W4GemmArgs& g, int64_t m, int64_t n, int cols, const Int8S
   alignas(32) float acc[R][NV][8] = {};  // in memory: the registers hold the run's sums
   for (int64_t k0 = 0, r = 0; k0 < g.K; k0 += run, ++r) {
     const int64_t k1 = g.K - k0 < run ? g.K : k0 + run, gi = k0 / G;
-    __m256i sum[R][NV];
-#pragma GCC unroll 8
-    for (int i = 0; i < R; ++i) {
-      const __m256i b =
-          kCentred ? _mm256_set1_epi32(run_bias[i * runs + r]) : _mm256_setzero_si256();
-#pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) sum[i][v] = b;
-    }
-    if (run == kQ8Block) {  // a block of 32 is a quarter of each half of its chunk's 16 steps
-      const int64_t t = k0 / kQ4Chunk * 16 + (k0 % kQ4Chunk) / 8;
-      strip_steps(sum, w, xq, g.ldxq, t, t + 4);
-      strip_steps(sum, w, xq, g.ldxq, t + 8, t + 12);
-    } else {  // whole chunks
-      strip_steps(sum, w, xq, g.ldxq, k0 / 4, k1 / 4);
-    }
+    StripVec sum[R][NV];
+    run_sums<R, kCentred>(sum, w, xq, g.ldxq, kCentred ? run_bias + r : nullptr, runs, k0, k1, run);
     const float* ws = strip.scale() + gi * kStripCols;
 #pragma GCC unroll 8
     for (int i = 0; i < R; ++i) {
