@@ -638,24 +638,16 @@ void strip_tile(const W4GemmArgs& g, int64_t m, int64_t n, int cols, const Int8S
       }
     }
   }
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
 #pragma GCC unroll 8
   for (int v = 0; v < NV; ++v) {
     const int lanes = cols - 8 * v;
     if (lanes <= 0) break;  // no pointer past the columns, even under a zero mask
-    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(lanes), lane);
+    const __m256i mask = first_lanes8(lanes);
     const __m256 b = g.bias ? _mm256_maskload_ps(g.bias + n + 8 * v, mask) : _mm256_setzero_ps();
 #pragma GCC unroll 8
     for (int i = 0; i < R; ++i) {
-      const __m256 out = _mm256_add_ps(_mm256_load_ps(acc[i][v]), b);
-      const int64_t at = (m + i) * g.ldo + n + 8 * v;
-      if (g.out_type == ScalarType::kBFloat16) {
-        alignas(16) uint16_t held[8];
-        _mm_store_si128(reinterpret_cast<__m128i*>(held), f32_to_bf16_bits(out));
-        __builtin_memcpy(static_cast<uint16_t*>(g.out) + at, held, lanes < 8 ? lanes * 2 : 16);
-      } else {
-        _mm256_maskstore_ps(static_cast<float*>(g.out) + at, mask, out);
-      }
+      store_lanes(g.out, g.out_type, (m + i) * g.ldo + n + 8 * v, mask, lanes,
+                  _mm256_add_ps(_mm256_load_ps(acc[i][v]), b));
     }
   }
 }

@@ -482,6 +482,23 @@ inline __m128i f32_to_bf16_bits(__m256 v) {
   return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
 }
 
+// The first n of 8 int32 lanes as a vpmaskmov mask (none for n <= 0).
+inline __m256i first_lanes8(int n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// out[at + j] = v[j] for the first `lanes` of 8 lanes (mask: first_lanes8(lanes)), as fp32 or
+// bf16. Also the int4 strips' (int4_gemm.h).
+inline void store_lanes(void* out, ScalarType type, int64_t at, __m256i mask, int lanes, __m256 v) {
+  if (type != ScalarType::kBFloat16) {
+    _mm256_maskstore_ps(static_cast<float*>(out) + at, mask, v);
+    return;
+  }
+  alignas(16) uint16_t held[8];
+  _mm_store_si128(reinterpret_cast<__m128i*>(held), f32_to_bf16_bits(v));
+  __builtin_memcpy(static_cast<uint16_t*>(out) + at, held, (lanes < 8 ? lanes : 8) * 2);
+}
+
 // Rows [m, m + R) x columns [n, n + cols) of the output, as the dot kernels' epilogue rounds it:
 // c * a_scale * b_scale, then + bias, as fp32 or bf16 (or c as int32).
 template <int R>
@@ -489,12 +506,11 @@ void i8_strip_tile(const Int8GemmArgs& g, int64_t m, int64_t n, int cols, const 
                    const int32_t* /*offset: none, the sums are sum x w*/) {
   __m256i sum[R][kI8StripVecs];
   i8_strip_sums<R>(g, m, strip, sum);
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
 #pragma GCC unroll 8
   for (int v = 0; v < kI8StripVecs; ++v) {
     const int lanes = cols - 8 * v;
     if (lanes <= 0) break;  // no pointer past the columns, even under a zero mask
-    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(lanes), lane);
+    const __m256i mask = first_lanes8(lanes);
     const int64_t n0 = n + 8 * v;
     __m256 ws = _mm256_setzero_ps(), bias = _mm256_setzero_ps();
     if (g.out_type != ScalarType::kInt32) {
@@ -510,20 +526,8 @@ void i8_strip_tile(const Int8GemmArgs& g, int64_t m, int64_t n, int cols, const 
       }
       const __m256 scaled =
           _mm256_mul_ps(_mm256_cvtepi32_ps(sum[i][v]), _mm256_set1_ps(g.a_scale[m + i]));
-      const __m256 out = _mm256_add_ps(_mm256_mul_ps(scaled, ws), bias);
-      if (g.out_type == ScalarType::kFloat32) {
-        _mm256_maskstore_ps(static_cast<float*>(g.out) + at, mask, out);
-        continue;
-      }
-      uint16_t* to = static_cast<uint16_t*>(g.out) + at;
-      const __m128i bits = f32_to_bf16_bits(out);
-      if (lanes >= 8) {
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(to), bits);
-      } else {
-        alignas(16) uint16_t held[8];
-        _mm_store_si128(reinterpret_cast<__m128i*>(held), bits);
-        __builtin_memcpy(to, held, lanes * sizeof(uint16_t));
-      }
+      store_lanes(g.out, g.out_type, at, mask, lanes,
+                  _mm256_add_ps(_mm256_mul_ps(scaled, ws), bias));
     }
   }
 }
