@@ -3,19 +3,21 @@
 //
 // One call computes a block of up to kAttnBlockQ query rows: queries [i0, i1) of the heads
 // [h0, h0 + nh), which share one key/value head (GQA: a decode step reads each key and value
-// once for all of them, not once per query head). The rows' running max, running sum and
+// once for all of them, not once per query head). The rows' reference point, running sum and
 // output accumulate in fp32 in `work` while the visible keys stream past in tiles of
 // kAttnBlockK (online softmax, as FlashAttention does), so the (Sq, Sk) score matrix never
-// exists. Per tile:
-//   S = (scale q) k^T   4 rows x 2 vectors of keys at a time against a transposed fp32 copy
-//                       of the key tile (q broadcast along d); a block of fewer than 4 rows
-//                       takes each key's dot product along d instead, unpacked
+// exists. Scores are in log2 units (q scaled by scale log2(e), the mask times log2(e)). Per
+// tile:
+//   S = (c q) k^T       kAttnRows rows x 2 vectors of keys at a time against a transposed fp32
+//                       copy of the key tile (q broadcast along d); a block of fewer than 4
+//                       rows takes each key's dot product along d instead, unpacked
 //   S += mask, and -inf outside the causal / sliding window / kv_lens range of each row
-//   m' = max(m, max S), P = exp(S - m'), l = l e^(m - m') + sum P, O = O e^(m - m') + P V
+//   m' = max S where m is unset or max S > m + kMaxSlack (else m' = m),
+//   P = 2^(S - m'), l = l 2^(m - m') + sum P, O = O 2^(m - m') + P V
 // and at the end out = O / l (0 for a row that saw no key). Only the key tiles a block can
 // see are visited: a causal block stops at its last row's position, a sliding window starts
 // at its first row's. For decode the caller may split the keys among threads (split-KV) and
-// merge the rows' partial (max, sum, output) itself.
+// merge the rows' partial (reference point, sum, output) itself.
 #pragma once
 
 #include "int8_gemm.h"  // simd.h, min_i64 (and <limits>: isa_prelude.h)
@@ -44,6 +46,28 @@ constexpr float kMinusInf = -__builtin_inff();
 // terms, not D (one chain over D = 256 erred 3x PyTorch's matmul in fp32).
 constexpr int64_t kScoreChunk = 64;
 
+// Query rows per register tile in S = q k^T and O += P V: R x 2 vectors of accumulators, each
+// step's R broadcasts and 2 loads feeding 2 R FMAs. AVX2 takes 6 (12 of its 16 registers): 4
+// rows' 8 sums barely cover the FMA latency (4 cycles) on two pipes. The other levels keep 4
+// (not measured with 6 yet).
+#if defined(TORCHSLIM_ISA_AVX2)
+constexpr int kAttnRows = 6;
+#else
+constexpr int kAttnRows = 4;
+#endif
+
+// f(std::integral_constant<int, R>{}, r) over rows [0, rows): tiles of kAttnRows rows, then
+// one tile of the R < kAttnRows rows left.
+template <int R = kAttnRows, class F>
+void for_row_tiles(int64_t rows, F&& f, int64_t r = 0) {
+  if constexpr (R == kAttnRows) {
+    for (; r + R <= rows; r += R) f(std::integral_constant<int, R>{}, r);
+  } else if (rows - r == R) {
+    return f(std::integral_constant<int, R>{}, r);
+  }
+  if constexpr (R > 1) for_row_tiles<R - 1>(rows, f, r);
+}
+
 // One tile's scores for R rows: s[r][c] = sum_d q[r][d] kt[d][c], c < kAttnBlockK. Two vectors
 // of keys per step: each broadcast q value feeds two FMAs.
 template <int R>
@@ -53,19 +77,19 @@ void scores_packed(const float* q, int64_t D, const float* kt, float* s) {
     const int64_t d1 = min_i64(d0 + kScoreChunk, D);
     for (int64_t c = 0; c < kAttnBlockK; c += 2 * V::kWidth) {
       typename V::R acc[R][2];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
       for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = V::zero();
       for (int64_t d = d0; d < d1; ++d) {
         const typename V::R k0 = V::load(kt + d * kAttnBlockK + c);
         const typename V::R k1 = V::load(kt + d * kAttnBlockK + c + V::kWidth);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int r = 0; r < R; ++r) {
           const typename V::R qv = V::set1(q[r * D + d]);
           acc[r][0] = V::fma(qv, k0, acc[r][0]);
           acc[r][1] = V::fma(qv, k1, acc[r][1]);
         }
       }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 2
         for (int j = 0; j < 2; ++j) {
@@ -77,21 +101,41 @@ void scores_packed(const float* q, int64_t D, const float* kt, float* s) {
   }
 }
 
+// The vector levels transpose the key tile a square of kSquare keys x kSquare dims at a time,
+// in registers.
+#if defined(TORCHSLIM_ISA_AVX512)
+constexpr int kSquare = 16;
+inline void transpose_square(__m512 (&r)[kSquare]) {
+  __m512i t[kSquare];
+  for (int i = 0; i < kSquare; ++i) t[i] = _mm512_castps_si512(r[i]);
+  transpose_16x16(t);
+  for (int i = 0; i < kSquare; ++i) r[i] = _mm512_castsi512_ps(t[i]);
+}
+#elif defined(TORCHSLIM_ISA_AVX2)
+constexpr int kSquare = 8;
+inline void transpose_square(__m256 (&r)[kSquare]) {
+  __m256i t[kSquare];
+  for (int i = 0; i < kSquare; ++i) t[i] = _mm256_castps_si256(r[i]);
+  transpose_8x8(t);
+  for (int i = 0; i < kSquare; ++i) r[i] = _mm256_castsi256_ps(t[i]);
+}
+#endif
+
 // kt[d][c] = k[c][d] in fp32 for the tile's keys c < nk (row stride ldk), 0 for the others.
-// AVX-512 moves 16 keys x 16 dims at a time through a register transpose.
 template <class T>
 void copy_key_tile(const T* k, int64_t ldk, int64_t nk, int64_t D, float* kt) {
   int64_t d0 = 0;
-#if defined(TORCHSLIM_ISA_AVX512)
-  for (; d0 + 16 <= D; d0 += 16) {
-    for (int64_t c0 = 0; c0 < kAttnBlockK; c0 += 16) {
-      __m512i r[16];
-      for (int i = 0; i < 16; ++i) {
-        r[i] = c0 + i < nk ? _mm512_castps_si512(FVec::load(k + (c0 + i) * ldk + d0))
-                           : _mm512_setzero_si512();
-      }
-      transpose_16x16(r);
-      for (int i = 0; i < 16; ++i) _mm512_storeu_si512(kt + (d0 + i) * kAttnBlockK + c0, r[i]);
+#if defined(TORCHSLIM_ISA_AVX512) || defined(TORCHSLIM_ISA_AVX2)
+  static_assert(FVec::kWidth == kSquare && kAttnBlockK % kSquare == 0);
+  for (; d0 + kSquare <= D; d0 += kSquare) {
+    for (int64_t c0 = 0; c0 < kAttnBlockK; c0 += kSquare) {
+      FVec::R r[kSquare];
+#pragma GCC unroll 16
+      for (int i = 0; i < kSquare; ++i)
+        r[i] = c0 + i < nk ? FVec::load(k + (c0 + i) * ldk + d0) : FVec::zero();
+      transpose_square(r);
+#pragma GCC unroll 16
+      for (int i = 0; i < kSquare; ++i) FVec::store(kt + (d0 + i) * kAttnBlockK + c0, r[i]);
     }
   }
 #endif
@@ -121,7 +165,7 @@ void accumulate_pv_cols(const float* p, const T* v, int64_t ldv, int64_t nk, int
                         float* o) {
   using V = FVec;
   typename V::R acc[R][NV];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 2
     for (int j = 0; j < NV; ++j) acc[r][j] = V::zero();
@@ -130,14 +174,14 @@ void accumulate_pv_cols(const float* p, const T* v, int64_t ldv, int64_t nk, int
     typename V::R vv[NV];
 #pragma GCC unroll 2
     for (int j = 0; j < NV; ++j) vv[j] = V::load(v + c * ldv + d0 + j * V::kWidth);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const typename V::R pv = V::set1(p[r * kAttnBlockK + c]);
 #pragma GCC unroll 2
       for (int j = 0; j < NV; ++j) acc[r][j] = V::fma(pv, vv[j], acc[r][j]);
     }
   }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 2
     for (int j = 0; j < NV; ++j) {
@@ -182,10 +226,11 @@ void attention_block(const AttentionArgs& a, int64_t b, int64_t h0, int64_t nh, 
   float* m = s + kAttnBlockQ * kAttnBlockK;  // [rows] running max
   float* l = m + kAttnBlockQ;                // [rows] running sum
   float* kt = l + kAttnBlockQ;               // [D][kAttnBlockK] transposed key tile
+  const float q_scale = a.scale * kLog2e;    // the scores in log2 units
 
   for (int64_t r = 0; r < rows; ++r) {
     const T* qr = q + head(r) * a.q_sh + query(r) * a.q_ss;
-    for (int64_t d = 0; d < D; ++d) qs[r * D + d] = a.scale * load_f32(qr + d);
+    for (int64_t d = 0; d < D; ++d) qs[r * D + d] = q_scale * load_f32(qr + d);
     for (int64_t d = 0; d < Dv; ++d) o[r * Dv + d] = 0.0f;
     m[r] = kMinusInf;
     l[r] = 0.0f;
@@ -205,9 +250,9 @@ void attention_block(const AttentionArgs& a, int64_t b, int64_t h0, int64_t nh, 
     const int64_t nk = min_i64(kAttnBlockK, j_hi - j0);
     if (packed) {
       copy_key_tile(k + j0 * a.k_ss, a.k_ss, nk, D, kt);
-      int64_t r = 0;
-      for (; r + 4 <= rows; r += 4) scores_packed<4>(qs + r * D, D, kt, s + r * kAttnBlockK);
-      for (; r < rows; ++r) scores_packed<1>(qs + r * D, D, kt, s + r * kAttnBlockK);
+      for_row_tiles(rows, [&](auto R, int64_t r) {
+        scores_packed<R>(qs + r * D, D, kt, s + r * kAttnBlockK);
+      });
     } else {
       for (int64_t r = 0; r < rows; ++r) {
         for (int64_t c = 0; c < nk; ++c)
@@ -219,7 +264,7 @@ void attention_block(const AttentionArgs& a, int64_t b, int64_t h0, int64_t nh, 
       for (int64_t c = nk; c < kAttnBlockK; ++c) sr[c] = kMinusInf;
       if (a.mask) {
         const float* mr = a.mask + b * a.m_sb + head(r) * a.m_sh + query(r) * a.m_sq + j0 * a.m_sk;
-        for (int64_t c = 0; c < nk; ++c) sr[c] += mr[c * a.m_sk];
+        for (int64_t c = 0; c < nk; ++c) sr[c] += kLog2e * mr[c * a.m_sk];
       }
       const int64_t pos = query(r) + shift;
       const bool crossed = j0 + nk - 1 > pos || (a.window > 0 && j0 <= pos - a.window);
@@ -229,34 +274,38 @@ void attention_block(const AttentionArgs& a, int64_t b, int64_t h0, int64_t nh, 
           if (j > pos || (a.window > 0 && j <= pos - a.window)) sr[c] = kMinusInf;
         }
       }
-      // Online softmax: rescale what the row has so far to the new max.
+      // Online softmax in log2 units, against the row's reference point (kMaxSlack): a tile
+      // takes its max across the row only for a fresh row or one of its scores passing the
+      // point by more than the slack, and only then is what the row has so far rescaled.
       typename V::R vmax = V::set1(kMinusInf);
       for (int64_t c = 0; c < kAttnBlockK; c += V::kWidth) vmax = V::max(vmax, V::load(sr + c));
-      const float tile_max = V::reduce_max(vmax);
-      const float m_new = tile_max > m[r] ? tile_max : m[r];
-      if (m_new == kMinusInf) {  // nothing visible yet: P = 0
-        for (int64_t c = 0; c < kAttnBlockK; ++c) sr[c] = 0.0f;
-        continue;
+      const bool fresh = m[r] == kMinusInf;
+      if (fresh || V::any_greater(vmax, V::set1(m[r] + kMaxSlack))) {
+        const float tile_max = V::reduce_max(vmax);
+        if (fresh && !(tile_max > kMinusInf)) {  // nothing visible yet: P = 0
+          for (int64_t c = 0; c < kAttnBlockK; ++c) sr[c] = 0.0f;
+          continue;
+        }
+        if (!fresh) {
+          const float alpha = __builtin_exp2f(m[r] - tile_max);
+          l[r] *= alpha;
+          for (int64_t d = 0; d < Dv; ++d) o[r * Dv + d] *= alpha;
+        }
+        m[r] = tile_max;
       }
-      const typename V::R vm = V::set1(m_new);
+      const typename V::R vm = V::set1(m[r]);
       typename V::R vsum = V::zero();
       for (int64_t c = 0; c < kAttnBlockK; c += V::kWidth) {
-        const typename V::R p = V::exp(V::sub(V::load(sr + c), vm));
+        const typename V::R p = V::exp2(V::sub(V::load(sr + c), vm));
         V::store(sr + c, p);
         vsum = V::add(vsum, p);
       }
-      const float alpha = m[r] == kMinusInf ? 0.0f : __builtin_expf(m[r] - m_new);
-      l[r] = l[r] * alpha + V::reduce_add(vsum);
-      m[r] = m_new;
-      if (alpha != 1.0f) {
-        for (int64_t d = 0; d < Dv; ++d) o[r * Dv + d] *= alpha;
-      }
+      l[r] += V::reduce_add(vsum);
     }
     const T* vt = v + j0 * a.v_ss;
-    int64_t r = 0;
-    for (; r + 4 <= rows; r += 4)
-      accumulate_pv<4>(s + r * kAttnBlockK, vt, a.v_ss, nk, Dv, o + r * Dv);
-    for (; r < rows; ++r) accumulate_pv<1>(s + r * kAttnBlockK, vt, a.v_ss, nk, Dv, o + r * Dv);
+    for_row_tiles(rows, [&](auto R, int64_t r) {
+      accumulate_pv<R>(s + r * kAttnBlockK, vt, a.v_ss, nk, Dv, o + r * Dv);
+    });
   }
   if (partial) {
     for (int64_t r = 0; r < rows; ++r) {

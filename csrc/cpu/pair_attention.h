@@ -44,7 +44,7 @@ namespace {
 
 #include "avx512_helpers.h"  // first_lanes, aligned_data, transpose_16x16
 #include "bf16_pairs.h"      // split_parts, store_pairs
-#include "simd.h"            // kLog2e
+#include "simd.h"            // kLog2e, kExp2P, kExp2Lowest, kMaxSlack
 
 // Rows of a work item from which the tiles take over (below, the rows of a 16-row tile would
 // be mostly padding).
@@ -56,34 +56,21 @@ constexpr int64_t kAttnTileMinRows = 16;
 // 128 query rows per key/value head.
 constexpr int64_t kAttnTileFp32MinRows = 128;
 
-constexpr float kLn2 = 0.693147180559945309f;  // kLog2e: simd.h
-
-// A row's exponents are taken against a reference point m that moves only when a score passes
-// it by more than kMaxSlack (log2 units), not at every new max (as FlashAttention-4 does): P
-// stays below 2^kMaxSlack, and most blocks need no max across the row nor any rescaling.
-constexpr float kMaxSlack = 8.0f;
-
-// 2^x for x <= kMaxSlack, 0 below -125 (and for -inf), NaN kept: 2^n 2^f with n = round(x),
-// |f| <= 1/2, 2^f by a polynomial fitted on [-1/2, 1/2] (2^0 is exactly 1): degree 5, relative
-// error 2e-7, for fp32's P; degree 3, 1e-4, for bf16's, which rounding to bf16 takes to 2^-9
-// anyway. Every result is 0 or a normal float: a subnormal one (a masked key's 2^-150, say)
-// costs a microcode assist of the order of a hundred cycles, which made causal blocks, with
-// most of their lanes masked, slower than full ones.
+// 2^x as simd.h's FVec::exp2 computes it (kExp2P; this level's FVec may be scalar): degree 5,
+// relative error 2.7e-7, for fp32's P; degree 3, 1e-4, for bf16's, which rounding to bf16
+// takes to 2^-9 anyway. A row's reference point m moves as simd.h's kMaxSlack says.
 template <int kDegree>
 TORCHSLIM_PAIRS inline __m512 exp2_ps(__m512 x) {
   static_assert(kDegree == 3 || kDegree == 5);
-  const __m512 lowest = _mm512_set1_ps(-125.0f);
-  const __mmask16 kept = _mm512_cmp_ps_mask(x, lowest, _CMP_NLT_UQ);  // x >= -125 or NaN
+  const __m512 lowest = _mm512_set1_ps(kExp2Lowest);
+  const __mmask16 kept = _mm512_cmp_ps_mask(x, lowest, _CMP_NLT_UQ);  // x >= lowest or NaN
   x = _mm512_max_ps(lowest, x);  // max returns its second operand for a NaN
   const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(x, n);
   __m512 p;
   if constexpr (kDegree == 5) {
-    p = _mm512_set1_ps(1.3400432166e-03f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6760370979e-03f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5503272142e-02f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022107356e-01f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314720671e-01f));
+    p = _mm512_set1_ps(kExp2P[0]);
+    for (int i = 1; i < 5; ++i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2P[i]));
   } else {
     p = _mm512_set1_ps(5.5008895695e-02f);
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4221101403e-01f));
@@ -508,9 +495,9 @@ TORCHSLIM_PAIRS void attention_on_tiles(const AttentionArgs& a, int64_t b, int64
     // A row that saw no key has no output row either (its row group may have had no block).
     if (row[r].m == -__builtin_inff()) std::fill(orow, orow + Dv, 0.0f);
     const float sum = _mm512_reduce_add_ps(_mm512_load_ps(l + 16 * r));
-    if (partial) {  // the max back in the scores' own units, as attention.h leaves it
+    if (partial) {
       float* pr = partial + r * (Dv + 2);
-      pr[0] = row[r].m * kLn2;
+      pr[0] = row[r].m;
       pr[1] = sum;
       std::copy(orow, orow + Dv, pr + 2);
       continue;

@@ -80,13 +80,21 @@ inline float load_f32(const uint16_t* p) { return bf16_bits_to_f32(*p); }
 inline float load_f32(const Half* p) { return f16_bits_to_f32(p->bits); }
 inline float load_f32(const int8_t* p) { return static_cast<float>(*p); }
 
-// e^x as Cephes' expf computes it: x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two so that
-// n ln2 is exact), e^r = 1 + r + r^2 P(r) with a degree-5 P, times 2^n. About 1 ulp. Below
-// kExpLo the result would be subnormal; softmax takes it as 0.
-constexpr float kExpLo = -87.33654f, kExpHi = 88.0f, kLog2e = 1.44269504088896341f;
-constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
-constexpr float kExpP[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
-                            4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+// Softmax on every level takes its exponents in base 2, the log2(e) folded into the scores'
+// scale. FVec::exp2(x): 2^n 2^f with n = round(x), |f| <= 1/2, 2^f by the degree-5 polynomial
+// kExp2P fitted on [-1/2, 1/2] (relative error 2.7e-7 in fp32; 2^0 is exactly 1); 0 below
+// kExp2Lowest (and for -inf), NaN kept; x <= 127. Every result is 0 or a normal float: a
+// subnormal one (a masked key's 2^-150, say) costs a microcode assist of the order of a hundred
+// cycles, which made causal blocks, with most of their lanes masked, slower than full ones.
+constexpr float kLog2e = 1.44269504088896341f, kExp2Lowest = -125.0f;
+constexpr float kExp2P[5] = {1.3400432166e-03f, 9.6760370979e-03f, 5.5503272142e-02f,
+                             2.4022107356e-01f, 6.9314720671e-01f};  // f^5 .. f^1; f^0: 1
+
+// A softmax row's exponents are taken against a reference point m that moves only when a score
+// passes it by more than kMaxSlack (log2 units), not at every new max (as FlashAttention-4
+// does): P stays below 2^kMaxSlack, and most blocks need no max across the row nor any
+// rescaling of what the row has summed so far.
+constexpr float kMaxSlack = 8.0f;
 
 // round(x / s) without a divide per element: q = x * fl(1 / s) is within 1.5 ulp of the
 // quotient fl(x / s) (two roundings of 2^-24 each, relative), so both round to the same integer
@@ -209,19 +217,20 @@ struct FVec {
   static R mul(R a, R b) { return _mm512_mul_ps(a, b); }
   static R add(R a, R b) { return _mm512_add_ps(a, b); }
   static R sub(R a, R b) { return _mm512_sub_ps(a, b); }
-  // e^x (Cephes, see kExpP); 0 below kExpLo, NaN stays NaN.
-  static R exp(R x) {
-    const __mmask16 under = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kExpLo), _CMP_LT_OQ);
-    x = _mm512_max_ps(_mm512_set1_ps(kExpLo), _mm512_min_ps(_mm512_set1_ps(kExpHi), x));
-    const R n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    R r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
-    R y = _mm512_set1_ps(kExpP[0]);
-    for (int i = 1; i < 6; ++i) y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(kExpP[i]));
-    y = _mm512_add_ps(_mm512_fmadd_ps(y, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
-    return _mm512_maskz_mov_ps(static_cast<__mmask16>(~under), _mm512_scalef_ps(y, n));
+  // 2^x, see kExp2P.
+  static R exp2(R x) {
+    const R lowest = _mm512_set1_ps(kExp2Lowest);
+    const __mmask16 kept = _mm512_cmp_ps_mask(x, lowest, _CMP_NLT_UQ);  // x >= lowest or NaN
+    x = _mm512_max_ps(lowest, x);  // max returns its second operand for a NaN
+    const R n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const R f = _mm512_sub_ps(x, n);
+    R p = _mm512_set1_ps(kExp2P[0]);
+    for (int i = 1; i < 5; ++i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2P[i]));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_maskz_scalef_ps(kept, p, n);
   }
+  // Whether some lane of a is above b's.
+  static bool any_greater(R a, R b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ) != 0; }
   static float reduce_add(R v) { return _mm512_reduce_add_ps(v); }
   static R abs(R v) { return _mm512_abs_ps(v); }
   static R max(R a, R b) { return _mm512_max_ps(a, b); }
@@ -312,20 +321,23 @@ struct FVec {
   static R mul(R a, R b) { return _mm256_mul_ps(a, b); }
   static R add(R a, R b) { return _mm256_add_ps(a, b); }
   static R sub(R a, R b) { return _mm256_sub_ps(a, b); }
-  // e^x (Cephes, see kExpP); 0 below kExpLo, NaN stays NaN.
-  static R exp(R x) {
-    const R under = _mm256_cmp_ps(x, _mm256_set1_ps(kExpLo), _CMP_LT_OQ);
-    x = _mm256_max_ps(_mm256_set1_ps(kExpLo), _mm256_min_ps(_mm256_set1_ps(kExpHi), x));
-    const R n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)),
-                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    R r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
-    R y = _mm256_set1_ps(kExpP[0]);
-    for (int i = 1; i < 6; ++i) y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(kExpP[i]));
-    y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+  // 2^x, see kExp2P.
+  static R exp2(R x) {
+    const R lowest = _mm256_set1_ps(kExp2Lowest);
+    const R kept = _mm256_cmp_ps(x, lowest, _CMP_NLT_UQ);  // x >= lowest or NaN
+    x = _mm256_max_ps(lowest, x);  // max returns its second operand for a NaN
+    const R n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const R f = _mm256_sub_ps(x, n);
+    R p = _mm256_set1_ps(kExp2P[0]);
+    for (int i = 1; i < 5; ++i) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2P[i]));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
     const __m256i two_n =
         _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_andnot_ps(under, _mm256_mul_ps(y, _mm256_castsi256_ps(two_n)));
+    return _mm256_and_ps(kept, _mm256_mul_ps(p, _mm256_castsi256_ps(two_n)));
+  }
+  // Whether some lane of a is above b's.
+  static bool any_greater(R a, R b) {
+    return _mm256_movemask_ps(_mm256_cmp_ps(a, b, _CMP_GT_OQ)) != 0;
   }
   static float reduce_add(R v) { return hsum_ps(v); }
   static R abs(R v) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v); }
@@ -444,7 +456,8 @@ struct FVec {
   static R mul(R a, R b) { return a * b; }
   static R add(R a, R b) { return a + b; }
   static R sub(R a, R b) { return a - b; }
-  static R exp(R x) { return x < kExpLo ? 0.0f : __builtin_expf(x); }
+  static R exp2(R x) { return x < kExp2Lowest ? 0.0f : __builtin_exp2f(x); }
+  static bool any_greater(R a, R b) { return a > b; }
   static float reduce_add(R v) { return v; }
   static R abs(R v) { return __builtin_fabsf(v); }
   static R max(R a, R b) { return a > b ? a : b; }
