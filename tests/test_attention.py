@@ -327,6 +327,39 @@ def test_kernel_split_kv_decode(backend, sq, heads):
             check_close(out, ref64, ref.attention(q, k, v, *args, compute_dtype=dtype))
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("slope", (0.05, 0.3, 1.5))
+@pytest.mark.parametrize("through", ("scores", "mask"))
+def test_kernel_scores_that_rise_along_the_keys(backend, slope, through):
+    """Scores that grow by `slope` a key (a 64-key tile's max past the last one's by 4.6 to 140
+    log2 units): each row's reference point moves, and what it has summed is rescaled, again
+    and again along the row; the rise made by q . k (the unmasked path) or by an additive mask.
+    Rows of 4 query heads to a key/value head, causal or not; the few-row (decode) path too.
+    q and k hold multiples of 1/4 and the scale is 1/8, so every score is exact in fp32 and the
+    comparison sees the online softmax alone, not the order of the dot products' sums."""
+    gen = seeded(backend, slope, through)
+    sk = 300
+    ramp = torch.round(4 * slope * (torch.arange(sk) - sk / 2)) / 4
+    for dtype in (torch.float32, torch.bfloat16):
+        for sq, causal in ((70, False), (70, True), (1, False)):
+            q, k, v = _qkv(1, 8, 2, sq, sk, 64, gen)
+            q, k = torch.round(2 * q) / 4, torch.round(2 * k) / 4
+            mask = None
+            if through == "scores":  # q[.., 0] = 8 and k[j, 0] = ramp_j: s_j = ramp_j + ...
+                q[..., 0] = 8.0
+                k[..., 0] = ramp
+            else:
+                mask = ramp.expand(sq, sk)
+            q, k, v = (_nan_padded(t.to(dtype)) for t in (q, k, v))
+            with run_on(backend):
+                out = torchslim.attention(q, k, v, attn_mask=mask, causal=causal, scale=0.125)
+            args = (mask, causal, 0.125)
+            ref64 = ref.attention(
+                q.double(), k.double(), v.double(), *args, compute_dtype=torch.float64
+            )
+            check_close(out, ref64, ref.attention(q, k, v, *args, compute_dtype=dtype))
+
+
 # (B, H, Hkv, Sq, Sk, D, Dv, options): blocks of 16 query rows on bf16 pairs (the AMX level's
 # tiles; bf16 on VDPBF16PS at the avx512 level on a CPU with AVX512_BF16)
 # (an odd number of them, a last item of 6 rows that stays on AVX-512, query heads of a GQA

@@ -737,8 +737,8 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Ten
         float sum = 0.0f;
         for (int64_t s = 0; top != kNoKey && s < splits; ++s) {
           const float* ps = part + s * stride;
-          if (ps[0] == kNoKey) continue;           // a split that saw no key
-          const float w = std::exp2(ps[0] - top);  // the maxima are in log2 units
+          if (ps[0] == kNoKey) continue;  // a split that saw no key
+          const float w = std::exp(ps[0] - top);
           sum += w * ps[1];
           for (int64_t d = 0; d < Dv; ++d) acc[d] += w * ps[2 + d];
         }

@@ -6,14 +6,13 @@
 // once for all of them, not once per query head). The rows' reference point, running sum and
 // output accumulate in fp32 in `work` while the visible keys stream past in tiles of
 // kAttnBlockK (online softmax, as FlashAttention does), so the (Sq, Sk) score matrix never
-// exists. Scores are in log2 units (q scaled by scale log2(e), the mask times log2(e)). Per
-// tile:
-//   S = (c q) k^T       kAttnRows rows x 2 vectors of keys at a time against a transposed fp32
+// exists. Per tile:
+//   S = (scale q) k^T   kAttnRows rows x 2 vectors of keys at a time against a transposed fp32
 //                       copy of the key tile (q broadcast along d); a block of fewer than 4
 //                       rows takes each key's dot product along d instead, unpacked
 //   S += mask, and -inf outside the causal / sliding window / kv_lens range of each row
-//   m' = max S where m is unset or max S > m + kMaxSlack (else m' = m),
-//   P = 2^(S - m'), l = l 2^(m - m') + sum P, O = O 2^(m - m') + P V
+//   m' = max S where m is unset or max S passes m by more than a slack (else m' = m),
+//   P = e^(S - m'), l = l e^(m - m') + sum P, O = O e^(m - m') + P V
 // and at the end out = O / l (0 for a row that saw no key). Only the key tiles a block can
 // see are visited: a causal block stops at its last row's position, a sliding window starts
 // at its first row's. For decode the caller may split the keys among threads (split-KV) and
@@ -45,6 +44,9 @@ constexpr float kMinusInf = -__builtin_inff();
 // then added to the scores, so the rounding error grows with D / kScoreChunk + kScoreChunk
 // terms, not D (one chain over D = 256 erred 3x PyTorch's matmul in fp32).
 constexpr int64_t kScoreChunk = 64;
+
+// simd.h's kMaxSlack in the scores' own units.
+constexpr float kSlack = kMaxSlack / kLog2e;
 
 // Query rows per register tile in S = q k^T and O += P V: R x 2 vectors of accumulators, each
 // step's R broadcasts and 2 loads feeding 2 R FMAs. AVX2 takes 6 (12 of its 16 registers): 4
@@ -226,11 +228,10 @@ void attention_block(const AttentionArgs& a, int64_t b, int64_t h0, int64_t nh, 
   float* m = s + kAttnBlockQ * kAttnBlockK;  // [rows] running max
   float* l = m + kAttnBlockQ;                // [rows] running sum
   float* kt = l + kAttnBlockQ;               // [D][kAttnBlockK] transposed key tile
-  const float q_scale = a.scale * kLog2e;    // the scores in log2 units
 
   for (int64_t r = 0; r < rows; ++r) {
     const T* qr = q + head(r) * a.q_sh + query(r) * a.q_ss;
-    for (int64_t d = 0; d < D; ++d) qs[r * D + d] = q_scale * load_f32(qr + d);
+    for (int64_t d = 0; d < D; ++d) qs[r * D + d] = a.scale * load_f32(qr + d);
     for (int64_t d = 0; d < Dv; ++d) o[r * Dv + d] = 0.0f;
     m[r] = kMinusInf;
     l[r] = 0.0f;
@@ -264,7 +265,7 @@ void attention_block(const AttentionArgs& a, int64_t b, int64_t h0, int64_t nh, 
       for (int64_t c = nk; c < kAttnBlockK; ++c) sr[c] = kMinusInf;
       if (a.mask) {
         const float* mr = a.mask + b * a.m_sb + head(r) * a.m_sh + query(r) * a.m_sq + j0 * a.m_sk;
-        for (int64_t c = 0; c < nk; ++c) sr[c] += kLog2e * mr[c * a.m_sk];
+        for (int64_t c = 0; c < nk; ++c) sr[c] += mr[c * a.m_sk];
       }
       const int64_t pos = query(r) + shift;
       const bool crossed = j0 + nk - 1 > pos || (a.window > 0 && j0 <= pos - a.window);
@@ -274,29 +275,31 @@ void attention_block(const AttentionArgs& a, int64_t b, int64_t h0, int64_t nh, 
           if (j > pos || (a.window > 0 && j <= pos - a.window)) sr[c] = kMinusInf;
         }
       }
-      // Online softmax in log2 units, against the row's reference point (kMaxSlack): a tile
-      // takes its max across the row only for a fresh row or one of its scores passing the
-      // point by more than the slack, and only then is what the row has so far rescaled.
+      // Online softmax against the row's reference point m (kMaxSlack): a tile takes its max
+      // across the row only for a fresh row or one of its scores passing m by more than the
+      // slack, and only then is what the row has so far rescaled. P = 2^((S - m) log2(e)): the
+      // difference first, exact for the scores near m, so that large scores (a long ALiBi
+      // bias, say) lose no more than in exp(S - m).
       typename V::R vmax = V::set1(kMinusInf);
       for (int64_t c = 0; c < kAttnBlockK; c += V::kWidth) vmax = V::max(vmax, V::load(sr + c));
       const bool fresh = m[r] == kMinusInf;
-      if (fresh || V::any_greater(vmax, V::set1(m[r] + kMaxSlack))) {
+      if (fresh || V::any_greater(vmax, V::set1(m[r] + kSlack))) {
         const float tile_max = V::reduce_max(vmax);
         if (fresh && !(tile_max > kMinusInf)) {  // nothing visible yet: P = 0
           for (int64_t c = 0; c < kAttnBlockK; ++c) sr[c] = 0.0f;
           continue;
         }
         if (!fresh) {
-          const float alpha = __builtin_exp2f(m[r] - tile_max);
+          const float alpha = __builtin_expf(m[r] - tile_max);
           l[r] *= alpha;
           for (int64_t d = 0; d < Dv; ++d) o[r * Dv + d] *= alpha;
         }
         m[r] = tile_max;
       }
-      const typename V::R vm = V::set1(m[r]);
+      const typename V::R vm = V::set1(m[r]), log2e = V::set1(kLog2e);
       typename V::R vsum = V::zero();
       for (int64_t c = 0; c < kAttnBlockK; c += V::kWidth) {
-        const typename V::R p = V::exp2(V::sub(V::load(sr + c), vm));
+        const typename V::R p = V::exp2(V::mul(V::sub(V::load(sr + c), vm), log2e));
         V::store(sr + c, p);
         vsum = V::add(vsum, p);
       }

@@ -56,6 +56,8 @@ constexpr int64_t kAttnTileMinRows = 16;
 // 128 query rows per key/value head.
 constexpr int64_t kAttnTileFp32MinRows = 128;
 
+constexpr float kLn2 = 0.693147180559945309f;  // kLog2e: simd.h
+
 // 2^x as simd.h's FVec::exp2 computes it (kExp2P; this level's FVec may be scalar): degree 5,
 // relative error 2.7e-7, for fp32's P; degree 3, 1e-4, for bf16's, which rounding to bf16
 // takes to 2^-9 anyway. A row's reference point m moves as simd.h's kMaxSlack says.
@@ -495,9 +497,9 @@ TORCHSLIM_PAIRS void attention_on_tiles(const AttentionArgs& a, int64_t b, int64
     // A row that saw no key has no output row either (its row group may have had no block).
     if (row[r].m == -__builtin_inff()) std::fill(orow, orow + Dv, 0.0f);
     const float sum = _mm512_reduce_add_ps(_mm512_load_ps(l + 16 * r));
-    if (partial) {
+    if (partial) {  // the max back in the scores' own units, as attention.h leaves it
       float* pr = partial + r * (Dv + 2);
-      pr[0] = row[r].m;
+      pr[0] = row[r].m * kLn2;
       pr[1] = sum;
       std::copy(orow, orow + Dv, pr + 2);
       continue;
