@@ -196,8 +196,8 @@ inline int64_t w4_panel_scale_floats(int64_t K) {
 // pos - window < j <= pos (window <= 0: unbounded) where pos = i + len - Sq, len = kv_lens[b]
 // or Sk. Only keys in [j_begin, j_end) are visited (the whole range, or one split of it).
 // Without `partial`, out[i] is written. With it (split keys, merged by the caller), row r's
-// reference point m (its max, or a little below), sum and unnormalised output (the exponents
-// taken against m) go to partial[r * (Dv + 2) + (0, 1, 2..)] instead, row r
+// reference point m (its max, or up to 8 log2 units below it: kMaxSlack), sum and unnormalised
+// output (the exponents taken against m) go to partial[r * (Dv + 2) + (0, 1, 2..)] instead, row r
 // being query i0 + r % (i1 - i0) of head h0 + r / (i1 - i0).
 // `work` holds attention_work_floats(D, Dv) floats for the calling thread.
 struct AttentionArgs {

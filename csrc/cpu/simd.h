@@ -80,12 +80,13 @@ inline float load_f32(const uint16_t* p) { return bf16_bits_to_f32(*p); }
 inline float load_f32(const Half* p) { return f16_bits_to_f32(p->bits); }
 inline float load_f32(const int8_t* p) { return static_cast<float>(*p); }
 
-// Softmax on every level takes its exponents in base 2, the log2(e) folded into the scores'
-// scale. FVec::exp2(x): 2^n 2^f with n = round(x), |f| <= 1/2, 2^f by the degree-5 polynomial
-// kExp2P fitted on [-1/2, 1/2] (relative error 2.7e-7 in fp32; 2^0 is exactly 1); 0 below
-// kExp2Lowest (and for -inf), NaN kept; x <= 127. Every result is 0 or a normal float: a
-// subnormal one (a masked key's 2^-150, say) costs a microcode assist of the order of a hundred
-// cycles, which made causal blocks, with most of their lanes masked, slower than full ones.
+// Softmax on every level takes its exponents in base 2: attention.h's as 2^((S - m) log2(e)),
+// the bf16 pair kernel's with log2(e) folded into the scores' scale. FVec::exp2(x): 2^n 2^f
+// with n = round(x), |f| <= 1/2, 2^f by the degree-5 polynomial kExp2P fitted on [-1/2, 1/2]
+// (relative error 2.7e-7 in fp32; 2^0 is exactly 1); 0 below kExp2Lowest (and for -inf), NaN
+// kept; x <= 127. Every result is 0 or a normal float: a subnormal one (a masked key's 2^-150,
+// say) costs a microcode assist of the order of a hundred cycles, which made causal blocks,
+// with most of their lanes masked, slower than full ones.
 constexpr float kLog2e = 1.44269504088896341f, kExp2Lowest = -125.0f;
 constexpr float kExp2P[5] = {1.3400432166e-03f, 9.6760370979e-03f, 5.5503272142e-02f,
                              2.4022107356e-01f, 6.9314720671e-01f};  // f^5 .. f^1; f^0: 1
