@@ -377,19 +377,13 @@ void w4_tile_zmm(const W4GemmArgs& g, int64_t m, int64_t n, float (&c)[MR][NR],
 // trick takes four. Strips of kStripVecs = 3 vectors of 8 columns, tiles of 3 rows: 9 int32
 // sums, 3 weight vectors and a broadcast in 16 registers; the fp32 accumulators, met once per
 // run, stay in memory.
-#if defined(TORCHSLIM_ISA_AVX512)
-using StripVec = __m512i;
-constexpr int kStripLanes = 16;
-constexpr int kStripVecs = 2;
-constexpr int kStripRows = 6;
-#else
-using StripVec = __m256i;
-constexpr int kStripLanes = 8;
-constexpr int kStripVecs = 3;
-constexpr int kStripRows = 3;
-#endif
-constexpr int kStripCols = kStripLanes * kStripVecs;
-constexpr int kStripBytes = 4 * kStripLanes;  // one vector: a step of 4 codes x the lanes
+//
+// The strips and tiles have the W8A8 strips' shape (int8_gemm.h): the binding cuts the blocks of
+// both by one width, KernelTable::int8_strip_cols.
+using StripVec = I8StripVec;
+constexpr int kStripLanes = kI8StripLanes, kStripVecs = kI8StripVecs, kStripRows = kI8StripRows;
+constexpr int kStripCols = kI8StripCols;
+constexpr int kStripBytes = kI8StripBytes;  // one vector: a step of 4 codes x the lanes
 
 bool takes_int8_strips(const W4GemmArgs& g) { return g.K % kQ4Chunk == 0; }
 
