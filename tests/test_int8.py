@@ -408,3 +408,34 @@ def test_amx_weight_only_tiles_from_their_threshold(gen, poisoned_empty):
                 )
                 lowp = ref.int8_weight_only_linear(x, w_q, w_scale, bias)
                 check_close(out, ref64, lowp, name=f"M={m} N={n} K={k} {dtype}")
+
+
+def test_weight_only_bf16_pairs_from_their_threshold(gen, poisoned_empty):
+    """W8A16 on bf16 x at the avx512 level of a CPU with AVX512_BF16 runs on VDPBF16PS against
+    weight strips of bf16 pairs from its threshold on (the dot kernels on x widened to fp32
+    below it, and fp32 x at any M), by the float rule against the float64 reference; no other
+    level has the path. N cuts the 32-column strips and the thread blocks, M the 8-row register
+    tiles (edges of every height) and the 128-row blocks, K odd (a last pair of one value) and
+    not a multiple of 32 (the strips' zero padding), the rows NaN-padded views."""
+    if _ext._C is None or "avx512" not in _ext._C.supported_isas():
+        pytest.skip("no avx512 on this CPU")
+    with run_on("cpu-avx512"):
+        first = _ext._C.cpu_kernel_paths()["int8_weight_only_bf16_pairs_from_m"]
+    for other in ("amx", "avx2", "portable"):
+        if other in _ext._C.supported_isas():
+            with run_on(f"cpu-{other}"):
+                assert _ext._C.cpu_kernel_paths()["int8_weight_only_bf16_pairs_from_m"] is None
+    if first is None:
+        assert not _ext._C.cpu_features()["avx512bf16"]
+        pytest.skip("no AVX512_BF16 on this CPU")
+    assert isinstance(first, int) and 1 <= first <= 64
+    for n, k in ((300, 2051), (37, 96), (65, 33), (33, 4100)):
+        w_q, w_scale, bias = _weights(n, k, "cpu", gen)
+        for m in sorted({first - 1, first, first + 1, first + 7, 131, 290}):
+            x = _activations(m, k, torch.bfloat16, "cpu", gen)
+            args = (w_q, w_scale, bias if m % 2 else None)
+            with run_on("cpu-avx512"):
+                out = ops.int8_weight_only_linear(x, *args)
+            ref64 = ref.int8_weight_only_linear(x.double(), *args, compute_dtype=torch.float64)
+            lowp = ref.int8_weight_only_linear(x, *args)
+            check_close(out, ref64, lowp, name=f"M={m} N={n} K={k}")

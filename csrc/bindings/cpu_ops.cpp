@@ -237,6 +237,16 @@ at::Tensor int8_weight_only_linear_cpu(const at::Tensor& x, const at::Tensor& w_
                       .N = op.N,
                       .K = op.K};
   const cpu::KernelTable& kt = cpu::active_kernels();
+  if (op.x_type == ScalarType::kBFloat16 && kt.w8a16_pair_gemm != nullptr &&
+      op.M >= kt.w8a16_pair_min_m && op.K > 0) {
+    // bf16 x as it is, against weight strips of bf16 pairs (cpu/pair_gemm.h).
+    args.x_bf16 = static_cast<const uint16_t*>(x.data_ptr());
+    parallel_blocks(op.M, op.N, kBlockM_Strips, strip_block_n(op.N, kt.w8a16_pair_cols),
+                    [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+                      kt.w8a16_pair_gemm(args, m0, m1, n0, n1);
+                    });
+    return op.out;
+  }
   if (kt.w8a16_pack_panels == nullptr || op.M < kt.w8a16_panel_min_m || op.K == 0) {
     // The vector kernels read fp32 rows: bf16 x is widened once here.
     const at::Tensor xf = op.x_type == ScalarType::kFloat32 ? x : x.to(at::kFloat).contiguous();

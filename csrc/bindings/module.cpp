@@ -85,6 +85,8 @@ py::dict cpu_kernel_paths() {
   }
   d["int8_weight_only_tiles_from_m"] =
       kt.w8a16_pack_panels ? py::cast(kt.w8a16_panel_min_m) : py::none();
+  d["int8_weight_only_bf16_pairs_from_m"] =
+      kt.w8a16_pair_gemm ? py::cast(kt.w8a16_pair_min_m) : py::none();
   // int4's by the activation's run (32, 64, 128).
   const auto by_run = [](int64_t (*min_m)(int64_t)) -> py::object {
     if (min_m == nullptr) return py::none();
@@ -163,7 +165,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Kernel variants of the active ISA level: int8_tiles_from_m (the M from which the int8 "
         "GEMM runs on AMX tiles, or None), int8_strips_from_m (for K up to each key, the M from "
         "which it runs on AVX-512 or AVX2 weight strips, or None), "
-        "int8_weight_only_tiles_from_m (the same as the first for W8A16), int4_tiles_from_m (per "
+        "int8_weight_only_tiles_from_m (the same as the first for W8A16), "
+        "int8_weight_only_bf16_pairs_from_m (the M from which W8A16 on bf16 x runs on VDPBF16PS "
+        "against weight strips of bf16 pairs, or None), int4_tiles_from_m (per "
         "activation run of 32, 64 and 128 columns, the M from which int4 runs on the int8 tiles "
         "with Q8 x; None: no such tiles), "
         "int4_strips_from_m (per run, the M from which it runs on AVX-512 or AVX2 weight strips), "

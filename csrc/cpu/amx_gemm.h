@@ -865,16 +865,7 @@ struct Int8Rows {
   void convert(int64_t n, int64_t k0, int64_t k1, uint16_t* dst) const {
     const int8_t* src = g.w + n * g.ldw;
     for (int64_t k = k0; k < k1; k += 32, dst += 32) {
-      __m128i a, b;
-      if (k + 32 <= g.K) {
-        a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + k));
-        b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + k + 16));
-      } else {
-        a = _mm_maskz_loadu_epi8(first_lanes(g.K - k), src + k);
-        b = _mm_maskz_loadu_epi8(first_lanes(g.K - k - 16), src + k + 16);
-      }
-      _mm512_storeu_si512(dst, to_bf16(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(a)),
-                                       _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b))));
+      _mm512_storeu_si512(dst, int8_to_bf16(src + k, g.K - k));
     }
   }
 };

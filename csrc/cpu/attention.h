@@ -35,6 +35,7 @@
       target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c,popcnt," \
              "bmi,bmi2,avx512bf16")))
 #include "pair_attention.h"
+#include "pair_gemm.h"  // W8A16 on VDPBF16PS, under the same check
 #endif
 
 namespace torchslim::cpu::TORCHSLIM_ISA_NS {

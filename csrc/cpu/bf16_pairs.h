@@ -24,6 +24,20 @@ TORCHSLIM_PAIRS inline __m512i to_bf16(__m512 lo, __m512 hi) {  // 32 bf16: lo's
   return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
 }
 
+// 32 int8 codes src[0 .. 32) as bf16 (exact), zero from src[left] on (nothing read there).
+TORCHSLIM_PAIRS inline __m512i int8_to_bf16(const int8_t* src, int64_t left) {
+  __m128i a, b;
+  if (left >= 32) {
+    a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
+    b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 16));
+  } else {
+    a = _mm_maskz_loadu_epi8(first_lanes(left), src);
+    b = _mm_maskz_loadu_epi8(first_lanes(left - 16), src + 16);
+  }
+  return to_bf16(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(a)),
+                 _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)));
+}
+
 // The bf16 parts of 32 fp32 values (lo, hi): each the rounding of what the ones before leave.
 TORCHSLIM_PAIRS inline void split_parts(__m512 lo, __m512 hi, int64_t parts, __m512i (&out)[3]) {
   for (int64_t t = 0; t < parts; ++t) {

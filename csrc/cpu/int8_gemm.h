@@ -618,5 +618,12 @@ void w8a16_gemm(const W8A16Args& g, int64_t m0, int64_t m1, int64_t n0, int64_t 
                                      W8A16Epilogue<kF32MR, kF32NR>{g});
 }
 
+#if !defined(TORCHSLIM_ISA_AVX512)
+// W8A16 on VDPBF16PS (KernelTable::w8a16_pair_gemm): the avx512 level's alone (pair_gemm.h).
+inline decltype(KernelTable::w8a16_pair_gemm) w8a16_pair_kernel() { return nullptr; }
+constexpr int64_t kW8A16PairMinM = INT64_MAX;
+constexpr int64_t kW8A16PairCols = 0;
+#endif
+
 }  // namespace
 }  // namespace torchslim::cpu::TORCHSLIM_ISA_NS

@@ -64,6 +64,7 @@ const KernelTable& kernel_table() {
     t.w8a16_gemm = &amx_w8a16_gemm;
     t.w8a16_pack_panels = &w8a16_pack_panels;
     t.w8a16_panel_min_m = kW8A16PanelMinM;
+    t.w8a16_pair_gemm = nullptr;  // the tiles take M from kW8A16PanelMinM
     t.w4_gemm = &amx_w4_gemm;
     t.w4_pack_panels = &w4_pack_panels;
     t.w4_panel_min_m = &w4_panel_min_m;

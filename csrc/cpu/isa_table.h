@@ -33,7 +33,10 @@ const KernelTable& kernel_table() {
                                  kInt8StripCols,
                                  kSp24StripMinM,
                                  &bitmask_q8_strip_min_m,
-                                 &sliced_q8_strip_min_m};
+                                 &sliced_q8_strip_min_m,
+                                 w8a16_pair_kernel(),
+                                 kW8A16PairMinM,
+                                 kW8A16PairCols};
   return table;
 }
 

@@ -426,6 +426,12 @@ struct KernelTable {
   // (INT64_MAX: never).
   int64_t (*bitmask_q8_strip_min_m)(int64_t K);
   int64_t (*sliced_q8_strip_min_m)(int64_t K);
+  // Null, or W8A16 for bf16 x (W8A16Args::x_bf16; x null) against weight strips in the pair
+  // layout of VDPBF16PS (pair_gemm.h: the avx512 level on a CPU with AVX512_BF16), for M of at
+  // least w8a16_pair_min_m, in blocks of columns a whole number of w8a16_pair_cols wide.
+  void (*w8a16_pair_gemm)(const W8A16Args& args, int64_t m0, int64_t m1, int64_t n0, int64_t n1);
+  int64_t w8a16_pair_min_m;
+  int64_t w8a16_pair_cols;
 };
 
 namespace portable {
