@@ -132,11 +132,11 @@ TORCHSLIM_PAIRS void w8a16_pair_gemm(const W8A16Args& g, int64_t m0, int64_t m1,
 
 // The least M at which bf16 x takes the strips rather than the dot kernels (x widened to fp32):
 // each strip's conversion, a cost per weight and block of rows, must pay for itself. Zen 4, 2
-// threads, the op, weights hot, alternating builds, 2-3 rounds; dot time / strip time: at M = 2-4
-// 0.4-0.9 (the dots stream the weights; the strips take 0.97 ms to convert 4096^2); at M = 8
-// 4096^2 0.94-0.98, 11008x4096 and 4096x11008 0.73-0.91, 576x1536 1.06-1.36; at M = 12 1.14-1.17,
-// 1.08-1.11, 0.95-1.02 and 1.27-1.65; at M = 16 0.89-1.35; from M = 32 1.2 or more (M = 512:
-// 2.1-2.4, as fast as bf16 F.linear).
+// threads, the op, weights hot, alternating builds, 2-3 rounds; dot time / strip time, layers K
+// x N: at M = 2-4 0.4-0.9 (the dots stream the weights; the strips take 0.97 ms to convert
+// 4096^2); at M = 8 4096^2 0.94-0.98, 4096x11008 and 11008x4096 0.73-0.91, 1536x576 1.06-1.36;
+// at M = 12 1.14-1.17, 1.08-1.11 (4096x11008), 0.95-1.02 (11008x4096) and 1.27-1.65; at M = 16
+// 0.89-1.35; from M = 32 1.2 or more (M = 512: 2.1-2.4, as fast as bf16 F.linear).
 constexpr int64_t kW8A16PairMinM = 12;
 constexpr int64_t kW8A16PairCols = kPairStripCols;
 inline decltype(KernelTable::w8a16_pair_gemm) w8a16_pair_kernel() {
