@@ -416,7 +416,9 @@ def test_weight_only_bf16_pairs_from_their_threshold(gen, poisoned_empty):
     below it, and fp32 x at any M), by the float rule against the float64 reference; no other
     level has the path. N cuts the 32-column strips and the thread blocks, M the 8-row register
     tiles (edges of every height) and the 128-row blocks, K odd (a last pair of one value) and
-    not a multiple of 32 (the strips' zero padding), the rows NaN-padded views."""
+    not a multiple of 32 (the strips' zero padding), the rows NaN-padded views. Which path ran
+    shows in subnormal x: VDPBF16PS reads it as zero (documented in pair_gemm.h), the dot
+    kernels do not."""
     if _ext._C is None or "avx512" not in _ext._C.supported_isas():
         pytest.skip("no avx512 on this CPU")
     with run_on("cpu-avx512"):
@@ -439,3 +441,10 @@ def test_weight_only_bf16_pairs_from_their_threshold(gen, poisoned_empty):
             ref64 = ref.int8_weight_only_linear(x.double(), *args, compute_dtype=torch.float64)
             lowp = ref.int8_weight_only_linear(x, *args)
             check_close(out, ref64, lowp, name=f"M={m} N={n} K={k}")
+    w_q, w_scale, _ = _weights(40, 64, "cpu", gen)
+    for m in sorted({max(first - 1, 1), first}):
+        tiny = torch.full((m, 64), 1e-39).bfloat16()  # subnormal in bf16
+        assert tiny.float().abs().min() > 0
+        with run_on("cpu-avx512"):
+            out = ops.int8_weight_only_linear(tiny, w_q, w_scale, None)
+        assert (out.abs().max() == 0) == (m >= first), m

@@ -584,13 +584,8 @@ void strip_tile(const W4GemmArgs& g, int64_t m, int64_t n, int cols, const Int8S
         g.bias ? _mm512_maskz_loadu_ps(mask, g.bias + n + 16 * v) : _mm512_setzero_ps();
 #pragma GCC unroll 16
     for (int i = 0; i < R; ++i) {
-      const __m512 out = _mm512_add_ps(acc[i][v], b);
-      const int64_t at = (m + i) * g.ldo + n + 16 * v;
-      if (g.out_type == ScalarType::kBFloat16) {
-        _mm256_mask_storeu_epi16(static_cast<uint16_t*>(g.out) + at, mask, f32_to_bf16_bits(out));
-      } else {
-        _mm512_mask_storeu_ps(static_cast<float*>(g.out) + at, mask, out);
-      }
+      store_lanes(g.out, g.out_type, (m + i) * g.ldo + n + 16 * v, mask,
+                  _mm512_add_ps(acc[i][v], b));
     }
   }
 }

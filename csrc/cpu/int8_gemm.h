@@ -344,18 +344,23 @@ inline void i8_strip_sums(const Int8GemmArgs& g, int64_t m, const I8Strip& strip
   }
 }
 
+// Out[at + j] = v[j] for the lanes j of `mask`, as fp32 or bf16 (rounded to nearest even).
+// Also the int4 strips' and the W8A16 pair strips' (int4_gemm.h, pair_gemm.h).
+inline void store_lanes(void* out, ScalarType type, int64_t at, __mmask16 mask, __m512 v) {
+  if (type == ScalarType::kBFloat16) {
+    _mm256_mask_storeu_epi16(static_cast<uint16_t*>(out) + at, mask, f32_to_bf16_bits(v));
+  } else {
+    _mm512_mask_storeu_ps(static_cast<float*>(out) + at, mask, v);
+  }
+}
+
 // Out[at + j] for the lanes j of `mask`: the dot kernels' epilogue, rounding for rounding,
 // c * a_scale * b_scale, then + bias (a bias added after the op rounds the same; the graph
 // passes rely on it), as fp32 or bf16. Also the 2:4 W8A8 strips' (sparse_gemm.h).
 inline void store_scaled(void* out, ScalarType type, int64_t at, __mmask16 mask, __m512i c,
                          float a_scale, __m512 b_scale, __m512 bias) {
   const __m512 scaled = _mm512_mul_ps(_mm512_cvtepi32_ps(c), _mm512_set1_ps(a_scale));
-  const __m512 v = _mm512_add_ps(_mm512_mul_ps(scaled, b_scale), bias);
-  if (type == ScalarType::kBFloat16) {
-    _mm256_mask_storeu_epi16(static_cast<uint16_t*>(out) + at, mask, f32_to_bf16_bits(v));
-  } else {
-    _mm512_mask_storeu_ps(static_cast<float*>(out) + at, mask, v);
-  }
+  store_lanes(out, type, at, mask, _mm512_add_ps(_mm512_mul_ps(scaled, b_scale), bias));
 }
 
 // Rows [m, m + R) x columns [n, n + cols) of the output; offset[i] = 128 x (row m + i's sum).

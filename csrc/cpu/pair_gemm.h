@@ -14,7 +14,7 @@
 // kPairStripRows rows x 2 vectors meets each step with each row's pair of x broadcast.
 #pragma once
 
-#include "kernels.h"  // and, from isa_prelude.h, <algorithm> and <vector>
+#include "int8_gemm.h"  // store_lanes; kernels.h and, from isa_prelude.h, <algorithm>, <vector>
 
 namespace torchslim::cpu::TORCHSLIM_ISA_NS {
 namespace {
@@ -96,12 +96,7 @@ TORCHSLIM_PAIRS void pair_strip_tile(const W8A16Args& g, int64_t m, int64_t n, i
     for (int i = 0; i < R; ++i) {
       __m512 out = _mm512_mul_ps(sum[i][v], scale);
       if (g.bias) out = _mm512_add_ps(out, bias);
-      const int64_t at = (m + i) * g.ldo + nv;
-      if (g.out_type == ScalarType::kBFloat16) {
-        _mm256_mask_storeu_epi16(static_cast<uint16_t*>(g.out) + at, mask, f32_to_bf16_bits(out));
-      } else {
-        _mm512_mask_storeu_ps(static_cast<float*>(g.out) + at, mask, out);
-      }
+      store_lanes(g.out, g.out_type, (m + i) * g.ldo + nv, mask, out);
     }
   }
 }
