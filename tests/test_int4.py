@@ -23,6 +23,7 @@ NKG = (
     (9, 480, (160,)),
     (111, 1024, (64, 128, 256)),
     (13, 640, (32, 64)),  # K in steps of 128: 20 groups of 32 (16 per masked step, then 4)
+    (21, 576, (32, 64)),  # K = 4.5 steps of 128: the last 64 weights a half step
     (59, 4224, (128, -1)),
     (3, 16384, (32,)),  # 512 groups: as many as the kernels' stack buffers of scales hold
     (3, 16448, (32,)),  # group 32 past those buffers (514 groups)

@@ -25,6 +25,8 @@
 // activation codes are permuted instead, once per call.
 #pragma once
 
+#include <type_traits>
+
 #include "int8_gemm.h"  // simd.h, min_i64, store
 
 namespace torchslim::cpu::TORCHSLIM_ISA_NS {
@@ -257,10 +259,12 @@ constexpr int64_t kQ4MaxScaleGroups = 512;
 // step, not a scalar loop per column. Groups of 32 or 64, or whole runs of 128 (g128, g256, ...,
 // one group per row when K is whole runs: one scale per step, broadcast). At M = 1 on 1536x576,
 // g128, weights in cache, 2 threads, the op took 0.8x the time of w4_tile's (measured together
-// with the balanced column blocks of cpu_ops.cpp).
+// with the balanced column blocks of cpu_ops.cpp). Groups of 32 or 64 take K a multiple of 64 as
+// well (K = 576, 960: the widths of small models): the row's last 64 weights are a half step.
 bool takes_zmm_steps(const W4GemmArgs& g) {
   const int64_t G = g.group_size;
-  return g.K % 128 == 0 && (G == 32 || G == 64 || G % 128 == 0) && g.K / G <= kQ4MaxScaleGroups;
+  const bool whole_steps = g.K % 128 == 0 && G % 128 == 0;
+  return g.K % kQ4Chunk == 0 && (G == 32 || G == 64 || whole_steps) && g.K / G <= kQ4MaxScaleGroups;
 }
 
 // kGroupBlocks: blocks of 32 per group (1 or 2), or 0 for groups of whole steps.
@@ -294,35 +298,48 @@ void w4_tile_zmm(const W4GemmArgs& g, int64_t m, int64_t n, float (&c)[MR][NR],
 #pragma GCC unroll 16
     for (int j = 0; j < C; ++j) acc[i][j] = V::zero();
   }
-  for (int64_t r = 0, gi = 0, group_end = steps_per_group; r < steps; ++r) {
-    if (kGroupBlocks == 0 && r == group_end) ++gi, group_end += steps_per_group;
+  // Step r, or with `half` the low half of step r (the row's last 64 weights): one group of 64,
+  // or two of 32, whose scales stand where a whole step's first ones would.
+  const auto step = [&](int64_t r, int64_t gi, auto half) {
+    constexpr bool kHalf = decltype(half)::value;
     const int64_t kb = r * kStepBytes;  // byte offset in a packed row
     D::WV wv[C];
     V::R ws[C];
 #pragma GCC unroll 16
     for (int j = 0; j < C; ++j) {
       prefetch_stream(w_ahead + j * g.ldw + kb);
-      wv[j] = D::load_w(w + j * g.ldw + kb);
+      wv[j] = kHalf ? D::load_w_low(w + j * g.ldw + kb) : D::load_w(w + j * g.ldw + kb);
       if constexpr (kGroupBlocks == 1) {
-        ws[j] = D::per_block(sc[j] + r * kStepBlocks);
+        const float* s = sc[j] + r * kStepBlocks;
+        ws[j] = kHalf ? D::per_block_low(s) : D::per_block(s);
       } else if constexpr (kGroupBlocks == 2) {
-        ws[j] = D::per_half(sc[j] + r * (kStepBlocks / 2));
+        const float* s = sc[j] + r * (kStepBlocks / 2);
+        ws[j] = kHalf ? V::set1(*s) : D::per_half(s);
       } else {
         ws[j] = V::set1(sc[j][gi]);
       }
     }
 #pragma GCC unroll 16
     for (int i = 0; i < R; ++i) {
-      const D::XV xv = D::load_x(xq + i * g.ldxq + r * kStep,
-                                 xb + i * g.ldxb + r * (kStep / kQ4Chunk) * kQ4Lanes);
-      const float* xsr = xs + i * g.ldxs + r * kStepBlocks;  // the step's 4 block scales
+      const int8_t* xqr = xq + i * g.ldxq + r * kStep;
+      const int32_t* xbr = xb + i * g.ldxb + r * (kStep / kQ4Chunk) * kQ4Lanes;
+      const D::XV xv = kHalf ? D::load_x_low(xqr, xbr) : D::load_x(xqr, xbr);
+      const float* xsr = xs + i * g.ldxs + r * kStepBlocks;  // the step's block scales
       // Groups of whole steps have runs of 128: one activation scale per step.
-      const V::R xsv = kGroupBlocks == 0 ? V::set1(*xsr) : D::per_block(xsr);
+      const V::R xsv =
+          kGroupBlocks == 0 ? V::set1(*xsr) : (kHalf ? D::per_block_low(xsr) : D::per_block(xsr));
 #pragma GCC unroll 16
       for (int j = 0; j < C; ++j) {
         acc[i][j] = V::fma(_mm512_cvtepi32_ps(D::dot(wv[j], xv)), V::mul(xsv, ws[j]), acc[i][j]);
       }
     }
+  };
+  for (int64_t r = 0, gi = 0, group_end = steps_per_group; r < steps; ++r) {
+    if (kGroupBlocks == 0 && r == group_end) ++gi, group_end += steps_per_group;
+    step(r, gi, std::false_type{});
+  }
+  if constexpr (kGroupBlocks != 0) {
+    if (steps * kStep < g.K) step(steps, 0, std::true_type{});
   }
   // The zero points: acc -= scale * (zero - 8) * (the group's activation sum), group by group.
   for (int64_t gi = 0; gi < groups; gi += V::kWidth) {

@@ -638,11 +638,11 @@ struct Q4Step128 {
   struct XV {
     __m512i lo, hi, bias;
   };
-  static WV load_w(const uint8_t* p) {
-    const __m512i v = _mm512_loadu_si512(p);
+  static WV nibbles(__m512i v) {
     const __m512i mask = _mm512_set1_epi8(0x0f);
     return {_mm512_and_si512(v, mask), _mm512_and_si512(_mm512_srli_epi16(v, 4), mask)};
   }
+  static WV load_w(const uint8_t* p) { return nibbles(_mm512_loadu_si512(p)); }
   // p: the step's 128 codes (two chunks), bias: its 16 lane biases.
   static XV load_x(const int8_t* p, const int32_t* bias) {
     auto halves = [](const int8_t* a, const int8_t* b) {
@@ -661,6 +661,24 @@ struct Q4Step128 {
   // Two values, one per 64 (a group of 64 is two blocks), to the lanes of their blocks.
   static __m512 per_half(const float* two) {
     return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1),
+                                 _mm512_castps128_ps512(_mm_castsi128_ps(
+                                     _mm_loadl_epi64(reinterpret_cast<const __m128i*>(two)))));
+  }
+  // A half step (K % 128 == 64: the row's last chunk of 64): its 32 packed bytes, 64 codes and 8
+  // lane biases in the low halves, zero in the high ones, so lanes 8 .. 15 of its dot are zero.
+  static WV load_w_low(const uint8_t* p) {
+    return nibbles(_mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+  }
+  static XV load_x_low(const int8_t* p, const int32_t* bias) {
+    const auto low = [](const void* a) {
+      return _mm512_zextsi256_si512(_mm256_loadu_si256(static_cast<const __m256i*>(a)));
+    };
+    return {low(p), low(p + kQ4Chunk / 2), low(bias)};
+  }
+  // The half step's two values, one per block of 32, to lanes 0 .. 3 and 4 .. 7 (and the first
+  // to lanes 8 .. 15, whose sums are zero); reads two floats.
+  static __m512 per_block_low(const float* two) {
+    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0),
                                  _mm512_castps128_ps512(_mm_castsi128_ps(
                                      _mm_loadl_epi64(reinterpret_cast<const __m128i*>(two)))));
   }
