@@ -672,16 +672,19 @@ void strip_tile_edge(int rows, const W4GemmArgs& g, int64_t m, int64_t n, int co
 }
 
 // The least M at which the strips take over from the dot kernels, by the activation's run.
-// AVX-512 (Zen 4, one thread, the op on the benchmark's layers, each build in its own process, two
-// rounds; strip time / dot time). Runs of 64 and 128: at M = 8 1.02-1.41, at 12 0.73-0.88 on 4096^2
-// and 1536x576 and 0.98-1.04 on 11008x4096. Runs of 32, a fold every 8 steps: at 12 0.91-1.27,
-// at 16 0.82-0.92 except 11008x4096 (1.03-1.09), at 24 0.73-0.90.
+// AVX-512 (Zen 4, 2 threads, the op alternating both paths in one process, weights hot, seven
+// rounds, median; strip time / dot time, two runs; the dot kernels with the half step, so K = 576
+// and 960 on zmm steps). Runs of 128: at M = 6 0.84-1.07 (1.07 on 4096x11008), at 8 0.79-1.00.
+// Runs of 64: at 6 0.65-1.06, at 8 0.58-1.01 (4096x11008), at 12 0.53-0.88. Runs of 32, a fold
+// every 8 steps: at 8 0.72-0.95 on K <= 1536 but 1.07-1.41 on K = 4096 and 11008, at 12
+// 0.60-0.91 with 11008x4096 at 1.01-1.13. (One thread, before the half step: runs of 64 and 128
+// at M = 8 1.02-1.41, runs of 32 at 12 0.91-1.27; thresholds 12 and 16 then.)
 // AVX2 (Zen 3, 2 threads, the op alternating both paths in one process, five rounds, median; dot
 // time / strip time): runs of 64 and 128 at M = 6 1.00-1.45, at 8 1.15-1.24 (1536x576 and 4096^2
 // g128, 11008x4096 g64); runs of 32 at 8 0.88-1.19, 12 0.95-1.43, 16 1.04-1.22.
 int64_t w4_strip_min_m(int64_t run) {
 #if defined(TORCHSLIM_ISA_AVX512)
-  return run <= 32 ? 16 : 12;
+  return run <= 32 ? 12 : 8;
 #else
   return run <= 32 ? 16 : 8;
 #endif
