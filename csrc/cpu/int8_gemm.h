@@ -17,6 +17,9 @@
 // while the activation block (sized by the caller to fit L2) streams past them.
 #pragma once
 
+#include <algorithm>
+#include <type_traits>
+
 #include "kernels.h"
 
 namespace torchslim::cpu::TORCHSLIM_ISA_NS {
@@ -152,9 +155,24 @@ void gemm_block(const typename D::AT* a, int64_t lda, const typename D::BT* b, i
     for (int64_t m = m0; m < m1; ++m) held[m - m0] = D::offset(a + m * lda, K);
     offsets = held.data();
   }
+  // A block of more rows than one tile walks each column tile's weights once per row tile, from
+  // cache after the first pass. There W8A8's AVX-512 tiles prefetch a weight row ahead (at least
+  // kPrefetchBytes): the next column tile's rows, which then arrive while the later row tiles
+  // compute. At M = 8 and 16 on Zen 4 (2 threads, weights cold, three alternating rounds) that
+  // took W8A8 0.73-0.87x the time on the large layers; W8A16's tiles (bound by their FMAs) did
+  // not move, nor did one row tile's (M <= 4) beyond the noise: they keep kPrefetchBytes.
+#if defined(TORCHSLIM_ISA_AVX512)
+  const bool next_tile = std::is_same_v<D, I8Dot> && m1 - m0 > MR;
+#else
+  const bool next_tile = false;  // not measured on an AVX2-only CPU
+#endif
+  const int64_t ahead =
+      next_tile
+          ? std::max<int64_t>(ldb * static_cast<int64_t>(sizeof(typename D::BT)), kPrefetchBytes<D>)
+          : kPrefetchBytes<D>;
   strided_column_tiles<NR>(n0, n1, [&](int64_t n, int cols, int64_t stride) {
     const typename D::BT* bt = b + n * ldb;
-    const typename D::BT* b_ahead = bt + kPrefetchBytes<D> / sizeof(typename D::BT);
+    const typename D::BT* b_ahead = bt + ahead / static_cast<int64_t>(sizeof(typename D::BT));
     for (int64_t m = m0; m < m1; m += MR) {
       const int rows = static_cast<int>(min_i64(MR, m1 - m));
       const typename D::Sum* row_offset = D::kOffset ? offsets + (m - m0) : nullptr;
@@ -289,6 +307,25 @@ struct I8Strip {
 
 bool takes_i8_strips(int64_t K) { return K % kI8StripBytes == 0 && K <= kI8StripMaxK; }
 
+// The next strip's weight rows, brought toward L2 while this strip's row tiles run, so that its
+// unpacking reads them from there: a tile prefetches lines [first, first + K / 4) of the next
+// strip's kI8StripCols x K / 64 (line l: row l % kI8StripCols, bytes 64 (l / kI8StripCols)), one a
+// step, so a block's first two tiles cover them all.
+struct I8StripAhead {
+  const int8_t* b = nullptr;  // the next strip's first weight row; null: none (or not a dense
+                              // weight's strips)
+  int64_t ldb = 0;
+  int rows = 0;       // its weight rows
+  int64_t first = 0;  // this tile's first line
+  TORCHSLIM_INLINE void step(int64_t K, int64_t t) const {
+    const int64_t l = first + t;
+    const int64_t row = l % kI8StripCols;
+    if (b != nullptr && row < rows && l < kI8StripCols * (K / 64)) {
+      prefetch_stream(b + row * ldb + 64 * (l / kI8StripCols));
+    }
+  }
+};
+
 #if defined(TORCHSLIM_ISA_AVX512)
 // Weight rows [n, n + cols) (cols <= kI8StripCols; zero past them) into `strip`, K % 64 == 0.
 // Always true: every weight has its strip.
@@ -319,7 +356,7 @@ inline bool unpack_i8_strip(const Int8GemmArgs& g, int64_t n, int cols, I8Strip&
 // Rows [m, m + R) against the strip at column n: the tile's int32 sums (sum x (w + 128)).
 template <int R>
 inline void i8_strip_sums(const Int8GemmArgs& g, int64_t m, const I8Strip& strip,
-                          __m512i (&sum)[R][kI8StripVecs]) {
+                          __m512i (&sum)[R][kI8StripVecs], const I8StripAhead& ahead) {
   const int8_t* a = g.a + m * g.lda;
   const uint8_t* w = strip.codes();
 #pragma GCC unroll 16
@@ -328,6 +365,7 @@ inline void i8_strip_sums(const Int8GemmArgs& g, int64_t m, const I8Strip& strip
     for (int v = 0; v < kI8StripVecs; ++v) sum[i][v] = _mm512_setzero_si512();
   }
   for (int64_t t = 0; t < g.K / 4; ++t) {
+    ahead.step(g.K, t);
     __m512i wv[kI8StripVecs];
 #pragma GCC unroll 16
     for (int v = 0; v < kI8StripVecs; ++v) {
@@ -366,9 +404,9 @@ inline void store_scaled(void* out, ScalarType type, int64_t at, __mmask16 mask,
 // Rows [m, m + R) x columns [n, n + cols) of the output; offset[i] = 128 x (row m + i's sum).
 template <int R>
 void i8_strip_tile(const Int8GemmArgs& g, int64_t m, int64_t n, int cols, const I8Strip& strip,
-                   const int32_t* offset) {
+                   const int32_t* offset, const I8StripAhead& ahead) {
   __m512i sum[R][kI8StripVecs];
-  i8_strip_sums<R>(g, m, strip, sum);
+  i8_strip_sums<R>(g, m, strip, sum, ahead);
 #pragma GCC unroll 16
   for (int v = 0; v < kI8StripVecs; ++v) {
     if (16 * v >= cols) break;  // no pointer past the columns, even under a zero mask
@@ -445,7 +483,7 @@ inline bool unpack_i8_strip(const Int8GemmArgs& g, int64_t n, int cols, I8Strip&
 // Rows [m, m + R) against the strip at column n: the tile's int32 sums (sum x w).
 template <int R>
 inline void i8_strip_sums(const Int8GemmArgs& g, int64_t m, const I8Strip& strip,
-                          __m256i (&sum)[R][kI8StripVecs]) {
+                          __m256i (&sum)[R][kI8StripVecs], const I8StripAhead& ahead) {
   const int8_t* a = g.a + m * g.lda;
   const uint8_t* w = strip.codes();
   const __m256i ones = _mm256_set1_epi16(1);
@@ -455,6 +493,7 @@ inline void i8_strip_sums(const Int8GemmArgs& g, int64_t m, const I8Strip& strip
     for (int v = 0; v < kI8StripVecs; ++v) sum[i][v] = _mm256_setzero_si256();
   }
   for (int64_t t = 0; t < g.K / 4; ++t) {
+    ahead.step(g.K, t);
     __m256i wv[kI8StripVecs];
 #pragma GCC unroll 8
     for (int v = 0; v < kI8StripVecs; ++v) {
@@ -508,9 +547,10 @@ inline void store_lanes(void* out, ScalarType type, int64_t at, __m256i mask, in
 // c * a_scale * b_scale, then + bias, as fp32 or bf16 (or c as int32).
 template <int R>
 void i8_strip_tile(const Int8GemmArgs& g, int64_t m, int64_t n, int cols, const I8Strip& strip,
-                   const int32_t* /*offset: none, the sums are sum x w*/) {
+                   const int32_t* /*offset: none, the sums are sum x w*/,
+                   const I8StripAhead& ahead) {
   __m256i sum[R][kI8StripVecs];
-  i8_strip_sums<R>(g, m, strip, sum);
+  i8_strip_sums<R>(g, m, strip, sum, ahead);
 #pragma GCC unroll 8
   for (int v = 0; v < kI8StripVecs; ++v) {
     const int lanes = cols - 8 * v;
@@ -541,11 +581,11 @@ void i8_strip_tile(const Int8GemmArgs& g, int64_t m, int64_t n, int cols, const 
 // i8_strip_tile for the last rows < kI8StripRows of a block.
 template <int R = kI8StripRows - 1>
 void i8_strip_tile_edge(int rows, const Int8GemmArgs& g, int64_t m, int64_t n, int cols,
-                        const I8Strip& strip, const int32_t* offset) {
+                        const I8Strip& strip, const int32_t* offset, const I8StripAhead& ahead) {
   if constexpr (R > 1) {
-    if (rows < R) return i8_strip_tile_edge<R - 1>(rows, g, m, n, cols, strip, offset);
+    if (rows < R) return i8_strip_tile_edge<R - 1>(rows, g, m, n, cols, strip, offset, ahead);
   }
-  i8_strip_tile<R>(g, m, n, cols, strip, offset);
+  i8_strip_tile<R>(g, m, n, cols, strip, offset, ahead);
 }
 
 // The strips' loop over a block: `unpack(n, cols, strip)` lays out weight rows [n, n + cols) as
@@ -554,7 +594,7 @@ void i8_strip_tile_edge(int rows, const Int8GemmArgs& g, int64_t m, int64_t n, i
 // columns take the dot kernels on g.b.
 template <class Unpack>
 void i8_strips(const Int8GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
-               const Unpack& unpack) {
+               const Unpack& unpack, bool prefetch_next = false) {
   thread_local I8Strip strip;
   thread_local std::vector<int32_t> offset;
   offset.resize(m1 - m0);
@@ -568,29 +608,45 @@ void i8_strips(const Int8GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_
                                       Int8Epilogue<kI8MR, kI8NR>{g});
       continue;
     }
+    I8StripAhead ahead;
+    if (prefetch_next && n + kI8StripCols < n1) {
+      ahead.b = g.b + (n + kI8StripCols) * g.ldb;
+      ahead.ldb = g.ldb;
+      ahead.rows = static_cast<int>(min_i64(kI8StripCols, n1 - n - kI8StripCols));
+    }
     int64_t m = m0;
-    for (; m + kI8StripRows <= m1; m += kI8StripRows) {
-      i8_strip_tile<kI8StripRows>(g, m, n, cols, strip, offset.data() + (m - m0));
+    for (; m + kI8StripRows <= m1; m += kI8StripRows, ahead.first += g.K / 4) {
+      i8_strip_tile<kI8StripRows>(g, m, n, cols, strip, offset.data() + (m - m0), ahead);
     }
     if (m < m1) {
-      i8_strip_tile_edge(static_cast<int>(m1 - m), g, m, n, cols, strip, offset.data() + (m - m0));
+      i8_strip_tile_edge(static_cast<int>(m1 - m), g, m, n, cols, strip, offset.data() + (m - m0),
+                         ahead);
     }
   }
 }
 
 void int8_gemm_strips(const Int8GemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-  i8_strips(g, m0, m1, n0, n1, [&](int64_t n, int cols, I8Strip& strip) {
-    return unpack_i8_strip(g, n, cols, strip);
-  });
+#if defined(TORCHSLIM_ISA_AVX512)
+  constexpr bool kPrefetchNext = true;
+#else
+  constexpr bool kPrefetchNext = false;  // not measured on an AVX2-only CPU
+#endif
+  i8_strips(
+      g, m0, m1, n0, n1,
+      [&](int64_t n, int cols, I8Strip& strip) { return unpack_i8_strip(g, n, cols, strip); },
+      kPrefetchNext);
 }
 
 // The least M at which the strips take over from the dot kernels, by K (2 threads, the op,
 // weights in cache; dot time / strip time, three rounds, median): the dot kernels' cost per
 // output beside its K steps (a horizontal sum, the epilogue) weighs less the longer K is, the
 // strips' (each weight laid out once per block of rows) does not.
-// AVX-512 (Zen 4): K = 576 at M = 8 1.30; 1024 at 8 0.96, 12 1.16; 1536 and 2048 at 8
-// 0.83-0.85, 12 1.00, 16 1.07-1.08; 4096 at 16 0.95, 24 1.05, 32 1.10; 11008 at 24 0.97, 32
-// 1.01, 48 1.09.
+// AVX-512 (Zen 4), the dot kernels prefetching the next column tile (gemm_block), weights cold
+// (rotated past the cache), two runs of the op alternating both paths, one process each, median
+// of 5; dot time / strip time: K = 576 at M = 16 0.94-0.99, 24 1.09-1.14, 32 1.12-1.22; 1536 at
+// 24 0.88-0.96, 32 0.93-1.02; 2048 at 32 0.95; 4096 at 32 0.84-0.85, 48 0.95-1.15, 64
+// 0.95-1.16, 96 1.05-1.15; 11008 at 48 0.96-0.97, 64 1.12, 96 1.05. (Before that prefetch,
+// weights in cache: K = 2048 from 12, 4096 from 24 and 11008 from 32 came out.)
 // AVX2 (Zen 3, five rounds): K = 576 at M = 8 0.99, 12 1.38, 16 1.26; 2048 at 12 1.06, 16
 // 0.88, 24 1.31; 4096 at 12 1.00, 16 1.06, 24 1.15; 11008 at 16 0.98, 24 1.17, 32 1.20.
 // K not a multiple of a strip vector's bytes, or past kI8StripMaxK: never (the dot kernels at
@@ -598,7 +654,7 @@ void int8_gemm_strips(const Int8GemmArgs& g, int64_t m0, int64_t m1, int64_t n0,
 int64_t int8_strip_min_m(int64_t K) {
   if (!takes_i8_strips(K)) return INT64_MAX;
 #if defined(TORCHSLIM_ISA_AVX512)
-  return K <= 2048 ? 12 : K <= 4096 ? 24 : 32;
+  return K <= 1024 ? 24 : K <= 2048 ? 32 : K <= 4096 ? 48 : 64;
 #else
   return K <= 1024 ? 12 : 24;
 #endif
