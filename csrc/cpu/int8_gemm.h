@@ -637,8 +637,7 @@ void int8_gemm_strips(const Int8GemmArgs& g, int64_t m0, int64_t m1, int64_t n0,
       kPrefetchNext);
 }
 
-// The least M at which the strips take over from the dot kernels, by K (2 threads, the op,
-// weights in cache; dot time / strip time, three rounds, median): the dot kernels' cost per
+// The least M at which the strips take over from the dot kernels, by K: the dot kernels' cost per
 // output beside its K steps (a horizontal sum, the epilogue) weighs less the longer K is, the
 // strips' (each weight laid out once per block of rows) does not.
 // AVX-512 (Zen 4), the dot kernels prefetching the next column tile (gemm_block), weights cold
@@ -647,10 +646,10 @@ void int8_gemm_strips(const Int8GemmArgs& g, int64_t m0, int64_t m1, int64_t n0,
 // 24 0.88-0.96, 32 0.93-1.02; 2048 at 32 0.95; 4096 at 32 0.84-0.85, 48 0.95-1.15, 64
 // 0.95-1.16, 96 1.05-1.15; 11008 at 48 0.96-0.97, 64 1.12, 96 1.05. (Before that prefetch,
 // weights in cache: K = 2048 from 12, 4096 from 24 and 11008 from 32 came out.)
-// AVX2 (Zen 3, five rounds): K = 576 at M = 8 0.99, 12 1.38, 16 1.26; 2048 at 12 1.06, 16
-// 0.88, 24 1.31; 4096 at 12 1.00, 16 1.06, 24 1.15; 11008 at 16 0.98, 24 1.17, 32 1.20.
-// K not a multiple of a strip vector's bytes, or past kI8StripMaxK: never (the dot kernels at
-// any M, in their blocks).
+// AVX2 (Zen 3, 2 threads, the op, weights in cache, five rounds, median): K = 576 at M = 8 0.99,
+// 12 1.38, 16 1.26; 2048 at 12 1.06, 16 0.88, 24 1.31; 4096 at 12 1.00, 16 1.06, 24 1.15; 11008 at
+// 16 0.98, 24 1.17, 32 1.20. K not a multiple of a strip vector's bytes, or past kI8StripMaxK:
+// never (the dot kernels at any M, in their blocks).
 int64_t int8_strip_min_m(int64_t K) {
   if (!takes_i8_strips(K)) return INT64_MAX;
 #if defined(TORCHSLIM_ISA_AVX512)
