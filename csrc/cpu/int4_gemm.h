@@ -676,7 +676,7 @@ void strip_tile_edge(int rows, const W4GemmArgs& g, int64_t m, int64_t n, int co
 // rounds, median; strip time / dot time, two runs; the dot kernels with the half step, so K = 576
 // and 960 on zmm steps). Runs of 128: at M = 6 0.84-1.07 (1.07 on 4096x11008), at 8 0.79-1.00.
 // Runs of 64: at 6 0.65-1.06, at 8 0.58-1.01 (4096x11008), at 12 0.53-0.88. Runs of 32, a fold
-// every 8 steps: at 8 0.72-0.95 on K <= 1536 but 1.07-1.41 on K = 4096 and 11008, at 12
+// every 8 steps: at 8 0.72-0.95 on K <= 1536 but 1.06-1.41 on K = 4096 and 11008, at 12
 // 0.60-0.91 with 11008x4096 at 1.01-1.13. (One thread, before the half step: runs of 64 and 128
 // at M = 8 1.02-1.41, runs of 32 at 12 0.91-1.27; thresholds 12 and 16 then.)
 // AVX2 (Zen 3, 2 threads, the op alternating both paths in one process, five rounds, median; dot
