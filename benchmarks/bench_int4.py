@@ -31,10 +31,10 @@ from torchslim.benchmarks.bench_quant import Family, Impl, run_family
 from torchslim.quant import quantize_int4, unpack_int4
 
 # (K in, N out): Llama-7B attention and MLP projections, and SmolLM2-135M's MLP down and up
-# projections (K = 576, as in all its layers but down: group 32 divides it, group 128 does not, so
-# its g128 rows, torch's int4 among them, are "not run").
-LLAMA_LAYERS = ((4096, 4096), (4096, 11008), (11008, 4096), (1536, 576))
-LAYERS = (*LLAMA_LAYERS, (576, 1536))
+# projections. K = 576 (all SmolLM2 layers but down) takes group 32, not 128: the up projection's
+# g128 rows, torch's int4 among them, are "not run".
+K128_LAYERS = ((4096, 4096), (4096, 11008), (11008, 4096), (1536, 576))
+LAYERS = (*K128_LAYERS, (576, 1536))
 BATCH = (1, 4, 16, 64, 512)
 TORCH_GROUP = 128
 
@@ -182,7 +182,7 @@ INT4 = Family(
     targets=targets,
     quick_layers=((1536, 576),),
     quick_batch=(1, 16),
-    gpu_layers=(*LLAMA_LAYERS, (8192, 8192)),  # the GPU rows are mostly g128: K = 576 not taken
+    gpu_layers=(*K128_LAYERS, (8192, 8192)),  # the GPU rows are mostly g128
     gpu_batch=(1, 4, 16, 64, 128, 512),
     gpu_impls=GPU_IMPLS,
     gpu_targets=gpu_targets,
