@@ -12,6 +12,7 @@
 #include <array>
 #include <cstdint>
 #include <cstdlib>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <tuple>
@@ -129,6 +130,26 @@ inline const float* bias_operand(const std::optional<at::Tensor>& bias, int64_t 
   if (type == at::kHalf) widen(bias->data_ptr<at::Half>());
   if (type == at::kDouble) widen(bias->data_ptr<double>());
   return wide;
+}
+
+// x (M, K) into `dst` as rows `columns` wide, NaN past K (csr_padded_k and sliced_padded_k: the
+// csr and sliced dot kernels' x; columns = K: bf16 x widened), in fp32 (from fp32 or bf16 x) or
+// in bf16 (from bf16 x). One pass without torch ops: at M = 1 their dispatch would cost more
+// than the copy.
+template <typename T>
+inline void pad_rows(const at::Tensor& x, int64_t columns, T* dst) {
+  const int64_t M = x.size(0), K = x.size(1);
+  const auto fill = [&](const auto* src) {
+    for (int64_t m = 0; m < M; ++m, dst += columns, src += x.stride(0)) {
+      std::copy(src, src + K, dst);  // bf16 to fp32: exact
+      std::fill(dst + K, dst + columns, std::numeric_limits<T>::quiet_NaN());
+    }
+  };
+  if (x.scalar_type() == at::kBFloat16) {
+    fill(x.data_ptr<at::BFloat16>());
+  } else {
+    fill(x.data_ptr<float>());
+  }
 }
 
 // Runs fn(m0, m1, n0, n1) over the (M, N) output in blocks. Blocks are ordered n-major so the

@@ -248,10 +248,18 @@ at::Tensor int8_weight_only_linear_cpu(const at::Tensor& x, const at::Tensor& w_
     return op.out;
   }
   if (kt.w8a16_pack_panels == nullptr || op.M < kt.w8a16_panel_min_m || op.K == 0) {
-    // The vector kernels read fp32 rows: bf16 x is widened once here.
-    const at::Tensor xf = op.x_type == ScalarType::kFloat32 ? x : x.to(at::kFloat).contiguous();
-    args.x = xf.data_ptr<float>();
-    args.ldx = xf.stride(0);
+    // The vector kernels read fp32 rows: bf16 x is widened once, into the calling thread's
+    // workspace (a dispatched to() cost 1-2 us of a 3-20 us decode-sized call).
+    at::Tensor held;
+    if (op.x_type == ScalarType::kBFloat16) {
+      auto* wide = reinterpret_cast<float*>(
+          workspace(static_cast<std::size_t>(op.M * op.K) * sizeof(float), held, Slot::kSecond));
+      pad_rows(x, op.K, wide);
+      args.x = wide;
+      args.ldx = op.K;
+    } else {
+      args.x = x.data_ptr<float>();
+    }
     parallel_blocks(op.M, op.N, kBlockM_F32, vector_block_n(op.M, op.N),
                     [&](int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
                       kt.w8a16_gemm(args, m0, m1, n0, n1);

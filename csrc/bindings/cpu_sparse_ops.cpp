@@ -102,26 +102,6 @@ struct SparseOperands {
   }
 };
 
-// x (M, K) into `dst` as rows `columns` wide, NaN past K (csr_padded_k and sliced_padded_k: the
-// csr and sliced dot kernels' x; columns = K: bf16 x widened), in fp32 (from fp32 or bf16 x) or
-// in bf16 (from bf16 x). One pass without torch ops: at M = 1 their dispatch would cost more
-// than the copy.
-template <typename T>
-void pad_rows(const at::Tensor& x, int64_t columns, T* dst) {
-  const int64_t M = x.size(0), K = x.size(1);
-  const auto fill = [&](const auto* src) {
-    for (int64_t m = 0; m < M; ++m, dst += columns, src += x.stride(0)) {
-      std::copy(src, src + K, dst);  // bf16 to fp32: exact
-      std::fill(dst + K, dst + columns, std::numeric_limits<T>::quiet_NaN());
-    }
-  };
-  if (x.scalar_type() == at::kBFloat16) {
-    fill(x.data_ptr<at::BFloat16>());
-  } else {
-    fill(x.data_ptr<float>());
-  }
-}
-
 // dot_columns > 0: the dot kernels (M <= kSpMaxTileM) read x padded to that width (pad_rows):
 // in bf16 when bf16_dot is set and x is bf16 (args.x_bf16; args.x is then null), else in fp32.
 // q8: x quantized per token into rows dot_columns wide (args.x_q8, any M; no panels).
