@@ -212,6 +212,8 @@ def test_block_layers_check_their_shape_and_contents():
         ("2:4", None, "bitmask"),
         ("2:4", None, "sliced"),
         ("2:4", None, "2:4"),
+        ("16x16", 0.5, "block"),
+        ("4x8", 0.75, "block"),
     ],
 )
 def test_dynamic_mode_is_w8a8_on_the_codes(pattern, amount, fmt):
@@ -226,7 +228,8 @@ def test_dynamic_mode_is_w8a8_on_the_codes(pattern, amount, fmt):
         expected = torchslim_ref.int8_dynamic_linear(x, codes, scales, linear.bias.detach())
         assert torch.equal(out, expected)  # the dense W8A8 op's bits
         assert sqnr(linear(x), out) > 30.0  # int8 weights and tokens
-    fresh = SparseLinear(257, 65, format=fmt, dtype=torch.int8, mode="dynamic")
+    block = pattern if fmt == "block" else None
+    fresh = SparseLinear(257, 65, format=fmt, dtype=torch.int8, mode="dynamic", block=block)
     fresh.load_state_dict(layer.state_dict())
     with torch.no_grad():
         assert torch.equal(fresh(x), out)
@@ -235,7 +238,7 @@ def test_dynamic_mode_is_w8a8_on_the_codes(pattern, amount, fmt):
         torch.testing.assert_close(compiled(x), out)
 
 
-def test_dynamic_mode_needs_int8_bitmask_or_sliced_values():
+def test_dynamic_mode_needs_int8_values_in_a_w8a8_format():
     linear = _pruned_linear(64, 16, "unstructured", 0.9, ("w8a8-bad",))
     with pytest.raises(ValueError, match="mode must be one of"):
         SparseLinear.from_linear(linear, "unstructured", dtype=torch.int8, mode="w8a8")
@@ -256,16 +259,24 @@ def test_dynamic_mode_needs_int8_bitmask_or_sliced_values():
     assert SparseLinear.from_linear(
         half, "unstructured", dtype=torch.int8, mode="dynamic"
     ).format == ("bitmask")
-    with pytest.raises(ValueError, match="format='block'"):
-        SparseLinear(64, 16, format="block", block="4x4", dtype=torch.int8, mode="dynamic")
-    # a block-pruned weight takes a W8A8 format under mode="dynamic" (by bytes: bitmask at 50%)
+    with pytest.raises(ValueError, match=r"mode='dynamic' \(W8A8\) takes int8 values"):
+        SparseLinear(64, 16, format="block", block="4x4", dtype=torch.bfloat16, mode="dynamic")
+    # a block-pruned weight keeps the block format under mode="dynamic" (its own W8A8 kernel),
+    # unless a format is given
     blocks = SparseLinear.from_linear(
         _pruned_linear(64, 16, "4x4", 0.5, ("w8a8-blocks",)),
         "4x4",
         dtype=torch.int8,
         mode="dynamic",
     )
-    assert blocks.format == "bitmask" and blocks.mode == "dynamic"
+    assert blocks.format == "block" and blocks.block == (4, 4) and blocks.mode == "dynamic"
+    as_bitmask = SparseLinear.from_linear(
+        _pruned_linear(64, 16, "4x4", 0.5, ("w8a8-blocks",)),
+        "4x4",
+        format="bitmask",
+        mode="dynamic",
+    )
+    assert as_bitmask.format == "bitmask" and as_bitmask.mode == "dynamic"
     # a 2:4 weight keeps its format: 2:4 has a W8A8 kernel too
     pairs = _pruned_linear(64, 16, "2:4", None, ("w8a8-24",))
     layer = SparseLinear.from_linear(pairs, "2:4", dtype=torch.int8, mode="dynamic")

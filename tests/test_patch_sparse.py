@@ -109,6 +109,33 @@ def test_block_sparsity_patches_block_layers_that_survive_save_and_load(tmp_path
         torchslim.patch(fresh_model(), "sparse", pattern="16x0", progress=False)
 
 
+def test_block_sparsity_with_int8_is_block_w8a8(tmp_path):
+    def fresh_model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(
+            torch.nn.Linear(96, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32)
+        )
+
+    model = fresh_model()
+    reference = fresh_model()
+    sparse.prune_(reference, "16x16", sparsity=0.75, progress=False)
+    torchslim.patch(model, "int8", sparsity=0.75, pattern="16x16", progress=False)
+    layers = [m for m in model if isinstance(m, SparseLinear)]
+    assert [(m.format, m.block, m.mode) for m in layers] == [("block", (16, 16), "dynamic")] * 2
+    x = torch.randn(5, 96, generator=seeded("block-w8a8"))
+    with torch.no_grad():
+        codes, scales = quantize_weight_per_channel(reference[0].weight.detach())
+        # the first layer: the dense W8A8 op on its pruned codes, to the bit
+        expected = torchslim.reference.int8_dynamic_linear(x, codes, scales, reference[0].bias)
+        assert torch.equal(model[0](x), expected)
+        assert torchslim.testing.sqnr(reference(x), model(x)) > 25.0
+    torchslim.save(model, tmp_path)
+    fresh = fresh_model()
+    torchslim.load(fresh, tmp_path)
+    with torch.no_grad():
+        assert fresh[0].mode == "dynamic" and torch.equal(fresh(x), model(x))
+
+
 def test_sparsity_arguments_are_checked():
     model = torch.nn.Sequential(torch.nn.Linear(32, 16))
     weight = model[0].weight.detach().clone()

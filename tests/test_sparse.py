@@ -306,6 +306,14 @@ def _compress_sliced(w: torch.Tensor, dtype: torch.dtype | None = None) -> tuple
     return (*compress_sliced(w, dtype), w.shape[0])
 
 
+def _compress_block_n(w: torch.Tensor, block: tuple[int, int]) -> tuple:
+    """compress_block's tensors and N, as the op and the reference take them after x."""
+    return (*compress_block(w, block), w.shape[0])
+
+
+W8A8_BLOCK = (16, 16)  # the block W8A8 op's shape in the tests shared by the W8A8 formats
+
+
 _UNSTRUCTURED = {  # format -> (compression, op, reference)
     "bitmask": (compress_bitmask, ops.sparse_bitmask_linear, ref.sparse_bitmask_linear),
     "csr": (compress_csr, ops.sparse_csr_linear, ref.sparse_csr_linear),
@@ -392,6 +400,11 @@ _W8A8 = {  # format -> (compression, op, reference): op(x, *compression(codes), 
         ops.sparse_sliced_dynamic_linear,
         ref.sparse_sliced_dynamic_linear,
     ),
+    "block": (
+        lambda w: _compress_block_n(w, W8A8_BLOCK),
+        ops.sparse_block_dynamic_linear,
+        ref.sparse_block_dynamic_linear,
+    ),
 }
 
 
@@ -433,6 +446,8 @@ def test_w8a8_is_the_reference_bit_for_bit(backend, n, k, sparsity, fmt):
 
 
 def _w8a8_weight(fmt: str, n: int, k: int, sparsity: float, g: torch.Generator) -> torch.Tensor:
+    if fmt == "block":
+        return prune_(torch.randn(n, k, generator=g), W8A8_BLOCK, sparsity=sparsity, progress=False)
     return _weight_24(n, k, g) if fmt == "2:4" else _weight_unstructured(n, k, sparsity, g)
 
 
@@ -503,7 +518,14 @@ def test_w8a8_sums_stay_exact_at_the_largest_k(backend, fmt):
 )
 @pytest.mark.parametrize(
     ("fmt", "sparsity"),
-    [("2:4", 0.5), ("bitmask", 0.5), ("bitmask", 0.9), ("sliced", 0.5), ("sliced", 0.9)],
+    [
+        ("2:4", 0.5),
+        ("bitmask", 0.5),
+        ("bitmask", 0.9),
+        ("sliced", 0.5),
+        ("sliced", 0.9),
+        ("block", 0.5),
+    ],
 )
 def test_w8a8_many_rows_bit_for_bit(backend, n, k, fmt, sparsity):
     # Past one tile of the dot kernels the avx512 level meets the weights as strips
@@ -529,6 +551,93 @@ def test_w8a8_many_rows_bit_for_bit(backend, n, k, fmt, sparsity):
             with run_on(backend):
                 out = op(x, *parts, scales, b)
             assert torch.equal(out, reference(x, *parts, scales, b)), f"{dtype} M={m}"
+
+
+@pytest.mark.parametrize("backend", SPARSE_BACKENDS)
+@pytest.mark.parametrize(
+    "block",
+    # C dividing 64 (64 / C rows a load on the avx512 level: R a multiple of it, or not, or less),
+    # C a multiple of 64 (a row in loads of 64), and C of neither kind (one code at a time)
+    [(16, 16), (4, 4), (1, 16), (3, 8), (8, 32), (2, 64), (5, 4), (3, 128), (4, 12), (2, 5)],
+)
+@pytest.mark.parametrize(("n", "k"), [(1, 3), (37, 70), (70, 301)])
+def test_block_w8a8_every_block_shape_bit_for_bit(backend, block, n, k):
+    # the block W8A8 op on blocks of every kind of width: K cut inside the last column of
+    # blocks, N inside the last block row, a load's partial rows past R, several loads a block
+    # row, 1-9 rows of x (tiles of 1-4), codes of -128, an empty block row and a zero row of x
+    g = seeded("w8a8-block", backend, block, n, k)
+    w = prune_(torch.randn(n, k, generator=g), block, sparsity=0.5, progress=False)
+    if n > block[0]:
+        w[: block[0]] = 0.0  # block row 0 keeps no block
+    codes, scales = quantize_weight_per_channel(w)
+    codes[-1, -min(3, k) :] = -128
+    parts = _compress_block_n(codes, block)
+    bias = torch.randn(n, generator=g)
+    for dtype in (torch.float32, torch.bfloat16):
+        for m in (1, 2, 3, 4, 5, 9):
+            x = _inputs(m, k, dtype, g)
+            x[0, : min(2, k)] = -x[0].abs().max()  # x's code -127 against the -128s
+            if m > 1:
+                x[1] = 0.0
+            with run_on(backend):
+                out = ops.sparse_block_dynamic_linear(x, *parts, scales, bias)
+            expected = ref.sparse_block_dynamic_linear(x, *parts, scales, bias)
+            assert torch.equal(out, expected), f"{dtype} M={m}"
+    x = torch.randn(2, k, generator=g)
+    dense = ref.int8_dynamic_linear(x, codes, scales, bias, compute_dtype=torch.float64)
+    assert torch.equal(
+        ref.sparse_block_dynamic_linear(x, *parts, scales, bias, compute_dtype=torch.float64),
+        dense,
+    )
+
+
+@pytest.mark.parametrize("backend", SPARSE_BACKENDS)
+@pytest.mark.parametrize("m", [1, 6])
+def test_block_w8a8_columns_past_k_raise(backend, m):
+    # as the float op: a column of blocks outside [0, ceil(K / C)) names itself; no read of x
+    g = seeded("w8a8-block-past-k", backend, m)
+    codes, scales = quantize_weight_per_channel(_weight_block(16, 40, (8, 8), g))
+    values, col_blocks, row_offsets = compress_block(codes, (8, 8))
+    x = nan_padded(torch.randn(m, 40, generator=g))
+    for bad in (5, -1):
+        cols = col_blocks.clone()
+        cols[-1] = bad
+        with (
+            run_on(backend),
+            pytest.raises(
+                ValueError, match=rf"col_blocks\[{cols.numel() - 1}\] = {bad} points past K = 40"
+            ),
+        ):
+            ops.sparse_block_dynamic_linear(x, values, cols, row_offsets, 16, scales)
+
+
+def test_block_w8a8_bad_input_names_the_argument():
+    g = seeded("w8a8-block-bad")
+    w = _weight_block(20, 64, (4, 16), g)
+    codes, scales = quantize_weight_per_channel(w)
+    parts = _compress_block_n(codes, (4, 16))
+    x = torch.randn(3, 64, generator=g)
+    f = ops.sparse_block_dynamic_linear
+    with pytest.raises(TypeError, match="values must be int8 codes for a W8A8 linear"):
+        f(x, *_compress_block_n(w, (4, 16)), scales)
+    with pytest.raises(ValueError, match=r"scales \(N,\) float32 is required"):
+        torch.ops.torchslim.sparse_block_dynamic_linear(x, *parts, None)
+    with pytest.raises(ValueError, match=r"scales must have shape \(N,\) = \(20,\)"):
+        f(x, *parts, scales[:5])
+    with pytest.raises(ValueError, match=r"bias must have shape \(N,\) = \(20,\)"):
+        f(x, *parts, scales, torch.zeros(3))
+    with pytest.raises(TypeError, match="n must be an int"):
+        f(x, *parts[:-1], 20.0, scales)
+    with pytest.raises(
+        ValueError, match=r"row_offsets must have shape \(ceil\(N / R\) \+ 1,\) = \(8,\)"
+    ):
+        f(x, *parts[:-1], 25, torch.ones(25))
+    with pytest.raises(TypeError, match="col_blocks must be int32"):
+        f(x, parts[0], parts[1].long(), *parts[2:], scales)
+    big = ops.sparse.MAX_DYNAMIC_K + 1
+    wide = _compress_block_n(torch.zeros(1, big, dtype=torch.int8), (1, 16))
+    with pytest.raises(ValueError, match=f"K must be at most {big - 1}"):
+        f(torch.zeros(1, big), *wide, torch.ones(1))
 
 
 @pytest.mark.skipif(
@@ -1004,6 +1113,11 @@ def test_ops_pass_opcheck():
     torch.library.opcheck(
         torch.ops.torchslim.sparse24_dynamic_linear, (x, *compress_24(codes), scales, bias)
     )
+    codes, scales = quantize_weight_per_channel(_weight_block(9, 40, (4, 8), g))
+    torch.library.opcheck(
+        torch.ops.torchslim.sparse_block_dynamic_linear,
+        (x, *_compress_block_n(codes, (4, 8)), scales, bias),
+    )
 
 
 def test_ops_compile_without_graph_breaks():
@@ -1015,6 +1129,8 @@ def test_ops_compile_without_graph_breaks():
     codes, scales = quantize_weight_per_channel(w)
     csr8, sliced8, bitmask8 = compress_csr(codes), _compress_sliced(codes), compress_bitmask(codes)
     block = compress_block(_weight_block(16, 64, (4, 16), g), "4x16")
+    codes_b, scales_b = quantize_weight_per_channel(_weight_block(16, 64, (4, 16), g))
+    block8 = _compress_block_n(codes_b, (4, 16))
     codes24, scales24 = quantize_weight_per_channel(_weight_24(16, 64, g))
     parts24 = compress_24(codes24)
 
@@ -1028,6 +1144,7 @@ def test_ops_compile_without_graph_breaks():
             + ops.sparse_sliced_dynamic_linear(x, *sliced8, scales)
             + ops.sparse_bitmask_dynamic_linear(x, *bitmask8, scales)
             + ops.sparse24_dynamic_linear(x, *parts24, scales24)
+            + ops.sparse_block_dynamic_linear(x, *block8, scales_b)
         )
 
     x = torch.randn(4, 64, generator=g)

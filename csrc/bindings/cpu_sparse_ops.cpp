@@ -368,10 +368,11 @@ at::Tensor sparse_csr_linear_cpu(const at::Tensor& x, const at::Tensor& values,
 
 // Block: x (M, K) fp32/bf16; values (B, R, C) fp32/bf16/fp16/int8, contiguous; col_blocks (B,)
 // int32; row_offsets (ceil(N / R) + 1,) int64 from 0, non-decreasing, at most B; n = N; bias and
-// scales as for 2:4.
-at::Tensor sparse_block_linear_cpu(const at::Tensor& x, const at::Tensor& values,
-                                   const at::Tensor& col_blocks, const at::Tensor& row_offsets,
-                                   int64_t n, const OptTensor& bias, const OptTensor& scales) {
+// scales as for 2:4. With q8 (int8 values only) x is quantized per token and meets the codes in
+// integer sums (the W8A8 rule).
+at::Tensor block_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& col_blocks,
+                        const at::Tensor& row_offsets, int64_t n, const OptTensor& bias,
+                        const OptTensor& scales, bool q8) {
   TORCHSLIM_CHECK(x.dim() == 2, "x must be 2-D (M, K), got ", x.dim(), "-D");
   const int64_t K = x.size(1);
   TORCHSLIM_CHECK(n >= 0, "n must be an int >= 0 (the output features), got ", n);
@@ -390,8 +391,10 @@ at::Tensor sparse_block_linear_cpu(const at::Tensor& x, const at::Tensor& values
   TORCHSLIM_CHECK(row_offsets.dim() == 1 && row_offsets.size(0) == block_rows + 1,
                   "row_offsets must have shape (ceil(N / R) + 1,) = (", block_rows + 1,
                   ",) for N = ", n, " and R = ", R, ", got ", row_offsets.sizes());
+  if (q8) check_q8(values, K);
   const at::Tensor blocks = values.contiguous();
-  SparseOperands op = sparse_operands(x, blocks, n, bias, scales);
+  SparseOperands op =
+      sparse_operands(x, blocks, n, bias, scales, q8 ? cpu::block_q8_padded_k(K, C) : 0, false, q8);
   const at::Tensor offsets = row_offsets.contiguous(), cols = col_blocks.contiguous();
   const int64_t* off = offsets.data_ptr<int64_t>();
   check_offsets(off, block_rows, B, "row_offsets", "values.shape[0]");
@@ -401,7 +404,11 @@ at::Tensor sparse_block_linear_cpu(const at::Tensor& x, const at::Tensor& values
   op.args.block_rows = R;
   op.args.block_cols = C;
   op.args.bad_row = &bad_row;
-  op.run(cpu::active_kernels().block_gemm);
+  if (q8) {  // whole block rows a block
+    op.run(cpu::active_kernels().block_gemm, kBlockM, balanced_block_n(n, (64 + R - 1) / R * R, R));
+  } else {
+    op.run(cpu::active_kernels().block_gemm);
+  }
   if (bad_row >= 0) {
     const int32_t* col = op.args.col_blocks;
     int64_t b = off[bad_row / R];
@@ -410,6 +417,20 @@ at::Tensor sparse_block_linear_cpu(const at::Tensor& x, const at::Tensor& values
                     C, " columns)");
   }
   return op.out;
+}
+
+at::Tensor sparse_block_linear_cpu(const at::Tensor& x, const at::Tensor& values,
+                                   const at::Tensor& col_blocks, const at::Tensor& row_offsets,
+                                   int64_t n, const OptTensor& bias, const OptTensor& scales) {
+  return block_linear(x, values, col_blocks, row_offsets, n, bias, scales, false);
+}
+
+// W8A8 (torchslim.reference.sparse_block_dynamic_linear): int8 values, scales (N,) fp32.
+at::Tensor sparse_block_dynamic_linear_cpu(const at::Tensor& x, const at::Tensor& values,
+                                           const at::Tensor& col_blocks,
+                                           const at::Tensor& row_offsets, int64_t n,
+                                           const at::Tensor& scales, const OptTensor& bias) {
+  return block_linear(x, values, col_blocks, row_offsets, n, bias, scales, true);
 }
 
 // Sliced: x (M, K) fp32/bf16; values (V,) fp32/bf16/fp16/int8 and columns (V,) uint8,
@@ -598,20 +619,38 @@ at::Tensor sparse_csr_linear_op(const at::Tensor& x, const at::Tensor& values,
                    x);
 }
 
+// Whether the block kernel takes these arguments (else the Python impl checks them).
+bool block_fast(const at::Tensor& x, const at::Tensor& values, const at::Tensor& col_blocks,
+                const at::Tensor& row_offsets, int64_t n, const OptTensor& bias,
+                const OptTensor& scales) {
+  return n >= 0 && values.dim() == 3 && values.size(1) >= 1 && values.size(2) >= 1 &&
+         is_sparse_input(x, values, bias, scales, n) &&
+         is_cpu_vector(col_blocks, at::kInt, values.size(0)) &&
+         is_cpu_vector(row_offsets, at::kLong, (n + values.size(1) - 1) / values.size(1) + 1);
+}
+
 at::Tensor sparse_block_linear_op(const at::Tensor& x, const at::Tensor& values,
                                   const at::Tensor& col_blocks, const at::Tensor& row_offsets,
                                   int64_t n, const OptTensor& bias, const OptTensor& scales) {
-  const bool fast =
-      n >= 0 && values.dim() == 3 && values.size(1) >= 1 && values.size(2) >= 1 &&
-      is_sparse_input(x, values, bias, scales, n) &&
-      is_cpu_vector(col_blocks, at::kInt, values.size(0)) &&
-      is_cpu_vector(row_offsets, at::kLong, (n + values.size(1) - 1) / values.size(1) + 1);
-  if (!fast) {
+  if (!block_fast(x, values, col_blocks, row_offsets, n, bias, scales)) {
     return registry::call_python<at::Tensor>("sparse_block_linear", x, values, col_blocks,
                                              row_offsets, n, bias, scales);
   }
   return unflatten(
       sparse_block_linear_cpu(rows(x), values, col_blocks, row_offsets, n, bias, scales), x);
+}
+
+at::Tensor sparse_block_dynamic_linear_op(const at::Tensor& x, const at::Tensor& values,
+                                          const at::Tensor& col_blocks,
+                                          const at::Tensor& row_offsets, int64_t n,
+                                          const at::Tensor& scales, const OptTensor& bias) {
+  if (!q8_fast(x, values) || !block_fast(x, values, col_blocks, row_offsets, n, bias, scales)) {
+    return registry::call_python<at::Tensor>("sparse_block_dynamic_linear", x, values, col_blocks,
+                                             row_offsets, n, scales, bias);
+  }
+  return unflatten(
+      sparse_block_dynamic_linear_cpu(rows(x), values, col_blocks, row_offsets, n, scales, bias),
+      x);
 }
 
 // Whether the sliced kernel takes these arguments (else the Python impl checks them).
@@ -683,6 +722,10 @@ void bind_cpu_sparse(pybind11::module_& m) {
         pybind11::arg("x"), pybind11::arg("values"), pybind11::arg("col_blocks"),
         pybind11::arg("row_offsets"), pybind11::arg("n"), pybind11::arg("bias") = pybind11::none(),
         pybind11::arg("scales") = pybind11::none());
+  m.def("sparse_block_dynamic_linear_cpu", &sparse_block_dynamic_linear_cpu,
+        "block-sparse linear, W8A8", pybind11::arg("x"), pybind11::arg("values"),
+        pybind11::arg("col_blocks"), pybind11::arg("row_offsets"), pybind11::arg("n"),
+        pybind11::arg("scales"), pybind11::arg("bias") = pybind11::none());
   m.def("sparse_sliced_linear_cpu", &sparse_sliced_linear_cpu, "sliced sparse linear",
         pybind11::arg("x"), pybind11::arg("values"), pybind11::arg("columns"),
         pybind11::arg("groups"), pybind11::arg("group_offsets"), pybind11::arg("value_offsets"),
@@ -704,6 +747,7 @@ TORCH_LIBRARY_IMPL(torchslim, CPU, m) {
   m.impl("sparse_bitmask_dynamic_linear", &torchslim::sparse_bitmask_dynamic_linear_op);
   m.impl("sparse_csr_linear", &torchslim::sparse_csr_linear_op);
   m.impl("sparse_block_linear", &torchslim::sparse_block_linear_op);
+  m.impl("sparse_block_dynamic_linear", &torchslim::sparse_block_dynamic_linear_op);
   m.impl("sparse_sliced_linear", &torchslim::sparse_sliced_linear_op);
   m.impl("sparse_sliced_dynamic_linear", &torchslim::sparse_sliced_dynamic_linear_op);
 }
@@ -717,6 +761,7 @@ TORCH_LIBRARY_IMPL(torchslim, AutogradCPU, m) {
   m.impl("sparse_bitmask_dynamic_linear", torchslim::registry::linear_autograd());
   m.impl("sparse_csr_linear", torchslim::registry::linear_autograd());
   m.impl("sparse_block_linear", torchslim::registry::linear_autograd());
+  m.impl("sparse_block_dynamic_linear", torchslim::registry::linear_autograd());
   m.impl("sparse_sliced_linear", torchslim::registry::linear_autograd());
   m.impl("sparse_sliced_dynamic_linear", torchslim::registry::linear_autograd());
 }

@@ -344,6 +344,9 @@ constexpr int64_t csr_padded_k(int64_t K) { return (K + 7) / 8 * 8 + 256; }
 // The columns of a row of x's codes that the 2:4 W8A8 kernels read: K rounded up to a whole step
 // of 128, zero codes past K (sparse_gemm.h, "2:4 W8A8").
 constexpr int64_t sp24_q8_padded_k(int64_t K) { return (K + 127) / 128 * 128; }
+// The width of x_q8's rows for block W8A8 with blocks of C columns: whole blocks, so that a
+// block's loads of x stay inside its row.
+constexpr int64_t block_q8_padded_k(int64_t K, int64_t C) { return (K + C - 1) / C * C; }
 
 // The sliced format: blocks of kSlicedRows weight rows, slices of kSlicedCols columns, groups
 // of up to kSlicedGroup nonzeros of one row (see sliced_gemm.h).

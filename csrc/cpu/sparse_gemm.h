@@ -2168,7 +2168,220 @@ void csr_gemm(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64
   sparse_dispatch<CsrTile, CsrSpmm>(g, m0, m1, n0, n1);
 }
 
+// ------------------------------------------------------------------------------ block, W8A8
+// int8 codes against x quantized per token (SparseGemmArgs::x_q8, rows a whole number of C
+// columns wide, zero codes past K: block_q8_padded_k): a weight row's sums over its blocks are
+// exact in int32 (kept modulo 2^32, as every W8A8 path keeps them), so the output is the
+// reference's to the bit. A block's R rows of C codes lie contiguous, R * C bytes.
+//
+// AVX-512 (VNNI): where C divides 64 (C = 4, 8, 16, 32, 64) one 64-byte load holds P = 64 / C
+// whole rows of a block, and one vpdpbusd multiplies them with x's C codes at the block's
+// columns repeated P times (a broadcast), summing by fours into the rows' 32-bit lanes: 64
+// products an instruction, no index per value, each byte of the weight read once. Where C is a
+// multiple of 64 each 64-byte load is one row's, against x's next 64 codes. x goes in offset by
+// 128 (vpdpbusd's unsigned side) and a second vpdpbusd per load, shared by the rows of x, sums
+// 128 times the codes, which the end subtracts. A block row's loads are walked up to
+// kBlockQ8Vectors at a time, each with an accumulator per row of x across the block row's
+// blocks; the lanes are added up per row once per block row. Other levels and other C: one code
+// at a time.
+constexpr int kBlockQ8Vectors = 4;
+
+// Block row r's rows [0, R) against rows [m, m + RM) of x_q8, one code at a time: totals[i][mm]
+// += the row's sums (modulo 2^32). False when a block's column of blocks lies outside K.
+template <int RM>
+bool block_q8_row_scalar(const SparseGemmArgs& g, int64_t m, int64_t r, uint32_t* totals) {
+  const int64_t R = g.block_rows, C = g.block_cols;
+  const int8_t* values = typed<int8_t>(g.values);
+  bool fits = true;
+  for (int64_t b = g.row_offsets[r]; b < g.row_offsets[r + 1]; ++b) {
+    const int64_t first = block_first_column(g, b);
+    if (first < 0) {
+      fits = false;
+      continue;
+    }
+    const int64_t width = min_i64(C, g.K - first);
+    const int8_t* w = values + b * R * C;
+    for (int64_t i = 0; i < R; ++i) {
+      for (int64_t j = 0; j < width; ++j) {
+        const int32_t wij = w[i * C + j];
+        for (int mm = 0; mm < RM; ++mm) {
+          totals[i * RM + mm] +=
+              static_cast<uint32_t>(wij * g.x_q8[(m + mm) * g.ldx_q8 + first + j]);
+        }
+      }
+    }
+  }
+  return fits;
+}
+
+#if defined(TORCHSLIM_ISA_AVX512)
+// x's codes for the block at `first`, + 128 (as unsigned bytes), for load t of a block: C < 64
+// (a whole row, repeated 64 / C times: P rows a load), or C a multiple of 64 (the load's 64).
+template <int C>
+TORCHSLIM_INLINE __m512i block_q8_x(const int8_t* x, int64_t first, int64_t t, int64_t wide_c) {
+  const int8_t* p = x + first;
+  __m512i v;
+  if constexpr (C == 4) {
+    int32_t word;
+    __builtin_memcpy(&word, p, sizeof word);
+    v = _mm512_set1_epi32(word);
+  } else if constexpr (C == 8) {
+    int64_t word;
+    __builtin_memcpy(&word, p, sizeof word);
+    v = _mm512_set1_epi64(word);
+  } else if constexpr (C == 16) {
+    v = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  } else if constexpr (C == 32) {
+    v = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  } else {  // C == 64, or C = wide_c, a multiple of 64: load t is row t / (C / 64)'s part t % ...
+    const int64_t parts = C == 64 ? 1 : wide_c / 64;
+    v = _mm512_loadu_si512(p + 64 * (t % parts));
+  }
+  return _mm512_xor_si512(v, _mm512_set1_epi8(-128));
+}
+
+// Loads [t0, t0 + T) of each block of block row r against rows [m, m + RM) of x_q8; adds each
+// load's rows' sums into totals (C: 4..64, or 0 for a multiple of 64, g.block_cols). False when
+// a block's column of blocks lies outside K.
+template <int C, int RM>
+bool block_q8_row_loads(const SparseGemmArgs& g, int64_t m, int64_t r, int64_t t0, int T,
+                        uint32_t* totals) {
+  const int64_t R = g.block_rows, wide_c = g.block_cols, block_bytes = R * wide_c;
+  const int8_t* values = typed<int8_t>(g.values);
+  const __m512i flip = _mm512_set1_epi8(-128);
+  __mmask64 present[kBlockQ8Vectors];  // each load's bytes inside the block
+  __m512i acc[kBlockQ8Vectors][RM], offset[kBlockQ8Vectors];
+#pragma GCC unroll 4
+  for (int t = 0; t < kBlockQ8Vectors; ++t) {
+    const int64_t left = block_bytes - 64 * (t0 + t);
+    present[t] = left >= 64 ? ~__mmask64{0} : _bzhi_u64(~uint64_t{0}, left > 0 ? left : 0);
+    offset[t] = _mm512_setzero_si512();
+#pragma GCC unroll 4
+    for (int mm = 0; mm < RM; ++mm) acc[t][mm] = _mm512_setzero_si512();
+  }
+  bool fits = true;
+  for (int64_t b = g.row_offsets[r]; b < g.row_offsets[r + 1]; ++b) {
+    const int64_t first = block_first_column(g, b);
+    if (first < 0) {
+      fits = false;
+      continue;
+    }
+    const int8_t* w = values + b * block_bytes + 64 * t0;
+    __m512i xv[RM];
+    if constexpr (C != 0) {
+#pragma GCC unroll 4
+      for (int mm = 0; mm < RM; ++mm)
+        xv[mm] = block_q8_x<C>(g.x_q8 + (m + mm) * g.ldx_q8, first, 0, 0);
+    }
+#pragma GCC unroll 4
+    for (int t = 0; t < kBlockQ8Vectors; ++t) {
+      if (t >= T) break;
+      const __m512i wt = _mm512_maskz_loadu_epi8(present[t], w + 64 * t);
+      offset[t] = _mm512_dpbusd_epi32(offset[t], flip, wt);
+#pragma GCC unroll 4
+      for (int mm = 0; mm < RM; ++mm) {
+        if constexpr (C == 0) {
+          xv[mm] = block_q8_x<0>(g.x_q8 + (m + mm) * g.ldx_q8, first, t0 + t, wide_c);
+        }
+        acc[t][mm] = _mm512_dpbusd_epi32(acc[t][mm], xv[mm], wt);
+      }
+    }
+  }
+  // Load t's lanes: C / 4 for each of its 64 / C rows, from row (t0 + t) 64 / C (C < 64 in
+  // the template); or all 16 for row (t0 + t) / (C / 64).
+#pragma GCC unroll 4
+  for (int t = 0; t < kBlockQ8Vectors; ++t) {
+    if (t >= T) break;
+#pragma GCC unroll 4
+    for (int mm = 0; mm < RM; ++mm) {
+      const __m512i sums = _mm512_sub_epi32(acc[t][mm], offset[t]);
+      if constexpr (C == 0) {
+        totals[(t0 + t) / (wide_c / 64) * RM + mm] +=
+            static_cast<uint32_t>(_mm512_reduce_add_epi32(sums));
+      } else {
+        constexpr int kRows = 64 / C, kLanes = C / 4;
+        alignas(64) uint32_t lanes[16];
+        _mm512_store_si512(lanes, sums);
+        for (int p = 0; p < kRows; ++p) {
+          const int64_t row = (t0 + t) * kRows + p;
+          if (row >= R) break;
+          uint32_t total = 0;
+          for (int l = 0; l < kLanes; ++l) total += lanes[p * kLanes + l];
+          totals[row * RM + mm] += total;
+        }
+      }
+    }
+  }
+  return fits;
+}
+
+// Block row r against rows [m, m + RM) of x_q8, its loads kBlockQ8Vectors at a time.
+template <int C, int RM>
+bool block_q8_row_vector(const SparseGemmArgs& g, int64_t m, int64_t r, uint32_t* totals) {
+  const int64_t loads = (g.block_rows * g.block_cols + 63) / 64;
+  bool fits = true;
+  for (int64_t t0 = 0; t0 < loads; t0 += kBlockQ8Vectors) {
+    const int T = static_cast<int>(min_i64(kBlockQ8Vectors, loads - t0));
+    fits &= block_q8_row_loads<C, RM>(g, m, r, t0, T, totals);
+  }
+  return fits;
+}
+#endif
+
+// Rows [m0, m1) of x_q8 against weight rows [n0, n1), block row by block row, in tiles of up to
+// kSpMR rows of x (at large M each tile walks the block row's blocks again).
+void block_q8(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  const int64_t R = g.block_rows, C = g.block_cols;
+  thread_local std::vector<uint32_t> totals;
+  totals.resize(static_cast<std::size_t>(R * kSpMR));
+  for (int64_t r = n0 / R; r * R < n1; ++r) {
+    const int64_t first = r * R, last = min_i64(n1, first + R);
+    for (int64_t m = m0; m < m1; m += kSpMR) {
+      with_tile_rows(m1 - m, [&](auto tile_rows) {
+        constexpr int RM = decltype(tile_rows)::value;
+        std::fill(totals.begin(), totals.end(), 0u);
+        bool fits;
+#if defined(TORCHSLIM_ISA_AVX512)
+        const auto vector = [&](auto c) {
+          return block_q8_row_vector<decltype(c)::value, RM>(g, m, r, totals.data());
+        };
+        switch (C) {
+          case 4:
+            fits = vector(std::integral_constant<int, 4>{});
+            break;
+          case 8:
+            fits = vector(std::integral_constant<int, 8>{});
+            break;
+          case 16:
+            fits = vector(std::integral_constant<int, 16>{});
+            break;
+          case 32:
+            fits = vector(std::integral_constant<int, 32>{});
+            break;
+          case 64:
+            fits = vector(std::integral_constant<int, 64>{});
+            break;
+          default:
+            fits = C % 64 == 0 ? vector(std::integral_constant<int, 0>{})
+                               : block_q8_row_scalar<RM>(g, m, r, totals.data());
+        }
+#else
+        fits = block_q8_row_scalar<RM>(g, m, r, totals.data());
+#endif
+        if (!fits) report_bad_row(g, first);
+        for (int mm = 0; mm < RM; ++mm) {
+          for (int64_t n = std::max(first, n0); n < last; ++n) {
+            const int32_t sum = static_cast<int32_t>(totals[(n - first) * RM + mm]);
+            store_sum(g, m + mm, n, static_cast<float>(sum) * g.x_scales[m + mm]);
+          }
+        }
+      });
+    }
+  }
+}
+
 void block_gemm(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  if (g.x_q8 != nullptr) return block_q8(g, m0, m1, n0, n1);
   with_value_type(g.v_type, [&](auto value) {  // every M: BlockGemm picks the kernel
     BlockGemm<decltype(value)>::run(g, m0, m1, n0, n1);
   });

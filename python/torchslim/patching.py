@@ -426,10 +426,10 @@ def patch(
             (bitmask or csr format), or with ``pattern="16x16"`` (any "RxC") that share of
             whole blocks per block row (the block format). With quant="int8-weight" the kept
             weights are stored as int8 codes per output channel (the sparse kernels' int8
-            values, W8A16); with quant="int8" too, in the 2:4 format for "2:4", else in the
-            bitmask or sliced format (the one with the fewer bytes), and the activations are
-            quantized per token inside the op (W8A8: SparseLinear's mode="dynamic"); no other
-            quant combines with it.
+            values, W8A16); with quant="int8" too, in the 2:4 format for "2:4", the block
+            format for blocks, else in the bitmask or sliced format (the one with the fewer
+            bytes), and the activations are quantized per token inside the op (W8A8:
+            SparseLinear's mode="dynamic"); no other quant combines with it.
         sparsity_method: "magnitude" or "wanda" (|W| times the input norm per channel, from
             ``calibration``); see torchslim.sparse.prune_.
         **options: the method's own options (``METHODS[quant].options`` lists them with their

@@ -31,8 +31,9 @@ _OP_BLOCK = torch.ops.torchslim.sparse_block_linear.default
 _OP_SLICED = torch.ops.torchslim.sparse_sliced_linear.default
 _OP_SLICED_DYNAMIC = torch.ops.torchslim.sparse_sliced_dynamic_linear.default
 _OP_BITMASK_DYNAMIC = torch.ops.torchslim.sparse_bitmask_dynamic_linear.default
+_OP_BLOCK_DYNAMIC = torch.ops.torchslim.sparse_block_dynamic_linear.default
 # The formats with a W8A8 kernel (mode="dynamic"), and those of them for unstructured weights.
-DYNAMIC_FORMATS = ("2:4", "bitmask", "sliced")
+DYNAMIC_FORMATS = ("2:4", "bitmask", "sliced", "block")
 _UNSTRUCTURED_DYNAMIC = ("bitmask", "sliced")
 
 MODES = ("weight_only", "dynamic")
@@ -78,11 +79,11 @@ class SparseLinear(nn.Module):
     fp32 activations halve the bytes read. With ``dtype=torch.int8`` they are int8 codes of the
     pruned weight quantized per output channel, with ``scales`` (out,) fp32 (W8A16: W[n] =
     codes[n] * scales[n]): a byte per nonzero, so 2:4 reads 0.625 bytes per weight.
-    ``mode="dynamic"`` (int8 values in the 2:4, bitmask or sliced format) quantizes the
+    ``mode="dynamic"`` (int8 values in the 2:4, bitmask, sliced or block format) quantizes the
     activations per token inside the op and multiplies them with the codes exactly (W8A8, the
     rule of Int8Linear's "dynamic" mode: torch.ops.torchslim.sparse24_dynamic_linear,
-    sparse_bitmask_dynamic_linear and sparse_sliced_dynamic_linear); the default "weight_only"
-    keeps them in float.
+    sparse_bitmask_dynamic_linear, sparse_sliced_dynamic_linear and
+    sparse_block_dynamic_linear); the default "weight_only" keeps them in float.
     ``module.to(dtype)`` casts float values and the bias, like nn.Linear's weight and bias;
     int8 codes and their fp32 scales stay as they are.
     ``dense_weight()`` decompresses W.
@@ -207,9 +208,10 @@ class SparseLinear(nn.Module):
                 weight quantized per output channel (int8 codes and fp32 scales, see
                 torchslim.quant.quantize_weight_per_channel; zeros stay zeros).
             mode: "weight_only" (activations stay in float) or "dynamic" (W8A8: activations
-                quantized per token; int8 values, dtype None meaning int8, in the 2:4, bitmask
-                or sliced format, by default 2:4 for the 2:4 pattern, else the one of bitmask
-                and sliced with the fewer bytes: bitmask up to about 85% sparsity).
+                quantized per token; int8 values, dtype None meaning int8, in the 2:4, bitmask,
+                sliced or block format, by default 2:4 for the 2:4 pattern, block for blocks,
+                else the one of bitmask and sliced with the fewer bytes: bitmask up to about 85%
+                sparsity).
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
@@ -226,7 +228,7 @@ class SparseLinear(nn.Module):
         scales = None
         if dtype == torch.int8:
             weight, scales = quantize_weight_per_channel(weight)
-        if mode == "dynamic" and format is None:
+        if mode == "dynamic" and format is None and parsed.kind != "block":
             format = "2:4" if str(parsed) == "2:4" else dynamic_format(weight)
         if parsed.kind == "block":
             format = format or "block"
@@ -414,6 +416,10 @@ class SparseLinear(nn.Module):
             return _OP_BITMASK(x, values, b["mask"], b["row_offsets"], bias, scales)
         if self.format == "block":
             n = self.out_features
+            if self.mode == "dynamic":
+                return _OP_BLOCK_DYNAMIC(
+                    x, values, b["col_blocks"], b["row_offsets"], n, scales, bias
+                )
             return _OP_BLOCK(x, values, b["col_blocks"], b["row_offsets"], n, bias, scales)
         if self.format == "sliced":
             if self.mode == "dynamic":
@@ -450,8 +456,8 @@ def check_mode(mode: str, format: str | None, dtype: torch.dtype | None) -> None
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if mode == "dynamic" and (format not in (None, *DYNAMIC_FORMATS) or dtype != torch.int8):
         raise ValueError(
-            f"mode='dynamic' (W8A8) takes int8 values in the 2:4, bitmask or sliced format, got "
-            f"format={format!r} and dtype={dtype}"
+            f"mode='dynamic' (W8A8) takes int8 values in the 2:4, bitmask, sliced or block "
+            f"format, got format={format!r} and dtype={dtype}"
         )
 
 

@@ -49,6 +49,11 @@ Schemas (``torch.ops.torchslim.*``):
         W8A8 as sparse_sliced_dynamic_linear below, on the bitmask format's arrays  ->  (..., N)
         in x.dtype
 
+    sparse_block_dynamic_linear(Tensor x, Tensor values, Tensor col_blocks, Tensor row_offsets,
+                                int n, Tensor scales, Tensor? bias=None) -> Tensor
+        W8A8 as sparse_sliced_dynamic_linear below, on the block format's arrays  ->  (..., N)
+        in x.dtype
+
     sparse_sliced_dynamic_linear(Tensor x, Tensor values, Tensor columns, Tensor groups,
                                  Tensor group_offsets, Tensor value_offsets, int n,
                                  Tensor scales, Tensor? bias=None) -> Tensor
@@ -514,6 +519,36 @@ define_op(
 define_linear_grad("sparse_block_linear", _weight_block)
 
 
+def _check_block_dynamic(x, values, col_blocks, row_offsets, n, scales, bias) -> None:
+    _check_dynamic(x, values, scales)
+    _check_block_args(x, values, col_blocks, row_offsets, n, bias, scales)
+
+
+_BLOCK_DYNAMIC = _backends("sparse_block_dynamic_linear", ref.sparse_block_dynamic_linear)
+
+
+def _block_dynamic_impl(x, values, col_blocks, row_offsets, n, scales, bias=None):
+    _check_block_dynamic(x, values, col_blocks, row_offsets, n, scales, bias)
+    ref.sparse.check_block(values, col_blocks, row_offsets, n, x.shape[-1])
+    out = _BLOCK_DYNAMIC(_rows(x), values, col_blocks, row_offsets, n, scales.contiguous(), bias)
+    return out.reshape(*x.shape[:-1], n)
+
+
+def _block_dynamic_fake(x, values, col_blocks, row_offsets, n, scales, bias=None):
+    _check_block_dynamic(x, values, col_blocks, row_offsets, n, scales, bias)
+    return x.new_empty((*x.shape[:-1], n))
+
+
+define_op(
+    "sparse_block_dynamic_linear(Tensor x, Tensor values, Tensor col_blocks, "
+    "Tensor row_offsets, int n, Tensor scales, Tensor? bias=None) -> Tensor",
+    impl=_block_dynamic_impl,
+    fake=_block_dynamic_fake,
+    backends=_BLOCK_DYNAMIC,
+)
+define_linear_grad("sparse_block_dynamic_linear", _weight_block)
+
+
 # --------------------------------------------------------------------------- sliced
 def _check_sliced(x, values, columns, groups, group_offsets, value_offsets, n, bias, scales):
     _check_activation(x)
@@ -748,6 +783,28 @@ def sparse_block_linear(
         raise TypeError(f"n must be an int (the output features), got {type(n).__name__}")
     return torch.ops.torchslim.sparse_block_linear(
         x, values, col_blocks, row_offsets, n, bias, scales
+    )
+
+
+def sparse_block_dynamic_linear(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    col_blocks: torch.Tensor,
+    row_offsets: torch.Tensor,
+    n: int,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """W8A8 ``x @ W.T + bias`` with W (``n`` rows) int8 codes in the block format and per-row
+    ``scales``, x quantized per token inside the op
+    (:func:`torchslim.reference.sparse_block_dynamic_linear`)."""
+    _require_tensors(
+        x=x, values=values, col_blocks=col_blocks, row_offsets=row_offsets, bias=bias, scales=scales
+    )
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"n must be an int (the output features), got {type(n).__name__}")
+    return torch.ops.torchslim.sparse_block_dynamic_linear(
+        x, values, col_blocks, row_offsets, n, scales, bias
     )
 
 

@@ -83,8 +83,9 @@ Quantized values: in every format the values may be int8 codes with a scale per 
 fp32 ``scales``: W[n] = codes[n] * scales[n] (the int8 weight-only rule of
 :func:`torchslim.reference.int8.int8_weight_only_linear`, on the pruned weight). A value byte
 per nonzero: 2:4 with int8 values takes 0.625 bytes per weight, a third of dense bf16.
-Bitmask and sliced int8 codes may also meet x quantized per token
-(:func:`sparse_bitmask_dynamic_linear`, :func:`sparse_sliced_dynamic_linear`: the W8A8 rule of
+Bitmask, sliced and block int8 codes may also meet x quantized per token
+(:func:`sparse_bitmask_dynamic_linear`, :func:`sparse_sliced_dynamic_linear`,
+:func:`sparse_block_dynamic_linear`: the W8A8 rule of
 :func:`torchslim.reference.int8_dynamic_linear`): codes times codes, summed exactly.
 
 The linear ops compute ``x @ W.T + bias`` on the decompressed W. The kernels visit only the
@@ -805,6 +806,34 @@ def sparse_block_linear(
     cd = compute_dtype or x.dtype
     w = decompress_block(values, col_blocks, row_offsets, n, x.shape[-1], dtype=cd)
     return _linear(x, w, bias, cd, scales)
+
+
+def sparse_block_dynamic_linear(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    col_blocks: torch.Tensor,
+    row_offsets: torch.Tensor,
+    n: int,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """W8A8 on a block weight of int8 codes: the rule of
+    :func:`torchslim.reference.int8_dynamic_linear` on the decompressed codes, x quantized per
+    token inside the op (as :func:`sparse_sliced_dynamic_linear`).
+
+    Args:
+        x: (..., K) fp32/bf16/fp16. values: (B, R, C) int8 codes. col_blocks, row_offsets, n: as
+        :func:`sparse_block_linear`. scales: (N,) fp32. bias: (N,) or None.
+        compute_dtype: dtype of the epilogue arithmetic (float64 for the test yardstick).
+
+    Returns:
+        (..., N) in ``x.dtype``.
+    """
+    _require_codes(values)
+    codes = decompress_block(values, col_blocks, row_offsets, n, x.shape[-1], dtype=torch.int32)
+    return int8_dynamic_linear(x, codes, scales, bias, compute_dtype=compute_dtype)
 
 
 def scale_rows(w: torch.Tensor, scales: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
