@@ -29,11 +29,12 @@ CPU implementations, in the same run:
                                 activations)
     torchslim-<fmt>-int8-fp32x  ours, int8 values (the pruned weight quantized per output
                                 channel, fp32 scales: W8A16) and fp32 x
-    torchslim-<fmt>-w8a8        ours, bitmask, sliced or 2:4 int8 values against fp32 x
+    torchslim-<fmt>-w8a8        ours, bitmask, sliced, 2:4 or block int8 values against fp32 x
                                 quantized per token inside the op
-                                (sparse_bitmask_dynamic_linear, sparse_sliced_dynamic_linear and
-                                sparse24_dynamic_linear: W8A8, the rule of int8_dynamic_linear;
-                                the op's quantization of x is timed)
+                                (sparse_bitmask_dynamic_linear, sparse_sliced_dynamic_linear,
+                                sparse24_dynamic_linear and sparse_block_dynamic_linear: W8A8,
+                                the rule of int8_dynamic_linear; the op's quantization of x is
+                                timed)
 
 Ours run sparse_bitmask_linear, sparse_csr_linear and sparse_sliced_linear (<fmt> bitmask, csr,
 sliced) at the unstructured patterns, sparse24_linear (2:4) at 2:4 and sparse_block_linear
@@ -286,6 +287,7 @@ _W8A8_OPS = {  # format -> its W8A8 op
     "bitmask": "sparse_bitmask_dynamic_linear",
     "sliced": "sparse_sliced_dynamic_linear",
     "2:4": "sparse24_dynamic_linear",
+    "block": "sparse_block_dynamic_linear",
 }
 
 

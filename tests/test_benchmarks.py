@@ -183,7 +183,11 @@ def test_bench_sparse_quick(tmp_path, capsys, monkeypatch):
         "torch-csr-fp32",
     )
     for p in ("16x16@50%", "16x16@90%"):
-        per_pattern[p] = (*(f"torchslim-block-{v}" for v in variants), "torch-csr-fp32")
+        per_pattern[p] = (
+            *(f"torchslim-block-{v}" for v in variants),
+            "torchslim-block-w8a8",
+            "torch-csr-fp32",
+        )
     # Each pattern's implementations take turns with both dense ones (and the copy probe).
     dense = per_pattern.pop("dense")
     expected = {
