@@ -2174,16 +2174,17 @@ void csr_gemm(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64
 // exact in int32 (kept modulo 2^32, as every W8A8 path keeps them), so the output is the
 // reference's to the bit. A block's R rows of C codes lie contiguous, R * C bytes.
 //
-// AVX-512 (VNNI): where C divides 64 (C = 4, 8, 16, 32, 64) one 64-byte load holds P = 64 / C
-// whole rows of a block, and one vpdpbusd multiplies them with x's C codes at the block's
-// columns repeated P times (a broadcast), summing by fours into the rows' 32-bit lanes: 64
-// products an instruction, no index per value, each byte of the weight read once. Where C is a
-// multiple of 64 each 64-byte load is one row's, against x's next 64 codes. x goes in offset by
-// 128 (vpdpbusd's unsigned side) and a second vpdpbusd per load, shared by the rows of x, sums
-// 128 times the codes, which the end subtracts. A block row's loads are walked up to
-// kBlockQ8Vectors at a time, each with an accumulator per row of x across the block row's
-// blocks; the lanes are added up per row once per block row. Other levels and other C: one code
-// at a time.
+// The vector levels load a block kBytes at a time (64 on AVX-512, 32 on AVX2). Where C divides
+// kBytes a load holds kBytes / C whole rows, and one multiply-add meets them with x's C codes
+// at the block's columns repeated kBytes / C times (a broadcast), summing by fours into the
+// rows' 32-bit lanes: no index per value, each byte of the weight read once. Where C is a
+// multiple of kBytes each load is part of one row, against x's codes there. AVX-512 (VNNI):
+// one vpdpbusd, x offset by 128 (its unsigned side) and a second vpdpbusd per load, shared by
+// the rows of x, summing 128 times the codes for the end to take off. AVX2: the dense dot
+// kernels' sign trick (|w| against x * sign(w), vpmaddubsw, vpmaddwd). A block row's loads are
+// walked up to kBlockQ8Vectors at a time, each with an accumulator per row of x across the
+// block row's blocks; their lanes are added up per row once per block row. Other C (and the
+// portable level): one code at a time.
 constexpr int kBlockQ8Vectors = 4;
 
 // Block row r's rows [0, R) against rows [m, m + RM) of x_q8, one code at a time: totals[i][mm]
@@ -2214,50 +2215,120 @@ bool block_q8_row_scalar(const SparseGemmArgs& g, int64_t m, int64_t r, uint32_t
   return fits;
 }
 
+#if defined(TORCHSLIM_ISA_AVX512) || defined(TORCHSLIM_ISA_AVX2)
 #if defined(TORCHSLIM_ISA_AVX512)
-// x's codes for the block at `first`, + 128 (as unsigned bytes), for load t of a block: C < 64
-// (a whole row, repeated 64 / C times: P rows a load), or C a multiple of 64 (the load's 64).
+struct BlockQ8Vec {
+  using V = __m512i;
+  struct W {
+    __m512i codes;
+  };
+  static constexpr int kBytes = 64;
+  using Part = __mmask64;  // which of a load's bytes lie inside the block
+  static V zero() { return _mm512_setzero_si512(); }
+  static Part part(int64_t left) {
+    return left >= 64 ? ~__mmask64{0} : _bzhi_u64(~uint64_t{0}, left > 0 ? left : 0);
+  }
+  static W load(const int8_t* p, Part part) { return {_mm512_maskz_loadu_epi8(part, p)}; }
+  static V offset_codes(V v) { return _mm512_xor_si512(v, _mm512_set1_epi8(-128)); }
+  static V x4(int32_t word) { return offset_codes(_mm512_set1_epi32(word)); }
+  static V x8(int64_t word) { return offset_codes(_mm512_set1_epi64(word)); }
+  static V x16(const int8_t* p) {
+    return offset_codes(
+        _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+  static V x32(const int8_t* p) {
+    return offset_codes(
+        _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+  }
+  static V x_all(const int8_t* p) { return offset_codes(_mm512_loadu_si512(p)); }
+  // acc + each four of x (+ 128) times w; offset + 128 times each four of w
+  static V dot(V acc, V x, const W& w) { return _mm512_dpbusd_epi32(acc, x, w.codes); }
+  static V offset(V off, const W& w) {
+    return _mm512_dpbusd_epi32(off, _mm512_set1_epi8(-128), w.codes);
+  }
+  static V sums(V acc, V off) { return _mm512_sub_epi32(acc, off); }
+  static void store(uint32_t* p, V v) { _mm512_storeu_si512(p, v); }
+};
+#else
+struct BlockQ8Vec {
+  using V = __m256i;
+  struct W {
+    __m256i abs, codes;
+  };
+  static constexpr int kBytes = 32;
+  using Part = int64_t;  // how many of a load's bytes lie inside the block
+  static V zero() { return _mm256_setzero_si256(); }
+  static Part part(int64_t left) { return left; }
+  static W load(const int8_t* p, Part left) {
+    __m256i codes;
+    if (left >= 32) {
+      codes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    } else {  // a block's last bytes: nothing past them is read
+      alignas(32) int8_t part[32] = {};
+      __builtin_memcpy(part, p, static_cast<std::size_t>(left > 0 ? left : 0));
+      codes = _mm256_load_si256(reinterpret_cast<const __m256i*>(part));
+    }
+    return {_mm256_abs_epi8(codes), codes};
+  }
+  static V x4(int32_t word) { return _mm256_set1_epi32(word); }
+  static V x8(int64_t word) { return _mm256_set1_epi64x(word); }
+  static V x16(const int8_t* p) {
+    return _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  static V x32(const int8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  static V x_all(const int8_t* p) { return x32(p); }
+  // |w| against x * sign(w): x's codes are at most 127 in magnitude, so the pairs fit int16
+  static V dot(V acc, V x, const W& w) {
+    const __m256i pairs = _mm256_maddubs_epi16(w.abs, _mm256_sign_epi8(x, w.codes));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+  }
+  static V offset(V off, const W&) { return off; }  // no offset
+  static V sums(V acc, V) { return acc; }
+  static void store(uint32_t* p, V v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
+};
+#endif
+
+// x's codes for the block at x + first as a load of C < kBytes columns needs them (a whole
+// row's, repeated), or for load t of a row of C (a multiple of kBytes; C = 0 in the template,
+// the width given by wide_c).
 template <int C>
-TORCHSLIM_INLINE __m512i block_q8_x(const int8_t* x, int64_t first, int64_t t, int64_t wide_c) {
-  const int8_t* p = x + first;
-  __m512i v;
+TORCHSLIM_INLINE BlockQ8Vec::V block_q8_x(const int8_t* p, int64_t t, int64_t wide_c) {
   if constexpr (C == 4) {
     int32_t word;
     __builtin_memcpy(&word, p, sizeof word);
-    v = _mm512_set1_epi32(word);
+    return BlockQ8Vec::x4(word);
   } else if constexpr (C == 8) {
     int64_t word;
     __builtin_memcpy(&word, p, sizeof word);
-    v = _mm512_set1_epi64(word);
+    return BlockQ8Vec::x8(word);
   } else if constexpr (C == 16) {
-    v = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  } else if constexpr (C == 32) {
-    v = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  } else {  // C == 64, or C = wide_c, a multiple of 64: load t is row t / (C / 64)'s part t % ...
-    const int64_t parts = C == 64 ? 1 : wide_c / 64;
-    v = _mm512_loadu_si512(p + 64 * (t % parts));
+    return BlockQ8Vec::x16(p);
+  } else if constexpr (C == 32 && BlockQ8Vec::kBytes > 32) {
+    return BlockQ8Vec::x32(p);
+  } else {  // C == kBytes, or a multiple of it: the load's part of its row
+    const int64_t parts = C == 0 ? wide_c / BlockQ8Vec::kBytes : 1;
+    return BlockQ8Vec::x_all(p + BlockQ8Vec::kBytes * (t % parts));
   }
-  return _mm512_xor_si512(v, _mm512_set1_epi8(-128));
 }
 
 // Loads [t0, t0 + T) of each block of block row r against rows [m, m + RM) of x_q8; adds each
-// load's rows' sums into totals (C: 4..64, or 0 for a multiple of 64, g.block_cols). False when
-// a block's column of blocks lies outside K.
+// load's rows' sums into totals (C: one that divides kBytes, or 0 for a multiple of it,
+// g.block_cols). False when a block's column of blocks lies outside K.
 template <int C, int RM>
 bool block_q8_row_loads(const SparseGemmArgs& g, int64_t m, int64_t r, int64_t t0, int T,
                         uint32_t* totals) {
+  using Vec = BlockQ8Vec;
+  constexpr int kBytes = Vec::kBytes, kLanes = kBytes / 4;
   const int64_t R = g.block_rows, wide_c = g.block_cols, block_bytes = R * wide_c;
   const int8_t* values = typed<int8_t>(g.values);
-  const __m512i flip = _mm512_set1_epi8(-128);
-  __mmask64 present[kBlockQ8Vectors];  // each load's bytes inside the block
-  __m512i acc[kBlockQ8Vectors][RM], offset[kBlockQ8Vectors];
+  typename Vec::V acc[kBlockQ8Vectors][RM], offset[kBlockQ8Vectors];
+  typename Vec::Part part[kBlockQ8Vectors];
 #pragma GCC unroll 4
   for (int t = 0; t < kBlockQ8Vectors; ++t) {
-    const int64_t left = block_bytes - 64 * (t0 + t);
-    present[t] = left >= 64 ? ~__mmask64{0} : _bzhi_u64(~uint64_t{0}, left > 0 ? left : 0);
-    offset[t] = _mm512_setzero_si512();
+    part[t] = Vec::part(block_bytes - kBytes * (t0 + t));
+    offset[t] = Vec::zero();
 #pragma GCC unroll 4
-    for (int mm = 0; mm < RM; ++mm) acc[t][mm] = _mm512_setzero_si512();
+    for (int mm = 0; mm < RM; ++mm) acc[t][mm] = Vec::zero();
   }
   bool fits = true;
   for (int64_t b = g.row_offsets[r]; b < g.row_offsets[r + 1]; ++b) {
@@ -2266,49 +2337,42 @@ bool block_q8_row_loads(const SparseGemmArgs& g, int64_t m, int64_t r, int64_t t
       fits = false;
       continue;
     }
-    const int8_t* w = values + b * block_bytes + 64 * t0;
-    __m512i xv[RM];
+    const int8_t* w = values + b * block_bytes;
+    typename Vec::V xv[RM];
     if constexpr (C != 0) {
 #pragma GCC unroll 4
       for (int mm = 0; mm < RM; ++mm)
-        xv[mm] = block_q8_x<C>(g.x_q8 + (m + mm) * g.ldx_q8, first, 0, 0);
+        xv[mm] = block_q8_x<C>(g.x_q8 + (m + mm) * g.ldx_q8 + first, 0, 0);
     }
 #pragma GCC unroll 4
     for (int t = 0; t < kBlockQ8Vectors; ++t) {
       if (t >= T) break;
-      const __m512i wt = _mm512_maskz_loadu_epi8(present[t], w + 64 * t);
-      offset[t] = _mm512_dpbusd_epi32(offset[t], flip, wt);
+      const typename Vec::W wt = Vec::load(w + kBytes * (t0 + t), part[t]);
+      offset[t] = Vec::offset(offset[t], wt);
 #pragma GCC unroll 4
       for (int mm = 0; mm < RM; ++mm) {
         if constexpr (C == 0) {
-          xv[mm] = block_q8_x<0>(g.x_q8 + (m + mm) * g.ldx_q8, first, t0 + t, wide_c);
+          xv[mm] = block_q8_x<0>(g.x_q8 + (m + mm) * g.ldx_q8 + first, t0 + t, wide_c);
         }
-        acc[t][mm] = _mm512_dpbusd_epi32(acc[t][mm], xv[mm], wt);
+        acc[t][mm] = Vec::dot(acc[t][mm], xv[mm], wt);
       }
     }
   }
-  // Load t's lanes: C / 4 for each of its 64 / C rows, from row (t0 + t) 64 / C (C < 64 in
-  // the template); or all 16 for row (t0 + t) / (C / 64).
+  // Load t's lanes: C / 4 for each of its kBytes / C rows, from row (t0 + t) kBytes / C (C
+  // dividing kBytes); or all of them for row (t0 + t) / (C / kBytes).
 #pragma GCC unroll 4
   for (int t = 0; t < kBlockQ8Vectors; ++t) {
     if (t >= T) break;
 #pragma GCC unroll 4
     for (int mm = 0; mm < RM; ++mm) {
-      const __m512i sums = _mm512_sub_epi32(acc[t][mm], offset[t]);
-      if constexpr (C == 0) {
-        totals[(t0 + t) / (wide_c / 64) * RM + mm] +=
-            static_cast<uint32_t>(_mm512_reduce_add_epi32(sums));
-      } else {
-        constexpr int kRows = 64 / C, kLanes = C / 4;
-        alignas(64) uint32_t lanes[16];
-        _mm512_store_si512(lanes, sums);
-        for (int p = 0; p < kRows; ++p) {
-          const int64_t row = (t0 + t) * kRows + p;
-          if (row >= R) break;
-          uint32_t total = 0;
-          for (int l = 0; l < kLanes; ++l) total += lanes[p * kLanes + l];
-          totals[row * RM + mm] += total;
-        }
+      alignas(64) uint32_t lanes[kLanes];
+      Vec::store(lanes, Vec::sums(acc[t][mm], offset[t]));
+      constexpr int kRows = C == 0 ? 1 : kBytes / C, kRowLanes = C == 0 ? kLanes : C / 4;
+      const int64_t row0 = C == 0 ? (t0 + t) / (wide_c / kBytes) : (t0 + t) * kRows;
+      for (int p = 0; p < kRows && row0 + p < R; ++p) {
+        uint32_t total = 0;
+        for (int l = 0; l < kRowLanes; ++l) total += lanes[p * kRowLanes + l];
+        totals[(row0 + p) * RM + mm] += total;
       }
     }
   }
@@ -2318,7 +2382,7 @@ bool block_q8_row_loads(const SparseGemmArgs& g, int64_t m, int64_t r, int64_t t
 // Block row r against rows [m, m + RM) of x_q8, its loads kBlockQ8Vectors at a time.
 template <int C, int RM>
 bool block_q8_row_vector(const SparseGemmArgs& g, int64_t m, int64_t r, uint32_t* totals) {
-  const int64_t loads = (g.block_rows * g.block_cols + 63) / 64;
+  const int64_t loads = (g.block_rows * g.block_cols + BlockQ8Vec::kBytes - 1) / BlockQ8Vec::kBytes;
   bool fits = true;
   for (int64_t t0 = 0; t0 < loads; t0 += kBlockQ8Vectors) {
     const int T = static_cast<int>(min_i64(kBlockQ8Vectors, loads - t0));
@@ -2326,12 +2390,34 @@ bool block_q8_row_vector(const SparseGemmArgs& g, int64_t m, int64_t r, uint32_t
   }
   return fits;
 }
+
+// The block row's sums by the vector loads where C divides kBytes or is a multiple of it, else
+// one code at a time.
+template <int RM>
+bool block_q8_row(const SparseGemmArgs& g, int64_t m, int64_t r, uint32_t* totals) {
+  const auto vector = [&](auto c) {
+    return block_q8_row_vector<decltype(c)::value, RM>(g, m, r, totals);
+  };
+  const int64_t C = g.block_cols;
+  if (C == 4) return vector(std::integral_constant<int, 4>{});
+  if (C == 8) return vector(std::integral_constant<int, 8>{});
+  if (C == 16) return vector(std::integral_constant<int, 16>{});
+  if (C == 32) return vector(std::integral_constant<int, 32>{});
+  if (C == BlockQ8Vec::kBytes) return vector(std::integral_constant<int, BlockQ8Vec::kBytes>{});
+  if (C % BlockQ8Vec::kBytes == 0) return vector(std::integral_constant<int, 0>{});
+  return block_q8_row_scalar<RM>(g, m, r, totals);
+}
+#else
+template <int RM>
+bool block_q8_row(const SparseGemmArgs& g, int64_t m, int64_t r, uint32_t* totals) {
+  return block_q8_row_scalar<RM>(g, m, r, totals);
+}
 #endif
 
 // Rows [m0, m1) of x_q8 against weight rows [n0, n1), block row by block row, in tiles of up to
 // kSpMR rows of x (at large M each tile walks the block row's blocks again).
 void block_q8(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-  const int64_t R = g.block_rows, C = g.block_cols;
+  const int64_t R = g.block_rows;
   thread_local std::vector<uint32_t> totals;
   totals.resize(static_cast<std::size_t>(R * kSpMR));
   for (int64_t r = n0 / R; r * R < n1; ++r) {
@@ -2340,34 +2426,7 @@ void block_q8(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64
       with_tile_rows(m1 - m, [&](auto tile_rows) {
         constexpr int RM = decltype(tile_rows)::value;
         std::fill(totals.begin(), totals.end(), 0u);
-        bool fits;
-#if defined(TORCHSLIM_ISA_AVX512)
-        const auto vector = [&](auto c) {
-          return block_q8_row_vector<decltype(c)::value, RM>(g, m, r, totals.data());
-        };
-        switch (C) {
-          case 4:
-            fits = vector(std::integral_constant<int, 4>{});
-            break;
-          case 8:
-            fits = vector(std::integral_constant<int, 8>{});
-            break;
-          case 16:
-            fits = vector(std::integral_constant<int, 16>{});
-            break;
-          case 32:
-            fits = vector(std::integral_constant<int, 32>{});
-            break;
-          case 64:
-            fits = vector(std::integral_constant<int, 64>{});
-            break;
-          default:
-            fits = C % 64 == 0 ? vector(std::integral_constant<int, 0>{})
-                               : block_q8_row_scalar<RM>(g, m, r, totals.data());
-        }
-#else
-        fits = block_q8_row_scalar<RM>(g, m, r, totals.data());
-#endif
+        const bool fits = block_q8_row<RM>(g, m, r, totals.data());
         if (!fits) report_bad_row(g, first);
         for (int mm = 0; mm < RM; ++mm) {
           for (int64_t n = std::max(first, n0); n < last; ++n) {
