@@ -2187,12 +2187,10 @@ void csr_gemm(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64
 // portable level): one code at a time.
 constexpr int kBlockQ8Vectors = 4;
 
-// Block row r's rows [0, R) against rows [m, m + RM) of x_q8, one code at a time: totals[i][mm]
-// += the row's sums (modulo 2^32). False when a block's column of blocks lies outside K.
-template <int RM>
-bool block_q8_row_scalar(const SparseGemmArgs& g, int64_t m, int64_t r, uint32_t* totals) {
-  const int64_t R = g.block_rows, C = g.block_cols;
-  const int8_t* values = typed<int8_t>(g.values);
+// f(b, first) for each block b of block row r whose column of blocks lies inside K (first: its
+// first column); false when one does not (it is skipped).
+template <class F>
+TORCHSLIM_INLINE bool for_each_block(const SparseGemmArgs& g, int64_t r, const F& f) {
   bool fits = true;
   for (int64_t b = g.row_offsets[r]; b < g.row_offsets[r + 1]; ++b) {
     const int64_t first = block_first_column(g, b);
@@ -2200,6 +2198,18 @@ bool block_q8_row_scalar(const SparseGemmArgs& g, int64_t m, int64_t r, uint32_t
       fits = false;
       continue;
     }
+    f(b, first);
+  }
+  return fits;
+}
+
+// Block row r's rows [0, R) against rows [m, m + RM) of x_q8, one code at a time: totals[i][mm]
+// += the row's sums (modulo 2^32). False when a block's column of blocks lies outside K.
+template <int RM>
+bool block_q8_row_scalar(const SparseGemmArgs& g, int64_t m, int64_t r, uint32_t* totals) {
+  const int64_t R = g.block_rows, C = g.block_cols;
+  const int8_t* values = typed<int8_t>(g.values);
+  return for_each_block(g, r, [&](int64_t b, int64_t first) {
     const int64_t width = min_i64(C, g.K - first);
     const int8_t* w = values + b * R * C;
     for (int64_t i = 0; i < R; ++i) {
@@ -2211,8 +2221,7 @@ bool block_q8_row_scalar(const SparseGemmArgs& g, int64_t m, int64_t r, uint32_t
         }
       }
     }
-  }
-  return fits;
+  });
 }
 
 #if defined(TORCHSLIM_ISA_AVX512) || defined(TORCHSLIM_ISA_AVX2)
@@ -2330,6 +2339,8 @@ bool block_q8_row_loads(const SparseGemmArgs& g, int64_t m, int64_t r, int64_t t
 #pragma GCC unroll 4
     for (int mm = 0; mm < RM; ++mm) acc[t][mm] = Vec::zero();
   }
+  // (the blocks' loop as for_each_block's, written out: through its lambda the AVX2 build took
+  // 2.9x the time at 4096^2, 16x16@50%, M = 1, one thread)
   bool fits = true;
   for (int64_t b = g.row_offsets[r]; b < g.row_offsets[r + 1]; ++b) {
     const int64_t first = block_first_column(g, b);
