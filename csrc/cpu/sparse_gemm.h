@@ -2430,7 +2430,9 @@ bool block_q8_row(const SparseGemmArgs& g, int64_t m, int64_t r, uint32_t* total
 void block_q8(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
   const int64_t R = g.block_rows;
   thread_local std::vector<uint32_t> totals;
+  thread_local std::vector<float> sums;  // a row of x's, for store_sums
   totals.resize(static_cast<std::size_t>(R * kSpMR));
+  sums.resize(static_cast<std::size_t>(R));
   for (int64_t r = n0 / R; r * R < n1; ++r) {
     const int64_t first = r * R, last = min_i64(n1, first + R);
     for (int64_t m = m0; m < m1; m += kSpMR) {
@@ -2439,11 +2441,13 @@ void block_q8(const SparseGemmArgs& g, int64_t m0, int64_t m1, int64_t n0, int64
         std::fill(totals.begin(), totals.end(), 0u);
         const bool fits = block_q8_row<RM>(g, m, r, totals.data());
         if (!fits) report_bad_row(g, first);
+        const int64_t from = std::max(first, n0);
         for (int mm = 0; mm < RM; ++mm) {
-          for (int64_t n = std::max(first, n0); n < last; ++n) {
+          for (int64_t n = from; n < last; ++n) {
             const int32_t sum = static_cast<int32_t>(totals[(n - first) * RM + mm]);
-            store_sum(g, m + mm, n, static_cast<float>(sum) * g.x_scales[m + mm]);
+            sums[n - from] = static_cast<float>(sum) * g.x_scales[m + mm];
           }
+          store_sums(g, m + mm, from, last - from, sums.data());
         }
       });
     }
