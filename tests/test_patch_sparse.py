@@ -87,37 +87,31 @@ def test_the_format_is_an_option_and_survives_save_and_load(tmp_path, fmt):
         torchslim.patch(torch.nn.Linear(8, 8), sparsity=0.5, format="coo", progress=False)
 
 
-def test_block_sparsity_patches_block_layers_that_survive_save_and_load(tmp_path):
-    def fresh_model():
-        torch.manual_seed(0)
-        return torch.nn.Sequential(
-            torch.nn.Linear(96, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32)
-        )
+def _block_mlp() -> torch.nn.Sequential:
+    """A two-layer MLP whose widths are whole 16x16 blocks, the same weights on every call."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(96, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32))
 
-    model = fresh_model()
+
+def test_block_sparsity_patches_block_layers_that_survive_save_and_load(tmp_path):
+    model = _block_mlp()
     torchslim.patch(model, sparsity=0.75, pattern="16x16", progress=False)
     layers = [m for m in model if isinstance(m, SparseLinear)]
     assert [(m.format, m.block) for m in layers] == [("block", (16, 16))] * 2
     assert all(abs(m.sparsity - 0.75) < 0.1 for m in layers)
     torchslim.save(model, tmp_path)
-    fresh = fresh_model()
+    fresh = _block_mlp()
     torchslim.load(fresh, tmp_path)
     x = torch.randn(5, 96, generator=seeded("block-save"))
     with torch.no_grad():
         assert fresh[0].block == (16, 16) and torch.equal(fresh(x), model(x))
     with pytest.raises(ValueError, match="pattern must be one of"):
-        torchslim.patch(fresh_model(), "sparse", pattern="16x0", progress=False)
+        torchslim.patch(_block_mlp(), "sparse", pattern="16x0", progress=False)
 
 
 def test_block_sparsity_with_int8_is_block_w8a8(tmp_path):
-    def fresh_model():
-        torch.manual_seed(0)
-        return torch.nn.Sequential(
-            torch.nn.Linear(96, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32)
-        )
-
-    model = fresh_model()
-    reference = fresh_model()
+    model = _block_mlp()
+    reference = _block_mlp()
     sparse.prune_(reference, "16x16", sparsity=0.75, progress=False)
     torchslim.patch(model, "int8", sparsity=0.75, pattern="16x16", progress=False)
     layers = [m for m in model if isinstance(m, SparseLinear)]
@@ -130,7 +124,7 @@ def test_block_sparsity_with_int8_is_block_w8a8(tmp_path):
         assert torch.equal(model[0](x), expected)
         assert torchslim.testing.sqnr(reference(x), model(x)) > 25.0
     torchslim.save(model, tmp_path)
-    fresh = fresh_model()
+    fresh = _block_mlp()
     torchslim.load(fresh, tmp_path)
     with torch.no_grad():
         assert fresh[0].mode == "dynamic" and torch.equal(fresh(x), model(x))
