@@ -244,6 +244,45 @@ def test_bad_input_names_the_argument(what, call, exc, match):
         call()
 
 
+def _entry_points():
+    """(entry point, its arguments in schema order, the names of those that take a tensor)."""
+    import torchslim.sparse as sp
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, generator=g)
+    w_q, s = random_int8(8, 16), torch.rand(8, generator=g) + 0.1
+    sliced = sp.compress_sliced(w_q)
+    q = torch.randn(1, 2, 3, 8, generator=g)
+    return [
+        (ops.int8_dynamic_linear, [x, w_q, s, torch.zeros(8)], ["x", "w_q", "w_scale", "bias"]),
+        (
+            ops.sparse_sliced_dynamic_linear,
+            [x, *sliced, 8, s, torch.zeros(8)],
+            ["x", "values", "columns", "groups", "group_offsets", "value_offsets", "", "scales"],
+        ),
+        (
+            lambda q, k, v, mask: ops.attention(q, k, v, attn_mask=mask),
+            [q, q, q, torch.ones(3, 3, dtype=torch.bool)],
+            ["q", "k", "v", "attn_mask"],
+        ),
+    ]
+
+
+@pytest.mark.parametrize("case", range(3))
+def test_entry_points_name_an_argument_that_is_not_a_tensor(case):
+    # The entry points check their arguments' types only when the op fails (call_op); the error
+    # still names the argument, and a well-formed call runs
+    fn, args, names = _entry_points()[case]
+    fn(*args)
+    for at, name in enumerate(names):
+        if not name:
+            continue
+        bad = list(args)
+        bad[at] = [1.0]
+        with pytest.raises(TypeError, match=rf"^{name} must be a torch\.Tensor, got list$"):
+            fn(*bad)
+
+
 @pytest.mark.parametrize("backend", [b for b in KERNEL_BACKENDS if b.startswith("cpu")])
 def test_cpu_int8_mm_rejects_minus_128(backend):
     a = random_int8(3, 40)

@@ -36,10 +36,10 @@ from torchslim.ops._registry import _LIB, Kernel, OpBackends, define_op, extensi
 from torchslim.ops.int8 import (
     _FLOATS,
     _check_same_device,
-    _require_tensors,
     _supports_floats,
     _triton_available,
     _triton_float_devices,
+    call_op,
 )
 
 
@@ -302,7 +302,6 @@ def attention(
     Differentiable in q, k and v (``torch.ops.torchslim.attention_backward``); a mask that
     requires grad is refused.
     """
-    _require_tensors(q=q, k=k, v=v, attn_mask=attn_mask, kv_lens=kv_lens)
     if not isinstance(causal, bool):  # the dispatcher would take 1 for True
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     if window is None:
@@ -311,4 +310,6 @@ def attention(
         raise ValueError(f"window must be a positive int or None, got {window!r}")
     if isinstance(scale, int) and not isinstance(scale, bool):
         scale = float(scale)
-    return torch.ops.torchslim.attention(q, k, v, attn_mask, causal, scale, window, kv_lens)
+    return call_op(
+        torch.ops.torchslim.attention, q, k, v, attn_mask, causal, scale, window, kv_lens
+    )

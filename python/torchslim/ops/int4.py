@@ -35,12 +35,12 @@ from torchslim.ops.int8 import (
     _check_activation,
     _check_bias,
     _check_same_device,
-    _require_tensors,
     _rows,
     _supports_floats,
     _triton_available,
     _triton_float_devices,
     _unit_last_stride,
+    call_op,
 )
 from torchslim.quant.int4 import SCALE_DTYPES, check_group_size
 from torchslim.reference.int4 import (
@@ -205,9 +205,10 @@ def int4_weight_only_linear(
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """W4A16 linear on group-wise int4 weights: x @ ((codes - zeros) * scales).T + bias."""
-    _require_tensors(x=x, packed_w=packed_w, scales=scales, zeros=zeros, bias=bias)
     _check_group_size_type(group_size)
-    return torch.ops.torchslim.int4_weight_only_linear(x, packed_w, scales, zeros, group_size, bias)
+    return call_op(
+        torch.ops.torchslim.int4_weight_only_linear, x, packed_w, scales, zeros, group_size, bias
+    )
 
 
 def _impl_tc(x, packed_tc, scales, zeros, group_size, bias=None):
@@ -249,8 +250,13 @@ def int4_weight_only_linear_tc(
 ) -> torch.Tensor:
     """:func:`int4_weight_only_linear` on codes in the tc layout
     (:func:`torchslim.reference.pack_int4_tc`), for the CUDA tensor-core kernel."""
-    _require_tensors(x=x, packed_tc=packed_tc, scales=scales, zeros=zeros, bias=bias)
     _check_group_size_type(group_size)
-    return torch.ops.torchslim.int4_weight_only_linear_tc(
-        x, packed_tc, scales, zeros, group_size, bias
+    return call_op(
+        torch.ops.torchslim.int4_weight_only_linear_tc,
+        x,
+        packed_tc,
+        scales,
+        zeros,
+        group_size,
+        bias,
     )

@@ -268,29 +268,47 @@ def _require_tensors(**args: object) -> None:
             raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
 
 
+_TENSOR_OR_NONE = torch._C.OptionalType.ofTensor()
+
+
+def call_op(op: torch._ops.OpOverloadPacket, *args: object) -> object:
+    """``op(*args)``; when the call fails on an argument that is neither a tensor nor None
+    where the schema takes a tensor, a TypeError naming it (as _require_tensors). Checked only
+    after a failure: the same check before every call cost about 1 us of a decode-sized one."""
+    try:
+        return op(*args)
+    except (TypeError, RuntimeError) as error:
+        for arg, value in zip(op.default._schema.arguments, args, strict=False):
+            if (
+                value is not None
+                and not isinstance(value, torch.Tensor)
+                and arg.type.isSubtypeOf(_TENSOR_OR_NONE)
+            ):
+                raise TypeError(
+                    f"{arg.name} must be a torch.Tensor, got {type(value).__name__}"
+                ) from error
+        raise
+
+
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-row int8 quantization: x (..., K) -> (x_q (..., K) int8, x_scale (...))."""
-    _require_tensors(x=x)
-    return torch.ops.torchslim.quantize_per_token(x)
+    return call_op(torch.ops.torchslim.quantize_per_token, x)
 
 
 def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Exact int8 GEMM: a (M, K) int8 @ b (N, K) int8 .T -> (M, N) int32."""
-    _require_tensors(a=a, b=b)
-    return torch.ops.torchslim.int8_mm(a, b)
+    return call_op(torch.ops.torchslim.int8_mm, a, b)
 
 
 def int8_dynamic_linear(
     x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """W8A8 linear, activations quantized per token inside the op; output in x.dtype."""
-    _require_tensors(x=x, w_q=w_q, w_scale=w_scale, bias=bias)
-    return torch.ops.torchslim.int8_dynamic_linear(x, w_q, w_scale, bias)
+    return call_op(torch.ops.torchslim.int8_dynamic_linear, x, w_q, w_scale, bias)
 
 
 def int8_weight_only_linear(
     x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """W8A16 linear: int8 weights dequantized per output channel inside the GEMM."""
-    _require_tensors(x=x, w_q=w_q, w_scale=w_scale, bias=bias)
-    return torch.ops.torchslim.int8_weight_only_linear(x, w_q, w_scale, bias)
+    return call_op(torch.ops.torchslim.int8_weight_only_linear, x, w_q, w_scale, bias)

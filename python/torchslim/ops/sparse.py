@@ -93,12 +93,12 @@ from torchslim.ops.int8 import (
     _check_activation,
     _check_bias,
     _check_same_device,
-    _require_tensors,
     _rows,
     _supports_floats,
     _triton_available,
     _triton_float_devices,
     _unit_last_stride,
+    call_op,
 )
 from torchslim.reference.sparse import scale_rows
 
@@ -688,8 +688,7 @@ def sparse24_linear(
 ) -> torch.Tensor:
     """``x @ W.T + bias`` with W in the 2:4 format (:func:`torchslim.sparse.compress_24`);
     int8 values take per-row ``scales`` (:func:`torchslim.sparse.quantize_values`)."""
-    _require_tensors(x=x, values=values, meta=meta, bias=bias, scales=scales)
-    return torch.ops.torchslim.sparse24_linear(x, values, meta, bias, scales)
+    return call_op(torch.ops.torchslim.sparse24_linear, x, values, meta, bias, scales)
 
 
 def sparse24_dynamic_linear(
@@ -701,8 +700,7 @@ def sparse24_dynamic_linear(
 ) -> torch.Tensor:
     """W8A8 ``x @ W.T + bias`` with W int8 codes in the 2:4 format and per-row ``scales``, x
     quantized per token inside the op (:func:`torchslim.reference.sparse24_dynamic_linear`)."""
-    _require_tensors(x=x, values=values, meta=meta, scales=scales, bias=bias)
-    return torch.ops.torchslim.sparse24_dynamic_linear(x, values, meta, scales, bias)
+    return call_op(torch.ops.torchslim.sparse24_dynamic_linear, x, values, meta, scales, bias)
 
 
 def sparse_bitmask_linear(
@@ -715,10 +713,9 @@ def sparse_bitmask_linear(
 ) -> torch.Tensor:
     """``x @ W.T + bias`` with W in the bitmask format
     (:func:`torchslim.sparse.compress_bitmask`); int8 values take per-row ``scales``."""
-    _require_tensors(
-        x=x, values=values, mask=mask, row_offsets=row_offsets, bias=bias, scales=scales
+    return call_op(
+        torch.ops.torchslim.sparse_bitmask_linear, x, values, mask, row_offsets, bias, scales
     )
-    return torch.ops.torchslim.sparse_bitmask_linear(x, values, mask, row_offsets, bias, scales)
 
 
 def sparse_bitmask_dynamic_linear(
@@ -732,11 +729,14 @@ def sparse_bitmask_dynamic_linear(
     """W8A8 ``x @ W.T + bias`` with W int8 codes in the bitmask format and per-row ``scales``,
     x quantized per token inside the op
     (:func:`torchslim.reference.sparse_bitmask_dynamic_linear`)."""
-    _require_tensors(
-        x=x, values=values, mask=mask, row_offsets=row_offsets, scales=scales, bias=bias
-    )
-    return torch.ops.torchslim.sparse_bitmask_dynamic_linear(
-        x, values, mask, row_offsets, scales, bias
+    return call_op(
+        torch.ops.torchslim.sparse_bitmask_dynamic_linear,
+        x,
+        values,
+        mask,
+        row_offsets,
+        scales,
+        bias,
     )
 
 
@@ -751,18 +751,23 @@ def sparse_csr_linear(
 ) -> torch.Tensor:
     """``x @ W.T + bias`` with W in the csr format (:func:`torchslim.sparse.compress_csr`);
     int8 values take per-row ``scales``."""
-    _require_tensors(
-        x=x,
-        values=values,
-        columns=columns,
-        bases=bases,
-        group_offsets=group_offsets,
-        bias=bias,
-        scales=scales,
+    return call_op(
+        torch.ops.torchslim.sparse_csr_linear,
+        x,
+        values,
+        columns,
+        bases,
+        group_offsets,
+        bias,
+        scales,
     )
-    return torch.ops.torchslim.sparse_csr_linear(
-        x, values, columns, bases, group_offsets, bias, scales
-    )
+
+
+def _require_rows(n: object) -> None:
+    """``n`` (the output features of the block and sliced formats) must be an int: the
+    dispatcher would take True for 1."""
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"n must be an int (the output features), got {type(n).__name__}")
 
 
 def sparse_block_linear(
@@ -776,13 +781,9 @@ def sparse_block_linear(
 ) -> torch.Tensor:
     """``x @ W.T + bias`` with W (``n`` rows) in the block format
     (:func:`torchslim.sparse.compress_block`); int8 values take per-row ``scales``."""
-    _require_tensors(
-        x=x, values=values, col_blocks=col_blocks, row_offsets=row_offsets, bias=bias, scales=scales
-    )
-    if isinstance(n, bool) or not isinstance(n, int):
-        raise TypeError(f"n must be an int (the output features), got {type(n).__name__}")
-    return torch.ops.torchslim.sparse_block_linear(
-        x, values, col_blocks, row_offsets, n, bias, scales
+    _require_rows(n)
+    return call_op(
+        torch.ops.torchslim.sparse_block_linear, x, values, col_blocks, row_offsets, n, bias, scales
     )
 
 
@@ -798,30 +799,17 @@ def sparse_block_dynamic_linear(
     """W8A8 ``x @ W.T + bias`` with W (``n`` rows) int8 codes in the block format and per-row
     ``scales``, x quantized per token inside the op
     (:func:`torchslim.reference.sparse_block_dynamic_linear`)."""
-    _require_tensors(
-        x=x, values=values, col_blocks=col_blocks, row_offsets=row_offsets, bias=bias, scales=scales
+    _require_rows(n)
+    return call_op(
+        torch.ops.torchslim.sparse_block_dynamic_linear,
+        x,
+        values,
+        col_blocks,
+        row_offsets,
+        n,
+        scales,
+        bias,
     )
-    if isinstance(n, bool) or not isinstance(n, int):
-        raise TypeError(f"n must be an int (the output features), got {type(n).__name__}")
-    return torch.ops.torchslim.sparse_block_dynamic_linear(
-        x, values, col_blocks, row_offsets, n, scales, bias
-    )
-
-
-def _require_sliced(x, values, columns, groups, group_offsets, value_offsets, n, bias, scales):
-    """The sliced entry points' argument types: tensors (bias, scales: or None), n an int."""
-    _require_tensors(
-        x=x,
-        values=values,
-        columns=columns,
-        groups=groups,
-        group_offsets=group_offsets,
-        value_offsets=value_offsets,
-        bias=bias,
-        scales=scales,
-    )
-    if isinstance(n, bool) or not isinstance(n, int):
-        raise TypeError(f"n must be an int (the output features), got {type(n).__name__}")
 
 
 def sparse_sliced_linear(
@@ -837,9 +825,18 @@ def sparse_sliced_linear(
 ) -> torch.Tensor:
     """``x @ W.T + bias`` with W (``n`` rows) in the sliced format
     (:func:`torchslim.sparse.compress_sliced`); int8 values take per-row ``scales``."""
-    _require_sliced(x, values, columns, groups, group_offsets, value_offsets, n, bias, scales)
-    return torch.ops.torchslim.sparse_sliced_linear(
-        x, values, columns, groups, group_offsets, value_offsets, n, bias, scales
+    _require_rows(n)
+    return call_op(
+        torch.ops.torchslim.sparse_sliced_linear,
+        x,
+        values,
+        columns,
+        groups,
+        group_offsets,
+        value_offsets,
+        n,
+        bias,
+        scales,
     )
 
 
@@ -857,7 +854,16 @@ def sparse_sliced_dynamic_linear(
     """W8A8 ``x @ W.T + bias`` with W (``n`` rows) int8 codes in the sliced format and per-row
     ``scales``, x quantized per token inside the op
     (:func:`torchslim.reference.sparse_sliced_dynamic_linear`)."""
-    _require_sliced(x, values, columns, groups, group_offsets, value_offsets, n, bias, scales)
-    return torch.ops.torchslim.sparse_sliced_dynamic_linear(
-        x, values, columns, groups, group_offsets, value_offsets, n, scales, bias
+    _require_rows(n)
+    return call_op(
+        torch.ops.torchslim.sparse_sliced_dynamic_linear,
+        x,
+        values,
+        columns,
+        groups,
+        group_offsets,
+        value_offsets,
+        n,
+        scales,
+        bias,
     )
