@@ -409,9 +409,9 @@ TORCHSLIM_BF16_DOT bool sliced_bf16_block_dot(const SparseGemmArgs& g, int64_t m
 // unsigned operand, so x's codes go in offset by 128 (code ^ 0x80) and the step's accumulator
 // starts at -128 times the sum of each four values (one more vpdpbusd, shared by the rows of
 // x). Each quarter's four sums are added to its group's row as 16 bytes (vextracti32x4): a row
-// keeps four partial sums, not sixteen. A 64-byte masked add per quarter took as long again:
-// Zen 4 stores 32 bytes a cycle, so four 64-byte stores a step cost eight cycles of it
-// (4096^2 at 90%, one thread, weights in cache: 255 -> 237 us).
+// keeps four partial sums, not sixteen. A 64-byte masked add per quarter cost more: Zen 4
+// stores 32 bytes a cycle, so four 64-byte stores took eight cycles of a step (4096^2 at 90%,
+// one thread, weights in cache: 255 -> 237 us with the 16-byte adds).
 // Sums stay exact while K * 127 * 128 < 2^31 (a code may be -128; the binding checks K); past
 // that (a weight with repeated entries) they wrap, as two's complement, on every path.
 template <int R>
