@@ -696,6 +696,26 @@ def test_sliced_w8a8_repeated_entries_add_up(backend):
         assert torch.equal(out, torch.full((m, 1), 200 * 127.0)), m
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("m", [1, 3])
+def test_sliced_w8a8_rows_of_uneven_density_match_the_reference(backend, m):
+    # A dense row among sparse ones: its groups fill the later rounds of each slice alone, so
+    # a step's four groups add into one row in turn (the kernel's 16-byte adds into a row's
+    # partial sums, one after another); N and K cut inside a block and a slice
+    g = seeded("sliced-uneven", backend, m)
+    n, k = 70, 300
+    w = _weight_unstructured(n, k, 0.95, g)
+    w[5] = torch.randn(k, generator=g)
+    w[66, :200] = torch.randn(200, generator=g)
+    codes, scales = quantize_weight_per_channel(w)
+    parts = compress_sliced(codes)
+    x = torch.randn(m, k, generator=g)
+    with run_on(backend):
+        out = ops.sparse_sliced_dynamic_linear(x, *parts, n, scales)
+    expected = ref.sparse_sliced_dynamic_linear(x, *parts, n, scales)
+    assert torch.equal(out, expected)
+
+
 def test_sliced_w8a8_bad_input_names_the_argument():
     g = seeded("w8a8-bad")
     w = _weight_unstructured(20, 200, 0.8, g)
