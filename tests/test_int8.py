@@ -270,7 +270,7 @@ def _entry_points():
 
 @pytest.mark.parametrize("case", range(3))
 def test_entry_points_name_an_argument_that_is_not_a_tensor(case):
-    # The entry points check their arguments' types only when the op fails (call_op); the error
+    # The entry points check their arguments' types only when the op fails (_call_op); the error
     # still names the argument, and a well-formed call runs
     fn, args, names = _entry_points()[case]
     fn(*args)

@@ -35,11 +35,11 @@ from torchslim import reference as ref
 from torchslim.ops._registry import _LIB, Kernel, OpBackends, define_op, extension_kernel
 from torchslim.ops.int8 import (
     _FLOATS,
+    _call_op,
     _check_same_device,
     _supports_floats,
     _triton_available,
     _triton_float_devices,
-    call_op,
 )
 
 
@@ -310,6 +310,6 @@ def attention(
         raise ValueError(f"window must be a positive int or None, got {window!r}")
     if isinstance(scale, int) and not isinstance(scale, bool):
         scale = float(scale)
-    return call_op(
+    return _call_op(
         torch.ops.torchslim.attention, q, k, v, attn_mask, causal, scale, window, kv_lens
     )

@@ -32,6 +32,7 @@ from torchslim import reference as ref
 from torchslim.ops._autograd import define_linear_grad
 from torchslim.ops._registry import Kernel, OpBackends, define_op, extension_kernel
 from torchslim.ops.int8 import (
+    _call_op,
     _check_activation,
     _check_bias,
     _check_same_device,
@@ -40,7 +41,6 @@ from torchslim.ops.int8 import (
     _triton_available,
     _triton_float_devices,
     _unit_last_stride,
-    call_op,
 )
 from torchslim.quant.int4 import SCALE_DTYPES, check_group_size
 from torchslim.reference.int4 import (
@@ -206,7 +206,7 @@ def int4_weight_only_linear(
 ) -> torch.Tensor:
     """W4A16 linear on group-wise int4 weights: x @ ((codes - zeros) * scales).T + bias."""
     _check_group_size_type(group_size)
-    return call_op(
+    return _call_op(
         torch.ops.torchslim.int4_weight_only_linear, x, packed_w, scales, zeros, group_size, bias
     )
 
@@ -251,7 +251,7 @@ def int4_weight_only_linear_tc(
     """:func:`int4_weight_only_linear` on codes in the tc layout
     (:func:`torchslim.reference.pack_int4_tc`), for the CUDA tensor-core kernel."""
     _check_group_size_type(group_size)
-    return call_op(
+    return _call_op(
         torch.ops.torchslim.int4_weight_only_linear_tc,
         x,
         packed_tc,

@@ -271,7 +271,7 @@ def _require_tensors(**args: object) -> None:
 _TENSOR_OR_NONE = torch._C.OptionalType.ofTensor()
 
 
-def call_op(op: torch._ops.OpOverloadPacket, *args: object) -> object:
+def _call_op(op: torch._ops.OpOverloadPacket, *args: object) -> object:
     """``op(*args)``; when the call fails on an argument that is neither a tensor nor None
     where the schema takes a tensor, a TypeError naming it (as _require_tensors). Checked only
     after a failure: the same check before every call cost about 1 us of a decode-sized one."""
@@ -292,23 +292,23 @@ def call_op(op: torch._ops.OpOverloadPacket, *args: object) -> object:
 
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-row int8 quantization: x (..., K) -> (x_q (..., K) int8, x_scale (...))."""
-    return call_op(torch.ops.torchslim.quantize_per_token, x)
+    return _call_op(torch.ops.torchslim.quantize_per_token, x)
 
 
 def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Exact int8 GEMM: a (M, K) int8 @ b (N, K) int8 .T -> (M, N) int32."""
-    return call_op(torch.ops.torchslim.int8_mm, a, b)
+    return _call_op(torch.ops.torchslim.int8_mm, a, b)
 
 
 def int8_dynamic_linear(
     x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """W8A8 linear, activations quantized per token inside the op; output in x.dtype."""
-    return call_op(torch.ops.torchslim.int8_dynamic_linear, x, w_q, w_scale, bias)
+    return _call_op(torch.ops.torchslim.int8_dynamic_linear, x, w_q, w_scale, bias)
 
 
 def int8_weight_only_linear(
     x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """W8A16 linear: int8 weights dequantized per output channel inside the GEMM."""
-    return call_op(torch.ops.torchslim.int8_weight_only_linear, x, w_q, w_scale, bias)
+    return _call_op(torch.ops.torchslim.int8_weight_only_linear, x, w_q, w_scale, bias)

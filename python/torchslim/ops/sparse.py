@@ -90,6 +90,7 @@ from torchslim.ops._autograd import define_linear_grad
 from torchslim.ops._registry import Kernel, OpBackends, define_op, extension_kernel
 from torchslim.ops.int8 import (
     _FLOATS,
+    _call_op,
     _check_activation,
     _check_bias,
     _check_same_device,
@@ -98,7 +99,6 @@ from torchslim.ops.int8 import (
     _triton_available,
     _triton_float_devices,
     _unit_last_stride,
-    call_op,
 )
 from torchslim.reference.sparse import scale_rows
 
@@ -688,7 +688,7 @@ def sparse24_linear(
 ) -> torch.Tensor:
     """``x @ W.T + bias`` with W in the 2:4 format (:func:`torchslim.sparse.compress_24`);
     int8 values take per-row ``scales`` (:func:`torchslim.sparse.quantize_values`)."""
-    return call_op(torch.ops.torchslim.sparse24_linear, x, values, meta, bias, scales)
+    return _call_op(torch.ops.torchslim.sparse24_linear, x, values, meta, bias, scales)
 
 
 def sparse24_dynamic_linear(
@@ -700,7 +700,7 @@ def sparse24_dynamic_linear(
 ) -> torch.Tensor:
     """W8A8 ``x @ W.T + bias`` with W int8 codes in the 2:4 format and per-row ``scales``, x
     quantized per token inside the op (:func:`torchslim.reference.sparse24_dynamic_linear`)."""
-    return call_op(torch.ops.torchslim.sparse24_dynamic_linear, x, values, meta, scales, bias)
+    return _call_op(torch.ops.torchslim.sparse24_dynamic_linear, x, values, meta, scales, bias)
 
 
 def sparse_bitmask_linear(
@@ -713,7 +713,7 @@ def sparse_bitmask_linear(
 ) -> torch.Tensor:
     """``x @ W.T + bias`` with W in the bitmask format
     (:func:`torchslim.sparse.compress_bitmask`); int8 values take per-row ``scales``."""
-    return call_op(
+    return _call_op(
         torch.ops.torchslim.sparse_bitmask_linear, x, values, mask, row_offsets, bias, scales
     )
 
@@ -729,7 +729,7 @@ def sparse_bitmask_dynamic_linear(
     """W8A8 ``x @ W.T + bias`` with W int8 codes in the bitmask format and per-row ``scales``,
     x quantized per token inside the op
     (:func:`torchslim.reference.sparse_bitmask_dynamic_linear`)."""
-    return call_op(
+    return _call_op(
         torch.ops.torchslim.sparse_bitmask_dynamic_linear,
         x,
         values,
@@ -751,7 +751,7 @@ def sparse_csr_linear(
 ) -> torch.Tensor:
     """``x @ W.T + bias`` with W in the csr format (:func:`torchslim.sparse.compress_csr`);
     int8 values take per-row ``scales``."""
-    return call_op(
+    return _call_op(
         torch.ops.torchslim.sparse_csr_linear,
         x,
         values,
@@ -782,7 +782,7 @@ def sparse_block_linear(
     """``x @ W.T + bias`` with W (``n`` rows) in the block format
     (:func:`torchslim.sparse.compress_block`); int8 values take per-row ``scales``."""
     _require_rows(n)
-    return call_op(
+    return _call_op(
         torch.ops.torchslim.sparse_block_linear, x, values, col_blocks, row_offsets, n, bias, scales
     )
 
@@ -800,7 +800,7 @@ def sparse_block_dynamic_linear(
     ``scales``, x quantized per token inside the op
     (:func:`torchslim.reference.sparse_block_dynamic_linear`)."""
     _require_rows(n)
-    return call_op(
+    return _call_op(
         torch.ops.torchslim.sparse_block_dynamic_linear,
         x,
         values,
@@ -826,7 +826,7 @@ def sparse_sliced_linear(
     """``x @ W.T + bias`` with W (``n`` rows) in the sliced format
     (:func:`torchslim.sparse.compress_sliced`); int8 values take per-row ``scales``."""
     _require_rows(n)
-    return call_op(
+    return _call_op(
         torch.ops.torchslim.sparse_sliced_linear,
         x,
         values,
@@ -855,7 +855,7 @@ def sparse_sliced_dynamic_linear(
     ``scales``, x quantized per token inside the op
     (:func:`torchslim.reference.sparse_sliced_dynamic_linear`)."""
     _require_rows(n)
-    return call_op(
+    return _call_op(
         torch.ops.torchslim.sparse_sliced_dynamic_linear,
         x,
         values,
