@@ -4,7 +4,8 @@ The math (the specification is :mod:`torchslim.reference.int8`), for x: (M, K), 
 
     int8_mm                  c[m, n] = sum_k a[m, k] * b[n, k]                    exact, int32
 
-    quantize_per_token       s[m]    = max_k |x[m, k]| / 127                      (1 if that is 0)
+    quantize_per_token       s[m]    = max_k |x[m, k]| / 127    (1 if that is 0, NaN if the row
+                                                                 holds an inf or a NaN: codes 0)
                              q[m, k] = clamp(rne(x[m, k] / s[m]), -127, 127)     fp32, IEEE /
 
     int8_dynamic_linear      q, s    = quantize_per_token(x)
@@ -82,27 +83,34 @@ def _quantize_per_token_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """x_scale[m] = amax(|x[m, :]|) / 127 (1 if 0); x_q[m, :] = clamp(rne(x[m, :] / x_scale[m]))."""
+    """x_scale[m] = amax(|x[m, :]|) / 127 (1 if 0, NaN for an inf or a NaN: codes 0);
+    x_q[m, :] = clamp(rne(x[m, :] / x_scale[m]))."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
     q_rows = q_ptr + rows.to(tl.int64)[:, None] * stride_qm
     cols = tl.arange(0, BLOCK_K)
 
-    amax = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    # |x| as integer bits: NaN's above inf's above every finite value, so a NaN is kept where a
+    # float max may drop it; a row holding an inf or a NaN has no scale (NaN) and codes 0.
+    amax = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
         mask = row_mask[:, None] & (k0 + cols < K)[None, :]
         x = tl.load(x_rows + (k0 + cols)[None, :] * stride_xk, mask=mask, other=0.0)
-        amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
+        amax = tl.maximum(amax, x.to(tl.float32).to(tl.int32, bitcast=True) & 0x7FFFFFFF)
+    amax_row = tl.max(amax, axis=1)
+    finite = amax_row < 0x7F800000
     # IEEE division everywhere: the approximate `/` of the GPU backends would change codes.
-    scale = tl.math.div_rn(tl.max(amax, axis=1), 127.0)
+    scale = tl.math.div_rn(amax_row.to(tl.float32, bitcast=True), 127.0)
     scale = tl.where(scale == 0.0, 1.0, scale)
+    scale = tl.where(finite, scale, float("nan"))
 
     for k0 in range(0, K, BLOCK_K):
         mask = row_mask[:, None] & (k0 + cols < K)[None, :]
         x = tl.load(x_rows + (k0 + cols)[None, :] * stride_xk, mask=mask, other=0.0)
         q = round_half_even(tl.math.div_rn(x.to(tl.float32), scale[:, None]))
         q = tl.minimum(tl.maximum(q, -127.0), 127.0)
+        q = tl.where(finite[:, None], q, 0.0)
         tl.store(q_rows + (k0 + cols)[None, :], q.to(tl.int8), mask=mask)
     tl.store(scale_ptr + rows, scale, mask=row_mask)
 
@@ -248,7 +256,8 @@ def _check_linear(x, w_q, w_scale, bias) -> None:
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-row int8 quantization, bit-exact with ``reference.quantize_per_token``.
 
-    x_scale[m] = max_k |x[m, k]| / 127 (1.0 for an all-zero row);
+    x_scale[m] = max_k |x[m, k]| / 127 (1.0 for an all-zero row, NaN for a row holding an inf
+    or a NaN, whose codes are 0);
     x_q[m, k] = clamp(round_half_even(x[m, k] / x_scale[m]), -127, 127), all in fp32.
 
     Args:

@@ -250,6 +250,31 @@ def test_cpu_activation_block():
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_row_holding_inf_or_nan(backend, gen):
+    """Where the kernel rounds x to int8 (per run of cpu_activation_block values), a run
+    holding an inf or a NaN has no scale and its row's outputs are NaN, as the reference's: never
+    the finite row of a float max that skipped the NaN. The other rows are unchanged. M = 1, 3
+    (the dot kernels), 8 and 40 (the strips; on the amx level the tiles)."""
+    k, n, group_size = 256, 40, 32
+    packed, scales, zeros, bias = _weights(n, k, group_size, torch.float32, gen)
+    args = (packed, scales, zeros, group_size, bias)
+    for m in (1, 3, 8, 40):
+        x = torch.randn(m, k, generator=gen)
+        clean = x.clone()
+        x[0, 5] = float("nan")
+        x[m - 1, k - 1] = float("inf")
+        rows = sorted({0, m - 1})
+        with run_on(backend):
+            out = ops.int4_weight_only_linear(x, *args)
+            out_clean = ops.int4_weight_only_linear(clean, *args)
+            ref64, _ = _cpu_references(x, args, k)
+        assert not out[rows].isfinite().any(), f"M={m}"
+        assert torch.equal(out.isnan(), ref64.isnan()), f"M={m}"
+        good = [r for r in range(m) if r not in rows]
+        assert torch.equal(out[good], out_clean[good]), f"M={m}"
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("group_size", [32, 128])
 def test_activation_codes_near_ties(backend, group_size, gen):
     """The op's int8 activation codes are round(x / scale)'s even for values within a few ulps

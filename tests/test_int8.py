@@ -83,6 +83,38 @@ def test_quantize_per_token_near_ties(backend, gen):
     assert torch.equal(x_q, want_q)
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_a_row_holding_inf_or_nan_has_no_scale(backend, gen):
+    """int8 codes cannot stand for an inf or a NaN: such a row's scale is NaN and its codes 0,
+    so W8A8 gives the row NaN, not the finite and wrong row of a float max that skipped the NaN.
+    The other rows are unchanged. M = 1, 5 and 80 (the dot kernels and the weight strips); the
+    value first in its row, last (the scalar tail) or inside a vector."""
+    device = device_of(backend)
+    k, n = 100, 24
+    w_q, w_scale, bias = _weights(n, k, device, gen)
+    for dtype in _float_dtypes(backend):
+        for m in (1, 5, 80):
+            x = torch.randn(m, k, generator=gen).to(device=device, dtype=dtype)
+            bad = {0: (0, float("nan")), m // 2: (37, float("-inf")), m - 1: (k - 1, float("inf"))}
+            clean = x.clone()
+            for row, (col, value) in bad.items():
+                x[row, col] = value
+            rows = torch.tensor(sorted(bad), device=device)
+            good = torch.ones(m, dtype=torch.bool, device=device)
+            good[rows] = False
+            with run_on(backend):
+                x_q, x_scale = ops.quantize_per_token(x)
+                out = ops.int8_dynamic_linear(x, w_q, w_scale, bias)
+                out_clean = ops.int8_dynamic_linear(clean, w_q, w_scale, bias)
+            want_q, want_scale = ref.quantize_per_token(x)
+            assert torch.equal(x_q, want_q), (dtype, m)
+            torch.testing.assert_close(x_scale, want_scale, rtol=0, atol=0, equal_nan=True)
+            assert x_scale[rows].isnan().all() and not x_q[rows].any(), (dtype, m)
+            assert out[rows].isnan().all(), (dtype, m)
+            assert ref.int8_dynamic_linear(x, w_q, w_scale, bias)[rows].isnan().all()
+            assert torch.equal(out[good], out_clean[good]), (dtype, m)
+
+
 @pytest.mark.parametrize(("backend", "m", "nk"), _cases(with_dtype=False))
 def test_int8_mm_exact(backend, m, nk, gen, poisoned_empty):
     n, k = nk

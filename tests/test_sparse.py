@@ -433,11 +433,16 @@ def test_w8a8_is_the_reference_bit_for_bit(backend, n, k, sparsity, fmt):
             x = _inputs(m, k, dtype, g)
             if m > 1:
                 x[1] = 0.0  # a zero row: scale 1, codes 0
+            if m > 3:  # rows holding a NaN and an inf: no scale, NaN outputs
+                x[2, k // 2] = float("nan")
+                x[3, k - 1] = float("inf")
             with run_on(backend):
                 out = op(x, *parts, scales, bias)
             expected = reference(x, *parts, scales, bias)
             assert out.dtype == dtype and out.shape == (m, n)
-            assert torch.equal(out, expected), f"{dtype} M={m}"
+            torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=True)
+            if m > 3:
+                assert out[2:4].isnan().all(), f"{dtype} M={m}"
     # the rule is the dense W8A8 op's on the decompressed codes
     x = torch.randn(3, k, generator=g)
     dense = ref.int8_dynamic_linear(x, codes, scales, bias, compute_dtype=torch.float64)

@@ -288,12 +288,13 @@ void quantize_panel_row(const T* x, int64_t K, int64_t group_size, int8_t* codes
   for (int64_t gi = 0; gi < groups; ++gi) pg[gi * kAmxPanel + j] = 0.0f;
   for (int64_t k0 = 0; k0 < K; k0 += run) {
     const int64_t len = K - k0 < run ? K - k0 : run;
-    __m512 amax = _mm512_setzero_ps();
+    __m512i amax = _mm512_setzero_si512();  // |x| as bits (max_abs_bits)
     for (int64_t k = 0; k < len; k += 16) {
-      amax = _mm512_max_ps(amax, _mm512_abs_ps(load16(x + k0 + k, len - k)));
+      amax =
+          _mm512_max_epu32(amax, _mm512_castps_si512(_mm512_abs_ps(load16(x + k0 + k, len - k))));
     }
-    float s = _mm512_reduce_max_ps(amax) / 127.0f;
-    if (s == 0.0f) s = 1.0f;
+    // NaN for an inf or a NaN
+    const float s = scale_from_amax(float_from_bits(_mm512_reduce_max_epu32(amax)));
     const __m512 vs = _mm512_set1_ps(s), inv = _mm512_set1_ps(1.0f / s);
     __m512i sum = _mm512_setzero_si512();  // the run's codes: a run lies in one group
     for (int64_t k = k0; k < k0 + len; k += 16) {

@@ -36,7 +36,7 @@ namespace {
 #include "avx512_helpers.h"  // transpose_16x16, first_lanes, dpbusd_in_place
 #endif
 
-// max |x[0 .. n)|.
+// max |x[0 .. n)|, NaN if one is NaN (max_abs_bits).
 template <typename T>
 float max_abs(const T* x, int64_t n) {
   using V = FVec;
@@ -44,13 +44,10 @@ float max_abs(const T* x, int64_t n) {
   int64_t k = 0;
   if (n >= V::kWidth) {
     typename V::R vmax = V::zero();
-    for (; k + V::kWidth <= n; k += V::kWidth) vmax = V::max(vmax, V::abs(V::load(x + k)));
-    amax = V::reduce_max(vmax);
+    for (; k + V::kWidth <= n; k += V::kWidth) vmax = V::max_abs(vmax, V::load(x + k));
+    amax = V::reduce_max_abs(vmax);
   }
-  for (; k < n; ++k) {
-    const float v = __builtin_fabsf(load_f32(x + k));
-    amax = v > amax ? v : amax;
-  }
+  for (; k < n; ++k) amax = max_abs_bits(amax, load_f32(x + k));
   return amax;
 }
 
@@ -104,8 +101,7 @@ void quantize_row_q8_blocks(const T* x, int64_t K, int64_t group_size, int8_t* q
   int64_t run_end = 0;
   const auto block_scale = [&](int64_t k0) {  // at a run's first block, the run's scale
     if (k0 != run_end) return s;
-    s = max_abs(x + k0, min_i64(run, K - k0)) / 127.0f;
-    if (s == 0.0f) s = 1.0f;
+    s = scale_from_amax(max_abs(x + k0, min_i64(run, K - k0)));  // NaN for an inf or a NaN
     run_end += run;
     return s;
   };

@@ -237,15 +237,15 @@ void quantize_row(const T* x, int64_t K, int8_t* q, float* scale_out) {
   using V = FVec;
   int64_t k = 0;
   typename V::R vmax = V::zero();
-  for (; k + V::kWidth <= K; k += V::kWidth) vmax = V::max(vmax, V::abs(V::load(x + k)));
-  float amax = V::reduce_max(vmax);
-  for (; k < K; ++k) {
-    const float v = __builtin_fabsf(load_f32(x + k));
-    amax = v > amax ? v : amax;
-  }
-  float scale = amax / 127.0f;
-  if (scale == 0.0f) scale = 1.0f;
+  for (; k + V::kWidth <= K; k += V::kWidth) vmax = V::max_abs(vmax, V::load(x + k));
+  float amax = V::reduce_max_abs(vmax);
+  for (; k < K; ++k) amax = max_abs_bits(amax, load_f32(x + k));
+  const float scale = scale_from_amax(amax);
   *scale_out = scale;
+  if (scale != scale) {  // an inf or a NaN in the row: codes 0, every output of the row NaN
+    for (k = 0; k < K; ++k) q[k] = 0;
+    return;
+  }
   const typename V::R vscale = V::set1(scale), inv = V::set1(1.0f / scale);
   for (k = 0; k + V::kWidth <= K; k += V::kWidth) {
     V::quantize_store(q + k, V::load(x + k), vscale, inv);

@@ -111,6 +111,27 @@ inline int8_t quantize_scalar(float v) {
   return static_cast<int8_t>(r);
 }
 
+// A quantization group's amax as bits: |v| compared as unsigned integers puts NaN above inf
+// above every finite value, so a NaN is kept where a float max (which returns one operand for a
+// NaN) may drop it, and the group's scale comes out NaN (torchslim.reference.int8).
+inline float float_from_bits(uint32_t bits) {
+  float f;
+  __builtin_memcpy(&f, &bits, sizeof f);
+  return f;
+}
+inline float max_abs_bits(float acc, float v) {
+  uint32_t a, b;
+  __builtin_memcpy(&a, &acc, sizeof a);
+  __builtin_memcpy(&b, &v, sizeof b);
+  b &= 0x7fffffffu;
+  return float_from_bits(a > b ? a : b);
+}
+// The scale of a group of amax (max_abs_bits): amax / 127, 1 for 0, NaN for inf or NaN.
+inline float scale_from_amax(float amax) {
+  if (!(amax <= 3.4028235e38f)) return __builtin_nanf("");
+  return amax == 0.0f ? 1.0f : amax / 127.0f;
+}
+
 #if defined(TORCHSLIM_ISA_AVX512) || defined(TORCHSLIM_ISA_AVX2)
 
 inline float hsum_ps(__m256 v) {
@@ -236,6 +257,14 @@ struct FVec {
   static R abs(R v) { return _mm512_abs_ps(v); }
   static R max(R a, R b) { return _mm512_max_ps(a, b); }
   static float reduce_max(R v) { return _mm512_reduce_max_ps(v); }
+  // max(acc, |v|) per lane, as max_abs_bits; acc starts at zero().
+  static R max_abs(R acc, R v) {
+    return _mm512_castsi512_ps(
+        _mm512_max_epu32(_mm512_castps_si512(acc), _mm512_castps_si512(_mm512_abs_ps(v))));
+  }
+  static float reduce_max_abs(R acc) {
+    return float_from_bits(_mm512_reduce_max_epu32(_mm512_castps_si512(acc)));
+  }
   // inv = 1 / scale (any rounding).
   static void quantize_store(int8_t* q, R x, R scale, R inv) {
     R v = round_quotient_ps(x, scale, inv);
@@ -348,6 +377,18 @@ struct FVec {
     m = _mm_max_ps(m, _mm_movehl_ps(m, m));
     m = _mm_max_ss(m, _mm_movehdup_ps(m));
     return _mm_cvtss_f32(m);
+  }
+  // max(acc, |v|) per lane, as max_abs_bits; acc starts at zero().
+  static R max_abs(R acc, R v) {
+    return _mm256_castsi256_ps(
+        _mm256_max_epu32(_mm256_castps_si256(acc), _mm256_castps_si256(abs(v))));
+  }
+  static float reduce_max_abs(R acc) {
+    const __m256i a = _mm256_castps_si256(acc);
+    __m128i m = _mm_max_epu32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+    m = _mm_max_epu32(m, _mm_shuffle_epi32(m, _MM_SHUFFLE(1, 0, 3, 2)));
+    m = _mm_max_epu32(m, _mm_shuffle_epi32(m, _MM_SHUFFLE(2, 3, 0, 1)));
+    return float_from_bits(static_cast<uint32_t>(_mm_cvtsi128_si32(m)));
   }
   // round(x / scale) half to even, as the divide gives it (kQuotientSlack).
   static R round_quotient(R x, R scale, R inv) {
@@ -463,6 +504,8 @@ struct FVec {
   static R abs(R v) { return __builtin_fabsf(v); }
   static R max(R a, R b) { return a > b ? a : b; }
   static float reduce_max(R v) { return v; }
+  static R max_abs(R acc, R v) { return max_abs_bits(acc, v); }
+  static float reduce_max_abs(R acc) { return acc; }
   static void quantize_store(int8_t* q, R x, R scale, R) { *q = quantize_scalar(x / scale); }
 };
 

@@ -2,7 +2,8 @@
 //
 // Math (python/torchslim/reference/int8.py is the specification):
 //
-//   quantize_per_token   scale[m]  = amax_k |x[m, k]| / 127        (1 if that is 0)
+//   quantize_per_token   scale[m]  = amax_k |x[m, k]| / 127        (1 if that is 0, NaN if the
+//                                                                    row holds an inf or a NaN)
 //                        x_q[m, k] = clamp(rint(x[m, k] / scale[m]), -127, 127)
 //   int8_scaled_mm       acc[m, n] = sum_k a[m, k] * b[n, k]       (int32, exact)
 //                        out[m, n] = acc[m, n] * a_scale[m] * b_scale[n] + bias[n]
@@ -118,7 +119,10 @@ __global__ void __launch_bounds__(kQuantThreads)
   amax = block_max(amax);
 
   // scale = amax / 127 (IEEE), replaced by 1 when it is +-0 (compared as bits: immune to FTZ).
-  float scale = detail::div_rn(__uint_as_float(amax), 127.0f);
+  // A row holding an inf or a NaN (amax's bits at or above inf's) has no scale: NaN, codes 0.
+  const bool finite = amax < 0x7f800000u;
+  float scale =
+      finite ? detail::div_rn(__uint_as_float(amax), 127.0f) : __uint_as_float(0x7fc00000u);
   if ((__float_as_uint(scale) & 0x7fffffffu) == 0) scale = 1.0f;
   if (threadIdx.x == 0) x_scale[row] = scale;
 
@@ -129,14 +133,14 @@ __global__ void __launch_bounds__(kQuantThreads)
       uint32_t packed[2] = {0u, 0u};
 #pragma unroll
       for (int e = 0; e < kQuantVec; ++e) {
-        const uint32_t code = static_cast<uint8_t>(quantize_code(v[e], scale));
+        const uint32_t code = finite ? static_cast<uint8_t>(quantize_code(v[e], scale)) : 0u;
         packed[e / 4] |= code << (8 * (e % 4));
       }
       *reinterpret_cast<uint2*>(qr + k) = make_uint2(packed[0], packed[1]);
     }
   } else {
     for (int64_t k = threadIdx.x; k < K; k += kQuantThreads) {
-      qr[k] = static_cast<int8_t>(quantize_code(detail::to_float(xr[k]), scale));
+      qr[k] = finite ? static_cast<int8_t>(quantize_code(detail::to_float(xr[k]), scale)) : 0;
     }
   }
 }

@@ -40,7 +40,7 @@ from __future__ import annotations
 import torch
 
 from torchslim.reference._linear import linear
-from torchslim.reference.int8 import QMAX, _scale_from_amax
+from torchslim.reference.int8 import _codes, _scale_from_amax
 
 CODE_MAX = 15
 Q8_BLOCK = 32
@@ -180,7 +180,7 @@ def quantize_per_block(x: torch.Tensor, block: int = Q8_BLOCK) -> tuple[torch.Te
     for k0 in range(0, k, block):
         part = xf[..., k0 : k0 + block]
         scale = _scale_from_amax(part.abs().amax(dim=-1))
-        codes.append(torch.round(part / scale.unsqueeze(-1)).clamp_(-QMAX, QMAX))
+        codes.append(_codes(part, scale.unsqueeze(-1)))
         scales.append(scale)
     if not codes:
         return xf.to(torch.int8), xf.new_empty((*xf.shape[:-1], 0))

@@ -9,6 +9,10 @@ closed and products of two codes never saturate an int16 pair sum):
     scale = amax / 127            (amax = max |v| over the quantization group; 1.0 if amax == 0)
     code  = clamp(round(v / scale), -127, 127)        round = half to even, in fp32
 
+A group holding an inf or a NaN has no scale: its scale is NaN and its codes 0, so every output
+it reaches is NaN (int8 codes cannot stand for it; a float max that skipped the NaN would return
+a finite, plausible and wrong result).
+
 W8A8 dynamic linear, for x: (M, K) float, w_q: (N, K) int8, w_scale: (N,) fp32:
 
     x_q, x_scale = quantize_per_token(x)              per row of x, in fp32
@@ -34,7 +38,14 @@ def _scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
     # A tensor divisor: dividing by a Python scalar is done as a multiply by its reciprocal on
     # CUDA (not on the CPU), which would make the reference device-dependent by an ulp.
     scale = amax / torch.full_like(amax, QMAX)
-    return torch.where(scale == 0, torch.ones_like(scale), scale)
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return torch.where(amax.isfinite(), scale, torch.full_like(scale, float("nan")))
+
+
+def _codes(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """clamp(round(x / scale)) in fp32, 0 where the scale (broadcast over x) is NaN."""
+    q = torch.round(x / scale).clamp_(-QMAX, QMAX)
+    return q.masked_fill_(scale.isnan().expand_as(q), 0)
 
 
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,8 +59,7 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     xf = x.to(torch.float32)
     scale = _scale_from_amax(xf.abs().amax(dim=-1)) if xf.shape[-1] else xf.new_ones(xf.shape[:-1])
-    x_q = torch.round(xf / scale.unsqueeze(-1)).clamp_(-QMAX, QMAX).to(torch.int8)
-    return x_q, scale
+    return _codes(xf, scale.unsqueeze(-1)).to(torch.int8), scale
 
 
 def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
