@@ -201,6 +201,7 @@ def int4_weight_only_linear(
         return done
     packed_w = packed_w if packed_w.stride(1) == 1 else packed_w.contiguous()
     scales, zeros = scales.contiguous(), zeros.contiguous()
+    bias = None if bias is None else bias.contiguous()  # the kernel reads it at stride 1
     precision = dot_precision(x.dtype)
     kernel = _w4a16_decode if decode else _w4a16_tiled
 

@@ -455,6 +455,10 @@ def test_int4_linear_rejects_bad_state(gen):
         Int4Linear(64, 8, group_size=32).load_state_dict(
             {**state, "weight": state["weight"][:, :16]}
         )
+    with pytest.raises(ValueError, match=r"weight must hold torch\.uint8 codes, got torch\.int32"):
+        Int4Linear(64, 8, group_size=32).load_state_dict(
+            {**state, "weight": state["weight"].to(torch.int32)}
+        )
     with pytest.raises(ValueError, match="group_size must be -1"):
         Int4Linear(96, 8, group_size=64)
     with pytest.raises(TypeError, match=r"linear must be an nn\.Linear"):

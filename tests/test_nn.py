@@ -146,6 +146,13 @@ def test_bad_input(gen):
     state["weight_scale"][3] = float("inf")
     with pytest.raises(ValueError, match="weight_scale must be finite and > 0"):
         Int8Linear(IN, OUT).load_state_dict(state)
+    state["weight_scale"][3] = 1.0
+    # codes of another dtype would be cast (float weights truncated, wider integers wrapped)
+    for weight in (state["weight"].float() / 127, state["weight"].to(torch.int32) + 200):
+        with pytest.raises(
+            ValueError, match=f"weight must hold torch.int8 codes, got {weight.dtype}"
+        ):
+            Int8Linear(IN, OUT).load_state_dict({**state, "weight": weight})
     for layer in (Int8Linear(IN, OUT), torchslim.nn.Int4Linear(IN, OUT, group_size=32)):
         with pytest.raises(TypeError, match=r"x must be a torch\.Tensor, got list"):
             layer([1.0] * IN)

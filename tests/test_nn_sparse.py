@@ -81,6 +81,19 @@ def test_torch_prune_layer_is_read_through_its_mask():
     assert hasattr(linear, "weight_orig")  # left unchanged
 
 
+@pytest.mark.parametrize(("pattern", "fmt", "amount"), CASES)
+def test_x_of_another_width_is_refused(pattern, fmt, amount):
+    """x whose last dim is not in_features is refused by name in every format, also where
+    the arrays alone fix K only to a multiple of 4 (2:4) or of the block width (block)."""
+    layer = SparseLinear.from_linear(
+        _pruned_linear(64, 8, pattern, amount, ("width", fmt)), pattern, format=fmt
+    )
+    for shape in ((3, 61), (3, 63), (3, 65), (2, 3, 48), ()):
+        with pytest.raises(ValueError, match=r"x must be \(\.\.\., in_features = 64\)"):
+            layer(torch.randn(shape))
+    assert layer(torch.randn(3, 64)).shape == (3, 8)
+
+
 def test_errors_name_the_argument():
     dense = nn.Linear(16, 4)
     with pytest.raises(ValueError, match="does not satisfy the 2:4 pattern"):

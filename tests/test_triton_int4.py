@@ -71,14 +71,16 @@ def test_against_reference(M, N, K, group_size, poisoned_empty):
 
 @pytest.mark.parametrize("M", [3, 33])
 def test_strided_operands(M, poisoned_empty):
-    """x column-major and the packed weight a row slice of a padded buffer."""
+    """x column-major, the packed weight a row slice of a padded buffer, the bias every other
+    element of one."""
     g = seeded("strided", M)
     N, K, gs = 40, 128, 32
     x, packed, scales, zeros, bias = _inputs(g, M, N, K, gs, torch.float32, torch.float32, True)
     xt = x.t().contiguous().t()
     buf = torch.full((N, K // 2 + 8), 0xFF, dtype=torch.uint8, device=DEVICE)
     buf[:, : K // 2] = packed
-    out = im.int4_weight_only_linear(xt, buf[:, : K // 2], scales, zeros, gs, bias)
+    strided_bias = torch.stack([bias, torch.full_like(bias, float("nan"))], 1)[:, 0]
+    out = im.int4_weight_only_linear(xt, buf[:, : K // 2], scales, zeros, gs, strided_bias)
     _check(out, x, packed, scales, zeros, gs, bias)
 
 

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from torchslim import ops  # noqa: F401 (defines the torch.ops.torchslim ops below)
+from torchslim.nn.int8_linear import codes_keep_their_dtype
 from torchslim.ops.int8 import _require_tensors
 from torchslim.quant.int4 import SCALE_DTYPES, check_group_size, quantize_int4
 from torchslim.reference.int4 import (
@@ -77,6 +78,7 @@ class Int4Linear(nn.Module):
         self.register_buffer("bias", bias_t if bias else None)
         self.layout = "plain"
         self.register_state_dict_post_hook(_weight_to_plain)
+        self.register_load_state_dict_pre_hook(codes_keep_their_dtype("weight", torch.uint8))
         self.register_load_state_dict_pre_hook(_weight_from_plain)
         self.register_load_state_dict_post_hook(lambda module, _keys: module._validate())
 

@@ -15,6 +15,22 @@ _OP_WEIGHT_ONLY = torch.ops.torchslim.int8_weight_only_linear.default
 MODES = ("dynamic", "weight_only")
 
 
+def codes_keep_their_dtype(name: str, dtype: torch.dtype):
+    """A load_state_dict pre-hook for the integer codes in buffer ``name``: load_state_dict
+    would cast a tensor of any dtype into it (float weights truncated to codes, wider integers
+    wrapped), so another dtype is refused by name."""
+
+    def hook(module: nn.Module, state_dict, prefix, *_args) -> None:
+        codes = state_dict.get(prefix + name)
+        if isinstance(codes, torch.Tensor) and codes.dtype != dtype:
+            raise ValueError(
+                f"{prefix + name} must hold {dtype} codes, got {codes.dtype} (a float weight "
+                f"is quantized by {type(module).__name__}.from_linear)"
+            )
+
+    return hook
+
+
 class Int8Linear(nn.Module):
     """y = x @ W.T + b with W stored as per-output-channel int8 codes and fp32 scales.
 
@@ -58,6 +74,7 @@ class Int8Linear(nn.Module):
         bias_t = torch.zeros(out_features, dtype=dtype or torch.float32, device=device)
         self.register_buffer("bias", bias_t if bias else None)
         self.register_buffer("smooth", None)
+        self.register_load_state_dict_pre_hook(codes_keep_their_dtype("weight", torch.int8))
         self.register_load_state_dict_post_hook(lambda module, _keys: module._validate())
 
     @classmethod

@@ -404,6 +404,11 @@ class SparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The op itself, and the buffers from _buffers: see Int4Linear.forward.
         _require_tensors(x=x)
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            # The 2:4 and block arrays fix K only to a multiple of 4 or of the block width.
+            raise ValueError(
+                f"x must be (..., in_features = {self.in_features}), got shape {tuple(x.shape)}"
+            )
         b = self._buffers
         values, bias, scales = b["values"], b["bias"], b["scales"]
         if self.format == "2:4":
