@@ -303,7 +303,8 @@ def _entry_points():
 @pytest.mark.parametrize("case", range(3))
 def test_entry_points_name_an_argument_that_is_not_a_tensor(case):
     # The entry points check their arguments' types only when the op fails (_call_op); the error
-    # still names the argument, and a well-formed call runs
+    # still names the argument (a list, or None where a tensor is required), and a well-formed
+    # call runs
     fn, args, names = _entry_points()[case]
     fn(*args)
     for at, name in enumerate(names):
@@ -313,6 +314,10 @@ def test_entry_points_name_an_argument_that_is_not_a_tensor(case):
         bad[at] = [1.0]
         with pytest.raises(TypeError, match=rf"^{name} must be a torch\.Tensor, got list$"):
             fn(*bad)
+        if name not in ("bias", "attn_mask"):  # (scales is optional in the schema)
+            bad[at] = None
+            with pytest.raises((TypeError, ValueError), match=rf"^{name} (must|\(N,\))"):
+                fn(*bad)
 
 
 @pytest.mark.parametrize("backend", [b for b in KERNEL_BACKENDS if b.startswith("cpu")])

@@ -269,21 +269,21 @@ def _require_tensors(**args: object) -> None:
 
 
 _TENSOR_OR_NONE = torch._C.OptionalType.ofTensor()
+_TENSOR = torch._C.TensorType.get()
 
 
 def _call_op(op: torch._ops.OpOverloadPacket, *args: object) -> object:
-    """``op(*args)``; when the call fails on an argument that is neither a tensor nor None
-    where the schema takes a tensor, a TypeError naming it (as _require_tensors). Checked only
-    after a failure: the same check before every call cost about 1 us of a decode-sized one."""
+    """``op(*args)``; when the call fails on an argument that the schema takes as a tensor and
+    that is not one (None only where the tensor is required), a TypeError naming it (as
+    _require_tensors). Checked only after a failure: the same check before every call cost
+    about 1 us of a decode-sized one."""
     try:
         return op(*args)
-    except (TypeError, RuntimeError) as error:
+    except (TypeError, RuntimeError, AttributeError) as error:
         for arg, value in zip(op.default._schema.arguments, args, strict=False):
-            if (
-                value is not None
-                and not isinstance(value, torch.Tensor)
-                and arg.type.isSubtypeOf(_TENSOR_OR_NONE)
-            ):
+            if isinstance(value, torch.Tensor) or not arg.type.isSubtypeOf(_TENSOR_OR_NONE):
+                continue
+            if value is not None or arg.type.isSubtypeOf(_TENSOR):
                 raise TypeError(
                     f"{arg.name} must be a torch.Tensor, got {type(value).__name__}"
                 ) from error
