@@ -6,9 +6,10 @@ import pytest
 import torch
 from conftest import KERNEL_BACKENDS, device_of, run_on
 
+import torchslim
 from torchslim import _ext, ops
 from torchslim import reference as ref
-from torchslim.quant import quantize_weight_per_channel
+from torchslim.quant import quantize_int4, quantize_weight_per_channel
 from torchslim.testing import (
     M_FULL,
     M_QUICK,
@@ -194,6 +195,22 @@ def test_no_columns_give_the_bias(backend, op, gen, poisoned_empty):
             out = op(torch.zeros(shape, dtype=dtype, device=device), w_q, w_scale, bias)
         assert out.shape == (*shape[:-1], n) and out.dtype == dtype, shape
         assert torch.equal(out, bias.to(dtype).expand(*shape[:-1], n)), shape
+
+
+def test_reference_takes_empty_dims(gen):
+    """K = 0 and N = 0 through the reference (what fp16 x on the CPU and backend("reference")
+    run): the bias, or an empty output, as the kernels give, not a reshape error."""
+    x = torch.randn(3, 0, generator=gen)
+    w_q, w_scale, bias = torch.zeros(5, 0, dtype=torch.int8), torch.ones(5), torch.randn(5)
+    for op in (ops.int8_dynamic_linear, ops.int8_weight_only_linear):
+        for xx in (x, x.half()):
+            with torchslim.backend("reference"):
+                out = op(xx, w_q, w_scale, bias)
+            assert torch.equal(out, bias.to(xx.dtype).expand(3, 5))
+    packed, scales, zeros = quantize_int4(torch.zeros(0, 64), 32)
+    with torchslim.backend("reference"):
+        out = ops.int4_weight_only_linear(torch.randn(3, 64).half(), packed, scales, zeros, 32)
+    assert out.shape == (3, 0)
 
 
 OPCHECK_TESTS = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")

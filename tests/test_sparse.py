@@ -53,6 +53,14 @@ def test_24_round_trip_is_exact(n, k, dtype):
     assert (index[..., 0] < index[..., 1]).all()
 
 
+@pytest.mark.parametrize("fmt", ["2:4", "bitmask", "csr", "sliced"])
+def test_a_weight_with_no_rows_round_trips(fmt):
+    """(0, K) compresses to empty arrays and back, in every unstructured format and 2:4."""
+    w = torch.zeros(0, 40)
+    parts = _COMPRESS[fmt](w)
+    assert torch.equal(_DECOMPRESS[fmt](*parts, 40), w)
+
+
 def test_24_layout_by_hand():
     # group 0 keeps columns 1 and 3, group 1 columns 0 and 2; group 2 (K = 10: columns 8, 9)
     # keeps column 9 and pads with column 8 (a zero)

@@ -92,7 +92,9 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"packed must be uint8, got {packed.dtype}")
     if packed.dim() != 2:
         raise ValueError(f"packed must be 2-D (N, K // 2), got shape {tuple(packed.shape)}")
-    return torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
+    return torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(
+        packed.shape[0], 2 * packed.shape[1]
+    )
 
 
 # The tc layout's tile: 64 output channels x 16 k = 512 bytes, 16 per lane of a warp.

@@ -99,7 +99,7 @@ def int8_dynamic_linear(
     Returns:
         (..., N) in ``x.dtype``.
     """
-    x_q, x_scale = quantize_per_token(x.reshape(-1, x.shape[-1]))
+    x_q, x_scale = quantize_per_token(x.reshape(x.shape[:-1].numel(), x.shape[-1]))
     acc = int8_mm(x_q, w_q).to(compute_dtype)
     out = acc * x_scale.to(compute_dtype).unsqueeze(1) * w_scale.to(compute_dtype).unsqueeze(0)
     if bias is not None:

@@ -135,8 +135,9 @@ def compress_24(
     key = (w == 0).to(torch.int64) * GROUP + torch.arange(GROUP, device=w.device)
     index = key.argsort(dim=-1)[..., :KEPT].sort(dim=-1).values  # (N, G, 2)
     values = w.gather(-1, index).reshape(n, KEPT * groups)
-    codes = index.reshape(n, -1).to(torch.uint8)  # (N, 2G), 2 bits each
-    codes = torch.nn.functional.pad(codes, (0, -codes.shape[1] % 4)).reshape(n, -1, 4)
+    codes = index.reshape(n, KEPT * groups).to(torch.uint8)  # (N, 2G), 2 bits each
+    codes = torch.nn.functional.pad(codes, (0, -codes.shape[1] % 4))
+    codes = codes.reshape(n, codes.shape[1] // 4, 4)
     shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=w.device)
     meta = (codes << shifts).sum(dim=-1, dtype=torch.uint8)
     return values.to(dtype or weight.dtype), meta
@@ -146,7 +147,7 @@ def meta_indices(meta: torch.Tensor, groups: int) -> torch.Tensor:
     """(N, ceil(G / 2)) uint8 meta -> (N, 2G) int64 column index of each kept value in its group."""
     shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=meta.device)
     codes = (meta.unsqueeze(-1) >> shifts) & 3
-    return codes.reshape(meta.shape[0], -1)[:, : KEPT * groups].to(torch.int64)
+    return codes.reshape(meta.shape[0], 4 * meta.shape[1])[:, : KEPT * groups].to(torch.int64)
 
 
 def decompress_24(
@@ -233,7 +234,8 @@ def compress_bitmask(
     """
     n, k = weight.shape
     nonzero = weight != 0
-    bits = torch.nn.functional.pad(nonzero, (0, -k % MASK_BITS)).reshape(n, -1, MASK_BITS)
+    bits = torch.nn.functional.pad(nonzero, (0, -k % MASK_BITS))
+    bits = bits.reshape(n, bits.shape[1] // MASK_BITS, MASK_BITS)
     weights = torch.tensor([1 << j for j in range(MASK_BITS)], device=weight.device)
     mask = (bits.to(torch.int64) * weights).sum(dim=-1).to(torch.uint8)
     row_offsets = torch.zeros(n + 1, dtype=torch.int64, device=weight.device)
@@ -245,7 +247,7 @@ def mask_bits(mask: torch.Tensor, k: int) -> torch.Tensor:
     """(N, ceil(K / 8)) uint8 -> (N, K) bool."""
     shifts = torch.arange(MASK_BITS, dtype=torch.uint8, device=mask.device)
     bits = (mask.unsqueeze(-1) >> shifts) & 1
-    return bits.reshape(mask.shape[0], -1)[:, :k].bool()
+    return bits.reshape(mask.shape[0], MASK_BITS * mask.shape[1])[:, :k].bool()
 
 
 def check_bitmask(
