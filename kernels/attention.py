@@ -935,6 +935,14 @@ def _launch(kind, grid, args, kwargs) -> None:
                  num_stages=cfg.num_stages)  # fmt: skip
 
 
+def _nan_where_q_is_nan(q, out, may_see_nothing: bool) -> None:
+    """A query row holding a NaN gives NaN outputs (the reference's rule), also where it sees
+    no key: the kernels give such a row zeros without reading q. Where every row sees a key,
+    the kernels' own arithmetic carries the NaN, and no pass over q is spent."""
+    if may_see_nothing:
+        out.masked_fill_(q.isnan().any(dim=-1, keepdim=True), float("nan"))
+
+
 def attention_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -971,7 +979,8 @@ def attention_forward(
         return_lse: also return the row logsumexp.
 
     Returns:
-        out: (B, H, Sq, Dv) in q's dtype, contiguous; zeros for a row with no visible key.
+        out: (B, H, Sq, Dv) in q's dtype, contiguous; zeros for a row with no visible key
+            (NaN where its q holds a NaN).
         lse (with return_lse): (B, H, Sq) fp32, the natural-log logsumexp of the scaled,
             masked scores of each row; -inf for a row with no visible key.
     """
@@ -983,7 +992,9 @@ def attention_forward(
     if out.numel() == 0 or Sk == 0:
         out.zero_()
         lse.fill_(float("-inf"))
+        _nan_where_q_is_nan(q, out, True)
         return (out, lse) if return_lse else out
+    may_see_nothing = attn_mask is not None or kv_lens is not None or (causal and Sq > Sk)
 
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     mask, mask_strides, mask_kind = _mask_args(attn_mask, q, B, H, Sq, Sk)
@@ -1008,6 +1019,7 @@ def attention_forward(
                 return (triton.cdiv(Sq, meta["BLOCK_M"]) * B * H,)
 
             _launch("fwd", grid, args, flags)
+            _nan_where_q_is_nan(q, out, may_see_nothing)
             return (out, lse) if return_lse else out
 
         block_m = _decode_rows(group, Sq, flags["BLOCK_D"], flags["BLOCK_DV"])
@@ -1029,6 +1041,7 @@ def attention_forward(
                 HEAD_DV=Dv, BLOCK_DV=flags["BLOCK_DV"], BLOCK_S=triton.next_power_of_2(splits),
                 STORE_LSE=return_lse,
             )  # fmt: skip
+    _nan_where_q_is_nan(q, out, may_see_nothing)
     return (out, lse) if return_lse else out
 
 

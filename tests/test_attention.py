@@ -269,6 +269,56 @@ def test_kernel_without_keys_gives_zeros(backend, dtype, gen):
     assert (ref.attention(q, k, v) == 0).all()
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize(("sq", "sk"), [(1, 300), (70, 70)])  # split-KV decode, prefill
+def test_a_nan_spreads_as_in_sdpa(backend, sq, sk):
+    """A NaN in q's row gives that row NaN (even with no visible key); one in a key or a value
+    the rows see spreads over them; the other rows are untouched: where SDPA gives NaN, the op
+    and the reference give NaN, never zeros, and a row that sees no key gives zeros unless its
+    own q holds a NaN."""
+    g = seeded("nan", backend, sq, sk)
+    dtypes = (torch.float32,) if backend == "triton" else (torch.float32, torch.bfloat16)
+    for dtype in dtypes:
+        for which in ("q", "k", "v"):
+            q, k, v = _qkv(1, 2, 2, sq, sk, 32, g, dtype)
+            row = min(3, (sq if which == "q" else sk) - 1)
+            {"q": q, "k": k, "v": v}[which][0, 0, row, 5] = float("nan")
+            mask = torch.ones(sq, sk, dtype=torch.bool)
+            mask[-1] = False  # the last row sees no key: zeros, or NaN where its q holds a NaN
+            with run_on(backend):
+                out = torchslim.attention(q, k, v)
+                masked = torchslim.attention(q, k, v, attn_mask=mask)
+            want = F.scaled_dot_product_attention(q, k, v).isnan()
+            assert want.any(), which
+            assert torch.equal(out.isnan(), want), (dtype, which)
+            assert torch.equal(ref.attention(q, k, v).isnan(), want), (dtype, which)
+            if which == "v":  # (the reference's matmul takes 0 * NaN from keys a row cannot see)
+                continue
+            expected = ref.attention(q, k, v, attn_mask=mask)
+            assert torch.equal(masked.isnan(), expected.isnan()), (dtype, which)
+            last = expected[0, 0, -1]
+            assert last.isnan().all() if which == "q" and sq == 1 else (last == 0).all()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_kernel_masks_of_the_lowest_finite_value(backend, dtype):
+    """Hugging Face masks with finfo(dtype).min, finite: a row whose keys are all at that value
+    averages v (its scores are equal), as the reference does; with -inf it would see no key.
+    16 rows and D = 32: the bf16 kernel's items, where the mask is scaled to log2 units."""
+    g = seeded("finfo-min", backend, dtype)
+    q, k, v = _qkv(1, 1, 1, 16, 32, 32, g, dtype)
+    for fill in (torch.finfo(torch.bfloat16).min, torch.finfo(torch.float32).min, -1e38):
+        mask = torch.zeros(1, 1, 16, 32, dtype=dtype)
+        mask[..., 3, :] = fill  # row 3: every key at fill
+        mask[..., 5, 7:] = fill  # row 5: keys from 7 at fill
+        with run_on(backend):
+            out = torchslim.attention(q, k, v, attn_mask=mask)
+        f64 = [t.double() for t in (q, k, v, mask)]
+        ref64 = ref.attention(*f64[:3], f64[3], compute_dtype=torch.float64)
+        check_close(out, ref64, ref.attention(q, k, v, mask), name=f"fill={fill}")
+
+
 def _bad_inputs():
     q = torch.randn(2, 4, 3, 8)
     k = torch.randn(2, 2, 5, 8)

@@ -535,6 +535,30 @@ bool attention_head_tasks(int64_t heads, int64_t threads, int64_t head_bytes, in
 // dtype (fp32/bf16); attn_mask bool or float, broadcastable to (B, H, Sq, Sk); window <= 0 for
 // none; kv_lens (B,) int. Work items are blocks of up to kAttnBlockQ query rows of one batch
 // and of heads that share a key/value head.
+// A query row holding a NaN gives NaN outputs, as softmax does in PyTorch's attention: the
+// kernels' online softmax takes a row of scores that are all NaN for a row that has seen no
+// key yet, and would give it zeros.
+void nan_where_q_is_nan(const at::Tensor& q, at::Tensor& out) {
+  const int64_t B = q.size(0), H = q.size(1), Sq = q.size(2), D = q.size(3);
+  const bool bf16 = q.scalar_type() == at::kBFloat16;
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t h = 0; h < H; ++h) {
+      for (int64_t i = 0; i < Sq; ++i) {
+        const int64_t base = b * q.stride(0) + h * q.stride(1) + i * q.stride(2);
+        bool nan = false;
+        if (bf16) {
+          const auto* row = reinterpret_cast<const uint16_t*>(q.data_ptr()) + base;
+          for (int64_t d = 0; d < D; ++d) nan |= (row[d * q.stride(3)] & 0x7fff) > 0x7f80;
+        } else {
+          const float* row = q.data_ptr<float>() + base;
+          for (int64_t d = 0; d < D; ++d) nan |= std::isnan(row[d * q.stride(3)]);
+        }
+        if (nan) out[b][h][i].fill_(std::numeric_limits<float>::quiet_NaN());
+      }
+    }
+  }
+}
+
 at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                          const OptTensor& attn_mask, bool causal, std::optional<double> scale,
                          int64_t window, const OptTensor& kv_lens) {
@@ -575,7 +599,11 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Ten
   }
   at::Tensor out = at::empty({B, H, Sq, Dv}, q.options());
   if (out.numel() == 0) return out;
-  if (Sk == 0) return out.zero_();  // no key: every row is a row with no visible key
+  if (Sk == 0) {  // no key: every row is a row with no visible key
+    out.zero_();
+    nan_where_q_is_nan(qc, out);
+    return out;
+  }
   cpu::AttentionArgs args{
       qc.data_ptr(),
       qc.stride(0),
@@ -740,7 +768,10 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Ten
   } else {
     run(0, n_items);
   }
-  if (splits == 1) return out;
+  if (splits == 1) {
+    nan_where_q_is_nan(qc, out);
+    return out;
+  }
   constexpr float kNoKey = -std::numeric_limits<float>::infinity();
   at::parallel_for(0, n_items, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> acc(Dv);
@@ -773,6 +804,7 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Ten
       }
     }
   });
+  nan_where_q_is_nan(qc, out);
   return out;
 }
 

@@ -15,7 +15,9 @@ v (B, Hkv, Sk, Dv) -> (B, H, Sq, Dv) in q's dtype. What a query row sees:
   key j is visible when position - window < j <= position.
 - attn_mask: boolean (True = attend) or additive float, broadcastable to (B, H, Sq, Sk).
 
-A row with no visible key (everything masked) produces zeros, not NaN.
+A row with no visible key (everything masked) produces zeros, not NaN. A NaN reaches the
+output as in PyTorch's softmax: a query row holding a NaN gives a NaN row (visible keys or
+not), a NaN score or value one that the row sees spreads over the row.
 
 :func:`attention_backward` gives the gradients for q, k and v (the FlashAttention-2 backward
 written densely); float64 inputs compute in float64 throughout, for gradcheck.
@@ -71,12 +73,14 @@ def _probabilities(
             scores = scores + attn_mask.to(compute_dtype)
     scores = scores.masked_fill(~visible, -math.inf)
     # Softmax that leaves a row with no visible key (all -inf, or no key at all) at zero instead
-    # of NaN.
+    # of NaN, and a NaN as softmax does.
     top = scores.amax(dim=-1, keepdim=True) if sk else scores.new_zeros((*scores.shape[:-1], 1))
-    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    top = torch.where(top == -math.inf, torch.zeros_like(top), top)
     weights = torch.exp(scores - top)
     total = weights.sum(dim=-1, keepdim=True)
-    return torch.where(total > 0, weights / total, torch.zeros_like(weights)), scale
+    weights = torch.where(total == 0, torch.zeros_like(weights), weights / total)
+    nan_rows = q.isnan().any(dim=-1, keepdim=True)
+    return weights.masked_fill(nan_rows, math.nan), scale
 
 
 def _expand_heads(t: torch.Tensor, h: int) -> torch.Tensor:
