@@ -439,7 +439,12 @@ TORCHSLIM_PAIRS void attention_on_tiles(const AttentionArgs& a, int64_t b, int64
         const __m512 sv = _mm512_load_ps(sr + 16 * v);
         if (mr) {
           const __m512 mv = _mm512_maskz_loadu_ps(first_lanes(a.Sk - j0 - 16 * v), mr + 16 * v);
-          t[v] = _mm512_fmadd_ps(sv, vc, _mm512_fmadd_ps(mv, v_log2e, base));
+          // A finite mask stays finite in log2 units (Hugging Face masks with finfo.min, which
+          // times log2(e) would overflow to -inf and hide the key); -inf and NaN stay as they are.
+          __m512 ml = _mm512_mul_ps(mv, v_log2e);
+          ml = _mm512_mask_max_ps(ml, _mm512_cmp_ps_mask(mv, minus_inf, _CMP_GT_OQ), ml,
+                                  _mm512_set1_ps(-3.4028235e38f));
+          t[v] = _mm512_fmadd_ps(sv, vc, _mm512_add_ps(ml, base));
         } else {
           t[v] = _mm512_fmadd_ps(sv, vc, base);
         }
