@@ -72,6 +72,16 @@ def test_sdpa_other_ranks(lead, gen):
         torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k, v, **kwargs))
 
 
+@pytest.mark.parametrize("lead", [(), (2, 3)])
+def test_sdpa_empty_sequences(lead, gen):
+    """No query or no key (an empty dim, whose batch cannot be inferred from -1): PyTorch's
+    result, zeros where there is no key."""
+    q, k, v = _sdpa_inputs(gen, lead, 4, 4, 7, 9)
+    for args in ((q[..., :0, :], k, v), (q, k[..., :0, :], v[..., :0, :])):
+        got = TF.scaled_dot_product_attention(*args)
+        torch.testing.assert_close(got, F.scaled_dot_product_attention(*args))
+
+
 def test_sdpa_gradients_match_pytorch(gen):
     q, k, v = _sdpa_inputs(gen, (2,), 4, 2, 9, 9)
     grad = torch.randn(2, 4, 9, 12, generator=gen)

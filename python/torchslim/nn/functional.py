@@ -89,12 +89,13 @@ def scaled_dot_product_attention(
     lead = query.shape[:-3]
     heads, sq, d = query.shape[-3:]
     kv_heads, sk = key.shape[-3], key.shape[-2]
-    q = query.reshape(-1, heads, sq, d)
-    k = key.reshape(-1, kv_heads, sk, d)
-    v = value.reshape(-1, kv_heads, sk, value.shape[-1])
+    batch = lead.numel()  # (not -1: a tensor with an empty dim cannot infer it)
+    q = query.reshape(batch, heads, sq, d)
+    k = key.reshape(batch, kv_heads, sk, d)
+    v = value.reshape(batch, kv_heads, sk, value.shape[-1])
     mask = attn_mask
     if mask is not None and query.dim() != 4:
-        mask = mask.expand(*lead, heads, sq, sk).reshape(-1, heads, sq, sk)
+        mask = mask.expand(*lead, heads, sq, sk).reshape(batch, heads, sq, sk)
     causal = False
     if is_causal and sq <= sk:
         # No query sees past key sq - 1: cut the keys there and top-left is bottom-right.
