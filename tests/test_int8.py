@@ -85,6 +85,19 @@ def test_quantize_per_token_near_ties(backend, gen):
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_quantize_per_token_scale_that_underflows(backend):
+    """A row of subnormals so small that amax / 127 underflows to 0: scale 1 and codes 0, as
+    for a zero row (the quotient is tested, not amax)."""
+    x = torch.tensor([[1e-44, -2e-44, 0.0, 5e-45], [1e-40, 0.0, -3e-41, 1e-45], [0.0] * 4])
+    x = x.to(device_of(backend))
+    with run_on(backend):
+        x_q, x_scale = ops.quantize_per_token(x)
+    want_q, want_scale = ref.quantize_per_token(x)
+    assert want_scale[0] == 1 and want_scale[2] == 1
+    assert torch.equal(x_scale, want_scale) and torch.equal(x_q, want_q)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_a_row_holding_inf_or_nan_has_no_scale(backend, gen):
     """int8 codes cannot stand for an inf or a NaN: such a row's scale is NaN and its codes 0,
     so W8A8 gives the row NaN, not the finite and wrong row of a float max that skipped the NaN.

@@ -126,10 +126,12 @@ inline float max_abs_bits(float acc, float v) {
   b &= 0x7fffffffu;
   return float_from_bits(a > b ? a : b);
 }
-// The scale of a group of amax (max_abs_bits): amax / 127, 1 for 0, NaN for inf or NaN.
+// The scale of a group of amax (max_abs_bits): amax / 127, 1 where that is 0 (an amax of 0, or
+// one so small that the quotient underflows), NaN for inf or NaN.
 inline float scale_from_amax(float amax) {
   if (!(amax <= 3.4028235e38f)) return __builtin_nanf("");
-  return amax == 0.0f ? 1.0f : amax / 127.0f;
+  const float scale = amax / 127.0f;
+  return scale == 0.0f ? 1.0f : scale;
 }
 
 #if defined(TORCHSLIM_ISA_AVX512) || defined(TORCHSLIM_ISA_AVX2)
