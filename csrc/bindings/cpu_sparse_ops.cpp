@@ -155,7 +155,8 @@ SparseOperands sparse_operands(const at::Tensor& x, const at::Tensor& values, in
     op.scales = scales->contiguous();
     op.args.scales = op.scales.data_ptr<float>();
   }
-  TORCHSLIM_CHECK(op.args.scales != nullptr || op.args.v_type != ScalarType::kInt8,
+  // (An empty tensor's data pointer may be null: N = 0 has its scales.)
+  TORCHSLIM_CHECK(op.scales.defined() || op.args.v_type != ScalarType::kInt8,
                   "int8 values need scales (N,) float32, got scales=None");
   op.args.out = op.out.data_ptr();
   op.args.ldo = N;
