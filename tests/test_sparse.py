@@ -729,6 +729,43 @@ def test_sliced_w8a8_rows_of_uneven_density_match_the_reference(backend, m):
     assert torch.equal(out, expected)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("m", [1, 2, 4, 5])
+def test_sliced_w8a8_rounds_in_row_order_match_the_reference(backend, m):
+    # A slice's first round is the block's rows in order where none is empty in the slice: the
+    # kernel adds those steps by rows 4j .. 4j + 3 with no row byte. Here block 0's first slice
+    # has every row, its second misses row 37 (rows in order up to 36), its last (44 columns)
+    # misses row 2; the last block has 37 rows (in order up to 36, then one step of one group)
+    g = seeded("sliced-in-order", backend, m)
+    n, k = 101, 300
+    w = torch.randn(n, k, generator=g) * (torch.rand(n, k, generator=g) < 0.3)
+    w[:, 0] = 1.0 + torch.rand(n, generator=g)  # no row empty in slice 0
+    w[:, 128] = 1.0
+    w[:, 256] = 1.0
+    w[37, 128:256] = 0.0
+    w[2, 256:] = 0.0
+    codes, scales = quantize_weight_per_channel(w)
+    parts = compress_sliced(codes)
+    x = torch.randn(m, k, generator=g)
+    with run_on(backend):
+        out = ops.sparse_sliced_dynamic_linear(x, *parts, n, scales)
+    expected = ref.sparse_sliced_dynamic_linear(x, *parts, n, scales)
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("fmt", sorted(_W8A8))
+def test_w8a8_with_no_rows_gives_an_empty_output(backend, fmt):
+    # N = 0: the scales are an empty (0,) tensor, whose data pointer may be null
+    compress, op, reference = _W8A8[fmt]
+    parts = compress(torch.zeros(0, 64, dtype=torch.int8))
+    x = torch.randn(3, 64)
+    with run_on(backend):
+        out = op(x, *parts, torch.ones(0))
+    assert out.shape == (3, 0)
+    assert torch.equal(out, reference(x, *parts, torch.ones(0)))
+
+
 def test_sliced_w8a8_bad_input_names_the_argument():
     g = seeded("w8a8-bad")
     w = _weight_unstructured(20, 200, 0.8, g)
