@@ -720,13 +720,16 @@ def test_sliced_w8a8_rows_of_uneven_density_match_the_reference(backend, m):
     w = _weight_unstructured(n, k, 0.95, g)
     w[5] = torch.randn(k, generator=g)
     w[66, :200] = torch.randn(200, generator=g)
+    _check_sliced_w8a8(backend, w, torch.randn(m, k, generator=g))
+
+
+def _check_sliced_w8a8(backend: str, w: torch.Tensor, x: torch.Tensor) -> None:
+    """Sliced W8A8 on w's codes, bit for bit the reference's."""
     codes, scales = quantize_weight_per_channel(w)
     parts = compress_sliced(codes)
-    x = torch.randn(m, k, generator=g)
     with run_on(backend):
-        out = ops.sparse_sliced_dynamic_linear(x, *parts, n, scales)
-    expected = ref.sparse_sliced_dynamic_linear(x, *parts, n, scales)
-    assert torch.equal(out, expected)
+        out = ops.sparse_sliced_dynamic_linear(x, *parts, w.shape[0], scales)
+    assert torch.equal(out, ref.sparse_sliced_dynamic_linear(x, *parts, w.shape[0], scales))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -744,13 +747,7 @@ def test_sliced_w8a8_rounds_in_row_order_match_the_reference(backend, m):
     w[:, 256] = 1.0
     w[37, 128:256] = 0.0
     w[2, 256:] = 0.0
-    codes, scales = quantize_weight_per_channel(w)
-    parts = compress_sliced(codes)
-    x = torch.randn(m, k, generator=g)
-    with run_on(backend):
-        out = ops.sparse_sliced_dynamic_linear(x, *parts, n, scales)
-    expected = ref.sparse_sliced_dynamic_linear(x, *parts, n, scales)
-    assert torch.equal(out, expected)
+    _check_sliced_w8a8(backend, w, torch.randn(m, k, generator=g))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
