@@ -1292,6 +1292,12 @@ def test_bitmask_offsets_that_disagree_with_the_mask_raise(backend, m):
     dense_mask = torch.full_like(mask, 255)  # more set bits than values
     with run_on(backend), pytest.raises(ValueError, match="disagree"):
         ops.sparse_bitmask_linear(x, vals, dense_mask, offsets)
+    # no values at all (an empty tensor, whose data pointer may be null), set bits in row 0
+    empty, zero_mask, zero_offsets = compress_bitmask(torch.zeros(6, 64))
+    bits = zero_mask.clone()
+    bits[0, 0] = 0b101
+    with run_on(backend), pytest.raises(ValueError, match="disagree"):
+        ops.sparse_bitmask_linear(x, empty, bits, zero_offsets)
 
 
 def test_backend_choice_is_explained():

@@ -144,7 +144,11 @@ SparseOperands sparse_operands(const at::Tensor& x, const at::Tensor& values, in
   op.args.bias = bias_operand(bias, N, op.bias_held);
   op.out = at::empty({M, N}, x.options());
   check_cpu(values, "values");
-  op.args.values = values.data_ptr();
+  // An empty tensor's data pointer may be null, which the kernels' value walks return for a row
+  // whose mask or groups ask for more values than there are: a row of set bits over no values
+  // would read as well formed. No value is read through this one.
+  static const int64_t no_values = 0;
+  op.args.values = values.numel() ? values.data_ptr() : &no_values;
   op.args.v_type = value_type(values);
   if (scales.has_value() && scales->defined()) {
     check_cpu(*scales, "scales");
