@@ -139,6 +139,14 @@ def test_quantizer_bad_input():
         quantize_int4(torch.full((2, 32), float("inf")), 32)
     with pytest.raises(TypeError, match="group_size must be an int"):
         quantize_int4(w, 32.0)
+    # fp16 cannot hold the zero point of a narrow group far from 0, nor the scale of a tiny one
+    narrow = torch.ones(2, 32)
+    narrow[1, ::2] += 1e-4
+    tiny = torch.randn(2, 32) * 1e-7
+    for weight, row in ((narrow, 1), (tiny, 0)):
+        with pytest.raises(ValueError, match=rf"float16 cannot hold .* of row {row}, group 0"):
+            quantize_int4(weight, 32, scale_dtype=torch.float16)
+        quantize_int4(weight, 32, scale_dtype=torch.float32)  # what it suggests
 
 
 # --------------------------------------------------------------------------- the op

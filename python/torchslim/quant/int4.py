@@ -112,6 +112,14 @@ def quantize_int4(
         best[2] = torch.where(better, scale, best[2])
         best[3] = torch.where(better, zero, best[3])
     _, codes, scale, zero = best
+    held = (scale > 0) & zero.isfinite()  # what scale_dtype rounded to 0 or past its range
+    if not held.all():
+        row, group = (int(i) for i in (~held).nonzero()[0])
+        raise ValueError(
+            f"scale_dtype={scale_dtype} cannot hold the scale and zero point of row {row}, group "
+            f"{group} (its weights span [{float(lo[row, group]):.6g}, "
+            f"{float(hi[row, group]):.6g}]): use torch.float32 or torch.bfloat16"
+        )
     packed = pack_int4(codes.reshape(n, k).to(torch.uint8))
     return packed, scale.to(scale_dtype), zero.to(scale_dtype)
 
