@@ -368,6 +368,14 @@ def test_wrong_device_is_named():
             ops.int8_weight_only_linear(
                 torch.randn(2, 16, device="cuda"), random_int8(8, 16), torch.ones(8)
             )
+    # ops without an x name their own first argument
+    with pytest.raises(RuntimeError, match="b must be on a's device meta"):
+        ops.int8_mm(torch.zeros(2, 4, dtype=torch.int8, device="meta"), random_int8(3, 4))
+    with pytest.raises(RuntimeError, match="k must be on q's device meta"):
+        q = torch.zeros(1, 1, 2, 4, device="meta")
+        ops.attention(q, torch.zeros(1, 1, 2, 4), torch.zeros(1, 1, 2, 4))
+    with pytest.raises(TypeError, match=r"explain\('int8_mm', \.\.\.\) needs the op's arguments"):
+        ops.explain("int8_mm", 1, 2)
 
 
 @pytest.mark.parametrize("backend", [b for b in KERNEL_BACKENDS if b.startswith("cpu")])

@@ -224,7 +224,9 @@ def explain(op: str, *args) -> dict[str, object]:
     if op not in _OPS:
         raise ValueError(f"op must be one of {sorted(_OPS)}, got {op!r}")
     backends = _OPS[op]
-    device = next(a.device for a in args if isinstance(a, torch.Tensor))
+    device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+    if device is None:
+        raise TypeError(f"explain({op!r}, ...) needs the op's arguments, tensors among them")
     chosen, reasons = backends.select(device, args)
     return {"op": op, "backend": chosen, "passed_over": reasons}
 

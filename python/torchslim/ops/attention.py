@@ -101,7 +101,7 @@ def _check_attention(q, k, v, attn_mask, causal, scale, window, kv_lens) -> None
             raise TypeError(f"kv_lens must be int32 or int64, got {kv_lens.dtype}")
         if tuple(kv_lens.shape) != (b,):
             raise ValueError(f"kv_lens must have shape (B,) = ({b},), got {tuple(kv_lens.shape)}")
-    _check_same_device(q, k=k, v=v, attn_mask=attn_mask, kv_lens=kv_lens)
+    _check_same_device(q, "q", k=k, v=v, attn_mask=attn_mask, kv_lens=kv_lens)
 
 
 def _check_kv_lens_values(kv_lens, sk) -> None:
@@ -193,7 +193,7 @@ def _check_backward(grad_out, q, k, v, out, attn_mask, causal, scale, window, kv
             )
         if not t.is_floating_point():
             raise TypeError(f"{name} must be floating point, got {t.dtype}")
-    _check_same_device(q, grad_out=grad_out, out=out)
+    _check_same_device(q, "q", grad_out=grad_out, out=out)
 
 
 def _reference_backward(grad_out, q, k, v, out, attn_mask, causal, scale, window, kv_lens):

@@ -34,10 +34,11 @@ _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
 # --------------------------------------------------------------------------- argument checks
-def _check_same_device(x: torch.Tensor, **others: torch.Tensor | None) -> None:
+def _check_same_device(x: torch.Tensor, first: str = "x", **others: torch.Tensor | None) -> None:
+    """Every one of ``others`` on the device of ``x`` (the op's argument ``first``)."""
     for name, t in others.items():
         if t is not None and t.device != x.device:
-            raise RuntimeError(f"{name} must be on x's device {x.device}, got {t.device}")
+            raise RuntimeError(f"{name} must be on {first}'s device {x.device}, got {t.device}")
 
 
 def _check_activation(x: torch.Tensor, name: str = "x") -> None:
@@ -212,7 +213,7 @@ def _check_int8_mm(a: torch.Tensor, b: torch.Tensor) -> None:
     if a.dim() != 2:
         raise ValueError(f"a must be 2-D (M, K), got {a.dim()}-D shape {tuple(a.shape)}")
     _check_int8_matrix(b, "b", a.shape[1])
-    _check_same_device(a, b=b)
+    _check_same_device(a, "a", b=b)
 
 
 def _int8_mm_impl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
