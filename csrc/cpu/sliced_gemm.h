@@ -508,9 +508,10 @@ struct SlicedQ8Lanes {
 inline constexpr SlicedQ8Lanes kSlicedQ8Lanes{};
 
 // How many of the groups [g0, g1) are, from the first, the block's rows 0, 1, 2, ... in order,
-// rounded down to whole steps of four: the slice's first round where no row of the block is
-// empty in the slice (at 90% sparsity, a row of 128 columns is empty once in ~10^6). Those steps
-// need no row bytes: step j adds into rows 4j to 4j + 3.
+// rounded down to whole steps of four: a slice's first round where no row of the block is
+// empty in the slice (at 90% sparsity, a row of 128 columns is empty once in ~10^6), and the
+// next round where every row has more than 16 values there. Those steps need no row bytes:
+// step j adds into rows 4j to 4j + 3.
 TORCHSLIM_Q8_DOT inline int64_t sliced_q8_in_order(const uint8_t* groups, int64_t g0, int64_t g1,
                                                    int64_t rows) {
   const int64_t n = min_i64(g1 - g0, rows);  // rows <= 64: two vectors of 32 (row, count) words
@@ -611,13 +612,14 @@ TORCHSLIM_Q8_DOT bool sliced_q8_block_dot(const SparseGemmArgs& g, int64_t m, in
     const int64_t g0 = off[s], g1 = off[s + 1], start = st.vi;
     if (!sliced_slice_ok(a.groups, g0, g1, rows, st.vi, g.value_offsets[b + 1])) return false;
     sliced_prefetch(a.values, a.columns, st.vi, g1 - g0);
-    const int64_t in_order = g0 + sliced_q8_in_order(a.groups, g0, g1, rows);
-    for (int64_t grp = g0; grp < in_order; grp += 4) {
-      sliced_q8_step<R, true>(st, grp, 4, grp - g0);
+    // Rounds of the block's rows in order, while a whole round is (at 75% sparsity most rows
+    // fill two groups a slice), then the rest.
+    int64_t grp = g0;
+    for (int64_t round = g0, run = rows; run == rows; round = grp) {
+      run = sliced_q8_in_order(a.groups, round, g1, rows);
+      for (; grp < round + run; grp += 4) sliced_q8_step<R, true>(st, grp, 4, grp - round);
     }
-    for (int64_t grp = in_order; grp < g1; grp += 4) {
-      sliced_q8_step<R, false>(st, grp, min_i64(4, g1 - grp), 0);
-    }
+    for (; grp < g1; grp += 4) sliced_q8_step<R, false>(st, grp, min_i64(4, g1 - grp), 0);
     if (s == S - 1 &&
         !sliced_columns_below(a.columns + start, st.vi - start, g.K - s * kSlicedCols)) {
       return false;
