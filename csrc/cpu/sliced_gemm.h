@@ -413,19 +413,18 @@ TORCHSLIM_BF16_DOT bool sliced_bf16_block_dot(const SparseGemmArgs& g, int64_t m
 // stores 32 bytes a cycle, so four 64-byte stores took eight cycles of a step (4096^2 at 90%,
 // one thread, weights in cache: 255 -> 237 us with the 16-byte adds). A slice's first round,
 // where no row of the block is empty in the slice (nearly always, up to 90% sparsity and
-// beyond), is its rows in order: there step j is rows 4j to 4j + 3, whose sums lie side by side
-// and take the step as one 64-byte add, with no row byte read (sliced_q8_in_order). Most of a
+// beyond), is its rows in order, and so is each next round while every row has values for it:
+// there step j is rows 4j to 4j + 3, whose sums lie side by side and take the step as one
+// 64-byte add, with no row byte read (sliced_q8_in_order). Most of a
 // slice's groups are in that round (at 90%, ~12.8 values a row a slice: 7680 of 8480 groups of
 // 576x1536); on Zen 4, M = 1, two threads, weights in cache, 4096^2 took 111 -> 80 us and
 // 576x1536 11.0 -> 9.2 us, and M = 4 (the sums of x's rows no longer interleaved) 258 -> 143 us.
 // Sums stay exact while K * 127 * 128 < 2^31 (a code may be -128; the binding checks K); past
 // that (a weight with repeated entries) they wrap, as two's complement, on every path.
-// The sums of a row of x lie row after row of the block, so four rows in order take one 64-byte
-// add (see sliced_q8_in_order).
 template <int R>
 struct alignas(64) SlicedIntSums {
   static constexpr int kLanes = 4;       // a row's partial sums
-  uint32_t acc[R][kSlicedRows][kLanes];  // int32 sums, added modulo 2^32
+  uint32_t acc[R][kSlicedRows][kLanes];  // int32 sums modulo 2^32; a row of x's, row by row
   void zero(int64_t rows) {
     for (int i = 0; i < R; ++i) {
       for (int64_t r = 0; r < rows; ++r) {
