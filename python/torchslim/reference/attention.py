@@ -17,7 +17,9 @@ v (B, Hkv, Sk, Dv) -> (B, H, Sq, Dv) in q's dtype. What a query row sees:
 
 A row with no visible key (everything masked) produces zeros, not NaN. A NaN reaches the
 output as in PyTorch's softmax: a query row holding a NaN gives a NaN row (visible keys or
-not), a NaN score or value one that the row sees spreads over the row.
+not), a NaN score or value one that the row sees spreads over the row. (Here a NaN value
+behind a mask reaches the rows that cannot see it too, as 0 * NaN in the last matmul; the
+kernels skip such keys.)
 
 :func:`attention_backward` gives the gradients for q, k and v (the FlashAttention-2 backward
 written densely); float64 inputs compute in float64 throughout, for gradcheck.
