@@ -107,3 +107,89 @@ def test_errors_name_the_problem(tmp_path):
         torchslim.load(_model(), tmp_path)
     with pytest.raises(TypeError, match="model must be"):
         torchslim.save("model", tmp_path)
+
+
+def _snapshot(model: nn.Module) -> tuple[list, dict]:
+    return [type(m) for m in model.modules()], {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _assert_unchanged(model: nn.Module, snapshot: tuple[list, dict]) -> None:
+    types, state = snapshot
+    assert [type(m) for m in model.modules()] == types
+    assert model.state_dict().keys() == state.keys()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+
+
+def _rewrite(path, edit) -> None:
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(path))
+    edit(state)
+    save_file(state, str(path), metadata={"format": "torchslim"})
+
+
+@pytest.mark.parametrize(
+    ("damage", "match"),
+    [
+        # the weights: a float tensor of the wrong shape, after the layers that load fine
+        (
+            lambda d: _rewrite(
+                d / "model.safetensors", lambda s: s.update({"3.bias": s["3.bias"][:5]})
+            ),
+            r"model\.safetensors: 3\.bias has shape \(5,\), the model's \(10,\)",
+        ),
+        # a patched layer's codes in another dtype (refused by the layer itself)
+        (
+            lambda d: _rewrite(
+                d / "model.safetensors", lambda s: s.update({"2.weight": s["2.weight"].float()})
+            ),
+            r"model\.safetensors: layer '2': .*2?weight must hold torch\.int8 codes",
+        ),
+        # a patched layer's tensor missing, and a tensor the model lacks
+        (
+            lambda d: _rewrite(d / "model.safetensors", lambda s: s.pop("2.weight_scale")),
+            r"model\.safetensors: layer '2': .*Missing key.*weight_scale",
+        ),
+        (
+            lambda d: _rewrite(
+                d / "model.safetensors", lambda s: s.update({"9.weight": torch.ones(1)})
+            ),
+            r"model\.safetensors has tensors the model lacks: \['9\.weight'\]",
+        ),
+        # a file that is not safetensors, and recipes that are not what save writes
+        (
+            lambda d: (d / "model.safetensors").write_bytes(b"not safetensors"),
+            r"model\.safetensors is not a readable safetensors file",
+        ),
+        (
+            lambda d: _edit_recipe(d, lambda r: r["layers"]["2"]["config"].pop("mode")),
+            r"torchslim\.json: layer '2': the config lacks 'mode'",
+        ),
+        (
+            lambda d: _edit_recipe(d, lambda r: r.update({"layers": ["0"]})),
+            r"torchslim\.json: 'layers' must be an object, got list",
+        ),
+        (
+            lambda d: _edit_recipe(
+                d, lambda r: r["layers"].update({"7": {"method": "int8", "config": {}}})
+            ),
+            r"torchslim\.json: the recipe names layer '7', which the model does not have",
+        ),
+    ],
+)
+def test_a_failed_load_names_the_file_and_leaves_the_model_unchanged(tmp_path, damage, match):
+    model = torchslim.patch(_model(), quant="int8", exclude="3", progress=False)
+    torchslim.save(model, tmp_path)
+    damage(tmp_path)
+    fresh = _model(seed=1)
+    before = _snapshot(fresh)
+    with pytest.raises(ValueError, match=match):
+        torchslim.load(fresh, tmp_path)
+    _assert_unchanged(fresh, before)
+
+
+def _edit_recipe(directory, edit) -> None:
+    recipe = json.loads((directory / "torchslim.json").read_text())
+    edit(recipe)
+    (directory / "torchslim.json").write_text(json.dumps(recipe))
