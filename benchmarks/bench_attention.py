@@ -11,8 +11,10 @@ a GPU whichever PyTorch picks, FlashAttention-2 for fp16/bf16) and the naive
 softmax(q k^T * scale) v, which materialises the score matrix (only where that matrix stays
 under 1 GB). CPU: fp32 and bf16. GPU: fp16 and bf16, longer sequences, and "train" rows: the
 forward and backward of a training step (3.5x the forward's FLOPs, FlashAttention's count).
-Each case's implementations are timed in turns (common.time_in_turns). Writes
-attention_<device>.csv and .png.
+Each case's implementations are timed in turns (common.time_in_turns). of_gemm: a prefill
+or training row's GFLOP/s over torch.mm's best in the same dtype, measured in the same run
+(common.gemm_gflops), the compute roof it is read against. Writes attention_<device>.csv and
+.png.
 """
 
 from __future__ import annotations
@@ -240,12 +242,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"torchslim bench attention on {where}, ISA {env.isa}")
     bandwidth = common.copy_bandwidth_gbs(device=device)
-    gemm_dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    peak = common.gemm_gflops(device=device, dtype=gemm_dtype)
-    gemm_name = "bf16" if gemm_dtype == torch.bfloat16 else "fp32"
-    print(
-        f"copy bandwidth {bandwidth:.1f} GB/s, {gemm_name} GEMM {peak:.0f} GFLOP/s (measured now)"
-    )
+    # Each dtype's compute roof: the best torch.mm rate in that dtype, measured now.
+    sizes = (1024,) if args.quick else None
+    roofs = {
+        str(dtype).removeprefix("torch."): common.gemm_gflops(device, dtype, sizes)
+        for dtype in DTYPES[device]
+    }
+    gemms = ", ".join(f"{name} {gflops:.0f}" for name, gflops in roofs.items())
+    print(f"copy bandwidth {bandwidth:.1f} GB/s, GEMM GFLOP/s {gemms} (measured now)")
     gen = torch.Generator().manual_seed(0)
     rows = [
         r
@@ -253,9 +257,11 @@ def main(argv: list[str] | None = None) -> int:
         for r in measure(case, gen, device)
     ]
     for r in rows:
-        r["copy_GB/s"], r[f"{gemm_name}_gemm_GFLOP/s"] = bandwidth, peak
+        r["copy_GB/s"], r["gemm_GFLOP/s"] = bandwidth, roofs[r["dtype"]]
+        if r["kind"] != "decode" and "GFLOP/s" in r:  # decode is bound by the K/V read
+            r["of_gemm"] = r["GFLOP/s"] / r["gemm_GFLOP/s"]
     columns = ["kind", "dtype", "B", "Sq", "Sk", "D", "causal", "impl", "time_ms", "GFLOP/s",
-               "KV_GB/s", "speedup_vs_sdpa"]  # fmt: skip
+               "of_gemm", "KV_GB/s", "speedup_vs_sdpa"]  # fmt: skip
     timed = [r for r in rows if "speedup_vs_sdpa" in r]
     print(common.format_table(timed, columns))
     for r in rows:

@@ -329,9 +329,8 @@ def run_family(family: Family, argv: list[str] | None = None) -> int:
     layers, batch = args.layers or layers, args.batch or batch
     print(f"torchslim bench {family.name} on {where}")
     copy = common.CopyProbe(device=device)
-    peak = common.gemm_gflops(
-        device=device, dtype=torch.float32 if device == "cpu" else torch.float16
-    )
+    gemm_dtype = torch.float32 if device == "cpu" else torch.float16
+    peak = common.gemm_gflops(device, gemm_dtype, (1024,) if args.quick else None)
 
     gen = torch.Generator().manual_seed(0)
     cases = [(k, n, m) for k, n in layers for m in batch]

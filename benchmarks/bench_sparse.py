@@ -853,7 +853,7 @@ def main(argv: list[str] | None = None) -> int:
     layers, batch = args.layers or layers, args.batch or batch
     patterns = args.sparsity or PATTERNS
     print(f"torchslim bench sparse on {where}")
-    peak = common.gemm_gflops(device=device, dtype=gemm_dtype)
+    peak = common.gemm_gflops(device, gemm_dtype, (1024,) if args.quick else None)
     gemm = _SHORT[gemm_dtype]
     print(f"{gemm} GEMM {peak:.0f} GFLOP/s (measured now)")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 
 import pytest
 
@@ -101,6 +102,14 @@ def test_bench_attention_quick(tmp_path):
     }
     assert {r["dtype"] for r in rows} == {"float32", "bfloat16"}
     assert all(float(r["time_ms"]) > 0 and float(r["speedup_vs_sdpa"]) > 0 for r in rows)
+    for r in rows:  # prefill against its dtype's GEMM roof; decode is read as bandwidth
+        assert float(r["gemm_GFLOP/s"]) > 0
+        of_gemm = float(r["GFLOP/s"]) / float(r["gemm_GFLOP/s"])
+        assert (
+            (r["of_gemm"] == "")
+            if r["kind"] == "decode"
+            else math.isclose(float(r["of_gemm"]), of_gemm, rel_tol=1e-6)
+        )
     assert (tmp_path / "attention_cpu_quick.png").exists()
 
 
