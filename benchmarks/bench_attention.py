@@ -197,6 +197,12 @@ def plot(rows: list[dict], path) -> None:
         }
         values = [by.get(lab, 0.0) for lab in labels]
         left.bar([x + i * width for x in range(len(labels))], values, width, label=impl)
+    roofs = {r["dtype"]: r["gemm_GFLOP/s"] for r in prefill if "gemm_GFLOP/s" in r}
+    for j, (dtype, roof) in enumerate(roofs.items()):  # a line over that dtype's bars
+        at = [x for x, lab in enumerate(labels) if lab[0] == dtype]
+        label = "torch.mm in the same dtype" if j == 0 else None
+        left.hlines(roof, min(at) - 0.2, max(at) + 0.8, colors="black", linestyles="dashed",
+                    linewidth=1, label=label)  # fmt: skip
     left.set_xticks(
         [x + width * (len(impls) - 1) / 2 for x in range(len(labels))],
         [f"{d} B{b} S{s}\nD{dd}{' causal' if c else ''}" for d, b, s, dd, c in labels],
