@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 
 import pytest
@@ -181,3 +182,30 @@ def test_a_bias_of_any_float_dtype_or_stride_adds_its_fp32_values(name, x_dtype)
         want = layer(x)
         layer._buffers["bias"] = bias
         assert torch.equal(layer(x), want), (bias.dtype, bias.stride())
+
+
+@pytest.mark.parametrize("name", sorted(test_grad.LAYERS))
+def test_layers_move_copy_and_pickle_as_nn_linear_does(name):
+    """torch.save of the whole module (pickling), to_empty() from the meta device and .double()
+    work as for nn.Linear; the scales and codes keep their dtypes, and a layer cast to a dtype
+    its kernels lack (fp64) keeps its own and gives the same result."""
+    g = seeded("move-copy-pickle", name)
+    layer = test_grad.LAYERS[name][0](test_grad._pruned_linear(g))
+    x = torch.randn(3, test_grad.K, generator=g)
+    want = layer(x)
+    dtypes = {k: v.dtype for k, v in layer.state_dict().items()}
+
+    buffer = io.BytesIO()
+    torch.save(nn.Sequential(layer), buffer)
+    buffer.seek(0)
+    assert torch.equal(torch.load(buffer, weights_only=False)(x), want)
+
+    empty = copy.deepcopy(layer).to("meta").to_empty(device="cpu")
+    assert {k: v.dtype for k, v in empty.state_dict().items()} == dtypes
+    empty.load_state_dict(layer.state_dict())
+    assert torch.equal(empty(x), want)
+
+    double = copy.deepcopy(layer).double()
+    assert torch.equal(double(x), want)
+    kept = {k: v.dtype for k, v in double.state_dict().items() if not k.endswith("bias")}
+    assert kept == {k: d for k, d in dtypes.items() if not k.endswith("bias")}

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from torchslim import ops  # noqa: F401 (defines the torch.ops.torchslim ops below)
-from torchslim.nn.int8_linear import codes_keep_their_dtype
+from torchslim.nn._buffers import CodesKeepTheirDtype, apply_keeping_dtypes, validate_after_load
 from torchslim.ops.int8 import _require_tensors
 from torchslim.quant.int4 import SCALE_DTYPES, check_group_size, quantize_int4
 from torchslim.reference.int4 import (
@@ -78,9 +78,9 @@ class Int4Linear(nn.Module):
         self.register_buffer("bias", bias_t if bias else None)
         self.layout = "plain"
         self.register_state_dict_post_hook(_weight_to_plain)
-        self.register_load_state_dict_pre_hook(codes_keep_their_dtype("weight", torch.uint8))
+        self.register_load_state_dict_pre_hook(CodesKeepTheirDtype("weight", torch.uint8))
         self.register_load_state_dict_pre_hook(_weight_from_plain)
-        self.register_load_state_dict_post_hook(lambda module, _keys: module._validate())
+        self.register_load_state_dict_post_hook(validate_after_load)
 
     @property
     def scale_dtype(self) -> torch.dtype:
@@ -192,12 +192,7 @@ class Int4Linear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # The scales and zeros keep their dtype when the module is cast; only their device follows.
-        scales, zeros = self.weight_scales, self.weight_zeros
-        super()._apply(fn, recurse)
-        device = self.weight.device
-        self.weight_scales = scales.to(device=device)
-        self.weight_zeros = zeros.to(device=device)
-        return self
+        return apply_keeping_dtypes(self, fn, recurse, ("weight_scales", "weight_zeros"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The op itself, and the buffers from _buffers: nn.Module.__getattr__ and the Python

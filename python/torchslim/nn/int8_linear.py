@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from torchslim import ops  # noqa: F401 (defines the torch.ops.torchslim ops below)
+from torchslim.nn._buffers import CodesKeepTheirDtype, apply_keeping_dtypes, validate_after_load
 from torchslim.ops.int8 import _require_tensors
 from torchslim.quant.int8 import quantize_weight_per_channel
 
@@ -13,22 +14,6 @@ _OP_DYNAMIC = torch.ops.torchslim.int8_dynamic_linear.default
 _OP_WEIGHT_ONLY = torch.ops.torchslim.int8_weight_only_linear.default
 
 MODES = ("dynamic", "weight_only")
-
-
-def codes_keep_their_dtype(name: str, dtype: torch.dtype):
-    """A load_state_dict pre-hook for the integer codes in buffer ``name``: load_state_dict
-    would cast a tensor of any dtype into it (float weights truncated to codes, wider integers
-    wrapped), so another dtype is refused by name."""
-
-    def hook(module: nn.Module, state_dict, prefix, *_args) -> None:
-        codes = state_dict.get(prefix + name)
-        if isinstance(codes, torch.Tensor) and codes.dtype != dtype:
-            raise ValueError(
-                f"{prefix + name} must hold {dtype} codes, got {codes.dtype} (a float weight "
-                f"is quantized by {type(module).__name__}.from_linear)"
-            )
-
-    return hook
 
 
 class Int8Linear(nn.Module):
@@ -74,8 +59,8 @@ class Int8Linear(nn.Module):
         bias_t = torch.zeros(out_features, dtype=dtype or torch.float32, device=device)
         self.register_buffer("bias", bias_t if bias else None)
         self.register_buffer("smooth", None)
-        self.register_load_state_dict_pre_hook(codes_keep_their_dtype("weight", torch.int8))
-        self.register_load_state_dict_post_hook(lambda module, _keys: module._validate())
+        self.register_load_state_dict_pre_hook(CodesKeepTheirDtype("weight", torch.int8))
+        self.register_load_state_dict_post_hook(validate_after_load)
 
     @classmethod
     def from_linear(
@@ -137,15 +122,9 @@ class Int8Linear(nn.Module):
             raise ValueError("smooth must be finite and > 0 everywhere")
 
     def _apply(self, fn, recurse=True):
-        # Keep the scales fp32 when the module is cast (module.to(torch.bfloat16), .half()):
+        # The scales stay fp32 when the module is cast (module.to(torch.bfloat16), .half()):
         # only their device follows the module.
-        scale, smooth = self.weight_scale, self.smooth
-        super()._apply(fn, recurse)
-        device = self.weight.device
-        self.weight_scale = scale.to(device=device, dtype=torch.float32)
-        if smooth is not None:
-            self.smooth = smooth.to(device=device, dtype=torch.float32)
-        return self
+        return apply_keeping_dtypes(self, fn, recurse, ("weight_scale", "smooth"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The op itself, and the buffers from _buffers: see Int4Linear.forward.

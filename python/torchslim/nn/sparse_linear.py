@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from torchslim import ops  # noqa: F401 (defines the torch.ops.torchslim ops below)
+from torchslim.nn._buffers import apply_keeping_dtypes, validate_after_load
 from torchslim.ops.int8 import _require_tensors
 from torchslim.quant.int8 import quantize_weight_per_channel
 from torchslim.reference import sparse as ref
@@ -172,7 +173,7 @@ class SparseLinear(nn.Module):
         self.register_buffer(
             "bias", torch.zeros(n, dtype=bias_dtype, device=device) if bias else None
         )
-        self.register_load_state_dict_post_hook(lambda module, _keys: module._validate())
+        self.register_load_state_dict_post_hook(validate_after_load)
 
     @staticmethod
     def _empty_meta(n: int, k: int, device) -> torch.Tensor:
@@ -387,12 +388,16 @@ class SparseLinear(nn.Module):
         return ref.scale_rows(w, scales, w.dtype)
 
     def _apply(self, fn, recurse=True):
-        # Keep int8 codes' scales fp32 when the module is cast (module.to(torch.bfloat16)):
-        # only their device follows the module.
-        scales = self.scales
-        super()._apply(fn, recurse)
-        if scales is not None:
-            self.scales = scales.to(device=self.values.device, dtype=torch.float32)
+        # int8 codes' scales stay fp32 when the module is cast (module.to(torch.bfloat16)): only
+        # their device follows the module. Float values, and the bias, follow a cast to a dtype
+        # the kernels take and keep theirs otherwise (.double(): fp64 back to what it was, exactly).
+        b = self._buffers
+        dtypes = {name: b[name].dtype for name in ("values", "bias") if b[name] is not None}
+        apply_keeping_dtypes(self, fn, recurse, ("scales",))
+        for name, dtype in dtypes.items():
+            t = self._buffers[name]
+            if t.dtype != dtype and t.dtype not in VALUE_DTYPES:
+                self._buffers[name] = t.to(dtype)
         return self
 
     @property
