@@ -209,3 +209,19 @@ def test_layers_move_copy_and_pickle_as_nn_linear_does(name):
     assert torch.equal(double(x), want)
     kept = {k: v.dtype for k, v in double.state_dict().items() if not k.endswith("bias")}
     assert kept == {k: d for k, d in dtypes.items() if not k.endswith("bias")}
+
+
+@pytest.mark.parametrize("name", sorted(test_grad.LAYERS))
+def test_autocast_casts_x_as_for_nn_linear(name):
+    """Under torch.autocast an fp32 x is cast to the autocast dtype, as F.linear's is: the
+    output is in that dtype and equal to the layer's output for x cast by hand."""
+    g = seeded("autocast", name)
+    layer = test_grad.LAYERS[name][0](test_grad._pruned_linear(g))
+    x = torch.randn(2, 3, test_grad.K, generator=g, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        assert nn.functional.linear(x, torch.ones(1, test_grad.K)).dtype == y.dtype
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, layer(x.detach().bfloat16()))
+    y.float().sum().backward()  # the cast is on the tape
+    assert x.grad.dtype == torch.float32 and x.grad.shape == x.shape

@@ -1,4 +1,4 @@
-"""Gradients of the quantized and sparse linear ops, for training around frozen weights.
+"""Gradients and autocast of the quantized and sparse linear ops (frozen weights).
 
 Each of these ops computes ``x @ W.T + bias`` for a weight W it holds compressed (int8 or int4
 codes with their scales, or a sparse format). W is frozen, as in QLoRA: the ops give gradients
@@ -16,6 +16,11 @@ kernel for every device. On the CPU, torchslim._C's AutogradCPU kernel takes pre
 input requires grad (inference, with or without torch.no_grad) it goes straight on to the CPU
 kernel, where the Python Autograd kernel would add ~4 us to a call of ~5 at M = 1; otherwise it
 calls the op's ``autograd.Function`` here (the Python impl ``"<op>:grad"`` of torchslim._C).
+
+Under ``torch.autocast`` the ops do what F.linear does: x (fp32, or a half type other than
+autocast's) is cast to the autocast dtype, so the output is in that dtype; the weight operands
+keep theirs. The kernel sits on the Autocast keys, which the dispatcher skips while autocast is
+off, so it costs nothing outside autocast.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ import torch
 from torchslim import _ext
 from torchslim.ops._registry import _LIB
 
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+
 # dense_weight(inputs, k, dtype): the (N, K) weight W of one call in `dtype`, from the op's
 # inputs by schema name.
 DenseWeight = Callable[[dict[str, object], int, torch.dtype], torch.Tensor]
@@ -35,12 +42,15 @@ DenseWeight = Callable[[dict[str, object], int, torch.dtype], torch.Tensor]
 _NOT_FROZEN = ("x", "bias")
 
 
-def define_linear_grad(name: str, dense_weight: DenseWeight) -> None:
-    """Registers the gradient of ``torch.ops.torchslim.<name>``, a linear op whose arguments
-    include ``x`` (..., K) and ``bias`` (N,) or None; every other tensor argument is frozen."""
+def define_frozen_linear(name: str, dense_weight: DenseWeight) -> None:
+    """Registers the gradient and the autocast rule of ``torch.ops.torchslim.<name>``, a linear
+    op whose arguments include ``x`` (..., K) and ``bias`` (N,) or None; every other tensor
+    argument is frozen."""
     op = getattr(torch.ops.torchslim, name).default
     names = [a.name for a in op._schema.arguments]
     x_at, bias_at = names.index("x"), names.index("bias")
+    for device in _AUTOCAST_DEVICES:
+        _register_autocast(name, op, x_at, device)
 
     def setup_context(ctx, inputs, output) -> None:
         for arg, value in zip(names, inputs, strict=True):
@@ -96,3 +106,17 @@ def define_linear_grad(name: str, dense_weight: DenseWeight) -> None:
             },
         )
         _ext._C.set_python_impl(f"{name}:grad", function.apply)
+
+
+def _register_autocast(name: str, op: torch._ops.OpOverload, x_at: int, device: str) -> None:
+    key = "Autocast" + torch._C._dispatch_key_for_device(device)
+    below = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+
+    def autocast(*args):
+        x, dtype = args[x_at], torch.get_autocast_dtype(device)
+        if x.is_floating_point() and x.dtype not in (dtype, torch.float64):  # as autocast casts
+            args = (*args[:x_at], x.to(dtype), *args[x_at + 1 :])
+        with torch._C._ExcludeDispatchKeyGuard(below):
+            return op(*args)
+
+    _LIB.impl(name, autocast, key)

@@ -29,7 +29,7 @@ import torch
 
 from torchslim import _ext
 from torchslim import reference as ref
-from torchslim.ops._autograd import define_linear_grad
+from torchslim.ops._autograd import define_frozen_linear
 from torchslim.ops._registry import Kernel, OpBackends, define_op, extension_kernel
 from torchslim.ops.int8 import (
     _call_op,
@@ -188,7 +188,7 @@ define_op(
     fake=_fake,
     backends=_INT4_LINEAR,
 )
-define_linear_grad(
+define_frozen_linear(
     "int4_weight_only_linear",
     lambda a, k, dtype: ref.dequantize_int4(
         a["packed_w"], a["scales"], a["zeros"], a["group_size"], dtype=dtype
@@ -232,7 +232,7 @@ define_op(
     fake=_fake_tc,
     backends=_INT4_LINEAR_TC,
 )
-define_linear_grad(
+define_frozen_linear(
     "int4_weight_only_linear_tc",
     lambda a, k, dtype: ref.dequantize_int4(
         ref.tc_to_plain(a["packed_tc"]), a["scales"], a["zeros"], a["group_size"], dtype=dtype

@@ -27,7 +27,7 @@ import torch
 
 from torchslim import _ext
 from torchslim import reference as ref
-from torchslim.ops._autograd import define_linear_grad
+from torchslim.ops._autograd import define_frozen_linear
 from torchslim.ops._registry import Kernel, OpBackends, define_op, extension_kernel
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -253,7 +253,9 @@ def _linear_op(name: str, reference) -> OpBackends:
         fake=fake,
         backends=backends,
     )
-    define_linear_grad(name, lambda a, k, dtype: ref.dequantize_int8(a["w_q"], a["w_scale"], dtype))
+    define_frozen_linear(
+        name, lambda a, _k, dtype: ref.dequantize_int8(a["w_q"], a["w_scale"], dtype)
+    )
     return backends
 
 

@@ -86,7 +86,7 @@ import torch
 
 from torchslim import _ext
 from torchslim import reference as ref
-from torchslim.ops._autograd import define_linear_grad
+from torchslim.ops._autograd import define_frozen_linear
 from torchslim.ops._registry import Kernel, OpBackends, define_op, extension_kernel
 from torchslim.ops.int8 import (
     _FLOATS,
@@ -325,7 +325,7 @@ define_op(
     fake=_sparse24_fake,
     backends=_SPARSE24,
 )
-define_linear_grad("sparse24_linear", _weight_24)
+define_frozen_linear("sparse24_linear", _weight_24)
 
 
 def _check_sparse24_dynamic(x, values, meta, scales, bias) -> None:
@@ -356,7 +356,7 @@ define_op(
     fake=_sparse24_dynamic_fake,
     backends=_SPARSE24_DYNAMIC,
 )
-define_linear_grad("sparse24_dynamic_linear", _weight_24)
+define_frozen_linear("sparse24_dynamic_linear", _weight_24)
 
 
 # --------------------------------------------------------------------------- bitmask
@@ -388,7 +388,7 @@ define_op(
     fake=_bitmask_fake,
     backends=_BITMASK,
 )
-define_linear_grad("sparse_bitmask_linear", _weight_bitmask)
+define_frozen_linear("sparse_bitmask_linear", _weight_bitmask)
 
 
 _BITMASK_DYNAMIC = _backends("sparse_bitmask_dynamic_linear", ref.sparse_bitmask_dynamic_linear)
@@ -421,7 +421,7 @@ define_op(
     fake=_bitmask_dynamic_fake,
     backends=_BITMASK_DYNAMIC,
 )
-define_linear_grad("sparse_bitmask_dynamic_linear", _weight_bitmask)
+define_frozen_linear("sparse_bitmask_dynamic_linear", _weight_bitmask)
 
 
 # --------------------------------------------------------------------------- csr
@@ -454,7 +454,7 @@ define_op(
     fake=_csr_fake,
     backends=_CSR,
 )
-define_linear_grad("sparse_csr_linear", _weight_csr)
+define_frozen_linear("sparse_csr_linear", _weight_csr)
 
 
 # --------------------------------------------------------------------------- block
@@ -516,7 +516,7 @@ define_op(
     fake=_block_fake,
     backends=_BLOCK,
 )
-define_linear_grad("sparse_block_linear", _weight_block)
+define_frozen_linear("sparse_block_linear", _weight_block)
 
 
 def _check_block_dynamic(x, values, col_blocks, row_offsets, n, scales, bias) -> None:
@@ -546,7 +546,7 @@ define_op(
     fake=_block_dynamic_fake,
     backends=_BLOCK_DYNAMIC,
 )
-define_linear_grad("sparse_block_dynamic_linear", _weight_block)
+define_frozen_linear("sparse_block_dynamic_linear", _weight_block)
 
 
 # --------------------------------------------------------------------------- sliced
@@ -627,7 +627,7 @@ define_op(
     fake=_sliced_fake,
     backends=_SLICED,
 )
-define_linear_grad("sparse_sliced_linear", _weight_sliced)
+define_frozen_linear("sparse_sliced_linear", _weight_sliced)
 
 
 def _check_sliced_dynamic(
@@ -675,7 +675,7 @@ define_op(
     fake=_sliced_dynamic_fake,
     backends=_SLICED_DYNAMIC,
 )
-define_linear_grad("sparse_sliced_dynamic_linear", _weight_sliced)
+define_frozen_linear("sparse_sliced_dynamic_linear", _weight_sliced)
 
 
 # --------------------------------------------------------------------------- entry points
