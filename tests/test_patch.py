@@ -112,6 +112,80 @@ def test_shared_layer_is_replaced_everywhere_once():
     assert isinstance(model[0], Int8Linear) and model[0] is model[2]
 
 
+def test_a_shared_layer_kept_under_one_name_is_kept_under_all_and_counted_once():
+    shared = nn.Linear(8, 8)
+    model = nn.Sequential(shared, nn.ReLU(), shared, nn.Linear(8, 8))
+    torchslim.patch(model, quant="int8", exclude="2", progress=False)
+    assert model[0] is model[2] is shared and isinstance(model[3], Int8Linear)
+    report = model.torchslim_report
+    rows = {r.name: r for r in report.rows}
+    assert rows["0"].reason == "the same module as '2', which is excluded"
+    assert rows["2"].alias_of == "0" and "the same module as '0'" in str(report)
+    assert report.bytes_before() == 2 * (8 * 8 + 8) * 4  # shared counted once, and layer 3
+
+
+def test_the_model_itself_and_layers_without_weights_are_kept_with_the_reason():
+    model = nn.Linear(8, 8)
+    torchslim.patch(model, quant="int8", progress=False)
+    (row,) = model.torchslim_report.rows
+    assert row.name == "(model)" and "wrap it, e.g. nn.Sequential(model)" in row.reason
+    model = nn.Sequential(nn.Linear(8, 0), nn.Linear(0, 8), nn.Linear(8, 8))
+    torchslim.patch(model, quant="int8", progress=False)
+    assert [type(m) for m in model] == [nn.Linear, nn.Linear, Int8Linear]
+    assert [r.reason.startswith("no weights") for r in model.torchslim_report.kept] == [True] * 2
+
+
+@pytest.mark.parametrize("sparsity", [None, 0.5])
+def test_a_layer_that_fails_is_named_and_the_model_keeps_its_layers(sparsity):
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 8))
+    with torch.no_grad():
+        model[2].weight[1, 3] = float("nan")
+    with pytest.raises(ValueError, match="layer '2'.* finite"):  # int8 cannot hold a NaN
+        torchslim.patch(model, quant="int8-weight", sparsity=sparsity, progress=False)
+    assert [type(m) for m in model] == [nn.Linear, nn.ReLU, nn.Linear, nn.Linear]
+
+
+def test_calibration_is_checked_and_empty_batches_are_skipped(gen):
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8))
+
+    batch = torch.randn(4, 8, generator=gen)
+    with pytest.raises(TypeError, match=r"calibration must be an iterable .* got int"):
+        torchslim.patch(model(), quant="int8", calibration=5, progress=False)
+    with pytest.raises(TypeError, match=r"calibration must be .* got a Tensor"):
+        torchslim.patch(model(), quant="int8", calibration=batch, progress=False)
+    nan = batch.clone()
+    nan[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="calibration gave layer '0' an input holding NaN"):
+        torchslim.patch(model(), quant="int8", calibration=[nan], progress=False)
+    with pytest.raises(ValueError, match="calibration ran no data"):
+        torchslim.patch(model(), quant="int8", calibration=[batch[:0]], progress=False)
+    with pytest.raises(ValueError, match="layer '0' saw no calibration data"):
+        torchslim.patch(
+            model(), sparsity=0.5, sparsity_method="wanda", calibration=[batch[:0]], progress=False
+        )
+    want = torchslim.patch(model(), quant="int8", calibration=[batch], progress=False)
+    got = torchslim.patch(model(), quant="int8", calibration=[batch[:0], batch], progress=False)
+    assert torch.equal(got[0].smooth, want[0].smooth)
+
+
+def test_options_that_are_flags_must_be_bools():
+    model = nn.Sequential(nn.Linear(64, 8))
+    with pytest.raises(TypeError, match="symmetric must be a bool"):
+        torchslim.patch(model, "int4", symmetric="yes")
+    with pytest.raises(TypeError, match="clip_search must be a bool"):
+        torchslim.patch(model, "int4", clip_search=1)
+    with pytest.raises(TypeError, match="progress must be a bool"):
+        torchslim.patch(model, "int8", progress="no")
+
+
+def test_sparsity_with_every_layer_excluded_keeps_them_all():
+    model = nn.Sequential(nn.Linear(8, 8))
+    torchslim.patch(model, sparsity=0.5, exclude="*", progress=False)
+    assert type(model[0]) is nn.Linear and model.torchslim_report.kept[0].reason == "excluded"
+
+
 def test_quant_none_changes_nothing(gen):
     model = _stack(gen)
     torchslim.patch(model, quant=None, progress=False)

@@ -72,6 +72,8 @@ class Method:
 def _linear_why_not(layer: nn.Module, options: Mapping[str, object] | None = None) -> str | None:
     if type(layer) is not nn.Linear:
         return f"{type(layer).__name__} subclasses nn.Linear (its forward may differ)"
+    if layer.in_features == 0 or layer.out_features == 0:
+        return f"no weights (in_features={layer.in_features}, out_features={layer.out_features})"
     if layer.weight.device.type == "meta":
         return "weights are on the meta device (nothing to quantize)"
     if not layer.weight.is_floating_point():
@@ -191,6 +193,9 @@ def _int4_check_options(options: Mapping[str, object]) -> None:
         raise ValueError(
             f"group_size must be -1 (per channel) or a positive even int, got {group_size}"
         )
+    for name in ("symmetric", "clip_search"):
+        if not isinstance(options[name], bool):
+            raise TypeError(f"{name} must be a bool, got {options[name]!r}")
     if options["scale_dtype"] not in _SCALE_DTYPES.values():
         raise TypeError(
             f"scale_dtype must be one of {list(_SCALE_DTYPES.values())}, "
@@ -328,6 +333,7 @@ class PatchRow:
     bytes_before: int
     bytes_after: int
     method: str | None = None  # the METHODS entry that replaced it
+    alias_of: str | None = None  # another name of the same module, whose row counts its bytes
 
 
 @dataclass
@@ -348,10 +354,12 @@ class PatchReport:
         return [r for r in self.rows if r.after is None]
 
     def bytes_before(self) -> int:
-        return sum(r.bytes_before for r in self.rows)
+        """Bytes of the rows' layers before, each module once (a shared one has one row per
+        name)."""
+        return sum(r.bytes_before for r in self.rows if r.alias_of is None)
 
     def bytes_after(self) -> int:
-        return sum(r.bytes_after for r in self.rows)
+        return sum(r.bytes_after for r in self.rows if r.alias_of is None)
 
     def __str__(self) -> str:
         head = ("layer", "before", "after", "MB before", "MB after", "note")
@@ -362,7 +370,7 @@ class PatchReport:
                 r.after or "(kept)",
                 f"{r.bytes_before / 1e6:.2f}",
                 f"{r.bytes_after / 1e6:.2f}",
-                r.reason,
+                r.reason + (f"; the same module as {r.alias_of!r}" if r.alias_of else ""),
             )
             for r in self.rows + self.attention
         ]
@@ -439,7 +447,11 @@ def patch(
     Returns:
         ``model`` itself. Its ``torchslim_report`` attribute (a PatchReport) lists every layer
         the method applies to: replaced, or kept and why; bytes before and after; and, with
-        ``attention=True``, each attention it switched or could not.
+        ``attention=True``, each attention it switched or could not. A layer reachable under
+        several names is replaced under all of them or, when any of its names is kept, under
+        none. A layer that cannot be converted (a NaN in an int8 weight, say) raises an error
+        naming it, and the layers already replaced are put back (weights pruned by
+        ``sparsity`` stay pruned).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -450,8 +462,9 @@ def patch(
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError(f"filter_fn must be callable, got {type(filter_fn).__name__}")
 
-    if not isinstance(attention, bool):
-        raise TypeError(f"attention must be a bool, got {type(attention).__name__}")
+    for arg, value in (("attention", attention), ("progress", progress)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{arg} must be a bool, got {type(value).__name__}")
 
     if sparsity is not None:
         if quant in ("int8-weight", "int8"):  # sparse int8 values: W8A16 or W8A8
@@ -508,17 +521,35 @@ def patch(
                 stacklevel=2,
             )
 
-    def why_kept(name: str, module: nn.Module) -> str | None:
+    def why_kept_by_name(name: str, module: nn.Module) -> str | None:
         if includes and not any(name_matches(name, p) for p in includes):
             return "not included"
         if any(name_matches(name, p) for p in excludes):
             return "excluded"
         if filter_fn is not None and not filter_fn(name, module):
             return "filter_fn returned False"
+        return None
+
+    # A layer reachable under several names is replaced under all of them or under none, so
+    # the model keeps sharing it: kept when any of its names is.
+    by_name = {name: why_kept_by_name(name, module) for name, module in candidates}
+    first_name: dict[int, str] = {}
+    kept_under: dict[int, str] = {}
+    for name, module in candidates:
+        first_name.setdefault(id(module), name)
+        if by_name[name] is not None:
+            kept_under.setdefault(id(module), name)
+
+    def why_kept(name: str, module: nn.Module) -> str | None:
+        if by_name[name] is not None:
+            return by_name[name]
+        other = kept_under.get(id(module))
+        if other is not None:
+            return f"the same module as {other!r}, which is {by_name[other]}"
         return method.why_not(module, options)
 
     selected = {id(m) for name, m in candidates if why_kept(name, m) is None}
-    if sparsity is not None:
+    if sparsity is not None and selected:
         prune_(
             model,
             options["pattern"],
@@ -533,33 +564,49 @@ def patch(
             if id(module) in selected:
                 check_pattern(module.weight.detach(), "2:4", name=f"{name}.weight")
     stats = {}
-    if calibration is not None and method.calibrated:
+    if calibration is not None and method.calibrated and selected:
         chosen = [(n, m) for n, m in candidates if id(m) in selected]
         stats = _input_absmax(model, chosen, calibration, progress)
 
-    for name, module in tqdm(candidates, desc=f"patch {quant}", disable=not progress):
-        why = why_kept(name, module)
-        before = module_bytes(module)
-        if why is not None:
-            report.rows.append(PatchRow(name, type(module).__name__, None, why, before, before))
-            continue
-        if id(module) not in converted:
-            with torch.no_grad():
-                converted[id(module)] = method.convert(module, stats.get(id(module)), **options)
-        new = converted[id(module)]
-        _set_submodule(model, name, new)
-        report.rows.append(
-            PatchRow(
-                name,
-                type(module).__name__,
-                type(new).__name__,
-                method.describe,
-                before,
-                module_bytes(new),
+    if isinstance(model, method.applies_to):
+        size = module_bytes(model)
+        why = "the model itself (patch replaces submodules): wrap it, e.g. nn.Sequential(model)"
+        report.rows.append(PatchRow("(model)", type(model).__name__, None, why, size, size))
+    swapped: list[tuple[str, nn.Module]] = []
+    try:
+        for name, module in tqdm(candidates, desc=f"patch {quant}", disable=not progress):
+            why = why_kept(name, module)
+            before = module_bytes(module)
+            alias = first_name[id(module)] if first_name[id(module)] != name else None
+            kind = type(module).__name__
+            if why is not None:
+                report.rows.append(PatchRow(name, kind, None, why, before, before, alias_of=alias))
+                continue
+            if id(module) not in converted:
+                converted[id(module)] = _convert(method, name, module, stats, options)
+            new = converted[id(module)]
+            _set_submodule(model, name, new)
+            swapped.append((name, module))
+            after, new_kind = module_bytes(new), type(new).__name__
+            report.rows.append(
+                PatchRow(name, kind, new_kind, method.describe, before, after, alias_of=alias)
             )
-        )
+    except BaseException:
+        for name, module in reversed(swapped):  # the model as it came (pruned, with sparsity)
+            _set_submodule(model, name, module)
+        raise
     model.torchslim_report = report
     return model
+
+
+def _convert(method: Method, name: str, module: nn.Module, stats: dict, options: dict):
+    """method.convert on one layer; an error it raises names the layer."""
+    try:
+        with torch.no_grad():
+            return method.convert(module, stats.get(id(module)), **options)
+    except (ValueError, TypeError, RuntimeError) as exc:
+        kind = next(k for k in (ValueError, TypeError, RuntimeError) if isinstance(exc, k))
+        raise kind(f"layer {name!r}: {exc}") from exc
 
 
 def _patch_attention(model: nn.Module) -> list[PatchRow]:
@@ -609,7 +656,7 @@ def _input_absmax(model, layers, calibration, progress) -> dict[int, torch.Tenso
         key = id(module)
         stats[key] = torch.maximum(stats[key], amax) if key in stats else amax
 
-    watch_inputs(model, (m for _, m in layers), collect, calibration, progress)
+    watch_inputs(model, layers, collect, calibration, progress)
     if not stats and layers:
         raise ValueError("calibration ran no data through the selected layers")
     return stats

@@ -172,7 +172,7 @@ def prune_(
         sums = _input_square_sums(target, layers, calibration, progress)
         for name, layer in layers:
             if id(layer) not in sums:
-                raise ValueError(f"layer {name!r} saw no calibration data (it never ran)")
+                raise ValueError(f"layer {name!r} saw no calibration data (it never ran, or only on empty inputs)")
             norms[id(layer)] = sums[id(layer)].sqrt().float()
 
     # Nothing changes before every check has passed; then torch.nn.utils.prune masks are
@@ -250,11 +250,6 @@ def _input_square_sums(
 ) -> dict[int, torch.Tensor]:
     """Runs the calibration data through ``model``; per layer (by id) the sum over all its
     input tokens of x_j^2: (K,) float64. Layers that never ran are missing."""
-    if isinstance(calibration, torch.Tensor):
-        raise TypeError(
-            "calibration for a module must be an iterable of model inputs or a callable, got a "
-            "Tensor (wrap one batch in a list: calibration=[batch])"
-        )
     sums: dict[int, torch.Tensor] = {}
 
     def collect(module, x):
@@ -262,7 +257,7 @@ def _input_square_sums(
         key = id(module)
         sums[key] = sums[key] + sq if key in sums else sq
 
-    watch_inputs(model, (m for _, m in layers), collect, calibration, progress)
+    watch_inputs(model, layers, collect, calibration, progress)
     return sums
 
 
