@@ -7,11 +7,15 @@
 The function below follows transformers' own SDPA integration (masks, causal flag, the slice of
 an empty static cache at prefill) and calls torchslim.attention instead of
 F.scaled_dot_product_attention, with the key/value heads left unexpanded (GQA is native). What
-it does not take (dropout while training, soft-capping, a position bias) goes to transformers'
-SDPA function, logged once.
+it does not take goes elsewhere, logged once: what changes the scores (soft-capping, attention
+sinks, a position bias) to the model's own eager attention function, which computes them (else
+transformers' SDPA function); dropout while training, and a query batch that broadcasts against
+the keys', to transformers' SDPA function.
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 
@@ -21,11 +25,36 @@ from torchslim.ops.attention import attention
 NAME = "torchslim"
 
 
+# Keyword arguments of transformers' attention calls that change the scores.
+_SCORE_CHANGES = ("softcap", "s_aux", "sinks", "position_bias", "cache")
+
+
 def _sdpa_fallback(why: str, *args, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     warn_once(f"torchslim attention: {why}; using transformers' SDPA attention")
     return sdpa_attention_forward(*args, **kwargs)
+
+
+def _eager_fallback(why: str, module, query, key, value, mask, causal: bool, **kwargs):
+    """The model's own eager attention (``eager_attention_forward`` of its modeling module),
+    which computes what its SDPA path may not (soft-capping, sinks); else transformers' SDPA.
+    The eager functions add their mask to the scores: the boolean mask (or the causal rule it
+    stood for) goes to them as zeros and the dtype's lowest value."""
+    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if eager is None:
+        return _sdpa_fallback(why, module, query, key, value, mask, **kwargs)
+    warn_once(f"torchslim attention: {why}; using {type(module).__name__}'s eager attention")
+    if causal:
+        q_len, k_len = query.shape[2], key.shape[2]
+        ones = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device)
+        mask = ones.tril(k_len - q_len)[None, None]
+    if mask is not None and mask.dtype == torch.bool:
+        lowest = torch.finfo(query.dtype).min
+        mask = torch.zeros(mask.shape, dtype=query.dtype, device=mask.device).masked_fill(
+            ~mask, lowest
+        )
+    return eager(module, query, key, value, mask, **kwargs)
 
 
 def attention_forward(
@@ -45,9 +74,8 @@ def attention_forward(
     options = {"dropout": dropout, "scaling": scaling, "is_causal": is_causal, **kwargs}
     if dropout and module.training:
         return _sdpa_fallback("dropout while training", *args, **options)
-    for name in ("softcap", "position_bias", "cache"):
-        if kwargs.get(name) is not None:
-            return _sdpa_fallback(f"{name} is not supported", *args, **options)
+    if query.shape[0] != key.shape[0]:
+        return _sdpa_fallback("the query's batch broadcasts against the keys'", *args, **options)
     q_len = query.shape[2]
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     # As transformers' SDPA path: the mask, when there is one, says everything; without one a
@@ -56,6 +84,13 @@ def attention_forward(
     causal = bool(q_len > 1 and attention_mask is None and is_causal)
     if causal and key.shape[2] > q_len:
         key, value = key[:, :, :q_len], value[:, :, :q_len]
+    for name in _SCORE_CHANGES:
+        if kwargs.get(name) is not None:
+            why = f"{name} is not supported"
+            return _eager_fallback(
+                why, module, query, key, value, attention_mask, causal, dropout=dropout,
+                scaling=scaling, **kwargs,
+            )  # fmt: skip
     if scaling is not None:
         scaling = float(scaling)
     out = attention(query, key, value, causal=causal, scale=scaling, attn_mask=attention_mask)
