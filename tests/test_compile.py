@@ -53,3 +53,36 @@ def test_inductor_matches_eager(mode, gen):
     x = torch.randn(2, 7, 64, generator=gen)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("drop_in", ["functional", "multihead", "multihead-fallback"])
+def test_attention_drop_ins_are_one_graph(drop_in, gen):
+    """The SDPA drop-in and torchslim.nn.MultiheadAttention trace without a graph break, the
+    choice of backend included (and a fallback, need_weights=True, with its log left to eager
+    calls)."""
+    from torch._dynamo.testing import CompileCounter
+
+    import torchslim
+
+    torch._dynamo.reset()
+    if drop_in == "functional":
+        q, k, v = (torch.randn(2, 4, 6, 8, generator=gen) for _ in range(3))
+        args = (q, k, v)
+
+        def fn(q, k, v):
+            return torchslim.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    else:
+        x = torch.randn(2, 5, 16, generator=gen)
+        args = (x, x, x)
+        mha = torchslim.nn.MultiheadAttention(16, 2, batch_first=True).eval()
+        need_weights = drop_in == "multihead-fallback"
+
+        def fn(q, k, v):
+            return mha(q, k, v, need_weights=need_weights)[0]
+
+    counter = CompileCounter()
+    compiled = torch.compile(fn, backend=counter, fullgraph=True)
+    with torch.no_grad():  # nn's path may take other kernels when traced: rounding
+        torch.testing.assert_close(compiled(*args), fn(*args), rtol=1e-5, atol=1e-6)
+    assert counter.frame_count == 1

@@ -54,11 +54,16 @@ _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("torchslim_
 _strict: contextvars.ContextVar[bool] = contextvars.ContextVar("torchslim_strict")
 
 
+# Under torch.compile these two are read once, while a function is traced: its graph keeps
+# the backend in force then (Dynamo cannot trace a ContextVar; the ops' own choice at run time
+# is unchanged).
+@torch.compiler.assume_constant_result
 def forced_backend() -> str | None:
     """The backend forced by ``torchslim.backend(...)`` or TORCHSLIM_BACKEND, else None."""
     return _forced.get(_env_backend())
 
 
+@torch.compiler.assume_constant_result
 def strict_mode() -> bool:
     return _strict.get(_env_strict())
 
@@ -164,7 +169,11 @@ _warned: set[str] = set()
 
 
 def warn_once(message: str) -> None:
-    """Logs ``message`` as a warning on the "torchslim" logger the first time it is seen."""
+    """Logs ``message`` as a warning on the "torchslim" logger the first time it is seen, in
+    eager calls only: Dynamo cannot trace a logger, and a graph break for a log would defeat
+    fullgraph=True (the same call made eagerly logs it)."""
+    if torch.compiler.is_compiling():
+        return
     if message not in _warned:
         _warned.add(message)
         logger.warning("%s", message)
