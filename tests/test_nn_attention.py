@@ -77,7 +77,8 @@ def test_sdpa_empty_sequences(lead, gen):
     """No query or no key (an empty dim, whose batch cannot be inferred from -1): PyTorch's
     result, zeros where there is no key."""
     q, k, v = _sdpa_inputs(gen, lead, 4, 4, 7, 9)
-    for args in ((q[..., :0, :], k, v), (q, k[..., :0, :], v[..., :0, :])):
+    no_heads = (q[..., :0, :, :], k[..., :0, :, :], v[..., :0, :, :])
+    for args in ((q[..., :0, :], k, v), (q, k[..., :0, :], v[..., :0, :]), no_heads):
         got = TF.scaled_dot_product_attention(*args)
         torch.testing.assert_close(got, F.scaled_dot_product_attention(*args))
 
@@ -217,6 +218,19 @@ def test_mha_causal_hint_needs_a_mask(gen):
         ours(x, x, x, need_weights=False, is_causal=True)
     with pytest.raises(TypeError, match=r"module must be an nn\.MultiheadAttention"):
         torchslim.nn.MultiheadAttention.from_module(nn.Linear(2, 2))
+
+
+def test_mha_mask_of_a_wrong_shape_names_the_shape(gen):
+    _, ours = _mha_pair(gen, batch_first=True)
+    x = torch.randn(2, 5, 24, generator=gen)
+    cases = [
+        ({"attn_mask": torch.zeros(1, 5, 5)}, r"3D attn_mask is \(1, 5, 5\), but should be"),
+        ({"attn_mask": torch.zeros(5, 4)}, r"2D attn_mask is \(5, 4\), but should be \(5, 5\)"),
+        ({"key_padding_mask": torch.zeros(2, 4, dtype=torch.bool)}, r"\(N, S\) = \(2, 5\)"),
+    ]
+    for kwargs, match in cases:
+        with pytest.raises(RuntimeError, match=match):
+            ours(x, x, x, need_weights=False, **kwargs)
 
 
 def test_mha_state_dict_is_pytorch_s(gen):

@@ -142,6 +142,7 @@ class MultiheadAttention(nn.MultiheadAttention):
         k = heads_first(key, w_k, b_k, sk)
         v = heads_first(value, w_v, b_v, sk)
 
+        _check_mask_shapes(attn_mask, key_padding_mask, batch * heads, batch, sq, sk)
         causal = is_causal and key_padding_mask is None
         mask = None
         if not causal:
@@ -160,3 +161,21 @@ class MultiheadAttention(nn.MultiheadAttention):
         elif self.batch_first:
             out = out.transpose(0, 1)
         return out, None
+
+
+def _check_mask_shapes(attn_mask, key_padding_mask, batch_heads, batch, sq, sk) -> None:
+    """nn.MultiheadAttention's shapes: attn_mask (L, S) or (N * H, L, S), key_padding_mask
+    (N, S); a RuntimeError names the expected shape, as nn's does."""
+    if attn_mask is not None:
+        want = {2: (sq, sk), 3: (batch_heads, sq, sk)}.get(attn_mask.dim())
+        if want is None:
+            raise RuntimeError(f"attn_mask's dimension {attn_mask.dim()} is not supported")
+        if tuple(attn_mask.shape) != want:
+            raise RuntimeError(
+                f"The shape of the {attn_mask.dim()}D attn_mask is {tuple(attn_mask.shape)}, "
+                f"but should be {want}."
+            )
+    if key_padding_mask is not None and tuple(key_padding_mask.shape) != (batch, sk):
+        raise RuntimeError(
+            f"key_padding_mask must be (N, S) = {(batch, sk)}, got {tuple(key_padding_mask.shape)}"
+        )

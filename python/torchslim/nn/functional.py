@@ -40,6 +40,8 @@ def _why_not_sdpa(query, key, value, attn_mask, dropout_p, enable_gqa) -> str | 
     if key.shape[-1] != query.shape[-1] or key.shape[-3:-1] != value.shape[-3:-1]:
         return "mismatched head dims or key/value shapes"
     heads, kv_heads = query.shape[-3], key.shape[-3]
+    if heads == 0 or kv_heads == 0:
+        return "no heads"
     if kv_heads != heads and not (kv_heads == 1 or (enable_gqa and heads % kv_heads == 0)):
         return f"{heads} query heads and {kv_heads} key/value heads (enable_gqa={enable_gqa})"
     if attn_mask is not None:
