@@ -178,6 +178,8 @@ def _explicit(q, k, v, mask):
         (torch.matmul(q, k.transpose(-1, -2)) * 0.125 + mask).softmax(dim=-1) @ v,
         F.softmax(0.2 * (q @ k.mT), dim=-1, dtype=torch.float32).to(q.dtype) @ v,
         torch.softmax(q @ k.transpose(2, 3), -1) @ v,
+        # Hugging Face's eager attention: dropout on the weights, not training
+        F.dropout(torch.softmax(q @ k.transpose(2, 3) * 0.2 + mask, -1), 0.1, False) @ v,
     )
 
 
@@ -228,7 +230,7 @@ def test_attention_pass_in_training_graphs(gen):
     for fn in (_explicit, _sdpa):
         for got, want in zip(loss(fn, True), loss(fn, False), strict=True):
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-    assert compiler.counters["attention"] == 7
+    assert compiler.counters["attention"] == 8
 
 
 def test_attention_pass_leaves_what_it_cannot_take(gen):
@@ -245,7 +247,43 @@ def test_attention_pass_leaves_what_it_cannot_take(gen):
             torch.softmax(q.half() @ k.half().transpose(-2, -1), dim=-1) @ v.half(),
         )
 
+    mask = torch.randn(2, 1, 16, 16, generator=gen)
+
+    def more_than_the_op_computes(q, k, v):
+        return (
+            torch.softmax(torch.add(q @ k.mT, mask, alpha=-2.0), -1) @ v,
+            torch.softmax(torch.div(q @ k.mT, 0.5, rounding_mode="floor"), -1) @ v,
+        )
+
+    def what_the_op_refuses(q, k, v):
+        return (
+            torch.softmax(q @ k[:1].mT, -1) @ v[:1],  # a batch that broadcasts
+            torch.softmax(q @ k.mT, -1) @ v[:, :1],  # v with other heads than k
+            torch.softmax(q[:, :1] @ k[:, :3].mT, -1) @ v[:, :3],  # heads that do not divide
+            torch.softmax(q @ k.mT + mask[None], -1) @ v,  # a 5-D mask
+            torch.softmax(q @ k.mT, -1).bfloat16() @ v.bfloat16(),  # v in another dtype
+            F.dropout(torch.softmax(q @ k.mT, -1), 0.1, True) @ v,  # dropout, training
+        )
+
     with torch.no_grad():
-        for fn in (scores_used_twice, dropout_and_fp16):
+        for fn in (scores_used_twice, more_than_the_op_computes):
+            got = torch.compile(fn, backend="torchslim")(q, k, v)
+            for a, b in zip(got, fn(q, k, v), strict=True):
+                torch.testing.assert_close(a, b)
+        for fn in (dropout_and_fp16, what_the_op_refuses):  # random, or no kernel: runs
             torch.compile(fn, backend="torchslim")(q, k, v)
+    assert compiler.counters["attention"] == 0
+
+
+@needs_cpu_kernel
+def test_attention_pass_leaves_a_learned_bias_to_pytorch(gen):
+    """A mask that needs a gradient (a learned bias): the op gives none, so eager's graph."""
+    bias = torch.randn(1, 4, 16, 16, generator=gen, requires_grad=True)
+    q, k, v = (torch.randn(2, 4, 16, 32, generator=gen) for _ in range(3))
+
+    def fn(q, k, v):
+        return torch.softmax(q @ k.mT * 0.3 + bias, -1) @ v
+
+    (grad,) = torch.autograd.grad(torch.compile(fn, backend="torchslim")(q, k, v).sum(), bias)
+    torch.testing.assert_close(grad, torch.autograd.grad(fn(q, k, v).sum(), bias)[0])
     assert compiler.counters["attention"] == 0

@@ -2,7 +2,8 @@
 
     model = torchslim.patch(model, quant="int8")
     compiled = torch.compile(model, backend="torchslim")
-    compiled = torch.compile(model, backend="torchslim", options={"freezing": True})
+    torch._inductor.config.freezing = True  # constant weights: fuse_siblings applies
+    compiled = torch.compile(model, backend="torchslim")
 
 The backend is registered when torchslim is imported and, for an installed torchslim, through
 the ``torch_dynamo_backends`` entry point, so ``backend="torchslim"`` works without an import.
@@ -16,10 +17,13 @@ Passes (run in this order; ``options={"passes": [...]}`` picks a subset, ``[]`` 
                     ``F.scaled_dot_product_attention`` -> torchslim's drop-in of the same name
                     (torchslim.nn.functional), and the explicit pattern
                     ``softmax(q @ k.transpose(-2, -1) [* s | / s] [+ mask], dim=-1) @ v`` (a
-                    cast of the weights back to q's dtype allowed) -> ``torchslim.attention``,
+                    cast of the weights back to q's dtype, and a dropout that is not training,
+                    allowed: Hugging Face's eager attention) -> ``torchslim.attention``,
                     where a torchslim kernel runs those inputs (on the reference it leaves them)
                     and nothing else reads the scores. The attention op carries its own
-                    backward, so training graphs are rewritten too.
+                    backward, so training graphs are rewritten too (not where the mask needs a
+                    gradient). One result differs from eager's: a row whose every score is
+                    -inf gives zeros, as SDPA's, where softmax gives NaN.
     fuse_bias       ``linear(x, w, ...) + b`` -> ``linear(x, w, ..., bias=b)`` for torchslim's
                     int8 and int4 linears: a bias added
                     after the op moves into the op's epilogue (one pass over the output less).
@@ -30,14 +34,15 @@ Passes (run in this order; ``options={"passes": [...]}`` picks a subset, ``[]`` 
                     on the weights concatenated along N, followed by views of its output: x is
                     quantized and streamed once instead of once per projection, and one launch
                     replaces several. Needs constant weights: Inductor freezing
-                    (``options={"freezing": True}``, which assumes parameters are not modified
-                    after compilation) or AOTInductor (torchslim.aot_compile runs these
-                    passes).
+                    (``torch._inductor.config.freezing = True`` before torch.compile, which
+                    assumes parameters are not modified after compilation) or AOTInductor
+                    (torchslim.aot_compile runs these passes).
 
 Options (``torch.compile(..., options={...})``):
 
     passes      names of the passes to run (default: all of them).
-    freezing    Inductor freezing (default False): parameters become compile-time constants.
+    freezing    True only where torch._inductor.config.freezing is already set: Dynamo has
+                traced the parameters as inputs before the backend sees this option.
     any other   an Inductor config option, as with the default backend (e.g.
                 ``"max_autotune": True``); ``mode=`` is honoured as well.
 
@@ -236,6 +241,7 @@ _MUL = ((operator.mul, torch.mul), ("mul", "__mul__"))
 _DIV = ((operator.truediv, torch.div), ("div", "__truediv__"))
 _ADD = ((operator.add, torch.add), ("add", "__add__"))
 _CAST = ((), ("to", "type_as"))
+_DROPOUT = ((F.dropout, torch.dropout), ())
 _SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
 
 
@@ -260,14 +266,33 @@ def _only_user(node: fx.Node, user: fx.Node) -> bool:
 
 
 def _kernel_runs(q, k, v, mask, causal, scale) -> bool:
-    """Whether torchslim.attention would run a kernel (not the reference) for these nodes."""
-    from torchslim.ops.attention import why_no_kernel
+    """Whether torchslim.attention takes these nodes' values (shapes, heads, dtypes, a mask
+    that broadcasts and needs no gradient) and would run a kernel on them, not the
+    reference."""
+    from torchslim.ops.attention import _check_attention, why_no_kernel
 
     values = [_example(n) for n in (q, k, v)]
     mask_value = _example(mask) if mask is not None else None
     if any(t is None for t in values) or (mask is not None and mask_value is None):
         return False
+    if mask_value is not None and mask_value.requires_grad:
+        return False  # a learned bias: the op gives no gradient to its mask
+    try:
+        _check_attention(*values, mask_value, causal, scale, -1, None)
+    except (ValueError, TypeError, RuntimeError):
+        return False
     return why_no_kernel(*values, mask_value, causal, scale) is None
+
+
+def _is_identity_dropout(node: Any) -> bool:
+    """F.dropout(x, p, training) that returns x: not training, or p = 0 (Hugging Face's eager
+    attention calls it on the weights in every mode)."""
+    if not _calls(node, _DROPOUT):
+        return False
+    bound = dict(zip(("input", "p", "training", "inplace"), node.args, strict=False))
+    bound |= dict(node.kwargs)
+    p, training = bound.get("p", 0.5), bound.get("training", True)
+    return isinstance(p, numbers.Real) and isinstance(training, bool) and (p == 0 or not training)
 
 
 def _match_explicit(out: fx.Node) -> tuple | None:
@@ -277,9 +302,11 @@ def _match_explicit(out: fx.Node) -> tuple | None:
         return None
     weights, v = out.args
     chain = [out]
-    if _calls(weights, _CAST) and _only_user(weights, chain[-1]):
-        chain.append(weights)
-        weights = weights.args[0]
+    for _ in range(2):  # a cast back to q's dtype, a dropout that is not training: either order
+        step = _calls(weights, _CAST) or _is_identity_dropout(weights)
+        if step and _only_user(weights, chain[-1]):
+            chain.append(weights)
+            weights = weights.args[0]
     if not (_calls(weights, _SOFTMAX) and _only_user(weights, chain[-1])):
         return None
     dim = weights.args[1] if len(weights.args) > 1 else weights.kwargs.get("dim")
@@ -287,10 +314,12 @@ def _match_explicit(out: fx.Node) -> tuple | None:
         return None
     chain.append(weights)
     scores, mask, scale = weights.args[0], None, 1.0
-    if _calls(scores, _ADD) and _only_user(scores, chain[-1]) and len(scores.args) == 2:
+    # Plain binary calls only: add(..., alpha=a) or div(..., rounding_mode=m) compute more.
+    added = _calls(scores, _ADD) and len(scores.args) == 2 and not scores.kwargs
+    if added and _only_user(scores, chain[-1]):
         chain.append(scores)
         scores, mask = scores.args
-    scaled = _calls(scores, _MUL) or _calls(scores, _DIV)
+    scaled = (_calls(scores, _MUL) or _calls(scores, _DIV)) and not scores.kwargs
     if scaled and _only_user(scores, chain[-1]) and len(scores.args) == 2:
         chain.append(scores)
         left, right = scores.args
