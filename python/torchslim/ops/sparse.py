@@ -87,7 +87,7 @@ import torch
 from torchslim import _ext
 from torchslim import reference as ref
 from torchslim.ops._autograd import define_frozen_linear
-from torchslim.ops._registry import Kernel, OpBackends, define_op, extension_kernel
+from torchslim.ops._registry import _LIB, Kernel, OpBackends, define_op, extension_kernel
 from torchslim.ops.int8 import (
     _FLOATS,
     _call_op,
@@ -254,25 +254,54 @@ def _weight_24(a: dict, k: int, dtype: torch.dtype) -> torch.Tensor:
     return scale_rows(w, a["scales"], dtype)
 
 
+# Reading a bitmask, csr, block or sliced weight reads its data (offsets, masks): one op, so
+# that torch.compile keeps the decompression of a training graph's backward opaque.
+_DECOMPRESS = {
+    "bitmask": lambda parts, _n, k, dtype: ref.decompress_bitmask(*parts, k, dtype=dtype),
+    "csr": lambda parts, _n, k, dtype: ref.decompress_csr(*parts, k, dtype=dtype),
+    "block": lambda parts, n, k, dtype: ref.decompress_block(*parts, n, k, dtype=dtype),
+    "sliced": lambda parts, n, k, dtype: ref.decompress_sliced(*parts, n, k, dtype=dtype),
+}
+
+
+def _dense_weight_impl(fmt, parts, scales, n, k, dtype):
+    return scale_rows(_DECOMPRESS[fmt](parts, n, k, dtype), scales, dtype)
+
+
+def _dense_weight_fake(fmt, parts, scales, n, k, dtype):
+    return parts[0].new_empty((n, k), dtype=dtype)
+
+
+_LIB.define(
+    "sparse_dense_weight(str format, Tensor[] parts, Tensor? scales, SymInt n, SymInt k, "
+    "ScalarType dtype) -> Tensor"
+)
+_LIB.impl("sparse_dense_weight", _dense_weight_impl, "CompositeExplicitAutograd")
+torch.library.register_fake("torchslim::sparse_dense_weight", _dense_weight_fake, lib=_LIB)
+
+
+def _dense_weight(fmt: str, a: dict, names: tuple[str, ...], n, k: int, dtype: torch.dtype):
+    parts = [a[name] for name in names]
+    return torch.ops.torchslim.sparse_dense_weight(fmt, parts, a["scales"], n, k, dtype)
+
+
 def _weight_bitmask(a: dict, k: int, dtype: torch.dtype) -> torch.Tensor:
-    w = ref.decompress_bitmask(a["values"], a["mask"], a["row_offsets"], k, dtype=dtype)
-    return scale_rows(w, a["scales"], dtype)
+    n = a["row_offsets"].shape[0] - 1
+    return _dense_weight("bitmask", a, ("values", "mask", "row_offsets"), n, k, dtype)
 
 
 def _weight_csr(a: dict, k: int, dtype: torch.dtype) -> torch.Tensor:
-    parts = (a["values"], a["columns"], a["bases"], a["group_offsets"])
-    return scale_rows(ref.decompress_csr(*parts, k, dtype=dtype), a["scales"], dtype)
+    names = ("values", "columns", "bases", "group_offsets")
+    return _dense_weight("csr", a, names, a["group_offsets"].shape[0] - 1, k, dtype)
 
 
 def _weight_block(a: dict, k: int, dtype: torch.dtype) -> torch.Tensor:
-    parts = (a["values"], a["col_blocks"], a["row_offsets"], a["n"])
-    return scale_rows(ref.decompress_block(*parts, k, dtype=dtype), a["scales"], dtype)
+    return _dense_weight("block", a, ("values", "col_blocks", "row_offsets"), a["n"], k, dtype)
 
 
 def _weight_sliced(a: dict, k: int, dtype: torch.dtype) -> torch.Tensor:
-    names = ("values", "columns", "groups", "group_offsets", "value_offsets", "n")
-    w = ref.decompress_sliced(*(a[name] for name in names), k, dtype=dtype)
-    return scale_rows(w, a["scales"], dtype)
+    names = ("values", "columns", "groups", "group_offsets", "value_offsets")
+    return _dense_weight("sliced", a, names, a["n"], k, dtype)
 
 
 # --------------------------------------------------------------------------- 2:4
