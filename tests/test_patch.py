@@ -140,7 +140,7 @@ def test_a_layer_that_fails_is_named_and_the_model_keeps_its_layers(sparsity):
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 8))
     with torch.no_grad():
         model[2].weight[1, 3] = float("nan")
-    with pytest.raises(ValueError, match="layer '2'.* finite"):  # int8 cannot hold a NaN
+    with pytest.raises(ValueError, match=r"layer '2'.* finite"):  # int8 cannot hold a NaN
         torchslim.patch(model, quant="int8-weight", sparsity=sparsity, progress=False)
     assert [type(m) for m in model] == [nn.Linear, nn.ReLU, nn.Linear, nn.Linear]
 

@@ -172,7 +172,10 @@ def prune_(
         sums = _input_square_sums(target, layers, calibration, progress)
         for name, layer in layers:
             if id(layer) not in sums:
-                raise ValueError(f"layer {name!r} saw no calibration data (it never ran, or only on empty inputs)")
+                raise ValueError(
+                    f"layer {name!r} saw no calibration data (it never ran, or only on empty "
+                    "inputs)"
+                )
             norms[id(layer)] = sums[id(layer)].sqrt().float()
 
     # Nothing changes before every check has passed; then torch.nn.utils.prune masks are
