@@ -147,6 +147,18 @@ def test_quantizer_bad_input():
         with pytest.raises(ValueError, match=rf"float16 cannot hold .* of row {row}, group 0"):
             quantize_int4(weight, 32, scale_dtype=torch.float16)
         quantize_int4(weight, 32, scale_dtype=torch.float32)  # what it suggests
+    # bf16 holds a zero point to 8 bits: a group far from 0 for its range would shift whole
+    # codes (it came back 1.8, 27 steps, off); fp16's range: a scale of inf
+    offset = 1000 + torch.linspace(0, 1, 32)[None]
+    huge = torch.tensor([[6e5, -6e5] * 16])
+    for weight, dtype in ((offset, torch.bfloat16), (huge, torch.float16)):
+        with pytest.raises(ValueError, match=r"cannot hold .* use scale_dtype=torch\.float32"):
+            quantize_int4(weight, 32, scale_dtype=dtype)
+    packed, scales, zeros = quantize_int4(offset, 32, scale_dtype=torch.float32)
+    assert (dequantize_int4(packed, scales, zeros, 32) - offset).abs().max() <= scales / 2 + 1e-4
+    for ratios, error in (((-1.0,), ValueError), ((float("nan"),), ValueError), (0.5, TypeError)):
+        with pytest.raises(error, match="clip_ratios must"):
+            quantize_int4(w, 32, clip_search=True, clip_ratios=ratios)
 
 
 # --------------------------------------------------------------------------- the op

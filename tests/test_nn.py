@@ -138,6 +138,18 @@ def test_bad_input(gen):
         bad.weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match="weight must be finite"):
         Int8Linear.from_linear(bad)
+    past_fp32 = torch.tensor([[1e300, 1.0]], dtype=torch.float64)
+    with pytest.raises(ValueError, match="weight must be finite in fp32"):  # was a NaN scale
+        torchslim.quant.quantize_weight_per_channel(past_fp32)
+    ones = torch.ones(3, 2)
+    for args, kwargs, error, match in (
+        ((torch.tensor([1.0, float("nan")]), ones), {}, ValueError, "act_absmax must be finite"),
+        ((torch.ones(2), torch.ones(6)), {}, ValueError, r"weight must be 2-D"),
+        ((torch.ones(2), ones), {"alpha": "0.5"}, TypeError, "alpha must be a float"),
+        ((torch.ones(2), ones), {"eps": 0.0}, ValueError, "eps must be > 0"),
+    ):
+        with pytest.raises(error, match=match):
+            smoothquant_factors(*args, **kwargs)
     layer = Int8Linear.from_linear(_layer(gen))
     state = layer.state_dict()
     state["weight_scale"] = state["weight_scale"].clone()

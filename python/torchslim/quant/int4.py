@@ -83,8 +83,8 @@ def quantize_int4(
         raise TypeError(f"scale_dtype must be one of {SCALE_DTYPES}, got {scale_dtype}")
     if not torch.isfinite(weight).all():
         raise ValueError("weight must be finite; it contains inf or NaN")
-    if clip_search and not clip_ratios:
-        raise ValueError("clip_ratios must name at least one ratio")
+    if clip_search:
+        _check_clip_ratios(clip_ratios)
 
     g = resolve_group_size(group_size, k)
     w = weight.detach().to(torch.float32).reshape(n, k // g, g)
@@ -95,33 +95,44 @@ def quantize_int4(
     mid, half = (lo + hi) / 2, (hi - lo) / 2
     for r in ratios:
         if symmetric:
-            scale, zero = _range_params(lo * r, hi * r, symmetric)
+            scale, exact_zero = _range_params(lo * r, hi * r, symmetric)
         else:
-            scale, zero = _range_params(mid - half * r, mid + half * r, symmetric)
+            scale, exact_zero = _range_params(mid - half * r, mid + half * r, symmetric)
         # Codes and errors against the parameters as stored (rounded to scale_dtype).
         scale = scale.to(scale_dtype).to(torch.float32)
-        zero = zero.to(scale_dtype).to(torch.float32)
+        zero = exact_zero.to(scale_dtype).to(torch.float32)
         codes = _codes(w, scale, zero)
         err = ((codes - zero.unsqueeze(-1)) * scale.unsqueeze(-1) - w).square_().sum(dim=-1)
+        # A zero point the stored dtype moves by more than half a code shifts the whole group
+        # (bf16 holds 8 bits: a group 17x its own range away from 0, say).
+        held = (scale > 0) & scale.isfinite() & ((zero - exact_zero).abs() <= 0.5)
         if best is None:
-            best = [err, codes, scale, zero]
+            best = [err, codes, scale, zero, held]
             continue
         better = err < best[0]
         best[0] = torch.where(better, err, best[0])
         best[1] = torch.where(better.unsqueeze(-1), codes, best[1])
         best[2] = torch.where(better, scale, best[2])
         best[3] = torch.where(better, zero, best[3])
-    _, codes, scale, zero = best
-    held = (scale > 0) & zero.isfinite()  # what scale_dtype rounded to 0 or past its range
+        best[4] = torch.where(better, held, best[4])
+    _, codes, scale, zero, held = best
     if not held.all():
         row, group = (int(i) for i in (~held).nonzero()[0])
         raise ValueError(
             f"scale_dtype={scale_dtype} cannot hold the scale and zero point of row {row}, group "
             f"{group} (its weights span [{float(lo[row, group]):.6g}, "
-            f"{float(hi[row, group]):.6g}]): use torch.float32 or torch.bfloat16"
+            f"{float(hi[row, group]):.6g}]): use scale_dtype=torch.float32"
         )
     packed = pack_int4(codes.reshape(n, k).to(torch.uint8))
     return packed, scale.to(scale_dtype), zero.to(scale_dtype)
+
+
+def _check_clip_ratios(clip_ratios: object) -> None:
+    if not isinstance(clip_ratios, (tuple, list)) or not clip_ratios:
+        raise TypeError(f"clip_ratios must be a non-empty tuple of ratios, got {clip_ratios!r}")
+    for r in clip_ratios:
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 < r <= 1.0:
+            raise ValueError(f"clip_ratios must each be in (0, 1], got {r!r}")
 
 
 def check_group_size(group_size: int, k: int) -> None:

@@ -24,8 +24,8 @@ def quantize_weight_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, tor
         raise TypeError(f"weight must be a floating-point tensor, got {_describe(weight)}")
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (N, K), got shape {tuple(weight.shape)}")
-    if not torch.isfinite(weight).all():
-        raise ValueError("weight must be finite; it contains inf or NaN")
+    if not torch.isfinite(weight.to(torch.float32)).all():  # fp64 past fp32's range too
+        raise ValueError("weight must be finite in fp32, where it is quantized; it is not")
     # The per-channel rule on the rows of W is the per-token rule on the rows of x.
     return quantize_per_token(weight)
 
@@ -52,13 +52,23 @@ def smoothquant_factors(
     Returns:
         (K,) fp32, all finite and positive.
     """
+    for name, value in (("alpha", alpha), ("eps", eps)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a float, got {type(value).__name__}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    if weight.dim() != 2 or tuple(act_absmax.shape) != (weight.shape[1],):
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (N, K), got shape {tuple(weight.shape)}")
+    if tuple(act_absmax.shape) != (weight.shape[1],):
         raise ValueError(
-            f"act_absmax must have shape (K,) = ({weight.shape[-1]},) to match weight "
+            f"act_absmax must have shape (K,) = ({weight.shape[1]},) to match weight "
             f"{tuple(weight.shape)}, got {tuple(act_absmax.shape)}"
         )
+    for name, t in (("act_absmax", act_absmax), ("weight", weight)):
+        if not torch.isfinite(t.to(torch.float32)).all():
+            raise ValueError(f"{name} must be finite in fp32; it contains inf or NaN")
     a = act_absmax.detach().to(torch.float32).abs().clamp_min(eps)
     w = weight.detach().to(torch.float32).abs().amax(dim=0).clamp_min(eps)
     return (a.pow(alpha) / w.pow(1.0 - alpha)).clamp_min(eps)
