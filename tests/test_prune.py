@@ -400,6 +400,18 @@ def test_bad_arguments_on_a_model(args, kwargs, error, match):
         ),
         (
             torch.randn(4, 8),
+            {"method": "wanda", "calibration": torch.full((2, 8), float("nan"))},
+            ValueError,
+            "calibration activations must be finite",
+        ),
+        (
+            torch.randn(4, 8),
+            {"method": "wanda", "calibration": torch.randn(0, 8)},
+            ValueError,
+            r"calibration activations are empty: shape \(0, 8\)",
+        ),
+        (
+            torch.randn(4, 8),
             {"method": "wanda", "calibration": -torch.rand(8)},
             ValueError,
             "must be finite and >= 0",
@@ -427,6 +439,32 @@ def test_bad_arguments_on_a_model(args, kwargs, error, match):
 def test_bad_targets_and_calibration(target, kwargs, error, match):
     with pytest.raises(error, match=match):
         prune_(target, "2:4", progress=False, **kwargs)
+
+
+def test_the_weight_of_a_torch_pruned_layer_is_refused_as_a_tensor():
+    layer = nn.Linear(8, 8)
+    torch_prune.l1_unstructured(layer, "weight", 0.3)
+    with pytest.raises(ValueError, match="target is computed from other tensors"):
+        prune_(layer.weight, "2:4")
+    prune_(layer, "2:4", progress=False)  # the module: folded, then pruned
+    assert sparsity(layer.weight) >= 0.5
+
+
+def test_fp64_weights_are_ranked_in_fp64():
+    w = torch.tensor([[1e-50, 2e-50, 3e-50, 4e-50]], dtype=torch.float64)  # 0 in fp32
+    assert prune_(w, "2:4").tolist() == [[0.0, 0.0, 3e-50, 4e-50]]
+
+
+def test_a_pattern_made_by_hand_is_checked():
+    from torchslim.sparse.patterns import Pattern
+
+    for kwargs in ({"n": 2, "m": 0}, {"n": 5, "m": 4}):
+        with pytest.raises(ValueError, match="an n:m Pattern must have ints 0 < n < m"):
+            Pattern("n:m", **kwargs)
+    with pytest.raises(ValueError, match=r"block \(R, C\) >= 1"):
+        Pattern("block", block=(0, 4))
+    with pytest.raises(ValueError, match="Pattern kind must be"):
+        Pattern("foo")
 
 
 def test_bad_layer_weight_is_named():

@@ -31,6 +31,25 @@ class Pattern:
     m: int = 0  # n:m: group size along K
     block: tuple[int, int] = (1, 1)  # block: (rows, cols)
 
+    def __post_init__(self) -> None:
+        def whole(*values) -> bool:
+            return all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+
+        if self.kind == "n:m":
+            if not (whole(self.n, self.m) and 0 < self.n < self.m):
+                raise ValueError(f"an n:m Pattern must have ints 0 < n < m, got {self!r}")
+        elif self.kind == "block":
+            block = self.block
+            if (
+                not (isinstance(block, tuple) and len(block) == 2 and whole(*block))
+                or min(block) < 1
+            ):
+                raise ValueError(f"a block Pattern must have block (R, C) >= 1, got {self!r}")
+        elif self.kind != "unstructured":
+            raise ValueError(
+                f"Pattern kind must be 'n:m', 'unstructured' or 'block', got {self.kind!r}"
+            )
+
     def __str__(self) -> str:
         if self.kind == "n:m":
             return f"{self.n}:{self.m}"

@@ -146,6 +146,12 @@ def prune_(
             if value is not None:
                 raise TypeError(f"{arg} selects layers of a module; target is a tensor")
         _check_weight(target, "target")
+        if target.grad_fn is not None:
+            raise ValueError(
+                "target is computed from other tensors (the weight of a layer pruned with "
+                "torch.nn.utils.prune, say), so pruning it in place would not last: pass the "
+                "module, whose pruning is folded first"
+            )
         norms = None if calibration is None else _tensor_norms(calibration, target.shape[1])
         _prune_weight(target, norms, parsed, fraction)
         return target
@@ -212,6 +218,10 @@ def _tensor_norms(calibration: object, k: int) -> torch.Tensor:
             f"{tuple(calibration.shape)}"
         )
     if calibration.dim() >= 2:
+        if calibration.numel() == 0:
+            raise ValueError(f"calibration activations are empty: shape {tuple(calibration.shape)}")
+        if not bool(torch.isfinite(calibration).all()):
+            raise ValueError("calibration activations must be finite; they hold NaN or inf")
         return calibration.detach().reshape(-1, k).double().square().sum(0).sqrt().float()
     if not bool(torch.isfinite(calibration).all()) or bool((calibration < 0).any()):
         raise ValueError("calibration as input norms (K,) must be finite and >= 0")
@@ -287,7 +297,7 @@ def _keep_mask(
     norms: None (magnitude) or ||X_j||_2 (K,) for wanda.
     """
     n_rows, k = weight.shape
-    score = weight.detach().float().abs()
+    score = weight.detach().abs().to(torch.promote_types(weight.dtype, torch.float32))
     if norms is not None:
         score = score * norms.to(score.device)
     nonzero = weight.detach() != 0
