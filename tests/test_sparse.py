@@ -1360,3 +1360,31 @@ def test_the_binding_names_bad_values_and_scales():
         _ext._C.sparse24_linear_cpu(x, codes, meta, None, torch.ones(3))
     with pytest.raises(TypeError, match="scales must be float32"):
         _ext._C.sparse24_linear_cpu(x, codes, meta, None, torch.ones(4, dtype=torch.float64))
+
+
+def test_decompress_checks_k_against_the_stored_width():
+    """2:4 and bitmask store K only to a multiple (4, 8): a k outside that range raised nothing
+    and returned the stored width instead."""
+    w = torch.randn(4, 8, generator=seeded("decompress-k"))
+    sp_24 = ref.compress_24(torchslim.sparse.prune_(w.clone(), "2:4"))
+    bitmask = ref.compress_bitmask(w)
+    for k in (5, 8):
+        assert ref.decompress_24(*sp_24, k).shape == (4, k)
+    assert ref.decompress_bitmask(*bitmask, 8).shape == (4, 8)
+    for k, match in ((100, r"5\.\.8 for 2 groups of 4, got 100"), (4, "got 4"), (-1, ">= 0")):
+        with pytest.raises(ValueError, match=match):
+            ref.decompress_24(*sp_24, k)
+    with pytest.raises(ValueError, match=r"1\.\.8 for 1 mask bytes, got 100"):
+        ref.decompress_bitmask(*bitmask, 100)
+
+
+def test_format_bytes_checks_its_arguments():
+    for kwargs, error, match in (
+        ({"sparsity": 1.5}, ValueError, r"sparsity must be a float in \[0, 1\], got 1.5"),
+        ({"sparsity": "50%"}, TypeError, "sparsity must be a float"),
+        ({"n": -4}, ValueError, "n must be an int >= 0, got -4"),
+    ):
+        args = {"n": 64, "k": 64, **kwargs}
+        n, k = args.pop("n"), args.pop("k")
+        with pytest.raises(error, match=match):
+            format_bytes("csr", n, k, **args)

@@ -150,6 +150,15 @@ def meta_indices(meta: torch.Tensor, groups: int) -> torch.Tensor:
     return codes.reshape(meta.shape[0], 4 * meta.shape[1])[:, : KEPT * groups].to(torch.int64)
 
 
+def _check_k(k: object, units: int, per_unit: int, what: str) -> None:
+    """Raises unless ``k`` is a K whose ceil(K / per_unit) is ``units`` (the weight's own)."""
+    if isinstance(k, bool) or not isinstance(k, (int, torch.SymInt)) or k < 0:
+        raise ValueError(f"k must be the weight's K, an int >= 0, got {k!r}")
+    if -(-k // per_unit) != units:
+        low, high = max(per_unit * (units - 1) + 1, 0), per_unit * units
+        raise ValueError(f"k must be the weight's K, {low}..{high} for {what}, got {k}")
+
+
 def decompress_24(
     values: torch.Tensor, meta: torch.Tensor, k: int, dtype: torch.dtype | None = None
 ) -> torch.Tensor:
@@ -158,6 +167,7 @@ def decompress_24(
     kept value meets x at its column); compress_24 never writes such meta."""
     n, kept = values.shape
     groups = kept // KEPT
+    _check_k(k, groups, GROUP, f"{groups} groups of {GROUP}")
     column = meta_indices(meta, groups) + GROUP * torch.arange(
         groups, device=values.device
     ).repeat_interleave(KEPT)
@@ -245,6 +255,7 @@ def compress_bitmask(
 
 def mask_bits(mask: torch.Tensor, k: int) -> torch.Tensor:
     """(N, ceil(K / 8)) uint8 -> (N, K) bool."""
+    _check_k(k, mask.shape[1], MASK_BITS, f"{mask.shape[1]} mask bytes")
     shifts = torch.arange(MASK_BITS, dtype=torch.uint8, device=mask.device)
     bits = (mask.unsqueeze(-1) >> shifts) & 1
     return bits.reshape(mask.shape[0], MASK_BITS * mask.shape[1])[:, :k].bool()

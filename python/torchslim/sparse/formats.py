@@ -132,6 +132,15 @@ def format_bytes(
     than 256 columns (rare below ~95% sparsity, where a few more groups follow); for "sliced" the
     groups expected when each weight is kept independently (a row's 128 columns of a slice
     hold a binomial count of nonzeros). int8 values add their (N,) fp32 scales."""
+    for name, value in (("n", n), ("k", k)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+        raise TypeError(f"sparsity must be a float in [0, 1], got {sparsity!r}")
+    if not 0.0 <= sparsity <= 1.0:
+        raise ValueError(f"sparsity must be a float in [0, 1], got {sparsity!r}")
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype, got {dtype!r}")
     item = torch.empty((), dtype=dtype).element_size()
     if fmt == "dense":
         return n * k * item
