@@ -54,18 +54,22 @@ _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("torchslim_
 _strict: contextvars.ContextVar[bool] = contextvars.ContextVar("torchslim_strict")
 
 
-# Under torch.compile these two are read once, while a function is traced: its graph keeps
-# the backend in force then (Dynamo cannot trace a ContextVar; the ops' own choice at run time
-# is unchanged).
-@torch.compiler.assume_constant_result
 def forced_backend() -> str | None:
     """The backend forced by ``torchslim.backend(...)`` or TORCHSLIM_BACKEND, else None."""
     return _forced.get(_env_backend())
 
 
-@torch.compiler.assume_constant_result
 def strict_mode() -> bool:
     return _strict.get(_env_strict())
+
+
+# Under torch.compile these two are read once, while a function is traced: its graph keeps the
+# backend in force then (Dynamo cannot trace a ContextVar; the ops' own choice at run time is
+# unchanged). This is what torch.compiler.assume_constant_result does; calling it would import
+# torch._dynamo with torchslim (0.2 s -> 2.8 s), so the mark is set here
+# (tests/test_compile.py's fullgraph test of the drop-ins fails if it stops working).
+forced_backend._dynamo_marked_constant = True
+strict_mode._dynamo_marked_constant = True
 
 
 @contextlib.contextmanager
