@@ -239,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="output folder (default: benchmarks/results/<device>)")
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
+    common.check_out(parser, args.out)
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device")

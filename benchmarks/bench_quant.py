@@ -6,7 +6,8 @@
 Baselines, in the same run: fp32 and bf16 F.linear, FBGEMM int8 dynamic
 (torch.ao.quantization.quantize_dynamic) and torch._weight_int8pack_mm (torch's W8A16).
 Per (layer, M, implementation): time, speedup over fp32, GB/s, % of the memory floor, GOP/s.
-Writes int8.csv and int8.png under benchmarks/results/<device>/.
+Writes int8_<device>.csv and .png under benchmarks/results/<device>/ (int8_<device>_quick.*
+with --quick).
 """
 
 from __future__ import annotations
@@ -306,6 +307,7 @@ def make_parser(name: str, doc: str) -> argparse.ArgumentParser:
 def run_family(family: Family, argv: list[str] | None = None) -> int:
     parser = make_parser(family.name, family.doc)
     args = parser.parse_args(argv)
+    common.check_out(parser, args.out)
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda needs a CUDA device")

@@ -753,7 +753,8 @@ def plot(rows: list[dict], path, dense: str) -> None:
     layers = list(dict.fromkeys(r["layer"] for r in rows))
     batch = list(dict.fromkeys(r["M"] for r in rows))
     impls = list(dict.fromkeys(r["impl"] for r in rows if r["pattern"] != DENSE))
-    color = {impl: f"C{i}" for i, impl in enumerate(impls)}
+    palette = plt.get_cmap("tab20").colors  # 20 distinct colours, not "C0".."C9" again
+    color = {impl: palette[i % len(palette)] for i, impl in enumerate(impls)}
     fig, axes = plt.subplots(
         len(batch),
         len(layers),
@@ -781,7 +782,7 @@ def plot(rows: list[dict], path, dense: str) -> None:
                         label = None
                 s24 = [r["speedup"] for r in here if r["pattern"] == "2:4"]
                 if s24:
-                    ax.plot([50.0] * len(s24), s24, "*", ms=11, color=color[impl], label=None)
+                    ax.plot([50.0] * len(s24), s24, "*", ms=11, color=color[impl], label=label)
             ax.axhline(1.0, color="k", lw=0.8, ls="--")
             ax.set_yscale("log", base=2)
             ax.set_title(f"K x N = {layer}, M = {m}", fontsize=9)
@@ -837,6 +838,7 @@ def main(argv: list[str] | None = None) -> int:
         "(default: 50,75,90,2:4,16x16@50,16x16@90)",
     )
     args = parser.parse_args(argv)
+    common.check_out(parser, args.out)
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda needs a CUDA device")

@@ -7,6 +7,7 @@ memory floor (bytes that must move ÷ copy bandwidth measured in the same run).
 
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime
 import os
@@ -105,10 +106,17 @@ def error_text(exc: BaseException) -> str:
     return (str(exc).splitlines() or [type(exc).__name__])[0]
 
 
+# The most copies rotating() makes: a layer of a few KB would need hundreds of thousands (a
+# 33x7 int8 layer: 389k, about an hour to make); below ROTATE_BYTES / MAX_COPIES (48 KB) the
+# copies stay in the caches, where such a call's time is its fixed cost anyway.
+MAX_COPIES = 2048
+
+
 def rotating(make: Callable[[], object], nbytes: int) -> Callable[[], object]:
-    """Builds enough copies of make()'s operands to exceed ROTATE_BYTES; returns a getter that
-    hands out the next copy on each call."""
-    copies = [make() for _ in range(max(1, -(-ROTATE_BYTES // max(nbytes, 1))))]
+    """Builds enough copies of make()'s operands to exceed ROTATE_BYTES (at most MAX_COPIES);
+    returns a getter that hands out the next copy on each call."""
+    count = min(MAX_COPIES, max(1, -(-ROTATE_BYTES // max(nbytes, 1))))
+    copies = [make() for _ in range(count)]
     state = {"i": 0}
 
     def next_copy():
@@ -248,6 +256,19 @@ def format_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
     return "\n".join(lines)
+
+
+def check_out(parser: argparse.ArgumentParser, out: str | None) -> None:
+    """Makes the --out folder now, so that a path that cannot be one fails before the run, not
+    after it (parser.error names --out)."""
+    if out is None:
+        return
+    try:
+        Path(out).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        parser.error(f"--out {out}: {exc.strerror or exc}")
+    if not os.access(out, os.W_OK):
+        parser.error(f"--out {out}: not writable")
 
 
 def results_dir(env: Environment, out: str | None) -> Path:

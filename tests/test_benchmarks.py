@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 
 import pytest
 
@@ -402,3 +403,44 @@ def test_demo_decode_rounds_interleave_and_subtract_the_first_token(monkeypatch)
     )
     assert ours == [2.0] * 3 and theirs == [3.0] * 3
     assert calls == [("ours", 1), ("ours", 8), ("theirs", 1), ("theirs", 8)] * 3
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["demo", "--configs", ""], "--configs: expected at least one"),
+        (["demo", "--modes", ""], "--modes: expected some of"),
+        (["demo", "--configs", "int4-g7"], "group_size must be -1 .* got 7"),
+        (["demo", "--tokens", "16", "--prefill", "512"], "--prefill must be at most --tokens"),
+        (["demo", "--decode", "2"], "--decode must be >= 8"),
+        (["demo", "--model", "/nonexistent.gguf"], r"--model: /nonexistent\.gguf does not exist"),
+        (["demo", "--out", "{file}"], "--out .*: File exists"),
+        (["bench", "int8", "--out", "{file}"], "--out .*: File exists"),
+        (["bench", "attention", "--out", "{file}/below"], "--out .*: Not a directory"),
+        (["bench"], "the following arguments are required: family"),
+    ],
+)
+def test_cli_errors_name_the_option_before_any_work(argv, match, tmp_path, capsys):
+    from torchslim import cli
+
+    file = tmp_path / "a_file"
+    file.write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([a.format(file=file) for a in argv])
+    assert exit_info.value.code == 2
+    assert re.search(match, capsys.readouterr().err)
+
+
+def test_bench_help_lists_the_families(capsys):
+    from torchslim import cli
+
+    assert cli.main(["bench", "--help"]) == 0
+    assert "int8,int4,sparse,attention" in capsys.readouterr().out
+
+
+def test_rotating_copies_are_capped():
+    from torchslim.benchmarks import common
+
+    made = []
+    common.rotating(lambda: made.append(1), nbytes=1)
+    assert len(made) == common.MAX_COPIES

@@ -40,9 +40,14 @@ def main(argv: list[str] | None = None) -> int:
     p_info = sub.add_parser("info", help="versions, CPU features, ISA and backends")
     p_info.add_argument("--json", action="store_true", help="print JSON")
     p_info.set_defaults(fn=_info)
-    p_bench = sub.add_parser("bench", help="microbenchmarks against the baselines", add_help=False)
+    p_bench = sub.add_parser(
+        "bench",
+        help="microbenchmarks against the baselines",
+        description="`torchslim bench FAMILY --help` lists a family's own options.",
+        add_help=False,
+    )
     p_bench.add_argument(
-        "family", choices=["int8", "int4", "sparse", "attention"], help="kernel family"
+        "family", nargs="?", choices=["int8", "int4", "sparse", "attention"], help="kernel family"
     )
     p_bench.set_defaults(fn=_bench)
     p_demo = sub.add_parser(
@@ -53,6 +58,19 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     if rest and args.command == "info":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "bench" and args.family is None:
+        if {"-h", "--help"} & set(rest):
+            p_bench.print_help()
+            return 0
+        p_bench.error("the following arguments are required: family")
+    try:  # the settings torchslim reads from the environment, checked once here
+        import torchslim
+        from torchslim.ops import _registry
+
+        _registry.forced_backend(), _registry.strict_mode()
+    except ValueError as exc:
+        parser.exit(2, f"torchslim: error: {exc}\n")
+    del torchslim
     args.rest = rest
     return args.fn(args)
 

@@ -63,6 +63,7 @@ CONFIGS = (
 )
 MODES = ("eager", "compiled", "aot")
 ATTENTION = ("off", "on")  # the model's own attention (SDPA), torchslim's
+MIN_DECODE = 8  # tokens generated, at least: decode speed is a difference of two timings
 HEAD_SUFFIX = "-head"
 QUANTS = tuple(name for name in METHODS if name != "sparse")  # "sparse" comes as SPARSE_PREFIX
 SPARSE_PREFIX = "sparse-"
@@ -113,7 +114,9 @@ def patch_args(config: str) -> tuple[str, dict]:
         return "sparse", sparse_args(config)
     quant, _, group = config.rpartition("-g")
     if quant in QUANTS and "group_size" in METHODS[quant].options and group.isdigit():
-        return quant, {"group_size": int(group)}
+        options = {"group_size": int(group)}
+        METHODS[quant].check_options({**METHODS[quant].options, **options})  # names a bad one
+        return quant, options
     if config in QUANTS:
         return config, {}
     raise ValueError(
@@ -189,7 +192,7 @@ def load_model(path: str | Path | None = None):
 
     path = Path(path) if path is not None else default_model_path()
     if not path.exists():
-        raise FileNotFoundError(f"--model {path} does not exist")
+        raise FileNotFoundError(f"{path} does not exist")
     kwargs = {"local_files_only": True}
     if path.suffix == ".gguf":
         where, kwargs["gguf_file"] = str(path.parent), path.name
@@ -451,7 +454,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", help="output folder (default: benchmarks/results/<device>)")
     args = parser.parse_args(argv)
+    from torchslim.benchmarks import common
+
+    common.check_out(parser, args.out)
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    if not configs:
+        parser.error(f"--configs: expected at least one configuration, got {args.configs!r}")
     for c in configs:
         try:
             if c != "fp32":
@@ -461,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if args.compile and "compiled" not in modes:
         modes.append("compiled")
+    if not modes:
+        parser.error(f"--modes: expected some of {', '.join(MODES)}, got {args.modes!r}")
     for m in modes:
         if m not in MODES:
             parser.error(f"--modes: unknown mode {m!r}, expected some of {', '.join(MODES)}")
@@ -469,16 +479,26 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(
             f"--attention: expected some of {', '.join(ATTENTION)}, got {args.attention!r}"
         )
-    if min(args.tokens, args.prefill, args.decode, args.repeats) < 2:
-        parser.error("--tokens, --prefill, --decode and --repeats must be >= 2")
-
-    from torchslim.benchmarks import common
+    if min(args.tokens, args.prefill, args.repeats) < 2:
+        parser.error("--tokens, --prefill and --repeats must be >= 2")
+    if args.decode < MIN_DECODE:
+        # decode speed is (n tokens - 1 token) / (n - 1): at n = 2 timing noise can turn it
+        # negative
+        parser.error(f"--decode must be >= {MIN_DECODE}")
+    if args.prefill > args.tokens:
+        parser.error("--prefill must be at most --tokens: it is the evaluation text's start")
 
     env = common.Environment.capture("cpu")
     print(f"torchslim demo on {env.cpu}, {common.threads_note()}, ISA {env.isa}")
     model_path = Path(args.model) if args.model else default_model_path()
-    base, tokenizer = load_model(model_path)
-    ids = eval_ids(tokenizer, args.tokens)
+    try:
+        base, tokenizer = load_model(model_path)
+    except (OSError, ValueError) as exc:  # FileNotFoundError included
+        parser.error(f"--model: {exc}")
+    try:
+        ids = eval_ids(tokenizer, args.tokens)
+    except ValueError as exc:
+        parser.error(f"--tokens: {exc}")
     cache_len = max(513, args.prefill, prompt_ids(tokenizer).shape[1] + args.decode)
     calibration = calibration_batches(tokenizer)
     llama = LlamaCpp.open(model_path, tokenizer, args)
