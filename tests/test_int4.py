@@ -156,6 +156,10 @@ def test_quantizer_bad_input():
             quantize_int4(weight, 32, scale_dtype=dtype)
     packed, scales, zeros = quantize_int4(offset, 32, scale_dtype=torch.float32)
     assert (dequantize_int4(packed, scales, zeros, 32) - offset).abs().max() <= scales / 2 + 1e-4
+    with pytest.raises(ValueError, match=r"K >= 2 columns, got shape \(4, 0\)"):
+        quantize_int4(torch.randn(4, 0), 32)
+    with pytest.raises(ValueError, match="group_size=64 does not fit: K=96"):
+        dequantize_int4(*quantize_int4(w, 32), 64)
     for ratios, error in (((-1.0,), ValueError), ((float("nan"),), ValueError), (0.5, TypeError)):
         with pytest.raises(error, match="clip_ratios must"):
             quantize_int4(w, 32, clip_search=True, clip_ratios=ratios)

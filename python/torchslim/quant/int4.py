@@ -78,6 +78,8 @@ def quantize_int4(
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (N, K), got shape {tuple(weight.shape)}")
     n, k = weight.shape
+    if k == 0:
+        raise ValueError(f"weight must have K >= 2 columns, got shape {tuple(weight.shape)}")
     check_group_size(group_size, k)
     if scale_dtype not in SCALE_DTYPES:
         raise TypeError(f"scale_dtype must be one of {SCALE_DTYPES}, got {scale_dtype}")

@@ -164,6 +164,12 @@ def dequantize_int4(
     """(N, K) weight = (codes - zeros) * scales per group, computed in ``dtype``."""
     codes = unpack_int4(packed)
     g = resolve_group_size(group_size, codes.shape[1])
+    if g * scales.shape[-1] != codes.shape[1] or scales.shape != zeros.shape:
+        raise ValueError(
+            f"group_size={group_size} does not fit: K={codes.shape[1]} in groups of it needs "
+            f"scales and zeros of shape ({codes.shape[0]}, K // group_size), got "
+            f"{tuple(scales.shape)} and {tuple(zeros.shape)}"
+        )
     s = scales.to(dtype).repeat_interleave(g, dim=1)
     z = zeros.to(dtype).repeat_interleave(g, dim=1)
     return (codes.to(dtype) - z) * s

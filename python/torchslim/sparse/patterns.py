@@ -152,10 +152,11 @@ def check_pattern(
     bad = counts > parsed.n
     if bool(bad.any()):
         row, group = (int(v) for v in bad.nonzero()[0])
+        last = min(group * parsed.m + parsed.m, weight.shape[1]) - 1  # a short last group
         raise ValueError(
             f"{name} does not satisfy the {parsed} pattern: {int(bad.sum())} of {bad.numel()} "
             f"groups of {parsed.m} have more than {parsed.n} nonzeros (first: row {row}, "
-            f"columns {group * parsed.m}..{group * parsed.m + parsed.m - 1} have "
+            f"columns {group * parsed.m}..{last} have "
             f"{int(counts[row, group])}); prune it first with torchslim.sparse.prune_"
         )
     return parsed
