@@ -34,9 +34,11 @@ def watch_inputs(
             "calibration must be an iterable of model inputs or a callable, got "
             f"{type(calibration).__name__}"
         )
-    names: dict[int, str] = {}
-    for name, module in layers:
+    names: dict[int, str] = {}  # a module's first name
+    modules: dict[int, nn.Module] = {}
+    for name, module in layers:  # read once: ``layers`` may be a generator
         names.setdefault(id(module), name)
+        modules[id(module)] = module
 
     def hook(module, args, kwargs):
         x = (args[0] if args else kwargs["input"]).detach()
@@ -48,7 +50,6 @@ def watch_inputs(
             )
         collect(module, x)
 
-    modules = {id(m): m for _, m in layers}
     handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in modules.values()]
     try:
         with torch.no_grad():
