@@ -63,6 +63,19 @@ def test_patch_prunes_and_compresses_a_hugging_face_model(tiny_llama, amount, me
     _check_against(model, reference, _batches(1, g)[0], tmp_path)  # the weights prune_ gives
 
 
+def test_a_head_tied_to_the_embeddings_is_kept_and_the_embeddings_are_not_pruned():
+    model = torchslim.testing.tiny_llama(tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    embeddings = model.model.embed_tokens.weight.detach().clone()
+    torchslim.patch(model, sparsity=0.5, progress=False)
+    report = model.torchslim_report
+    assert [r.name for r in report.kept] == ["lm_head"]
+    assert "'model.embed_tokens.weight', which pruning would change too" in report.kept[0].reason
+    assert len(report.replaced) == 2 * 7
+    assert torch.equal(model.model.embed_tokens.weight, embeddings)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
 def test_quant_sparse_takes_a_pruned_model_and_refuses_an_unpruned_one():
     model = torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
     with pytest.raises(ValueError, match=r"2\.weight does not satisfy the 2:4 pattern"):

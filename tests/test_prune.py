@@ -293,15 +293,52 @@ def test_include_exclude_filter_select_layers(kwargs, want):
         check_pattern(model.get_submodule(name).weight, "2:4")
 
 
-def test_shared_layer_is_pruned_unless_a_name_is_excluded():
+def test_shared_layer_is_pruned_only_when_every_name_is_selected():
     shared = nn.Linear(16, 16)
     model = nn.ModuleDict({"a": shared, "b": shared, "c": nn.Linear(16, 16)})
     before = copy.deepcopy(model)
     prune_(model, "2:4", exclude="b", progress=False)
     assert torch.equal(model["a"].weight, before["a"].weight)
     assert not torch.equal(model["c"].weight, before["c"].weight)
-    prune_(model, "2:4", include="b", progress=False)
+    prune_(model, "2:4", include=["b", "c"], progress=False)  # "a" is not included
+    assert torch.equal(model["a"].weight, before["a"].weight)
+    prune_(model, "2:4", include=["a", "b"], progress=False)
     assert sparsity(shared.weight) == 0.5
+
+
+class _TiedHead(nn.Module):
+    """An output head holding the input embeddings' weight, as many language models do."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 16)
+        self.body = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 10, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.head(self.body(self.embed(ids)))
+
+
+def test_a_weight_held_outside_the_selection_is_an_error_and_nothing_changes():
+    model = _TiedHead()
+    before = copy.deepcopy(model)
+    with pytest.raises(ValueError, match=r"'head' is also 'embed.weight'.*Exclude 'head'"):
+        prune_(model, "2:4", progress=False)
+    pairs = zip(model.parameters(), before.parameters(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
+    prune_(model, "2:4", exclude="head", progress=False)
+    assert torch.equal(model.embed.weight, before.embed.weight)
+    assert sparsity(model.body.weight) == 0.5
+
+    # Two linears sharing one weight parameter, one of them left out.
+    a, b = nn.Linear(16, 8), nn.Linear(16, 8)
+    b.weight = a.weight
+    pair = nn.ModuleDict({"a": a, "b": b})
+    with pytest.raises(ValueError, match=r"'a' is also 'b.weight'"):
+        prune_(pair, "2:4", exclude="b", progress=False)
+    prune_(pair, "2:4", progress=False)  # both selected: pruned once
+    assert sparsity(b.weight) == 0.5
 
 
 def test_a_linear_itself_and_a_parameter():

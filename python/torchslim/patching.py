@@ -30,7 +30,7 @@ from torchslim.nn import Int4Linear, Int8Linear, MultiheadAttention
 from torchslim.nn.sparse_linear import LAYER_FORMATS, SparseLinear, check_mode
 from torchslim.quant import smoothquant_factors
 from torchslim.sparse.patterns import check_pattern, parse_pattern
-from torchslim.sparse.prune import prune_
+from torchslim.sparse.prune import prune_, shared_weights
 
 
 @dataclass(frozen=True)
@@ -437,7 +437,9 @@ def patch(
             values, W8A16); with quant="int8" too, in the 2:4 format for "2:4", the block
             format for blocks, else in the bitmask or sliced format (the one with the fewer
             bytes), and the activations are quantized per token inside the op (W8A8:
-            SparseLinear's mode="dynamic"); no other quant combines with it.
+            SparseLinear's mode="dynamic"); no other quant combines with it. A layer whose
+            weight is also held elsewhere (an output head tied to the input embeddings) is
+            kept, since pruning it would prune the other too.
         sparsity_method: "magnitude" or "wanda" (|W| times the input norm per channel, from
             ``calibration``); see torchslim.sparse.prune_.
         **options: the method's own options (``METHODS[quant].options`` lists them with their
@@ -540,15 +542,22 @@ def patch(
         if by_name[name] is not None:
             kept_under.setdefault(id(module), name)
 
+    shares: dict[int, str] = {}  # pruning would change a tensor held outside the selection
+
     def why_kept(name: str, module: nn.Module) -> str | None:
         if by_name[name] is not None:
             return by_name[name]
         other = kept_under.get(id(module))
         if other is not None:
             return f"the same module as {other!r}, which is {by_name[other]}"
+        if id(module) in shares:
+            return f"its weight is also {shares[id(module)]!r}, which pruning would change too"
         return method.why_not(module, options)
 
-    selected = {id(m) for name, m in candidates if why_kept(name, m) is None}
+    selected = {id(m): m for name, m in candidates if why_kept(name, m) is None}
+    while sparsity is not None and (found := shared_weights(model, selected.values())):
+        shares.update(found)  # a layer left out can leave another's weight shared: repeat
+        selected = {key: m for key, m in selected.items() if key not in found}
     if sparsity is not None and selected:
         prune_(
             model,

@@ -110,9 +110,10 @@ def random_int8(*shape: int, generator: torch.Generator | None = None, device="c
     return torch.randint(-127, 128, shape, dtype=torch.int8, generator=generator, device=device)
 
 
-def tiny_llama() -> torch.nn.Module:
+def tiny_llama(tie_word_embeddings: bool = False) -> torch.nn.Module:
     """A randomly initialised 2-layer Llama (Hugging Face transformers; grouped KV heads: 4
-    query heads, 2 KV heads), in eval mode. Needs transformers."""
+    query heads, 2 KV heads), in eval mode; with ``tie_word_embeddings`` its output head holds
+    the input embeddings' weight, as SmolLM2's does. Needs transformers."""
     import transformers
 
     config = transformers.LlamaConfig(
@@ -123,6 +124,7 @@ def tiny_llama() -> torch.nn.Module:
         num_key_value_heads=2,
         intermediate_size=128,
         max_position_embeddings=64,
+        tie_word_embeddings=tie_word_embeddings,
     )
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(config).eval()

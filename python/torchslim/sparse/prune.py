@@ -121,8 +121,10 @@ def prune_(
         include: names (exact, glob or regex) of the layers to prune; default all. Module only.
         exclude: names (exact, glob or regex) of layers to leave alone, e.g. "lm_head".
         filter_fn: called as filter_fn(name, module); a layer is pruned only if it returns True.
-            A layer reachable under several names is pruned when one of them is selected
-            (included and passing filter_fn) and none is excluded.
+            A layer reachable under several names is pruned only when every one of them is
+            selected (included, not excluded and passing filter_fn), as torchslim.patch does.
+            A selected layer whose weight is also held elsewhere (an input embedding tied to
+            the output head, a layer left out) is an error: pruning it would prune the other.
         progress: show progress bars over the calibration batches and the layers.
 
     Returns:
@@ -172,6 +174,15 @@ def prune_(
         )
     for name, layer in layers:
         _check_weight(layer.weight, f"layer {name!r} weight")
+    shared = shared_weights(target, [layer for _, layer in layers])
+    if shared:
+        name, layer = next((name, layer) for name, layer in layers if id(layer) in shared)
+        other = shared[id(layer)]
+        raise ValueError(
+            f"the weight of layer {name!r} is also {other!r}, which is not selected: pruning it "
+            f"would prune {other!r} too (tied weights, say). Exclude {name!r}, or select every "
+            "layer that holds the weight"
+        )
 
     norms = {}
     if method == "wanda":
@@ -251,8 +262,37 @@ def _select_linears(
         (names[key][0], layer)
         for key, layer in layers.items()
         if not any(name_matches(n, p) for n in names[key] for p in excludes)
-        and any(selected(n, layer) for n in names[key])
+        and all(selected(n, layer) for n in names[key])
     ]
+
+
+def _pruned_parameter(layer: nn.Module) -> torch.Tensor:
+    """The parameter that pruning ``layer`` changes (weight_orig under torch.nn.utils.prune)."""
+    return getattr(layer, "weight_orig", layer.weight)
+
+
+def shared_weights(model: nn.Module, layers: Iterable[nn.Module]) -> dict[int, str]:
+    """Of ``layers`` (linears of ``model``), those whose weight ``model`` also holds elsewhere
+    (a parameter or buffer of another module, or of a layer not in ``layers``), by id, each
+    with one such other name. Pruning one of them in place would change that other tensor."""
+    layers = list(layers)
+    ours = {id(_pruned_parameter(layer)): id(layer) for layer in layers}
+    ids = {id(layer) for layer in layers}
+    own_names = {
+        f"{name}.{attr}" if name else attr
+        for name, module in model.named_modules(remove_duplicate=False)
+        if id(module) in ids
+        for attr in ("weight", "weight_orig")
+    }
+    tensors = [
+        *model.named_parameters(remove_duplicate=False),
+        *model.named_buffers(remove_duplicate=False),
+    ]
+    out: dict[int, str] = {}
+    for name, tensor in tensors:
+        if id(tensor) in ours and name not in own_names:
+            out.setdefault(ours[id(tensor)], name)
+    return out
 
 
 def _input_square_sums(
