@@ -458,7 +458,9 @@ def test_int4_linear_module(group_size, gen):
     x = torch.randn(4, 7, 256, generator=gen)
     out = layer(x)
     assert out.shape == (4, 7, 96)
-    assert sqnr(linear(x).detach(), out) > 17.0
+    buffers = (layer.weight, layer.weight_scales, layer.weight_zeros, group_size, layer.bias)
+    check_close(out, *_cpu_references(x, buffers, 256))  # the op on its buffers, bias included
+    assert sqnr(linear(x).detach(), out) > 22.0  # 23.8-24.5 dB here; 21.1-21.5 without the bias
     # state_dict round trip: bit-identical buffers and outputs
     again = Int4Linear(256, 96, group_size=group_size)
     again.load_state_dict(layer.state_dict())
