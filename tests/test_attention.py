@@ -192,7 +192,7 @@ def _options(option, b, h, sq, sk, gen):
 
 
 @pytest.mark.parametrize(("backend", "sq", "sk", "d", "gqa", "option"), _kernel_cases())
-def test_kernel_meets_the_flash_rule(backend, sq, sk, d, gqa, option):
+def test_kernel_meets_the_flash_rule(backend, sq, sk, d, gqa, option, poisoned_empty):
     """Against the float64 reference, at most 2x the error of PyTorch computing the same in
     the same dtype; NaN-padded inputs; strict backend (no fallback)."""
     gen = seeded(backend, sq, sk, d, gqa, option)
