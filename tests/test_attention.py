@@ -378,6 +378,26 @@ def test_kernel_split_kv_decode(backend, sq, heads):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("window", [2**62, 2**63 - 1])
+def test_kernel_window_past_any_position_is_no_window(backend, window):
+    """A window as large as an int64 holds (sys.maxsize as "no limit") with queries at negative
+    positions (more queries than keys, kv_lens shorter than the queries): no overflow."""
+    gen = seeded("huge-window", backend, window)
+    q, k, v = _qkv(2, 2, 1, 10, 5, 64, gen)
+    lens = torch.tensor([5, 3])
+    for extra in ({}, {"kv_lens": lens}):
+        with run_on(backend):
+            out = torchslim.attention(q, k, v, causal=True, window=window, **extra)
+        args = (None, True, None, window, extra.get("kv_lens"))
+        ref64 = ref.attention(q.double(), k.double(), v.double(), *args)
+        check_close(out, ref64, ref.attention(q, k, v, *args))
+        without = ref.attention(
+            q.double(), k.double(), v.double(), None, True, None, None, extra.get("kv_lens")
+        )
+        assert torch.equal(ref64, without) and ref64.abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("slope", (0.05, 0.3, 1.5))
 @pytest.mark.parametrize("through", ("scores", "mask"))
 def test_kernel_scores_that_rise_along_the_keys(backend, slope, through):

@@ -175,6 +175,22 @@ def _cases():
     return cases
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("group_size", [-1, 32])
+def test_k_zero_gives_the_bias(backend, group_size, gen, poisoned_empty):
+    """K = 0: no columns to sum, so the output is the bias (or zeros), as in the reference."""
+    x = torch.randn(3, 0, generator=gen)
+    empty = torch.zeros(5, 0)
+    bias = torch.randn(5, generator=gen)
+    for b in (None, bias):
+        with run_on(backend):
+            out = ops.int4_weight_only_linear(x, empty.to(torch.uint8), empty, empty, group_size, b)
+        want = ref.int4_weight_only_linear(x, empty.to(torch.uint8), empty, empty, group_size, b)
+        assert torch.equal(out, want) and torch.equal(
+            want, torch.zeros(3, 5) if b is None else bias.expand(3, 5)
+        )
+
+
 def _activations(m, k, dtype, gen):
     """Rows with a spread of magnitudes and a few outlier channels (as in LLMs), NaN-padded."""
     x = torch.randn(m, k, generator=gen) * torch.exp(torch.randn(m, 1, generator=gen))

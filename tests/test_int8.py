@@ -306,6 +306,30 @@ def test_bad_input_names_the_argument(what, call, exc, match):
         call()
 
 
+@pytest.mark.skipif(_ext._C is None, reason="the C++ extension is not built")
+def test_k_past_exact_int32_sums_is_refused_by_the_op_and_the_binding():
+    """K * 127 * 128 must stay below 2**31: past it, the int32 sums of int8 products wrap."""
+    k = ops.int8.MAX_DYNAMIC_K + 1
+    x, w = torch.randn(1, k), torch.full((1, k), -128, dtype=torch.int8)
+    a = torch.full((1, k), 127, dtype=torch.int8)
+    match = rf"K must be at most {k - 1} for an int8 GEMM .* got K = {k}"
+    for call in (
+        lambda: ops.int8_dynamic_linear(x, w, torch.ones(1)),
+        lambda: _ext._C.int8_dynamic_linear_cpu(x, w, torch.ones(1), None),
+        lambda: ops.int8_mm(a, w),
+        lambda: _ext._C.int8_mm_cpu(a, w),
+    ):
+        with pytest.raises(ValueError, match=match):
+            call()
+    # W8A16 sums in float: any K.
+    out = ops.int8_weight_only_linear(x, w, torch.ones(1))
+    check_close(out, x.double() @ w.double().T, x @ w.float().T)
+    # At the limit the W8A8 sums are exact.
+    k -= 1
+    got = ops.int8_mm(a[:, :k], w[:, :k])
+    assert got.item() == -127 * 128 * k
+
+
 def _entry_points():
     """(entry point, its arguments in schema order, the names of those that take a tensor)."""
     import torchslim.sparse as sp

@@ -874,6 +874,23 @@ def test_csr_columns_past_k_raise(backend, m):
         ops.sparse_csr_linear(x, values, columns, bases, beyond)
 
 
+@pytest.mark.parametrize("backend", SPARSE_BACKENDS)
+@pytest.mark.parametrize("m", [1, 5])  # the dot kernels; the SpMM
+def test_csr_x_wider_than_the_format_raises(backend, m):
+    """The int16 bases reach K = CSR_MAX_K; a wider x is refused before any kernel reads a
+    negative base as a column past 2**18 (it crashed the SpMM)."""
+    k = ref.sparse.CSR_MAX_K + 256
+    x = torch.randn(m, k)
+    values, columns = torch.ones(1, 8), torch.arange(8, dtype=torch.uint8).view(1, 8)
+    bases, offsets = torch.tensor([-(2**15)], dtype=torch.int16), torch.tensor([0, 1])
+    match = rf"x must have K <= {ref.sparse.CSR_MAX_K} for the csr format, got K = {k}"
+    with run_on(backend), pytest.raises(ValueError, match=match):
+        ops.sparse_csr_linear(x, values, columns, bases, offsets)
+    if backend != "reference":
+        with pytest.raises(ValueError, match=match):
+            _ext._C.sparse_csr_linear_cpu(x, values, columns, bases, offsets, None, None)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("m", [1, 3])  # the dot kernels, which read x padded with NaN
 @pytest.mark.parametrize("poison", [float("inf"), float("nan")])

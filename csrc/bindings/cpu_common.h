@@ -68,6 +68,15 @@ inline void check_activation(const at::Tensor& x, const char* name) {
 // `fallback`. 64-byte aligned. Each slot is its own buffer: an op that keeps one slot's contents
 // while it asks for more (W8A8's codes, then the tile unit's panels) takes two; kBias holds the
 // epilogue's bias widened to fp32 (bias_operand).
+// The most columns an int8 GEMM sums exactly in int32: K * 127 * 128 < 2^31 (activation codes are
+// at most 127 in magnitude, a weight's code may be -128).
+constexpr int64_t kMaxQ8K = ((int64_t{1} << 31) - 1) / (127 * 128);
+
+inline void check_q8_k(int64_t K, const char* name) {
+  TORCHSLIM_CHECK(K <= kMaxQ8K, name, "'s K must be at most ", kMaxQ8K,
+                  " for an int8 GEMM (its int32 sums stay exact), got K = ", K);
+}
+
 constexpr std::size_t kWorkspaceAlign = 64;
 constexpr std::size_t kWorkspaceMax = std::size_t{8} << 20;
 enum class Slot { kFirst = 0, kSecond = 1, kBias = 2 };

@@ -133,6 +133,7 @@ at::Tensor scale_operand(const at::Tensor& w_scale, int64_t N) {
 }
 
 std::tuple<at::Tensor, at::Tensor> quantize_per_token_cpu(const at::Tensor& x) {
+  check_activation(x, "x");
   return quantize_rows(x, x.size(1));
 }
 
@@ -167,6 +168,7 @@ at::Tensor int8_mm_cpu(const at::Tensor& a, const at::Tensor& b) {
   TORCHSLIM_CHECK(a.dim() == 2, "a must be 2-D (M, K), got ", a.dim(), "-D");
   const int64_t M = a.size(0), K = a.size(1);
   check_int8_matrix(a, "a", K);
+  check_q8_k(K, "a");
   check_int8_matrix(b, "b", K);
   const int64_t N = b.size(0);
   // The AVX2 kernel negates activation codes (see cpu/simd.h); -128 has no negation in int8.
@@ -206,6 +208,7 @@ at::Tensor int8_dynamic_linear_cpu(const at::Tensor& x, const at::Tensor& w_q,
                                    const at::Tensor& w_scale,
                                    const std::optional<at::Tensor>& bias) {
   const LinearOperands op = linear_operands(x, w_q, w_scale, bias);
+  check_q8_k(op.K, "x");
   if (op.M == 0 || op.N == 0) return op.out;
   // x's codes and scales in the second workspace slot (the tile unit's panels take the first).
   at::Tensor held;
@@ -315,7 +318,7 @@ at::Tensor int4_weight_only_linear_cpu(const at::Tensor& x, const at::Tensor& pa
                   packed_w.strides());
   const int64_t N = packed_w.size(0);
   const int64_t G = group_size == -1 ? K : group_size;
-  TORCHSLIM_CHECK(G > 0 && K % G == 0 && (G % cpu::kQ8Block == 0 || G == K),
+  TORCHSLIM_CHECK(group_size == -1 || (G > 0 && K % G == 0 && (G % cpu::kQ8Block == 0 || G == K)),
                   "group_size must be -1 or a multiple of 32 that divides K=", K, ", got ",
                   group_size);
   const int64_t groups = K == 0 ? 0 : K / G;
@@ -612,39 +615,18 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Ten
     return out;
   }
   cpu::AttentionArgs args{
-      qc.data_ptr(),
-      qc.stride(0),
-      qc.stride(1),
-      qc.stride(2),
-      kc.data_ptr(),
-      kc.stride(0),
-      kc.stride(1),
-      kc.stride(2),
-      vc.data_ptr(),
-      vc.stride(0),
-      vc.stride(1),
-      vc.stride(2),
-      out.data_ptr(),
-      out.stride(0),
-      out.stride(1),
-      out.stride(2),
-      type,
-      mask.defined() ? mask.data_ptr<float>() : nullptr,
-      mask.defined() ? mask.stride(0) : 0,
-      mask.defined() ? mask.stride(1) : 0,
-      mask.defined() ? mask.stride(2) : 0,
-      mask.defined() ? mask.stride(3) : 0,
-      lens.defined() ? lens.data_ptr<int64_t>() : nullptr,
-      B,
-      H,
-      Hkv,
-      Sq,
-      Sk,
-      D,
-      Dv,
+      qc.data_ptr(), qc.stride(0), qc.stride(1), qc.stride(2), kc.data_ptr(), kc.stride(0),
+      kc.stride(1), kc.stride(2), vc.data_ptr(), vc.stride(0), vc.stride(1), vc.stride(2),
+      out.data_ptr(), out.stride(0), out.stride(1), out.stride(2), type,
+      mask.defined() ? mask.data_ptr<float>() : nullptr, mask.defined() ? mask.stride(0) : 0,
+      mask.defined() ? mask.stride(1) : 0, mask.defined() ? mask.stride(2) : 0,
+      mask.defined() ? mask.stride(3) : 0, lens.defined() ? lens.data_ptr<int64_t>() : nullptr, B,
+      H, Hkv, Sq, Sk, D, Dv,
       static_cast<float>(scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(D))),
       causal,
-      window > 0 ? window : 0};
+      // Past Sq + Sk a window hides no key: clamped, so the kernels' position arithmetic
+      // cannot overflow.
+      window > 0 ? std::min(window, Sq + Sk) : 0};
   const cpu::KernelTable& kt = cpu::active_kernels();
   const int64_t work_floats = cpu::attention_work_floats(D, Dv);
   // Work items: up to kAttnBlockQ rows of one batch: nq queries of nh heads that share a key /

@@ -32,9 +32,8 @@ constexpr int64_t kSpmmBlockN = 64;
 // rows once per block of x's rows, as the dense W8A8 strips do (cpu_ops.cpp): blocks of their size.
 constexpr int64_t kStripBlockM = 128;
 constexpr int64_t kStripBlockN = 64;
-// The most columns a W8A8 linear takes: K * 127 * 128 < 2^31 (x's codes are at most 127 in
-// magnitude, a weight's code may be -128), its int32 sums exact.
-constexpr int64_t kMaxQ8K = ((int64_t{1} << 31) - 1) / (127 * 128);
+// The csr format's widest x: int16 bases in units of 8 columns.
+constexpr int64_t kCsrMaxK = int64_t{8} << 15;
 
 int64_t mask_bytes(int64_t K) { return (K + 7) / 8; }
 int64_t kept_24(int64_t K) { return 2 * ((K + 3) / 4); }
@@ -209,7 +208,8 @@ at::Tensor sparse24_linear(const at::Tensor& x, const at::Tensor& values, const 
   op.args.ldv = values.stride(0);
   op.args.meta = meta.data_ptr<uint8_t>();
   op.args.ldm = meta.stride(0);
-  const auto order_x = cpu::active_kernels().sparse24_order_x;
+  const cpu::KernelTable& kt = cpu::active_kernels();  // once: x's order is this table's
+  const auto order_x = kt.sparse24_order_x;
   if (!q8 && order_x != nullptr && !op.panels.defined()) {  // the dot kernels' column order
     auto* ordered = reinterpret_cast<float*>(workspace(
         static_cast<std::size_t>(op.args.M * K) * sizeof(float), op.held_second, Slot::kSecond));
@@ -217,7 +217,6 @@ at::Tensor sparse24_linear(const at::Tensor& x, const at::Tensor& values, const 
     op.args.x = ordered;
     op.args.ldx = K;
   }
-  const cpu::KernelTable& kt = cpu::active_kernels();
   op.args.q8_strips = q8 && op.args.M >= kt.sparse24_q8_strip_min_m;
   if (op.args.q8_strips) {
     op.run(kt.sparse24_gemm, kStripBlockM, balanced_block_n(N, kStripBlockN));
@@ -330,6 +329,8 @@ at::Tensor sparse_csr_linear_cpu(const at::Tensor& x, const at::Tensor& values,
                                  const OptTensor& scales) {
   TORCHSLIM_CHECK(x.dim() == 2, "x must be 2-D (M, K), got ", x.dim(), "-D");
   const int64_t K = x.size(1);
+  // int16 bases in units of 8 columns; the kernels' bounds checks rely on it.
+  TORCHSLIM_CHECK(K <= kCsrMaxK, "x must have K <= ", kCsrMaxK, " for the csr format, got K = ", K);
   TORCHSLIM_CHECK(values.dim() == 2 && values.size(1) == 8 && values.is_contiguous(),
                   "values must be a contiguous (G, 8) tensor, got shape ", values.sizes(),
                   " and strides ", values.strides());

@@ -68,8 +68,23 @@ def _check_bias(bias: torch.Tensor | None, n: int) -> None:
         raise ValueError(f"bias must have shape (N,) = ({n},), got {tuple(bias.shape)}")
 
 
-def _check_linear(x, w_q, w_scale, bias) -> None:
+# The most columns an int8 GEMM sums exactly in int32: K * 127 * 128 < 2**31 (activation codes
+# are at most 127 in magnitude, a weight's code may be -128).
+MAX_DYNAMIC_K = (2**31 - 1) // (127 * 128)
+
+
+def _check_exact_k(k: int, name: str) -> None:
+    if k > MAX_DYNAMIC_K:
+        raise ValueError(
+            f"{name}'s K must be at most {MAX_DYNAMIC_K} for an int8 GEMM (its int32 sums stay "
+            f"exact), got K = {k}"
+        )
+
+
+def _check_linear(x, w_q, w_scale, bias, exact_k: bool = False) -> None:
     _check_activation(x)
+    if exact_k:
+        _check_exact_k(x.shape[-1], "x")
     _check_int8_matrix(w_q, "w_q", x.shape[-1])
     n = w_q.shape[0]
     if w_scale.dtype != torch.float32:
@@ -212,6 +227,7 @@ def _check_int8_mm(a: torch.Tensor, b: torch.Tensor) -> None:
         raise TypeError(f"a must be int8, got {a.dtype}")
     if a.dim() != 2:
         raise ValueError(f"a must be 2-D (M, K), got {a.dim()}-D shape {tuple(a.shape)}")
+    _check_exact_k(a.shape[1], "a")
     _check_int8_matrix(b, "b", a.shape[1])
     _check_same_device(a, "a", b=b)
 
@@ -235,16 +251,17 @@ define_op(
 
 
 # --------------------------------------------------------------------------- linear ops
-def _linear_op(name: str, reference) -> OpBackends:
+def _linear_op(name: str, reference, exact_k: bool) -> OpBackends:
+    """exact_k: the op sums int8 products in int32 (W8A8), so K is bounded."""
     backends = _make_backends(name, reference, float_input=True)
 
     def impl(x, w_q, w_scale, bias=None):
-        _check_linear(x, w_q, w_scale, bias)
+        _check_linear(x, w_q, w_scale, bias, exact_k)
         out = backends(_rows(x), _unit_last_stride(w_q), w_scale.contiguous(), bias)
         return out.reshape(*x.shape[:-1], w_q.shape[0])
 
     def fake(x, w_q, w_scale, bias=None):
-        _check_linear(x, w_q, w_scale, bias)
+        _check_linear(x, w_q, w_scale, bias, exact_k)
         return x.new_empty((*x.shape[:-1], w_q.shape[0]))
 
     define_op(
@@ -259,8 +276,8 @@ def _linear_op(name: str, reference) -> OpBackends:
     return backends
 
 
-_DYNAMIC = _linear_op("int8_dynamic_linear", ref.int8_dynamic_linear)
-_WEIGHT_ONLY = _linear_op("int8_weight_only_linear", ref.int8_weight_only_linear)
+_DYNAMIC = _linear_op("int8_dynamic_linear", ref.int8_dynamic_linear, exact_k=True)
+_WEIGHT_ONLY = _linear_op("int8_weight_only_linear", ref.int8_weight_only_linear, exact_k=False)
 
 
 # --------------------------------------------------------------------------- entry points

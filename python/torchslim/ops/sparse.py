@@ -90,6 +90,7 @@ from torchslim.ops._autograd import define_frozen_linear
 from torchslim.ops._registry import _LIB, Kernel, OpBackends, define_op, extension_kernel
 from torchslim.ops.int8 import (
     _FLOATS,
+    MAX_DYNAMIC_K,
     _call_op,
     _check_activation,
     _check_bias,
@@ -117,10 +118,6 @@ def _check_values(values: torch.Tensor, scales: torch.Tensor | None, n: int) -> 
 
 
 # W8A8: the int8 codes meet x quantized per token; their int32 sums are exact while
-# K * 127 * 128 < 2**31 (x's codes are at most 127 in magnitude, a weight's code may be -128).
-MAX_DYNAMIC_K = (2**31 - 1) // (127 * 128)
-
-
 def _check_dynamic(x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor | None) -> None:
     """The W8A8 ops' own rules: int8 codes, their scales, K within MAX_DYNAMIC_K."""
     if values.dtype != torch.int8:
@@ -194,6 +191,10 @@ def _check_columns(columns: torch.Tensor, values: torch.Tensor) -> None:
 
 def _check_csr(x, values, columns, bases, group_offsets, bias, scales) -> None:
     _check_activation(x)
+    if x.shape[-1] > ref.sparse.CSR_MAX_K:
+        raise ValueError(
+            f"x must have K <= {ref.sparse.CSR_MAX_K} for the csr format, got K = {x.shape[-1]}"
+        )
     group = ref.sparse.CSR_GROUP
     if values.dim() != 2 or values.shape[1] != group:
         raise ValueError(f"values must have shape (G, {group}), got {tuple(values.shape)}")
