@@ -4,8 +4,10 @@
     python benchmarks/bench_quant.py [--quick] [--out DIR]
 
 Baselines, in the same run: fp32 and bf16 F.linear, FBGEMM int8 dynamic
-(torch.ao.quantization.quantize_dynamic) and torch._weight_int8pack_mm (torch's W8A16).
-Per (layer, M, implementation): time, speedup over fp32, GB/s, % of the memory floor, GOP/s.
+(torch.ao.quantization.quantize_dynamic) and torch._weight_int8pack_mm (torch's W8A16) on fp32
+and on bf16 activations (its bf16 path is several times faster; the targets take the faster).
+Per (layer, M, implementation): time, speedup over the faster dense F.linear (the `vs` column
+names it), GB/s, % of the memory floor, GOP/s.
 Writes int8_<device>.csv and .png under benchmarks/results/<device>/ (int8_<device>_quick.*
 with --quick).
 """
@@ -70,16 +72,34 @@ def _int8(w: torch.Tensor) -> tuple:
     return quantize_weight_per_channel(w)
 
 
+def _int8_bf16_scales(w: torch.Tensor) -> tuple:
+    """torch._weight_int8pack_mm takes scales in x's dtype."""
+    codes, scales = quantize_weight_per_channel(w)
+    return codes, scales.bfloat16()
+
+
+# torch's own W8A16, on each activation dtype it takes on the CPU.
+TORCH_INT8PACK = ("torch-int8pack-w8a16", "torch-int8pack-w8a16-bf16")
+
+
 IMPLS = (
     Impl("fp32", 4, torch.float32, lambda w: (w.clone(),), lambda x, o: F.linear(x, o[0])),
     Impl("bf16", 2, torch.bfloat16, lambda w: (w.bfloat16(),), lambda x, o: F.linear(x, o[0])),
     Impl("fbgemm-w8a8", 1, torch.float32, _fbgemm, lambda x, o: o[0](x)),
     Impl(
-        "torch-int8pack-w8a16",
+        TORCH_INT8PACK[0],
         1,
         torch.float32,
         _int8,
         lambda x, o: torch._weight_int8pack_mm(x, o[0], o[1]),
+    ),
+    Impl(
+        TORCH_INT8PACK[1],
+        1,
+        torch.bfloat16,
+        _int8_bf16_scales,
+        lambda x, o: torch._weight_int8pack_mm(x, o[0], o[1]),
+        weight_bytes=lambda n, k: n * k + 2 * n,
     ),
     Impl(
         "torchslim-w8a8",
@@ -195,14 +215,29 @@ def _run_rotated(impl: Impl, x: torch.Tensor, operands: Callable[[], tuple]) -> 
     return impl.run(x, operands())
 
 
-def add_speedups(rows: list[dict], baseline: str) -> None:
-    base = {(r["layer"], r["M"]): r["time_ms"] for r in rows if r["impl"] == baseline}
+def fastest(rows: list[dict], layer: str, m: int, impls) -> dict | None:
+    """The timed row of ``impls`` with the least time at (layer, m), or None."""
+    timed = [
+        r
+        for r in rows
+        if r["layer"] == layer and r["M"] == m and r["impl"] in impls and "time_ms" in r
+    ]
+    return min(timed, key=lambda r: r["time_ms"], default=None)
+
+
+def add_speedups(rows: list[dict], baselines: tuple[str, ...]) -> None:
+    """speedup: the faster of ``baselines`` (dense F.linear in each float dtype) over each row,
+    at the row's (layer, M); vs: which baseline that was."""
     for r in rows:
-        r["speedup"] = base[(r["layer"], r["M"])] / r["time_ms"] if "time_ms" in r else float("nan")
+        base = fastest(rows, r["layer"], r["M"], baselines)
+        ok = base is not None and "time_ms" in r
+        r["speedup"] = base["time_ms"] / r["time_ms"] if ok else float("nan")
+        r["vs"] = base["impl"] if base is not None else ""
 
 
 def targets(rows: list[dict]) -> list[str]:
-    """The issue's CPU targets, as measured ratios."""
+    """The issue's CPU targets, as measured ratios (torch's W8A16: the faster of its fp32-x and
+    bf16-x rows)."""
     t = {(r["layer"], r["M"], r["impl"]): r for r in rows}
     lines = []
     for layer in dict.fromkeys(r["layer"] for r in rows):
@@ -210,18 +245,24 @@ def targets(rows: list[dict]) -> list[str]:
             ours8 = t.get((layer, m, "torchslim-w8a8"))
             fb = t.get((layer, m, "fbgemm-w8a8"))
             ours16 = t.get((layer, m, "torchslim-w8a16"))
-            pack = t.get((layer, m, "torch-int8pack-w8a16"))
+            pack = fastest(rows, layer, m, TORCH_INT8PACK)
+            parts = []
             if ours8 and fb:
-                lines.append(
-                    f"{layer} M={m}: W8A8 {fb['time_ms'] / ours8['time_ms']:.2f}x FBGEMM, "
-                    f"{ours8['pct_floor']:.0f}% of floor; "
-                    f"W8A16 {pack['time_ms'] / ours16['time_ms']:.2f}x int8pack, "
+                parts.append(
+                    f"W8A8 {fb['time_ms'] / ours8['time_ms']:.2f}x FBGEMM, "
+                    f"{ours8['pct_floor']:.0f}% of floor"
+                )
+            if ours16 and pack:
+                parts.append(
+                    f"W8A16 {pack['time_ms'] / ours16['time_ms']:.2f}x {pack['impl']}, "
                     f"{ours16['pct_floor']:.0f}% of floor"
                 )
+            if parts:
+                lines.append(f"{layer} M={m}: " + "; ".join(parts))
     return lines
 
 
-def plot(rows: list[dict], path, baseline: str) -> None:
+def plot(rows: list[dict], path, baselines: tuple[str, ...]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -240,7 +281,7 @@ def plot(rows: list[dict], path, baseline: str) -> None:
         ax.set_title(f"K x N = {layer}")
         ax.set_xlabel("M (tokens)")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].set_ylabel(f"speedup over {baseline} F.linear")
+    axes[0][0].set_ylabel(f"speedup over the faster of {' and '.join(baselines)} F.linear")
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -316,15 +357,12 @@ def run_family(family: Family, argv: list[str] | None = None) -> int:
 
     env = common.Environment.capture(device)
     if device == "cuda":
-        layers, batch, impls, baseline = (
-            family.gpu_layers,
-            family.gpu_batch,
-            family.gpu_impls,
-            "fp16",
-        )
+        layers, batch, impls = family.gpu_layers, family.gpu_batch, family.gpu_impls
+        baselines, roof = ("fp16", "bf16"), "fp16"
         where = torch.cuda.get_device_name()
     else:
-        layers, batch, impls, baseline = family.layers, family.batch, family.impls, "fp32"
+        layers, batch, impls = family.layers, family.batch, family.impls
+        baselines, roof = ("fp32", "bf16"), "fp32"
         where = f"{env.cpu}, {common.threads_note()}, ISA {env.isa}"
     if args.quick:
         layers, batch = family.quick_layers, family.quick_batch
@@ -341,18 +379,21 @@ def run_family(family: Family, argv: list[str] | None = None) -> int:
         for k, n, m in cases:
             rows += measure(k, n, m, impls, copy, gen, device)
             bar.update(len(impls))
-    add_speedups(rows, baseline)
+    add_speedups(rows, baselines)
     for r in rows:
-        r[f"{baseline}_gemm_GFLOP/s"] = peak
+        r[f"{roof}_gemm_GFLOP/s"] = peak
     bandwidths = [r["copy_GB/s"] for r in rows if "copy_GB/s" in r] or [float("nan")]
     print(
         f"copy bandwidth {min(bandwidths):.1f}-{max(bandwidths):.1f} GB/s over the cases (each "
-        f"case's floor takes the copy timed in turns with it), {baseline} GEMM {peak:.0f} "
+        f"case's floor takes the copy timed in turns with it), {roof} GEMM {peak:.0f} "
         "GFLOP/s (measured now)"
     )
 
+    out = common.results_dir(env, args.out)
+    name = f"{family.name}_{device}" + ("_quick" if args.quick else "")
+    common.write_csv(out / f"{name}.csv", rows, env)  # first: nothing below can lose the run
     timed = [r for r in rows if "time_ms" in r]
-    columns = ["layer", "M", "impl", "time_ms", "speedup", "GB/s", "pct_floor", "GOP/s"]
+    columns = ["layer", "M", "impl", "time_ms", "speedup", "vs", "GB/s", "pct_floor", "GOP/s"]
     print(common.format_table(timed, columns))
     for r in rows:
         if "error" in r:
@@ -360,11 +401,8 @@ def run_family(family: Family, argv: list[str] | None = None) -> int:
     check = family.targets if device == "cpu" else family.gpu_targets
     if check is not None:
         print("\n".join(["", "targets:", *check(timed)]))
-    out = common.results_dir(env, args.out)
-    name = f"{family.name}_{device}" + ("_quick" if args.quick else "")
-    common.write_csv(out / f"{name}.csv", rows, env)
     if not args.no_plot:
-        plot(timed, out / f"{name}.png", baseline)
+        plot(timed, out / f"{name}.png", baselines)
     print(f"\nwrote {out / name}.csv" + ("" if args.no_plot else f" and {name}.png"))
     return 0
 

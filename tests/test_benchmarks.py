@@ -20,6 +20,7 @@ def test_bench_int8_quick(tmp_path, capsys):
         rows = list(csv.DictReader(f))
     impls = {r["impl"] for r in rows if r.get("time_ms")}
     assert {"fp32", "bf16", "fbgemm-w8a8", "torchslim-w8a8", "torchslim-w8a16"} <= impls
+    assert {"torch-int8pack-w8a16", "torch-int8pack-w8a16-bf16"} <= impls
     for r in rows:
         if r.get("time_ms"):
             assert float(r["time_ms"]) > 0 and float(r["pct_floor"]) > 0
@@ -85,10 +86,18 @@ def test_bench_int4_quick(tmp_path, capsys):
     with open(tmp_path / "int4_cpu_quick.csv") as f:
         rows = list(csv.DictReader(f))
     impls = {r["impl"] for r in rows if r.get("time_ms")}
-    assert {"fp32", "bf16", "torch-int4pack-w4a16", "torchslim-w4a16-g128"} <= impls
+    torch_int4 = {"torch-int4pack-w4a16", "torch-int4pack-w4a16-bf16"}
+    assert {"fp32", "bf16", *torch_int4, "torchslim-w4a16-g128"} <= impls
     assert "torchslim-w4a16-g32" in impls
     out = capsys.readouterr().out
-    assert "targets:" in out and "x torch int4" in out
+    assert "targets:" in out and "x torch-int4pack-w4a16" in out
+    # speedups are over the faster dense F.linear, named in the vs column
+    for r in rows:
+        if r.get("time_ms"):
+            dense = {d["impl"]: float(d["time_ms"]) for d in rows if d["M"] == r["M"]}
+            faster = min(("fp32", "bf16"), key=dense.__getitem__)
+            assert r["vs"] == faster
+            assert float(r["speedup"]) == pytest.approx(dense[faster] / float(r["time_ms"]))
 
 
 @pytest.mark.skipif(_ext._C is None, reason="the benchmark compares the compiled kernels")
