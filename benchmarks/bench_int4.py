@@ -4,16 +4,17 @@
     python benchmarks/bench_int4.py [--quick] [--out DIR]
 
 Baselines, in the same run: fp32 and bf16 F.linear, torch._weight_int4pack_mm_for_cpu (torch's
-own CPU int4, group 128, on the same quantized weights; on fp32 and on bf16 activations, whose
-path is several times faster: the targets take the faster), FBGEMM int8 dynamic and
-torchslim's int8 (W8A8 and W8A16). Ours: W4A16 at group sizes 32 and 128, bf16 scales and zero
-points, on fp32 activations (and g128 on bf16). Per (layer, M, implementation): time, speedup
-over the faster dense F.linear (the `vs` column names it), GB/s, % of the memory floor (packed
-weight + scale bytes ÷ copy bandwidth), GOP/s. Writes int4_cpu.csv and int4_cpu.png.
+own CPU int4, group 128, on the same quantized weights, on bf16 activations: its fast path; on
+fp32 x it ran 20-50x slower), FBGEMM int8 dynamic and torchslim's int8 (W8A8 and W8A16). Ours:
+W4A16 at group sizes 32 and 128, bf16 scales and zero points, on fp32 activations (and g128 on
+bf16). Per (layer, M, implementation): time, speedup over the faster dense F.linear (the `vs`
+column names it), GB/s, % of the memory floor (packed weight + scale bytes ÷ copy bandwidth),
+GOP/s. Writes int4_cpu.csv and int4_cpu.png.
 
 On a GPU (--device cuda): fp16 and bf16 F.linear (cuBLAS), torch._weight_int4pack_mm (torch's
 CUDA int4, bf16, group 128) and ours at group 128 with fp16 activations on the Triton kernel
-(plain layout) and the CUDA C++ tensor-core kernel (tc layout); speedups over cuBLAS fp16.
+(plain layout) and the CUDA C++ tensor-core kernel (tc layout); speedups over the faster of
+cuBLAS fp16 and bf16.
 """
 
 from __future__ import annotations
@@ -74,30 +75,25 @@ def _ours(group_size: int, backend: str | None = None, x_dtype: torch.dtype | No
     )
 
 
-def _torch_int4(w: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple:
+def _torch_int4(w: torch.Tensor) -> tuple:
     """The same group-128 weights in torch's layout: w = (q - 8) * s + zero_t, so our
-    (q - z) * s has zero_t = (8 - z) * s. Scales and zeros in ``dtype``, x's dtype."""
+    (q - z) * s has zero_t = (8 - z) * s. Scales and zeros in bf16, x's dtype."""
     packed, scales, zeros = quantize_int4(w, TORCH_GROUP, scale_dtype=torch.float32)
     codes = unpack_int4(packed).to(torch.int32)
     w_packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
     zero_t = (8.0 - zeros) * scales
-    scales_and_zeros = torch.stack((scales.T, zero_t.T), dim=-1).to(dtype).contiguous()
+    scales_and_zeros = torch.stack((scales.T, zero_t.T), dim=-1).bfloat16().contiguous()
     return (w_packed, scales_and_zeros)  # scales_and_zeros: (K/G, N, 2)
 
 
-def _torch_int4_impl(x_dtype: torch.dtype) -> Impl:
-    return Impl(
-        "torch-int4pack-w4a16" + ("-bf16" if x_dtype == torch.bfloat16 else ""),
-        0.5,
-        x_dtype,
-        lambda w: _torch_int4(w, x_dtype),
-        lambda x, o: torch._weight_int4pack_mm_for_cpu(x, o[0], TORCH_GROUP, o[1]),
-        weight_bytes=_int4_bytes(TORCH_GROUP, torch.finfo(x_dtype).bits // 8),
-    )
-
-
-# torch's own CPU int4, on each activation dtype it takes.
-TORCH_INT4 = (_torch_int4_impl(torch.float32), _torch_int4_impl(torch.bfloat16))
+TORCH_INT4 = Impl(
+    "torch-int4pack-w4a16-bf16",
+    0.5,
+    torch.bfloat16,
+    _torch_int4,
+    lambda x, o: torch._weight_int4pack_mm_for_cpu(x, o[0], TORCH_GROUP, o[1]),
+    weight_bytes=_int4_bytes(TORCH_GROUP, 2),
+)
 
 
 def _torch_int4_cuda(w: torch.Tensor) -> tuple:
@@ -136,7 +132,7 @@ _INT8 = {impl.name: impl for impl in INT8_IMPLS}
 IMPLS = (
     Impl("fp32", 4, torch.float32, lambda w: (w.clone(),), lambda x, o: F.linear(x, o[0])),
     _INT8["bf16"],
-    *TORCH_INT4,
+    TORCH_INT4,
     _INT8["fbgemm-w8a8"],
     _INT8["torchslim-w8a8"],
     _INT8["torchslim-w8a16"],
@@ -147,16 +143,15 @@ IMPLS = (
 
 
 def targets(rows: list[dict]) -> list[str]:
-    """The issue's CPU targets, as measured ratios. torch int4 is the faster of its fp32-x and
-    bf16-x rows; ours is g128 on fp32 x (the bf16-x row is reported beside it)."""
+    """The issue's CPU targets, as measured ratios; ours is g128 on fp32 x (the bf16-x row is
+    reported beside it)."""
     t = {(r["layer"], r["M"], r["impl"]): r for r in rows}
-    torch_int4 = {impl.name for impl in TORCH_INT4}
     lines = []
     for layer in dict.fromkeys(r["layer"] for r in rows):
         for m in dict.fromkeys(r["M"] for r in rows):
             ours = t.get((layer, m, f"torchslim-w4a16-g{TORCH_GROUP}"))
-            theirs = fastest(rows, layer, m, torch_int4)
-            best = fastest(rows, layer, m, {*torch_int4, "bf16"})
+            theirs = t.get((layer, m, TORCH_INT4.name))
+            best = fastest(rows, layer, m, {TORCH_INT4.name, "bf16"})
             if not (ours and theirs and best):
                 continue
             lines.append(
