@@ -258,11 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     gemms = ", ".join(f"{name} {gflops:.0f}" for name, gflops in roofs.items())
     print(f"copy bandwidth {bandwidth:.1f} GB/s, GEMM GFLOP/s {gemms} (measured now)")
     gen = torch.Generator().manual_seed(0)
-    rows = [
-        r
-        for case in tqdm(cases(args.quick, device), desc="attention")
-        for r in measure(case, gen, device)
-    ]
+    todo = tqdm(cases(args.quick, device), desc="attention")
+    rows = common.collect(r for case in todo for r in measure(case, gen, device))
     for r in rows:
         r["copy_GB/s"], r["gemm_GFLOP/s"] = bandwidth, roofs[r["dtype"]]
         if r["kind"] != "decode" and "GFLOP/s" in r:  # decode is bound by the K/V read

@@ -366,11 +366,12 @@ def run_family(family: Family, argv: list[str] | None = None) -> int:
 
     gen = torch.Generator().manual_seed(0)
     cases = [(k, n, m) for k, n in layers for m in batch]
-    rows = []
-    with tqdm(total=len(cases) * len(impls), desc=family.name) as bar:
-        for k, n, m in cases:
-            rows += measure(k, n, m, impls, copy, gen, device)
-            bar.update(len(impls))
+    measured = (
+        row
+        for k, n, m in tqdm(cases, desc=family.name)
+        for row in measure(k, n, m, impls, copy, gen, device)
+    )
+    rows = common.collect(measured)
     add_speedups(rows, baselines)
     for r in rows:
         r[f"{roof}_gemm_GFLOP/s"] = peak

@@ -87,7 +87,7 @@ import argparse
 import functools
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -532,16 +532,15 @@ def run(
     peak: float,
     device: str,
     gen: torch.Generator,
-) -> list[dict]:
-    """Every (layer, pattern, M, impl) row. Per layer the fp32 weight is pruned once per
-    pattern and compressed once per (format, value dtype). A case is (layer, pattern, M): its
-    implementations, the dense ones on the unpruned weight and the copy that gives the floor
-    take turns (time_case), so that each ratio is taken in the same seconds of a shared machine;
-    every row carries the pattern it was timed with as `turns` (a dense row's own pattern is
-    "dense")."""
+) -> Iterator[dict]:
+    """Every (layer, pattern, M, impl) row, as it is measured. Per layer the fp32 weight is
+    pruned once per pattern and compressed once per (format, value dtype). A case is (layer,
+    pattern, M): its implementations, the dense ones on the unpruned weight and the copy that
+    gives the floor take turns (time_case), so that each ratio is taken in the same seconds of a
+    shared machine; every row carries the pattern it was timed with as `turns` (a dense row's
+    own pattern is "dense")."""
     dense = [impl for impl in impls if impl.applies(DENSE)]
     copy = common.CopyProbe(device=device)
-    rows = []
     total = len(layers) * len(batch) * sum(len(dense) + _count(impls, p) for p in patterns)
     with tqdm(total=total, desc="sparse") as bar:
         for k, n in layers:
@@ -590,9 +589,8 @@ def run(
                         )
                         for impl in todo
                     ]
-                    rows += time_case(entries, copy, peak, device)
+                    yield from time_case(entries, copy, peak, device)
                     bar.update(len(entries))
-    return rows
 
 
 def _count(impls: tuple, pattern: str) -> int:
@@ -860,7 +858,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{gemm} GEMM {peak:.0f} GFLOP/s (measured now)")
 
     gen = torch.Generator().manual_seed(0)
-    rows = run(layers, batch, patterns, (*dense, *impls), peak, device, gen)
+    rows = common.collect(run(layers, batch, patterns, (*dense, *impls), peak, device, gen))
     add_speedups(rows, {impl.name for impl in dense})
     for r in rows:
         r[f"{gemm}_gemm_GFLOP/s"] = peak

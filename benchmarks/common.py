@@ -15,8 +15,9 @@ import platform
 import re
 import statistics
 import subprocess
+import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,6 +100,19 @@ def time_in_turns(
     return {
         name: failed[name] if name in failed else statistics.median(times[name]) for name in fns
     }
+
+
+def collect(rows: Iterable[dict]) -> list[dict]:
+    """The rows of an iterable that measures as it goes. Interrupted (Ctrl-C, or the SIGINT of
+    `timeout --signal=INT`), it returns the rows measured so far, so the caller still writes
+    them: a run cut off by a time limit keeps its finished cases."""
+    out: list[dict] = []
+    try:
+        for row in rows:
+            out.append(row)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: keeping the {len(out)} rows measured so far", file=sys.stderr)
+    return out
 
 
 def error_text(exc: BaseException) -> str:

@@ -452,3 +452,15 @@ def test_rotating_copies_are_capped():
     made = []
     common.rotating(lambda: made.append(1), nbytes=1)
     assert len(made) == common.MAX_COPIES
+
+
+def test_an_interrupted_run_keeps_the_rows_measured_so_far(capsys):
+    from torchslim.benchmarks import common
+
+    def measured():
+        yield {"case": 1}
+        yield {"case": 2}
+        raise KeyboardInterrupt  # a time limit's SIGINT, mid-case
+
+    assert common.collect(measured()) == [{"case": 1}, {"case": 2}]
+    assert "keeping the 2 rows" in capsys.readouterr().err
