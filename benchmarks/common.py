@@ -183,9 +183,10 @@ def gemm_gflops(
 
 
 def _git_commit() -> str:
+    """The commit the run measured, "-dirty" when the tree had changes to tracked files."""
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
+            ["git", "describe", "--always", "--dirty", "--abbrev=7"],
             cwd=Path(__file__).resolve().parent,
             capture_output=True,
             text=True,

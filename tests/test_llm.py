@@ -182,3 +182,16 @@ def test_sparse_config_prunes_the_body_and_counts_compressed_bytes(tiny_llama, c
     assert ratio[0] < sum(r.bytes_after for r in report.replaced) / before < ratio[1]
     assert module_bytes(model) == base_bytes - report.bytes_before() + report.bytes_after()
     assert math.isfinite(demo.perplexity(model, ids))
+
+
+def test_the_demo_answer_stops_at_the_end_token_and_timing_does_not(tiny_llama):
+    """Decode is timed over a fixed number of tokens (no end token chosen); the answer shown
+    stops at the model's end token, as llama.cpp's does."""
+    from torchslim import demo
+
+    ids = torch.tensor([[1, 5, 9, 2]])
+    first = int(demo.greedy(tiny_llama, ids, 1)[0])
+    tiny_llama.generation_config.eos_token_id = first  # the end token comes first
+    tiny_llama.generation_config.pad_token_id = first
+    assert demo.greedy(tiny_llama, ids, 6).shape == (6,)
+    assert demo.greedy(tiny_llama, ids, 6, to_the_end=True).tolist() == [first]

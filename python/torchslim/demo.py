@@ -4,16 +4,18 @@
     torchslim demo --model DIR_OR_GGUF --configs fp32,int8-weight,int4-g32 --modes eager
     torchslim demo --attention on               # torchslim's fused attention only
 
-For each configuration (fp32, every quant method of torchslim.patch, and sparse weights:
-"sparse-2:4", "sparse-50%", "sparse-75%", pruned with Wanda, the output head left dense, and
-"sparse-2:4-int8", the 2:4 weights stored as int8 codes per output channel (W8A16), and
-"sparse-2:4-w8a8", those codes against activations quantized per token (W8A8);
-calibrated on text disjoint from the evaluation text): perplexity on a fixed English text that
-ships with Python (pydoc_data.topics), prefill and decode tokens/s, weight memory (of a sparse
-layer, its compressed buffers), and the greedy answer to a fixed prompt, in each mode: "eager"
-(the patched Hugging Face model, generate()), "aot" (torchslim.aot_compile: prefill and decode
-compiled ahead of time by AOTInductor, over a static KV cache) and "compiled" (torch.compile of
-the forward). A configuration may give the
+For each configuration ("fp32": the model's weights as stored, in fp32; SmolLM2's GGUF holds
+them in llama.cpp's 4-bit Q4_1 groups of 32, so there "fp32" is that model dequantized, and
+every other row re-quantizes or prunes it; every quant method of torchslim.patch; and sparse
+weights: "sparse-2:4", "sparse-50%", "sparse-75%", pruned with Wanda, the output head left
+dense, and "sparse-2:4-int8", the 2:4 weights stored as int8 codes per output channel (W8A16),
+and "sparse-2:4-w8a8", those codes against activations quantized per token (W8A8); calibrated
+on text disjoint from the evaluation text): perplexity on a fixed English text that ships with
+Python (pydoc_data.topics), prefill and decode tokens/s, weight memory (of a sparse layer, its
+compressed buffers), and the greedy answer to a fixed prompt (up to the model's end token), in
+each mode: "eager" (the patched Hugging Face model, generate()), "aot" (torchslim.aot_compile:
+prefill and decode compiled ahead of time by AOTInductor, over a static KV cache) and
+"compiled" (torch.compile of the forward). A configuration may give the
 output head its own method: "int4-g32+int8-weight-head" is int4 in groups of 32 with an int8
 lm_head. Each configuration runs with the model's own attention (PyTorch's SDPA) and with
 torchslim's fused attention (``torchslim.patch(model, attention=True)``): ``--attention``. When
@@ -247,15 +249,18 @@ def prompt_ids(tokenizer, prompt: str = PROMPT) -> torch.Tensor:
 
 
 @torch.no_grad()
-def greedy(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    """``new_tokens`` greedy tokens after ``ids``; end tokens are not chosen (min_new_tokens)."""
+def greedy(model, ids: torch.Tensor, new_tokens: int, to_the_end: bool = False) -> torch.Tensor:
+    """``new_tokens`` greedy tokens after ``ids``, end tokens not chosen (min_new_tokens), as
+    decode is timed; with ``to_the_end``, at most that many, stopping at the model's end token
+    (the answer shown, as llama.cpp's is cut at its end token)."""
+    least = 0 if to_the_end else new_tokens
     if isinstance(model, torchslim.AOTCausalLM):
-        return model.generate(ids, new_tokens, min_new_tokens=new_tokens)[0, ids.shape[1] :]
+        return model.generate(ids, new_tokens, min_new_tokens=least)[0, ids.shape[1] :]
     out = model.generate(
         ids,
         attention_mask=torch.ones_like(ids),
         max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens,
+        min_new_tokens=least,
         do_sample=False,
     )
     return out[0, ids.shape[1] :]
@@ -389,7 +394,8 @@ def measure(
         if llama is not None:
             generators.append(llama.generate)
         ours, *theirs = decode_rounds(generators, args.decode, args.repeats)
-    answer = tokenizer.decode(greedy(model, prompt, args.decode), skip_special_tokens=True)
+    answer_ids = greedy(model, prompt, args.decode, to_the_end=True)
+    answer = tokenizer.decode(answer_ids, skip_special_tokens=True)
     vs_llama = math.nan
     if theirs:
         vs_llama = statistics.median(t / o for t, o in zip(theirs[0], ours, strict=True))
