@@ -9,6 +9,7 @@ from conftest import KERNEL_BACKENDS, device_of, run_on
 import torchslim
 from torchslim import _ext, ops
 from torchslim import reference as ref
+from torchslim.ops._registry import OpBackends
 from torchslim.quant import quantize_int4, quantize_weight_per_channel
 from torchslim.testing import (
     M_FULL,
@@ -275,6 +276,27 @@ def test_reference_fallback_is_logged_once(gen, caplog):
     assert len(messages) == 1, messages
     assert "float16" in messages[0]
     torch.testing.assert_close(first, ref.int8_weight_only_linear(x, w_q, w_scale))
+
+
+def test_a_device_with_no_kernel_at_all_is_a_logged_fallback(caplog):
+    """An op with kernels for some devices only (the csr op: the CPU) logs, once, when another
+    device's tensors run its reference (shown with a device that has no kernel anywhere)."""
+    assert "cuda" not in ops.registered_ops()["sparse_csr_linear"].preference
+    meta = torch.empty(2, 16, device="meta")
+    report = ops.explain("sparse_csr_linear", meta)
+    assert report == {
+        "op": "sparse_csr_linear",
+        "backend": "reference",
+        "passed_over": ["sparse_csr_linear has no meta kernel"],
+    }
+    calls = []
+    cpu_only = OpBackends("probe", lambda *a: calls.append(a), preference={"cpu": ("cpu",)})
+    with caplog.at_level("WARNING", logger="torchslim"):
+        cpu_only(meta)
+        cpu_only(meta)
+    assert len(calls) == 2
+    assert caplog.text.count("torchslim.probe: using the reference implementation") == 1
+    assert "probe has no meta kernel" in caplog.text
 
 
 def _bad_inputs():

@@ -139,7 +139,8 @@ class OpBackends:
         if forced == "reference":
             return "reference", []
         candidates = [forced] if forced else list(self.preference.get(device.type, ()))
-        reasons = []
+        # No kernel for the device at all is a fallback too, and is logged like one.
+        reasons = [] if candidates else [f"{self.name} has no {device.type} kernel"]
         for name in candidates:
             why = self._why_not(name, args)
             if why is None:
