@@ -277,8 +277,8 @@ def _block_kernel(
     BLOCK_R: tl.constexpr,  # R padded to a power of two >= 16
     BLOCK_C: tl.constexpr,  # C padded to a power of two >= 16
 ):
-    pid_m = tl.program_id(0)
-    block_row = tl.program_id(1)
+    block_row = tl.program_id(0)  # axis 0: N / R can pass the 65535 programs of axes 1 and 2
+    pid_m = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_i = tl.arange(0, BLOCK_R)
     offs_j = tl.arange(0, BLOCK_C)
@@ -370,7 +370,7 @@ def sparse_block_linear(
     bias = None if bias is None else bias.contiguous()
     precision = dot_precision(x.dtype)
     block_m = 16 if M <= DECODE_MAX_M or INTERPRET else 64
-    grid = (triton.cdiv(M, block_m), row_offsets.numel() - 1)
+    grid = (row_offsets.numel() - 1, triton.cdiv(M, block_m))
     with device_guard(x):
         _block_kernel[grid](
             x, values, col_blocks, row_offsets, out,

@@ -224,6 +224,21 @@ def test_the_block_op_runs_it():
     _check_block(out.reshape(6, 32), x.reshape(6, 96), parts, 32, None, scales)
 
 
+def test_blocks_past_the_triton_limit_go_to_the_reference_and_say_why():
+    g = seeded("block-op-large")
+    w = prune_(torch.randn(8, 160, generator=g), "1x80", sparsity=0.5, progress=False)
+    parts, _ = _block_operands(w, (1, 80), torch.float16)
+    x = torch.randn(3, 160, generator=g).to(DEVICE, torch.float16)
+    with torchslim.backend("triton"):
+        report = torchslim.explain("sparse_block_linear", x, *parts, 8)
+        out = ops.sparse_block_linear(x, *parts, 8)
+    assert report["backend"] == "reference"
+    assert report["passed_over"] == [
+        "triton: the Triton kernel takes blocks of at most 64 a side, got 1x80"
+    ]
+    _check_block(out, x, parts, 8, None, None)
+
+
 _GPU_CONFIGS = [
     (name, i)
     for name in ("sp24_tiled", "sp24_decode")

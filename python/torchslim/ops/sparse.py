@@ -228,7 +228,9 @@ def _triton_supports(x, *_args) -> str | None:
     return _supports_floats(_triton_float_devices())(x)
 
 
-def _backends(name: str, reference, triton_fn=None, cuda_supports=None) -> OpBackends:
+def _backends(
+    name: str, reference, triton_fn=None, cuda_supports=None, triton_supports=_triton_supports
+) -> OpBackends:
     """The CPU kernel from _C; for CUDA tensors the CUDA C++ kernel from _C (``<name>_cuda``)
     where ``cuda_supports`` is given, then a Triton kernel where there is one."""
     cuda = (("cuda",) if cuda_supports else ()) + (("triton",) if triton_fn else ())
@@ -241,7 +243,7 @@ def _backends(name: str, reference, triton_fn=None, cuda_supports=None) -> OpBac
         cuda_available, cuda_fn = extension_kernel(f"{name}_cuda", _ext.cuda_available)
         backends.register(Kernel("cuda", cuda_fn, cuda_available, cuda_supports))
     if triton_fn is not None:
-        backends.register(Kernel("triton", triton_fn, _triton_available, _triton_supports))
+        backends.register(Kernel("triton", triton_fn, _triton_available, triton_supports))
     return backends
 
 
@@ -524,7 +526,28 @@ def _block_triton(*args):
     return sparse_matmul.sparse_block_linear(*args)
 
 
-_BLOCK = _backends("sparse_block_linear", ref.sparse_block_linear, _block_triton)
+# The Triton block kernel holds a block and x's columns for it in registers and shared memory:
+# past 64 a side its tiles outgrow an A100's shared memory in fp32.
+MAX_TRITON_BLOCK = 64
+
+
+def _block_triton_supports(x, values, *_args) -> str | None:
+    why = _triton_supports(x)
+    rows, cols = values.shape[1:]
+    if why is None and max(rows, cols) > MAX_TRITON_BLOCK:
+        return (
+            f"the Triton kernel takes blocks of at most {MAX_TRITON_BLOCK} a side, got "
+            f"{rows}x{cols}"
+        )
+    return why
+
+
+_BLOCK = _backends(
+    "sparse_block_linear",
+    ref.sparse_block_linear,
+    _block_triton,
+    triton_supports=_block_triton_supports,
+)
 
 
 def _block_impl(x, values, col_blocks, row_offsets, n, bias=None, scales=None):
