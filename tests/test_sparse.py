@@ -1174,10 +1174,17 @@ def test_block_contents_are_checked():
         f(x, values.to(torch.int8), col_blocks, row_offsets, 8)
 
 
-def test_ops_pass_opcheck():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_ops_pass_opcheck(backend):
+    with run_on(backend):
+        _opcheck_every_op()
+
+
+def _opcheck_every_op():
     g = seeded("opcheck")
     w = _weight_unstructured(9, 40, 0.75, g)
     x, bias = torch.randn(3, 40, generator=g), torch.randn(9, generator=g)
+    torch.library.opcheck(torch.ops.torchslim.sparse_sliced_linear, (x, *_compress_sliced(w), bias))
     values, meta = compress_24(_weight_24(9, 40, g))
     torch.library.opcheck(torch.ops.torchslim.sparse24_linear, (x, values, meta, bias))
     torch.library.opcheck(torch.ops.torchslim.sparse_bitmask_linear, (x, *compress_bitmask(w)))
@@ -1193,6 +1200,9 @@ def test_ops_pass_opcheck():
     block = compress_block(_weight_block(9, 40, (4, 8), g), "4x8")
     torch.library.opcheck(torch.ops.torchslim.sparse_block_linear, (x, *block, 9, bias))
     codes, scales = quantize_weight_per_channel(w)
+    torch.library.opcheck(
+        torch.ops.torchslim.sparse_sliced_linear, (x, *_compress_sliced(codes), None, scales)
+    )
     torch.library.opcheck(
         torch.ops.torchslim.sparse_sliced_dynamic_linear,
         (x, *_compress_sliced(codes), scales, bias),
