@@ -5,7 +5,9 @@
 
 Prefill: q, k, v (B, H, S, D), causal and not, in GFLOP/s (4 B H S^2 D, halved for causal).
 Decode: one query token against a KV cache of 1k..32k positions, GQA 4:1 (32 query heads,
-8 key/value heads, D = 128), in GB/s of K/V read. Implementations, in the same run: ours
+8 key/value heads, D = 128), in GB/s of K/V read, with K/V rotated through copies past the
+caches and a copy timed in turns with them: pct_floor is the K/V bytes at that copy's
+bandwidth over the time. Implementations, in the same run: ours
 (torchslim.attention), F.scaled_dot_product_attention (SDPA: on the CPU its flash kernel, on
 a GPU whichever PyTorch picks, FlashAttention-2 for fp16/bf16) and the naive
 softmax(q k^T * scale) v, which materialises the score matrix (only where that matrix stays
@@ -128,24 +130,45 @@ def training_step(fn, q, k, v):
     return step
 
 
-def measure(case: Case, gen: torch.Generator, device: str = "cpu") -> list[dict]:
+def measure(
+    case: Case, gen: torch.Generator, device: str = "cpu", copy: common.CopyProbe | None = None
+) -> list[dict]:
+    """The case's rows, its implementations timed in turns. Decode reads K/V rotated through
+    copies past the caches (as a served model's long cache comes from memory), and with
+    ``copy`` takes turns with it too: its floor is the K/V bytes at that copy's bandwidth."""
+
     def tensor(heads, length):
         shape = (case.batch, heads, length, case.head_dim)
         return torch.randn(shape, generator=gen).to(device, case.dtype)
 
     q = tensor(case.heads, case.q_len)
     k, v = tensor(case.kv_heads, case.kv_len), tensor(case.kv_heads, case.kv_len)
+    decode = case.kind == "decode"
+    if decode:
+        operands = common.rotating(lambda: (q, k.clone(), v.clone()), case.kv_bytes())
     impls = implementations(case)
     steps, failed = {}, {}
     for name, fn in impls.items():
         try:  # a training step runs the forward once to shape its gradient
-            train = case.kind == "train"
-            steps[name] = training_step(fn, q, k, v) if train else functools.partial(fn, q, k, v)
+            if case.kind == "train":
+                steps[name] = training_step(fn, q, k, v)
+            elif decode:
+                steps[name] = lambda fn=fn: fn(*operands())
+            else:
+                steps[name] = functools.partial(fn, q, k, v)
         except (RuntimeError, NotImplementedError) as exc:
             failed[name] = exc
     # The implementations take turns (common.time_in_turns), so each ratio is taken in the
     # same seconds of a shared machine.
-    times = {**common.time_in_turns(steps, device=device), **failed}
+    with_copy = decode and copy is not None
+    times = common.time_in_turns({**steps, **({"copy": copy} if with_copy else {})}, device=device)
+    bandwidth = None
+    if with_copy:
+        copy_ms = times.pop("copy")
+        if isinstance(copy_ms, Exception):
+            raise copy_ms
+        bandwidth = copy.gbs(copy_ms)
+    times = {**times, **failed}
     rows = []
     for name in impls:
         ms = times[name]
@@ -167,6 +190,10 @@ def measure(case: Case, gen: torch.Generator, device: str = "cpu") -> list[dict]
             row["time_ms"] = ms
             row["GFLOP/s"] = case.flops() / (ms * 1e-3) / 1e9
             row["KV_GB/s"] = case.kv_bytes() / (ms * 1e-3) / 1e9
+            if bandwidth is not None:
+                row["copy_GB/s"] = bandwidth
+                row["floor_ms"] = case.kv_bytes() / bandwidth / 1e6
+                row["pct_floor"] = 100 * row["floor_ms"] / ms
         rows.append(row)
     sdpa = next((r["time_ms"] for r in rows if r["impl"] == "sdpa" and "time_ms" in r), None)
     for r in rows:
@@ -248,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
         common.device_name(device) if device == "cuda" else f"{env.cpu}, {common.threads_note()}"
     )
     print(f"torchslim bench attention on {where}, ISA {env.isa}")
-    bandwidth = common.copy_bandwidth_gbs(device=device)
+    copy = common.CopyProbe(device=device)
+    bandwidth = copy.gbs(common.time_ms(copy, device=device))
     # Each dtype's compute roof: the best torch.mm rate in that dtype, measured now.
     sizes = (1024,) if args.quick else None
     roofs = {
@@ -259,13 +287,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"copy bandwidth {bandwidth:.1f} GB/s, GEMM GFLOP/s {gemms} (measured now)")
     gen = torch.Generator().manual_seed(0)
     todo = tqdm(cases(args.quick, device), desc="attention")
-    rows = common.collect(r for case in todo for r in measure(case, gen, device))
-    for r in rows:
-        r["copy_GB/s"], r["gemm_GFLOP/s"] = bandwidth, roofs[r["dtype"]]
+    rows = common.collect(r for case in todo for r in measure(case, gen, device, copy))
+    for r in rows:  # decode rows carry the copy timed in turns with them
+        r.setdefault("copy_GB/s", bandwidth)
+        r["gemm_GFLOP/s"] = roofs[r["dtype"]]
         if r["kind"] != "decode" and "GFLOP/s" in r:  # decode is bound by the K/V read
             r["of_gemm"] = r["GFLOP/s"] / r["gemm_GFLOP/s"]
     columns = ["kind", "dtype", "B", "Sq", "Sk", "D", "causal", "impl", "time_ms", "GFLOP/s",
-               "of_gemm", "KV_GB/s", "speedup_vs_sdpa"]  # fmt: skip
+               "of_gemm", "KV_GB/s", "pct_floor", "speedup_vs_sdpa"]  # fmt: skip
     timed = [r for r in rows if "speedup_vs_sdpa" in r]
     print(common.format_table(timed, columns))
     for r in rows:

@@ -119,6 +119,15 @@ def test_bench_attention_quick(tmp_path):
             if r["kind"] == "decode"
             else math.isclose(float(r["of_gemm"]), of_gemm, rel_tol=1e-6)
         )
+    for r in rows:  # decode: the K/V bytes at the bandwidth of the copy timed in its turns
+        if r["kind"] == "decode":
+            kv_bytes = 2 * int(r["B"]) * int(r["Hkv"]) * int(r["Sk"]) * int(r["D"])
+            kv_bytes *= 4 if r["dtype"] == "float32" else 2
+            floor_ms = kv_bytes / float(r["copy_GB/s"]) / 1e6
+            assert math.isclose(float(r["floor_ms"]), floor_ms, rel_tol=1e-6)
+            assert math.isclose(float(r["pct_floor"]), 100 * floor_ms / float(r["time_ms"]))
+    per_case = {(r["dtype"], r["Sk"]): r["copy_GB/s"] for r in rows if r["kind"] == "decode"}
+    assert len(set(per_case.values())) == len(per_case)  # a copy timed with each case
     assert (tmp_path / "attention_cpu_quick.png").exists()
 
 
