@@ -92,6 +92,10 @@ def test_gradients_of_x_and_bias(name, dtype, device):
     out.backward(grad_out)
 
     w = dense(layer).float()
+    if device == "cpu":  # the weight the forward kernel applies, read through it: rows of I
+        with torch.no_grad():
+            w_forward = (layer(torch.eye(K)) - bias).T
+        torch.testing.assert_close(w_forward, w, rtol=1e-5, atol=1e-5)
     ref64 = grad_out.double() @ w.double()
     check_close(x.grad, ref64, grad_out @ w.to(dtype), name=f"{name} grad_x")
     assert x.grad.dtype == dtype and x.grad.shape == x.shape

@@ -315,10 +315,20 @@ def _bad_inputs():
         ("scale dtype", lambda: g(x, w_q, s.double()), TypeError, "w_scale must be float32"),
         ("scale shape", lambda: f(x, w_q, s[:7]), ValueError, r"w_scale must have shape \(N,\)"),
         ("bias shape", lambda: f(x, w_q, s, torch.randn(9)), ValueError, "bias must have shape"),
-        ("bias dtype", lambda: g(x, w_q, s, torch.ones(8, dtype=torch.int64)), TypeError, "bias"),
+        (
+            "bias dtype",
+            lambda: g(x, w_q, s, torch.ones(8, dtype=torch.int64)),
+            TypeError,
+            "bias must be a floating-point tensor, got torch.int64",
+        ),
         ("mm a dtype", lambda: ops.int8_mm(x, w_q), TypeError, "a must be int8"),
         ("mm b K", lambda: ops.int8_mm(w_q, w_q[:, :3]), ValueError, "b must have K=16"),
-        ("x not tensor", lambda: ops.quantize_per_token([1.0]), TypeError, "x"),
+        (
+            "x not tensor",
+            lambda: ops.quantize_per_token([1.0]),
+            TypeError,
+            "x must be a torch.Tensor, got list",
+        ),
     ]
 
 

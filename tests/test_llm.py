@@ -64,8 +64,12 @@ def test_head_config(smollm2):
         {"group_size": 32},
         "int8-weight",
     )
-    for bad in ("int4-g32+int8-weight", "int4-g32+fp8-head", "int9+int8-head"):
-        with pytest.raises(ValueError):
+    for bad, match in (
+        ("int4-g32+int8-weight", "after '\\+' comes <method>-head .* got 'int8-weight'"),
+        ("int4-g32+fp8-head", "after '\\+' comes <method>-head .* got 'fp8-head'"),
+        ("int9+int8-head", "'int9' is not fp32"),
+    ):
+        with pytest.raises(ValueError, match=match):
             demo.parse_config(bad)
     with pytest.raises(ValueError, match="output head"):
         demo.apply_config(torch.nn.Sequential(torch.nn.Linear(4, 4)), "int4-g32+int8-head")

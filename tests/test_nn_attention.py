@@ -126,10 +126,12 @@ def test_sdpa_falls_back_to_pytorch_and_says_so(why, call, gen, caplog, fresh_wa
 def test_sdpa_errors_are_pytorch_errors(gen):
     """Inputs SDPA rejects are rejected the same way (they go to SDPA)."""
     q, k, v = _sdpa_inputs(gen, (1,), 4, 3, 3, 3)
-    with pytest.raises(RuntimeError):
-        TF.scaled_dot_product_attention(q, k, v)  # 4 query heads, 3 kv heads, no enable_gqa
-    with pytest.raises(RuntimeError):
-        TF.scaled_dot_product_attention(q, k[:, :2], v[:, :2, :2])  # key and value lengths differ
+    for args in ((q, k, v), (q, k[:, :2], v[:, :2, :2])):  # 4 heads against 3; K, V lengths
+        with pytest.raises(RuntimeError) as ours:
+            TF.scaled_dot_product_attention(*args)
+        with pytest.raises(RuntimeError) as theirs:
+            F.scaled_dot_product_attention(*args)
+        assert str(ours.value) == str(theirs.value)
 
 
 # --------------------------------------------------------------------------- MultiheadAttention
