@@ -11,7 +11,7 @@ from torchslim import _ext, ops
 from torchslim import reference as ref
 from torchslim.nn import Int4Linear
 from torchslim.quant import dequantize_int4, pack_int4, quantize_int4, unpack_int4
-from torchslim.testing import M_FULL, M_QUICK, check_close, nan_padded, near_half_codes, sqnr
+from torchslim.testing import M_FULL, check_close, nan_padded, near_half_codes, sqnr
 
 CPU_BACKENDS = [b for b in KERNEL_BACKENDS if b.startswith("cpu")]
 SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -169,7 +169,7 @@ def test_quantizer_bad_input():
 def _cases():
     cases = []
     for backend in CPU_BACKENDS:
-        for m in M_FULL if backend == CPU_BACKENDS[0] else M_QUICK:
+        for m in M_FULL:
             for n, k, groups in NKG:
                 cases += [(backend, m, n, k, g) for g in groups]
     return cases
@@ -427,7 +427,13 @@ def test_unsupported_inputs_run_the_reference(gen):
     assert torch.equal(out, want)
 
 
-def test_opcheck(gen):
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_opcheck(backend, gen):
+    with run_on(backend):
+        _opcheck(gen)
+
+
+def _opcheck(gen):
     x = torch.randn(5, 64, generator=gen)
     packed, scales, zeros, bias = _weights(17, 64, 32, torch.bfloat16, gen)
     op = torch.ops.torchslim.int4_weight_only_linear.default
