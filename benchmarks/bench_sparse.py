@@ -69,7 +69,8 @@ F.linear in the same turns (fp16 and bf16 on a GPU; `vs` names which, `vs_ms` it
 weight_bytes of the row's own format (torchslim.sparse.format_bytes for ours and torch's 2:4;
 CSR: values + int64 column indices + int64 row pointers; dense: N K elements), % of its memory
 floor (weight + x + out bytes ÷ the copy bandwidth of the same turns, copy_GB/s), the compute
-floor (useful FLOPs ÷ the dense GEMM rate measured at the start) and which of the two binds, and
+floor (useful FLOPs ÷ roof_GFLOP/s, the GEMM rate measured at the start in the dtype the row
+multiplies in, `roof`: int8 for W8A8, else x's dtype) and which of the two binds, and
 GFLOP/s of useful work (2 M nnz; 2 M N K for dense). Each path's output is checked once against
 fp32 F.linear on its weight (a wiring check: the kernels' accuracy is tests/test_sparse.py's
 job).
@@ -459,6 +460,7 @@ def prepare(
         "format": impl.fmt,
         "w_dtype": _SHORT[impl.w_dtype],
         "x_dtype": _SHORT[impl.x_dtype],
+        "roof": arithmetic(impl),
     }
     if isinstance(operands, Exception):
         return Entry({**row, "error": common.error_text(operands)})
@@ -479,10 +481,19 @@ def prepare(
     return Entry(row, lambda: call(copies()), moved, 2.0 * m * nnz)
 
 
-def time_case(entries: list[Entry], copy: common.CopyProbe, peak: float, device: str) -> list[dict]:
+def arithmetic(impl: Impl) -> str:
+    """The dtype an implementation multiplies in, whose GEMM is its compute roof: int8 for W8A8
+    (x quantized inside the op), else x's dtype (values are widened or converted to it)."""
+    return "int8" if impl.op in _W8A8_OPS.values() else _SHORT[impl.x_dtype]
+
+
+def time_case(
+    entries: list[Entry], copy: common.CopyProbe, roofs: dict[str, float], device: str
+) -> list[dict]:
     """The entries' rows, their calls and the copy that gives the floor timed in turns
     (common.time_in_turns): time, GB/s, % of the memory floor at the copy bandwidth of the same
-    turns, the compute floor at `peak` GFLOP/s and which binds, GFLOP/s."""
+    turns, the compute floor at the roof of the row's arithmetic (``roofs``, GFLOP/s or GOP/s by
+    name) and which binds, GFLOP/s."""
     calls = {i: e.call for i, e in enumerate(entries) if e.call is not None}
     times = common.time_in_turns({"copy": copy, **calls}, device=device)
     copy_ms = times.pop("copy")
@@ -500,7 +511,8 @@ def time_case(entries: list[Entry], copy: common.CopyProbe, peak: float, device:
             rows.append({**row, "error": common.error_text(ms)})
             continue
         floor_ms = e.moved / bandwidth / 1e6
-        compute_floor_ms = e.flops / peak / 1e6
+        roof = roofs[e.row["roof"]]
+        compute_floor_ms = e.flops / roof / 1e6
         rows.append(
             {
                 **e.row,
@@ -508,6 +520,7 @@ def time_case(entries: list[Entry], copy: common.CopyProbe, peak: float, device:
                 "GB/s": e.moved / ms / 1e6,
                 "floor_ms": floor_ms,
                 "pct_floor": 100.0 * floor_ms / ms,
+                "roof_GFLOP/s": roof,
                 "compute_floor_ms": compute_floor_ms,
                 "binds": "memory" if floor_ms >= compute_floor_ms else "compute",
                 "GFLOP/s": e.flops / ms / 1e6,
@@ -529,7 +542,7 @@ def run(
     batch: tuple,
     patterns: tuple,
     impls: tuple,
-    peak: float,
+    roofs: dict[str, float],
     device: str,
     gen: torch.Generator,
 ) -> Iterator[dict]:
@@ -589,7 +602,7 @@ def run(
                         )
                         for impl in todo
                     ]
-                    yield from time_case(entries, copy, peak, device)
+                    yield from time_case(entries, copy, roofs, device)
                     bar.update(len(entries))
 
 
@@ -844,24 +857,28 @@ def main(argv: list[str] | None = None) -> int:
     env = common.Environment.capture(device)
     if device == "cuda":
         layers, batch, dense, impls = GPU_LAYERS, GPU_BATCH, GPU_DENSE, GPU_IMPLS
-        where, gemm_dtype = torch.cuda.get_device_name(), torch.float16
+        where = torch.cuda.get_device_name()
     else:
         layers, batch, dense, impls = LAYERS, BATCH, CPU_DENSE, IMPLS
-        where, gemm_dtype = f"{env.cpu}, {common.threads_note()}, ISA {env.isa}", torch.float32
+        where = f"{env.cpu}, {common.threads_note()}, ISA {env.isa}"
     if args.quick:
         layers, batch = QUICK_LAYERS, QUICK_BATCH
     layers, batch = args.layers or layers, args.batch or batch
     patterns = args.sparsity or PATTERNS
     print(f"torchslim bench sparse on {where}")
-    peak = common.gemm_gflops(device, gemm_dtype, (1024,) if args.quick else None)
-    gemm = _SHORT[gemm_dtype]
-    print(f"{gemm} GEMM {peak:.0f} GFLOP/s (measured now)")
+    # Each row's compute roof: the GEMM of the dtype it multiplies in (arithmetic), measured now.
+    every = (*dense, *impls)
+    short = {v: k for k, v in _SHORT.items()}
+    sizes = (1024,) if args.quick else None
+    roofs = {
+        name: common.gemm_gflops(device, short[name], sizes)
+        for name in sorted({arithmetic(impl) for impl in every})
+    }
+    print("GEMM roofs (measured now): " + ", ".join(f"{k} {v:.0f}" for k, v in roofs.items()))
 
     gen = torch.Generator().manual_seed(0)
-    rows = common.collect(run(layers, batch, patterns, (*dense, *impls), peak, device, gen))
+    rows = common.collect(run(layers, batch, patterns, every, roofs, device, gen))
     add_speedups(rows, {impl.name for impl in dense})
-    for r in rows:
-        r[f"{gemm}_gemm_GFLOP/s"] = peak
 
     timed = [r for r in rows if "time_ms" in r]
     dense_names = " and ".join(_SHORT[impl.w_dtype] for impl in dense)

@@ -169,15 +169,21 @@ def copy_bandwidth_gbs(nbytes: int | None = None, device: str = "cpu") -> float:
 def gemm_gflops(
     device: str = "cpu", dtype: torch.dtype = torch.float32, sizes: tuple[int, ...] | None = None
 ) -> float:
-    """The compute roof for float kernels on this device, measured now: the best throughput of
-    torch.mm over square sizes (1024, 2048, 4096 on the CPU; 4096, 8192 on a GPU). The best, as
-    a roof is what the hardware reaches; on a shared machine one size can come out a third low
-    (2048 fp32 on two Zen 4 cores: 101-183 GFLOP/s in different runs)."""
+    """The compute roof for kernels multiplying ``dtype`` on this device, measured now: the best
+    throughput of torch.mm (torch._int_mm for int8) over square sizes (1024, 2048, 4096 on the
+    CPU; 4096, 8192 on a GPU). The best, as a roof is what the hardware reaches; on a shared
+    machine one size can come out a third low (2048 fp32 on two Zen 4 cores: 101-183 GFLOP/s in
+    different runs)."""
     best = 0.0
+    mm = torch._int_mm if dtype == torch.int8 else torch.mm
     for n in sizes or ((1024, 2048, 4096) if device == "cpu" else (4096, 8192)):
-        a = torch.randn(n, n, device=device, dtype=dtype)
-        b = torch.randn(n, n, device=device, dtype=dtype)
-        ms = time_ms(lambda a=a, b=b: torch.mm(a, b), min_run_time=0.3, device=device)
+        if dtype == torch.int8:
+            a = torch.randint(-127, 128, (n, n), dtype=dtype).to(device)
+            b = torch.randint(-127, 128, (n, n), dtype=dtype).to(device)
+        else:
+            a = torch.randn(n, n, device=device, dtype=dtype)
+            b = torch.randn(n, n, device=device, dtype=dtype)
+        ms = time_ms(lambda a=a, b=b: mm(a, b), min_run_time=0.3, device=device)
         best = max(best, 2 * n**3 / (ms * 1e-3) / 1e9)
     return best
 

@@ -195,7 +195,7 @@ def test_bench_sparse_quick(tmp_path, capsys, monkeypatch):
     columns = {"layer", "M", "pattern", "sparsity", "impl", "format", "w_dtype", "x_dtype",
                "time_ms", "speedup", "vs", "GB/s", "weight_bytes", "floor_ms", "pct_floor",
                "compute_floor_ms", "binds", "GFLOP/s", "nnz", "copy_GB/s", "device", "torch",
-               "commit", "turns", "vs_ms"}  # fmt: skip
+               "commit", "turns", "vs_ms", "roof", "roof_GFLOP/s"}  # fmt: skip
     assert columns <= set(rows[0])
     variants = ("fp32", "bf16", "bf16-fp32x", "int8-fp32x")
     unstructured = tuple(
@@ -257,6 +257,17 @@ def test_bench_sparse_quick(tmp_path, capsys, monkeypatch):
     assert int(block["weight_bytes"]) == 24 * 8 * (16 * 16 * 2 + 4) + 8 * 25
     csr = by[("1", "90%", "torch-csr-fp32")]
     assert int(csr["weight_bytes"]) == (4 + 8) * nnz + 8 * 385
+    # Each row's compute floor is at the GEMM roof of the dtype it multiplies in.
+    roofs = {}
+    for r in rows:
+        roofs.setdefault(r["roof"], set()).add(r["roof_GFLOP/s"])
+        flops = float(r["GFLOP/s"]) * float(r["time_ms"]) * 1e6
+        assert float(r["compute_floor_ms"]) == pytest.approx(flops / float(r["roof_GFLOP/s"]) / 1e6)
+    assert all(len(v) == 1 for v in roofs.values()) and set(roofs) == {"fp32", "bf16", "int8"}
+    assert by[("1", "2:4", "torchslim-2:4-w8a8")]["roof"] == "int8"
+    assert by[("1", "2:4", "torchslim-2:4-bf16")]["roof"] == "bf16"
+    assert by[("1", "2:4", "torchslim-2:4-bf16-fp32x")]["roof"] == "fp32"
+    assert by[("1", "dense", "dense-bf16")]["roof"] == "bf16"
     out = capsys.readouterr().out
     assert "crossover" in out and "targets:" in out and "2:4 >= 3x dense" in out
     assert (tmp_path / "sparse_cpu_quick.png").exists()
