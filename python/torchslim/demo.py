@@ -4,27 +4,28 @@
     torchslim demo --model DIR_OR_GGUF --configs fp32,int8-weight,int4-g32 --modes eager
     torchslim demo --attention on               # torchslim's fused attention only
 
-For each configuration ("fp32": the model's weights as stored, in fp32; SmolLM2's GGUF holds
-them in llama.cpp's 4-bit Q4_1 groups of 32, so there "fp32" is that model dequantized, and
-every other row re-quantizes or prunes it; every quant method of torchslim.patch; and sparse
-weights: "sparse-2:4", "sparse-50%", "sparse-75%", pruned with Wanda, the output head left
-dense, and "sparse-2:4-int8", the 2:4 weights stored as int8 codes per output channel (W8A16),
-and "sparse-2:4-w8a8", those codes against activations quantized per token (W8A8); calibrated
-on text disjoint from the evaluation text): perplexity on a fixed English text that ships with
-Python (pydoc_data.topics), prefill and decode tokens/s, weight memory (of a sparse layer, its
-compressed buffers), and the greedy answer to a fixed prompt (up to the model's end token), in
-each mode: "eager" (the patched Hugging Face model, generate()), "aot" (torchslim.aot_compile:
-prefill and decode compiled ahead of time by AOTInductor, over a static KV cache) and
-"compiled" (torch.compile of the forward). A configuration may give the
-output head its own method: "int4-g32+int8-weight-head" is int4 in groups of 32 with an int8
-lm_head. Each configuration runs with the model's own attention (PyTorch's SDPA) and with
-torchslim's fused attention (``torchslim.patch(model, attention=True)``): ``--attention``. When
-the model is a GGUF file and llama-cpp-python is installed, the same file also
-runs through llama.cpp, measured the same way on the same threads, and every row's decode is
-timed in rounds interleaved with llama.cpp's: decode_vs_llama_cpp is the median of the
-per-round ratios, so the machine's load at one moment does not tilt it. A table on screen, CSV and
-PNG under benchmarks/results/<device>/ (or --out). Nothing is downloaded: the model is a local
-file.
+For each configuration ("fp32": the model's weights as stored, in fp32; SmolLM2's GGUF holds them
+in llama.cpp's 4-bit Q4_1 groups of 32, so there "fp32" is that model dequantized, and every other
+row re-quantizes or prunes it; every quant method of torchslim.patch; and sparse weights:
+"sparse-2:4", "sparse-50%", "sparse-75%", pruned with Wanda, the output head left dense, and
+"sparse-2:4-int8", the 2:4 weights stored as int8 codes per output channel (W8A16), and
+"sparse-2:4-w8a8", those codes against activations quantized per token (W8A8); calibrated on text
+disjoint from the evaluation text): perplexity on a fixed English text that ships with Python
+(pydoc_data.topics), prefill and decode tokens/s, weight_MB (the bytes of the model's weights in
+the configuration's format, embeddings included, which a decode step streams; of a sparse layer,
+its compressed buffers; the "aot" programs hold one copy for prefill and one for decode, see
+torchslim.aot; for llama.cpp, the GGUF file's size), and the greedy answer to a fixed prompt (up to
+the model's end token), in each mode: "eager" (the patched Hugging Face model, generate()), "aot"
+(torchslim.aot_compile: prefill and decode compiled ahead of time by AOTInductor, over a static KV
+cache) and "compiled" (torch.compile of the forward). A configuration may give the output head its
+own method: "int4-g32+int8-weight-head" is int4 in groups of 32 with an int8 lm_head. Each
+configuration runs with the model's own attention (PyTorch's SDPA) and with torchslim's fused
+attention (``torchslim.patch(model, attention=True)``): ``--attention``. When the model is a GGUF
+file and llama-cpp-python is installed, the same file also runs through llama.cpp, measured the
+same way on the same threads, and every row's decode is timed in rounds interleaved with
+llama.cpp's: decode_vs_llama_cpp is the median of the per-round ratios, so the machine's load at
+one moment does not tilt it. A table on screen, CSV and PNG under benchmarks/results/<device>/ (or
+--out). Nothing is downloaded: the model is a local file.
 """
 
 from __future__ import annotations
