@@ -4,6 +4,7 @@ cache, against the eager model it came from."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -120,9 +121,30 @@ def test_load_errors(compiled, tmp_path):
         AOTCausalLM.load(tmp_path)
     lm.save(tmp_path / "lm")
     manifest = tmp_path / "lm" / "torchslim_aot.json"
+    good = json.loads(manifest.read_text())
+    sizes = {p: (tmp_path / "lm" / f"{p}.pt2").stat().st_size for p in ("prefill", "decode")}
+    assert good["bytes"] == sizes
+    assert not list((tmp_path / "lm").glob(".*partial"))
     manifest.write_text(json.dumps({"format": "other", "version": 1}))
     with pytest.raises(ValueError, match="format="):
         AOTCausalLM.load(tmp_path / "lm")
+    manifest.write_text("{not json")
+    with pytest.raises(ValueError, match=r"torchslim_aot\.json is not a torchslim-aot manifest"):
+        AOTCausalLM.load(tmp_path / "lm")
+    manifest.write_text(json.dumps({k: v for k, v in good.items() if k != "kv"}))
+    with pytest.raises(ValueError, match=r"lacks \['kv'\]"):
+        AOTCausalLM.load(tmp_path / "lm")
+    manifest.write_text(json.dumps({**good, "torch": "1.0.0"}))
+    with pytest.raises(ValueError, match=r"compiled by torch 1\.0\.0"):
+        AOTCausalLM.load(tmp_path / "lm")
+    # The two programs swapped by hand: their sizes no longer match the manifest.
+    manifest.write_text(json.dumps(good))
+    folder = tmp_path / "lm"
+    (folder / "prefill.pt2").rename(folder / "tmp.pt2")
+    (folder / "decode.pt2").rename(folder / "prefill.pt2")
+    (folder / "tmp.pt2").rename(folder / "decode.pt2")
+    with pytest.raises(ValueError, match=r"prefill\.pt2 has \d+ bytes, but the manifest recorded"):
+        AOTCausalLM.load(folder)
 
 
 def test_call_errors(compiled):
@@ -148,6 +170,26 @@ def test_call_errors(compiled):
         lm.generate(ids, 0)
     with pytest.raises(ValueError, match="eos_token_id must be an int or a list"):
         lm.generate(ids, 2, eos_token_id="</s>")
+    with pytest.raises(ValueError, match="eos_token_id must be an int or a list of ints >= 0"):
+        lm.generate(ids, 2, eos_token_id=[-20])
+    with pytest.raises(ValueError, match="input_ids must be on the programs' device cpu"):
+        lm(ids.to("meta"))
+    for bad in (-1, lm.vocab_size):
+        with pytest.raises(ValueError, match=rf"token ids in \[0, 128\), got {bad}"):
+            lm(torch.tensor([[1, bad]]))
+    lm(ids, 0)  # 4 positions written
+    with pytest.raises(ValueError, match="position 6 is past the 4 cache positions written"):
+        lm(ids[:, :1], 6)
+    lm(ids[:, :1], 4)  # continues the cache
+    lm(ids[:, :2], 1)  # rewinds it
+
+
+@torch.no_grad()
+def test_an_end_token_outside_the_vocabulary_is_never_produced(compiled):
+    _, lm = compiled
+    ids = prompt(5, seed=4)
+    free = lm.generate(ids, 6, eos_token_id=[])
+    assert torch.equal(lm.generate(ids, 6, eos_token_id=[999], min_new_tokens=3), free)
 
 
 def test_compile_errors():
@@ -156,8 +198,9 @@ def test_compile_errors():
     with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module"):
         aot_compile("model")
     model = tiny_llama()
-    with pytest.raises(ValueError, match="max_cache_len"):
-        aot_compile(model, max_cache_len=1)
+    for short in (1, 3):
+        with pytest.raises(ValueError, match=f"max_cache_len must be >= 4, got {short}"):
+            aot_compile(model, max_cache_len=short)
     with pytest.raises(ValueError, match="batch_size"):
         aot_compile(model, batch_size=0)
     with pytest.raises(TypeError, match="passes must be a list"):
@@ -174,6 +217,24 @@ def test_compile_errors():
     windowed = transformers.MistralForCausalLM(config).eval()
     with pytest.raises(NotImplementedError, match="StaticSlidingWindowLayer"):
         aot_compile(windowed, max_cache_len=16)
+
+
+def test_a_failed_compile_leaves_no_folder_behind(monkeypatch):
+    import tempfile
+
+    from torchslim import aot
+
+    made = []
+    real = tempfile.mkdtemp
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda **kw: made.append(real(**kw)) or made[-1])
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(aot, "_export_and_compile", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        aot_compile(tiny_llama(), max_cache_len=8, progress=False)
+    assert len(made) == 1 and not os.path.exists(made[0])
 
 
 @torch.no_grad()

@@ -234,8 +234,8 @@ def aot_compile(
     )
     max_cache_len = _positive_int(max_cache_len, "max_cache_len")
     batch_size = _positive_int(batch_size, "batch_size")
-    if max_cache_len < 2:
-        raise ValueError(f"max_cache_len must be >= 2, got {max_cache_len}")
+    if max_cache_len < 4:  # the example inputs below fill 3 and 4 positions
+        raise ValueError(f"max_cache_len must be >= 4, got {max_cache_len}")
     module = _StaticCacheLM(model, batch_size, max_cache_len)
     kv = module.kv_templates()
     examples = {  # (input_ids, kv_length): 3 tokens at positions 0..2; 1 token at position 3
@@ -257,6 +257,9 @@ def aot_compile(
     model.set_attn_implementation(FUSED_ATTENTION if fused else ATTENTION)
     try:
         _export_and_compile(module.eval(), examples, dynamic, kv, work, configs, steps)
+    except BaseException:  # a failed or interrupted compile leaves nothing behind
+        shutil.rmtree(work, ignore_errors=True)
+        raise
     finally:
         model.set_attn_implementation(own_attention)
         model.train(training)
@@ -266,6 +269,8 @@ def aot_compile(
         "eos_token_id": [eos] if isinstance(eos, int) else list(eos or []),
         "batch_size": batch_size,
         "max_cache_len": max_cache_len,
+        "vocab_size": int(model.config.get_text_config().vocab_size),
+        "torch": torch.__version__,
         "kv": [{"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for t in kv],
     }
     lm = AOTCausalLM(work, meta)
@@ -302,17 +307,22 @@ class AOTCausalLM:
         self.batch_size = int(meta["batch_size"])
         self.max_cache_len = int(meta["max_cache_len"])
         self.eos_token_id = [int(t) for t in meta.get("eos_token_id", [])]
+        self.vocab_size = meta.get("vocab_size")  # None in manifests written before it was kept
         self._meta = meta
         self._dir = directory
-        self._programs = {
-            name: torch._inductor.aoti_load_package(str(directory / f"{name}.pt2"))
-            for name in PROGRAMS
-        }
+        self._programs = {}
+        for name in PROGRAMS:
+            path = directory / f"{name}.pt2"
+            try:
+                self._programs[name] = torch._inductor.aoti_load_package(str(path))
+            except RuntimeError as exc:
+                raise RuntimeError(f"{path} could not be loaded: {exc}") from exc
         self._kv = [
             torch.zeros(entry["shape"], dtype=getattr(torch, entry["dtype"]))
             for entry in meta["kv"]
         ]
         self._kv_length = torch.empty(self.max_cache_len)  # only its slices' sizes are read
+        self._filled = 0  # cache positions written so far (a call may rewind, not skip)
 
     def __repr__(self) -> str:
         return (
@@ -331,6 +341,11 @@ class AOTCausalLM:
                 f"input_ids must be a 2-D int64 tensor (batch, seq), got "
                 f"{input_ids.dim()}-D {input_ids.dtype}"
             )
+        if input_ids.device != self._kv[0].device:
+            raise ValueError(
+                f"input_ids must be on the programs' device {self._kv[0].device}, got "
+                f"{input_ids.device}"
+            )
         if input_ids.shape[0] != self.batch_size:
             raise ValueError(
                 f"input_ids has batch {input_ids.shape[0]}, but this model was compiled for "
@@ -344,8 +359,22 @@ class AOTCausalLM:
                 f"input_ids of length {length} at position {position} does not fit the cache "
                 f"(max_cache_len={self.max_cache_len}, length >= 1)"
             )
+        if position > self._filled:
+            raise ValueError(
+                f"position {position} is past the {self._filled} cache positions written so "
+                f"far: a call continues the cache or rewinds it (position 0 starts over)"
+            )
+        if self.vocab_size is not None:
+            low, high = int(input_ids.min()), int(input_ids.max())
+            if low < 0 or high >= self.vocab_size:
+                raise ValueError(
+                    f"input_ids must be token ids in [0, {self.vocab_size}), got "
+                    f"{low if low < 0 else high}"
+                )
         program = self._programs["decode" if length == 1 else "prefill"]
-        return program(input_ids.contiguous(), self._kv_length[: position + length], *self._kv)
+        logits = program(input_ids.contiguous(), self._kv_length[: position + length], *self._kv)
+        self._filled = position + length
+        return logits
 
     @torch.no_grad()
     def generate(
@@ -375,19 +404,22 @@ class AOTCausalLM:
         else:
             eos = [eos_token_id] if isinstance(eos_token_id, int) else eos_token_id
             if not isinstance(eos, (list, tuple)) or not all(
-                isinstance(t, int) and not isinstance(t, bool) for t in eos
+                isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in eos
             ):
                 raise ValueError(
-                    f"eos_token_id must be an int or a list of ints, got {eos_token_id!r}"
+                    f"eos_token_id must be an int or a list of ints >= 0, got {eos_token_id!r}"
                 )
         eos_ids = torch.tensor(eos, dtype=torch.long)
+        # An end token outside the vocabulary can never be produced: nothing to hold back.
+        vocab = self.vocab_size
+        held_back = eos_ids if vocab is None else eos_ids[eos_ids < vocab]
         logits = self(input_ids, 0)[:, -1]
         position = input_ids.shape[1]
         out = [input_ids]
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
         for step in range(max_new_tokens):
             if step < min_new_tokens and eos:
-                logits[:, eos_ids] = float("-inf")
+                logits[:, held_back] = float("-inf")
             token = logits.argmax(-1)
             if eos:
                 token = torch.where(done, out[-1][:, -1], token)
@@ -400,17 +432,27 @@ class AOTCausalLM:
         return torch.cat(out, dim=1)
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Writes the two compiled packages and a manifest into the directory ``path``."""
+        """Writes the two compiled packages and a manifest into the directory ``path``. The
+        manifest goes last and records each package's size, so a folder left half-written (or
+        with another model's files) fails to load with a clear error. The packages hold native
+        code: load only folders you trust, as you would a shared library."""
         out = Path(path)
         if out.exists() and not out.is_dir():
             raise ValueError(f"path must be a directory (or not exist yet), got the file {out}")
         out.mkdir(parents=True, exist_ok=True)
+        sizes = {}
         for name in PROGRAMS:
             source, target = self._dir / f"{name}.pt2", out / f"{name}.pt2"
             if not (target.exists() and target.samefile(source)):  # saved where it was loaded
-                shutil.copyfile(source, target)
-        manifest = {"format": FORMAT, "version": VERSION, **self._meta}
-        (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+                (out / MANIFEST).unlink(missing_ok=True)  # the old manifest no longer holds
+                partial = out / f".{name}.pt2.partial"
+                shutil.copyfile(source, partial)
+                os.replace(partial, target)
+            sizes[name] = target.stat().st_size
+        manifest = {"format": FORMAT, "version": VERSION, **self._meta, "bytes": sizes}
+        partial = out / f".{MANIFEST}.partial"
+        partial.write_text(json.dumps(manifest, indent=2) + "\n")
+        os.replace(partial, out / MANIFEST)
         return out
 
     @classmethod
@@ -422,10 +464,33 @@ class AOTCausalLM:
                 raise FileNotFoundError(
                     f"{directory / name} not found: was it written by AOTCausalLM.save?"
                 )
-        meta = json.loads((directory / MANIFEST).read_text())
+        manifest = directory / MANIFEST
+        try:
+            meta = json.loads(manifest.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{manifest} is not a torchslim-aot manifest: {exc}") from None
+        if not isinstance(meta, dict):
+            raise ValueError(f"{manifest} is not a torchslim-aot manifest (not a JSON object)")
         if meta.get("format") != FORMAT or meta.get("version") != VERSION:
             raise ValueError(
-                f"{directory / MANIFEST} must have format={FORMAT!r} version={VERSION}, got "
+                f"{manifest} must have format={FORMAT!r} version={VERSION}, got "
                 f"format={meta.get('format')!r} version={meta.get('version')!r}"
             )
+        missing = [key for key in ("batch_size", "max_cache_len", "kv") if key not in meta]
+        if missing:
+            raise ValueError(f"{manifest} lacks {missing}")
+        built = meta.get("torch")
+        if built is not None and built.split("+")[0] != torch.__version__.split("+")[0]:
+            raise ValueError(
+                f"{directory} was compiled by torch {built}; this is torch {torch.__version__}, "
+                "and its compiled programs only load under the torch that built them: "
+                "compile again"
+            )
+        for name, size in meta.get("bytes", {}).items():
+            path = directory / f"{name}.pt2"
+            if path.stat().st_size != size:
+                raise ValueError(
+                    f"{path} has {path.stat().st_size} bytes, but the manifest recorded {size}: "
+                    "the folder holds another model's file, or a copy left half-written"
+                )
         return cls(directory, meta)
