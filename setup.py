@@ -2,7 +2,8 @@
 
 The CPU kernels are always built (each kernel compiled once per ISA level and chosen at run time,
 so no -march=native). The CUDA kernels are added when torch was built with CUDA and nvcc is
-found; TORCH_CUDA_ARCH_LIST is honoured (default: sm_80 and sm_90a).
+found; TORCH_CUDA_ARCH_LIST is honoured (default: sm_80 and sm_90a, plus sm_80's PTX, which newer
+GPUs compile when loaded, so a build runs on them rather than finding no kernel image).
 
 Environment:
     TORCHSLIM_NO_EXTENSION=1   install the pure-Python package only (reference path)
@@ -55,7 +56,7 @@ def _extensions():
         )
         return [ext], {"build_ext": BuildExtension}
 
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0+PTX;9.0a")
     sources += [str(p.relative_to(ROOT)) for p in sorted((CSRC / "cuda").glob("*.cu"))]
     sources += ["csrc/bindings/cuda_ops.cpp"]
     nvcc = ["-O3", "-lineinfo", "-DTORCHSLIM_WITH_CUDA", "--expt-relaxed-constexpr"]
