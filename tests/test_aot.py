@@ -129,7 +129,7 @@ def test_load_errors(compiled, tmp_path):
     with pytest.raises(ValueError, match="format="):
         AOTCausalLM.load(tmp_path / "lm")
     manifest.write_text("{not json")
-    with pytest.raises(ValueError, match=r"torchslim_aot\.json is not a torchslim-aot manifest"):
+    with pytest.raises(ValueError, match=r"torchslim_aot\.json is not valid JSON"):
         AOTCausalLM.load(tmp_path / "lm")
     manifest.write_text(json.dumps({k: v for k, v in good.items() if k != "kv"}))
     with pytest.raises(ValueError, match=r"lacks \['kv'\]"):

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchslim import compiler, hf_attention
+from torchslim._manifest import read_manifest
 from torchslim.ops.attention import attention
 from torchslim.ops.int8 import _require_tensors
 
@@ -459,23 +460,9 @@ class AOTCausalLM:
     def load(cls, path: str | os.PathLike) -> AOTCausalLM:
         """Loads what :meth:`save` wrote (no model and no compilation needed)."""
         directory = Path(path)
-        for name in (MANIFEST, *(f"{p}.pt2" for p in PROGRAMS)):
-            if not (directory / name).is_file():
-                raise FileNotFoundError(
-                    f"{directory / name} not found: was it written by AOTCausalLM.save?"
-                )
+        programs = [f"{p}.pt2" for p in PROGRAMS]
+        meta = read_manifest(directory, MANIFEST, programs, FORMAT, VERSION, "AOTCausalLM.save")
         manifest = directory / MANIFEST
-        try:
-            meta = json.loads(manifest.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{manifest} is not a torchslim-aot manifest: {exc}") from None
-        if not isinstance(meta, dict):
-            raise ValueError(f"{manifest} is not a torchslim-aot manifest (not a JSON object)")
-        if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-            raise ValueError(
-                f"{manifest} must have format={FORMAT!r} version={VERSION}, got "
-                f"format={meta.get('format')!r} version={meta.get('version')!r}"
-            )
         missing = [key for key in ("batch_size", "max_cache_len", "kv") if key not in meta]
         if missing:
             raise ValueError(f"{manifest} lacks {missing}")

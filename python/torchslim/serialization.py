@@ -21,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_model
 from torch import nn
 
+from torchslim._manifest import read_manifest
 from torchslim.patching import METHODS, _set_submodule
 
 FORMAT = "torchslim"
@@ -64,23 +65,8 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
 
 
 def _read_recipe(directory: Path) -> dict:
-    for name in (WEIGHTS, RECIPE):
-        if not (directory / name).is_file():
-            raise FileNotFoundError(
-                f"{directory / name} not found: was it written by torchslim.save?"
-            )
+    recipe = read_manifest(directory, RECIPE, [WEIGHTS], FORMAT, VERSION, "torchslim.save")
     path = directory / RECIPE
-    try:
-        recipe = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(recipe, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(recipe).__name__}")
-    if recipe.get("format") != FORMAT or recipe.get("version") != VERSION:
-        raise ValueError(
-            f"{path} must have format={FORMAT!r} version={VERSION}, got "
-            f"format={recipe.get('format')!r} version={recipe.get('version')!r}"
-        )
     layers = recipe.get("layers")
     if not isinstance(layers, dict):
         raise ValueError(f"{path}: 'layers' must be an object, got {type(layers).__name__}")
