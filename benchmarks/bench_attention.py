@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"torchslim bench attention on {where}, ISA {env.isa}")
     copy = common.CopyProbe(device=device)
-    bandwidth = copy.gbs(common.time_ms(copy, device=device))
+    bandwidth = copy.gbs(common.time_ms(copy, min_run_time=0.5, device=device))
     # Each dtype's compute roof: the best torch.mm rate in that dtype, measured now.
     sizes = (1024,) if args.quick else None
     roofs = {

@@ -160,12 +160,6 @@ class CopyProbe:
         return 2 * self.nbytes / (ms * 1e-3) / 1e9
 
 
-def copy_bandwidth_gbs(nbytes: int | None = None, device: str = "cpu") -> float:
-    """Measured memory bandwidth (CopyProbe), in GB/s."""
-    probe = CopyProbe(nbytes, device)
-    return probe.gbs(time_ms(probe, min_run_time=0.5, device=device))
-
-
 def gemm_gflops(
     device: str = "cpu", dtype: torch.dtype = torch.float32, sizes: tuple[int, ...] | None = None
 ) -> float:

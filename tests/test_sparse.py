@@ -516,7 +516,7 @@ def test_w8a8_sums_stay_exact_at_the_largest_k(backend, fmt):
     # codes of -128 against x's -127 at K = MAX_DYNAMIC_K: the largest sum the op admits (2:4:
     # the largest of a 2:4 row, half of it)
     compress, op, _ = _W8A8[fmt]
-    k = ops.sparse.MAX_DYNAMIC_K
+    k = ops.int8.MAX_DYNAMIC_K
     codes = torch.full((1, k), -128, dtype=torch.int8)
     if fmt == "2:4":
         codes[:, 2::4] = codes[:, 3::4] = 0
@@ -652,7 +652,7 @@ def test_block_w8a8_bad_input_names_the_argument():
         f(x, *parts[:-1], 25, torch.ones(25))
     with pytest.raises(TypeError, match="col_blocks must be int32"):
         f(x, parts[0], parts[1].long(), *parts[2:], scales)
-    big = ops.sparse.MAX_DYNAMIC_K + 1
+    big = ops.int8.MAX_DYNAMIC_K + 1
     wide = _compress_block_n(torch.zeros(1, big, dtype=torch.int8), (1, 16))
     with pytest.raises(ValueError, match=f"K must be at most {big - 1}"):
         f(torch.zeros(1, big), *wide, torch.ones(1))
@@ -787,7 +787,7 @@ def test_sliced_w8a8_bad_input_names_the_argument():
         f(x, *parts[:-1], 20.0, scales)
     with pytest.raises(TypeError, match=r"scales must be a torch\.Tensor"):
         f(x, *parts, scales.tolist())
-    big = ops.sparse.MAX_DYNAMIC_K + 1
+    big = ops.int8.MAX_DYNAMIC_K + 1
     wide = _compress_sliced(torch.zeros(1, big, dtype=torch.int8))
     with pytest.raises(ValueError, match=f"K must be at most {big - 1}"):
         f(torch.zeros(1, big), *wide, torch.ones(1))

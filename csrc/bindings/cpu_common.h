@@ -61,13 +61,6 @@ inline void check_activation(const at::Tensor& x, const char* name) {
                   " must have unit stride in its last dim, got strides ", x.strides());
 }
 
-// Scratch for what lives only inside one op call (an activation's int8 codes and scales): a
-// request up to kWorkspaceMax bytes reuses the calling thread's buffer, so a decode step does
-// not allocate four tensors per int4 layer, and a prefill's activation panels (2 MB at M = 512,
-// K = 4096) do not come as fresh pages the kernel must clear each call; a larger one is held by
-// `fallback`. 64-byte aligned. Each slot is its own buffer: an op that keeps one slot's contents
-// while it asks for more (W8A8's codes, then the tile unit's panels) takes two; kBias holds the
-// epilogue's bias widened to fp32 (bias_operand).
 // The most columns an int8 GEMM sums exactly in int32: K * 127 * 128 < 2^31 (activation codes are
 // at most 127 in magnitude, a weight's code may be -128).
 constexpr int64_t kMaxQ8K = ((int64_t{1} << 31) - 1) / (127 * 128);
@@ -77,6 +70,13 @@ inline void check_q8_k(int64_t K, const char* name) {
                   " for an int8 GEMM (its int32 sums stay exact), got K = ", K);
 }
 
+// Scratch for what lives only inside one op call (an activation's int8 codes and scales): a
+// request up to kWorkspaceMax bytes reuses the calling thread's buffer, so a decode step does
+// not allocate four tensors per int4 layer, and a prefill's activation panels (2 MB at M = 512,
+// K = 4096) do not come as fresh pages the kernel must clear each call; a larger one is held by
+// `fallback`. 64-byte aligned. Each slot is its own buffer: an op that keeps one slot's contents
+// while it asks for more (W8A8's codes, then the tile unit's panels) takes two; kBias holds the
+// epilogue's bias widened to fp32 (bias_operand).
 constexpr std::size_t kWorkspaceAlign = 64;
 constexpr std::size_t kWorkspaceMax = std::size_t{8} << 20;
 enum class Slot { kFirst = 0, kSecond = 1, kBias = 2 };

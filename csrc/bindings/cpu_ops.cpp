@@ -614,19 +614,43 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Ten
     nan_where_q_is_nan(qc, out);
     return out;
   }
+  // Past Sq + Sk a window hides no key: clamped, so the kernels' position arithmetic cannot
+  // overflow (a window of 2^63 - 1 zeroed rows).
+  const int64_t visible = window > 0 ? std::min(window, Sq + Sk) : 0;
   cpu::AttentionArgs args{
-      qc.data_ptr(), qc.stride(0), qc.stride(1), qc.stride(2), kc.data_ptr(), kc.stride(0),
-      kc.stride(1), kc.stride(2), vc.data_ptr(), vc.stride(0), vc.stride(1), vc.stride(2),
-      out.data_ptr(), out.stride(0), out.stride(1), out.stride(2), type,
-      mask.defined() ? mask.data_ptr<float>() : nullptr, mask.defined() ? mask.stride(0) : 0,
-      mask.defined() ? mask.stride(1) : 0, mask.defined() ? mask.stride(2) : 0,
-      mask.defined() ? mask.stride(3) : 0, lens.defined() ? lens.data_ptr<int64_t>() : nullptr, B,
-      H, Hkv, Sq, Sk, D, Dv,
+      qc.data_ptr(),
+      qc.stride(0),
+      qc.stride(1),
+      qc.stride(2),
+      kc.data_ptr(),
+      kc.stride(0),
+      kc.stride(1),
+      kc.stride(2),
+      vc.data_ptr(),
+      vc.stride(0),
+      vc.stride(1),
+      vc.stride(2),
+      out.data_ptr(),
+      out.stride(0),
+      out.stride(1),
+      out.stride(2),
+      type,
+      mask.defined() ? mask.data_ptr<float>() : nullptr,
+      mask.defined() ? mask.stride(0) : 0,
+      mask.defined() ? mask.stride(1) : 0,
+      mask.defined() ? mask.stride(2) : 0,
+      mask.defined() ? mask.stride(3) : 0,
+      lens.defined() ? lens.data_ptr<int64_t>() : nullptr,
+      B,
+      H,
+      Hkv,
+      Sq,
+      Sk,
+      D,
+      Dv,
       static_cast<float>(scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(D))),
       causal,
-      // Past Sq + Sk a window hides no key: clamped, so the kernels' position arithmetic
-      // cannot overflow.
-      window > 0 ? std::min(window, Sq + Sk) : 0};
+      visible};
   const cpu::KernelTable& kt = cpu::active_kernels();
   const int64_t work_floats = cpu::attention_work_floats(D, Dv);
   // Work items: up to kAttnBlockQ rows of one batch: nq queries of nh heads that share a key /

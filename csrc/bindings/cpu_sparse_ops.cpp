@@ -181,8 +181,7 @@ SparseOperands sparse_operands(const at::Tensor& x, const at::Tensor& values, in
 void check_q8(const at::Tensor& values, int64_t K) {
   TORCHSLIM_CHECK_TYPE(values.scalar_type() == at::kChar,
                        "values must be int8 codes for a W8A8 linear, got ", values.scalar_type());
-  TORCHSLIM_CHECK(K <= kMaxQ8K, "K must be at most ", kMaxQ8K,
-                  " for a W8A8 linear (its int32 sums stay exact), got K = ", K);
+  check_q8_k(K, "x");
 }
 
 // 2:4: x (M, K) fp32/bf16; values (N, 2 * ceil(K / 4)) fp32/bf16/fp16/int8; meta

@@ -366,7 +366,7 @@ class AOTCausalLM:
                 f"far: a call continues the cache or rewinds it (position 0 starts over)"
             )
         if self.vocab_size is not None:
-            low, high = int(input_ids.min()), int(input_ids.max())
+            low, high = (int(v) for v in torch.aminmax(input_ids))
             if low < 0 or high >= self.vocab_size:
                 raise ValueError(
                     f"input_ids must be token ids in [0, {self.vocab_size}), got "

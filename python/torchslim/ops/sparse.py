@@ -59,8 +59,8 @@ Schemas (``torch.ops.torchslim.*``):
                                  Tensor scales, Tensor? bias=None) -> Tensor
         W8A8: the sliced arrays as above with int8 values and their scales (N,) fp32; x
         quantized per token inside the op and multiplied with the codes exactly
-        (torchslim.reference.sparse_sliced_dynamic_linear); K at most MAX_DYNAMIC_K  ->  (..., N)
-        in x.dtype
+        (torchslim.reference.sparse_sliced_dynamic_linear); K at most
+        ops.int8.MAX_DYNAMIC_K  ->  (..., N) in x.dtype
 
 The values are fp32/bf16/fp16, possibly another dtype than x (bf16 values for fp32 activations
 halve the bytes a decode step reads), or int8 codes, which need ``scales``: row n of the weight
@@ -90,10 +90,10 @@ from torchslim.ops._autograd import define_frozen_linear
 from torchslim.ops._registry import _LIB, Kernel, OpBackends, define_op, extension_kernel
 from torchslim.ops.int8 import (
     _FLOATS,
-    MAX_DYNAMIC_K,
     _call_op,
     _check_activation,
     _check_bias,
+    _check_exact_k,
     _check_same_device,
     _rows,
     _supports_floats,
@@ -117,18 +117,14 @@ def _check_values(values: torch.Tensor, scales: torch.Tensor | None, n: int) -> 
         raise ValueError(f"scales must have shape (N,) = ({n},), got {tuple(scales.shape)}")
 
 
-# W8A8: the int8 codes meet x quantized per token; their int32 sums are exact while
 def _check_dynamic(x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor | None) -> None:
-    """The W8A8 ops' own rules: int8 codes, their scales, K within MAX_DYNAMIC_K."""
+    """The W8A8 ops' own rules: int8 codes, their scales, K within ops.int8.MAX_DYNAMIC_K."""
     if values.dtype != torch.int8:
         raise TypeError(f"values must be int8 codes for a W8A8 linear, got {values.dtype}")
     if scales is None:
         raise ValueError("scales (N,) float32 is required for a W8A8 linear, got None")
-    if x.dim() >= 1 and x.shape[-1] > MAX_DYNAMIC_K:
-        raise ValueError(
-            f"x's K must be at most {MAX_DYNAMIC_K} for a W8A8 linear (its int32 sums stay "
-            f"exact), got K = {x.shape[-1]}"
-        )
+    if x.dim() >= 1:
+        _check_exact_k(x.shape[-1], "x")
 
 
 def _check_byte_rows(t: torch.Tensor, name: str, n: int, k: int) -> None:
